@@ -1,0 +1,315 @@
+"""Freshet's configuration: one pydantic model tree, loadable from YAML.
+
+Every package imports its settings from here (``ps`` is the bottom layer, so the
+whole tree lives in it to keep imports acyclic). Every model forbids unknown keys
+and every field says its unit, so a typo or a bad value fails at load time with the
+field path and the offending value rather than deep inside a running actor.
+"""
+
+from __future__ import annotations
+
+import enum
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+__all__ = [
+    "ConfigError",
+    "FreshetConfig",
+    "IngestConfig",
+    "InitKind",
+    "LossKind",
+    "ModelConfig",
+    "OptimizerConfig",
+    "OptimizerKind",
+    "PSConfig",
+    "ServingConfig",
+    "StreamConfig",
+    "StreamKind",
+    "SyntheticConfig",
+    "TableConfig",
+    "TrainerConfig",
+    "load_config",
+]
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, use_enum_values=False)
+
+
+class OptimizerKind(str, enum.Enum):
+    """Update rule a shard applies to pushed gradients (see ``ps.optim``)."""
+
+    SGD = "sgd"
+    ADAGRAD = "adagrad"
+    ROWWISE_ADAGRAD = "rowwise_adagrad"
+    # rows += values: for counter tables such as item popularity.
+    ACCUMULATE = "accumulate"
+
+
+class InitKind(str, enum.Enum):
+    """How a row is initialised the first time its ID is seen."""
+
+    UNIFORM = "uniform"  # U(-init_scale, init_scale), derived from (table seed, id)
+    ZEROS = "zeros"
+
+
+class LossKind(str, enum.Enum):
+    """Training objective: BPR for implicit feedback, MSE for explicit ratings."""
+
+    BPR = "bpr"
+    MSE = "mse"
+
+
+class StreamKind(str, enum.Enum):
+    """Where trainers read interactions from."""
+
+    SYNTHETIC = "synthetic"
+    MOVIELENS = "movielens"
+    PARQUET = "parquet"
+    INGEST = "ingest"
+
+
+class OptimizerConfig(_Model):
+    """Optimizer hyper-parameters applied on the shards."""
+
+    kind: OptimizerKind = Field(OptimizerKind.ROWWISE_ADAGRAD, description="update rule")
+    lr: float = Field(0.1, gt=0, le=100, description="learning rate (parameter units per gradient unit)")
+    momentum: float = Field(0.0, ge=0, lt=1, description="SGD momentum coefficient (dimensionless); 0 disables")
+    eps: float = Field(1e-8, gt=0, le=1, description="Adagrad denominator epsilon (dimensionless)")
+
+
+class TableConfig(_Model):
+    """One embedding table: its width, initialisation, optimizer and expiry."""
+
+    dim: int = Field(64, ge=1, le=4096, description="row width (floats)")
+    init: InitKind = Field(InitKind.UNIFORM, description="initialisation of a new row")
+    # Small init matters for online MF: large random rows drown the first few updates.
+    init_scale: float = Field(0.01, ge=0, le=10, description="half-width of the uniform init (parameter units)")
+    optimizer: OptimizerConfig | None = Field(None, description="per-table optimizer; null uses ps.optimizer")
+    ttl_s: float | None = Field(
+        None, gt=0, description="expire rows not pushed for this long (seconds); null keeps rows forever"
+    )
+
+
+def _default_tables() -> dict[str, TableConfig]:
+    return {
+        "user": TableConfig(),
+        "item": TableConfig(),
+        "item_bias": TableConfig(dim=1, init=InitKind.ZEROS),
+        # Interaction counts per item: the popular fallback and the popularity negatives.
+        "item_pop": TableConfig(dim=1, init=InitKind.ZEROS, optimizer=OptimizerConfig(kind=OptimizerKind.ACCUMULATE, lr=1.0)),
+    }
+
+
+class PSConfig(_Model):
+    """Parameter-server deployment: tables, sharding and actor resources."""
+
+    num_shards: int = Field(2, ge=1, le=1024, description="number of shard actors")
+    # 1024 buckets: enough to rebalance up to ~100 shards at ~1% granularity.
+    num_buckets: int = Field(1024, ge=1, le=1 << 20, description="virtual buckets that IDs hash into")
+    seed: int = Field(0, ge=0, lt=1 << 63, description="seed mixed into every table's row initialisation")
+    tables: dict[str, TableConfig] = Field(default_factory=_default_tables, description="tables by name")
+    optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig, description="default optimizer for tables")
+    # Four fractional actors fit on 2 CPUs beside the trainer and Serve.
+    shard_num_cpus: float = Field(0.25, ge=0, le=64, description="CPUs reserved per shard actor")
+    seen_per_user: int = Field(
+        1000, ge=0, le=100_000, description="most recent items remembered per user for exclude_seen (items)"
+    )
+    max_restarts: int = Field(-1, ge=-1, description="Ray restarts of a dead shard actor; -1 is unlimited")
+
+    @model_validator(mode="after")
+    def _check(self) -> "PSConfig":
+        if self.num_buckets < self.num_shards:
+            raise ValueError(
+                f"num_buckets ({self.num_buckets}) must be >= num_shards ({self.num_shards}): every shard needs a bucket"
+            )
+        return self
+
+    def table(self, name: str) -> TableConfig:
+        """The config of table ``name``; KeyError naming the known tables if absent."""
+        try:
+            return self.tables[name]
+        except KeyError:
+            raise KeyError(f"unknown table {name!r}; configured tables: {sorted(self.tables)}") from None
+
+    def optimizer_for(self, name: str) -> OptimizerConfig:
+        """The optimizer that applies to table ``name``."""
+        return self.table(name).optimizer or self.optimizer
+
+
+class ModelConfig(_Model):
+    """Matrix factorisation with an item bias (two-tower dot product)."""
+
+    user_table: str = Field("user", description="table of user vectors")
+    item_table: str = Field("item", description="table of item vectors")
+    item_bias_table: str = Field("item_bias", description="table of item biases (dim 1)")
+    popularity_table: str = Field("item_pop", description="counter table of item interaction counts (dim 1)")
+    loss: LossKind = Field(LossKind.BPR, description="training objective")
+    num_negatives: int = Field(8, ge=1, le=1024, description="sampled negatives per positive (BPR)")
+    popularity_negative_fraction: float = Field(
+        0.5, ge=0, le=1, description="share of negatives drawn by popularity; the rest uniformly (fraction)"
+    )
+    l2: float = Field(1e-4, ge=0, le=10, description="L2 penalty on touched rows (per unit squared norm)")
+
+
+class TrainerConfig(_Model):
+    """Trainer actors: batching, passes, device and resources."""
+
+    num_workers: int = Field(1, ge=1, le=1024, description="trainer actors; the stream is partitioned by user")
+    batch_size: int = Field(256, ge=1, le=1_000_000, description="events per mini-batch")
+    passes: int = Field(1, ge=1, le=100, description="pull-compute-push rounds per mini-batch")
+    device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$", description="torch device; auto picks cuda when present")
+    prefetch: bool = Field(True, description="pull the next batch's rows while computing the current one")
+    num_cpus: float = Field(0.5, ge=0, le=64, description="CPUs reserved per trainer actor")
+    num_gpus: float = Field(0.0, ge=0, le=8, description="GPUs reserved per trainer actor")
+    poll_interval_s: float = Field(0.05, gt=0, le=60, description="wait between polls of an exhausted live stream (seconds)")
+    max_restarts: int = Field(-1, ge=-1, description="Ray restarts of a dead trainer actor; -1 is unlimited")
+
+
+class SyntheticConfig(_Model):
+    """The built-in stream: Zipf popularity, taste clusters and a preference shift."""
+
+    num_users: int = Field(2000, ge=1, le=100_000_000, description="distinct users")
+    num_items: int = Field(1000, ge=2, le=100_000_000, description="distinct items")
+    num_clusters: int = Field(8, ge=1, le=10_000, description="user taste clusters")
+    zipf_a: float = Field(1.1, gt=0, le=5, description="Zipf exponent of item popularity")
+    affinity: float = Field(3.0, ge=0, le=50, description="log-odds boost of in-taste items (nats)")
+    session_mean: float = Field(5.0, ge=1, le=1000, description="mean events per user session (events)")
+    drift_at: float | None = Field(
+        0.5, gt=0, lt=1, description="fraction of the stream after which every cluster's taste shifts; null for none"
+    )
+    seed: int = Field(0, ge=0, description="generator seed")
+
+
+class StreamConfig(_Model):
+    """The interaction stream trainers consume."""
+
+    kind: StreamKind = Field(StreamKind.SYNTHETIC, description="source type")
+    path: str | None = Field(None, description="file or directory for movielens/parquet sources")
+    num_events: int | None = Field(60_000, ge=1, description="stop after this many events (events); null for all")
+    min_weight: float | None = Field(
+        None, description="drop events with weight below this (implicit view of ratings); null keeps all"
+    )
+    quarantine_path: str | None = Field(None, description="Arrow file for rejected rows; null puts it under ingest.dir")
+    synthetic: SyntheticConfig = Field(default_factory=SyntheticConfig, description="synthetic generator settings")
+
+    @model_validator(mode="after")
+    def _check(self) -> "StreamConfig":
+        if self.kind in (StreamKind.MOVIELENS, StreamKind.PARQUET) and not self.path:
+            raise ValueError(f"stream.path is required for kind={self.kind.value!r}")
+        return self
+
+
+class IngestConfig(_Model):
+    """The durable log behind ``POST /events``."""
+
+    dir: str = Field("freshet-data", description="directory (local path or pyarrow.fs URI) for logs and checkpoints")
+    segment_events: int = Field(100_000, ge=1, description="events per log segment file (events)")
+    fsync: bool = Field(True, description="fsync each append before acknowledging it")
+
+
+class ServingConfig(_Model):
+    """The Ray Serve ranking application."""
+
+    host: str = Field("127.0.0.1", description="HTTP bind address")
+    port: int = Field(8000, ge=1, le=65535, description="HTTP port")
+    route_prefix: str = Field("/", description="HTTP route prefix of the app")
+    num_replicas: int = Field(1, ge=1, le=1024, description="ranking replicas")
+    replica_num_cpus: float = Field(0.25, ge=0, le=64, description="CPUs reserved per replica")
+    cache_refresh_ms: float = Field(200.0, ge=0, le=600_000, description="max age of the replica's item matrix (ms)")
+    request_timeout_s: float = Field(5.0, gt=0, le=600, description="PS call budget per request before 503 (seconds)")
+    max_events_per_request: int = Field(10_000, ge=1, description="largest accepted /events batch (events); 413 above")
+    max_body_bytes: int = Field(8 << 20, ge=1024, description="largest accepted request body (bytes); 413 above")
+    max_k: int = Field(1000, ge=1, le=100_000, description="largest k for /rank (items)")
+    auth_token: str | None = Field(None, description="bearer token required by write endpoints; null disables")
+    popularity_halflife_events: float | None = Field(
+        None, gt=0, description="reserved for recency-decayed popularity; null uses raw counts"
+    )
+
+
+class FreshetConfig(_Model):
+    """The whole deployment: one file configures PS, trainers, stream, ingest and serving."""
+
+    namespace: str = Field("freshet", pattern=r"^[A-Za-z0-9_.-]{1,64}$", description="Ray namespace of named actors")
+    ps: PSConfig = Field(default_factory=PSConfig, description="parameter server")
+    model: ModelConfig = Field(default_factory=ModelConfig, description="model")
+    trainer: TrainerConfig = Field(default_factory=TrainerConfig, description="trainers")
+    stream: StreamConfig = Field(default_factory=StreamConfig, description="interaction stream")
+    ingest: IngestConfig = Field(default_factory=IngestConfig, description="durable ingest log")
+    serving: ServingConfig = Field(default_factory=ServingConfig, description="ranking service")
+
+    @model_validator(mode="after")
+    def _check(self) -> "FreshetConfig":
+        m = self.model
+        for field in ("user_table", "item_table", "item_bias_table", "popularity_table"):
+            name = getattr(m, field)
+            if name not in self.ps.tables:
+                raise ValueError(f"model.{field}={name!r} is not in ps.tables {sorted(self.ps.tables)}")
+        u, i = self.ps.tables[m.user_table].dim, self.ps.tables[m.item_table].dim
+        if u != i:
+            raise ValueError(f"user and item tables must have equal dim, got {u} and {i}")
+        for field in ("item_bias_table", "popularity_table"):
+            dim = self.ps.tables[getattr(m, field)].dim
+            if dim != 1:
+                raise ValueError(f"table for model.{field} must have dim 1, got {dim}")
+        return self
+
+    def to_yaml(self) -> str:
+        """The effective config as YAML (enums as their string values)."""
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+class ConfigError(ValueError):
+    """A config file that cannot be loaded: message names the field path and reason."""
+
+
+def _format_validation(err: ValidationError, source: str) -> str:
+    lines = [f"invalid Freshet config ({source}):"]
+    for e in err.errors():
+        path = ".".join(str(p) for p in e["loc"]) or "<root>"
+        lines.append(f"  {path}: {e['msg']} (got {e.get('input')!r})")
+    return "\n".join(lines)
+
+
+def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> FreshetConfig:
+    """Load a config from a YAML file (or defaults when ``path`` is None).
+
+    ``overrides`` is a nested dict merged over the file's contents. Raises
+    :class:`ConfigError` naming the field path and reason on any problem.
+    """
+    data: dict[str, Any] = {}
+    source = "defaults"
+    if path is not None:
+        source = str(path)
+        try:
+            text = Path(path).read_text(encoding="utf-8")
+        except OSError as e:
+            raise ConfigError(f"cannot read config {source}: {e}") from None
+        try:
+            loaded = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config {source} is not valid YAML: {e}") from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config {source}: top level must be a mapping, got {type(loaded).__name__}")
+        data = loaded
+    if overrides:
+        data = _merge(data, overrides)
+    try:
+        return FreshetConfig.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(_format_validation(e, source)) from None
+
+
+def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in over.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _merge(out[k], v)
+        else:
+            out[k] = v
+    return out
