@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 __all__ = [
     "ConfigError",
@@ -111,7 +111,9 @@ class PSConfig(_Model):
     # 1024 buckets: enough to rebalance up to ~100 shards at ~1% granularity.
     num_buckets: int = Field(1024, ge=1, le=1 << 20, description="virtual buckets that IDs hash into")
     seed: int = Field(0, ge=0, lt=1 << 63, description="seed mixed into every table's row initialisation")
-    tables: dict[str, TableConfig] = Field(default_factory=_default_tables, description="tables by name")
+    tables: dict[str, TableConfig] = Field(
+        default_factory=_default_tables, description="tables by name; entries given extend/override the defaults"
+    )
     optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig, description="default optimizer for tables")
     # Four fractional actors fit on 2 CPUs beside the trainer and Serve.
     shard_num_cpus: float = Field(0.25, ge=0, le=64, description="CPUs reserved per shard actor")
@@ -119,6 +121,17 @@ class PSConfig(_Model):
         1000, ge=0, le=100_000, description="most recent items remembered per user for exclude_seen (items)"
     )
     max_restarts: int = Field(-1, ge=-1, description="Ray restarts of a dead shard actor; -1 is unlimited")
+
+    @field_validator("tables", mode="before")
+    @classmethod
+    def _extend_default_tables(cls, value: Any) -> Any:
+        # Setting one table (say user.dim) must not silently drop the others.
+        if isinstance(value, dict):
+            merged: dict[str, Any] = {k: v.model_dump() for k, v in _default_tables().items()}
+            for k, v in value.items():
+                merged[k] = _merge(merged[k], v) if isinstance(v, dict) and k in merged else v
+            return merged
+        return value
 
     @model_validator(mode="after")
     def _check(self) -> "PSConfig":
@@ -250,11 +263,14 @@ class FreshetConfig(_Model):
                 raise ValueError(f"model.{field}={name!r} is not in ps.tables {sorted(self.ps.tables)}")
         u, i = self.ps.tables[m.user_table].dim, self.ps.tables[m.item_table].dim
         if u != i:
-            raise ValueError(f"user and item tables must have equal dim, got {u} and {i}")
+            raise ValueError(
+                f"user and item tables must have equal dim: ps.tables.{m.user_table}.dim={u}, "
+                f"ps.tables.{m.item_table}.dim={i}"
+            )
         for field in ("item_bias_table", "popularity_table"):
             dim = self.ps.tables[getattr(m, field)].dim
             if dim != 1:
-                raise ValueError(f"table for model.{field} must have dim 1, got {dim}")
+                raise ValueError(f"ps.tables.{getattr(m, field)}.dim (model.{field}) must be 1, got {dim}")
         return self
 
     def to_yaml(self) -> str:

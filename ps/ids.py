@@ -54,6 +54,8 @@ def validate_id(value: object, field: str = "id") -> ID:
 def as_id_array(ids: Iterable[ID] | np.ndarray) -> np.ndarray:
     """IDs as a 1-D numpy array: ``int64`` when all are ints, else ``object``."""
     if isinstance(ids, np.ndarray):
+        if ids.dtype.kind == "u" and len(ids) and int(ids.max()) > _I64_MAX:
+            raise ValueError(f"id: unsigned ID {int(ids.max())} is outside the signed 64-bit range")
         if ids.dtype.kind in "iu":
             return ids.astype(np.int64, copy=False)
         if ids.dtype == object:

@@ -1,0 +1,150 @@
+"""Optimizer update rules as pure functions on the rows a push touches.
+
+A shard gathers the rows and optimizer state of the unique IDs in a push, calls
+one of these with the already-aggregated gradients (one row per unique ID), and
+scatters the results back. Nothing here mutates its inputs, so a shard can
+compute an update and still roll back by simply not storing it.
+
+Shapes: ``rows`` and ``grads`` are ``(n, dim)``; the per-row state is
+``(n, *state_shape(kind, dim))``. Dtypes and devices follow the inputs
+(float32 in, float32 out; CPU or CUDA).
+
+SGD and Adagrad use the same tensor operations in the same order as
+``torch.optim``, so a sparse update on the shard equals what the dense optimizer
+would have done to those rows. Only pushed rows are updated: an untouched row
+keeps its momentum instead of decaying it, which is the usual (TorchRec/FBGEMM)
+sparse semantics.
+"""
+
+from __future__ import annotations
+
+from torch import Tensor
+
+from ps.config import OptimizerConfig, OptimizerKind
+
+__all__ = ["accumulate", "adagrad", "apply", "rowwise_adagrad", "sgd", "state_shape"]
+
+
+def _check_rows(rows: Tensor, grads: Tensor) -> None:
+    if rows.dim() != 2:
+        raise ValueError(f"rows: expected a 2-D (n, dim) tensor, got shape {tuple(rows.shape)}")
+    if grads.shape != rows.shape:
+        raise ValueError(f"grads: shape {tuple(grads.shape)} does not match rows shape {tuple(rows.shape)}")
+
+
+def _check_state(state: Tensor, expected: tuple[int, ...], name: str) -> None:
+    if tuple(state.shape) != expected:
+        raise ValueError(f"{name}: expected shape {expected}, got {tuple(state.shape)}")
+
+
+def sgd(
+    rows: Tensor,
+    grads: Tensor,
+    momentum_buf: Tensor | None,
+    *,
+    lr: float,
+    momentum: float = 0.0,
+) -> tuple[Tensor, Tensor | None]:
+    """One SGD step: ``buf = momentum * buf + grads``; ``rows - lr * buf``.
+
+    ``lr`` is in parameter units per gradient unit; ``momentum`` is a
+    dimensionless coefficient in [0, 1). Returns ``(new_rows, new_buf)``. With
+    ``momentum == 0`` the step is ``rows - lr * grads`` and ``momentum_buf`` is
+    returned unchanged (it may be ``None``). With momentum the buffer must have
+    ``rows``' shape; a buffer starting at zeros matches ``torch.optim.SGD``
+    (dampening 0, no Nesterov), whose first step sets ``buf = grads``.
+    """
+    _check_rows(rows, grads)
+    if momentum == 0.0:
+        return rows.add(grads, alpha=-lr), momentum_buf
+    if momentum_buf is None:
+        raise ValueError(f"momentum_buf: required when momentum={momentum} is non-zero")
+    _check_state(momentum_buf, tuple(rows.shape), "momentum_buf")
+    buf = momentum_buf.mul(momentum).add(grads)
+    return rows.add(buf, alpha=-lr), buf
+
+
+def adagrad(rows: Tensor, grads: Tensor, state: Tensor, *, lr: float, eps: float) -> tuple[Tensor, Tensor]:
+    """One element-wise Adagrad step: ``state += grads**2``; ``rows - lr * grads / (sqrt(state) + eps)``.
+
+    ``state`` has ``rows``' shape and holds each element's sum of squared
+    gradients (gradient units squared); ``eps`` is in gradient units; ``lr`` in
+    parameter units. Returns ``(new_rows, new_state)``; equals
+    ``torch.optim.Adagrad`` with no lr decay, weight decay or initial accumulator.
+    """
+    _check_rows(rows, grads)
+    _check_state(state, tuple(rows.shape), "state")
+    new_state = state.addcmul(grads, grads)
+    std = new_state.sqrt().add(eps)
+    return rows.addcdiv(grads, std, value=-lr), new_state
+
+
+def rowwise_adagrad(rows: Tensor, grads: Tensor, state: Tensor, *, lr: float, eps: float) -> tuple[Tensor, Tensor]:
+    """One row-wise Adagrad step (FBGEMM's): one accumulator per row instead of per element.
+
+    ``state += mean(grads**2, dim=1)``; ``rows - lr * grads / (sqrt(state) + eps)``.
+    ``state`` has shape ``(n,)`` or ``(n, 1)`` (gradient units squared) and is
+    returned in the same shape; ``eps`` is in gradient units, ``lr`` in parameter
+    units. With ``dim == 1`` this is element-wise Adagrad (equal up to float
+    rounding, ~1 ulp). Returns
+    ``(new_rows, new_state)``.
+    """
+    _check_rows(rows, grads)
+    n = rows.shape[0]
+    if tuple(state.shape) not in ((n,), (n, 1)):
+        raise ValueError(f"state: expected shape ({n},) or ({n}, 1), got {tuple(state.shape)}")
+    new_state = state.reshape(n).add(grads.mul(grads).mean(dim=1))
+    std = new_state.sqrt().add(eps)
+    new_rows = rows.addcdiv(grads, std.unsqueeze(1), value=-lr)
+    return new_rows, new_state.reshape(state.shape)
+
+
+def accumulate(rows: Tensor, grads: Tensor, *, lr: float = 1.0) -> Tensor:
+    """``rows + lr * grads``: counter tables (e.g. item interaction counts) add what is pushed.
+
+    ``lr`` is a dimensionless scale on the pushed values.
+    """
+    _check_rows(rows, grads)
+    return rows.add(grads, alpha=lr)
+
+
+def state_shape(kind: OptimizerKind, dim: int) -> tuple[int, ...]:
+    """Per-row optimizer state shape (floats) for a table of width ``dim``.
+
+    SGD keeps a momentum buffer ``(dim,)`` (unused when momentum is 0, but the
+    width does not depend on a hyper-parameter that a config change could flip);
+    Adagrad a per-element sum ``(dim,)``; row-wise Adagrad one sum ``(1,)``;
+    accumulate nothing ``(0,)``.
+    """
+    kind = OptimizerKind(kind)
+    if dim < 1:
+        raise ValueError(f"dim: must be >= 1, got {dim}")
+    if kind in (OptimizerKind.SGD, OptimizerKind.ADAGRAD):
+        return (dim,)
+    if kind is OptimizerKind.ROWWISE_ADAGRAD:
+        return (1,)
+    if kind is OptimizerKind.ACCUMULATE:
+        return (0,)
+    raise ValueError(f"kind: unknown optimizer {kind!r}")  # pragma: no cover - enum is exhaustive
+
+
+def apply(cfg: OptimizerConfig, rows: Tensor, grads: Tensor, state: Tensor) -> tuple[Tensor, Tensor]:
+    """Apply ``cfg``'s update rule to ``rows`` with ``grads``; returns ``(new_rows, new_state)``.
+
+    ``state`` has shape ``(n, *state_shape(cfg.kind, dim))``. State a rule does
+    not use (SGD without momentum, accumulate) is returned as is.
+    """
+    _check_rows(rows, grads)
+    n, dim = rows.shape
+    _check_state(state, (n, *state_shape(cfg.kind, dim)), "state")
+    kind = cfg.kind
+    if kind is OptimizerKind.SGD:
+        new_rows, buf = sgd(rows, grads, state, lr=cfg.lr, momentum=cfg.momentum)
+        return new_rows, state if buf is None else buf
+    if kind is OptimizerKind.ADAGRAD:
+        return adagrad(rows, grads, state, lr=cfg.lr, eps=cfg.eps)
+    if kind is OptimizerKind.ROWWISE_ADAGRAD:
+        return rowwise_adagrad(rows, grads, state, lr=cfg.lr, eps=cfg.eps)
+    if kind is OptimizerKind.ACCUMULATE:
+        return accumulate(rows, grads, lr=cfg.lr), state
+    raise ValueError(f"kind: unknown optimizer {kind!r}")  # pragma: no cover - enum is exhaustive

@@ -1,0 +1,55 @@
+"""Shared test harness: one ``_ray_start`` context manager behind thin fixtures.
+
+Ray is started on 127.0.0.1 with a private temp dir, no dashboard, token auth off
+(these are local tests) and usage stats off. Only what a test started is stopped:
+``ray.shutdown()`` for a driver-started local cluster, never a host-wide ``ray stop``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+os.environ.setdefault("RAY_SERVE_ENABLE_TASK_EVENTS", "0")
+
+REPO = Path(__file__).resolve().parents[1]
+MOVIELENS = REPO.parent / "shared" / "data" / "ml-latest-small"
+
+
+@contextlib.contextmanager
+def _ray_start(**kwargs):
+    """Start a local Ray (2 CPUs, 127.0.0.1, private temp dir) and shut it down after."""
+    import ray
+
+    tmp = tempfile.mkdtemp(prefix="frt", dir=os.environ.get("RAY_TMPDIR", "/tmp"))
+    opts = dict(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", _temp_dir=tmp,
+                log_to_driver=False, configure_logging=False)
+    opts.update(kwargs)
+    info = ray.init(**opts)
+    try:
+        yield info
+    finally:
+        ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    """A Ray instance shared by one test module."""
+    with _ray_start() as info:
+        yield info
+
+
+@pytest.fixture
+def movielens_ratings() -> Path:
+    """Path of the shared MovieLens ratings.csv; skips the test when it is absent."""
+    path = MOVIELENS / "ratings.csv"
+    if not path.exists():
+        pytest.skip(f"MovieLens data not found at {path}")
+    return path

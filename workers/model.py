@@ -1,0 +1,79 @@
+"""Matrix factorisation with an item bias: losses, scores and top-k ranking.
+
+Pure functions on tensors and arrays. Trainers use the losses; ``/rank``, ``/score``
+and the evaluation use :func:`score` and :func:`top_k`, so every consumer ranks with
+the same code.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+__all__ = ["bpr_loss", "mse_loss", "score", "top_k"]
+
+
+def score(users: torch.Tensor, items: torch.Tensor, item_bias: torch.Tensor) -> torch.Tensor:
+    """Affinity ``users @ items.T + item_bias`` (logits), shape ``[n_users, n_items]``."""
+    return users @ items.T + item_bias.reshape(1, -1)
+
+
+def bpr_loss(
+    u: torch.Tensor,
+    pos: torch.Tensor,
+    pos_bias: torch.Tensor,
+    neg: torch.Tensor,
+    neg_bias: torch.Tensor,
+    weight: torch.Tensor | None = None,
+    *,
+    l2: float = 0.0,
+) -> torch.Tensor:
+    """Bayesian Personalised Ranking loss, summed over events (nats).
+
+    ``u``, ``pos``: ``[b, d]``; ``pos_bias``: ``[b]``; ``neg``: ``[b, m, d]`` (``m``
+    negatives per event); ``neg_bias``: ``[b, m]``. Each event's term is the mean over its
+    negatives of ``-log sigmoid(x_pos - x_neg)``, scaled by ``weight`` if given, plus
+    ``l2`` times the squared norms of the rows it touches.
+    """
+    x_pos = (u * pos).sum(-1) + pos_bias
+    x_neg = torch.einsum("bd,bmd->bm", u, neg) + neg_bias
+    per_event = -F.logsigmoid(x_pos.unsqueeze(1) - x_neg).mean(1)
+    if weight is not None:
+        per_event = per_event * weight
+    reg = (u.square().sum(-1) + pos.square().sum(-1) + neg.square().sum(-1).mean(1)) if l2 else 0.0
+    return (per_event + l2 * reg).sum()
+
+
+def mse_loss(
+    u: torch.Tensor, items: torch.Tensor, item_bias: torch.Tensor, target: torch.Tensor, *, l2: float = 0.0
+) -> torch.Tensor:
+    """Squared error of ``u·item + bias`` against ``target`` (e.g. ratings), summed over events."""
+    pred = (u * items).sum(-1) + item_bias
+    reg = (u.square().sum(-1) + items.square().sum(-1)) if l2 else 0.0
+    return ((pred - target).square() + l2 * reg).sum()
+
+
+def top_k(scores: np.ndarray, k: int, exclude: np.ndarray | None = None) -> np.ndarray:
+    """Indices of the ``k`` best ``scores``, best first, deterministically.
+
+    Ties go to the lower index; NaN counts as the worst score and excluded indices are
+    never returned. Fewer than ``k`` indices come back when fewer are eligible.
+    """
+    s = np.asarray(scores, dtype=np.float64).copy()
+    s[np.isnan(s)] = -np.inf
+    eligible = np.ones(len(s), dtype=bool)
+    if exclude is not None and len(exclude):
+        eligible[np.asarray(exclude, dtype=np.int64)] = False
+    idx = np.flatnonzero(eligible)
+    if not len(idx) or k <= 0:
+        return np.empty(0, dtype=np.int64)
+    k = min(k, len(idx))
+    cand = idx
+    if len(idx) > k:
+        vals = s[idx]
+        # argpartition keeps everything tied with the k-th value, then lexsort orders exactly.
+        kth = np.partition(vals, len(vals) - k)[len(vals) - k]
+        cand = idx[vals >= kth]
+    order = np.lexsort((cand, -s[cand]))
+    return cand[order[:k]]

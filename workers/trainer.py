@@ -1,0 +1,411 @@
+"""Trainer actors: read a partition of the stream in mini-batches, pull only the rows a
+batch touches, compute gradients with torch, push sparse per-row gradients.
+
+Pipelining relies on Ray's per-caller ordering of actor calls: the pull of the next
+pass or batch is submitted after the current push, so each shard serves it after
+applying that push and the trainer never trains on rows older than its own updates.
+"""
+
+from __future__ import annotations
+
+import collections
+import threading
+import time
+import traceback
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import ray
+import torch
+
+from ps.cache import RowCache
+from ps.client import PSClient
+from ps.config import FreshetConfig, LossKind, StreamKind
+from ps.ids import ID, as_id_array, id_keys
+from ps.shard import PushId
+from workers.model import bpr_loss, mse_loss
+from workers.ranking import Ranker
+
+__all__ = ["Trainer", "resolve_device", "trainer_actor_name"]
+
+_SEQ_PER_BATCH = 128  # push seq = batch start offset * 128 + pass; passes are capped at 100
+
+
+def trainer_actor_name(index: int) -> str:
+    """Ray actor name of trainer ``index``."""
+    return f"trainer-{index}"
+
+
+def resolve_device(setting: str) -> torch.device:
+    """``auto`` → ``cuda`` when torch sees a GPU, else ``cpu``; otherwise the named device."""
+    if setting == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(setting)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"trainer.device={setting!r} but torch sees no CUDA device")
+    return dev
+
+
+def _factorize(ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``(unique, inverse)`` preserving first-seen order; works for mixed int/str IDs."""
+    if ids.dtype == np.int64:
+        uniq, first, inverse = np.unique(ids, return_index=True, return_inverse=True)
+        order = np.argsort(first)
+        rank = np.empty_like(order)
+        rank[order] = np.arange(len(order))
+        return uniq[order], rank[inverse.reshape(-1)]
+    seen: dict[ID, int] = {}
+    inverse = np.fromiter((seen.setdefault(x, len(seen)) for x in ids.tolist()), dtype=np.int64, count=len(ids))
+    return as_id_array(list(seen)), inverse
+
+
+@dataclass
+class _Batch:
+    start: int  # first offset read
+    end: int  # one past the last offset read
+    users: np.ndarray
+    items: np.ndarray
+    weights: np.ndarray
+    ingest_ts: np.ndarray
+    uniq_users: np.ndarray
+    user_inv: np.ndarray
+    uniq_items: np.ndarray  # positives then negatives
+    pos_inv: np.ndarray
+    neg_inv: np.ndarray  # [b, m]
+
+
+class Trainer:
+    """One trainer: partition ``index`` of ``cfg.trainer.num_workers``, by user ID.
+
+    ``evaluate`` turns on prequential measurement: before training each batch, rank
+    for every event whose user this trainer has seen before and count hits@k for the
+    model and for incremental popularity.
+    """
+
+    def __init__(
+        self,
+        index: int,
+        cfg: FreshetConfig,
+        *,
+        evaluate: bool = False,
+        eval_k: int = 10,
+        max_events: int | None = None,
+        start_offset: int = 0,
+    ):
+        torch.set_num_threads(1)
+        self.index, self.cfg = index, cfg
+        self.num_workers = cfg.trainer.num_workers
+        self.device = resolve_device(cfg.trainer.device)
+        self.client = PSClient.connect(cfg.namespace)
+        self.source = self._open_source()
+        self.offset = start_offset
+        self.max_events = max_events if max_events is not None else cfg.stream.num_events
+        self.producer = f"{cfg.namespace}/{trainer_actor_name(index)}"
+        self.rng = np.random.default_rng([cfg.ps.seed, index])
+        m = cfg.model
+        self.tables = (m.user_table, m.item_table, m.item_bias_table, m.popularity_table)
+        # Local catalogue for negative sampling, seeded from the PS so a restart keeps it.
+        self.cat_index: dict[ID, int] = {}
+        self.cat_ids: list[ID] = []
+        self.cat_counts = np.zeros(1024, dtype=np.float64)
+        pop = RowCache(self.client, [m.popularity_table])
+        pop.sync()
+        self._add_items(pop.ids()[pop.valid()], pop.matrix(m.popularity_table)[pop.valid(), 0])
+        self.evaluate, self.eval_k = evaluate, eval_k
+        self.cache = RowCache(self.client, [m.item_table, m.item_bias_table, m.popularity_table]) if evaluate else None
+        self.seen: dict[ID, set] = collections.defaultdict(set)
+        self.metrics = collections.Counter()
+        self.freshness_ms: collections.deque[float] = collections.deque(maxlen=20_000)
+        self.events_read = self.events_applied = self.batches = 0
+        self.train_s = 0.0
+        self.cpu_s0 = time.process_time()
+        self.started_at = time.time()
+        self.done = False
+        self.error: str | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    # -- stream ------------------------------------------------------------------------
+    def _open_source(self):
+        if self.cfg.stream.kind == StreamKind.INGEST:
+            from workers.ingest import IngestSource
+
+            return IngestSource(self.cfg.namespace)
+        from workers.streams import open_source
+
+        return open_source(self.cfg.stream)
+
+    def _read(self) -> tuple[pa.RecordBatch, int] | None:
+        """Next raw events after the committed offset, or None when nothing is available."""
+        return self._read_after(self.offset)
+
+    def _read_after(self, offset: int) -> tuple[pa.RecordBatch, int] | None:
+        """Raw events from ``offset`` and the offset after them, or None if there are none yet."""
+        n = self.cfg.trainer.batch_size
+        if self.max_events is not None:
+            n = min(n, self.max_events - offset)
+            if n <= 0:
+                return None
+        batch = self.source.read(offset, n)
+        if batch.num_rows == 0:
+            return None
+        end = int(batch.column("offset")[-1].as_py()) + 1
+        return batch, end
+
+    def _exhausted(self) -> bool:
+        if self.max_events is not None and self.offset >= self.max_events:
+            return True
+        end = self.source.end_offset
+        return end is not None and self.offset >= end
+
+    # -- catalogue and negatives -------------------------------------------------------
+    def _add_items(self, ids: np.ndarray, counts: np.ndarray) -> None:
+        for x, c in zip(ids.tolist(), np.asarray(counts, dtype=np.float64).tolist()):
+            j = self.cat_index.get(x)
+            if j is None:
+                j = self.cat_index[x] = len(self.cat_ids)
+                self.cat_ids.append(x)
+                if j >= len(self.cat_counts):
+                    self.cat_counts = np.concatenate([self.cat_counts, np.zeros(len(self.cat_counts))])
+            self.cat_counts[j] += c
+
+    def _negatives(self, b: int) -> np.ndarray:
+        m = self.cfg.model
+        n = len(self.cat_ids)
+        k = m.num_negatives
+        idx = self.rng.integers(0, n, size=(b, k))
+        n_pop = int(round(k * m.popularity_negative_fraction))
+        if n_pop:
+            cum = np.cumsum(self.cat_counts[:n])
+            if cum[-1] > 0:
+                draws = self.rng.random((b, n_pop)) * cum[-1]
+                idx[:, :n_pop] = np.minimum(np.searchsorted(cum, draws, side="right"), n - 1)
+        ids = as_id_array(self.cat_ids)
+        return ids[idx.reshape(-1)]
+
+    def _prepare(self, raw: pa.RecordBatch, end: int) -> _Batch:
+        from ps.ids import ids_from_arrow
+
+        users = ids_from_arrow(raw.column("user_id"))
+        mine = np.ones(len(users), dtype=bool)
+        if self.num_workers > 1:
+            mine = (id_keys(users) % np.uint64(self.num_workers)).astype(np.int64) == self.index
+        users = users[mine]
+        items = ids_from_arrow(raw.column("item_id"))[mine]
+        weights = raw.column("weight").to_numpy(zero_copy_only=False)[mine].astype(np.float32)
+        ingest_ts = raw.column("ingest_ts").to_numpy(zero_copy_only=False)[mine]
+        start = int(raw.column("offset")[0].as_py())
+        if len(items):
+            self._add_items(items, np.ones(len(items)))
+        b, m = len(users), self.cfg.model.num_negatives
+        negs = self._negatives(b) if b and self.cfg.model.loss == LossKind.BPR else as_id_array([])
+        uniq_users, user_inv = _factorize(users) if b else (as_id_array([]), np.empty(0, np.int64))
+        if items.dtype == negs.dtype == np.int64 or not len(negs):
+            all_items = np.concatenate([items, negs]) if len(negs) else items
+        else:
+            all_items = as_id_array(np.concatenate([items.astype(object), negs.astype(object)]))
+        uniq_items, item_inv = _factorize(all_items) if b else (as_id_array([]), np.empty(0, np.int64))
+        return _Batch(
+            start, end, users, items, weights, ingest_ts, uniq_users, user_inv, uniq_items,
+            item_inv[:b], item_inv[b:].reshape(b, m) if len(negs) else np.empty((b, 0), np.int64),
+        )
+
+    # -- evaluation --------------------------------------------------------------------
+    def _evaluate(self, batch: _Batch) -> None:
+        """Rank before training: hits@k of the model and of popularity for known users."""
+        known = np.fromiter((u in self.seen for u in batch.users.tolist()), dtype=bool, count=len(batch.users))
+        self.metrics["cold_events"] += int((~known).sum())
+        if known.any():
+            self.cache.sync()
+            ranker = Ranker(self.cache, self.cfg.model)
+            users = batch.users[known]
+            uniq, inv = _factorize(users)
+            rows = self.client.pull_many({self.cfg.model.user_table: uniq}, create=False)[self.cfg.model.user_table]
+            seen = [sorted(self.seen[u], key=str) for u in uniq.tolist()]
+            ranked = ranker.rank_many(rows[0], rows[1], seen, self.eval_k)
+            popular = [ranker.popular(s, self.eval_k) for s in seen]
+            for u, item in zip(inv.tolist(), batch.items[known].tolist()):
+                self.metrics["eval_events"] += 1
+                self.metrics["model_hits"] += item in ranked[u].item_ids
+                self.metrics["popular_hits"] += item in popular[u].item_ids
+        for u, i in zip(batch.users.tolist(), batch.items.tolist()):
+            self.seen[u].add(i)
+
+    # -- training ----------------------------------------------------------------------
+    def _pull(self, batch: _Batch):
+        m = self.cfg.model
+        return self.client.pull_async(
+            {m.user_table: batch.uniq_users, m.item_table: batch.uniq_items, m.item_bias_table: batch.uniq_items}
+        )
+
+    def _gradients(self, batch: _Batch, pulled) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        m, dev = self.cfg.model, self.device
+        U = torch.from_numpy(pulled[m.user_table][0]).to(dev).requires_grad_()
+        I = torch.from_numpy(pulled[m.item_table][0]).to(dev).requires_grad_()
+        B = torch.from_numpy(pulled[m.item_bias_table][0][:, 0].copy()).to(dev).requires_grad_()
+        ui = torch.from_numpy(batch.user_inv).to(dev)
+        pi = torch.from_numpy(batch.pos_inv).to(dev)
+        if m.loss == LossKind.BPR:
+            ni = torch.from_numpy(batch.neg_inv).to(dev)
+            loss = bpr_loss(U[ui], I[pi], B[pi], I[ni], B[ni], l2=m.l2)
+        else:
+            target = torch.from_numpy(batch.weights).to(dev)
+            loss = mse_loss(U[ui], I[pi], B[pi], target, l2=m.l2)
+        loss.backward()
+        self.metrics["loss_sum"] += float(loss.detach())
+        return {
+            m.user_table: (batch.uniq_users, U.grad.cpu().numpy()),
+            m.item_table: (batch.uniq_items, I.grad.cpu().numpy()),
+            m.item_bias_table: (batch.uniq_items, B.grad.cpu().numpy()[:, None]),
+        }
+
+    def _train(self, batch: _Batch, pending) -> list:
+        """All passes over ``batch``; returns the last push's refs (not yet awaited)."""
+        m = self.cfg.model
+        refs: list = []
+        for p in range(self.cfg.trainer.passes):
+            pulled = (pending if p == 0 else self._pull(batch)).result()
+            updates = self._gradients(batch, pulled)
+            history = None
+            if p == 0:
+                pos_ids, pos_counts = _factorize(batch.items)
+                updates[m.popularity_table] = (pos_ids, np.bincount(pos_counts, minlength=len(pos_ids)).astype(np.float32)[:, None])
+                history = (batch.users, batch.items)
+            refs += self.client.push_async(updates, PushId(self.producer, batch.start * _SEQ_PER_BATCH + p), history)
+        return refs
+
+    def _commit(self, batch: _Batch, refs: list) -> None:
+        self.client._get(refs)
+        now = time.time()
+        self.freshness_ms.extend(((now - batch.ingest_ts) * 1000.0).tolist())
+        self.events_applied += len(batch.users)
+        self.events_read += batch.end - batch.start
+        self.offset = batch.end
+        self.batches += 1
+
+    def run(self, max_batches: int | None = None) -> dict[str, Any]:
+        """Train until the stream is exhausted (finite sources), ``stop()`` or ``max_batches``.
+
+        A live source with nothing new is polled every ``trainer.poll_interval_s``.
+        Returns :meth:`stats`.
+        """
+        inflight: tuple[_Batch, list] | None = None
+        nxt = None  # (batch, pending pull) read ahead while the shards apply a push
+        done_batches = 0
+        try:
+            while not self._stop.is_set() and (max_batches is None or done_batches < max_batches):
+                if nxt is None:
+                    got = self._read()
+                    if got is None:
+                        if inflight:
+                            self._commit(*inflight)
+                            inflight = None
+                        if self._exhausted():
+                            break
+                        time.sleep(self.cfg.trainer.poll_interval_s)
+                        continue
+                    batch = self._prepare(*got)
+                    if inflight:  # evaluation must see the previous batch applied
+                        self._commit(*inflight)
+                        inflight = None
+                    if self.evaluate:
+                        self._evaluate(batch)
+                    nxt = (batch, self._pull(batch))
+                batch, pending = nxt
+                nxt = None
+                t0 = time.perf_counter()
+                refs = self._train(batch, pending) if len(batch.users) else []
+                self.train_s += time.perf_counter() - t0
+                if inflight:
+                    self._commit(*inflight)
+                inflight = (batch, refs)
+                done_batches += 1
+                if self.cfg.trainer.prefetch and not self.evaluate:
+                    # Read and pull the next batch while the shards apply this push;
+                    # the pull is ordered after the push on every shard.
+                    got = self._read_after(batch.end)
+                    if got is not None:
+                        nb = self._prepare(*got)
+                        nxt = (nb, self._pull(nb))
+                else:
+                    self._commit(*inflight)
+                    inflight = None
+            if inflight:
+                self._commit(*inflight)
+            if nxt is None and self._exhausted():
+                self.done = True
+        except Exception:  # noqa: BLE001 - surfaced through stats() and re-raised
+            self.error = traceback.format_exc()
+            raise
+        return self.stats()
+
+    def start(self) -> bool:
+        """Run :meth:`run` in a background thread (for ``stats()`` while it trains)."""
+        if self._thread is None or not self._thread.is_alive():
+            self._stop.clear()
+            self._thread = threading.Thread(target=self._run_quietly, name="freshet-trainer", daemon=True)
+            self._thread.start()
+        return True
+
+    def _run_quietly(self) -> None:
+        try:
+            self.run()
+        except Exception:  # noqa: BLE001 - recorded in self.error
+            pass
+
+    def stop(self, timeout_s: float = 30.0) -> dict[str, Any]:
+        """Stop the background loop after the current batch; returns :meth:`stats`."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout_s)
+        return self.stats()
+
+    def stats(self) -> dict[str, Any]:
+        """Counters: events read/applied, offset, throughput, freshness and eval metrics."""
+        fr = np.asarray(self.freshness_ms, dtype=np.float64)
+        elapsed = max(1e-9, time.time() - self.started_at)
+        return {
+            "trainer": self.index,
+            "device": str(self.device),
+            "applied_offset": self.offset,
+            "events_read": self.events_read,
+            "events_applied": self.events_applied,
+            "batches": self.batches,
+            "events_per_s": self.events_applied / elapsed,
+            "train_s": self.train_s,
+            "cpu_s": time.process_time() - self.cpu_s0,
+            "freshness_ms": {
+                "p50": float(np.percentile(fr, 50)) if len(fr) else None,
+                "p99": float(np.percentile(fr, 99)) if len(fr) else None,
+            },
+            "metrics": dict(self.metrics),
+            "done": self.done,
+            "running": self._thread is not None and self._thread.is_alive(),
+            "error": self.error,
+            "end_offset": self.source.end_offset,
+        }
+
+    def ping(self) -> int:
+        """Liveness probe; returns the trainer index."""
+        return self.index
+
+
+def start_trainers(cfg: FreshetConfig, *, detached: bool = False, evaluate: bool = False, max_events: int | None = None) -> list:
+    """Create ``cfg.trainer.num_workers`` named trainer actors (not yet started)."""
+    actor_cls = ray.remote(Trainer)
+    handles = []
+    for i in range(cfg.trainer.num_workers):
+        opts: dict[str, Any] = dict(
+            name=trainer_actor_name(i),
+            namespace=cfg.namespace,
+            num_cpus=cfg.trainer.num_cpus,
+            num_gpus=cfg.trainer.num_gpus,
+            max_restarts=cfg.trainer.max_restarts,
+            max_concurrency=4,  # the training thread plus stats()/stop() calls
+        )
+        if detached:
+            opts["lifetime"] = "detached"
+        handles.append(actor_cls.options(**opts).remote(i, cfg, evaluate=evaluate, max_events=max_events))
+    return handles
