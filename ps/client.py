@@ -7,8 +7,9 @@ serving replicas and users' own scripts each make their own (``PSClient.connect`
 
 from __future__ import annotations
 
-import time
+import uuid
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -195,14 +196,38 @@ class PSClient:
 
 
 def start_shards(
-    cfg: PSConfig, *, namespace: str, detached: bool = False, plan: ShardingPlan | None = None, timeout_s: float | None = 60.0
+    cfg: PSConfig,
+    *,
+    namespace: str,
+    detached: bool = False,
+    plan: ShardingPlan | None = None,
+    timeout_s: float | None = 60.0,
+    state_dir: str | Path | None = None,
+    restore_from: str | Path | None = None,
 ) -> PSClient:
     """Create the shard actors for ``plan`` (default: uniform over ``cfg.num_shards``) and wait until they answer.
 
     Actors are named ``ps-shard-{i}`` in ``namespace`` so any process can ``PSClient.connect``;
     ``detached`` keeps them alive after the creating driver exits.
+
+    ``state_dir`` makes the shards durable: shard ``i`` keeps snapshots and its push log
+    in ``state_dir/shard-{i}`` and recovers them when started again, including Ray's
+    restarts after a crash (``cfg.max_restarts``); named checkpoints go to
+    ``state_dir/checkpoints``. ``restore_from`` (a named checkpoint directory holding
+    ``shard-{i}/``) starts the shards from that checkpoint, replacing what ``state_dir``
+    held. Raises ``FileNotFoundError`` naming a missing shard checkpoint, and
+    ``TimeoutError`` if the shards do not answer within ``timeout_s`` seconds.
     """
     plan = plan or ShardingPlan.uniform(cfg.num_buckets, cfg.num_shards)
+    root = Path(state_dir).absolute() if state_dir is not None else None
+    ckpt = Path(restore_from).absolute() if restore_from is not None else None
+    if ckpt is not None:
+        missing = [i for i in range(plan.num_shards) if not (ckpt / f"shard-{i}" / "meta.json").exists()]
+        if missing:
+            raise FileNotFoundError(f"restore_from: {ckpt} has no checkpoint for shards {missing}")
+    # One token per start: Ray's restarts reuse it (and so keep their own later state),
+    # while a new start_shards(restore_from=...) restores the checkpoint again.
+    token = uuid.uuid4().hex if ckpt is not None else None
     actor_cls = ray.remote(PSShard)
     shards = []
     for i in range(plan.num_shards):
@@ -211,14 +236,28 @@ def start_shards(
             namespace=namespace,
             num_cpus=cfg.shard_num_cpus,
             max_restarts=cfg.max_restarts,
+            # A push retried after a restart is either in the recovered log (and deduplicated
+            # by its push id) or was never acknowledged, so retrying is safe.
             max_task_retries=-1 if cfg.max_restarts != 0 else 0,
         )
         if detached:
             opts["lifetime"] = "detached"
-        shards.append(actor_cls.options(**opts).remote(i, plan, cfg))
+        shards.append(
+            actor_cls.options(**opts).remote(
+                i,
+                plan,
+                cfg,
+                str(root / f"shard-{i}") if root is not None else None,
+                restore_from=str(ckpt) if ckpt is not None else None,
+                restore_token=token,
+                checkpoint_root=str(root / "checkpoints") if root is not None else None,
+            )
+        )
     client = PSClient(shards, plan, {n: t.dim for n, t in cfg.tables.items()}, timeout_s=timeout_s)
-    deadline = time.monotonic() + (timeout_s or 1e9)
-    while not client.ping():
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"PS shards did not start within {timeout_s} s")
+    try:
+        # ray.get surfaces an exception raised in a shard's __init__ (say, a plan that does
+        # not match its saved state) instead of waiting out the timeout.
+        ray.get([sh.ping.remote() for sh in shards], timeout=timeout_s)
+    except ray.exceptions.GetTimeoutError:
+        raise TimeoutError(f"PS shards did not start within {timeout_s} s") from None
     return client

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import re
+import shlex
 import tomllib
 from pathlib import Path
 
@@ -155,10 +156,16 @@ def test_head_starts_ray_then_freshet_up_from_the_venv(prepared: dict, pyproject
     start = _index(commands, r"~/venv/bin/ray start --head\b")
     up = _index(commands, r"~/venv/bin/freshet up\b")
     assert stop < start < up
-    assert "--address auto" in commands[up]
     assert "--autoscaling-config=~/ray_bootstrap_config.yaml" in commands[start]
-    # The console script the command calls is the one the package declares.
-    assert "freshet" in pyproject["project"]["scripts"]
+
+    # The command parses with the CLI the console script points at, as `up` joining the running Ray.
+    from serving import cli
+
+    assert pyproject["project"]["scripts"]["freshet"] == "serving.cli:main"
+    argv = shlex.split(commands[up].split("~/venv/bin/freshet", 1)[1])
+    args = cli._parser().parse_args(argv)
+    assert args.fn is cli.cmd_up
+    assert args.address == "auto"
 
 
 def test_workers_join_the_head_port(prepared: dict) -> None:

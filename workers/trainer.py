@@ -12,7 +12,8 @@ import collections
 import threading
 import time
 import traceback
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -23,12 +24,13 @@ import torch
 from ps.cache import RowCache
 from ps.client import PSClient
 from ps.config import FreshetConfig, LossKind, StreamKind
-from ps.ids import ID, as_id_array, id_keys
+from ps.ids import ID, as_id_array, id_keys, ids_from_arrow
 from ps.shard import PushId
+from workers._wal import PushRecord, TrainerWAL
 from workers.model import bpr_loss, mse_loss
 from workers.ranking import Ranker
 
-__all__ = ["Trainer", "resolve_device", "trainer_actor_name"]
+__all__ = ["Trainer", "resolve_device", "start_trainers", "trainer_actor_name"]
 
 _SEQ_PER_BATCH = 128  # push seq = batch start offset * 128 + pass; passes are capped at 100
 
@@ -74,6 +76,7 @@ class _Batch:
     uniq_items: np.ndarray  # positives then negatives
     pos_inv: np.ndarray
     neg_inv: np.ndarray  # [b, m]
+    seqs: list[int] = field(default_factory=list)  # push seqs sent for this batch
 
 
 class Trainer:
@@ -92,7 +95,8 @@ class Trainer:
         evaluate: bool = False,
         eval_k: int = 10,
         max_events: int | None = None,
-        start_offset: int = 0,
+        state_dir: str | Path | None = None,
+        autostart: bool = False,
     ):
         torch.set_num_threads(1)
         self.index, self.cfg = index, cfg
@@ -100,19 +104,15 @@ class Trainer:
         self.device = resolve_device(cfg.trainer.device)
         self.client = PSClient.connect(cfg.namespace)
         self.source = self._open_source()
-        self.offset = start_offset
+        self.offset = 0
         self.max_events = max_events if max_events is not None else cfg.stream.num_events
         self.producer = f"{cfg.namespace}/{trainer_actor_name(index)}"
-        self.rng = np.random.default_rng([cfg.ps.seed, index])
         m = cfg.model
         self.tables = (m.user_table, m.item_table, m.item_bias_table, m.popularity_table)
-        # Local catalogue for negative sampling, seeded from the PS so a restart keeps it.
+        # Local catalogue for negative sampling, in stream order (a restart rebuilds it so).
         self.cat_index: dict[ID, int] = {}
         self.cat_ids: list[ID] = []
         self.cat_counts = np.zeros(1024, dtype=np.float64)
-        pop = RowCache(self.client, [m.popularity_table])
-        pop.sync()
-        self._add_items(pop.ids()[pop.valid()], pop.matrix(m.popularity_table)[pop.valid(), 0])
         self.evaluate, self.eval_k = evaluate, eval_k
         self.cache = RowCache(self.client, [m.item_table, m.item_bias_table, m.popularity_table]) if evaluate else None
         self.seen: dict[ID, set] = collections.defaultdict(set)
@@ -126,6 +126,54 @@ class Trainer:
         self.error: str | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self.wal = TrainerWAL(Path(state_dir) / trainer_actor_name(index)) if state_dir is not None else None
+        self.recovered_pushes = 0
+        if self.wal is not None:
+            self._recover()
+        if autostart:  # also after a Ray restart, which re-runs only __init__
+            self.start()
+
+    # -- exactly-once restart ----------------------------------------------------------
+    def _recover(self) -> None:
+        """Resume after a crash: re-send unacknowledged pushes, rebuild local state up to
+        the resume offset, and finish a batch whose later passes never ran."""
+        offset, _ = self.wal.committed()
+        pending = self.wal.pending()
+        redo = None
+        for rec, updates, history in pending:
+            # Shards that applied it drop it by push id; the rest apply the same gradients.
+            self.client.push_many(updates, PushId(self.producer, rec.seq), history)
+            self.recovered_pushes += 1
+        if pending:
+            last = pending[-1][0]
+            if last.pass_index == self.cfg.trainer.passes - 1:
+                offset = max(offset, last.end)
+            else:
+                redo, offset = last, last.start
+        self._replay_local_state(offset)
+        if redo is not None:
+            batch = self._prepare(self.source.read(redo.start, redo.end - redo.start), redo.end)
+            refs = self._train(batch, self._pull(batch), first_pass=redo.pass_index + 1)
+            self._commit(batch, refs)
+        for rec, _, _ in pending:
+            self.wal.acknowledged(rec.seq)
+        self.wal.commit(self.offset, self.events_applied)
+
+    def _replay_local_state(self, upto: int) -> None:
+        """Rebuild the catalogue (and eval history) from the stream's first ``upto`` events."""
+        pos = 0
+        while pos < upto:
+            raw = self.source.read(pos, min(8192, upto - pos))
+            if raw.num_rows == 0:
+                break
+            users, items, _, _ = self._mine(raw)
+            self._add_items(items, np.ones(len(items)))
+            if self.evaluate:
+                for u, i in zip(users.tolist(), items.tolist()):
+                    self.seen[u].add(i)
+            self.events_applied += len(users)
+            pos = int(raw.column("offset")[-1].as_py()) + 1
+        self.offset = upto
 
     # -- stream ------------------------------------------------------------------------
     def _open_source(self):
@@ -135,11 +183,8 @@ class Trainer:
             return IngestSource(self.cfg.namespace)
         from workers.streams import open_source
 
-        return open_source(self.cfg.stream)
-
-    def _read(self) -> tuple[pa.RecordBatch, int] | None:
-        """Next raw events after the committed offset, or None when nothing is available."""
-        return self._read_after(self.offset)
+        quarantine = self.cfg.stream.quarantine_path or str(Path(self.cfg.ingest.dir) / f"quarantine-{self.index}.arrow")
+        return open_source(self.cfg.stream, quarantine_path=quarantine)
 
     def _read_after(self, offset: int) -> tuple[pa.RecordBatch, int] | None:
         """Raw events from ``offset`` and the offset after them, or None if there are none yet."""
@@ -171,36 +216,41 @@ class Trainer:
                     self.cat_counts = np.concatenate([self.cat_counts, np.zeros(len(self.cat_counts))])
             self.cat_counts[j] += c
 
-    def _negatives(self, b: int) -> np.ndarray:
+    def _negatives(self, b: int, rng: np.random.Generator) -> np.ndarray:
         m = self.cfg.model
         n = len(self.cat_ids)
         k = m.num_negatives
-        idx = self.rng.integers(0, n, size=(b, k))
+        idx = rng.integers(0, n, size=(b, k))
         n_pop = int(round(k * m.popularity_negative_fraction))
         if n_pop:
             cum = np.cumsum(self.cat_counts[:n])
             if cum[-1] > 0:
-                draws = self.rng.random((b, n_pop)) * cum[-1]
+                draws = rng.random((b, n_pop)) * cum[-1]
                 idx[:, :n_pop] = np.minimum(np.searchsorted(cum, draws, side="right"), n - 1)
         ids = as_id_array(self.cat_ids)
         return ids[idx.reshape(-1)]
 
-    def _prepare(self, raw: pa.RecordBatch, end: int) -> _Batch:
-        from ps.ids import ids_from_arrow
-
+    def _mine(self, raw: pa.RecordBatch) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """``(users, items, weights, ingest_ts)`` of the events in this trainer's partition."""
         users = ids_from_arrow(raw.column("user_id"))
         mine = np.ones(len(users), dtype=bool)
         if self.num_workers > 1:
             mine = (id_keys(users) % np.uint64(self.num_workers)).astype(np.int64) == self.index
-        users = users[mine]
         items = ids_from_arrow(raw.column("item_id"))[mine]
         weights = raw.column("weight").to_numpy(zero_copy_only=False)[mine].astype(np.float32)
         ingest_ts = raw.column("ingest_ts").to_numpy(zero_copy_only=False)[mine]
+        return users[mine], items, weights, ingest_ts
+
+    def _prepare(self, raw: pa.RecordBatch, end: int) -> _Batch:
+        users, items, weights, ingest_ts = self._mine(raw)
         start = int(raw.column("offset")[0].as_py())
+        # Negatives depend only on (seed, trainer, batch start) and the catalogue, so a
+        # restarted trainer recomputes exactly the pushes it lost.
+        rng = np.random.default_rng([self.cfg.ps.seed, self.index, start])
         if len(items):
             self._add_items(items, np.ones(len(items)))
         b, m = len(users), self.cfg.model.num_negatives
-        negs = self._negatives(b) if b and self.cfg.model.loss == LossKind.BPR else as_id_array([])
+        negs = self._negatives(b, rng) if b and self.cfg.model.loss == LossKind.BPR else as_id_array([])
         uniq_users, user_inv = _factorize(users) if b else (as_id_array([]), np.empty(0, np.int64))
         if items.dtype == negs.dtype == np.int64 or not len(negs):
             all_items = np.concatenate([items, negs]) if len(negs) else items
@@ -261,19 +311,23 @@ class Trainer:
             m.item_bias_table: (batch.uniq_items, B.grad.cpu().numpy()[:, None]),
         }
 
-    def _train(self, batch: _Batch, pending) -> list:
-        """All passes over ``batch``; returns the last push's refs (not yet awaited)."""
+    def _train(self, batch: _Batch, pending, first_pass: int = 0) -> list:
+        """Passes ``first_pass..`` over ``batch``; returns the pushes' refs (not yet awaited)."""
         m = self.cfg.model
         refs: list = []
-        for p in range(self.cfg.trainer.passes):
-            pulled = (pending if p == 0 else self._pull(batch)).result()
+        for p in range(first_pass, self.cfg.trainer.passes):
+            pulled = (pending if p == first_pass else self._pull(batch)).result()
             updates = self._gradients(batch, pulled)
             history = None
             if p == 0:
                 pos_ids, pos_counts = _factorize(batch.items)
                 updates[m.popularity_table] = (pos_ids, np.bincount(pos_counts, minlength=len(pos_ids)).astype(np.float32)[:, None])
                 history = (batch.users, batch.items)
-            refs += self.client.push_async(updates, PushId(self.producer, batch.start * _SEQ_PER_BATCH + p), history)
+            seq = batch.start * _SEQ_PER_BATCH + p
+            if self.wal is not None:
+                self.wal.write(PushRecord(seq, batch.start, batch.end, p), updates, history)
+            refs += self.client.push_async(updates, PushId(self.producer, seq), history)
+            batch.seqs.append(seq)
         return refs
 
     def _commit(self, batch: _Batch, refs: list) -> None:
@@ -284,6 +338,10 @@ class Trainer:
         self.events_read += batch.end - batch.start
         self.offset = batch.end
         self.batches += 1
+        if self.wal is not None:
+            for seq in batch.seqs:
+                self.wal.acknowledged(seq)
+            self.wal.commit(self.offset, self.events_applied)
 
     def run(self, max_batches: int | None = None) -> dict[str, Any]:
         """Train until the stream is exhausted (finite sources), ``stop()`` or ``max_batches``.
@@ -297,7 +355,7 @@ class Trainer:
         try:
             while not self._stop.is_set() and (max_batches is None or done_batches < max_batches):
                 if nxt is None:
-                    got = self._read()
+                    got = self._read_after(inflight[0].end if inflight else self.offset)
                     if got is None:
                         if inflight:
                             self._commit(*inflight)
@@ -385,6 +443,8 @@ class Trainer:
             "running": self._thread is not None and self._thread.is_alive(),
             "error": self.error,
             "end_offset": self.source.end_offset,
+            "quarantined": self.source.quarantined,
+            "recovered_pushes": self.recovered_pushes,
         }
 
     def ping(self) -> int:
@@ -392,8 +452,21 @@ class Trainer:
         return self.index
 
 
-def start_trainers(cfg: FreshetConfig, *, detached: bool = False, evaluate: bool = False, max_events: int | None = None) -> list:
-    """Create ``cfg.trainer.num_workers`` named trainer actors (not yet started)."""
+def start_trainers(
+    cfg: FreshetConfig,
+    *,
+    detached: bool = False,
+    evaluate: bool = False,
+    max_events: int | None = None,
+    state_dir: str | Path | None = None,
+    autostart: bool = False,
+) -> list:
+    """Create ``cfg.trainer.num_workers`` named trainer actors (not yet started).
+
+    With ``state_dir`` each trainer keeps its write-ahead pushes and committed offset
+    there, so a restarted trainer (Ray ``max_restarts``) resumes exactly once;
+    ``autostart`` starts training in ``__init__`` (so a restarted trainer carries on).
+    """
     actor_cls = ray.remote(Trainer)
     handles = []
     for i in range(cfg.trainer.num_workers):
@@ -407,5 +480,7 @@ def start_trainers(cfg: FreshetConfig, *, detached: bool = False, evaluate: bool
         )
         if detached:
             opts["lifetime"] = "detached"
-        handles.append(actor_cls.options(**opts).remote(i, cfg, evaluate=evaluate, max_events=max_events))
+        handles.append(
+            actor_cls.options(**opts).remote(i, cfg, evaluate=evaluate, max_events=max_events, state_dir=state_dir, autostart=autostart)
+        )
     return handles

@@ -1,0 +1,752 @@
+"""Training throughput through the parameter server versus one in-process model, and
+``/rank`` latency, side by side on this machine.
+
+``python -m bench.train_throughput [--events N] [--out DIR]`` runs, in one process:
+
+1. ``InProcessMF``: the trainer's model (MF + item bias, BPR, the same negatives and
+   the same ``ps.optim`` update rule) on plain in-process tables, no Ray.
+2. The same stream through Ray: PS shard actors plus one trainer actor reading the
+   stream itself, with ``trainer.prefetch`` off and on.
+3. With the PS of (2) still up: the ingest log and the Serve app, then sequential
+   ``POST /rank`` for known and unknown users and ``GET /healthz`` as the HTTP floor.
+
+It prints a table and writes ``<out>/train_throughput.json`` and
+``<out>/train_throughput.png``. See ``bench/README.md`` for what each figure means.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime as _dt
+import importlib.metadata
+import json
+import os
+import platform
+import socket
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ps import optim
+from ps.config import FreshetConfig, InitKind, LossKind, OptimizerConfig, StreamKind, TableConfig, load_config
+from ps.ids import ID, as_id_array, id_keys, ids_from_arrow, init_rows
+from workers.model import bpr_loss
+
+__all__ = [
+    "REPORT_KEYS",
+    "RUN_KEYS",
+    "InProcessMF",
+    "InProcessTable",
+    "bench_config",
+    "build_report",
+    "format_table",
+    "main",
+    "run_in_process",
+    "write_report",
+]
+
+REPORT_KEYS = ("bench", "date", "machine", "config", "in_process", "ps", "ratios", "rank_latency")
+"""Top-level keys of ``train_throughput.json``, in order."""
+
+RUN_KEYS = ("events", "batches", "wall_s", "events_per_s", "ms_per_batch", "cpu_s", "system_cpu_s", "loss_sum")
+"""Keys every throughput run (in-process and each PS run) has in the JSON."""
+
+DEFAULT_OUT = Path(__file__).resolve().parent / "results"
+"""Default output directory (git-ignored)."""
+
+_LAT_KEYS = ("n", "p50_ms", "p99_ms", "mean_ms", "min_ms", "max_ms")
+
+
+# --------------------------------------------------------------------------- in-process baseline
+
+
+def _table_seed(ps_seed: int, name: str) -> int:
+    # Same formula as ps.shard, so a row starts equal on both sides
+    # (tests/test_bench_smoke.py pins this against PSShard).
+    return (ps_seed * 1_000_003 + int(id_keys([name])[0])) % (1 << 63)
+
+
+def _factorize(ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``(unique, inverse)`` of an ID array; any consistent order will do here."""
+    if ids.dtype == np.int64:
+        uniq, inverse = np.unique(ids, return_inverse=True)
+        return uniq, inverse.reshape(-1)
+    seen: dict[ID, int] = {}
+    inverse = np.fromiter((seen.setdefault(x, len(seen)) for x in ids.tolist()), dtype=np.int64, count=len(ids))
+    return as_id_array(list(seen)), inverse
+
+
+class InProcessTable:
+    """One embedding table in this process: an ID→slot dict and growable row/state tensors.
+
+    A row is created on its first pull with the PS's deterministic initial value, and
+    :meth:`push` applies the table's ``ps.optim`` rule to per-ID summed gradients, as a
+    PS shard does, only without an actor between the caller and the rows.
+    """
+
+    def __init__(self, name: str, cfg: TableConfig, opt: OptimizerConfig, ps_seed: int):
+        self.name, self.cfg, self.opt = name, cfg, opt
+        self.seed = _table_seed(ps_seed, name)
+        self.index: dict[ID, int] = {}
+        self.ids: list[ID] = []
+        self.rows = torch.zeros((1024, cfg.dim), dtype=torch.float32)
+        self.state = torch.zeros((1024, *optim.state_shape(opt.kind, cfg.dim)), dtype=torch.float32)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def slots(self, ids: np.ndarray) -> np.ndarray:
+        """Slot of each ID (int64), creating and initialising rows for new IDs."""
+        get = self.index.get
+        id_list = ids.tolist()
+        slots = np.fromiter((get(x, -1) for x in id_list), dtype=np.int64, count=len(id_list))
+        missing = np.flatnonzero(slots < 0)
+        if missing.size:
+            start = len(self.ids)
+            for j in missing.tolist():
+                x = id_list[j]
+                s = self.index.get(x)
+                if s is None:  # the same new ID may appear twice in one call
+                    s = self.index[x] = len(self.ids)
+                    self.ids.append(x)
+                slots[j] = s
+            if len(self.ids) > self.rows.shape[0]:
+                extra = max(len(self.ids), 2 * self.rows.shape[0]) - self.rows.shape[0]
+                self.rows = torch.cat([self.rows, self.rows.new_zeros((extra, self.rows.shape[1]))])
+                self.state = torch.cat([self.state, self.state.new_zeros((extra, *self.state.shape[1:]))])
+            if self.cfg.init == InitKind.UNIFORM:
+                new = as_id_array(self.ids[start:])
+                init = init_rows(id_keys(new), seed=self.seed, dim=self.cfg.dim, scale=self.cfg.init_scale)
+                self.rows[start : len(self.ids)] = torch.from_numpy(init)
+        return slots
+
+    def pull(self, ids: np.ndarray) -> torch.Tensor:
+        """A copy of the rows of ``ids`` (``float32 [n, dim]``), in the order given."""
+        slots = torch.from_numpy(self.slots(ids))  # before reading self.rows: creating rows may regrow it
+        return self.rows[slots]
+
+    def push(self, ids: np.ndarray, grads: torch.Tensor | np.ndarray) -> None:
+        """Apply one optimizer step to the rows of ``ids``; gradients of repeated IDs are summed."""
+        grads = torch.as_tensor(grads, dtype=torch.float32)
+        if tuple(grads.shape) != (len(ids), self.cfg.dim):
+            raise ValueError(f"push to {self.name!r}: grads shape {tuple(grads.shape)} != ({len(ids)}, {self.cfg.dim})")
+        if not len(ids):
+            return
+        uniq, inverse = np.unique(self.slots(ids), return_inverse=True)
+        g = torch.zeros((len(uniq), self.cfg.dim), dtype=torch.float32)
+        g.index_add_(0, torch.from_numpy(inverse.reshape(-1)), grads)
+        u = torch.from_numpy(uniq)
+        rows, state = optim.apply(self.opt, self.rows[u], g, self.state[u])
+        self.rows[u] = rows
+        self.state[u] = state
+
+
+class InProcessMF:
+    """The trainer's model trained in this process: the baseline the PS is measured against.
+
+    Per mini-batch it does what ``workers.trainer.Trainer`` does with one worker: add the
+    positives to the local catalogue, draw ``model.num_negatives`` negatives per event
+    (``popularity_negative_fraction`` of them by interaction count, the rest uniformly,
+    from an RNG seeded like trainer 0's by ``(ps.seed, 0, batch start offset)``), pull the touched user/item/bias rows, compute
+    ``workers.model.bpr_loss`` and its gradients with torch, and push them, plus the
+    positives' counts into the popularity table. Only the per-user history that shards
+    keep for ``exclude_seen`` is left out: it is serving state, not model.
+    """
+
+    def __init__(self, cfg: FreshetConfig):
+        m = cfg.model
+        if m.loss != LossKind.BPR:
+            raise ValueError(f"model.loss: the in-process baseline trains 'bpr' only, got {m.loss.value!r}")
+        self.cfg = cfg
+        names = (m.user_table, m.item_table, m.item_bias_table, m.popularity_table)
+        self.tables = {n: InProcessTable(n, cfg.ps.table(n), cfg.ps.optimizer_for(n), cfg.ps.seed) for n in names}
+        self.cat_index: dict[ID, int] = {}
+        self.cat_ids: list[ID] = []
+        self.cat_counts = np.zeros(1024, dtype=np.float64)
+        self.batches = 0
+        self.last_leaves: tuple | None = None
+
+    def _add_items(self, items: np.ndarray) -> None:
+        for x in items.tolist():
+            j = self.cat_index.get(x)
+            if j is None:
+                j = self.cat_index[x] = len(self.cat_ids)
+                self.cat_ids.append(x)
+                if j >= len(self.cat_counts):
+                    self.cat_counts = np.concatenate([self.cat_counts, np.zeros(len(self.cat_counts))])
+            self.cat_counts[j] += 1.0
+
+    def negatives(self, b: int, rng: np.random.Generator) -> np.ndarray:
+        """``b * num_negatives`` catalogue items drawn with ``rng``: the first share by popularity, the rest uniform."""
+        m = self.cfg.model
+        n, k = len(self.cat_ids), m.num_negatives
+        idx = rng.integers(0, n, size=(b, k))
+        n_pop = int(round(k * m.popularity_negative_fraction))
+        if n_pop:
+            cum = np.cumsum(self.cat_counts[:n])
+            if cum[-1] > 0:
+                draws = rng.random((b, n_pop)) * cum[-1]
+                idx[:, :n_pop] = np.minimum(np.searchsorted(cum, draws, side="right"), n - 1)
+        return as_id_array(self.cat_ids)[idx.reshape(-1)]
+
+    def loss(self, users: np.ndarray, items: np.ndarray, negs: np.ndarray) -> torch.Tensor:
+        """BPR loss (nats, summed over events) of the current rows; ``negs`` is ``[b * num_negatives]``.
+
+        Pulls (and so creates) the rows it touches; the returned tensor's graph leads
+        back to the leaf tensors in ``self.last_leaves``.
+        """
+        m = self.cfg.model
+        b = len(users)
+        if items.dtype == negs.dtype == np.int64:
+            all_items = np.concatenate([items, negs])
+        else:
+            all_items = as_id_array(np.concatenate([items.astype(object), negs.astype(object)]))
+        uniq_users, user_inv = _factorize(users)
+        uniq_items, item_inv = _factorize(all_items)
+        U = self.tables[m.user_table].pull(uniq_users).requires_grad_()
+        I = self.tables[m.item_table].pull(uniq_items).requires_grad_()
+        B = self.tables[m.item_bias_table].pull(uniq_items)[:, 0].contiguous().requires_grad_()
+        ui, pi = torch.from_numpy(user_inv), torch.from_numpy(item_inv[:b])
+        ni = torch.from_numpy(item_inv[b:].reshape(b, m.num_negatives))
+        self.last_leaves = (uniq_users, U, uniq_items, I, B)
+        return bpr_loss(U[ui], I[pi], B[pi], I[ni], B[ni], l2=m.l2)
+
+    def step(self, users: np.ndarray, items: np.ndarray, start: int = 0) -> float:
+        """Train one mini-batch of ``(user, item)`` events; returns its summed BPR loss (nats).
+
+        ``start`` is the stream offset of the batch's first event; it seeds the negatives.
+        """
+        users, items = as_id_array(users), as_id_array(items)
+        if len(users) != len(items):
+            raise ValueError(f"items: {len(items)} items for {len(users)} users")
+        if not len(users):
+            return 0.0
+        m = self.cfg.model
+        self._add_items(items)
+        rng = np.random.default_rng([self.cfg.ps.seed, 0, int(start)])
+        loss = self.loss(users, items, self.negatives(len(users), rng))
+        loss.backward()
+        uniq_users, U, uniq_items, I, B = self.last_leaves
+        self.tables[m.user_table].push(uniq_users, U.grad)
+        self.tables[m.item_table].push(uniq_items, I.grad)
+        self.tables[m.item_bias_table].push(uniq_items, B.grad[:, None])
+        pos_ids, pos_inv = _factorize(items)
+        counts = np.bincount(pos_inv, minlength=len(pos_ids)).astype(np.float32)[:, None]
+        self.tables[m.popularity_table].push(pos_ids, counts)
+        self.batches += 1
+        return float(loss.detach())
+
+
+def _event_total(cfg: FreshetConfig, source) -> int:
+    total = cfg.stream.num_events if cfg.stream.num_events is not None else source.end_offset
+    if total is None:
+        raise ValueError("stream.num_events: the stream is unbounded; set a number of events")
+    return min(total, source.end_offset) if source.end_offset is not None else total
+
+
+def run_in_process(cfg: FreshetConfig, *, model: InProcessMF | None = None, progress: bool = True) -> dict[str, Any]:
+    """Train ``InProcessMF`` on ``cfg.stream`` in batches of ``trainer.batch_size``; returns the figures.
+
+    Keys: :data:`RUN_KEYS` plus ``loss_first``/``loss_last`` (mean per-event loss of the
+    first/last tenth of batches, nats) and ``rows`` (rows per table). Torch uses one
+    thread, as a trainer actor does. Pass ``model`` to inspect it afterwards.
+    """
+    from tqdm import tqdm
+
+    from workers.streams import open_source
+
+    if cfg.stream.kind == StreamKind.INGEST:
+        raise ValueError("stream.kind: the benchmark needs a replayable source, not 'ingest'")
+    source = open_source(cfg.stream)
+    total = _event_total(cfg, source)
+    mf = model if model is not None else InProcessMF(cfg)
+    bs = cfg.trainer.batch_size
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    per_event: list[float] = []
+    loss_sum = 0.0
+    offset = 0
+    try:
+        t0, c0, s0 = time.perf_counter(), time.process_time(), _tree_cpu_s()
+        with tqdm(total=total, unit="ev", desc="in-process", disable=not progress, dynamic_ncols=True) as bar:
+            while offset < total:
+                raw = source.read(offset, min(bs, total - offset))
+                if raw.num_rows == 0:
+                    break
+                users = ids_from_arrow(raw.column("user_id"))
+                loss = mf.step(users, ids_from_arrow(raw.column("item_id")), offset)
+                loss_sum += loss
+                per_event.append(loss / len(users))
+                offset = int(raw.column("offset")[-1].as_py()) + 1
+                bar.update(raw.num_rows)
+        wall, cpu, s1 = time.perf_counter() - t0, time.process_time() - c0, _tree_cpu_s()
+    finally:
+        torch.set_num_threads(threads)
+    tenth = max(1, len(per_event) // 10)
+    return {
+        "events": offset,
+        "batches": len(per_event),
+        "wall_s": wall,
+        "events_per_s": offset / max(wall, 1e-9),
+        "ms_per_batch": 1000.0 * wall / max(1, len(per_event)),
+        "cpu_s": cpu,
+        "system_cpu_s": _cpu_between(s0, s1),
+        "loss_sum": loss_sum,
+        "loss_first": float(np.mean(per_event[:tenth])) if per_event else None,
+        "loss_last": float(np.mean(per_event[-tenth:])) if per_event else None,
+        "rows": {name: len(t) for name, t in mf.tables.items()},
+    }
+
+
+# --------------------------------------------------------------------------- through the PS
+
+
+def _tree_cpu_s() -> dict[int, float] | None:
+    """CPU seconds (user + system) used so far by this process and each live descendant, by PID.
+
+    With a driver-started local Ray that is every Ray process of this benchmark (GCS,
+    raylet, workers, actors); see :func:`_cpu_between`. None where ``/proc`` is absent.
+    """
+    proc = Path("/proc")
+    if not (proc / "self" / "stat").exists():
+        return None
+    tick = os.sysconf("SC_CLK_TCK")
+    parent: dict[int, int] = {}
+    cpu: dict[int, float] = {}
+    for d in proc.iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            # Fields after the ")" that ends the command name: state ppid ... utime(12) stime(13).
+            fields = (d / "stat").read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        parent[int(d.name)] = int(fields[1])
+        cpu[int(d.name)] = (int(fields[11]) + int(fields[12])) / tick
+    children: dict[int, list[int]] = {}
+    for pid, ppid in parent.items():
+        children.setdefault(ppid, []).append(pid)
+    out, todo = {}, [os.getpid()]
+    while todo:
+        pid = todo.pop()
+        out[pid] = cpu.get(pid, 0.0)
+        todo.extend(children.get(pid, ()))
+    return out
+
+
+def _cpu_between(before: dict[int, float] | None, after: dict[int, float] | None) -> float | None:
+    """CPU seconds the process tree used between two :func:`_tree_cpu_s` snapshots.
+
+    Only processes alive at the end count (a process that exited took its counter with
+    it); one started in between counts in full. The machine's other load hardly changes
+    this figure, unlike wall time.
+    """
+    if before is None or after is None:
+        return None
+    return sum(max(0.0, c - before.get(pid, 0.0)) for pid, c in after.items())
+
+
+@dataclass
+class _Deployment:
+    """What one PS run started (handles to kill, and the config it ran with)."""
+
+    cfg: FreshetConfig
+    shards: list
+    trainer: Any
+    # Named actors are still garbage-collected once no handle exists, so the driver keeps these.
+    others: list = field(default_factory=list)
+
+
+def _run_ps(cfg: FreshetConfig, *, progress: bool = True) -> tuple[dict[str, Any], _Deployment]:
+    """Shards plus one trainer reading ``cfg.stream`` directly; figures from the trainer's ``stats()``.
+
+    ``wall_s`` is measured around ``Trainer.run`` only (actors are started and ready
+    before the clock starts). The deployment is left running for the caller.
+    """
+    import ray
+    from tqdm import tqdm
+
+    from ps.client import start_shards
+    from workers.streams import open_source
+    from workers.trainer import start_trainers
+
+    total = _event_total(cfg, open_source(cfg.stream))
+    client = start_shards(cfg.ps, namespace=cfg.namespace)
+    (trainer,) = start_trainers(cfg, evaluate=False, max_events=total)
+    dep = _Deployment(cfg, client.shards, trainer)
+    ray.get(trainer.ping.remote())
+    label = f"PS prefetch={'on' if cfg.trainer.prefetch else 'off'}"
+    cpu0, t0 = _tree_cpu_s(), time.perf_counter()
+    ref = trainer.run.remote()
+    with tqdm(total=total, unit="ev", desc=label, disable=not progress, dynamic_ncols=True) as bar:
+        while not ray.wait([ref], timeout=0.5)[0]:
+            bar.update(ray.get(trainer.stats.remote())["events_read"] - bar.n)
+        stats = ray.get(ref)  # re-raises a trainer failure
+        wall = time.perf_counter() - t0
+        cpu1 = _tree_cpu_s()
+        bar.update(stats["events_read"] - bar.n)
+    shard_rows: dict[str, int] = {}
+    for s in client.stats():
+        for name, n in s["rows"].items():
+            shard_rows[name] = shard_rows.get(name, 0) + n
+    applied = stats["events_applied"]
+    return {
+        "events": applied,
+        "batches": stats["batches"],
+        "wall_s": wall,
+        "events_per_s": applied / max(wall, 1e-9),
+        "ms_per_batch": 1000.0 * wall / max(1, stats["batches"]),
+        "cpu_s": stats["cpu_s"],
+        "loss_sum": stats["metrics"].get("loss_sum", 0.0),
+        "train_s": stats["train_s"],
+        "prefetch": cfg.trainer.prefetch,
+        "trainer_events_per_s": stats["events_per_s"],
+        "system_cpu_s": _cpu_between(cpu0, cpu1),
+        "rows": shard_rows,
+    }, dep
+
+
+def _kill(dep: _Deployment) -> None:
+    import ray
+
+    for handle in [dep.trainer, *dep.shards, *dep.others]:
+        with contextlib.suppress(Exception):
+            ray.kill(handle, no_restart=True)
+
+
+# --------------------------------------------------------------------------- /rank latency
+
+
+def _latency(ms: list[float]) -> dict[str, float]:
+    a = np.asarray(ms, dtype=np.float64)
+    return {
+        "n": int(len(a)),
+        "p50_ms": float(np.percentile(a, 50)),
+        "p99_ms": float(np.percentile(a, 99)),
+        "mean_ms": float(a.mean()),
+        "min_ms": float(a.min()),
+        "max_ms": float(a.max()),
+    }
+
+
+def _measure_latency(
+    dep: _Deployment, known_users: np.ndarray, *, n_known: int, n_unknown: int, n_healthz: int, progress: bool
+) -> dict[str, Any]:
+    """Start ingest and Serve beside ``dep``'s PS; time sequential requests from one client (ms)."""
+    try:
+        from serving.app import run_app
+    except ImportError as e:
+        return {"skipped": f"serving.app is not importable ({type(e).__name__}: {e})"}
+    import httpx
+    from tqdm import tqdm
+
+    from workers.ingest import start_ingest
+
+    cfg = dep.cfg
+    dep.others.append(start_ingest(cfg.ingest, namespace=cfg.namespace))
+    t0 = time.perf_counter()
+    run_app(cfg)
+    startup_s = time.perf_counter() - t0
+    rng = np.random.default_rng(0)
+    known = rng.choice(known_users, size=n_known).tolist()
+    # Far outside the synthetic ID range: never trained, so the app must fall back to popularity.
+    unknown = [10**15 + i for i in range(n_unknown)]
+    out: dict[str, Any] = {"serve_startup_s": startup_s, "request": {"k": 10, "exclude_seen": True}}
+    url = f"http://127.0.0.1:{cfg.serving.port}{cfg.serving.route_prefix.rstrip('/')}"
+    with httpx.Client(base_url=url, timeout=30.0) as http:
+
+        def rank(user) -> tuple[float, Any]:
+            t = time.perf_counter()
+            r = http.post("/rank", json={"user_id": user, "k": 10})
+            ms = (time.perf_counter() - t) * 1000.0
+            if r.status_code != 200:
+                raise RuntimeError(f"/rank for user {user!r} answered {r.status_code}: {r.text[:300]}")
+            return ms, r.json()["fallback"]
+
+        for u in known[:20]:  # warm-up: connection, replica caches; not measured
+            rank(u)
+        for label, users in (("rank_known", known), ("rank_unknown", unknown)):
+            ms, fallbacks = [], 0
+            for u in tqdm(users, desc=f"/rank {label[5:]}", unit="req", disable=not progress, dynamic_ncols=True):
+                t, fb = rank(u)
+                ms.append(t)
+                fallbacks += fb == "popular"
+            out[label] = {**_latency(ms), "fallback_popular": fallbacks}
+        ms = []
+        for _ in tqdm(range(n_healthz), desc="/healthz", unit="req", disable=not progress, dynamic_ncols=True):
+            t = time.perf_counter()
+            r = http.get("/healthz")
+            ms.append((time.perf_counter() - t) * 1000.0)
+            if r.status_code != 200:
+                raise RuntimeError(f"/healthz answered {r.status_code}: {r.text[:300]}")
+        out["healthz"] = _latency(ms)
+    return out
+
+
+# --------------------------------------------------------------------------- report
+
+
+def _machine() -> dict[str, Any]:
+    def version(pkg: str) -> str | None:
+        try:
+            return importlib.metadata.version(pkg)
+        except importlib.metadata.PackageNotFoundError:
+            return None
+
+    return {
+        "cpu_count": os.cpu_count(),
+        "usable_cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "loadavg_1m": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "numpy": np.__version__,
+        "ray": version("ray"),
+    }
+
+
+def _cpu_ratio(run: dict[str, Any], base: dict[str, Any]) -> float | None:
+    a, b = run.get("system_cpu_s"), base.get("system_cpu_s")
+    if a is None or not b or not run["events"] or not base["events"]:
+        return None
+    return (a / run["events"]) / (b / base["events"])
+
+
+def build_report(
+    cfg: FreshetConfig,
+    in_process: dict[str, Any],
+    ps_runs: dict[str, dict[str, Any]],
+    rank_latency: dict[str, Any],
+    *,
+    bench: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The JSON document: :data:`REPORT_KEYS`, with ratios PS/in-process per PS run.
+
+    ``ratios[run]`` has ``events_per_s`` (PS events/s over in-process events/s),
+    ``overhead_ms_per_batch`` (PS ms per batch minus in-process ms per batch),
+    ``cpu_per_event`` (CPU seconds per event of all the PS run's processes over those of
+    the in-process run; None when not measured) and
+    ``loss_sum_rel_diff`` (|PS loss sum - in-process loss sum| / |in-process loss sum|:
+    0 when both trained exactly the same computation, which they should).
+    """
+    ratios = {
+        name: {
+            "events_per_s": run["events_per_s"] / max(in_process["events_per_s"], 1e-9),
+            "overhead_ms_per_batch": run["ms_per_batch"] - in_process["ms_per_batch"],
+            "cpu_per_event": _cpu_ratio(run, in_process),
+            "loss_sum_rel_diff": abs(run["loss_sum"] - in_process["loss_sum"]) / max(abs(in_process["loss_sum"]), 1e-12),
+        }
+        for name, run in ps_runs.items()
+    }
+    report = {
+        "bench": bench or {},
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "machine": _machine(),
+        "config": cfg.model_dump(mode="json"),
+        "in_process": in_process,
+        "ps": ps_runs,
+        "ratios": ratios,
+        "rank_latency": rank_latency,
+    }
+    assert tuple(report) == REPORT_KEYS
+    return report
+
+
+def _chart(report: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    lat = report["rank_latency"]
+    has_lat = "skipped" not in lat and lat
+    fig, axes = plt.subplots(1, 2 if has_lat else 1, figsize=(11 if has_lat else 6, 4.2), squeeze=False)
+    ax = axes[0][0]
+    names = ["in-process"] + [f"PS {n}" for n in report["ps"]]
+    values = [report["in_process"]["events_per_s"]] + [r["events_per_s"] for r in report["ps"].values()]
+    bars = ax.bar(names, values, color=["#4c72b0"] + ["#dd8452"] * len(report["ps"]))
+    labels = ["1.00x"] + [f"{report['ratios'][n]['events_per_s']:.2f}x" for n in report["ps"]]
+    for bar, text, v in zip(bars, labels, values):
+        ax.annotate(f"{v:,.0f}\n{text}", (bar.get_x() + bar.get_width() / 2, v), ha="center", va="bottom", fontsize=9)
+    ax.set_ylabel("training events/s")
+    ax.set_ylim(0, max(values) * 1.25)
+    ax.set_title(f"Training throughput, {report['in_process']['events']:,} events")
+    if has_lat:
+        ax = axes[0][1]
+        groups = [("rank_known", "/rank known"), ("rank_unknown", "/rank unknown"), ("healthz", "/healthz")]
+        groups = [(k, n) for k, n in groups if k in lat]
+        x = np.arange(len(groups))
+        for off, q, color in ((-0.2, "p50_ms", "#55a868"), (0.2, "p99_ms", "#c44e52")):
+            ax.bar(x + off, [lat[k][q] for k, _ in groups], width=0.4, label=q.replace("_ms", ""), color=color)
+        ax.set_xticks(x, [n for _, n in groups])
+        ax.set_ylabel("latency (ms), sequential requests")
+        ax.set_title("HTTP latency")
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_report(report: dict[str, Any], out_dir: str | Path) -> tuple[Path, Path]:
+    """Write ``train_throughput.json`` and ``train_throughput.png`` into ``out_dir``; returns both paths."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    json_path, png_path = out / "train_throughput.json", out / "train_throughput.png"
+    json_path.write_text(json.dumps(report, indent=2, default=str) + "\n", encoding="utf-8")
+    _chart(report, png_path)
+    return json_path, png_path
+
+
+def format_table(report: dict[str, Any]) -> str:
+    """The report as aligned plain text: throughput rows, then latency rows."""
+    ip = report["in_process"]
+    def num(x: float | None, fmt: str) -> str:
+        return "n/a" if x is None else format(x, fmt)
+
+    rows = [("run", "events/s", "ms/batch", "vs in-process", "overhead ms/batch", "system cpu s", "cpu/event",
+             "train s", "loss sum")]
+    rows.append(("in-process (no Ray)", f"{ip['events_per_s']:,.0f}", f"{ip['ms_per_batch']:.2f}", "1.00x", "-",
+                 num(ip["system_cpu_s"], ".1f"), "1.00x", "-", f"{ip['loss_sum']:,.1f}"))
+    for name, run in report["ps"].items():
+        r = report["ratios"][name]
+        rows.append((f"PS, {name}", f"{run['events_per_s']:,.0f}", f"{run['ms_per_batch']:.2f}",
+                     f"{r['events_per_s']:.2f}x", f"{r['overhead_ms_per_batch']:+.2f}", num(run["system_cpu_s"], ".1f"),
+                     num(r["cpu_per_event"], ".2f") + ("x" if r["cpu_per_event"] is not None else ""),
+                     f"{run.get('train_s', 0.0):.1f}", f"{run['loss_sum']:,.1f}"))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in rows]
+    lines.insert(1, "-" * len(lines[0]))
+    lat = report["rank_latency"]
+    lines.append("")
+    if "skipped" in lat:
+        lines.append(f"/rank latency: skipped: {lat['skipped']}")
+    elif lat:
+        lrows = [("request (sequential)", "n", "p50 ms", "p99 ms", "mean ms", "popular fallback")]
+        for key, name in (("rank_known", "POST /rank known user"), ("rank_unknown", "POST /rank unknown user"),
+                          ("healthz", "GET /healthz (HTTP floor)")):
+            if key in lat:
+                x = lat[key]
+                fb = str(x["fallback_popular"]) if "fallback_popular" in x else "-"
+                lrows.append((name, str(x["n"]), f"{x['p50_ms']:.2f}", f"{x['p99_ms']:.2f}", f"{x['mean_ms']:.2f}", fb))
+        w = [max(len(r[i]) for r in lrows) for i in range(len(lrows[0]))]
+        ll = ["  ".join(c.ljust(wi) if i == 0 else c.rjust(wi) for i, (c, wi) in enumerate(zip(r, w))) for r in lrows]
+        ll.insert(1, "-" * len(ll[0]))
+        lines += ll
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- command line
+
+
+def bench_config(events: int, config_path: str | None = None) -> FreshetConfig:
+    """The benchmark's config: ``config_path`` (or defaults) with ``events`` events and one trainer."""
+    if events < 1:
+        raise ValueError(f"events: must be >= 1, got {events}")
+    cfg = load_config(config_path, {"stream": {"num_events": events}, "trainer": {"num_workers": 1}})
+    if cfg.stream.kind == StreamKind.INGEST:
+        raise ValueError("stream.kind: the benchmark needs a replayable source (synthetic, movielens, parquet), not 'ingest'")
+    return cfg
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _positive(text: str) -> int:
+    v = int(text)
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {v}")
+    return v
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the whole benchmark; returns the process exit status."""
+    p = argparse.ArgumentParser(prog="python -m bench.train_throughput", description=__doc__.split("\n\n")[0])
+    p.add_argument("--events", type=_positive, default=30_000, help="stream events per run (default 30000)")
+    p.add_argument("--out", default=str(DEFAULT_OUT), help="output directory (default bench/results/)")
+    p.add_argument("--config", default=None, help="Freshet YAML config (default: built-in defaults, synthetic stream)")
+    p.add_argument("--rank-requests", type=_positive, default=300, help="/rank requests for known users")
+    p.add_argument("--unknown-requests", type=_positive, default=50, help="/rank requests for unknown users")
+    p.add_argument("--healthz-requests", type=_positive, default=300, help="GET /healthz requests")
+    p.add_argument("--no-serve", action="store_true", help="skip the /rank latency part")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    args = p.parse_args(argv)
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    progress = not args.quiet
+    try:
+        cfg = bench_config(args.events, args.config)
+    except Exception as e:  # noqa: BLE001 - a bad config is a usage error, not a traceback
+        print(f"train_throughput: {e}", file=sys.stderr)
+        return 2
+    bench = {k: getattr(args, k) for k in ("events", "rank_requests", "unknown_requests", "healthz_requests")}
+    bench["ray_num_cpus"] = 2
+    bench["loadavg_1m_start"] = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    print(f"train_throughput: {cfg.stream.kind.value} stream, {args.events:,} events, batch {cfg.trainer.batch_size}, "
+          f"{cfg.model.num_negatives} negatives, dim {cfg.ps.table(cfg.model.user_table).dim}, "
+          f"{cfg.ps.num_shards} shards, {os.cpu_count()} CPUs")
+
+    # In-process first, while no Ray processes compete for the CPUs.
+    in_process = run_in_process(cfg, progress=progress)
+
+    import ray
+    from ray import serve
+
+    pid = os.getpid()
+    ray_root = os.environ.get("RAY_TMPDIR", "/tmp")
+    Path(ray_root).mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix="frb", dir=ray_root))
+    ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", _temp_dir=str(work / "ray"),
+             log_to_driver=False, configure_logging=False)
+    ps_runs: dict[str, dict[str, Any]] = {}
+    latency: dict[str, Any] = {"skipped": "--no-serve"} if args.no_serve else {}
+    try:
+        dep = None
+        for prefetch in (False, True):  # the last one stays up for serving
+            name = f"prefetch {'on' if prefetch else 'off'}"
+            run_cfg = cfg.model_copy(update={
+                "namespace": f"frbench-{pid}-{'pf' if prefetch else 'nopf'}",
+                "trainer": cfg.trainer.model_copy(update={"prefetch": prefetch}),
+                "ingest": cfg.ingest.model_copy(update={"dir": str(work / "data")}),
+                "serving": cfg.serving.model_copy(update={"host": "127.0.0.1", "port": _free_port()}),
+            })
+            if dep is not None:
+                _kill(dep)
+            ps_runs[name], dep = _run_ps(run_cfg, progress=progress)
+        if not args.no_serve:
+            from workers.streams import open_source
+
+            src = open_source(cfg.stream)
+            users = np.unique(ids_from_arrow(src.read(0, args.events).column("user_id")))
+            latency = _measure_latency(dep, users, n_known=args.rank_requests, n_unknown=args.unknown_requests,
+                                       n_healthz=args.healthz_requests, progress=progress)
+            if "skipped" in latency:
+                print(f"train_throughput: /rank latency skipped: {latency['skipped']}", file=sys.stderr)
+    finally:
+        with contextlib.suppress(Exception):
+            serve.shutdown()
+        ray.shutdown()
+
+    report = build_report(cfg, in_process, ps_runs, latency, bench=bench)
+    json_path, png_path = write_report(report, args.out)
+    print()
+    print(format_table(report))
+    diffs = [r["loss_sum_rel_diff"] for r in report["ratios"].values()]
+    if any(d > 1e-4 for d in diffs):
+        print("\nwarning: PS and in-process loss sums differ: the baseline no longer does the trainer's "
+              "computation (negatives, init or update rule changed?)", file=sys.stderr)
+    print(f"wrote {json_path} and {png_path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

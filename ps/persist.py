@@ -1,0 +1,684 @@
+"""Durable shard state on local disk: snapshots, a push log and named checkpoints.
+
+Everything is Arrow IPC or JSON (no pickle), so any Arrow reader can inspect it.
+A shard's state directory holds::
+
+    CURRENT                  name of the newest complete snapshot ("snap-000000000123")
+    snap-000000000123/       meta.json, table-<k>.arrow, seen.arrow, tombstones.arrow
+    log-000000000123.arrow   IPC stream: the records applied after log position 123
+    RESTORED                 JSON naming the checkpoint the directory was seeded from
+
+Positions are *log sequence numbers* (LSNs): every state change a shard logs (an
+applied push, or an expiry that removes rows) takes the next LSN. The shard's
+``version`` counts pushes only, so an expiry changes state without changing the
+version; naming files by LSN keeps two snapshots of one version distinct.
+
+A snapshot directory is written under a temporary name, fsynced and renamed, so a
+``snap-*`` directory is always complete. A record is appended to the log before the
+shard applies it; a crash mid-append leaves a torn tail that :func:`read_log` drops
+(that push was never acknowledged). Nothing here touches Ray or torch.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from ps.ids import ID, as_id_array, ids_from_arrow, ids_to_arrow, validate_id
+
+__all__ = [
+    "LogRecord",
+    "PushLog",
+    "ShardState",
+    "ShardStore",
+    "TableState",
+    "checkpoint_shard_dir",
+    "list_checkpoints",
+    "read_log",
+    "read_snapshot",
+    "validate_checkpoint_name",
+    "write_snapshot_dir",
+]
+
+_SNAPSHOT_FORMAT = "freshet-ps-snapshot"
+_FORMAT_VERSION = 1
+_KEEP_SNAPSHOTS = 2
+_SNAP_RE = re.compile(r"^snap-(\d{12,})$")
+_LOG_RE = re.compile(r"^log-(\d{12,})\.arrow$")
+_NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")
+
+_ID_UNION = pa.dense_union([pa.field("int", pa.int64()), pa.field("str", pa.string())])
+_LOG_SCHEMA = pa.schema(
+    [
+        pa.field("lsn", pa.int64(), nullable=False),
+        pa.field("kind", pa.string(), nullable=False),  # "push" | "expire"
+        pa.field("version", pa.int64(), nullable=False),  # shard version after the record
+        pa.field("now", pa.float64(), nullable=False),  # unix seconds the record was applied
+        pa.field("producer", pa.string()),
+        pa.field("seq", pa.int64()),
+        pa.field("expire_at", pa.float64()),  # the push also ran an expiry at this time
+        pa.field("tables", pa.list_(pa.string())),
+        pa.field("dims", pa.list_(pa.int32())),
+        pa.field("counts", pa.list_(pa.int64())),  # IDs per table; ids/grads are concatenated
+        pa.field("ids", pa.list_(_ID_UNION)),
+        pa.field("grads", pa.list_(pa.float32())),
+        pa.field("hist_users", pa.list_(_ID_UNION)),
+        pa.field("hist_items", pa.list_(_ID_UNION)),
+    ],
+    metadata={"freshet": "ps-push-log", "format_version": str(_FORMAT_VERSION)},
+)
+
+
+# --------------------------------------------------------------------------- data
+
+
+@dataclass
+class TableState:
+    """One table of a shard, rows in slot order (all arrays have ``n`` rows)."""
+
+    ids: np.ndarray  # int64 or object IDs
+    rows: np.ndarray  # float32 (n, dim)
+    state: np.ndarray  # float32 (n, *state_shape): optimizer state
+    changed_at: np.ndarray  # int64: shard version of each row's last change
+    touched_at: np.ndarray  # float64: unix seconds of each row's last push
+    removed: list[tuple[int, ID]] = field(default_factory=list)  # (version, id) tombstones
+
+
+@dataclass
+class ShardState:
+    """Everything a shard persists; ``plan`` is the sharding plan as JSON data."""
+
+    shard_index: int
+    version: int
+    lsn: int
+    high_water: dict[str, int]
+    plan: dict[str, Any]
+    tables: dict[str, TableState]
+    seen_users: np.ndarray  # history as (user, item) pairs, oldest first per user
+    seen_items: np.ndarray
+    created_at: float = 0.0  # unix seconds
+
+
+@dataclass
+class LogRecord:
+    """One logged state change: an applied push or an expiry.
+
+    ``updates`` holds ``(table, ids, grads[n, dim] float32)`` exactly as the shard
+    applied them; ``history`` the ``(users, items)`` it recorded.
+    """
+
+    lsn: int
+    kind: str
+    version: int
+    now: float
+    producer: str | None = None
+    seq: int | None = None
+    expire_at: float | None = None
+    updates: list[tuple[str, np.ndarray, np.ndarray]] = field(default_factory=list)
+    history: tuple[np.ndarray, np.ndarray] | None = None
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_bytes(path: Path, data: bytes, *, fsync: bool = True) -> None:
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        if fsync:
+            os.fsync(f.fileno())
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    _write_bytes(path, json.dumps(obj, indent=1, sort_keys=True).encode("utf-8"))
+
+
+def _write_ipc_file(path: Path, table: pa.Table) -> None:
+    with open(path, "wb") as f:
+        with pa.ipc.new_file(f, table.schema) as w:
+            w.write_table(table)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _read_ipc_file(path: Path) -> pa.Table:
+    with pa.memory_map(str(path), "r") as src:
+        return pa.ipc.open_file(src).read_all()
+
+
+def _union_ids(ids: np.ndarray, field_name: str) -> pa.Array:
+    """IDs as the dense (int, str) union, so every log record has one schema.
+
+    IDs are validated first: a logged ID that cannot be replayed would make every
+    later restart of the shard fail.
+    """
+    if ids.dtype != np.int64:
+        for x in ids.tolist():
+            validate_id(x, field_name)
+    arr = ids_to_arrow(ids)
+    if pa.types.is_union(arr.type):
+        return arr
+    n = len(arr)
+    is_str = pa.types.is_string(arr.type)
+    children = [pa.array([], pa.int64()), arr] if is_str else [arr, pa.array([], pa.string())]
+    return pa.UnionArray.from_dense(
+        pa.array(np.full(n, int(is_str), np.int8)), pa.array(np.arange(n, dtype=np.int32)), children, ["int", "str"]
+    )
+
+
+def _one_list(values: pa.Array) -> pa.Array:
+    return pa.ListArray.from_arrays(pa.array([0, len(values)], pa.int32()), values)
+
+
+def _column_ids(col: pa.Array | pa.ChunkedArray) -> np.ndarray:
+    if isinstance(col, pa.ChunkedArray):
+        col = col.combine_chunks() if col.num_chunks != 1 else col.chunk(0)
+    return ids_from_arrow(col) if len(col) else np.empty(0, np.int64)
+
+
+def _fsl(values: np.ndarray, width: int) -> pa.Array:
+    return pa.FixedSizeListArray.from_arrays(pa.array(np.ascontiguousarray(values, np.float32).reshape(-1)), width)
+
+
+def _fsl_numpy(col: pa.ChunkedArray, n: int, shape: tuple[int, ...]) -> np.ndarray:
+    flat = col.combine_chunks().flatten() if n else pa.array([], pa.float32())
+    return np.array(flat.to_numpy(zero_copy_only=False), dtype=np.float32).reshape((n, *shape))
+
+
+def validate_checkpoint_name(name: str) -> str:
+    """Return ``name`` if usable as a checkpoint directory name, else raise ``ValueError``.
+
+    Letters, digits, ``_``, ``.`` and ``-``; 1 to 128 characters; not starting with ``.``.
+    """
+    if not isinstance(name, str) or not _NAME_RE.match(name):
+        raise ValueError(
+            f"checkpoint name: {name!r} must be 1-128 of [A-Za-z0-9_.-] and not start with '.' or '-'"
+        )
+    return name
+
+
+def checkpoint_shard_dir(root: str | Path, name: str, shard_index: int) -> Path:
+    """Directory of shard ``shard_index`` inside named checkpoint ``name`` under ``root``."""
+    return Path(root) / validate_checkpoint_name(name) / f"shard-{shard_index}"
+
+
+# --------------------------------------------------------------------------- snapshots
+
+
+def write_snapshot_dir(state: ShardState, final_dir: str | Path) -> Path:
+    """Write ``state`` as a complete snapshot directory at ``final_dir``; returns it.
+
+    Files go into a temporary sibling first, are fsynced, and the directory is then
+    renamed into place, replacing an existing ``final_dir``; a reader never sees a
+    half-written snapshot.
+    """
+    final_dir = Path(final_dir)
+    parent = final_dir.parent
+    parent.mkdir(parents=True, exist_ok=True)
+    tmp = parent / f".tmp-{final_dir.name}-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        tables_meta = {}
+        for k, (name, t) in enumerate(state.tables.items()):
+            n, dim = t.rows.shape
+            shape = tuple(int(s) for s in t.state.shape[1:])
+            width = int(np.prod(shape)) if shape else 1
+            cols = {"id": ids_to_arrow(t.ids), "row": _fsl(t.rows, dim)}
+            if width:  # pyarrow has no zero-width fixed-size lists; such state is empty anyway
+                cols["state"] = _fsl(t.state, width)
+            cols["changed_at"] = pa.array(np.asarray(t.changed_at, np.int64))
+            cols["touched_at"] = pa.array(np.asarray(t.touched_at, np.float64))
+            fname = f"table-{k}.arrow"
+            _write_ipc_file(tmp / fname, pa.table(cols, metadata={"table": name}))
+            removed_ids = as_id_array([x for _, x in t.removed])
+            _write_ipc_file(
+                tmp / f"tombstones-{k}.arrow",
+                pa.table({"version": pa.array([v for v, _ in t.removed], pa.int64()), "id": ids_to_arrow(removed_ids)}),
+            )
+            tables_meta[name] = {
+                "file": fname,
+                "tombstones": f"tombstones-{k}.arrow",
+                "rows": n,
+                "dim": dim,
+                "state_shape": list(shape),
+            }
+        _write_ipc_file(
+            tmp / "seen.arrow", pa.table({"user": ids_to_arrow(state.seen_users), "item": ids_to_arrow(state.seen_items)})
+        )
+        meta = {
+            "format": _SNAPSHOT_FORMAT,
+            "format_version": _FORMAT_VERSION,
+            "shard_index": state.shard_index,
+            "version": state.version,
+            "lsn": state.lsn,
+            "created_at": state.created_at or time.time(),
+            "high_water": dict(state.high_water),
+            "plan": state.plan,
+            "tables": tables_meta,
+        }
+        _write_json(tmp / "meta.json", meta)  # written last: its presence marks the files complete
+        _fsync_dir(tmp)
+        old = None
+        if final_dir.exists():
+            old = parent / f".old-{final_dir.name}-{uuid.uuid4().hex[:8]}"
+            final_dir.rename(old)
+        tmp.rename(final_dir)
+        _fsync_dir(parent)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return final_dir
+
+
+def read_snapshot(path: str | Path) -> ShardState:
+    """Load a snapshot directory written by :func:`write_snapshot_dir`.
+
+    Raises ``FileNotFoundError`` if it has no ``meta.json`` and ``ValueError`` if
+    the metadata is not a Freshet snapshot of a known format version.
+    """
+    path = Path(path)
+    meta_path = path / "meta.json"
+    if not meta_path.exists():
+        raise FileNotFoundError(f"no snapshot at {path}: meta.json is missing")
+    meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    if meta.get("format") != _SNAPSHOT_FORMAT or meta.get("format_version") != _FORMAT_VERSION:
+        raise ValueError(
+            f"{meta_path}: format {meta.get('format')!r} v{meta.get('format_version')!r} is not "
+            f"{_SNAPSHOT_FORMAT!r} v{_FORMAT_VERSION}"
+        )
+    tables = {}
+    for name, tm in meta["tables"].items():
+        tab = _read_ipc_file(path / tm["file"])
+        n, dim, shape = int(tm["rows"]), int(tm["dim"]), tuple(tm["state_shape"])
+        if tab.num_rows != n:
+            raise ValueError(f"{path / tm['file']}: {tab.num_rows} rows, meta.json says {n}")
+        state = (
+            _fsl_numpy(tab.column("state"), n, shape)
+            if "state" in tab.column_names
+            else np.zeros((n, *shape), np.float32)
+        )
+        tomb = _read_ipc_file(path / tm["tombstones"])
+        tables[name] = TableState(
+            ids=_column_ids(tab.column("id")),
+            rows=_fsl_numpy(tab.column("row"), n, (dim,)),
+            state=state,
+            changed_at=np.array(tab.column("changed_at").to_numpy(), dtype=np.int64),
+            touched_at=np.array(tab.column("touched_at").to_numpy(), dtype=np.float64),
+            removed=list(zip(tomb.column("version").to_pylist(), _column_ids(tomb.column("id")).tolist())),
+        )
+    seen = _read_ipc_file(path / "seen.arrow")
+    return ShardState(
+        shard_index=int(meta["shard_index"]),
+        version=int(meta["version"]),
+        lsn=int(meta["lsn"]),
+        high_water={str(k): int(v) for k, v in meta["high_water"].items()},
+        plan=meta["plan"],
+        tables=tables,
+        seen_users=_column_ids(seen.column("user")),
+        seen_items=_column_ids(seen.column("item")),
+        created_at=float(meta["created_at"]),
+    )
+
+
+def list_checkpoints(root: str | Path) -> list[dict[str, Any]]:
+    """Named checkpoints under ``root``, oldest first.
+
+    Each entry: ``name``, ``path``, ``created_at`` (unix seconds of the newest shard
+    file), ``versions`` (shard index → version), ``num_shards`` (of the plan) and
+    ``complete`` (every shard of the plan is present). A missing ``root`` lists nothing.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    out = []
+    for d in sorted(root.iterdir()):
+        if not d.is_dir() or not _NAME_RE.match(d.name):
+            continue
+        versions: dict[int, int] = {}
+        created, num_shards = 0.0, None
+        for sd in d.glob("shard-*/meta.json"):
+            try:
+                meta = json.loads(sd.read_text(encoding="utf-8"))
+            except (OSError, ValueError):
+                continue
+            versions[int(meta["shard_index"])] = int(meta["version"])
+            created = max(created, float(meta["created_at"]))
+            num_shards = int(meta["plan"]["num_shards"])
+        if not versions:
+            continue
+        out.append(
+            {
+                "name": d.name,
+                "path": str(d),
+                "created_at": created,
+                "versions": dict(sorted(versions.items())),
+                "num_shards": num_shards,
+                "complete": num_shards is not None and set(versions) == set(range(num_shards)),
+            }
+        )
+    return sorted(out, key=lambda c: (c["created_at"], c["name"]))
+
+
+# --------------------------------------------------------------------------- push log
+
+
+class PushLog:
+    """Appends :class:`LogRecord` s to one Arrow IPC stream file (a log segment).
+
+    The schema message is written when the segment is created, then each record as
+    one single-row record batch message in a single ``write``, flushed to the OS
+    before :meth:`append` returns and fsynced too when ``fsync``.
+    """
+
+    _EOS = b"\xff\xff\xff\xff\x00\x00\x00\x00"  # IPC end-of-stream marker
+
+    def __init__(self, path: str | Path, *, fsync: bool):
+        self.path = Path(path)
+        self.fsync = fsync
+        self._file = open(self.path, "wb")
+        # Written eagerly (pyarrow's stream writer defers it), so even an empty segment is
+        # a valid stream.
+        self._write(_LOG_SCHEMA.serialize().to_pybytes())
+
+    def _write(self, data: bytes) -> None:
+        self._file.write(data)
+        self._file.flush()
+        if self.fsync:
+            os.fsync(self._file.fileno())
+
+    @staticmethod
+    def encode(rec: LogRecord) -> pa.RecordBatch:
+        """``rec`` as a one-row record batch of the log schema (validates its IDs)."""
+        names = [name for name, _, _ in rec.updates]
+        ids = [np.asarray(i) for _, i, _ in rec.updates]
+        grads = [np.ascontiguousarray(g, np.float32) for _, _, g in rec.updates]
+        for name, i, g in zip(names, ids, grads):
+            if g.ndim != 2 or g.shape[0] != len(i):
+                raise ValueError(f"log record for {name!r}: grads shape {g.shape} is not ({len(i)}, dim)")
+        dims = [int(g.shape[1]) for g in grads]
+        if ids and all(i.dtype == np.int64 for i in ids):
+            all_ids = np.concatenate(ids)
+        else:
+            all_ids = as_id_array([x for i in ids for x in i.tolist()])
+        flat = np.concatenate([g.reshape(-1) for g in grads]) if grads else np.empty(0, np.float32)
+        users, items = rec.history if rec.history is not None else (np.empty(0, np.int64), np.empty(0, np.int64))
+        cols = [
+            pa.array([rec.lsn], pa.int64()),
+            pa.array([rec.kind], pa.string()),
+            pa.array([rec.version], pa.int64()),
+            pa.array([rec.now], pa.float64()),
+            pa.array([rec.producer], pa.string()),
+            pa.array([rec.seq], pa.int64()),
+            pa.array([rec.expire_at], pa.float64()),
+            _one_list(pa.array(names, pa.string())),
+            _one_list(pa.array(dims, pa.int32())),
+            _one_list(pa.array([len(i) for i in ids], pa.int64())),
+            _one_list(_union_ids(all_ids, "id")),
+            _one_list(pa.array(flat, pa.float32())),
+            _one_list(_union_ids(as_id_array(users), "history user id")),
+            _one_list(_union_ids(as_id_array(items), "history item id")),
+        ]
+        return pa.record_batch(cols, schema=_LOG_SCHEMA)
+
+    def append(self, rec: LogRecord) -> None:
+        """Write ``rec`` durably (flush, and fsync if configured) before returning."""
+        # Encoded fully first: a record that fails to encode leaves the file untouched.
+        self._write(self.encode(rec).serialize().to_pybytes())
+
+    def close(self) -> None:
+        """End the stream and close the file; safe to call twice."""
+        if self._file.closed:
+            return
+        try:
+            self._write(self._EOS)
+        finally:
+            self._file.close()
+
+
+def _decode(batch: pa.RecordBatch, i: int) -> LogRecord:
+    row = batch.slice(i, 1)
+
+    def lst(name: str) -> pa.Array:
+        return row.column(name).flatten()
+
+    scalars = {k: row.column(k)[0].as_py() for k in ("lsn", "kind", "version", "now", "producer", "seq", "expire_at")}
+    names = lst("tables").to_pylist()
+    dims = lst("dims").to_pylist()
+    counts = lst("counts").to_pylist()
+    all_ids = _column_ids(lst("ids"))
+    flat = np.array(lst("grads").to_numpy(zero_copy_only=False), dtype=np.float32)
+    updates = []
+    at_id = at_g = 0
+    for name, dim, n in zip(names, dims, counts):
+        ids = all_ids[at_id : at_id + n]
+        if ids.dtype == object:
+            ids = as_id_array(ids.tolist())
+        updates.append((name, ids, flat[at_g : at_g + n * dim].reshape(n, dim)))
+        at_id += n
+        at_g += n * dim
+    if at_id != len(all_ids) or at_g != len(flat):
+        raise ValueError(f"log record lsn {scalars['lsn']}: ids/grads lengths do not match counts and dims")
+    users, items = _column_ids(lst("hist_users")), _column_ids(lst("hist_items"))
+    return LogRecord(
+        **scalars, updates=updates, history=(users, items) if len(users) or len(items) else None
+    )
+
+
+def read_log(path: str | Path) -> Iterator[LogRecord]:
+    """The records of one log segment in order, stopping silently at a torn tail.
+
+    A crash while appending leaves an incomplete last message; everything before it
+    was flushed before its push was acknowledged and is returned.
+    """
+    try:
+        src = pa.memory_map(str(path), "r")
+    except OSError:
+        return
+    with src:
+        try:
+            reader = pa.ipc.open_stream(src)
+        except (pa.ArrowInvalid, OSError):  # torn before the schema was complete
+            return
+        while True:
+            try:
+                batch = reader.read_next_batch()
+            except StopIteration:
+                return
+            except (pa.ArrowInvalid, OSError):
+                return
+            for i in range(batch.num_rows):
+                yield _decode(batch, i)
+
+
+# --------------------------------------------------------------------------- a shard's directory
+
+
+class ShardStore:
+    """One shard's state directory: finds and writes snapshots, appends and replays the log.
+
+    ``fsync`` makes every log append durable against machine crashes; snapshots are
+    always fsynced (they are rare and replace older state).
+    """
+
+    def __init__(self, root: str | Path, *, fsync: bool):
+        root_s = str(root)
+        if "://" in root_s:
+            raise ValueError(f"state_dir: {root_s!r} must be a local directory; URIs are not supported")
+        self.root = Path(root).absolute()
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.fsync = fsync
+        self._log: PushLog | None = None
+
+    # -- layout ------------------------------------------------------------------------
+    def snapshots(self) -> list[tuple[int, Path]]:
+        """``(lsn, path)`` of every complete snapshot directory, oldest first."""
+        out = [(int(m.group(1)), p) for p in self.root.iterdir() if (m := _SNAP_RE.match(p.name)) and p.is_dir()]
+        return sorted(out)
+
+    def segments(self) -> list[tuple[int, Path]]:
+        """``(start lsn, path)`` of every log segment, oldest first."""
+        out = [(int(m.group(1)), p) for p in self.root.iterdir() if (m := _LOG_RE.match(p.name))]
+        return sorted(out)
+
+    def current(self) -> Path | None:
+        """The snapshot ``CURRENT`` names, or None when there is none."""
+        cur = self.root / "CURRENT"
+        if not cur.exists():
+            return None
+        name = cur.read_text(encoding="utf-8").strip()
+        return self.root / name if _SNAP_RE.match(name) else None
+
+    def is_empty(self) -> bool:
+        """True when the directory holds no snapshot and no log segment."""
+        return not self.snapshots() and not self.segments() and self.current() is None
+
+    # -- recovery ----------------------------------------------------------------------
+    def latest_snapshot(self) -> ShardState | None:
+        """The snapshot ``CURRENT`` names, falling back to older complete ones if it cannot be read.
+
+        Returns None for a directory without snapshots; raises if snapshots exist but
+        none can be read (starting empty would silently drop acknowledged pushes).
+        """
+        cur = self.current()
+        candidates = ([cur] if cur is not None else []) + [p for _, p in reversed(self.snapshots()) if p != cur]
+        errors = []
+        for path in candidates:
+            try:
+                return read_snapshot(path)
+            except (OSError, ValueError, KeyError, pa.ArrowException) as e:
+                errors.append(f"{path.name}: {e}")
+        if errors:
+            raise RuntimeError(f"{self.root}: no readable snapshot ({'; '.join(errors)})")
+        return None
+
+    def records_after(self, lsn: int) -> Iterator[LogRecord]:
+        """Logged records with LSN above ``lsn``, in order; raises on a gap in the log."""
+        segs = self.segments()
+        expect = lsn + 1
+        for k, (start, path) in enumerate(segs):
+            if k + 1 < len(segs) and segs[k + 1][0] <= lsn:
+                continue  # every record in this segment is covered by the snapshot
+            for rec in read_log(path):
+                if rec.lsn < expect:
+                    continue
+                if rec.lsn != expect:
+                    raise RuntimeError(
+                        f"{path}: push log gap, expected record {expect} but found {rec.lsn}; "
+                        "a log segment is missing or damaged"
+                    )
+                yield rec
+                expect += 1
+
+    # -- writing -----------------------------------------------------------------------
+    def start_segment(self, lsn: int) -> Path:
+        """Close the open segment and start ``log-{lsn}`` for records after ``lsn``.
+
+        A segment of that name can only hold records up to ``lsn`` (or a torn one), so
+        truncating it loses nothing.
+        """
+        self.close()
+        path = self.root / f"log-{lsn:012d}.arrow"
+        self._log = PushLog(path, fsync=self.fsync)
+        if self.fsync:
+            _fsync_dir(self.root)
+        return path
+
+    def append(self, rec: LogRecord) -> None:
+        """Durably log ``rec`` (its LSN must follow the last logged one)."""
+        if self._log is None:
+            self.start_segment(rec.lsn - 1)
+        try:
+            self._log.append(rec)
+        except BaseException:
+            # The segment may now end in a partial message; later records must not follow
+            # it, so the next append starts a fresh segment (the torn part is ignored).
+            log, self._log = self._log, None
+            try:
+                log.close()
+            except Exception:  # noqa: BLE001 - the original error is the one to report
+                pass
+            raise
+
+    def snapshot(self, state: ShardState) -> Path:
+        """Write ``state`` as ``snap-{lsn}``, point ``CURRENT`` at it, start a new log segment
+        and delete snapshots and segments older than the last two snapshots."""
+        final = self.root / f"snap-{state.lsn:012d}"
+        if not (final / "meta.json").exists():
+            write_snapshot_dir(state, final)
+        tmp = self.root / "CURRENT.tmp"
+        _write_bytes(tmp, (final.name + "\n").encode("utf-8"))
+        tmp.replace(self.root / "CURRENT")
+        _fsync_dir(self.root)
+        self.start_segment(state.lsn)
+        self._prune()
+        return final
+
+    def _prune(self) -> None:
+        snaps = self.snapshots()
+        if not snaps:
+            return
+        keep_from = snaps[-_KEEP_SNAPSHOTS:][0][0]
+        for lsn, path in snaps:
+            if lsn < keep_from:
+                shutil.rmtree(path, ignore_errors=True)
+        # Every snapshot starts a segment at its LSN, so older segments hold nothing newer.
+        for start, path in self.segments():
+            if start < keep_from:
+                path.unlink(missing_ok=True)
+        for p in self.root.glob(".tmp-*"):
+            shutil.rmtree(p, ignore_errors=True)
+
+    def close(self) -> None:
+        """Close the open log segment, if any."""
+        if self._log is not None:
+            log, self._log = self._log, None
+            log.close()
+
+    # -- seeding from a named checkpoint -------------------------------------------------
+    def restored_token(self) -> str | None:
+        """Token of the restore that seeded this directory (see :meth:`reset_from`), or None."""
+        path = self.root / "RESTORED"
+        try:
+            return json.loads(path.read_text(encoding="utf-8")).get("token")
+        except (OSError, ValueError):
+            return None
+
+    def reset_from(self, checkpoint_dir: str | Path, token: str) -> ShardState:
+        """Replace this directory's state with the snapshot at ``checkpoint_dir``.
+
+        ``token`` is recorded last, so a crash part-way leaves a directory whose token
+        does not match and the reset is simply redone.
+        """
+        state = read_snapshot(checkpoint_dir)
+        self.close()
+        (self.root / "RESTORED").unlink(missing_ok=True)
+        (self.root / "CURRENT").unlink(missing_ok=True)
+        for _, path in self.snapshots():
+            shutil.rmtree(path)
+        for _, path in self.segments():
+            path.unlink()
+        self.snapshot(state)
+        _write_json(self.root / "RESTORED", {"from": str(Path(checkpoint_dir).absolute()), "token": token, "at": time.time()})
+        _fsync_dir(self.root)
+        return state

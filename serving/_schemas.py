@@ -1,0 +1,112 @@
+"""Request and response bodies of the ranking service (pydantic models).
+
+Requests are strict: unknown keys are rejected, IDs follow ``ps.ids.validate_id``
+(a signed 64-bit int or a non-empty string of at most 1024 UTF-8 bytes; ``true`` and
+``1.0`` are not IDs), and numbers must be finite JSON numbers (no strings, no NaN).
+Limits that depend on the deployment's config (``serving.max_k``,
+``serving.max_events_per_request``) are checked by the handlers; the bounds here are
+the absolute ones.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, ValidationInfo
+
+from ps.ids import validate_id
+
+__all__ = [
+    "EntityId",
+    "Event",
+    "EventsRequest",
+    "EventsResponse",
+    "MAX_SCORE_ITEMS",
+    "RankRequest",
+    "RankResponse",
+    "RankedItem",
+    "ScoreRequest",
+    "ScoreResponse",
+]
+
+MAX_SCORE_ITEMS = 10_000
+"""Most item IDs one ``/score`` request may name (items)."""
+
+_ABS_MAX_K = 100_000  # ServingConfig.max_k's own upper bound; the handler applies the configured one.
+
+
+def _check_id(value: int | str, info: ValidationInfo) -> int | str:
+    return validate_id(value, info.field_name or "id")
+
+
+EntityId = Annotated[StrictInt | StrictStr, AfterValidator(_check_id)]
+"""A user or item ID in a request: int in the signed 64-bit range or a non-empty str (≤1024 bytes)."""
+
+_FiniteFloat = Annotated[float, Field(strict=True, allow_inf_nan=False)]
+
+
+class _Request(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Event(_Request):
+    """One interaction: ``user_id`` interacted with ``item_id``."""
+
+    user_id: EntityId
+    item_id: EntityId
+    timestamp: Annotated[_FiniteFloat, Field(ge=0)] | None = Field(
+        None, description="when it happened (unix seconds); null or absent uses the server's time"
+    )
+    weight: _FiniteFloat = Field(1.0, description="rating or implicit strength (1.0 for a click)")
+
+
+class EventsRequest(_Request):
+    """Body of ``POST /events``: a non-empty batch, appended all-or-nothing."""
+
+    events: list[Event] = Field(min_length=1, description="the batch (at most serving.max_events_per_request)")
+
+
+class EventsResponse(BaseModel):
+    """Reply of ``POST /events``: how many events were durably appended and the last one's log offset."""
+
+    accepted: int = Field(description="events appended (events)")
+    offset: int = Field(description="ingest-log offset of the batch's last event")
+
+
+class RankRequest(_Request):
+    """Body of ``POST /rank``."""
+
+    user_id: EntityId
+    k: StrictInt = Field(10, ge=1, le=_ABS_MAX_K, description="items to return (at most serving.max_k)")
+    exclude_seen: StrictBool = Field(True, description="leave out items the user recently interacted with")
+
+
+class RankedItem(BaseModel):
+    """One ranked item and its score (model logit, or interaction count under the popular fallback)."""
+
+    item_id: int | str
+    score: float
+
+
+class RankResponse(BaseModel):
+    """Reply of ``POST /rank``: best first."""
+
+    user_id: int | str = Field(description="the user ID as given")
+    items: list[RankedItem]
+    fallback: Literal["popular"] | None = Field(description="'popular' when the user has no trained row yet")
+    model_version: int = Field(description="pushes applied to the item tables this ranking reflects")
+
+
+class ScoreRequest(_Request):
+    """Body of ``POST /score``."""
+
+    user_id: EntityId
+    item_ids: list[EntityId] = Field(min_length=1, max_length=MAX_SCORE_ITEMS, description="items to score, in order")
+
+
+class ScoreResponse(BaseModel):
+    """Reply of ``POST /score``: one score per requested item, in order; null for items the PS has no row for."""
+
+    user_id: int | str
+    scores: list[float | None]
+    fallback: Literal["popular"] | None

@@ -1,0 +1,223 @@
+"""PSClient against real shard actors: routing, caller order, placement, exactly-once
+pushes, versions, history routing and reconnecting by namespace."""
+
+from __future__ import annotations
+
+import uuid
+
+import numpy as np
+import pytest
+import ray
+
+from ps.client import PSClient, start_shards
+from ps.config import FreshetConfig, load_config
+from ps.ids import as_id_array
+from ps.plan import ShardingPlan
+from ps.shard import PSShard, PushId
+
+DIM = 8
+NUM_SHARDS = 3
+
+
+def _cfg(**ps) -> FreshetConfig:
+    base = {
+        "num_shards": NUM_SHARDS,
+        "num_buckets": 64,
+        "shard_num_cpus": 0.1,
+        "optimizer": {"kind": "adagrad", "lr": 0.2},
+        # "place" is only touched by the placement test, so its row counts are exact.
+        "tables": {"user": {"dim": DIM}, "item": {"dim": DIM}, "place": {"dim": 2}},
+    }
+    return load_config(overrides={"ps": {**base, **ps}})
+
+
+@pytest.fixture(scope="module")
+def deployment(ray_cluster):
+    """Shards in a private namespace, shared by the module (actor start-up is seconds each):
+    ``(cfg, namespace, client)``. Tests use their own IDs and producers and check versions
+    relative to what they found."""
+    cfg = _cfg()
+    ns = f"test-client-{uuid.uuid4().hex[:8]}"
+    client = start_shards(cfg.ps, namespace=ns)
+    yield cfg, ns, client
+    for h in client.shards:
+        ray.kill(h)
+
+
+def _local(cfg: FreshetConfig) -> PSShard:
+    """A single in-process shard holding every ID: the truth a sharded deployment must match."""
+    return PSShard(0, ShardingPlan.uniform(cfg.ps.num_buckets, 1), cfg.ps)
+
+
+def _mixed_ids(n: int, seed: int) -> list:
+    """``n`` distinct IDs, half ints and half strings, including an int and its decimal string."""
+    rng = np.random.default_rng(seed)
+    ints = [int(x) for x in rng.choice(2**40, size=n // 2, replace=False) - 2**39]
+    strs = [f"s{seed}-{j}" for j in range(n - n // 2 - 1)] + [str(ints[0])]
+    return ints + strs
+
+
+def _shuffled_with_dups(ids: list, seed: int) -> list:
+    rng = np.random.default_rng(seed)
+    out = ids + [ids[j] for j in rng.integers(0, len(ids), size=len(ids) // 3)]
+    return [out[j] for j in rng.permutation(len(out))]
+
+
+def test_pull_returns_rows_in_caller_order(deployment):
+    cfg, _, client = deployment
+    ids = _mixed_ids(60, seed=1)
+    req = _shuffled_with_dups(ids, seed=2)
+    rows = client.pull("user", req)
+    assert rows.shape == (len(req), DIM) and rows.dtype == np.float32
+    local = _local(cfg).pull({"user": req})["user"][0]
+    np.testing.assert_array_equal(rows, local)
+    # Per-shard truth: ask each owning shard directly for each ID.
+    owner = client.plan.shards_of(as_id_array(req))
+    for x, s, r in zip(req, owner.tolist(), rows):
+        got, found = ray.get(client.shards[s].pull.remote({"user": as_id_array([x])}, False))["user"]
+        assert found.all()
+        np.testing.assert_array_equal(got[0], r)
+    # Several tables in one call, each in its own order.
+    many = client.pull_many({"user": req[::-1], "item_bias": req[:7]})
+    np.testing.assert_array_equal(many["user"][0], rows[::-1])
+    assert many["user"][1].all()
+    np.testing.assert_array_equal(many["item_bias"][0], np.zeros((7, 1), np.float32))
+    assert client.pull("user", []).shape == (0, DIM)
+
+
+def test_rows_live_on_the_shard_the_plan_names(deployment):
+    _, _, client = deployment
+    ids = _mixed_ids(90, seed=3)
+    client.pull_many({"place": _shuffled_with_dups(ids, seed=4)})
+    owner = client.plan.shards_of(as_id_array(ids))
+    counts = np.bincount(owner, minlength=NUM_SHARDS)
+    assert (counts > 0).all(), "test IDs should reach every shard"
+    assert [st["rows"]["place"] for st in client.stats()] == counts.tolist()
+    for s in range(NUM_SHARDS):
+        _, found = ray.get(client.shards[s].pull.remote({"place": as_id_array(ids)}, False))["place"]
+        assert found.tolist() == (owner == s).tolist()
+
+
+def test_pull_without_create_reads_zeros_and_stores_nothing(deployment):
+    _, _, client = deployment
+    before = sum(st["rows"]["user"] for st in client.stats())
+    client.pull("user", [101, "nc-a"])
+    got = client.pull_many({"user": ["nc-b", 101, 102, "nc-a"]}, create=False)["user"]
+    assert got[1].tolist() == [False, True, False, True]
+    np.testing.assert_array_equal(got[0][[0, 2]], 0)
+    assert sum(st["rows"]["user"] for st in client.stats()) == before + 2
+
+
+def test_pushes_match_a_single_shard_and_apply_once(deployment):
+    cfg, _, client = deployment
+    local = _local(cfg)
+    ids = _mixed_ids(40, seed=5)
+    rng = np.random.default_rng(6)
+    v0 = np.array(client.versions())
+    for seq in range(4):
+        req = _shuffled_with_dups(ids[seq * 5 : seq * 5 + 25], seed=seq)
+        g = rng.normal(size=(len(req), DIM)).astype(np.float32)
+        pop = np.ones((len(req), 1), np.float32)
+        updates = {"user": (req, g), "item_pop": (req, pop)}
+        replies = client.push_many(updates, PushId("w", seq))
+        assert replies == [(int(v) + seq + 1, True) for v in v0]
+        local.push(PushId("w", seq), updates)
+    np.testing.assert_allclose(client.pull("user", ids), local.pull({"user": ids})["user"][0], rtol=1e-6, atol=1e-7)
+    np.testing.assert_array_equal(client.pull("item_pop", ids), local.pull({"item_pop": ids})["item_pop"][0])
+    # The same push id again: no shard applies it, nothing moves.
+    before_user, before_pop = client.pull("user", ids), client.pull("item_pop", ids)
+    dups = np.array([st["duplicate_pushes"] for st in client.stats()])
+    ones = np.ones((len(ids), DIM), np.float32)
+    again = client.push_many({"user": (ids, ones), "item_pop": (ids, ones[:, :1])}, PushId("w", 3))
+    assert again == [(int(v) + 4, False) for v in v0]
+    np.testing.assert_array_equal(client.pull("user", ids), before_user)
+    np.testing.assert_array_equal(client.pull("item_pop", ids), before_pop)
+    assert client.versions() == (v0 + 4).tolist()
+    assert [st["duplicate_pushes"] for st in client.stats()] == (dups + 1).tolist()
+
+
+def test_versions_increase_on_every_shard_per_push(deployment):
+    _, _, client = deployment
+    one = "only-me"
+    target = int(client.plan.shards_of([one])[0])
+    v0 = np.array(client.versions())
+    rows0 = np.array([st["rows"]["item"] for st in client.stats()])
+    assert client.push("item", [one], np.ones((1, DIM), np.float32), PushId("v-p", 0)) == [(int(v) + 1, True) for v in v0]
+    assert client.versions() == (v0 + 1).tolist()
+    rows1 = np.array([st["rows"]["item"] for st in client.stats()])
+    assert (rows1 - rows0).tolist() == [int(s == target) for s in range(NUM_SHARDS)]
+    client.push_many({}, PushId("v-p", 1))
+    client.push_many({}, PushId("v-q", 0))
+    assert client.versions() == (v0 + 3).tolist()
+    assert [st["version"] for st in client.stats()] == (v0 + 3).tolist()
+    for marks in ray.get([h.high_water_marks.remote() for h in client.shards]):
+        assert (marks["v-p"], marks["v-q"]) == (1, 0)
+
+
+def test_bad_gradient_shape_is_rejected_before_any_shard_sees_it(deployment):
+    _, _, client = deployment
+    v0 = client.versions()
+    with pytest.raises(ValueError, match="item"):
+        client.push("item", [1, 2, 3], np.ones((3, DIM + 1), np.float32), PushId("bad", 0))
+    with pytest.raises(KeyError, match="nope"):
+        client.push("nope", [1], np.ones((1, DIM), np.float32), PushId("bad", 0))
+    assert client.versions() == v0
+    # The push id was not consumed anywhere.
+    assert client.push("item", [1], np.ones((1, DIM), np.float32), PushId("bad", 0)) == [(v + 1, True) for v in v0]
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="PSClient.push_async checks grads shape but not finiteness (ps/client.py): the shards owning "
+    "the NaN rows reject the push while the others apply it, so shard versions diverge and a corrected "
+    "re-send under the same push id is dropped as a duplicate by the shards that applied it",
+)
+def test_non_finite_push_is_applied_by_no_shard(deployment):
+    _, _, client = deployment
+    ids = _mixed_ids(30, seed=9)
+    assert len(set(client.plan.shards_of(as_id_array(ids)).tolist())) == NUM_SHARDS
+    v0 = client.versions()
+    g = np.ones((len(ids), DIM), np.float32)
+    g[0, 0] = np.nan
+    with pytest.raises(ValueError, match="NaN"):
+        client.push("item", ids, g, PushId("nan", 0))
+    assert client.versions() == v0
+
+
+def test_seen_is_routed_by_user(deployment):
+    _, _, client = deployment
+    users = [31, "31", "bob", 2**50, -7, "carol"]
+    hist_u, hist_i = [], []
+    for n, u in enumerate(users):
+        for j in range(n + 1):
+            hist_u.append(u)
+            hist_i.append(f"i{n}-{j}" if j % 2 else n * 100 + j)
+    client.push_many({}, PushId("hist", 0), history=(hist_u, hist_i))
+    want = {u: [i for uu, i in zip(hist_u, hist_i) if uu == u] for u in users}
+    order = [users[j] for j in np.random.default_rng(0).permutation(len(users))] + ["nobody", users[2]]
+    assert client.seen(order) == [want.get(u, []) for u in order]
+    owner = client.plan.shards_of(as_id_array(users))
+    for s in range(NUM_SHARDS):
+        got = ray.get(client.shards[s].seen_items.remote(as_id_array(users)))
+        assert got == [want[u] if o == s else [] for u, o in zip(users, owner.tolist())]
+
+
+def test_connect_by_namespace_sees_the_same_state(deployment):
+    cfg, ns, client = deployment
+    ids = _mixed_ids(20, seed=7)
+    client.push("user", ids, np.ones((len(ids), DIM), np.float32), PushId("conn", 0))
+    other = PSClient.connect(ns)
+    assert other.num_shards == NUM_SHARDS
+    assert other.plan == client.plan
+    assert other.dims == {n: t.dim for n, t in cfg.ps.tables.items()}
+    np.testing.assert_array_equal(other.pull("user", ids[::-1]), client.pull("user", ids)[::-1])
+    v = client.versions()
+    assert other.versions() == v
+    # Writes through either client are one stream of pushes per producer.
+    ones = np.ones((len(ids), DIM), np.float32)
+    assert other.push("user", ids, ones, PushId("conn", 0)) == [(x, False) for x in v]
+    other.push("user", ids[:1], np.ones((1, DIM), np.float32), PushId("conn", 1))
+    np.testing.assert_array_equal(client.pull("user", ids[:1]), other.pull("user", ids[:1]))
+    assert other.ping() and client.ping()
+    with pytest.raises(ValueError):
+        PSClient.connect(f"no-such-{uuid.uuid4().hex[:6]}", timeout_s=5)

@@ -1,0 +1,353 @@
+"""End-to-end tests of the Serve app: real Ray, real shards/ingest/trainer, real HTTP.
+
+One module-scoped deployment (token auth on) is shared by the tests, which run in
+file order; the last ones stop actors on purpose and must stay last.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import tempfile
+import time
+import uuid
+
+import httpx
+import pytest
+
+from tests.conftest import _ray_start
+
+TOKEN = "s3cret-token"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+MAX_EVENTS = 50
+MAX_BODY = 32 * 1024
+MAX_K = 50
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait(fn, timeout_s: float, what: str, interval_s: float = 0.1):
+    """Poll ``fn`` until it returns a truthy value; fail naming ``what`` after ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    last = None
+    while time.monotonic() < deadline:
+        last = fn()
+        if last:
+            return last
+        time.sleep(interval_s)
+    pytest.fail(f"timed out after {timeout_s} s waiting for {what} (last: {last!r})")
+
+
+@pytest.fixture(scope="module")
+def deployment():
+    """A running deployment: ``(http client on the app, config, {"shards", "ingest", "trainers"})``."""
+    from ray import serve
+
+    from ps.client import start_shards
+    from ps.config import load_config
+    from serving.app import run_app
+    from workers.ingest import start_ingest
+    from workers.trainer import start_trainers
+
+    tmp = tempfile.mkdtemp(prefix="freshet-serving-")
+    cfg = load_config(
+        None,
+        {
+            "namespace": f"t-serving-{uuid.uuid4().hex[:8]}",
+            "ps": {
+                "num_shards": 2,
+                "num_buckets": 64,
+                "tables": {
+                    "user": {"dim": 16},
+                    "item": {"dim": 16},
+                    "item_bias": {"dim": 1, "init": "zeros"},
+                    "item_pop": {"dim": 1, "init": "zeros", "optimizer": {"kind": "accumulate", "lr": 1.0}},
+                },
+            },
+            "trainer": {"num_workers": 1, "batch_size": 64, "device": "cpu", "poll_interval_s": 0.02},
+            "stream": {"kind": "ingest", "num_events": None},
+            "ingest": {"dir": tmp, "fsync": False},
+            "serving": {
+                "port": _free_port(),
+                "auth_token": TOKEN,
+                "max_events_per_request": MAX_EVENTS,
+                "max_body_bytes": MAX_BODY,
+                "max_k": MAX_K,
+                "cache_refresh_ms": 50,
+                "request_timeout_s": 2.0,
+            },
+        },
+    )
+    with _ray_start():
+        actors = {
+            "shards": start_shards(cfg.ps, namespace=cfg.namespace).shards,
+            "ingest": start_ingest(cfg.ingest, namespace=cfg.namespace),
+        }
+        actors["trainers"] = start_trainers(cfg)
+        for t in actors["trainers"]:
+            t.start.remote()
+        run_app(cfg)
+        try:
+            with httpx.Client(base_url=f"http://127.0.0.1:{cfg.serving.port}", timeout=30.0) as http:
+                yield http, cfg, actors
+        finally:
+            serve.shutdown()
+
+
+def _stats(http) -> dict:
+    r = http.get("/stats")
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def _settled(http) -> dict:
+    """Wait until the trainer has applied every accepted event; returns the stats."""
+    return _wait(
+        lambda: (s := _stats(http))["events_applied"] == s["events_accepted"] and s,
+        15, "trainers to apply every accepted event",
+    )
+
+
+def _post_events(http, events, **kw):
+    return http.post("/events", json={"events": events}, headers=AUTH, **kw)
+
+
+def _history():
+    """Other users' interactions: 20 users, items 0..29, popularity falling with the item number."""
+    return [
+        {"user_id": f"u{u}", "item_id": i, "timestamp": 1.7e9 + u * 100 + i, "weight": 1.0}
+        for u in range(20)
+        for i in range(30)
+        if (u + i) % 3 == 0 or i < 5
+    ]
+
+
+def test_healthz_is_ok(deployment):
+    http, cfg, _ = deployment
+    r = http.get("/healthz")
+    assert r.status_code == 200, r.text
+    assert r.json()["status"] == "ok"
+    assert r.json()["down"] == {}
+
+
+def test_new_user_gets_personal_ranking_after_posting_events(deployment):
+    http, cfg, _ = deployment
+    history = _history()
+    for start in range(0, len(history), MAX_EVENTS):
+        r = _post_events(http, history[start : start + MAX_EVENTS])
+        assert r.status_code == 200, r.text
+        assert r.json()["accepted"] == len(history[start : start + MAX_EVENTS])
+    assert r.json()["offset"] == len(history) - 1  # offsets are dense from 0 in a fresh log
+    _settled(http)
+
+    user = "new-user-xyz"
+    r = http.post("/rank", json={"user_id": user, "k": 5})
+    assert r.status_code == 200, r.text
+    before = r.json()
+    assert before["fallback"] == "popular" and before["user_id"] == user
+    assert len(before["items"]) == 5
+    counts = [it["score"] for it in before["items"]]
+    assert counts == sorted(counts, reverse=True) and counts[0] >= 20  # items 0..4: every user had them
+
+    seen = [0, 1, 2]  # the three most popular items: ranked first unless excluded
+    r = _post_events(http, [{"user_id": user, "item_id": i} for i in seen])  # timestamps default to server time
+    assert r.status_code == 200, r.text
+
+    def personal():
+        got = http.post("/rank", json={"user_id": user, "k": 10}).json()
+        # The trainer's pull creates the row a moment before its push (with the history) lands.
+        return got if got["fallback"] is None and not {it["item_id"] for it in got["items"]} & set(seen) else None
+
+    after = _wait(personal, 15, "a personal ranking without the new user's seen items")
+    assert after["user_id"] == user
+    assert len(after["items"]) == 10
+    assert after["model_version"] > before["model_version"]
+    scores = [it["score"] for it in after["items"]]
+    assert scores == sorted(scores, reverse=True)
+    with_seen = http.post("/rank", json={"user_id": user, "k": 30, "exclude_seen": False}).json()
+    assert set(seen) <= {it["item_id"] for it in with_seen["items"]}
+    s = _settled(http)
+    final = http.post("/rank", json={"user_id": user, "k": 10}).json()
+    assert final["fallback"] is None and not {it["item_id"] for it in final["items"]} & set(seen)
+    assert s["events_accepted"] == len(history) + len(seen)
+    assert s["applied_offset"] == s["events_accepted"]
+    assert s["freshness_ms"]["p50"] is not None and s["freshness_ms"]["p99"] >= s["freshness_ms"]["p50"]
+    assert len(s["trainers"]) == cfg.trainer.num_workers and s["trainers_down"] == {}
+    assert s["quarantined"] == 0 and sum(s["rows"]["item"].values()) == 30
+
+
+def test_unknown_users_and_items_never_create_rows(deployment):
+    http, _, _ = deployment
+    before = _settled(http)
+    assert before["rows"]["user"]  # the history created user rows on some shard
+    for i in range(15):
+        uid = f"ghost-{i}" if i % 2 else 10**12 + i
+        r = http.post("/rank", json={"user_id": uid, "k": 3})
+        assert r.status_code == 200 and r.json()["fallback"] == "popular", r.text
+        r = http.post("/score", json={"user_id": uid, "item_ids": [0, f"ghost-item-{i}", -i - 1]})
+        assert r.status_code == 200 and r.json()["scores"][1:] == [None, None], r.text
+    after = _stats(http)
+    assert after["rows"] == before["rows"]
+    assert after["events_accepted"] == before["events_accepted"]
+
+
+def test_score_matches_rank_in_the_given_order(deployment):
+    http, _, _ = deployment
+    _settled(http)  # no training in flight: both calls see the same model
+    ranked = http.post("/rank", json={"user_id": "u3", "k": 6, "exclude_seen": False}).json()
+    assert ranked["fallback"] is None
+    ids = [it["item_id"] for it in ranked["items"]][::-1]
+    want = [it["score"] for it in ranked["items"]][::-1]
+    asked = ids[:3] + ["no-such-item"] + ids[3:] + [123456789]
+    r = http.post("/score", json={"user_id": "u3", "item_ids": asked})
+    assert r.status_code == 200, r.text
+    got = r.json()
+    assert got["fallback"] is None and got["user_id"] == "u3"
+    assert got["scores"][3] is None and got["scores"][-1] is None
+    assert got["scores"][:3] + got["scores"][4:-1] == pytest.approx(want, rel=1e-5, abs=1e-6)
+
+    # Without a user row, /score and /rank agree on the popularity fallback.
+    pop = http.post("/rank", json={"user_id": "nobody", "k": 3}).json()
+    r = http.post("/score", json={"user_id": "nobody", "item_ids": [it["item_id"] for it in pop["items"]]}).json()
+    assert r["fallback"] == "popular"
+    assert r["scores"] == pytest.approx([it["score"] for it in pop["items"]])
+
+
+@pytest.mark.parametrize(
+    "path,body,field",
+    [
+        ("/rank", {"k": 3}, "user_id"),
+        ("/rank", {"user_id": "a", "k": 0}, "k"),
+        ("/rank", {"user_id": "a", "k": 10**9}, "k"),
+        ("/rank", {"user_id": "a", "k": MAX_K + 1}, "k"),  # under the schema's bound, over serving.max_k
+        ("/rank", {"user_id": "a", "k": "5"}, "k"),
+        ("/rank", {"user_id": True}, "user_id"),
+        ("/rank", {"user_id": ""}, "user_id"),
+        ("/rank", {"user_id": 1 << 63}, "user_id"),
+        ("/rank", {"user_id": 1.5}, "user_id"),
+        ("/rank", {"user_id": "a", "exclude_seen": "yes"}, "exclude_seen"),
+        ("/rank", {"user_id": "a", "bogus": 1}, "bogus"),
+        ("/score", {"user_id": "a", "item_ids": []}, "item_ids"),
+        ("/score", {"user_id": "a", "item_ids": [False]}, "item_ids"),
+        ("/events", {"events": []}, "events"),
+        ("/events", {"events": [{"user_id": "a", "item_id": 1, "weight": "abc"}]}, "weight"),
+        ("/events", {"events": [{"user_id": "a", "item_id": 1, "timestamp": -1}]}, "timestamp"),
+        ("/events", {"events": [{"user_id": "a"}]}, "item_id"),
+        ("/events", {"events": [{"user_id": "a", "item_id": 1, "color": "red"}]}, "color"),
+        ("/events", {"evnts": [{"user_id": "a", "item_id": 1}]}, "events"),
+        # One bad event sinks the whole batch: nothing is half-applied.
+        ("/events", {"events": [{"user_id": "a", "item_id": i} for i in range(5)] + [{"user_id": None, "item_id": 1}]},
+         "user_id"),
+    ],
+)
+def test_bad_bodies_are_422_naming_the_field(deployment, path, body, field):
+    http, _, _ = deployment
+    before = _stats(http)["events_accepted"]
+    r = http.post(path, json=body, headers=AUTH)
+    assert r.status_code == 422, r.text
+    assert field in r.text
+    assert _stats(http)["events_accepted"] == before
+
+
+def test_malformed_and_oversized_requests_are_rejected_without_side_effects(deployment):
+    http, _, _ = deployment
+    before = _stats(http)["events_accepted"]
+    json_hdr = {**AUTH, "Content-Type": "application/json"}
+
+    def post(content, headers=json_hdr, path="/events"):
+        return http.post(path, content=content, headers=headers)
+
+    r = post(b'{"events": [{"user_id": "a", "item_id": 1, "weight": NaN}]}')
+    assert r.status_code == 422 and "weight" in r.text, r.text
+    r = post(b'{"events": [{"user_id": "a", "item_id": 1, "timestamp": Infinity}]}')
+    assert r.status_code == 422 and "timestamp" in r.text, r.text
+    for raw in (b"not json", b'{"events": [', b"\xff\xfe\x00\x01garbage", b'{"events": [{"user_id": "\xff\xfe", "item_id": 1}]}'):
+        r = post(raw)
+        assert 400 <= r.status_code < 500, (raw, r.status_code, r.text)
+    for ctype in ("text/plain", "application/x-www-form-urlencoded"):
+        r = post(b'{"events": [{"user_id": "a", "item_id": 1}]}', headers={**AUTH, "Content-Type": ctype})
+        assert r.status_code == 415 and "application/json" in r.text, r.text
+    r = post(b'{"user_id": "a", "k": 2}', headers={}, path="/rank")  # no Content-Type: read as JSON
+    assert r.status_code == 200, r.text
+
+    too_many = [{"user_id": "a", "item_id": i} for i in range(MAX_EVENTS + 1)]
+    r = _post_events(http, too_many)
+    assert r.status_code == 413 and "max_events_per_request" in r.text, r.text
+
+    big = b'{"events": [' + b",".join([b'{"user_id": "a", "item_id": 1}'] * 2000) + b"]}"
+    assert len(big) > MAX_BODY
+    r = post(big)
+    assert r.status_code == 413 and "max_body_bytes" in r.text, r.text
+    r = post(iter([big[i : i + 4096] for i in range(0, len(big), 4096)]))  # chunked: no Content-Length
+    assert r.status_code == 413 and "max_body_bytes" in r.text, r.text
+
+    assert _stats(http)["events_accepted"] == before
+
+
+def test_writes_need_the_bearer_token(deployment):
+    from serving.app import _bearer_ok
+
+    http, _, _ = deployment
+    before = _stats(http)["events_accepted"]
+    event = {"events": [{"user_id": "auth-user", "item_id": 1}]}
+    assert http.post("/events", json=event).status_code == 401
+    r = http.post("/events", json=event, headers={"Authorization": "Bearer wrong"})
+    assert r.status_code == 401 and r.headers["www-authenticate"] == "Bearer"
+    assert http.post("/events", json=event, headers={"Authorization": TOKEN}).status_code == 401
+    # Auth is checked before the body is even parsed.
+    assert http.post("/events", content=b"garbage", headers={"Content-Type": "application/json"}).status_code == 401
+    assert _stats(http)["events_accepted"] == before
+    # Reads stay open.
+    assert http.post("/rank", json={"user_id": "auth-user"}).status_code == 200
+    r = http.post("/events", json=event, headers={"Authorization": f"bearer {TOKEN}"})
+    assert r.status_code == 200, r.text
+    assert _stats(http)["events_accepted"] == before + 1
+
+    assert _bearer_ok(None, None) and _bearer_ok(None, "anything")
+    assert _bearer_ok("t", "Bearer t") and _bearer_ok("t", "BEARER  t ")
+    assert not _bearer_ok("t", None) and not _bearer_ok("t", "") and not _bearer_ok("t", "Basic t")
+    assert not _bearer_ok("t", "Bearer tt") and not _bearer_ok("t", "Bearer ")
+
+
+# -- failure modes: these stop actors, so they come last -------------------------------------
+
+
+def test_stalled_shard_gives_503_within_the_timeout(deployment):
+    import ray
+
+    http, cfg, actors = deployment
+    shard = actors["shards"][0]
+    pid = ray.get(shard.__ray_call__.remote(lambda self: os.getpid()))
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        t0 = time.monotonic()
+        r = http.post("/rank", json={"user_id": "u1", "k": 3})
+        elapsed = time.monotonic() - t0
+        assert r.status_code == 503, r.text
+        assert r.headers["retry-after"] == "1"
+        assert elapsed < 3 * cfg.serving.request_timeout_s + 2
+        r = http.get("/healthz")
+        assert r.status_code == 503 and "ps-shard-0" in r.json()["down"], r.text
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    _wait(lambda: http.get("/healthz").status_code == 200, 15, "health after resuming the shard")
+    assert http.post("/rank", json={"user_id": "u1", "k": 3}).status_code == 200
+
+
+def test_dead_ingest_log_gives_503_and_nothing_is_acknowledged(deployment):
+    import ray
+
+    http, _, actors = deployment
+    ray.kill(actors["ingest"], no_restart=True)
+    r = _post_events(http, [{"user_id": "late", "item_id": 1}])
+    assert r.status_code == 503, r.text
+    assert r.headers["retry-after"] == "1"
+    r = http.get("/healthz")
+    assert r.status_code == 503 and "ingest-log" in r.json()["down"], r.text
+    assert http.get("/stats").status_code == 503
+    assert http.post("/rank", json={"user_id": "u1", "k": 3}).status_code == 200  # ranking does not need ingest

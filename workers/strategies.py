@@ -1,0 +1,796 @@
+"""Update strategies compared by the prequential evaluation (``workers.evaluate``).
+
+A strategy learns from chunks of the stream and exposes what it would serve: user
+vectors and an item view. Every strategy is ranked by the same code as ``/rank``
+(:class:`workers.ranking.Ranker` over the item view, so :func:`workers.model.top_k`
+breaks ties and drops NaN and seen items the same way); only how it learns differs.
+
+- ``incremental``: Freshet itself. Real PS shard actors, the trainer's own
+  prepare/train/commit code (an in-process :class:`workers.trainer.Trainer`), and a
+  delta-synced :class:`ps.cache.RowCache` for ranking. Needs Ray.
+- ``popularity``: incremental interaction counts, optionally recency-decayed.
+- ``frozen``: popularity until ``fraction`` of the stream, then one MF fit on that
+  prefix, never updated again.
+- ``retrain``: every ``every`` events a from-scratch MF fit on all history so far.
+- ``finetune``: every ``every`` events, continue from the current MF on the last
+  ``every`` events only.
+- ``als``: ``retrain`` with ``implicit``'s ALS, when that package is installed.
+
+The in-process MF of frozen/retrain/finetune uses the same loss
+(:func:`workers.model.bpr_loss`), the same optimizer rules (:func:`ps.optim.apply`
+with each table's configured optimizer), the same deterministic row initialisation
+(:func:`ps.ids.init_rows`) and the same negative mix as the trainer.
+"""
+
+from __future__ import annotations
+
+import abc
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from ps import optim
+from ps.config import FreshetConfig, InitKind, LossKind
+from ps.ids import ID, as_id_array, id_keys, ids_from_arrow, init_rows
+from workers.model import bpr_loss, mse_loss
+from workers.ranking import Ranker
+
+__all__ = [
+    "STRATEGIES",
+    "Chunk",
+    "ItemView",
+    "Strategy",
+    "StrategyUnavailable",
+    "make_strategy",
+    "parse_strategy_spec",
+]
+
+
+class StrategyUnavailable(RuntimeError):
+    """A strategy that cannot run here (e.g. an optional package is missing); the report says why."""
+
+
+@dataclass
+class Chunk:
+    """A run of consecutive stream events, as numpy columns plus the raw Arrow batch."""
+
+    offsets: np.ndarray  # int64 stream offsets
+    users: np.ndarray  # int64 or object IDs
+    items: np.ndarray
+    timestamps: np.ndarray  # float64 unix seconds
+    weights: np.ndarray  # float32 rating / strength
+    raw: pa.RecordBatch
+
+    @classmethod
+    def from_batch(cls, batch: pa.RecordBatch) -> "Chunk":
+        """Split an event batch (``workers.events`` schema) into columns."""
+        return cls(
+            batch.column("offset").to_numpy(zero_copy_only=False).astype(np.int64),
+            ids_from_arrow(batch.column("user_id")),
+            ids_from_arrow(batch.column("item_id")),
+            batch.column("timestamp").to_numpy(zero_copy_only=False).astype(np.float64),
+            batch.column("weight").to_numpy(zero_copy_only=False).astype(np.float32),
+            batch,
+        )
+
+    def __len__(self) -> int:
+        return len(self.offsets)
+
+
+class ItemView:
+    """An in-memory item catalogue with the read interface :class:`Ranker` uses on a ``RowCache``.
+
+    ``ids`` are item IDs by slot; ``mats`` maps table name to ``[slots, dim]`` float32
+    rows (item vectors, biases, popularity counts). Arrays are used as given (not copied),
+    so a strategy can keep appending and hand out fresh views cheaply.
+    """
+
+    def __init__(self, ids: Sequence[ID] | np.ndarray, mats: dict[str, np.ndarray], index: dict[ID, int] | None = None):
+        self._ids = as_id_array(ids)
+        n = len(self._ids)
+        for name, m in mats.items():
+            if m.shape[0] != n:
+                raise ValueError(f"mats[{name!r}]: {m.shape[0]} rows for {n} item ids")
+        self._mats = mats
+        self.index = index if index is not None else {x: s for s, x in enumerate(self._ids.tolist())}
+
+    def __len__(self) -> int:
+        return len(self._ids)
+
+    def ids(self) -> np.ndarray:
+        """Item IDs by slot."""
+        return self._ids
+
+    def valid(self) -> np.ndarray:
+        """All slots are live rows."""
+        return np.ones(len(self._ids), dtype=bool)
+
+    def matrix(self, table: str) -> np.ndarray:
+        """Rows of ``table`` by slot ``[slots, dim]``; a missing table reads zeros."""
+        m = self._mats.get(table)
+        return m if m is not None else np.zeros((len(self._ids), 1), np.float32)
+
+    def slots_of(self, ids: Sequence[ID] | np.ndarray) -> np.ndarray:
+        """Slot of each ID, ``-1`` when absent."""
+        get = self.index.get
+        return np.fromiter((get(x, -1) for x in as_id_array(ids).tolist()), dtype=np.int64)
+
+
+class Strategy(abc.ABC):
+    """How a model keeps up with the stream. The protocol calls, per chunk:
+    :meth:`ranker` and :meth:`user_vectors` (serve), then :meth:`learn` (update).
+    """
+
+    name: str = "strategy"
+    needs_ray: bool = False
+
+    def __init__(self) -> None:
+        self.learn_cpu_s = 0.0
+        self.learned_ts: float | None = None  # newest event timestamp the served model learned from
+        self.learned_end: int = 0  # one past the newest offset the served model learned from
+        self.retrains = 0
+
+    @abc.abstractmethod
+    def ranker(self) -> Ranker:
+        """A ranker over the catalogue the strategy serves right now."""
+
+    @abc.abstractmethod
+    def user_vectors(self, users: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``(vectors [n, dim] float32, found [n] bool)``; unfound users get the popular fallback."""
+
+    @abc.abstractmethod
+    def _learn(self, chunk: Chunk) -> None:
+        """Learn from ``chunk`` (called by :meth:`learn`, which measures CPU time)."""
+
+    def learn(self, chunk: Chunk) -> None:
+        """Update from ``chunk``; adds this process's CPU time to :meth:`cpu_seconds`."""
+        t0 = time.process_time()
+        self._learn(chunk)
+        self.learn_cpu_s += time.process_time() - t0
+
+    def cpu_seconds(self) -> float:
+        """CPU seconds spent learning so far (all processes involved that can be measured)."""
+        return self.learn_cpu_s
+
+    def staleness(self, now_ts: float, now_offset: int) -> tuple[float | None, int]:
+        """``(seconds, events)`` between ``now`` and the newest event the served model learned from.
+
+        Seconds are in stream time (None before anything was learned); events count the
+        stream events before ``now_offset`` the served model has not learned from.
+        """
+        secs = None if self.learned_ts is None else max(0.0, now_ts - self.learned_ts)
+        return secs, max(0, now_offset - self.learned_end)
+
+    def describe(self) -> dict[str, Any]:
+        """Settings worth printing in the report."""
+        return {}
+
+    def close(self) -> None:
+        """Release actors and temp files."""
+
+
+# --------------------------------------------------------------------------- popularity
+
+
+class _Counts:
+    """Incremental item counts in first-seen slot order, optionally decayed per event."""
+
+    def __init__(self, halflife_events: float | None = None):
+        self.index: dict[ID, int] = {}
+        self.ids: list[ID] = []
+        self.counts = np.zeros(1024, np.float32)
+        self.scale = 1.0  # counts are stored divided by the running decay, renormalised now and then
+        self.decay = None if not halflife_events else 0.5 ** (1.0 / halflife_events)
+
+    def add(self, items: np.ndarray) -> None:
+        for x in items.tolist():
+            j = self.index.get(x)
+            if j is None:
+                j = self.index[x] = len(self.ids)
+                self.ids.append(x)
+                if j >= len(self.counts):
+                    self.counts = np.concatenate([self.counts, np.zeros(len(self.counts), np.float32)])
+            if self.decay is not None:
+                self.scale *= self.decay
+                if self.scale < 1e-20:  # rescale before float32 overflow
+                    self.counts *= self.scale
+                    self.scale = 1.0
+            self.counts[j] += 1.0 / self.scale
+
+    def view(self, table: str) -> ItemView:
+        n = len(self.ids)
+        return ItemView(self.ids, {table: (self.counts[:n] * self.scale)[:, None]}, self.index)
+
+
+class PopularityStrategy(Strategy):
+    """Rank by item interaction counts learned incrementally (recency-decayed if ``halflife`` events is set)."""
+
+    name = "popularity"
+
+    def __init__(self, cfg: FreshetConfig, halflife: float | None = None):
+        super().__init__()
+        self.cfg = cfg
+        self.halflife = halflife
+        self.counts = _Counts(halflife)
+
+    def ranker(self) -> Ranker:
+        return Ranker(self.counts.view(self.cfg.model.popularity_table), self.cfg.model)
+
+    def user_vectors(self, users: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return np.zeros((len(users), 1), np.float32), np.zeros(len(users), bool)
+
+    def _learn(self, chunk: Chunk) -> None:
+        self.counts.add(chunk.items)
+        self.learned_ts, self.learned_end = float(chunk.timestamps.max()), int(chunk.offsets[-1]) + 1
+
+    def describe(self) -> dict[str, Any]:
+        return {"halflife_events": self.halflife}
+
+
+# --------------------------------------------------------------------------- in-process MF
+
+
+class _LocalTable:
+    """Rows and optimizer state of one table, growable, addressed by dense index."""
+
+    def __init__(self, cfg: FreshetConfig, name: str):
+        t = cfg.ps.table(name)
+        self.cfg, self.opt = t, cfg.ps.optimizer_for(name)
+        self.seed = (cfg.ps.seed * 1_000_003 + int(id_keys([name])[0])) % (1 << 63)  # as the shards seed tables
+        self.rows = torch.zeros((0, t.dim))
+        self.state = torch.zeros((0, *optim.state_shape(self.opt.kind, t.dim)))
+
+    def grow(self, keys: np.ndarray) -> None:
+        if not len(keys):
+            return
+        if self.cfg.init == InitKind.UNIFORM:
+            new = torch.from_numpy(init_rows(keys, seed=self.seed, dim=self.cfg.dim, scale=self.cfg.init_scale))
+        else:
+            new = torch.zeros((len(keys), self.cfg.dim))
+        self.rows = torch.cat([self.rows, new])
+        self.state = torch.cat([self.state, torch.zeros((len(keys), *self.state.shape[1:]))])
+
+    def apply(self, idx: torch.Tensor, grads: torch.Tensor) -> None:
+        rows, state = optim.apply(self.opt, self.rows[idx], grads, self.state[idx])
+        self.rows[idx] = rows
+        self.state[idx] = state
+
+
+class _LocalMF:
+    """MF with item bias trained in this process, with the trainer's loss, optimizers and negatives."""
+
+    def __init__(self, cfg: FreshetConfig, seed: int):
+        m = cfg.model
+        self.cfg, self.model = cfg, m
+        self.user_index: dict[ID, int] = {}
+        self.item_index: dict[ID, int] = {}
+        self.item_ids: list[ID] = []
+        self.users = _LocalTable(cfg, m.user_table)
+        self.items = _LocalTable(cfg, m.item_table)
+        self.bias = _LocalTable(cfg, m.item_bias_table)
+        self.counts = np.zeros(0, np.float64)
+        self.rng = np.random.default_rng([cfg.ps.seed, seed])
+
+    def _index(self, ids: np.ndarray, index: dict[ID, int], tables: list[_LocalTable], keep: list | None) -> np.ndarray:
+        out = np.empty(len(ids), np.int64)
+        new: list[ID] = []
+        for j, x in enumerate(ids.tolist()):
+            s = index.get(x)
+            if s is None:
+                s = index[x] = len(index)
+                new.append(x)
+            out[j] = s
+        if new:
+            keys = id_keys(as_id_array(new))
+            for t in tables:
+                t.grow(keys)
+            if keep is not None:
+                keep.extend(new)
+        return out
+
+    def fit(self, users: np.ndarray, items: np.ndarray, weights: np.ndarray, *, epochs: int, batch_size: int) -> None:
+        """``epochs`` shuffled passes of mini-batch updates over the given events."""
+        u = self._index(users, self.user_index, [self.users], None)
+        i = self._index(items, self.item_index, [self.items, self.bias], self.item_ids)
+        if len(self.counts) < len(self.item_ids):
+            self.counts = np.concatenate([self.counts, np.zeros(len(self.item_ids) - len(self.counts))])
+        self.counts += np.bincount(i, minlength=len(self.counts))
+        for _ in range(epochs):
+            order = self.rng.permutation(len(u))
+            for s in range(0, len(order), batch_size):
+                sel = order[s : s + batch_size]
+                self._step(u[sel], i[sel], weights[sel])
+
+    def _negatives(self, b: int) -> np.ndarray:
+        m, n = self.model, len(self.item_ids)
+        idx = self.rng.integers(0, n, size=(b, m.num_negatives))
+        n_pop = int(round(m.num_negatives * m.popularity_negative_fraction))
+        if n_pop:
+            cum = np.cumsum(self.counts)
+            idx[:, :n_pop] = np.minimum(np.searchsorted(cum, self.rng.random((b, n_pop)) * cum[-1], side="right"), n - 1)
+        return idx
+
+    def _step(self, u: np.ndarray, i: np.ndarray, w: np.ndarray) -> None:
+        m = self.model
+        uu, ui = np.unique(u, return_inverse=True)
+        bpr = m.loss == LossKind.BPR
+        neg = self._negatives(len(u)) if bpr else np.empty((len(u), 0), np.int64)
+        iu, ii = np.unique(np.concatenate([i, neg.reshape(-1)]), return_inverse=True)
+        ut, it = torch.from_numpy(uu), torch.from_numpy(iu)
+        U = self.users.rows[ut].clone().requires_grad_()
+        I = self.items.rows[it].clone().requires_grad_()
+        B = self.bias.rows[it][:, 0].clone().requires_grad_()
+        ui_t = torch.from_numpy(ui.reshape(-1))
+        pi = torch.from_numpy(ii[: len(i)].reshape(-1))
+        if bpr:
+            ni = torch.from_numpy(ii[len(i) :].reshape(len(i), -1))
+            loss = bpr_loss(U[ui_t], I[pi], B[pi], I[ni], B[ni], l2=m.l2)
+        else:
+            loss = mse_loss(U[ui_t], I[pi], B[pi], torch.from_numpy(w), l2=m.l2)
+        loss.backward()
+        with torch.no_grad():
+            self.users.apply(ut, U.grad)
+            self.items.apply(it, I.grad)
+            self.bias.apply(it, B.grad[:, None])
+
+    def user_vectors(self, users: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        get = self.user_index.get
+        slots = np.fromiter((get(x, -1) for x in users.tolist()), dtype=np.int64, count=len(users))
+        found = slots >= 0
+        vecs = np.zeros((len(users), self.users.cfg.dim), np.float32)
+        if found.any():
+            vecs[found] = self.users.rows[torch.from_numpy(slots[found])].numpy()
+        return vecs, found
+
+    def view(self) -> ItemView:
+        m = self.model
+        return ItemView(
+            self.item_ids,
+            {
+                m.item_table: self.items.rows.numpy(),
+                m.item_bias_table: self.bias.rows.numpy(),
+                m.popularity_table: self.counts.astype(np.float32)[:, None],
+            },
+            self.item_index,
+        )
+
+
+class _History:
+    """Every event seen so far, as growing columns (what a retrain trains on)."""
+
+    def __init__(self) -> None:
+        self.parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+        self.n = 0
+
+    def add(self, chunk: Chunk) -> None:
+        self.parts.append((chunk.users, chunk.items, chunk.weights))
+        self.n += len(chunk)
+
+    def columns(self, last: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        def cat(k: int) -> np.ndarray:
+            arrs = [p[k] for p in self.parts]
+            if k < 2 and any(a.dtype == object for a in arrs):
+                return as_id_array(np.concatenate([a.astype(object) for a in arrs]))
+            return np.concatenate(arrs)
+
+        cols = (cat(0), cat(1), cat(2)) if self.parts else (np.empty(0, np.int64),) * 2 + (np.empty(0, np.float32),)
+        if last is not None:
+            cols = tuple(c[-last:] for c in cols)
+        return cols
+
+
+class _PeriodicMF(Strategy):
+    """Shared machinery of frozen / retrain / finetune: serve a model, refit it at chosen offsets."""
+
+    def __init__(self, cfg: FreshetConfig, *, epochs: int, batch_size: int, seed: int = 0):
+        super().__init__()
+        if epochs < 1:
+            raise ValueError(f"epochs: must be >= 1, got {epochs}")
+        if batch_size < 1:
+            raise ValueError(f"batch_size: must be >= 1, got {batch_size}")
+        self.cfg, self.epochs, self.batch_size, self.seed = cfg, int(epochs), int(batch_size), seed
+        self.history = _History()
+        self.mf: _LocalMF | None = None
+        self.pop = _Counts()  # served while no model exists yet
+        self.events_trained = 0  # sum over fits of events x epochs
+        self.fit_cpu_s = 0.0
+
+    def ranker(self) -> Ranker:
+        if self.mf is None:
+            return Ranker(self.pop.view(self.cfg.model.popularity_table), self.cfg.model)
+        return Ranker(self.mf.view(), self.cfg.model)
+
+    def user_vectors(self, users: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        if self.mf is None:
+            return np.zeros((len(users), 1), np.float32), np.zeros(len(users), bool)
+        return self.mf.user_vectors(users)
+
+    def _fit(self, mf: _LocalMF, last: int | None, chunk: Chunk) -> _LocalMF:
+        t0 = time.process_time()
+        users, items, weights = self.history.columns(last)
+        mf.fit(users, items, weights, epochs=self.epochs, batch_size=self.batch_size)
+        self.fit_cpu_s += time.process_time() - t0
+        self.events_trained += len(users) * self.epochs
+        self.retrains += 1
+        # The refit model serves from the next chunk on; it knows everything up to this chunk.
+        self.learned_ts, self.learned_end = float(chunk.timestamps.max()), int(chunk.offsets[-1]) + 1
+        return mf
+
+    def cpu_per_event_epoch(self) -> float | None:
+        """Measured fit CPU seconds per (event x epoch), for extrapolating retrain cost."""
+        return self.fit_cpu_s / self.events_trained if self.events_trained else None
+
+    def describe(self) -> dict[str, Any]:
+        return {"epochs": self.epochs, "batch_size": self.batch_size, "fits": self.retrains}
+
+
+class FrozenStrategy(_PeriodicMF):
+    """Popularity until ``fraction`` of the stream, then one MF fit on that prefix; never updated after."""
+
+    name = "frozen"
+
+    def __init__(self, cfg: FreshetConfig, *, total_events: int, fraction: float = 0.2, epochs: int = 20, batch_size: int = 256):
+        super().__init__(cfg, epochs=epochs, batch_size=batch_size)
+        if not 0 < fraction < 1:
+            raise ValueError(f"fraction: must be in (0, 1), got {fraction}")
+        self.fraction = fraction
+        self.cutoff = max(1, int(fraction * total_events))
+
+    def _learn(self, chunk: Chunk) -> None:
+        if self.mf is not None:
+            return
+        self.history.add(chunk)
+        self.pop.add(chunk.items)
+        self.learned_ts, self.learned_end = float(chunk.timestamps.max()), int(chunk.offsets[-1]) + 1
+        if self.history.n >= self.cutoff:
+            self.mf = self._fit(_LocalMF(self.cfg, self.seed), None, chunk)
+            self.history = _History()  # never needed again
+
+    def describe(self) -> dict[str, Any]:
+        return {**super().describe(), "fraction": self.fraction, "cutoff_events": self.cutoff}
+
+
+class RetrainStrategy(_PeriodicMF):
+    """Every ``every`` events: a new MF trained from scratch on all history, served from the next chunk.
+
+    The refit runs synchronously between chunks, so the replaced model is served
+    until the new one exists and the stream waits for it: training latency itself
+    is not charged as staleness (flattering retraining).
+    """
+
+    name = "retrain"
+
+    def __init__(self, cfg: FreshetConfig, *, every: int = 2000, epochs: int = 20, batch_size: int = 256):
+        super().__init__(cfg, epochs=epochs, batch_size=batch_size)
+        if every < 1:
+            raise ValueError(f"every: must be >= 1 events, got {every}")
+        self.every = int(every)
+        self.next_at = self.every
+
+    def _learn(self, chunk: Chunk) -> None:
+        self.history.add(chunk)
+        if self.mf is None:
+            self.pop.add(chunk.items)
+            self.learned_ts, self.learned_end = float(chunk.timestamps.max()), int(chunk.offsets[-1]) + 1
+        if self.history.n >= self.next_at:
+            self.next_at += self.every
+            self.mf = self._fit(_LocalMF(self.cfg, self.seed + self.retrains), None, chunk)
+
+    def describe(self) -> dict[str, Any]:
+        return {**super().describe(), "every_events": self.every}
+
+
+class FinetuneStrategy(_PeriodicMF):
+    """Every ``every`` events: continue the current MF on the last ``every`` events only."""
+
+    name = "finetune"
+
+    def __init__(self, cfg: FreshetConfig, *, every: int = 2000, epochs: int = 5, batch_size: int = 256, first_epochs: int = 20):
+        super().__init__(cfg, epochs=epochs, batch_size=batch_size)
+        if every < 1:
+            raise ValueError(f"every: must be >= 1 events, got {every}")
+        self.every, self.first_epochs = int(every), int(first_epochs)
+        self.next_at = self.every
+
+    def _learn(self, chunk: Chunk) -> None:
+        self.history.add(chunk)
+        if self.mf is None:
+            self.pop.add(chunk.items)
+            self.learned_ts, self.learned_end = float(chunk.timestamps.max()), int(chunk.offsets[-1]) + 1
+        if self.history.n >= self.next_at:
+            window = self.history.n - (self.next_at - self.every)
+            self.next_at += self.every
+            if self.mf is None:  # the first fit has nothing to continue from
+                epochs, self.epochs = self.epochs, self.first_epochs
+                self.mf = self._fit(_LocalMF(self.cfg, self.seed), window, chunk)
+                self.epochs = epochs
+            else:
+                self._fit(self.mf, window, chunk)
+            self.history = _History()  # only the current window is ever needed
+
+    def describe(self) -> dict[str, Any]:
+        return {**super().describe(), "every_events": self.every, "first_epochs": self.first_epochs}
+
+
+class ALSRetrainStrategy(_PeriodicMF):
+    """``retrain`` with ``implicit``'s ALS (optional; raises :class:`StrategyUnavailable` without it)."""
+
+    name = "als"
+
+    def __init__(self, cfg: FreshetConfig, *, every: int = 2000, factors: int = 64, iterations: int = 15, regularization: float = 0.05):
+        try:
+            import implicit  # noqa: F401
+        except ImportError:
+            raise StrategyUnavailable("als: the optional package 'implicit' is not installed (pip install freshet[baselines])") from None
+        super().__init__(cfg, epochs=iterations, batch_size=1)
+        self.every, self.next_at = int(every), int(every)
+        self.factors, self.regularization = int(factors), float(regularization)
+        self._users: dict[ID, int] = {}
+        self._vecs = np.zeros((0, factors), np.float32)
+        self._view: ItemView | None = None
+
+    def ranker(self) -> Ranker:
+        if self._view is None:
+            return Ranker(self.pop.view(self.cfg.model.popularity_table), self.cfg.model)
+        return Ranker(self._view, self.cfg.model)
+
+    def user_vectors(self, users: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        get = self._users.get
+        slots = np.fromiter((get(x, -1) for x in users.tolist()), dtype=np.int64, count=len(users))
+        found = slots >= 0
+        vecs = np.zeros((len(users), max(1, self._vecs.shape[1])), np.float32)
+        vecs[found] = self._vecs[slots[found]]
+        return vecs, found
+
+    def _learn(self, chunk: Chunk) -> None:
+        import scipy.sparse as sp
+        from implicit.als import AlternatingLeastSquares
+
+        self.history.add(chunk)
+        self.pop.add(chunk.items)
+        if self._view is None:
+            self.learned_ts, self.learned_end = float(chunk.timestamps.max()), int(chunk.offsets[-1]) + 1
+        if self.history.n < self.next_at:
+            return
+        self.next_at += self.every
+        t0 = time.process_time()
+        users, items, _ = self.history.columns()
+        uid: dict[ID, int] = {}
+        u = np.fromiter((uid.setdefault(x, len(uid)) for x in users.tolist()), np.int64, len(users))
+        iid = {x: s for s, x in enumerate(self.pop.ids)}
+        i = np.fromiter((iid[x] for x in items.tolist()), np.int64, len(items))
+        mat = sp.csr_matrix((np.ones(len(u), np.float32), (u, i)), shape=(len(uid), len(iid)))
+        model = AlternatingLeastSquares(
+            factors=self.factors, regularization=self.regularization, iterations=self.epochs, random_state=self.cfg.ps.seed
+        )
+        model.fit(mat, show_progress=False)
+        uf, itf = (np.asarray(getattr(model, a).to_numpy() if hasattr(getattr(model, a), "to_numpy") else getattr(model, a)) for a in ("user_factors", "item_factors"))
+        m = self.cfg.model
+        n = len(iid)
+        self._users, self._vecs = uid, uf.astype(np.float32)
+        self._view = ItemView(
+            list(iid),
+            {m.item_table: itf[:n].astype(np.float32), m.item_bias_table: np.zeros((n, 1), np.float32),
+             m.popularity_table: self.pop.view(m.popularity_table).matrix(m.popularity_table)[:n].copy()},
+            iid,
+        )
+        self.fit_cpu_s += time.process_time() - t0
+        self.events_trained += len(users) * self.epochs
+        self.retrains += 1
+        self.learned_ts, self.learned_end = float(chunk.timestamps.max()), int(chunk.offsets[-1]) + 1
+
+    def describe(self) -> dict[str, Any]:
+        return {"every_events": self.every, "factors": self.factors, "iterations": self.epochs, "fits": self.retrains}
+
+
+# --------------------------------------------------------------------------- incremental (the real PS)
+
+
+class _PriorView:
+    """A ``RowCache`` read view whose item bias has ``extra`` (one value per slot) added."""
+
+    def __init__(self, cache: Any, bias_table: str, extra: np.ndarray):
+        self.cache, self.bias_table, self.extra = cache, bias_table, extra
+
+    def ids(self) -> np.ndarray:
+        return self.cache.ids()
+
+    def valid(self) -> np.ndarray:
+        return self.cache.valid()
+
+    def slots_of(self, ids: Sequence[ID] | np.ndarray) -> np.ndarray:
+        return self.cache.slots_of(ids)
+
+    def matrix(self, table: str) -> np.ndarray:
+        m = self.cache.matrix(table)
+        return m + self.extra[:, None] if table == self.bias_table else m
+
+
+def _process_time(_actor: Any) -> float:
+    return time.process_time()
+
+
+class IncrementalStrategy(Strategy):
+    """Freshet's continuous updates through real PS shard actors.
+
+    Learning is the trainer's own code (``Trainer._prepare``/``_train``/``_commit``
+    on an in-process :class:`workers.trainer.Trainer`), pushing to shard actors started
+    with :func:`ps.client.start_shards`; serving is a delta-synced ``RowCache`` and the
+    ``/rank`` :class:`Ranker`. CPU seconds are this process's plus the shards' process
+    time measured around each ``learn`` (shard CPU spent serving ranking is excluded).
+    """
+
+    name = "incremental"
+    needs_ray = True
+
+    def __init__(self, cfg: FreshetConfig, *, prior_weight: float = 0.0, prior_halflife: float = 2000.0):
+        super().__init__()
+        if prior_weight < 0:
+            raise ValueError(f"prior_weight: must be >= 0, got {prior_weight}")
+        # Prototype (not in /rank yet): a recency-decayed popularity prior added to the item bias
+        # the ranker sees, ``prior_weight * log1p(decayed count)``; 0 ranks exactly as /rank does.
+        self.prior_weight, self.prior_halflife = float(prior_weight), float(prior_halflife)
+        self._prior = _Counts(prior_halflife) if prior_weight else None
+        self._slot_to_prior = np.zeros(0, np.int64)
+        import ray
+
+        from ps.cache import RowCache
+        from ps.client import start_shards
+        from workers.trainer import Trainer
+
+        if not ray.is_initialized():
+            raise RuntimeError("incremental: Ray must be initialised first (run_eval does it)")
+        self._tmp = tempfile.mkdtemp(prefix="freshet-eval-")
+        namespace = f"{cfg.namespace}-eval-{os.getpid()}-{int(time.time() * 1000) % 10**9}"
+        self.cfg = cfg.model_copy(
+            update={
+                "namespace": namespace,
+                "trainer": cfg.trainer.model_copy(update={"num_workers": 1, "device": "cpu"}),
+                "ingest": cfg.ingest.model_copy(update={"dir": self._tmp}),
+                "stream": cfg.stream.model_copy(update={"quarantine_path": os.path.join(self._tmp, "quarantine.arrow")}),
+            }
+        )
+        m = self.cfg.model
+        self.client = start_shards(self.cfg.ps, namespace=namespace)
+        self.trainer = Trainer(0, self.cfg)
+        self.cache = RowCache(self.client, [m.item_table, m.item_bias_table, m.popularity_table])
+        self.shard_cpu_s = 0.0
+        self.driver_cpu_s = 0.0
+
+    def _shard_times(self) -> list[float]:
+        return self.client._get([sh.__ray_call__.remote(_process_time) for sh in self.client.shards])
+
+    def ranker(self) -> Ranker:
+        self.cache.sync()
+        if self._prior is None:
+            return Ranker(self.cache, self.cfg.model)
+        ids = self.cache.ids()
+        n_old = len(self._slot_to_prior)
+        if len(ids) > n_old:
+            get = self._prior.index.get
+            new = np.fromiter((get(x, -1) for x in ids[n_old:].tolist()), np.int64, len(ids) - n_old)
+            self._slot_to_prior = np.concatenate([self._slot_to_prior, new])
+        # A slot can be cached before the prior sees its item (a negative): look those up again.
+        missing = np.flatnonzero(self._slot_to_prior < 0)
+        if len(missing):
+            get = self._prior.index.get
+            self._slot_to_prior[missing] = [get(x, -1) for x in ids[missing].tolist()]
+        counts = np.where(self._slot_to_prior >= 0, self._prior.counts[np.maximum(self._slot_to_prior, 0)] * self._prior.scale, 0.0)
+        extra = (self.prior_weight * np.log1p(counts)).astype(np.float32)
+        return Ranker(_PriorView(self.cache, self.cfg.model.item_bias_table, extra), self.cfg.model)
+
+    def user_vectors(self, users: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return self.client.pull_many({self.cfg.model.user_table: users}, create=False)[self.cfg.model.user_table]
+
+    def learn(self, chunk: Chunk) -> None:
+        before = self._shard_times()
+        t0 = time.process_time()
+        self._learn(chunk)
+        self.driver_cpu_s += time.process_time() - t0
+        after = self._shard_times()
+        self.shard_cpu_s += sum(a - b for a, b in zip(after, before))
+        self.learn_cpu_s = self.driver_cpu_s + self.shard_cpu_s
+
+    def _learn(self, chunk: Chunk) -> None:
+        end = int(chunk.offsets[-1]) + 1
+        t = self.trainer
+        batch = t._prepare(chunk.raw, end)
+        refs = t._train(batch, t._pull(batch)) if len(batch.users) else []
+        t._commit(batch, refs)
+        if self._prior is not None:
+            self._prior.add(chunk.items)
+        self.learned_ts, self.learned_end = float(chunk.timestamps.max()), end
+
+    def describe(self) -> dict[str, Any]:
+        c = self.cfg
+        return {
+            "shards": c.ps.num_shards,
+            "passes": c.trainer.passes,
+            "dim": c.ps.table(c.model.item_table).dim,
+            "lr": c.ps.optimizer.lr,
+            "prior_weight": self.prior_weight,
+            "prior_halflife": self.prior_halflife,
+            "driver_cpu_s": round(self.driver_cpu_s, 3),
+            "shard_cpu_s": round(self.shard_cpu_s, 3),
+        }
+
+    def close(self) -> None:
+        import ray
+
+        try:
+            self.trainer.source.close()
+        finally:
+            for sh in self.client.shards:
+                ray.kill(sh, no_restart=True)
+            shutil.rmtree(self._tmp, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------- registry
+
+STRATEGIES = ("incremental", "popularity", "frozen", "retrain", "finetune", "als")
+"""Strategy names ``make_strategy`` knows, in report order."""
+
+_CLASSES = {
+    "incremental": IncrementalStrategy,
+    "popularity": PopularityStrategy,
+    "frozen": FrozenStrategy,
+    "retrain": RetrainStrategy,
+    "finetune": FinetuneStrategy,
+    "als": ALSRetrainStrategy,
+}
+
+
+def parse_strategy_spec(spec: str) -> tuple[str, dict[str, float | int | None]]:
+    """``"retrain:every=1000,epochs=5"`` → ``("retrain", {"every": 1000, "epochs": 5})``.
+
+    Values parse as int, then float; ``none`` means None. Raises ``ValueError`` naming the
+    bad part.
+    """
+    name, _, rest = spec.strip().partition(":")
+    name = name.strip()
+    if name not in _CLASSES:
+        raise ValueError(f"strategies: unknown strategy {name!r}; known: {', '.join(STRATEGIES)}")
+    kwargs: dict[str, float | int | None] = {}
+    for part in filter(None, (p.strip() for p in rest.split(","))):
+        key, eq, value = part.partition("=")
+        if not eq or not key.strip():
+            raise ValueError(f"strategies: {spec!r}: expected key=value, got {part!r}")
+        v = value.strip()
+        if v.lower() == "none":
+            kwargs[key.strip()] = None
+            continue
+        try:
+            kwargs[key.strip()] = int(v)
+        except ValueError:
+            try:
+                kwargs[key.strip()] = float(v)
+            except ValueError:
+                raise ValueError(f"strategies: {spec!r}: {key.strip()} must be a number, got {v!r}") from None
+    return name, kwargs
+
+
+def make_strategy(spec: str, cfg: FreshetConfig, *, total_events: int) -> Strategy:
+    """Build the strategy a spec names (see :func:`parse_strategy_spec`) for a stream of ``total_events``."""
+    import inspect
+
+    name, kwargs = parse_strategy_spec(spec)
+    cls = _CLASSES[name]
+    params = inspect.signature(cls.__init__).parameters
+    allowed = sorted(p for p in params if p not in ("self", "cfg", "total_events"))
+    for key in kwargs:
+        if key not in allowed:
+            raise ValueError(f"strategies: {name} has no setting {key!r}; settings: {', '.join(allowed) or 'none'}")
+    custom = bool(kwargs)
+    if "total_events" in params:
+        kwargs["total_events"] = total_events
+    strategy = cls(cfg, **kwargs)
+    strategy.name = spec.strip() if custom else name
+    return strategy
