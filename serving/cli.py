@@ -195,9 +195,10 @@ def cmd_run(args) -> int:
           f"{cfg.ps.num_shards} shards, {cfg.trainer.num_workers} trainer(s), ingest log in {work}")
     _ray_init(args.address, ns)
     try:
-        start_shards(cfg.ps, namespace=ns)
-        start_ingest(cfg.ingest, namespace=ns)
-        trainers = start_trainers(cfg, evaluate=True, max_events=total)
+        # Keep the handles: a non-detached actor is collected once its last handle is gone.
+        ps_client = start_shards(cfg.ps, namespace=ns, **_state_kwargs(cfg))
+        ingest = start_ingest(cfg.ingest, namespace=ns)
+        trainers = start_trainers(cfg, evaluate=True, max_events=total, state_dir=Path(cfg.ingest.dir) / "trainers")
         ray.get([t.ping.remote() for t in trainers])
         run_app(cfg)
         url = f"http://{cfg.serving.host}:{cfg.serving.port}"
@@ -233,6 +234,7 @@ def cmd_run(args) -> int:
                 http.post("/rank", json={"user_id": u, "k": 10}).raise_for_status()
                 after_ms.append((time.perf_counter() - t0) * 1000.0)
         rows = _summary_rows(stats, feeder.rank_ms if feeder else [], after_ms, wall)
+        del ps_client, ingest
         print()
         _print_table(rows)
         if args.json:
@@ -242,6 +244,17 @@ def cmd_run(args) -> int:
         with contextlib.suppress(Exception):
             serve.shutdown()
         ray.shutdown()
+
+
+def _state_kwargs(cfg: FreshetConfig) -> dict[str, Any]:
+    """Where shards keep snapshots and push logs, if this PS build supports it."""
+    import inspect
+
+    from ps.client import start_shards
+
+    if "state_dir" in inspect.signature(start_shards).parameters:
+        return {"state_dir": Path(cfg.ingest.dir) / "ps"}
+    return {}
 
 
 def _merge_all(*dicts: dict[str, Any]) -> dict[str, Any]:
@@ -295,10 +308,11 @@ def cmd_up(args) -> int:
         state.update(started_ray=True, ray_dir=ray_dir)
     state["address"] = address
     _ray_init(address, cfg.namespace)
-    start_shards(cfg.ps, namespace=cfg.namespace, detached=True)
+    start_shards(cfg.ps, namespace=cfg.namespace, detached=True, **_state_kwargs(cfg))
     start_ingest(cfg.ingest, namespace=cfg.namespace, detached=True)
-    trainers = start_trainers(cfg, detached=True)
-    ray.get([t.start.remote() for t in trainers])
+    # autostart: a trainer restarted by Ray resumes training from its committed offset.
+    trainers = start_trainers(cfg, detached=True, state_dir=Path(cfg.ingest.dir) / "trainers", autostart=True)
+    ray.get([t.ping.remote() for t in trainers])
     run_app(cfg)
     url = f"http://{cfg.serving.host}:{cfg.serving.port}"
     state["url"] = url

@@ -54,6 +54,7 @@ class IngestLog:
         self._file = None
         self._writer = None
         self._segment_first = -1
+        self._schema: pa.Schema | None = None
         self._segment_events = 0
         self.appends = 0
 
@@ -89,6 +90,7 @@ class IngestLog:
             self._writer.close()
             self._file.close()
         self._segment_first = self.next_offset
+        self._schema = schema
         path = self.dir / _segment_name(self.next_offset)
         self._file = open(path, "wb")
         self._writer = pa.ipc.new_stream(self._file, schema)
@@ -118,7 +120,7 @@ class IngestLog:
         if (
             self._writer is None
             or self._segment_events >= self.cfg.segment_events
-            or self._writer.schema != batch.schema
+            or self._schema != batch.schema
         ):
             self._open_segment(batch.schema)
         self._writer.write_batch(batch)

@@ -13,17 +13,9 @@ from workers.events import EVENT_COLUMNS
 from workers.ingest import IngestLog
 
 
-# IngestLog.append reads ``self._writer.schema``, which pyarrow's RecordBatchStreamWriter
-# does not have: every append after the first into the same segment raises AttributeError.
-SAME_SEGMENT_BUG = pytest.mark.xfail(
-    strict=True,
-    raises=AttributeError,
-    reason="workers/ingest.py IngestLog.append compares self._writer.schema, but pyarrow's "
-    "RecordBatchStreamWriter has no .schema: a second append into an open segment raises AttributeError",
-)
-# One segment per append dodges the bug and still covers reads, recovery and torn tails;
-# the default (many appends per segment) is what production runs.
-SEGMENTS = [pytest.param(1, id="segment-per-append"), pytest.param(100_000, id="shared-segment", marks=SAME_SEGMENT_BUG)]
+# One segment per append and many appends per segment (the default) exercise different
+# writer paths: segment rollover versus appending to an open stream.
+SEGMENTS = [pytest.param(1, id="segment-per-append"), pytest.param(100_000, id="shared-segment")]
 
 
 def _log(tmp_path: Path, **kw) -> IngestLog:
@@ -135,7 +127,6 @@ def test_truncated_last_segment_drops_its_batch_and_earlier_segments_survive(tmp
     assert _events(_log(tmp_path).read(0, 100)) == want[:5] + [(5, "n", 1, 9.0, 1.0)]
 
 
-@SAME_SEGMENT_BUG
 def test_truncated_last_batch_is_dropped_and_earlier_events_survive(tmp_path):
     log = _log(tmp_path)
     log.append([1, 2], [3, 4], [1.0, 2.0], [1.0, 1.0])
