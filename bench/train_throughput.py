@@ -353,6 +353,36 @@ def _cpu_between(before: dict[int, float] | None, after: dict[int, float] | None
     return sum(max(0.0, c - before.get(pid, 0.0)) for pid, c in after.items())
 
 
+def _process_role(pid: int) -> str:
+    """A short label of a process: ``driver``, ``ray::PSShard``, ``raylet``, ``gcs_server``..."""
+    if pid == os.getpid():
+        return "driver"
+    try:
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return "exited"
+    first = argv[0].decode("utf-8", "replace").split()[0] if argv and argv[0] else "?"
+    if first.startswith("ray::"):
+        return first.split(".")[0]  # ray::PSShard.push -> ray::PSShard (the title follows the running method)
+    name = os.path.basename(first)
+    if name.startswith("python") and len(argv) > 1 and argv[1]:
+        name = os.path.basename(argv[1].decode("utf-8", "replace"))
+    return name
+
+
+def _cpu_by_role(before: dict[int, float] | None, after: dict[int, float] | None) -> dict[str, float]:
+    """:func:`_cpu_between` split by :func:`_process_role`, largest first (seconds)."""
+    if before is None or after is None:
+        return {}
+    out: dict[str, float] = {}
+    for pid, c in after.items():
+        used = max(0.0, c - before.get(pid, 0.0))
+        if used > 0:
+            role = _process_role(pid)
+            out[role] = out.get(role, 0.0) + used
+    return dict(sorted(((k, round(v, 3)) for k, v in out.items()), key=lambda kv: -kv[1]))
+
+
 @dataclass
 class _Deployment:
     """What one PS run started (handles to kill, and the config it ran with)."""
@@ -409,6 +439,7 @@ def _run_ps(cfg: FreshetConfig, *, progress: bool = True) -> tuple[dict[str, Any
         "prefetch": cfg.trainer.prefetch,
         "trainer_events_per_s": stats["events_per_s"],
         "system_cpu_s": _cpu_between(cpu0, cpu1),
+        "system_cpu_by_process": _cpu_by_role(cpu0, cpu1),
         "rows": shard_rows,
     }, dep
 

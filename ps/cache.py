@@ -32,7 +32,7 @@ class RowCache:
         self._ids: list[ID] = []
         self._valid = np.zeros(0, dtype=bool)
         self._mats = {t: np.zeros((0, client.dims[t]), dtype=np.float32) for t in self.tables}
-        self.synced_at = 0.0
+        self.synced_at = float("-inf")  # never synced: older than any max age
         self.rows_synced = 0
 
     def __len__(self) -> int:
@@ -63,18 +63,21 @@ class RowCache:
         """Apply every shard's changes since the last sync; returns rows updated."""
         changed = 0
         for s, (version, deltas) in enumerate(self.client.delta(self.tables, self.versions)):
-            for t, d in deltas.items():
-                if len(d.ids):
-                    slots = self._slots(d.ids)
-                    self._mats[t][slots] = d.rows
-                    self._valid[slots] = True
-                    changed += len(slots)
+            # Removals first: an ID that expired and was re-created comes back in both
+            # lists, and its current row must win.
+            for d in deltas.values():
                 for x in d.removed.tolist():
                     slot = self.index.get(x)
                     if slot is not None:
                         self._valid[slot] = False
                         for m in self._mats.values():
                             m[slot] = 0
+            for t, d in deltas.items():
+                if len(d.ids):
+                    slots = self._slots(d.ids)
+                    self._mats[t][slots] = d.rows
+                    self._valid[slots] = True
+                    changed += len(slots)
             self.versions[s] = version
         self.synced_at = time.monotonic()
         self.rows_synced += changed

@@ -16,7 +16,7 @@ import numpy as np
 import ray
 
 from ps.config import PSConfig
-from ps.ids import ID, as_id_array
+from ps.ids import ID, as_id_array, validate_id
 from ps.plan import ShardingPlan
 from ps.shard import PSShard, PushId, TableDelta
 
@@ -96,6 +96,9 @@ class PSClient:
 
     def _route(self, ids: Sequence[ID] | np.ndarray) -> _Route:
         arr = as_id_array(ids)
+        if arr.dtype == object:
+            for x in arr.tolist():
+                validate_id(x)
         return _Route(arr, self.plan.shards_of(arr) if len(arr) else np.empty(0, np.int64), self.num_shards)
 
     def _dim(self, table: str) -> int:
@@ -159,6 +162,10 @@ class PSClient:
             grads = np.asarray(grads, dtype=np.float32)
             if grads.shape != (len(route.ids), self._dim(name)):
                 raise ValueError(f"push to {name!r}: grads shape {grads.shape} != ({len(route.ids)}, {self._dim(name)})")
+            # Checked here as well as on the shards: a push rejected by only some shards
+            # would leave them at different versions under one push id.
+            if not np.isfinite(grads).all():
+                raise ValueError(f"push to {name!r}: grads contain NaN or inf")
             for s, p in enumerate(route.positions):
                 if len(p):
                     parts[s][name] = (route.ids[p], grads[p])

@@ -7,6 +7,7 @@ A shard's state directory holds::
     snap-000000000123/       meta.json, table-<k>.arrow, seen.arrow, tombstones.arrow
     log-000000000123.arrow   IPC stream: the records applied after log position 123
     RESTORED                 JSON naming the checkpoint the directory was seeded from
+    LOCK                     empty; a POSIX lock on it marks the directory's one live shard
 
 Positions are *log sequence numbers* (LSNs): every state change a shard logs (an
 applied push, or an expiry that removes rows) takes the next LSN. The shard's
@@ -21,6 +22,7 @@ shard applies it; a crash mid-append leaves a torn tail that :func:`read_log` dr
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import re
@@ -519,9 +521,15 @@ class ShardStore:
 
     ``fsync`` makes every log append durable against machine crashes; snapshots are
     always fsynced (they are rare and replace older state).
+
+    The store holds a POSIX lock on ``LOCK`` for its process's lifetime, waiting up to
+    ``lock_timeout_s`` seconds for a previous incarnation that is still exiting, so two
+    processes never append to one log. (POSIX locks are per process: several stores in
+    one process, as in tests, do not exclude each other, and closing any of them drops
+    that process's lock.)
     """
 
-    def __init__(self, root: str | Path, *, fsync: bool):
+    def __init__(self, root: str | Path, *, fsync: bool, lock_timeout_s: float = 30.0):
         root_s = str(root)
         if "://" in root_s:
             raise ValueError(f"state_dir: {root_s!r} must be a local directory; URIs are not supported")
@@ -529,6 +537,19 @@ class ShardStore:
         self.root.mkdir(parents=True, exist_ok=True)
         self.fsync = fsync
         self._log: PushLog | None = None
+        self._lock = open(self.root / "LOCK", "a+b")
+        deadline = time.monotonic() + lock_timeout_s
+        while True:
+            try:
+                fcntl.lockf(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    self._lock.close()
+                    raise RuntimeError(
+                        f"state_dir {self.root}: another process still holds its LOCK after {lock_timeout_s} s"
+                    ) from None
+                time.sleep(0.05)
 
     # -- layout ------------------------------------------------------------------------
     def snapshots(self) -> list[tuple[int, Path]]:
@@ -664,13 +685,12 @@ class ShardStore:
         except (OSError, ValueError):
             return None
 
-    def reset_from(self, checkpoint_dir: str | Path, token: str) -> ShardState:
-        """Replace this directory's state with the snapshot at ``checkpoint_dir``.
+    def reset_from(self, state: ShardState, checkpoint_dir: str | Path, token: str) -> None:
+        """Replace this directory's state with ``state``, read from ``checkpoint_dir``.
 
         ``token`` is recorded last, so a crash part-way leaves a directory whose token
         does not match and the reset is simply redone.
         """
-        state = read_snapshot(checkpoint_dir)
         self.close()
         (self.root / "RESTORED").unlink(missing_ok=True)
         (self.root / "CURRENT").unlink(missing_ok=True)
@@ -681,4 +701,3 @@ class ShardStore:
         self.snapshot(state)
         _write_json(self.root / "RESTORED", {"from": str(Path(checkpoint_dir).absolute()), "token": token, "at": time.time()})
         _fsync_dir(self.root)
-        return state

@@ -14,6 +14,7 @@ at bitwise the state it had acknowledged. The file formats live in ``ps.persist`
 from __future__ import annotations
 
 import collections
+import logging
 import os
 import time
 from pathlib import Path
@@ -37,6 +38,8 @@ from ps.persist import (
 from ps.plan import ShardingPlan
 
 __all__ = ["PSShard", "PushId", "TableDelta"]
+
+_log = logging.getLogger(__name__)
 
 
 class PushId(NamedTuple):
@@ -237,6 +240,7 @@ class PSShard:
         self._lsn = 0  # logged state changes so far (pushes and row-removing expiries)
         self._since_snapshot = 0  # pushes applied since the last snapshot
         self._store: ShardStore | None = None
+        self.snapshot_error: str | None = None  # why the last automatic snapshot failed, if it did
         self.recovery: dict[str, Any] = {"snapshot_lsn": None, "replayed": 0, "restored_from": None, "seconds": 0.0}
         if checkpoint_root is None and state_dir is not None:
             checkpoint_root = Path(state_dir).absolute().parent / "checkpoints"
@@ -249,8 +253,9 @@ class PSShard:
             self._store = ShardStore(state_dir, fsync=cfg.fsync)
             token = restore_token or (str(Path(restore_from).absolute()) if restore_from is not None else None)
             if ckpt is not None and self._store.restored_token() != token:
-                self._check_plan(read_snapshot(ckpt).plan, ckpt)
-                self._store.reset_from(ckpt, token)
+                seed = read_snapshot(ckpt)
+                self._check_plan(seed.plan, ckpt)  # before the directory's own state is replaced
+                self._store.reset_from(seed, ckpt, token)
                 self.recovery["restored_from"] = str(ckpt)
             self._recover()
         elif ckpt is not None:
@@ -288,7 +293,12 @@ class PSShard:
             self.recovery["snapshot_lsn"] = st.lsn
         for rec in store.records_after(self._lsn):
             self._replay(rec)
-        store.start_segment(self._lsn)
+        if st is None:
+            # A first snapshot right away records the plan, so a later start with another
+            # plan is refused before any log is replayed into the wrong shards.
+            store.snapshot(self._capture())
+        else:
+            store.start_segment(self._lsn)
 
     def _replay(self, rec: LogRecord) -> None:
         if rec.kind == "expire":
@@ -438,8 +448,16 @@ class PSShard:
         if self._store is not None:
             self._since_snapshot += 1
             if self._since_snapshot >= self.cfg.snapshot_every_pushes:
-                self._store.snapshot(self._capture())
                 self._since_snapshot = 0
+                try:
+                    self._store.snapshot(self._capture())
+                    self.snapshot_error = None
+                except OSError as e:
+                    # The push is logged and applied: failing it now would make the caller
+                    # retry a push that is already durable. The log keeps growing instead.
+                    self.snapshot_error = f"{type(e).__name__}: {e}"
+                    _log.warning("shard %d: snapshot failed (%s); the push log still covers every push",
+                                 self.shard_index, self.snapshot_error)
         return self.version, True
 
     def _apply_push(
@@ -528,12 +546,13 @@ class PSShard:
 
     def persistence(self) -> dict[str, Any]:
         """Durability status: ``state_dir`` (None when in memory only), log position ``lsn``,
-        pushes since the last snapshot, and what the last start recovered (``recovery``:
+        pushes since the last snapshot, the last automatic snapshot's error, and what the last start recovered (``recovery``:
         snapshot LSN, records replayed, checkpoint restored from, seconds taken)."""
         return {
             "state_dir": str(self._store.root) if self._store is not None else None,
             "lsn": self._lsn,
             "pushes_since_snapshot": self._since_snapshot,
+            "snapshot_error": self.snapshot_error,
             "recovery": dict(self.recovery),
         }
 

@@ -451,6 +451,12 @@ class Trainer:
         """Liveness probe; returns the trainer index."""
         return self.index
 
+    def pid(self) -> int:
+        """OS process id of this trainer (for operators and fault tests)."""
+        import os
+
+        return os.getpid()
+
 
 def start_trainers(
     cfg: FreshetConfig,

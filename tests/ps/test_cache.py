@@ -160,12 +160,6 @@ def test_sync_if_older_syncs_only_when_stale(client):
     assert cache.valid()[cache.slots_of(["older"])].all()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="ps/cache.py RowCache starts with synced_at = 0.0 on the time.monotonic() clock, so a cache "
-    "that never synced counts as only 'uptime' seconds old and sync_if_older(max_age_s > uptime) skips "
-    "the first sync; synced_at should start at -inf",
-)
 def test_sync_if_older_always_syncs_a_never_synced_cache(client):
     cache = RowCache(client, ITEM_TABLES)
     assert cache.sync_if_older(1e9)
@@ -213,12 +207,6 @@ def test_expired_rows_become_invalid_and_leave_rankings(client):
     assert set(fresh.ids()[fresh.valid()].tolist()) == set(new)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="ps/shard.py PSShard.delta re-delivers a tombstone (v >= since) for an ID that was expired and "
-    "then re-created, alongside its new row; ps/cache.py RowCache.sync applies the rows first and the "
-    "removals after, so the live row is marked invalid (and never re-sent until pushed again)",
-)
 def test_expired_then_recreated_row_is_valid_after_sync(client):
     push = _Pusher(client, "recreate")
     tables = ["t_item", "t_bias", "t_pop"]

@@ -166,12 +166,6 @@ def test_bad_gradient_shape_is_rejected_before_any_shard_sees_it(deployment):
     assert client.push("item", [1], np.ones((1, DIM), np.float32), PushId("bad", 0)) == [(v + 1, True) for v in v0]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="PSClient.push_async checks grads shape but not finiteness (ps/client.py): the shards owning "
-    "the NaN rows reject the push while the others apply it, so shard versions diverge and a corrected "
-    "re-send under the same push id is dropped as a duplicate by the shards that applied it",
-)
 def test_non_finite_push_is_applied_by_no_shard(deployment):
     _, _, client = deployment
     ids = _mixed_ids(30, seed=9)

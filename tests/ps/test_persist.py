@@ -283,6 +283,9 @@ def test_state_files_are_arrow_and_json_only(tmp_path):
             json.loads(p.read_text())
             kinds.add("json")
             continue
+        elif p.name == "LOCK":
+            assert p.stat().st_size == 0
+            continue
         elif p.name == "CURRENT":
             assert p.read_text().strip().startswith("snap-")
             continue
@@ -342,6 +345,10 @@ def test_restore_and_snapshot_errors(tmp_path):
         _shard(other, tmp_path / "x", restore_from=ck)
     with pytest.raises(ValueError, match="sharding plan"):
         _shard(other, tmp_path / "ps" / "shard-0")  # its own state, but a changed plan
+    young = _shard(cfg, tmp_path / "young")
+    _apply(young, _pushes(2))  # fewer pushes than snapshot_every_pushes: the plan is still on disk
+    with pytest.raises(ValueError, match="sharding plan"):
+        _shard(other, tmp_path / "young")
     with pytest.raises(FileNotFoundError, match="shard 1"):
         PSShard(1, ShardingPlan.uniform(8, 2), _cfg(num_shards=2), restore_from=ck)
     # Another optimizer needs another state shape: refuse rather than guess.
@@ -357,6 +364,38 @@ def test_restore_and_snapshot_errors(tmp_path):
             a.snapshot(bad)
     with pytest.raises(ValueError, match="local directory"):
         _shard(cfg, "s3://bucket/ps")
+
+
+def test_failed_automatic_snapshot_does_not_fail_the_logged_push(tmp_path, monkeypatch):
+    cfg = _cfg(snapshot_every_pushes=2)
+    pushes = _pushes(5)
+    a = _shard(cfg, tmp_path / "s")
+
+    def broken(state):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(a._store, "snapshot", broken)
+    _apply(a, pushes)  # pushes 2 and 4 try to snapshot, and still succeed
+    assert "No space left" in a.persistence()["snapshot_error"]
+    monkeypatch.undo()
+    _assert_identical(_dump(_shard(cfg, tmp_path / "s")), _dump(a))
+
+
+def test_a_second_process_waits_for_the_lock_then_gives_up(tmp_path):
+    import subprocess
+    import sys
+
+    held = _shard(_cfg(), tmp_path / "s")  # this process now holds the directory's lock
+    code = (
+        "import sys; from ps.persist import ShardStore\n"
+        "try:\n    ShardStore(sys.argv[1], fsync=False, lock_timeout_s=0.3)\n"
+        "except RuntimeError as e:\n    print(e); sys.exit(3)\n"
+    )
+    repo = Path(__file__).resolve().parents[2]
+    r = subprocess.run([sys.executable, "-c", code, str(tmp_path / "s")], capture_output=True, text=True, cwd=repo, timeout=60)
+    assert r.returncode == 3, r.stderr
+    assert "LOCK" in r.stdout
+    del held
 
 
 def test_cpu_seconds_and_pid():
@@ -444,8 +483,9 @@ def killed_run(ray_cluster, tmp_path_factory):
                 replies = client.push_many(upd, pid, hist)
             elif k in (15, 20):
                 victim = 0 if k == 15 else 1
+                victim_pid = pids[-1][victim]
                 refs = client.push_async(upd, pid, hist)
-                os.kill(ray.get(client.shards[victim].pid.remote()), signal.SIGKILL)
+                os.kill(victim_pid, signal.SIGKILL)
                 # The push may or may not have reached the log; either way it counts once.
                 replies = ray.get(refs, timeout=120)
             else:
