@@ -603,11 +603,15 @@ def _chart(report: dict[str, Any], path: Path) -> None:
     names = ["in-process"] + [f"PS {n}" for n in report["ps"]]
     values = [report["in_process"]["events_per_s"]] + [r["events_per_s"] for r in report["ps"].values()]
     bars = ax.bar(names, values, color=["#4c72b0"] + ["#dd8452"] * len(report["ps"]))
-    labels = ["1.00x"] + [f"{report['ratios'][n]['events_per_s']:.2f}x" for n in report["ps"]]
+    def label(r: dict[str, Any]) -> str:
+        cpu = r.get("cpu_per_event")
+        return f"{r['events_per_s']:.2f}x" + ("" if cpu is None else f"\nCPU/event {cpu:.1f}x")
+
+    labels = ["1.00x"] + [label(report["ratios"][n]) for n in report["ps"]]
     for bar, text, v in zip(bars, labels, values):
         ax.annotate(f"{v:,.0f}\n{text}", (bar.get_x() + bar.get_width() / 2, v), ha="center", va="bottom", fontsize=9)
     ax.set_ylabel("training events/s")
-    ax.set_ylim(0, max(values) * 1.25)
+    ax.set_ylim(0, max(values) * 1.35)
     ax.set_title(f"Training throughput, {report['in_process']['events']:,} events")
     if has_lat:
         ax = axes[0][1]

@@ -546,8 +546,9 @@ class PSShard:
 
     def persistence(self) -> dict[str, Any]:
         """Durability status: ``state_dir`` (None when in memory only), log position ``lsn``,
-        pushes since the last snapshot, the last automatic snapshot's error, and what the last start recovered (``recovery``:
-        snapshot LSN, records replayed, checkpoint restored from, seconds taken)."""
+        pushes since the last snapshot, the last automatic snapshot's error (or None), and
+        what the last start recovered (``recovery``: snapshot LSN, records replayed,
+        checkpoint restored from, seconds taken)."""
         return {
             "state_dir": str(self._store.root) if self._store is not None else None,
             "lsn": self._lsn,

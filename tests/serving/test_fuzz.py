@@ -568,7 +568,6 @@ _raw_requests = st.one_of(
 @example(req=("/events", b'{"events": [{"user_id": "a", "item_id": 1, "weight": 1' + b"0" * 400 + b"}]}"))
 @example(req=("/rank", b"\xff\xfe\x00\x01garbage"))
 @example(req=("/rank", b'{"user_id": "\xc3\x28"}'))
-@example(req=("/events", b'{"events": [{"user_id": "\xed\xa0\x80", "item_id": 1}]}'))  # UTF-8-encoded surrogate
 @example(req=("/rank", b""))
 @example(req=("/rank", b"null"))
 @example(req=("/rank", b'{"user_id": "a", "user_id": "b"}'))  # duplicate keys: the last wins, as in json.loads
@@ -729,9 +728,10 @@ def test_wrong_methods_and_unknown_paths_are_4xx(unchanged, method, path):
 
 # --------------------------------------------------------------------------- lone surrogates
 
-# JSON text may escape a lone UTF-16 surrogate ("\ud800"); Python's parser turns it into a str
-# that has no UTF-8 encoding. The contract's IDs are UTF-8 strings, so such a body is invalid:
-# it must be a 4xx, never a 5xx or (for /events) a write.
+# JSON text may escape a lone UTF-16 surrogate ("\ud800") or carry one as raw bytes (json.loads
+# decodes bytes with "surrogatepass"); either way Python's parser makes a str with no UTF-8
+# encoding. The contract's IDs are UTF-8 strings, so such a body is invalid: it must get a
+# 4xx, never a 5xx, a "503, retry" (a retry can never succeed) or, for /events, a write.
 _SURROGATE_CASES = [
     ("/rank", b'{"user_id": "\\ud800", "k": 3}'),
     ("/rank", b'{"user_id": "fz-\\udfff"}'),
@@ -741,6 +741,7 @@ _SURROGATE_CASES = [
     ("/rank", b'{"user_id": "a", "bad\\ud800key": 1}'),
     ("/events", b'{"events": [{"user_id": "\\ud800", "item_id": 1}]}'),
     ("/events", b'{"events": [{"user_id": "fz-u1", "item_id": "\\udbff"}]}'),
+    ("/events", b'{"events": [{"user_id": "\xed\xa0\x80", "item_id": 1}]}'),  # surrogate as raw (CESU-8) bytes
 ]
 
 
