@@ -25,7 +25,7 @@ import torch
 
 from ps import optim
 from ps.config import InitKind, OptimizerConfig, PSConfig, TableConfig
-from ps.ids import ID, as_id_array, id_keys, init_rows
+from ps.ids import ID, as_id_array, id_keys, init_rows, validate_id
 from ps.persist import (
     LogRecord,
     ShardState,
@@ -190,6 +190,15 @@ class _Table:
         self.changed_at[:m] = self.changed_at[kept]
         self.touched_at[:m] = self.touched_at[kept]
         return int(gone.size)
+
+
+def _checked_ids(ids, field: str) -> np.ndarray:
+    """IDs as an array, ValueError naming ``field`` for any that is not an int64 or str ID."""
+    arr = as_id_array(ids)
+    if arr.dtype == object:
+        for x in arr.tolist():
+            validate_id(x, field)
+    return arr
 
 
 class PSShard:
@@ -375,7 +384,7 @@ class PSShard:
         out = {}
         for name, ids in requests.items():
             t = self._table(name)
-            ids = as_id_array(ids)
+            ids = _checked_ids(ids, f"pull from {name!r}: id")
             slots = t.lookup(ids, create=create, version=self.version)
             found = slots >= 0
             rows = np.zeros((len(ids), t.cfg.dim), dtype=np.float32)
@@ -422,7 +431,7 @@ class PSShard:
         prepared = []
         for name, (ids, grads) in updates.items():
             t = self._table(name)
-            ids = as_id_array(ids)
+            ids = _checked_ids(ids, f"push to {name!r}: id")
             grads = np.array(grads, dtype=np.float32)  # ray.get arrays are read-only; torch needs writable
             if grads.shape != (len(ids), t.cfg.dim):
                 raise ValueError(f"push to {name!r}: grads shape {grads.shape} != ({len(ids)}, {t.cfg.dim})")
@@ -433,7 +442,9 @@ class PSShard:
         expire_at = now if now - self._last_expire > 1.0 else None
         hist = None
         if history is not None and self.cfg.seen_per_user > 0:
-            hist = (as_id_array(history[0]), as_id_array(history[1]))
+            hist = (_checked_ids(history[0], "history user_id"), _checked_ids(history[1], "history item_id"))
+            if len(hist[0]) != len(hist[1]):
+                raise ValueError(f"history: {len(hist[0])} user ids but {len(hist[1])} item ids")
         if self._store is not None:
             # Logged before applying: a crash after this line replays the push, and the
             # caller's retry is then recognised as a duplicate.

@@ -196,7 +196,7 @@ def cmd_run(args) -> int:
     _ray_init(args.address, ns)
     try:
         # Keep the handles: a non-detached actor is collected once its last handle is gone.
-        ps_client = start_shards(cfg.ps, namespace=ns, **_state_kwargs(cfg))
+        ps_client = start_shards(cfg.ps, namespace=ns, state_dir=Path(cfg.ingest.dir) / "ps")
         ingest = start_ingest(cfg.ingest, namespace=ns)
         trainers = start_trainers(cfg, evaluate=True, max_events=total, state_dir=Path(cfg.ingest.dir) / "trainers")
         ray.get([t.ping.remote() for t in trainers])
@@ -244,17 +244,6 @@ def cmd_run(args) -> int:
         with contextlib.suppress(Exception):
             serve.shutdown()
         ray.shutdown()
-
-
-def _state_kwargs(cfg: FreshetConfig) -> dict[str, Any]:
-    """Where shards keep snapshots and push logs, if this PS build supports it."""
-    import inspect
-
-    from ps.client import start_shards
-
-    if "state_dir" in inspect.signature(start_shards).parameters:
-        return {"state_dir": Path(cfg.ingest.dir) / "ps"}
-    return {}
 
 
 def _merge_all(*dicts: dict[str, Any]) -> dict[str, Any]:
@@ -308,7 +297,7 @@ def cmd_up(args) -> int:
         state.update(started_ray=True, ray_dir=ray_dir)
     state["address"] = address
     _ray_init(address, cfg.namespace)
-    start_shards(cfg.ps, namespace=cfg.namespace, detached=True, **_state_kwargs(cfg))
+    start_shards(cfg.ps, namespace=cfg.namespace, detached=True, state_dir=Path(cfg.ingest.dir) / "ps")
     start_ingest(cfg.ingest, namespace=cfg.namespace, detached=True)
     # autostart: a trainer restarted by Ray resumes training from its committed offset.
     trainers = start_trainers(cfg, detached=True, state_dir=Path(cfg.ingest.dir) / "trainers", autostart=True)

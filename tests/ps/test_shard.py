@@ -259,12 +259,6 @@ def test_invalid_push_raises_and_changes_nothing(bad):
     assert s.push(PushId("p", 1), {"user": ([1], np.ones((1, DIM), np.float32))}) == (2, True)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="PSShard.pull/push do not validate IDs (ps/shard.py _Table.lookup): True is stored as an ID "
-    "aliasing 1, and a float ID raises AttributeError from id_keys after the push already updated "
-    "earlier tables and registered the ID in the index",
-)
 @pytest.mark.parametrize("bad_id", [True, 1.5, None])
 def test_invalid_id_push_raises_value_error_and_changes_nothing(bad_id):
     s = _shard()

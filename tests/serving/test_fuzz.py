@@ -644,12 +644,12 @@ _auth_headers = st.one_of(
     st.none(),
     st.sampled_from(
         [
-            "", "Bearer", "Bearer ", TOKEN, f"Basic {TOKEN}", f"Bearer {TOKEN}x", f"Bearer {TOKEN[:-1]}",
+            "", "Bearer", TOKEN, f"Basic {TOKEN}", f"Bearer {TOKEN}x", f"Bearer {TOKEN[:-1]}",
             f"Bearer {TOKEN.upper()}", f"Token {TOKEN}", f"Bearer\t{TOKEN}", f"Bearer  {TOKEN} extra", "Bearer é",
         ]
     ),
     st.text(st.characters(min_codepoint=0x20, max_codepoint=0xFF, exclude_characters="\x7f"), max_size=60).map(str.strip),
-    st.builds(lambda s: f"Bearer {s}", st.text(st.characters(min_codepoint=0x21, max_codepoint=0x7E), max_size=30)),
+    st.builds(lambda s: f"Bearer {s}", st.text(st.characters(min_codepoint=0x21, max_codepoint=0x7E), min_size=1, max_size=30)),
 )
 
 
@@ -774,6 +774,8 @@ _extreme_events = st.lists(
 
 @settings(FUZZ, max_examples=15)
 @given(batch=_extreme_events)
+@example(batch=[{"user_id": "fz-x1", "item_id": I64_MAX, "timestamp": 1.7976931348623157e308, "weight": 1e39}])
+@example(batch=[{"user_id": I64_MIN, "item_id": "é" * (MAX_ID_BYTES // 2), "timestamp": 0, "weight": -1e308}])
 def test_valid_extreme_events_are_accepted_and_applied(deployment, batch):
     """Every valid batch is acknowledged and then applied; the model stays finite and servable."""
     http = deployment.http
