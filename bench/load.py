@@ -231,9 +231,9 @@ def summarize(samples: list[Sample], wall_s: float) -> dict[str, Any]:
     }
 
 
-def _timeline(samples: list[Sample], wall_s: float) -> dict[str, list[int]]:
-    """Requests started per whole second, per endpoint."""
-    n = max(1, int(np.ceil(wall_s)))
+def _timeline(samples: list[Sample], seconds: float) -> dict[str, list[int]]:
+    """Requests started in each whole second of a ``seconds``-long run, per endpoint."""
+    n = max(1, int(np.ceil(seconds)))
     out: dict[str, list[int]] = {}
     for name in sorted({s.endpoint for s in samples}):
         starts = np.asarray([s.start_s for s in samples if s.endpoint == name])
@@ -394,6 +394,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"bench.load: {plan.clients} clients x {plan.seconds:g} s against {url} "
           f"({cfg.ps.num_shards} shards, {cfg.trainer.num_workers} trainer(s), ingest fsync={cfg.ingest.fsync}, "
           f"state in {work})", flush=True)
+    load_start = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     t_setup = time.perf_counter()
     ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", _temp_dir=ray_dir,
              namespace=cfg.namespace, log_to_driver=False)
@@ -423,7 +424,7 @@ def main(argv: list[str] | None = None) -> int:
             before = _stats(http)
             samples, wall = asyncio.run(run_clients(url, plan, _TOKEN))
             summary = summarize(samples, wall)
-            summary["load"]["timeline"] = _timeline(samples, wall)
+            summary["load"]["timeline"] = _timeline(samples, plan.seconds)
             print("bench.load: load done; waiting for the trainers to apply every accepted event...", flush=True)
             drained, wait_s, after = _drain(http, args.drain_timeout)
 
@@ -449,7 +450,7 @@ def main(argv: list[str] | None = None) -> int:
         met = summary["load"]["errors"] == 0 and drained and drain["lost"] == 0 and drain["unacked_accepted"] == 0
         report = {
             "bench": {**{k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-                      "setup_s": setup_s, "ray_num_cpus": 2},
+                      "setup_s": setup_s, "ray_num_cpus": 2, "loadavg_1m_start": load_start},
             "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             "machine": _machine(),
             "config": {**cfg.model_dump(mode="json"), "serving": {**cfg.serving.model_dump(mode="json"), "auth_token": "<set>"}},

@@ -193,6 +193,14 @@ class PSClient:
         """Each shard's ``stats()``."""
         return self._get([sh.stats.remote() for sh in self.shards])
 
+    def snapshot(self, name: str | None = None) -> list[dict[str, Any]]:
+        """Snapshot every shard now (and as named checkpoint ``name``); one report per shard.
+
+        Shards snapshot at their own versions: pause the trainers first for a checkpoint
+        that is consistent across shards (``freshet ckpt save`` does).
+        """
+        return self._get([sh.snapshot.remote(name) for sh in self.shards])
+
     def ping(self) -> bool:
         """True when every shard answers within ``timeout_s``."""
         try:

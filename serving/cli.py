@@ -297,7 +297,13 @@ def cmd_up(args) -> int:
         state.update(started_ray=True, ray_dir=ray_dir)
     state["address"] = address
     _ray_init(address, cfg.namespace)
-    start_shards(cfg.ps, namespace=cfg.namespace, detached=True, state_dir=Path(cfg.ingest.dir) / "ps")
+    restore_from = None
+    if getattr(args, "restore", None):
+        restore_from = _checkpoint_dir(cfg, args.restore)
+        _restore_trainer_offsets(cfg, restore_from)
+        state["restored_from"] = args.restore
+    start_shards(cfg.ps, namespace=cfg.namespace, detached=True, state_dir=Path(cfg.ingest.dir) / "ps",
+                 restore_from=restore_from)
     start_ingest(cfg.ingest, namespace=cfg.namespace, detached=True)
     # autostart: a trainer restarted by Ray resumes training from its committed offset.
     trainers = start_trainers(cfg, detached=True, state_dir=Path(cfg.ingest.dir) / "trainers", autostart=True)
@@ -381,6 +387,101 @@ def cmd_down(args) -> int:
     return 0
 
 
+# -- checkpoints ------------------------------------------------------------------------
+_TRAINER_OFFSETS = "trainers.json"
+
+
+def _checkpoint_root(cfg: FreshetConfig) -> Path:
+    return Path(cfg.ingest.dir) / "ps" / "checkpoints"
+
+
+def _checkpoint_dir(cfg: FreshetConfig, name: str) -> Path:
+    from ps.persist import validate_checkpoint_name
+
+    # A path names a checkpoint anywhere (e.g. another deployment's); a bare name one of ours.
+    path = Path(name) if os.sep in name else _checkpoint_root(cfg) / validate_checkpoint_name(name)
+    if not (path / _TRAINER_OFFSETS).exists():
+        raise FileNotFoundError(f"no complete checkpoint {name!r} under {_checkpoint_root(cfg)}")
+    return path
+
+
+def _restore_trainer_offsets(cfg: FreshetConfig, ckpt: Path) -> None:
+    """Point each trainer's committed offset at the checkpoint, dropping pending pushes:
+    the restored PS reflects exactly the events before those offsets."""
+    import shutil
+
+    from workers._wal import TrainerWAL
+    from workers.trainer import trainer_actor_name
+
+    saved = json.loads((ckpt / _TRAINER_OFFSETS).read_text())
+    log_id_file = Path(cfg.ingest.dir) / "ingest" / "LOG_ID"
+    current = "ingest:" + log_id_file.read_text().strip() if log_id_file.exists() else None
+    if len(saved["trainers"]) != cfg.trainer.num_workers:
+        raise ValueError(
+            f"checkpoint has {len(saved['trainers'])} trainers, config trainer.num_workers={cfg.trainer.num_workers}"
+        )
+    for i, t in enumerate(saved["trainers"]):
+        root = Path(cfg.ingest.dir) / "trainers" / trainer_actor_name(i)
+        shutil.rmtree(root, ignore_errors=True)
+        # Same log: resume after the events the checkpoint covers. A fresh deployment
+        # has a new log (new producer names), so its trainers start at its beginning.
+        if t["source_id"] == current:
+            TrainerWAL(root).commit(t["applied_offset"], t["events_applied"])
+
+
+def cmd_ckpt(args) -> int:
+    """``freshet ckpt save|list|restore``: named, cross-shard-consistent PS checkpoints."""
+    import ray
+
+    cfg = _load(args)
+    if args.action == "list":
+        from ps.persist import list_checkpoints
+
+        rows = [c for c in list_checkpoints(_checkpoint_root(cfg)) if (Path(c["path"]) / _TRAINER_OFFSETS).exists()]
+        if not rows:
+            print(f"no checkpoints under {_checkpoint_root(cfg)}")
+        for c in rows:
+            when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(c["created_at"])) if c.get("created_at") else "?"
+            print(f"{c['name']:<24} {when}  versions {c.get('versions')}")
+        return 0
+    if args.action == "restore":
+        if not args.name:
+            print("freshet ckpt restore: name the checkpoint (see `freshet ckpt list`)", file=sys.stderr)
+            return 2
+        if _read_state(cfg) is not None:
+            print("freshet ckpt restore: a service is running here; `freshet down` first "
+                  "(a checkpoint restores into a fresh deployment)", file=sys.stderr)
+            return 1
+        args.restore, args.address, args.keep_stream = args.name, None, False
+        return cmd_up(args)
+    # save: pause trainers so every shard snapshots the same set of pushes.
+    from ps.client import PSClient
+    from workers.trainer import trainer_actor_name
+
+    state = _read_state(cfg)
+    if state is None:
+        print("freshet ckpt save: no service started by `freshet up` here", file=sys.stderr)
+        return 1
+    name = args.name or time.strftime("ckpt-%Y%m%d-%H%M%S")
+    _ray_init(state["address"], state["namespace"])
+    try:
+        trainers = [ray.get_actor(trainer_actor_name(i), namespace=state["namespace"]) for i in range(cfg.trainer.num_workers)]
+        stats = ray.get([t.stop.remote() for t in trainers])
+        try:
+            reports = PSClient.connect(state["namespace"]).snapshot(name)
+            ckpt = _checkpoint_root(cfg) / name
+            offsets = [{"applied_offset": s["applied_offset"], "events_applied": s["events_applied"],
+                        "source_id": s["source_id"]} for s in stats]
+            (ckpt / _TRAINER_OFFSETS).write_text(json.dumps({"trainers": offsets, "created_at": time.time()}))
+        finally:
+            ray.get([t.start.remote() for t in trainers])
+    finally:
+        ray.shutdown()
+    print(f"checkpoint {name}: shard versions {[r['version'] for r in reports]}, "
+          f"trainer offsets {[o['applied_offset'] for o in offsets]} -> {ckpt}")
+    return 0
+
+
 def cmd_config(args) -> int:
     """Print the effective configuration as YAML."""
     print(_load(args).to_yaml(), end="")
@@ -419,6 +520,21 @@ def _parser() -> argparse.ArgumentParser:
     common(d)
     d.set_defaults(fn=cmd_down)
 
+    u.add_argument("--restore", metavar="NAME", help="start from named checkpoint NAME (see `freshet ckpt`)")
+
+    k = sub.add_parser("ckpt", help="save, list or restore named PS checkpoints")
+    common(k)
+    k.add_argument("action", choices=["save", "list", "restore"])
+    k.add_argument("name", nargs="?", help="checkpoint name (save: default ckpt-<time>; restore: required)")
+    k.add_argument("--ray-port", type=int, default=6379, help="GCS port when restore starts Ray")
+    k.set_defaults(fn=cmd_ckpt)
+
+    from workers.evaluate import add_eval_arguments, cmd_eval
+
+    e = sub.add_parser("eval", help="prequential comparison of update strategies; writes a report")
+    add_eval_arguments(e)
+    e.set_defaults(fn=cmd_eval)
+
     c = sub.add_parser("config", help="print the effective config as YAML")
     common(c, data=True)
     c.set_defaults(fn=cmd_config)
@@ -430,8 +546,8 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         return args.fn(args)
-    except ConfigError as e:
-        print(str(e), file=sys.stderr)
+    except (ConfigError, ValueError, FileNotFoundError) as e:
+        print(f"freshet {args.command}: {e}", file=sys.stderr)
         return 2
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import bisect
 import os
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +48,14 @@ class IngestLog:
         self.cfg = cfg
         self.dir = Path(cfg.dir) / "ingest"
         self.dir.mkdir(parents=True, exist_ok=True)
+        # The log's identity: offsets restart in a new log, so consumers name their
+        # pushes by (log id, offset) and never collide with an earlier log's.
+        id_file = self.dir / "LOG_ID"
+        if not id_file.exists():
+            tmp = self.dir / ".LOG_ID.tmp"
+            tmp.write_text(uuid.uuid4().hex)
+            os.replace(tmp, id_file)
+        self.log_id = id_file.read_text().strip()
         self._starts: list[int] = []  # first offset of each in-memory batch
         self._batches: list[pa.RecordBatch] = []
         self.next_offset = 0
@@ -157,7 +166,7 @@ class IngestLog:
 
     def stats(self) -> dict[str, Any]:
         """``events_accepted`` (= next offset), appends, and the log directory."""
-        return {"events_accepted": self.next_offset, "appends": self.appends, "dir": str(self.dir)}
+        return {"events_accepted": self.next_offset, "appends": self.appends, "dir": str(self.dir), "log_id": self.log_id}
 
     def ping(self) -> bool:
         """Liveness probe."""
@@ -170,6 +179,8 @@ class IngestSource:
     def __init__(self, namespace: str, *, timeout_s: float = 30.0):
         self._log = ray.get_actor(INGEST_ACTOR, namespace=namespace)
         self._timeout = timeout_s
+        self.source_id = "ingest:" + ray.get(self._log.stats.remote(), timeout=timeout_s)["log_id"]
+        """Identity of the log read (its ``LOG_ID``)."""
 
     def read(self, offset: int, max_events: int) -> pa.RecordBatch:
         """Events from ``offset``; an empty batch when none have arrived yet."""

@@ -529,7 +529,7 @@ class ALSRetrainStrategy(_PeriodicMF):
         try:
             import implicit  # noqa: F401
         except ImportError:
-            raise StrategyUnavailable("als: the optional package 'implicit' is not installed (pip install freshet[baselines])") from None
+            raise StrategyUnavailable("the optional package 'implicit' is not installed (pip install freshet[baselines])") from None
         super().__init__(cfg, epochs=iterations, batch_size=1)
         self.every, self.next_at = int(every), int(every)
         self.factors, self.regularization = int(factors), float(regularization)

@@ -300,6 +300,9 @@ def _write_quarantine(path: Path, rejects: _Rejects, sources: list[str]) -> None
     reopens the same source; the rewrite goes through a temp file and a rename so
     a reader never sees half a file.
     """
+    if path.exists() and not path.is_file():
+        # Never rename or replace a device, directory or socket (e.g. /dev/null).
+        raise ValueError(f"quarantine_path: {path} exists and is not a regular file")
     if not len(rejects) and not path.exists():
         return
     parts = []

@@ -50,6 +50,14 @@ def resolve_device(setting: str) -> torch.device:
     return dev
 
 
+def _stream_id(cfg: FreshetConfig) -> str:
+    """A stable identity of a file or synthetic stream: a digest of its settings."""
+    import hashlib
+
+    text = cfg.stream.model_dump_json(exclude={"num_events", "quarantine_path"})
+    return f"{cfg.stream.kind.value}:{hashlib.blake2b(text.encode(), digest_size=6).hexdigest()}"
+
+
 def _factorize(ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """``(unique, inverse)`` preserving first-seen order; works for mixed int/str IDs."""
     if ids.dtype == np.int64:
@@ -106,7 +114,10 @@ class Trainer:
         self.source = self._open_source()
         self.offset = 0
         self.max_events = max_events if max_events is not None else cfg.stream.num_events
-        self.producer = f"{cfg.namespace}/{trainer_actor_name(index)}"
+        # Push seqs are stream offsets, so the producer names the stream too: a new
+        # stream (say, a fresh ingest log) never collides with an earlier one's seqs.
+        self.source_id = getattr(self.source, "source_id", None) or _stream_id(cfg)
+        self.producer = f"{cfg.namespace}/{trainer_actor_name(index)}/{self.source_id}"
         m = cfg.model
         self.tables = (m.user_table, m.item_table, m.item_bias_table, m.popularity_table)
         # Local catalogue for negative sampling, in stream order (a restart rebuilds it so).
@@ -426,6 +437,7 @@ class Trainer:
         elapsed = max(1e-9, time.time() - self.started_at)
         return {
             "trainer": self.index,
+            "source_id": self.source_id,
             "device": str(self.device),
             "applied_offset": self.offset,
             "events_read": self.events_read,

@@ -370,8 +370,10 @@ _special_ids = st.sampled_from(
         float("nan"), float("inf"), "1", "null", [], [1], {}, {"id": 1}, "\x00", "💥", "a\nb", " ",
     ]
 )
+_known_ids = st.sampled_from(SEED_USERS + SEED_ITEMS)  # IDs with rows: the personal (non-fallback) paths
 ids = st.one_of(
-    st.integers(I64_MIN, I64_MAX), st.integers(-5, 20), st.text(min_size=1, max_size=24), _special_ids, json_values
+    st.integers(I64_MIN, I64_MAX), st.integers(-5, 20), st.text(min_size=1, max_size=24), _known_ids, _special_ids,
+    json_values,
 )
 """User/item IDs: valid ints and strings, every edge of the ID rules, and arbitrary JSON."""
 
@@ -390,7 +392,14 @@ def _with_extras(base: st.SearchStrategy) -> st.SearchStrategy:
     return st.one_of(base, base, st.builds(lambda b, x: {**x, **b}, base, _extra_keys))
 
 
+_plausible_ids = st.one_of(_known_ids, _known_ids, st.integers(I64_MIN, I64_MAX), _special_ids)
+_edgy_rank = st.fixed_dictionaries(
+    {"user_id": _plausible_ids},
+    optional={"k": st.sampled_from([1, 2, MAX_K - 1, MAX_K, MAX_K + 1, 0]), "exclude_seen": st.booleans()},
+)
 rank_bodies = st.one_of(
+    _edgy_rank,  # mostly well-formed, at the edges: the 200 path gets exercised too
+    _edgy_rank,
     _with_extras(
         st.fixed_dictionaries(
             {},
@@ -407,6 +416,7 @@ rank_bodies = st.one_of(
     json_values,
 )
 score_bodies = st.one_of(
+    st.fixed_dictionaries({"user_id": _plausible_ids, "item_ids": st.lists(_plausible_ids, min_size=1, max_size=8)}),
     _with_extras(
         st.fixed_dictionaries(
             {},
