@@ -1,1 +1,19 @@
-"""placeholder"""
+"""Freshet's trainers, stream sources, ingest log, model and ranking."""
+
+from workers.ingest import IngestLog, start_ingest
+from workers.ranking import Ranker
+from workers.streams import MovieLensSource, ParquetSource, StreamSource, SyntheticSource, open_source
+from workers.trainer import Trainer, start_trainers
+
+__all__ = [
+    "IngestLog",
+    "MovieLensSource",
+    "ParquetSource",
+    "Ranker",
+    "StreamSource",
+    "SyntheticSource",
+    "Trainer",
+    "open_source",
+    "start_ingest",
+    "start_trainers",
+]

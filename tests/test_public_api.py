@@ -1,0 +1,31 @@
+"""The public names of each package are pinned: a change here is an API change."""
+
+import importlib
+
+import pytest
+
+PUBLIC = {
+    "ps": ["ConfigError", "FreshetConfig", "PSClient", "PSShard", "PushId", "RowCache", "ShardingPlan",
+           "load_config", "start_shards"],
+    "workers": ["IngestLog", "MovieLensSource", "ParquetSource", "Ranker", "StreamSource", "SyntheticSource",
+                "Trainer", "open_source", "start_ingest", "start_trainers"],
+    "serving": ["build_app", "run_app"],
+}
+
+
+@pytest.mark.parametrize("package", sorted(PUBLIC))
+def test_all_is_pinned_and_every_name_resolves_with_a_docstring(package):
+    mod = importlib.import_module(package)
+    assert sorted(mod.__all__) == sorted(PUBLIC[package])
+    for name in mod.__all__:
+        obj = getattr(mod, name)
+        assert (obj.__doc__ or "").strip(), f"{package}.{name} has no docstring"
+
+
+def test_ps_does_not_import_workers_or_serving():
+    import subprocess
+    import sys
+
+    code = "import sys, ps, ps.cache, ps.client, ps.persist; print(sorted(m for m in sys.modules if m.split('.')[0] in ('workers', 'serving')))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
