@@ -45,7 +45,12 @@ def validate_id(value: object, field: str = "id") -> ID:
     if isinstance(value, str):
         if not value:
             raise ValueError(f"{field}: string ID must not be empty")
-        if len(value.encode("utf-8", "surrogatepass")) > _MAX_STR_BYTES:
+        try:
+            encoded = value.encode("utf-8")
+        except UnicodeEncodeError:
+            # A lone surrogate cannot be stored in Arrow or sent back as JSON.
+            raise ValueError(f"{field}: string ID must be valid Unicode (it has a lone surrogate)") from None
+        if len(encoded) > _MAX_STR_BYTES:
             raise ValueError(f"{field}: string ID longer than {_MAX_STR_BYTES} bytes")
         return value
     raise ValueError(f"{field}: must be an int or str ID, got {type(value).__name__} {value!r}")

@@ -57,7 +57,10 @@ class Event(_Request):
     timestamp: Annotated[_FiniteFloat, Field(ge=0)] | None = Field(
         None, description="when it happened (unix seconds); null or absent uses the server's time"
     )
-    weight: _FiniteFloat = Field(1.0, description="rating or implicit strength (1.0 for a click)")
+    # Bounded to float32's range: the log stores weights as float32, and inf would be an MSE target.
+    weight: _FiniteFloat = Field(
+        1.0, ge=-3.4e38, le=3.4e38, description="rating or implicit strength (1.0 for a click)"
+    )
 
 
 class EventsRequest(_Request):

@@ -25,7 +25,7 @@ import pydantic
 import ray
 from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from ray import serve
 from ray.exceptions import ActorDiedError, GetTimeoutError, NodeDiedError, ObjectLostError, RayActorError, RaySystemError
 
@@ -176,6 +176,10 @@ fastapi_app = FastAPI(
 fastapi_app.add_middleware(_Guard)
 
 
+class _ActorMissing(LookupError):
+    """A named actor of the deployment does not exist (not started yet, or gone for good)."""
+
+
 def _json_safe(value: Any, limit: int = 200) -> Any:
     """``value`` if it is short, strict JSON; else a truncated string of it (NaN, bytes, exceptions, huge bodies)."""
     try:
@@ -196,7 +200,8 @@ async def _validation_error(request, exc: RequestValidationError) -> JSONRespons
         if err.get("ctx"):
             item["ctx"] = {k: _json_safe(v) for k, v in err["ctx"].items()}
         detail.append(item)
-    return JSONResponse({"detail": detail}, status_code=422)
+    # ensure_ascii: an echoed lone surrogate must not make the error itself unencodable.
+    return Response(json.dumps({"detail": detail}, ensure_ascii=True), status_code=422, media_type="application/json")
 
 
 def _json_id(x: Any) -> int | str:
@@ -249,10 +254,13 @@ class FreshetAPI:
         return await loop.run_in_executor(self._pool, lambda: fn(*args, **kwargs))
 
     async def _actor(self, name: str):
-        """Handle of the named actor in the deployment's namespace (cached); ValueError if absent."""
+        """Handle of the named actor in the deployment's namespace (cached); ``_ActorMissing`` if absent."""
         handle = self._actors.get(name)
         if handle is None:
-            handle = await self._run(ray.get_actor, name, namespace=self.cfg.namespace)
+            try:
+                handle = await self._run(ray.get_actor, name, namespace=self.cfg.namespace)
+            except ValueError as e:  # Ray's "no such named actor"; distinct from errors raised *inside* a call
+                raise _ActorMissing(str(e)) from None
             self._actors[name] = handle
         return handle
 
@@ -320,7 +328,7 @@ class FreshetAPI:
                 [e.timestamp for e in ev],
                 [e.weight for e in ev],
             )
-        except (ValueError, *_UNAVAILABLE) as e:  # ValueError: the named actor does not exist (yet)
+        except (_ActorMissing, *_UNAVAILABLE) as e:
             return _unavailable("ingest log", e)
         return EventsResponse(accepted=n, offset=last)
 
@@ -381,7 +389,7 @@ class FreshetAPI:
             _, ingest, *shards = await asyncio.gather(
                 self._sync(), self._call(INGEST_ACTOR, "stats"), *(self._call(n, "stats") for n in shard_names)
             )
-        except (ValueError, *_UNAVAILABLE) as e:
+        except (_ActorMissing, *_UNAVAILABLE) as e:
             return _unavailable("parameter server or ingest log", e)
         trainer_results = await asyncio.gather(*(self._call(n, "stats") for n in trainer_names), return_exceptions=True)
         trainers = [r for r in trainer_results if not isinstance(r, BaseException)]
