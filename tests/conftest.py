@@ -23,6 +23,29 @@ REPO = Path(__file__).resolve().parents[1]
 MOVIELENS = REPO.parent / "shared" / "data" / "ml-latest-small"
 
 
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that is free right now."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(fn, timeout_s: float, what: str, interval_s: float = 0.1):
+    """Poll ``fn`` until it returns a truthy value; fail naming ``what`` after ``timeout_s`` seconds."""
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    last = None
+    while time.monotonic() < deadline:
+        last = fn()
+        if last:
+            return last
+        time.sleep(interval_s)
+    pytest.fail(f"timed out after {timeout_s} s waiting for {what} (last: {last!r})")
+
+
 @contextlib.contextmanager
 def _ray_start(**kwargs):
     """Start a local Ray (2 CPUs, 127.0.0.1, private temp dir) and shut it down after."""

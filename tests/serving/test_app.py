@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import tempfile
 import time
 import uuid
@@ -16,7 +15,7 @@ import uuid
 import httpx
 import pytest
 
-from tests.conftest import _ray_start
+from tests.conftest import _ray_start, free_port, wait_for
 
 TOKEN = "s3cret-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -25,22 +24,8 @@ MAX_BODY = 32 * 1024
 MAX_K = 50
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
-def _wait(fn, timeout_s: float, what: str, interval_s: float = 0.1):
-    """Poll ``fn`` until it returns a truthy value; fail naming ``what`` after ``timeout_s``."""
-    deadline = time.monotonic() + timeout_s
-    last = None
-    while time.monotonic() < deadline:
-        last = fn()
-        if last:
-            return last
-        time.sleep(interval_s)
-    pytest.fail(f"timed out after {timeout_s} s waiting for {what} (last: {last!r})")
 
 
 @pytest.fixture(scope="module")
@@ -73,7 +58,7 @@ def deployment():
             "stream": {"kind": "ingest", "num_events": None},
             "ingest": {"dir": tmp, "fsync": False},
             "serving": {
-                "port": _free_port(),
+                "port": free_port(),
                 "auth_token": TOKEN,
                 "max_events_per_request": MAX_EVENTS,
                 "max_body_bytes": MAX_BODY,
@@ -107,7 +92,7 @@ def _stats(http) -> dict:
 
 def _settled(http) -> dict:
     """Wait until the trainer has applied every accepted event; returns the stats."""
-    return _wait(
+    return wait_for(
         lambda: (s := _stats(http))["events_applied"] == s["events_accepted"] and s,
         15, "trainers to apply every accepted event",
     )
@@ -163,7 +148,7 @@ def test_new_user_gets_personal_ranking_after_posting_events(deployment):
         # The trainer's pull creates the row a moment before its push (with the history) lands.
         return got if got["fallback"] is None and not {it["item_id"] for it in got["items"]} & set(seen) else None
 
-    after = _wait(personal, 15, "a personal ranking without the new user's seen items")
+    after = wait_for(personal, 15, "a personal ranking without the new user's seen items")
     assert after["user_id"] == user
     assert len(after["items"]) == 10
     assert after["model_version"] > before["model_version"]
@@ -335,7 +320,7 @@ def test_stalled_shard_gives_503_within_the_timeout(deployment):
         assert r.status_code == 503 and "ps-shard-0" in r.json()["down"], r.text
     finally:
         os.kill(pid, signal.SIGCONT)
-    _wait(lambda: http.get("/healthz").status_code == 200, 15, "health after resuming the shard")
+    wait_for(lambda: http.get("/healthz").status_code == 200, 15, "health after resuming the shard")
     assert http.post("/rank", json={"user_id": "u1", "k": 3}).status_code == 200
 
 

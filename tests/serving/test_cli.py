@@ -6,7 +6,6 @@ started by ``freshet up`` and stopped by ``freshet down`` (by PID, never a host-
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -15,12 +14,9 @@ from pathlib import Path
 import httpx
 import pytest
 import yaml
+from tests.conftest import free_port
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _freshet(*args: str, timeout: float = 240.0) -> subprocess.CompletedProcess:
@@ -55,7 +51,7 @@ def _rankings(url: str, users) -> list:
 
 
 def test_up_ckpt_down_restore_reproduces_rankings(tmp_path):
-    port = _free_port()
+    port = free_port()
     cfg = tmp_path / "freshet.yaml"
     cfg.write_text(yaml.safe_dump({
         "namespace": "clitest",
@@ -65,7 +61,7 @@ def test_up_ckpt_down_restore_reproduces_rankings(tmp_path):
         "serving": {"port": port},
     }))
     url = f"http://127.0.0.1:{port}"
-    ray_port = str(_free_port())
+    ray_port = str(free_port())
     up = _freshet("up", "--config", str(cfg), "--ray-port", ray_port)
     assert up.returncode == 0, up.stdout + up.stderr
     try:
@@ -103,7 +99,7 @@ def test_up_ckpt_down_restore_reproduces_rankings(tmp_path):
     conf["ingest"]["dir"] = str(tmp_path / "fresh-data")
     fresh.write_text(yaml.safe_dump(conf))
     ckpt = tmp_path / "data" / "ps" / "checkpoints" / "first"
-    restore = _freshet("ckpt", "--config", str(fresh), "restore", str(ckpt), "--ray-port", str(_free_port()))
+    restore = _freshet("ckpt", "--config", str(fresh), "restore", str(ckpt), "--ray-port", str(free_port()))
     assert restore.returncode == 0, restore.stdout + restore.stderr
     try:
         assert _rankings(url, users) == before

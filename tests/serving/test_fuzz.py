@@ -19,9 +19,7 @@ from __future__ import annotations
 
 import json
 import math
-import socket
 import tempfile
-import time
 import urllib.parse
 import uuid
 from dataclasses import dataclass
@@ -33,7 +31,7 @@ import pytest
 from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
 
-from tests.conftest import _ray_start
+from tests.conftest import _ray_start, free_port, wait_for
 
 TOKEN = "fuzz-token-7f3a"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -68,22 +66,8 @@ class Deployment:
     ps: Any  # ps.client.PSClient attached from the driver
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
-def _wait(fn, timeout_s: float, what: str, interval_s: float = 0.1):
-    """Poll ``fn`` until it returns a truthy value; fail naming ``what`` after ``timeout_s``."""
-    deadline = time.monotonic() + timeout_s
-    last = None
-    while time.monotonic() < deadline:
-        last = fn()
-        if last:
-            return last
-        time.sleep(interval_s)
-    pytest.fail(f"timed out after {timeout_s} s waiting for {what} (last: {last!r})")
 
 
 def _stats(http: httpx.Client) -> dict:
@@ -94,7 +78,7 @@ def _stats(http: httpx.Client) -> dict:
 
 def _settled(http: httpx.Client, timeout_s: float = 30.0) -> dict:
     """Stats once the trainer has applied every accepted event."""
-    return _wait(
+    return wait_for(
         lambda: (s := _stats(http))["events_applied"] == s["events_accepted"] and s,
         timeout_s,
         "the trainer to apply every accepted event",
@@ -121,7 +105,7 @@ def deployment():
             "stream": {"kind": "ingest", "num_events": None},
             "ingest": {"dir": tempfile.mkdtemp(prefix="freshet-fuzz-"), "fsync": False},
             "serving": {
-                "port": _free_port(),
+                "port": free_port(),
                 "auth_token": TOKEN,
                 "max_events_per_request": MAX_EVENTS,
                 "max_body_bytes": MAX_BODY,
