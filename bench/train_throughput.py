@@ -38,6 +38,7 @@ from ps import optim
 from ps.config import FreshetConfig, InitKind, LossKind, OptimizerConfig, StreamKind, TableConfig, load_config
 from ps.ids import ID, as_id_array, id_keys, ids_from_arrow, init_rows
 from workers.model import bpr_loss
+from workers.trainer import sample_negatives
 
 __all__ = [
     "REPORT_KEYS",
@@ -186,15 +187,10 @@ class InProcessMF:
     def negatives(self, b: int, rng: np.random.Generator) -> np.ndarray:
         """``b * num_negatives`` catalogue items drawn with ``rng``: the first share by popularity, the rest uniform."""
         m = self.cfg.model
-        n, k = len(self.cat_ids), m.num_negatives
-        idx = rng.integers(0, n, size=(b, k))
-        n_pop = int(round(k * m.popularity_negative_fraction))
-        if n_pop:
-            cum = np.cumsum(self.cat_counts[:n])
-            if cum[-1] > 0:
-                draws = rng.random((b, n_pop)) * cum[-1]
-                idx[:, :n_pop] = np.minimum(np.searchsorted(cum, draws, side="right"), n - 1)
-        return as_id_array(self.cat_ids)[idx.reshape(-1)]
+        n = len(self.cat_ids)
+        return sample_negatives(
+            as_id_array(self.cat_ids), self.cat_counts[:n], b, m.num_negatives, m.popularity_negative_fraction, rng
+        )
 
     def loss(self, users: np.ndarray, items: np.ndarray, negs: np.ndarray) -> torch.Tensor:
         """BPR loss (nats, summed over events) of the current rows; ``negs`` is ``[b * num_negatives]``.

@@ -30,7 +30,7 @@ from workers._wal import PushRecord, TrainerWAL
 from workers.model import bpr_loss, mse_loss
 from workers.ranking import Ranker
 
-__all__ = ["Trainer", "resolve_device", "start_trainers", "trainer_actor_name"]
+__all__ = ["Trainer", "resolve_device", "sample_negatives", "start_trainers", "trainer_actor_name"]
 
 _SEQ_PER_BATCH = 128  # push seq = batch start offset * 128 + pass; passes are capped at 100
 
@@ -56,6 +56,22 @@ def _stream_id(cfg: FreshetConfig) -> str:
 
     text = cfg.stream.model_dump_json(exclude={"num_events", "quarantine_path"})
     return f"{cfg.stream.kind.value}:{hashlib.blake2b(text.encode(), digest_size=6).hexdigest()}"
+
+
+def sample_negatives(
+    catalogue: np.ndarray, counts: np.ndarray, b: int, k: int, popularity_fraction: float, rng: np.random.Generator
+) -> np.ndarray:
+    """``b * k`` negative item IDs from ``catalogue``: per event, the first
+    ``round(k * popularity_fraction)`` drawn proportionally to ``counts``, the rest uniformly."""
+    n = len(catalogue)
+    idx = rng.integers(0, n, size=(b, k))
+    n_pop = int(round(k * popularity_fraction))
+    if n_pop:
+        cum = np.cumsum(counts[:n])
+        if cum[-1] > 0:
+            draws = rng.random((b, n_pop)) * cum[-1]
+            idx[:, :n_pop] = np.minimum(np.searchsorted(cum, draws, side="right"), n - 1)
+    return catalogue[idx.reshape(-1)]
 
 
 def _factorize(ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -230,16 +246,9 @@ class Trainer:
     def _negatives(self, b: int, rng: np.random.Generator) -> np.ndarray:
         m = self.cfg.model
         n = len(self.cat_ids)
-        k = m.num_negatives
-        idx = rng.integers(0, n, size=(b, k))
-        n_pop = int(round(k * m.popularity_negative_fraction))
-        if n_pop:
-            cum = np.cumsum(self.cat_counts[:n])
-            if cum[-1] > 0:
-                draws = rng.random((b, n_pop)) * cum[-1]
-                idx[:, :n_pop] = np.minimum(np.searchsorted(cum, draws, side="right"), n - 1)
-        ids = as_id_array(self.cat_ids)
-        return ids[idx.reshape(-1)]
+        return sample_negatives(
+            as_id_array(self.cat_ids), self.cat_counts[:n], b, m.num_negatives, m.popularity_negative_fraction, rng
+        )
 
     def _mine(self, raw: pa.RecordBatch) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """``(users, items, weights, ingest_ts)`` of the events in this trainer's partition."""
