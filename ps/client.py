@@ -43,13 +43,37 @@ class _Route:
 class PendingPull:
     """A pull in flight; :meth:`result` waits and reassembles rows in request order."""
 
-    def __init__(self, client: "PSClient", routes: dict[str, _Route], refs: dict[int, ray.ObjectRef], dims: dict[str, int]):
+    def __init__(
+        self,
+        client: "PSClient",
+        routes: dict[str, _Route],
+        refs: dict[int, ray.ObjectRef],
+        dims: dict[str, int],
+        parts: dict[int, dict[str, np.ndarray]],
+        create: bool,
+        after: tuple[PushId, list[ray.ObjectRef]] | None = None,
+    ):
         self._client, self._routes, self._refs, self._dims = client, routes, refs, dims
+        self._parts, self._create, self._after = parts, create, after
 
     def result(self) -> dict[str, tuple[np.ndarray, np.ndarray]]:
         """``{table: (rows[n, dim] float32, found[n] bool)}`` in the caller's ID order."""
         shard_ids = list(self._refs)
         replies = self._client._get([self._refs[s] for s in shard_ids])
+        early = [i for i, r in enumerate(replies) if r is None]
+        if early:
+            # Some shard answered before applying the push this pull must follow (a
+            # retried push after a restart): wait for that push, then read again.
+            push_id, push_refs = self._after
+            self._client._get(push_refs)
+            again = self._client._get(
+                [self._client.shards[shard_ids[i]].pull_after.remote(self._parts[shard_ids[i]], self._create, push_id)
+                 for i in early]
+            )
+            if any(r is None for r in again):
+                raise RuntimeError(f"push {push_id} acknowledged but not applied on every shard")
+            for i, r in zip(early, again):
+                replies[i] = r
         out = {}
         for name, route in self._routes.items():
             n = len(route.ids)
@@ -108,16 +132,30 @@ class PSClient:
             raise KeyError(f"unknown table {table!r}; tables: {sorted(self.dims)}") from None
 
     # -- reads -------------------------------------------------------------------------
-    def pull_async(self, requests: dict[str, Sequence[ID] | np.ndarray], *, create: bool = True) -> PendingPull:
-        """Start pulling ``{table: ids}``; one call per shard that owns any of the IDs."""
+    def pull_async(
+        self,
+        requests: dict[str, Sequence[ID] | np.ndarray],
+        *,
+        create: bool = True,
+        after: tuple[PushId, list[ray.ObjectRef]] | None = None,
+    ) -> PendingPull:
+        """Start pulling ``{table: ids}``; one call per shard that owns any of the IDs.
+
+        ``after=(push_id, push_refs)`` makes the result reflect that push (sent earlier by
+        this caller, not yet awaited) on every shard, even if a shard restarted between.
+        """
         routes = {name: self._route(ids) for name, ids in requests.items()}
         dims = {name: self._dim(name) for name in requests}
-        refs = {}
+        refs, parts = {}, {}
         for s in range(self.num_shards):
             part = {name: r.ids[r.positions[s]] for name, r in routes.items() if len(r.positions[s])}
             if part:
-                refs[s] = self.shards[s].pull.remote(part, create)
-        return PendingPull(self, routes, refs, dims)
+                parts[s] = part
+                if after is None:
+                    refs[s] = self.shards[s].pull.remote(part, create)
+                else:
+                    refs[s] = self.shards[s].pull_after.remote(part, create, after[0])
+        return PendingPull(self, routes, refs, dims, parts, create, after)
 
     def pull_many(self, requests: dict[str, Sequence[ID] | np.ndarray], *, create: bool = True) -> dict[str, tuple[np.ndarray, np.ndarray]]:
         """Rows and found-masks of ``{table: ids}``, each in the order given."""

@@ -393,6 +393,20 @@ class PSShard:
             out[name] = (rows, found)
         return out
 
+    def pull_after(
+        self, requests: dict[str, np.ndarray], create: bool, after: PushId
+    ) -> dict[str, tuple[np.ndarray, np.ndarray]] | None:
+        """:meth:`pull`, but only once push ``after`` (or a later one from its producer) is
+        applied; None, changing nothing, if it is not yet.
+
+        Ray normally runs one caller's calls in order, but a push retried after a shard
+        restart can arrive behind a pull sent after it: this lets the caller notice.
+        """
+        producer, seq = PushId(*after)
+        if self.high_water.get(producer, -1) < seq:
+            return None
+        return self.pull(requests, create)
+
     def seen_items(self, user_ids: np.ndarray) -> list[list[ID]]:
         """The most recent items each user interacted with (oldest first)."""
         return [list(self.seen.get(u, ())) for u in as_id_array(user_ids).tolist()]

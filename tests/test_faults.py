@@ -190,8 +190,8 @@ class TestShardFaultsWhileTraining:
 
     @KILLS
     def test_killed_shard_mid_stream_ends_in_the_reference_state(self, reference, tmp_path, kill):
-        # Without prefetch the trainer pulls only after its previous push is acknowledged,
-        # so the result cannot depend on how Ray orders retried calls (see the xfail below).
+        # Without prefetch the trainer pulls only after its previous push is acknowledged;
+        # the prefetch test below covers a pull sent while a retried push is in flight.
         stats, state, info = _run_direct(f"faults-{kill.__name__[1:]}-{uuid.uuid4().hex[:6]}", tmp_path, kill,
                                          prefetch=False)
         # The kill landed mid-stream, replaced the process, and the new incarnation started
@@ -203,13 +203,9 @@ class TestShardFaultsWhileTraining:
         assert stats["error"] is None
         _assert_same_state(state, reference)  # the reference ran with prefetch on: same model
 
-    @pytest.mark.xfail(
-        strict=False,  # intermittent: only when the kill lands between a push and the next pull
-        reason="workers/trainer.py relies on Ray's per-caller ordering of actor calls for its prefetched "
-        "pull; after a shard restart Ray may run the retried push after the pull sent behind it, so the "
-        "trainer trains on rows without its own last push (every push is still applied exactly once)",
-    )
     def test_killed_shard_with_prefetch_ends_in_the_reference_state(self, reference, tmp_path):
+        # Ray may run a push retried after the restart behind the prefetched pull sent after
+        # it; the pull names that push (pull_after) and is read again once it is applied.
         stats, state, info = _run_direct(f"faults-prefetch-{uuid.uuid4().hex[:6]}", tmp_path, _ray_kill)
         assert info["new_pid"] != info["pid"]
         assert stats["applied_offset"] == stats["events_applied"] == EVENTS

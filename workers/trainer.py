@@ -1,9 +1,12 @@
 """Trainer actors: read a partition of the stream in mini-batches, pull only the rows a
 batch touches, compute gradients with torch, push sparse per-row gradients.
 
-Pipelining relies on Ray's per-caller ordering of actor calls: the pull of the next
-pass or batch is submitted after the current push, so each shard serves it after
-applying that push and the trainer never trains on rows older than its own updates.
+Pipelining uses Ray's per-caller ordering of actor calls: the pull of the next pass
+or batch is submitted right after the current push, without waiting for it. Ray can
+break that order when it retries the push after a shard restart, so such a pull names
+the push it must follow (``PSClient.pull_async(after=...)``) and is read again if a
+shard answered before applying it: the trainer never trains on rows older than its
+own updates.
 """
 
 from __future__ import annotations
@@ -304,10 +307,12 @@ class Trainer:
             self.seen[u].add(i)
 
     # -- training ----------------------------------------------------------------------
-    def _pull(self, batch: _Batch):
+    def _pull(self, batch: _Batch, after: tuple[PushId, list] | None = None):
+        """Pull a batch's rows; ``after`` = the not-yet-awaited push they must reflect."""
         m = self.cfg.model
         return self.client.pull_async(
-            {m.user_table: batch.uniq_users, m.item_table: batch.uniq_items, m.item_bias_table: batch.uniq_items}
+            {m.user_table: batch.uniq_users, m.item_table: batch.uniq_items, m.item_bias_table: batch.uniq_items},
+            after=after,
         )
 
     def _gradients(self, batch: _Batch, pulled) -> dict[str, tuple[np.ndarray, np.ndarray]]:
@@ -335,8 +340,9 @@ class Trainer:
         """Passes ``first_pass..`` over ``batch``; returns the pushes' refs (not yet awaited)."""
         m = self.cfg.model
         refs: list = []
+        last: tuple[PushId, list] | None = None
         for p in range(first_pass, self.cfg.trainer.passes):
-            pulled = (pending if p == first_pass else self._pull(batch)).result()
+            pulled = (pending if p == first_pass else self._pull(batch, after=last)).result()
             updates = self._gradients(batch, pulled)
             history = None
             if p == 0:
@@ -346,7 +352,9 @@ class Trainer:
             seq = batch.start * _SEQ_PER_BATCH + p
             if self.wal is not None:
                 self.wal.write(PushRecord(seq, batch.start, batch.end, p), updates, history)
-            refs += self.client.push_async(updates, PushId(self.producer, seq), history)
+            push_refs = self.client.push_async(updates, PushId(self.producer, seq), history)
+            refs += push_refs
+            last = (PushId(self.producer, seq), push_refs)
             batch.seqs.append(seq)
         return refs
 
@@ -404,7 +412,10 @@ class Trainer:
                     # Read and pull the next batch while the shards apply this push;
                     # the pull is ordered after the push on every shard.
                     got = self._read_after(batch.end)
-                    if got is not None:
+                    if got is not None and batch.seqs:
+                        nb = self._prepare(*got)
+                        nxt = (nb, self._pull(nb, after=(PushId(self.producer, batch.seqs[-1]), refs)))
+                    elif got is not None:
                         nb = self._prepare(*got)
                         nxt = (nb, self._pull(nb))
                 else:

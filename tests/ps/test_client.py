@@ -215,3 +215,23 @@ def test_connect_by_namespace_sees_the_same_state(deployment):
     assert other.ping() and client.ping()
     with pytest.raises(ValueError):
         PSClient.connect(f"no-such-{uuid.uuid4().hex[:6]}", timeout_s=5)
+
+
+def test_pull_after_a_push_reflects_it_even_if_sent_before_it(deployment):
+    # Simulates Ray running a retried push behind a later pull: the pull is sent before
+    # the push it names, every shard answers "too early", and the client reads again once
+    # the push is acknowledged.
+    _, _, client = deployment
+    ids = [f"after-{i}" for i in range(20)]
+    before = client.pull("user", ids)
+    push_refs: list = []
+    pending = client.pull_async({"user": ids}, after=(PushId("after-test", 0), push_refs))
+    grads = np.ones((len(ids), client.dims["user"]), np.float32)
+    push_refs += client.push_async({"user": (ids, grads)}, PushId("after-test", 0))
+    rows, found = pending.result()["user"]
+    assert found.all()
+    np.testing.assert_array_equal(rows, client.pull("user", ids))
+    assert not np.array_equal(rows, before)
+    # Without the wait, shards say "not yet" rather than returning stale rows.
+    shard = client.shards[0]
+    assert ray.get(shard.pull_after.remote({"user": np.array(["x"], dtype=object)}, True, PushId("never", 0))) is None
