@@ -46,6 +46,23 @@ def wait_for(fn, timeout_s: float, what: str, interval_s: float = 0.1):
     pytest.fail(f"timed out after {timeout_s} s waiting for {what} (last: {last!r})")
 
 
+class FakeClock:
+    """Stands in for the ``time`` module inside a module under test, so ages are exact:
+    ``time()`` returns ``now``; everything else is the real ``time``."""
+
+    def __init__(self, now: float):
+        self.now = now
+
+    def time(self) -> float:
+        """The fake current time (unix seconds)."""
+        return self.now
+
+    def __getattr__(self, name):
+        import time
+
+        return getattr(time, name)
+
+
 @contextlib.contextmanager
 def _ray_start(**kwargs):
     """Start a local Ray (2 CPUs, 127.0.0.1, private temp dir) and shut it down after."""

@@ -28,7 +28,7 @@ from ps.client import PSClient, shard_actor_name, start_shards
 from ps.config import FreshetConfig, load_config
 from ps.plan import ShardingPlan
 from ps.shard import PSShard
-from tests.conftest import _ray_start
+from tests.conftest import _ray_start, wait_for
 from workers.trainer import Trainer, start_trainers, trainer_actor_name
 
 EVENTS = 6000
@@ -40,15 +40,7 @@ LATENCY_MARGIN_S = 3.0
 
 
 def _wait(fn, timeout_s: float, what: str, interval_s: float = 0.05):
-    """Poll ``fn`` until it returns a truthy value; fail naming ``what`` after ``timeout_s``."""
-    deadline = time.monotonic() + timeout_s
-    last = None
-    while time.monotonic() < deadline:
-        last = fn()
-        if last:
-            return last
-        time.sleep(interval_s)
-    pytest.fail(f"timed out after {timeout_s} s waiting for {what} (last: {last!r})")
+    return wait_for(fn, timeout_s, what, interval_s=interval_s)
 
 
 def _ray_kill(shard) -> None:

@@ -20,6 +20,7 @@ from ps.config import PSConfig, load_config
 from ps.persist import list_checkpoints, read_log, read_snapshot
 from ps.plan import ShardingPlan
 from ps.shard import PSShard, PushId
+from tests.conftest import FakeClock
 
 DIM = 4
 
@@ -224,23 +225,12 @@ def test_rejected_pushes_change_nothing_and_are_not_logged(tmp_path):
     assert a.push(PushId("x", 0), {"user": good}) == (4, True)  # the push id was not consumed
 
 
-class _Clock:
-    """Stands in for ``time`` inside ``ps.shard`` so row ages are exact."""
-
-    def __init__(self, now: float):
-        self.now = now
-
-    def time(self) -> float:
-        return self.now
-
-    def __getattr__(self, name):
-        return getattr(time, name)
 
 
 def test_ttl_expiry_is_replayed_with_its_tombstones(tmp_path, monkeypatch):
     import ps.shard as shard_mod
 
-    clock = _Clock(1_000_000.0)
+    clock = FakeClock(1_000_000.0)
     monkeypatch.setattr(shard_mod, "time", clock)
     cfg = _cfg(tables={"item": {"dim": DIM, "ttl_s": 10.0}})
     a = _shard(cfg, tmp_path / "s")

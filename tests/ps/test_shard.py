@@ -3,7 +3,6 @@ pushes, atomic rejection of bad pushes, delta sync, history and TTL expiry."""
 
 from __future__ import annotations
 
-import time
 
 import numpy as np
 import pytest
@@ -14,6 +13,7 @@ from ps.config import OptimizerKind, PSConfig, load_config
 from ps.ids import id_keys, init_rows
 from ps.plan import ShardingPlan
 from ps.shard import PSShard, PushId
+from tests.conftest import FakeClock
 
 DIM = 4
 
@@ -323,24 +323,13 @@ def test_history_off_when_seen_per_user_is_zero():
 # --------------------------------------------------------------------------- TTL
 
 
-class _Clock:
-    """Stands in for the ``time`` module inside ``ps.shard`` so row ages are exact."""
-
-    def __init__(self, now: float):
-        self.now = now
-
-    def time(self) -> float:
-        return self.now
-
-    def __getattr__(self, name):
-        return getattr(time, name)
 
 
 @pytest.fixture
 def clock(monkeypatch):
     import ps.shard as shard_mod
 
-    c = _Clock(1_000_000.0)
+    c = FakeClock(1_000_000.0)
     monkeypatch.setattr(shard_mod, "time", c)
     return c
 
