@@ -38,7 +38,7 @@ from ps import optim
 from ps.config import FreshetConfig, InitKind, LossKind, OptimizerConfig, StreamKind, TableConfig, load_config
 from ps.ids import ID, as_id_array, id_keys, ids_from_arrow, init_rows
 from workers.model import bpr_loss
-from workers.trainer import sample_negatives
+from workers.trainer import Catalogue
 
 __all__ = [
     "REPORT_KEYS",
@@ -168,29 +168,14 @@ class InProcessMF:
         self.cfg = cfg
         names = (m.user_table, m.item_table, m.item_bias_table, m.popularity_table)
         self.tables = {n: InProcessTable(n, cfg.ps.table(n), cfg.ps.optimizer_for(n), cfg.ps.seed) for n in names}
-        self.cat_index: dict[ID, int] = {}
-        self.cat_ids: list[ID] = []
-        self.cat_counts = np.zeros(1024, dtype=np.float64)
+        self.catalogue = Catalogue()
         self.batches = 0
         self.last_leaves: tuple | None = None
-
-    def _add_items(self, items: np.ndarray) -> None:
-        for x in items.tolist():
-            j = self.cat_index.get(x)
-            if j is None:
-                j = self.cat_index[x] = len(self.cat_ids)
-                self.cat_ids.append(x)
-                if j >= len(self.cat_counts):
-                    self.cat_counts = np.concatenate([self.cat_counts, np.zeros(len(self.cat_counts))])
-            self.cat_counts[j] += 1.0
 
     def negatives(self, b: int, rng: np.random.Generator) -> np.ndarray:
         """``b * num_negatives`` catalogue items drawn with ``rng``: the first share by popularity, the rest uniform."""
         m = self.cfg.model
-        n = len(self.cat_ids)
-        return sample_negatives(
-            as_id_array(self.cat_ids), self.cat_counts[:n], b, m.num_negatives, m.popularity_negative_fraction, rng
-        )
+        return self.catalogue.sample(b, m.num_negatives, m.popularity_negative_fraction, rng)
 
     def loss(self, users: np.ndarray, items: np.ndarray, negs: np.ndarray) -> torch.Tensor:
         """BPR loss (nats, summed over events) of the current rows; ``negs`` is ``[b * num_negatives]``.
@@ -225,7 +210,7 @@ class InProcessMF:
         if not len(users):
             return 0.0
         m = self.cfg.model
-        self._add_items(items)
+        self.catalogue.add(items)
         rng = np.random.default_rng([self.cfg.ps.seed, 0, int(start)])
         loss = self.loss(users, items, self.negatives(len(users), rng))
         loss.backward()

@@ -40,7 +40,7 @@ import torch
 from ps import optim
 from ps.config import FreshetConfig, InitKind, LossKind
 from ps.ids import ID, as_id_array, id_keys, ids_from_arrow, init_rows
-from workers.model import bpr_loss, mse_loss
+from workers.model import bpr_loss, mse_loss, negative_slots
 from workers.ranking import Ranker
 
 __all__ = [
@@ -310,13 +310,8 @@ class _LocalMF:
                 self._step(u[sel], i[sel], weights[sel])
 
     def _negatives(self, b: int) -> np.ndarray:
-        m, n = self.model, len(self.item_ids)
-        idx = self.rng.integers(0, n, size=(b, m.num_negatives))
-        n_pop = int(round(m.num_negatives * m.popularity_negative_fraction))
-        if n_pop:
-            cum = np.cumsum(self.counts)
-            idx[:, :n_pop] = np.minimum(np.searchsorted(cum, self.rng.random((b, n_pop)) * cum[-1], side="right"), n - 1)
-        return idx
+        m = self.model
+        return negative_slots(self.counts[: len(self.item_ids)], b, m.num_negatives, m.popularity_negative_fraction, self.rng)
 
     def _step(self, u: np.ndarray, i: np.ndarray, w: np.ndarray) -> None:
         m = self.model

@@ -30,10 +30,10 @@ from ps.config import FreshetConfig, LossKind, StreamKind
 from ps.ids import ID, as_id_array, id_keys, ids_from_arrow
 from ps.shard import PushId
 from workers._wal import PushRecord, TrainerWAL
-from workers.model import bpr_loss, mse_loss
+from workers.model import bpr_loss, mse_loss, negative_slots
 from workers.ranking import Ranker
 
-__all__ = ["Trainer", "resolve_device", "sample_negatives", "start_trainers", "trainer_actor_name"]
+__all__ = ["Catalogue", "Trainer", "resolve_device", "start_trainers", "trainer_actor_name"]
 
 _SEQ_PER_BATCH = 128  # push seq = batch start offset * 128 + pass; passes are capped at 100
 
@@ -61,20 +61,48 @@ def _stream_id(cfg: FreshetConfig) -> str:
     return f"{cfg.stream.kind.value}:{hashlib.blake2b(text.encode(), digest_size=6).hexdigest()}"
 
 
-def sample_negatives(
-    catalogue: np.ndarray, counts: np.ndarray, b: int, k: int, popularity_fraction: float, rng: np.random.Generator
-) -> np.ndarray:
-    """``b * k`` negative item IDs from ``catalogue``: per event, the first
-    ``round(k * popularity_fraction)`` drawn proportionally to ``counts``, the rest uniformly."""
-    n = len(catalogue)
-    idx = rng.integers(0, n, size=(b, k))
-    n_pop = int(round(k * popularity_fraction))
-    if n_pop:
-        cum = np.cumsum(counts[:n])
-        if cum[-1] > 0:
-            draws = rng.random((b, n_pop)) * cum[-1]
-            idx[:, :n_pop] = np.minimum(np.searchsorted(cum, draws, side="right"), n - 1)
-    return catalogue[idx.reshape(-1)]
+class Catalogue:
+    """Items seen so far, in stream order, with interaction counts: where negatives come from.
+
+    Stream order (not PS order) makes sampling reproducible, so a restarted trainer that
+    replays the stream draws exactly the negatives it drew before.
+    """
+
+    def __init__(self):
+        self.index: dict[ID, int] = {}
+        self._ids: list[ID] = []
+        self._counts = np.zeros(1024, dtype=np.float64)
+        self._array: np.ndarray | None = None  # as_id_array(_ids), rebuilt only after growth
+
+    def __len__(self) -> int:
+        return len(self._ids)
+
+    def add(self, ids: np.ndarray, counts: np.ndarray | None = None) -> None:
+        """Count ``ids`` (``counts`` each, default 1 interaction), appending new ones."""
+        counts = np.ones(len(ids)) if counts is None else np.asarray(counts, dtype=np.float64)
+        for x, c in zip(ids.tolist(), counts.tolist()):
+            j = self.index.get(x)
+            if j is None:
+                j = self.index[x] = len(self._ids)
+                self._ids.append(x)
+                self._array = None
+                if j >= len(self._counts):
+                    self._counts = np.concatenate([self._counts, np.zeros(len(self._counts))])
+            self._counts[j] += c
+
+    def ids(self) -> np.ndarray:
+        """Item IDs by slot (int64 or object array)."""
+        if self._array is None:
+            self._array = as_id_array(self._ids)
+        return self._array
+
+    def counts(self) -> np.ndarray:
+        """Interactions per slot."""
+        return self._counts[: len(self._ids)]
+
+    def sample(self, b: int, k: int, popularity_fraction: float, rng: np.random.Generator) -> np.ndarray:
+        """``b * k`` negative item IDs (see :func:`workers.model.negative_slots`)."""
+        return self.ids()[negative_slots(self.counts(), b, k, popularity_fraction, rng).reshape(-1)]
 
 
 def _factorize(ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -139,10 +167,7 @@ class Trainer:
         self.producer = f"{cfg.namespace}/{trainer_actor_name(index)}/{self.source_id}"
         m = cfg.model
         self.tables = (m.user_table, m.item_table, m.item_bias_table, m.popularity_table)
-        # Local catalogue for negative sampling, in stream order (a restart rebuilds it so).
-        self.cat_index: dict[ID, int] = {}
-        self.cat_ids: list[ID] = []
-        self.cat_counts = np.zeros(1024, dtype=np.float64)
+        self.catalogue = Catalogue()  # rebuilt in stream order on restart
         self.evaluate, self.eval_k = evaluate, eval_k
         self.cache = RowCache(self.client, [m.item_table, m.item_bias_table, m.popularity_table]) if evaluate else None
         self.seen: dict[ID, set] = collections.defaultdict(set)
@@ -197,7 +222,7 @@ class Trainer:
             if raw.num_rows == 0:
                 break
             users, items, _, _ = self._mine(raw)
-            self._add_items(items, np.ones(len(items)))
+            self.catalogue.add(items)
             if self.evaluate:
                 for u, i in zip(users.tolist(), items.tolist()):
                     self.seen[u].add(i)
@@ -235,24 +260,6 @@ class Trainer:
         end = self.source.end_offset
         return end is not None and self.offset >= end
 
-    # -- catalogue and negatives -------------------------------------------------------
-    def _add_items(self, ids: np.ndarray, counts: np.ndarray) -> None:
-        for x, c in zip(ids.tolist(), np.asarray(counts, dtype=np.float64).tolist()):
-            j = self.cat_index.get(x)
-            if j is None:
-                j = self.cat_index[x] = len(self.cat_ids)
-                self.cat_ids.append(x)
-                if j >= len(self.cat_counts):
-                    self.cat_counts = np.concatenate([self.cat_counts, np.zeros(len(self.cat_counts))])
-            self.cat_counts[j] += c
-
-    def _negatives(self, b: int, rng: np.random.Generator) -> np.ndarray:
-        m = self.cfg.model
-        n = len(self.cat_ids)
-        return sample_negatives(
-            as_id_array(self.cat_ids), self.cat_counts[:n], b, m.num_negatives, m.popularity_negative_fraction, rng
-        )
-
     def _mine(self, raw: pa.RecordBatch) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """``(users, items, weights, ingest_ts)`` of the events in this trainer's partition."""
         users = ids_from_arrow(raw.column("user_id"))
@@ -271,9 +278,14 @@ class Trainer:
         # restarted trainer recomputes exactly the pushes it lost.
         rng = np.random.default_rng([self.cfg.ps.seed, self.index, start])
         if len(items):
-            self._add_items(items, np.ones(len(items)))
-        b, m = len(users), self.cfg.model.num_negatives
-        negs = self._negatives(b, rng) if b and self.cfg.model.loss == LossKind.BPR else as_id_array([])
+            self.catalogue.add(items)
+        mc = self.cfg.model
+        b, m = len(users), mc.num_negatives
+        negs = (
+            self.catalogue.sample(b, m, mc.popularity_negative_fraction, rng)
+            if b and mc.loss == LossKind.BPR
+            else as_id_array([])
+        )
         uniq_users, user_inv = _factorize(users) if b else (as_id_array([]), np.empty(0, np.int64))
         if items.dtype == negs.dtype == np.int64 or not len(negs):
             all_items = np.concatenate([items, negs]) if len(negs) else items

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -28,7 +27,6 @@ from workers.events import empty_events, make_events
 from workers.ranking import Ranked, Ranker
 from workers.strategies import Chunk, ItemView, Strategy, make_strategy, parse_strategy_spec
 
-ML_SMALL = Path(__file__).resolve().parents[2] / ".." / "shared" / "data" / "ml-latest-small"
 CFG = FreshetConfig()
 N_ITEMS = 30
 ITEMS = [100 + j for j in range(N_ITEMS)]  # catalogue slot j holds item 100 + j
@@ -216,18 +214,11 @@ def test_strategy_specs_are_validated():
 # --------------------------------------------------------------------------- end to end
 
 
-@pytest.fixture
-def ratings() -> Path:
-    path = ML_SMALL / "ratings.csv"
-    if not path.exists():
-        pytest.skip(f"MovieLens data not found at {path}")
-    return path
 
-
-def test_every_strategy_runs_end_to_end_and_the_report_parses(ratings, tmp_path, ray_cluster):
+def test_every_strategy_runs_end_to_end_and_the_report_parses(movielens_ratings, tmp_path, ray_cluster):
     cfg = load_config(None, {"ps": {"tables": {"user": {"dim": 16}, "item": {"dim": 16}}}})
     specs = ["incremental", "popularity", "frozen:epochs=3", "retrain:every=500,epochs=2", "finetune:every=500,epochs=2", "als"]
-    report = run_eval(cfg, data=str(ratings), strategies=specs, report_dir=tmp_path, max_events=2000, progress=False)
+    report = run_eval(cfg, data=str(movielens_ratings), strategies=specs, report_dir=tmp_path, max_events=2000, progress=False)
     rows = report["strategies"]
     assert set(rows) == set(specs) - {"als"} | ({"als"} & set(rows))
     if "als" not in rows:

@@ -13,6 +13,7 @@ import pytest
 
 from ps.config import StreamConfig, StreamKind, SyntheticConfig
 from workers.events import EVENT_COLUMNS
+from tests.conftest import MOVIELENS
 from workers.streams import (
     QUARANTINE_SCHEMA,
     MovieLensSource,
@@ -22,7 +23,6 @@ from workers.streams import (
     read_quarantine,
 )
 
-ML_SMALL = Path(__file__).resolve().parents[2] / ".." / "shared" / "data" / "ml-latest-small"
 
 
 def rows(batch: pa.RecordBatch) -> dict:
@@ -303,10 +303,10 @@ def test_quarantine_file_keeps_other_sources(tmp_path):
     ]
 
 
-@pytest.mark.skipif(not (ML_SMALL / "ratings.csv").is_file(), reason="shared MovieLens data absent")
+@pytest.mark.skipif(not (MOVIELENS / "ratings.csv").is_file(), reason="shared MovieLens data absent")
 def test_movielens_real_ratings():
-    path = ML_SMALL / "ratings.csv"
-    src = MovieLensSource(ML_SMALL)
+    path = MOVIELENS / "ratings.csv"
+    src = MovieLensSource(MOVIELENS)
     assert src.end_offset == 100_836
     assert src.quarantined == 0
     ts = np.concatenate([src.read(o, 20_000).column("timestamp").to_numpy() for o in range(0, 100_836, 20_000)])
