@@ -247,9 +247,6 @@ class ServingConfig(_Model):
     max_body_bytes: int = Field(8 << 20, ge=1024, description="largest accepted request body (bytes); 413 above")
     max_k: int = Field(1000, ge=1, le=100_000, description="largest k for /rank (items)")
     auth_token: str | None = Field(None, description="bearer token required by write endpoints; null disables")
-    popularity_halflife_events: float | None = Field(
-        None, gt=0, description="reserved for recency-decayed popularity; null uses raw counts"
-    )
 
 
 class FreshetConfig(_Model):

@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from ps.config import ConfigError, FreshetConfig, StreamKind, load_config
+from ps.config import ConfigError, FreshetConfig, StreamKind, _merge, load_config
 
 __all__ = ["main"]
 
@@ -56,24 +56,17 @@ def _data_overrides(data: str | None, events: int | None) -> dict[str, Any]:
 def _load(args, extra: dict[str, Any] | None = None) -> FreshetConfig:
     overrides = _data_overrides(getattr(args, "data", None), getattr(args, "events", None))
     if extra:
-        from ps.config import _merge
-
         overrides = _merge(overrides, extra)
     return load_config(args.config, overrides)
 
 
-def _ray_init(address: str | None, namespace: str, ray_dir: str | None = None):
+def _ray_init(address: str | None, namespace: str):
     import ray
 
     _env_defaults()
     if address:
         return ray.init(address=address, namespace=namespace, log_to_driver=False)
-    opts: dict[str, Any] = dict(
-        namespace=namespace, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False
-    )
-    if ray_dir:
-        opts["_temp_dir"] = ray_dir
-    return ray.init(**opts)
+    return ray.init(namespace=namespace, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
 
 
 class _Feeder(threading.Thread):
@@ -178,13 +171,7 @@ def cmd_run(args) -> int:
     work = Path(tempfile.mkdtemp(prefix="freshet-run-"))
     ns = f"{base.namespace}-run-{os.getpid()}"
     stream_overrides = {} if args.direct else {"kind": StreamKind.INGEST.value}
-    cfg = load_config(
-        args.config,
-        _merge_all(
-            _data_overrides(args.data, args.events),
-            {"namespace": ns, "ingest": {"dir": str(work)}, "stream": stream_overrides},
-        ),
-    )
+    cfg = _load(args, {"namespace": ns, "ingest": {"dir": str(work)}, "stream": stream_overrides})
     source = open_source(base.stream)
     total = base.stream.num_events if base.stream.num_events is not None else source.end_offset
     if total is None:
@@ -244,15 +231,6 @@ def cmd_run(args) -> int:
         with contextlib.suppress(Exception):
             serve.shutdown()
         ray.shutdown()
-
-
-def _merge_all(*dicts: dict[str, Any]) -> dict[str, Any]:
-    from ps.config import _merge
-
-    out: dict[str, Any] = {}
-    for d in dicts:
-        out = _merge(out, d)
-    return out
 
 
 # -- the long-running service ---------------------------------------------------------

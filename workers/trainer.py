@@ -308,7 +308,7 @@ class Trainer:
             users = batch.users[known]
             uniq, inv = _factorize(users)
             rows = self.client.pull_many({self.cfg.model.user_table: uniq}, create=False)[self.cfg.model.user_table]
-            seen = [sorted(self.seen[u], key=str) for u in uniq.tolist()]
+            seen = [list(self.seen[u]) for u in uniq.tolist()]  # exclusion is a set: order is irrelevant
             ranked = ranker.rank_many(rows[0], rows[1], seen, self.eval_k)
             popular = [ranker.popular(s, self.eval_k) for s in seen]
             for u, item in zip(inv.tolist(), batch.items[known].tolist()):
