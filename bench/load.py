@@ -110,8 +110,8 @@ def _free_port() -> int:
 def bench_config(config_path: str | None, ingest_dir: str, namespace: str, port: int | None = None):
     """The deployment's config: ``config_path`` (or defaults) with the bench's overrides.
 
-    Overrides: private ``namespace`` and ``ingest.dir``, trainers read the ingest stream
-    without an end, Serve on 127.0.0.1 at a free ``port`` with a bearer token.
+    Overrides: private ``namespace`` and ``ingest.dir`` (``ingest.state_dir`` unset), trainers
+    read the ingest stream without an end, Serve on 127.0.0.1 at a free ``port`` with a bearer token.
     """
     from ps.config import StreamKind, load_config
 
@@ -119,7 +119,8 @@ def bench_config(config_path: str | None, ingest_dir: str, namespace: str, port:
         config_path,
         {
             "namespace": namespace,
-            "ingest": {"dir": ingest_dir},
+            # The bench keeps its log and state in its own local work dir, whatever the config says.
+            "ingest": {"dir": ingest_dir, "state_dir": None},
             "stream": {"kind": StreamKind.INGEST.value, "num_events": None},
             "serving": {"host": "127.0.0.1", "port": port or _free_port(), "auth_token": _TOKEN},
         },

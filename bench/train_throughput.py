@@ -37,7 +37,7 @@ import torch
 from ps import optim
 from ps.config import FreshetConfig, InitKind, LossKind, OptimizerConfig, StreamKind, TableConfig, load_config
 from ps.ids import ID, as_id_array, id_keys, ids_from_arrow, init_rows
-from workers.model import bpr_loss
+from workers.model import bpr_loss, user_queries
 from workers.trainer import Catalogue
 
 __all__ = [
@@ -141,8 +141,7 @@ class InProcessTable:
         if not len(ids):
             return
         uniq, inverse = np.unique(self.slots(ids), return_inverse=True)
-        g = torch.zeros((len(uniq), self.cfg.dim), dtype=torch.float32)
-        g.index_add_(0, torch.from_numpy(inverse.reshape(-1)), grads)
+        g = optim.reduce_pushed(self.opt.kind, grads, torch.from_numpy(inverse.reshape(-1)), len(uniq))
         u = torch.from_numpy(uniq)
         rows, state = optim.apply(self.opt, self.rows[u], g, self.state[u])
         self.rows[u] = rows
@@ -153,12 +152,15 @@ class InProcessMF:
     """The trainer's model trained in this process: the baseline the PS is measured against.
 
     Per mini-batch it does what ``workers.trainer.Trainer`` does with one worker: add the
-    positives to the local catalogue, draw ``model.num_negatives`` negatives per event
+    positives to the local catalogue, take each user's session context (their latest
+    ``model.context_items`` items before the batch), and for each of ``trainer.passes``
+    passes draw fresh ``model.num_negatives`` negatives per event
     (``popularity_negative_fraction`` of them by interaction count, the rest uniformly,
-    from an RNG seeded like trainer 0's by ``(ps.seed, 0, batch start offset)``), pull the touched user/item/bias rows, compute
-    ``workers.model.bpr_loss`` and its gradients with torch, and push them, plus the
-    positives' counts into the popularity table. Only the per-user history that shards
-    keep for ``exclude_seen`` is left out: it is serving state, not model.
+    from an RNG seeded like trainer 0's by ``(ps.seed, 0, batch start offset)``), pull the
+    touched user/item/bias/context rows, compute ``workers.model.bpr_loss`` and its
+    gradients with torch, and push them; the first pass also pushes the positives' counts
+    into the popularity (and recent-popularity) tables. Only the per-user history that
+    shards keep for ``exclude_seen`` is left out: it is serving state, not model.
     """
 
     def __init__(self, cfg: FreshetConfig):
@@ -166,9 +168,10 @@ class InProcessMF:
         if m.loss != LossKind.BPR:
             raise ValueError(f"model.loss: the in-process baseline trains 'bpr' only, got {m.loss.value!r}")
         self.cfg = cfg
-        names = (m.user_table, m.item_table, m.item_bias_table, m.popularity_table)
+        names = (m.user_table, m.item_table, m.item_bias_table, *m.item_tables()[2:])
         self.tables = {n: InProcessTable(n, cfg.ps.table(n), cfg.ps.optimizer_for(n), cfg.ps.seed) for n in names}
         self.catalogue = Catalogue()
+        self.history: dict[ID, list[ID]] = {}
         self.batches = 0
         self.last_leaves: tuple | None = None
 
@@ -177,11 +180,12 @@ class InProcessMF:
         m = self.cfg.model
         return self.catalogue.sample(b, m.num_negatives, m.popularity_negative_fraction, rng)
 
-    def loss(self, users: np.ndarray, items: np.ndarray, negs: np.ndarray) -> torch.Tensor:
+    def loss(self, users: np.ndarray, items: np.ndarray, negs: np.ndarray, contexts: list[list[ID]] | None = None) -> torch.Tensor:
         """BPR loss (nats, summed over events) of the current rows; ``negs`` is ``[b * num_negatives]``.
 
-        Pulls (and so creates) the rows it touches; the returned tensor's graph leads
-        back to the leaf tensors in ``self.last_leaves``.
+        ``contexts`` gives each event's session context (default: none). Pulls (and so
+        creates) the rows it touches; the returned tensor's graph leads back to the leaf
+        tensors in ``self.last_leaves``.
         """
         m = self.cfg.model
         b = len(users)
@@ -196,13 +200,32 @@ class InProcessMF:
         B = self.tables[m.item_bias_table].pull(uniq_items)[:, 0].contiguous().requires_grad_()
         ui, pi = torch.from_numpy(user_inv), torch.from_numpy(item_inv[:b])
         ni = torch.from_numpy(item_inv[b:].reshape(b, m.num_negatives))
-        self.last_leaves = (uniq_users, U, uniq_items, I, B)
-        return bpr_loss(U[ui], I[pi], B[pi], I[ni], B[ni], l2=m.l2)
+        Q, ctx = U, None
+        if m.context_table is not None and contexts is not None:
+            # Per user, as the trainer does (same sums in the same order): a user's events
+            # in one batch share the context from before it.
+            first: dict[int, int] = {}
+            for j, r in enumerate(user_inv.tolist()):
+                first.setdefault(r, j)
+            per_user = [contexts[first[r]] for r in range(len(uniq_users))]
+            flat = [x for c in per_user for x in c]
+            if flat:
+                uniq_ctx, flat_inv = _factorize(as_id_array(flat))
+                idx = np.full((len(uniq_users), m.context_items), -1, np.int64)
+                pos = 0
+                for r, c in enumerate(per_user):
+                    idx[r, : len(c)] = flat_inv[pos : pos + len(c)]
+                    pos += len(c)
+                C = self.tables[m.context_table].pull(uniq_ctx).requires_grad_()
+                Q, ctx = user_queries(U, C, torch.from_numpy(idx)), (uniq_ctx, C)
+        self.last_leaves = (uniq_users, U, uniq_items, I, B, ctx)
+        return bpr_loss(Q[ui], I[pi], B[pi], I[ni], B[ni], l2=m.l2)
 
-    def step(self, users: np.ndarray, items: np.ndarray, start: int = 0) -> float:
-        """Train one mini-batch of ``(user, item)`` events; returns its summed BPR loss (nats).
+    def step(self, users: np.ndarray, items: np.ndarray, start: int = 0, end: int | None = None) -> float:
+        """Train one mini-batch of ``(user, item)`` events; returns its summed BPR loss over passes (nats).
 
         ``start`` is the stream offset of the batch's first event; it seeds the negatives.
+        ``end`` (one past its last offset; default ``start + len(users)``) clocks the recent counts.
         """
         users, items = as_id_array(users), as_id_array(items)
         if len(users) != len(items):
@@ -212,17 +235,35 @@ class InProcessMF:
         m = self.cfg.model
         self.catalogue.add(items)
         rng = np.random.default_rng([self.cfg.ps.seed, 0, int(start)])
-        loss = self.loss(users, items, self.negatives(len(users), rng))
-        loss.backward()
-        uniq_users, U, uniq_items, I, B = self.last_leaves
-        self.tables[m.user_table].push(uniq_users, U.grad)
-        self.tables[m.item_table].push(uniq_items, I.grad)
-        self.tables[m.item_bias_table].push(uniq_items, B.grad[:, None])
-        pos_ids, pos_inv = _factorize(items)
-        counts = np.bincount(pos_inv, minlength=len(pos_ids)).astype(np.float32)[:, None]
-        self.tables[m.popularity_table].push(pos_ids, counts)
+        negs = [self.negatives(len(users), rng) for _ in range(self.cfg.trainer.passes)]
+        contexts = None
+        if m.context_table is not None:
+            contexts = [list(self.history.get(u, ())) for u in users.tolist()]
+            for u, i in zip(users.tolist(), items.tolist()):
+                h = self.history.setdefault(u, [])
+                h.append(i)
+                del h[: -m.context_items]
+        total = 0.0
+        for p in range(self.cfg.trainer.passes):
+            loss = self.loss(users, items, negs[p], contexts)
+            loss.backward()
+            uniq_users, U, uniq_items, I, B, ctx = self.last_leaves
+            self.tables[m.user_table].push(uniq_users, U.grad)
+            self.tables[m.item_table].push(uniq_items, I.grad)
+            self.tables[m.item_bias_table].push(uniq_items, B.grad[:, None])
+            if ctx is not None:
+                self.tables[m.context_table].push(ctx[0], ctx[1].grad)
+            if p == 0:
+                pos_ids, pos_inv = _factorize(items)
+                counts = np.bincount(pos_inv, minlength=len(pos_ids)).astype(np.float32)
+                self.tables[m.popularity_table].push(pos_ids, counts[:, None])
+                if m.recent_table is not None:
+                    end = start + len(users) if end is None else end
+                    clock = np.full(len(pos_ids), end / m.recent_halflife_events, np.float32)
+                    self.tables[m.recent_table].push(pos_ids, np.stack([counts, clock], axis=1))
+            total += float(loss.detach())
         self.batches += 1
-        return float(loss.detach())
+        return total
 
 
 def _event_total(cfg: FreshetConfig, source) -> int:
@@ -262,10 +303,11 @@ def run_in_process(cfg: FreshetConfig, *, model: InProcessMF | None = None, prog
                 if raw.num_rows == 0:
                     break
                 users = ids_from_arrow(raw.column("user_id"))
-                loss = mf.step(users, ids_from_arrow(raw.column("item_id")), offset)
+                end = int(raw.column("offset")[-1].as_py()) + 1
+                loss = mf.step(users, ids_from_arrow(raw.column("item_id")), offset, end)
                 loss_sum += loss
                 per_event.append(loss / len(users))
-                offset = int(raw.column("offset")[-1].as_py()) + 1
+                offset = end
                 bar.update(raw.num_rows)
         wall, cpu, s1 = time.perf_counter() - t0, time.process_time() - c0, _tree_cpu_s()
     finally:
@@ -732,7 +774,7 @@ def main(argv: list[str] | None = None) -> int:
             run_cfg = cfg.model_copy(update={
                 "namespace": f"frbench-{pid}-{'pf' if prefetch else 'nopf'}",
                 "trainer": cfg.trainer.model_copy(update={"prefetch": prefetch}),
-                "ingest": cfg.ingest.model_copy(update={"dir": str(work / "data")}),
+                "ingest": cfg.ingest.model_copy(update={"dir": str(work / "data"), "state_dir": None}),
                 "serving": cfg.serving.model_copy(update={"host": "127.0.0.1", "port": _free_port()}),
             })
             if dep is not None:

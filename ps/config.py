@@ -47,6 +47,8 @@ class OptimizerKind(str, enum.Enum):
     ROWWISE_ADAGRAD = "rowwise_adagrad"
     # rows += values: for counter tables such as item popularity.
     ACCUMULATE = "accumulate"
+    # (count, clock) rows that halve every clock unit: recent popularity (ps.optim.decayed_count).
+    DECAYED_COUNT = "decayed_count"
 
 
 class InitKind(str, enum.Enum):
@@ -76,7 +78,8 @@ class OptimizerConfig(_Model):
     """Optimizer hyper-parameters applied on the shards."""
 
     kind: OptimizerKind = Field(OptimizerKind.ROWWISE_ADAGRAD, description="update rule")
-    lr: float = Field(0.1, gt=0, le=100, description="learning rate (parameter units per gradient unit)")
+    # 0.05 for items: measured on MovieLens against 0.1 (BENCHMARKS.md, section 3).
+    lr: float = Field(0.05, gt=0, le=100, description="learning rate (parameter units per gradient unit)")
     momentum: float = Field(0.0, ge=0, lt=1, description="SGD momentum coefficient (dimensionless); 0 disables")
     eps: float = Field(1e-8, gt=0, le=1, description="Adagrad denominator epsilon (dimensionless)")
 
@@ -96,11 +99,19 @@ class TableConfig(_Model):
 
 def _default_tables() -> dict[str, TableConfig]:
     return {
-        "user": TableConfig(),
+        # Users learn 4x faster than items: a user's taste is learnt from few events (BENCHMARKS.md).
+        "user": TableConfig(optimizer=OptimizerConfig(kind=OptimizerKind.ROWWISE_ADAGRAD, lr=0.2)),
         "item": TableConfig(),
         "item_bias": TableConfig(dim=1, init=InitKind.ZEROS),
         # Interaction counts per item: the popular fallback and the popularity negatives.
         "item_pop": TableConfig(dim=1, init=InitKind.ZEROS, optimizer=OptimizerConfig(kind=OptimizerKind.ACCUMULATE, lr=1.0)),
+        # Recency-decayed interaction counts per item, (count, clock in half-lives): the
+        # recent-popularity prior in the score and the popular fallback.
+        "item_recent": TableConfig(dim=2, init=InitKind.ZEROS, optimizer=OptimizerConfig(kind=OptimizerKind.DECAYED_COUNT)),
+        # Item context vectors: a user's query is their row plus the mean of their recent
+        # items' context rows. Zero init: the context starts neutral. lr 0.2 as for users,
+        # measured on MovieLens (BENCHMARKS.md).
+        "item_ctx": TableConfig(init=InitKind.ZEROS, optimizer=OptimizerConfig(kind=OptimizerKind.ROWWISE_ADAGRAD, lr=0.2)),
     }
 
 
@@ -137,6 +148,13 @@ class PSConfig(_Model):
             merged: dict[str, Any] = {k: v.model_dump() for k, v in _default_tables().items()}
             for k, v in value.items():
                 merged[k] = _merge(merged[k], v) if isinstance(v, dict) and k in merged else v
+            # Context rows live in item space: the default context table follows the item dim.
+            ctx, item = merged.get("item_ctx"), merged.get("item")
+            given = value.get("item_ctx")
+            if isinstance(ctx, dict) and not (isinstance(given, dict) and "dim" in given) and not isinstance(given, TableConfig):
+                dim = item.get("dim") if isinstance(item, dict) else getattr(item, "dim", None)
+                if dim is not None:
+                    merged["item_ctx"] = {**ctx, "dim": dim}
             return merged
         return value
 
@@ -161,20 +179,51 @@ class PSConfig(_Model):
 
 
 class ModelConfig(_Model):
-    """Matrix factorisation with an item bias (two-tower dot product)."""
+    """Matrix factorisation with an item bias (two-tower dot product), a session context and a
+    recent-popularity prior.
+
+    score(user, item) = (user row + mean of the context rows of the user's last
+    ``context_items`` items) · item row + item bias + ``recent_weight`` * log1p(recent count).
+    """
 
     user_table: str = Field("user", description="table of user vectors")
     item_table: str = Field("item", description="table of item vectors")
     item_bias_table: str = Field("item_bias", description="table of item biases (dim 1)")
     popularity_table: str = Field("item_pop", description="counter table of item interaction counts (dim 1)")
     loss: LossKind = Field(LossKind.BPR, description="training objective")
-    num_negatives: int = Field(8, ge=1, le=1024, description="sampled negatives per positive (BPR)")
+    # 32 over 8 and 16: +0.0003-0.0017 recall@10 on MovieLens (BENCHMARKS.md).
+    num_negatives: int = Field(32, ge=1, le=1024, description="sampled negatives per positive (BPR)")
     # Measured on the synthetic default: popularity-proportional negatives teach the item bias
     # to fight popularity (recall@10 0.86x popularity at 0.5 vs 1.12x at 0.0); see BENCHMARKS.md.
     popularity_negative_fraction: float = Field(
         0.0, ge=0, le=1, description="share of negatives drawn by popularity; the rest uniformly (fraction)"
     )
     l2: float = Field(1e-4, ge=0, le=10, description="L2 penalty on touched rows (per unit squared norm)")
+    recent_table: str | None = Field(
+        "item_recent", description="decayed_count table of recent item popularity (dim 2); null disables the prior"
+    )
+    # Measured on MovieLens (BENCHMARKS.md): 2,000 events beats 500-1,000 and 3,000-4,000.
+    recent_halflife_events: float = Field(
+        2000.0, gt=0, description="events after which a recent-popularity count has halved (events); fixed for a deployment"
+    )
+    # 1.5 over 1.0 and 2.0 on MovieLens through the PS (0.0556 vs 0.0548 recall@10; BENCHMARKS.md).
+    recent_weight: float = Field(
+        1.5, ge=0, le=100, description="weight of log1p(recent count) added to every score (logits per log-count)"
+    )
+
+    context_table: str | None = Field(
+        "item_ctx", description="table of item context vectors (item dim); null turns the session context off"
+    )
+    # Measured on MovieLens (BENCHMARKS.md): 10 beats 5 and 20.
+    context_items: int = Field(
+        10, ge=1, le=1000, description="a user's most recent items whose context rows join their query (items)"
+    )
+
+    def item_tables(self) -> list[str]:
+        """The item-keyed tables a ranking cache mirrors: vectors, biases, counts, recent
+        counts and context vectors (those configured)."""
+        tables = [self.item_table, self.item_bias_table, self.popularity_table]
+        return tables + [t for t in (self.recent_table, self.context_table) if t]
 
 
 class TrainerConfig(_Model):
@@ -182,7 +231,8 @@ class TrainerConfig(_Model):
 
     num_workers: int = Field(1, ge=1, le=1024, description="trainer actors; the stream is partitioned by user")
     batch_size: int = Field(256, ge=1, le=1_000_000, description="events per mini-batch")
-    passes: int = Field(1, ge=1, le=100, description="pull-compute-push rounds per mini-batch")
+    # Three rounds learn a session before the user's next events: better than 1, 2, 4 or 5 on MovieLens.
+    passes: int = Field(3, ge=1, le=100, description="pull-compute-push rounds per mini-batch")
     device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$", description="torch device; auto picks cuda when present")
     prefetch: bool = Field(True, description="pull the next batch's rows while computing the current one")
     num_cpus: float = Field(0.5, ge=0, le=64, description="CPUs reserved per trainer actor")
@@ -215,7 +265,7 @@ class StreamConfig(_Model):
     min_weight: float | None = Field(
         None, description="drop events with weight below this (implicit view of ratings); null keeps all"
     )
-    quarantine_path: str | None = Field(None, description="Arrow file for rejected rows; null puts it under ingest.dir")
+    quarantine_path: str | None = Field(None, description="Arrow file for rejected rows; null puts it under the local state dir (ingest.state_dir, else ingest.dir)")
     synthetic: SyntheticConfig = Field(default_factory=SyntheticConfig, description="synthetic generator settings")
 
     @model_validator(mode="after")
@@ -226,11 +276,89 @@ class StreamConfig(_Model):
 
 
 class IngestConfig(_Model):
-    """The durable log behind ``POST /events``."""
+    """The durable log behind ``POST /events``, and where the deployment's local state lives."""
 
-    dir: str = Field("freshet-data", description="directory (local path or pyarrow.fs URI) for logs and checkpoints")
-    segment_events: int = Field(100_000, ge=1, description="events per log segment file (events)")
-    fsync: bool = Field(True, description="fsync each append before acknowledging it")
+    dir: str = Field(
+        "freshet-data",
+        description="where the ingest log lives: a local directory, or a pyarrow.fs URI (file:///abs/path, "
+        "s3://bucket/prefix, gs://bucket/prefix, hdfs://host/path, abfs://...) for shared storage",
+    )
+    state_dir: str | None = Field(
+        None,
+        min_length=1,
+        description="local (or shared-mounted) directory for shard state, trainer WALs, checkpoints, the "
+        "`freshet up` state file and the default quarantine file; null uses dir, which must then be a local path",
+    )
+    segment_events: int = Field(
+        100_000, ge=1, description="events per log segment file (events); a URI log writes one object per append instead"
+    )
+    fsync: bool = Field(
+        True, description="fsync each append before acknowledging it (local and file:// logs; an object store's PUT is durable)"
+    )
+
+    @staticmethod
+    def _known_schemes() -> tuple[str, ...]:
+        # The schemes pyarrow.fs.FileSystem.from_uri resolves. Only the syntax is checked at
+        # load time: resolving a URI may contact the store, which config loading must not do.
+        return ("file", "s3", "gs", "gcs", "hdfs", "viewfs", "abfs", "abfss")
+
+    @staticmethod
+    def _uri_scheme(value: str) -> str | None:
+        """The lower-case scheme when ``value`` is written as a URI, else None (a local path)."""
+        import re
+
+        m = re.match(r"([A-Za-z][A-Za-z0-9+.-]+):", value)
+        if m is None:
+            return None
+        scheme = m.group(1).lower()
+        # "run:3/x" is a legal local path; "file:/x" and "foo://x" are meant as URIs.
+        if scheme in IngestConfig._known_schemes() or value[m.end():].startswith("//"):
+            return scheme
+        return None
+
+    @field_validator("dir")
+    @classmethod
+    def _check_dir(cls, value: str) -> str:
+        scheme = cls._uri_scheme(value)
+        if scheme is None:
+            return value
+        if scheme not in cls._known_schemes():
+            raise ValueError(
+                f"ingest.dir {value!r}: unknown URI scheme {scheme!r}; pyarrow.fs understands "
+                f"{', '.join(s + '://' for s in cls._known_schemes())}"
+            )
+        rest = value[len(scheme) + 1:]
+        if not rest.startswith("//"):
+            raise ValueError(f"ingest.dir {value!r}: a URI must be written {scheme}://...")
+        rest = rest[2:]
+        if scheme == "file" and not rest.startswith("/"):
+            raise ValueError(f"ingest.dir {value!r}: a file URI needs an absolute path with no host, e.g. file:///data/freshet")
+        if not rest.strip("/"):
+            raise ValueError(f"ingest.dir {value!r}: nothing after {scheme}:// (expected a bucket, host or path)")
+        return value
+
+    @model_validator(mode="after")
+    def _check_state_dir(self) -> "IngestConfig":
+        if self.state_dir is not None and self._uri_scheme(self.state_dir) is not None:
+            raise ValueError(
+                f"ingest.state_dir {self.state_dir!r} must be a local directory (or shared storage mounted at the "
+                f"same path on every node), not a URI"
+            )
+        if self.state_dir is None and self.dir_is_uri():
+            raise ValueError(
+                f"ingest.state_dir is required when ingest.dir is a URI ({self.dir!r}): shard state, trainer WALs "
+                f"and checkpoints need a local (or shared-mounted) directory"
+            )
+        return self
+
+    def dir_is_uri(self) -> bool:
+        """True when ``dir`` is a pyarrow.fs URI rather than a local path."""
+        return self._uri_scheme(self.dir) is not None
+
+    def local_state_dir(self) -> Path:
+        """The local directory for shard state, trainer WALs, checkpoints, ``freshet up``'s
+        state file and the default quarantine file: ``state_dir``, or ``dir`` when unset."""
+        return Path(self.state_dir if self.state_dir is not None else self.dir)
 
 
 class ServingConfig(_Model):
@@ -277,6 +405,24 @@ class FreshetConfig(_Model):
             dim = self.ps.tables[getattr(m, field)].dim
             if dim != 1:
                 raise ValueError(f"ps.tables.{getattr(m, field)}.dim (model.{field}) must be 1, got {dim}")
+        if m.context_table is not None:
+            t = self.ps.tables.get(m.context_table)
+            if t is None:
+                raise ValueError(f"model.context_table={m.context_table!r} is not in ps.tables {sorted(self.ps.tables)}")
+            if t.dim != i:
+                raise ValueError(
+                    f"ps.tables.{m.context_table}.dim (model.context_table) must equal the item dim {i}, got {t.dim}"
+                )
+        if m.recent_table is not None:
+            t = self.ps.tables.get(m.recent_table)
+            if t is None:
+                raise ValueError(f"model.recent_table={m.recent_table!r} is not in ps.tables {sorted(self.ps.tables)}")
+            kind = self.ps.optimizer_for(m.recent_table).kind
+            if t.dim != 2 or kind != OptimizerKind.DECAYED_COUNT:
+                raise ValueError(
+                    f"ps.tables.{m.recent_table} (model.recent_table) must have dim 2 and optimizer kind "
+                    f"'decayed_count', got dim {t.dim} and kind {kind.value!r}"
+                )
         return self
 
     def to_yaml(self) -> str:

@@ -18,11 +18,12 @@ sparse semantics.
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
 from ps.config import OptimizerConfig, OptimizerKind
 
-__all__ = ["accumulate", "adagrad", "apply", "rowwise_adagrad", "sgd", "state_shape"]
+__all__ = ["accumulate", "adagrad", "apply", "decayed_count", "reduce_pushed", "rowwise_adagrad", "sgd", "state_shape"]
 
 
 def _check_rows(rows: Tensor, grads: Tensor) -> None:
@@ -108,13 +109,47 @@ def accumulate(rows: Tensor, grads: Tensor, *, lr: float = 1.0) -> Tensor:
     return rows.add(grads, alpha=lr)
 
 
+def decayed_count(rows: Tensor, grads: Tensor) -> Tensor:
+    """Merge pushed ``(count, clock)`` rows into exponentially decayed counters.
+
+    Column 0 is a count (interactions), column 1 the clock it is valid at, in
+    half-lives: a count halves every clock unit. Both sides are decayed to the later
+    clock and added; the clock becomes that later one. The merge is commutative and
+    associative (up to float rounding), so pushes from several trainers, in any order,
+    give the same counter. A zero row is an empty counter.
+    """
+    _check_rows(rows, grads)
+    if rows.shape[1] != 2:
+        raise ValueError(f"rows: a decayed_count table has dim 2 (count, clock), got dim {rows.shape[1]}")
+    clock = torch.maximum(rows[:, 1], grads[:, 1])
+    count = rows[:, 0] * torch.exp2(rows[:, 1] - clock) + grads[:, 0] * torch.exp2(grads[:, 1] - clock)
+    return torch.stack([count, clock], dim=1)
+
+
+def reduce_pushed(kind: OptimizerKind, grads: Tensor, inverse: Tensor, n: int) -> Tensor:
+    """Combine a push's rows per unique ID: row ``j`` goes to ``inverse[j]`` in ``0..n-1``.
+
+    Gradients (and accumulated counts) add up; ``decayed_count`` rows are merged at
+    their latest clock (see :func:`decayed_count`), because adding clocks is meaningless.
+    """
+    if OptimizerKind(kind) is not OptimizerKind.DECAYED_COUNT:
+        return torch.zeros((n, grads.shape[1]), dtype=grads.dtype, device=grads.device).index_add_(0, inverse, grads)
+    clock = torch.zeros(n, dtype=grads.dtype, device=grads.device).scatter_reduce_(
+        0, inverse, grads[:, 1], reduce="amax", include_self=False
+    )
+    count = torch.zeros(n, dtype=grads.dtype, device=grads.device).index_add_(
+        0, inverse, grads[:, 0] * torch.exp2(grads[:, 1] - clock[inverse])
+    )
+    return torch.stack([count, clock], dim=1)
+
+
 def state_shape(kind: OptimizerKind, dim: int) -> tuple[int, ...]:
     """Per-row optimizer state shape (floats) for a table of width ``dim``.
 
     SGD keeps a momentum buffer ``(dim,)`` (unused when momentum is 0, but the
     width does not depend on a hyper-parameter that a config change could flip);
     Adagrad a per-element sum ``(dim,)``; row-wise Adagrad one sum ``(1,)``;
-    accumulate nothing ``(0,)``.
+    accumulate and decayed_count nothing ``(0,)``.
     """
     kind = OptimizerKind(kind)
     if dim < 1:
@@ -123,7 +158,7 @@ def state_shape(kind: OptimizerKind, dim: int) -> tuple[int, ...]:
         return (dim,)
     if kind is OptimizerKind.ROWWISE_ADAGRAD:
         return (1,)
-    if kind is OptimizerKind.ACCUMULATE:
+    if kind in (OptimizerKind.ACCUMULATE, OptimizerKind.DECAYED_COUNT):
         return (0,)
     raise ValueError(f"kind: unknown optimizer {kind!r}")  # pragma: no cover - enum is exhaustive
 
@@ -147,4 +182,6 @@ def apply(cfg: OptimizerConfig, rows: Tensor, grads: Tensor, state: Tensor) -> t
         return rowwise_adagrad(rows, grads, state, lr=cfg.lr, eps=cfg.eps)
     if kind is OptimizerKind.ACCUMULATE:
         return accumulate(rows, grads, lr=cfg.lr), state
+    if kind is OptimizerKind.DECAYED_COUNT:
+        return decayed_count(rows, grads), state
     raise ValueError(f"kind: unknown optimizer {kind!r}")  # pragma: no cover - enum is exhaustive

@@ -501,8 +501,7 @@ class PSShard:
                 continue
             slots = t.lookup(ids, create=True, version=self.version)
             uniq, inverse = np.unique(slots, return_inverse=True)
-            g = torch.zeros((len(uniq), t.cfg.dim), dtype=torch.float32)
-            g.index_add_(0, torch.from_numpy(inverse.reshape(-1)), torch.from_numpy(grads))
+            g = optim.reduce_pushed(t.opt.kind, torch.from_numpy(grads), torch.from_numpy(inverse.reshape(-1)), len(uniq))
             u = torch.from_numpy(uniq)
             rows, state = optim.apply(t.opt, t.rows[u], g, t.state[u])
             t.rows[u] = rows

@@ -235,7 +235,7 @@ class FreshetAPI:
         self.refresh_s = s.cache_refresh_ms / 1000.0
         self.client = PSClient.connect(cfg.namespace, timeout_s=s.request_timeout_s)
         m = cfg.model
-        self.cache = RowCache(self.client, [m.item_table, m.item_bias_table, m.popularity_table])
+        self.cache = RowCache(self.client, m.item_tables())
         self.ranker = Ranker(self.cache, m)
         # RowCache is not thread-safe: sync and ranking hold this lock; PS reads of user rows do not.
         self._cache_lock = asyncio.Lock()
@@ -336,15 +336,18 @@ class FreshetAPI:
     async def rank(self, body: RankRequest):
         """Top-``k`` items for the user; the popular fallback for a user without a trained row."""
         self._check_k(body.k)
+        context = self.cfg.model.context_table is not None
         try:
-            row, seen = await self._user(body.user_id, body.exclude_seen)
+            # The user's items serve twice: excluded from the list, and their latest as session context.
+            row, seen = await self._user(body.user_id, body.exclude_seen or context)
         except _UNAVAILABLE as e:
             return _unavailable("parameter server", e)
         dim = self.client.dims[self.cfg.model.user_table]
         vecs = (row if row is not None else np.zeros(dim, np.float32))[None, :]
         found = np.array([row is not None])
+        exclude = [seen if body.exclude_seen else []]
         async with self._cache_lock:
-            ranked = (await self._run(self.ranker.rank_many, vecs, found, [seen], body.k))[0]
+            ranked = (await self._run(self.ranker.rank_many, vecs, found, exclude, body.k, [seen]))[0]
             version = self.cache.model_version
         items = [RankedItem(item_id=_json_id(i), score=s) for i, s in zip(ranked.item_ids, ranked.scores)]
         return RankResponse(user_id=body.user_id, items=items, fallback=ranked.fallback, model_version=version)
@@ -353,11 +356,11 @@ class FreshetAPI:
     async def score(self, body: ScoreRequest):
         """Scores of the given items for the user, in order (null for items the PS has no row for)."""
         try:
-            row, _ = await self._user(body.user_id, False)
+            row, seen = await self._user(body.user_id, self.cfg.model.context_table is not None)
         except _UNAVAILABLE as e:
             return _unavailable("parameter server", e)
         async with self._cache_lock:
-            scores, fallback = await self._run(self.ranker.score_items, row, body.item_ids)
+            scores, fallback = await self._run(self.ranker.score_items, row, body.item_ids, seen)
         return ScoreResponse(user_id=body.user_id, scores=scores, fallback=fallback)
 
     @fastapi_app.get("/healthz")

@@ -171,7 +171,8 @@ def cmd_run(args) -> int:
     work = Path(tempfile.mkdtemp(prefix="freshet-run-"))
     ns = f"{base.namespace}-run-{os.getpid()}"
     stream_overrides = {} if args.direct else {"kind": StreamKind.INGEST.value}
-    cfg = _load(args, {"namespace": ns, "ingest": {"dir": str(work)}, "stream": stream_overrides})
+    # A throwaway run keeps its log and state together in a local temp dir, whatever the config says.
+    cfg = _load(args, {"namespace": ns, "ingest": {"dir": str(work), "state_dir": None}, "stream": stream_overrides})
     source = open_source(base.stream)
     total = base.stream.num_events if base.stream.num_events is not None else source.end_offset
     if total is None:
@@ -183,9 +184,9 @@ def cmd_run(args) -> int:
     _ray_init(args.address, ns)
     try:
         # Keep the handles: a non-detached actor is collected once its last handle is gone.
-        ps_client = start_shards(cfg.ps, namespace=ns, state_dir=Path(cfg.ingest.dir) / "ps")
+        ps_client = start_shards(cfg.ps, namespace=ns, state_dir=cfg.ingest.local_state_dir() / "ps")
         ingest = start_ingest(cfg.ingest, namespace=ns)
-        trainers = start_trainers(cfg, evaluate=True, max_events=total, state_dir=Path(cfg.ingest.dir) / "trainers")
+        trainers = start_trainers(cfg, evaluate=True, max_events=total, state_dir=cfg.ingest.local_state_dir() / "trainers")
         ray.get([t.ping.remote() for t in trainers])
         run_app(cfg)
         url = f"http://{cfg.serving.host}:{cfg.serving.port}"
@@ -235,7 +236,7 @@ def cmd_run(args) -> int:
 
 # -- the long-running service ---------------------------------------------------------
 def _state_path(cfg: FreshetConfig) -> Path:
-    return Path(cfg.ingest.dir) / _STATE_FILE
+    return cfg.ingest.local_state_dir() / _STATE_FILE
 
 
 def _ray_pids(marker: str) -> list[int]:
@@ -260,7 +261,7 @@ def cmd_up(args) -> int:
     from workers.trainer import start_trainers
 
     cfg = _load(args, {"stream": {"kind": StreamKind.INGEST.value}} if not args.keep_stream else None)
-    Path(cfg.ingest.dir).mkdir(parents=True, exist_ok=True)
+    cfg.ingest.local_state_dir().mkdir(parents=True, exist_ok=True)
     state: dict[str, Any] = {"namespace": cfg.namespace, "config": args.config, "started_ray": False}
     address = args.address
     if address is None:
@@ -280,11 +281,11 @@ def cmd_up(args) -> int:
         restore_from = _checkpoint_dir(cfg, args.restore)
         _restore_trainer_offsets(cfg, restore_from)
         state["restored_from"] = args.restore
-    start_shards(cfg.ps, namespace=cfg.namespace, detached=True, state_dir=Path(cfg.ingest.dir) / "ps",
+    start_shards(cfg.ps, namespace=cfg.namespace, detached=True, state_dir=cfg.ingest.local_state_dir() / "ps",
                  restore_from=restore_from)
     start_ingest(cfg.ingest, namespace=cfg.namespace, detached=True)
     # autostart: a trainer restarted by Ray resumes training from its committed offset.
-    trainers = start_trainers(cfg, detached=True, state_dir=Path(cfg.ingest.dir) / "trainers", autostart=True)
+    trainers = start_trainers(cfg, detached=True, state_dir=cfg.ingest.local_state_dir() / "trainers", autostart=True)
     ray.get([t.ping.remote() for t in trainers])
     run_app(cfg)
     url = f"http://{cfg.serving.host}:{cfg.serving.port}"
@@ -334,7 +335,7 @@ def cmd_down(args) -> int:
     cfg = _load(args)
     state = _read_state(cfg)
     if state is None:
-        print(f"freshet down: no {_STATE_FILE} under {cfg.ingest.dir}; nothing started by `freshet up` here", file=sys.stderr)
+        print(f"freshet down: no {_STATE_FILE} under {cfg.ingest.local_state_dir()}; nothing started by `freshet up` here", file=sys.stderr)
         return 1
     with contextlib.suppress(Exception):
         _ray_init(state["address"], state["namespace"])
@@ -370,7 +371,7 @@ _TRAINER_OFFSETS = "trainers.json"
 
 
 def _checkpoint_root(cfg: FreshetConfig) -> Path:
-    return Path(cfg.ingest.dir) / "ps" / "checkpoints"
+    return cfg.ingest.local_state_dir() / "ps" / "checkpoints"
 
 
 def _checkpoint_dir(cfg: FreshetConfig, name: str) -> Path:
@@ -389,17 +390,18 @@ def _restore_trainer_offsets(cfg: FreshetConfig, ckpt: Path) -> None:
     import shutil
 
     from workers._wal import TrainerWAL
+    from workers.ingest import read_log_id
     from workers.trainer import trainer_actor_name
 
     saved = json.loads((ckpt / _TRAINER_OFFSETS).read_text())
-    log_id_file = Path(cfg.ingest.dir) / "ingest" / "LOG_ID"
-    current = "ingest:" + log_id_file.read_text().strip() if log_id_file.exists() else None
+    log_id = read_log_id(cfg.ingest)
+    current = "ingest:" + log_id if log_id is not None else None
     if len(saved["trainers"]) != cfg.trainer.num_workers:
         raise ValueError(
             f"checkpoint has {len(saved['trainers'])} trainers, config trainer.num_workers={cfg.trainer.num_workers}"
         )
     for i, t in enumerate(saved["trainers"]):
-        root = Path(cfg.ingest.dir) / "trainers" / trainer_actor_name(i)
+        root = cfg.ingest.local_state_dir() / "trainers" / trainer_actor_name(i)
         shutil.rmtree(root, ignore_errors=True)
         # Same log: resume after the events the checkpoint covers. A fresh deployment
         # has a new log (new producer names), so its trainers start at its beginning.

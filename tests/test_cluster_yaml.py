@@ -214,4 +214,4 @@ def test_comment_check_finds_bare_keys() -> None:
 
 def test_multi_node_storage_is_documented() -> None:
     text = CLUSTER_YAML.read_text(encoding="utf-8")
-    assert "ingest.dir" in text and "s3://" in text
+    assert "ingest.dir" in text and "s3://" in text and "ingest.state_dir" in text

@@ -190,7 +190,7 @@ def prequential(
                         v, f = vec_of[users[j]]
                         if not f:
                             continue
-                        pred = ranker.score_items(v, [items[j]])[0][0]
+                        pred = ranker.score_items(v, [items[j]], list(seen[users[j]]))[0][0]
                         if pred is not None and math.isfinite(pred):
                             err = pred - float(chunk.weights[j])
                             res.sq_err += err * err

@@ -11,12 +11,25 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-__all__ = ["bpr_loss", "mse_loss", "negative_slots", "score", "top_k"]
+__all__ = ["bpr_loss", "mse_loss", "negative_slots", "score", "top_k", "user_queries"]
 
 
 def score(users: torch.Tensor, items: torch.Tensor, item_bias: torch.Tensor) -> torch.Tensor:
     """Affinity ``users @ items.T + item_bias`` (logits), shape ``[n_users, n_items]``."""
     return users @ items.T + item_bias.reshape(1, -1)
+
+
+def user_queries(user_rows: torch.Tensor, context_rows: torch.Tensor, context_idx: torch.Tensor) -> torch.Tensor:
+    """Query vectors ``[n, d]``: each user's row plus the mean of its context rows.
+
+    ``context_idx`` is ``[n, L]`` indices into ``context_rows`` (``[c, d]``), ``-1`` for
+    padding; a user without context keeps its row. Differentiable in both row tensors.
+    """
+    if context_idx.numel() == 0 or context_rows.shape[0] == 0:
+        return user_rows
+    mask = (context_idx >= 0).to(user_rows.dtype)
+    gathered = context_rows[context_idx.clamp(min=0)] * mask.unsqueeze(-1)
+    return user_rows + gathered.sum(1) / mask.sum(1, keepdim=True).clamp(min=1.0)
 
 
 def bpr_loss(

@@ -40,7 +40,7 @@ import torch
 from ps import optim
 from ps.config import FreshetConfig, InitKind, LossKind
 from ps.ids import ID, as_id_array, id_keys, ids_from_arrow, init_rows
-from workers.model import bpr_loss, mse_loss, negative_slots
+from workers.model import bpr_loss, mse_loss, negative_slots, user_queries
 from workers.ranking import Ranker
 
 __all__ = [
@@ -222,7 +222,7 @@ class PopularityStrategy(Strategy):
         self.counts = _Counts(halflife)
 
     def ranker(self) -> Ranker:
-        return Ranker(self.counts.view(self.cfg.model.popularity_table), self.cfg.model)
+        return Ranker(self.counts.view(self.cfg.model.popularity_table), _counts_only(self.cfg))
 
     def user_vectors(self, users: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         return np.zeros((len(users), 1), np.float32), np.zeros(len(users), bool)
@@ -233,6 +233,40 @@ class PopularityStrategy(Strategy):
 
     def describe(self) -> dict[str, Any]:
         return {"halflife_events": self.halflife}
+
+
+def _counts_only(cfg: FreshetConfig):
+    """``cfg.model`` ranking by the popularity table alone (no recent popularity, no context)."""
+    return cfg.model.model_copy(update={"recent_table": None, "context_table": None})
+
+
+class _Recent:
+    """Recency-decayed item counts in process, with the shards' rule (:func:`ps.optim.decayed_count`)
+    and the trainer's clock (a chunk's counts are valid at its end offset, in half-lives)."""
+
+    def __init__(self, halflife_events: float):
+        self.halflife = halflife_events
+        self.index: dict[ID, int] = {}
+        self.rows = torch.zeros((1024, 2))
+
+    def add(self, items: np.ndarray, end: int) -> None:
+        slots = np.fromiter((self.index.setdefault(x, len(self.index)) for x in items.tolist()), np.int64, len(items))
+        if len(self.index) > len(self.rows):
+            self.rows = torch.cat([self.rows, torch.zeros((max(len(self.index), len(self.rows)), 2))])
+        uniq, inv = np.unique(slots, return_inverse=True)
+        counts = np.bincount(inv, minlength=len(uniq)).astype(np.float32)
+        pushed = torch.from_numpy(np.stack([counts, np.full(len(uniq), end / self.halflife, np.float32)], axis=1))
+        u = torch.from_numpy(uniq)
+        self.rows[u] = optim.decayed_count(self.rows[u], pushed)
+
+    def rows_for(self, ids: Sequence[ID] | np.ndarray) -> np.ndarray:
+        """``[len(ids), 2]`` (count, clock) rows; zeros for items never counted."""
+        get = self.index.get
+        slots = np.fromiter((get(x, -1) for x in as_id_array(ids).tolist()), np.int64)
+        out = np.zeros((len(slots), 2), np.float32)
+        found = slots >= 0
+        out[found] = self.rows[torch.from_numpy(slots[found])].numpy()
+        return out
 
 
 # --------------------------------------------------------------------------- in-process MF
@@ -276,6 +310,8 @@ class _LocalMF:
         self.users = _LocalTable(cfg, m.user_table)
         self.items = _LocalTable(cfg, m.item_table)
         self.bias = _LocalTable(cfg, m.item_bias_table)
+        # Context rows share the item index (a context item is an item).
+        self.ctx = _LocalTable(cfg, m.context_table) if m.context_table is not None else None
         self.counts = np.zeros(0, np.float64)
         self.rng = np.random.default_rng([cfg.ps.seed, seed])
 
@@ -296,10 +332,33 @@ class _LocalMF:
                 keep.extend(new)
         return out
 
-    def fit(self, users: np.ndarray, items: np.ndarray, weights: np.ndarray, *, epochs: int, batch_size: int) -> None:
-        """``epochs`` shuffled passes of mini-batch updates over the given events."""
+    def fit(
+        self,
+        users: np.ndarray,
+        items: np.ndarray,
+        weights: np.ndarray,
+        *,
+        epochs: int,
+        batch_size: int,
+        contexts: Sequence[Sequence[ID]] | None = None,
+    ) -> None:
+        """``epochs`` shuffled passes of mini-batch updates over the given events.
+
+        ``contexts`` holds, per event, its user's latest items before it (the session context).
+        """
         u = self._index(users, self.user_index, [self.users], None)
-        i = self._index(items, self.item_index, [self.items, self.bias], self.item_ids)
+        item_tables = [self.items, self.bias] + ([self.ctx] if self.ctx is not None else [])
+        i = self._index(items, self.item_index, item_tables, self.item_ids)
+        L = self.model.context_items
+        cx = np.full((len(u), L if self.ctx is not None else 0), -1, np.int64)
+        if self.ctx is not None and contexts is not None:
+            flat = [x for c in contexts for x in c[-L:]]
+            slots = self._index(as_id_array(flat), self.item_index, item_tables, self.item_ids) if flat else np.empty(0, np.int64)
+            pos = 0
+            for r, c in enumerate(contexts):
+                k = min(len(c), L)
+                cx[r, :k] = slots[pos : pos + k]
+                pos += k
         if len(self.counts) < len(self.item_ids):
             self.counts = np.concatenate([self.counts, np.zeros(len(self.item_ids) - len(self.counts))])
         self.counts += np.bincount(i, minlength=len(self.counts))
@@ -307,13 +366,13 @@ class _LocalMF:
             order = self.rng.permutation(len(u))
             for s in range(0, len(order), batch_size):
                 sel = order[s : s + batch_size]
-                self._step(u[sel], i[sel], weights[sel])
+                self._step(u[sel], i[sel], weights[sel], cx[sel])
 
     def _negatives(self, b: int) -> np.ndarray:
         m = self.model
         return negative_slots(self.counts[: len(self.item_ids)], b, m.num_negatives, m.popularity_negative_fraction, self.rng)
 
-    def _step(self, u: np.ndarray, i: np.ndarray, w: np.ndarray) -> None:
+    def _step(self, u: np.ndarray, i: np.ndarray, w: np.ndarray, cx: np.ndarray) -> None:
         m = self.model
         uu, ui = np.unique(u, return_inverse=True)
         bpr = m.loss == LossKind.BPR
@@ -324,17 +383,28 @@ class _LocalMF:
         I = self.items.rows[it].clone().requires_grad_()
         B = self.bias.rows[it][:, 0].clone().requires_grad_()
         ui_t = torch.from_numpy(ui.reshape(-1))
+        Q = U[ui_t]
+        C = None
+        if self.ctx is not None and (cx >= 0).any():
+            cu, cinv = np.unique(cx[cx >= 0], return_inverse=True)
+            idx = np.full(cx.shape, -1, np.int64)
+            idx[cx >= 0] = cinv
+            ct = torch.from_numpy(cu)
+            C = self.ctx.rows[ct].clone().requires_grad_()
+            Q = user_queries(Q, C, torch.from_numpy(idx))
         pi = torch.from_numpy(ii[: len(i)].reshape(-1))
         if bpr:
             ni = torch.from_numpy(ii[len(i) :].reshape(len(i), -1))
-            loss = bpr_loss(U[ui_t], I[pi], B[pi], I[ni], B[ni], l2=m.l2)
+            loss = bpr_loss(Q, I[pi], B[pi], I[ni], B[ni], l2=m.l2)
         else:
-            loss = mse_loss(U[ui_t], I[pi], B[pi], torch.from_numpy(w), l2=m.l2)
+            loss = mse_loss(Q, I[pi], B[pi], torch.from_numpy(w), l2=m.l2)
         loss.backward()
         with torch.no_grad():
             self.users.apply(ut, U.grad)
             self.items.apply(it, I.grad)
             self.bias.apply(it, B.grad[:, None])
+            if C is not None:
+                self.ctx.apply(ct, C.grad)
 
     def user_vectors(self, users: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         get = self.user_index.get
@@ -345,17 +415,19 @@ class _LocalMF:
             vecs[found] = self.users.rows[torch.from_numpy(slots[found])].numpy()
         return vecs, found
 
-    def view(self) -> ItemView:
+    def view(self, recent: np.ndarray | None = None) -> ItemView:
+        """The served catalogue; ``recent`` adds ``(count, clock)`` rows for the recent-popularity prior."""
         m = self.model
-        return ItemView(
-            self.item_ids,
-            {
-                m.item_table: self.items.rows.numpy(),
-                m.item_bias_table: self.bias.rows.numpy(),
-                m.popularity_table: self.counts.astype(np.float32)[:, None],
-            },
-            self.item_index,
-        )
+        mats = {
+            m.item_table: self.items.rows.numpy(),
+            m.item_bias_table: self.bias.rows.numpy(),
+            m.popularity_table: self.counts.astype(np.float32)[:, None],
+        }
+        if self.ctx is not None:
+            mats[m.context_table] = self.ctx.rows.numpy()
+        if recent is not None and m.recent_table is not None:
+            mats[m.recent_table] = recent
+        return ItemView(self.item_ids, mats, self.item_index)
 
 
 class _History:
@@ -363,10 +435,12 @@ class _History:
 
     def __init__(self) -> None:
         self.parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+        self.contexts: list[list[ID]] = []  # per event: its user's latest items before its chunk
         self.n = 0
 
-    def add(self, chunk: Chunk) -> None:
+    def add(self, chunk: Chunk, contexts: list[list[ID]] | None = None) -> None:
         self.parts.append((chunk.users, chunk.items, chunk.weights))
+        self.contexts.extend(contexts if contexts is not None else [[] for _ in range(len(chunk))])
         self.n += len(chunk)
 
     def columns(self, last: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -395,13 +469,35 @@ class _PeriodicMF(Strategy):
         self.history = _History()
         self.mf: _LocalMF | None = None
         self.pop = _Counts()  # served while no model exists yet
+        # Same model family as incremental: the served model carries the recent-popularity
+        # prior too, as a snapshot taken when it was fitted (as stale as the model).
+        m = cfg.model
+        self.recent = _Recent(m.recent_halflife_events) if m.recent_table is not None else None
+        self.served_recent: np.ndarray | None = None
+        self.user_items: dict[ID, list[ID]] = {}  # each user's latest items: the session context
+        self._contexts: list[list[ID]] | None = None  # of the chunk being learned
         self.events_trained = 0  # sum over fits of events x epochs
         self.fit_cpu_s = 0.0
 
+    def learn(self, chunk: Chunk) -> None:
+        if self.recent is not None:
+            self.recent.add(chunk.items, int(chunk.offsets[-1]) + 1)
+        n = self.cfg.model.context_items
+        self._contexts = [list(self.user_items.get(u, ())) for u in chunk.users.tolist()]
+        for u, i in zip(chunk.users.tolist(), chunk.items.tolist()):
+            h = self.user_items.setdefault(u, [])
+            h.append(i)
+            del h[:-n]
+        super().learn(chunk)
+
+    def _remember(self, chunk: Chunk) -> None:
+        """Keep ``chunk`` (with its events' contexts) for the next fit."""
+        self.history.add(chunk, self._contexts)
+
     def ranker(self) -> Ranker:
         if self.mf is None:
-            return Ranker(self.pop.view(self.cfg.model.popularity_table), self.cfg.model)
-        return Ranker(self.mf.view(), self.cfg.model)
+            return Ranker(self.pop.view(self.cfg.model.popularity_table), _counts_only(self.cfg))
+        return Ranker(self.mf.view(self.served_recent), self.cfg.model)
 
     def user_vectors(self, users: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         if self.mf is None:
@@ -411,7 +507,10 @@ class _PeriodicMF(Strategy):
     def _fit(self, mf: _LocalMF, last: int | None, chunk: Chunk) -> _LocalMF:
         t0 = time.process_time()
         users, items, weights = self.history.columns(last)
-        mf.fit(users, items, weights, epochs=self.epochs, batch_size=self.batch_size)
+        contexts = self.history.contexts[-last:] if last is not None else self.history.contexts
+        mf.fit(users, items, weights, epochs=self.epochs, batch_size=self.batch_size, contexts=contexts)
+        if self.recent is not None:
+            self.served_recent = self.recent.rows_for(mf.item_ids)
         self.fit_cpu_s += time.process_time() - t0
         self.events_trained += len(users) * self.epochs
         self.retrains += 1
@@ -442,7 +541,7 @@ class FrozenStrategy(_PeriodicMF):
     def _learn(self, chunk: Chunk) -> None:
         if self.mf is not None:
             return
-        self.history.add(chunk)
+        self._remember(chunk)
         self.pop.add(chunk.items)
         self.learned_ts, self.learned_end = float(chunk.timestamps.max()), int(chunk.offsets[-1]) + 1
         if self.history.n >= self.cutoff:
@@ -471,7 +570,7 @@ class RetrainStrategy(_PeriodicMF):
         self.next_at = self.every
 
     def _learn(self, chunk: Chunk) -> None:
-        self.history.add(chunk)
+        self._remember(chunk)
         if self.mf is None:
             self.pop.add(chunk.items)
             self.learned_ts, self.learned_end = float(chunk.timestamps.max()), int(chunk.offsets[-1]) + 1
@@ -496,7 +595,7 @@ class FinetuneStrategy(_PeriodicMF):
         self.next_at = self.every
 
     def _learn(self, chunk: Chunk) -> None:
-        self.history.add(chunk)
+        self._remember(chunk)
         if self.mf is None:
             self.pop.add(chunk.items)
             self.learned_ts, self.learned_end = float(chunk.timestamps.max()), int(chunk.offsets[-1]) + 1
@@ -534,8 +633,8 @@ class ALSRetrainStrategy(_PeriodicMF):
 
     def ranker(self) -> Ranker:
         if self._view is None:
-            return Ranker(self.pop.view(self.cfg.model.popularity_table), self.cfg.model)
-        return Ranker(self._view, self.cfg.model)
+            return Ranker(self.pop.view(self.cfg.model.popularity_table), _counts_only(self.cfg))
+        return Ranker(self._view, self.cfg.model.model_copy(update={"context_table": None}))
 
     def user_vectors(self, users: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         get = self._users.get
@@ -571,12 +670,11 @@ class ALSRetrainStrategy(_PeriodicMF):
         m = self.cfg.model
         n = len(iid)
         self._users, self._vecs = uid, uf.astype(np.float32)
-        self._view = ItemView(
-            list(iid),
-            {m.item_table: itf[:n].astype(np.float32), m.item_bias_table: np.zeros((n, 1), np.float32),
-             m.popularity_table: self.pop.view(m.popularity_table).matrix(m.popularity_table)[:n].copy()},
-            iid,
-        )
+        mats = {m.item_table: itf[:n].astype(np.float32), m.item_bias_table: np.zeros((n, 1), np.float32),
+                m.popularity_table: self.pop.view(m.popularity_table).matrix(m.popularity_table)[:n].copy()}
+        if self.recent is not None:
+            mats[m.recent_table] = self.recent.rows_for(list(iid))
+        self._view = ItemView(list(iid), mats, iid)
         self.fit_cpu_s += time.process_time() - t0
         self.events_trained += len(users) * self.epochs
         self.retrains += 1
@@ -587,26 +685,6 @@ class ALSRetrainStrategy(_PeriodicMF):
 
 
 # --------------------------------------------------------------------------- incremental (the real PS)
-
-
-class _PriorView:
-    """A ``RowCache`` read view whose item bias has ``extra`` (one value per slot) added."""
-
-    def __init__(self, cache: Any, bias_table: str, extra: np.ndarray):
-        self.cache, self.bias_table, self.extra = cache, bias_table, extra
-
-    def ids(self) -> np.ndarray:
-        return self.cache.ids()
-
-    def valid(self) -> np.ndarray:
-        return self.cache.valid()
-
-    def slots_of(self, ids: Sequence[ID] | np.ndarray) -> np.ndarray:
-        return self.cache.slots_of(ids)
-
-    def matrix(self, table: str) -> np.ndarray:
-        m = self.cache.matrix(table)
-        return m + self.extra[:, None] if table == self.bias_table else m
 
 
 def _process_time(_actor: Any) -> float:
@@ -626,15 +704,8 @@ class IncrementalStrategy(Strategy):
     name = "incremental"
     needs_ray = True
 
-    def __init__(self, cfg: FreshetConfig, *, prior_weight: float = 0.0, prior_halflife: float = 2000.0):
+    def __init__(self, cfg: FreshetConfig):
         super().__init__()
-        if prior_weight < 0:
-            raise ValueError(f"prior_weight: must be >= 0, got {prior_weight}")
-        # Prototype (not in /rank yet): a recency-decayed popularity prior added to the item bias
-        # the ranker sees, ``prior_weight * log1p(decayed count)``; 0 ranks exactly as /rank does.
-        self.prior_weight, self.prior_halflife = float(prior_weight), float(prior_halflife)
-        self._prior = _Counts(prior_halflife) if prior_weight else None
-        self._slot_to_prior = np.zeros(0, np.int64)
         import ray
 
         from ps.cache import RowCache
@@ -649,14 +720,14 @@ class IncrementalStrategy(Strategy):
             update={
                 "namespace": namespace,
                 "trainer": cfg.trainer.model_copy(update={"num_workers": 1, "device": "cpu"}),
-                "ingest": cfg.ingest.model_copy(update={"dir": self._tmp}),
+                "ingest": cfg.ingest.model_copy(update={"dir": self._tmp, "state_dir": None}),
                 "stream": cfg.stream.model_copy(update={"quarantine_path": os.path.join(self._tmp, "quarantine.arrow")}),
             }
         )
         m = self.cfg.model
         self.client = start_shards(self.cfg.ps, namespace=namespace)
         self.trainer = Trainer(0, self.cfg)
-        self.cache = RowCache(self.client, [m.item_table, m.item_bias_table, m.popularity_table])
+        self.cache = RowCache(self.client, m.item_tables())
         self.shard_cpu_s = 0.0
         self.driver_cpu_s = 0.0
 
@@ -665,22 +736,7 @@ class IncrementalStrategy(Strategy):
 
     def ranker(self) -> Ranker:
         self.cache.sync()
-        if self._prior is None:
-            return Ranker(self.cache, self.cfg.model)
-        ids = self.cache.ids()
-        n_old = len(self._slot_to_prior)
-        if len(ids) > n_old:
-            get = self._prior.index.get
-            new = np.fromiter((get(x, -1) for x in ids[n_old:].tolist()), np.int64, len(ids) - n_old)
-            self._slot_to_prior = np.concatenate([self._slot_to_prior, new])
-        # A slot can be cached before the prior sees its item (a negative): look those up again.
-        missing = np.flatnonzero(self._slot_to_prior < 0)
-        if len(missing):
-            get = self._prior.index.get
-            self._slot_to_prior[missing] = [get(x, -1) for x in ids[missing].tolist()]
-        counts = np.where(self._slot_to_prior >= 0, self._prior.counts[np.maximum(self._slot_to_prior, 0)] * self._prior.scale, 0.0)
-        extra = (self.prior_weight * np.log1p(counts)).astype(np.float32)
-        return Ranker(_PriorView(self.cache, self.cfg.model.item_bias_table, extra), self.cfg.model)
+        return Ranker(self.cache, self.cfg.model)
 
     def user_vectors(self, users: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         return self.client.pull_many({self.cfg.model.user_table: users}, create=False)[self.cfg.model.user_table]
@@ -700,8 +756,6 @@ class IncrementalStrategy(Strategy):
         batch = t._prepare(chunk.raw, end)
         refs = t._train(batch, t._pull(batch)) if len(batch.users) else []
         t._commit(batch, refs)
-        if self._prior is not None:
-            self._prior.add(chunk.items)
         self.learned_ts, self.learned_end = float(chunk.timestamps.max()), end
 
     def describe(self) -> dict[str, Any]:
@@ -711,8 +765,8 @@ class IncrementalStrategy(Strategy):
             "passes": c.trainer.passes,
             "dim": c.ps.table(c.model.item_table).dim,
             "lr": c.ps.optimizer.lr,
-            "prior_weight": self.prior_weight,
-            "prior_halflife": self.prior_halflife,
+            "recent_weight": c.model.recent_weight if c.model.recent_table else 0.0,
+            "recent_halflife_events": c.model.recent_halflife_events,
             "driver_cpu_s": round(self.driver_cpu_s, 3),
             "shard_cpu_s": round(self.shard_cpu_s, 3),
         }

@@ -30,7 +30,7 @@ from ps.config import FreshetConfig, LossKind, StreamKind
 from ps.ids import ID, as_id_array, id_keys, ids_from_arrow
 from ps.shard import PushId
 from workers._wal import PushRecord, TrainerWAL
-from workers.model import bpr_loss, mse_loss, negative_slots
+from workers.model import bpr_loss, mse_loss, negative_slots, user_queries
 from workers.ranking import Ranker
 
 __all__ = ["Catalogue", "Trainer", "resolve_device", "start_trainers", "trainer_actor_name"]
@@ -128,9 +128,11 @@ class _Batch:
     ingest_ts: np.ndarray
     uniq_users: np.ndarray
     user_inv: np.ndarray
-    uniq_items: np.ndarray  # positives then negatives
+    uniq_items: np.ndarray  # positives then every pass's negatives
     pos_inv: np.ndarray
-    neg_inv: np.ndarray  # [b, m]
+    neg_inv: np.ndarray  # [passes, b, m]: fresh negatives for every pass
+    uniq_ctx: np.ndarray  # context items of the batch's users
+    ctx_inv: np.ndarray  # [len(uniq_users), context_items] into uniq_ctx; -1 pads
     seqs: list[int] = field(default_factory=list)  # push seqs sent for this batch
 
 
@@ -166,10 +168,11 @@ class Trainer:
         self.source_id = getattr(self.source, "source_id", None) or _stream_id(cfg)
         self.producer = f"{cfg.namespace}/{trainer_actor_name(index)}/{self.source_id}"
         m = cfg.model
-        self.tables = (m.user_table, m.item_table, m.item_bias_table, m.popularity_table)
         self.catalogue = Catalogue()  # rebuilt in stream order on restart
+        # Each user's latest items, the session context of the next batch (rebuilt on restart too).
+        self.history: dict[ID, collections.deque] = {}
         self.evaluate, self.eval_k = evaluate, eval_k
-        self.cache = RowCache(self.client, [m.item_table, m.item_bias_table, m.popularity_table]) if evaluate else None
+        self.cache = RowCache(self.client, m.item_tables()) if evaluate else None
         self.seen: dict[ID, set] = collections.defaultdict(set)
         self.metrics = collections.Counter()
         self.freshness_ms: collections.deque[float] = collections.deque(maxlen=20_000)
@@ -215,7 +218,7 @@ class Trainer:
         self.wal.commit(self.offset, self.events_applied)
 
     def _replay_local_state(self, upto: int) -> None:
-        """Rebuild the catalogue (and eval history) from the stream's first ``upto`` events."""
+        """Rebuild the catalogue, user histories (and eval history) from the stream's first ``upto`` events."""
         pos = 0
         while pos < upto:
             raw = self.source.read(pos, min(8192, upto - pos))
@@ -223,6 +226,7 @@ class Trainer:
                 break
             users, items, _, _ = self._mine(raw)
             self.catalogue.add(items)
+            self._remember(users, items)
             if self.evaluate:
                 for u, i in zip(users.tolist(), items.tolist()):
                     self.seen[u].add(i)
@@ -238,7 +242,7 @@ class Trainer:
             return IngestSource(self.cfg.namespace)
         from workers.streams import open_source
 
-        quarantine = self.cfg.stream.quarantine_path or str(Path(self.cfg.ingest.dir) / f"quarantine-{self.index}.arrow")
+        quarantine = self.cfg.stream.quarantine_path or str(self.cfg.ingest.local_state_dir() / f"quarantine-{self.index}.arrow")
         return open_source(self.cfg.stream, quarantine_path=quarantine)
 
     def _read_after(self, offset: int) -> tuple[pa.RecordBatch, int] | None:
@@ -271,6 +275,34 @@ class Trainer:
         ingest_ts = raw.column("ingest_ts").to_numpy(zero_copy_only=False)[mine]
         return users[mine], items, weights, ingest_ts
 
+    def _remember(self, users: np.ndarray, items: np.ndarray) -> None:
+        """Append events to their users' histories (the last ``model.context_items`` items)."""
+        if self.cfg.model.context_table is None:
+            return
+        n = self.cfg.model.context_items
+        for u, i in zip(users.tolist(), items.tolist()):
+            h = self.history.get(u)
+            if h is None:
+                h = self.history[u] = collections.deque(maxlen=n)
+            h.append(i)
+
+    def _contexts(self, uniq_users: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``(uniq_ctx, ctx_inv)``: the users' history items before this batch, as indices."""
+        mc = self.cfg.model
+        if mc.context_table is None or not len(uniq_users):
+            return as_id_array([]), np.full((len(uniq_users), 0), -1, np.int64)
+        lists = [list(self.history.get(u, ())) for u in uniq_users.tolist()]
+        flat = [x for h in lists for x in h]
+        inv = np.full((len(lists), mc.context_items), -1, np.int64)
+        if not flat:
+            return as_id_array([]), inv
+        uniq_ctx, flat_inv = _factorize(as_id_array(flat))
+        pos = 0
+        for r, h in enumerate(lists):
+            inv[r, : len(h)] = flat_inv[pos : pos + len(h)]
+            pos += len(h)
+        return uniq_ctx, inv
+
     def _prepare(self, raw: pa.RecordBatch, end: int) -> _Batch:
         users, items, weights, ingest_ts = self._mine(raw)
         start = int(raw.column("offset")[0].as_py())
@@ -280,13 +312,16 @@ class Trainer:
         if len(items):
             self.catalogue.add(items)
         mc = self.cfg.model
-        b, m = len(users), mc.num_negatives
+        b, m, passes = len(users), mc.num_negatives, self.cfg.trainer.passes
+        # Fresh negatives for every pass (measured: better than one set reused; BENCHMARKS.md).
         negs = (
-            self.catalogue.sample(b, m, mc.popularity_negative_fraction, rng)
+            np.concatenate([self.catalogue.sample(b, m, mc.popularity_negative_fraction, rng) for _ in range(passes)])
             if b and mc.loss == LossKind.BPR
             else as_id_array([])
         )
         uniq_users, user_inv = _factorize(users) if b else (as_id_array([]), np.empty(0, np.int64))
+        uniq_ctx, ctx_inv = self._contexts(uniq_users)
+        self._remember(users, items)
         if items.dtype == negs.dtype == np.int64 or not len(negs):
             all_items = np.concatenate([items, negs]) if len(negs) else items
         else:
@@ -294,7 +329,8 @@ class Trainer:
         uniq_items, item_inv = _factorize(all_items) if b else (as_id_array([]), np.empty(0, np.int64))
         return _Batch(
             start, end, users, items, weights, ingest_ts, uniq_users, user_inv, uniq_items,
-            item_inv[:b], item_inv[b:].reshape(b, m) if len(negs) else np.empty((b, 0), np.int64),
+            item_inv[:b], item_inv[b:].reshape(passes, b, m) if len(negs) else np.empty((passes, b, 0), np.int64),
+            uniq_ctx, ctx_inv,
         )
 
     # -- evaluation --------------------------------------------------------------------
@@ -309,7 +345,10 @@ class Trainer:
             uniq, inv = _factorize(users)
             rows = self.client.pull_many({self.cfg.model.user_table: uniq}, create=False)[self.cfg.model.user_table]
             seen = [list(self.seen[u]) for u in uniq.tolist()]  # exclusion is a set: order is irrelevant
-            ranked = ranker.rank_many(rows[0], rows[1], seen, self.eval_k)
+            # Session context as before this batch (the batch's own items would leak the answers).
+            row_of = {u: r for r, u in enumerate(batch.uniq_users.tolist())}
+            ctx = [[batch.uniq_ctx[j] for j in batch.ctx_inv[row_of[u]].tolist() if j >= 0] for u in uniq.tolist()]
+            ranked = ranker.rank_many(rows[0], rows[1], seen, self.eval_k, history=ctx)
             popular = [ranker.popular(s, self.eval_k) for s in seen]
             for u, item in zip(inv.tolist(), batch.items[known].tolist()):
                 self.metrics["eval_events"] += 1
@@ -322,31 +361,43 @@ class Trainer:
     def _pull(self, batch: _Batch, after: tuple[PushId, list] | None = None):
         """Pull a batch's rows; ``after`` = the not-yet-awaited push they must reflect."""
         m = self.cfg.model
-        return self.client.pull_async(
-            {m.user_table: batch.uniq_users, m.item_table: batch.uniq_items, m.item_bias_table: batch.uniq_items},
-            after=after,
-        )
+        tables = {m.user_table: batch.uniq_users, m.item_table: batch.uniq_items, m.item_bias_table: batch.uniq_items}
+        if m.context_table is not None:
+            tables[m.context_table] = batch.uniq_ctx
+        return self.client.pull_async(tables, after=after)
 
-    def _gradients(self, batch: _Batch, pulled) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    def _gradients(self, batch: _Batch, pulled, p: int = 0) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        """Loss gradients of pass ``p`` for the rows it touched (pass ``p``'s negatives only)."""
         m, dev = self.cfg.model, self.device
         U = torch.from_numpy(pulled[m.user_table][0]).to(dev).requires_grad_()
         I = torch.from_numpy(pulled[m.item_table][0]).to(dev).requires_grad_()
         B = torch.from_numpy(pulled[m.item_bias_table][0][:, 0].copy()).to(dev).requires_grad_()
+        C = None
+        Q = U
+        if m.context_table is not None and len(batch.uniq_ctx):
+            C = torch.from_numpy(pulled[m.context_table][0]).to(dev).requires_grad_()
+            Q = user_queries(U, C, torch.from_numpy(batch.ctx_inv).to(dev))
         ui = torch.from_numpy(batch.user_inv).to(dev)
         pi = torch.from_numpy(batch.pos_inv).to(dev)
         if m.loss == LossKind.BPR:
-            ni = torch.from_numpy(batch.neg_inv).to(dev)
-            loss = bpr_loss(U[ui], I[pi], B[pi], I[ni], B[ni], l2=m.l2)
+            ni = torch.from_numpy(batch.neg_inv[p]).to(dev)
+            loss = bpr_loss(Q[ui], I[pi], B[pi], I[ni], B[ni], l2=m.l2)
+            used = np.unique(np.concatenate([batch.pos_inv, batch.neg_inv[p].reshape(-1)]))
         else:
             target = torch.from_numpy(batch.weights).to(dev)
-            loss = mse_loss(U[ui], I[pi], B[pi], target, l2=m.l2)
+            loss = mse_loss(Q[ui], I[pi], B[pi], target, l2=m.l2)
+            used = np.unique(batch.pos_inv)
         loss.backward()
         self.metrics["loss_sum"] += float(loss.detach())
-        return {
+        item_grad, bias_grad = I.grad.cpu().numpy()[used], B.grad.cpu().numpy()[used, None]
+        out = {
             m.user_table: (batch.uniq_users, U.grad.cpu().numpy()),
-            m.item_table: (batch.uniq_items, I.grad.cpu().numpy()),
-            m.item_bias_table: (batch.uniq_items, B.grad.cpu().numpy()[:, None]),
+            m.item_table: (batch.uniq_items[used], item_grad),
+            m.item_bias_table: (batch.uniq_items[used], bias_grad),
         }
+        if C is not None:
+            out[m.context_table] = (batch.uniq_ctx, C.grad.cpu().numpy())
+        return out
 
     def _train(self, batch: _Batch, pending, first_pass: int = 0) -> list:
         """Passes ``first_pass..`` over ``batch``; returns the pushes' refs (not yet awaited)."""
@@ -355,11 +406,16 @@ class Trainer:
         last: tuple[PushId, list] | None = None
         for p in range(first_pass, self.cfg.trainer.passes):
             pulled = (pending if p == first_pass else self._pull(batch, after=last)).result()
-            updates = self._gradients(batch, pulled)
+            updates = self._gradients(batch, pulled, p)
             history = None
             if p == 0:
-                pos_ids, pos_counts = _factorize(batch.items)
-                updates[m.popularity_table] = (pos_ids, np.bincount(pos_counts, minlength=len(pos_ids)).astype(np.float32)[:, None])
+                pos_ids, pos_inv = _factorize(batch.items)
+                counts = np.bincount(pos_inv, minlength=len(pos_ids)).astype(np.float32)
+                updates[m.popularity_table] = (pos_ids, counts[:, None])
+                if m.recent_table is not None:
+                    # The batch's counts, valid at its end offset; the clock is in half-lives.
+                    clock = np.full(len(pos_ids), batch.end / m.recent_halflife_events, np.float32)
+                    updates[m.recent_table] = (pos_ids, np.stack([counts, clock], axis=1))
                 history = (batch.users, batch.items)
             seq = batch.start * _SEQ_PER_BATCH + p
             if self.wal is not None:

@@ -2,7 +2,7 @@
 
 One deployment serves the module; each test owns a group of tables so row counts and
 rankings are exact: ``item``/``item_bias``/``item_pop`` for sync, ``r_*`` for the
-Ranker and ``t_*`` (with a TTL) for expiry.
+Ranker, ``p_*`` for its recent-popularity prior and ``t_*`` (with a TTL) for expiry.
 """
 
 from __future__ import annotations
@@ -25,8 +25,10 @@ from workers.ranking import Ranker
 DIM = 8
 NUM_SHARDS = 2
 ITEM_TABLES = ["item", "item_bias", "item_pop"]
-R_MODEL = ModelConfig(item_table="r_item", item_bias_table="r_bias", popularity_table="r_pop")
-T_MODEL = ModelConfig(item_table="t_item", item_bias_table="t_bias", popularity_table="t_pop")
+R_MODEL = ModelConfig(item_table="r_item", item_bias_table="r_bias", popularity_table="r_pop", recent_table=None, context_table=None)
+T_MODEL = ModelConfig(item_table="t_item", item_bias_table="t_bias", popularity_table="t_pop", recent_table=None, context_table=None)
+P_MODEL = ModelConfig(item_table="p_item", item_bias_table="p_bias", popularity_table="p_pop", recent_table="p_recent", recent_weight=2.0,
+                      context_table=None)
 TTL_S = 3600.0  # long enough that pushes never expire anything on their own during the test
 
 
@@ -42,6 +44,10 @@ def _tables() -> dict:
         "t_item": {"dim": DIM, "ttl_s": TTL_S},
         "t_bias": {**zeros, "ttl_s": TTL_S},
         "t_pop": {**counter, "ttl_s": TTL_S},
+        "p_item": {"dim": DIM},
+        "p_bias": zeros,
+        "p_pop": counter,
+        "p_recent": {"dim": 2, "init": "zeros", "optimizer": {"kind": "decayed_count"}},
     }
 
 
@@ -294,3 +300,43 @@ def test_score_items_in_order_with_none_for_unknown(ranker, client):
     assert (counts, fallback) == ([1.0, None, 5.0], "popular")
     assert ranker.score_items(u, []) == ([], None)
     assert as_id_array(ranker.cache.ids()).dtype == object  # mixed IDs kept as given
+
+
+# --------------------------------------------------------------------------- recent-popularity prior
+
+
+def test_recent_popularity_decays_ranks_the_fallback_and_adds_to_scores(client):
+    push = _Pusher(client, "recent")
+    ids = ["old", "mid", "new", 99]
+    push({"p_item": (ids, _grads(4, seed=30)), "p_bias": (ids, _grads(4, 1, seed=31))})
+    # All-time counts favour "old"; the clock (in half-lives) says its interactions are 4 half-lives old.
+    push({"p_pop": (["old", "mid", "new"], np.array([[40.0], [10.0], [6.0]], np.float32)),
+          "p_recent": (["old", "mid"], np.array([[40.0, 1.0], [10.0, 4.0]], np.float32))})
+    # Two pushes for "new" in one request are merged at the later clock, not summed as rows.
+    push({"p_recent": (["new", "new"], np.array([[4.0, 4.0], [4.0, 5.0]], np.float32))})
+    cache = RowCache(client, P_MODEL.item_tables())
+    cache.sync()
+    ranker = Ranker(cache, P_MODEL)
+    recent = dict(zip(cache.ids().tolist(), ranker.recent_counts().tolist()))
+    # Now is clock 5: old 40/2**4, mid 10/2, new 4/2 + 4; 99 was never counted.
+    assert recent == pytest.approx({"old": 2.5, "mid": 5.0, "new": 6.0, 99: 0.0})
+    p = ranker.popular([], 4)
+    assert p.item_ids == ["new", "mid", "old", 99] and p.fallback == "popular"
+    assert p.scores == pytest.approx([6.0, 5.0, 2.5, 0.0])
+    # The counts-only view of the same cache still ranks by all-time counts.
+    assert Ranker(cache, P_MODEL.model_copy(update={"recent_table": None})).popular([], 2).item_ids == ["old", "mid"]
+
+    u = np.random.default_rng(5).normal(size=DIM).astype(np.float32)
+    rows = client.pull_many({"p_item": ids, "p_bias": ids}, create=False)
+    prior = 2.0 * np.log1p(np.array([2.5, 5.0, 6.0, 0.0]))
+    want = rows["p_item"][0] @ u + rows["p_bias"][0][:, 0] + prior
+    got = ranker.rank_many(u[None], np.array([True]), [[]], 4)[0]
+    order = np.argsort(-want, kind="stable")
+    assert got.item_ids == [ids[j] for j in order]
+    np.testing.assert_allclose(got.scores, want[order], rtol=1e-5, atol=1e-5)
+    scores, _ = ranker.score_items(u, ids)
+    np.testing.assert_allclose(scores, want, rtol=1e-5, atol=1e-5)
+    # Without a weight the prior is gone from the scores but still ranks the fallback.
+    plain = Ranker(cache, P_MODEL.model_copy(update={"recent_weight": 0.0}))
+    np.testing.assert_allclose(plain.score_items(u, ids)[0], want - prior, rtol=1e-5, atol=1e-5)
+    assert plain.popular([], 1).item_ids == ["new"]

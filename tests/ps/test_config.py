@@ -51,7 +51,10 @@ def test_defaults_are_valid_and_consistent():
     assert set(cfg.ps.tables) >= {cfg.model.user_table, cfg.model.item_table}
     assert cfg.ps.table("user").dim == cfg.ps.table("item").dim
     assert cfg.ps.optimizer_for("item_pop").kind is OptimizerKind.ACCUMULATE
-    assert cfg.ps.optimizer_for("user") == cfg.ps.optimizer
+    assert cfg.ps.optimizer_for("item") == cfg.ps.optimizer
+    assert cfg.ps.optimizer_for("user").lr == 4 * cfg.ps.optimizer.lr  # users learn faster (BENCHMARKS.md)
+    assert cfg.ps.optimizer_for("item_recent").kind is OptimizerKind.DECAYED_COUNT
+    assert cfg.ps.table("item_ctx").dim == cfg.ps.table("item").dim
     assert cfg.stream.kind is StreamKind.SYNTHETIC
 
 
@@ -87,7 +90,7 @@ def test_yaml_round_trip_non_defaults(tmp_path):
         }
     )
     text = cfg.to_yaml()
-    assert "rowwise_adagrad" not in text and "kind: sgd" in text  # enums as plain strings
+    assert "OptimizerKind" not in text and "kind: sgd" in text and "kind: adagrad" in text  # enums as plain strings
     back = load_config(_write(tmp_path, text))
     assert back == cfg
     assert back.ps.table("user").optimizer == OptimizerConfig(kind=OptimizerKind.SGD, lr=0.5, momentum=0.9)
@@ -251,3 +254,46 @@ def test_table_lookup_names_known_tables():
     assert ps.table("item_bias") == TableConfig(dim=1, init=InitKind.ZEROS)
     with pytest.raises(KeyError, match=r"unknown table 'nope'.*item_pop"):
         ps.table("nope")
+
+
+# --- ingest.dir / ingest.state_dir -------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "ingest, state",
+    [
+        ({}, "freshet-data"),  # default: everything under the local ingest.dir
+        ({"dir": "/data/log"}, "/data/log"),
+        ({"dir": "run:3/log"}, "run:3/log"),  # a ':' in a local path is not a URI
+        ({"dir": "/data/log", "state_dir": "/data/state"}, "/data/state"),
+        ({"dir": "file:///data/log", "state_dir": "/data/state"}, "/data/state"),
+        ({"dir": "s3://bucket/prefix", "state_dir": "/mnt/shared/freshet"}, "/mnt/shared/freshet"),
+        ({"dir": "gs://bucket", "state_dir": "state"}, "state"),
+        ({"dir": "hdfs://namenode:8020/freshet", "state_dir": "/s"}, "/s"),
+        ({"dir": "abfss://container@account.dfs.core.windows.net/x", "state_dir": "/s"}, "/s"),
+    ],
+)
+def test_ingest_dir_and_local_state_dir(tmp_path, ingest, state):
+    cfg = load_config(_write(tmp_path, {"ingest": ingest})).ingest
+    assert cfg.local_state_dir() == Path(state)
+    assert cfg.dir_is_uri() == ("://" in cfg.dir)
+    assert load_config(_write(tmp_path, FreshetConfig(ingest=cfg).to_yaml())).ingest == cfg  # YAML round trip
+
+
+@pytest.mark.parametrize(
+    "ingest, dotted, reason",
+    [
+        ({"dir": "s3://bucket/prefix"}, "ingest:", "ingest.state_dir is required when ingest.dir is a URI"),
+        ({"dir": "file:///data/log"}, "ingest:", "ingest.state_dir is required when ingest.dir is a URI"),
+        ({"dir": "/data", "state_dir": "s3://bucket/state"}, "ingest:", "ingest.state_dir 's3://bucket/state' must be a local directory"),
+        ({"dir": "/data", "state_dir": "file:///data/state"}, "ingest:", "must be a local directory"),
+        ({"dir": "/data", "state_dir": ""}, "ingest.state_dir:", "at least 1 character"),
+        ({"dir": "ftp://host/x", "state_dir": "/s"}, "ingest.dir:", "unknown URI scheme 'ftp'"),
+        ({"dir": "file:/data/log", "state_dir": "/s"}, "ingest.dir:", "a URI must be written file://"),
+        ({"dir": "file://data/log", "state_dir": "/s"}, "ingest.dir:", "a file URI needs an absolute path"),
+        ({"dir": "s3://", "state_dir": "/s"}, "ingest.dir:", "nothing after s3://"),
+    ],
+)
+def test_bad_ingest_dirs_name_the_field_and_reason(tmp_path, ingest, dotted, reason):
+    msg = _error(tmp_path, {"ingest": ingest})
+    assert dotted in msg and reason in msg

@@ -10,6 +10,12 @@ from ps import optim
 from ps.config import OptimizerConfig, OptimizerKind
 
 N, D, STEPS = 12, 5, 20
+
+
+def _dim(kind: OptimizerKind) -> int:
+    return 2 if kind is OptimizerKind.DECAYED_COUNT else D  # (count, clock) rows
+
+
 ATOL = 1e-6
 
 
@@ -193,6 +199,7 @@ def _all_calls(rows, grads, buf_full, buf_row):
             torch.ones(rows.shape[0], *optim.state_shape(kind, rows.shape[1])),
         ))
         for kind in OptimizerKind
+        if kind is not OptimizerKind.DECAYED_COUNT  # dim 2 only: checked in its own tests
     ]
 
 
@@ -219,6 +226,7 @@ def test_functions_do_not_modify_inputs():
         (OptimizerKind.ADAGRAD, 8, (8,)),
         (OptimizerKind.ROWWISE_ADAGRAD, 8, (1,)),
         (OptimizerKind.ACCUMULATE, 8, (0,)),
+        (OptimizerKind.DECAYED_COUNT, 2, (0,)),
         ("adagrad", 3, (3,)),
     ],
 )
@@ -239,8 +247,9 @@ def test_state_shape_covers_every_kind_and_rejects_bad_dim():
 @pytest.mark.parametrize("momentum", [0.0, 0.9])
 def test_apply_dispatches_to_the_configured_rule(kind, momentum):
     gen = torch.Generator().manual_seed(4)
-    rows, grads = torch.randn(6, D, generator=gen), torch.randn(6, D, generator=gen)
-    state = torch.rand(6, *optim.state_shape(kind, D), generator=gen)
+    d = _dim(kind)
+    rows, grads = torch.randn(6, d, generator=gen), torch.randn(6, d, generator=gen)
+    state = torch.rand(6, *optim.state_shape(kind, d), generator=gen)
     cfg = OptimizerConfig(kind=kind, lr=0.25, momentum=momentum, eps=1e-4)
     new_rows, new_state = optim.apply(cfg, rows, grads, state)
 
@@ -255,6 +264,9 @@ def test_apply_dispatches_to_the_configured_rule(kind, momentum):
     elif kind is OptimizerKind.ACCUMULATE:
         exp_rows, exp_state = optim.accumulate(rows, grads, lr=0.25), state
         assert new_state is state
+    elif kind is OptimizerKind.DECAYED_COUNT:
+        exp_rows, exp_state = optim.decayed_count(rows, grads), state
+        assert new_state is state
     else:  # pragma: no cover - a new kind must get a branch here
         pytest.fail(f"no expectation for {kind}")
     torch.testing.assert_close(new_rows, exp_rows, atol=0, rtol=0)
@@ -268,6 +280,8 @@ def test_apply_rules_differ_from_each_other():
     rows, grads = torch.randn(6, D, generator=gen), torch.randn(6, D, generator=gen)
     results = []
     for kind in OptimizerKind:
+        if kind is OptimizerKind.DECAYED_COUNT:
+            continue  # dim 2 only; its rule is pinned by the decayed_count tests
         state = torch.rand(6, *optim.state_shape(kind, D), generator=gen)
         results.append(optim.apply(OptimizerConfig(kind=kind, lr=0.5), rows, grads, state)[0])
     for i in range(len(results)):
@@ -296,18 +310,72 @@ def test_shape_mismatches_name_the_argument():
 
 @pytest.mark.parametrize("kind", list(OptimizerKind))
 def test_empty_push_is_a_no_op(kind):
-    rows, grads = torch.zeros(0, D), torch.zeros(0, D)
-    state = torch.zeros(0, *optim.state_shape(kind, D))
+    d = _dim(kind)
+    rows, grads = torch.zeros(0, d), torch.zeros(0, d)
+    state = torch.zeros(0, *optim.state_shape(kind, d))
     new_rows, new_state = optim.apply(OptimizerConfig(kind=kind, momentum=0.5), rows, grads, state)
-    assert new_rows.shape == (0, D) and new_state.shape == state.shape
+    assert new_rows.shape == (0, d) and new_state.shape == state.shape
+
+
+def _decayed_reference(events: list[tuple[float, float]], now: float) -> float:
+    """Sum of each count halved once per clock unit between its clock and ``now``."""
+    return sum(c * 2.0 ** (t - now) for c, t in events)
+
+
+def test_decayed_count_merges_at_the_later_clock():
+    rows = torch.tensor([[4.0, 1.0], [0.0, 0.0], [3.0, 5.0]])
+    pushed = torch.tensor([[2.0, 3.0], [7.0, 2.5], [1.0, 4.0]])
+    before = (rows.clone(), pushed.clone())
+    out = optim.decayed_count(rows, pushed)
+    assert torch.equal(rows, before[0]) and torch.equal(pushed, before[1])  # pure
+    # 4 at clock 1 is 1 at clock 3; an empty row takes the push; a push older than the row decays into it.
+    torch.testing.assert_close(out, torch.tensor([[1.0 + 2.0, 3.0], [7.0, 2.5], [3.0 + 0.5, 5.0]]))
+    new_rows, state = optim.apply(OptimizerConfig(kind=OptimizerKind.DECAYED_COUNT), rows, pushed, torch.zeros(3, 0))
+    torch.testing.assert_close(new_rows, out)
+    assert state.shape == (3, 0)
+    with pytest.raises(ValueError, match="dim 2"):
+        optim.decayed_count(torch.zeros(2, 3), torch.zeros(2, 3))
+
+
+def test_decayed_count_is_order_independent_and_matches_the_reference():
+    gen = torch.Generator().manual_seed(3)
+    counts = torch.randint(1, 5, (40,), generator=gen).float()
+    clocks = torch.rand(40, generator=gen) * 10
+    events = list(zip(counts.tolist(), clocks.tolist()))
+    now = max(clocks.tolist())
+    results = []
+    for perm in (torch.arange(40), torch.randperm(40, generator=gen), torch.arange(39, -1, -1)):
+        row = torch.zeros(1, 2)
+        for j in perm.tolist():
+            row = optim.decayed_count(row, torch.tensor([[counts[j], clocks[j]]]))
+        results.append(row)
+        assert row[0, 1].item() == pytest.approx(now)
+        assert row[0, 0].item() == pytest.approx(_decayed_reference(events, now), rel=1e-5)
+    torch.testing.assert_close(results[1], results[0], rtol=1e-5, atol=0)
+
+
+def test_reduce_pushed_merges_duplicates_per_kind():
+    grads = torch.tensor([[1.0, 4.0], [2.0, 1.0], [3.0, 2.0], [5.0, 7.0]])
+    inverse = torch.tensor([0, 1, 0, 1])
+    summed = optim.reduce_pushed(OptimizerKind.ACCUMULATE, grads, inverse, 2)
+    torch.testing.assert_close(summed, torch.tensor([[4.0, 6.0], [7.0, 8.0]]))
+    merged = optim.reduce_pushed(OptimizerKind.DECAYED_COUNT, grads, inverse, 2)
+    # Clocks are never added: 3 at clock 2 is 0.75 at clock 4; 2 at clock 1 is 1/32 at clock 7.
+    torch.testing.assert_close(merged, torch.tensor([[1.0 + 0.75, 4.0], [5.0 + 2.0 / 64, 7.0]]))
+    # Merging duplicates first equals applying them one by one.
+    row = torch.zeros(1, 2)
+    for g in grads[inverse == 1]:
+        row = optim.decayed_count(row, g[None])
+    torch.testing.assert_close(optim.decayed_count(torch.zeros(1, 2), merged[1:]), row)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("kind", list(OptimizerKind))
 def test_cuda_matches_cpu(kind):
     gen = torch.Generator().manual_seed(6)
-    rows, grads = torch.randn(64, D, generator=gen), torch.randn(64, D, generator=gen)
-    state = torch.rand(64, *optim.state_shape(kind, D), generator=gen)
+    d = _dim(kind)
+    rows, grads = torch.randn(64, d, generator=gen), torch.randn(64, d, generator=gen)
+    state = torch.rand(64, *optim.state_shape(kind, d), generator=gen)
     cfg = OptimizerConfig(kind=kind, momentum=0.9)
     cpu_rows, cpu_state = optim.apply(cfg, rows, grads, state)
     gpu_rows, gpu_state = optim.apply(cfg, rows.cuda(), grads.cuda(), state.cuda())

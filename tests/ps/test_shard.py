@@ -150,27 +150,27 @@ def test_push_applies_configured_optimizer(opt):
     cfg = _ps(optimizer=opt)
     s = _shard(cfg)
     ids = [3, "b", 11]
-    rows = torch.from_numpy(s.pull({"user": ids})["user"][0].copy())
+    rows = torch.from_numpy(s.pull({"item": ids})["item"][0].copy())  # "item" has no optimizer of its own
     state = torch.zeros((3, *optim.state_shape(OptimizerKind(opt["kind"]), DIM)))
     rng = np.random.default_rng(0)
     for seq in range(3):
         g = rng.normal(size=(3, DIM)).astype(np.float32)
-        s.push(PushId("t", seq), {"user": (ids, g)})
+        s.push(PushId("t", seq), {"item": (ids, g)})
         rows, state = optim.apply(cfg.optimizer, rows, torch.from_numpy(g), state)
-        np.testing.assert_allclose(_rows(s, "user", ids), rows.numpy(), rtol=1e-6, atol=1e-7)
+        np.testing.assert_allclose(_rows(s, "item", ids), rows.numpy(), rtol=1e-6, atol=1e-7)
 
 
 def test_default_rowwise_adagrad_by_hand():
-    s = _shard()  # defaults: rowwise_adagrad, lr 0.1, eps 1e-8
+    s = _shard()  # defaults: rowwise_adagrad, lr 0.05, eps 1e-8
     r0 = s.pull({"item": [1]})["item"][0][0].astype(np.float64)
     g1 = np.arange(1, DIM + 1, dtype=np.float64)
     g2 = -0.5 * np.ones(DIM)
     s.push(PushId("p", 0), {"item": ([1], g1[None].astype(np.float32))})
     s.push(PushId("p", 1), {"item": ([1], g2[None].astype(np.float32))})
     acc1 = (g1**2).mean()
-    r1 = r0 - 0.1 * g1 / (np.sqrt(acc1) + 1e-8)
+    r1 = r0 - 0.05 * g1 / (np.sqrt(acc1) + 1e-8)
     acc2 = acc1 + (g2**2).mean()
-    r2 = r1 - 0.1 * g2 / (np.sqrt(acc2) + 1e-8)
+    r2 = r1 - 0.05 * g2 / (np.sqrt(acc2) + 1e-8)
     np.testing.assert_allclose(_rows(s, "item", [1])[0], r2, rtol=1e-5)
 
 
@@ -341,7 +341,7 @@ def test_ttl_expiry_removes_rows_and_reports_them(clock):
     clock.now += 60
     s.push(PushId("p", 0), {"item": ([1, 4, 8], np.full((3, DIM), 0.5, np.float32))})
     kept = _rows(s, "item", [1, 4, 8])
-    assert s.expire(now=clock.now + 39) == {"user": 0, "item": 0, "item_bias": 0, "item_pop": 0}
+    assert s.expire(now=clock.now + 39) == dict.fromkeys(cfg.tables, 0)
     v, _ = s.delta(["item"], since=0)
     # 41 s after the push the pulled-only rows are 101 s old; the pushed ones 41 s.
     removed = s.expire(now=clock.now + 41)

@@ -137,7 +137,8 @@ def test_new_user_gets_personal_ranking_after_posting_events(deployment):
     assert before["fallback"] == "popular" and before["user_id"] == user
     assert len(before["items"]) == 5
     counts = [it["score"] for it in before["items"]]
-    assert counts == sorted(counts, reverse=True) and counts[0] >= 20  # items 0..4: every user had them
+    # Recency-decayed counts (model.recent_table) of items 0..4, which every user had: 20+ raw.
+    assert counts == sorted(counts, reverse=True) and counts[0] >= 15
 
     seen = [0, 1, 2]  # the three most popular items: ranked first unless excluded
     r = _post_events(http, [{"user_id": user, "item_id": i} for i in seen])  # timestamps default to server time

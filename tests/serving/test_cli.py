@@ -5,6 +5,7 @@ started by ``freshet up`` and stopped by ``freshet down`` (by PID, never a host-
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -51,13 +52,18 @@ def _rankings(url: str, users) -> list:
 
 
 def test_up_ckpt_down_restore_reproduces_rankings(tmp_path):
+    # The first deployment keeps its ingest log behind a file:// URI (the object-per-append
+    # layout a shared store gets) and its state in a separate local state_dir; the
+    # restored one uses a plain local ingest.dir for both.
     port = free_port()
+    log = tmp_path / "log"
+    state = tmp_path / "data"
     cfg = tmp_path / "freshet.yaml"
     cfg.write_text(yaml.safe_dump({
         "namespace": "clitest",
         "ps": {"tables": {"user": {"dim": 8}, "item": {"dim": 8}}},
         "trainer": {"batch_size": 32},
-        "ingest": {"dir": str(tmp_path / "data")},
+        "ingest": {"dir": log.as_uri(), "state_dir": str(state)},
         "serving": {"port": port},
     }))
     url = f"http://127.0.0.1:{port}"
@@ -71,6 +77,9 @@ def test_up_ckpt_down_restore_reproduces_rankings(tmp_path):
         r = httpx.post(url + "/events", json={"events": events}, timeout=30)
         assert r.status_code == 200 and r.json()["accepted"] == len(events)
         _wait_applied(url, len(events))
+        assert sorted(os.listdir(log)) == ["ingest"]  # state stays out of the log's store
+        assert sorted(os.listdir(log / "ingest")) == ["LOG_ID", f"segment-{0:020d}.arrows"]
+        assert {"freshet-up.json", "ps", "trainers"} <= set(os.listdir(state))
         status = _freshet("status", "--config", str(cfg))
         assert status.returncode == 0 and "healthz 200" in status.stdout
         before = _rankings(url, users)
@@ -85,6 +94,7 @@ def test_up_ckpt_down_restore_reproduces_rankings(tmp_path):
         more = [{"user_id": u, "item_id": 100 + j} for u in users for j in range(5)]
         assert httpx.post(url + "/events", json={"events": more}, timeout=30).status_code == 200
         _wait_applied(url, len(events) + len(more))
+        assert sorted(os.listdir(log / "ingest"))[1:] == [f"segment-{0:020d}.arrows", f"segment-{len(events):020d}.arrows"]
         assert _rankings(url, users) != before
     finally:
         down = _freshet("down", "--config", str(cfg))
@@ -96,9 +106,11 @@ def test_up_ckpt_down_restore_reproduces_rankings(tmp_path):
     # ranks exactly as the service did when the checkpoint was saved.
     fresh = tmp_path / "fresh.yaml"
     conf = yaml.safe_load(cfg.read_text())
-    conf["ingest"]["dir"] = str(tmp_path / "fresh-data")
+    conf["ingest"] = {"dir": str(tmp_path / "fresh-data")}
     fresh.write_text(yaml.safe_dump(conf))
-    ckpt = tmp_path / "data" / "ps" / "checkpoints" / "first"
+    ckpt = state / "ps" / "checkpoints" / "first"
+    saved = json.loads((ckpt / "trainers.json").read_text())["trainers"]
+    assert saved[0]["source_id"] == "ingest:" + (log / "ingest" / "LOG_ID").read_text().strip()
     restore = _freshet("ckpt", "--config", str(fresh), "restore", str(ckpt), "--ray-port", str(free_port()))
     assert restore.returncode == 0, restore.stdout + restore.stderr
     try:

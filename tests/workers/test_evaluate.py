@@ -28,6 +28,8 @@ from workers.ranking import Ranked, Ranker
 from workers.strategies import Chunk, ItemView, Strategy, make_strategy, parse_strategy_spec
 
 CFG = FreshetConfig()
+# The scripted scores are the whole score: no recent-popularity prior, no session context.
+MODEL = CFG.model.model_copy(update={"recent_table": None, "context_table": None})
 N_ITEMS = 30
 ITEMS = [100 + j for j in range(N_ITEMS)]  # catalogue slot j holds item 100 + j
 
@@ -73,7 +75,7 @@ class Scripted(Strategy):
         self.chunks: list[list[tuple[int, int]]] = []
 
     def ranker(self) -> Ranker:
-        return Ranker(self.view, CFG.model)
+        return Ranker(self.view, MODEL)
 
     def user_vectors(self, users):
         found = np.array([u in self.scores for u in users.tolist()], bool)

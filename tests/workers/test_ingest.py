@@ -1,16 +1,19 @@
 """IngestLog as a plain object: dense offsets, reads across batches of different ID
-types, recovery on restart and dropping a torn tail."""
+types, recovery on restart and dropping a torn tail; and with ``ingest.dir`` a
+``pyarrow.fs`` URI, one object per append and strict recovery."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.fs as pafs
 import pytest
 
 from ps.config import IngestConfig
 from workers.events import EVENT_COLUMNS
-from workers.ingest import IngestLog
+from workers.ingest import IngestLog, read_log_id
 
 
 # One segment per append and many appends per segment (the default) exercise different
@@ -165,3 +168,160 @@ def test_ids_and_weights_keep_their_types(tmp_path):
     assert b["user_id"] == [2**62, -1]
     assert b["item_id"] == ["é", "x" * 300]
     assert b["weight"] == [0.25, 7.0]
+
+
+# --- ingest.dir as a pyarrow.fs URI: one object per append ------------------------------
+
+
+def _uri_cfg(tmp_path: Path, **kw) -> IngestConfig:
+    return IngestConfig(dir=(tmp_path / "store").as_uri(), state_dir=str(tmp_path / "state"), **{"fsync": False, **kw})
+
+
+def _objects(tmp_path: Path) -> list[str]:
+    return sorted(p.name for p in (tmp_path / "store" / "ingest").iterdir())
+
+
+def _seg(first: int) -> str:
+    return f"segment-{first:020d}.arrows"
+
+
+class _ObjectStoreHandler(pafs.FileSystemHandler):
+    """A local directory behaving like an object store: no append streams and no rename
+    (both raise), and every object written is recorded."""
+
+    def __init__(self):
+        self.fs = pafs.LocalFileSystem()
+        self.written: list[str] = []
+
+    def open_append_stream(self, path, metadata):
+        raise OSError(f"object stores cannot append: open_append_stream({path!r})")
+
+    def move(self, src, dest):
+        raise OSError(f"object stores have no atomic rename: move({src!r}, {dest!r})")
+
+    def open_output_stream(self, path, metadata):
+        self.written.append(path.rsplit("/", 1)[-1])
+        return self.fs.open_output_stream(path, metadata=metadata)
+
+    def get_type_name(self):
+        return "object-store-test"
+
+    def get_file_info(self, paths):
+        return self.fs.get_file_info(paths)
+
+    def get_file_info_selector(self, selector):
+        return self.fs.get_file_info(selector)
+
+    def create_dir(self, path, recursive):
+        self.fs.create_dir(path, recursive=recursive)
+
+    def delete_dir(self, path):
+        self.fs.delete_dir(path)
+
+    def delete_dir_contents(self, path, missing_dir_ok=False):
+        self.fs.delete_dir_contents(path, missing_dir_ok=missing_dir_ok)
+
+    def delete_root_dir_contents(self):
+        raise OSError("not needed")
+
+    def delete_file(self, path):
+        self.fs.delete_file(path)
+
+    def copy_file(self, src, dest):
+        self.fs.copy_file(src, dest)
+
+    def open_input_stream(self, path):
+        return self.fs.open_input_stream(path)
+
+    def open_input_file(self, path):
+        return self.fs.open_input_file(path)
+
+    def normalize_path(self, path):
+        return self.fs.normalize_path(path)
+
+
+def test_uri_log_writes_one_object_per_append_and_recovers(tmp_path):
+    cfg = _uri_cfg(tmp_path, fsync=True)  # file://: temp name, fsync, rename
+    log = IngestLog(cfg)
+    want = _fill(log)  # appends of 3, 2 and 2 events; segment_events (100k) does not apply
+    assert _objects(tmp_path) == ["LOG_ID", _seg(0), _seg(3), _seg(5)]  # no temp object left behind
+    for name, rows in [(_seg(0), want[:3]), (_seg(3), want[3:5]), (_seg(5), want[5:])]:
+        with pa.OSFile(str(tmp_path / "store" / "ingest" / name)) as f:
+            assert _events(pa.ipc.open_stream(f).read_all().to_batches()[0]) == rows
+    assert log.stats()["dir"] == cfg.dir + "/ingest"
+    assert not (tmp_path / "state").exists()  # the log itself needs no local state
+
+    again = IngestLog(cfg)
+    assert again.log_id == log.log_id == read_log_id(cfg)
+    assert again.stats()["events_accepted"] == 7
+    assert _events(again.read(0, 100)) == want
+    assert again.append([9], ["z"], [107.0], [1.0]) == (7, 7)
+    assert _objects(tmp_path)[-1] == _seg(7)
+    assert _events(IngestLog(cfg).read(0, 100)) == want + [(7, 9, "z", 107.0, 1.0)]
+
+
+def test_uri_log_never_appends_or_renames_on_an_object_store(tmp_path):
+    cfg = _uri_cfg(tmp_path)
+    store = _ObjectStoreHandler()
+    log = IngestLog(cfg, filesystem=pafs.PyFileSystem(store))
+    want = []
+    for k, (users, items) in enumerate([([1, 2, 3], [4, 5, 6]), (["a"], ["b"]), ([7], ["c"])]):
+        first, _ = log.append(users, items, [1.0] * len(users), [1.0] * len(users))
+        want += _events(log.read(first, len(users)))
+        # Each acknowledged append is already a complete object another reader recovers.
+        assert _events(IngestLog(cfg, filesystem=pafs.PyFileSystem(_ObjectStoreHandler())).read(0, 100)) == want, k
+    # Every object was PUT exactly once, under its final name: no temp objects, no rewrites.
+    assert store.written == ["LOG_ID", _seg(0), _seg(3), _seg(4)]
+    assert _objects(tmp_path) == ["LOG_ID", _seg(0), _seg(3), _seg(4)]
+
+
+def test_uri_log_drops_a_leftover_temp_object(tmp_path):
+    cfg = _uri_cfg(tmp_path)
+    want = _fill(IngestLog(cfg))
+    # A crash between writing an object's temp file and renaming it: never acknowledged.
+    leftover = tmp_path / "store" / "ingest" / f".{_seg(7)}.0123abcd.tmp"
+    leftover.write_bytes(b"half an object")
+    again = IngestLog(cfg)
+    assert not leftover.exists()
+    assert _events(again.read(0, 100)) == want
+    assert again.append([1], [1], [1.0], [1.0]) == (7, 7)
+
+
+def test_uri_log_with_a_missing_object_refuses_to_start(tmp_path):
+    cfg = _uri_cfg(tmp_path)
+    _fill(IngestLog(cfg))
+    (tmp_path / "store" / "ingest" / _seg(3)).unlink()
+    with pytest.raises(RuntimeError, match=r"offsets 3\.\.4 are missing \(the next object is segment-0+5\.arrows\)") as info:
+        IngestLog(cfg)
+    assert cfg.dir in str(info.value)
+
+
+@pytest.mark.parametrize("damage", ["truncate", "garbage", "empty"])
+def test_uri_log_with_an_unreadable_object_refuses_to_start(tmp_path, damage):
+    cfg = _uri_cfg(tmp_path)
+    _fill(IngestLog(cfg))
+    obj = tmp_path / "store" / "ingest" / _seg(3)
+    data = obj.read_bytes()
+    obj.write_bytes({"truncate": data[: len(data) - 20], "garbage": b"\x00not arrow" * 10, "empty": b""}[damage])
+    with pytest.raises(RuntimeError, match=rf"object {_seg(3)} is unreadable"):
+        IngestLog(cfg)
+
+
+def test_uri_log_rejects_an_object_whose_offsets_do_not_match_its_name(tmp_path):
+    cfg = _uri_cfg(tmp_path)
+    _fill(IngestLog(cfg))
+    ingest = tmp_path / "store" / "ingest"
+    (ingest / _seg(5)).write_bytes((ingest / _seg(3)).read_bytes())  # offsets 3..4 named as from 5
+    with pytest.raises(RuntimeError, match=rf"object {_seg(5)} holds offsets 3\.\.4, expected a run from 5"):
+        IngestLog(cfg)
+
+
+def test_read_log_id_creates_nothing(tmp_path):
+    local = IngestConfig(dir=str(tmp_path / "local"), fsync=False)
+    uri = _uri_cfg(tmp_path)
+    assert read_log_id(local) is None and read_log_id(uri) is None
+    assert not (tmp_path / "local").exists() and not (tmp_path / "store").exists()
+    local_id, uri_id = IngestLog(local).log_id, IngestLog(uri).log_id
+    assert read_log_id(local) == local_id and read_log_id(uri) == uri_id != local_id
+    with pytest.raises(ValueError, match="filesystem"):
+        IngestLog(local, filesystem=pafs.LocalFileSystem())

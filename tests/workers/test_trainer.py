@@ -87,7 +87,8 @@ def test_trainer_beats_popularity_and_applies_every_event_once(deploy, tmp_path)
     assert st["events_read"] == st["events_applied"] == st["applied_offset"] == n
     batches = -(-n // cfg.trainer.batch_size)
     assert st["batches"] == batches
-    assert client.versions() == [batches] * NUM_SHARDS  # one push per batch, seen by every shard
+    # One push per pass of each batch, seen by every shard.
+    assert client.versions() == [batches * cfg.trainer.passes] * NUM_SHARDS
     m = st["metrics"]
     assert m["eval_events"] + m["cold_events"] == n
     assert m["eval_events"] > n // 2
@@ -127,7 +128,7 @@ def test_two_trainers_partition_users(deploy, tmp_path):
     assert first["events_applied"] + second["events_applied"] == n
     _check_rows_and_history(cfg, client, users, items)
     batches = -(-n // cfg.trainer.batch_size)
-    assert client.versions() == [2 * batches] * NUM_SHARDS
+    assert client.versions() == [2 * batches * cfg.trainer.passes] * NUM_SHARDS
 
 
 def test_movielens_slice_trains_and_every_id_gets_a_row(deploy, tmp_path, movielens_ratings):

@@ -1,0 +1,79 @@
+"""workers.ranking on an in-memory item view: the session context and the recent-popularity prior."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from ps.config import ModelConfig
+from workers.model import user_queries
+from workers.ranking import Ranker
+from workers.strategies import ItemView
+
+D = 4
+ITEMS = ["a", "b", 7, "c", 9]
+MODEL = ModelConfig(context_items=2, recent_weight=0.5)
+
+
+def _view(recent: np.ndarray | None = None) -> ItemView:
+    rng = np.random.default_rng(0)
+    m = MODEL
+    n = len(ITEMS)
+    mats = {
+        m.item_table: rng.normal(size=(n, D)).astype(np.float32),
+        m.item_bias_table: rng.normal(size=(n, 1)).astype(np.float32),
+        m.popularity_table: np.array([[5.0], [1.0], [3.0], [0.0], [2.0]], np.float32),
+        m.context_table: rng.normal(size=(n, D)).astype(np.float32),
+        m.recent_table: recent if recent is not None else np.zeros((n, 2), np.float32),
+    }
+    return ItemView(ITEMS, mats)
+
+
+def test_user_queries_mean_the_context_rows_and_skip_padding():
+    users = torch.tensor([[1.0, 0.0], [0.0, 1.0], [2.0, 2.0]])
+    ctx = torch.tensor([[1.0, 1.0], [3.0, -1.0]])
+    idx = torch.tensor([[0, 1], [1, -1], [-1, -1]])
+    q = user_queries(users, ctx, idx)
+    torch.testing.assert_close(q, torch.tensor([[3.0, 0.0], [3.0, 0.0], [2.0, 2.0]]))
+    assert user_queries(users, ctx[:0], idx[:, :0]) is users
+
+
+def test_queries_use_the_last_context_items_known_to_the_cache():
+    view = _view()
+    ranker = Ranker(view, MODEL)
+    ctx = view.matrix(MODEL.context_table)
+    u = np.ones((3, D), np.float32)
+    # Oldest first: only the last two count; unknown items are skipped; no history keeps the row.
+    q = ranker.queries(u, [["a", "b", 7], ["zzz", "c"], []])
+    np.testing.assert_allclose(q[0], 1 + (ctx[1] + ctx[2]) / 2, rtol=1e-6)
+    np.testing.assert_allclose(q[1], 1 + ctx[3], rtol=1e-6)
+    np.testing.assert_allclose(q[2], 1, rtol=1e-6)
+    off = Ranker(view, MODEL.model_copy(update={"context_table": None}))
+    np.testing.assert_array_equal(off.queries(u, [["a", "b"], [], []]), u)
+
+
+def test_rank_many_scores_with_context_and_prior_and_excludes_seen():
+    recent = np.array([[4.0, 3.0], [10.0, 2.0], [0.0, 0.0], [1.0, 3.0], [2.0, 3.0]], np.float32)
+    view = _view(recent)
+    ranker = Ranker(view, MODEL)
+    counts = recent[:, 0] * np.exp2(recent[:, 1] - 3.0)  # decayed to the newest clock, 3
+    np.testing.assert_allclose(ranker.recent_counts(), counts)
+    u = np.random.default_rng(1).normal(size=(1, D)).astype(np.float32)
+    q = u + view.matrix(MODEL.context_table)[[0, 1]].mean(0)
+    want = (q @ view.matrix(MODEL.item_table).T)[0] + view.matrix(MODEL.item_bias_table)[:, 0] + 0.5 * np.log1p(counts)
+    # "a" is excluded but still in the context (history defaults to seen)
+    got = ranker.rank_many(u, np.array([True]), [["a", "b"]], 3)[0]
+    order = [j for j in np.argsort(-want, kind="stable") if ITEMS[j] not in ("a", "b")][:3]
+    assert got.item_ids == [ITEMS[j] for j in order] and got.fallback is None
+    np.testing.assert_allclose(got.scores, want[order], rtol=1e-5, atol=1e-5)
+    # An explicit history replaces seen as context; /score uses the same query.
+    scores, fallback = ranker.score_items(u[0], ITEMS, ["a", "b"])
+    np.testing.assert_allclose(scores, want, rtol=1e-5, atol=1e-5)
+    plain = ranker.rank_many(u, np.array([True]), [["a", "b"]], 3, history=[[]])[0]
+    no_ctx = (u @ view.matrix(MODEL.item_table).T)[0] + view.matrix(MODEL.item_bias_table)[:, 0] + 0.5 * np.log1p(counts)
+    np.testing.assert_allclose(plain.scores, sorted(no_ctx[[2, 3, 4]], reverse=True), rtol=1e-5, atol=1e-5)
+    # Unknown users: the most recently popular items (b: 10 at clock 2 is 5 at clock 3), not the all-time ones ("a").
+    pop = ranker.rank_many(u, np.array([False]), [[]], 2)[0]
+    assert pop.fallback == "popular" and pop.item_ids == ["b", "a"]
+    assert pop.scores == pytest.approx([5.0, 4.0])
