@@ -36,10 +36,12 @@ class Ranked(tuple):
 class Ranker:
     """Ranks the items in ``cache`` for user vectors, excluding seen items.
 
-    A score is ``user · item + item_bias + recent_weight * log1p(recent count)``: the
+    A score is ``query · item + item_bias + recent_weight * log1p(recent count)``: the
     model's logit plus a prior from the item's recency-decayed popularity (when
-    ``model.recent_table`` is set). Users without a row get the popular fallback: items
-    by recent popularity, or by all-time interaction counts without a recent table.
+    ``model.recent_table`` is set). The query is the user's row plus the mean context row
+    of their latest items (when ``model.context_table`` is set; see :meth:`queries`).
+    Users without a row get the popular fallback: items by recent popularity, or by
+    all-time interaction counts without a recent table.
     """
 
     def __init__(self, cache: RowCache, model: ModelConfig):

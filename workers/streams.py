@@ -103,7 +103,7 @@ class SyntheticSource(StreamSource):
 
     Items have popularity ``p ∝ rank^-zipf_a`` (ranks shuffled over item ids by the
     seed). Each of ``num_clusters`` clusters prefers a disjoint random subset of the
-    items: a user of cluster ``c`` picks item ``i`` with probability
+    items holding about ``1/num_clusters`` of the popularity mass: a user of cluster ``c`` picks item ``i`` with probability
     ``∝ pop(i) * exp(affinity * [i in taste(c)])``. Users (each in one cluster) are
     drawn with Zipf(0.8) activity and emit sessions of geometric length with mean
     ``session_mean``, mostly without repeating an item inside a session. From
@@ -132,21 +132,31 @@ class SyntheticSource(StreamSource):
         self._item_cdf = np.cumsum(pop)
 
         # Per phase (0 before the drift, 1 after): items ordered cluster by cluster, the
-        # cumulative popularity in that order, and each cluster's segment of it.
-        bounds = (np.arange(n_clusters + 1, dtype=np.int64) * n_items) // n_clusters
+        # cumulative popularity in that order, and each cluster's segment of it. Segments
+        # split the popularity mass (not the item count) evenly, so every cluster's taste
+        # weighs about the same in both phases and the shift changes tastes, not how much
+        # global popularity explains.
         boost = math.expm1(cfg.affinity)
         self._taste_order, self._taste_cum, self._seg_lo, self._seg_w = [], [], [], []
-        self._seg_start, self._seg_end = bounds[:-1], bounds[1:]
+        self._seg_start, self._seg_end = [], []
         taste_prob = []
         for _phase in range(2):
             order = rng.permutation(n_items)
             cum = np.cumsum(pop[order])
+            bounds = np.empty(n_clusters + 1, dtype=np.int64)
+            bounds[0], bounds[-1] = 0, n_items
+            cuts = np.searchsorted(cum, np.arange(1, n_clusters) / n_clusters * cum[-1], side="left")
+            for k, cut in enumerate(cuts.tolist(), start=1):
+                # At least one item per cluster (a head item can hold more than a share).
+                bounds[k] = min(max(cut, bounds[k - 1] + 1), n_items - (n_clusters - k))
             edge = np.concatenate([[0.0], cum])[bounds]
             lo, w = edge[:-1], np.diff(edge)
             self._taste_order.append(order)
             self._taste_cum.append(cum)
             self._seg_lo.append(lo)
             self._seg_w.append(w)
+            self._seg_start.append(bounds[:-1])
+            self._seg_end.append(bounds[1:])
             # p(in-taste draw) of the mixture pop * (1 + boost * in_taste), normalised.
             taste_prob.append(boost * w / (1.0 + boost * w))
         self._taste_prob = np.stack(taste_prob)  # (2, num_clusters)
@@ -257,7 +267,7 @@ class SyntheticSource(StreamSource):
             c = clusters[sel]
             target = self._seg_lo[ph][c] + u_item[sel] * self._seg_w[ph][c]
             pos = np.searchsorted(self._taste_cum[ph], target, side="right")
-            pos = np.clip(pos, self._seg_start[c], self._seg_end[c] - 1)
+            pos = np.clip(pos, self._seg_start[ph][c], self._seg_end[ph][c] - 1)
             items[sel] = self._taste_order[ph][pos]
         return items
 
