@@ -37,7 +37,7 @@ import torch
 from ps import optim
 from ps.config import FreshetConfig, InitKind, LossKind, OptimizerConfig, StreamKind, TableConfig, load_config
 from ps.ids import ID, as_id_array, id_keys, ids_from_arrow, init_rows
-from workers.model import bpr_loss, user_queries
+from workers.model import bpr_loss, context_index, user_queries
 from workers.trainer import Catalogue
 
 __all__ = [
@@ -207,15 +207,8 @@ class InProcessMF:
             first: dict[int, int] = {}
             for j, r in enumerate(user_inv.tolist()):
                 first.setdefault(r, j)
-            per_user = [contexts[first[r]] for r in range(len(uniq_users))]
-            flat = [x for c in per_user for x in c]
-            if flat:
-                uniq_ctx, flat_inv = _factorize(as_id_array(flat))
-                idx = np.full((len(uniq_users), m.context_items), -1, np.int64)
-                pos = 0
-                for r, c in enumerate(per_user):
-                    idx[r, : len(c)] = flat_inv[pos : pos + len(c)]
-                    pos += len(c)
+            uniq_ctx, idx = context_index([contexts[first[r]] for r in range(len(uniq_users))], m.context_items)
+            if len(uniq_ctx):
                 C = self.tables[m.context_table].pull(uniq_ctx).requires_grad_()
                 Q, ctx = user_queries(U, C, torch.from_numpy(idx)), (uniq_ctx, C)
         self.last_leaves = (uniq_users, U, uniq_items, I, B, ctx)

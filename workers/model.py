@@ -7,16 +7,33 @@ the same code.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-__all__ = ["bpr_loss", "mse_loss", "negative_slots", "score", "top_k", "user_queries"]
+from ps.ids import ID, as_id_array
+
+__all__ = ["bpr_loss", "context_index", "mse_loss", "negative_slots", "score", "top_k", "user_queries"]
 
 
 def score(users: torch.Tensor, items: torch.Tensor, item_bias: torch.Tensor) -> torch.Tensor:
     """Affinity ``users @ items.T + item_bias`` (logits), shape ``[n_users, n_items]``."""
     return users @ items.T + item_bias.reshape(1, -1)
+
+
+def context_index(histories: Sequence[Sequence[ID]], width: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(items, idx)`` for :func:`user_queries`: the distinct items of the histories' last
+    ``width`` entries, in first-seen order, and ``[len(histories), width]`` positions into
+    ``items`` (history ``r``'s tail in row ``r``, oldest first), padded with ``-1``."""
+    index: dict[ID, int] = {}
+    idx = np.full((len(histories), width), -1, np.int64)
+    for r, h in enumerate(histories):
+        tail = list(h)[-width:] if width else []
+        for c, x in enumerate(tail):
+            idx[r, c] = index.setdefault(x, len(index))
+    return as_id_array(list(index)), idx
 
 
 def user_queries(user_rows: torch.Tensor, context_rows: torch.Tensor, context_idx: torch.Tensor) -> torch.Tensor:

@@ -40,7 +40,7 @@ import torch
 from ps import optim
 from ps.config import FreshetConfig, InitKind, LossKind
 from ps.ids import ID, as_id_array, id_keys, ids_from_arrow, init_rows
-from workers.model import bpr_loss, mse_loss, negative_slots, user_queries
+from workers.model import bpr_loss, context_index, mse_loss, negative_slots, user_queries
 from workers.ranking import Ranker
 
 __all__ = [
@@ -349,16 +349,13 @@ class _LocalMF:
         u = self._index(users, self.user_index, [self.users], None)
         item_tables = [self.items, self.bias] + ([self.ctx] if self.ctx is not None else [])
         i = self._index(items, self.item_index, item_tables, self.item_ids)
-        L = self.model.context_items
-        cx = np.full((len(u), L if self.ctx is not None else 0), -1, np.int64)
+        cx = np.full((len(u), 0), -1, np.int64)
         if self.ctx is not None and contexts is not None:
-            flat = [x for c in contexts for x in c[-L:]]
-            slots = self._index(as_id_array(flat), self.item_index, item_tables, self.item_ids) if flat else np.empty(0, np.int64)
-            pos = 0
-            for r, c in enumerate(contexts):
-                k = min(len(c), L)
-                cx[r, :k] = slots[pos : pos + k]
-                pos += k
+            uniq, cx = context_index(contexts, self.model.context_items)
+            if len(uniq):
+                # Positions into ``uniq`` become this model's item slots (context items are items).
+                slots = self._index(uniq, self.item_index, item_tables, self.item_ids)
+                cx = np.where(cx >= 0, slots[np.maximum(cx, 0)], -1)
         if len(self.counts) < len(self.item_ids):
             self.counts = np.concatenate([self.counts, np.zeros(len(self.item_ids) - len(self.counts))])
         self.counts += np.bincount(i, minlength=len(self.counts))

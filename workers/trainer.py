@@ -30,7 +30,7 @@ from ps.config import FreshetConfig, LossKind, StreamKind
 from ps.ids import ID, as_id_array, id_keys, ids_from_arrow
 from ps.shard import PushId
 from workers._wal import PushRecord, TrainerWAL
-from workers.model import bpr_loss, mse_loss, negative_slots, user_queries
+from workers.model import bpr_loss, context_index, mse_loss, negative_slots, user_queries
 from workers.ranking import Ranker
 
 __all__ = ["Catalogue", "Trainer", "resolve_device", "start_trainers", "trainer_actor_name"]
@@ -289,19 +289,9 @@ class Trainer:
     def _contexts(self, uniq_users: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """``(uniq_ctx, ctx_inv)``: the users' history items before this batch, as indices."""
         mc = self.cfg.model
-        if mc.context_table is None or not len(uniq_users):
+        if mc.context_table is None:
             return as_id_array([]), np.full((len(uniq_users), 0), -1, np.int64)
-        lists = [list(self.history.get(u, ())) for u in uniq_users.tolist()]
-        flat = [x for h in lists for x in h]
-        inv = np.full((len(lists), mc.context_items), -1, np.int64)
-        if not flat:
-            return as_id_array([]), inv
-        uniq_ctx, flat_inv = _factorize(as_id_array(flat))
-        pos = 0
-        for r, h in enumerate(lists):
-            inv[r, : len(h)] = flat_inv[pos : pos + len(h)]
-            pos += len(h)
-        return uniq_ctx, inv
+        return context_index([self.history.get(u, ()) for u in uniq_users.tolist()], mc.context_items)
 
     def _prepare(self, raw: pa.RecordBatch, end: int) -> _Batch:
         users, items, weights, ingest_ts = self._mine(raw)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from ps.config import ModelConfig
-from workers.model import user_queries
+from workers.model import context_index, user_queries
 from workers.ranking import Ranker
 from workers.strategies import ItemView
 
@@ -77,3 +77,12 @@ def test_rank_many_scores_with_context_and_prior_and_excludes_seen():
     pop = ranker.rank_many(u, np.array([False]), [[]], 2)[0]
     assert pop.fallback == "popular" and pop.item_ids == ["b", "a"]
     assert pop.scores == pytest.approx([5.0, 4.0])
+
+
+def test_context_index_keeps_each_tail_in_order_and_pads():
+    items, idx = context_index([["a", 7, "b", 7], [], ["b", 9]], 3)
+    # Tails of width 3, oldest first; items numbered by first appearance across histories.
+    assert items.tolist() == [7, "b", 9]
+    np.testing.assert_array_equal(idx, [[0, 1, 0], [-1, -1, -1], [1, 2, -1]])
+    items, idx = context_index([[1, 2]], 0)
+    assert len(items) == 0 and idx.shape == (1, 0)
