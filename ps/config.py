@@ -193,8 +193,9 @@ class ModelConfig(_Model):
     loss: LossKind = Field(LossKind.BPR, description="training objective")
     # 32 over 8 and 16: +0.0003-0.0017 recall@10 on MovieLens (BENCHMARKS.md).
     num_negatives: int = Field(32, ge=1, le=1024, description="sampled negatives per positive (BPR)")
-    # Measured on the synthetic default: popularity-proportional negatives teach the item bias
-    # to fight popularity (recall@10 0.86x popularity at 0.5 vs 1.12x at 0.0); see BENCHMARKS.md.
+    # Popularity-proportional negatives teach the item bias to fight popularity: 0.86x vs 1.12x
+    # popularity at 0.5 on the first synthetic stream, 0.0493 vs 0.0543 recall@10 at 0.25 on
+    # MovieLens (BENCHMARKS.md).
     popularity_negative_fraction: float = Field(
         0.0, ge=0, le=1, description="share of negatives drawn by popularity; the rest uniformly (fraction)"
     )
@@ -206,7 +207,8 @@ class ModelConfig(_Model):
     recent_halflife_events: float = Field(
         2000.0, gt=0, description="events after which a recent-popularity count has halved (events); fixed for a deployment"
     )
-    # 1.5 over 1.0 and 2.0 on MovieLens through the PS (0.0556 vs 0.0548 recall@10; BENCHMARKS.md).
+    # 1.5 over 1.0 on MovieLens through the PS (0.0556 vs 0.0548 recall@10) and over 2.0 in the
+    # in-process replica (BENCHMARKS.md, section 3).
     recent_weight: float = Field(
         1.5, ge=0, le=100, description="weight of log1p(recent count) added to every score (logits per log-count)"
     )

@@ -24,12 +24,26 @@ MOVIELENS = REPO.parent / "shared" / "data" / "ml-latest-small"
 
 
 def free_port() -> int:
-    """A TCP port on 127.0.0.1 that is free right now."""
+    """A TCP port on 127.0.0.1 that is free right now.
+
+    Drawn from 20000-32767: below Linux's ephemeral range (32768+), where Ray's processes and
+    every other program get the ports they bind to 0, and above Ray's worker ports
+    (10002-19999). A port from the ephemeral range can be taken by one of those between this
+    check and Serve binding it (seen in CI as "Failed to bind to address").
+    """
+    import random
     import socket
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    rng = random.Random()
+    for _ in range(200):
+        port = rng.randrange(20000, 32768)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("free_port: no free port in 20000-32767 after 200 tries")
 
 
 def wait_for(fn, timeout_s: float, what: str, interval_s: float = 0.1):

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import tempfile
 import threading
 import time
@@ -28,7 +27,7 @@ from ps.client import PSClient, shard_actor_name, start_shards
 from ps.config import FreshetConfig, load_config
 from ps.plan import ShardingPlan
 from ps.shard import PSShard
-from tests.conftest import _ray_start, wait_for
+from tests.conftest import _ray_start, free_port, wait_for
 from workers.trainer import Trainer, start_trainers, trainer_actor_name
 
 EVENTS = 6000
@@ -248,12 +247,6 @@ class TestShardFaultsWhileTraining:
 # --------------------------------------------------------------------------- HTTP
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def deployment(tmp_path_factory):
     """Durable shards, ingest log, a durable trainer on the ingest stream, and Serve:
@@ -273,7 +266,7 @@ def deployment(tmp_path_factory):
         "trainer": {"batch_size": 64, "device": "cpu", "poll_interval_s": 0.02, "num_cpus": 0.25},
         "stream": {"kind": "ingest", "num_events": None},
         "ingest": {"dir": str(root), "fsync": False},
-        "serving": {"port": _free_port(), "cache_refresh_ms": 50, "request_timeout_s": REQUEST_TIMEOUT_S},
+        "serving": {"port": free_port(), "cache_refresh_ms": 50, "request_timeout_s": REQUEST_TIMEOUT_S},
     })
     with _ray_start():
         # The order of freshet run: shards, ingest log, trainers, then Serve.

@@ -146,10 +146,13 @@ def test_new_user_gets_personal_ranking_after_posting_events(deployment):
 
     def personal():
         got = http.post("/rank", json={"user_id": user, "k": 10}).json()
-        # The trainer's pull creates the row a moment before its push (with the history) lands.
-        return got if got["fallback"] is None and not {it["item_id"] for it in got["items"]} & set(seen) else None
+        # The trainer's pull creates the row a moment before its push (with the history) lands,
+        # and the replica's item mirror (whose version /rank reports) syncs up to
+        # cache_refresh_ms after the user's row and history are read fresh.
+        fresh = got["fallback"] is None and got["model_version"] > before["model_version"]
+        return got if fresh and not {it["item_id"] for it in got["items"]} & set(seen) else None
 
-    after = wait_for(personal, 15, "a personal ranking without the new user's seen items")
+    after = wait_for(personal, 15, "a newer model's personal ranking without the new user's seen items")
     assert after["user_id"] == user
     assert len(after["items"]) == 10
     assert after["model_version"] > before["model_version"]
