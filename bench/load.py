@@ -113,7 +113,8 @@ def bench_config(config_path: str | None, ingest_dir: str, namespace: str, port:
     Overrides: private ``namespace`` and ``ingest.dir`` (``ingest.state_dir`` unset), trainers
     read the ingest stream without an end, Serve on 127.0.0.1 at a free ``port`` with a bearer token.
     """
-    from ps.config import StreamKind, load_config
+    from serving.config import load_config
+    from workers.config import StreamKind
 
     return load_config(
         config_path,
@@ -382,13 +383,11 @@ def main(argv: list[str] | None = None) -> int:
     import ray
     from ray import serve
 
-    from ps.client import start_shards
-    from serving.app import run_app
-    from workers.ingest import start_ingest
-    from workers.trainer import start_trainers
+    from serving import deploy
 
     work = Path(tempfile.mkdtemp(prefix="freshet-load-"))
-    cfg = bench_config(args.config, str(work / "ingest"), f"bench-load-{os.getpid()}")
+    # The ingest log goes to <work>/ingest, shard state to <work>/ps, trainer WALs to <work>/trainers.
+    cfg = bench_config(args.config, str(work), f"bench-load-{os.getpid()}")
     url = f"http://127.0.0.1:{cfg.serving.port}"
     # Short temp dir: Ray's unix socket paths must stay under 108 bytes.
     ray_dir = tempfile.mkdtemp(prefix="frl", dir=os.environ.get("RAY_TMPDIR", "/tmp"))
@@ -400,12 +399,8 @@ def main(argv: list[str] | None = None) -> int:
     ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", _temp_dir=ray_dir,
              namespace=cfg.namespace, log_to_driver=False)
     try:
-        # Keep the handles: a non-detached actor is collected once its last handle is gone.
-        ps_client = start_shards(cfg.ps, namespace=cfg.namespace, state_dir=work / "ps")
-        ingest = start_ingest(cfg.ingest, namespace=cfg.namespace)
-        trainers = start_trainers(cfg, state_dir=work / "trainers", autostart=True)
-        ray.get([t.ping.remote() for t in trainers])
-        run_app(cfg)
+        # Keep ``dep``: a non-detached actor is collected once its last handle is gone.
+        dep = deploy.start(cfg, autostart=True)
         setup_s = time.perf_counter() - t_setup
         auth = {"Authorization": f"Bearer {_TOKEN}"}
         with httpx.Client(base_url=url, timeout=60.0, headers=auth) as http:
@@ -462,7 +457,7 @@ def main(argv: list[str] | None = None) -> int:
             "verdict": {"met": met, "zero_errors": summary["load"]["errors"] == 0,
                         "zero_lost": drained and drain["lost"] == 0},
         }
-        del ps_client, ingest, trainers
+        del dep
     finally:
         with contextlib.suppress(Exception):
             serve.shutdown()

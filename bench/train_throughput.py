@@ -27,24 +27,26 @@ import socket
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
-from ps import optim
-from ps.config import FreshetConfig, InitKind, LossKind, OptimizerConfig, StreamKind, TableConfig, load_config
-from ps.ids import ID, as_id_array, id_keys, ids_from_arrow, init_rows
+from ps.ids import ID, as_id_array, ids_from_arrow
+from ps.table import EmbeddingTable
+from serving.config import FreshetConfig, load_config
+from workers.config import LossKind, StreamKind
 from workers.model import bpr_loss, context_index, user_queries
-from workers.trainer import Catalogue
+from workers.negatives import Catalogue
+
+if TYPE_CHECKING:
+    from serving.deploy import Deployment
 
 __all__ = [
     "REPORT_KEYS",
     "RUN_KEYS",
     "InProcessMF",
-    "InProcessTable",
     "bench_config",
     "build_report",
     "format_table",
@@ -68,12 +70,6 @@ _LAT_KEYS = ("n", "p50_ms", "p99_ms", "mean_ms", "min_ms", "max_ms")
 # --------------------------------------------------------------------------- in-process baseline
 
 
-def _table_seed(ps_seed: int, name: str) -> int:
-    # Same formula as ps.shard, so a row starts equal on both sides
-    # (tests/test_bench_smoke.py pins this against PSShard).
-    return (ps_seed * 1_000_003 + int(id_keys([name])[0])) % (1 << 63)
-
-
 def _factorize(ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """``(unique, inverse)`` of an ID array; any consistent order will do here."""
     if ids.dtype == np.int64:
@@ -82,70 +78,6 @@ def _factorize(ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     seen: dict[ID, int] = {}
     inverse = np.fromiter((seen.setdefault(x, len(seen)) for x in ids.tolist()), dtype=np.int64, count=len(ids))
     return as_id_array(list(seen)), inverse
-
-
-class InProcessTable:
-    """One embedding table in this process: an ID→slot dict and growable row/state tensors.
-
-    A row is created on its first pull with the PS's deterministic initial value, and
-    :meth:`push` applies the table's ``ps.optim`` rule to per-ID summed gradients, as a
-    PS shard does, only without an actor between the caller and the rows.
-    """
-
-    def __init__(self, name: str, cfg: TableConfig, opt: OptimizerConfig, ps_seed: int):
-        self.name, self.cfg, self.opt = name, cfg, opt
-        self.seed = _table_seed(ps_seed, name)
-        self.index: dict[ID, int] = {}
-        self.ids: list[ID] = []
-        self.rows = torch.zeros((1024, cfg.dim), dtype=torch.float32)
-        self.state = torch.zeros((1024, *optim.state_shape(opt.kind, cfg.dim)), dtype=torch.float32)
-
-    def __len__(self) -> int:
-        return len(self.ids)
-
-    def slots(self, ids: np.ndarray) -> np.ndarray:
-        """Slot of each ID (int64), creating and initialising rows for new IDs."""
-        get = self.index.get
-        id_list = ids.tolist()
-        slots = np.fromiter((get(x, -1) for x in id_list), dtype=np.int64, count=len(id_list))
-        missing = np.flatnonzero(slots < 0)
-        if missing.size:
-            start = len(self.ids)
-            for j in missing.tolist():
-                x = id_list[j]
-                s = self.index.get(x)
-                if s is None:  # the same new ID may appear twice in one call
-                    s = self.index[x] = len(self.ids)
-                    self.ids.append(x)
-                slots[j] = s
-            if len(self.ids) > self.rows.shape[0]:
-                extra = max(len(self.ids), 2 * self.rows.shape[0]) - self.rows.shape[0]
-                self.rows = torch.cat([self.rows, self.rows.new_zeros((extra, self.rows.shape[1]))])
-                self.state = torch.cat([self.state, self.state.new_zeros((extra, *self.state.shape[1:]))])
-            if self.cfg.init == InitKind.UNIFORM:
-                new = as_id_array(self.ids[start:])
-                init = init_rows(id_keys(new), seed=self.seed, dim=self.cfg.dim, scale=self.cfg.init_scale)
-                self.rows[start : len(self.ids)] = torch.from_numpy(init)
-        return slots
-
-    def pull(self, ids: np.ndarray) -> torch.Tensor:
-        """A copy of the rows of ``ids`` (``float32 [n, dim]``), in the order given."""
-        slots = torch.from_numpy(self.slots(ids))  # before reading self.rows: creating rows may regrow it
-        return self.rows[slots]
-
-    def push(self, ids: np.ndarray, grads: torch.Tensor | np.ndarray) -> None:
-        """Apply one optimizer step to the rows of ``ids``; gradients of repeated IDs are summed."""
-        grads = torch.as_tensor(grads, dtype=torch.float32)
-        if tuple(grads.shape) != (len(ids), self.cfg.dim):
-            raise ValueError(f"push to {self.name!r}: grads shape {tuple(grads.shape)} != ({len(ids)}, {self.cfg.dim})")
-        if not len(ids):
-            return
-        uniq, inverse = np.unique(self.slots(ids), return_inverse=True)
-        g = optim.reduce_pushed(self.opt.kind, grads, torch.from_numpy(inverse.reshape(-1)), len(uniq))
-        u = torch.from_numpy(uniq)
-        rows, state = optim.apply(self.opt, self.rows[u], g, self.state[u])
-        self.rows[u] = rows
-        self.state[u] = state
 
 
 class InProcessMF:
@@ -169,11 +101,15 @@ class InProcessMF:
             raise ValueError(f"model.loss: the in-process baseline trains 'bpr' only, got {m.loss.value!r}")
         self.cfg = cfg
         names = (m.user_table, m.item_table, m.item_bias_table, *m.item_tables()[2:])
-        self.tables = {n: InProcessTable(n, cfg.ps.table(n), cfg.ps.optimizer_for(n), cfg.ps.seed) for n in names}
+        self.tables = {n: EmbeddingTable(n, cfg.ps.table(n), cfg.ps.optimizer_for(n), cfg.ps.seed) for n in names}
         self.catalogue = Catalogue()
         self.history: dict[ID, list[ID]] = {}
         self.batches = 0
         self.last_leaves: tuple | None = None
+
+    def _pull(self, table: str, ids: np.ndarray) -> torch.Tensor:
+        # A trainer's pull creates absent rows with their initial value, as a shard does.
+        return torch.from_numpy(self.tables[table].pull(ids, create=True)[0])
 
     def negatives(self, b: int, rng: np.random.Generator) -> np.ndarray:
         """``b * num_negatives`` catalogue items drawn with ``rng``: the first share by popularity, the rest uniform."""
@@ -195,9 +131,9 @@ class InProcessMF:
             all_items = as_id_array(np.concatenate([items.astype(object), negs.astype(object)]))
         uniq_users, user_inv = _factorize(users)
         uniq_items, item_inv = _factorize(all_items)
-        U = self.tables[m.user_table].pull(uniq_users).requires_grad_()
-        I = self.tables[m.item_table].pull(uniq_items).requires_grad_()
-        B = self.tables[m.item_bias_table].pull(uniq_items)[:, 0].contiguous().requires_grad_()
+        U = self._pull(m.user_table, uniq_users).requires_grad_()
+        I = self._pull(m.item_table, uniq_items).requires_grad_()
+        B = self._pull(m.item_bias_table, uniq_items)[:, 0].contiguous().requires_grad_()
         ui, pi = torch.from_numpy(user_inv), torch.from_numpy(item_inv[:b])
         ni = torch.from_numpy(item_inv[b:].reshape(b, m.num_negatives))
         Q, ctx = U, None
@@ -209,7 +145,7 @@ class InProcessMF:
                 first.setdefault(r, j)
             uniq_ctx, idx = context_index([contexts[first[r]] for r in range(len(uniq_users))], m.context_items)
             if len(uniq_ctx):
-                C = self.tables[m.context_table].pull(uniq_ctx).requires_grad_()
+                C = self._pull(m.context_table, uniq_ctx).requires_grad_()
                 Q, ctx = user_queries(U, C, torch.from_numpy(idx)), (uniq_ctx, C)
         self.last_leaves = (uniq_users, U, uniq_items, I, B, ctx)
         return bpr_loss(Q[ui], I[pi], B[pi], I[ni], B[ni], l2=m.l2)
@@ -249,11 +185,11 @@ class InProcessMF:
             if p == 0:
                 pos_ids, pos_inv = _factorize(items)
                 counts = np.bincount(pos_inv, minlength=len(pos_ids)).astype(np.float32)
-                self.tables[m.popularity_table].push(pos_ids, counts[:, None])
+                self.tables[m.popularity_table].push(pos_ids, torch.from_numpy(counts[:, None]))
                 if m.recent_table is not None:
                     end = start + len(users) if end is None else end
                     clock = np.full(len(pos_ids), end / m.recent_halflife_events, np.float32)
-                    self.tables[m.recent_table].push(pos_ids, np.stack([counts, clock], axis=1))
+                    self.tables[m.recent_table].push(pos_ids, torch.from_numpy(np.stack([counts, clock], axis=1)))
             total += float(loss.detach())
         self.batches += 1
         return total
@@ -399,18 +335,7 @@ def _cpu_by_role(before: dict[int, float] | None, after: dict[int, float] | None
     return dict(sorted(((k, round(v, 3)) for k, v in out.items()), key=lambda kv: -kv[1]))
 
 
-@dataclass
-class _Deployment:
-    """What one PS run started (handles to kill, and the config it ran with)."""
-
-    cfg: FreshetConfig
-    shards: list
-    trainer: Any
-    # Named actors are still garbage-collected once no handle exists, so the driver keeps these.
-    others: list = field(default_factory=list)
-
-
-def _run_ps(cfg: FreshetConfig, *, progress: bool = True) -> tuple[dict[str, Any], _Deployment]:
+def _run_ps(cfg: FreshetConfig, *, progress: bool = True) -> tuple[dict[str, Any], Deployment]:
     """Shards plus one trainer reading ``cfg.stream`` directly; figures from the trainer's ``stats()``.
 
     ``wall_s`` is measured around ``Trainer.run`` only (actors are started and ready
@@ -419,15 +344,12 @@ def _run_ps(cfg: FreshetConfig, *, progress: bool = True) -> tuple[dict[str, Any
     import ray
     from tqdm import tqdm
 
-    from ps.client import start_shards
+    from serving import deploy
     from workers.streams import open_source
-    from workers.trainer import start_trainers
 
     total = _event_total(cfg, open_source(cfg.stream))
-    client = start_shards(cfg.ps, namespace=cfg.namespace)
-    (trainer,) = start_trainers(cfg, evaluate=False, max_events=total)
-    dep = _Deployment(cfg, client.shards, trainer)
-    ray.get(trainer.ping.remote())
+    dep = deploy.start(cfg, durable=False, ingest=False, serving=False, max_events=total)
+    client, (trainer,) = dep.ps, dep.trainers
     label = f"PS prefetch={'on' if cfg.trainer.prefetch else 'off'}"
     cpu0, t0 = _tree_cpu_s(), time.perf_counter()
     ref = trainer.run.remote()
@@ -460,14 +382,6 @@ def _run_ps(cfg: FreshetConfig, *, progress: bool = True) -> tuple[dict[str, Any
     }, dep
 
 
-def _kill(dep: _Deployment) -> None:
-    import ray
-
-    for handle in [dep.trainer, *dep.shards, *dep.others]:
-        with contextlib.suppress(Exception):
-            ray.kill(handle, no_restart=True)
-
-
 # --------------------------------------------------------------------------- /rank latency
 
 
@@ -484,22 +398,20 @@ def _latency(ms: list[float]) -> dict[str, float]:
 
 
 def _measure_latency(
-    dep: _Deployment, known_users: np.ndarray, *, n_known: int, n_unknown: int, n_healthz: int, progress: bool
+    dep: Deployment, known_users: np.ndarray, *, n_known: int, n_unknown: int, n_healthz: int, progress: bool
 ) -> dict[str, Any]:
     """Start ingest and Serve beside ``dep``'s PS; time sequential requests from one client (ms)."""
     try:
-        from serving.app import run_app
+        import serving.app  # noqa: F401 - only to report a missing Serve cleanly
     except ImportError as e:
         return {"skipped": f"serving.app is not importable ({type(e).__name__}: {e})"}
     import httpx
     from tqdm import tqdm
 
-    from workers.ingest import start_ingest
-
     cfg = dep.cfg
-    dep.others.append(start_ingest(cfg.ingest, namespace=cfg.namespace))
+    dep.start_ingest()
     t0 = time.perf_counter()
-    run_app(cfg)
+    dep.start_serving()
     startup_s = time.perf_counter() - t0
     rng = np.random.default_rng(0)
     known = rng.choice(known_users, size=n_known).tolist()
@@ -752,6 +664,8 @@ def main(argv: list[str] | None = None) -> int:
     import ray
     from ray import serve
 
+    from serving import deploy
+
     pid = os.getpid()
     ray_root = os.environ.get("RAY_TMPDIR", "/tmp")
     Path(ray_root).mkdir(parents=True, exist_ok=True)
@@ -771,7 +685,7 @@ def main(argv: list[str] | None = None) -> int:
                 "serving": cfg.serving.model_copy(update={"host": "127.0.0.1", "port": _free_port()}),
             })
             if dep is not None:
-                _kill(dep)
+                deploy.stop(dep.cfg, serving=False)
             ps_runs[name], dep = _run_ps(run_cfg, progress=progress)
         if not args.no_serve:
             from workers.streams import open_source

@@ -1,23 +1,38 @@
 """Freshet's parameter server: sharded embedding tables with their optimizer state.
 
-The bottom layer: it imports neither ``workers`` nor ``serving``, and holds the
-configuration tree every package shares.
+The bottom layer: it imports neither ``workers`` nor ``serving``. Its own settings
+(tables, optimizers, sharding) and the config helpers every layer builds on are in
+:mod:`ps.config`.
 """
+
+import importlib as _importlib
+import warnings as _warnings
 
 from ps.cache import RowCache
 from ps.client import PSClient, start_shards
-from ps.config import ConfigError, FreshetConfig, load_config
+from ps.config import ConfigError, PSConfig
 from ps.plan import ShardingPlan
 from ps.shard import PSShard, PushId
+from ps.table import EmbeddingTable
 
 __all__ = [
     "ConfigError",
-    "FreshetConfig",
+    "EmbeddingTable",
     "PSClient",
+    "PSConfig",
     "PSShard",
     "PushId",
     "RowCache",
     "ShardingPlan",
-    "load_config",
     "start_shards",
 ]
+
+
+def __getattr__(name: str):
+    # Moved to serving.config (the root config composes every layer's settings); kept
+    # importable from here for one more release, loaded lazily so ps never imports serving.
+    if name in ("FreshetConfig", "load_config"):
+        _warnings.warn(f"ps.{name} moved to serving.config.{name}; the old name goes in the next release",
+                       FutureWarning, stacklevel=2)
+        return getattr(_importlib.import_module("serving.config"), name)
+    raise AttributeError(f"module 'ps' has no attribute {name!r}")

@@ -18,6 +18,7 @@ import pyarrow as pa
 
 __all__ = [
     "ID",
+    "ID_UNION",
     "as_id_array",
     "id_keys",
     "ids_from_arrow",
@@ -120,30 +121,49 @@ def init_rows(keys: np.ndarray, *, seed: int, dim: int, scale: float) -> np.ndar
     return ((unit * 2.0 - 1.0) * scale).astype(np.float32)
 
 
-_UNION = pa.dense_union([pa.field("int", pa.int64()), pa.field("str", pa.string())])
+ID_UNION = pa.dense_union([pa.field("int", pa.int64()), pa.field("str", pa.string())])
+"""Arrow type of a column that may hold both int and str IDs (a dense union)."""
 
 
-def ids_to_arrow(ids: Sequence[ID] | np.ndarray) -> pa.Array:
-    """IDs as an Arrow array: ``int64`` if all ints, ``string`` if all strings, else a dense union."""
+def ids_to_arrow(ids: Sequence[ID] | np.ndarray, *, union: bool = False) -> pa.Array:
+    """IDs as an Arrow array: ``int64`` if all ints, ``string`` if all strings, else :data:`ID_UNION`.
+
+    ``union=True`` always gives :data:`ID_UNION` (one schema for every record of a log),
+    after validating each ID: a stored ID that cannot be read back would break every
+    later restart.
+
+    Raises:
+        ValueError: with ``union``, an ID that :func:`validate_id` rejects.
+    """
     arr = as_id_array(ids)
+    if union and arr.dtype != np.int64:
+        for x in arr.tolist():
+            validate_id(x)
     if arr.dtype == np.int64:
-        return pa.array(arr, type=pa.int64())
-    if all(isinstance(x, str) for x in arr):
-        return pa.array(arr.tolist(), type=pa.string())
-    is_int = np.fromiter((isinstance(x, (int, np.integer)) for x in arr), dtype=bool, count=len(arr))
+        if not union:
+            return pa.array(arr, type=pa.int64())
+        is_int = np.ones(len(arr), dtype=bool)
+    elif all(isinstance(x, str) for x in arr):
+        if not union:
+            return pa.array(arr.tolist(), type=pa.string())
+        is_int = np.zeros(len(arr), dtype=bool)
+    else:
+        is_int = np.fromiter((isinstance(x, (int, np.integer)) for x in arr), dtype=bool, count=len(arr))
     type_codes = pa.array((~is_int).astype(np.int8))
     offsets = np.empty(len(arr), dtype=np.int32)
     offsets[is_int] = np.arange(int(is_int.sum()), dtype=np.int32)
     offsets[~is_int] = np.arange(int((~is_int).sum()), dtype=np.int32)
-    ints = pa.array([int(x) for x in arr[is_int]], type=pa.int64())
+    ints = pa.array(arr[is_int].astype(np.int64) if arr.dtype == np.int64 else [int(x) for x in arr[is_int]], type=pa.int64())
     strs = pa.array(list(arr[~is_int]), type=pa.string())
     return pa.UnionArray.from_dense(type_codes, pa.array(offsets), [ints, strs], ["int", "str"])
 
 
 def ids_from_arrow(col: pa.Array | pa.ChunkedArray) -> np.ndarray:
-    """The inverse of :func:`ids_to_arrow`: an ``int64`` or ``object`` numpy array."""
+    """The inverse of :func:`ids_to_arrow`: an ``int64`` or ``object`` numpy array (``int64`` when empty)."""
     if isinstance(col, pa.ChunkedArray):
         col = col.combine_chunks() if col.num_chunks != 1 else col.chunk(0)
+    if not len(col):
+        return np.empty(0, np.int64)
     if pa.types.is_integer(col.type):
         return col.to_numpy(zero_copy_only=False).astype(np.int64, copy=False)
     return as_id_array(col.to_pylist())

@@ -37,10 +37,11 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from ps.ids import ID, as_id_array, ids_from_arrow, ids_to_arrow, validate_id
+from ps.ids import ID, ID_UNION, as_id_array, ids_from_arrow, ids_to_arrow
 
 __all__ = [
     "LogRecord",
+    "fsync_path",
     "PushLog",
     "ShardState",
     "ShardStore",
@@ -60,7 +61,6 @@ _SNAP_RE = re.compile(r"^snap-(\d{12,})$")
 _LOG_RE = re.compile(r"^log-(\d{12,})\.arrow$")
 _NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")
 
-_ID_UNION = pa.dense_union([pa.field("int", pa.int64()), pa.field("str", pa.string())])
 _LOG_SCHEMA = pa.schema(
     [
         pa.field("lsn", pa.int64(), nullable=False),
@@ -73,10 +73,10 @@ _LOG_SCHEMA = pa.schema(
         pa.field("tables", pa.list_(pa.string())),
         pa.field("dims", pa.list_(pa.int32())),
         pa.field("counts", pa.list_(pa.int64())),  # IDs per table; ids/grads are concatenated
-        pa.field("ids", pa.list_(_ID_UNION)),
+        pa.field("ids", pa.list_(ID_UNION)),
         pa.field("grads", pa.list_(pa.float32())),
-        pa.field("hist_users", pa.list_(_ID_UNION)),
-        pa.field("hist_items", pa.list_(_ID_UNION)),
+        pa.field("hist_users", pa.list_(ID_UNION)),
+        pa.field("hist_items", pa.list_(ID_UNION)),
     ],
     metadata={"freshet": "ps-push-log", "format_version": str(_FORMAT_VERSION)},
 )
@@ -134,7 +134,9 @@ class LogRecord:
 # --------------------------------------------------------------------------- helpers
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_path(path: str | Path) -> None:
+    """fsync a file or directory by path: for a directory, makes the entries created or
+    renamed in it durable (a rename is not durable until its directory is synced)."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -167,34 +169,8 @@ def _read_ipc_file(path: Path) -> pa.Table:
         return pa.ipc.open_file(src).read_all()
 
 
-def _union_ids(ids: np.ndarray, field_name: str) -> pa.Array:
-    """IDs as the dense (int, str) union, so every log record has one schema.
-
-    IDs are validated first: a logged ID that cannot be replayed would make every
-    later restart of the shard fail.
-    """
-    if ids.dtype != np.int64:
-        for x in ids.tolist():
-            validate_id(x, field_name)
-    arr = ids_to_arrow(ids)
-    if pa.types.is_union(arr.type):
-        return arr
-    n = len(arr)
-    is_str = pa.types.is_string(arr.type)
-    children = [pa.array([], pa.int64()), arr] if is_str else [arr, pa.array([], pa.string())]
-    return pa.UnionArray.from_dense(
-        pa.array(np.full(n, int(is_str), np.int8)), pa.array(np.arange(n, dtype=np.int32)), children, ["int", "str"]
-    )
-
-
 def _one_list(values: pa.Array) -> pa.Array:
     return pa.ListArray.from_arrays(pa.array([0, len(values)], pa.int32()), values)
-
-
-def _column_ids(col: pa.Array | pa.ChunkedArray) -> np.ndarray:
-    if isinstance(col, pa.ChunkedArray):
-        col = col.combine_chunks() if col.num_chunks != 1 else col.chunk(0)
-    return ids_from_arrow(col) if len(col) else np.empty(0, np.int64)
 
 
 def _fsl(values: np.ndarray, width: int) -> pa.Array:
@@ -278,13 +254,13 @@ def write_snapshot_dir(state: ShardState, final_dir: str | Path) -> Path:
             "tables": tables_meta,
         }
         _write_json(tmp / "meta.json", meta)  # written last: its presence marks the files complete
-        _fsync_dir(tmp)
+        fsync_path(tmp)
         old = None
         if final_dir.exists():
             old = parent / f".old-{final_dir.name}-{uuid.uuid4().hex[:8]}"
             final_dir.rename(old)
         tmp.rename(final_dir)
-        _fsync_dir(parent)
+        fsync_path(parent)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
     except BaseException:
@@ -322,12 +298,12 @@ def read_snapshot(path: str | Path) -> ShardState:
         )
         tomb = _read_ipc_file(path / tm["tombstones"])
         tables[name] = TableState(
-            ids=_column_ids(tab.column("id")),
+            ids=ids_from_arrow(tab.column("id")),
             rows=_fsl_numpy(tab.column("row"), n, (dim,)),
             state=state,
             changed_at=np.array(tab.column("changed_at").to_numpy(), dtype=np.int64),
             touched_at=np.array(tab.column("touched_at").to_numpy(), dtype=np.float64),
-            removed=list(zip(tomb.column("version").to_pylist(), _column_ids(tomb.column("id")).tolist())),
+            removed=list(zip(tomb.column("version").to_pylist(), ids_from_arrow(tomb.column("id")).tolist())),
         )
     seen = _read_ipc_file(path / "seen.arrow")
     return ShardState(
@@ -337,8 +313,8 @@ def read_snapshot(path: str | Path) -> ShardState:
         high_water={str(k): int(v) for k, v in meta["high_water"].items()},
         plan=meta["plan"],
         tables=tables,
-        seen_users=_column_ids(seen.column("user")),
-        seen_items=_column_ids(seen.column("item")),
+        seen_users=ids_from_arrow(seen.column("user")),
+        seen_items=ids_from_arrow(seen.column("item")),
         created_at=float(meta["created_at"]),
     )
 
@@ -436,10 +412,10 @@ class PushLog:
             _one_list(pa.array(names, pa.string())),
             _one_list(pa.array(dims, pa.int32())),
             _one_list(pa.array([len(i) for i in ids], pa.int64())),
-            _one_list(_union_ids(all_ids, "id")),
+            _one_list(ids_to_arrow(all_ids, union=True)),
             _one_list(pa.array(flat, pa.float32())),
-            _one_list(_union_ids(as_id_array(users), "history user id")),
-            _one_list(_union_ids(as_id_array(items), "history item id")),
+            _one_list(ids_to_arrow(users, union=True)),
+            _one_list(ids_to_arrow(items, union=True)),
         ]
         return pa.record_batch(cols, schema=_LOG_SCHEMA)
 
@@ -468,7 +444,7 @@ def _decode(batch: pa.RecordBatch, i: int) -> LogRecord:
     names = lst("tables").to_pylist()
     dims = lst("dims").to_pylist()
     counts = lst("counts").to_pylist()
-    all_ids = _column_ids(lst("ids"))
+    all_ids = ids_from_arrow(lst("ids"))
     flat = np.array(lst("grads").to_numpy(zero_copy_only=False), dtype=np.float32)
     updates = []
     at_id = at_g = 0
@@ -481,7 +457,7 @@ def _decode(batch: pa.RecordBatch, i: int) -> LogRecord:
         at_g += n * dim
     if at_id != len(all_ids) or at_g != len(flat):
         raise ValueError(f"log record lsn {scalars['lsn']}: ids/grads lengths do not match counts and dims")
-    users, items = _column_ids(lst("hist_users")), _column_ids(lst("hist_items"))
+    users, items = ids_from_arrow(lst("hist_users")), ids_from_arrow(lst("hist_items"))
     return LogRecord(
         **scalars, updates=updates, history=(users, items) if len(users) or len(items) else None
     )
@@ -622,7 +598,7 @@ class ShardStore:
         path = self.root / f"log-{lsn:012d}.arrow"
         self._log = PushLog(path, fsync=self.fsync)
         if self.fsync:
-            _fsync_dir(self.root)
+            fsync_path(self.root)
         return path
 
     def append(self, rec: LogRecord) -> None:
@@ -650,7 +626,7 @@ class ShardStore:
         tmp = self.root / "CURRENT.tmp"
         _write_bytes(tmp, (final.name + "\n").encode("utf-8"))
         tmp.replace(self.root / "CURRENT")
-        _fsync_dir(self.root)
+        fsync_path(self.root)
         self.start_segment(state.lsn)
         self._prune()
         return final
@@ -700,4 +676,4 @@ class ShardStore:
             path.unlink()
         self.snapshot(state)
         _write_json(self.root / "RESTORED", {"from": str(Path(checkpoint_dir).absolute()), "token": token, "at": time.time()})
-        _fsync_dir(self.root)
+        fsync_path(self.root)

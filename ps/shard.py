@@ -23,19 +23,18 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 
-from ps import optim
-from ps.config import InitKind, OptimizerConfig, PSConfig, TableConfig
-from ps.ids import ID, as_id_array, id_keys, init_rows, validate_id
+from ps.config import PSConfig
+from ps.ids import ID, as_id_array, validate_id
 from ps.persist import (
     LogRecord,
     ShardState,
     ShardStore,
-    TableState,
     checkpoint_shard_dir,
     read_snapshot,
     write_snapshot_dir,
 )
 from ps.plan import ShardingPlan
+from ps.table import EmbeddingTable
 
 __all__ = ["PSShard", "PushId", "TableDelta"]
 
@@ -59,137 +58,6 @@ class TableDelta(NamedTuple):
     ids: np.ndarray
     rows: np.ndarray
     removed: np.ndarray
-
-
-def _table_seed(ps_seed: int, name: str) -> int:
-    return (ps_seed * 1_000_003 + int(id_keys([name])[0])) % (1 << 63)
-
-
-class _Table:
-    """Rows of one table on one shard, in growable dense arrays addressed by slot."""
-
-    def __init__(self, name: str, cfg: TableConfig, opt: OptimizerConfig, ps_seed: int):
-        self.name, self.cfg, self.opt = name, cfg, opt
-        self.seed = _table_seed(ps_seed, name)
-        self.ids: list[ID] = []
-        self.index: dict[ID, int] = {}
-        cap = 1024
-        self.rows = torch.zeros((cap, cfg.dim), dtype=torch.float32)
-        self.state = torch.zeros((cap, *optim.state_shape(opt.kind, cfg.dim)), dtype=torch.float32)
-        self.changed_at = np.zeros(cap, dtype=np.int64)  # shard version of the row's last change
-        self.touched_at = np.zeros(cap, dtype=np.float64)  # unix seconds of the last push (TTL)
-        self.removed: list[tuple[int, ID]] = []  # (version, id) tombstones for delta sync
-
-    def __len__(self) -> int:
-        return len(self.ids)
-
-    def _grow(self, need: int) -> None:
-        cap = self.rows.shape[0]
-        if need <= cap:
-            return
-        new_cap = max(need, cap * 2)
-        self.rows = torch.cat([self.rows, self.rows.new_zeros((new_cap - cap, self.rows.shape[1]))])
-        self.state = torch.cat([self.state, self.state.new_zeros((new_cap - cap, *self.state.shape[1:]))])
-        self.changed_at = np.concatenate([self.changed_at, np.zeros(new_cap - cap, np.int64)])
-        self.touched_at = np.concatenate([self.touched_at, np.zeros(new_cap - cap, np.float64)])
-
-    def lookup(self, ids: np.ndarray, *, create: bool, version: int) -> np.ndarray:
-        """Slots of ``ids`` (``-1`` for absent ones unless ``create``)."""
-        get = self.index.get
-        id_list = ids.tolist()
-        slots = np.fromiter((get(x, -1) for x in id_list), dtype=np.int64, count=len(id_list))
-        if not create:
-            return slots
-        missing = np.flatnonzero(slots < 0)
-        if missing.size:
-            new_ids: list[ID] = []
-            for j in missing.tolist():
-                x = id_list[j]
-                s = self.index.get(x)
-                if s is None:  # the same new ID may appear twice in one request
-                    s = len(self.ids)
-                    self.index[x] = s
-                    self.ids.append(x)
-                    new_ids.append(x)
-                slots[j] = s
-            start = len(self.ids) - len(new_ids)
-            self._grow(len(self.ids))
-            if self.cfg.init == InitKind.UNIFORM:
-                init = init_rows(id_keys(as_id_array(new_ids)), seed=self.seed, dim=self.cfg.dim, scale=self.cfg.init_scale)
-                self.rows[start : len(self.ids)] = torch.from_numpy(init)
-            # A created row is a change the serving cache must see; version+1 is delivered
-            # by every delta(since=version) until a later push supersedes it.
-            self.changed_at[start : len(self.ids)] = version + 1
-            self.touched_at[start : len(self.ids)] = time.time()
-        return slots
-
-    def would_expire(self, now: float) -> bool:
-        """True when :meth:`expire` at ``now`` would remove at least one row."""
-        if self.cfg.ttl_s is None or not self.ids:
-            return False
-        return bool((self.touched_at[: len(self.ids)] < now - self.cfg.ttl_s).any())
-
-    def capture(self) -> TableState:
-        """The table's rows and bookkeeping as arrays (views; write them out before mutating)."""
-        n = len(self.ids)
-        return TableState(
-            ids=as_id_array(self.ids),
-            rows=self.rows[:n].numpy(),
-            state=self.state[:n].numpy(),
-            changed_at=self.changed_at[:n],
-            touched_at=self.touched_at[:n],
-            removed=list(self.removed),
-        )
-
-    def load(self, ts: TableState) -> None:
-        """Replace the table's contents with ``ts`` (slot order kept)."""
-        n = len(ts.ids)
-        want = (n, self.cfg.dim)
-        if ts.rows.shape != want:
-            raise ValueError(f"table {self.name!r}: stored rows have shape {ts.rows.shape}, config needs {want}")
-        shape = (n, *self.state.shape[1:])
-        if ts.state.shape != shape:
-            raise ValueError(
-                f"table {self.name!r}: stored optimizer state has shape {ts.state.shape}, "
-                f"optimizer {self.opt.kind.value!r} needs {shape}"
-            )
-        self.ids = ts.ids.tolist()
-        self.index = {x: s for s, x in enumerate(self.ids)}
-        if len(self.index) != n:
-            raise ValueError(f"table {self.name!r}: stored IDs are not unique")
-        self._grow(n)
-        self.rows.zero_()
-        self.state.zero_()
-        self.rows[:n] = torch.from_numpy(ts.rows)
-        self.state[:n] = torch.from_numpy(ts.state)
-        self.changed_at[:] = 0
-        self.touched_at[:] = 0
-        self.changed_at[:n] = ts.changed_at
-        self.touched_at[:n] = ts.touched_at
-        self.removed = list(ts.removed)
-
-    def expire(self, now: float, version: int) -> int:
-        """Drop rows not pushed for ``ttl_s``; returns how many were removed."""
-        if self.cfg.ttl_s is None or not self.ids:
-            return 0
-        n = len(self.ids)
-        keep = self.touched_at[:n] >= now - self.cfg.ttl_s
-        if keep.all():
-            return 0
-        gone = np.flatnonzero(~keep)
-        self.removed.extend((version, self.ids[j]) for j in gone.tolist())
-        kept = np.flatnonzero(keep)
-        kept_t = torch.from_numpy(kept)
-        self.ids = [self.ids[j] for j in kept.tolist()]
-        self.index = {x: s for s, x in enumerate(self.ids)}
-        m = len(kept)
-        self.rows[:m] = self.rows[kept_t].clone()
-        self.state[:m] = self.state[kept_t].clone()
-        self.rows[m:n] = 0
-        self.state[m:n] = 0
-        self.changed_at[:m] = self.changed_at[kept]
-        self.touched_at[:m] = self.touched_at[kept]
-        return int(gone.size)
 
 
 def _checked_ids(ids, field: str) -> np.ndarray:
@@ -240,7 +108,7 @@ class PSShard:
             raise ValueError(f"shard_index {shard_index} outside plan of {plan.num_shards} shards")
         self.shard_index, self.plan, self.cfg = shard_index, plan, cfg
         self.version = 0
-        self.tables = {name: _Table(name, t, cfg.optimizer_for(name), cfg.seed) for name, t in cfg.tables.items()}
+        self.tables = {name: EmbeddingTable(name, t, cfg.optimizer_for(name), cfg.seed) for name, t in cfg.tables.items()}
         self.high_water: dict[str, int] = {}
         self.seen: dict[ID, collections.deque] = {}
         self.push_times: collections.deque[float] = collections.deque(maxlen=4096)
@@ -369,7 +237,7 @@ class PSShard:
         return out
 
     # -- reads -------------------------------------------------------------------------
-    def _table(self, name: str) -> _Table:
+    def _table(self, name: str) -> EmbeddingTable:
         try:
             return self.tables[name]
         except KeyError:
@@ -384,13 +252,7 @@ class PSShard:
         out = {}
         for name, ids in requests.items():
             t = self._table(name)
-            ids = _checked_ids(ids, f"pull from {name!r}: id")
-            slots = t.lookup(ids, create=create, version=self.version)
-            found = slots >= 0
-            rows = np.zeros((len(ids), t.cfg.dim), dtype=np.float32)
-            if found.any():
-                rows[found] = t.rows[torch.from_numpy(slots[found])].numpy()
-            out[name] = (rows, found)
+            out[name] = t.pull(_checked_ids(ids, f"pull from {name!r}: id"), create=create, version=self.version)
         return out
 
     def pull_after(
@@ -415,13 +277,7 @@ class PSShard:
         """``(version, {table: TableDelta})``: rows changed and IDs removed after ``since``."""
         out = {}
         for name in tables:
-            t = self._table(name)
-            n = len(t)
-            sel = np.flatnonzero(t.changed_at[:n] > since)
-            ids = as_id_array([t.ids[j] for j in sel.tolist()]) if sel.size else np.empty(0, np.int64)
-            rows = t.rows[torch.from_numpy(sel)].numpy() if sel.size else np.empty((0, t.cfg.dim), np.float32)
-            removed = as_id_array([x for v, x in t.removed if v >= since])
-            out[name] = TableDelta(ids, rows, removed)
+            out[name] = TableDelta(*self._table(name).changed_since(since))
         return self.version, out
 
     # -- writes ------------------------------------------------------------------------
@@ -489,7 +345,7 @@ class PSShard:
         self,
         producer: str,
         seq: int,
-        prepared: list[tuple[_Table, np.ndarray, np.ndarray]],
+        prepared: list[tuple[EmbeddingTable, np.ndarray, np.ndarray]],
         history: tuple[np.ndarray, np.ndarray] | None,
         now: float,
         expire_at: float | None,
@@ -497,17 +353,7 @@ class PSShard:
         """The state change of one validated push; shared by ``push`` and log replay."""
         new_version = self.version + 1
         for t, ids, grads in prepared:
-            if not len(ids):
-                continue
-            slots = t.lookup(ids, create=True, version=self.version)
-            uniq, inverse = np.unique(slots, return_inverse=True)
-            g = optim.reduce_pushed(t.opt.kind, torch.from_numpy(grads), torch.from_numpy(inverse.reshape(-1)), len(uniq))
-            u = torch.from_numpy(uniq)
-            rows, state = optim.apply(t.opt, t.rows[u], g, t.state[u])
-            t.rows[u] = rows
-            t.state[u] = state
-            t.changed_at[uniq] = new_version
-            t.touched_at[uniq] = now
+            t.push(ids, torch.from_numpy(grads), version=new_version, now=now)
         if history is not None:
             self._record_history(*history)
         self.version = new_version

@@ -31,8 +31,8 @@ from ray.exceptions import ActorDiedError, GetTimeoutError, NodeDiedError, Objec
 
 from ps.cache import RowCache
 from ps.client import PSClient, shard_actor_name
-from ps.config import FreshetConfig, load_config
-from serving._schemas import (
+from serving.config import FreshetConfig, load_config
+from serving.schemas import (
     EventsRequest,
     EventsResponse,
     RankedItem,
@@ -41,7 +41,7 @@ from serving._schemas import (
     ScoreRequest,
     ScoreResponse,
 )
-from workers.ingest import INGEST_ACTOR
+from workers.ingest_log import INGEST_ACTOR
 from workers.ranking import Ranker
 from workers.trainer import trainer_actor_name
 
@@ -232,7 +232,7 @@ class FreshetAPI:
         s = cfg.serving
         _Guard.configure(s.max_body_bytes, s.auth_token)
         self.timeout_s = s.request_timeout_s
-        self.refresh_s = s.cache_refresh_ms / 1000.0
+        self.refresh_s = s.cache_refresh_s
         self.client = PSClient.connect(cfg.namespace, timeout_s=s.request_timeout_s)
         m = cfg.model
         self.cache = RowCache(self.client, m.item_tables())
@@ -279,7 +279,7 @@ class FreshetAPI:
         return [trainer_actor_name(i) for i in range(self.cfg.trainer.num_workers)]
 
     async def _sync(self) -> None:
-        """Bring the item mirror up to date if it is older than ``cache_refresh_ms``."""
+        """Bring the item mirror up to date if it is older than ``serving.cache_refresh_s``."""
         async with self._cache_lock:
             await self._run(self.cache.sync_if_older, self.refresh_s)
 

@@ -60,6 +60,25 @@ def wait_for(fn, timeout_s: float, what: str, interval_s: float = 0.1):
     pytest.fail(f"timed out after {timeout_s} s waiting for {what} (last: {last!r})")
 
 
+def write_yaml(tmp_path: Path, data: object, name: str = "freshet.yaml") -> Path:
+    """Write ``data`` (a YAML string, or anything ``yaml.safe_dump`` takes) to ``tmp_path/name``."""
+    import yaml
+
+    path = tmp_path / name
+    path.write_text(data if isinstance(data, str) else yaml.safe_dump(data), encoding="utf-8")
+    return path
+
+
+def config_error(tmp_path: Path, data: object) -> str:
+    """The message of the ``ConfigError`` that loading ``data`` as a config file raises."""
+    from ps.config import ConfigError
+    from serving.config import load_config
+
+    with pytest.raises(ConfigError) as info:
+        load_config(write_yaml(tmp_path, data))
+    return str(info.value)
+
+
 class FakeClock:
     """Stands in for the ``time`` module inside a module under test, so ages are exact:
     ``time()`` returns ``now``; everything else is the real ``time``."""

@@ -160,11 +160,12 @@ def test_head_starts_ray_then_freshet_up_from_the_venv(prepared: dict, pyproject
 
     # The command parses with the CLI the console script points at, as `up` joining the running Ray.
     from serving import cli
+    from serving.cli.service import cmd_up
 
     assert pyproject["project"]["scripts"]["freshet"] == "serving.cli:main"
     argv = shlex.split(commands[up].split("~/venv/bin/freshet", 1)[1])
     args = cli._parser().parse_args(argv)
-    assert args.fn is cli.cmd_up
+    assert args.fn is cmd_up
     assert args.address == "auto"
 
 

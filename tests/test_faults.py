@@ -23,12 +23,13 @@ import numpy as np
 import pytest
 import ray
 
-from ps.client import PSClient, shard_actor_name, start_shards
-from ps.config import FreshetConfig, load_config
+from ps.client import PSClient, shard_actor_name
+from serving.config import FreshetConfig, load_config
 from ps.plan import ShardingPlan
 from ps.shard import PSShard
 from tests.conftest import _ray_start, free_port, wait_for
-from workers.trainer import Trainer, start_trainers, trainer_actor_name
+from serving import deploy
+from workers.trainer import Trainer, trainer_actor_name
 
 EVENTS = 6000
 BATCH = 100
@@ -118,11 +119,11 @@ def _restored_version(shard) -> int:
 
 def _run_direct(ns: str, root: Path, kill=None, *, prefetch: bool = True) -> tuple[dict, dict, dict]:
     """Train the synthetic stream with durable shards and a durable trainer, via the
-    public ``start_shards``/``start_trainers``; ``kill(shard 1)`` once the trainer
+    deployment sequence (``serving.deploy.start``); ``kill(shard 1)`` once the trainer
     passes ``KILL_AT``. Returns ``(trainer stats, final state, fault info)``."""
     cfg = _direct_cfg(ns, root, prefetch=prefetch)
-    client = start_shards(cfg.ps, namespace=ns, state_dir=root / "ps", timeout_s=60)
-    trainer = start_trainers(cfg, state_dir=root / "trainers", autostart=True)[0]
+    dep = deploy.start(cfg, ingest=False, serving=False, autostart=True)  # state under root/ps, root/trainers
+    client, trainer = dep.ps, dep.trainers[0]
     info: dict = {}
     try:
         if kill is not None:
@@ -137,8 +138,7 @@ def _run_direct(ns: str, root: Path, kill=None, *, prefetch: bool = True) -> tup
             info["restored_version"] = _restored_version(client.shards[1])
         return stats, state, info
     finally:
-        for h in [trainer, *client.shards]:
-            ray.kill(h)
+        deploy.stop(cfg, serving=False)
 
 
 @pytest.fixture(scope="class")
@@ -251,11 +251,6 @@ class TestShardFaultsWhileTraining:
 def deployment(tmp_path_factory):
     """Durable shards, ingest log, a durable trainer on the ingest stream, and Serve:
     ``(base url, config, {"client", "ingest", "trainers"})``."""
-    from ray import serve
-
-    from serving.app import run_app
-    from workers.ingest import start_ingest
-
     if ray.is_initialized():
         pytest.fail("the deployment needs its own Ray; another fixture left one running")
     root = tmp_path_factory.mktemp("deploy")
@@ -266,21 +261,14 @@ def deployment(tmp_path_factory):
         "trainer": {"batch_size": 64, "device": "cpu", "poll_interval_s": 0.02, "num_cpus": 0.25},
         "stream": {"kind": "ingest", "num_events": None},
         "ingest": {"dir": str(root), "fsync": False},
-        "serving": {"port": free_port(), "cache_refresh_ms": 50, "request_timeout_s": REQUEST_TIMEOUT_S},
+        "serving": {"port": free_port(), "cache_refresh_s": 0.05, "request_timeout_s": REQUEST_TIMEOUT_S},
     })
     with _ray_start():
-        # The order of freshet run: shards, ingest log, trainers, then Serve.
-        actors = {
-            "client": start_shards(cfg.ps, namespace=cfg.namespace, state_dir=root / "ps", timeout_s=60),
-            "ingest": start_ingest(cfg.ingest, namespace=cfg.namespace),
-        }
-        actors["trainers"] = start_trainers(cfg, state_dir=root / "trainers", autostart=True)
-        ray.get([t.ping.remote() for t in actors["trainers"]], timeout=120)
-        run_app(cfg)
+        dep = deploy.start(cfg, autostart=True)  # the order of freshet run: shards, ingest, trainers, Serve
         try:
-            yield f"http://127.0.0.1:{cfg.serving.port}", cfg, actors
+            yield dep.url, cfg, {"client": dep.ps, "ingest": dep.ingest, "trainers": dep.trainers}
         finally:
-            serve.shutdown()
+            deploy.stop(cfg)
 
 
 def _events(users: list[str]) -> dict:

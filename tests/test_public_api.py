@@ -5,8 +5,8 @@ import importlib
 import pytest
 
 PUBLIC = {
-    "ps": ["ConfigError", "FreshetConfig", "PSClient", "PSShard", "PushId", "RowCache", "ShardingPlan",
-           "load_config", "start_shards"],
+    "ps": ["ConfigError", "EmbeddingTable", "PSClient", "PSConfig", "PSShard", "PushId", "RowCache", "ShardingPlan",
+           "start_shards"],
     "workers": ["IngestLog", "MovieLensSource", "ParquetSource", "Ranker", "StreamSource", "SyntheticSource",
                 "Trainer", "open_source", "start_ingest", "start_trainers"],
     "serving": ["build_app", "run_app"],
@@ -26,6 +26,16 @@ def test_ps_does_not_import_workers_or_serving():
     import subprocess
     import sys
 
-    code = "import sys, ps, ps.cache, ps.client, ps.persist; print(sorted(m for m in sys.modules if m.split('.')[0] in ('workers', 'serving')))"
+    code = "import sys, ps, ps.cache, ps.client, ps.config, ps.persist, ps.table; print(sorted(m for m in sys.modules if m.split('.')[0] in ('workers', 'serving')))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+def test_workers_do_not_import_serving():
+    import subprocess
+    import sys
+
+    code = ("import sys, workers, workers.config, workers.eval, workers.streams, workers.negatives; "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] == 'serving'))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"

@@ -1,6 +1,10 @@
-"""Freshet's trainers, stream sources, ingest log, model and ranking."""
+"""Freshet's trainers, stream sources, ingest log, model, ranking and evaluation.
 
-from workers.ingest import IngestLog, start_ingest
+Settings are in :mod:`workers.config`; the prequential evaluation of update strategies
+is the :mod:`workers.eval` package.
+"""
+
+from workers.ingest_log import IngestLog, start_ingest
 from workers.ranking import Ranker
 from workers.streams import MovieLensSource, ParquetSource, StreamSource, SyntheticSource, open_source
 from workers.trainer import Trainer, start_trainers

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from ps.ids import ID, as_id_array
 
-__all__ = ["bpr_loss", "context_index", "mse_loss", "negative_slots", "score", "top_k", "user_queries"]
+__all__ = ["bpr_loss", "context_index", "mse_loss", "score", "top_k", "user_queries"]
 
 
 def score(users: torch.Tensor, items: torch.Tensor, item_bias: torch.Tensor) -> torch.Tensor:
@@ -82,23 +82,6 @@ def mse_loss(
     pred = (u * items).sum(-1) + item_bias
     reg = (u.square().sum(-1) + items.square().sum(-1)) if l2 else 0.0
     return ((pred - target).square() + l2 * reg).sum()
-
-
-def negative_slots(
-    counts: np.ndarray, b: int, k: int, popularity_fraction: float, rng: np.random.Generator
-) -> np.ndarray:
-    """``[b, k]`` slots into a catalogue of ``len(counts)`` items: per row, the first
-    ``round(k * popularity_fraction)`` drawn proportionally to ``counts`` (interactions),
-    the rest uniformly. Uniform draws come first from ``rng``, so the stream is stable."""
-    n = len(counts)
-    idx = rng.integers(0, n, size=(b, k))
-    n_pop = int(round(k * popularity_fraction))
-    if n_pop:
-        cum = np.cumsum(counts)
-        if cum[-1] > 0:
-            draws = rng.random((b, n_pop)) * cum[-1]
-            idx[:, :n_pop] = np.minimum(np.searchsorted(cum, draws, side="right"), n - 1)
-    return idx
 
 
 def top_k(scores: np.ndarray, k: int, exclude: np.ndarray | None = None) -> np.ndarray:

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from ps.cache import RowCache
-from ps.config import ModelConfig
+from workers.config import ModelConfig
 from ps.ids import ID
 from workers.model import score, top_k, user_queries
 

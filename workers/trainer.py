@@ -17,7 +17,7 @@ import time
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
@@ -26,14 +26,18 @@ import torch
 
 from ps.cache import RowCache
 from ps.client import PSClient
-from ps.config import FreshetConfig, LossKind, StreamKind
 from ps.ids import ID, as_id_array, id_keys, ids_from_arrow
 from ps.shard import PushId
-from workers._wal import PushRecord, TrainerWAL
-from workers.model import bpr_loss, context_index, mse_loss, negative_slots, user_queries
+from workers.config import LossKind
+from workers.model import bpr_loss, context_index, mse_loss, user_queries
+from workers.negatives import Catalogue
 from workers.ranking import Ranker
+from workers.wal import PushRecord, TrainerWAL
 
-__all__ = ["Catalogue", "Trainer", "resolve_device", "start_trainers", "trainer_actor_name"]
+if TYPE_CHECKING:  # the root config composes every layer's settings; workers only read it
+    from serving.config import FreshetConfig
+
+__all__ = ["Trainer", "resolve_device", "start_trainers", "trainer_actor_name"]
 
 _SEQ_PER_BATCH = 128  # push seq = batch start offset * 128 + pass; passes are capped at 100
 
@@ -59,50 +63,6 @@ def _stream_id(cfg: FreshetConfig) -> str:
 
     text = cfg.stream.model_dump_json(exclude={"num_events", "quarantine_path"})
     return f"{cfg.stream.kind.value}:{hashlib.blake2b(text.encode(), digest_size=6).hexdigest()}"
-
-
-class Catalogue:
-    """Items seen so far, in stream order, with interaction counts: where negatives come from.
-
-    Stream order (not PS order) makes sampling reproducible, so a restarted trainer that
-    replays the stream draws exactly the negatives it drew before.
-    """
-
-    def __init__(self):
-        self.index: dict[ID, int] = {}
-        self._ids: list[ID] = []
-        self._counts = np.zeros(1024, dtype=np.float64)
-        self._array: np.ndarray | None = None  # as_id_array(_ids), rebuilt only after growth
-
-    def __len__(self) -> int:
-        return len(self._ids)
-
-    def add(self, ids: np.ndarray, counts: np.ndarray | None = None) -> None:
-        """Count ``ids`` (``counts`` each, default 1 interaction), appending new ones."""
-        counts = np.ones(len(ids)) if counts is None else np.asarray(counts, dtype=np.float64)
-        for x, c in zip(ids.tolist(), counts.tolist()):
-            j = self.index.get(x)
-            if j is None:
-                j = self.index[x] = len(self._ids)
-                self._ids.append(x)
-                self._array = None
-                if j >= len(self._counts):
-                    self._counts = np.concatenate([self._counts, np.zeros(len(self._counts))])
-            self._counts[j] += c
-
-    def ids(self) -> np.ndarray:
-        """Item IDs by slot (int64 or object array)."""
-        if self._array is None:
-            self._array = as_id_array(self._ids)
-        return self._array
-
-    def counts(self) -> np.ndarray:
-        """Interactions per slot."""
-        return self._counts[: len(self._ids)]
-
-    def sample(self, b: int, k: int, popularity_fraction: float, rng: np.random.Generator) -> np.ndarray:
-        """``b * k`` negative item IDs (see :func:`workers.model.negative_slots`)."""
-        return self.ids()[negative_slots(self.counts(), b, k, popularity_fraction, rng).reshape(-1)]
 
 
 def _factorize(ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -236,14 +196,10 @@ class Trainer:
 
     # -- stream ------------------------------------------------------------------------
     def _open_source(self):
-        if self.cfg.stream.kind == StreamKind.INGEST:
-            from workers.ingest import IngestSource
-
-            return IngestSource(self.cfg.namespace)
         from workers.streams import open_source
 
         quarantine = self.cfg.stream.quarantine_path or str(self.cfg.ingest.local_state_dir() / f"quarantine-{self.index}.arrow")
-        return open_source(self.cfg.stream, quarantine_path=quarantine)
+        return open_source(self.cfg.stream, quarantine_path=quarantine, namespace=self.cfg.namespace)
 
     def _read_after(self, offset: int) -> tuple[pa.RecordBatch, int] | None:
         """Raw events from ``offset`` and the offset after them, or None if there are none yet."""

@@ -16,7 +16,8 @@ import ray
 
 from ps.cache import RowCache
 from ps.client import start_shards
-from ps.config import ModelConfig, load_config
+from serving.config import load_config
+from workers.config import ModelConfig
 from ps.ids import as_id_array
 from ps.shard import PushId
 from workers.model import top_k

@@ -10,7 +10,7 @@ import pytest
 import ray
 
 from ps.client import PSClient, start_shards
-from ps.config import FreshetConfig, load_config
+from serving.config import FreshetConfig, load_config
 from ps.ids import as_id_array
 from ps.plan import ShardingPlan
 from ps.shard import PSShard, PushId

@@ -1,299 +1,66 @@
-"""ps.config: defaults, YAML round trip, overrides and field-naming errors."""
+"""ps.config: the base every settings model builds on (renamed keys), the shared helpers,
+and the names that moved to the layers that own them."""
 
 from __future__ import annotations
 
-from pathlib import Path
+import warnings
 
 import pytest
-import yaml
-from pydantic import ValidationError
 
-from ps.config import (
-    ConfigError,
-    FreshetConfig,
-    InitKind,
-    OptimizerConfig,
-    OptimizerKind,
-    StreamKind,
-    TableConfig,
-    load_config,
-)
+from ps.config import ConfigError, merge, read_yaml
+from serving.config import ServingConfig, load_config
 
 
-def _tables(user_dim: int = 64, item_dim: int = 64, bias_dim: int = 1) -> dict:
-    """A complete ps.tables mapping: a YAML ``tables`` key replaces the default set."""
-    return {
-        "user": {"dim": user_dim},
-        "item": {"dim": item_dim},
-        "item_bias": {"dim": bias_dim, "init": "zeros"},
-        "item_pop": {"dim": 1, "init": "zeros", "optimizer": {"kind": "accumulate", "lr": 1.0}},
-    }
+def test_a_renamed_duration_key_is_accepted_with_a_warning_naming_both():
+    with pytest.warns(FutureWarning, match=r"serving\.cache_refresh_ms is deprecated.*serving\.cache_refresh_s"):
+        cfg = load_config(overrides={"serving": {"cache_refresh_ms": 50}})
+    assert cfg.serving.cache_refresh_s == pytest.approx(0.05)
 
 
-def _write(tmp_path: Path, data: object, name: str = "freshet.yaml") -> Path:
-    path = tmp_path / name
-    path.write_text(data if isinstance(data, str) else yaml.safe_dump(data), encoding="utf-8")
-    return path
+def test_old_and_new_name_together_is_an_error():
+    with pytest.raises(ConfigError, match="give only cache_refresh_s"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        load_config(overrides={"serving": {"cache_refresh_ms": 50, "cache_refresh_s": 0.1}})
 
 
-def _error(tmp_path: Path, data: object) -> str:
-    with pytest.raises(ConfigError) as info:
-        load_config(_write(tmp_path, data))
-    return str(info.value)
-
-
-# --- defaults and round trip ---------------------------------------------------------------
-
-
-def test_defaults_are_valid_and_consistent():
-    cfg = load_config()
-    assert cfg == FreshetConfig()
-    assert set(cfg.ps.tables) >= {cfg.model.user_table, cfg.model.item_table}
-    assert cfg.ps.table("user").dim == cfg.ps.table("item").dim
-    assert cfg.ps.optimizer_for("item_pop").kind is OptimizerKind.ACCUMULATE
-    assert cfg.ps.optimizer_for("item") == cfg.ps.optimizer
-    assert cfg.ps.optimizer_for("user").lr == 4 * cfg.ps.optimizer.lr  # users learn faster (BENCHMARKS.md)
-    assert cfg.ps.optimizer_for("item_recent").kind is OptimizerKind.DECAYED_COUNT
-    assert cfg.ps.table("item_ctx").dim == cfg.ps.table("item").dim
-    assert cfg.stream.kind is StreamKind.SYNTHETIC
-
-
-def test_empty_file_gives_defaults(tmp_path):
-    assert load_config(_write(tmp_path, "")) == FreshetConfig()
-    assert load_config(_write(tmp_path, "# only a comment\n")) == FreshetConfig()
-
-
-def test_yaml_round_trip_defaults(tmp_path):
-    cfg = FreshetConfig()
-    assert load_config(_write(tmp_path, cfg.to_yaml())) == cfg
-
-
-def test_yaml_round_trip_non_defaults(tmp_path):
-    cfg = FreshetConfig.model_validate(
-        {
-            "namespace": "exp-1",
-            "ps": {
-                "num_shards": 4,
-                "num_buckets": 256,
-                "seed": 9,
-                "tables": {
-                    **_tables(32, 32),
-                    "user": {"dim": 32, "init_scale": 0.05, "ttl_s": 3600.0,
-                             "optimizer": {"kind": "sgd", "lr": 0.5, "momentum": 0.9}},
-                },
-                "optimizer": {"kind": "adagrad", "eps": 1e-6},
-            },
-            "model": {"loss": "mse", "num_negatives": 3},
-            "trainer": {"device": "cuda:1", "batch_size": 64, "prefetch": False},
-            "stream": {"kind": "movielens", "path": "/data/ratings.csv", "num_events": None, "min_weight": 3.5},
-            "serving": {"port": 9000, "auth_token": "s3cret"},
-        }
-    )
-    text = cfg.to_yaml()
-    assert "OptimizerKind" not in text and "kind: sgd" in text and "kind: adagrad" in text  # enums as plain strings
-    back = load_config(_write(tmp_path, text))
-    assert back == cfg
-    assert back.ps.table("user").optimizer == OptimizerConfig(kind=OptimizerKind.SGD, lr=0.5, momentum=0.9)
-    assert back.stream.num_events is None and back.trainer.device == "cuda:1"
-
-
-def test_config_is_frozen():
-    cfg = FreshetConfig()
-    with pytest.raises(ValidationError, match="frozen"):
-        cfg.ps.num_shards = 8  # type: ignore[misc]
-
-
-# --- overrides ---------------------------------------------------------------------------
-
-
-def test_overrides_merge_over_file(tmp_path):
-    path = _write(tmp_path, {"ps": {"num_shards": 4, "seed": 3}, "trainer": {"batch_size": 128, "passes": 2}})
-    cfg = load_config(path, overrides={"trainer": {"batch_size": 64}, "serving": {"port": 8100}})
-    assert cfg.ps.num_shards == 4 and cfg.ps.seed == 3  # untouched sections survive
-    assert cfg.trainer.batch_size == 64 and cfg.trainer.passes == 2  # siblings in a touched section survive
-    assert cfg.serving.port == 8100
-    assert load_config(path).trainer.batch_size == 128  # the file itself is not changed
-
-
-def test_overrides_without_file():
-    cfg = load_config(overrides={"ps": {"num_shards": 3}, "stream": {"synthetic": {"num_users": 10}}})
-    assert cfg.ps.num_shards == 3 and cfg.stream.synthetic.num_users == 10
-    assert cfg.stream.synthetic.num_items == FreshetConfig().stream.synthetic.num_items
-
-
-def test_override_replaces_non_mapping_values(tmp_path):
-    path = _write(tmp_path, {"stream": {"kind": "movielens", "path": "a.csv"}})
-    cfg = load_config(path, overrides={"stream": {"kind": "synthetic", "path": None}})
-    assert cfg.stream.kind is StreamKind.SYNTHETIC and cfg.stream.path is None
-
-
-def test_overrides_are_validated():
-    with pytest.raises(ConfigError, match=r"trainer\.batch_size.*got 0"):
-        load_config(overrides={"trainer": {"batch_size": 0}})
-
-
-# --- errors ------------------------------------------------------------------------------
-
-
-def test_missing_file(tmp_path):
-    with pytest.raises(ConfigError, match="cannot read config"):
-        load_config(tmp_path / "nope.yaml")
-
-
-def test_bad_yaml_names_the_file(tmp_path):
-    path = _write(tmp_path, "ps:\n  num_shards: [1, 2\n")
-    with pytest.raises(ConfigError) as info:
-        load_config(path)
-    msg = str(info.value)
-    assert str(path) in msg and "not valid YAML" in msg
-
-
-@pytest.mark.parametrize(("text", "kind"), [("- a\n- b\n", "list"), ("42\n", "int"), ("just a string\n", "str")])
-def test_top_level_must_be_a_mapping(tmp_path, text, kind):
-    msg = _error(tmp_path, text)
-    assert "top level must be a mapping" in msg and kind in msg
+def test_the_new_name_loads_without_a_warning():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert ServingConfig(cache_refresh_s=0.3).cache_refresh_s == 0.3
 
 
 @pytest.mark.parametrize(
-    "data, dotted",
-    [
-        ({"bogus_key": "zzz"}, "bogus_key"),
-        ({"ps": {"bogus_key": "zzz"}}, "ps.bogus_key"),
-        ({"ps": {"tables": {**_tables(), "user": {"dim": 64, "bogus_key": "zzz"}}}}, "ps.tables.user.bogus_key"),
-        ({"ps": {"optimizer": {"bogus_key": "zzz"}}}, "ps.optimizer.bogus_key"),
-        ({"model": {"bogus_key": "zzz"}}, "model.bogus_key"),
-        ({"trainer": {"bogus_key": "zzz"}}, "trainer.bogus_key"),
-        ({"stream": {"synthetic": {"bogus_key": "zzz"}}}, "stream.synthetic.bogus_key"),
-        ({"ingest": {"bogus_key": "zzz"}}, "ingest.bogus_key"),
-        ({"serving": {"bogus_key": "zzz"}}, "serving.bogus_key"),
-    ],
+    "module, name, home",
+    [("ps.config", "FreshetConfig", "serving.config"), ("ps.config", "load_config", "serving.config"),
+     ("ps.config", "ModelConfig", "workers.config"), ("ps.config", "IngestConfig", "workers.config"),
+     ("ps", "FreshetConfig", "serving.config")],
 )
-def test_unknown_keys_are_rejected_everywhere(tmp_path, data, dotted):
-    msg = _error(tmp_path, data)
-    assert f"{dotted}: Extra inputs are not permitted" in msg
-    assert "'zzz'" in msg
+def test_moved_names_still_import_for_one_release_with_a_warning(module, name, home):
+    import importlib
+
+    with pytest.warns(FutureWarning, match=f"moved to {home}"):
+        obj = getattr(importlib.import_module(module), name)
+    assert obj is getattr(importlib.import_module(home), name)
 
 
-@pytest.mark.parametrize(
-    "data, dotted, value",
-    [
-        ({"ps": {"tables": {**_tables(), "user": {"dim": -3}}}}, "ps.tables.user.dim", "-3"),
-        ({"ps": {"tables": {**_tables(), "item": {"dim": 0}}}}, "ps.tables.item.dim", "0"),
-        ({"ps": {"num_shards": -1}}, "ps.num_shards", "-1"),
-        ({"ps": {"optimizer": {"lr": -0.5}}}, "ps.optimizer.lr", "-0.5"),
-        ({"ps": {"optimizer": {"kind": "adam"}}}, "ps.optimizer.kind", "'adam'"),
-        ({"ps": {"tables": {**_tables(), "user": {"dim": 64, "init": "normal"}}}}, "ps.tables.user.init", "'normal'"),
-        ({"trainer": {"device": "gpu"}}, "trainer.device", "'gpu'"),
-        ({"stream": {"synthetic": {"num_items": 1}}}, "stream.synthetic.num_items", "1"),
-        ({"serving": {"port": 70000}}, "serving.port", "70000"),
-        ({"namespace": "has space"}, "namespace", "'has space'"),
-    ],
-)
-def test_bad_values_name_the_field_and_value(tmp_path, data, dotted, value):
-    msg = _error(tmp_path, data)
-    assert f"{dotted}:" in msg
-    assert f"(got {value})" in msg
+def test_unknown_names_are_still_attribute_errors():
+    import ps.config
+
+    with pytest.raises(AttributeError):
+        ps.config.NoSuchThing  # noqa: B018
 
 
-def test_several_errors_are_all_reported(tmp_path):
-    msg = _error(tmp_path, {"ps": {"num_shards": 0}, "serving": {"port": 0}})
-    assert "ps.num_shards:" in msg and "serving.port:" in msg
+def test_merge_is_recursive_and_pure():
+    base = {"a": {"b": 1, "c": 2}, "d": 3}
+    over = {"a": {"b": 10}, "e": 4}
+    assert merge(base, over) == {"a": {"b": 10, "c": 2}, "d": 3, "e": 4}
+    assert base == {"a": {"b": 1, "c": 2}, "d": 3}
 
 
-def test_movielens_stream_needs_a_path(tmp_path):
-    msg = _error(tmp_path, {"stream": {"kind": "movielens"}})
-    assert "stream.path" in msg and "'movielens'" in msg
-    assert load_config(_write(tmp_path, {"stream": {"kind": "movielens", "path": "r.csv"}})).stream.path == "r.csv"
-
-
-def test_parquet_stream_needs_a_path(tmp_path):
-    msg = _error(tmp_path, {"stream": {"kind": "parquet", "path": ""}})
-    assert "stream.path" in msg and "'parquet'" in msg
-
-
-def test_more_shards_than_buckets(tmp_path):
-    msg = _error(tmp_path, {"ps": {"num_shards": 8, "num_buckets": 4}})
-    assert "ps:" in msg and "num_buckets (4)" in msg and "num_shards (8)" in msg
-
-
-@pytest.mark.parametrize("field", ["user_table", "item_table", "item_bias_table", "popularity_table"])
-def test_model_tables_must_exist(tmp_path, field):
-    msg = _error(tmp_path, {"model": {field: "nope"}})
-    assert f"model.{field}='nope'" in msg and "ps.tables" in msg
-
-
-def test_partial_tables_extend_the_defaults(tmp_path):
-    # Setting one table's field keeps the other default tables and that table's other fields.
-    cfg = load_config(_write(tmp_path, {"ps": {"tables": {"user": {"dim": 16}, "item": {"dim": 16}}}}))
-    assert cfg.ps.tables["user"].dim == 16 and cfg.ps.tables["item"].dim == 16
-    assert cfg.ps.tables["user"].init_scale == FreshetConfig().ps.tables["user"].init_scale
-    assert {"item_bias", "item_pop"} <= set(cfg.ps.tables)
-
-
-def test_mismatched_user_item_dims_name_the_values(tmp_path):
-    msg = _error(tmp_path, {"ps": {"tables": _tables(user_dim=32, item_dim=48)}})
-    assert "32" in msg and "48" in msg and "equal dim" in msg
-
-
-def test_mismatched_user_item_dims_name_the_field_path(tmp_path):
-    msg = _error(tmp_path, {"ps": {"tables": _tables(user_dim=32, item_dim=48)}})
-    assert "ps.tables.user.dim" in msg and "ps.tables.item.dim" in msg
-
-
-def test_bias_table_must_have_dim_1(tmp_path):
-    msg = _error(tmp_path, {"ps": {"tables": _tables(bias_dim=3)}})
-    assert "model.item_bias_table" in msg and "got 3" in msg
-
-
-def test_config_error_is_a_value_error():
-    assert issubclass(ConfigError, ValueError)
-
-
-def test_table_lookup_names_known_tables():
-    ps = FreshetConfig().ps
-    assert ps.table("item_bias") == TableConfig(dim=1, init=InitKind.ZEROS)
-    with pytest.raises(KeyError, match=r"unknown table 'nope'.*item_pop"):
-        ps.table("nope")
-
-
-# --- ingest.dir / ingest.state_dir -------------------------------------------------------
-
-
-@pytest.mark.parametrize(
-    "ingest, state",
-    [
-        ({}, "freshet-data"),  # default: everything under the local ingest.dir
-        ({"dir": "/data/log"}, "/data/log"),
-        ({"dir": "run:3/log"}, "run:3/log"),  # a ':' in a local path is not a URI
-        ({"dir": "/data/log", "state_dir": "/data/state"}, "/data/state"),
-        ({"dir": "file:///data/log", "state_dir": "/data/state"}, "/data/state"),
-        ({"dir": "s3://bucket/prefix", "state_dir": "/mnt/shared/freshet"}, "/mnt/shared/freshet"),
-        ({"dir": "gs://bucket", "state_dir": "state"}, "state"),
-        ({"dir": "hdfs://namenode:8020/freshet", "state_dir": "/s"}, "/s"),
-        ({"dir": "abfss://container@account.dfs.core.windows.net/x", "state_dir": "/s"}, "/s"),
-    ],
-)
-def test_ingest_dir_and_local_state_dir(tmp_path, ingest, state):
-    cfg = load_config(_write(tmp_path, {"ingest": ingest})).ingest
-    assert cfg.local_state_dir() == Path(state)
-    assert cfg.dir_is_uri() == ("://" in cfg.dir)
-    assert load_config(_write(tmp_path, FreshetConfig(ingest=cfg).to_yaml())).ingest == cfg  # YAML round trip
-
-
-@pytest.mark.parametrize(
-    "ingest, dotted, reason",
-    [
-        ({"dir": "s3://bucket/prefix"}, "ingest:", "ingest.state_dir is required when ingest.dir is a URI"),
-        ({"dir": "file:///data/log"}, "ingest:", "ingest.state_dir is required when ingest.dir is a URI"),
-        ({"dir": "/data", "state_dir": "s3://bucket/state"}, "ingest:", "ingest.state_dir 's3://bucket/state' must be a local directory"),
-        ({"dir": "/data", "state_dir": "file:///data/state"}, "ingest:", "must be a local directory"),
-        ({"dir": "/data", "state_dir": ""}, "ingest.state_dir:", "at least 1 character"),
-        ({"dir": "ftp://host/x", "state_dir": "/s"}, "ingest.dir:", "unknown URI scheme 'ftp'"),
-        ({"dir": "file:/data/log", "state_dir": "/s"}, "ingest.dir:", "a URI must be written file://"),
-        ({"dir": "file://data/log", "state_dir": "/s"}, "ingest.dir:", "a file URI needs an absolute path"),
-        ({"dir": "s3://", "state_dir": "/s"}, "ingest.dir:", "nothing after s3://"),
-    ],
-)
-def test_bad_ingest_dirs_name_the_field_and_reason(tmp_path, ingest, dotted, reason):
-    msg = _error(tmp_path, {"ingest": ingest})
-    assert dotted in msg and reason in msg
+def test_read_yaml_errors_name_the_file(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("a: [1,\n")
+    with pytest.raises(ConfigError, match="bad.yaml is not valid YAML"):
+        read_yaml(bad)
+    (tmp_path / "empty.yaml").write_text("")
+    assert read_yaml(tmp_path / "empty.yaml") == {}

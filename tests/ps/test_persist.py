@@ -16,7 +16,8 @@ import pyarrow as pa
 import pytest
 import torch
 
-from ps.config import PSConfig, load_config
+from ps.config import PSConfig
+from serving.config import load_config
 from ps.persist import list_checkpoints, read_log, read_snapshot
 from ps.plan import ShardingPlan
 from ps.shard import PSShard, PushId

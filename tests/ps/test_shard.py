@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from ps import optim
-from ps.config import OptimizerKind, PSConfig, load_config
+from ps.config import OptimizerKind, PSConfig
+from serving.config import load_config
 from ps.ids import id_keys, init_rows
 from ps.plan import ShardingPlan
 from ps.shard import PSShard, PushId
@@ -328,9 +329,11 @@ def test_history_off_when_seen_per_user_is_zero():
 @pytest.fixture
 def clock(monkeypatch):
     import ps.shard as shard_mod
+    import ps.table as table_mod
 
     c = FakeClock(1_000_000.0)
     monkeypatch.setattr(shard_mod, "time", c)
+    monkeypatch.setattr(table_mod, "time", c)  # rows created by a pull are stamped there
     return c
 
 

@@ -31,13 +31,8 @@ MAX_K = 50
 @pytest.fixture(scope="module")
 def deployment():
     """A running deployment: ``(http client on the app, config, {"shards", "ingest", "trainers"})``."""
-    from ray import serve
-
-    from ps.client import start_shards
-    from ps.config import load_config
-    from serving.app import run_app
-    from workers.ingest import start_ingest
-    from workers.trainer import start_trainers
+    from serving import deploy
+    from serving.config import load_config
 
     tmp = tempfile.mkdtemp(prefix="freshet-serving-")
     cfg = load_config(
@@ -63,25 +58,19 @@ def deployment():
                 "max_events_per_request": MAX_EVENTS,
                 "max_body_bytes": MAX_BODY,
                 "max_k": MAX_K,
-                "cache_refresh_ms": 50,
+                "cache_refresh_s": 0.05,
                 "request_timeout_s": 2.0,
             },
         },
     )
     with _ray_start():
-        actors = {
-            "shards": start_shards(cfg.ps, namespace=cfg.namespace).shards,
-            "ingest": start_ingest(cfg.ingest, namespace=cfg.namespace),
-        }
-        actors["trainers"] = start_trainers(cfg)
-        for t in actors["trainers"]:
-            t.start.remote()
-        run_app(cfg)
+        dep = deploy.start(cfg, durable=False, autostart=True)
+        actors = {"shards": dep.ps.shards, "ingest": dep.ingest, "trainers": dep.trainers}
         try:
             with httpx.Client(base_url=f"http://127.0.0.1:{cfg.serving.port}", timeout=30.0) as http:
                 yield http, cfg, actors
         finally:
-            serve.shutdown()
+            deploy.stop(cfg)
 
 
 def _stats(http) -> dict:

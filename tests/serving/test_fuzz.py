@@ -39,7 +39,7 @@ JSON_HDR = {**AUTH, "Content-Type": "application/json"}
 MAX_EVENTS = 20
 MAX_BODY = 64 * 1024
 MAX_K = 50
-MAX_SCORE_ITEMS = 10_000  # serving._schemas.MAX_SCORE_ITEMS, restated: the oracle must not import the code under test
+MAX_SCORE_ITEMS = 10_000  # serving.schemas.MAX_SCORE_ITEMS, restated: the oracle must not import the code under test
 MAX_ID_BYTES = 1024
 I64_MIN, I64_MAX = -(1 << 63), (1 << 63) - 1
 SEED_USERS = [f"fz-u{i}" for i in range(8)] + [7, -3]
@@ -58,7 +58,7 @@ FUZZ = settings(
 
 
 @dataclass
-class Deployment:
+class FuzzTarget:
     """The running system under test."""
 
     http: httpx.Client
@@ -88,13 +88,9 @@ def _settled(http: httpx.Client, timeout_s: float = 30.0) -> dict:
 @pytest.fixture(scope="module")
 def deployment():
     """A seeded deployment with token auth, small dims and tight limits."""
-    from ray import serve
-
-    from ps.client import PSClient, start_shards
-    from ps.config import load_config
-    from serving.app import run_app
-    from workers.ingest import start_ingest
-    from workers.trainer import start_trainers
+    from ps.client import PSClient
+    from serving import deploy
+    from serving.config import load_config
 
     cfg = load_config(
         None,
@@ -110,17 +106,13 @@ def deployment():
                 "max_events_per_request": MAX_EVENTS,
                 "max_body_bytes": MAX_BODY,
                 "max_k": MAX_K,
-                "cache_refresh_ms": 50,
+                "cache_refresh_s": 0.05,
                 "request_timeout_s": 5.0,
             },
         },
     )
     with _ray_start():
-        actors = [start_shards(cfg.ps, namespace=cfg.namespace), start_ingest(cfg.ingest, namespace=cfg.namespace)]
-        actors.append(start_trainers(cfg))
-        for t in actors[-1]:
-            t.start.remote()
-        run_app(cfg)
+        dep = deploy.start(cfg, durable=False, autostart=True)  # noqa: F841 - keeps the actors alive
         try:
             with httpx.Client(base_url=f"http://127.0.0.1:{cfg.serving.port}", timeout=30.0) as http:
                 seed = [
@@ -132,12 +124,12 @@ def deployment():
                     r = http.post("/events", json={"events": seed[start : start + MAX_EVENTS]}, headers=AUTH)
                     assert r.status_code == 200, r.text
                 _settled(http, 60.0)
-                yield Deployment(http, cfg, PSClient.connect(cfg.namespace))
+                yield FuzzTarget(http, cfg, PSClient.connect(cfg.namespace))
         finally:
-            serve.shutdown()
+            deploy.stop(cfg)
 
 
-def _snapshot(dep: Deployment) -> dict:
+def _snapshot(dep: FuzzTarget) -> dict:
     """What must not change when only rejected or read-only requests were sent."""
     s = _stats(dep.http)
     m = dep.cfg.model

@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from ps.config import ModelConfig
+from workers.config import ModelConfig
 from workers.model import context_index, user_queries
 from workers.ranking import Ranker
-from workers.strategies import ItemView
+from workers.eval.strategies import ItemView
 
 D = 4
 ITEMS = ["a", "b", 7, "c", 9]

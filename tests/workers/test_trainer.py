@@ -13,7 +13,7 @@ import pytest
 import ray
 
 from ps.client import start_shards
-from ps.config import FreshetConfig, load_config
+from serving.config import FreshetConfig, load_config
 from ps.ids import as_id_array
 from workers.streams import SyntheticSource
 from workers.trainer import Trainer, _factorize, start_trainers

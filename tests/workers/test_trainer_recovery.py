@@ -15,8 +15,8 @@ import pytest
 import ray
 
 from ps.client import start_shards
-from ps.config import load_config
-from workers._wal import PushRecord, TrainerWAL
+from serving.config import load_config
+from workers.wal import PushRecord, TrainerWAL
 from workers.trainer import start_trainers
 
 EVENTS = 12_000

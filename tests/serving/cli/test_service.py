@@ -7,34 +7,15 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 import httpx
 import pytest
 import yaml
 from tests.conftest import free_port
+from tests.serving.cli.helpers import freshet
 
 
-
-
-def _freshet(*args: str, timeout: float = 240.0) -> subprocess.CompletedProcess:
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
-    return subprocess.run([sys.executable, "-m", "serving.cli", *args], capture_output=True, text=True,
-                          timeout=timeout, env=env, cwd=Path(__file__).resolve().parents[2])
-
-
-def test_config_prints_yaml_and_rejects_bad_values(tmp_path):
-    out = _freshet("config")
-    assert out.returncode == 0, out.stderr
-    assert yaml.safe_load(out.stdout)["ps"]["num_shards"] == 2
-    bad = tmp_path / "bad.yaml"
-    bad.write_text("ps:\n  num_shards: 0\nserving:\n  prot: 80\n")
-    out = _freshet("config", "--config", str(bad))
-    assert out.returncode == 2
-    assert "ps.num_shards" in out.stderr and "serving.prot" in out.stderr
 
 
 def _wait_applied(url: str, accepted: int, timeout_s: float = 90.0) -> dict:
@@ -68,7 +49,7 @@ def test_up_ckpt_down_restore_reproduces_rankings(tmp_path):
     }))
     url = f"http://127.0.0.1:{port}"
     ray_port = str(free_port())
-    up = _freshet("up", "--config", str(cfg), "--ray-port", ray_port)
+    up = freshet("up", "--config", str(cfg), "--ray-port", ray_port)
     assert up.returncode == 0, up.stdout + up.stderr
     try:
         users = [f"u{i}" for i in range(6)]
@@ -80,14 +61,14 @@ def test_up_ckpt_down_restore_reproduces_rankings(tmp_path):
         assert sorted(os.listdir(log)) == ["ingest"]  # state stays out of the log's store
         assert sorted(os.listdir(log / "ingest")) == ["LOG_ID", f"segment-{0:020d}.arrows"]
         assert {"freshet-up.json", "ps", "trainers"} <= set(os.listdir(state))
-        status = _freshet("status", "--config", str(cfg))
+        status = freshet("status", "--config", str(cfg))
         assert status.returncode == 0 and "healthz 200" in status.stdout
         before = _rankings(url, users)
         assert all(items for items in before)
 
-        save = _freshet("ckpt", "--config", str(cfg), "save", "first")
+        save = freshet("ckpt", "--config", str(cfg), "save", "first")
         assert save.returncode == 0, save.stderr
-        listed = _freshet("ckpt", "--config", str(cfg), "list")
+        listed = freshet("ckpt", "--config", str(cfg), "list")
         assert "first" in listed.stdout
 
         # Train more after the checkpoint: the live rankings move on.
@@ -97,7 +78,7 @@ def test_up_ckpt_down_restore_reproduces_rankings(tmp_path):
         assert sorted(os.listdir(log / "ingest"))[1:] == [f"segment-{0:020d}.arrows", f"segment-{len(events):020d}.arrows"]
         assert _rankings(url, users) != before
     finally:
-        down = _freshet("down", "--config", str(cfg))
+        down = freshet("down", "--config", str(cfg))
     assert down.returncode == 0, down.stderr
     with pytest.raises(httpx.HTTPError):
         httpx.get(url + "/healthz", timeout=3)
@@ -111,7 +92,7 @@ def test_up_ckpt_down_restore_reproduces_rankings(tmp_path):
     ckpt = state / "ps" / "checkpoints" / "first"
     saved = json.loads((ckpt / "trainers.json").read_text())["trainers"]
     assert saved[0]["source_id"] == "ingest:" + (log / "ingest" / "LOG_ID").read_text().strip()
-    restore = _freshet("ckpt", "--config", str(fresh), "restore", str(ckpt), "--ray-port", str(free_port()))
+    restore = freshet("ckpt", "--config", str(fresh), "restore", str(ckpt), "--ray-port", str(free_port()))
     assert restore.returncode == 0, restore.stdout + restore.stderr
     try:
         assert _rankings(url, users) == before
@@ -122,4 +103,4 @@ def test_up_ckpt_down_restore_reproduces_rankings(tmp_path):
         assert stats["events_accepted"] == stats["events_applied"] == len(new)
         assert _rankings(url, ["u0"]) != before[:1]
     finally:
-        assert _freshet("down", "--config", str(fresh)).returncode == 0
+        assert freshet("down", "--config", str(fresh)).returncode == 0

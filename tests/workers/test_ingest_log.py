@@ -11,9 +11,9 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pytest
 
-from ps.config import IngestConfig
+from workers.config import IngestConfig
 from workers.events import EVENT_COLUMNS
-from workers.ingest import IngestLog, read_log_id
+from workers.ingest_log import IngestLog, read_log_id
 
 
 # One segment per append and many appends per segment (the default) exercise different

@@ -1,4 +1,4 @@
-"""Smoke tests of ``bench.train_throughput`` without Ray: the in-process baseline does the
+"""Tests of ``bench.train_throughput`` without Ray: the in-process baseline does the
 PS's math, learns, and the report writer produces the documented files and keys.
 
 Speed targets are not asserted here; they live in ``bench/README.md``.
@@ -41,12 +41,12 @@ def test_in_process_tables_match_a_ps_shard():
     for _ in range(3):
         for name, table in mf.tables.items():
             ids = rng.integers(0, 50, size=40)  # repeats on purpose
-            np.testing.assert_array_equal(table.pull(ids).numpy(), shard.pull({name: ids})[name][0], err_msg=name)
+            np.testing.assert_array_equal(table.pull(ids, create=True)[0], shard.pull({name: ids})[name][0], err_msg=name)
             grads = rng.normal(size=(40, table.cfg.dim)).astype(np.float32)
             table.push(ids, torch.from_numpy(grads))
             shard.push(PushId("bench-test", next(seq)), {name: (ids, grads)})
     user = mf.tables[cfg.model.user_table]
-    assert np.abs(user.pull(np.arange(50)).numpy()).max() > 10 * cfg.ps.table("user").init_scale  # rows really moved
+    assert np.abs(user.pull(np.arange(50), create=False)[0]).max() > 10 * cfg.ps.table("user").init_scale  # rows really moved
 
 
 def test_push_rejects_wrong_grad_shape():

@@ -1,4 +1,4 @@
-"""The durable ingest log behind ``POST /events`` and the stream source reading it.
+"""The durable ingest log behind ``POST /events`` (read by :class:`workers.streams.ingest.IngestSource`).
 
 ``IngestLog`` (one named actor) assigns dense offsets and makes each accepted batch
 durable before ``append`` returns, so an acknowledged event survives a crash of the
@@ -31,11 +31,12 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import ray
 
-from ps.config import IngestConfig
+from ps.persist import fsync_path
+from workers.config import IngestConfig
 from ps.ids import ID
 from workers.events import EVENT_COLUMNS, empty_events, make_events
 
-__all__ = ["INGEST_ACTOR", "IngestLog", "IngestSource", "read_log_id", "start_ingest"]
+__all__ = ["INGEST_ACTOR", "IngestLog", "read_log_id", "start_ingest"]
 
 INGEST_ACTOR = "ingest-log"
 """Ray actor name of the ingest log (inside the deployment's namespace)."""
@@ -49,14 +50,6 @@ _LOG_ID = "LOG_ID"
 def _segment_name(first_offset: int) -> str:
     # Zero-padded so that lexical order (an object store's listing order) is offset order.
     return f"{_SEGMENT_PREFIX}{first_offset:020d}{_SEGMENT_SUFFIX}"
-
-
-def _fsync_path(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _read_text(fs: pafs.FileSystem, path: str) -> str | None:
@@ -165,10 +158,10 @@ class _ObjectLog:
         with self.fs.open_output_stream(tmp) as out:
             out.write(data)
         if self.cfg.fsync:
-            _fsync_path(tmp)
+            fsync_path(tmp)
         self.fs.move(tmp, final)
         if self.cfg.fsync:
-            _fsync_path(self.base)  # the rename itself
+            fsync_path(self.base)  # the rename itself
 
     def write(self, batch: pa.RecordBatch, first_offset: int) -> None:
         """Store ``batch`` (offsets from ``first_offset``) as one new object."""
@@ -325,33 +318,6 @@ def read_log_id(cfg: IngestConfig) -> str | None:
         return _read_text(fs, f"{root.rstrip('/')}/ingest/{_LOG_ID}")
     path = Path(cfg.dir) / "ingest" / _LOG_ID
     return path.read_text().strip() if path.exists() else None
-
-
-class IngestSource:
-    """Stream source over the running deployment's ``IngestLog`` (live, unbounded)."""
-
-    def __init__(self, namespace: str, *, timeout_s: float = 30.0):
-        self._log = ray.get_actor(INGEST_ACTOR, namespace=namespace)
-        self._timeout = timeout_s
-        self.source_id = "ingest:" + ray.get(self._log.stats.remote(), timeout=timeout_s)["log_id"]
-        """Identity of the log read (its ``LOG_ID``)."""
-
-    def read(self, offset: int, max_events: int) -> pa.RecordBatch:
-        """Events from ``offset``; an empty batch when none have arrived yet."""
-        return ray.get(self._log.read.remote(offset, max_events), timeout=self._timeout)
-
-    @property
-    def end_offset(self) -> int | None:
-        """Always None: the log is live."""
-        return None
-
-    @property
-    def quarantined(self) -> int:
-        """Always 0: HTTP input is validated before it is acknowledged."""
-        return 0
-
-    def close(self) -> None:
-        """Nothing to release."""
 
 
 def start_ingest(cfg: IngestConfig, *, namespace: str, detached: bool = False):

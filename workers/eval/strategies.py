@@ -1,4 +1,4 @@
-"""Update strategies compared by the prequential evaluation (``workers.evaluate``).
+"""Update strategies compared by the prequential evaluation (:mod:`workers.eval.protocol`).
 
 A strategy learns from chunks of the stream and exposes what it would serve: user
 vectors and an item view. Every strategy is ranked by the same code as ``/rank``
@@ -17,9 +17,9 @@ breaks ties and drops NaN and seen items the same way); only how it learns diffe
 - ``als``: ``retrain`` with ``implicit``'s ALS, when that package is installed.
 
 The in-process MF of frozen/retrain/finetune uses the same loss
-(:func:`workers.model.bpr_loss`), the same optimizer rules (:func:`ps.optim.apply`
-with each table's configured optimizer), the same deterministic row initialisation
-(:func:`ps.ids.init_rows`) and the same negative mix as the trainer.
+(:func:`workers.model.bpr_loss`), the shards' table (:class:`ps.table.EmbeddingTable`:
+the same deterministic row initialisation and each table's configured ``ps.optim``
+rule) and the same negative mix (:mod:`workers.negatives`) as the trainer.
 """
 
 from __future__ import annotations
@@ -31,17 +31,21 @@ import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
 import torch
 
-from ps import optim
-from ps.config import FreshetConfig, InitKind, LossKind
-from ps.ids import ID, as_id_array, id_keys, ids_from_arrow, init_rows
-from workers.model import bpr_loss, context_index, mse_loss, negative_slots, user_queries
+from ps.ids import ID, as_id_array, ids_from_arrow
+from ps.table import EmbeddingTable
+from workers.config import LossKind
+from workers.model import bpr_loss, context_index, mse_loss, user_queries
+from workers.negatives import negative_slots
 from workers.ranking import Ranker
+
+if TYPE_CHECKING:  # the root config composes every layer's settings; workers only read it
+    from serving.config import FreshetConfig
 
 __all__ = [
     "STRATEGIES",
@@ -241,61 +245,30 @@ def _counts_only(cfg: FreshetConfig):
 
 
 class _Recent:
-    """Recency-decayed item counts in process, with the shards' rule (:func:`ps.optim.decayed_count`)
-    and the trainer's clock (a chunk's counts are valid at its end offset, in half-lives)."""
+    """Recency-decayed item counts in process: the shards' ``decayed_count`` table and the
+    trainer's clock (a chunk's counts are valid at its end offset, in half-lives)."""
 
-    def __init__(self, halflife_events: float):
-        self.halflife = halflife_events
-        self.index: dict[ID, int] = {}
-        self.rows = torch.zeros((1024, 2))
+    def __init__(self, cfg: FreshetConfig):
+        m = cfg.model
+        self.halflife = m.recent_halflife_events
+        self.table = _table(cfg, m.recent_table)
 
     def add(self, items: np.ndarray, end: int) -> None:
-        slots = np.fromiter((self.index.setdefault(x, len(self.index)) for x in items.tolist()), np.int64, len(items))
-        if len(self.index) > len(self.rows):
-            self.rows = torch.cat([self.rows, torch.zeros((max(len(self.index), len(self.rows)), 2))])
-        uniq, inv = np.unique(slots, return_inverse=True)
-        counts = np.bincount(inv, minlength=len(uniq)).astype(np.float32)
-        pushed = torch.from_numpy(np.stack([counts, np.full(len(uniq), end / self.halflife, np.float32)], axis=1))
-        u = torch.from_numpy(uniq)
-        self.rows[u] = optim.decayed_count(self.rows[u], pushed)
+        """Count ``items`` (one interaction each) at stream offset ``end``."""
+        clock = np.full(len(items), end / self.halflife, np.float32)
+        self.table.push(items, torch.from_numpy(np.stack([np.ones(len(items), np.float32), clock], axis=1)))
 
     def rows_for(self, ids: Sequence[ID] | np.ndarray) -> np.ndarray:
         """``[len(ids), 2]`` (count, clock) rows; zeros for items never counted."""
-        get = self.index.get
-        slots = np.fromiter((get(x, -1) for x in as_id_array(ids).tolist()), np.int64)
-        out = np.zeros((len(slots), 2), np.float32)
-        found = slots >= 0
-        out[found] = self.rows[torch.from_numpy(slots[found])].numpy()
-        return out
+        return self.table.pull(as_id_array(ids), create=False)[0]
 
 
 # --------------------------------------------------------------------------- in-process MF
 
 
-class _LocalTable:
-    """Rows and optimizer state of one table, growable, addressed by dense index."""
-
-    def __init__(self, cfg: FreshetConfig, name: str):
-        t = cfg.ps.table(name)
-        self.cfg, self.opt = t, cfg.ps.optimizer_for(name)
-        self.seed = (cfg.ps.seed * 1_000_003 + int(id_keys([name])[0])) % (1 << 63)  # as the shards seed tables
-        self.rows = torch.zeros((0, t.dim))
-        self.state = torch.zeros((0, *optim.state_shape(self.opt.kind, t.dim)))
-
-    def grow(self, keys: np.ndarray) -> None:
-        if not len(keys):
-            return
-        if self.cfg.init == InitKind.UNIFORM:
-            new = torch.from_numpy(init_rows(keys, seed=self.seed, dim=self.cfg.dim, scale=self.cfg.init_scale))
-        else:
-            new = torch.zeros((len(keys), self.cfg.dim))
-        self.rows = torch.cat([self.rows, new])
-        self.state = torch.cat([self.state, torch.zeros((len(keys), *self.state.shape[1:]))])
-
-    def apply(self, idx: torch.Tensor, grads: torch.Tensor) -> None:
-        rows, state = optim.apply(self.opt, self.rows[idx], grads, self.state[idx])
-        self.rows[idx] = rows
-        self.state[idx] = state
+def _table(cfg: FreshetConfig, name: str) -> EmbeddingTable:
+    """Table ``name`` as the shards would hold it (same init seed, optimizer and rule)."""
+    return EmbeddingTable(name, cfg.ps.table(name), cfg.ps.optimizer_for(name), cfg.ps.seed)
 
 
 class _LocalMF:
@@ -307,15 +280,15 @@ class _LocalMF:
         self.user_index: dict[ID, int] = {}
         self.item_index: dict[ID, int] = {}
         self.item_ids: list[ID] = []
-        self.users = _LocalTable(cfg, m.user_table)
-        self.items = _LocalTable(cfg, m.item_table)
-        self.bias = _LocalTable(cfg, m.item_bias_table)
+        self.users = _table(cfg, m.user_table)
+        self.items = _table(cfg, m.item_table)
+        self.bias = _table(cfg, m.item_bias_table)
         # Context rows share the item index (a context item is an item).
-        self.ctx = _LocalTable(cfg, m.context_table) if m.context_table is not None else None
+        self.ctx = _table(cfg, m.context_table) if m.context_table is not None else None
         self.counts = np.zeros(0, np.float64)
         self.rng = np.random.default_rng([cfg.ps.seed, seed])
 
-    def _index(self, ids: np.ndarray, index: dict[ID, int], tables: list[_LocalTable], keep: list | None) -> np.ndarray:
+    def _index(self, ids: np.ndarray, index: dict[ID, int], tables: list[EmbeddingTable], keep: list | None) -> np.ndarray:
         out = np.empty(len(ids), np.int64)
         new: list[ID] = []
         for j, x in enumerate(ids.tolist()):
@@ -325,9 +298,10 @@ class _LocalMF:
                 new.append(x)
             out[j] = s
         if new:
-            keys = id_keys(as_id_array(new))
+            # Each table appends the new IDs in this order, so its slots match ``index``.
+            new_ids = as_id_array(new)
             for t in tables:
-                t.grow(keys)
+                t.lookup(new_ids, create=True)
             if keep is not None:
                 keep.extend(new)
         return out
@@ -397,17 +371,17 @@ class _LocalMF:
             loss = mse_loss(Q, I[pi], B[pi], torch.from_numpy(w), l2=m.l2)
         loss.backward()
         with torch.no_grad():
-            self.users.apply(ut, U.grad)
-            self.items.apply(it, I.grad)
-            self.bias.apply(it, B.grad[:, None])
+            self.users.apply_slots(uu, U.grad)
+            self.items.apply_slots(iu, I.grad)
+            self.bias.apply_slots(iu, B.grad[:, None])
             if C is not None:
-                self.ctx.apply(ct, C.grad)
+                self.ctx.apply_slots(cu, C.grad)
 
     def user_vectors(self, users: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         get = self.user_index.get
         slots = np.fromiter((get(x, -1) for x in users.tolist()), dtype=np.int64, count=len(users))
         found = slots >= 0
-        vecs = np.zeros((len(users), self.users.cfg.dim), np.float32)
+        vecs = np.zeros((len(users), self.users.dim), np.float32)
         if found.any():
             vecs[found] = self.users.rows[torch.from_numpy(slots[found])].numpy()
         return vecs, found
@@ -416,12 +390,12 @@ class _LocalMF:
         """The served catalogue; ``recent`` adds ``(count, clock)`` rows for the recent-popularity prior."""
         m = self.model
         mats = {
-            m.item_table: self.items.rows.numpy(),
-            m.item_bias_table: self.bias.rows.numpy(),
+            m.item_table: self.items.matrix(),
+            m.item_bias_table: self.bias.matrix(),
             m.popularity_table: self.counts.astype(np.float32)[:, None],
         }
         if self.ctx is not None:
-            mats[m.context_table] = self.ctx.rows.numpy()
+            mats[m.context_table] = self.ctx.matrix()
         if recent is not None and m.recent_table is not None:
             mats[m.recent_table] = recent
         return ItemView(self.item_ids, mats, self.item_index)
@@ -469,7 +443,7 @@ class _PeriodicMF(Strategy):
         # Same model family as incremental: the served model carries the recent-popularity
         # prior too, as a snapshot taken when it was fitted (as stale as the model).
         m = cfg.model
-        self.recent = _Recent(m.recent_halflife_events) if m.recent_table is not None else None
+        self.recent = _Recent(cfg) if m.recent_table is not None else None
         self.served_recent: np.ndarray | None = None
         self.user_items: dict[ID, list[ID]] = {}  # each user's latest items: the session context
         self._contexts: list[list[ID]] | None = None  # of the chunk being learned
@@ -488,8 +462,19 @@ class _PeriodicMF(Strategy):
         super().learn(chunk)
 
     def _remember(self, chunk: Chunk) -> None:
-        """Keep ``chunk`` (with its events' contexts) for the next fit."""
+        """Keep ``chunk`` (with its events' contexts) for the next fit; until the first fit,
+        popularity serves and counts the chunk."""
         self.history.add(chunk, self._contexts)
+        if self.mf is None:
+            self.pop.add(chunk.items)
+            self.learned_ts, self.learned_end = float(chunk.timestamps.max()), int(chunk.offsets[-1]) + 1
+
+    def _refit_every(self, every: int) -> None:
+        """Refit after every ``every`` events (from ``every`` on)."""
+        if every < 1:
+            raise ValueError(f"every: must be >= 1 events, got {every}")
+        self.every = int(every)
+        self.next_at = self.every
 
     def ranker(self) -> Ranker:
         if self.mf is None:
@@ -539,8 +524,6 @@ class FrozenStrategy(_PeriodicMF):
         if self.mf is not None:
             return
         self._remember(chunk)
-        self.pop.add(chunk.items)
-        self.learned_ts, self.learned_end = float(chunk.timestamps.max()), int(chunk.offsets[-1]) + 1
         if self.history.n >= self.cutoff:
             self.mf = self._fit(_LocalMF(self.cfg, self.seed), None, chunk)
             self.history = _History()  # never needed again
@@ -561,16 +544,10 @@ class RetrainStrategy(_PeriodicMF):
 
     def __init__(self, cfg: FreshetConfig, *, every: int = 2000, epochs: int = 20, batch_size: int = 256):
         super().__init__(cfg, epochs=epochs, batch_size=batch_size)
-        if every < 1:
-            raise ValueError(f"every: must be >= 1 events, got {every}")
-        self.every = int(every)
-        self.next_at = self.every
+        self._refit_every(every)
 
     def _learn(self, chunk: Chunk) -> None:
         self._remember(chunk)
-        if self.mf is None:
-            self.pop.add(chunk.items)
-            self.learned_ts, self.learned_end = float(chunk.timestamps.max()), int(chunk.offsets[-1]) + 1
         if self.history.n >= self.next_at:
             self.next_at += self.every
             self.mf = self._fit(_LocalMF(self.cfg, self.seed + self.retrains), None, chunk)
@@ -586,16 +563,11 @@ class FinetuneStrategy(_PeriodicMF):
 
     def __init__(self, cfg: FreshetConfig, *, every: int = 2000, epochs: int = 5, batch_size: int = 256, first_epochs: int = 20):
         super().__init__(cfg, epochs=epochs, batch_size=batch_size)
-        if every < 1:
-            raise ValueError(f"every: must be >= 1 events, got {every}")
-        self.every, self.first_epochs = int(every), int(first_epochs)
-        self.next_at = self.every
+        self._refit_every(every)
+        self.first_epochs = int(first_epochs)
 
     def _learn(self, chunk: Chunk) -> None:
         self._remember(chunk)
-        if self.mf is None:
-            self.pop.add(chunk.items)
-            self.learned_ts, self.learned_end = float(chunk.timestamps.max()), int(chunk.offsets[-1]) + 1
         if self.history.n >= self.next_at:
             window = self.history.n - (self.next_at - self.every)
             self.next_at += self.every
@@ -622,7 +594,7 @@ class ALSRetrainStrategy(_PeriodicMF):
         except ImportError:
             raise StrategyUnavailable("the optional package 'implicit' is not installed (pip install freshet[baselines])") from None
         super().__init__(cfg, epochs=iterations, batch_size=1)
-        self.every, self.next_at = int(every), int(every)
+        self._refit_every(every)
         self.factors, self.regularization = int(factors), float(regularization)
         self._users: dict[ID, int] = {}
         self._vecs = np.zeros((0, factors), np.float32)

@@ -1,0 +1,141 @@
+"""The one start/stop sequence of a Freshet deployment on a connected Ray.
+
+``start`` brings up, in order, the PS shard actors, the durable ingest log, the trainer
+actors and the Serve app, each waited for before the next (trainers connect to the
+shards and the log by name; the app connects to all of them). ``stop`` removes
+whatever of a deployment exists, by the actors' names, so it also cleans up after a
+start that failed half-way. The ``freshet`` CLI (``run``, ``up``, ``down``, ``ckpt
+restore``), the benchmarks and the fault tests all go through here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import ray
+
+from ps.client import PSClient, shard_actor_name, start_shards
+from serving.config import FreshetConfig
+from workers.ingest_log import INGEST_ACTOR, start_ingest
+from workers.trainer import start_trainers, trainer_actor_name
+
+__all__ = ["Deployment", "actor_names", "start", "stop"]
+
+
+@dataclass
+class Deployment:
+    """Handles of a started deployment. A non-detached actor lives only as long as a
+    handle to it does, so keep this object for as long as the deployment should run."""
+
+    cfg: FreshetConfig
+    ps: PSClient | None = None
+    ingest: Any = None
+    trainers: list[Any] = field(default_factory=list)
+    url: str | None = None  # the Serve app's base URL, once it is up
+
+    def start_ingest(self, *, detached: bool = False) -> Any:
+        """Start the ingest log actor (if not yet started) and wait until it has recovered."""
+        if self.ingest is None:
+            self.ingest = start_ingest(self.cfg.ingest, namespace=self.cfg.namespace, detached=detached)
+        return self.ingest
+
+    def start_serving(self, *, ready_timeout_s: float = 120.0) -> str:
+        """Deploy the Serve app on ``cfg.serving.host:port`` and wait for ``/healthz``; returns its URL."""
+        from serving.app import run_app
+
+        run_app(self.cfg, ready_timeout_s=ready_timeout_s)
+        s = self.cfg.serving
+        self.url = f"http://{s.host}:{s.port}{s.route_prefix.rstrip('/')}"
+        return self.url
+
+    def start_training(self) -> None:
+        """Start every trainer's background loop (those not started with ``autostart``)."""
+        ray.get([t.start.remote() for t in self.trainers])
+
+
+def state_dirs(cfg: FreshetConfig) -> dict[str, Path]:
+    """Where a durable deployment keeps shard state and trainer WALs: ``ps`` and
+    ``trainers`` under ``ingest.local_state_dir()``."""
+    root = cfg.ingest.local_state_dir()
+    return {"ps": root / "ps", "trainers": root / "trainers"}
+
+
+def start(
+    cfg: FreshetConfig,
+    *,
+    detached: bool = False,
+    durable: bool = True,
+    restore_from: str | Path | None = None,
+    ingest: bool = True,
+    trainers: bool = True,
+    serving: bool = True,
+    evaluate: bool = False,
+    max_events: int | None = None,
+    autostart: bool = False,
+    shard_timeout_s: float = 60.0,
+) -> Deployment:
+    """Start a deployment of ``cfg`` on the connected Ray, in dependency order.
+
+    ``durable`` keeps shard state and trainer WALs under :func:`state_dirs` (so Ray's
+    restarts recover them); ``detached`` lets the actors outlive this driver;
+    ``restore_from`` seeds the shards from a named checkpoint directory. ``ingest``,
+    ``trainers`` and ``serving`` choose the parts (a direct-stream run needs no ingest log
+    or app). ``evaluate``, ``max_events`` and ``autostart`` are passed to the trainers
+    (:class:`workers.trainer.Trainer`).
+
+    If any step fails, everything this call started is removed before the error propagates.
+
+    Raises:
+        FileNotFoundError: ``restore_from`` lacks a shard's checkpoint.
+        TimeoutError: the shards or the app did not come up in time.
+    """
+    dirs = state_dirs(cfg) if durable else {"ps": None, "trainers": None}
+    dep = Deployment(cfg)
+    try:
+        dep.ps = start_shards(cfg.ps, namespace=cfg.namespace, detached=detached, state_dir=dirs["ps"],
+                              restore_from=restore_from, timeout_s=shard_timeout_s)
+        if ingest:
+            dep.start_ingest(detached=detached)
+        if trainers:
+            dep.trainers = start_trainers(cfg, detached=detached, evaluate=evaluate, max_events=max_events,
+                                          state_dir=dirs["trainers"], autostart=autostart)
+            # A trainer's __init__ connects to the shards and the stream; surface its errors here.
+            ray.get([t.ping.remote() for t in dep.trainers])
+        if serving:
+            dep.start_serving()
+    except BaseException:
+        stop(cfg)
+        raise
+    return dep
+
+
+def actor_names(cfg: FreshetConfig) -> list[str]:
+    """Names of every actor a deployment of ``cfg`` runs (shards, ingest log, trainers)."""
+    return (
+        [shard_actor_name(i) for i in range(cfg.ps.num_shards)]
+        + [INGEST_ACTOR]
+        + [trainer_actor_name(i) for i in range(cfg.trainer.num_workers)]
+    )
+
+
+def stop(cfg: FreshetConfig, *, serving: bool = True) -> list[str]:
+    """Remove whatever exists of the deployment of ``cfg``: Serve (``serving``: the app and
+    its HTTP proxy) and every named actor, without restarts. Returns the names of the
+    actors it killed."""
+    killed = []
+    if serving:
+        from ray import serve
+
+        with contextlib.suppress(Exception):  # Serve may never have started
+            serve.shutdown()
+    for name in actor_names(cfg):
+        try:
+            handle = ray.get_actor(name, namespace=cfg.namespace)
+        except ValueError:  # not started, or already gone
+            continue
+        ray.kill(handle, no_restart=True)
+        killed.append(name)
+    return killed

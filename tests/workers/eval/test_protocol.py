@@ -1,0 +1,112 @@
+"""The prequential protocol (:mod:`workers.eval.protocol`) against a scripted strategy."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from tests.workers.eval.scripted import N_ITEMS, ListSource, Scripted, ramp
+from workers.eval.protocol import hit_rank, prequential, recovery_events, windowed_recall
+from workers.ranking import Ranked
+
+# --------------------------------------------------------------------------- protocol
+
+
+def test_hit_counts_only_what_was_ranked_before_the_update():
+    # Chunk 0 makes user 1 known; chunk 1's item (slot 29) is ranked last before learning.
+    # Learning chunk 1 moves slot 29 and slot 5 to the top; chunk 2's item (slot 5) then hits at rank 0.
+    def learn(self, chunk):
+        if 129 in chunk.items.tolist():
+            self.scores[1] = np.asarray(ramp([29, 5]), np.float32)
+
+    s = Scripted({1: ramp([0])}, after_learn=learn)
+    res = prequential(ListSource([(1, 100), (1, 129), (1, 105)]), s, chunk_size=1)
+    assert res.eval_offsets.tolist() == [1, 2]
+    # Offset 1: slot 29 scored lowest of 29 eligible (rank 28) -> a miss even though learning then made it top.
+    # Offset 2: slot 29 is seen now, so slot 5 is first.
+    assert res.eval_ranks.tolist() == [-1, 0]
+    assert res.recall(10) == 0.5
+    assert s.chunks == [[(1, 100)], [(1, 129)], [(1, 105)]]
+
+
+def test_seen_items_are_excluded_and_never_hit():
+    s = Scripted({1: ramp([3, 4])})
+    res = prequential(ListSource([(1, 103), (1, 103), (1, 104)]), s, chunk_size=1)
+    # Re-consuming slot 3 cannot hit (excluded); slot 4 moves up to rank 0.
+    assert res.eval_ranks.tolist() == [-1, 0]
+    ranked = s.ranker().rank_many(*s.user_vectors(np.array([1])), [[103]], 20)[0]
+    assert 103 not in ranked.item_ids and ranked.item_ids[0] == 104
+
+
+def test_cold_users_are_scored_by_the_popular_fallback_separately():
+    pop = [0.0] * N_ITEMS
+    pop[7], pop[2] = 50.0, 40.0
+    # User 2's first event is cold even though the model has a vector for them, and so is
+    # their second event in the same chunk; only a later chunk evaluates them.
+    s = Scripted({2: ramp([9])}, pop=pop)
+    res = prequential(ListSource([(2, 107), (2, 102), (2, 109), (3, 120)]), s, chunk_size=2)
+    assert res.cold_ranks.tolist() == [0, 1, -1]  # popularity order: slot 7, slot 2, ...; item 120 has count 0 -> rank 2+
+    assert res.eval_offsets.tolist() == [2]
+    assert res.eval_ranks.tolist() == [0]
+    summary = res.summary()
+    assert summary["cold_events"] == 3 and summary["evaluated"] == 1
+    assert summary["cold_recall@10"] == pytest.approx(2 / 3)
+
+
+def test_nan_and_infinite_scores_never_count_as_hits():
+    bias = [0.0] * N_ITEMS
+    bias[1], bias[2], bias[3] = float("inf"), float("nan"), float("-inf")
+    s = Scripted({1: [0.0] * N_ITEMS}, bias=bias)
+    res = prequential(ListSource([(1, 110), (1, 101), (1, 102), (1, 103), (1, 104)]), s, chunk_size=1)
+    # +inf ranks first but is no hit; NaN and -inf are no hit; the finite item 104 is.
+    assert res.eval_ranks.tolist()[:3] == [-1, -1, -1]
+    assert res.eval_ranks[3] >= 0
+    r = Ranked([101, 102], [float("inf"), float("nan")], None)
+    assert hit_rank(r, 101) == -1 and hit_rank(r, 102) == -1
+    assert hit_rank(Ranked([101, 102], [2.0, 1.0], None), 102) == 1
+
+
+def test_ties_break_deterministically_by_catalogue_order():
+    pairs = [(1, 100), (1, 101), (1, 115), (1, 125)]
+    a = prequential(ListSource(pairs), Scripted({1: [0.0] * N_ITEMS}), chunk_size=1)
+    b = prequential(ListSource(pairs), Scripted({1: [0.0] * N_ITEMS}), chunk_size=1)
+    # All scores tie: the lowest slot not yet seen comes first.
+    assert a.eval_ranks.tolist() == [0, 13, -1]
+    assert b.eval_ranks.tolist() == a.eval_ranks.tolist()
+    assert a.recall(10) == pytest.approx(1 / 3) and a.recall(20) == pytest.approx(2 / 3)
+    assert a.ndcg(10) == pytest.approx(1.0 / 3)
+
+
+def test_metrics_coverage_staleness_and_explicit_errors():
+    class Lagging(Scripted):
+        def _learn(self, chunk):  # learns, but serves a model that knows only up to the previous chunk
+            end = self.learned_end
+            super()._learn(chunk)
+            self.learned_end, self.learned_ts = end, float(chunk.timestamps.min()) - 1
+
+    s = Lagging({1: ramp([4, 5]), 2: ramp([6])})
+    pairs = [(1, 100), (2, 101), (1, 104), (2, 106), (3, 129)]
+    res = prequential(ListSource(pairs, weights=[1.0, 1.0, 2.0, 4.0, 1.0]), s, chunk_size=2, explicit=True)
+    assert res.eval_ranks.tolist() == [0, 0]
+    assert res.staleness_events.tolist() == [2.0, 2.0]  # offsets 0..1 unlearned by the served model at offset 2
+    assert res.staleness_s.tolist() == [3.0, 3.0]
+    # Served top-10 lists hold 100, 101, 104, 106 of the stream's items but never 129.
+    assert (res.recommended, res.catalogue) == (4, 5)
+    assert res.summary()["coverage"] == pytest.approx(0.8)
+    # Explicit view: predicted = score of the item (100 - rank position) vs the weight.
+    assert res.predicted == 2
+    assert res.summary()["rmse"] == pytest.approx(np.sqrt(((100 - 2.0) ** 2 + (100 - 4.0) ** 2) / 2))
+
+
+def test_windowed_recall_and_recovery_have_known_answers():
+    offsets = np.arange(0, 4000)
+    ranks = np.where((offsets < 2000) | (offsets >= 2600), 0, -1)  # hits, a 600-event dip, hits again
+    x, y = windowed_recall(offsets, ranks, window=100, points=41, end=4000)
+    assert y[x == 1500][0] == 1.0 and y[x == 2300][0] == 0.0
+    rec = recovery_events(offsets, ranks, 2000, window=200, pre_window=1000, step=50)
+    assert rec["pre_recall@10"] == 1.0 and rec["min_recall@10"] == 0.0
+    assert rec["events"] == 800  # the first 200-event window fully past the dip ends at 2800
+    never = recovery_events(offsets, np.where(offsets < 2000, 0, -1), 2000, window=200)
+    assert never["events"] is None
+    with pytest.raises(ValueError, match="window"):
+        windowed_recall(offsets, ranks, window=0)

@@ -1,0 +1,56 @@
+"""workers.config: the ingest settings (log location and the local state dir), loaded
+through the root config so errors name the field path."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import config_error, write_yaml
+from serving.config import FreshetConfig, load_config
+
+
+
+
+# --- ingest.dir / ingest.state_dir -------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "ingest, state",
+    [
+        ({}, "freshet-data"),  # default: everything under the local ingest.dir
+        ({"dir": "/data/log"}, "/data/log"),
+        ({"dir": "run:3/log"}, "run:3/log"),  # a ':' in a local path is not a URI
+        ({"dir": "/data/log", "state_dir": "/data/state"}, "/data/state"),
+        ({"dir": "file:///data/log", "state_dir": "/data/state"}, "/data/state"),
+        ({"dir": "s3://bucket/prefix", "state_dir": "/mnt/shared/freshet"}, "/mnt/shared/freshet"),
+        ({"dir": "gs://bucket", "state_dir": "state"}, "state"),
+        ({"dir": "hdfs://namenode:8020/freshet", "state_dir": "/s"}, "/s"),
+        ({"dir": "abfss://container@account.dfs.core.windows.net/x", "state_dir": "/s"}, "/s"),
+    ],
+)
+def test_ingest_dir_and_local_state_dir(tmp_path, ingest, state):
+    cfg = load_config(write_yaml(tmp_path, {"ingest": ingest})).ingest
+    assert cfg.local_state_dir() == Path(state)
+    assert cfg.dir_is_uri() == ("://" in cfg.dir)
+    assert load_config(write_yaml(tmp_path, FreshetConfig(ingest=cfg).to_yaml())).ingest == cfg  # YAML round trip
+
+
+@pytest.mark.parametrize(
+    "ingest, dotted, reason",
+    [
+        ({"dir": "s3://bucket/prefix"}, "ingest:", "ingest.state_dir is required when ingest.dir is a URI"),
+        ({"dir": "file:///data/log"}, "ingest:", "ingest.state_dir is required when ingest.dir is a URI"),
+        ({"dir": "/data", "state_dir": "s3://bucket/state"}, "ingest:", "ingest.state_dir 's3://bucket/state' must be a local directory"),
+        ({"dir": "/data", "state_dir": "file:///data/state"}, "ingest:", "must be a local directory"),
+        ({"dir": "/data", "state_dir": ""}, "ingest.state_dir:", "at least 1 character"),
+        ({"dir": "ftp://host/x", "state_dir": "/s"}, "ingest.dir:", "unknown URI scheme 'ftp'"),
+        ({"dir": "file:/data/log", "state_dir": "/s"}, "ingest.dir:", "a URI must be written file://"),
+        ({"dir": "file://data/log", "state_dir": "/s"}, "ingest.dir:", "a file URI needs an absolute path"),
+        ({"dir": "s3://", "state_dir": "/s"}, "ingest.dir:", "nothing after s3://"),
+    ],
+)
+def test_bad_ingest_dirs_name_the_field_and_reason(tmp_path, ingest, dotted, reason):
+    msg = config_error(tmp_path, {"ingest": ingest})
+    assert dotted in msg and reason in msg

@@ -1,0 +1,134 @@
+"""``run_eval``: every strategy through the prequential protocol on one stream, then the report."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from workers.config import LossKind, StreamConfig, StreamKind
+from workers.eval.protocol import EvalResult, prequential
+from workers.eval.report import write_report
+from workers.eval.strategies import StrategyUnavailable, make_strategy, parse_strategy_spec
+
+if TYPE_CHECKING:  # the root config composes every layer's settings; workers only read it
+    from serving.config import FreshetConfig
+
+__all__ = ["run_eval"]
+
+
+def _open_source(cfg: FreshetConfig, data: str, min_weight: float | None, max_events: int | None):
+    from workers.streams import open_source
+
+    if data == "synthetic":
+        stream = StreamConfig(kind=StreamKind.SYNTHETIC, num_events=max_events or cfg.stream.num_events, synthetic=cfg.stream.synthetic)
+    else:
+        p = Path(data)
+        if not p.exists():
+            raise FileNotFoundError(f"data: {data} does not exist (give 'synthetic' or a ratings/Parquet path)")
+        kind = StreamKind.PARQUET if p.suffix == ".parquet" or (p.is_dir() and any(p.glob("*.parquet"))) else StreamKind.MOVIELENS
+        stream = StreamConfig(kind=kind, path=str(p), num_events=max_events, min_weight=min_weight)
+    # Rejected rows go to a private temp file: the evaluation reports on quality, not on data hygiene.
+    qdir = tempfile.mkdtemp(prefix="freshet-eval-q-")
+    return open_source(stream, quarantine_path=os.path.join(qdir, "quarantine.arrow")), stream
+
+
+def _init_ray(ray_dir: str | None) -> bool:
+    import ray
+
+    if ray.is_initialized():
+        return False
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    tmp = ray_dir or tempfile.mkdtemp(prefix="fre", dir=os.environ.get("RAY_TMPDIR", "/tmp"))
+    ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", _temp_dir=tmp,
+             log_to_driver=False, configure_logging=False)
+    return True
+
+
+def run_eval(
+    cfg: FreshetConfig,
+    *,
+    data: str,
+    strategies: list[str],
+    report_dir: str | Path,
+    chunk_size: int = 20,
+    min_weight: float | None | str = "auto",
+    max_events: int | None = None,
+    window: int = 2000,
+    recovery_window: int = 1000,
+    progress: bool = True,
+    ray_dir: str | None = None,
+) -> dict[str, Any]:
+    """Evaluate each strategy spec prequentially on the same stream and write the report to ``report_dir``.
+
+    ``data`` is ``"synthetic"`` or a MovieLens/Parquet path; ``min_weight`` ``"auto"`` keeps
+    ratings >= 4 (implicit view) for file data with a BPR model and everything otherwise.
+    Returns the report as a dict (also written as ``report.json``).
+    """
+    if not strategies:
+        raise ValueError("strategies: give at least one strategy")
+    if min_weight == "auto":
+        min_weight = 4.0 if data != "synthetic" and cfg.model.loss == LossKind.BPR else None
+    explicit = cfg.model.loss == LossKind.MSE
+    source, stream = _open_source(cfg, data, min_weight, max_events)
+    total = source.end_offset if max_events is None else min(source.end_offset or max_events, max_events)
+    cfg = cfg.model_copy(update={"stream": stream})
+    report_dir = Path(report_dir)
+    report_dir.mkdir(parents=True, exist_ok=True)
+    started_ray = False
+    results: list[EvalResult] = []
+    skipped: dict[str, str] = {}
+    # One torch thread for every strategy (the trainer uses one too): CPU-seconds then compare
+    # work done, not spinning of idle intra-op threads on a shared machine.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        if any(parse_strategy_spec(s)[0] == "incremental" for s in strategies):
+            started_ray = _init_ray(ray_dir)
+        for spec in strategies:
+            try:
+                strategy = make_strategy(spec, cfg, total_events=total)
+            except StrategyUnavailable as e:
+                skipped[spec] = str(e)
+                continue
+            except TypeError as e:
+                raise ValueError(f"strategies: {spec!r}: {e}") from None
+            try:
+                res = prequential(source, strategy, chunk_size=chunk_size, max_events=total, explicit=explicit, progress=progress)
+            finally:
+                strategy.close()
+            if hasattr(strategy, "cpu_per_event_epoch"):
+                res.extra["cpu_s_per_event_epoch"] = strategy.cpu_per_event_epoch()
+            results.append(res)
+    finally:
+        torch.set_num_threads(threads)
+        if started_ray:
+            import ray
+
+            ray.shutdown()
+    meta = {
+        "data": data,
+        "events": total,
+        "chunk_size": chunk_size,
+        "min_weight": min_weight,
+        "loss": cfg.model.loss.value,
+        "window": window,
+        "drift_offset": getattr(source, "drift_offset", None),
+        "warmup_offset": _warmup_offset(strategies, total),
+        "config": cfg.model_dump(mode="json"),
+        "created": time.strftime("%Y-%m-%d %H:%M:%S"),
+    }
+    return write_report(results, report_dir, meta, skipped=skipped, window=window, recovery_window=recovery_window)
+
+
+def _warmup_offset(strategies: list[str], total: int) -> int:
+    for spec in strategies:
+        name, kw = parse_strategy_spec(spec)
+        if name == "frozen":
+            return int(float(kw.get("fraction") or 0.2) * total)
+    return int(0.2 * total)
