@@ -1,8 +1,10 @@
-"""``RowCache``: a local mirror of whole tables kept current by delta sync.
+"""``RowCache``: a reader's local mirror of whole tables, kept current by delta sync.
 
-Serving replicas and evaluators rank against every item, so they keep the item
-tables in memory and, on :meth:`RowCache.sync`, fetch only the rows each shard changed
-since the version last seen (never a full reload per change).
+Serving replicas and evaluators rank against every item, so they keep the item tables
+in memory and, on :meth:`RowCache.sync`, fetch only the rows each shard changed since
+the version last seen, and the keys it removed (never a full reload per change). The
+mirror syncs under a reader name, so shards keep the tombstones it has not seen yet; a
+mirror so far behind that they were pruned gets every row of that shard again.
 """
 
 from __future__ import annotations
@@ -12,74 +14,127 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from ps.client import PSClient
-from ps.ids import ID, as_id_array
+from ps.client import IdsLike, PSClient
+from ps.ids import keyed
+from ps.index import KeyIndex
 
 __all__ = ["RowCache"]
 
 
 class RowCache:
-    """Mirror of ``tables`` (which share one ID space, e.g. item vectors, biases, counts).
+    """Mirror of ``tables``, which share one ID space (item vectors, biases, counts...).
 
-    Each cached ID has one slot; a table without a row for it reads zeros there.
+    The first table decides which IDs exist (it is the leader the others follow): a slot
+    is valid while that table has a row for its ID. Each cached ID has one slot; a table
+    without a row for it reads zeros there. Slots of removed IDs are reused.
+
+    ``reader`` names this mirror to the shards (default: a unique name per instance).
     """
 
-    def __init__(self, client: PSClient, tables: Sequence[str]):
+    def __init__(self, client: PSClient, tables: Sequence[str], *, reader: str | None = None):
         self.client = client
         self.tables = list(tables)
+        self.reader = reader or f"mirror-{id(self):x}-{time.time_ns() % 10**9}"
         self.versions = [0] * client.num_shards
-        self.index: dict[ID, int] = {}
-        self._ids: list[ID] = []
+        self.high_water: list[dict[str, int]] = [{} for _ in range(client.num_shards)]
+        self.index = KeyIndex(1024)
+        self._keys = np.zeros(0, np.uint64)
+        self._ids = np.zeros(0, np.int64)
         self._valid = np.zeros(0, dtype=bool)
         self._mats = {t: np.zeros((0, client.dims[t]), dtype=np.float32) for t in self.tables}
+        self._top = 0
+        self._free = np.zeros(0, np.int64)
         self.synced_at = float("-inf")  # never synced: older than any max age
+        self.syncs = 0
         self.rows_synced = 0
+        self.full_resyncs = 0
 
     def __len__(self) -> int:
-        return int(self._valid.sum())
+        return int(self._valid[: self._top].sum())
 
     @property
     def model_version(self) -> int:
         """Sum of the shard versions this cache reflects (pushes applied)."""
         return int(sum(self.versions))
 
-    def _slots(self, ids: np.ndarray) -> np.ndarray:
-        get, out = self.index.get, np.empty(len(ids), dtype=np.int64)
-        for j, x in enumerate(ids.tolist()):
-            s = get(x)
-            if s is None:
-                s = self.index[x] = len(self._ids)
-                self._ids.append(x)
-            out[j] = s
-        n = len(self._ids)
-        if n > len(self._valid):
-            cap = max(n, 2 * len(self._valid), 1024)
-            self._valid = np.concatenate([self._valid, np.zeros(cap - len(self._valid), bool)])
-            for t, m in self._mats.items():
-                self._mats[t] = np.concatenate([m, np.zeros((cap - len(m), m.shape[1]), np.float32)])
-        return out
+    def covers(self, pushed_by: tuple[str, int] | None) -> bool:
+        """True when every shard's part of push ``(producer, seq)`` is in the mirror (or the
+        push is unknown: older than what shards trace, so long synced)."""
+        if pushed_by is None:
+            return self.syncs > 0
+        producer, seq = pushed_by
+        return all(hw.get(producer, -1) >= seq for hw in self.high_water)
+
+    def _slots_for(self, keys: np.ndarray, ids: np.ndarray) -> np.ndarray:
+        """Slots of ``keys``, giving new ones a slot (reusing freed ones first)."""
+        slots = self.index.lookup(keys)
+        new = np.flatnonzero(slots < 0)
+        if new.size:
+            reuse = self._free[: new.size]
+            self._free = self._free[new.size :]
+            fresh = np.arange(self._top, self._top + new.size - reuse.size, dtype=np.int64)
+            self._top += fresh.size
+            self._grow(self._top)
+            got = np.concatenate([reuse, fresh])
+            if ids.dtype != np.int64 and self._ids.dtype == np.int64:
+                self._ids = self._ids.astype(object)
+            self._keys[got] = keys[new]
+            self._ids[got] = ids[new]
+            self.index.insert(keys[new], got)
+            slots[new] = got
+        return slots
+
+    def _grow(self, need: int) -> None:
+        cap = len(self._keys)
+        if need <= cap:
+            return
+        new_cap = max(need, 2 * cap, 1024)
+        extra = new_cap - cap
+        self._keys = np.concatenate([self._keys, np.zeros(extra, np.uint64)])
+        self._ids = np.concatenate([self._ids, np.zeros(extra, self._ids.dtype)])
+        self._valid = np.concatenate([self._valid, np.zeros(extra, bool)])
+        for t, m in self._mats.items():
+            self._mats[t] = np.concatenate([m, np.zeros((extra, m.shape[1]), np.float32)])
+
+    def _drop(self, keys: np.ndarray) -> None:
+        slots = self.index.remove(keys)
+        slots = slots[slots >= 0]
+        if slots.size:
+            self._valid[slots] = False
+            for m in self._mats.values():
+                m[slots] = 0
+            self._free = np.sort(np.concatenate([self._free, slots]))
 
     def sync(self) -> int:
         """Apply every shard's changes since the last sync; returns rows updated."""
         changed = 0
-        for s, (version, deltas) in enumerate(self.client.delta(self.tables, self.versions)):
-            # Removals first: an ID that expired and was re-created comes back in both
-            # lists, and its current row must win.
-            for d in deltas.values():
-                for x in d.removed.tolist():
-                    slot = self.index.get(x)
-                    if slot is not None:
-                        self._valid[slot] = False
-                        for m in self._mats.values():
-                            m[slot] = 0
-            for t, d in deltas.items():
-                if len(d.ids):
-                    slots = self._slots(d.ids)
-                    self._mats[t][slots] = d.rows
+        leader = self.tables[0]
+        for s, d in enumerate(self.client.delta(self.tables, self.versions, self.reader)):
+            if d.full:
+                # Tombstones this mirror needed are gone: forget everything of this shard.
+                mine = self.index.keys()
+                self._drop(mine[self.client.plan.shards_of_keys(mine) == s])
+                self.full_resyncs += 1
+            # Removals first: an ID that went and came back is in both lists, and its
+            # current row must win.
+            self._drop(d.tables[leader].removed)
+            for t in self.tables:
+                td = d.tables[t]
+                if not len(td.keys):
+                    continue
+                if t == leader:
+                    slots = self._slots_for(td.keys, td.ids)
                     self._valid[slots] = True
-                    changed += len(slots)
-            self.versions[s] = version
+                else:  # a follower's row counts only while the leader holds the ID
+                    slots = self.index.lookup(td.keys)
+                    keep = slots >= 0
+                    slots, td = slots[keep], td._replace(rows=td.rows[keep])
+                self._mats[t][slots] = td.rows
+                changed += len(slots)
+            self.versions[s] = d.version
+            self.high_water[s] = d.high_water
         self.synced_at = time.monotonic()
+        self.syncs += 1
         self.rows_synced += changed
         return changed
 
@@ -92,17 +147,24 @@ class RowCache:
 
     def ids(self) -> np.ndarray:
         """Cached IDs by slot (including invalid slots; see :meth:`valid`)."""
-        return as_id_array(self._ids)
+        return self._ids[: self._top]
+
+    def keys(self) -> np.ndarray:
+        """Cached keys by slot (``uint64``; including invalid slots)."""
+        return self._keys[: self._top]
 
     def valid(self) -> np.ndarray:
         """Mask of slots holding a live row."""
-        return self._valid[: len(self._ids)]
+        return self._valid[: self._top]
 
     def matrix(self, table: str) -> np.ndarray:
         """Rows of ``table`` by slot, shape ``[slots, dim]`` (a view; do not modify)."""
-        return self._mats[table][: len(self._ids)]
+        return self._mats[table][: self._top]
 
-    def slots_of(self, ids: Sequence[ID] | np.ndarray) -> np.ndarray:
-        """Slot of each ID, ``-1`` where the ID is not cached (never adds IDs)."""
-        get = self.index.get
-        return np.fromiter((get(x, -1) for x in as_id_array(ids).tolist()), dtype=np.int64)
+    def slots_of_keys(self, keys: np.ndarray) -> np.ndarray:
+        """Slot of each key (``uint64``), ``-1`` where it is not cached (never adds keys)."""
+        return self.index.lookup(np.asarray(keys, np.uint64))
+
+    def slots_of(self, ids: IdsLike) -> np.ndarray:
+        """Slot of each ID, ``-1`` where it is not cached (never adds IDs)."""
+        return self.slots_of_keys(keyed(ids).keys)

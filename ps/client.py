@@ -10,17 +10,17 @@ from __future__ import annotations
 import uuid
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Union
 
 import numpy as np
 import ray
 
 from ps.config import PSConfig
-from ps.ids import ID, as_id_array, validate_id
+from ps.ids import ID, Keyed, keyed
 from ps.plan import ShardingPlan
-from ps.shard import PSShard, PushId, TableDelta
+from ps.shard import Delta, PSShard, PushId, TableUpdate
 
-__all__ = ["PSClient", "PendingPull", "shard_actor_name", "start_shards"]
+__all__ = ["IdsLike", "PSClient", "PendingPull", "shard_actor_name", "start_shards"]
 
 
 def shard_actor_name(index: int) -> str:
@@ -28,16 +28,22 @@ def shard_actor_name(index: int) -> str:
     return f"ps-shard-{index}"
 
 
+IdsLike = Union[Keyed, Sequence[ID], np.ndarray]
+"""IDs as given (validated and hashed by the client), or :class:`ps.ids.Keyed` (already hashed)."""
+
+
 class _Route:
     """Where each of a request's IDs goes: per-shard positions into the caller's order."""
 
-    __slots__ = ("ids", "positions")
+    __slots__ = ("keyed", "positions")
 
-    def __init__(self, ids: np.ndarray, shard_of: np.ndarray, num_shards: int):
-        self.ids = ids
+    def __init__(self, keyed_ids: Keyed, plan: ShardingPlan):
+        self.keyed = keyed_ids
+        n = len(keyed_ids.keys)
+        shard_of = plan.shards_of_keys(keyed_ids.keys) if n else np.empty(0, np.int64)
         order = np.argsort(shard_of, kind="stable")
-        bounds = np.searchsorted(shard_of[order], np.arange(num_shards + 1))
-        self.positions = [order[bounds[s] : bounds[s + 1]] for s in range(num_shards)]
+        bounds = np.searchsorted(shard_of[order], np.arange(plan.num_shards + 1))
+        self.positions = [order[bounds[s] : bounds[s + 1]] for s in range(plan.num_shards)]
 
 
 class PendingPull:
@@ -50,11 +56,11 @@ class PendingPull:
         refs: dict[int, ray.ObjectRef],
         dims: dict[str, int],
         parts: dict[int, dict[str, np.ndarray]],
-        create: bool,
+        initial: bool,
         after: tuple[PushId, list[ray.ObjectRef]] | None = None,
     ):
         self._client, self._routes, self._refs, self._dims = client, routes, refs, dims
-        self._parts, self._create, self._after = parts, create, after
+        self._parts, self._initial, self._after = parts, initial, after
 
     def result(self) -> dict[str, tuple[np.ndarray, np.ndarray]]:
         """``{table: (rows[n, dim] float32, found[n] bool)}`` in the caller's ID order."""
@@ -67,7 +73,7 @@ class PendingPull:
             push_id, push_refs = self._after
             self._client._get(push_refs)
             again = self._client._get(
-                [self._client.shards[shard_ids[i]].pull_after.remote(self._parts[shard_ids[i]], self._create, push_id)
+                [self._client.shards[shard_ids[i]].pull_after.remote(self._parts[shard_ids[i]], self._initial, push_id)
                  for i in early]
             )
             if any(r is None for r in again):
@@ -76,7 +82,10 @@ class PendingPull:
                 replies[i] = r
         out = {}
         for name, route in self._routes.items():
-            n = len(route.ids)
+            n = len(route.keyed.keys)
+            if len(self._routes) == 1 and len(shard_ids) == 1 and name in replies[0]:
+                out[name] = replies[0][name]  # one shard owns all: its order is the caller's
+                continue
             rows = np.empty((n, self._dims[name]), dtype=np.float32)
             found = np.empty(n, dtype=bool)
             for s, reply in zip(shard_ids, replies):
@@ -91,7 +100,9 @@ class PendingPull:
 class PSClient:
     """Talks to a deployment's shards: ``pull``/``push`` by ID, results in caller order.
 
-    ``timeout_s`` bounds every blocking call (seconds); ``None`` waits forever.
+    IDs may be given as such (the client validates and hashes them) or as
+    :class:`ps.ids.Keyed` (hashed once where they entered, e.g. carried by an event
+    batch). ``timeout_s`` bounds every blocking call (seconds); ``None`` waits forever.
     """
 
     def __init__(self, shards: Sequence[Any], plan: ShardingPlan, dims: dict[str, int], *, timeout_s: float | None = None):
@@ -118,12 +129,16 @@ class PSClient:
     def _get(self, refs):
         return ray.get(refs, timeout=self.timeout_s)
 
-    def _route(self, ids: Sequence[ID] | np.ndarray) -> _Route:
-        arr = as_id_array(ids)
-        if arr.dtype == object:
-            for x in arr.tolist():
-                validate_id(x)
-        return _Route(arr, self.plan.shards_of(arr) if len(arr) else np.empty(0, np.int64), self.num_shards)
+    def wait(self, refs: list[ray.ObjectRef]) -> list:
+        """Wait for pushes sent with :meth:`push_async`; their ``(version, applied)`` replies.
+
+        Raises:
+            ray.exceptions.GetTimeoutError: not within ``timeout_s``.
+        """
+        return self._get(refs)
+
+    def _route(self, ids: IdsLike, field: str = "id") -> _Route:
+        return _Route(keyed(ids, field), self.plan)
 
     def _dim(self, table: str) -> int:
         try:
@@ -131,96 +146,160 @@ class PSClient:
         except KeyError:
             raise KeyError(f"unknown table {table!r}; tables: {sorted(self.dims)}") from None
 
+    def shard_of(self, ids: IdsLike) -> np.ndarray:
+        """Owning shard index (``int64``) of each ID."""
+        return self.plan.shards_of_keys(keyed(ids).keys)
+
     # -- reads -------------------------------------------------------------------------
     def pull_async(
         self,
-        requests: dict[str, Sequence[ID] | np.ndarray],
+        requests: dict[str, IdsLike],
         *,
-        create: bool = True,
+        initial: bool = False,
         after: tuple[PushId, list[ray.ObjectRef]] | None = None,
+        create: bool | None = None,
     ) -> PendingPull:
         """Start pulling ``{table: ids}``; one call per shard that owns any of the IDs.
 
+        An ID without a row reads as zeros, or as the row a push would create it with
+        (``initial``: what a trainer computes its first gradient from); either way ``found``
+        is False and nothing is stored (rows are created by pushes, never by pulls).
         ``after=(push_id, push_refs)`` makes the result reflect that push (sent earlier by
         this caller, not yet awaited) on every shard, even if a shard restarted between.
+        ``create`` is the old name of ``initial``, kept for one release.
         """
+        if create is not None:
+            initial = create
         routes = {name: self._route(ids) for name, ids in requests.items()}
         dims = {name: self._dim(name) for name in requests}
         refs, parts = {}, {}
         for s in range(self.num_shards):
-            part = {name: r.ids[r.positions[s]] for name, r in routes.items() if len(r.positions[s])}
+            part = {name: r.keyed.keys[r.positions[s]] for name, r in routes.items() if len(r.positions[s])}
             if part:
                 parts[s] = part
                 if after is None:
-                    refs[s] = self.shards[s].pull.remote(part, create)
+                    refs[s] = self.shards[s].pull.remote(part, initial)
                 else:
-                    refs[s] = self.shards[s].pull_after.remote(part, create, after[0])
-        return PendingPull(self, routes, refs, dims, parts, create, after)
+                    refs[s] = self.shards[s].pull_after.remote(part, initial, after[0])
+        return PendingPull(self, routes, refs, dims, parts, initial, after)
 
-    def pull_many(self, requests: dict[str, Sequence[ID] | np.ndarray], *, create: bool = True) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-        """Rows and found-masks of ``{table: ids}``, each in the order given."""
-        return self.pull_async(requests, create=create).result()
+    def pull_many(self, requests: dict[str, IdsLike], *, initial: bool = False, create: bool | None = None
+                  ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        """Rows and found-masks of ``{table: ids}``, each in the order given (see :meth:`pull_async`)."""
+        return self.pull_async(requests, initial=initial, create=create).result()
 
-    def pull(self, table: str, ids: Sequence[ID] | np.ndarray, *, create: bool = True) -> np.ndarray:
-        """Rows (``float32 [n, dim]``) of ``ids`` in ``table``, in the order given.
+    def pull(self, table: str, ids: IdsLike, *, initial: bool = False, create: bool | None = None) -> np.ndarray:
+        """Rows (``float32 [n, dim]``) of ``ids`` in ``table``, in the order given; an ID
+        without a row reads as zeros (or its initial row with ``initial``). Read-only."""
+        return self.pull_many({table: ids}, initial=initial, create=create)[table][0]
 
-        ``create=False`` is a read-only lookup: absent IDs read as zeros and nothing is stored.
+    def rank_context(self, table: str, user_id: ID | Keyed, *, recent: bool = True, timeout_s: float | None = None):
+        """The user's :class:`ps.shard.RankContext` (row, the push behind it, recent item keys)
+        from the user's shard: one call.
+
+        Raises:
+            ValueError: an invalid ID.
         """
-        return self.pull_many({table: ids}, create=create)[table][0]
+        k = keyed(user_id if isinstance(user_id, Keyed) else [user_id], "user_id")
+        shard = int(self.plan.shards_of_keys(k.keys)[0])
+        return ray.get(self.shards[shard].rank_context.remote(table, int(k.keys[0]), recent),
+                       timeout=self.timeout_s if timeout_s is None else timeout_s)
 
-    def seen(self, user_ids: Sequence[ID] | np.ndarray) -> list[list[ID]]:
-        """Recent items of each user (as remembered by the user's shard), in the order given."""
-        route = self._route(user_ids)
-        out: list[list[ID]] = [[] for _ in range(len(route.ids))]
-        calls = [(s, self.shards[s].seen_items.remote(route.ids[p])) for s, p in enumerate(route.positions) if len(p)]
+    def recent_items(self, user_ids: IdsLike) -> list[np.ndarray]:
+        """Each user's recent item keys (``uint64``, oldest first), in the order given."""
+        route = self._route(user_ids, "user_id")
+        out: list[np.ndarray] = [np.empty(0, np.uint64) for _ in range(len(route.keyed.keys))]
+        calls = [(s, self.shards[s].recent_items.remote(route.keyed.keys[p])) for s, p in enumerate(route.positions) if len(p)]
         for (s, _), items in zip(calls, self._get([ref for _, ref in calls])):
-            for pos, lst in zip(route.positions[s].tolist(), items):
-                out[pos] = lst
+            for pos, arr in zip(route.positions[s].tolist(), items):
+                out[pos] = arr
         return out
 
-    def delta(self, tables: list[str], since: Sequence[int]) -> list[tuple[int, dict[str, TableDelta]]]:
-        """Per shard: ``(version, {table: TableDelta})`` of changes after ``since[shard]``."""
-        return self._get([sh.delta.remote(tables, int(v)) for sh, v in zip(self.shards, since)])
+    def seen(self, user_ids: IdsLike) -> list[list[int]]:
+        """Each user's recent item keys as lists (see :meth:`recent_items`)."""
+        return [a.tolist() for a in self.recent_items(user_ids)]
+
+    def delta(self, tables: list[str], since: Sequence[int], reader: str | None = None) -> list[Delta]:
+        """Per shard: the :class:`ps.shard.Delta` of ``tables`` after ``since[shard]``;
+        ``reader`` names the caller so shards keep the tombstones it still needs."""
+        return self._get([sh.delta.remote(tables, int(v), reader) for sh, v in zip(self.shards, since)])
+
+    def removed(self, table: str, since: Sequence[int], reader: str | None = None) -> list[tuple[int, np.ndarray, bool]]:
+        """Per shard: ``(version, removed keys, full)`` of ``table`` (see ``PSShard.removed``)."""
+        return self._get([sh.removed.remote(table, int(v), reader) for sh, v in zip(self.shards, since)])
+
+    def live_keys(self, table: str) -> list[tuple[int, np.ndarray]]:
+        """Per shard: ``(version, keys)`` of every row of ``table``."""
+        return self._get([sh.live_keys.remote(table) for sh in self.shards])
 
     # -- writes ------------------------------------------------------------------------
     def push_async(
         self,
-        updates: dict[str, tuple[Sequence[ID] | np.ndarray, np.ndarray]],
+        updates: dict[str, tuple],
         push_id: PushId,
-        history: tuple[Sequence[ID] | np.ndarray, Sequence[ID] | np.ndarray] | None = None,
+        recent: tuple[IdsLike, IdsLike, np.ndarray] | None = None,
     ) -> list[ray.ObjectRef]:
-        """Send ``{table: (ids, grads)}`` to the owning shards; returns one ref per shard.
+        """Send ``{table: (ids, grads[, create])}`` to the owning shards; one ref per shard.
 
-        Every shard receives the push id, even with no rows for it, so each shard's
-        version counts the same pushes and a re-sent push is recognised everywhere.
+        ``create`` (``bool [n]``, default all True) marks the real interactions: only they
+        may create a row (admission permitting) and refresh its TTL and eviction score; a
+        negative sample or a context item changes an existing row, never brings one back.
+        ``recent`` is ``(users, items, offsets)`` of the events behind the push, for the
+        users' recent items. Every shard receives the push id, even with no rows for it,
+        so each shard's version counts the same pushes and a re-sent push is recognised
+        everywhere.
+
+        Raises:
+            ValueError: wrong gradient shapes, non-finite gradients or invalid IDs (nothing is sent).
         """
-        parts: list[dict[str, tuple[np.ndarray, np.ndarray]]] = [{} for _ in range(self.num_shards)]
-        for name, (ids, grads) in updates.items():
+        parts: list[dict[str, TableUpdate]] = [{} for _ in range(self.num_shards)]
+        for name, entry in updates.items():
+            ids, grads = entry[0], entry[1]
+            create = np.asarray(entry[2], bool) if len(entry) > 2 and entry[2] is not None else None
             route = self._route(ids)
+            k = route.keyed
             grads = np.asarray(grads, dtype=np.float32)
-            if grads.shape != (len(route.ids), self._dim(name)):
-                raise ValueError(f"push to {name!r}: grads shape {grads.shape} != ({len(route.ids)}, {self._dim(name)})")
+            if grads.shape != (len(k.keys), self._dim(name)):
+                raise ValueError(f"push to {name!r}: grads shape {grads.shape} != ({len(k.keys)}, {self._dim(name)})")
             # Checked here as well as on the shards: a push rejected by only some shards
             # would leave them at different versions under one push id.
             if not np.isfinite(grads).all():
                 raise ValueError(f"push to {name!r}: grads contain NaN or inf")
             for s, p in enumerate(route.positions):
                 if len(p):
-                    parts[s][name] = (route.ids[p], grads[p])
-        hist_parts: list[Any] = [None] * self.num_shards
-        if history is not None:
-            users, items = as_id_array(history[0]), as_id_array(history[1])
-            route = self._route(users)
-            hist_parts = [(users[p], items[p]) if len(p) else None for p in route.positions]
-        return [sh.push.remote(push_id, parts[s], hist_parts[s]) for s, sh in enumerate(self.shards)]
+                    parts[s][name] = TableUpdate(
+                        name, k.keys[p], grads[p], None if k.ids is None else k.ids[p], None if create is None else create[p]
+                    )
+        rec_parts: list[Any] = [None] * self.num_shards
+        if recent is not None:
+            users, items = keyed(recent[0], "user_id"), keyed(recent[1], "item_id")
+            offsets = np.asarray(recent[2], np.int64)
+            for s, p in enumerate(_Route(users, self.plan).positions):
+                if len(p):
+                    rec_parts[s] = (users.keys[p], items.keys[p], offsets[p])
+        return [sh.push.remote(push_id, parts[s], rec_parts[s]) for s, sh in enumerate(self.shards)]
 
-    def push_many(self, updates, push_id: PushId, history=None) -> list[tuple[int, bool]]:
-        """Push and wait; returns ``(version, applied)`` per shard."""
-        return self._get(self.push_async(updates, push_id, history))
+    def push_many(self, updates: dict[str, tuple], push_id: PushId, recent=None) -> list[tuple[int, bool]]:
+        """Push and wait; returns ``(version, applied)`` per shard (see :meth:`push_async`)."""
+        return self._get(self.push_async(updates, push_id, recent))
 
-    def push(self, table: str, ids: Sequence[ID] | np.ndarray, grads: np.ndarray, push_id: PushId) -> list[tuple[int, bool]]:
-        """Push gradients of one table; see :meth:`push_many`."""
+    def push(self, table: str, ids: IdsLike, grads: np.ndarray, push_id: PushId) -> list[tuple[int, bool]]:
+        """Push gradients of one table (every entry a real interaction); see :meth:`push_many`."""
         return self.push_many({table: (ids, grads)}, push_id)
+
+    def record_recent(self, users: IdsLike, items: IdsLike, offsets: np.ndarray, *, timeout_s: float | None = None) -> int:
+        """Merge ``(users, items, offsets)`` into the users' recent items on their shards and
+        wait (the ingest path of read-your-writes). Returns entries added."""
+        users, items = keyed(users, "user_id"), keyed(items, "item_id")
+        offsets = np.asarray(offsets, np.int64)
+        refs = [self.shards[s].record_recent.remote(users.keys[p], items.keys[p], offsets[p])
+                for s, p in enumerate(_Route(users, self.plan).positions) if len(p)]
+        return int(sum(ray.get(refs, timeout=self.timeout_s if timeout_s is None else timeout_s)))
+
+    def forget_items(self, items: IdsLike) -> int:
+        """Drop ``items`` from every user's recent items on every shard; returns entries dropped."""
+        keys = keyed(items, "item_id").keys
+        return int(sum(self._get([sh.forget_items.remote(keys) for sh in self.shards])))
 
     # -- introspection -----------------------------------------------------------------
     def versions(self) -> list[int]:

@@ -21,8 +21,10 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 __all__ = [
+    "AdmissionConfig",
     "ConfigError",
     "ConfigModel",
+    "EvictionPolicy",
     "InitKind",
     "OptimizerConfig",
     "OptimizerKind",
@@ -88,6 +90,26 @@ class InitKind(str, enum.Enum):
     ZEROS = "zeros"
 
 
+class EvictionPolicy(str, enum.Enum):
+    """Which rows go when a table is at ``max_rows`` (HierarchicalKV's score-based eviction)."""
+
+    LRU = "lru"  # least recently interacted with
+    LFU = "lfu"  # fewest interactions
+
+
+class AdmissionConfig(ConfigModel):
+    """When a new ID gets a row: after ``min_count`` pushes and/or with ``probability``."""
+
+    min_count: int = Field(1, ge=1, le=1_000_000, description="pushes of an ID before it gets a row (pushes); 1 admits on first sight")
+    probability: float = Field(
+        1.0, gt=0, le=1, description="chance that the push which would create a row does (fraction); deterministic per (ID, count)"
+    )
+    # 4 x 2^18 int32 counters = 4 MiB per table and shard; with 1M distinct absent IDs per
+    # shard an estimate is off by more than 4 with probability < 2% (count-min bounds).
+    sketch_width: int = Field(1 << 18, ge=64, le=1 << 26, description="counters per sketch row (counters)")
+    sketch_depth: int = Field(4, ge=1, le=16, description="sketch rows, each with its own hash (rows)")
+
+
 class OptimizerConfig(ConfigModel):
     """Optimizer hyper-parameters applied on the shards."""
 
@@ -99,16 +121,42 @@ class OptimizerConfig(ConfigModel):
 
 
 class TableConfig(ConfigModel):
-    """One embedding table: its width, initialisation, optimizer and expiry."""
+    """One embedding table: its width, initialisation, optimizer and ID lifecycle.
+
+    A table that ``follows`` another (say ``item_bias`` follows ``item``) holds rows for the
+    same IDs: a row exists there only while the followed table has the ID, so one
+    lifecycle (admission, ``max_rows`` eviction, ``ttl_s`` expiry) governs them all.
+    """
 
     dim: int = Field(64, ge=1, le=4096, description="row width (floats)")
     init: InitKind = Field(InitKind.UNIFORM, description="initialisation of a new row")
     # Small init matters for online MF: large random rows drown the first few updates.
     init_scale: float = Field(0.01, ge=0, le=10, description="half-width of the uniform init (parameter units)")
     optimizer: OptimizerConfig | None = Field(None, description="per-table optimizer; null uses ps.optimizer")
-    ttl_s: float | None = Field(
-        None, gt=0, description="expire rows not pushed for this long (seconds); null keeps rows forever"
+    follows: str | None = Field(
+        None, description="table whose IDs this one's rows live and die with; null: the table has its own lifecycle"
     )
+    ttl_s: float | None = Field(
+        None, gt=0, description="expire IDs without a real interaction for this long (seconds); null keeps them forever"
+    )
+    max_rows: int | None = Field(
+        None, ge=1, le=1 << 31, description="most IDs per shard (rows); the lowest-scoring go when it is full; null: unbounded"
+    )
+    eviction: EvictionPolicy = Field(EvictionPolicy.LRU, description="which IDs go at max_rows")
+    admission: AdmissionConfig | None = Field(None, description="when a new ID gets a row; null admits on first sight")
+
+    @model_validator(mode="after")
+    def _lifecycle_on_leaders_only(self) -> "TableConfig":
+        if self.follows is not None:
+            own = [f for f in ("ttl_s", "max_rows", "admission") if getattr(self, f) is not None]
+            if own:
+                raise ValueError(f"{', '.join(own)}: a table that follows {self.follows!r} takes its lifecycle from it")
+        return self
+
+    @property
+    def has_lifecycle(self) -> bool:
+        """True when rows can go (expiry or eviction) or be refused (admission)."""
+        return self.ttl_s is not None or self.max_rows is not None or self.admission is not None
 
 
 def _default_tables() -> dict[str, TableConfig]:
@@ -116,16 +164,22 @@ def _default_tables() -> dict[str, TableConfig]:
         # Users learn 4x faster than items: a user's taste is learnt from few events (BENCHMARKS.md).
         "user": TableConfig(optimizer=OptimizerConfig(kind=OptimizerKind.ROWWISE_ADAGRAD, lr=0.2)),
         "item": TableConfig(),
-        "item_bias": TableConfig(dim=1, init=InitKind.ZEROS),
+        "item_bias": TableConfig(dim=1, init=InitKind.ZEROS, follows="item"),
         # Interaction counts per item: the popular fallback and the popularity negatives.
-        "item_pop": TableConfig(dim=1, init=InitKind.ZEROS, optimizer=OptimizerConfig(kind=OptimizerKind.ACCUMULATE, lr=1.0)),
+        "item_pop": TableConfig(
+            dim=1, init=InitKind.ZEROS, follows="item", optimizer=OptimizerConfig(kind=OptimizerKind.ACCUMULATE, lr=1.0)
+        ),
         # Recency-decayed interaction counts per item, (count, clock in half-lives): the
         # recent-popularity prior in the score and the popular fallback.
-        "item_recent": TableConfig(dim=2, init=InitKind.ZEROS, optimizer=OptimizerConfig(kind=OptimizerKind.DECAYED_COUNT)),
+        "item_recent": TableConfig(
+            dim=2, init=InitKind.ZEROS, follows="item", optimizer=OptimizerConfig(kind=OptimizerKind.DECAYED_COUNT)
+        ),
         # Item context vectors: a user's query is their row plus the mean of their recent
         # items' context rows. Zero init: the context starts neutral. lr 0.2 as for users,
         # measured on MovieLens (BENCHMARKS.md).
-        "item_ctx": TableConfig(init=InitKind.ZEROS, optimizer=OptimizerConfig(kind=OptimizerKind.ROWWISE_ADAGRAD, lr=0.2)),
+        "item_ctx": TableConfig(
+            init=InitKind.ZEROS, follows="item", optimizer=OptimizerConfig(kind=OptimizerKind.ROWWISE_ADAGRAD, lr=0.2)
+        ),
     }
 
 
@@ -143,7 +197,10 @@ class PSConfig(ConfigModel):
     # Four fractional actors fit on 2 CPUs beside the trainer and Serve.
     shard_num_cpus: float = Field(0.25, ge=0, le=64, description="CPUs reserved per shard actor")
     seen_per_user: int = Field(
-        1000, ge=0, le=100_000, description="most recent items remembered per user for exclude_seen (items)"
+        1000, ge=0, le=100_000, description="most recent items remembered per user for exclude_seen and the session context (items)"
+    )
+    recent_follows: str | None = Field(
+        "user", description="table whose removal of a user (expiry, eviction) also drops that user's recent items"
     )
     max_restarts: int = Field(-1, ge=-1, description="Ray restarts of a dead shard actor; -1 is unlimited")
     # A snapshot costs a full write of the shard; 2000 pushes bounds replay on restart to seconds.
@@ -152,6 +209,14 @@ class PSConfig(ConfigModel):
     )
     fsync: bool = Field(
         False, description="fsync the push log before acknowledging a push (survives machine crashes, costs ~ms per push)"
+    )
+    # A Serve replica syncs every cache_refresh_s (0.2 s): 10 minutes of silence means it is gone.
+    reader_timeout_s: float = Field(
+        600.0, gt=0, description="a delta-sync reader not heard from for this long no longer holds back tombstone pruning (seconds)"
+    )
+    # 1M tombstones (16 bytes each) bound a shard's removal record even if a reader stalls.
+    max_tombstones: int = Field(
+        1_000_000, ge=1, description="removed IDs a table keeps for readers that lag (IDs); a reader further behind resyncs fully"
     )
 
     @field_validator("tables", mode="before")
@@ -178,7 +243,21 @@ class PSConfig(ConfigModel):
             raise ValueError(
                 f"num_buckets ({self.num_buckets}) must be >= num_shards ({self.num_shards}): every shard needs a bucket"
             )
+        for name, t in self.tables.items():
+            if t.follows is None:
+                continue
+            leader = self.tables.get(t.follows)
+            if leader is None:
+                raise ValueError(f"tables.{name}.follows={t.follows!r} is not a table ({sorted(self.tables)})")
+            if leader.follows is not None:
+                raise ValueError(
+                    f"tables.{name}.follows={t.follows!r}, which follows {leader.follows!r} itself; follow the leader directly"
+                )
         return self
+
+    def leader_of(self, name: str) -> str:
+        """The table whose lifecycle table ``name`` follows (itself for a leader)."""
+        return self.table(name).follows or name
 
     def table(self, name: str) -> TableConfig:
         """The config of table ``name``; KeyError naming the known tables if absent."""

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Iterable, Sequence
-from typing import Union
+from typing import NamedTuple, Union
 
 import numpy as np
 import pyarrow as pa
@@ -19,11 +19,14 @@ import pyarrow as pa
 __all__ = [
     "ID",
     "ID_UNION",
+    "Keyed",
     "as_id_array",
     "id_keys",
     "ids_from_arrow",
     "ids_to_arrow",
     "init_rows",
+    "keyed",
+    "splitmix64",
     "validate_id",
 ]
 
@@ -80,6 +83,12 @@ _M2 = np.uint64(0x94D049BB133111EB)
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 
 
+def splitmix64(x: np.ndarray) -> np.ndarray:
+    """The splitmix64 finaliser (Steele, Lea & Flood, 2014) of ``uint64`` values, elementwise:
+    a bijection on 64-bit integers that mixes every input bit into every output bit."""
+    return _splitmix64(x)
+
+
 def _splitmix64(x: np.ndarray) -> np.ndarray:
     with np.errstate(over="ignore"):
         z = x + _GOLDEN
@@ -104,6 +113,40 @@ def id_keys(ids: Sequence[ID] | np.ndarray) -> np.ndarray:
     if (~ints).any():
         keys[~ints] = np.fromiter((_str_key(s) for s in arr[~ints]), dtype=np.uint64)
     return keys
+
+
+class Keyed(NamedTuple):
+    """IDs with their keys: ``keys`` (``uint64 [n]``) always, ``ids`` (int64/object ``[n]``)
+    when the receiver may need the IDs as given (to store them for rows it creates).
+
+    Where an ID enters Freshet it is hashed once (:func:`keyed`); from there on the key
+    travels with it.
+    """
+
+    keys: np.ndarray
+    ids: np.ndarray | None = None
+
+    def __len__(self) -> int:  # the number of IDs, not the tuple's two fields
+        return len(self.keys)
+
+    def take(self, positions: np.ndarray) -> "Keyed":
+        """The entries at ``positions``."""
+        return Keyed(self.keys[positions], None if self.ids is None else self.ids[positions])
+
+
+def keyed(ids: "Keyed | Sequence[ID] | np.ndarray", field: str = "id") -> Keyed:
+    """``ids`` as :class:`Keyed`: passed through if already keyed, else validated and hashed.
+
+    Raises:
+        ValueError: an ID that :func:`validate_id` rejects (naming ``field``).
+    """
+    if isinstance(ids, Keyed):
+        return Keyed(np.asarray(ids.keys, np.uint64), ids.ids)
+    arr = as_id_array(ids)
+    if arr.dtype == object:
+        for x in arr.tolist():
+            validate_id(x, field)
+    return Keyed(id_keys(arr) if len(arr) else np.empty(0, np.uint64), arr)
 
 
 def init_rows(keys: np.ndarray, *, seed: int, dim: int, scale: float) -> np.ndarray:

@@ -4,13 +4,15 @@ Everything is Arrow IPC or JSON (no pickle), so any Arrow reader can inspect it.
 A shard's state directory holds::
 
     CURRENT                  name of the newest complete snapshot ("snap-000000000123")
-    snap-000000000123/       meta.json, table-<k>.arrow, seen.arrow, tombstones.arrow
+    snap-000000000123/       meta.json, table-<k>.arrow, tombstones-<k>.arrow,
+                             [admission-<k>.arrow], recent.arrow
     log-000000000123.arrow   IPC stream: the records applied after log position 123
     RESTORED                 JSON naming the checkpoint the directory was seeded from
     LOCK                     empty; a POSIX lock on it marks the directory's one live shard
 
 Positions are *log sequence numbers* (LSNs): every state change a shard logs (an
-applied push, or an expiry that removes rows) takes the next LSN. The shard's
+applied push, an expiry that removes rows, users' recent items recorded on the ingest
+path) takes the next LSN. The shard's
 ``version`` counts pushes only, so an expiry changes state without changing the
 version; naming files by LSN keeps two snapshots of one version distinct.
 
@@ -37,10 +39,16 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from ps.ids import ID, ID_UNION, as_id_array, ids_from_arrow, ids_to_arrow
+from ps.ids import ID_UNION, as_id_array, ids_from_arrow, ids_to_arrow
 
 __all__ = [
+    "RECENT_FIELDS",
+    "UPDATE_FIELDS",
     "LogRecord",
+    "decode_recent",
+    "decode_updates",
+    "recent_columns",
+    "update_columns",
     "fsync_path",
     "PushLog",
     "ShardState",
@@ -55,46 +63,30 @@ __all__ = [
 ]
 
 _SNAPSHOT_FORMAT = "freshet-ps-snapshot"
-_FORMAT_VERSION = 1
+_FORMAT_VERSION = 2  # 2: rows by key, lifecycle state, recent items with offsets
 _KEEP_SNAPSHOTS = 2
 _SNAP_RE = re.compile(r"^snap-(\d{12,})$")
 _LOG_RE = re.compile(r"^log-(\d{12,})\.arrow$")
 _NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")
-
-_LOG_SCHEMA = pa.schema(
-    [
-        pa.field("lsn", pa.int64(), nullable=False),
-        pa.field("kind", pa.string(), nullable=False),  # "push" | "expire"
-        pa.field("version", pa.int64(), nullable=False),  # shard version after the record
-        pa.field("now", pa.float64(), nullable=False),  # unix seconds the record was applied
-        pa.field("producer", pa.string()),
-        pa.field("seq", pa.int64()),
-        pa.field("expire_at", pa.float64()),  # the push also ran an expiry at this time
-        pa.field("tables", pa.list_(pa.string())),
-        pa.field("dims", pa.list_(pa.int32())),
-        pa.field("counts", pa.list_(pa.int64())),  # IDs per table; ids/grads are concatenated
-        pa.field("ids", pa.list_(ID_UNION)),
-        pa.field("grads", pa.list_(pa.float32())),
-        pa.field("hist_users", pa.list_(ID_UNION)),
-        pa.field("hist_items", pa.list_(ID_UNION)),
-    ],
-    metadata={"freshet": "ps-push-log", "format_version": str(_FORMAT_VERSION)},
-)
-
 
 # --------------------------------------------------------------------------- data
 
 
 @dataclass
 class TableState:
-    """One table of a shard, rows in slot order (all arrays have ``n`` rows)."""
+    """One table of a shard, live rows in slot order (the per-row arrays have ``n`` rows)."""
 
-    ids: np.ndarray  # int64 or object IDs
+    keys: np.ndarray  # uint64 [n]: the IDs' keys
+    ids: np.ndarray  # int64 or object [n]: the IDs as given
     rows: np.ndarray  # float32 (n, dim)
     state: np.ndarray  # float32 (n, *state_shape): optimizer state
     changed_at: np.ndarray  # int64: shard version of each row's last change
-    touched_at: np.ndarray  # float64: unix seconds of each row's last push
-    removed: list[tuple[int, ID]] = field(default_factory=list)  # (version, id) tombstones
+    touched_at: np.ndarray  # float64: unix seconds of each ID's last real interaction
+    score: np.ndarray  # float64: eviction score (LRU: version of the last interaction; LFU: interactions)
+    tomb_versions: np.ndarray = field(default_factory=lambda: np.empty(0, np.int64))  # tombstones: version
+    tomb_keys: np.ndarray = field(default_factory=lambda: np.empty(0, np.uint64))  # ... and key removed
+    pruned_below: int = 0  # tombstones of versions below this are gone
+    admission: np.ndarray | None = None  # int32 (depth, width) count-min counters, when configured
 
 
 @dataclass
@@ -107,17 +99,28 @@ class ShardState:
     high_water: dict[str, int]
     plan: dict[str, Any]
     tables: dict[str, TableState]
-    seen_users: np.ndarray  # history as (user, item) pairs, oldest first per user
-    seen_items: np.ndarray
+    recent: tuple[np.ndarray, np.ndarray, np.ndarray]  # users' recent items: (user key, offset, item key)
     created_at: float = 0.0  # unix seconds
 
 
 @dataclass
-class LogRecord:
-    """One logged state change: an applied push or an expiry.
+class TableUpdate:
+    """One table's part of a push, as the shard applied it."""
 
-    ``updates`` holds ``(table, ids, grads[n, dim] float32)`` exactly as the shard
-    applied them; ``history`` the ``(users, items)`` it recorded.
+    table: str
+    keys: np.ndarray  # uint64 [n]
+    grads: np.ndarray  # float32 [n, dim]
+    ids: np.ndarray | None = None  # [n] IDs as given, for the rows this push may create
+    create: np.ndarray | None = None  # bool [n]: the entries that may create their row (real interactions)
+
+
+@dataclass
+class LogRecord:
+    """One logged state change.
+
+    ``kind`` is ``"push"`` (``updates`` and ``recent``, exactly as applied), ``"expire"``
+    (rows past their TTL at ``now``), ``"recent"`` (users' recent items recorded on the
+    ingest path) or ``"forget"`` (item keys dropped from users' recent items).
     """
 
     lsn: int
@@ -127,8 +130,9 @@ class LogRecord:
     producer: str | None = None
     seq: int | None = None
     expire_at: float | None = None
-    updates: list[tuple[str, np.ndarray, np.ndarray]] = field(default_factory=list)
-    history: tuple[np.ndarray, np.ndarray] | None = None
+    updates: list[TableUpdate] = field(default_factory=list)
+    recent: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None  # (user keys, item keys, offsets)
+    forget: np.ndarray | None = None  # uint64 item keys
 
 
 # --------------------------------------------------------------------------- helpers
@@ -173,13 +177,14 @@ def _one_list(values: pa.Array) -> pa.Array:
     return pa.ListArray.from_arrays(pa.array([0, len(values)], pa.int32()), values)
 
 
-def _fsl(values: np.ndarray, width: int) -> pa.Array:
-    return pa.FixedSizeListArray.from_arrays(pa.array(np.ascontiguousarray(values, np.float32).reshape(-1)), width)
+def _fsl(values: np.ndarray, width: int, type: pa.DataType = pa.float32()) -> pa.Array:
+    flat = np.ascontiguousarray(values, type.to_pandas_dtype()).reshape(-1)
+    return pa.FixedSizeListArray.from_arrays(pa.array(flat, type), width)
 
 
-def _fsl_numpy(col: pa.ChunkedArray, n: int, shape: tuple[int, ...]) -> np.ndarray:
-    flat = col.combine_chunks().flatten() if n else pa.array([], pa.float32())
-    return np.array(flat.to_numpy(zero_copy_only=False), dtype=np.float32).reshape((n, *shape))
+def _fsl_numpy(col: pa.ChunkedArray, n: int, shape: tuple[int, ...], dtype: type = np.float32) -> np.ndarray:
+    flat = col.combine_chunks().flatten() if n else pa.array([], pa.from_numpy_dtype(dtype))
+    return np.array(flat.to_numpy(zero_copy_only=False), dtype=dtype).reshape((n, *shape))
 
 
 def validate_checkpoint_name(name: str) -> str:
@@ -220,28 +225,31 @@ def write_snapshot_dir(state: ShardState, final_dir: str | Path) -> Path:
             n, dim = t.rows.shape
             shape = tuple(int(s) for s in t.state.shape[1:])
             width = int(np.prod(shape)) if shape else 1
-            cols = {"id": ids_to_arrow(t.ids), "row": _fsl(t.rows, dim)}
+            cols = {"key": pa.array(np.asarray(t.keys, np.uint64)), "id": ids_to_arrow(t.ids), "row": _fsl(t.rows, dim)}
             if width:  # pyarrow has no zero-width fixed-size lists; such state is empty anyway
                 cols["state"] = _fsl(t.state, width)
             cols["changed_at"] = pa.array(np.asarray(t.changed_at, np.int64))
             cols["touched_at"] = pa.array(np.asarray(t.touched_at, np.float64))
+            cols["score"] = pa.array(np.asarray(t.score, np.float64))
             fname = f"table-{k}.arrow"
             _write_ipc_file(tmp / fname, pa.table(cols, metadata={"table": name}))
-            removed_ids = as_id_array([x for _, x in t.removed])
             _write_ipc_file(
                 tmp / f"tombstones-{k}.arrow",
-                pa.table({"version": pa.array([v for v, _ in t.removed], pa.int64()), "id": ids_to_arrow(removed_ids)}),
+                pa.table({"version": pa.array(np.asarray(t.tomb_versions, np.int64)),
+                          "key": pa.array(np.asarray(t.tomb_keys, np.uint64))}),
             )
-            tables_meta[name] = {
-                "file": fname,
-                "tombstones": f"tombstones-{k}.arrow",
-                "rows": n,
-                "dim": dim,
-                "state_shape": list(shape),
-            }
-        _write_ipc_file(
-            tmp / "seen.arrow", pa.table({"user": ids_to_arrow(state.seen_users), "item": ids_to_arrow(state.seen_items)})
-        )
+            tm = {"file": fname, "tombstones": f"tombstones-{k}.arrow", "rows": n, "dim": dim,
+                  "state_shape": list(shape), "pruned_below": int(t.pruned_below)}
+            if t.admission is not None:
+                tm["admission"] = f"admission-{k}.arrow"
+                tm["admission_shape"] = list(t.admission.shape)
+                _write_ipc_file(tmp / tm["admission"], pa.table({"counts": _fsl(t.admission, t.admission.shape[1], pa.int32())}))
+            tables_meta[name] = tm
+        users, offsets, items = state.recent
+        _write_ipc_file(tmp / "recent.arrow", pa.table({
+            "user": pa.array(np.asarray(users, np.uint64)), "offset": pa.array(np.asarray(offsets, np.int64)),
+            "item": pa.array(np.asarray(items, np.uint64)),
+        }))
         meta = {
             "format": _SNAPSHOT_FORMAT,
             "format_version": _FORMAT_VERSION,
@@ -272,8 +280,10 @@ def write_snapshot_dir(state: ShardState, final_dir: str | Path) -> Path:
 def read_snapshot(path: str | Path) -> ShardState:
     """Load a snapshot directory written by :func:`write_snapshot_dir`.
 
-    Raises ``FileNotFoundError`` if it has no ``meta.json`` and ``ValueError`` if
-    the metadata is not a Freshet snapshot of a known format version.
+    Raises:
+        FileNotFoundError: it has no ``meta.json``.
+        ValueError: the metadata is not a Freshet snapshot of this format version (a
+            snapshot of another version names both).
     """
     path = Path(path)
     meta_path = path / "meta.json"
@@ -283,7 +293,8 @@ def read_snapshot(path: str | Path) -> ShardState:
     if meta.get("format") != _SNAPSHOT_FORMAT or meta.get("format_version") != _FORMAT_VERSION:
         raise ValueError(
             f"{meta_path}: format {meta.get('format')!r} v{meta.get('format_version')!r} is not "
-            f"{_SNAPSHOT_FORMAT!r} v{_FORMAT_VERSION}"
+            f"{_SNAPSHOT_FORMAT!r} v{_FORMAT_VERSION} (snapshots of format 1, before IDs were keyed, cannot be read "
+            "by this release: restore them with the release that wrote them and retrain, or start fresh)"
         )
     tables = {}
     for name, tm in meta["tables"].items():
@@ -297,15 +308,24 @@ def read_snapshot(path: str | Path) -> ShardState:
             else np.zeros((n, *shape), np.float32)
         )
         tomb = _read_ipc_file(path / tm["tombstones"])
+        admission = None
+        if "admission" in tm:
+            depth, width = tm["admission_shape"]
+            admission = _fsl_numpy(_read_ipc_file(path / tm["admission"]).column("counts"), depth, (width,), np.int32)
         tables[name] = TableState(
+            keys=np.array(tab.column("key").to_numpy(), dtype=np.uint64),
             ids=ids_from_arrow(tab.column("id")),
             rows=_fsl_numpy(tab.column("row"), n, (dim,)),
             state=state,
             changed_at=np.array(tab.column("changed_at").to_numpy(), dtype=np.int64),
             touched_at=np.array(tab.column("touched_at").to_numpy(), dtype=np.float64),
-            removed=list(zip(tomb.column("version").to_pylist(), ids_from_arrow(tomb.column("id")).tolist())),
+            score=np.array(tab.column("score").to_numpy(), dtype=np.float64),
+            tomb_versions=np.array(tomb.column("version").to_numpy(), dtype=np.int64),
+            tomb_keys=np.array(tomb.column("key").to_numpy(), dtype=np.uint64),
+            pruned_below=int(tm.get("pruned_below", 0)),
+            admission=admission,
         )
-    seen = _read_ipc_file(path / "seen.arrow")
+    rec = _read_ipc_file(path / "recent.arrow")
     return ShardState(
         shard_index=int(meta["shard_index"]),
         version=int(meta["version"]),
@@ -313,8 +333,8 @@ def read_snapshot(path: str | Path) -> ShardState:
         high_water={str(k): int(v) for k, v in meta["high_water"].items()},
         plan=meta["plan"],
         tables=tables,
-        seen_users=ids_from_arrow(seen.column("user")),
-        seen_items=ids_from_arrow(seen.column("item")),
+        recent=tuple(np.array(rec.column(c).to_numpy(), dtype=t) for c, t in
+                     (("user", np.uint64), ("offset", np.int64), ("item", np.uint64))),
         created_at=float(meta["created_at"]),
     )
 
@@ -387,20 +407,14 @@ class PushLog:
 
     @staticmethod
     def encode(rec: LogRecord) -> pa.RecordBatch:
-        """``rec`` as a one-row record batch of the log schema (validates its IDs)."""
-        names = [name for name, _, _ in rec.updates]
-        ids = [np.asarray(i) for _, i, _ in rec.updates]
-        grads = [np.ascontiguousarray(g, np.float32) for _, _, g in rec.updates]
-        for name, i, g in zip(names, ids, grads):
-            if g.ndim != 2 or g.shape[0] != len(i):
-                raise ValueError(f"log record for {name!r}: grads shape {g.shape} is not ({len(i)}, dim)")
-        dims = [int(g.shape[1]) for g in grads]
-        if ids and all(i.dtype == np.int64 for i in ids):
-            all_ids = np.concatenate(ids)
-        else:
-            all_ids = as_id_array([x for i in ids for x in i.tolist()])
-        flat = np.concatenate([g.reshape(-1) for g in grads]) if grads else np.empty(0, np.float32)
-        users, items = rec.history if rec.history is not None else (np.empty(0, np.int64), np.empty(0, np.int64))
+        """``rec`` as a one-row record batch of the log schema (validates its IDs).
+
+        Raises:
+            ValueError: an update's arrays do not agree in length, or an ID is invalid.
+        """
+        users, items, offsets = rec.recent if rec.recent is not None else (_NO_KEYS, _NO_KEYS, _NO_OFFSETS)
+        if rec.forget is not None:
+            items = np.asarray(rec.forget, np.uint64)
         cols = [
             pa.array([rec.lsn], pa.int64()),
             pa.array([rec.kind], pa.string()),
@@ -409,13 +423,8 @@ class PushLog:
             pa.array([rec.producer], pa.string()),
             pa.array([rec.seq], pa.int64()),
             pa.array([rec.expire_at], pa.float64()),
-            _one_list(pa.array(names, pa.string())),
-            _one_list(pa.array(dims, pa.int32())),
-            _one_list(pa.array([len(i) for i in ids], pa.int64())),
-            _one_list(ids_to_arrow(all_ids, union=True)),
-            _one_list(pa.array(flat, pa.float32())),
-            _one_list(ids_to_arrow(users, union=True)),
-            _one_list(ids_to_arrow(items, union=True)),
+            *update_columns(rec.updates),
+            *recent_columns(users, items, offsets),
         ]
         return pa.record_batch(cols, schema=_LOG_SCHEMA)
 
@@ -434,32 +443,154 @@ class PushLog:
             self._file.close()
 
 
+_NO_KEYS = np.empty(0, np.uint64)
+_NO_OFFSETS = np.empty(0, np.int64)
+
+
+def _concat_ids(parts: list[np.ndarray]) -> np.ndarray:
+    if not parts:
+        return np.empty(0, np.int64)
+    if all(p.dtype == np.int64 for p in parts):
+        return np.concatenate(parts)
+    return as_id_array([x for p in parts for x in p.tolist()])
+
+
+UPDATE_FIELDS = [
+    pa.field("tables", pa.list_(pa.string())),
+    pa.field("dims", pa.list_(pa.int32())),
+    pa.field("counts", pa.list_(pa.int64())),  # entries per table; keys/create/grads are concatenated
+    pa.field("keys", pa.list_(pa.uint64())),
+    pa.field("create", pa.list_(pa.bool_())),
+    pa.field("ids", pa.list_(ID_UNION)),  # the IDs of the entries with create set, in order
+    pa.field("grads", pa.list_(pa.float32())),
+]
+"""Arrow fields (one list value per record) that hold a push's table updates."""
+
+RECENT_FIELDS = [
+    pa.field("rec_users", pa.list_(pa.uint64())),
+    pa.field("rec_items", pa.list_(pa.uint64())),
+    pa.field("rec_offsets", pa.list_(pa.int64())),
+]
+"""Arrow fields (one list value per record) that hold users' recent items."""
+
+
+_LOG_SCHEMA = pa.schema(
+    [
+        pa.field("lsn", pa.int64(), nullable=False),
+        pa.field("kind", pa.string(), nullable=False),  # "push" | "expire" | "recent" | "forget"
+        pa.field("version", pa.int64(), nullable=False),  # shard version after the record
+        pa.field("now", pa.float64(), nullable=False),  # unix seconds the record was applied
+        pa.field("producer", pa.string()),
+        pa.field("seq", pa.int64()),
+        pa.field("expire_at", pa.float64()),  # the push also ran an expiry at this time
+        *UPDATE_FIELDS,
+        *RECENT_FIELDS,
+    ],
+    metadata={"freshet": "ps-push-log", "format_version": str(_FORMAT_VERSION)},
+)
+
+
+def update_columns(updates: list[TableUpdate]) -> list[pa.Array]:
+    """One-row arrays of :data:`UPDATE_FIELDS` holding ``updates``.
+
+    Raises:
+        ValueError: an update's arrays do not agree in length, or an ID is invalid.
+    """
+    names, dims, counts, keys, create, ids, grads = [], [], [], [], [], [], []
+    for u in updates:
+        k = np.asarray(u.keys, np.uint64)
+        g = np.ascontiguousarray(u.grads, np.float32)
+        if g.ndim != 2 or g.shape[0] != len(k):
+            raise ValueError(f"log record for {u.table!r}: grads shape {g.shape} is not ({len(k)}, dim)")
+        c = np.ones(len(k), bool) if u.create is None else np.asarray(u.create, bool)
+        if len(c) != len(k) or (u.ids is not None and len(u.ids) != len(k)):
+            raise ValueError(f"log record for {u.table!r}: keys, ids and create differ in length")
+        names.append(u.table)
+        dims.append(int(g.shape[1]))
+        counts.append(len(k))
+        keys.append(k)
+        create.append(c)
+        if u.ids is not None:
+            ids.append(as_id_array(u.ids)[c])
+        elif c.any():
+            ids.append(k[c].view(np.int64))
+        grads.append(g.reshape(-1))
+    return [
+        _one_list(pa.array(names, pa.string())),
+        _one_list(pa.array(dims, pa.int32())),
+        _one_list(pa.array(counts, pa.int64())),
+        _one_list(pa.array(np.concatenate(keys) if keys else _NO_KEYS, pa.uint64())),
+        _one_list(pa.array(np.concatenate(create) if create else np.zeros(0, bool), pa.bool_())),
+        _one_list(ids_to_arrow(_concat_ids(ids), union=True)),
+        _one_list(pa.array(np.concatenate(grads) if grads else np.empty(0, np.float32), pa.float32())),
+    ]
+
+
+def recent_columns(users: np.ndarray, items: np.ndarray, offsets: np.ndarray) -> list[pa.Array]:
+    """One-row arrays of :data:`RECENT_FIELDS`."""
+    return [
+        _one_list(pa.array(np.asarray(users, np.uint64), pa.uint64())),
+        _one_list(pa.array(np.asarray(items, np.uint64), pa.uint64())),
+        _one_list(pa.array(np.asarray(offsets, np.int64), pa.int64())),
+    ]
+
+
+def _list_values(row: pa.RecordBatch, name: str) -> pa.Array:
+    return row.column(name).flatten()
+
+
+def _list_numpy(row: pa.RecordBatch, name: str, dtype) -> np.ndarray:
+    return np.array(_list_values(row, name).to_numpy(zero_copy_only=False), dtype=dtype)
+
+
+def decode_updates(row: pa.RecordBatch) -> list[TableUpdate]:
+    """The updates held by the :data:`UPDATE_FIELDS` of a one-row batch.
+
+    Raises:
+        ValueError: the lengths do not match the counts and dims.
+    """
+    names = _list_values(row, "tables").to_pylist()
+    dims = _list_values(row, "dims").to_pylist()
+    counts = _list_values(row, "counts").to_pylist()
+    keys, create = _list_numpy(row, "keys", np.uint64), _list_numpy(row, "create", bool)
+    flat = _list_numpy(row, "grads", np.float32)
+    all_ids = ids_from_arrow(_list_values(row, "ids"))
+    updates = []
+    at = at_g = at_id = 0
+    for name, dim, n in zip(names, dims, counts):
+        k, c = keys[at : at + n], create[at : at + n]
+        made = int(c.sum())
+        ids = k.view(np.int64).copy() if all_ids.dtype == np.int64 else k.view(np.int64).astype(object)
+        ids[c] = all_ids[at_id : at_id + made]
+        updates.append(TableUpdate(name, k, flat[at_g : at_g + n * dim].reshape(n, dim), ids, c))
+        at += n
+        at_g += n * dim
+        at_id += made
+    if at != len(keys) or at_g != len(flat) or at_id != len(all_ids):
+        raise ValueError("keys/ids/grads lengths do not match counts and dims")
+    return updates
+
+
+def decode_recent(row: pa.RecordBatch) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(users, items, offsets)`` held by the :data:`RECENT_FIELDS` of a one-row batch."""
+    return (_list_numpy(row, "rec_users", np.uint64), _list_numpy(row, "rec_items", np.uint64),
+            _list_numpy(row, "rec_offsets", np.int64))
+
+
 def _decode(batch: pa.RecordBatch, i: int) -> LogRecord:
     row = batch.slice(i, 1)
-
-    def lst(name: str) -> pa.Array:
-        return row.column(name).flatten()
-
     scalars = {k: row.column(k)[0].as_py() for k in ("lsn", "kind", "version", "now", "producer", "seq", "expire_at")}
-    names = lst("tables").to_pylist()
-    dims = lst("dims").to_pylist()
-    counts = lst("counts").to_pylist()
-    all_ids = ids_from_arrow(lst("ids"))
-    flat = np.array(lst("grads").to_numpy(zero_copy_only=False), dtype=np.float32)
-    updates = []
-    at_id = at_g = 0
-    for name, dim, n in zip(names, dims, counts):
-        ids = all_ids[at_id : at_id + n]
-        if ids.dtype == object:
-            ids = as_id_array(ids.tolist())
-        updates.append((name, ids, flat[at_g : at_g + n * dim].reshape(n, dim)))
-        at_id += n
-        at_g += n * dim
-    if at_id != len(all_ids) or at_g != len(flat):
-        raise ValueError(f"log record lsn {scalars['lsn']}: ids/grads lengths do not match counts and dims")
-    users, items = ids_from_arrow(lst("hist_users")), ids_from_arrow(lst("hist_items"))
+    try:
+        updates = decode_updates(row)
+    except ValueError as e:
+        raise ValueError(f"log record lsn {scalars['lsn']}: {e}") from None
+    users, items, offsets = decode_recent(row)
+    kind = scalars["kind"]
     return LogRecord(
-        **scalars, updates=updates, history=(users, items) if len(users) or len(items) else None
+        **scalars,
+        updates=updates,
+        recent=(users, items, offsets) if kind in ("push", "recent") and len(users) else None,
+        forget=items if kind == "forget" else None,
     )
 
 
@@ -468,6 +599,9 @@ def read_log(path: str | Path) -> Iterator[LogRecord]:
 
     A crash while appending leaves an incomplete last message; everything before it
     was flushed before its push was acknowledged and is returned.
+
+    Raises:
+        ValueError: the segment was written in another format version.
     """
     try:
         src = pa.memory_map(str(path), "r")
@@ -478,6 +612,9 @@ def read_log(path: str | Path) -> Iterator[LogRecord]:
             reader = pa.ipc.open_stream(src)
         except (pa.ArrowInvalid, OSError):  # torn before the schema was complete
             return
+        version = (reader.schema.metadata or {}).get(b"format_version", b"?").decode()
+        if version != str(_FORMAT_VERSION):
+            raise ValueError(f"{path}: push log format {version}, this release reads format {_FORMAT_VERSION}")
         while True:
             try:
                 batch = reader.read_next_batch()
@@ -618,8 +755,18 @@ class ShardStore:
             raise
 
     def snapshot(self, state: ShardState) -> Path:
-        """Write ``state`` as ``snap-{lsn}``, point ``CURRENT`` at it, start a new log segment
-        and delete snapshots and segments older than the last two snapshots."""
+        """Start a new log segment at ``state.lsn``, then :meth:`publish` ``state``."""
+        self.start_segment(state.lsn)
+        return self.publish(state)
+
+    def publish(self, state: ShardState) -> Path:
+        """Write ``state`` as ``snap-{lsn}``, point ``CURRENT`` at it and delete snapshots and
+        segments older than the last two snapshots.
+
+        The log must already continue in a segment starting at ``state.lsn`` (so this can
+        run in a background thread while records are appended there): a crash before
+        ``CURRENT`` moves leaves the previous snapshot and every segment since it.
+        """
         final = self.root / f"snap-{state.lsn:012d}"
         if not (final / "meta.json").exists():
             write_snapshot_dir(state, final)
@@ -627,7 +774,6 @@ class ShardStore:
         _write_bytes(tmp, (final.name + "\n").encode("utf-8"))
         tmp.replace(self.root / "CURRENT")
         fsync_path(self.root)
-        self.start_segment(state.lsn)
         self._prune()
         return final
 

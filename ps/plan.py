@@ -56,7 +56,12 @@ class ShardingPlan(BaseModel):
 
     def shards_of(self, ids: Sequence[ID] | np.ndarray) -> np.ndarray:
         """Owning shard index (``int64``) of each ID."""
-        return np.asarray(self.assignment, dtype=np.int64)[self.buckets_of(ids)]
+        return self.shards_of_keys(id_keys(ids))
+
+    def shards_of_keys(self, keys: np.ndarray) -> np.ndarray:
+        """Owning shard index (``int64``) of each key (``uint64``, see ``ps.ids.id_keys``)."""
+        buckets = (np.asarray(keys, np.uint64) % np.uint64(self.num_buckets)).astype(np.int64)
+        return np.asarray(self.assignment, dtype=np.int64)[buckets]
 
     def buckets_per_shard(self) -> list[int]:
         """How many buckets each shard owns."""

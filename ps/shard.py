@@ -1,19 +1,32 @@
-"""One parameter-server shard: the rows of the buckets it owns, their optimizer state,
-per-user history for ``exclude_seen``, a version counter and exactly-once pushes.
+"""One parameter-server shard: the rows of the buckets it owns, their optimizer state and
+lifecycle, users' recent items, a version counter and exactly-once pushes.
 
 ``PSShard`` is a plain class; ``ps.client.start_shards`` wraps it with ``ray.remote``.
-Ray runs an actor's methods one at a time, so no locking is needed here.
+Ray runs an actor's methods one at a time, so no locking is needed here (the one
+background thread writes snapshot files from a captured copy and touches nothing else).
 
-With a ``state_dir`` the shard is crash-consistent: every applied push is appended to
-a push log before ``push`` returns, snapshots are written every
-``cfg.snapshot_every_pushes`` pushes, and a new shard on the same directory (a Ray
-restart re-runs ``__init__``) loads the newest snapshot and replays the log, arriving
-at bitwise the state it had acknowledged. The file formats live in ``ps.persist``.
+IDs arrive as their 64-bit keys (``ps.ids.id_keys``); a push also carries the IDs as
+given for the rows it may create. Tables that ``follow`` another (``item_bias`` follows
+``item``) hold rows for exactly the IDs their leader holds: the leader's admission,
+``max_rows`` eviction and TTL decide for all of them.
+
+With a ``state_dir`` the shard is crash-consistent: every applied push (and every other
+state change) is appended to a log before it returns, snapshots are written every
+``cfg.snapshot_every_pushes`` pushes off the push path, and a new shard on the same
+directory (a Ray restart re-runs ``__init__``) loads the newest snapshot and replays
+the log, arriving at bitwise the state it had acknowledged. The file formats live in
+``ps.persist``.
+
+Readers that mirror tables (Serve replicas, trainers' negative catalogues) sync with
+:meth:`PSShard.delta` under a name; a removed ID's tombstone is kept until every reader
+heard from within ``cfg.reader_timeout_s`` has synced past it (and at most
+``cfg.max_tombstones``), and a reader further behind gets a full resync.
 """
 
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import logging
 import os
 import time
@@ -24,21 +37,25 @@ import numpy as np
 import torch
 
 from ps.config import PSConfig
-from ps.ids import ID, as_id_array, validate_id
+from ps.ids import as_id_array, validate_id
 from ps.persist import (
     LogRecord,
     ShardState,
     ShardStore,
+    TableUpdate,
     checkpoint_shard_dir,
     read_snapshot,
     write_snapshot_dir,
 )
 from ps.plan import ShardingPlan
+from ps.recent import RecentItems
 from ps.table import EmbeddingTable
 
-__all__ = ["PSShard", "PushId", "TableDelta"]
+__all__ = ["Delta", "PSShard", "PushId", "RankContext", "TableDelta", "TableUpdate"]
 
 _log = logging.getLogger(__name__)
+
+_PUSH_RING = 65_536  # recent pushes whose (producer, seq) a row's version can be traced to
 
 
 class PushId(NamedTuple):
@@ -53,14 +70,40 @@ class PushId(NamedTuple):
 
 
 class TableDelta(NamedTuple):
-    """Rows of one table changed after a version, and IDs removed (expired) after it."""
+    """Rows of one table changed after a version, and keys removed (expired, evicted) after it."""
 
-    ids: np.ndarray
-    rows: np.ndarray
-    removed: np.ndarray
+    keys: np.ndarray  # uint64 [n]
+    ids: np.ndarray  # [n] IDs as given
+    rows: np.ndarray  # float32 [n, dim]
+    removed: np.ndarray  # uint64 keys
 
 
-def _checked_ids(ids, field: str) -> np.ndarray:
+class Delta(NamedTuple):
+    """What a reader needs to bring its mirror of some tables up to ``version``."""
+
+    version: int
+    tables: dict[str, TableDelta]
+    full: bool  # the reader was too far behind: drop everything and take these rows as the whole table
+    high_water: dict[str, int]  # highest seq applied per producer, at ``version``
+
+
+class RankContext(NamedTuple):
+    """What ranking needs from a user's shard, in one call."""
+
+    row: np.ndarray | None  # float32 [dim], None for a user without a row
+    pushed_by: tuple[str, int] | None  # (producer, seq) of the push that last changed the row, if still known
+    version: int  # the shard's version when read
+    recent: np.ndarray  # uint64 item keys of the user's recent items, oldest first
+
+
+def _keys(values: Any, field: str) -> np.ndarray:
+    arr = np.asarray(values)
+    if arr.dtype != np.uint64:
+        raise ValueError(f"{field}: keys must be a uint64 array, got {arr.dtype}")
+    return arr.reshape(-1)
+
+
+def _checked_ids(ids: Any, field: str) -> np.ndarray:
     """IDs as an array, ValueError naming ``field`` for any that is not an int64 or str ID."""
     arr = as_id_array(ids)
     if arr.dtype == object:
@@ -72,12 +115,12 @@ def _checked_ids(ids, field: str) -> np.ndarray:
 class PSShard:
     """Holds the rows of the buckets ``plan`` assigns to ``shard_index``.
 
-    Methods take and return numpy arrays (rows ``float32``); IDs are int64 or object
-    arrays as produced by ``ps.ids.as_id_array``.
+    Methods take and return numpy arrays: keys ``uint64``, rows ``float32``, IDs int64
+    or object arrays as produced by ``ps.ids.as_id_array``.
 
     ``state_dir`` (a local directory) makes the shard durable: it recovers whatever
-    the directory holds, logs every push before acknowledging it and snapshots every
-    ``cfg.snapshot_every_pushes`` pushes. Without it the shard lives in memory only.
+    the directory holds, logs every state change before acknowledging it and snapshots
+    every ``cfg.snapshot_every_pushes`` pushes. Without it the shard lives in memory only.
 
     ``restore_from`` is a named checkpoint directory (``<root>/<name>``, holding
     ``shard-{i}/``) to start from. With a ``state_dir`` the checkpoint replaces the
@@ -88,9 +131,10 @@ class PSShard:
     ``checkpoint_root`` is where ``snapshot(name)`` writes named checkpoints; it
     defaults to ``<parent of state_dir>/checkpoints``.
 
-    Rows that a pull created but no push ever touched are not logged: after a
-    recovery they are absent until pulled again, when they get the same
-    deterministic initial row.
+    Raises:
+        ValueError: ``shard_index`` is outside the plan, or the state found (or restored)
+            was written with another plan, shard or table layout.
+        FileNotFoundError: ``restore_from`` has no checkpoint of this shard.
     """
 
     def __init__(
@@ -109,14 +153,23 @@ class PSShard:
         self.shard_index, self.plan, self.cfg = shard_index, plan, cfg
         self.version = 0
         self.tables = {name: EmbeddingTable(name, t, cfg.optimizer_for(name), cfg.seed) for name, t in cfg.tables.items()}
+        self.followers: dict[str, list[str]] = collections.defaultdict(list)
+        for name in cfg.tables:
+            if cfg.leader_of(name) != name:
+                self.followers[cfg.leader_of(name)].append(name)
+        self.recent = RecentItems(cfg.seen_per_user)
         self.high_water: dict[str, int] = {}
-        self.seen: dict[ID, collections.deque] = {}
+        self.readers: dict[str, tuple[int, float]] = {}  # reader name -> (since it last asked from, unix s)
+        self._push_versions: collections.deque[int] = collections.deque()
+        self._push_at: dict[int, tuple[str, int]] = {}
         self.push_times: collections.deque[float] = collections.deque(maxlen=4096)
         self.duplicates = 0
         self._last_expire = time.time()
-        self._lsn = 0  # logged state changes so far (pushes and row-removing expiries)
+        self._lsn = 0  # logged state changes so far
         self._since_snapshot = 0  # pushes applied since the last snapshot
         self._store: ShardStore | None = None
+        self._writer: concurrent.futures.ThreadPoolExecutor | None = None
+        self._writing: concurrent.futures.Future | None = None
         self.snapshot_error: str | None = None  # why the last automatic snapshot failed, if it did
         self.recovery: dict[str, Any] = {"snapshot_lsn": None, "replayed": 0, "restored_from": None, "seconds": 0.0}
         if checkpoint_root is None and state_dir is not None:
@@ -159,8 +212,7 @@ class PSShard:
             self.tables[name].load(ts)
         self.version, self._lsn = st.version, st.lsn
         self.high_water = dict(st.high_water)
-        self.seen = {}
-        self._record_history(st.seen_users, st.seen_items)
+        self.recent.load(*st.recent)
 
     def _recover(self) -> None:
         store = self._store
@@ -180,23 +232,27 @@ class PSShard:
     def _replay(self, rec: LogRecord) -> None:
         if rec.kind == "expire":
             self._expire(rec.now)
-            self._lsn += 1
+        elif rec.kind == "recent":
+            self.recent.record(*rec.recent)
+        elif rec.kind == "forget":
+            self.recent.forget_items(rec.forget)
         elif rec.kind == "push":
             if rec.version != self.version + 1:
                 raise RuntimeError(f"push log record {rec.lsn}: version {rec.version} does not follow {self.version}")
-            prepared = [(self._table(name), ids, grads) for name, ids, grads in rec.updates]
-            self._apply_push(rec.producer, rec.seq, prepared, rec.history, rec.now, rec.expire_at)
+            self._apply_push(rec.producer, rec.seq, rec.updates, rec.recent, rec.now, rec.expire_at)
             self._since_snapshot += 1
         else:
             raise RuntimeError(f"push log record {rec.lsn}: unknown kind {rec.kind!r}")
+        self._lsn += 1
         self.recovery["replayed"] += 1
 
+    def _log(self, rec: LogRecord) -> None:
+        """Append ``rec`` (taking the next LSN) before the change it describes is applied:
+        a crash after this replays it, and the caller's retry is then a duplicate."""
+        if self._store is not None:
+            self._store.append(rec)
+
     def _capture(self) -> ShardState:
-        users: list[ID] = []
-        items: list[ID] = []
-        for u, d in self.seen.items():
-            users.extend([u] * len(d))
-            items.extend(d)
         return ShardState(
             shard_index=self.shard_index,
             version=self.version,
@@ -204,30 +260,68 @@ class PSShard:
             high_water=dict(self.high_water),
             plan=self.plan.model_dump(mode="json"),
             tables={name: t.capture() for name, t in self.tables.items()},
-            seen_users=as_id_array(users),
-            seen_items=as_id_array(items),
+            recent=self.recent.capture(),
             created_at=time.time(),
         )
+
+    def _wait_for_writer(self) -> None:
+        if self._writing is not None:
+            self._writing.result()
+            self._writing = None
+
+    def _snapshot_in_background(self) -> None:
+        """Capture now (copies), roll the log to a new segment, and write the snapshot
+        files in a thread so the pushes after this one are not held up by the write."""
+        if self._writing is not None:  # one at a time; a write slower than the interval holds pushes back
+            self._collect_writer()
+        state = self._capture()
+        self._store.start_segment(state.lsn)
+        if self._writer is None:
+            self._writer = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=f"shard-{self.shard_index}-snap")
+        self._writing = self._writer.submit(self._store.publish, state)
+        self._since_snapshot = 0
+
+    def _collect_writer(self) -> None:
+        try:
+            self._writing.result()
+            self.snapshot_error = None
+        except OSError as e:
+            # The pushes are logged and applied: the log keeps covering them until a snapshot works.
+            self.snapshot_error = f"{type(e).__name__}: {e}"
+            _log.warning("shard %d: snapshot failed (%s); the push log still covers every push",
+                         self.shard_index, self.snapshot_error)
+        self._writing = None
+
+    def wait_for_snapshots(self) -> str | None:
+        """Wait until a snapshot being written in the background is done; returns the last
+        automatic snapshot's error (None when it worked)."""
+        if self._writing is not None:
+            self._collect_writer()
+        return self.snapshot_error
 
     def snapshot(self, name: str | None = None) -> dict[str, Any]:
         """Write a snapshot now; with ``name`` also the named checkpoint
         ``<checkpoint_root>/<name>/shard-{i}/`` (replacing one of that name).
 
         Returns ``{"shard", "version", "lsn", "path", "checkpoint", "seconds"}`` (paths
-        are None where nothing was written; seconds is the wall time taken). Raises
-        ``ValueError`` when there is nowhere to write.
+        are None where nothing was written; seconds is the wall time taken).
+
+        Raises:
+            ValueError: there is nowhere to write, or ``name`` is not a valid checkpoint name.
         """
         if self._store is None and name is None:
             raise ValueError("snapshot: this shard has no state_dir; pass a checkpoint name to write one")
         if name is not None and self.checkpoint_root is None:
             raise ValueError("snapshot: a named checkpoint needs a state_dir or checkpoint_root on the shard")
         t0 = time.perf_counter()
+        if name is not None:
+            target = checkpoint_shard_dir(self.checkpoint_root, name, self.shard_index)  # validates the name first
+        if self._writing is not None:
+            self._collect_writer()
         state = self._capture()
         out: dict[str, Any] = {
             "shard": self.shard_index, "version": self.version, "lsn": self._lsn, "path": None, "checkpoint": None,
         }
-        if name is not None:
-            target = checkpoint_shard_dir(self.checkpoint_root, name, self.shard_index)  # validates the name first
         if self._store is not None:
             out["path"] = str(self._store.snapshot(state))
             self._since_snapshot = 0
@@ -243,20 +337,21 @@ class PSShard:
         except KeyError:
             raise KeyError(f"unknown table {name!r}; tables: {sorted(self.tables)}") from None
 
-    def pull(self, requests: dict[str, np.ndarray], create: bool = True) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-        """Rows of each requested table's IDs, as ``(rows[n, dim], found[n])``.
+    def pull(self, requests: dict[str, np.ndarray], initial: bool = True) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        """Rows of each requested table's keys, as ``(rows float32 [n, dim], found bool [n])``.
 
-        With ``create`` absent IDs get their deterministic initial row (and ``found`` is
-        True); without it they read as zeros with ``found`` False and nothing is stored.
+        A key without a row reads as the row a push would create (``initial``: the
+        deterministic initial row) or as zeros; ``found`` is False and nothing is stored.
+
+        Raises:
+            KeyError: an unknown table.
+            ValueError: keys that are not ``uint64``.
         """
-        out = {}
-        for name, ids in requests.items():
-            t = self._table(name)
-            out[name] = t.pull(_checked_ids(ids, f"pull from {name!r}: id"), create=create, version=self.version)
-        return out
+        return {name: self._table(name).pull(_keys(keys, f"pull from {name!r}"), initial=initial)
+                for name, keys in requests.items()}
 
     def pull_after(
-        self, requests: dict[str, np.ndarray], create: bool, after: PushId
+        self, requests: dict[str, np.ndarray], initial: bool, after: PushId
     ) -> dict[str, tuple[np.ndarray, np.ndarray]] | None:
         """:meth:`pull`, but only once push ``after`` (or a later one from its producer) is
         applied; None, changing nothing, if it is not yet.
@@ -267,121 +362,220 @@ class PSShard:
         producer, seq = PushId(*after)
         if self.high_water.get(producer, -1) < seq:
             return None
-        return self.pull(requests, create)
+        return self.pull(requests, initial)
 
-    def seen_items(self, user_ids: np.ndarray) -> list[list[ID]]:
-        """The most recent items each user interacted with (oldest first)."""
-        return [list(self.seen.get(u, ())) for u in as_id_array(user_ids).tolist()]
+    def rank_context(self, table: str, user_key: int, recent: bool = True) -> RankContext:
+        """The user's row in ``table`` (None without one), the push that last changed it (when
+        it is among the last 65,536), and the user's recent item keys (``recent``)."""
+        t = self._table(table)
+        slot = int(t.lookup(np.asarray([user_key], np.uint64))[0])
+        row, pushed_by = None, None
+        if slot >= 0:
+            row = t.rows[slot].numpy().copy()
+            pushed_by = self._push_at.get(int(t.changed_at[slot]))
+        items = self.recent.items_of(user_key) if recent else np.empty(0, np.uint64)
+        return RankContext(row, pushed_by, self.version, items)
 
-    def delta(self, tables: list[str], since: int) -> tuple[int, dict[str, TableDelta]]:
-        """``(version, {table: TableDelta})``: rows changed and IDs removed after ``since``."""
+    def recent_items(self, user_keys: np.ndarray) -> list[np.ndarray]:
+        """Each user's recent item keys (``uint64``, oldest first), in the order given."""
+        return [self.recent.items_of(u) for u in np.asarray(user_keys, np.uint64).tolist()]
+
+    def _register(self, reader: str | None, since: int) -> None:
+        now = time.time()
+        if reader is not None:
+            self.readers[reader] = (int(since), now)
+        alive = [s for s, seen in self.readers.values() if seen >= now - self.cfg.reader_timeout_s]
+        self.readers = {r: v for r, v in self.readers.items() if v[1] >= now - self.cfg.reader_timeout_s}
+        below = min(alive) if alive else self.version + 1
+        for t in self.tables.values():
+            t.prune_tombstones(below, self.cfg.max_tombstones)
+
+    def delta(self, tables: list[str], since: int, reader: str | None = None) -> Delta:
+        """What changed in ``tables`` after version ``since``: changed rows and removed keys,
+        or every live row (``full``) when tombstones the reader needs were already pruned.
+
+        ``reader`` names the caller, so tombstones it has not seen yet are kept for it (for
+        ``cfg.reader_timeout_s`` after its last call).
+        """
+        ts = [self._table(name) for name in tables]
+        full = since > 0 and any(since < t.pruned_below for t in ts)
         out = {}
-        for name in tables:
-            out[name] = TableDelta(*self._table(name).changed_since(since))
-        return self.version, out
+        for t in ts:
+            keys, ids, rows, removed = t.changed_since(-1 if full else since)
+            out[t.name] = TableDelta(keys, ids, rows, np.empty(0, np.uint64) if full else removed)
+        self._register(reader, since)
+        return Delta(self.version, out, full, dict(self.high_water))
+
+    def removed(self, table: str, since: int, reader: str | None = None) -> tuple[int, np.ndarray, bool]:
+        """``(version, removed keys, full)``: keys of ``table`` removed at or after ``since``;
+        ``full`` when tombstones the reader needs were already pruned (then use :meth:`live_keys`)."""
+        t = self._table(table)
+        full = since > 0 and since < t.pruned_below
+        out = (self.version, np.empty(0, np.uint64) if full else t.removed_since(since), full)
+        self._register(reader, since)
+        return out
+
+    def live_keys(self, table: str) -> tuple[int, np.ndarray]:
+        """``(version, keys)`` of every row of ``table``."""
+        t = self._table(table)
+        return self.version, t.keys[t.live_slots()]
 
     # -- writes ------------------------------------------------------------------------
+    def _prepare(self, updates: dict[str, Any]) -> list[TableUpdate]:
+        """Validate a push's updates before anything changes (a bad push changes nothing);
+        leaders first, so their followers see which IDs they now hold."""
+        prepared = []
+        for name, u in updates.items():
+            u = u if isinstance(u, TableUpdate) else TableUpdate(name, *u)
+            t = self._table(name)
+            keys = _keys(u.keys, f"push to {name!r}")
+            grads = np.array(u.grads, dtype=np.float32)  # ray.get arrays are read-only; torch needs writable
+            if grads.shape != (len(keys), t.dim):
+                raise ValueError(f"push to {name!r}: grads shape {grads.shape} != ({len(keys)}, {t.dim})")
+            if not np.isfinite(grads).all():
+                raise ValueError(f"push to {name!r}: grads contain NaN or inf")
+            ids = _checked_ids(u.ids, f"push to {name!r}: id") if u.ids is not None else None
+            create = np.asarray(u.create, bool) if u.create is not None else None
+            for what, arr in (("ids", ids), ("create", create)):
+                if arr is not None and len(arr) != len(keys):
+                    raise ValueError(f"push to {name!r}: {len(arr)} {what} for {len(keys)} keys")
+            prepared.append(TableUpdate(name, keys, grads, ids, create))
+        return sorted(prepared, key=lambda u: self.cfg.leader_of(u.table) != u.table)
+
     def push(
         self,
         push_id: PushId,
-        updates: dict[str, tuple[np.ndarray, np.ndarray]],
-        history: tuple[np.ndarray, np.ndarray] | None = None,
+        updates: dict[str, TableUpdate | tuple],
+        recent: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None,
     ) -> tuple[int, bool]:
-        """Apply gradients ``{table: (ids, grads[n, dim])}`` once per ``push_id``.
+        """Apply ``updates`` (``{table: TableUpdate}``, or ``(keys, grads, ids, create)``
+        tuples) once per ``push_id``.
 
-        ``history`` is ``(user_ids, item_ids)`` of the interactions behind the push, kept
-        per user for ``exclude_seen``. Duplicate IDs in one push have their gradients
-        summed. Returns ``(version, applied)``; ``applied`` is False for a duplicate.
+        ``recent`` is ``(user keys, item keys, offsets)`` of the interactions behind the
+        push, merged into the users' recent items (idempotent by offset). Returns
+        ``(version, applied)``; ``applied`` is False for a duplicate.
+
+        Raises:
+            ValueError, KeyError: a malformed push (unknown table, wrong shapes, non-finite
+                gradients, keys not ``uint64``, invalid IDs); nothing changes.
         """
         producer, seq = PushId(*push_id)
         if seq <= self.high_water.get(producer, -1):
             self.duplicates += 1
             return self.version, False
-        # Validate everything before touching state, so a bad push changes nothing.
-        prepared = []
-        for name, (ids, grads) in updates.items():
-            t = self._table(name)
-            ids = _checked_ids(ids, f"push to {name!r}: id")
-            grads = np.array(grads, dtype=np.float32)  # ray.get arrays are read-only; torch needs writable
-            if grads.shape != (len(ids), t.cfg.dim):
-                raise ValueError(f"push to {name!r}: grads shape {grads.shape} != ({len(ids)}, {t.cfg.dim})")
-            if not np.isfinite(grads).all():
-                raise ValueError(f"push to {name!r}: grads contain NaN or inf")
-            prepared.append((t, ids, grads))
+        prepared = self._prepare(updates)
+        rec = None
+        if recent is not None:
+            rec = tuple(np.asarray(a, t) for a, t in zip(recent, (np.uint64, np.uint64, np.int64)))
+            if not len(rec[0]) == len(rec[1]) == len(rec[2]):
+                raise ValueError(f"recent: {len(rec[0])} users, {len(rec[1])} items, {len(rec[2])} offsets")
         now = time.time()
         expire_at = now if now - self._last_expire > 1.0 else None
-        hist = None
-        if history is not None and self.cfg.seen_per_user > 0:
-            hist = (_checked_ids(history[0], "history user_id"), _checked_ids(history[1], "history item_id"))
-            if len(hist[0]) != len(hist[1]):
-                raise ValueError(f"history: {len(hist[0])} user ids but {len(hist[1])} item ids")
-        if self._store is not None:
-            # Logged before applying: a crash after this line replays the push, and the
-            # caller's retry is then recognised as a duplicate.
-            self._store.append(
-                LogRecord(
-                    lsn=self._lsn + 1, kind="push", version=self.version + 1, now=now, producer=producer, seq=int(seq),
-                    expire_at=expire_at, updates=[(t.name, ids, grads) for t, ids, grads in prepared], history=hist,
-                )
-            )
-        self._apply_push(producer, seq, prepared, hist, now, expire_at)
+        self._log(LogRecord(lsn=self._lsn + 1, kind="push", version=self.version + 1, now=now, producer=producer,
+                            seq=int(seq), expire_at=expire_at, updates=prepared, recent=rec))
+        self._apply_push(producer, seq, prepared, rec, now, expire_at)
+        self._lsn += 1
         self.push_times.append(now)
         if self._store is not None:
             self._since_snapshot += 1
+            if self._writing is not None and self._writing.done():
+                self._collect_writer()
             if self._since_snapshot >= self.cfg.snapshot_every_pushes:
-                self._since_snapshot = 0
-                try:
-                    self._store.snapshot(self._capture())
-                    self.snapshot_error = None
-                except OSError as e:
-                    # The push is logged and applied: failing it now would make the caller
-                    # retry a push that is already durable. The log keeps growing instead.
-                    self.snapshot_error = f"{type(e).__name__}: {e}"
-                    _log.warning("shard %d: snapshot failed (%s); the push log still covers every push",
-                                 self.shard_index, self.snapshot_error)
+                self._snapshot_in_background()
         return self.version, True
 
     def _apply_push(
         self,
         producer: str,
         seq: int,
-        prepared: list[tuple[EmbeddingTable, np.ndarray, np.ndarray]],
-        history: tuple[np.ndarray, np.ndarray] | None,
+        updates: list[TableUpdate],
+        recent: tuple[np.ndarray, np.ndarray, np.ndarray] | None,
         now: float,
         expire_at: float | None,
     ) -> None:
         """The state change of one validated push; shared by ``push`` and log replay."""
         new_version = self.version + 1
-        for t, ids, grads in prepared:
-            t.push(ids, torch.from_numpy(grads), version=new_version, now=now)
-        if history is not None:
-            self._record_history(*history)
+        for u in updates:
+            t = self.tables[u.table]
+            leader = self.cfg.leader_of(u.table)
+            if leader != u.table:
+                allowed = self.tables[leader].lookup(u.keys) >= 0
+                t.push(u.keys, torch.from_numpy(u.grads), ids=u.ids, create=u.create, version=new_version, now=now,
+                       allowed=allowed)
+                continue
+            outcome = t.push(u.keys, torch.from_numpy(u.grads), ids=u.ids, create=u.create, version=new_version, now=now)
+            if len(outcome.removed):
+                self._removed(u.table, outcome.removed, new_version)
+        if recent is not None:
+            self.recent.record(recent[0], recent[1], recent[2])
         self.version = new_version
         self.high_water[producer] = seq
-        self._lsn += 1
+        self._push_versions.append(new_version)
+        self._push_at[new_version] = (producer, int(seq))
+        if len(self._push_versions) > _PUSH_RING:
+            del self._push_at[self._push_versions.popleft()]
         if expire_at is not None:
             self._expire(expire_at)
 
-    def _record_history(self, users: np.ndarray, items: np.ndarray) -> None:
-        if self.cfg.seen_per_user <= 0:
-            return
-        for user, item in zip(as_id_array(users).tolist(), as_id_array(items).tolist()):
-            d = self.seen.get(user)
-            if d is None:
-                d = self.seen[user] = collections.deque(maxlen=self.cfg.seen_per_user)
-            d.append(item)
+    def _removed(self, leader: str, keys: np.ndarray, version: int) -> None:
+        """A leader table removed ``keys``: so do its followers, and the users' recent items."""
+        for f in self.followers.get(leader, ()):
+            self.tables[f].remove(keys, version)
+        if leader == self.cfg.recent_follows:
+            self.recent.forget_users(keys)
+
+    def record_recent(self, users: np.ndarray, items: np.ndarray, offsets: np.ndarray) -> int:
+        """Merge ``(user keys, item keys, offsets)`` into the users' recent items (the ingest
+        path: right after the events are durable). Idempotent by offset; logged, so it
+        survives a restart. Returns the entries added.
+
+        Raises:
+            ValueError: the arrays differ in length.
+        """
+        users, items = np.asarray(users, np.uint64), np.asarray(items, np.uint64)
+        offsets = np.asarray(offsets, np.int64)
+        if not len(users) == len(items) == len(offsets):
+            raise ValueError(f"record_recent: {len(users)} users, {len(items)} items, {len(offsets)} offsets")
+        if not len(users):
+            return 0
+        self._log(LogRecord(lsn=self._lsn + 1, kind="recent", version=self.version, now=time.time(),
+                            recent=(users, items, offsets)))
+        self._lsn += 1
+        return self.recent.record(users, items, offsets)
+
+    def forget_items(self, items: np.ndarray) -> int:
+        """Drop the item keys ``items`` (removed from their tables) from every user's recent
+        items on this shard; logged. Returns the entries dropped."""
+        items = np.asarray(items, np.uint64)
+        if not len(items):
+            return 0
+        self._log(LogRecord(lsn=self._lsn + 1, kind="forget", version=self.version, now=time.time(), forget=items))
+        self._lsn += 1
+        return self.recent.forget_items(items)
 
     def expire(self, now: float | None = None) -> dict[str, int]:
-        """Remove rows whose table TTL has passed; returns removed counts per table."""
+        """Remove IDs whose table TTL has passed (with their followers' rows); returns
+        removed counts per table."""
         now = time.time() if now is None else now
-        if self._store is not None and any(t.would_expire(now) for t in self.tables.values()):
-            self._store.append(LogRecord(lsn=self._lsn + 1, kind="expire", version=self.version, now=now))
+        if any(t.would_expire(now) for t in self.tables.values()):
+            self._log(LogRecord(lsn=self._lsn + 1, kind="expire", version=self.version, now=now))
             self._lsn += 1
         return self._expire(now)
 
     def _expire(self, now: float) -> dict[str, int]:
         self._last_expire = now
-        return {name: t.expire(now, self.version) for name, t in self.tables.items()}
+        counts = dict.fromkeys(self.tables, 0)
+        for name, t in self.tables.items():
+            if self.cfg.leader_of(name) != name:
+                continue
+            gone = t.expire(now, self.version)
+            if len(gone):
+                counts[name] = len(gone)
+                for f in self.followers.get(name, ()):
+                    counts[f] = len(self.tables[f].remove(gone, self.version))
+                if name == self.cfg.recent_follows:
+                    self.recent.forget_users(gone)
+        return counts
 
     # -- introspection -----------------------------------------------------------------
     def get_plan(self) -> ShardingPlan:
@@ -390,7 +584,7 @@ class PSShard:
 
     def table_dims(self) -> dict[str, int]:
         """Row width of each table (floats)."""
-        return {name: t.cfg.dim for name, t in self.tables.items()}
+        return {name: t.dim for name, t in self.tables.items()}
 
     def get_version(self) -> int:
         """Number of pushes applied so far."""
@@ -401,17 +595,23 @@ class PSShard:
         return dict(self.high_water)
 
     def stats(self) -> dict[str, Any]:
-        """Row counts per table, version, duplicate pushes and recent push rate (pushes/s)."""
+        """Per table ``rows``, ``tombstones``, ``bytes`` and ``bytes_per_row`` (``tables``),
+        row counts (``rows``), version, duplicate pushes, recent push rate (pushes/s),
+        users with recent items, and the readers holding tombstones."""
         now = time.time()
         recent = [t for t in self.push_times if now - t <= 10.0]
         rate = len(recent) / max(1e-9, min(10.0, now - recent[0])) if len(recent) > 1 else 0.0
+        tables = {name: t.stats() for name, t in self.tables.items()}
         return {
             "shard": self.shard_index,
             "version": self.version,
-            "rows": {name: len(t) for name, t in self.tables.items()},
+            "rows": {name: s["rows"] for name, s in tables.items()},
+            "tables": tables,
             "duplicate_pushes": self.duplicates,
             "push_rate": rate,
-            "users_with_history": len(self.seen),
+            "users_with_recent": len(self.recent),
+            "recent_entries": self.recent.entries(),
+            "readers": {r: {"since": s, "age_s": now - t} for r, (s, t) in self.readers.items()},
         }
 
     def persistence(self) -> dict[str, Any]:
@@ -419,10 +619,13 @@ class PSShard:
         pushes since the last snapshot, the last automatic snapshot's error (or None), and
         what the last start recovered (``recovery``: snapshot LSN, records replayed,
         checkpoint restored from, seconds taken)."""
+        if self._writing is not None and self._writing.done():
+            self._collect_writer()
         return {
             "state_dir": str(self._store.root) if self._store is not None else None,
             "lsn": self._lsn,
             "pushes_since_snapshot": self._since_snapshot,
+            "snapshot_in_flight": self._writing is not None,
             "snapshot_error": self.snapshot_error,
             "recovery": dict(self.recovery),
         }

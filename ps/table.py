@@ -1,4 +1,5 @@
-"""The embedding table: an ID index, rows, optimizer state, growth, expiry, capture/restore.
+"""The embedding table: a keyed index, rows, optimizer state, and the ID lifecycle
+(admission, eviction within ``max_rows``, TTL expiry, tombstones for readers).
 
 One class for every place rows live: a PS shard's tables (:mod:`ps.shard`), the
 in-process models of the evaluation's baselines (:mod:`workers.eval.strategies`) and
@@ -6,25 +7,30 @@ the benchmark's in-process twin of the trainer (:mod:`bench.train_throughput`). 
 row starts from the same deterministic value, and a push changes it by the same
 ``ps.optim`` rule, wherever it lives.
 
-Rows sit in growable dense tensors addressed by *slot*; ``lookup`` maps IDs to slots.
-Nothing here touches Ray; the owner serialises access (a shard actor runs one method
-at a time).
+Rows are addressed by the IDs' 64-bit keys (``ps.ids.id_keys``) through a vectorised
+hash index (:class:`ps.index.KeyIndex`), and sit in dense arrays by *slot*; a removed
+row's slot is reused. The ID as given is kept per row for readers that must answer
+with it (``/rank`` returns item IDs). Every lifecycle decision is a function of the
+table's state and the push alone (scores are versions or counts, ties go to the lower
+key), so a shard replaying its log arrives at the same rows. Nothing here touches Ray;
+the owner serialises access (a shard actor runs one method at a time).
 """
 
 from __future__ import annotations
 
-import time
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
 
 from ps import optim
-from ps.config import InitKind, OptimizerConfig, TableConfig
-from ps.ids import ID, as_id_array, id_keys, init_rows
+from ps.admission import Admission
+from ps.config import EvictionPolicy, InitKind, OptimizerConfig, TableConfig
+from ps.ids import as_id_array, id_keys, init_rows
+from ps.index import KeyIndex
 from ps.persist import TableState
 
-__all__ = ["EmbeddingTable", "table_seed"]
+__all__ = ["EmbeddingTable", "PushOutcome", "table_seed"]
 
 
 def table_seed(ps_seed: int, name: str) -> int:
@@ -35,118 +41,206 @@ def table_seed(ps_seed: int, name: str) -> int:
     return (ps_seed * 1_000_003 + int(id_keys([name])[0])) % (1 << 63)
 
 
-class EmbeddingTable:
-    """Rows of one table (``float32 [n, cfg.dim]``), their optimizer state and bookkeeping.
+class PushOutcome(NamedTuple):
+    """What a push did to the table's set of IDs."""
 
-    Per slot it keeps the ID as given, the row, the optimizer state
+    created: np.ndarray  # uint64 keys that got a row
+    removed: np.ndarray  # uint64 keys evicted to make room
+    dropped: int  # distinct keys whose gradients were dropped: no row, and none created
+
+
+def _as_keys(keys: np.ndarray | Any) -> np.ndarray:
+    return np.ascontiguousarray(keys, dtype=np.uint64)
+
+
+class EmbeddingTable:
+    """Rows of one table (``float32 [n, cfg.dim]``), their optimizer state and lifecycle.
+
+    Per live slot it keeps the key, the ID as given, the row, the optimizer state
     (``optim.state_shape(opt.kind, dim)`` floats), ``changed_at`` (the owner's version
-    counter at the row's last change, for delta sync) and ``touched_at`` (unix seconds
-    of the row's last push, for ``cfg.ttl_s``). IDs removed by expiry are kept as
-    ``(version, id)`` tombstones in ``removed``, so readers syncing by version see them go.
+    counter at the row's last change, for delta sync), ``touched_at`` (unix seconds of
+    the ID's last real interaction, for ``cfg.ttl_s``) and ``score`` (the version of the
+    last real interaction for LRU, the number of real interactions for LFU). Keys removed
+    by expiry or eviction are kept as ``(version, key)`` tombstones until every reader has
+    synced past them (:meth:`prune_tombstones`).
+
+    ``capacity`` is the initial number of slots; the table grows by doubling, but never
+    beyond ``cfg.max_rows`` when that is set.
     """
 
     def __init__(self, name: str, cfg: TableConfig, opt: OptimizerConfig, ps_seed: int, *, capacity: int = 1024):
         self.name, self.cfg, self.opt = name, cfg, opt
         self.seed = table_seed(ps_seed, name)
-        self.ids: list[ID] = []
-        self.index: dict[ID, int] = {}
-        cap = max(1, int(capacity))
+        self.admission = Admission(cfg.admission, self.seed) if cfg.admission is not None else None
+        self._reset(capacity)
+
+    def _reset(self, capacity: int) -> None:
+        cfg = self.cfg
+        cap = max(1, int(capacity if cfg.max_rows is None else min(capacity, cfg.max_rows)))
+        self.index = KeyIndex(cap)
+        self.keys = np.zeros(cap, np.uint64)
+        self.ids = np.zeros(cap, np.int64)  # becomes an object array once a str ID arrives
         self.rows = torch.zeros((cap, cfg.dim), dtype=torch.float32)
-        self.state = torch.zeros((cap, *optim.state_shape(opt.kind, cfg.dim)), dtype=torch.float32)
-        self.changed_at = np.zeros(cap, dtype=np.int64)
-        self.touched_at = np.zeros(cap, dtype=np.float64)
-        self.removed: list[tuple[int, ID]] = []
+        self.state = torch.zeros((cap, *optim.state_shape(self.opt.kind, cfg.dim)), dtype=torch.float32)
+        self.changed_at = np.zeros(cap, np.int64)
+        self.touched_at = np.zeros(cap, np.float64)
+        self.score = np.zeros(cap, np.float64)
+        self.live = np.zeros(cap, bool)
+        self._free = np.zeros(0, np.int64)  # slots freed by removals, reused lowest first
+        self._top = 0  # slots below this have been used
+        self._n = 0
+        self._tomb_versions: list[np.ndarray] = []
+        self._tomb_keys: list[np.ndarray] = []
+        self.pruned_below = 0  # tombstones of versions below this are gone
 
     def __len__(self) -> int:
-        return len(self.ids)
+        return self._n
 
     @property
     def dim(self) -> int:
         """Row width (floats)."""
         return self.cfg.dim
 
-    def _grow(self, need: int) -> None:
-        cap = self.rows.shape[0]
-        if need <= cap:
-            return
-        new_cap = max(need, cap * 2)
-        self.rows = torch.cat([self.rows, self.rows.new_zeros((new_cap - cap, self.rows.shape[1]))])
-        self.state = torch.cat([self.state, self.state.new_zeros((new_cap - cap, *self.state.shape[1:]))])
-        self.changed_at = np.concatenate([self.changed_at, np.zeros(new_cap - cap, np.int64)])
-        self.touched_at = np.concatenate([self.touched_at, np.zeros(new_cap - cap, np.float64)])
+    # -- reads -------------------------------------------------------------------------
+    def initial_rows(self, keys: np.ndarray) -> np.ndarray:
+        """The rows ``keys`` start with (``float32 [n, dim]``): a deterministic function of
+        (table seed, key), or zeros for ``init: zeros``."""
+        keys = _as_keys(keys)
+        if self.cfg.init == InitKind.UNIFORM and len(keys):
+            return init_rows(keys, seed=self.seed, dim=self.cfg.dim, scale=self.cfg.init_scale)
+        return np.zeros((len(keys), self.cfg.dim), np.float32)
 
-    def initial_rows(self, ids: np.ndarray) -> np.ndarray:
-        """The rows ``ids`` start with (``float32 [n, dim]``): a deterministic function of
-        (table seed, ID key), or zeros for ``init: zeros``."""
-        if self.cfg.init == InitKind.UNIFORM and len(ids):
-            return init_rows(id_keys(ids), seed=self.seed, dim=self.cfg.dim, scale=self.cfg.init_scale)
-        return np.zeros((len(ids), self.cfg.dim), np.float32)
+    def lookup(self, keys: np.ndarray) -> np.ndarray:
+        """Slots (``int64 [n]``) of ``keys`` (``uint64``); ``-1`` for keys without a row."""
+        return self.index.lookup(_as_keys(keys))
 
-    def lookup(self, ids: np.ndarray, *, create: bool, version: int = 0) -> np.ndarray:
-        """Slots (``int64 [n]``) of ``ids``; ``-1`` for absent ones unless ``create``.
+    def pull(self, keys: np.ndarray, *, initial: bool = True) -> tuple[np.ndarray, np.ndarray]:
+        """``(rows float32 [n, dim], found bool [n])`` of ``keys`` in the order given.
 
-        ``create`` adds absent IDs with their initial row; such a row counts as changed at
-        ``version + 1`` (a reader syncing from ``version`` sees it).
+        A key without a row reads as its initial row (``initial``: what a push would
+        create; the table's default row) or as zeros, with ``found`` False. Nothing is stored.
         """
-        get = self.index.get
-        id_list = ids.tolist()
-        slots = np.fromiter((get(x, -1) for x in id_list), dtype=np.int64, count=len(id_list))
-        if not create:
-            return slots
-        missing = np.flatnonzero(slots < 0)
-        if missing.size:
-            new_ids: list[ID] = []
-            for j in missing.tolist():
-                x = id_list[j]
-                s = self.index.get(x)
-                if s is None:  # the same new ID may appear twice in one request
-                    s = len(self.ids)
-                    self.index[x] = s
-                    self.ids.append(x)
-                    new_ids.append(x)
-                slots[j] = s
-            start = len(self.ids) - len(new_ids)
-            self._grow(len(self.ids))
-            if self.cfg.init == InitKind.UNIFORM:
-                self.rows[start : len(self.ids)] = torch.from_numpy(self.initial_rows(as_id_array(new_ids)))
-            self.changed_at[start : len(self.ids)] = version + 1
-            self.touched_at[start : len(self.ids)] = time.time()
-        return slots
-
-    def pull(self, ids: np.ndarray, *, create: bool, version: int = 0) -> tuple[np.ndarray, np.ndarray]:
-        """``(rows float32 [n, dim], found bool [n])`` of ``ids`` in the order given.
-
-        With ``create`` absent IDs get their initial row (and ``found`` is True); without
-        it they read as zeros, ``found`` is False and nothing is stored.
-        """
-        slots = self.lookup(ids, create=create, version=version)
+        keys = _as_keys(keys)
+        slots = self.lookup(keys)
         found = slots >= 0
-        rows = np.zeros((len(ids), self.cfg.dim), dtype=np.float32)
+        rows = np.empty((len(keys), self.cfg.dim), dtype=np.float32)
         if found.any():
             rows[found] = self.rows[torch.from_numpy(slots[found])].numpy()
+        if not found.all():
+            missing = ~found
+            rows[missing] = self.initial_rows(keys[missing]) if initial else 0.0
         return rows, found
 
-    def push(self, ids: np.ndarray, grads: torch.Tensor | np.ndarray, *, version: int = 0, now: float = 0.0) -> None:
-        """One optimizer step on the rows of ``ids`` (created if absent), gradients ``float32 [n, dim]``.
+    def matrix(self) -> np.ndarray:
+        """The rows of live slots, in slot order (``float32 [len(self), dim]``; a copy when
+        slots were freed)."""
+        rows = self.rows[: self._top].numpy()
+        return rows if self._n == self._top else rows[self.live[: self._top]]
 
-        Pushed rows of a repeated ID are combined first (``optim.reduce_pushed``: summed,
-        or merged at their latest clock for ``decayed_count``). The rows count as changed
-        at ``version`` and touched at ``now`` (unix seconds).
+    def live_slots(self) -> np.ndarray:
+        """Slots holding a row, ascending (``int64``)."""
+        return np.flatnonzero(self.live[: self._top])
+
+    def ids_at(self, slots: np.ndarray) -> np.ndarray:
+        """The IDs (as given) at ``slots``: ``int64``, or ``object`` once a str ID was stored."""
+        return self.ids[slots]
+
+    def rows_at(self, slots: np.ndarray) -> torch.Tensor:
+        """A copy of the rows at ``slots`` (``float32 [n, dim]``)."""
+        return self.rows[torch.from_numpy(np.asarray(slots, dtype=np.int64))]
+
+    def changed_since(self, since: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """``(keys, ids, rows, removed)``: live rows changed after version ``since`` and the
+        keys removed at or after it (as far as tombstones reach: see :attr:`pruned_below`)."""
+        sel = np.flatnonzero(self.live[: self._top] & (self.changed_at[: self._top] > since))
+        rows = self.rows[torch.from_numpy(sel)].numpy() if sel.size else np.empty((0, self.cfg.dim), np.float32)
+        return self.keys[sel], self.ids[sel], rows, self.removed_since(since)
+
+    def removed_since(self, since: int) -> np.ndarray:
+        """Keys (``uint64``) removed at or after version ``since``, as far as tombstones reach."""
+        if not self._tomb_versions:
+            return np.empty(0, np.uint64)
+        v, k = np.concatenate(self._tomb_versions), np.concatenate(self._tomb_keys)
+        return k[v >= since]
+
+    # -- writes ------------------------------------------------------------------------
+    def push(
+        self,
+        keys: np.ndarray,
+        grads: torch.Tensor | np.ndarray,
+        *,
+        ids: np.ndarray | None = None,
+        create: np.ndarray | None = None,
+        version: int = 0,
+        now: float = 0.0,
+        allowed: np.ndarray | None = None,
+    ) -> PushOutcome:
+        """One optimizer step on the rows of ``keys`` with ``grads`` (``float32 [n, dim]``).
+
+        ``create`` (``bool [n]``, default all True) marks the entries that are real
+        interactions: only they may create their ID's row (subject to admission and
+        ``max_rows``), and only they count as a touch for TTL and the eviction score. A
+        key without a row whose entries may not create it has its gradient dropped: a
+        negative sample or a context item never brings a removed row back. ``ids`` are the
+        IDs as given, stored for the rows created (default: the keys' bits as int64, for
+        callers that never read IDs back).
+        ``allowed`` (``bool [n]``) overrides who may create, bypassing admission: a table
+        that follows another creates exactly the rows its leader has. Rows of a repeated
+        key are combined first (``optim.reduce_pushed``). Changed rows count as changed at
+        ``version``; touched ones at ``now`` (unix seconds).
 
         Raises:
-            ValueError: ``grads`` is not ``[len(ids), dim]``.
+            ValueError: ``grads`` is not ``[len(keys), dim]``, or ``ids``/``create`` do not
+                have ``len(keys)`` entries.
         """
+        keys = _as_keys(keys)
+        n = len(keys)
         grads = torch.as_tensor(grads, dtype=torch.float32)
-        if tuple(grads.shape) != (len(ids), self.cfg.dim):
-            raise ValueError(f"push to {self.name!r}: grads shape {tuple(grads.shape)} != ({len(ids)}, {self.cfg.dim})")
-        if not len(ids):
-            return
-        slots = self.lookup(ids, create=True, version=version - 1)
-        uniq, inverse = np.unique(slots, return_inverse=True)
-        g = optim.reduce_pushed(self.opt.kind, grads, torch.from_numpy(inverse.reshape(-1)), len(uniq))
-        self.apply_slots(uniq, g)
-        self.changed_at[uniq] = version
-        self.touched_at[uniq] = now
+        if tuple(grads.shape) != (n, self.cfg.dim):
+            raise ValueError(f"push to {self.name!r}: grads shape {tuple(grads.shape)} != ({n}, {self.cfg.dim})")
+        for what, arr in (("ids", ids), ("create", create), ("allowed", allowed)):
+            if arr is not None and len(arr) != n:
+                raise ValueError(f"push to {self.name!r}: {what} has {len(arr)} entries for {n} keys")
+        empty = PushOutcome(np.empty(0, np.uint64), np.empty(0, np.uint64), 0)
+        if not n:
+            return empty
+        uniq, first, inverse = np.unique(keys, return_index=True, return_inverse=True)
+        inverse = inverse.reshape(-1)
+        real = np.ones(len(uniq), bool) if create is None else np.zeros(len(uniq), bool)
+        if create is not None:
+            real[inverse[np.asarray(create, bool)]] = True
+        occurrences = np.bincount(inverse[np.asarray(create, bool)] if create is not None else inverse,
+                                  minlength=len(uniq))
+        slots = self.lookup(uniq)
+        absent = slots < 0
+        created = removed = np.empty(0, np.uint64)
+        if allowed is not None:
+            may = np.zeros(len(uniq), bool)
+            may[inverse[np.asarray(allowed, bool)]] = True
+            want = np.flatnonzero(absent & may)
+        else:
+            want = np.flatnonzero(absent & real)
+            if want.size and self.admission is not None:
+                want = want[self.admission.admit(uniq[want], occurrences[want])]
+        if want.size:
+            new_ids = as_id_array(ids)[first[want]] if ids is not None else uniq[want].view(np.int64)
+            slots[want], removed = self._create(uniq[want], new_ids, version, keep=slots[~absent])
+            created = uniq[want][slots[want] >= 0]
+        ok = slots >= 0
+        dropped = int((~ok).sum())
+        g = optim.reduce_pushed(self.opt.kind, grads, torch.from_numpy(inverse), len(uniq))
+        if not ok.all():
+            g = g[torch.from_numpy(ok)]
+        s = slots[ok]
+        self.apply_slots(s, g)
+        self.changed_at[s] = version
+        touch = s[real[ok]]
+        self.touched_at[touch] = now
+        if self.cfg.eviction is EvictionPolicy.LFU:
+            self.score[touch] += occurrences[ok][real[ok]]
+        else:
+            self.score[touch] = version
+        return PushOutcome(created, removed, dropped)
 
     def apply_slots(self, slots: np.ndarray, grads: torch.Tensor) -> None:
         """One optimizer step on the rows at distinct ``slots`` (``int64 [n]``) with ``grads [n, dim]``."""
@@ -155,75 +249,183 @@ class EmbeddingTable:
         self.rows[u] = rows
         self.state[u] = state
 
-    def matrix(self) -> np.ndarray:
-        """The rows by slot, ``float32 [len(self), dim]`` (a view: read, do not keep across pushes)."""
-        return self.rows[: len(self.ids)].numpy()
+    def add(self, keys: np.ndarray, ids: np.ndarray, *, version: int = 0) -> np.ndarray:
+        """Slots of ``keys`` (``uint64 [n]``), giving the absent ones their initial row now, in
+        order of first appearance, outside admission and eviction (for in-process models
+        that address rows by slot: new keys get the next free slots in the order given).
 
-    def rows_at(self, slots: np.ndarray) -> torch.Tensor:
-        """A copy of the rows at ``slots`` (``float32 [n, dim]``)."""
-        return self.rows[torch.from_numpy(np.asarray(slots, dtype=np.int64))]
+        Raises:
+            ValueError: the new rows would exceed ``max_rows``.
+        """
+        keys = _as_keys(keys)
+        uniq, first, inverse = np.unique(keys, return_index=True, return_inverse=True)
+        slots = self.lookup(uniq)
+        new = np.flatnonzero(slots < 0)
+        new = new[np.argsort(first[new], kind="stable")]
+        if new.size:
+            if self.cfg.max_rows is not None and self._n + new.size > self.cfg.max_rows:
+                raise ValueError(f"add to {self.name!r}: {new.size} new rows exceed max_rows={self.cfg.max_rows}")
+            slots[new], _ = self._create(uniq[new], as_id_array(ids)[first[new]], version, keep=np.empty(0, np.int64))
+        return slots[inverse.reshape(-1)]
 
-    def changed_since(self, since: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """``(ids, rows, removed)``: IDs and rows changed after version ``since``, and IDs
-        removed at or after it."""
-        n = len(self.ids)
-        sel = np.flatnonzero(self.changed_at[:n] > since)
-        ids = as_id_array([self.ids[j] for j in sel.tolist()]) if sel.size else np.empty(0, np.int64)
-        rows = self.rows[torch.from_numpy(sel)].numpy() if sel.size else np.empty((0, self.cfg.dim), np.float32)
-        removed = as_id_array([x for v, x in self.removed if v >= since])
-        return ids, rows, removed
+    def _create(self, keys: np.ndarray, ids: np.ndarray, version: int, keep: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Give distinct absent ``keys`` rows; returns their slots (``-1`` for keys that do
+        not fit: the push holds more new IDs than ``max_rows`` leaves room for, the higher
+        keys miss out) and the keys evicted to make room (never from ``keep``)."""
+        removed = np.empty(0, np.uint64)
+        cap = self.cfg.max_rows
+        out = np.full(len(keys), -1, np.int64)
+        if cap is not None and self._n + len(keys) > cap:
+            removed = self._evict(self._n + len(keys) - cap, keep, version)
+            room = cap - self._n
+            if room < len(keys):
+                fit = self._create(keys[:room], ids[:room], version, keep)[0] if room > 0 else np.empty(0, np.int64)
+                out[:room] = fit
+                return out, removed
+        reuse = self._free[: len(keys)]
+        self._free = self._free[len(reuse):]
+        fresh = np.arange(self._top, self._top + len(keys) - len(reuse), dtype=np.int64)
+        self._top += len(fresh)
+        self._grow(self._top)
+        slots = np.concatenate([reuse, fresh])
+        if ids.dtype != np.int64 and self.ids.dtype == np.int64:
+            self.ids = self.ids.astype(object)
+        self.keys[slots] = keys
+        self.ids[slots] = ids
+        st = torch.from_numpy(slots)
+        self.rows[st] = torch.from_numpy(self.initial_rows(keys))
+        self.state[st] = 0.0
+        self.changed_at[slots] = version
+        self.touched_at[slots] = 0.0
+        self.score[slots] = 0.0
+        self.live[slots] = True
+        self._n += len(keys)
+        self.index.insert(keys, slots)
+        out[:] = slots
+        return out, removed
 
-    # -- expiry ------------------------------------------------------------------------
+    def _grow(self, need: int) -> None:
+        cap = len(self.keys)
+        if need <= cap:
+            return
+        new_cap = max(need, cap * 2)
+        if self.cfg.max_rows is not None:
+            new_cap = max(need, min(new_cap, self.cfg.max_rows))
+        extra = new_cap - cap
+        self.keys = np.concatenate([self.keys, np.zeros(extra, np.uint64)])
+        self.ids = np.concatenate([self.ids, np.zeros(extra, self.ids.dtype)])
+        self.rows = torch.cat([self.rows, self.rows.new_zeros((extra, self.rows.shape[1]))])
+        self.state = torch.cat([self.state, self.state.new_zeros((extra, *self.state.shape[1:]))])
+        self.changed_at = np.concatenate([self.changed_at, np.zeros(extra, np.int64)])
+        self.touched_at = np.concatenate([self.touched_at, np.zeros(extra, np.float64)])
+        self.score = np.concatenate([self.score, np.zeros(extra, np.float64)])
+        self.live = np.concatenate([self.live, np.zeros(extra, bool)])
+
+    def _evict(self, k: int, keep: np.ndarray, version: int) -> np.ndarray:
+        """Remove the ``k`` lowest-scoring live rows not in ``keep`` (ties: lower key first)."""
+        cand = self.live_slots()
+        if keep.size:
+            cand = cand[~np.isin(cand, keep)]
+        if not cand.size:
+            return np.empty(0, np.uint64)
+        k = min(k, cand.size)
+        score = self.score[cand]
+        if k < cand.size:
+            kth = np.partition(score, k - 1)[k - 1]
+            cand, score = cand[score <= kth], score[score <= kth]
+        order = np.lexsort((self.keys[cand], score))[:k]
+        gone = self.keys[cand[order]]
+        self.remove(gone, version)
+        return gone
+
+    def remove(self, keys: np.ndarray, version: int) -> np.ndarray:
+        """Drop the rows of ``keys`` (those present), with their optimizer state; record
+        tombstones at ``version``. Returns the keys removed."""
+        keys = _as_keys(keys)
+        if not len(keys):
+            return keys
+        slots = self.index.remove(np.unique(keys))
+        present = slots >= 0
+        slots = slots[present]
+        if not slots.size:
+            return np.empty(0, np.uint64)
+        gone = self.keys[slots].copy()
+        self.live[slots] = False
+        st = torch.from_numpy(slots)
+        self.rows[st] = 0.0
+        self.state[st] = 0.0
+        self._free = np.sort(np.concatenate([self._free, slots]))
+        self._n -= len(slots)
+        self._tomb_versions.append(np.full(len(gone), version, np.int64))
+        self._tomb_keys.append(gone)
+        return gone
+
+    def expire(self, now: float, version: int) -> np.ndarray:
+        """Remove the IDs without a real interaction for ``cfg.ttl_s`` seconds before ``now``;
+        returns their keys."""
+        if self.cfg.ttl_s is None or not self._n:
+            return np.empty(0, np.uint64)
+        top = self._top
+        old = np.flatnonzero(self.live[:top] & (self.touched_at[:top] < now - self.cfg.ttl_s))
+        return self.remove(self.keys[old], version) if old.size else np.empty(0, np.uint64)
+
     def would_expire(self, now: float) -> bool:
         """True when :meth:`expire` at ``now`` (unix seconds) would remove at least one row."""
-        if self.cfg.ttl_s is None or not self.ids:
+        if self.cfg.ttl_s is None or not self._n:
             return False
-        return bool((self.touched_at[: len(self.ids)] < now - self.cfg.ttl_s).any())
+        top = self._top
+        return bool((self.live[:top] & (self.touched_at[:top] < now - self.cfg.ttl_s)).any())
 
-    def expire(self, now: float, version: int) -> int:
-        """Drop rows not pushed for ``cfg.ttl_s`` seconds before ``now``; returns how many went."""
-        if self.cfg.ttl_s is None or not self.ids:
+    # -- tombstones --------------------------------------------------------------------
+    def tombstones(self) -> int:
+        """Number of tombstones kept."""
+        return int(sum(len(v) for v in self._tomb_versions))
+
+    def prune_tombstones(self, below: int, max_kept: int | None = None) -> int:
+        """Forget tombstones of versions below ``below`` (every reader has synced past them)
+        and, beyond ``max_kept``, the oldest ones; returns how many went. A reader asking
+        for changes since a version below :attr:`pruned_below` (one past the newest
+        forgotten tombstone) must resync fully."""
+        if not self._tomb_versions:
             return 0
-        n = len(self.ids)
-        keep = self.touched_at[:n] >= now - self.cfg.ttl_s
-        if keep.all():
-            return 0
-        gone = np.flatnonzero(~keep)
-        self.removed.extend((version, self.ids[j]) for j in gone.tolist())
-        kept = np.flatnonzero(keep)
-        kept_t = torch.from_numpy(kept)
-        self.ids = [self.ids[j] for j in kept.tolist()]
-        self.index = {x: s for s, x in enumerate(self.ids)}
-        m = len(kept)
-        self.rows[:m] = self.rows[kept_t].clone()
-        self.state[:m] = self.state[kept_t].clone()
-        self.rows[m:n] = 0
-        self.state[m:n] = 0
-        self.changed_at[:m] = self.changed_at[kept]
-        self.touched_at[:m] = self.touched_at[kept]
-        return int(gone.size)
+        v, k = np.concatenate(self._tomb_versions), np.concatenate(self._tomb_keys)
+        keep = v >= below
+        if max_kept is not None and keep.sum() > max_kept:
+            keep[: len(v) - max_kept] = False  # tombstones are in version order: the oldest go
+        gone = int((~keep).sum())
+        if gone:
+            self.pruned_below = max(self.pruned_below, int(v[~keep].max()) + 1)
+            self._tomb_versions, self._tomb_keys = ([v[keep]], [k[keep]]) if keep.any() else ([], [])
+        return gone
 
     # -- capture / restore -------------------------------------------------------------
     def capture(self) -> TableState:
-        """The table's rows and bookkeeping as arrays (views: write them out before mutating)."""
-        n = len(self.ids)
+        """The table as arrays, live slots in slot order (copies where slots were freed)."""
+        live = self.live_slots()
+        tv = np.concatenate(self._tomb_versions) if self._tomb_versions else np.empty(0, np.int64)
+        tk = np.concatenate(self._tomb_keys) if self._tomb_keys else np.empty(0, np.uint64)
         return TableState(
-            ids=as_id_array(self.ids),
-            rows=self.rows[:n].numpy(),
-            state=self.state[:n].numpy(),
-            changed_at=self.changed_at[:n],
-            touched_at=self.touched_at[:n],
-            removed=list(self.removed),
+            keys=self.keys[live],
+            ids=self.ids[live],
+            rows=self.rows[torch.from_numpy(live)].numpy(),
+            state=self.state[torch.from_numpy(live)].numpy(),
+            changed_at=self.changed_at[live],
+            touched_at=self.touched_at[live],
+            score=self.score[live],
+            tomb_versions=tv,
+            tomb_keys=tk,
+            pruned_below=self.pruned_below,
+            admission=self.admission.capture() if self.admission is not None else None,
         )
 
     def load(self, ts: TableState) -> None:
-        """Replace the contents with ``ts`` (slot order kept).
+        """Replace the contents with ``ts`` (rows in slots ``0..n-1``).
 
         Raises:
-            ValueError: the stored shapes do not fit this table's dim or optimizer, or the
-                stored IDs are not unique.
+            ValueError: the stored shapes do not fit this table's dim, optimizer or
+                admission sketch, the stored keys are not unique, or they exceed ``max_rows``.
         """
-        n = len(ts.ids)
+        n = len(ts.keys)
         want = (n, self.cfg.dim)
         if ts.rows.shape != want:
             raise ValueError(f"table {self.name!r}: stored rows have shape {ts.rows.shape}, config needs {want}")
@@ -233,21 +435,53 @@ class EmbeddingTable:
                 f"table {self.name!r}: stored optimizer state has shape {ts.state.shape}, "
                 f"optimizer {self.opt.kind.value!r} needs {shape}"
             )
-        self.ids = ts.ids.tolist()
-        self.index = {x: s for s, x in enumerate(self.ids)}
-        if len(self.index) != n:
+        if self.cfg.max_rows is not None and n > self.cfg.max_rows:
+            raise ValueError(f"table {self.name!r}: {n} stored rows exceed max_rows={self.cfg.max_rows}")
+        keys = _as_keys(ts.keys)
+        if len(np.unique(keys)) != n:
             raise ValueError(f"table {self.name!r}: stored IDs are not unique")
-        self._grow(n)
-        self.rows.zero_()
-        self.state.zero_()
-        self.rows[:n] = torch.from_numpy(ts.rows)
-        self.state[:n] = torch.from_numpy(ts.state)
-        self.changed_at[:] = 0
-        self.touched_at[:] = 0
+        self._reset(max(n, 1))
+        slots = np.arange(n, dtype=np.int64)
+        self._top = self._n = n
+        self.keys[:n] = keys
+        ids = np.asarray(ts.ids)
+        if ids.dtype != np.int64:
+            self.ids = self.ids.astype(object)
+        self.ids[:n] = ids
+        self.rows[:n] = torch.from_numpy(np.asarray(ts.rows, np.float32))
+        self.state[:n] = torch.from_numpy(np.asarray(ts.state, np.float32))
         self.changed_at[:n] = ts.changed_at
         self.touched_at[:n] = ts.touched_at
-        self.removed = list(ts.removed)
+        self.score[:n] = ts.score
+        self.live[:n] = True
+        self.index.insert(keys, slots)
+        self._tomb_versions = [np.asarray(ts.tomb_versions, np.int64)] if len(ts.tomb_versions) else []
+        self._tomb_keys = [_as_keys(ts.tomb_keys)] if len(ts.tomb_keys) else []
+        self.pruned_below = int(ts.pruned_below)
+        if self.admission is not None and ts.admission is not None:
+            self.admission.load(ts.admission)
+
+    # -- introspection -----------------------------------------------------------------
+    def nbytes(self) -> int:
+        """Bytes the table's arrays hold: rows, state, per-slot bookkeeping, the index and
+        the admission sketch (object IDs counted as pointers only)."""
+        arrays = (self.keys, self.ids, self.changed_at, self.touched_at, self.score, self.live, self._free)
+        total = sum(a.nbytes for a in arrays) + self.rows.nbytes + self.state.nbytes + self.index.nbytes()
+        total += sum(v.nbytes + k.nbytes for v, k in zip(self._tomb_versions, self._tomb_keys))
+        if self.admission is not None:
+            total += self.admission.counts.nbytes
+        return int(total)
 
     def stats(self) -> dict[str, Any]:
-        """``rows`` and ``tombstones`` counts."""
-        return {"rows": len(self.ids), "tombstones": len(self.removed)}
+        """``rows``, ``capacity`` (slots), ``tombstones``, ``bytes`` and ``bytes_per_row``
+        (``None`` for an empty table), and the raw row size ``row_bytes`` (row + state)."""
+        b = self.nbytes()
+        row_bytes = 4 * (self.cfg.dim + int(np.prod(self.state.shape[1:])))
+        return {
+            "rows": self._n,
+            "capacity": len(self.keys),
+            "tombstones": self.tombstones(),
+            "bytes": b,
+            "bytes_per_row": b / self._n if self._n else None,
+            "row_bytes": row_bytes,
+        }

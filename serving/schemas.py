@@ -61,19 +61,40 @@ class Event(_Request):
     weight: _FiniteFloat = Field(
         1.0, ge=-3.4e38, le=3.4e38, description="rating or implicit strength (1.0 for a click)"
     )
+    event_type: Annotated[StrictStr, Field(min_length=1, max_length=64)] | None = Field(
+        None, description="kind of interaction, e.g. view, click, purchase, rating (1-64 characters); stored with the event"
+    )
+    event_id: Annotated[StrictStr, Field(min_length=1, max_length=256)] | None = Field(
+        None,
+        description="the producer's ID of this event (1-256 characters): an event whose ID its partition of the "
+        "ingest log has seen within the dedup window is not appended again",
+    )
 
 
 class EventsRequest(_Request):
-    """Body of ``POST /events``: a non-empty batch, appended all-or-nothing."""
+    """Body of ``POST /events``: a non-empty batch. Each partition's part is appended whole;
+    send an ``Idempotency-Key`` header so that a retry completes the request exactly once."""
 
     events: list[Event] = Field(min_length=1, description="the batch (at most serving.max_events_per_request)")
 
 
 class EventsResponse(BaseModel):
-    """Reply of ``POST /events``: how many events were durably appended and the last one's log offset."""
+    """Reply of ``POST /events``: what was durably appended and where.
+
+    A retry with the same ``Idempotency-Key`` gets the original reply.
+    """
 
     accepted: int = Field(description="events appended (events)")
-    offset: int = Field(description="ingest-log offset of the batch's last event")
+    offset: int = Field(
+        description="the largest offset of the batch's events in the ingest-log partition of its last event "
+        "(with one partition: the batch's last offset)"
+    )
+    duplicates: int = Field(
+        0, description="events not appended because the log already had them (their event_id was seen) (events)"
+    )
+    offsets: dict[int, int] = Field(
+        default_factory=dict, description="ingest-log partition -> the largest offset of the batch's events in it"
+    )
 
 
 class RankRequest(_Request):

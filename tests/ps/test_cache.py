@@ -40,15 +40,15 @@ def _tables() -> dict:
         "user": {"dim": DIM},
         "item": {"dim": DIM},
         "r_item": {"dim": DIM},
-        "r_bias": zeros,
-        "r_pop": counter,
+        "r_bias": {**zeros, "follows": "r_item"},
+        "r_pop": {**counter, "follows": "r_item"},
         "t_item": {"dim": DIM, "ttl_s": TTL_S},
-        "t_bias": {**zeros, "ttl_s": TTL_S},
-        "t_pop": {**counter, "ttl_s": TTL_S},
+        "t_bias": {**zeros, "follows": "t_item"},
+        "t_pop": {**counter, "follows": "t_item"},
         "p_item": {"dim": DIM},
-        "p_bias": zeros,
-        "p_pop": counter,
-        "p_recent": {"dim": 2, "init": "zeros", "optimizer": {"kind": "decayed_count"}},
+        "p_bias": {**zeros, "follows": "p_item"},
+        "p_pop": {**counter, "follows": "p_item"},
+        "p_recent": {"dim": 2, "init": "zeros", "optimizer": {"kind": "decayed_count"}, "follows": "p_item"},
     }
 
 
@@ -69,8 +69,8 @@ class _Pusher:
     def __init__(self, client, name: str):
         self.client, self.name, self.seq = client, name, 0
 
-    def __call__(self, updates, history=None):
-        out = self.client.push_many(updates, PushId(self.name, self.seq), history)
+    def __call__(self, updates, recent=None):
+        out = self.client.push_many(updates, PushId(self.name, self.seq), recent)
         self.seq += 1
         assert all(applied for _, applied in out)
         return out
@@ -85,7 +85,7 @@ def _assert_mirrors(cache: RowCache, client, tables: list[str], ids: list) -> No
     slots = cache.slots_of(ids)
     assert (slots >= 0).all()
     assert cache.valid()[slots].all()
-    truth = client.pull_many({t: ids for t in tables}, create=False)
+    truth = client.pull_many({t: ids for t in tables})
     for t in tables:
         rows, found = truth[t]
         np.testing.assert_array_equal(cache.matrix(t)[slots][found], rows[found], err_msg=t)
@@ -95,8 +95,8 @@ def _assert_mirrors(cache: RowCache, client, tables: list[str], ids: list) -> No
 def _ps_item_ids(client, table: str) -> set:
     """Every ID that currently has a row in ``table`` (from a full delta)."""
     out = set()
-    for _, deltas in client.delta([table], [-1] * client.num_shards):
-        out.update(deltas[table].ids.tolist())
+    for d in client.delta([table], [-1] * client.num_shards):
+        out.update(d.tables[table].ids.tolist())
     return out
 
 
@@ -130,12 +130,14 @@ def test_sync_mirrors_all_rows_then_transfers_only_changes(client):
     _assert_mirrors(cache, client, ITEM_TABLES, ids)
     assert cache.matrix("item_pop")[cache.slots_of([42])[0], 0] == 3.0
 
-    # Rows created by a pull (no push, no version change) are delivered too.
-    client.pull_many({"item": ["new1", "new2", 1]})
-    assert cache.sync() == 2
+    # A pull creates nothing; rows a push creates arrive with every table that follows them.
+    client.pull_many({"item": ["new1", "new2", 1]}, initial=True)
+    assert cache.sync() == 0
+    push({"item": (["new1", "new2"], np.zeros((2, DIM), np.float32)), "item_bias": (["new1"], np.zeros((1, 1), np.float32))})
+    assert cache.sync() == 3
     _assert_mirrors(cache, client, ITEM_TABLES, ids + ["new1", "new2"])
-    np.testing.assert_array_equal(cache.matrix("item_bias")[cache.slots_of(["new1"])], 0)
-    assert cache.rows_synced == n + 4 + 2
+    np.testing.assert_array_equal(cache.matrix("item_bias")[cache.slots_of(["new2"])], 0)
+    assert cache.rows_synced == n + 4 + 3
     assert cache.slots_of(["never", "1"]).tolist() == [-1, -1]
     assert len(cache) == len(ids) + 2
 
@@ -195,10 +197,7 @@ def test_expired_rows_become_invalid_and_leave_rankings(client):
     assert sum(r["t_item"] for r in removed) == 3
     assert cache.sync() == 0
     assert len(cache) == 2
-    slots = cache.slots_of(old)
-    assert (slots >= 0).all() and not cache.valid()[slots].any()
-    for t in tables:
-        np.testing.assert_array_equal(cache.matrix(t)[slots], 0)
+    assert cache.slots_of(old).tolist() == [-1] * 3  # forgotten: their slots are free for new items
     assert cache.valid()[cache.slots_of(new)].all()
     # The Ranker never offers or scores an expired item.
     pop = ranker.popular([], 10)
@@ -223,7 +222,7 @@ def test_expired_then_recreated_row_is_valid_after_sync(client):
     cache.sync()
     ray.get([h.expire.remote(time.time() + 2 * TTL_S) for h in client.shards])
     cache.sync()
-    assert not cache.valid()[cache.slots_of([x])].any()
+    assert cache.slots_of([x]).tolist() == [-1]
     push({"t_item": ([x], _grads(1, seed=5)), "t_pop": ([x], np.ones((1, 1), np.float32))})
     cache.sync()
     fresh = RowCache(client, tables)
@@ -266,7 +265,7 @@ def test_popular_ranks_by_count_and_excludes_seen(ranker):
 def test_rank_many_scores_every_item_and_falls_back_for_unknown_users(ranker, client):
     cache = ranker.cache
     ids = list(COUNTS)
-    rows = client.pull_many({"r_item": ids, "r_bias": ids}, create=False)
+    rows = client.pull_many({"r_item": ids, "r_bias": ids})
     items, bias = rows["r_item"][0].astype(np.float64), rows["r_bias"][0][:, 0].astype(np.float64)
     users = np.random.default_rng(3).normal(size=(2, DIM)).astype(np.float32)
     found = np.array([True, False, True])
@@ -294,7 +293,7 @@ def test_score_items_in_order_with_none_for_unknown(ranker, client):
     u = np.random.default_rng(4).normal(size=DIM).astype(np.float32)
     scores, fallback = ranker.score_items(u, ["b", "nope", 7, "3"])
     assert fallback is None and scores[1] is None and scores[3] is None
-    rows = client.pull_many({"r_item": ["b", 7], "r_bias": ["b", 7]}, create=False)
+    rows = client.pull_many({"r_item": ["b", 7], "r_bias": ["b", 7]})
     want = rows["r_item"][0] @ u + rows["r_bias"][0][:, 0]
     np.testing.assert_allclose([scores[0], scores[2]], want, rtol=1e-5, atol=1e-6)
     counts, fallback = ranker.score_items(None, [3, "zzz", "a"])
@@ -328,7 +327,7 @@ def test_recent_popularity_decays_ranks_the_fallback_and_adds_to_scores(client):
     assert Ranker(cache, P_MODEL.model_copy(update={"recent_table": None})).popular([], 2).item_ids == ["old", "mid"]
 
     u = np.random.default_rng(5).normal(size=DIM).astype(np.float32)
-    rows = client.pull_many({"p_item": ids, "p_bias": ids}, create=False)
+    rows = client.pull_many({"p_item": ids, "p_bias": ids})
     prior = 2.0 * np.log1p(np.array([2.5, 5.0, 6.0, 0.0]))
     want = rows["p_item"][0] @ u + rows["p_bias"][0][:, 0] + prior
     got = ranker.rank_many(u[None], np.array([True]), [[]], 4)[0]

@@ -1,5 +1,5 @@
 """PSClient against real shard actors: routing, caller order, placement, exactly-once
-pushes, versions, history routing and reconnecting by namespace."""
+pushes, versions, users' recent items routing and reconnecting by namespace."""
 
 from __future__ import annotations
 
@@ -11,9 +11,10 @@ import ray
 
 from ps.client import PSClient, start_shards
 from serving.config import FreshetConfig, load_config
-from ps.ids import as_id_array
+from ps.ids import as_id_array, keyed
 from ps.plan import ShardingPlan
 from ps.shard import PSShard, PushId
+from tests.ps.test_shard import K, pull, push
 
 DIM = 8
 NUM_SHARDS = 3
@@ -63,48 +64,61 @@ def _shuffled_with_dups(ids: list, seed: int) -> list:
     return [out[j] for j in rng.permutation(len(out))]
 
 
+def _create(client, table: str, ids: list, producer: str) -> None:
+    """Give ``ids`` rows in ``table`` at their initial value (a zero gradient leaves Adagrad rows in place)."""
+    client.push_many({table: (ids, np.zeros((len(ids), client.dims[table]), np.float32))}, PushId(producer, 0))
+
+
 def test_pull_returns_rows_in_caller_order(deployment):
     cfg, _, client = deployment
     ids = _mixed_ids(60, seed=1)
+    _create(client, "user", ids, "order")
     req = _shuffled_with_dups(ids, seed=2)
     rows = client.pull("user", req)
     assert rows.shape == (len(req), DIM) and rows.dtype == np.float32
-    local = _local(cfg).pull({"user": req})["user"][0]
-    np.testing.assert_array_equal(rows, local)
+    local = _local(cfg)
+    push(local, PushId("order", 0), {"user": (ids, np.zeros((len(ids), DIM), np.float32))})
+    np.testing.assert_array_equal(rows, pull(local, {"user": req}, False)["user"][0])
     # Per-shard truth: ask each owning shard directly for each ID.
     owner = client.plan.shards_of(as_id_array(req))
     for x, s, r in zip(req, owner.tolist(), rows):
-        got, found = ray.get(client.shards[s].pull.remote({"user": as_id_array([x])}, False))["user"]
+        got, found = ray.get(client.shards[s].pull.remote({"user": K([x])}, False))["user"]
         assert found.all()
         np.testing.assert_array_equal(got[0], r)
     # Several tables in one call, each in its own order.
     many = client.pull_many({"user": req[::-1], "item_bias": req[:7]})
     np.testing.assert_array_equal(many["user"][0], rows[::-1])
-    assert many["user"][1].all()
+    assert many["user"][1].all() and not many["item_bias"][1].any()
     np.testing.assert_array_equal(many["item_bias"][0], np.zeros((7, 1), np.float32))
+    # Keyed IDs (hashed where they entered) route the same way.
+    np.testing.assert_array_equal(client.pull("user", keyed(req)), rows)
     assert client.pull("user", []).shape == (0, DIM)
 
 
 def test_rows_live_on_the_shard_the_plan_names(deployment):
     _, _, client = deployment
     ids = _mixed_ids(90, seed=3)
-    client.pull_many({"place": _shuffled_with_dups(ids, seed=4)})
+    client.push_many({"place": (_shuffled_with_dups(ids, seed=4), np.zeros((120, 2), np.float32))}, PushId("place", 0))
     owner = client.plan.shards_of(as_id_array(ids))
     counts = np.bincount(owner, minlength=NUM_SHARDS)
     assert (counts > 0).all(), "test IDs should reach every shard"
     assert [st["rows"]["place"] for st in client.stats()] == counts.tolist()
     for s in range(NUM_SHARDS):
-        _, found = ray.get(client.shards[s].pull.remote({"place": as_id_array(ids)}, False))["place"]
+        _, found = ray.get(client.shards[s].pull.remote({"place": K(ids)}, False))["place"]
         assert found.tolist() == (owner == s).tolist()
 
 
-def test_pull_without_create_reads_zeros_and_stores_nothing(deployment):
+def test_pulls_read_zeros_or_initial_rows_and_store_nothing(deployment):
     _, _, client = deployment
     before = sum(st["rows"]["user"] for st in client.stats())
-    client.pull("user", [101, "nc-a"])
-    got = client.pull_many({"user": ["nc-b", 101, 102, "nc-a"]}, create=False)["user"]
+    client.pull("user", [101, "nc-a"], initial=True)
+    assert sum(st["rows"]["user"] for st in client.stats()) == before
+    _create(client, "user", [101, "nc-a"], "nc")
+    got = client.pull_many({"user": ["nc-b", 101, 102, "nc-a"]})["user"]
     assert got[1].tolist() == [False, True, False, True]
     np.testing.assert_array_equal(got[0][[0, 2]], 0)
+    init = client.pull_many({"user": ["nc-b"]}, initial=True)["user"]
+    assert not init[1][0] and np.abs(init[0]).max() > 0  # the row a push would create
     assert sum(st["rows"]["user"] for st in client.stats()) == before + 2
 
 
@@ -121,9 +135,9 @@ def test_pushes_match_a_single_shard_and_apply_once(deployment):
         updates = {"user": (req, g), "item_pop": (req, pop)}
         replies = client.push_many(updates, PushId("w", seq))
         assert replies == [(int(v) + seq + 1, True) for v in v0]
-        local.push(PushId("w", seq), updates)
-    np.testing.assert_allclose(client.pull("user", ids), local.pull({"user": ids})["user"][0], rtol=1e-6, atol=1e-7)
-    np.testing.assert_array_equal(client.pull("item_pop", ids), local.pull({"item_pop": ids})["item_pop"][0])
+        push(local, PushId("w", seq), updates)
+    np.testing.assert_allclose(client.pull("user", ids), pull(local, {"user": ids}, False)["user"][0], rtol=1e-6, atol=1e-7)
+    np.testing.assert_array_equal(client.pull("item_pop", ids), pull(local, {"item_pop": ids}, False)["item_pop"][0])
     # The same push id again: no shard applies it, nothing moves.
     before_user, before_pop = client.pull("user", ids), client.pull("item_pop", ids)
     dups = np.array([st["duplicate_pushes"] for st in client.stats()])
@@ -178,7 +192,7 @@ def test_non_finite_push_is_applied_by_no_shard(deployment):
     assert client.versions() == v0
 
 
-def test_seen_is_routed_by_user(deployment):
+def test_recent_items_are_routed_by_user(deployment):
     _, _, client = deployment
     users = [31, "31", "bob", 2**50, -7, "carol"]
     hist_u, hist_i = [], []
@@ -186,14 +200,18 @@ def test_seen_is_routed_by_user(deployment):
         for j in range(n + 1):
             hist_u.append(u)
             hist_i.append(f"i{n}-{j}" if j % 2 else n * 100 + j)
-    client.push_many({}, PushId("hist", 0), history=(hist_u, hist_i))
-    want = {u: [i for uu, i in zip(hist_u, hist_i) if uu == u] for u in users}
+    client.push_many({}, PushId("hist", 0), recent=(hist_u, hist_i, np.arange(len(hist_u))))
+    want = {u: K([i for uu, i in zip(hist_u, hist_i) if uu == u]).tolist() for u in users}
     order = [users[j] for j in np.random.default_rng(0).permutation(len(users))] + ["nobody", users[2]]
     assert client.seen(order) == [want.get(u, []) for u in order]
     owner = client.plan.shards_of(as_id_array(users))
     for s in range(NUM_SHARDS):
-        got = ray.get(client.shards[s].seen_items.remote(as_id_array(users)))
+        got = [a.tolist() for a in ray.get(client.shards[s].recent_items.remote(K(users)))]
         assert got == [want[u] if o == s else [] for u, o in zip(users, owner.tolist())]
+    # The ingest path records the same way, and idempotently by offset.
+    assert client.record_recent(["dave", "dave"], ["x", "y"], np.array([7, 8])) == 2
+    assert client.record_recent(["dave"], ["x"], np.array([7])) == 0
+    assert client.seen(["dave"]) == [K(["x", "y"]).tolist()]
 
 
 def test_connect_by_namespace_sees_the_same_state(deployment):
@@ -223,7 +241,7 @@ def test_pull_after_a_push_reflects_it_even_if_sent_before_it(deployment):
     # the push is acknowledged.
     _, _, client = deployment
     ids = [f"after-{i}" for i in range(20)]
-    before = client.pull("user", ids)
+    before = client.pull("user", ids, initial=True)
     push_refs: list = []
     pending = client.pull_async({"user": ids}, after=(PushId("after-test", 0), push_refs))
     grads = np.ones((len(ids), client.dims["user"]), np.float32)
@@ -234,4 +252,4 @@ def test_pull_after_a_push_reflects_it_even_if_sent_before_it(deployment):
     assert not np.array_equal(rows, before)
     # Without the wait, shards say "not yet" rather than returning stale rows.
     shard = client.shards[0]
-    assert ray.get(shard.pull_after.remote({"user": np.array(["x"], dtype=object)}, True, PushId("never", 0))) is None
+    assert ray.get(shard.pull_after.remote({"user": K(["x"])}, True, PushId("never", 0))) is None

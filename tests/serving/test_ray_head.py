@@ -1,0 +1,311 @@
+"""``serving.ray_head``: a real local Ray head on loopback with token auth, on ports of its own.
+
+Two heads start at once (one with auth, one without) and must not collide. On the auth head a
+driver with the token runs a task and a Serve app; then every listening socket of the head's
+processes (workers included) is either on loopback or, connected to through 127.0.0.1 only,
+refuses a client without the token. ``stop_head`` must leave none of a head's processes alive.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import http.client
+import io
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import textwrap
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+from serving.ray_head import (
+    HeadInfo,
+    Listener,
+    client_env,
+    head_pids,
+    listening_sockets,
+    start_head,
+    stop_head,
+)
+from tests.conftest import free_port
+
+grpc = pytest.importorskip("grpc")
+
+REPO = Path(__file__).resolve().parents[2]
+
+# Ray's fixed default ports: a head that used any of them would collide with another Ray.
+RAY_DEFAULT_PORTS = {6379, 8265, 10001, 52365, 44217, 44227, 8076, 8077}
+
+# A real RPC of each kind of Ray gRPC server. Ray's C++ servers check the token per method
+# (an unknown method answers UNIMPLEMENTED before any check), so a probe needs real names.
+PROBE_METHODS = (
+    "/ray.rpc.NodeInfoGcsService/GetClusterId",  # GCS
+    "/ray.rpc.NodeManagerService/GetResourceLoad",  # raylet
+    "/ray.rpc.ObjectManagerService/Pull",  # raylet's object manager
+    "/ray.rpc.CoreWorkerService/NumPendingTasks",  # every worker and driver
+    "/ray.rpc.ReporterService/HealthCheck",  # dashboard agent (gRPC)
+    "/ray.rpc.LogService/ListLogs",  # dashboard agent (gRPC)
+    "/ray.rpc.RayletDriver/ClusterInfo",  # Ray Client server
+    "/ray.serve.ASGIService/HandleRequest",  # Serve replica, inter-deployment gRPC on [::]
+)
+
+
+def _grpc_codes(port: int, token: str | None) -> dict[str, str]:
+    """Status code name of each probe method called on 127.0.0.1:``port`` (empty request)."""
+    md = (("authorization", f"Bearer {token}"),) if token else None
+    out = {}
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
+        for m in PROBE_METHODS:
+            try:
+                ch.unary_unary(m)(b"", timeout=5, metadata=md)
+                out[m] = "OK"
+            except grpc.RpcError as e:
+                out[m] = e.code().name
+    return out
+
+
+def _http_status(port: int) -> int | None:
+    """HTTP status of ``GET /`` on 127.0.0.1:``port`` without a token, None if not HTTP."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=5) as r:
+            return r.status
+    except urllib.error.HTTPError as e:
+        return e.code
+    except (OSError, http.client.HTTPException):  # not an HTTP server (gRPC closes the connection)
+        return None
+
+
+def refuses_without_token(port: int, token: str) -> tuple[bool, str]:
+    """Whether 127.0.0.1:``port`` refuses a client without the token, and the evidence.
+
+    Refused: some real RPC answers UNAUTHENTICATED (or HTTP 401/403) without the token, nothing
+    answers OK/200 without it, and the same RPC gets past the check with the token.
+    """
+    plain = _grpc_codes(port, None)
+    denied = [m for m, c in plain.items() if c == "UNAUTHENTICATED"]
+    status = _http_status(port)
+    if any(c == "OK" for c in plain.values()) or status == 200:
+        return False, f"answered without the token: {plain}, HTTP {status}"
+    if status in (401, 403):
+        return True, f"HTTP {status} without the token"
+    if not denied:
+        return False, f"no probe was refused for want of a token: {plain}, HTTP {status}"
+    with_token = _grpc_codes(port, token)
+    if with_token[denied[0]] == "UNAUTHENTICATED":
+        return False, f"{denied[0]} refuses even with the token"
+    return True, f"{denied[0]}: UNAUTHENTICATED without the token, {with_token[denied[0]]} with it"
+
+
+def _gone(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return True
+    return state in ("Z", "X")  # a zombie has exited
+
+
+@pytest.fixture(scope="module")
+def heads():
+    """Two heads started concurrently: (token auth, 1 CPU) and (auth off, 1 CPU), plus its stderr."""
+    dirs = [tempfile.mkdtemp(prefix="rh.", dir="/tmp") for _ in range(2)]
+    err = io.StringIO()
+    started: list[HeadInfo] = []
+    try:
+        with contextlib.redirect_stderr(err), ThreadPoolExecutor(2) as pool:
+            futs = [pool.submit(start_head, dirs[0], num_cpus=1, timeout_s=60),
+                    pool.submit(start_head, dirs[1], num_cpus=1, auth=False, timeout_s=60)]
+            for f in futs:  # keep what did start, so it is stopped even if the other failed
+                with contextlib.suppress(Exception):
+                    started.append(f.result())
+            a, b = (f.result() for f in futs)
+        yield a, b, err.getvalue()
+    finally:
+        for info in started:
+            with contextlib.suppress(Exception):
+                stop_head(info)
+        for d in dirs:
+            shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def serve_on_auth_head(heads):
+    """Run a driver with the token against the auth head: a task, then a Serve app left running."""
+    a = heads[0]
+    http_port = free_port()
+    while a.ports["min_worker"] <= http_port <= a.ports["max_worker"]:
+        http_port = free_port()  # a worker could take a port in the head's worker block
+    script = textwrap.dedent(f"""
+        import urllib.request
+        import ray
+        from ray import serve
+        ray.init(address={a.address!r}, log_to_driver=False)
+        print("task", ray.get(ray.remote(lambda x: x + 1).remote(41)), flush=True)
+        serve.start(http_options={{"host": "127.0.0.1", "port": {http_port}}})
+
+        @serve.deployment(ray_actor_options={{"num_cpus": 0}})
+        def hello(request):
+            return "hi"
+
+        serve.run(hello.bind(), name="hello", route_prefix="/")
+        # No Ray token here: Serve's HTTP proxy is the public app, outside Ray's token auth.
+        print("http", urllib.request.urlopen("http://127.0.0.1:{http_port}/", timeout=10).read().decode(), flush=True)
+    """)
+    env = {**os.environ, **client_env(a), "PYTHONPATH": str(REPO)}
+    run = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120,
+                         check=False)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-4000:]
+    return run.stdout, http_port
+
+
+def test_heads_start_concurrently_on_distinct_free_ports(heads):
+    a, b, err = heads
+    used = []
+    for info in (a, b):
+        named = {k: p for k, p in info.ports.items() if k not in ("min_worker", "max_worker")}
+        block = range(info.ports["min_worker"], info.ports["max_worker"] + 1)
+        used.append(set(named.values()) | set(block))
+        assert info.address == f"127.0.0.1:{info.ports['gcs']}"
+        assert all(20000 <= p <= 32767 for p in used[-1]), info.ports
+        assert not used[-1] & RAY_DEFAULT_PORTS
+        assert len(named) == len(set(named.values())) and not set(named.values()) & set(block)
+    assert not used[0] & used[1], "two heads share a port"
+    assert a.auth and Path(a.token_path).stat().st_mode & 0o077 == 0, "token file must be private"
+    assert not b.auth and b.token_path is None
+    assert "token authentication is OFF" in err
+
+
+def test_every_listener_is_loopback_or_refuses_without_token(heads, serve_on_auth_head):
+    a = heads[0]
+    token = Path(a.token_path).read_text().strip()
+    listeners = listening_sockets(head_pids(a))
+    ports = {s.port for s in listeners}
+    # the head's own ports are all there (workers and Serve add more)
+    assert {p for k, p in a.ports.items() if k not in ("min_worker", "max_worker")} <= ports
+    assert serve_on_auth_head[1] in ports
+    exposed = [s for s in listeners if not s.is_loopback]
+    failures = []
+    for s in exposed:
+        ok, why = refuses_without_token(s.port, token)
+        print(f"beyond loopback: {s} -> {why}")  # with Ray 2.60: each Serve replica's gRPC server on [::]
+        if not ok:
+            failures.append(f"{s}: {why}")
+    assert not failures, "listeners beyond loopback that accept a client without the token:\n" + "\n".join(failures)
+    # The check itself works: the GCS refuses a token-less client and lets the token through.
+    ok, why = refuses_without_token(a.ports["gcs"], token)
+    assert ok, why
+
+
+def test_driver_with_token_runs_task_and_serve(serve_on_auth_head):
+    out, _ = serve_on_auth_head
+    assert "task 42" in out and "http hi" in out, out
+
+
+def test_head_without_auth_answers_without_token(heads):
+    b = heads[1]
+    assert _grpc_codes(b.ports["gcs"], None)["/ray.rpc.NodeInfoGcsService/GetClusterId"] == "OK"
+    assert all(s.is_loopback for s in listening_sockets(head_pids(b))), listening_sockets(head_pids(b))
+
+
+def test_stop_head_leaves_no_process(heads):
+    b = heads[1]
+    seen = set(head_pids(b)) | set(b.pids)
+    stopped = stop_head(b)
+    assert b.root_pid in stopped
+    assert head_pids(b) == []
+    alive = [p for p in seen if not _gone(p)]
+    assert not alive, f"still alive after stop_head: {alive}"
+    assert not [s for s in listening_sockets(seen)], "a stopped head still listens"
+    assert heads[0].root_pid not in stopped and head_pids(heads[0]), "stopping one head touched the other"
+
+
+def test_bad_ports_are_rejected_before_anything_starts(tmp_path):
+    d = tempfile.mkdtemp(prefix="rh.", dir="/tmp")
+    with pytest.raises(ValueError, match="unknown ports"):
+        start_head(d, ports={"gcs": 25000, "bogus": 1})
+    with pytest.raises(ValueError, match="min_worker"):
+        start_head(d, ports={"min_worker": 25000})
+    with pytest.raises(ValueError, match="longer than"):
+        start_head(tmp_path / ("x" * 60))
+    assert not list(Path(d).iterdir()), "nothing may be written for a rejected call"
+    os.rmdir(d)
+
+
+def test_listener_loopback_classification():
+    assert Listener(1, "127.0.0.1", 1).is_loopback
+    assert Listener(1, "::1", 1).is_loopback
+    assert Listener(1, "::ffff:127.0.0.1", 1).is_loopback
+    assert not Listener(1, "0.0.0.0", 1).is_loopback
+    assert not Listener(1, "::", 1).is_loopback
+    assert not Listener(1, "192.0.2.2", 1).is_loopback
+
+
+def test_reserved_ports_are_free_distinct_and_never_handed_out_twice():
+    from serving import ray_head
+
+    def span(r: dict) -> set[int]:
+        return {p for k, p in r.items() if not k.startswith("blk")} | set(range(r["blk_min"], r["blk_max"] + 1))
+
+    a = ray_head.reserve_ports(["x", "y"], {"blk": 20})
+    b = ray_head.reserve_ports(["x"], {"blk": 20})
+    try:
+        assert a["blk_max"] - a["blk_min"] == 19 and len(span(a)) == 22
+        assert not span(a) & span(b), "a held port was handed out again"
+        assert all(20000 <= p <= 32767 for p in span(a) | span(b))
+        assert not (span(a) | span(b)) & RAY_DEFAULT_PORTS
+    finally:
+        ray_head.release_ports(a)
+        ray_head.release_ports(b)
+    assert not (set(a.values()) | set(b.values())) & ray_head._reserved
+    with pytest.raises(ValueError):
+        ray_head.reserve_ports([], {"blk": 0})
+
+
+def test_high_throughput_env_moves_every_listener_and_file(tmp_path):
+    from serving import ray_head
+
+    run_dir = tempfile.mkdtemp(prefix="rh.", dir="/tmp")
+    try:
+        env = ray_head.high_throughput_env(run_dir, ports={"haproxy_stats": 25123})
+        assert env["RAY_SERVE_ENABLE_HA_PROXY"] == env["RAY_SERVE_THROUGHPUT_OPTIMIZED"] == "1"
+        assert env["RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S"] == "2"
+        assert env["RAY_SERVE_HAPROXY_STATS_PORT"] == "25123"  # a given port is used as is
+        ports = [int(env[v]) for v in ray_head.SERVE_HT_PORT_ENV.values()]
+        assert len(set(ports)) == 4 and not set(ports) & {8404, 9101, 8500, 9500}
+        for kind in ("HTTP", "GRPC"):
+            lo, hi = (int(env[f"RAY_SERVE_DIRECT_INGRESS_{e}_{kind}_PORT"]) for e in ("MIN", "MAX"))
+            assert 20000 <= lo < hi <= 32767 and not set(range(lo, hi + 1)) & set(ports)
+        files = [v for k, v in env.items() if k.endswith(("_LOC", "_PATH", "_BASE", "_FILE"))]
+        assert len(files) == 6 and all(f.startswith(run_dir + "/hap") for f in files), files
+        wrapper = Path(env["RAY_SERVE_HAPROXY_BINARY_PATH"])
+        assert os.access(wrapper, os.X_OK) and "25123" in wrapper.read_text()
+        # The wrapper moves exactly the stats and metrics binds to loopback, then runs HAProxy.
+        metrics = env["RAY_SERVE_HAPROXY_METRICS_PORT"]
+        cfg = wrapper.parent / "t.cfg"
+        cfg.write_text(f"frontend prometheus\n    bind :{metrics}\n    mode http\nfrontend http_frontend\n"
+                       f"    bind *:8000\n    mode http\nlisten stats\n  bind *:25123\n  mode http\n")
+        run = subprocess.run([str(wrapper), "-c", "-f", str(cfg)], capture_output=True, text=True, timeout=30)
+        assert run.returncode == 0, run.stderr
+        text = cfg.read_text()
+        assert f"bind 127.0.0.1:{metrics}\n" in text and "bind 127.0.0.1:25123\n" in text
+        assert "bind *:8000\n" in text  # the app's own bind is serving.host's business
+        assert "RAY_SERVE_HAPROXY_BINARY_PATH" not in ray_head.high_throughput_env(run_dir, loopback=False)
+        with pytest.raises(ValueError, match="unknown ports"):
+            ray_head.high_throughput_env(run_dir, ports={"bogus": 1})
+        with pytest.raises(ValueError, match="longer than"):
+            ray_head.high_throughput_env("/tmp/" + "x" * 40)
+    finally:
+        shutil.rmtree(run_dir, ignore_errors=True)
+
+
+def test_start_head_refuses_auth_settings_in_env():
+    d = tempfile.mkdtemp(prefix="rh.", dir="/tmp")
+    with pytest.raises(ValueError, match="RAY_AUTH_MODE"):
+        start_head(d, env={"RAY_AUTH_MODE": "disabled"})
+    assert not list(Path(d).iterdir())
+    os.rmdir(d)

@@ -1,0 +1,140 @@
+"""Exactly-once at the door (a real log on real files, no Ray): idempotency keys and event
+IDs, the dedup window's count and age bounds, and the window surviving a restart."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from ps.ids import id_keys
+from tests.conftest import FakeClock
+from tests.workers.test_ingest_log import SyncLog, span
+from workers import ingest_log
+from workers.config import IngestConfig
+
+
+@pytest.fixture
+def clock(monkeypatch) -> FakeClock:
+    clock = FakeClock(1_000_000.0)
+    monkeypatch.setattr(ingest_log, "time", clock)
+    return clock
+
+
+def _cfg(tmp_path: Path, **kw) -> IngestConfig:
+    return IngestConfig(dir=str(tmp_path), **{"fsync": False, **kw})
+
+
+def _uri_cfg(tmp_path: Path, **kw) -> IngestConfig:
+    return IngestConfig(dir=(tmp_path / "store").as_uri(), state_dir=str(tmp_path / "state"), **{"fsync": False, **kw})
+
+
+def _post(log: SyncLog, users, *, key=None, ids=None, types=None):
+    n = len(users)
+    return log.append(users, list(range(n)), [1.0] * n, [1.0] * n, types, ids, key)
+
+
+def test_a_retried_key_returns_the_original_result_and_appends_nothing(tmp_path):
+    log = SyncLog(_cfg(tmp_path))
+    first = _post(log, ["a", "b"], key="req-1")
+    assert span(first) == (0, 1)
+    before = log.stats()
+    assert _post(log, ["a", "b"], key="req-1") == first
+    assert _post(log, ["x", "y", "z"], key="req-1") == first  # the key decides, not the body
+    after = log.stats()
+    assert (after["events_accepted"], after["appends"]) == (before["events_accepted"], before["appends"]) == (2, 1)
+    assert after["duplicates"] == before["duplicates"] + 4
+    assert span(_post(log, ["a", "b"], key="req-2")) == (2, 3)
+    assert span(_post(log, ["a", "b"])) == (4, 5)  # no key: appended every time
+    assert log.read(0, 10).column("user_id").to_pylist() == ["a", "b"] * 3
+
+
+def test_event_ids_already_in_the_window_are_not_appended_again(tmp_path):
+    log = SyncLog(_cfg(tmp_path))
+    r1 = _post(log, ["a", "b", "c"], ids=["e1", None, "e2"], types=["view", "click", None])
+    assert (r1.accepted, r1.duplicates, r1.offset) == (3, 0, 2)
+    # e1 is stored (offset 0); None is always new; e3 twice in one request: the first is kept.
+    r2 = _post(log, ["a", "b", "c", "d"], ids=["e1", None, "e3", "e3"])
+    assert (r2.accepted, r2.duplicates, r2.offsets) == (2, 2, {0: 4})
+    b = log.read(0, 10).to_pydict()
+    assert b["event_id"] == ["e1", None, "e2", None, "e3"]
+    assert b["event_type"] == ["view", "click", None, None, None]
+    assert b["offset"] == [0, 1, 2, 3, 4]
+    # All duplicates: nothing appended; the reply names the stored events' offsets.
+    r3 = _post(log, ["a", "c"], ids=["e1", "e2"])
+    assert (r3.accepted, r3.duplicates, r3.offsets) == (0, 2, {0: 2})
+    assert log.stats()["events_accepted"] == 5
+    assert log.stats()["duplicates"] == 4
+
+
+def test_event_ids_are_deduplicated_within_their_partition(tmp_path):
+    users = [f"u{i}" for i in range(20)]
+    where = [int(k % 2) for k in id_keys(users)]
+    a, b = users[where.index(0)], users[where.index(1)]
+    log = SyncLog(_cfg(tmp_path, partitions=2))
+    _post(log, [a], ids=["e"])
+    # The same producer event is the same user, so the same partition; another user's
+    # event in another partition with that ID is another event.
+    assert _post(log, [a], ids=["e"]).duplicates == 1
+    assert (_post(log, [b], ids=["e"]).accepted, log.stats()["end_offsets"]) == (1, [1, 1])
+
+
+def test_the_window_is_bounded_by_count(tmp_path):
+    log = SyncLog(_cfg(tmp_path, dedup_max_keys=3))
+    results = [_post(log, ["u"], key=f"k{i}") for i in range(4)]
+    assert log.stats()["dedup_keys"] == 3
+    assert _post(log, ["u"], key="k3") == results[3]
+    assert span(_post(log, ["u"], key="k0")) == (4, 4)  # forgotten: appended again
+    assert log.stats()["dedup_keys"] == 3
+
+
+def test_the_window_is_bounded_by_age(tmp_path, clock):
+    log = SyncLog(_cfg(tmp_path, dedup_max_age_s=60))
+    first = _post(log, ["u"], key="k", ids=["e"])
+    clock.now += 59
+    assert _post(log, ["u"], key="k") == first
+    assert _post(log, ["u"], ids=["e"]).duplicates == 1
+    clock.now += 2
+    assert span(_post(log, ["u"], key="k")) == (1, 1)
+    assert _post(log, ["u"], ids=["e"]).accepted == 1
+    assert log.stats()["events_accepted"] == 3
+
+
+@pytest.mark.parametrize("uri", [False, True], ids=["local", "uri"])
+def test_the_window_survives_a_restart(tmp_path, clock, uri):
+    cfg = (_uri_cfg if uri else _cfg)(tmp_path, dedup_max_age_s=3600)
+    log = SyncLog(cfg)
+    r1 = _post(log, ["a", "b"], key="k1", ids=["e1", "e2"])
+    r2 = _post(log, ["c", "d"], key="k2", ids=["e2", "e3"])  # e2 is a duplicate
+    assert (r2.accepted, r2.duplicates, r2.offset) == (1, 1, 2)
+    keys = log.stats()["dedup_keys"]
+    assert keys == 5  # k1, k2, e1, e2, e3
+
+    again = SyncLog(cfg)
+    assert again.stats()["dedup_keys"] == keys
+    assert _post(again, ["a", "b"], key="k1") == r1
+    assert _post(again, ["x"], key="k2") == r2
+    assert _post(again, ["x", "y"], ids=["e3", "e4"]).offsets == {0: 3}
+    assert again.stats()["events_accepted"] == 4
+
+    clock.now += 3601  # older than the window: a restart does not bring them back
+    assert SyncLog(cfg).stats()["dedup_keys"] == 0
+
+
+def test_a_restart_keeps_the_newest_entries_up_to_the_count(tmp_path):
+    cfg = _cfg(tmp_path, dedup_max_keys=2)
+    log = SyncLog(cfg)
+    results = [_post(log, ["u"], key=f"k{i}") for i in range(3)]
+    again = SyncLog(cfg)
+    assert again.stats()["dedup_keys"] == 2
+    assert _post(again, ["u"], key="k2") == results[2]
+    assert _post(again, ["u"], key="k1") == results[1]
+    assert span(_post(again, ["u"], key="k0")) == (3, 3)
+
+
+def test_bad_idempotency_keys_are_refused(tmp_path):
+    log = SyncLog(_cfg(tmp_path))
+    for key in ["", "k" * 256, 5]:
+        with pytest.raises(ValueError, match="idempotency_key"):
+            _post(log, ["u"], key=key)
+    assert log.stats()["events_accepted"] == 0
