@@ -3,8 +3,8 @@
 
 ``python -m bench.train_throughput [--events N] [--out DIR]`` runs, in one process:
 
-1. ``InProcessMF``: the trainer's model (MF + item bias, BPR, the same negatives and
-   the same ``ps.optim`` update rule) on plain in-process tables, no Ray.
+1. The in-process twin: the trainer's own class with its rows in one in-process shard
+   (``ps.local.LocalClient``), no Ray.
 2. The same stream through Ray: PS shard actors plus one trainer actor reading the
    stream itself, with ``trainer.prefetch`` off and on.
 3. With the PS of (2) still up: the ingest log and the Serve app, then sequential
@@ -33,12 +33,11 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from ps.ids import ID, as_id_array, ids_from_arrow
-from ps.table import EmbeddingTable
+from ps.ids import ids_from_arrow
+from ps.local import LocalClient
 from serving.config import FreshetConfig, load_config
-from workers.config import LossKind, StreamKind
-from workers.model import bpr_loss, context_index, user_queries
-from workers.negatives import Catalogue
+from workers.config import StreamKind
+from workers.trainer import Trainer
 
 if TYPE_CHECKING:
     from serving.deploy import Deployment
@@ -46,7 +45,7 @@ if TYPE_CHECKING:
 __all__ = [
     "REPORT_KEYS",
     "RUN_KEYS",
-    "InProcessMF",
+    "in_process_trainer",
     "bench_config",
     "build_report",
     "format_table",
@@ -67,132 +66,7 @@ DEFAULT_OUT = Path(__file__).resolve().parent / "results"
 _LAT_KEYS = ("n", "p50_ms", "p99_ms", "mean_ms", "min_ms", "max_ms")
 
 
-# --------------------------------------------------------------------------- in-process baseline
-
-
-def _factorize(ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """``(unique, inverse)`` of an ID array; any consistent order will do here."""
-    if ids.dtype == np.int64:
-        uniq, inverse = np.unique(ids, return_inverse=True)
-        return uniq, inverse.reshape(-1)
-    seen: dict[ID, int] = {}
-    inverse = np.fromiter((seen.setdefault(x, len(seen)) for x in ids.tolist()), dtype=np.int64, count=len(ids))
-    return as_id_array(list(seen)), inverse
-
-
-class InProcessMF:
-    """The trainer's model trained in this process: the baseline the PS is measured against.
-
-    Per mini-batch it does what ``workers.trainer.Trainer`` does with one worker: add the
-    positives to the local catalogue, take each user's session context (their latest
-    ``model.context_items`` items before the batch), and for each of ``trainer.passes``
-    passes draw fresh ``model.num_negatives`` negatives per event
-    (``popularity_negative_fraction`` of them by interaction count, the rest uniformly,
-    from an RNG seeded like trainer 0's by ``(ps.seed, 0, batch start offset)``), pull the
-    touched user/item/bias/context rows, compute ``workers.model.bpr_loss`` and its
-    gradients with torch, and push them; the first pass also pushes the positives' counts
-    into the popularity (and recent-popularity) tables. Only the per-user history that
-    shards keep for ``exclude_seen`` is left out: it is serving state, not model.
-    """
-
-    def __init__(self, cfg: FreshetConfig):
-        m = cfg.model
-        if m.loss != LossKind.BPR:
-            raise ValueError(f"model.loss: the in-process baseline trains 'bpr' only, got {m.loss.value!r}")
-        self.cfg = cfg
-        names = (m.user_table, m.item_table, m.item_bias_table, *m.item_tables()[2:])
-        self.tables = {n: EmbeddingTable(n, cfg.ps.table(n), cfg.ps.optimizer_for(n), cfg.ps.seed) for n in names}
-        self.catalogue = Catalogue()
-        self.history: dict[ID, list[ID]] = {}
-        self.batches = 0
-        self.last_leaves: tuple | None = None
-
-    def _pull(self, table: str, ids: np.ndarray) -> torch.Tensor:
-        # A trainer's pull creates absent rows with their initial value, as a shard does.
-        return torch.from_numpy(self.tables[table].pull(ids, create=True)[0])
-
-    def negatives(self, b: int, rng: np.random.Generator) -> np.ndarray:
-        """``b * num_negatives`` catalogue items drawn with ``rng``: the first share by popularity, the rest uniform."""
-        m = self.cfg.model
-        return self.catalogue.sample(b, m.num_negatives, m.popularity_negative_fraction, rng)
-
-    def loss(self, users: np.ndarray, items: np.ndarray, negs: np.ndarray, contexts: list[list[ID]] | None = None) -> torch.Tensor:
-        """BPR loss (nats, summed over events) of the current rows; ``negs`` is ``[b * num_negatives]``.
-
-        ``contexts`` gives each event's session context (default: none). Pulls (and so
-        creates) the rows it touches; the returned tensor's graph leads back to the leaf
-        tensors in ``self.last_leaves``.
-        """
-        m = self.cfg.model
-        b = len(users)
-        if items.dtype == negs.dtype == np.int64:
-            all_items = np.concatenate([items, negs])
-        else:
-            all_items = as_id_array(np.concatenate([items.astype(object), negs.astype(object)]))
-        uniq_users, user_inv = _factorize(users)
-        uniq_items, item_inv = _factorize(all_items)
-        U = self._pull(m.user_table, uniq_users).requires_grad_()
-        I = self._pull(m.item_table, uniq_items).requires_grad_()
-        B = self._pull(m.item_bias_table, uniq_items)[:, 0].contiguous().requires_grad_()
-        ui, pi = torch.from_numpy(user_inv), torch.from_numpy(item_inv[:b])
-        ni = torch.from_numpy(item_inv[b:].reshape(b, m.num_negatives))
-        Q, ctx = U, None
-        if m.context_table is not None and contexts is not None:
-            # Per user, as the trainer does (same sums in the same order): a user's events
-            # in one batch share the context from before it.
-            first: dict[int, int] = {}
-            for j, r in enumerate(user_inv.tolist()):
-                first.setdefault(r, j)
-            uniq_ctx, idx = context_index([contexts[first[r]] for r in range(len(uniq_users))], m.context_items)
-            if len(uniq_ctx):
-                C = self._pull(m.context_table, uniq_ctx).requires_grad_()
-                Q, ctx = user_queries(U, C, torch.from_numpy(idx)), (uniq_ctx, C)
-        self.last_leaves = (uniq_users, U, uniq_items, I, B, ctx)
-        return bpr_loss(Q[ui], I[pi], B[pi], I[ni], B[ni], l2=m.l2)
-
-    def step(self, users: np.ndarray, items: np.ndarray, start: int = 0, end: int | None = None) -> float:
-        """Train one mini-batch of ``(user, item)`` events; returns its summed BPR loss over passes (nats).
-
-        ``start`` is the stream offset of the batch's first event; it seeds the negatives.
-        ``end`` (one past its last offset; default ``start + len(users)``) clocks the recent counts.
-        """
-        users, items = as_id_array(users), as_id_array(items)
-        if len(users) != len(items):
-            raise ValueError(f"items: {len(items)} items for {len(users)} users")
-        if not len(users):
-            return 0.0
-        m = self.cfg.model
-        self.catalogue.add(items)
-        rng = np.random.default_rng([self.cfg.ps.seed, 0, int(start)])
-        negs = [self.negatives(len(users), rng) for _ in range(self.cfg.trainer.passes)]
-        contexts = None
-        if m.context_table is not None:
-            contexts = [list(self.history.get(u, ())) for u in users.tolist()]
-            for u, i in zip(users.tolist(), items.tolist()):
-                h = self.history.setdefault(u, [])
-                h.append(i)
-                del h[: -m.context_items]
-        total = 0.0
-        for p in range(self.cfg.trainer.passes):
-            loss = self.loss(users, items, negs[p], contexts)
-            loss.backward()
-            uniq_users, U, uniq_items, I, B, ctx = self.last_leaves
-            self.tables[m.user_table].push(uniq_users, U.grad)
-            self.tables[m.item_table].push(uniq_items, I.grad)
-            self.tables[m.item_bias_table].push(uniq_items, B.grad[:, None])
-            if ctx is not None:
-                self.tables[m.context_table].push(ctx[0], ctx[1].grad)
-            if p == 0:
-                pos_ids, pos_inv = _factorize(items)
-                counts = np.bincount(pos_inv, minlength=len(pos_ids)).astype(np.float32)
-                self.tables[m.popularity_table].push(pos_ids, torch.from_numpy(counts[:, None]))
-                if m.recent_table is not None:
-                    end = start + len(users) if end is None else end
-                    clock = np.full(len(pos_ids), end / m.recent_halflife_events, np.float32)
-                    self.tables[m.recent_table].push(pos_ids, torch.from_numpy(np.stack([counts, clock], axis=1)))
-            total += float(loss.detach())
-        self.batches += 1
-        return total
+# --------------------------------------------------------------------------- in-process twin
 
 
 def _event_total(cfg: FreshetConfig, source) -> int:
@@ -202,58 +76,55 @@ def _event_total(cfg: FreshetConfig, source) -> int:
     return min(total, source.end_offset) if source.end_offset is not None else total
 
 
-def run_in_process(cfg: FreshetConfig, *, model: InProcessMF | None = None, progress: bool = True) -> dict[str, Any]:
-    """Train ``InProcessMF`` on ``cfg.stream`` in batches of ``trainer.batch_size``; returns the figures.
+def in_process_trainer(cfg: FreshetConfig) -> Trainer:
+    """The twin: the trainer's own class, its rows in one in-process shard (``ps.local.LocalClient``)."""
+    return Trainer(0, cfg, client=LocalClient(cfg.ps))
 
-    Keys: :data:`RUN_KEYS` plus ``loss_first``/``loss_last`` (mean per-event loss of the
+
+def run_in_process(cfg: FreshetConfig, *, trainer: Trainer | None = None, progress: bool = True) -> dict[str, Any]:
+    """Train the in-process twin on ``cfg.stream``; returns the figures.
+
+    The twin is :class:`workers.trainer.Trainer` itself (the same batches, negatives,
+    losses, pushes and shard-side update rules) with its rows in one in-process shard
+    instead of shard actors: what is left between it and the PS run is Ray. Keys:
+    :data:`RUN_KEYS` plus ``loss_first``/``loss_last`` (mean per-event loss of the
     first/last tenth of batches, nats) and ``rows`` (rows per table). Torch uses one
-    thread, as a trainer actor does. Pass ``model`` to inspect it afterwards.
+    thread, as a trainer actor does. Pass ``trainer`` to inspect it afterwards.
     """
     from tqdm import tqdm
 
-    from workers.streams import open_source
-
     if cfg.stream.kind == StreamKind.INGEST:
         raise ValueError("stream.kind: the benchmark needs a replayable source, not 'ingest'")
-    source = open_source(cfg.stream)
-    total = _event_total(cfg, source)
-    mf = model if model is not None else InProcessMF(cfg)
-    bs = cfg.trainer.batch_size
+    t = trainer if trainer is not None else in_process_trainer(cfg)
+    total = t.max_events if t.max_events is not None else next(iter(t.sources.values())).end_offset
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)
     per_event: list[float] = []
-    loss_sum = 0.0
-    offset = 0
     try:
         t0, c0, s0 = time.perf_counter(), time.process_time(), _tree_cpu_s()
         with tqdm(total=total, unit="ev", desc="in-process", disable=not progress, dynamic_ncols=True) as bar:
-            while offset < total:
-                raw = source.read(offset, min(bs, total - offset))
-                if raw.num_rows == 0:
-                    break
-                users = ids_from_arrow(raw.column("user_id"))
-                end = int(raw.column("offset")[-1].as_py()) + 1
-                loss = mf.step(users, ids_from_arrow(raw.column("item_id")), offset, end)
-                loss_sum += loss
-                per_event.append(loss / len(users))
-                offset = end
-                bar.update(raw.num_rows)
+            while not t.done:
+                loss0, events0, batches0 = t.metrics["loss_sum"], t.events_applied, t.batches
+                t.run(max_batches=1)
+                if t.batches > batches0 and t.events_applied > events0:
+                    per_event.append((t.metrics["loss_sum"] - loss0) / (t.events_applied - events0))
+                bar.update(t.events_read - bar.n)
         wall, cpu, s1 = time.perf_counter() - t0, time.process_time() - c0, _tree_cpu_s()
     finally:
         torch.set_num_threads(threads)
     tenth = max(1, len(per_event) // 10)
+    rows = t.client.shard.stats()["rows"]
     return {
-        "events": offset,
-        "batches": len(per_event),
+        "events": t.events_applied,
+        "batches": t.batches,
         "wall_s": wall,
-        "events_per_s": offset / max(wall, 1e-9),
-        "ms_per_batch": 1000.0 * wall / max(1, len(per_event)),
+        "events_per_s": t.events_applied / max(wall, 1e-9),
+        "ms_per_batch": 1000.0 * wall / max(1, t.batches),
         "cpu_s": cpu,
         "system_cpu_s": _cpu_between(s0, s1),
-        "loss_sum": loss_sum,
+        "loss_sum": float(t.metrics["loss_sum"]),
         "loss_first": float(np.mean(per_event[:tenth])) if per_event else None,
         "loss_last": float(np.mean(per_event[-tenth:])) if per_event else None,
-        "rows": {name: len(t) for name, t in mf.tables.items()},
+        "rows": rows,
     }
 
 

@@ -44,6 +44,9 @@ class RowCache:
         self._mats = {t: np.zeros((0, client.dims[t]), dtype=np.float32) for t in self.tables}
         self._top = 0
         self._free = np.zeros(0, np.int64)
+        # Slots of removed IDs are reused only from the next sync on: a ranking snapshot
+        # built before this sync may still read them as the removed ID's (see workers.ranking).
+        self._released: list[np.ndarray] = []
         self.synced_at = float("-inf")  # never synced: older than any max age
         self.syncs = 0
         self.rows_synced = 0
@@ -78,6 +81,8 @@ class RowCache:
             got = np.concatenate([reuse, fresh])
             if ids.dtype != np.int64 and self._ids.dtype == np.int64:
                 self._ids = self._ids.astype(object)
+            for m in self._mats.values():  # a reused slot starts empty: a follower may have no row yet
+                m[got] = 0
             self._keys[got] = keys[new]
             self._ids[got] = ids[new]
             self.index.insert(keys[new], got)
@@ -101,14 +106,15 @@ class RowCache:
         slots = slots[slots >= 0]
         if slots.size:
             self._valid[slots] = False
-            for m in self._mats.values():
-                m[slots] = 0
-            self._free = np.sort(np.concatenate([self._free, slots]))
+            self._released.append(slots)
 
     def sync(self) -> int:
         """Apply every shard's changes since the last sync; returns rows updated."""
         changed = 0
         leader = self.tables[0]
+        if self._released:
+            self._free = np.sort(np.concatenate([self._free, *self._released]))
+            self._released = []
         for s, d in enumerate(self.client.delta(self.tables, self.versions, self.reader)):
             if d.full:
                 # Tombstones this mirror needed are gone: forget everything of this shard.

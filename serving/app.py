@@ -16,14 +16,16 @@ import concurrent.futures
 import hmac
 import json
 import logging
+import sys
 import time
+import uuid
 from typing import Any
 
 import httpx
 import numpy as np
 import pydantic
 import ray
-from fastapi import FastAPI
+from fastapi import FastAPI, Header
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from ray import serve
@@ -31,7 +33,8 @@ from ray.exceptions import ActorDiedError, GetTimeoutError, NodeDiedError, Objec
 
 from ps.cache import RowCache
 from ps.client import PSClient, shard_actor_name
-from serving.config import FreshetConfig, load_config
+from ps.ids import keyed
+from serving.config import WRITE_PATHS, FreshetConfig, load_config
 from serving.schemas import (
     EventsRequest,
     EventsResponse,
@@ -41,8 +44,10 @@ from serving.schemas import (
     ScoreRequest,
     ScoreResponse,
 )
+from workers.config import LossKind
 from workers.ingest_log import INGEST_ACTOR
-from workers.ranking import Ranker
+from workers.model import signals
+from workers.ranking import Ranker, RankingSnapshot
 from workers.trainer import trainer_actor_name
 
 __all__ = ["AppArgs", "FreshetAPI", "app", "build_app", "run_app"]
@@ -56,7 +61,8 @@ _NO_ACCESS_LOG = {"enable_access_log": False}
 # Failures that mean "a dependency is down or slow right now": the client should retry.
 # A RayTaskError (a bug raised inside an actor) is deliberately not here.
 _UNAVAILABLE = (TimeoutError, GetTimeoutError, RayActorError, ObjectLostError, NodeDiedError, RaySystemError)
-_WRITE_PATHS = frozenset({"/events"})  # endpoints that need the bearer token when one is configured
+_WRITE_PATHS = WRITE_PATHS  # endpoints that need the bearer token whenever one is configured
+_BACKPRESSURE_RETRY_AFTER_S = 1.0  # Retry-After of Serve's 503 when max_queued_requests is exceeded (seconds)
 
 
 class AppArgs(pydantic.BaseModel):
@@ -87,7 +93,10 @@ def _is_json(content_type: bytes) -> bool:
 
 
 class _Guard:
-    """ASGI middleware: bearer auth on write endpoints, JSON-only bodies, then the body size limit.
+    """ASGI middleware: bearer auth on the token paths, JSON-only bodies, then the body size limit.
+
+    The token paths are ``POST /events`` and, when the app listens beyond loopback, ``POST /rank``
+    and ``POST /score`` too (``ServingConfig.token_paths``).
 
     All run before FastAPI reads the body, so an unauthenticated or oversized request
     costs at most ``max_body_bytes`` of buffering. The limits live in class attributes
@@ -98,14 +107,22 @@ class _Guard:
 
     max_body_bytes: int = 8 << 20
     auth_token: str | None = None
+    token_paths: frozenset[str] = _WRITE_PATHS
 
     def __init__(self, app):
         self.app = app
 
     @classmethod
-    def configure(cls, max_body_bytes: int, auth_token: str | None) -> None:
-        """Set this process's limits (called by each replica's constructor)."""
-        cls.max_body_bytes, cls.auth_token = max_body_bytes, auth_token
+    def configure(cls, max_body_bytes: int, auth_token: str | None,
+                  token_paths: frozenset[str] = _WRITE_PATHS) -> None:
+        """Set this process's limits (called by each replica's constructor).
+
+        Args:
+            max_body_bytes: largest accepted request body (bytes).
+            auth_token: bearer token the ``token_paths`` require; None: no check.
+            token_paths: POST endpoints (without the route prefix) that need the token.
+        """
+        cls.max_body_bytes, cls.auth_token, cls.token_paths = max_body_bytes, auth_token, frozenset(token_paths)
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -114,7 +131,7 @@ class _Guard:
         path, root = scope.get("path", ""), scope.get("root_path", "")
         if root and path.startswith(root):
             path = path[len(root) :] or "/"
-        if scope.get("method") == "POST" and path.rstrip("/") in _WRITE_PATHS:
+        if scope.get("method") == "POST" and path.rstrip("/") in _Guard.token_paths:
             auth = headers.get(b"authorization")
             if not _bearer_ok(_Guard.auth_token, auth.decode("utf-8", "surrogateescape") if auth is not None else None):
                 resp = JSONResponse(
@@ -217,35 +234,56 @@ def _unavailable(what: str, err: BaseException) -> JSONResponse:
     )
 
 
+def _finite(value: Any) -> Any:
+    """``value`` with every non-finite float (NaN, inf) replaced by None, recursively: strict
+    JSON, whatever a counter did."""
+    if isinstance(value, float) or isinstance(value, np.floating):
+        return float(value) if np.isfinite(value) else None
+    if isinstance(value, np.integer):
+        return int(value)
+    if isinstance(value, dict):
+        return {str(k): _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
+
+
 @serve.deployment(logging_config=_NO_ACCESS_LOG)
 @serve.ingress(fastapi_app)
 class FreshetAPI:
     """One ranking replica of the deployment described by ``cfg``.
 
-    Holds a PS client, an item-table mirror (:class:`ps.cache.RowCache`) and handles
-    of the ingest log and trainers (looked up lazily, so a replica can start before
-    the trainers do; ``/healthz`` reports what is missing).
+    Holds a PS client, a mirror of the item tables (:class:`ps.cache.RowCache`) kept current
+    by a background delta sync every ``serving.cache_refresh_s``, and the
+    :class:`workers.ranking.RankingSnapshot` built from it after each sync, swapped in by
+    reference: a request reads the snapshot it finds and never waits on a sync, except when
+    the mirror has not yet caught up with the push behind the user's row (then it syncs
+    first, or falls back to popularity and says so). Handles of the ingest log and trainers
+    are looked up lazily, so a replica can start before the trainers do.
     """
 
     def __init__(self, cfg: FreshetConfig):
         self.cfg = cfg
         s = cfg.serving
-        _Guard.configure(s.max_body_bytes, s.auth_token)
+        _Guard.configure(s.max_body_bytes, s.auth_token, s.token_paths())
         self.timeout_s = s.request_timeout_s
         self.refresh_s = s.cache_refresh_s
         self.client = PSClient.connect(cfg.namespace, timeout_s=s.request_timeout_s)
         m = cfg.model
-        self.cache = RowCache(self.client, m.item_tables())
-        self.ranker = Ranker(self.cache, m)
-        # RowCache is not thread-safe: sync and ranking hold this lock; PS reads of user rows do not.
-        self._cache_lock = asyncio.Lock()
-        # Blocking PSClient calls run here so the replica's event loop keeps serving other requests.
-        self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=16, thread_name_prefix="freshet-ps")
+        self.mirror = RowCache(self.client, m.item_tables(), reader=f"{cfg.namespace}/serve-{uuid.uuid4().hex[:8]}")
+        self.ranker = Ranker(self.mirror, m)
+        self.snapshot: RankingSnapshot | None = None
+        self.snapshot_version = 0
+        self._sync_lock: asyncio.Lock | None = None  # made on the replica's event loop
+        self._syncer: asyncio.Task | None = None
+        self.sync_error: str | None = None
+        # Blocking calls (a sync, a matrix product) run here so the event loop keeps serving.
+        self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="freshet-serve")
         self._actors: dict[str, Any] = {}
         try:
-            self.cache.sync()  # warm the mirror; a failure here is retried by the first request
+            self._refresh_now()  # warm the mirror; a failure here is retried by the background sync
         except _UNAVAILABLE as e:
-            logger.warning("initial item-cache sync failed (%s); the first request retries it", e)
+            logger.warning("initial item-mirror sync failed (%s); the background sync retries it", e)
 
     # -- plumbing ----------------------------------------------------------------------
     async def _run(self, fn, *args, **kwargs):
@@ -278,21 +316,74 @@ class FreshetAPI:
     def _trainer_names(self) -> list[str]:
         return [trainer_actor_name(i) for i in range(self.cfg.trainer.num_workers)]
 
-    async def _sync(self) -> None:
-        """Bring the item mirror up to date if it is older than ``serving.cache_refresh_s``."""
-        async with self._cache_lock:
-            await self._run(self.cache.sync_if_older, self.refresh_s)
+    # -- the item mirror and its ranking snapshot --------------------------------------
+    def _refresh_now(self) -> None:
+        """Sync the mirror and swap in a new snapshot (blocking; callers serialise it)."""
+        self.mirror.sync()
+        snap = self.ranker.snapshot()
+        self.snapshot_version = self.mirror.model_version
+        self.snapshot = snap
 
-    async def _user(self, user_id, with_seen: bool):
-        """``(row or None, seen items)`` of one user, read fresh and read-only, with the mirror synced meanwhile."""
+    async def _refresh(self) -> None:
+        """:meth:`_refresh_now` in the pool, one at a time."""
+        if self._sync_lock is None:
+            self._sync_lock = asyncio.Lock()
+        async with self._sync_lock:
+            await asyncio.wait_for(self._run(self._refresh_now), self.timeout_s)
+
+    def _start_syncer(self) -> bool:
+        """Start the background sync on this event loop; True when it was not running."""
+        if self._syncer is None or self._syncer.done():
+            self._syncer = asyncio.get_running_loop().create_task(self._sync_forever())
+            return True
+        return False
+
+    async def _sync_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self.refresh_s)
+            try:
+                await self._refresh()
+                self.sync_error = None
+            except Exception as e:  # noqa: BLE001 - a shard restarting: the next round retries
+                self.sync_error = f"{type(e).__name__}: {e}"
+
+    async def _snapshot_for(self, pushed_by) -> tuple[RankingSnapshot, str | None]:
+        """A snapshot no older than the push behind the user's row: the current one, or one
+        synced now. ``(snapshot, None)``, or ``(snapshot, "mirror_behind")`` when even a
+        fresh sync does not cover that push (the caller falls back to popularity)."""
+        # The first request starts the background sync (it needs the replica's event loop) and
+        # syncs once itself; a mirror the background sync could not refresh for a while is
+        # refreshed inline, so a broken sync shows as latency, not as stale answers.
+        stale = time.monotonic() - self.mirror.synced_at > max(1.0, 5 * self.refresh_s)
+        if self._start_syncer() or stale or self.snapshot is None or not self.mirror.covers(pushed_by):
+            await self._refresh()
+            if not self.mirror.covers(pushed_by):
+                return self.snapshot, "mirror_behind"
+        return self.snapshot, None
+
+    async def _context(self, user_id):
+        """The user's :class:`ps.shard.RankContext` from their shard: one call."""
+        k = keyed([user_id], "user_id")
+        shard = self.client.shards[int(self.client.plan.shards_of_keys(k.keys)[0])]
         table = self.cfg.model.user_table
-        pulled, seen, _ = await asyncio.gather(
-            self._run(self.client.pull_many, {table: [user_id]}, create=False),
-            self._run(self.client.seen, [user_id]) if with_seen else asyncio.sleep(0, [[]]),
-            self._sync(),
-        )
-        rows, found = pulled[table]
-        return (rows[0] if found[0] else None), seen[0]
+        return await asyncio.wait_for(shard.rank_context.remote(table, int(k.keys[0]), True), self.timeout_s)
+
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.002)
+    async def _scores(self, work: list[tuple[RankingSnapshot, np.ndarray]]) -> list[np.ndarray]:
+        """Scores of every item for several users' queries: one matrix product per snapshot."""
+        def run() -> list[np.ndarray]:
+            out: list[np.ndarray | None] = [None] * len(work)
+            groups: dict[int, list[int]] = {}
+            for j, (snap, _) in enumerate(work):
+                groups.setdefault(id(snap), []).append(j)
+            for js in groups.values():
+                snap = work[js[0]][0]
+                scores = snap.scores(np.stack([work[j][1] for j in js]))
+                for r, j in enumerate(js):
+                    out[j] = scores[r]
+            return out
+
+        return await self._run(run)
 
     def _check_k(self, k: int) -> None:
         max_k = self.cfg.serving.max_k
@@ -309,66 +400,171 @@ class FreshetAPI:
                 ]
             )
 
+    def _check_weights(self, events) -> None:
+        """422 naming ``events.i.weight`` for a weight the model cannot train (too large, or
+        outside an MSE model's rating range): refused at the door, not discovered in a trainer."""
+        errors = []
+        for i, e in enumerate(events):
+            problem = self.cfg.model.weight_problem(e.weight)
+            if problem is not None:
+                errors.append({"type": "value_error", "loc": ("body", "events", i, "weight"), "msg": problem,
+                               "input": e.weight})
+        if errors:
+            raise RequestValidationError(errors[:20])
+
+    async def _record_recent(self, events, appended: list[int]) -> None:
+        """Put the newly appended positives into their users' recent items on the shards,
+        before ``/events`` answers (read-your-writes for exclusion and session context)."""
+        if not appended:
+            return
+        off = np.asarray(appended, np.int64)
+        if self.cfg.model.loss == LossKind.MSE:
+            positive = np.ones(len(events), bool)
+        else:
+            positive = signals(np.asarray([e.weight for e in events], np.float64), [e.event_type for e in events],
+                               self.cfg.model)[1]
+        sel = np.flatnonzero(positive & (off >= 0))
+        if not sel.size or self.cfg.ps.seen_per_user == 0:
+            return
+        users = keyed([events[j].user_id for j in sel.tolist()], "user_id").keys
+        items = keyed([events[j].item_id for j in sel.tolist()], "item_id").keys
+        shard_of = self.client.plan.shards_of_keys(users)
+        calls = [self.client.shards[s].record_recent.remote(users[shard_of == s], items[shard_of == s], off[sel][shard_of == s])
+                 for s in np.unique(shard_of).tolist()]
+        await asyncio.wait_for(asyncio.gather(*calls), self.timeout_s)
+
     # -- endpoints ---------------------------------------------------------------------
     @fastapi_app.post("/events", response_model=EventsResponse)
-    async def post_events(self, body: EventsRequest):
-        """Durably append a batch of interactions; 200 only once the ingest log has it on disk."""
+    async def post_events(
+        self,
+        body: EventsRequest,
+        idempotency_key: str | None = Header(
+            None,
+            alias="Idempotency-Key",
+            min_length=1,
+            max_length=255,
+            pattern=r"^[!-~]+$",
+            description="1-255 visible ASCII characters naming this request, so a retry of it appends nothing twice",
+        ),
+    ):
+        """Durably append a batch of interactions; 200 only once the ingest log has every part on disk.
+
+        With an ``Idempotency-Key`` header, a retry of the request (after a 503, a timeout or
+        a lost reply) either returns the original reply (it landed) or appends the events
+        once (it did not), as long as the key is in the log's dedup window
+        (``ingest.dedup_max_keys``, ``ingest.dedup_max_age_s``). An event whose ``event_id``
+        its partition already has is counted in ``duplicates`` and not appended again.
+        A bad key gets 422 naming ``Idempotency-Key``.
+        """
+        from workers.ingest_log import IngestWriteError
+
         n, limit = len(body.events), self.cfg.serving.max_events_per_request
         if n > limit:
             return JSONResponse(
                 {"detail": f"events: {n} events exceed serving.max_events_per_request={limit}"}, status_code=413
             )
         ev = body.events
+        self._check_weights(ev)
+        types, ids = [e.event_type for e in ev], [e.event_id for e in ev]
         try:
-            _, last = await self._call(
+            r = await self._call(
                 INGEST_ACTOR,
                 "append",
                 [e.user_id for e in ev],
                 [e.item_id for e in ev],
                 [e.timestamp for e in ev],
                 [e.weight for e in ev],
+                types if any(t is not None for t in types) else None,
+                ids if any(i is not None for i in ids) else None,
+                idempotency_key,
             )
-        except (_ActorMissing, *_UNAVAILABLE) as e:
+        except (_ActorMissing, IngestWriteError, *_UNAVAILABLE) as e:
+            # A failed write acknowledged nothing of the failed parts: retrying (with the key) is safe.
             return _unavailable("ingest log", e)
-        return EventsResponse(accepted=n, offset=last)
+        try:
+            await self._record_recent(ev, r.appended)
+        except _UNAVAILABLE as e:
+            # Durable, but the users' recent items may not show them yet: a retry with the key
+            # appends nothing twice, and the trainers deliver them to the recent items anyway.
+            return _unavailable("users' recent items", e)
+        return EventsResponse(accepted=r.accepted, offset=r.offset, duplicates=r.duplicates, offsets=r.offsets)
 
     @fastapi_app.post("/rank", response_model=RankResponse)
     async def rank(self, body: RankRequest):
         """Top-``k`` items for the user; the popular fallback for a user without a trained row."""
         self._check_k(body.k)
-        context = self.cfg.model.context_table is not None
         try:
-            # The user's items serve twice: excluded from the list, and their latest as session context.
-            row, seen = await self._user(body.user_id, body.exclude_seen or context)
+            ctx = await self._context(body.user_id)
+            snap, behind = await self._snapshot_for(ctx.pushed_by if ctx.row is not None else None)
         except _UNAVAILABLE as e:
             return _unavailable("parameter server", e)
-        dim = self.client.dims[self.cfg.model.user_table]
-        vecs = (row if row is not None else np.zeros(dim, np.float32))[None, :]
-        found = np.array([row is not None])
-        exclude = [seen if body.exclude_seen else []]
-        async with self._cache_lock:
-            ranked = (await self._run(self.ranker.rank_many, vecs, found, exclude, body.k, [seen]))[0]
-            version = self.cache.model_version
+        seen = ctx.recent if body.exclude_seen else None
+        reason = None
+        if ctx.row is None or behind:
+            ranked = snap.popular(seen, body.k)
+            reason = behind or "new_user"
+        else:
+            q = snap.query(ctx.row, ctx.recent)
+            scores = await self._scores((snap, q))
+            ranked = snap.top(scores, body.k, snap._exclude(seen))
         items = [RankedItem(item_id=_json_id(i), score=s) for i, s in zip(ranked.item_ids, ranked.scores)]
-        return RankResponse(user_id=body.user_id, items=items, fallback=ranked.fallback, model_version=version)
+        return RankResponse(user_id=body.user_id, items=items, fallback=ranked.fallback, fallback_reason=reason,
+                            model_version=self.snapshot_version)
 
     @fastapi_app.post("/score", response_model=ScoreResponse)
     async def score(self, body: ScoreRequest):
-        """Scores of the given items for the user, in order (null for items the PS has no row for)."""
+        """Scores of the given items for the user, in order (null for items the PS has no row for);
+        only those items are scored."""
         try:
-            row, seen = await self._user(body.user_id, self.cfg.model.context_table is not None)
+            ctx = await self._context(body.user_id)
+            snap, behind = await self._snapshot_for(ctx.pushed_by if ctx.row is not None else None)
         except _UNAVAILABLE as e:
             return _unavailable("parameter server", e)
-        async with self._cache_lock:
-            scores, fallback = await self._run(self.ranker.score_items, row, body.item_ids, seen)
-        return ScoreResponse(user_id=body.user_id, scores=scores, fallback=fallback)
+        row = None if behind else ctx.row
+        scores, fallback = snap.score_items(row, body.item_ids, ctx.recent)
+        reason = None if fallback is None else (behind or "new_user")
+        return ScoreResponse(user_id=body.user_id, scores=scores, fallback=fallback, fallback_reason=reason)
+
+    async def _trainer_states(self) -> tuple[dict[str, dict], dict[str, str]]:
+        """Each trainer's ``stats()`` (those that answer) and why the others do not."""
+        names = self._trainer_names()
+        results = await asyncio.gather(*(self._call(n, "stats") for n in names), return_exceptions=True)
+        ok = {n: r for n, r in zip(names, results) if not isinstance(r, BaseException)}
+        down = {n: type(r).__name__ for n, r in zip(names, results) if isinstance(r, BaseException)}
+        return ok, down
+
+    def _lags(self, trainers: dict[str, dict], ingest: dict | None) -> dict[str, dict]:
+        """Per trainer: events not yet applied (``lag_events``) and the age of the oldest of
+        them (``lag_s``, seconds); ``stalled`` when some wait and its offset has not moved for
+        ``trainer.stall_s``."""
+        ends = {str(p): o for p, o in enumerate(ingest.get("end_offsets", []))} if ingest else {}
+        out = {}
+        for name, t in trainers.items():
+            backlog = sum(max(0, ends.get(p, o) - o) for p, o in t.get("applied_offsets", {}).items()) if ends else None
+            stalled = bool(backlog) and t.get("last_progress_age_s", 0.0) > self.cfg.trainer.stall_s
+            out[name] = {"lag_events": backlog, "lag_s": t.get("lag_s"), "stalled": stalled, "state": t.get("state")}
+        return out
 
     @fastapi_app.get("/healthz")
     async def healthz(self):
-        """200 when every PS shard, the ingest log and every trainer answers a ping in time; else 503 naming what is down."""
-        names = [shard_actor_name(i) for i in range(self.client.num_shards)] + [INGEST_ACTOR] + self._trainer_names()
-        results = await asyncio.gather(*(self._call(n, "ping") for n in names), return_exceptions=True)
-        down = {n: type(r).__name__ for n, r in zip(names, results) if isinstance(r, BaseException)}
+        """200 when every PS shard and the ingest log answer and every trainer is running (not
+        dead, restarting, failing or stalled); else 503 naming what is wrong."""
+        names = [shard_actor_name(i) for i in range(self.client.num_shards)] + [INGEST_ACTOR]
+        pings = await asyncio.gather(*(self._call(n, "ping") for n in names), return_exceptions=True)
+        down = {n: type(r).__name__ for n, r in zip(names, pings) if isinstance(r, BaseException)}
+        ingest = None
+        if INGEST_ACTOR not in down:
+            try:
+                ingest = await self._call(INGEST_ACTOR, "stats")
+            except (_ActorMissing, *_UNAVAILABLE) as e:
+                down[INGEST_ACTOR] = type(e).__name__
+        trainers, trainers_down = await self._trainer_states()
+        down.update(trainers_down)
+        for name, lag in self._lags(trainers, ingest).items():
+            if lag["state"] in ("failed", "retrying"):
+                down[name] = f"{lag['state']}: {(trainers[name].get('error') or '').strip().splitlines()[-1:]}"
+            elif lag["stalled"]:
+                down[name] = f"stalled: {lag['lag_events']} events waiting, no progress for {self.cfg.trainer.stall_s:g} s"
         body = {
             "status": "ok" if not down else "unavailable",
             "shards": self.client.num_shards,
@@ -376,60 +572,86 @@ class FreshetAPI:
             "down": down,
         }
         if down:
-            return JSONResponse(body, status_code=503, headers={"Retry-After": "1"})
-        return body
+            return JSONResponse(_finite(body), status_code=503, headers={"Retry-After": "1"})
+        return _finite(body)
 
     @fastapi_app.get("/stats")
     async def stats(self):
-        """Deployment counters: events accepted/applied, offsets, PS rows, push rate, freshness, trainers.
+        """Deployment counters: events accepted/applied, per-trainer lag, PS rows and memory per
+        row, push rate, freshness, dead letters, the ingest log and the mirror; every figure
+        finite JSON (null where undefined).
 
         503 when the PS or the ingest log does not answer; trainers that do not answer
         are listed in ``trainers_down`` and left out of the sums.
         """
         shard_names = [shard_actor_name(i) for i in range(self.client.num_shards)]
-        trainer_names = self._trainer_names()
         try:
-            _, ingest, *shards = await asyncio.gather(
-                self._sync(), self._call(INGEST_ACTOR, "stats"), *(self._call(n, "stats") for n in shard_names)
+            ingest, *shards = await asyncio.gather(
+                self._call(INGEST_ACTOR, "stats"), *(self._call(n, "stats") for n in shard_names)
             )
         except (_ActorMissing, *_UNAVAILABLE) as e:
             return _unavailable("parameter server or ingest log", e)
-        trainer_results = await asyncio.gather(*(self._call(n, "stats") for n in trainer_names), return_exceptions=True)
-        trainers = [r for r in trainer_results if not isinstance(r, BaseException)]
-        trainers_down = {n: type(r).__name__ for n, r in zip(trainer_names, trainer_results) if isinstance(r, BaseException)}
-
+        trainers, trainers_down = await self._trainer_states()
         rows: dict[str, dict[int, int]] = {}
+        memory: dict[str, dict[int, dict]] = {}
         for st in shards:
-            for table, count in st["rows"].items():
-                rows.setdefault(table, {})[st["shard"]] = count
+            for table, t in st["tables"].items():
+                rows.setdefault(table, {})[st["shard"]] = t["rows"]
+                memory.setdefault(table, {})[st["shard"]] = {k: t[k] for k in ("bytes", "bytes_per_row", "row_bytes", "tombstones")}
 
         def worst(q: str) -> float | None:
-            vals = [t["freshness_ms"][q] for t in trainers if t["freshness_ms"][q] is not None]
+            vals = [t["freshness_ms"][q] for t in trainers.values() if t["freshness_ms"][q] is not None]
             return max(vals) if vals else None
 
-        return {
+        body = {
             "events_accepted": ingest["events_accepted"],
-            "events_applied": sum(t["events_applied"] for t in trainers),
-            "applied_offset": min((t["applied_offset"] for t in trainers), default=None),
+            "events_applied": sum(t["events_applied"] for t in trainers.values()),
+            "applied_offset": min((t["applied_offset"] for t in trainers.values()), default=None),
+            "lag": self._lags(trainers, ingest),
             "rows": rows,
+            "memory": memory,
             "push_rate": sum(st["push_rate"] for st in shards),
             "ps_version": sum(st["version"] for st in shards),
             "duplicate_pushes": sum(st["duplicate_pushes"] for st in shards),
-            "quarantined": sum(t.get("quarantined", 0) for t in trainers),
+            "quarantined": sum(t.get("quarantined", 0) for t in trainers.values()),
+            "dead_lettered": sum(t.get("dead_lettered", 0) for t in trainers.values()),
             "freshness_ms": {"p50": worst("p50"), "p99": worst("p99")},
-            "model_version": self.cache.model_version,
-            "cached_items": len(self.cache),
-            "trainers": trainers,
+            "model_version": self.snapshot_version,
+            "cached_items": len(self.snapshot) if self.snapshot is not None else 0,
+            "mirror": {"syncs": self.mirror.syncs, "full_resyncs": self.mirror.full_resyncs, "sync_error": self.sync_error},
+            "ingest": {k: ingest.get(k) for k in ("partitions", "end_offsets", "first_offsets", "duplicates", "appends",
+                                                  "fsyncs", "bytes_on_disk", "segments", "dedup_keys", "consumers", "pins")},
+            "trainers": list(trainers.values()),
             "trainers_down": trainers_down,
         }
+        return _finite(body)
+
+
+def _deployment_options(cfg: FreshetConfig) -> dict[str, Any]:
+    """``FreshetAPI.options(...)`` for ``cfg.serving``: replicas (fixed or autoscaled), concurrency, backpressure."""
+    from ray.serve.config import BackpressureConfig
+
+    s = cfg.serving
+    opts: dict[str, Any] = {
+        "ray_actor_options": {"num_cpus": s.replica_num_cpus},
+        "max_ongoing_requests": s.max_ongoing_requests,
+        "max_queued_requests": s.max_queued_requests,
+        "backpressure_config": BackpressureConfig(status_code=503, retry_after_s=_BACKPRESSURE_RETRY_AFTER_S),
+    }
+    if s.autoscaling is not None:  # Serve refuses num_replicas together with autoscaling_config
+        a = s.autoscaling
+        opts["autoscaling_config"] = {"min_replicas": a.min_replicas, "max_replicas": a.max_replicas,
+                                      "target_ongoing_requests": a.target_ongoing_requests}
+    else:
+        opts["num_replicas"] = s.num_replicas
+    return opts
 
 
 def _bind(cfg: FreshetConfig) -> serve.Application:
-    """The Serve application for ``cfg`` (nothing is started)."""
-    return FreshetAPI.options(
-        num_replicas=cfg.serving.num_replicas,
-        ray_actor_options={"num_cpus": cfg.serving.replica_num_cpus},
-    ).bind(cfg)
+    """The Serve application for ``cfg`` (nothing is started): ``serving.num_replicas`` or
+    ``serving.autoscaling``, ``max_ongoing_requests``, and ``max_queued_requests`` (503 with
+    ``Retry-After: 1`` beyond it)."""
+    return FreshetAPI.options(**_deployment_options(cfg)).bind(cfg)
 
 
 def build_app(args: dict | AppArgs) -> serve.Application:
@@ -447,15 +669,63 @@ app = build_app({})
 """The application with the default config (``serve run serving.app:app``)."""
 
 
+def _warn_unauthenticated(s) -> None:
+    """The loud warning for an app that listens beyond loopback without a token."""
+    msg = (f"serving.host={s.host!r} is not loopback and serving.auth_token is not set "
+           "(serving.allow_unauthenticated: true): anyone who can reach port "
+           f"{s.port} can rank, score and post events")
+    logger.warning(msg)
+    print(f"\n{'*' * 78}\n* WARNING: {msg}\n{'*' * 78}\n", file=sys.stderr, flush=True)
+
+
+def _high_throughput_controller_env() -> dict[str, str]:
+    """Serve's high-throughput environment for the controller (``run_app``'s ``controller_options``).
+
+    The same variables as this process's environment when it has them (``freshet up`` puts the
+    head's into the CLI's, and a test sets them before Ray starts), so the controller agrees with
+    the head; else a fresh :func:`serving.ray_head.high_throughput_env` in a new short temp dir,
+    with HAProxy's stats and metrics on loopback only when the cluster has a single node (the
+    wrapper that moves them is a file on this host).
+    """
+    import os
+    import tempfile
+
+    from serving.ray_head import high_throughput_env
+
+    if os.environ.get("RAY_SERVE_ENABLE_HA_PROXY") == "1":
+        return {k: v for k, v in os.environ.items() if k.startswith("RAY_SERVE_")}
+    single_node = len([n for n in ray.nodes() if n.get("Alive")]) == 1
+    run_dir = tempfile.mkdtemp(prefix="frht", dir="/tmp")
+    return high_throughput_env(run_dir, loopback=single_node)
+
+
 def run_app(cfg: FreshetConfig, *, blocking: bool = False, ready_timeout_s: float = 120.0) -> None:
     """Start Serve on ``cfg.serving.host:port`` and deploy the app as ``"freshet"``; return once ``/healthz`` is 200.
 
     Needs a connected Ray driver and the deployment's actors already running.
     Access logs are off. ``blocking`` keeps serving until interrupted.
-    Raises ``TimeoutError`` if ``/healthz`` is not 200 within ``ready_timeout_s`` seconds.
+
+    With ``serving.high_throughput`` the Serve controller, when this call creates it, gets the
+    high-throughput environment through ``controller_options`` (see
+    :func:`serving.ray_head.high_throughput_env`); a controller that already runs keeps its
+    mode. A non-loopback ``serving.host`` without ``serving.auth_token`` (allowed only by
+    ``serving.allow_unauthenticated``) prints a warning.
+
+    Raises:
+        TimeoutError: ``/healthz`` is not 200 within ``ready_timeout_s`` seconds.
+        ValueError: a non-loopback host without a token that the config does not allow (a
+            config built with ``model_construct``; ``load_config`` refuses it already).
     """
     s = cfg.serving
-    serve.start(http_options={"host": s.host, "port": s.port}, logging_config=_NO_ACCESS_LOG)
+    if s.exposed_without_auth:
+        if not s.allow_unauthenticated:
+            raise ValueError(f"serving.host={s.host!r} is not loopback and serving.auth_token is not set; "
+                             "set serving.auth_token or serving.allow_unauthenticated: true")
+        _warn_unauthenticated(s)
+    start_kwargs: dict[str, Any] = {}
+    if s.high_throughput:
+        start_kwargs["controller_options"] = {"runtime_env": {"env_vars": _high_throughput_controller_env()}}
+    serve.start(http_options={"host": s.host, "port": s.port}, logging_config=_NO_ACCESS_LOG, **start_kwargs)
     serve.run(_bind(cfg), name=APP_NAME, route_prefix=s.route_prefix, logging_config=_NO_ACCESS_LOG)
     host = "127.0.0.1" if s.host in ("0.0.0.0", "::", "") else s.host
     if ":" in host:

@@ -7,16 +7,74 @@ value (:class:`ps.config.ConfigError`), rather than deep inside a running actor.
 
 from __future__ import annotations
 
+import enum
+import ipaddress
 from pathlib import Path
 from typing import Any, ClassVar
 
 import yaml
-from pydantic import Field, ValidationError, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
-from ps.config import ConfigError, ConfigModel, OptimizerKind, PSConfig, format_validation_error, merge, read_yaml
+from ps.config import (
+    ConfigError,
+    ConfigModel,
+    OptimizerKind,
+    PSConfig,
+    format_validation_error,
+    merge,
+    read_yaml,
+)
 from workers.config import IngestConfig, ModelConfig, StreamConfig, TrainerConfig
 
-__all__ = ["ConfigError", "FreshetConfig", "ServingConfig", "load_config"]
+__all__ = [
+    "AutoscalingConfig",
+    "ConfigError",
+    "FreshetConfig",
+    "RayAuth",
+    "RayConfig",
+    "ServingConfig",
+    "is_loopback_host",
+    "load_config",
+]
+
+READ_PATHS = frozenset({"/rank", "/score"})
+"""Endpoints that also need ``serving.auth_token`` when the app listens beyond loopback."""
+WRITE_PATHS = frozenset({"/events"})
+"""Endpoints that always need ``serving.auth_token`` when one is set."""
+
+
+def is_loopback_host(host: str) -> bool:
+    """True when only this machine can reach ``host``: ``localhost``, 127.0.0.0/8 or ``::1``.
+
+    Anything else, including ``0.0.0.0``, ``::``, ``""`` and any other name, is not loopback.
+    """
+    if host.strip().lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip().strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+class AutoscalingConfig(ConfigModel):
+    """Serve autoscaling bounds for the ranking replicas (instead of a fixed ``num_replicas``)."""
+
+    _section: ClassVar[str] = "serving.autoscaling"
+
+    min_replicas: int = Field(1, ge=1, le=1024, description="fewest ranking replicas (replicas; >= 1: the app always answers)")
+    max_replicas: int = Field(4, ge=1, le=1024, description="most ranking replicas (replicas)")
+    target_ongoing_requests: float = Field(
+        32.0, gt=0, le=100_000,
+        description="in-flight requests per replica the autoscaler aims for (requests); <= serving.max_ongoing_requests",
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> AutoscalingConfig:
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(
+                f"serving.autoscaling.min_replicas={self.min_replicas} exceeds max_replicas={self.max_replicas}"
+            )
+        return self
 
 
 class ServingConfig(ConfigModel):
@@ -28,14 +86,170 @@ class ServingConfig(ConfigModel):
     host: str = Field("127.0.0.1", description="HTTP bind address")
     port: int = Field(8000, ge=1, le=65535, description="HTTP port")
     route_prefix: str = Field("/", description="HTTP route prefix of the app")
-    num_replicas: int = Field(1, ge=1, le=1024, description="ranking replicas")
+    num_replicas: int | None = Field(
+        1, ge=1, le=1024,
+        description="fixed number of ranking replicas (replicas); null (the default when autoscaling is given) with autoscaling",
+    )
+    autoscaling: AutoscalingConfig | None = Field(
+        None, description="Serve autoscaling bounds instead of a fixed num_replicas (give one or the other); null: fixed"
+    )
+    max_ongoing_requests: int = Field(
+        64, ge=1, le=100_000,
+        description="requests one replica works on at once (requests); Serve's own default, 5, collapses at 32+ "
+                    "concurrent clients",
+    )
+    max_queued_requests: int = Field(
+        1024, ge=-1, le=1_000_000,
+        description="requests each caller (the HTTP proxy) queues for busy replicas (requests); beyond it: 503 with "
+                    "Retry-After; -1: unbounded",
+    )
+    high_throughput: bool = Field(
+        False,
+        description="Serve's high-throughput mode: HAProxy ingress straight to the replicas (one node, many clients, "
+                    "cheap requests); proxy-side errors become 500, see README",
+    )
     replica_num_cpus: float = Field(0.25, ge=0, le=64, description="CPUs reserved per replica")
     cache_refresh_s: float = Field(0.2, ge=0, le=600, description="max age of the replica's item mirror (seconds)")
     request_timeout_s: float = Field(5.0, gt=0, le=600, description="PS call budget per request before 503 (seconds)")
     max_events_per_request: int = Field(10_000, ge=1, description="largest accepted /events batch (events); 413 above")
     max_body_bytes: int = Field(8 << 20, ge=1024, description="largest accepted request body (bytes); 413 above")
     max_k: int = Field(1000, ge=1, le=100_000, description="largest k for /rank (items)")
-    auth_token: str | None = Field(None, description="bearer token required by write endpoints; null disables")
+    auth_token: str | None = Field(
+        None,
+        description="bearer token required by POST /events, and by /rank and /score too when host is not loopback; "
+                    "null: none",
+    )
+    allow_unauthenticated: bool = Field(
+        False,
+        description="allow a non-loopback host without auth_token (anyone who reaches it can rank and post events); "
+                    "warns loudly",
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _autoscaling_replaces_num_replicas(cls, data: Any) -> Any:
+        # num_replicas defaults to 1; with autoscaling it defaults to null, so a config that gives
+        # only autoscaling (or the YAML `freshet config` prints for it) loads.
+        if isinstance(data, dict) and data.get("autoscaling") is not None and "num_replicas" not in data:
+            data = {**data, "num_replicas": None}
+        return data
+
+    @field_validator("auth_token")
+    @classmethod
+    def _token_not_blank(cls, v: str | None) -> str | None:
+        if v is not None and not v.strip():
+            raise ValueError("serving.auth_token must not be empty or blank; use null for no token")
+        return v
+
+    @model_validator(mode="after")
+    def _check(self) -> ServingConfig:
+        if self.autoscaling is not None and self.num_replicas is not None:
+            raise ValueError(
+                f"give serving.num_replicas ({self.num_replicas}) or serving.autoscaling, not both "
+                "(leave num_replicas out or set it to null when autoscaling)"
+            )
+        if self.autoscaling is None and self.num_replicas is None:
+            raise ValueError("serving.num_replicas is null but serving.autoscaling is not given; set one of them")
+        if self.autoscaling is not None and self.autoscaling.target_ongoing_requests > self.max_ongoing_requests:
+            raise ValueError(
+                f"serving.autoscaling.target_ongoing_requests={self.autoscaling.target_ongoing_requests:g} exceeds "
+                f"serving.max_ongoing_requests={self.max_ongoing_requests}: replicas could never reach the target"
+            )
+        if not self.is_loopback and self.auth_token is None and not self.allow_unauthenticated:
+            raise ValueError(
+                f"serving.host={self.host!r} is not a loopback address and serving.auth_token is not set: anyone who "
+                "can reach this host could rank, score and post events. Set serving.auth_token (required on "
+                "/events, /rank and /score), or set serving.allow_unauthenticated: true to serve without "
+                "authentication anyway"
+            )
+        return self
+
+    @property
+    def is_loopback(self) -> bool:
+        """Whether the app listens on a loopback address only (see :func:`is_loopback_host`)."""
+        return is_loopback_host(self.host)
+
+    def token_paths(self) -> frozenset[str]:
+        """Endpoints that require ``auth_token`` (empty without a token): ``/events``; plus ``/rank``
+        and ``/score`` when :attr:`host` is not loopback."""
+        if self.auth_token is None:
+            return frozenset()
+        return WRITE_PATHS if self.is_loopback else WRITE_PATHS | READ_PATHS
+
+    @property
+    def exposed_without_auth(self) -> bool:
+        """True when the app listens beyond loopback with no token (``allow_unauthenticated``)."""
+        return not self.is_loopback and self.auth_token is None
+
+
+class RayAuth(str, enum.Enum):
+    """Ray's own authentication for the head ``freshet up`` starts."""
+
+    TOKEN = "token"
+    DISABLED = "disabled"
+
+
+class RayConfig(ConfigModel):
+    """The local Ray head ``freshet up`` starts (``serving.ray_head.start_head``). Not used when
+    joining a cluster (``--address``): that cluster's own settings apply."""
+
+    _section: ClassVar[str] = "ray"
+
+    auth: RayAuth = Field(
+        RayAuth.TOKEN,
+        description="token: Ray token authentication with a fresh 256-bit token (file mode 0600); disabled: none, "
+                    "any local user can run code in the cluster (prints a warning)",
+    )
+    token_path: str | None = Field(
+        None, description="token file to use, created 0600 if missing; null: a new token per head in its temp dir"
+    )
+    ports: dict[str, int] = Field(
+        default_factory=dict,
+        description="fixed ports by name (gcs, node_manager, object_manager, min_worker/max_worker, ... as in "
+                    "serving.ray_head.PORT_FLAGS/PORT_ENV, and haproxy_stats, haproxy_metrics, fallback_http, "
+                    "fallback_grpc, direct_http_min/max, direct_grpc_min/max for serving.high_throughput); "
+                    "unset: free ports from 20000-32767",
+    )
+    num_cpus: int | None = Field(None, ge=1, le=4096, description="CPUs the head advertises (CPUs); null: Ray counts them")
+    include_dashboard: bool = Field(False, description="start Ray's dashboard on 127.0.0.1 (ports.dashboard or a free port)")
+    worker_ports: int = Field(
+        200, ge=16, le=10_000,
+        description="consecutive ports for worker processes, one per live worker or actor (ports); used when ports "
+                    "gives no min_worker/max_worker",
+    )
+    start_timeout_s: float = Field(90.0, gt=0, le=3600, description="how long the head may take to come up (seconds)")
+
+    @field_validator("ports")
+    @classmethod
+    def _known_ports(cls, v: dict[str, int]) -> dict[str, int]:
+        from serving.ray_head import PORT_ENV, PORT_FLAGS, SERVE_HT_PORT_ENV
+
+        head = set(PORT_FLAGS) | set(PORT_ENV)
+        serve = set(SERVE_HT_PORT_ENV) | {f"direct_{p}_{e}" for p in ("http", "grpc") for e in ("min", "max")}
+        unknown = set(v) - head - serve
+        if unknown:
+            raise ValueError(f"unknown ports {sorted(unknown)}; known: {sorted(head | serve)}")
+        for k, p in v.items():
+            if not 1 <= p <= 65535 and not (p == 0 and k in head and k not in ("gcs", "ray_client_server", *PORT_ENV)):
+                raise ValueError(f"ray.ports.{k}={p} is not a port (1-65535)")
+        for pair in (("min_worker", "max_worker"), ("direct_http_min", "direct_http_max"),
+                     ("direct_grpc_min", "direct_grpc_max")):
+            if (pair[0] in v) != (pair[1] in v):
+                raise ValueError(f"give both ray.ports.{pair[0]} and ray.ports.{pair[1]} or neither")
+            if pair[0] in v and v[pair[0]] > v[pair[1]]:
+                raise ValueError(f"ray.ports.{pair[0]}={v[pair[0]]} exceeds ray.ports.{pair[1]}={v[pair[1]]}")
+        return v
+
+    def head_ports(self) -> dict[str, int]:
+        """The ``ports`` that ``start_head`` takes."""
+        from serving.ray_head import PORT_ENV, PORT_FLAGS
+
+        return {k: p for k, p in self.ports.items() if k in PORT_FLAGS or k in PORT_ENV}
+
+    def serve_ports(self) -> dict[str, int]:
+        """The ``ports`` of Serve's high-throughput mode (``serving.ray_head.high_throughput_env``)."""
+        head = self.head_ports()
+        return {k: p for k, p in self.ports.items() if k not in head}
 
 
 
@@ -49,9 +263,10 @@ class FreshetConfig(ConfigModel):
     stream: StreamConfig = Field(default_factory=StreamConfig, description="interaction stream")
     ingest: IngestConfig = Field(default_factory=IngestConfig, description="durable ingest log")
     serving: ServingConfig = Field(default_factory=ServingConfig, description="ranking service")
+    ray: RayConfig = Field(default_factory=RayConfig, description="the local Ray head `freshet up` starts")
 
     @model_validator(mode="after")
-    def _check(self) -> "FreshetConfig":
+    def _check(self) -> FreshetConfig:
         m = self.model
         for field in ("user_table", "item_table", "item_bias_table", "popularity_table"):
             name = getattr(m, field)

@@ -129,8 +129,13 @@ def stop(cfg: FreshetConfig, *, serving: bool = True) -> list[str]:
     if serving:
         from ray import serve
 
+        from serving.app import APP_NAME
+
         with contextlib.suppress(Exception):  # Serve may never have started
-            serve.shutdown()
+            serve.delete(APP_NAME)
+            # Serve itself (controller, proxies) goes too unless another app still uses it.
+            if not serve.status().applications:
+                serve.shutdown()
     for name in actor_names(cfg):
         try:
             handle = ray.get_actor(name, namespace=cfg.namespace)

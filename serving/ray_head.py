@@ -31,6 +31,12 @@ What Ray 2.60 does, and why this module does what it does (measured with ``ss -l
 A process that talks to the head (the CLI, a test's driver) needs :func:`client_env` in its
 environment *before* ``import ray``, or :func:`apply_client_env` (which also refreshes what Ray
 cached at import). Serve replicas and actors inherit the head's environment and need nothing.
+
+Serve's high-throughput mode (HAProxy ingress) brings more listeners, on fixed default ports and
+with files in ``/tmp/haproxy-serve``; :func:`high_throughput_env` gives the environment that moves
+them to free ports (:func:`reserve_ports`, the same range) and the head's temp dir, and puts
+HAProxy's stats and Prometheus listeners, which Ray's config template binds to every interface,
+on 127.0.0.1. Pass it to :func:`start_head` as ``env``.
 """
 
 from __future__ import annotations
@@ -57,9 +63,9 @@ from pydantic import BaseModel, ConfigDict
 __all__ = [
     "PORT_ENV",
     "PORT_FLAGS",
+    "SERVE_HT_PORT_ENV",
     "HeadInfo",
     "Listener",
-    "SERVE_HT_PORT_ENV",
     "apply_client_env",
     "apply_env",
     "client_env",

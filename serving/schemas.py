@@ -59,7 +59,11 @@ class Event(_Request):
     )
     # Bounded to float32's range: the log stores weights as float32, and inf would be an MSE target.
     weight: _FiniteFloat = Field(
-        1.0, ge=-3.4e38, le=3.4e38, description="rating or implicit strength (1.0 for a click)"
+        1.0,
+        ge=-3.4e38,
+        le=3.4e38,
+        description="the event's strength: above 0 a positive with that confidence, at or below 0 negative feedback; "
+        "for event_type 'rating' the rating (model.ratings decides); at most model.max_abs_weight in size",
     )
     event_type: Annotated[StrictStr, Field(min_length=1, max_length=64)] | None = Field(
         None, description="kind of interaction, e.g. view, click, purchase, rating (1-64 characters); stored with the event"
@@ -117,7 +121,12 @@ class RankResponse(BaseModel):
 
     user_id: int | str = Field(description="the user ID as given")
     items: list[RankedItem]
-    fallback: Literal["popular"] | None = Field(description="'popular' when the user has no trained row yet")
+    fallback: Literal["popular"] | None = Field(description="'popular' when popularity ranked instead of the model")
+    fallback_reason: Literal["new_user", "mirror_behind"] | None = Field(
+        None,
+        description="why: 'new_user' (no trained row yet), or 'mirror_behind' (this replica's item mirror could not "
+        "catch up with the push behind the user's row in time)",
+    )
     model_version: int = Field(description="pushes applied to the item tables this ranking reflects")
 
 
@@ -134,3 +143,4 @@ class ScoreResponse(BaseModel):
     user_id: int | str
     scores: list[float | None]
     fallback: Literal["popular"] | None
+    fallback_reason: Literal["new_user", "mirror_behind"] | None = Field(None, description="as in RankResponse")

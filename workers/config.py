@@ -16,9 +16,13 @@ from pydantic import Field, field_validator, model_validator
 from ps.config import ConfigModel
 
 __all__ = [
+    "BelowThreshold",
     "IngestConfig",
     "LossKind",
     "ModelConfig",
+    "NegativeFeedback",
+    "RatingRule",
+    "RetentionConfig",
     "StreamConfig",
     "StreamKind",
     "SyntheticConfig",
@@ -40,6 +44,34 @@ class StreamKind(str, enum.Enum):
     MOVIELENS = "movielens"
     PARQUET = "parquet"
     INGEST = "ingest"
+
+
+class NegativeFeedback(str, enum.Enum):
+    """What an event with weight <= 0 (a dislike, a low rating) does to the model."""
+
+    IGNORE = "ignore"  # nothing: never a positive, never counted as popular
+    EXPLICIT = "explicit"  # also a negative for that user: its score is pushed down
+
+
+class BelowThreshold(str, enum.Enum):
+    """What a rating below ``ratings.positive_at`` is."""
+
+    NEGATIVE = "negative"  # negative feedback (see NegativeFeedback)
+    IGNORE = "ignore"  # not trained at all
+
+
+class RatingRule(ConfigModel):
+    """How an event of type ``rating`` (its weight is the rating) becomes a training signal.
+
+    A rating at or above ``positive_at`` is a positive with confidence ``rating / scale``;
+    a lower one is negative feedback with confidence ``(positive_at - rating) / scale``,
+    or nothing (``below``).
+    """
+
+    # Ratings >= 4 of 5 as positives: the implicit view MovieLens work uses (BENCHMARKS.md).
+    positive_at: float = Field(4.0, description="lowest rating that counts as a positive (rating units)")
+    scale: float = Field(5.0, gt=0, description="rating that means full confidence (rating units)")
+    below: BelowThreshold = Field(BelowThreshold.IGNORE, description="what a rating below positive_at is")
 
 
 class ModelConfig(ConfigModel):
@@ -84,6 +116,46 @@ class ModelConfig(ConfigModel):
     context_items: int = Field(
         10, ge=1, le=1000, description="a user's most recent items whose context rows join their query (items)"
     )
+    # What an event's weight means (README "Event weights"): a positive's confidence scales its
+    # loss and its popularity count; weight <= 0 is negative feedback.
+    event_weights: dict[str, float] = Field(
+        default_factory=dict,
+        description="confidence multiplier per event_type (e.g. view: 0.2, purchase: 1.0); types not listed count 1.0",
+    )
+    ratings: RatingRule = Field(default_factory=RatingRule, description="how events of type 'rating' become signals")
+    negative_feedback: NegativeFeedback = Field(
+        NegativeFeedback.EXPLICIT, description="what an event with weight <= 0 does"
+    )
+    # A confidence of 1e20 would overflow float32 gradients: events beyond this are refused at
+    # the door (422) and quarantined in files.
+    max_abs_weight: float = Field(1000.0, gt=0, le=1e6, description="largest |weight| accepted (weight units)")
+    rating_range: tuple[float, float] | None = Field(
+        None, description="with loss mse: the [min, max] a weight (rating) must lie in, else 422; null: any finite weight"
+    )
+
+    @field_validator("event_weights")
+    @classmethod
+    def _finite_weights(cls, value: dict[str, float]) -> dict[str, float]:
+        bad = {k: v for k, v in value.items() if not (0 < v <= 1000)}
+        if bad:
+            raise ValueError(f"event_weights must be in (0, 1000]: {bad}")
+        return value
+
+    @model_validator(mode="after")
+    def _check_range(self) -> "ModelConfig":
+        if self.rating_range is not None and not self.rating_range[0] < self.rating_range[1]:
+            raise ValueError(f"rating_range {self.rating_range}: min must be below max")
+        return self
+
+    def weight_problem(self, weight: float) -> str | None:
+        """Why ``weight`` cannot be trained by this model (``"weight: ..."``), or None."""
+        if abs(weight) > self.max_abs_weight:
+            return f"weight: |{weight}| exceeds model.max_abs_weight={self.max_abs_weight:g}"
+        if self.loss == LossKind.MSE and self.rating_range is not None:
+            lo, hi = self.rating_range
+            if not lo <= weight <= hi:
+                return f"weight: rating {weight} is outside model.rating_range [{lo:g}, {hi:g}]"
+        return None
 
     def item_tables(self) -> list[str]:
         """The item-keyed tables a ranking cache mirrors: vectors, biases, counts, recent
@@ -105,6 +177,23 @@ class TrainerConfig(ConfigModel):
     num_gpus: float = Field(0.0, ge=0, le=8, description="GPUs reserved per trainer actor")
     poll_interval_s: float = Field(0.05, gt=0, le=60, description="wait between polls of an exhausted live stream (seconds)")
     max_restarts: int = Field(-1, ge=-1, description="Ray restarts of a dead trainer actor; -1 is unlimited")
+    # A batch takes ~0.1 s here; 30 s without progress while events wait is a stuck trainer.
+    stall_s: float = Field(
+        30.0, gt=0, description="/healthz reports a trainer stalled when events wait and its offset has not moved for this long (seconds)"
+    )
+    # Transient failures (a shard restarting) are retried; a failure that outlasts this many
+    # tries restarts the actor, which resumes from its committed offset.
+    max_retries: int = Field(8, ge=0, le=1000, description="tries of a failing batch before the actor restarts itself")
+    retry_backoff_s: float = Field(0.5, gt=0, le=60, description="first wait between tries, doubling up to 30 s (seconds)")
+    # Restart cost: replaying the stream since the last trainer snapshot; 500 batches of 256
+    # events is ~10 s of replay here.
+    snapshot_every_batches: int = Field(
+        500, ge=1, description="persist the negative catalogue and users' histories every this many batches (batches)"
+    )
+    lifecycle_sync_s: float = Field(
+        1.0, gt=0, description="how often a trainer learns which items were evicted or expired (seconds)"
+    )
+    wal_fsync: bool = Field(False, description="fsync the trainer's write-ahead log per push (survives machine crashes)")
 
 
 class SyntheticConfig(ConfigModel):
@@ -134,6 +223,12 @@ class StreamConfig(ConfigModel):
         None, description="drop events with weight below this (implicit view of ratings); null keeps all"
     )
     quarantine_path: str | None = Field(None, description="Arrow file for rejected rows; null puts it under the local state dir (ingest.state_dir, else ingest.dir)")
+    # A file that is mostly rejected is being read wrongly or is the wrong file: loading it
+    # fails loudly instead of training on the scraps. 1.0 accepts any share (a file with no
+    # valid rows still fails).
+    max_quarantined_fraction: float = Field(
+        0.5, ge=0, le=1, description="a movielens/parquet file with more of its rows quarantined fails to load (fraction)"
+    )
     synthetic: SyntheticConfig = Field(default_factory=SyntheticConfig, description="synthetic generator settings")
 
     @model_validator(mode="after")
@@ -141,6 +236,28 @@ class StreamConfig(ConfigModel):
         if self.kind in (StreamKind.MOVIELENS, StreamKind.PARQUET) and not self.path:
             raise ValueError(f"stream.path is required for kind={self.kind.value!r}")
         return self
+
+
+class RetentionConfig(ConfigModel):
+    """How much *consumed* ingest history to keep, per partition.
+
+    Only whole closed segments are deleted, and only those whose every offset is below what
+    every registered consumer has committed and every pin still needs (``IngestLog.commit`` /
+    ``IngestLog.pin``); a partition with no consumer and no pin is never trimmed. Of the
+    consumed segments, the newest ``keep_bytes`` and those younger than ``keep_age_s`` (or than
+    ``ingest.dedup_max_age_s``, so the dedup window survives a restart) stay; a segment goes
+    once it is beyond both.
+    """
+
+    # 1 GiB of consumed history per partition replays a few million events for debugging or a
+    # new consumer, and is small next to the disks such a service runs on.
+    keep_bytes: int | None = Field(
+        1 << 30, ge=0, description="newest consumed history kept per partition (bytes); null keeps all of it"
+    )
+    # A week covers a weekend's incident plus the time to notice it.
+    keep_age_s: float | None = Field(
+        7 * 86_400.0, ge=0, description="consumed history younger than this is kept (seconds); null keeps all of it"
+    )
 
 
 class IngestConfig(ConfigModel):
@@ -161,7 +278,36 @@ class IngestConfig(ConfigModel):
         100_000, ge=1, description="events per log segment file (events); a URI log writes one object per append instead"
     )
     fsync: bool = Field(
-        True, description="fsync each append before acknowledging it (local and file:// logs; an object store's PUT is durable)"
+        True,
+        description="fsync appends before acknowledging them, concurrent appends sharing one fsync (local and "
+        "file:// logs; an object store's PUT is durable)",
+    )
+    partitions: int = Field(
+        1,
+        ge=1,
+        le=1024,
+        description="partition logs in the one ingest actor; an event goes to partition user_key % partitions, "
+        "offsets are dense per partition; fixed for a log's lifetime (a log refuses to start with another count)",
+    )
+    # Producers retry within seconds to minutes; a day also covers a producer replaying after an
+    # outage. 100,000 entries (an idempotency key or an event_id each) cost about 15-20 MB per
+    # partition and cover a retry under about 1,000 keyed requests or event IDs per second for
+    # the ~100 s a client's retries take; whichever bound is hit first evicts the oldest.
+    dedup_max_keys: int = Field(
+        100_000,
+        ge=1,
+        le=100_000_000,
+        description="idempotency keys and event_ids remembered per partition for deduplication (entries); "
+        "the oldest are forgotten first",
+    )
+    dedup_max_age_s: float = Field(
+        86_400.0,
+        gt=0,
+        description="an idempotency key or event_id older than this is forgotten (seconds); the window is "
+        "rebuilt from the segments on restart, so retention keeps segments this young",
+    )
+    retention: RetentionConfig = Field(
+        default_factory=RetentionConfig, description="how much consumed history to keep (see RetentionConfig)"
     )
 
     @staticmethod

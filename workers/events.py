@@ -28,12 +28,30 @@ import pyarrow as pa
 
 from ps.ids import ID, id_keys, ids_to_arrow
 
-__all__ = ["EVENT_COLUMNS", "empty_events", "make_events", "row_problem"]
+__all__ = [
+    "EVENT_COLUMNS",
+    "MAX_EVENT_ID_CHARS",
+    "MAX_EVENT_TYPE_CHARS",
+    "RATING",
+    "empty_events",
+    "make_events",
+    "row_problem",
+]
 
 EVENT_COLUMNS = (
     "offset", "user_id", "item_id", "user_key", "item_key", "timestamp", "weight", "event_type", "event_id", "ingest_ts",
 )
 """Column names of an event batch, in order."""
+
+RATING = "rating"
+"""The event type whose weight is a rating (``ModelConfig.ratings`` decides what it teaches)."""
+
+# The same bounds as ``POST /events`` (serving.schemas.Event), so a file row and an HTTP
+# event are valid or invalid alike.
+MAX_EVENT_TYPE_CHARS = 64
+"""Longest ``event_type`` (characters); an empty one is invalid too."""
+MAX_EVENT_ID_CHARS = 256
+"""Longest ``event_id`` (characters); an empty one is invalid too."""
 
 
 def make_events(

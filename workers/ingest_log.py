@@ -55,7 +55,7 @@ import time
 import uuid
 from array import array
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -128,13 +128,18 @@ class AppendResult:
     ``event_id`` or the request's idempotency key was in the dedup window) (events).
     ``offsets``: partition -> the largest offset of the request's events there (an already
     stored event counts with its original offset). ``offset``: ``offsets`` of the partition
-    of the request's last event; None for an empty request.
+    of the request's last event; None for an empty request. ``appended``: for each event of
+    the request, in order, the offset this call appended it at, or -1 (a duplicate, or a
+    part an earlier call with the same key appended): what the users' recent items are
+    updated with right after the append.
     """
 
     accepted: int
     duplicates: int
     offset: int | None
     offsets: dict[int, int]
+    # Not part of equality: a retry reports the original result, but appended nothing itself.
+    appended: list[int] = field(default_factory=list, compare=False)
 
 
 def _segment_name(first_offset: int) -> str:
@@ -887,10 +892,13 @@ class IngestLog:
         replies: dict[int, tuple[int, int, int]] = {}
         waits: list[tuple[_Partition, _Write]] = []
         errors: list[BaseException] = []
+        appended = np.full(n, -1, np.int64)
         for p in np.unique(where).tolist():
             part = self._parts[p]
             try:
-                replies[p], part_waits = await self._append_part(part, np.flatnonzero(where == p), ev, idempotency_key, now)
+                replies[p], part_waits = await self._append_part(
+                    part, np.flatnonzero(where == p), ev, idempotency_key, now, appended
+                )
             except IngestWriteError as e:
                 errors.append(e)  # the other parts still go in: a retry then has less to do
                 continue
@@ -904,12 +912,14 @@ class IngestLog:
             duplicates=sum(r[2] for r in replies.values()),
             offset=replies[int(where[-1])][0],
             offsets={p: r[0] for p, r in replies.items()},
+            appended=appended.tolist(),
         )
 
     async def _append_part(
-        self, part: _Partition, idx: np.ndarray, ev: dict, key: str | None, now: float
+        self, part: _Partition, idx: np.ndarray, ev: dict, key: str | None, now: float, appended: np.ndarray
     ) -> tuple[tuple[int, int, int], list[_Write]]:
-        """Dedup and write one partition's part; ``((last offset, accepted, duplicates), writes to await)``."""
+        """Dedup and write one partition's part; ``((last offset, accepted, duplicates), writes to await)``;
+        the offsets given to the part's events are filled into ``appended``."""
         async with part.lock:
             self._expire(part, now)
             if key is not None and (hit := part.window.get("k:" + key)) is not None:
@@ -953,6 +963,7 @@ class IngestLog:
             if key is not None:
                 metadata = {_MD_KEY: key, _MD_PART: json.dumps({"last": last, "accepted": len(keep), "duplicates": dups})}
             w = await self._store.write(part, batch, metadata, now)
+            appended[sel] = offsets
             part.appends += 1
             if ids is not None:
                 for offset, j in zip(offsets.tolist(), keep):

@@ -14,8 +14,12 @@ import torch
 import torch.nn.functional as F
 
 from ps.ids import ID, as_id_array
+from workers.config import BelowThreshold, ModelConfig
 
-__all__ = ["bpr_loss", "context_index", "mse_loss", "score", "top_k", "user_queries"]
+RATING = "rating"
+"""The event type whose weight is a rating (see ``ModelConfig.ratings``)."""
+
+__all__ = ["bpr_loss", "context_index", "dislike_loss", "mse_loss", "score", "signals", "top_k", "user_queries"]
 
 
 def score(users: torch.Tensor, items: torch.Tensor, item_bias: torch.Tensor) -> torch.Tensor:
@@ -49,6 +53,43 @@ def user_queries(user_rows: torch.Tensor, context_rows: torch.Tensor, context_id
     return user_rows + gathered.sum(1) / mask.sum(1, keepdim=True).clamp(min=1.0)
 
 
+def signals(
+    weights: np.ndarray, event_types: Sequence[str | None] | None, model: ModelConfig
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """What each event teaches: ``(confidence float32 [n], positive bool [n], dislike bool [n])``.
+
+    An event of type ``rating`` follows ``model.ratings``: at or above ``positive_at`` a
+    positive with confidence ``rating / scale``, below it a dislike with confidence
+    ``(positive_at - rating) / scale`` (or nothing, with ``below: ignore``). Any other event
+    has confidence ``weight * model.event_weights[type]`` (1.0 for unlisted types): above 0
+    a positive, below 0 a dislike of confidence ``|weight|`` (a weight of exactly 0
+    teaches nothing). A positive's confidence scales its loss and its popularity count; a
+    dislike is never a positive and never counted as popular.
+    """
+    w = np.asarray(weights, np.float64)
+    n = len(w)
+    mult = np.ones(n)
+    is_rating = np.zeros(n, bool)
+    if event_types is not None and n:
+        types = list(event_types)
+        for t, m in model.event_weights.items():
+            mult[[x == t for x in types]] = m
+        is_rating = np.fromiter((x == RATING for x in types), bool, n)
+    conf = w * mult
+    positive = conf > 0
+    dislike = conf < 0
+    conf = np.abs(conf)
+    if is_rating.any():
+        r = model.ratings
+        up = is_rating & (w >= r.positive_at)
+        down = is_rating & (w < r.positive_at)
+        conf[up] = w[up] / r.scale
+        conf[down] = (r.positive_at - w[down]) / r.scale
+        positive[is_rating] = up[is_rating]
+        dislike[is_rating] = down[is_rating] & (r.below == BelowThreshold.NEGATIVE)
+    return conf.astype(np.float32), positive, dislike
+
+
 def bpr_loss(
     u: torch.Tensor,
     pos: torch.Tensor,
@@ -58,13 +99,15 @@ def bpr_loss(
     weight: torch.Tensor | None = None,
     *,
     l2: float = 0.0,
+    reduction: str = "sum",
 ) -> torch.Tensor:
-    """Bayesian Personalised Ranking loss, summed over events (nats).
+    """Bayesian Personalised Ranking loss (Rendle et al., 2009), summed over events (nats).
 
     ``u``, ``pos``: ``[b, d]``; ``pos_bias``: ``[b]``; ``neg``: ``[b, m, d]`` (``m``
     negatives per event); ``neg_bias``: ``[b, m]``. Each event's term is the mean over its
-    negatives of ``-log sigmoid(x_pos - x_neg)``, scaled by ``weight`` if given, plus
-    ``l2`` times the squared norms of the rows it touches.
+    negatives of ``-log sigmoid(x_pos - x_neg)``, scaled by ``weight`` (the positive's
+    confidence) if given, plus ``l2`` times the squared norms of the rows it touches.
+    ``reduction="none"`` returns the ``[b]`` per-event terms instead of their sum.
     """
     x_pos = (u * pos).sum(-1) + pos_bias
     x_neg = torch.einsum("bd,bmd->bm", u, neg) + neg_bias
@@ -72,16 +115,30 @@ def bpr_loss(
     if weight is not None:
         per_event = per_event * weight
     reg = (u.square().sum(-1) + pos.square().sum(-1) + neg.square().sum(-1).mean(1)) if l2 else 0.0
-    return (per_event + l2 * reg).sum()
+    terms = per_event + l2 * reg
+    return terms if reduction == "none" else terms.sum()
+
+
+def dislike_loss(
+    u: torch.Tensor, items: torch.Tensor, item_bias: torch.Tensor, weight: torch.Tensor, *, reduction: str = "sum"
+) -> torch.Tensor:
+    """Loss of disliked items: ``weight * softplus(u·item + bias)`` = ``-weight * log(1 - sigmoid(x))``
+    (the logistic loss of a negative label), summed over events (nats); ``[b]`` terms with
+    ``reduction="none"``. ``u``, ``items``: ``[b, d]``; ``item_bias``, ``weight``: ``[b]``."""
+    terms = weight * F.softplus((u * items).sum(-1) + item_bias)
+    return terms if reduction == "none" else terms.sum()
 
 
 def mse_loss(
-    u: torch.Tensor, items: torch.Tensor, item_bias: torch.Tensor, target: torch.Tensor, *, l2: float = 0.0
+    u: torch.Tensor, items: torch.Tensor, item_bias: torch.Tensor, target: torch.Tensor, *, l2: float = 0.0,
+    reduction: str = "sum",
 ) -> torch.Tensor:
-    """Squared error of ``u·item + bias`` against ``target`` (e.g. ratings), summed over events."""
+    """Squared error of ``u·item + bias`` against ``target`` (e.g. ratings), summed over events
+    (``[b]`` terms with ``reduction="none"``)."""
     pred = (u * items).sum(-1) + item_bias
     reg = (u.square().sum(-1) + items.square().sum(-1)) if l2 else 0.0
-    return ((pred - target).square() + l2 * reg).sum()
+    terms = (pred - target).square() + l2 * reg
+    return terms if reduction == "none" else terms.sum()
 
 
 def top_k(scores: np.ndarray, k: int, exclude: np.ndarray | None = None) -> np.ndarray:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ps.ids import ID, as_id_array
+from ps.index import KeyIndex
 
 __all__ = ["Catalogue", "negative_slots"]
 
@@ -31,44 +31,77 @@ def negative_slots(
 
 
 class Catalogue:
-    """Items seen so far, in stream order, with interaction counts: where negatives come from.
+    """Items seen so far (their keys), in stream order, with interaction counts: where
+    negatives come from.
 
     Stream order (not PS order) makes sampling reproducible, so a restarted trainer that
-    replays the stream draws exactly the negatives it drew before.
+    replays the stream (or loads a persisted catalogue) draws exactly the negatives it
+    drew before. Items removed from the PS (expiry, eviction) are dropped with
+    :meth:`remove`, so negatives come only from live items.
     """
 
     def __init__(self):
-        self.index: dict[ID, int] = {}
-        self._ids: list[ID] = []
+        self.index = KeyIndex(1024)
+        self._keys = np.zeros(1024, np.uint64)
         self._counts = np.zeros(1024, dtype=np.float64)
-        self._array: np.ndarray | None = None  # as_id_array(_ids), rebuilt only after growth
+        self._n = 0
 
     def __len__(self) -> int:
-        return len(self._ids)
+        return self._n
 
-    def add(self, ids: np.ndarray, counts: np.ndarray | None = None) -> None:
-        """Count ``ids`` (``counts`` each, default 1 interaction), appending new ones."""
-        counts = np.ones(len(ids)) if counts is None else np.asarray(counts, dtype=np.float64)
-        for x, c in zip(ids.tolist(), counts.tolist()):
-            j = self.index.get(x)
-            if j is None:
-                j = self.index[x] = len(self._ids)
-                self._ids.append(x)
-                self._array = None
-                if j >= len(self._counts):
-                    self._counts = np.concatenate([self._counts, np.zeros(len(self._counts))])
-            self._counts[j] += c
+    def add(self, keys: np.ndarray, counts: np.ndarray | None = None) -> None:
+        """Count item ``keys`` (``uint64 [n]``; ``counts`` each, default 1 interaction),
+        appending new ones in order of first appearance."""
+        keys = np.asarray(keys, np.uint64)
+        if not len(keys):
+            return
+        counts = np.ones(len(keys)) if counts is None else np.asarray(counts, dtype=np.float64)
+        uniq, first, inverse = np.unique(keys, return_index=True, return_inverse=True)
+        per = np.bincount(inverse.reshape(-1), weights=counts, minlength=len(uniq))
+        slots = self.index.lookup(uniq)
+        new = np.flatnonzero(slots < 0)
+        if new.size:
+            new = new[np.argsort(first[new], kind="stable")]
+            start = self._n
+            self._n += new.size
+            if self._n > len(self._keys):
+                grow = max(self._n, 2 * len(self._keys)) - len(self._keys)
+                self._keys = np.concatenate([self._keys, np.zeros(grow, np.uint64)])
+                self._counts = np.concatenate([self._counts, np.zeros(grow)])
+            slots[new] = np.arange(start, self._n)
+            self._keys[start : self._n] = uniq[new]
+            self.index.insert(uniq[new], slots[new])
+        self._counts[slots] += per  # one entry per distinct key: no repeats to accumulate
 
-    def ids(self) -> np.ndarray:
-        """Item IDs by slot (int64 or object array)."""
-        if self._array is None:
-            self._array = as_id_array(self._ids)
-        return self._array
+    def remove(self, keys: np.ndarray) -> int:
+        """Drop item ``keys`` (those present); the last items move into the gaps. Returns how many went."""
+        slots = self.index.remove(np.unique(np.asarray(keys, np.uint64)))
+        slots = np.sort(slots[slots >= 0])[::-1]
+        for s in slots.tolist():  # from the highest slot down, so a moved item is never one to remove
+            last = self._n - 1
+            if s != last:
+                k = self._keys[last]
+                self._keys[s], self._counts[s] = k, self._counts[last]
+                self.index.remove(np.asarray([k], np.uint64))
+                self.index.insert(np.asarray([k], np.uint64), np.asarray([s]))
+            self._n -= 1
+        return len(slots)
+
+    def keys(self) -> np.ndarray:
+        """Item keys by slot (``uint64``; a view)."""
+        return self._keys[: self._n]
 
     def counts(self) -> np.ndarray:
         """Interactions per slot."""
-        return self._counts[: len(self._ids)]
+        return self._counts[: self._n]
 
     def sample(self, b: int, k: int, popularity_fraction: float, rng: np.random.Generator) -> np.ndarray:
-        """``b * k`` negative item IDs (see :func:`negative_slots`)."""
-        return self.ids()[negative_slots(self.counts(), b, k, popularity_fraction, rng).reshape(-1)]
+        """``b * k`` negative item keys (see :func:`negative_slots`); empty for an empty catalogue."""
+        if not self._n:
+            return np.empty(0, np.uint64)
+        return self.keys()[negative_slots(self.counts(), b, k, popularity_fraction, rng).reshape(-1)]
+
+    def load(self, keys: np.ndarray, counts: np.ndarray) -> None:
+        """Replace the contents with ``keys`` (in slot order) and their ``counts``."""
+        self.__init__()
+        self.add(np.asarray(keys, np.uint64), np.asarray(counts, np.float64))

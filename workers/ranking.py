@@ -1,23 +1,43 @@
-"""Ranking against a delta-synced item mirror: the code behind ``/rank``, ``/score``
-and the prequential evaluation.
+"""Ranking against an item catalogue: the code behind ``/rank``, ``/score`` and the
+prequential evaluation.
+
+A :class:`RankingSnapshot` holds what ranking reads, built once per change of the
+catalogue (a delta sync of the serving mirror, a chunk of the evaluation): the IDs, the
+item and context matrices, the item bias fused with the recent-popularity prior, the
+validity mask and the popularity order. A request then does only its own work: build
+the query, one matrix-vector product, exclusion and a partial sort. The snapshot is
+never modified after it is built, so a reader can swap in a new one by reference while
+requests use the old one.
 """
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
+from typing import Any, Protocol
 
 import numpy as np
-import torch
 
-from ps.cache import RowCache
+from ps.ids import ID, Keyed, keyed
 from workers.config import ModelConfig
-from ps.ids import ID
-from workers.model import score, top_k, user_queries
+from workers.model import top_k
 
-__all__ = ["Ranked", "Ranker"]
+__all__ = ["CatalogueView", "POPULAR", "Ranked", "Ranker", "RankingSnapshot"]
 
 POPULAR = "popular"
 """``fallback`` value when a user has no trained row and popularity ranks instead."""
+
+_POPULAR_PREFIX = 1024  # popularity order kept per snapshot; deeper fallbacks sort on demand
+
+
+class CatalogueView(Protocol):
+    """What ranking reads of an item catalogue (``ps.cache.RowCache``, the eval's ``ItemView``)."""
+
+    def ids(self) -> np.ndarray: ...
+    def keys(self) -> np.ndarray: ...
+    def valid(self) -> np.ndarray: ...
+    def matrix(self, table: str) -> np.ndarray: ...
+    def slots_of_keys(self, keys: np.ndarray) -> np.ndarray: ...
 
 
 class Ranked(tuple):
@@ -33,127 +53,220 @@ class Ranked(tuple):
     fallback = property(lambda self: self[2], doc="None, or 'popular' when popularity ranked")
 
 
-class Ranker:
-    """Ranks the items in ``cache`` for user vectors, excluding seen items.
+def _as_keys(items: Keyed | Sequence[ID] | np.ndarray | None) -> np.ndarray:
+    if items is None:
+        return np.empty(0, np.uint64)
+    if isinstance(items, np.ndarray) and items.dtype == np.uint64:
+        return items
+    return keyed(items).keys
+
+
+class RankingSnapshot:
+    """Everything ranking reads, as of one state of a catalogue view (immutable once built).
 
     A score is ``query · item + item_bias + recent_weight * log1p(recent count)``: the
     model's logit plus a prior from the item's recency-decayed popularity (when
     ``model.recent_table`` is set). The query is the user's row plus the mean context row
-    of their latest items (when ``model.context_table`` is set; see :meth:`queries`).
-    Users without a row get the popular fallback: items by recent popularity, or by
-    all-time interaction counts without a recent table.
+    of their latest items (when ``model.context_table`` is set). Users without a row get
+    the popular fallback: items by recent popularity, or by all-time interaction counts
+    without a recent table. Invalid slots (removed items) are never returned or scored.
+
+    ``lookup`` maps item keys to slots; by default the view's own (copied, so a mirror
+    can go on syncing).
     """
 
-    def __init__(self, cache: RowCache, model: ModelConfig):
-        self.cache, self.model = cache, model
+    def __init__(self, view: CatalogueView, model: ModelConfig, *, copy_lookup: bool = True):
+        self.model = model
+        self.ids = view.ids().copy()
+        self.valid = view.valid().copy()
+        self._invalid = np.flatnonzero(~self.valid)
+        n = len(self.ids)
+        self.items = view.matrix(model.item_table)
+        self.ctx = view.matrix(model.context_table) if model.context_table is not None else None
+        index = getattr(view, "index", None)
+        if copy_lookup and index is not None and hasattr(index, "lookup"):
+            frozen = copy.deepcopy(index)
+            self._lookup = frozen.lookup
+        else:
+            self._lookup = view.slots_of_keys
+        bias = view.matrix(model.item_bias_table)[:, 0].astype(np.float32)
+        recent = self._recent_counts(view, model)
+        if recent is not None and model.recent_weight:
+            bias = bias + (model.recent_weight * np.log1p(recent)).astype(np.float32)
+        self.bias = np.where(self.valid, bias, -np.inf).astype(np.float32)
+        pop = recent if recent is not None else view.matrix(model.popularity_table)[:, 0].astype(np.float64)
+        self.popularity = np.where(self.valid, pop, -np.inf)
+        self.recent = recent
+        m = min(n, _POPULAR_PREFIX)
+        if n > m:
+            part = np.argpartition(-self.popularity, m - 1)[:m]
+            self._popular_prefix = part[np.lexsort((part, -self.popularity[part]))]
+        else:
+            self._popular_prefix = np.lexsort((np.arange(n), -self.popularity))
+        self._popular_prefix = self._popular_prefix[np.isfinite(self.popularity[self._popular_prefix])]
 
-    def recent_counts(self) -> np.ndarray | None:
-        """Each slot's recency-decayed interaction count at the newest clock in the cache
-        (interactions, float64), or None without a recent table."""
-        name = self.model.recent_table
+    @staticmethod
+    def _recent_counts(view: CatalogueView, model: ModelConfig) -> np.ndarray | None:
+        name = model.recent_table
         if name is None:
             return None
-        m = self.cache.matrix(name)
-        valid = self.cache.valid()
+        m = view.matrix(name)
+        valid = view.valid()
         if not valid.any():
             return np.zeros(len(m))
         # Rows are (count, clock in half-lives); the newest clock any item was pushed at is "now".
         now = float(m[valid, 1].max())
         return m[:, 0].astype(np.float64) * np.exp2(m[:, 1].astype(np.float64) - now)
 
-    def _popularity(self) -> np.ndarray:
-        recent = self.recent_counts()
-        return recent if recent is not None else self.cache.matrix(self.model.popularity_table)[:, 0]
+    def __len__(self) -> int:
+        return int(self.valid.sum())
 
-    def _exclude(self, seen: Sequence[ID]) -> np.ndarray:
-        slots = self.cache.slots_of(list(seen)) if len(seen) else np.empty(0, np.int64)
-        invalid = np.flatnonzero(~self.cache.valid())
-        return np.concatenate([slots[slots >= 0], invalid])
+    def slots(self, items: Keyed | Sequence[ID] | np.ndarray) -> np.ndarray:
+        """Slots of ``items`` (IDs, :class:`ps.ids.Keyed` or ``uint64`` keys); ``-1`` where
+        not in the catalogue or removed."""
+        keys = _as_keys(items)
+        if not len(keys):
+            return np.empty(0, np.int64)
+        s = self._lookup(keys)
+        s[s >= len(self.valid)] = -1
+        ok = s >= 0
+        ok[ok] = self.valid[s[ok]]
+        return np.where(ok, s, -1)
 
-    def popular(self, seen: Sequence[ID], k: int) -> Ranked:
+    def query(self, row: np.ndarray, recent: Keyed | Sequence[ID] | np.ndarray | None) -> np.ndarray:
+        """The user's query vector: ``row`` plus the mean context row of their last
+        ``model.context_items`` recent items that are in the catalogue (``float32 [d]``)."""
+        row = np.asarray(row, np.float32)
+        if self.ctx is None or recent is None:
+            return row
+        keys = _as_keys(recent)[-self.model.context_items :]
+        s = self.slots(keys)
+        s = s[s >= 0]
+        if not s.size:
+            return row
+        return (row + self.ctx[s].sum(0) / np.float32(s.size)).astype(np.float32)
+
+    def scores(self, queries: np.ndarray) -> np.ndarray:
+        """Scores of every slot for each query, ``float32 [b, n]`` (``-inf`` at invalid slots)."""
+        return np.asarray(queries, np.float32) @ self.items.T + self.bias
+
+    def _exclude(self, seen: Keyed | Sequence[ID] | np.ndarray | None) -> np.ndarray:
+        s = self.slots(seen) if seen is not None else np.empty(0, np.int64)
+        return s[s >= 0]
+
+    def top(self, scores: np.ndarray, k: int, exclude: np.ndarray, fallback: str | None = None) -> Ranked:
+        """The ``k`` best of ``scores`` (one per slot), never an excluded or invalid slot
+        (ties go to the lower slot; NaN ranks last; see :func:`workers.model.top_k`)."""
+        idx = top_k(scores, k, np.concatenate([exclude, self._invalid]) if len(self._invalid) else exclude)
+        return Ranked([self.ids[i] for i in idx.tolist()], np.asarray(scores)[idx].astype(float).tolist(), fallback)
+
+    def popular(self, seen: Keyed | Sequence[ID] | np.ndarray | None, k: int) -> Ranked:
         """Most-interacted items not in ``seen`` (recently, when a recent table is configured)."""
-        counts = self._popularity()
-        idx = top_k(counts, k, self._exclude(seen))
-        ids = self.cache.ids()
-        return Ranked([ids[i] for i in idx.tolist()], counts[idx].astype(float).tolist(), POPULAR)
+        excl = self._exclude(seen)
+        prefix = self._popular_prefix
+        if len(prefix) >= k + len(excl) or len(prefix) == len(self.popularity):
+            pick = prefix[~np.isin(prefix, excl)][:k]
+            return Ranked([self.ids[i] for i in pick.tolist()], self.popularity[pick].astype(float).tolist(), POPULAR)
+        return self.top(self.popularity, k, excl, POPULAR)
 
-    def queries(self, user_vecs: np.ndarray, history: Sequence[Sequence[ID]] | None) -> np.ndarray:
+    def rank(self, row: np.ndarray | None, seen: Any, k: int, history: Any = None) -> Ranked:
+        """Top-``k`` for one user: ``row`` (None: the popular fallback), excluding ``seen``;
+        ``history`` (default ``seen``) supplies the session context."""
+        if row is None:
+            return self.popular(seen, k)
+        q = self.query(row, seen if history is None else history)
+        return self.top(self.scores(q[None, :])[0], k, self._exclude(seen))
+
+    def score_items(
+        self, row: np.ndarray | None, items: Keyed | Sequence[ID] | np.ndarray, history: Any = None
+    ) -> tuple[list[float | None], str | None]:
+        """Scores of ``items`` in order (None for items not in the catalogue), touching only
+        those items' rows. Without a user row the scores are the items' popularity and the
+        fallback is ``"popular"``, matching :meth:`rank`."""
+        s = self.slots(items)
+        ok = s >= 0
+        out = np.full(len(s), np.nan)
+        if row is None:
+            out[ok] = self.popularity[s[ok]]
+            fallback = POPULAR
+        else:
+            q = self.query(row, history)
+            out[ok] = self.items[s[ok]] @ q + self.bias[s[ok]]
+            fallback = None
+        return [float(v) if good else None for v, good in zip(out.tolist(), ok.tolist())], fallback
+
+
+class Ranker:
+    """Ranks the items of a catalogue view for user vectors (see :class:`RankingSnapshot`).
+
+    The snapshot is rebuilt when the view changes: for a ``RowCache`` after each sync
+    (its ``syncs`` counter), for other views on every call of :meth:`snapshot`.
+    """
+
+    def __init__(self, cache: CatalogueView, model: ModelConfig):
+        self.cache, self.model = cache, model
+        self._snap: RankingSnapshot | None = None
+        self._built_at: int | None = None
+
+    def snapshot(self) -> RankingSnapshot:
+        """The current snapshot, rebuilt if the view changed since it was built."""
+        gen = getattr(self.cache, "syncs", None)
+        if self._snap is None or gen is None or gen != self._built_at:
+            self._snap = RankingSnapshot(self.cache, self.model)
+            self._built_at = gen
+        return self._snap
+
+    def recent_counts(self) -> np.ndarray | None:
+        """Each slot's recency-decayed interaction count at the newest clock in the view
+        (interactions, float64), or None without a recent table."""
+        return self.snapshot().recent
+
+    def popular(self, seen: Any, k: int) -> Ranked:
+        """Most-interacted items not in ``seen`` (IDs, keys or :class:`ps.ids.Keyed`)."""
+        return self.snapshot().popular(seen, k)
+
+    def queries(self, user_vecs: np.ndarray, history: Sequence[Any] | None) -> np.ndarray:
         """User vectors plus the mean context row of each user's last ``model.context_items``
-        items in ``history`` (oldest first; items without a cached row are skipped)."""
-        name = self.model.context_table
+        items in ``history`` (oldest first; items not in the catalogue are skipped)."""
+        snap = self.snapshot()
         user_vecs = np.asarray(user_vecs, np.float32)
-        if name is None or history is None or not len(user_vecs):
+        if history is None:
             return user_vecs
-        n = self.model.context_items
-        idx = np.full((len(user_vecs), n), -1, np.int64)
-        valid = self.cache.valid()
-        for r, h in enumerate(history):
-            tail = list(h)[-n:]
-            if not tail:
-                continue
-            slots = self.cache.slots_of(tail)
-            slots = slots[slots >= 0]
-            slots = slots[valid[slots]]
-            idx[r, : len(slots)] = slots
-        ctx = torch.from_numpy(self.cache.matrix(name))
-        return user_queries(torch.from_numpy(user_vecs), ctx, torch.from_numpy(idx)).numpy()
+        return np.stack([snap.query(v, h) for v, h in zip(user_vecs, history)]) if len(user_vecs) else user_vecs
 
     def scores_for(self, user_vecs: np.ndarray) -> np.ndarray:
-        """Scores ``[n_users, n_slots]`` of every cached item (logits, float32): the model's
-        plus the recent-popularity prior."""
-        items = torch.from_numpy(self.cache.matrix(self.model.item_table))
-        bias = self.cache.matrix(self.model.item_bias_table)[:, 0]
-        recent = self.recent_counts()
-        if recent is not None and self.model.recent_weight:
-            bias = bias + (self.model.recent_weight * np.log1p(recent)).astype(np.float32)
-        return score(torch.from_numpy(np.asarray(user_vecs, np.float32)), items, torch.from_numpy(bias)).numpy()
+        """Scores ``[n_users, n_slots]`` of every item (logits, float32): the model's plus the
+        recent-popularity prior; ``-inf`` at removed items."""
+        return self.snapshot().scores(user_vecs)
 
     def rank_many(
         self,
         user_vecs: np.ndarray,
         found: np.ndarray,
-        seen: Sequence[Sequence[ID]],
+        seen: Sequence[Any],
         k: int,
-        history: Sequence[Sequence[ID]] | None = None,
+        history: Sequence[Any] | None = None,
     ) -> list[Ranked]:
         """Top-``k`` per user, excluding ``seen``; users with ``found`` False get the popular fallback.
 
         ``history`` (each user's items, oldest first; default ``seen``) supplies the
-        session context (see :meth:`queries`).
+        session context. Known users are scored in one matrix product.
         """
-        out: list[Ranked] = []
-        known = np.flatnonzero(found)
+        snap = self.snapshot()
         history = seen if history is None else history
-        all_scores = (
-            self.scores_for(self.queries(np.asarray(user_vecs)[known], [history[j] for j in known.tolist()]))
-            if len(known)
-            else None
-        )
-        row_of = {int(u): r for r, u in enumerate(known.tolist())}
-        ids = self.cache.ids()
-        for u in range(len(found)):
-            if u not in row_of:
-                out.append(self.popular(seen[u], k))
-                continue
-            s = all_scores[row_of[u]]
-            idx = top_k(s, k, self._exclude(seen[u]))
-            out.append(Ranked([ids[i] for i in idx.tolist()], s[idx].astype(float).tolist(), None))
+        known = np.flatnonzero(found)
+        out: list[Ranked | None] = [None] * len(found)
+        if len(known):
+            q = np.stack([snap.query(user_vecs[j], history[j]) for j in known.tolist()])
+            all_scores = snap.scores(q)
+            for r, j in enumerate(known.tolist()):
+                out[j] = snap.top(all_scores[r], k, snap._exclude(seen[j]))
+        for j in range(len(found)):
+            if out[j] is None:
+                out[j] = snap.popular(seen[j], k)
         return out
 
-    def score_items(
-        self, user_vec: np.ndarray | None, item_ids: Sequence[ID], history: Sequence[ID] = ()
-    ) -> tuple[list[float | None], str | None]:
-        """Scores of ``item_ids`` in order (None for items the PS has no row for);
-        ``history`` is the user's items, oldest first, for the session context.
-
-        Without a user row the scores are the items' popularity counts and the
-        fallback is ``"popular"``, matching ``/rank``.
-        """
-        slots = self.cache.slots_of(list(item_ids))
-        valid = self.cache.valid()
-        ok = (slots >= 0) & valid[np.maximum(slots, 0)] if len(slots) else np.zeros(0, bool)
-        if user_vec is None:
-            vals, fallback = self._popularity(), POPULAR
-        else:
-            vals, fallback = self.scores_for(self.queries(np.asarray(user_vec, np.float32)[None, :], [history]))[0], None
-        return [float(vals[s]) if good else None for s, good in zip(slots.tolist(), ok.tolist())], fallback
+    def score_items(self, user_vec: np.ndarray | None, item_ids: Any, history: Any = ()) -> tuple[list[float | None], str | None]:
+        """Scores of ``item_ids`` in order (None for items the catalogue lacks); see
+        :meth:`RankingSnapshot.score_items`."""
+        return self.snapshot().score_items(user_vec, item_ids, history)

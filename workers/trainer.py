@@ -1,5 +1,15 @@
-"""Trainer actors: read a partition of the stream in mini-batches, pull only the rows a
-batch touches, compute gradients with torch, push sparse per-row gradients.
+"""Trainer actors: read their share of the stream in mini-batches, pull only the rows a
+batch touches, compute gradients with torch (:mod:`workers.step`), push sparse per-row
+gradients; supervised, exactly once, and restartable in time proportional to the work
+since their last snapshot.
+
+A trainer consumes whole partitions of the ingest log (partition ``p`` goes to trainer
+``p % trainer.num_workers``), or, for a file or synthetic stream, the events whose user
+key falls to it. Pushes are named by ``(producer, seq)`` with one producer per
+partition and ``seq = batch start offset * 128 + pass``; a write-ahead log
+(:mod:`workers.wal`) records each push before it is sent and the offsets once a batch
+is applied, so a restarted trainer re-sends exactly the pushes some shard may have
+missed (the others drop them by push id) and recomputes the rest identically.
 
 Pipelining uses Ray's per-caller ordering of actor calls: the pull of the next pass
 or batch is submitted right after the current push, without waiting for it. Ray can
@@ -7,15 +17,24 @@ break that order when it retries the push after a shard restart, so such a pull 
 the push it must follow (``PSClient.pull_async(after=...)``) and is read again if a
 shard answered before applying it: the trainer never trains on rows older than its
 own updates.
+
+A failing batch is retried with backoff, each try starting from the last committed
+state (as a restart would); after ``trainer.max_retries`` tries an actor exits so Ray
+restarts it. Events whose gradients are not finite are set aside to a dead-letter
+Arrow file and training goes on.
 """
 
 from __future__ import annotations
 
 import collections
+import hashlib
+import json
+import logging
+import os
+import shutil
 import threading
 import time
 import traceback
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -26,12 +45,13 @@ import torch
 
 from ps.cache import RowCache
 from ps.client import PSClient
-from ps.ids import ID, as_id_array, id_keys, ids_from_arrow
+from ps.ids import ID_UNION, Keyed, ids_to_arrow
+from ps.persist import TableUpdate, fsync_path
 from ps.shard import PushId
-from workers.config import LossKind
-from workers.model import bpr_loss, context_index, mse_loss, user_queries
+from workers.config import StreamKind
 from workers.negatives import Catalogue
 from workers.ranking import Ranker
+from workers.step import Batch, Histories, TrainStep
 from workers.wal import PushRecord, TrainerWAL
 
 if TYPE_CHECKING:  # the root config composes every layer's settings; workers only read it
@@ -39,7 +59,20 @@ if TYPE_CHECKING:  # the root config composes every layer's settings; workers on
 
 __all__ = ["Trainer", "resolve_device", "start_trainers", "trainer_actor_name"]
 
+_log = logging.getLogger(__name__)
+
 _SEQ_PER_BATCH = 128  # push seq = batch start offset * 128 + pass; passes are capped at 100
+_MAX_BACKOFF_S = 30.0
+_DEAD_LETTER_SCHEMA = pa.schema([
+    pa.field("partition", pa.int32()),
+    pa.field("offset", pa.int64()),
+    pa.field("user_id", ID_UNION),
+    pa.field("item_id", ID_UNION),
+    pa.field("weight", pa.float32()),
+    pa.field("event_type", pa.string()),
+    pa.field("reason", pa.string()),
+    pa.field("at", pa.float64()),  # unix seconds it was set aside
+])
 
 
 def trainer_actor_name(index: int) -> str:
@@ -48,7 +81,11 @@ def trainer_actor_name(index: int) -> str:
 
 
 def resolve_device(setting: str) -> torch.device:
-    """``auto`` → ``cuda`` when torch sees a GPU, else ``cpu``; otherwise the named device."""
+    """``auto`` → ``cuda`` when torch sees a GPU, else ``cpu``; otherwise the named device.
+
+    Raises:
+        RuntimeError: a CUDA device is named but torch sees none.
+    """
     if setting == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dev = torch.device(setting)
@@ -57,333 +94,431 @@ def resolve_device(setting: str) -> torch.device:
     return dev
 
 
-def _stream_id(cfg: FreshetConfig) -> str:
+def _stream_id(cfg: "FreshetConfig") -> str:
     """A stable identity of a file or synthetic stream: a digest of its settings."""
-    import hashlib
-
     text = cfg.stream.model_dump_json(exclude={"num_events", "quarantine_path"})
     return f"{cfg.stream.kind.value}:{hashlib.blake2b(text.encode(), digest_size=6).hexdigest()}"
 
 
-def _factorize(ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """``(unique, inverse)`` preserving first-seen order; works for mixed int/str IDs."""
-    if ids.dtype == np.int64:
-        uniq, first, inverse = np.unique(ids, return_index=True, return_inverse=True)
-        order = np.argsort(first)
-        rank = np.empty_like(order)
-        rank[order] = np.arange(len(order))
-        return uniq[order], rank[inverse.reshape(-1)]
-    seen: dict[ID, int] = {}
-    inverse = np.fromiter((seen.setdefault(x, len(seen)) for x in ids.tolist()), dtype=np.int64, count=len(ids))
-    return as_id_array(list(seen)), inverse
+def partitions_of(index: int, cfg: "FreshetConfig") -> list[int]:
+    """The ingest partitions trainer ``index`` consumes."""
+    n = getattr(cfg.ingest, "partitions", 1)
+    return [p for p in range(n) if p % cfg.trainer.num_workers == index]
 
 
-@dataclass
-class _Batch:
-    start: int  # first offset read
-    end: int  # one past the last offset read
-    users: np.ndarray
-    items: np.ndarray
-    weights: np.ndarray
-    ingest_ts: np.ndarray
-    uniq_users: np.ndarray
-    user_inv: np.ndarray
-    uniq_items: np.ndarray  # positives then every pass's negatives
-    pos_inv: np.ndarray
-    neg_inv: np.ndarray  # [passes, b, m]: fresh negatives for every pass
-    uniq_ctx: np.ndarray  # context items of the batch's users
-    ctx_inv: np.ndarray  # [len(uniq_users), context_items] into uniq_ctx; -1 pads
-    seqs: list[int] = field(default_factory=list)  # push seqs sent for this batch
+class _DeadLetters:
+    """Events set aside because their gradients were not finite: an Arrow IPC stream file
+    (one batch per set-aside group, flushed), and the ``(partition, offset)`` already there,
+    so a redo after a restart does not write them twice."""
+
+    def __init__(self, path: Path | None):
+        self.path = path
+        self.seen: set[tuple[int, int]] = set()
+        self._file = self._writer = None
+        if path is not None and path.exists():
+            try:
+                with pa.OSFile(str(path), "rb") as f:
+                    for b in pa.ipc.open_stream(f):
+                        self.seen.update(zip(b.column("partition").to_pylist(), b.column("offset").to_pylist()))
+            except (pa.ArrowInvalid, OSError):  # a torn tail: what was read is kept, the rest is rewritten
+                pass
+
+    def __len__(self) -> int:
+        return len(self.seen)
+
+    def add(self, batch: Batch, events: np.ndarray, reason: str) -> None:
+        new = [j for j in events.tolist() if (batch.partition, int(batch.offsets[j])) not in self.seen]
+        if not new:
+            return
+        self.seen.update((batch.partition, int(batch.offsets[j])) for j in new)
+        _log.warning("set aside %d events of partition %d (%s) to %s", len(new), batch.partition, reason, self.path)
+        if self.path is None:
+            return
+        sel = np.asarray(new)
+        table = pa.record_batch([
+            pa.array(np.full(len(sel), batch.partition, np.int32)),
+            pa.array(batch.offsets[sel]),
+            ids_to_arrow(batch.user_ids[sel], union=True),
+            ids_to_arrow(batch.item_ids[sel], union=True),
+            pa.array(batch.weights[sel]),
+            pa.array([batch.event_types[j] for j in new] if batch.event_types else [None] * len(new), pa.string()),
+            pa.array([reason] * len(new), pa.string()),
+            pa.array(np.full(len(sel), time.time())),
+        ], schema=_DEAD_LETTER_SCHEMA)
+        if self._writer is None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fresh = not self.path.exists() or not self.seen - {(batch.partition, int(batch.offsets[j])) for j in new}
+            if fresh:
+                self._file = open(self.path, "wb")
+                self._writer = pa.ipc.new_stream(self._file, _DEAD_LETTER_SCHEMA)
+            else:  # append after the file's own schema: reopen as a stream continuation
+                self._file = open(self.path, "ab")
+                self._writer = _Continuation(self._file)
+        self._writer.write_batch(table)
+        self._file.flush()
+        os.fsync(self._file.fileno())
+
+
+class _Continuation:
+    """Writes record batch messages onto an existing IPC stream file (its schema is there)."""
+
+    def __init__(self, f):
+        self._f = f
+
+    def write_batch(self, batch: pa.RecordBatch) -> None:
+        self._f.write(batch.serialize().to_pybytes())
 
 
 class Trainer:
-    """One trainer: partition ``index`` of ``cfg.trainer.num_workers``, by user ID.
+    """One trainer: trainer ``index`` of ``cfg.trainer.num_workers``.
 
-    ``evaluate`` turns on prequential measurement: before training each batch, rank
-    for every event whose user this trainer has seen before and count hits@k for the
-    model and for incremental popularity.
+    ``evaluate`` turns on prequential measurement: before training each batch, rank for
+    every event whose user this trainer has seen before and count hits@k for the model
+    and for incremental popularity. ``max_events`` caps a finite stream (by default
+    ``stream.num_events``; the ingest stream never ends). ``state_dir`` makes the trainer
+    durable (write-ahead log, local-state snapshots, dead letters under
+    ``state_dir/trainer-{index}``). ``client`` is where the rows live: the deployment's
+    shards by default, or a ``ps.local.LocalClient`` for an in-process run.
+
+    Raises:
+        RuntimeError: ``trainer.device`` names a CUDA device torch cannot see.
     """
 
     def __init__(
         self,
         index: int,
-        cfg: FreshetConfig,
+        cfg: "FreshetConfig",
         *,
         evaluate: bool = False,
         eval_k: int = 10,
         max_events: int | None = None,
         state_dir: str | Path | None = None,
         autostart: bool = False,
+        client: Any = None,
     ):
         torch.set_num_threads(1)
         self.index, self.cfg = index, cfg
         self.num_workers = cfg.trainer.num_workers
         self.device = resolve_device(cfg.trainer.device)
-        self.client = PSClient.connect(cfg.namespace)
-        self.source = self._open_source()
-        self.offset = 0
-        self.max_events = max_events if max_events is not None else cfg.stream.num_events
-        # Push seqs are stream offsets, so the producer names the stream too: a new
-        # stream (say, a fresh ingest log) never collides with an earlier one's seqs.
-        self.source_id = getattr(self.source, "source_id", None) or _stream_id(cfg)
-        self.producer = f"{cfg.namespace}/{trainer_actor_name(index)}/{self.source_id}"
-        m = cfg.model
-        self.catalogue = Catalogue()  # rebuilt in stream order on restart
-        # Each user's latest items, the session context of the next batch (rebuilt on restart too).
-        self.history: dict[ID, collections.deque] = {}
+        self.client = client if client is not None else PSClient.connect(cfg.namespace)
+        self.step = TrainStep(cfg, trainer_index=index, device=self.device)
+        self.live = cfg.stream.kind == StreamKind.INGEST
+        self.sources = self._open_sources()
+        self.max_events = None if self.live else (max_events if max_events is not None else cfg.stream.num_events)
+        self.source_ids = {p: getattr(s, "source_id", None) or _stream_id(cfg) for p, s in self.sources.items()}
+        # Push seqs are stream offsets, so a producer names the stream and partition too: a
+        # new stream (say, a fresh ingest log) never collides with an earlier one's seqs.
+        self.producers = {p: f"{cfg.namespace}/{trainer_actor_name(index)}/{sid}" for p, sid in self.source_ids.items()}
         self.evaluate, self.eval_k = evaluate, eval_k
-        self.cache = RowCache(self.client, m.item_tables()) if evaluate else None
-        self.seen: dict[ID, set] = collections.defaultdict(set)
-        self.metrics = collections.Counter()
+        self.cache = RowCache(self.client, cfg.model.item_tables(), reader=f"{cfg.namespace}/eval-{index}") if evaluate else None
+        self.metrics: collections.Counter = collections.Counter()
         self.freshness_ms: collections.deque[float] = collections.deque(maxlen=20_000)
-        self.events_read = self.events_applied = self.batches = 0
-        self.train_s = 0.0
         self.cpu_s0 = time.process_time()
         self.started_at = time.time()
+        self.root = Path(state_dir) / trainer_actor_name(index) if state_dir is not None else None
+        self.wal = TrainerWAL(self.root, fsync=cfg.trainer.wal_fsync) if self.root is not None else None
+        self.dead = _DeadLetters(self.root / "dead-letter.arrows" if self.root is not None else None)
         self.done = False
+        self.state = "idle"
         self.error: str | None = None
+        self.retries = 0
+        self.recovered_pushes = 0
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self.wal = TrainerWAL(Path(state_dir) / trainer_actor_name(index)) if state_dir is not None else None
-        self.recovered_pushes = 0
+        self._lifecycle = cfg.ps.table(cfg.model.item_table).has_lifecycle
+        self._reset_local_state()
         if self.wal is not None:
             self._recover()
         if autostart:  # also after a Ray restart, which re-runs only __init__
             self.start()
 
-    # -- exactly-once restart ----------------------------------------------------------
-    def _recover(self) -> None:
-        """Resume after a crash: re-send unacknowledged pushes, rebuild local state up to
-        the resume offset, and finish a batch whose later passes never ran."""
-        offset, _ = self.wal.committed()
-        pending = self.wal.pending()
-        redo = None
-        for rec, updates, history in pending:
-            # Shards that applied it drop it by push id; the rest apply the same gradients.
-            self.client.push_many(updates, PushId(self.producer, rec.seq), history)
-            self.recovered_pushes += 1
-        if pending:
-            last = pending[-1][0]
-            if last.pass_index == self.cfg.trainer.passes - 1:
-                offset = max(offset, last.end)
-            else:
-                redo, offset = last, last.start
-        self._replay_local_state(offset)
-        if redo is not None:
-            batch = self._prepare(self.source.read(redo.start, redo.end - redo.start), redo.end)
-            refs = self._train(batch, self._pull(batch), first_pass=redo.pass_index + 1)
-            self._commit(batch, refs)
-        for rec, _, _ in pending:
-            self.wal.acknowledged(rec.seq)
-        self.wal.commit(self.offset, self.events_applied)
+    # -- state -------------------------------------------------------------------------
+    def _reset_local_state(self) -> None:
+        """Empty local state at offset 0 (what :meth:`_recover` rebuilds from)."""
+        self.catalogue = Catalogue()
+        self.histories = Histories(self.cfg.model.context_items)
+        self.offsets = dict.fromkeys(self.sources, 0)  # applied (committed) per partition
+        self.read_pos = dict(self.offsets)  # next offset to read per partition
+        self.events_applied = self.events_read = self.batches = 0
+        self.train_s = 0.0
+        self.seen: dict[int, set] = collections.defaultdict(set)
+        self._removed_since = [0] * getattr(self.client, "num_shards", 1)
+        self._lifecycle_at = 0.0
+        self._since_snapshot = 0
+        self._rr = 0
+        self._last_progress = time.time()
+        self._oldest_unapplied: float | None = None
 
-    def _replay_local_state(self, upto: int) -> None:
-        """Rebuild the catalogue, user histories (and eval history) from the stream's first ``upto`` events."""
-        pos = 0
-        while pos < upto:
-            raw = self.source.read(pos, min(8192, upto - pos))
-            if raw.num_rows == 0:
-                break
-            users, items, _, _ = self._mine(raw)
-            self.catalogue.add(items)
-            self._remember(users, items)
-            if self.evaluate:
-                for u, i in zip(users.tolist(), items.tolist()):
-                    self.seen[u].add(i)
-            self.events_applied += len(users)
-            pos = int(raw.column("offset")[-1].as_py()) + 1
-        self.offset = upto
-
-    # -- stream ------------------------------------------------------------------------
-    def _open_source(self):
+    def _open_sources(self) -> dict[int, Any]:
         from workers.streams import open_source
 
-        quarantine = self.cfg.stream.quarantine_path or str(self.cfg.ingest.local_state_dir() / f"quarantine-{self.index}.arrow")
-        return open_source(self.cfg.stream, quarantine_path=quarantine, namespace=self.cfg.namespace)
+        if self.live:
+            from workers.streams.ingest import IngestSource
 
-    def _read_after(self, offset: int) -> tuple[pa.RecordBatch, int] | None:
-        """Raw events from ``offset`` and the offset after them, or None if there are none yet."""
-        n = self.cfg.trainer.batch_size
-        if self.max_events is not None:
-            n = min(n, self.max_events - offset)
-            if n <= 0:
-                return None
-        batch = self.source.read(offset, n)
-        if batch.num_rows == 0:
+            parts = partitions_of(self.index, self.cfg)
+            return {p: IngestSource(self.cfg.namespace, p) for p in parts}
+        quarantine = self.cfg.stream.quarantine_path or str(self.cfg.ingest.local_state_dir() / f"quarantine-{self.index}.arrow")
+        return {0: open_source(self.cfg.stream, quarantine_path=quarantine, model=self.cfg.model)}
+
+    # -- exactly-once restart ----------------------------------------------------------
+    def _snapshot_dir(self) -> Path:
+        return self.root / "state"
+
+    def _save_local_state(self) -> None:
+        """Persist the catalogue and the users' histories at the committed offsets (Arrow
+        IPC + JSON, written beside and renamed into place), so a restart replays only the
+        events after them; then tell the ingest log it may drop what came before."""
+        if self.root is None:
+            return
+        tmp = self.root / ".state.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        users, items = self.histories.capture()
+        with pa.OSFile(str(tmp / "catalogue.arrow"), "wb") as f, pa.ipc.new_file(f, _CATALOGUE_SCHEMA) as w:
+            w.write_table(pa.table({"key": self.catalogue.keys(), "count": self.catalogue.counts()}, schema=_CATALOGUE_SCHEMA))
+        with pa.OSFile(str(tmp / "histories.arrow"), "wb") as f, pa.ipc.new_file(f, _HISTORY_SCHEMA) as w:
+            w.write_table(pa.table({"user": users, "item": items}, schema=_HISTORY_SCHEMA))
+        meta = {"offsets": {str(p): o for p, o in self.offsets.items()}, "events_applied": self.events_applied,
+                "source_ids": {str(p): s for p, s in self.source_ids.items()}, "at": time.time()}
+        (tmp / "meta.json").write_text(json.dumps(meta))
+        for name in ("catalogue.arrow", "histories.arrow", "meta.json"):
+            fsync_path(tmp / name)
+        old = self.root / ".state.old"
+        shutil.rmtree(old, ignore_errors=True)
+        if self._snapshot_dir().exists():
+            self._snapshot_dir().rename(old)
+        tmp.rename(self._snapshot_dir())
+        fsync_path(self.root)
+        shutil.rmtree(old, ignore_errors=True)
+        self._since_snapshot = 0
+        if self.live:  # the ingest log may now drop the events before these offsets
+            for p, src in self.sources.items():
+                src.commit(trainer_actor_name(self.index), self.offsets[p])
+
+    def _load_local_state(self) -> dict[int, int]:
+        """Load the persisted catalogue and histories; returns their offsets (empty when none)."""
+        d = self._snapshot_dir()
+        if self.evaluate or not (d / "meta.json").exists():
+            return {}  # an evaluating run rebuilds its evaluation state from offset 0 instead
+        meta = json.loads((d / "meta.json").read_text())
+        if {int(p): s for p, s in meta["source_ids"].items()} != self.source_ids:
+            return {}  # another stream (a fresh log after a checkpoint restore): start over
+        cat = pa.ipc.open_file(pa.memory_map(str(d / "catalogue.arrow"))).read_all()
+        self.catalogue.load(cat.column("key").to_numpy(), cat.column("count").to_numpy())
+        hist = pa.ipc.open_file(pa.memory_map(str(d / "histories.arrow"))).read_all()
+        self.histories.load(hist.column("user").to_numpy(), hist.column("item").to_numpy())
+        self.events_applied = int(meta["events_applied"])
+        return {int(p): int(o) for p, o in meta["offsets"].items()}
+
+    def _recover(self) -> None:
+        """Resume after a crash (or a failed batch): re-send unacknowledged pushes, rebuild
+        local state up to the committed offsets (from the last snapshot on), and finish a
+        batch whose later passes never ran."""
+        committed = self.wal.committed()
+        pending = self.wal.pending()
+        for rec, updates, recent in pending:
+            # Shards that applied it drop it by push id; the rest apply the same gradients.
+            parts = {name: (u.keys, u.grads, u.ids, u.create) for name, u in updates.items()}
+            if recent is not None:
+                recent = (_keyed(recent[0]), _keyed(recent[1]), recent[2])
+            self._push_raw(parts, PushId(self.producers[rec.partition], rec.seq), recent)
+            self.recovered_pushes += 1
+        resume = {p: committed.offsets.get(p, 0) for p in self.sources}
+        redo: dict[int, PushRecord] = {}
+        for rec, _, _ in pending:  # the last pending push of each partition decides its resume point
+            if rec.pass_index == self.cfg.trainer.passes - 1:
+                resume[rec.partition] = max(resume[rec.partition], rec.end)
+                redo.pop(rec.partition, None)
+            else:
+                redo[rec.partition] = rec
+        for p, rec in redo.items():
+            resume[p] = rec.start
+        base = self._load_local_state()
+        for p in self.sources:
+            self._replay(p, base.get(p, 0), resume[p])
+        self.offsets = dict(resume)
+        self.read_pos = dict(resume)
+        for p, rec in redo.items():
+            raw = self.sources[p].read(rec.start, rec.end - rec.start)
+            batch = self._prepare(p, raw, rec.end)
+            self.read_pos[p] = rec.end
+            refs = self._train(batch, self._pull(batch), first_pass=rec.pass_index + 1)
+            self._commit(batch, refs)
+        self.wal.commit(self.offsets, self.events_applied)
+
+    def _replay(self, p: int, start: int, upto: int) -> None:
+        """Advance local state (catalogue, histories, evaluation history) over partition
+        ``p``'s events ``[start, upto)``, as preparing them did."""
+        pos = start
+        while pos < upto:
+            raw = self.sources[p].read(pos, min(8192, upto - pos))
+            if raw.num_rows == 0:
+                break
+            end = int(raw.column("offset")[-1].as_py()) + 1
+            batch = self.step.prepare(raw, end, self.catalogue, self.histories, partition=p, mine=self._mine(raw))
+            if self.evaluate:
+                for u, i in zip(batch.user_keys.tolist(), batch.item_keys.tolist()):
+                    self.seen[u].add(i)
+            dead = sum((p, o) in self.dead.seen for o in batch.offsets.tolist()) if len(self.dead) else 0
+            self.events_applied += len(batch.offsets) - dead
+            pos = end
+
+    # -- stream ------------------------------------------------------------------------
+    def _mine(self, raw: pa.RecordBatch) -> np.ndarray | None:
+        """Which events of a file stream's batch are this trainer's (by user key); None: all."""
+        if self.live or self.num_workers == 1:
             return None
-        end = int(batch.column("offset")[-1].as_py()) + 1
-        return batch, end
+        keys = raw.column("user_key").to_numpy(zero_copy_only=False)
+        return (keys % np.uint64(self.num_workers)).astype(np.int64) == self.index
+
+    def _read_next(self) -> tuple[int, pa.RecordBatch, int] | None:
+        """The next batch to train: from the partitions in turn, the first with events at its read position."""
+        parts = list(self.sources)
+        for k in range(len(parts)):
+            p = parts[(self._rr + k) % len(parts)]
+            n = self.cfg.trainer.batch_size
+            if self.max_events is not None:
+                n = min(n, self.max_events - self.read_pos[p])
+                if n <= 0:
+                    continue
+            raw = self.sources[p].read(self.read_pos[p], n)
+            if raw.num_rows:
+                self._rr = (self._rr + k + 1) % len(parts)
+                end = int(raw.column("offset")[-1].as_py()) + 1
+                self.read_pos[p] = end
+                return p, raw, end
+        return None
 
     def _exhausted(self) -> bool:
-        if self.max_events is not None and self.offset >= self.max_events:
+        if self.live:
+            return False
+        p, src = next(iter(self.sources.items()))
+        if self.max_events is not None and self.read_pos[p] >= self.max_events:
             return True
-        end = self.source.end_offset
-        return end is not None and self.offset >= end
+        return src.end_offset is not None and self.read_pos[p] >= src.end_offset
 
-    def _mine(self, raw: pa.RecordBatch) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        """``(users, items, weights, ingest_ts)`` of the events in this trainer's partition."""
-        users = ids_from_arrow(raw.column("user_id"))
-        mine = np.ones(len(users), dtype=bool)
-        if self.num_workers > 1:
-            mine = (id_keys(users) % np.uint64(self.num_workers)).astype(np.int64) == self.index
-        items = ids_from_arrow(raw.column("item_id"))[mine]
-        weights = raw.column("weight").to_numpy(zero_copy_only=False)[mine].astype(np.float32)
-        ingest_ts = raw.column("ingest_ts").to_numpy(zero_copy_only=False)[mine]
-        return users[mine], items, weights, ingest_ts
-
-    def _remember(self, users: np.ndarray, items: np.ndarray) -> None:
-        """Append events to their users' histories (the last ``model.context_items`` items)."""
-        if self.cfg.model.context_table is None:
-            return
-        n = self.cfg.model.context_items
-        for u, i in zip(users.tolist(), items.tolist()):
-            h = self.history.get(u)
-            if h is None:
-                h = self.history[u] = collections.deque(maxlen=n)
-            h.append(i)
-
-    def _contexts(self, uniq_users: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """``(uniq_ctx, ctx_inv)``: the users' history items before this batch, as indices."""
-        mc = self.cfg.model
-        if mc.context_table is None:
-            return as_id_array([]), np.full((len(uniq_users), 0), -1, np.int64)
-        return context_index([self.history.get(u, ()) for u in uniq_users.tolist()], mc.context_items)
-
-    def _prepare(self, raw: pa.RecordBatch, end: int) -> _Batch:
-        users, items, weights, ingest_ts = self._mine(raw)
-        start = int(raw.column("offset")[0].as_py())
-        # Negatives depend only on (seed, trainer, batch start) and the catalogue, so a
-        # restarted trainer recomputes exactly the pushes it lost.
-        rng = np.random.default_rng([self.cfg.ps.seed, self.index, start])
-        if len(items):
-            self.catalogue.add(items)
-        mc = self.cfg.model
-        b, m, passes = len(users), mc.num_negatives, self.cfg.trainer.passes
-        # Fresh negatives for every pass (measured: better than one set reused; BENCHMARKS.md).
-        negs = (
-            np.concatenate([self.catalogue.sample(b, m, mc.popularity_negative_fraction, rng) for _ in range(passes)])
-            if b and mc.loss == LossKind.BPR
-            else as_id_array([])
-        )
-        uniq_users, user_inv = _factorize(users) if b else (as_id_array([]), np.empty(0, np.int64))
-        uniq_ctx, ctx_inv = self._contexts(uniq_users)
-        self._remember(users, items)
-        if items.dtype == negs.dtype == np.int64 or not len(negs):
-            all_items = np.concatenate([items, negs]) if len(negs) else items
-        else:
-            all_items = as_id_array(np.concatenate([items.astype(object), negs.astype(object)]))
-        uniq_items, item_inv = _factorize(all_items) if b else (as_id_array([]), np.empty(0, np.int64))
-        return _Batch(
-            start, end, users, items, weights, ingest_ts, uniq_users, user_inv, uniq_items,
-            item_inv[:b], item_inv[b:].reshape(passes, b, m) if len(negs) else np.empty((passes, b, 0), np.int64),
-            uniq_ctx, ctx_inv,
-        )
+    def _prepare(self, p: int, raw: pa.RecordBatch, end: int) -> Batch:
+        batch = self.step.prepare(raw, end, self.catalogue, self.histories, partition=p, mine=self._mine(raw))
+        if len(batch.ingest_ts):
+            oldest = float(batch.ingest_ts.min())
+            self._oldest_unapplied = oldest if self._oldest_unapplied is None else min(self._oldest_unapplied, oldest)
+        return batch
 
     # -- evaluation --------------------------------------------------------------------
-    def _evaluate(self, batch: _Batch) -> None:
+    def _evaluate(self, batch: Batch) -> None:
         """Rank before training: hits@k of the model and of popularity for known users."""
-        known = np.fromiter((u in self.seen for u in batch.users.tolist()), dtype=bool, count=len(batch.users))
+        users = batch.user_keys
+        known = np.fromiter((u in self.seen for u in users.tolist()), dtype=bool, count=len(users))
         self.metrics["cold_events"] += int((~known).sum())
         if known.any():
             self.cache.sync()
             ranker = Ranker(self.cache, self.cfg.model)
-            users = batch.users[known]
-            uniq, inv = _factorize(users)
-            rows = self.client.pull_many({self.cfg.model.user_table: uniq}, create=False)[self.cfg.model.user_table]
-            seen = [list(self.seen[u]) for u in uniq.tolist()]  # exclusion is a set: order is irrelevant
+            uniq = np.unique(users[known])
+            pos = {u: r for r, u in enumerate(uniq.tolist())}
+            rows, found = self.client.pull_many({self.cfg.model.user_table: _keyed(uniq)})[self.cfg.model.user_table]
+            seen = [np.fromiter(self.seen[u], np.uint64) for u in uniq.tolist()]
             # Session context as before this batch (the batch's own items would leak the answers).
-            row_of = {u: r for r, u in enumerate(batch.uniq_users.tolist())}
-            ctx = [[batch.uniq_ctx[j] for j in batch.ctx_inv[row_of[u]].tolist() if j >= 0] for u in uniq.tolist()]
-            ranked = ranker.rank_many(rows[0], rows[1], seen, self.eval_k, history=ctx)
+            row_of = {u: r for r, u in enumerate(batch.users.keys.tolist())}
+            ctx = [batch.ctx[[j for j in batch.ctx_inv[row_of[u]].tolist() if j >= 0]] if u in row_of else np.empty(0, np.uint64)
+                   for u in uniq.tolist()]
+            ranked = ranker.rank_many(rows, found, seen, self.eval_k, history=ctx)
             popular = [ranker.popular(s, self.eval_k) for s in seen]
-            for u, item in zip(inv.tolist(), batch.items[known].tolist()):
+            item_ids = batch.item_ids
+            # Only positives are hits to predict: a dislike or an ignored rating is not a
+            # recommendation the user wanted.
+            for j in np.flatnonzero(known & batch.positive).tolist():
+                r = pos[int(users[j])]
                 self.metrics["eval_events"] += 1
-                self.metrics["model_hits"] += item in ranked[u].item_ids
-                self.metrics["popular_hits"] += item in popular[u].item_ids
-        for u, i in zip(batch.users.tolist(), batch.items.tolist()):
+                self.metrics["model_hits"] += item_ids[j] in ranked[r].item_ids
+                self.metrics["popular_hits"] += item_ids[j] in popular[r].item_ids
+        for u, i in zip(users.tolist(), batch.item_keys.tolist()):
             self.seen[u].add(i)
 
     # -- training ----------------------------------------------------------------------
-    def _pull(self, batch: _Batch, after: tuple[PushId, list] | None = None):
-        """Pull a batch's rows; ``after`` = the not-yet-awaited push they must reflect."""
-        m = self.cfg.model
-        tables = {m.user_table: batch.uniq_users, m.item_table: batch.uniq_items, m.item_bias_table: batch.uniq_items}
-        if m.context_table is not None:
-            tables[m.context_table] = batch.uniq_ctx
-        return self.client.pull_async(tables, after=after)
+    def _pull(self, batch: Batch, after: tuple[PushId, list] | None = None):
+        """Pull a batch's rows (absent ones as their initial rows); ``after`` = the
+        not-yet-awaited push they must reflect."""
+        return self.client.pull_async(self.step.pull_requests(batch), initial=True, after=after)
 
-    def _gradients(self, batch: _Batch, pulled, p: int = 0) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-        """Loss gradients of pass ``p`` for the rows it touched (pass ``p``'s negatives only)."""
-        m, dev = self.cfg.model, self.device
-        U = torch.from_numpy(pulled[m.user_table][0]).to(dev).requires_grad_()
-        I = torch.from_numpy(pulled[m.item_table][0]).to(dev).requires_grad_()
-        B = torch.from_numpy(pulled[m.item_bias_table][0][:, 0].copy()).to(dev).requires_grad_()
-        C = None
-        Q = U
-        if m.context_table is not None and len(batch.uniq_ctx):
-            C = torch.from_numpy(pulled[m.context_table][0]).to(dev).requires_grad_()
-            Q = user_queries(U, C, torch.from_numpy(batch.ctx_inv).to(dev))
-        ui = torch.from_numpy(batch.user_inv).to(dev)
-        pi = torch.from_numpy(batch.pos_inv).to(dev)
-        if m.loss == LossKind.BPR:
-            ni = torch.from_numpy(batch.neg_inv[p]).to(dev)
-            loss = bpr_loss(Q[ui], I[pi], B[pi], I[ni], B[ni], l2=m.l2)
-            used = np.unique(np.concatenate([batch.pos_inv, batch.neg_inv[p].reshape(-1)]))
-        else:
-            target = torch.from_numpy(batch.weights).to(dev)
-            loss = mse_loss(Q[ui], I[pi], B[pi], target, l2=m.l2)
-            used = np.unique(batch.pos_inv)
-        loss.backward()
-        self.metrics["loss_sum"] += float(loss.detach())
-        item_grad, bias_grad = I.grad.cpu().numpy()[used], B.grad.cpu().numpy()[used, None]
-        out = {
-            m.user_table: (batch.uniq_users, U.grad.cpu().numpy()),
-            m.item_table: (batch.uniq_items[used], item_grad),
-            m.item_bias_table: (batch.uniq_items[used], bias_grad),
-        }
-        if C is not None:
-            out[m.context_table] = (batch.uniq_ctx, C.grad.cpu().numpy())
-        return out
+    def _push_raw(self, parts: dict[str, tuple], push_id: PushId, recent) -> list:
+        updates = {name: (Keyed(k, ids), g, c) for name, (k, g, ids, c) in parts.items()}
+        return self.client.push_async(updates, push_id, recent)
 
-    def _train(self, batch: _Batch, pending, first_pass: int = 0) -> list:
+    def _train(self, batch: Batch, pending, first_pass: int = 0) -> list:
         """Passes ``first_pass..`` over ``batch``; returns the pushes' refs (not yet awaited)."""
-        m = self.cfg.model
         refs: list = []
         last: tuple[PushId, list] | None = None
+        producer = self.producers[batch.partition]
         for p in range(first_pass, self.cfg.trainer.passes):
             pulled = (pending if p == first_pass else self._pull(batch, after=last)).result()
-            updates = self._gradients(batch, pulled, p)
-            history = None
+            updates, loss, bad = self.step.gradients(batch, pulled, p)
+            if len(bad):
+                self.dead.add(batch, bad, "non-finite loss or gradients")
+            self.metrics["loss_sum"] += loss
+            recent = None
             if p == 0:
-                pos_ids, pos_inv = _factorize(batch.items)
-                counts = np.bincount(pos_inv, minlength=len(pos_ids)).astype(np.float32)
-                updates[m.popularity_table] = (pos_ids, counts[:, None])
-                if m.recent_table is not None:
-                    # The batch's counts, valid at its end offset; the clock is in half-lives.
-                    clock = np.full(len(pos_ids), batch.end / m.recent_halflife_events, np.float32)
-                    updates[m.recent_table] = (pos_ids, np.stack([counts, clock], axis=1))
-                history = (batch.users, batch.items)
+                updates.update(self.step.counts(batch))
+                recent = self.step.recent(batch)
             seq = batch.start * _SEQ_PER_BATCH + p
             if self.wal is not None:
-                self.wal.write(PushRecord(seq, batch.start, batch.end, p), updates, history)
-            push_refs = self.client.push_async(updates, PushId(self.producer, seq), history)
+                self.wal.write(PushRecord(seq, batch.start, batch.end, p, batch.partition), _table_updates(updates), recent)
+            push_refs = self.client.push_async(updates, PushId(producer, seq), recent)
             refs += push_refs
-            last = (PushId(self.producer, seq), push_refs)
+            last = (PushId(producer, seq), push_refs)
             batch.seqs.append(seq)
         return refs
 
-    def _commit(self, batch: _Batch, refs: list) -> None:
-        self.client._get(refs)
+    def _commit(self, batch: Batch, refs: list) -> None:
+        self.client.wait(refs)
         now = time.time()
-        self.freshness_ms.extend(((now - batch.ingest_ts) * 1000.0).tolist())
-        self.events_applied += len(batch.users)
+        trained = batch.trained
+        self.freshness_ms.extend(((now - batch.ingest_ts[trained]) * 1000.0).tolist())
+        # Applied = processed for good: trained, or teaching nothing by the model's rules (a
+        # weight of 0, an ignored low rating). Dead letters are counted apart, so that after
+        # a drain accepted == applied + dead_lettered.
+        self.events_applied += int(batch.active.sum())
         self.events_read += batch.end - batch.start
-        self.offset = batch.end
+        self.offsets[batch.partition] = batch.end
         self.batches += 1
+        self.retries = 0
+        self._last_progress = now
+        self._oldest_unapplied = None
         if self.wal is not None:
-            for seq in batch.seqs:
-                self.wal.acknowledged(seq)
-            self.wal.commit(self.offset, self.events_applied)
+            self.wal.commit(self.offsets, self.events_applied)
+            self._since_snapshot += 1
+            if self._since_snapshot >= self.cfg.trainer.snapshot_every_batches:
+                self._save_local_state()
+
+    def learn(self, raw: pa.RecordBatch, end: int, partition: int = 0) -> None:
+        """Train one batch of events now (prepare, every pass, wait): for in-process drivers
+        such as the evaluation's incremental strategy."""
+        batch = self._prepare(partition, raw, end)
+        self.read_pos[partition] = end
+        refs = self._train(batch, self._pull(batch)) if batch.trained.any() else []
+        self._commit(batch, refs)
+
+    def _sync_lifecycle(self) -> None:
+        """Drop items the PS removed (expiry, eviction) from the catalogue and histories, so
+        they are never sampled as negatives or used as context; trainer 0 also drops them
+        from every user's recent items on the shards."""
+        now = time.monotonic()
+        if not self._lifecycle or now - self._lifecycle_at < self.cfg.trainer.lifecycle_sync_s:
+            return
+        self._lifecycle_at = now
+        table = self.cfg.model.item_table
+        reader = f"{self.cfg.namespace}/{trainer_actor_name(self.index)}"
+        replies = self.client.removed(table, self._removed_since, reader)
+        gone = [k for _, k, _ in replies if len(k)]
+        if any(full for _, _, full in replies):
+            live = np.concatenate([k for _, k in self.client.live_keys(table)])
+            gone.append(self.catalogue.keys()[~np.isin(self.catalogue.keys(), live)])
+        self._removed_since = [v for v, _, _ in replies]
+        keys = np.unique(np.concatenate(gone)) if gone else np.empty(0, np.uint64)
+        if len(keys):
+            self.catalogue.remove(keys)
+            self.histories.forget_items(keys)
+            if self.index == 0:
+                self.client.forget_items(_keyed(keys))
 
     def run(self, max_batches: int | None = None) -> dict[str, Any]:
         """Train until the stream is exhausted (finite sources), ``stop()`` or ``max_batches``.
@@ -391,89 +526,121 @@ class Trainer:
         A live source with nothing new is polled every ``trainer.poll_interval_s``.
         Returns :meth:`stats`.
         """
-        inflight: tuple[_Batch, list] | None = None
+        inflight: tuple[Batch, list] | None = None
         nxt = None  # (batch, pending pull) read ahead while the shards apply a push
         done_batches = 0
-        try:
-            while not self._stop.is_set() and (max_batches is None or done_batches < max_batches):
-                if nxt is None:
-                    got = self._read_after(inflight[0].end if inflight else self.offset)
-                    if got is None:
-                        if inflight:
-                            self._commit(*inflight)
-                            inflight = None
-                        if self._exhausted():
-                            break
-                        time.sleep(self.cfg.trainer.poll_interval_s)
-                        continue
-                    batch = self._prepare(*got)
-                    if inflight:  # evaluation must see the previous batch applied
+        self.state = "running"
+        while not self._stop.is_set() and (max_batches is None or done_batches < max_batches):
+            self._sync_lifecycle()
+            if nxt is None:
+                got = self._read_next()
+                if got is None:
+                    if inflight:
                         self._commit(*inflight)
                         inflight = None
-                    if self.evaluate:
-                        self._evaluate(batch)
-                    nxt = (batch, self._pull(batch))
-                batch, pending = nxt
-                nxt = None
-                t0 = time.perf_counter()
-                refs = self._train(batch, pending) if len(batch.users) else []
-                self.train_s += time.perf_counter() - t0
-                if inflight:
-                    self._commit(*inflight)
-                inflight = (batch, refs)
-                done_batches += 1
-                if self.cfg.trainer.prefetch and not self.evaluate:
-                    # Read and pull the next batch while the shards apply this push;
-                    # the pull is ordered after the push on every shard.
-                    got = self._read_after(batch.end)
-                    if got is not None and batch.seqs:
-                        nb = self._prepare(*got)
-                        nxt = (nb, self._pull(nb, after=(PushId(self.producer, batch.seqs[-1]), refs)))
-                    elif got is not None:
-                        nb = self._prepare(*got)
-                        nxt = (nb, self._pull(nb))
-                else:
+                    if self._exhausted():
+                        break
+                    self._last_progress = time.time()  # idle, not stalled
+                    time.sleep(self.cfg.trainer.poll_interval_s)
+                    continue
+                batch = self._prepare(*got)
+                if inflight:  # evaluation must see the previous batch applied
                     self._commit(*inflight)
                     inflight = None
+                if self.evaluate:
+                    self._evaluate(batch)
+                nxt = (batch, self._pull(batch))
+            batch, pending = nxt
+            nxt = None
+            t0 = time.perf_counter()
+            refs = self._train(batch, pending) if batch.trained.any() else []
+            self.train_s += time.perf_counter() - t0
             if inflight:
                 self._commit(*inflight)
-            if nxt is None and self._exhausted():
-                self.done = True
-        except Exception:  # noqa: BLE001 - surfaced through stats() and re-raised
-            self.error = traceback.format_exc()
-            raise
+            inflight = (batch, refs)
+            done_batches += 1
+            if self.cfg.trainer.prefetch and not self.evaluate:
+                # Read and pull the next batch while the shards apply this push; the pull is
+                # ordered after the push on every shard.
+                got = self._read_next()
+                if got is not None:
+                    nb = self._prepare(*got)
+                    after = (PushId(self.producers[batch.partition], batch.seqs[-1]), refs) if batch.seqs else None
+                    nxt = (nb, self._pull(nb, after=after))
+            else:
+                self._commit(*inflight)
+                inflight = None
+        if inflight:
+            self._commit(*inflight)
+        if nxt is not None:  # read ahead (and prepared): train it, so local state and offsets agree
+            batch, pending = nxt
+            self._commit(batch, self._train(batch, pending) if batch.trained.any() else [])
+        if self._exhausted():
+            self.done = True
+        self.state = "done" if self.done else "stopped"
         return self.stats()
 
     def start(self) -> bool:
-        """Run :meth:`run` in a background thread (for ``stats()`` while it trains)."""
+        """Run :meth:`run` in a supervised background thread (for ``stats()`` while it trains)."""
         if self._thread is None or not self._thread.is_alive():
             self._stop.clear()
-            self._thread = threading.Thread(target=self._run_quietly, name="freshet-trainer", daemon=True)
+            self._thread = threading.Thread(target=self._supervised, name="freshet-trainer", daemon=True)
             self._thread.start()
         return True
 
-    def _run_quietly(self) -> None:
-        try:
-            self.run()
-        except Exception:  # noqa: BLE001 - recorded in self.error
-            pass
+    def _supervised(self) -> None:
+        """:meth:`run`, retried with backoff from the last committed state when a batch fails;
+        an actor that keeps failing exits, so Ray restarts it."""
+        backoff = self.cfg.trainer.retry_backoff_s
+        while not self._stop.is_set():
+            try:
+                self.run()
+                return
+            except Exception:  # noqa: BLE001 - every failure is retried or escalated, never swallowed
+                self.error = traceback.format_exc()
+                self.retries += 1
+                _log.error("trainer %d: batch failed (try %d of %d):\n%s", self.index, self.retries,
+                           self.cfg.trainer.max_retries, self.error)
+                if self.retries > self.cfg.trainer.max_retries:
+                    self.state = "failed"
+                    if _in_actor():
+                        os._exit(1)  # Ray restarts the actor, which resumes from its committed offset
+                    return
+                self.state = "retrying"
+                self._stop.wait(min(backoff, _MAX_BACKOFF_S))
+                backoff *= 2
+                try:
+                    self._reset_local_state()
+                    if self.wal is not None:
+                        self._recover()
+                except Exception:  # noqa: BLE001 - recovery itself failing is the next try's problem
+                    self.error = traceback.format_exc()
 
     def stop(self, timeout_s: float = 30.0) -> dict[str, Any]:
         """Stop the background loop after the current batch; returns :meth:`stats`."""
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout_s)
+        if self.wal is not None and self.batches:
+            self._save_local_state()
         return self.stats()
 
     def stats(self) -> dict[str, Any]:
-        """Counters: events read/applied, offset, throughput, freshness and eval metrics."""
+        """Counters: events read/applied, offsets per partition, throughput, freshness (ms),
+        state, lag (the age of the oldest event read but not yet applied, seconds), dead
+        letters and evaluation metrics; every figure finite JSON or null."""
         fr = np.asarray(self.freshness_ms, dtype=np.float64)
-        elapsed = max(1e-9, time.time() - self.started_at)
+        now = time.time()
+        elapsed = max(1e-9, now - self.started_at)
+        running = self._thread is not None and self._thread.is_alive()
         return {
             "trainer": self.index,
-            "source_id": self.source_id,
+            "source_id": self.source_ids.get(0, next(iter(self.source_ids.values()))),
+            "source_ids": {str(p): s for p, s in self.source_ids.items()},
             "device": str(self.device),
-            "applied_offset": self.offset,
+            "state": self.state,
+            "applied_offset": int(sum(self.offsets.values())),
+            "applied_offsets": {str(p): o for p, o in self.offsets.items()},
             "events_read": self.events_read,
             "events_applied": self.events_applied,
             "batches": self.batches,
@@ -484,13 +651,18 @@ class Trainer:
                 "p50": float(np.percentile(fr, 50)) if len(fr) else None,
                 "p99": float(np.percentile(fr, 99)) if len(fr) else None,
             },
-            "metrics": dict(self.metrics),
+            "lag_s": (now - self._oldest_unapplied) if self._oldest_unapplied is not None else 0.0,
+            "last_progress_age_s": now - self._last_progress,
+            "metrics": {k: (float(v) if np.isfinite(v) else None) for k, v in self.metrics.items()},
             "done": self.done,
-            "running": self._thread is not None and self._thread.is_alive(),
+            "running": running,
             "error": self.error,
-            "end_offset": self.source.end_offset,
-            "quarantined": self.source.quarantined,
+            "retries": self.retries,
+            "dead_lettered": len(self.dead),
+            "end_offset": None if self.live else next(iter(self.sources.values())).end_offset,
+            "quarantined": int(sum(s.quarantined for s in self.sources.values())),
             "recovered_pushes": self.recovered_pushes,
+            "catalogue": len(self.catalogue),
         }
 
     def ping(self) -> int:
@@ -499,13 +671,35 @@ class Trainer:
 
     def pid(self) -> int:
         """OS process id of this trainer (for operators and fault tests)."""
-        import os
-
         return os.getpid()
 
 
+_CATALOGUE_SCHEMA = pa.schema([pa.field("key", pa.uint64()), pa.field("count", pa.float64())])
+_HISTORY_SCHEMA = pa.schema([pa.field("user", pa.uint64()), pa.field("item", pa.uint64())])
+
+
+def _keyed(keys: np.ndarray) -> Keyed:
+    return Keyed(np.asarray(keys, np.uint64))
+
+
+def _table_updates(updates: dict[str, tuple]) -> dict:
+    """``{table: (Keyed, grads, create)}`` as the WAL records them."""
+    out = {}
+    for name, entry in updates.items():
+        k, grads, create = entry[0], entry[1], entry[2] if len(entry) > 2 else None
+        out[name] = TableUpdate(name, k.keys, np.asarray(grads, np.float32), k.ids, create)
+    return out
+
+
+def _in_actor() -> bool:
+    try:
+        return ray.is_initialized() and ray.get_runtime_context().get_actor_id() is not None
+    except Exception:  # noqa: BLE001 - outside Ray there is no actor to restart
+        return False
+
+
 def start_trainers(
-    cfg: FreshetConfig,
+    cfg: "FreshetConfig",
     *,
     detached: bool = False,
     evaluate: bool = False,
@@ -515,9 +709,10 @@ def start_trainers(
 ) -> list:
     """Create ``cfg.trainer.num_workers`` named trainer actors (not yet started).
 
-    With ``state_dir`` each trainer keeps its write-ahead pushes and committed offset
-    there, so a restarted trainer (Ray ``max_restarts``) resumes exactly once;
-    ``autostart`` starts training in ``__init__`` (so a restarted trainer carries on).
+    With ``state_dir`` each trainer keeps its write-ahead pushes, committed offsets and
+    local-state snapshots there, so a restarted trainer (Ray ``max_restarts``) resumes
+    exactly once; ``autostart`` starts training in ``__init__`` (so a restarted trainer
+    carries on).
     """
     actor_cls = ray.remote(Trainer)
     handles = []

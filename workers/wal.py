@@ -1,100 +1,211 @@
-"""A trainer's write-ahead record of pushes not yet acknowledged by every shard, and
-its committed offset, as Arrow IPC files and a small JSON file (never pickle).
+"""A trainer's write-ahead log: pushes not yet acknowledged by every shard, and the offsets
+up to which its stream is fully applied. One append-only Arrow IPC stream file (never
+pickle), so recording a push is one buffered write, not a directory of files.
 
-A push is written here before it is sent and deleted once every shard has acknowledged
-it. After a crash the restarted trainer re-sends what is left: shards that already
-applied a push drop it by push id, the others apply the very same gradients.
+A push is appended before it is sent. After a batch's pushes are all acknowledged, a
+*commit* record with the new offsets is appended: the pushes before it are settled.
+After a crash the restarted trainer reads the last commit and re-sends every push after
+it: shards that already applied a push drop it by push id, the others apply the very
+same gradients. The file is started afresh (from its last commit) once it grows past
+``rotate_bytes``.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 
-from ps.ids import ids_from_arrow, ids_to_arrow
+from ps.persist import (
+    RECENT_FIELDS,
+    UPDATE_FIELDS,
+    TableUpdate,
+    decode_recent,
+    decode_updates,
+    fsync_path,
+    recent_columns,
+    update_columns,
+)
 
-__all__ = ["PushRecord", "TrainerWAL"]
+__all__ = ["Committed", "PushRecord", "TrainerWAL"]
+
+_SCHEMA = pa.schema(
+    [
+        pa.field("kind", pa.string(), nullable=False),  # "push" | "commit"
+        pa.field("seq", pa.int64()),
+        pa.field("partition", pa.int32()),
+        pa.field("start", pa.int64()),  # first stream offset of the batch
+        pa.field("end", pa.int64()),  # one past the batch's last offset
+        pa.field("pass_index", pa.int32()),
+        pa.field("meta", pa.string()),  # commit: JSON {"offsets": {partition: offset}, "events_applied": n}
+        *UPDATE_FIELDS,
+        *RECENT_FIELDS,
+    ],
+    metadata={"freshet": "trainer-wal", "format_version": "2"},
+)
+_FILE = "wal.arrows"
+_TMP = ".wal.arrows.tmp"
+_NO_RECENT = (np.empty(0, np.uint64), np.empty(0, np.uint64), np.empty(0, np.int64))
 
 
 @dataclass(frozen=True)
 class PushRecord:
-    """Where a push sits in the stream: its seq, its batch's offsets and its pass."""
+    """Where a push sits in the stream: its seq, its batch's partition and offsets, and its pass."""
 
     seq: int
-    start: int  # first stream offset of the batch
-    end: int  # one past the batch's last offset
+    start: int
+    end: int
     pass_index: int
+    partition: int = 0
+
+
+@dataclass
+class Committed:
+    """What the last commit record says: offsets per partition and events applied so far."""
+
+    offsets: dict[int, int] = field(default_factory=dict)
+    events_applied: int = 0
 
 
 class TrainerWAL:
-    """Pending pushes under ``root/push-<seq>/`` and the committed offset in ``root/offset.json``."""
+    """The log at ``root/wal.arrows``: :meth:`write` pushes, :meth:`commit` offsets,
+    :meth:`pending` the pushes after the last commit.
 
-    def __init__(self, root: str | Path):
+    ``fsync`` makes every record durable against machine crashes (a flush to the OS is
+    always done, which survives a crash of the trainer process).
+
+    Raises:
+        ValueError: the file was written in another format.
+    """
+
+    def __init__(self, root: str | Path, *, fsync: bool = False, rotate_bytes: int = 64 << 20):
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
+        self.fsync, self.rotate_bytes = fsync, rotate_bytes
+        self._committed, self._pending, good = self._read()
+        self._file = None
+        path = self.root / _FILE
+        if good > 0:
+            with open(path, "r+b") as f:  # a torn tail was never acknowledged: cut it off
+                f.truncate(good)
+            self._file = open(path, "ab")
+        else:  # no file, or one torn inside its schema: nothing was ever recorded
+            self._start_file([])
 
-    def _dir(self, seq: int) -> Path:
-        return self.root / f"push-{seq:020d}"
+    # -- reading -------------------------------------------------------------------------
+    def _read(self) -> tuple[Committed, list[tuple[PushRecord, dict[str, TableUpdate], tuple | None]], int]:
+        path = self.root / _FILE
+        committed, pending, good = Committed(), [], 0
+        if not path.exists():
+            return committed, pending, good
+        with pa.memory_map(str(path), "r") as src:
+            try:
+                reader = pa.ipc.open_stream(src)
+            except (pa.ArrowInvalid, OSError):
+                return committed, pending, 0
+            if (reader.schema.metadata or {}).get(b"format_version") != b"2":
+                raise ValueError(f"{path}: not a trainer WAL of format 2 (written by another release?)")
+            good = src.tell()
+            while True:
+                try:
+                    batch = reader.read_next_batch()
+                except StopIteration:
+                    break
+                except (pa.ArrowInvalid, OSError):
+                    break
+                good = src.tell()
+                for i in range(batch.num_rows):
+                    row = batch.slice(i, 1)
+                    kind = row.column("kind")[0].as_py()
+                    if kind == "commit":
+                        meta = json.loads(row.column("meta")[0].as_py())
+                        committed = Committed({int(p): int(o) for p, o in meta["offsets"].items()}, int(meta["events_applied"]))
+                        pending = []
+                    else:
+                        rec = PushRecord(*(row.column(c)[0].as_py() for c in ("seq", "start", "end", "pass_index", "partition")))
+                        updates = {u.table: u for u in decode_updates(row)}
+                        recent = decode_recent(row)
+                        pending.append((rec, updates, recent if len(recent[0]) else None))
+        return committed, pending, good
 
-    def write(self, rec: PushRecord, updates: dict[str, tuple[np.ndarray, np.ndarray]], history) -> None:
-        """Record a push before it is sent (atomic: a torn write leaves no record)."""
-        tmp = self.root / f".tmp-{rec.seq}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
-        for name, (ids, grads) in updates.items():
-            grads = np.ascontiguousarray(grads, dtype=np.float32)
-            table = pa.table({
-                "id": ids_to_arrow(ids),
-                "grad": pa.FixedSizeListArray.from_arrays(pa.array(grads.reshape(-1)), grads.shape[1]),
-            })
-            with pa.OSFile(str(tmp / f"table-{name}.arrow"), "wb") as f, pa.ipc.new_file(f, table.schema) as w:
-                w.write_table(table)
-        if history is not None:
-            table = pa.table({"user_id": ids_to_arrow(history[0]), "item_id": ids_to_arrow(history[1])})
-            with pa.OSFile(str(tmp / "history.arrow"), "wb") as f, pa.ipc.new_file(f, table.schema) as w:
-                w.write_table(table)
-        (tmp / "meta.json").write_text(json.dumps(asdict(rec)))
-        os.replace(tmp, self._dir(rec.seq))
+    def committed(self) -> Committed:
+        """The last commit (offsets per partition, events applied); empty before the first."""
+        return Committed(dict(self._committed.offsets), self._committed.events_applied)
 
-    def pending(self) -> list[tuple[PushRecord, dict, tuple | None]]:
-        """Recorded pushes in seq order, as ``(record, updates, history)``."""
-        out = []
-        for d in sorted(self.root.glob("push-*")):
-            rec = PushRecord(**json.loads((d / "meta.json").read_text()))
-            updates = {}
-            for f in sorted(d.glob("table-*.arrow")):
-                t = pa.ipc.open_file(pa.memory_map(str(f))).read_all()
-                grad = t.column("grad").combine_chunks()
-                dim = grad.type.list_size
-                grads = grad.flatten().to_numpy(zero_copy_only=False).reshape(-1, dim).copy()
-                updates[f.stem[len("table-"):]] = (ids_from_arrow(t.column("id")), grads)
-            history = None
-            if (d / "history.arrow").exists():
-                t = pa.ipc.open_file(pa.memory_map(str(d / "history.arrow"))).read_all()
-                history = (ids_from_arrow(t.column("user_id")), ids_from_arrow(t.column("item_id")))
-            out.append((rec, updates, history))
-        return out
+    def pending(self) -> list[tuple[PushRecord, dict[str, TableUpdate], tuple | None]]:
+        """Pushes written after the last commit, in order: ``(record, updates, recent)``."""
+        return list(self._pending)
 
-    def acknowledged(self, seq: int) -> None:
-        """Forget a push every shard has acknowledged."""
-        shutil.rmtree(self._dir(seq), ignore_errors=True)
+    # -- writing -------------------------------------------------------------------------
+    def _encode(self, kind: str, rec: PushRecord | None, updates: list[TableUpdate], recent, meta: str | None) -> bytes:
+        users, items, offsets = recent if recent is not None else _NO_RECENT
+        users, items = getattr(users, "keys", users), getattr(items, "keys", items)  # Keyed or keys
+        cols = [
+            pa.array([kind], pa.string()),
+            pa.array([rec.seq if rec else None], pa.int64()),
+            pa.array([rec.partition if rec else None], pa.int32()),
+            pa.array([rec.start if rec else None], pa.int64()),
+            pa.array([rec.end if rec else None], pa.int64()),
+            pa.array([rec.pass_index if rec else None], pa.int32()),
+            pa.array([meta], pa.string()),
+            *update_columns(updates),
+            *recent_columns(users, items, offsets),
+        ]
+        return pa.record_batch(cols, schema=_SCHEMA).serialize().to_pybytes()
 
-    def commit(self, offset: int, events_applied: int) -> None:
-        """Persist the offset up to which the stream is fully applied (atomic replace)."""
-        tmp = self.root / ".offset.json.tmp"
-        tmp.write_text(json.dumps({"offset": offset, "events_applied": events_applied}))
-        os.replace(tmp, self.root / "offset.json")
+    def _append(self, data: bytes) -> None:
+        self._file.write(data)
+        self._file.flush()
+        if self.fsync:
+            os.fsync(self._file.fileno())
 
-    def committed(self) -> tuple[int, int]:
-        """``(offset, events_applied)`` last committed, or ``(0, 0)``."""
-        p = self.root / "offset.json"
-        if not p.exists():
-            return 0, 0
-        d = json.loads(p.read_text())
-        return int(d["offset"]), int(d["events_applied"])
+    def write(self, rec: PushRecord, updates: dict[str, TableUpdate], recent=None) -> None:
+        """Record a push before it is sent (encoded fully first, so a failure writes nothing)."""
+        self._append(self._encode("push", rec, list(updates.values()), recent, None))
+        self._pending.append((rec, updates, recent))
+
+    def commit(self, offsets: dict[int, int], events_applied: int) -> None:
+        """Record that the stream is fully applied up to ``offsets`` (per partition): every
+        push written so far is settled."""
+        self._committed = Committed({int(p): int(o) for p, o in offsets.items()}, int(events_applied))
+        self._pending = []
+        data = self._commit_bytes()
+        self._append(data)
+        if self._file.tell() > self.rotate_bytes:
+            self._start_file([data])
+
+    def _commit_bytes(self) -> bytes:
+        meta = json.dumps({"offsets": {str(p): o for p, o in self._committed.offsets.items()},
+                           "events_applied": self._committed.events_applied})
+        return self._encode("commit", None, [], None, meta)
+
+    def _start_file(self, records: list[bytes]) -> None:
+        """Replace the file with one holding only ``records`` (atomic rename)."""
+        if self._file is not None:
+            self._file.close()
+        tmp = self.root / _TMP
+        with open(tmp, "wb") as f:
+            f.write(_SCHEMA.serialize().to_pybytes())
+            for r in records:
+                f.write(r)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.root / _FILE)
+        fsync_path(self.root)
+        self._file = open(self.root / _FILE, "ab")
+
+    def reset(self, offsets: dict[int, int], events_applied: int) -> None:
+        """Start over from ``offsets`` with nothing pending (a checkpoint restore)."""
+        self._committed = Committed({int(p): int(o) for p, o in offsets.items()}, int(events_applied))
+        self._pending = []
+        self._start_file([self._commit_bytes()])
+
+    def close(self) -> None:
+        """Close the file."""
+        if self._file is not None:
+            self._file.close()
+            self._file = None

@@ -55,14 +55,39 @@ def load(args: argparse.Namespace, extra: dict[str, Any] | None = None) -> Fresh
     return load_config(args.config, overrides)
 
 
-def ray_init(address: str | None, namespace: str):
-    """Connect to Ray at ``address``, or start a local one on 127.0.0.1 when None."""
+def ray_init(address: str | None, namespace: str, *, head=None):
+    """Connect this process to Ray; nothing here turns Ray's authentication off.
+
+    * ``head`` (a :class:`serving.ray_head.HeadInfo`, e.g. from ``freshet up``'s state file):
+      its client environment (token file, loopback switch, the head's extra settings) is applied
+      first, then ``ray.init(address=head.address)``.
+    * ``address`` (``--address``): join that cluster with its own settings; the token, if the
+      cluster uses one, comes from the operator's environment (``RAY_AUTH_MODE``,
+      ``RAY_AUTH_TOKEN_PATH``, ``~/.ray/auth_token``).
+    * Neither: start a throwaway local cluster (``freshet run``) whose listeners stay on
+      loopback, with token auth and a fresh private token
+      (:func:`serving.ray_head.local_cluster_env`), unless ``RAY_AUTH_MODE`` is set explicitly.
+
+    Raises:
+        RuntimeError: this process is already connected (with ``head``), or Ray fails to start
+            or connect.
+    """
+    from serving import ray_head
+
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    if head is not None:
+        ray_head.apply_client_env(head)
+        address = head.address
+    elif not address:
+        import tempfile
+
+        env = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+        if "RAY_AUTH_MODE" not in os.environ:
+            env = ray_head.local_cluster_env(tempfile.mkdtemp(prefix="freshet-ray-"))
+        ray_head.apply_env(env)
     import ray
 
-    # Local-first defaults; an operator's explicit environment wins.
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     if address:
         return ray.init(address=address, namespace=namespace, log_to_driver=False)
     return ray.init(namespace=namespace, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)

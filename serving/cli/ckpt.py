@@ -14,12 +14,15 @@ import sys
 import time
 from pathlib import Path
 
-from serving.cli._common import add_config_argument, load, ray_init
-from serving.cli.service import cmd_up, read_state
+from serving.cli._common import add_config_argument, load
+from serving.cli.service import cmd_up, connect, read_state
 from serving.config import FreshetConfig
 
-__all__ = ["TRAINER_OFFSETS", "add_parser", "checkpoint_dir", "checkpoint_root", "cmd_ckpt", "restore_trainer_offsets"]
+__all__ = ["CHECKPOINT_PIN", "TRAINER_OFFSETS", "add_parser", "checkpoint_dir", "checkpoint_root", "cmd_ckpt", "restore_trainer_offsets"]
 
+
+CHECKPOINT_PIN = "latest-checkpoint"
+"""Name of the ingest log pin that keeps the events after the latest checkpoint."""
 
 TRAINER_OFFSETS = "trainers.json"
 """File in a checkpoint directory recording each trainer's applied offset at save time."""
@@ -68,10 +71,15 @@ def restore_trainer_offsets(cfg: FreshetConfig, ckpt: Path) -> None:
     for i, t in enumerate(saved["trainers"]):
         root = state_dirs(cfg)["trainers"] / trainer_actor_name(i)
         shutil.rmtree(root, ignore_errors=True)
-        # Same log: resume after the events the checkpoint covers. A fresh deployment
-        # has a new log (new producer names), so its trainers start at its beginning.
+        # Same log: resume after the events the checkpoint covers, with the trainer's
+        # catalogue and histories as they were then. A fresh deployment has a new log (new
+        # producer names), so its trainers start at its beginning with empty local state.
         if t["source_id"] == current:
-            TrainerWAL(root).commit(t["applied_offset"], t["events_applied"])
+            offsets = {int(p): int(o) for p, o in t.get("applied_offsets", {"0": t["applied_offset"]}).items()}
+            TrainerWAL(root).commit(offsets, t["events_applied"])
+            saved_state = ckpt / trainer_actor_name(i)
+            if (saved_state / "meta.json").exists():
+                shutil.copytree(saved_state, root / "state")
 
 
 def cmd_ckpt(args) -> int:
@@ -100,23 +108,42 @@ def cmd_ckpt(args) -> int:
         args.restore, args.address, args.keep_stream = args.name, None, False
         return cmd_up(args)
     # save: pause trainers so every shard snapshots the same set of pushes.
+    import shutil
+
     from ps.client import PSClient
+    from serving.deploy import state_dirs
+    from workers.ingest_log import INGEST_ACTOR
     from workers.trainer import trainer_actor_name
 
     state = read_state(cfg)
-    if state is None:
-        print("freshet ckpt save: no service started by `freshet up` here", file=sys.stderr)
+    if state is None or state.get("phase", "up") != "up":
+        print("freshet ckpt save: no service started by `freshet up` is up here", file=sys.stderr)
         return 1
     name = args.name or time.strftime("ckpt-%Y%m%d-%H%M%S")
-    ray_init(state["address"], state["namespace"])
+    connect(state)  # the head `up` started, with its token, or the cluster it joined
     try:
         trainers = [ray.get_actor(trainer_actor_name(i), namespace=state["namespace"]) for i in range(cfg.trainer.num_workers)]
         stats = ray.get([t.stop.remote() for t in trainers])
         try:
             reports = PSClient.connect(state["namespace"]).snapshot(name)
             ckpt = checkpoint_root(cfg) / name
-            offsets = [{"applied_offset": s["applied_offset"], "events_applied": s["events_applied"],
-                        "source_id": s["source_id"]} for s in stats]
+            offsets = [{"applied_offset": s["applied_offset"], "applied_offsets": s["applied_offsets"],
+                        "events_applied": s["events_applied"], "source_id": s["source_id"]} for s in stats]
+            # Each trainer saved its catalogue and histories at these offsets when it stopped;
+            # keep a copy (on a multi-node cluster it is on the trainer's node: then a restore
+            # resumes with empty local state, which only costs negatives and evaluation history).
+            for i in range(cfg.trainer.num_workers):
+                src = state_dirs(cfg)["trainers"] / trainer_actor_name(i) / "state"
+                if (src / "meta.json").exists():
+                    shutil.copytree(src, ckpt / trainer_actor_name(i), dirs_exist_ok=True)
+            # Retention keeps the events after the latest checkpoint (one pin, replaced by
+            # each save): restoring it into this deployment replays them.
+            ingest = ray.get_actor(INGEST_ACTOR, namespace=state["namespace"])
+            merged: dict[int, int] = {}
+            for s in stats:
+                for p, o in s["applied_offsets"].items():
+                    merged[int(p)] = min(merged.get(int(p), o), o)
+            ray.get(ingest.pin.remote(CHECKPOINT_PIN, merged))
             (ckpt / TRAINER_OFFSETS).write_text(json.dumps({"trainers": offsets, "created_at": time.time()}))
         finally:
             ray.get([t.start.remote() for t in trainers])
@@ -133,5 +160,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     add_config_argument(k)
     k.add_argument("action", choices=["save", "list", "restore"])
     k.add_argument("name", nargs="?", help="checkpoint name (save: default ckpt-<time>; restore: required)")
-    k.add_argument("--ray-port", type=int, default=6379, help="GCS port when restore starts Ray")
+    k.add_argument("--ray-port", type=int, default=None,
+                   help="GCS port of the head restore starts (default: ray.ports.gcs, else a free port)")
     k.set_defaults(fn=cmd_ckpt)

@@ -59,7 +59,13 @@ class _Feeder(threading.Thread):
                     items = ids_from_arrow(batch.column("item_id")).tolist()
                     ts = batch.column("timestamp").to_pylist()
                     ws = batch.column("weight").to_pylist()
-                    body = {"events": [{"user_id": u, "item_id": i, "timestamp": t, "weight": w} for u, i, t, w in zip(users, items, ts, ws)]}
+                    types = batch.column("event_type").to_pylist() if "event_type" in batch.schema.names else [None] * len(ws)
+                    eids = batch.column("event_id").to_pylist() if "event_id" in batch.schema.names else [None] * len(ws)
+                    body = {"events": [
+                        {k: v for k, v in {"user_id": u, "item_id": i, "timestamp": t, "weight": w, "event_type": et, "event_id": ei}.items()
+                         if v is not None}
+                        for u, i, t, w, et, ei in zip(users, items, ts, ws, types, eids)
+                    ]}
                     r = http.post("/events", json=body)
                     r.raise_for_status()
                     self.posted += batch.num_rows
@@ -77,7 +83,18 @@ class _Feeder(threading.Thread):
         self._stop.set()
 
 
-def _summary_rows(stats: list[dict], feeder_ms: list[float], after_ms: list[float], wall_s: float) -> list[tuple[str, str]]:
+def _summary_rows(
+    stats: list[dict],
+    feeder_ms: list[float],
+    after_ms: list[float],
+    wall_s: float,
+    *,
+    quarantined: int,
+    quarantine_file: str | Path | None,
+) -> list[tuple[str, str]]:
+    """The summary table's (label, value) rows: trainer ``stats``, /rank latencies (ms)
+    sampled while feeding and after training, the wall time (seconds), and the rows the
+    stream's file source rejected (``quarantined``, written to ``quarantine_file``)."""
     m: dict[str, float] = {}
     for s in stats:
         for k, v in s["metrics"].items():
@@ -88,8 +105,15 @@ def _summary_rows(stats: list[dict], feeder_ms: list[float], after_ms: list[floa
     fr50 = max((s["freshness_ms"]["p50"] or 0) for s in stats)
     fr99 = max((s["freshness_ms"]["p99"] or 0) for s in stats)
     lat = np.asarray(feeder_ms + after_ms) if (feeder_ms or after_ms) else np.asarray([np.nan])
+    if not quarantined:
+        rejected = "0"
+    elif quarantine_file is not None:
+        rejected = f"{quarantined:,} (see {quarantine_file})"
+    else:
+        rejected = f"{quarantined:,} (no quarantine file was written)"
     return [
         ("events trained", f"{applied:,}"),
+        ("quarantined rows", rejected),
         ("throughput", f"{applied / max(wall_s, 1e-9):,.0f} events/s (wall, incl. HTTP ingest)"),
         ("trainer device", ", ".join(sorted({s['device'] for s in stats}))),
         ("prequential recall@10 (model)", f"{model_r:.4f}  over {int(m.get('eval_events', 0)):,} warm events"),
@@ -116,7 +140,9 @@ def cmd_run(args) -> int:
     stream_overrides = {} if args.direct else {"kind": StreamKind.INGEST.value}
     # A throwaway run keeps its log and state together in a local temp dir, whatever the config says.
     cfg = load(args, {"namespace": ns, "ingest": {"dir": str(work), "state_dir": None}, "stream": stream_overrides})
-    source = open_source(base.stream)
+    # Rows the model cannot train (e.g. an MSE rating outside model.rating_range) are quarantined
+    # here, where the file is read, rather than refused one HTTP batch at a time.
+    source = open_source(base.stream, model=base.model)
     total = base.stream.num_events if base.stream.num_events is not None else source.end_offset
     if total is None:
         print("freshet run: the stream is unbounded; pass --events N", file=sys.stderr)
@@ -160,7 +186,17 @@ def cmd_run(args) -> int:
                 t0 = time.perf_counter()
                 http.post("/rank", json={"user_id": u, "k": 10}).raise_for_status()
                 after_ms.append((time.perf_counter() - t0) * 1000.0)
-        rows = _summary_rows(stats, feeder.rank_ms if feeder else [], after_ms, wall)
+        if args.direct:
+            # Every trainer loads the whole file and rejects the same rows: one count, not the
+            # sum, and trainer 0's quarantine file holds them all.
+            quarantined = max((s.get("quarantined", 0) for s in stats), default=0)
+            qfile = cfg.stream.quarantine_path or str(cfg.ingest.local_state_dir() / "quarantine-0.arrow")
+        else:
+            # The trainers read the ingest log, which holds only valid events; the file was read here.
+            quarantined, qfile = source.quarantined, source.quarantine_file
+        rows = _summary_rows(
+            stats, feeder.rank_ms if feeder else [], after_ms, wall, quarantined=quarantined, quarantine_file=qfile
+        )
         del dep
         print()
         print_table(rows)

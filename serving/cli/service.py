@@ -1,9 +1,13 @@
 """``freshet up``, ``freshet status`` and ``freshet down``: the long-running service.
 
-``up`` starts (or joins) Ray and runs :func:`serving.deploy.start` with detached actors,
-then records what it started in ``<state dir>/freshet-up.json``; ``down`` reads that
-file and removes everything, including the Ray it started (by PID, never a host-wide
-``ray stop``).
+``up`` starts a local Ray head with :func:`serving.ray_head.start_head` (token auth, every
+listener on loopback where Ray allows, free ports), or joins a cluster (``--address``), then
+runs :func:`serving.deploy.start` with detached actors. It is all-or-nothing: what it is about
+to start is written to ``<state dir>/freshet-up.json`` first (the head's details as soon as it
+is up), and if any step fails, everything it started is removed again and the error names the
+step. ``down`` reads that file, even a partial one, and removes every named actor of the
+namespace and the head ``up`` started (by its processes, never a host-wide ``ray stop``).
+``ckpt`` connects through the same file.
 """
 
 from __future__ import annotations
@@ -12,8 +16,6 @@ import argparse
 import contextlib
 import json
 import os
-import signal
-import subprocess
 import sys
 import tempfile
 import time
@@ -21,13 +23,16 @@ from pathlib import Path
 from typing import Any
 
 from serving.cli._common import add_config_argument, load, ray_init
-from serving.config import FreshetConfig
+from serving.config import FreshetConfig, RayAuth
 from workers.config import StreamKind
 
-__all__ = ["STATE_FILE", "add_parsers", "cmd_down", "cmd_status", "cmd_up", "read_state"]
+__all__ = ["STATE_FILE", "add_parsers", "cmd_down", "cmd_status", "cmd_up", "connect", "read_state", "state_path"]
 
 STATE_FILE = "freshet-up.json"
 """Name of the file, in the local state dir, where ``freshet up`` records what it started."""
+
+STATE_VERSION = 2
+"""Layout of the state file (see :func:`cmd_up`)."""
 
 
 def state_path(cfg: FreshetConfig) -> Path:
@@ -36,53 +41,290 @@ def state_path(cfg: FreshetConfig) -> Path:
 
 
 def read_state(cfg: FreshetConfig) -> dict[str, Any] | None:
-    """What ``freshet up`` recorded for ``cfg``, or None when it did not start anything here."""
+    """What ``freshet up`` recorded for ``cfg``, or None when it did not start anything here.
+
+    Raises:
+        ValueError: the file exists but is not a JSON object (named in the message).
+    """
     p = state_path(cfg)
-    return json.loads(p.read_text()) if p.exists() else None
+    if not p.exists():
+        return None
+    try:
+        state = json.loads(p.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"cannot read {p}: {e}; remove it once nothing it describes is running") from None
+    if not isinstance(state, dict):
+        raise ValueError(f"{p} is not a JSON object; remove it once nothing it describes is running")  # noqa: TRY004
+    return state
 
 
-def _ray_pids(marker: str) -> list[int]:
-    """PIDs of processes whose command line mentions ``marker`` (our Ray's temp dir)."""
+def _write_state(cfg: FreshetConfig, state: dict[str, Any]) -> None:
+    """Replace the state file atomically (a crash leaves the old or the new content, never half)."""
+    p = state_path(cfg)
+    tmp = p.with_name(p.name + ".tmp")
+    tmp.write_text(json.dumps(state, indent=2))
+    os.replace(tmp, p)
+
+
+def _head(state: dict[str, Any]):
+    """The recorded :class:`serving.ray_head.HeadInfo`, or None."""
+    from serving.ray_head import HeadInfo
+
+    return HeadInfo.model_validate(state["head"]) if state.get("head") else None
+
+
+def connect(state: dict[str, Any]):
+    """Connect this process to the Ray of a ``freshet up`` state: the recorded head (with its
+    token and settings) or the joined cluster's address.
+
+    Raises:
+        RuntimeError: Ray cannot be reached.
+    """
+    return ray_init(state.get("address"), state["namespace"], head=_head(state))
+
+
+def _pid_alive(pid: int | None) -> bool:
+    if not pid:
+        return False
+    try:
+        st = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return st not in ("Z", "X")
+
+
+def _up_in_progress(state: dict[str, Any]) -> bool:
+    """Whether the ``freshet up`` that wrote ``state`` is still running (so it is not a leftover)."""
+    pid = state.get("pid")
+    if state.get("phase") == "up" or pid == os.getpid() or not _pid_alive(pid):
+        return False
+    try:
+        cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
+    return b"serving.cli" in cmd or b"freshet" in cmd
+
+
+def _legacy_pids(ray_dir: str) -> list[int]:
+    """Processes whose command line names ``ray_dir``: how a head from a state file without
+    ``version`` (an older ``freshet up``, plain ``ray start`` without ``--block``) is found."""
     pids = []
     for d in Path("/proc").iterdir():
         if d.name.isdigit() and int(d.name) != os.getpid():
             with contextlib.suppress(OSError):
-                if marker.encode() in (d / "cmdline").read_bytes():
+                if ray_dir.encode() in (d / "cmdline").read_bytes():
                     pids.append(int(d.name))
     return pids
 
 
+def _head_alive(state: dict[str, Any]) -> bool:
+    from serving.ray_head import head_pids
+
+    head = _head(state)
+    if head is None and "version" not in state and state.get("ray_dir"):
+        return bool(_legacy_pids(state["ray_dir"]))
+    return head is not None and bool(head_pids(head))
+
+
+def _stop_legacy(ray_dir: str, timeout_s: float = 20.0) -> list[int]:
+    """SIGTERM, then SIGKILL, the processes :func:`_legacy_pids` finds; returns them.
+
+    Raises:
+        RuntimeError: some are still alive after ``timeout_s`` seconds.
+    """
+    import signal
+
+    pids = _legacy_pids(ray_dir)
+    left, deadline, sig = list(pids), time.monotonic() + timeout_s, signal.SIGTERM
+    while left:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"processes {left} of the Ray in {ray_dir} are still alive")
+        for p in left:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(p, sig)
+        time.sleep(1.0)
+        left, sig = [p for p in left if _pid_alive(p)], signal.SIGKILL
+    return pids
+
+
+def _kill_namespace(namespace: str) -> list[str]:
+    """Kill every named actor of ``namespace`` on the connected Ray (no restarts); returns the names."""
+    import ray
+
+    killed = []
+    for name in ray.util.list_named_actors():
+        with contextlib.suppress(ValueError):
+            ray.kill(ray.get_actor(name, namespace=namespace), no_restart=True)
+            killed.append(name)
+    return sorted(killed)
+
+
+def _orphan_head(ray_dir: str):
+    """A :class:`HeadInfo` for a head started in ``ray_dir`` whose details were never recorded
+    (``up`` was killed while the head started): its ``ray start`` process is found by its
+    ``--temp-dir``; None if there is none."""
+    from serving.ray_head import HeadInfo
+
+    marker = f"--temp-dir={ray_dir}".encode()
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            with contextlib.suppress(OSError):
+                cmd = (d / "cmdline").read_bytes().split(b"\0")
+                if marker in cmd and b"--head" in cmd:
+                    pid = int(d.name)
+                    return HeadInfo(address="", ports={}, temp_dir=ray_dir, auth=False, token_path=None,
+                                    root_pid=pid, pids=[pid], log_path="")
+    return None
+
+
+class _NamespaceTaken(RuntimeError):
+    """The namespace already has named actors that this ``up`` did not start."""
+
+
+def _teardown(cfg: FreshetConfig, state: dict[str, Any], *, actors: bool = True) -> list[str]:
+    """Remove whatever exists of what ``state`` describes; returns a line per thing removed.
+
+    With ``actors``, every named actor of the namespace (and Serve) when Ray is reachable; then
+    the head ``up`` started, if any (recorded, or found by its temp dir when ``up`` died before
+    recording it).
+
+    Raises:
+        RuntimeError: a process of the head would not stop.
+    """
+    import ray
+
+    from serving import deploy
+    from serving.ray_head import stop_head
+
+    done: list[str] = []
+    ns = state.get("namespace", cfg.namespace)
+    reachable = bool(state.get("address")) and (not state.get("started_ray") or _head_alive(state))
+    if actors and reachable:
+        try:
+            if not ray.is_initialized():  # a failing `up` is connected already
+                connect(state)
+            killed = deploy.stop(cfg.model_copy(update={"namespace": ns}))
+            killed += [n for n in _kill_namespace(ns) if n not in killed]
+            if killed:
+                done.append(f"actors of namespace {ns}: {', '.join(sorted(killed))}")
+        except Exception as e:  # noqa: BLE001 - a head of ours is stopped below anyway; a gone cluster took them along
+            done.append(f"(could not reach Ray at {state.get('address')} to remove actors: {type(e).__name__}: {e})")
+        finally:
+            with contextlib.suppress(Exception):
+                ray.shutdown()
+    if state.get("started_ray"):
+        head = _head(state) or (_orphan_head(state["ray_dir"]) if state.get("ray_dir") else None)
+        pids = stop_head(head) if head is not None else []
+        if head is None and "version" not in state and state.get("ray_dir"):
+            pids = _stop_legacy(state["ray_dir"])
+        if pids:
+            done.append(f"Ray head in {state.get('ray_dir') or head.temp_dir} "
+                        f"({len(pids)} process{'es' if len(pids) != 1 else ''})")
+    return done
+
+
+def _step(state: dict[str, Any], cfg: FreshetConfig, phase: str, **fields: Any) -> None:
+    state.update(phase=phase, **fields)
+    _write_state(cfg, state)
+
+
 def cmd_up(args: argparse.Namespace) -> int:
-    """Start (or join) Ray and deploy PS, ingest, trainers and Serve as detached services."""
+    """Start (or join) Ray and deploy PS, ingest, trainers and Serve as detached services.
+
+    The state file (``<state dir>/freshet-up.json``, JSON) holds ``version``, ``namespace``,
+    ``config``, ``pid`` (of this ``up``), ``phase`` (``starting`` → ``head-up`` → ``deploying``
+    → ``up``), ``started_ray``, ``ray_dir`` (the head's temp dir, written before the head
+    starts), ``head`` (:class:`serving.ray_head.HeadInfo`: address, ports, token file, PIDs,
+    extra environment; never the token itself), ``address``, ``url`` and ``restored_from``.
+
+    Returns:
+        0 once everything answers; 1 if something failed (everything started is removed, the
+        message names the step) or a service is already up here.
+    """
     from serving import deploy
     from serving.cli.ckpt import checkpoint_dir, restore_trainer_offsets
 
     cfg = load(args, {"stream": {"kind": StreamKind.INGEST.value}} if not args.keep_stream else None)
     cfg.ingest.local_state_dir().mkdir(parents=True, exist_ok=True)
-    state: dict[str, Any] = {"namespace": cfg.namespace, "config": args.config, "started_ray": False}
-    address = args.address
-    if address is None:
-        ray_dir = tempfile.mkdtemp(prefix="frup", dir="/tmp")  # short: Ray's socket paths must stay < 108 bytes
-        port = args.ray_port
-        subprocess.run(
-            ["ray", "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}", "--include-dashboard=false",
-             f"--temp-dir={ray_dir}", "--disable-usage-stats"],
-            check=True, env={**os.environ, "RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE", "disabled")},
-        )
-        address = f"127.0.0.1:{port}"
-        state.update(started_ray=True, ray_dir=ray_dir)
-    state["address"] = address
-    ray_init(address, cfg.namespace)
-    restore_from = None
-    if getattr(args, "restore", None):
-        restore_from = checkpoint_dir(cfg, args.restore)
-        restore_trainer_offsets(cfg, restore_from)
-        state["restored_from"] = args.restore
-    # autostart: a trainer restarted by Ray resumes training from its committed offset.
-    dep = deploy.start(cfg, detached=True, restore_from=restore_from, autostart=True)
-    state["url"] = dep.url
-    state_path(cfg).write_text(json.dumps(state, indent=2))
-    print(f"Freshet is up: {dep.url} (Ray at {address}, namespace {cfg.namespace}). Stop it with `freshet down`.")
+    previous = read_state(cfg)
+    if previous is not None:
+        if _up_in_progress(previous):
+            print(f"freshet up: another `freshet up` (pid {previous['pid']}) is starting this service "
+                  f"({state_path(cfg)}); wait for it, or stop it and run `freshet down`", file=sys.stderr)
+            return 1
+        # A state file without a phase comes from an older `up`, which wrote it only once up.
+        if previous.get("phase", "up") == "up" and (not previous.get("started_ray") or _head_alive(previous)):
+            print(f"freshet up: already up at {previous.get('url')} (recorded in {state_path(cfg)}); "
+                  "`freshet down` first", file=sys.stderr)
+            return 1
+        print(f"freshet up: removing what an earlier `freshet up` left behind ({state_path(cfg)})", file=sys.stderr)
+        for line in _teardown(cfg, previous):
+            print(f"  removed {line}", file=sys.stderr)
+        state_path(cfg).unlink(missing_ok=True)
+
+    # A checkpoint that does not exist fails here, before anything starts.
+    restore_from = checkpoint_dir(cfg, args.restore) if getattr(args, "restore", None) else None
+    state: dict[str, Any] = {"version": STATE_VERSION, "namespace": cfg.namespace,
+                             "config": str(Path(args.config).absolute()) if args.config else None,
+                             "pid": os.getpid(), "phase": "starting", "started_ray": False, "ray_dir": None,
+                             "head": None, "address": args.address, "url": None, "restored_from": None}
+    step = "writing the state file"
+    try:
+        _write_state(cfg, state)
+        if args.address is None:
+            step = "starting the Ray head"
+            from serving.ray_head import high_throughput_env, start_head
+
+            r = cfg.ray
+            ray_dir = tempfile.mkdtemp(prefix="frup", dir="/tmp")  # short: Ray's socket paths must stay < 108 bytes
+            _step(state, cfg, "starting", started_ray=True, ray_dir=ray_dir)
+            serve_env = high_throughput_env(ray_dir, ports=r.serve_ports()) if cfg.serving.high_throughput else {}
+            ports = r.head_ports()
+            if args.ray_port is not None:
+                ports["gcs"] = args.ray_port
+            head = start_head(ray_dir, ports=ports, auth=r.auth is RayAuth.TOKEN, num_cpus=r.num_cpus,
+                              token_path=r.token_path, include_dashboard=r.include_dashboard,
+                              worker_ports=r.worker_ports, env=serve_env, timeout_s=r.start_timeout_s)
+            _step(state, cfg, "head-up", head=head.model_dump(mode="json"), address=head.address)
+        step = f"connecting to Ray at {state['address']}"
+        connect(state)
+        import ray
+
+        step = f"checking that namespace {cfg.namespace} is free"
+        taken = sorted(ray.util.list_named_actors())
+        if taken:  # someone else's deployment: never start over it, nor remove it
+            raise _NamespaceTaken(f"namespace {cfg.namespace} already has actors {taken}; stop that deployment "
+                                  "(`freshet down` with its config) or choose another namespace")
+        if restore_from is not None:
+            step = f"restoring checkpoint {args.restore}"
+            restore_trainer_offsets(cfg, restore_from)
+            state["restored_from"] = args.restore
+        step = "starting the deployment (PS shards, ingest log, trainers, Serve app)"
+        _step(state, cfg, "deploying")
+        # autostart: a trainer restarted by Ray resumes training from its committed offset.
+        dep = deploy.start(cfg, detached=True, restore_from=restore_from, autostart=True)
+        _step(state, cfg, "up", url=dep.url)
+    except BaseException as e:
+        print(f"freshet up: failed while {step}: {type(e).__name__}: {e}", file=sys.stderr)
+        try:
+            removed = _teardown(cfg, state, actors=not isinstance(e, _NamespaceTaken))
+        except Exception as cleanup:  # noqa: BLE001 - keep the state file: `freshet down` can try again
+            print(f"freshet up: could not remove everything it started ({cleanup}); "
+                  f"run `freshet down` (state in {state_path(cfg)})", file=sys.stderr)
+            return 1
+        state_path(cfg).unlink(missing_ok=True)
+        for line in removed:
+            print(f"freshet up: removed {line}", file=sys.stderr)
+        print("freshet up: nothing it started is left running", file=sys.stderr)
+        if isinstance(e, KeyboardInterrupt):
+            return 130
+        if not isinstance(e, Exception):
+            raise
+        return 1
+    auth = ("Ray token auth on" if state["head"] and state["head"]["auth"]
+            else "Ray token auth OFF" if state["head"] else "joined cluster's own auth")
+    print(f"Freshet is up: {dep.url} (Ray at {state['address']}, {auth}, namespace {cfg.namespace}). "
+          "Stop it with `freshet down`.")
     return 0
 
 
@@ -92,7 +334,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
     cfg = load(args)
     state = read_state(cfg)
-    url = (state or {}).get("url", f"http://{cfg.serving.host}:{cfg.serving.port}")
+    url = (state or {}).get("url") or f"http://{cfg.serving.host}:{cfg.serving.port}"
     try:
         health = httpx.get(url + "/healthz", timeout=5)
         stats = httpx.get(url + "/stats", timeout=10).json()
@@ -105,34 +347,34 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_down(args: argparse.Namespace) -> int:
-    """Remove the Serve app and the named actors; stop the Ray that ``up`` started."""
-    import ray
+    """Remove the Serve app and every named actor of the namespace; stop the Ray head ``up`` started.
 
-    from serving import deploy
+    Works from a partial state file (an ``up`` that failed or was killed half-way).
 
+    Returns:
+        0 once nothing is left (the state file is removed), 1 without a state file or when
+        some process would not stop (the state file is kept for another try).
+    """
     cfg = load(args)
     state = read_state(cfg)
     if state is None:
         print(f"freshet down: no {STATE_FILE} under {cfg.ingest.local_state_dir()}; nothing started by `freshet up` here",
               file=sys.stderr)
         return 1
-    with contextlib.suppress(Exception):
-        ray_init(state["address"], state["namespace"])
-        deploy.stop(cfg.model_copy(update={"namespace": state["namespace"]}))
-        ray.shutdown()
-    if state.get("started_ray"):
-        # Stop only the Ray we started: its processes carry our private temp dir.
-        pids = _ray_pids(state["ray_dir"])
-        for sig in (signal.SIGTERM, signal.SIGKILL):
-            for pid in pids:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, sig)
-            time.sleep(1.0)
-            pids = [p for p in pids if Path(f"/proc/{p}").exists()]
-            if not pids:
-                break
+    if _up_in_progress(state):
+        print(f"freshet down: `freshet up` (pid {state['pid']}) is still starting; wait for it or stop it first",
+              file=sys.stderr)
+        return 1
+    t0 = time.monotonic()
+    try:
+        removed = _teardown(cfg, state)
+    except RuntimeError as e:
+        print(f"freshet down: {e}; state kept in {state_path(cfg)}", file=sys.stderr)
+        return 1
     state_path(cfg).unlink(missing_ok=True)
-    print("Freshet is down.")
+    for line in removed:
+        print(f"removed {line}")
+    print(f"Freshet is down ({time.monotonic() - t0:.1f} s).")
     return 0
 
 
@@ -140,8 +382,10 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     """Register ``freshet up``, ``status`` and ``down``."""
     u = sub.add_parser("up", help="start the long-running service")
     add_config_argument(u)
-    u.add_argument("--address", help="join this Ray cluster (e.g. 'auto') instead of starting one")
-    u.add_argument("--ray-port", type=int, default=6379, help="GCS port when starting Ray")
+    u.add_argument("--address", help="join this Ray cluster (e.g. 'auto') instead of starting one; "
+                                     "its own auth settings apply")
+    u.add_argument("--ray-port", type=int, default=None,
+                   help="GCS port of the head `up` starts (default: ray.ports.gcs, else a free port)")
     u.add_argument("--keep-stream", action="store_true", help="train on the configured stream instead of /events")
     u.add_argument("--restore", metavar="NAME", help="start from named checkpoint NAME (see `freshet ckpt`)")
     u.set_defaults(fn=cmd_up)

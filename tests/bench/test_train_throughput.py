@@ -6,7 +6,6 @@ Speed targets are not asserted here; they live in ``bench/README.md``.
 
 from __future__ import annotations
 
-import itertools
 import json
 import time
 
@@ -17,61 +16,42 @@ import torch
 from bench.train_throughput import (
     REPORT_KEYS,
     RUN_KEYS,
-    InProcessMF,
     bench_config,
     build_report,
     format_table,
+    in_process_trainer,
     run_in_process,
     write_report,
 )
 from bench.train_throughput import _cpu_between, _tree_cpu_s
-from ps.ids import ids_from_arrow
-from ps.plan import ShardingPlan
-from ps.shard import PSShard, PushId
+from ps.ids import ids_from_arrow, keyed
+from workers.model import bpr_loss
 from workers.streams import open_source
 
 
-def test_in_process_tables_match_a_ps_shard():
-    """Same initial rows and same optimizer updates (duplicates summed) as a real PSShard."""
-    cfg = bench_config(1000)
-    shard = PSShard(0, ShardingPlan.uniform(cfg.ps.num_buckets, 1), cfg.ps)
-    mf = InProcessMF(cfg)
-    rng = np.random.default_rng(1)
-    seq = itertools.count()
-    for _ in range(3):
-        for name, table in mf.tables.items():
-            ids = rng.integers(0, 50, size=40)  # repeats on purpose
-            np.testing.assert_array_equal(table.pull(ids, create=True)[0], shard.pull({name: ids})[name][0], err_msg=name)
-            grads = rng.normal(size=(40, table.cfg.dim)).astype(np.float32)
-            table.push(ids, torch.from_numpy(grads))
-            shard.push(PushId("bench-test", next(seq)), {name: (ids, grads)})
-    user = mf.tables[cfg.model.user_table]
-    assert np.abs(user.pull(np.arange(50), create=False)[0]).max() > 10 * cfg.ps.table("user").init_scale  # rows really moved
+def _heldout_loss(trainer, users, items, negs) -> float:
+    """Mean BPR loss (nats) of held-out (user, item, negatives) triples under the twin's rows."""
+    m = trainer.cfg.model
+    pull = trainer.client.pull_many
+    u = torch.from_numpy(pull({m.user_table: keyed(users)}, initial=True)[m.user_table][0])
+    i = pull({m.item_table: keyed(items), m.item_bias_table: keyed(items)}, initial=True)
+    n = pull({m.item_table: keyed(negs), m.item_bias_table: keyed(negs)}, initial=True)
+    k = len(negs) // len(users)
+    loss = bpr_loss(u, torch.from_numpy(i[m.item_table][0]), torch.from_numpy(i[m.item_bias_table][0][:, 0]),
+                    torch.from_numpy(n[m.item_table][0]).reshape(len(users), k, -1),
+                    torch.from_numpy(n[m.item_bias_table][0][:, 0]).reshape(len(users), k))
+    return float(loss) / len(users)
 
 
-def test_push_rejects_wrong_grad_shape():
-    mf = InProcessMF(bench_config(10))
-    with pytest.raises(ValueError, match="grads shape"):
-        mf.tables["user"].push(np.array([1, 2]), torch.zeros((2, 3)))
-
-
-def _heldout_loss(mf: InProcessMF, users, items, negs) -> float:
-    with torch.no_grad():
-        return float(mf.loss(users, items, negs)) / len(users)
-
-
-def test_baseline_learns_on_2000_events():
+def test_twin_learns_and_counts_every_positive_once():
     cfg = bench_config(2000)
     # Events after the training prefix (same generator; both parts lie after the taste shift).
     held = open_source(bench_config(2512).stream).read(2000, 512)
     users, items = ids_from_arrow(held.column("user_id")), ids_from_arrow(held.column("item_id"))
+    negs = np.random.default_rng(7).integers(0, cfg.stream.synthetic.num_items, size=len(users) * 4)
 
-    untrained = InProcessMF(cfg)
-    trained = InProcessMF(cfg)
-    figures = run_in_process(cfg, model=trained, progress=False)
-
-    # Negatives from the trained catalogue, scored by both models on identical triples.
-    negs = trained.negatives(len(users), np.random.default_rng(7))
+    untrained, trained = in_process_trainer(cfg), in_process_trainer(cfg)
+    figures = run_in_process(cfg, trainer=trained, progress=False)
     before = _heldout_loss(untrained, users, items, negs)
     after = _heldout_loss(trained, users, items, negs)
     assert before == pytest.approx(np.log(2), rel=0.02)  # tiny init: every score ~0
@@ -84,8 +64,15 @@ def test_baseline_learns_on_2000_events():
     trained_users = ids_from_arrow(open_source(cfg.stream).read(0, 2000).column("user_id"))
     assert figures["rows"][cfg.model.user_table] == len(np.unique(trained_users))
     # The popularity table counted every positive exactly once.
-    pop = trained.tables[cfg.model.popularity_table]
-    assert float(pop.rows[: len(pop)].sum()) == 2000.0
+    shard = trained.client.shard
+    assert float(shard.tables[cfg.model.popularity_table].matrix().sum()) == 2000.0
+
+
+def test_twin_is_deterministic():
+    cfg = bench_config(1200)
+    a = run_in_process(cfg, progress=False)
+    b = run_in_process(cfg, progress=False)
+    assert a["loss_sum"] == b["loss_sum"] and a["rows"] == b["rows"]
 
 
 def test_report_has_documented_keys_and_files(tmp_path):

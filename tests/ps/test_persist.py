@@ -18,7 +18,6 @@ import torch
 
 from ps.config import PSConfig
 from serving.config import load_config
-from ps.ids import keyed
 from ps.persist import list_checkpoints, read_log, read_snapshot
 from ps.plan import ShardingPlan
 from ps.shard import PSShard, PushId

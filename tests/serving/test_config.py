@@ -233,6 +233,7 @@ def test_config_error_is_a_valueconfig_error():
 
 def test_table_lookup_names_known_tables():
     ps = FreshetConfig().ps
-    assert ps.table("item_bias") == TableConfig(dim=1, init=InitKind.ZEROS)
+    # The item-keyed side tables follow the item table's lifecycle by default.
+    assert ps.table("item_bias") == TableConfig(dim=1, init=InitKind.ZEROS, follows="item")
     with pytest.raises(KeyError, match=r"unknown table 'nope'.*item_pop"):
         ps.table("nope")

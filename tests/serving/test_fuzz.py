@@ -79,7 +79,7 @@ def _stats(http: httpx.Client) -> dict:
 def _settled(http: httpx.Client, timeout_s: float = 30.0) -> dict:
     """Stats once the trainer has applied every accepted event."""
     return wait_for(
-        lambda: (s := _stats(http))["events_applied"] == s["events_accepted"] and s,
+        lambda: (s := _stats(http))["events_applied"] + s["dead_lettered"] == s["events_accepted"] and s,
         timeout_s,
         "the trainer to apply every accepted event",
     )
@@ -212,6 +212,7 @@ def _number(value: Any, field: str, *, ge: float | None = None, le: float | None
 
 
 F32_MAX = 3.4e38  # serving bounds weights to float32's range (the log stores float32)
+MAX_ABS_WEIGHT = 1000.0  # model.max_abs_weight's default, restated: larger weights would overflow training
 
 
 def _utf8(text: str) -> bool:
@@ -263,14 +264,22 @@ def _events(obj: Any) -> None:
     if not isinstance(events, list) or not events:
         raise _Bad("events", "events is not a non-empty list")
     for e in events:
-        e = _object(e, {"user_id", "item_id"}, {"user_id", "item_id", "timestamp", "weight"})
+        e = _object(e, {"user_id", "item_id"}, {"user_id", "item_id", "timestamp", "weight", "event_type", "event_id"})
         _id(e["user_id"], "user_id")
         _id(e["item_id"], "item_id")
         if e.get("timestamp") is not None:
             _number(e["timestamp"], "timestamp", ge=0)
         _number(e.get("weight", 1.0), "weight", ge=-F32_MAX, le=F32_MAX)
+        for key, most in (("event_type", 64), ("event_id", 256)):
+            v = e.get(key)
+            if v is not None and (not isinstance(v, str) or not 1 <= len(v) <= most):
+                raise _Bad(key, f"{key} is not a string of 1..{most} characters")
     if len(events) > MAX_EVENTS:
         raise _Bad("events", f"{len(events)} events > serving.max_events_per_request", 413)
+    # The deployment's own limit, checked after the schema and the size.
+    for e in events:
+        if abs(float(e.get("weight", 1.0))) > MAX_ABS_WEIGHT:
+            raise _Bad("weight", f"|weight| > model.max_abs_weight={MAX_ABS_WEIGHT}", 422)
 
 
 _SCHEMA = {"/rank": _rank, "/score": _score, "/events": _events}
@@ -764,7 +773,8 @@ _extreme_events = st.lists(
         {"user_id": _extreme_ids, "item_id": _extreme_ids},
         optional={
             "timestamp": st.one_of(st.none(), st.sampled_from([0, 0.0, 5e-324, 1e300, 1.7976931348623157e308, 2**62])),
-            "weight": st.one_of(st.sampled_from([0.0, -0.0, 5e-324, 3.4e38, -3.4e38, -(2**63)]), st.floats(-1e6, 1e6)),
+            "weight": st.one_of(st.sampled_from([0.0, -0.0, 5e-324, MAX_ABS_WEIGHT, -MAX_ABS_WEIGHT, -1000]),
+                                st.floats(-MAX_ABS_WEIGHT, MAX_ABS_WEIGHT)),
         },
     ),
     min_size=1,
@@ -774,8 +784,8 @@ _extreme_events = st.lists(
 
 @settings(FUZZ, max_examples=15)
 @given(batch=_extreme_events)
-@example(batch=[{"user_id": "fz-x1", "item_id": I64_MAX, "timestamp": 1.7976931348623157e308, "weight": 3.4e38}])
-@example(batch=[{"user_id": I64_MIN, "item_id": "é" * (MAX_ID_BYTES // 2), "timestamp": 0, "weight": -3.4e38}])
+@example(batch=[{"user_id": "fz-x1", "item_id": I64_MAX, "timestamp": 1.7976931348623157e308, "weight": MAX_ABS_WEIGHT}])
+@example(batch=[{"user_id": I64_MIN, "item_id": "é" * (MAX_ID_BYTES // 2), "timestamp": 0, "weight": -MAX_ABS_WEIGHT}])
 def test_valid_extreme_events_are_accepted_and_applied(deployment, batch):
     """Every valid batch is acknowledged and then applied; the model stays finite and servable."""
     http = deployment.http
@@ -787,7 +797,7 @@ def test_valid_extreme_events_are_accepted_and_applied(deployment, batch):
     assert r.json()["accepted"] == len(batch)
     s = _settled(http)
     assert s["events_accepted"] == before + len(batch)
-    assert s["quarantined"] == 0 and s["trainers_down"] == {}, s
+    assert s["quarantined"] == 0 and s["dead_lettered"] == 0 and s["trainers_down"] == {}, s
     assert all(t["error"] is None for t in s["trainers"]), s["trainers"]
     for user in {e["user_id"] for e in batch}:
         body = _encode({"user_id": user, "k": 5, "exclude_seen": False}, False)

@@ -14,9 +14,10 @@ import ray
 
 from ps.client import start_shards
 from serving.config import FreshetConfig, load_config
-from ps.ids import as_id_array
+from ps.ids import id_keys
+from workers.step import first_seen
 from workers.streams import SyntheticSource
-from workers.trainer import Trainer, _factorize, start_trainers
+from workers.trainer import Trainer, start_trainers
 
 NUM_SHARDS = 2
 
@@ -58,21 +59,24 @@ def _stream(cfg: FreshetConfig, n: int) -> tuple[list, list]:
     return batch.column("user_id").to_pylist(), batch.column("item_id").to_pylist()
 
 
-def _check_rows_and_history(cfg: FreshetConfig, client, users: list, items: list) -> None:
-    """Rows exist exactly for streamed IDs; counts and histories saw each event once."""
+def _check_rows_and_history(cfg: FreshetConfig, client, users: list, items: list, confidence: list | None = None) -> None:
+    """Rows exist exactly for streamed IDs; counts (summed ``confidence``, 1 per event by
+    default) and histories saw each event once."""
     uniq_users, uniq_items = list(dict.fromkeys(users)), list(dict.fromkeys(items))
     stats = client.stats()
     rows = {t: sum(s["rows"][t] for s in stats) for t in ("user", "item", "item_bias", "item_pop")}
     assert rows == {"user": len(uniq_users), "item": len(uniq_items), "item_bias": len(uniq_items), "item_pop": len(uniq_items)}
-    got = client.pull_many({"user": uniq_users, "item": uniq_items, "item_pop": uniq_items}, create=False)
+    got = client.pull_many({"user": uniq_users, "item": uniq_items, "item_pop": uniq_items})
     assert got["user"][1].all() and got["item"][1].all() and got["item_pop"][1].all()
-    counts = collections.Counter(items)
-    np.testing.assert_array_equal(got["item_pop"][0][:, 0], [counts[i] for i in uniq_items])
+    counts: dict = collections.defaultdict(float)
+    for i, c in zip(items, confidence or [1.0] * len(items)):
+        counts[i] += c
+    np.testing.assert_allclose(got["item_pop"][0][:, 0], [counts[i] for i in uniq_items], rtol=1e-5)
     per_user = collections.defaultdict(list)
     for u, i in zip(users, items):
         per_user[u].append(i)
     keep = cfg.ps.seen_per_user
-    assert client.seen(uniq_users) == [per_user[u][-keep:] for u in uniq_users]
+    assert client.seen(uniq_users) == [id_keys(per_user[u][-keep:]).tolist() for u in uniq_users]
 
 
 def test_trainer_beats_popularity_and_applies_every_event_once(deploy, tmp_path):
@@ -116,7 +120,7 @@ def test_two_trainers_partition_users(deploy, tmp_path):
     first = Trainer(0, cfg).run()
     seen0 = client.seen(uniq_users)
     mine = [u for u, h in zip(uniq_users, seen0) if h]
-    assert all(h in ([], per_user[u]) for u, h in zip(uniq_users, seen0))
+    assert all(h in ([], id_keys(per_user[u]).tolist()) for u, h in zip(uniq_users, seen0))
     assert 0 < len(mine) < len(uniq_users)
     assert first["events_applied"] == sum(len(per_user[u]) for u in mine)
     second = Trainer(1, cfg).run()
@@ -138,21 +142,27 @@ def test_movielens_slice_trains_and_every_id_gets_a_row(deploy, tmp_path, moviel
     client = start(cfg)
     st = Trainer(0, cfg).run()
     assert st["error"] is None and st["done"]
-    assert st["events_applied"] == n and st["quarantined"] == 0
-    # The source replays ratings in timestamp order, ties in file order.
+    # The source replays ratings in timestamp order, ties in file order. By the default
+    # model.ratings, a rating >= 4 is a positive of confidence rating/5 and a lower one
+    # teaches nothing: it makes no row and counts as no interaction.
     with open(movielens_ratings, newline="") as f:
         rows = sorted(list(csv.reader(f))[1:], key=lambda r: float(r[3]))[:n]
-    users, items = [int(r[0]) for r in rows], [int(r[1]) for r in rows]
-    _check_rows_and_history(cfg, client, users, items)
-    assert np.isfinite(client.pull("user", list(set(users)), create=False)).all()
-    assert np.isfinite(client.pull("item", list(set(items)), create=False)).all()
+    liked = [r for r in rows if float(r[2]) >= 4.0]
+    assert 0 < len(liked) < n
+    # Every event is applied (processed for good), a low rating by teaching nothing.
+    assert st["events_read"] == st["events_applied"] == n and st["quarantined"] == 0
+    users, items = [int(r[0]) for r in liked], [int(r[1]) for r in liked]
+    _check_rows_and_history(cfg, client, users, items, [float(r[2]) / 5.0 for r in liked])
+    assert np.isfinite(client.pull("user", list(set(users)))).all()
+    assert np.isfinite(client.pull("item", list(set(items)))).all()
 
 
-def test_factorize_preserves_first_seen_order():
+def test_first_seen_preserves_first_seen_order():
     for ids in ([5, 3, 5, 9, 3, 1], ["b", 5, "5", "b", 3, 5, "a"], ["z", "y", "z"], [2**62, -1, 2**62]):
-        uniq, inv = _factorize(as_id_array(ids))
-        assert uniq.tolist() == list(dict.fromkeys(ids))
-        assert [uniq[j] for j in inv.tolist()] == ids
+        keys = id_keys(ids)
+        uniq, inv = first_seen(keys)
+        assert uniq.tolist() == list(dict.fromkeys(keys.tolist()))
+        assert [uniq[j] for j in inv.tolist()] == keys.tolist()
         assert inv.dtype == np.int64 and len(inv) == len(ids)
-    uniq, inv = _factorize(as_id_array([]))
+    uniq, inv = first_seen(np.empty(0, np.uint64))
     assert len(uniq) == 0 and len(inv) == 0

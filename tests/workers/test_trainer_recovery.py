@@ -57,8 +57,8 @@ def _run(ns: str, state: str, kill=None):
             time.sleep(0.02)
         kill(trainer)
     stats = _wait_done(trainer)
-    users = client.pull("user", np.arange(2000), create=False)
-    items = client.pull("item", np.arange(1000), create=False)
+    users = client.pull("user", np.arange(2000))
+    items = client.pull("item", np.arange(1000))
     versions = client.versions()
     for h in [trainer, *client.shards]:
         ray.kill(h)
@@ -91,17 +91,46 @@ def test_killed_trainer_resumes_exactly_once(reference, tmp_path, kill):
     np.testing.assert_array_equal(items, ref_items)
 
 
-def test_wal_round_trips_mixed_ids_and_forgets_acknowledged(tmp_path):
+def test_wal_round_trips_mixed_ids_and_settles_on_commit(tmp_path):
+    from ps.ids import keyed
+    from ps.persist import TableUpdate
+
     wal = TrainerWAL(tmp_path)
-    updates = {"user": (np.array(["a", 7], dtype=object), np.ones((2, 3), np.float32)),
-               "item": (np.array([1, 2, 3]), np.arange(6, dtype=np.float32).reshape(3, 2))}
-    wal.write(PushRecord(5, 0, 10, 1), updates, (np.array(["a", 7], dtype=object), np.array([1, 2])))
-    (rec, got, hist), = wal.pending()
-    assert rec == PushRecord(5, 0, 10, 1)
-    assert got["user"][0].tolist() == ["a", 7] and got["item"][0].tolist() == [1, 2, 3]
-    np.testing.assert_array_equal(got["item"][1], updates["item"][1])
-    assert hist[0].tolist() == ["a", 7]
-    wal.acknowledged(5)
+    users = keyed(np.array(["a", 7], dtype=object))
+    updates = {"user": TableUpdate("user", users.keys, np.ones((2, 3), np.float32), users.ids, np.array([True, True])),
+               "item": TableUpdate("item", keyed([1, 2, 3]).keys, np.arange(6, dtype=np.float32).reshape(3, 2),
+                                   np.array([1, 2, 3]), np.array([True, False, False]))}
+    recent = (users.keys, keyed([1, 2]).keys, np.array([4, 5]))
+    wal.write(PushRecord(5, 0, 10, 1, partition=2), updates, recent)
+    for w in (wal, TrainerWAL(tmp_path)):  # in memory, and read back after a "crash"
+        (rec, got, rec_recent), = w.pending()
+        assert rec == PushRecord(5, 0, 10, 1, partition=2)
+        assert got["user"].ids.tolist() == ["a", 7] and got["user"].keys.tolist() == users.keys.tolist()
+        assert got["item"].create.tolist() == [True, False, False] and got["item"].ids[0] == 1
+        np.testing.assert_array_equal(got["item"].grads, updates["item"].grads)
+        assert [a.tolist() for a in rec_recent] == [a.tolist() for a in recent]
+    wal.commit({2: 10}, 9)
     assert wal.pending() == []
-    wal.commit(10, 9)
-    assert TrainerWAL(tmp_path).committed() == (10, 9)
+    again = TrainerWAL(tmp_path)
+    assert again.pending() == [] and again.committed().offsets == {2: 10} and again.committed().events_applied == 9
+
+
+def test_wal_drops_a_torn_tail_and_rotates(tmp_path):
+    from ps.ids import keyed
+    from ps.persist import TableUpdate
+
+    wal = TrainerWAL(tmp_path, rotate_bytes=4096)
+    k = keyed([1, 2])
+    upd = {"item": TableUpdate("item", k.keys, np.ones((2, 64), np.float32), k.ids, None)}
+    for seq in range(20):
+        wal.write(PushRecord(seq, seq, seq + 1, 0), upd)
+        wal.commit({0: seq + 1}, seq + 1)
+    assert (tmp_path / "wal.arrows").stat().st_size < 3 * 4096  # rotated: not every record kept
+    wal.write(PushRecord(99, 20, 21, 0), upd)
+    size = (tmp_path / "wal.arrows").stat().st_size
+    with open(tmp_path / "wal.arrows", "r+b") as f:
+        f.truncate(size - 10)  # the last record is torn: it was never sent
+    again = TrainerWAL(tmp_path)
+    assert again.pending() == [] and again.committed().offsets == {0: 20}
+    again.write(PushRecord(100, 20, 21, 0), upd)
+    assert [r.seq for r, _, _ in TrainerWAL(tmp_path).pending()] == [100]

@@ -34,7 +34,7 @@ def _open_source(cfg: FreshetConfig, data: str, min_weight: float | None, max_ev
         stream = StreamConfig(kind=kind, path=str(p), num_events=max_events, min_weight=min_weight)
     # Rejected rows go to a private temp file: the evaluation reports on quality, not on data hygiene.
     qdir = tempfile.mkdtemp(prefix="freshet-eval-q-")
-    return open_source(stream, quarantine_path=os.path.join(qdir, "quarantine.arrow")), stream
+    return open_source(stream, quarantine_path=os.path.join(qdir, "quarantine.arrow"), model=cfg.model), stream
 
 
 def _init_ray(ray_dir: str | None) -> bool:

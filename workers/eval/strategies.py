@@ -37,7 +37,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from ps.ids import ID, as_id_array, ids_from_arrow
+from ps.ids import ID, as_id_array, id_keys, ids_from_arrow, keyed
 from ps.table import EmbeddingTable
 from workers.config import LossKind
 from workers.model import bpr_loss, context_index, mse_loss, user_queries
@@ -90,21 +90,24 @@ class Chunk:
 
 
 class ItemView:
-    """An in-memory item catalogue with the read interface :class:`Ranker` uses on a ``RowCache``.
+    """An in-memory item catalogue with the read interface ranking uses on a ``RowCache``
+    (:class:`workers.ranking.CatalogueView`).
 
     ``ids`` are item IDs by slot; ``mats`` maps table name to ``[slots, dim]`` float32
     rows (item vectors, biases, popularity counts). Arrays are used as given (not copied),
-    so a strategy can keep appending and hand out fresh views cheaply.
+    so a strategy can keep appending and hand out fresh views cheaply. ``keys`` are the
+    IDs' keys when the caller has them (computed otherwise).
     """
 
-    def __init__(self, ids: Sequence[ID] | np.ndarray, mats: dict[str, np.ndarray], index: dict[ID, int] | None = None):
+    def __init__(self, ids: Sequence[ID] | np.ndarray, mats: dict[str, np.ndarray], keys: np.ndarray | None = None):
         self._ids = as_id_array(ids)
         n = len(self._ids)
         for name, m in mats.items():
             if m.shape[0] != n:
                 raise ValueError(f"mats[{name!r}]: {m.shape[0]} rows for {n} item ids")
         self._mats = mats
-        self.index = index if index is not None else {x: s for s, x in enumerate(self._ids.tolist())}
+        self._keys = id_keys(self._ids) if keys is None else np.asarray(keys, np.uint64)[:n]
+        self._order: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self._ids)
@@ -112,6 +115,10 @@ class ItemView:
     def ids(self) -> np.ndarray:
         """Item IDs by slot."""
         return self._ids
+
+    def keys(self) -> np.ndarray:
+        """Item keys by slot (``uint64``)."""
+        return self._keys
 
     def valid(self) -> np.ndarray:
         """All slots are live rows."""
@@ -122,10 +129,20 @@ class ItemView:
         m = self._mats.get(table)
         return m if m is not None else np.zeros((len(self._ids), 1), np.float32)
 
+    def slots_of_keys(self, keys: np.ndarray) -> np.ndarray:
+        """Slot of each key (``uint64``), ``-1`` when absent."""
+        if self._order is None:
+            self._order = np.argsort(self._keys, kind="stable")
+        keys = np.asarray(keys, np.uint64)
+        if not len(self._keys):
+            return np.full(len(keys), -1, np.int64)
+        sorted_keys = self._keys[self._order]
+        pos = np.minimum(np.searchsorted(sorted_keys, keys), len(sorted_keys) - 1)
+        return np.where(sorted_keys[pos] == keys, self._order[pos], -1).astype(np.int64)
+
     def slots_of(self, ids: Sequence[ID] | np.ndarray) -> np.ndarray:
         """Slot of each ID, ``-1`` when absent."""
-        get = self.index.get
-        return np.fromiter((get(x, -1) for x in as_id_array(ids).tolist()), dtype=np.int64)
+        return self.slots_of_keys(keyed(ids).keys)
 
 
 class Strategy(abc.ABC):
@@ -211,7 +228,7 @@ class _Counts:
 
     def view(self, table: str) -> ItemView:
         n = len(self.ids)
-        return ItemView(self.ids, {table: (self.counts[:n] * self.scale)[:, None]}, self.index)
+        return ItemView(self.ids, {table: (self.counts[:n] * self.scale)[:, None]})
 
 
 class PopularityStrategy(Strategy):
@@ -256,11 +273,12 @@ class _Recent:
     def add(self, items: np.ndarray, end: int) -> None:
         """Count ``items`` (one interaction each) at stream offset ``end``."""
         clock = np.full(len(items), end / self.halflife, np.float32)
-        self.table.push(items, torch.from_numpy(np.stack([np.ones(len(items), np.float32), clock], axis=1)))
+        k = keyed(items)
+        self.table.push(k.keys, torch.from_numpy(np.stack([np.ones(len(items), np.float32), clock], axis=1)), ids=k.ids)
 
     def rows_for(self, ids: Sequence[ID] | np.ndarray) -> np.ndarray:
         """``[len(ids), 2]`` (count, clock) rows; zeros for items never counted."""
-        return self.table.pull(as_id_array(ids), create=False)[0]
+        return self.table.pull(keyed(ids).keys, initial=False)[0]
 
 
 # --------------------------------------------------------------------------- in-process MF
@@ -299,9 +317,9 @@ class _LocalMF:
             out[j] = s
         if new:
             # Each table appends the new IDs in this order, so its slots match ``index``.
-            new_ids = as_id_array(new)
+            k = keyed(new)
             for t in tables:
-                t.lookup(new_ids, create=True)
+                t.add(k.keys, k.ids)
             if keep is not None:
                 keep.extend(new)
         return out
@@ -398,7 +416,7 @@ class _LocalMF:
             mats[m.context_table] = self.ctx.matrix()
         if recent is not None and m.recent_table is not None:
             mats[m.recent_table] = recent
-        return ItemView(self.item_ids, mats, self.item_index)
+        return ItemView(self.item_ids, mats)
 
 
 class _History:
@@ -643,7 +661,7 @@ class ALSRetrainStrategy(_PeriodicMF):
                 m.popularity_table: self.pop.view(m.popularity_table).matrix(m.popularity_table)[:n].copy()}
         if self.recent is not None:
             mats[m.recent_table] = self.recent.rows_for(list(iid))
-        self._view = ItemView(list(iid), mats, iid)
+        self._view = ItemView(list(iid), mats)
         self.fit_cpu_s += time.process_time() - t0
         self.events_trained += len(users) * self.epochs
         self.retrains += 1
@@ -663,8 +681,8 @@ def _process_time(_actor: Any) -> float:
 class IncrementalStrategy(Strategy):
     """Freshet's continuous updates through real PS shard actors.
 
-    Learning is the trainer's own code (``Trainer._prepare``/``_train``/``_commit``
-    on an in-process :class:`workers.trainer.Trainer`), pushing to shard actors started
+    Learning is the trainer's own code (``Trainer.learn`` on an in-process
+    :class:`workers.trainer.Trainer`), pushing to shard actors started
     with :func:`ps.client.start_shards`; serving is a delta-synced ``RowCache`` and the
     ``/rank`` :class:`Ranker`. CPU seconds are this process's plus the shards' process
     time measured around each ``learn`` (shard CPU spent serving ranking is excluded).
@@ -708,7 +726,7 @@ class IncrementalStrategy(Strategy):
         return Ranker(self.cache, self.cfg.model)
 
     def user_vectors(self, users: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        return self.client.pull_many({self.cfg.model.user_table: users}, create=False)[self.cfg.model.user_table]
+        return self.client.pull_many({self.cfg.model.user_table: users})[self.cfg.model.user_table]
 
     def learn(self, chunk: Chunk) -> None:
         before = self._shard_times()
@@ -721,10 +739,7 @@ class IncrementalStrategy(Strategy):
 
     def _learn(self, chunk: Chunk) -> None:
         end = int(chunk.offsets[-1]) + 1
-        t = self.trainer
-        batch = t._prepare(chunk.raw, end)
-        refs = t._train(batch, t._pull(batch)) if len(batch.users) else []
-        t._commit(batch, refs)
+        self.trainer.learn(chunk.raw, end)
         self.learned_ts, self.learned_end = float(chunk.timestamps.max()), end
 
     def describe(self) -> dict[str, Any]:
@@ -744,7 +759,8 @@ class IncrementalStrategy(Strategy):
         import ray
 
         try:
-            self.trainer.source.close()
+            for source in self.trainer.sources.values():
+                source.close()
         finally:
             for sh in self.client.shards:
                 ray.kill(sh, no_restart=True)

@@ -7,18 +7,20 @@ as an event batch in the schema of :mod:`workers.events`, whatever order reads
 come in, so a restarted trainer resumes from its committed offset.
 
 File sources load their file(s) once. A row that cannot be an event (a null or
-wrong-typed field, a non-finite or negative value, a CSV line with the wrong
-number of columns, an unreadable Parquet file) is never trained: it is counted in
-``quarantined`` and written to an Arrow IPC file with the columns of
-:data:`QUARANTINE_SCHEMA`; the good rows continue.
+wrong-typed field, a non-finite or negative value, a line with the wrong number of
+fields, a weight the model cannot train, an unreadable Parquet file) is never
+trained: it is counted in ``quarantined`` and written to an Arrow IPC file with the
+columns of :data:`QUARANTINE_SCHEMA`; the good rows continue. A file source that
+would yield no events, or whose rows are mostly quarantined, raises
+:class:`StreamDataError` (a ``ValueError``) naming the file, its layout and the counts.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from workers.config import StreamConfig, StreamKind
-from workers.streams.base import StreamSource
+from workers.config import ModelConfig, StreamConfig, StreamKind
+from workers.streams.base import StreamDataError, StreamSource
 from workers.streams.movielens import MovieLensSource
 from workers.streams.parquet import ParquetSource
 from workers.streams.quarantine import QUARANTINE_SCHEMA, read_quarantine
@@ -29,6 +31,7 @@ __all__ = [
     "IngestSource",
     "MovieLensSource",
     "ParquetSource",
+    "StreamDataError",
     "StreamSource",
     "SyntheticSource",
     "open_source",
@@ -46,23 +49,39 @@ def __getattr__(name: str):
 
 
 def open_source(
-    cfg: StreamConfig, *, quarantine_path: str | Path | None = None, namespace: str | None = None
+    cfg: StreamConfig,
+    *,
+    quarantine_path: str | Path | None = None,
+    namespace: str | None = None,
+    model: ModelConfig | None = None,
 ) -> StreamSource:
     """Build the configured source; ``quarantine_path`` overrides ``cfg.quarantine_path``.
 
-    ``StreamKind.INGEST`` reads the running deployment's ingest log in Ray namespace
-    ``namespace`` (:class:`workers.streams.ingest.IngestSource`).
+    ``model`` (the deployment's ``cfg.model``) lets file sources quarantine rows whose
+    weight that model cannot train (``ModelConfig.weight_problem``); without it only
+    non-finite weights and those beyond float32 are rejected. ``StreamKind.INGEST`` reads
+    the running deployment's ingest log in Ray namespace ``namespace``
+    (:class:`workers.streams.ingest.IngestSource`).
 
     Raises:
         ValueError: ``ingest`` without a ``namespace``.
+        FileNotFoundError: a movielens/parquet ``cfg.path`` that does not exist.
+        StreamDataError: (a ``ValueError``) a movielens/parquet stream with no events, or
+            with more than ``cfg.max_quarantined_fraction`` of its rows quarantined.
     """
     qpath = quarantine_path if quarantine_path is not None else cfg.quarantine_path
     if cfg.kind is StreamKind.SYNTHETIC:
         return SyntheticSource(cfg.synthetic, cfg.num_events)
-    if cfg.kind is StreamKind.MOVIELENS:
-        return MovieLensSource(cfg.path, min_weight=cfg.min_weight, quarantine_path=qpath, num_events=cfg.num_events)
-    if cfg.kind is StreamKind.PARQUET:
-        return ParquetSource(cfg.path, min_weight=cfg.min_weight, quarantine_path=qpath, num_events=cfg.num_events)
+    if cfg.kind in (StreamKind.MOVIELENS, StreamKind.PARQUET):
+        cls = MovieLensSource if cfg.kind is StreamKind.MOVIELENS else ParquetSource
+        return cls(
+            cfg.path,
+            min_weight=cfg.min_weight,
+            quarantine_path=qpath,
+            num_events=cfg.num_events,
+            model=model,
+            max_quarantined_fraction=cfg.max_quarantined_fraction,
+        )
     if cfg.kind is StreamKind.INGEST:
         if namespace is None:
             raise ValueError("stream.kind='ingest': reading the ingest log needs the deployment's Ray namespace")

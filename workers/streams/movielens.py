@@ -1,7 +1,10 @@
-"""MovieLens ratings files replayed in timestamp order."""
+"""MovieLens ratings files replayed in timestamp order, in every common layout:
+``ratings.csv`` (ml-latest, ml-latest-small, ML-20M/25M/32M), ``ratings.dat``
+(ML-1M, ML-10M: ``::``-separated) and ``u.data`` (ML-100K: tab-separated)."""
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import Callable
 from pathlib import Path
@@ -11,7 +14,14 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 
-from workers.streams.base import TableSource, first_reason
+from workers.config import ModelConfig
+from workers.events import RATING
+from workers.streams.base import (
+    MAX_QUARANTINED_FRACTION,
+    TableSource,
+    first_reason,
+    weight_out_of_bounds,
+)
 from workers.streams.quarantine import Rejects
 
 __all__ = ["MovieLensSource"]
@@ -19,7 +29,25 @@ __all__ = ["MovieLensSource"]
 _INT_RE = r"^-?[0-9]{1,18}$"  # 18 digits always fit int64; anything else takes the slow path
 _FLOAT_RE = r"^[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?$"
 _ML_COLUMNS = ("user_id", "item_id", "weight", "timestamp")  # file order: user, movie, rating, timestamp
-_ML_FILES = ("ratings.csv", "u.data")
+_INTEGER = {"user_id": True, "item_id": True, "weight": False, "timestamp": False}
+_SNIFF_BYTES = 1 << 16  # enough for the first line of any ratings file
+
+
+@dataclasses.dataclass(frozen=True)
+class _Layout:
+    """One MovieLens ratings layout: what its lines look like."""
+
+    name: str  # the file name MovieLens gives it
+    separator: str  # between the 4 fields of a line
+    text: str  # for error messages
+
+
+_CSV = _Layout(
+    "ratings.csv", ",", "ratings.csv (ml-latest, ML-20M/25M/32M: 'userId,movieId,rating,timestamp' with a header line)"
+)
+_DAT = _Layout("ratings.dat", "::", "ratings.dat (ML-1M/10M: 'UserID::MovieID::Rating::Timestamp', no header)")
+_TSV = _Layout("u.data", "\t", "u.data (ML-100K: 'user item rating timestamp' tab-separated, no header)")
+_ML_FILES = (_CSV.name, _DAT.name, _TSV.name)  # looked for in a directory, in this order
 
 
 def _parse_strings(col: pa.ChunkedArray, field: str, integer: bool) -> tuple[np.ndarray, dict[int, str]]:
@@ -50,27 +78,88 @@ def _parse_strings(col: pa.ChunkedArray, field: str, integer: bool) -> tuple[np.
     return values, problems
 
 
-def _sniff(path: Path) -> tuple[str, bool]:
-    """(delimiter, has_header) of a ratings file, from its name and first line."""
+def _layout_by_name(path: Path) -> _Layout | None:
+    """The layout a file's name implies, or None for a name MovieLens does not use."""
+    suffix = path.suffix.lower()
+    if path.name == _TSV.name or suffix in (".data", ".tsv"):
+        return _TSV
+    if suffix == ".dat":
+        return _DAT
+    if suffix == ".csv":
+        return _CSV
+    return None
+
+
+def _layout_by_content(line: str | None) -> _Layout | None:
+    """The layout a data line's separator shows, or None (no line, or no separator in it)."""
+    if line is None:
+        return None
+    if "::" in line:  # before "," and tab: a :: line may hold neither, a CSV line never holds ::
+        return _DAT
+    if "\t" in line:
+        return _TSV
+    if "," in line:
+        return _CSV
+    return None
+
+
+def _head_lines(path: Path) -> tuple[str, str | None]:
+    """(the first line, the first non-blank line or None) of a file, without BOM or line end."""
     with open(path, "rb") as f:
-        first = f.readline(1 << 16).decode("utf-8", "replace").lstrip("\ufeff").strip()
-    if path.name == "u.data" or path.suffix in (".data", ".tsv") or "\t" in first:
-        delim = "\t"
-    else:
-        delim = ","
-    head = first.split(delim)[0].strip()
-    return delim, bool(first) and re.fullmatch(r"[+-]?[0-9]+", head) is None
+        head = f.read(_SNIFF_BYTES).decode("utf-8", "replace").lstrip("\ufeff")
+    lines = head.splitlines()
+    first = lines[0].strip() if lines else ""
+    return first, next((line.strip() for line in lines if line.strip()), None)
+
+
+def _is_header(line: str, layout: _Layout) -> bool:
+    """True when ``line`` is a header: the layout's 4 fields, none of them a number.
+
+    Anything else is data, so a line read with the wrong separator is quarantined and
+    counted rather than dropped as a "header".
+    """
+    fields = [f.strip() for f in line.split(layout.separator)]
+    return len(fields) == len(_ML_COLUMNS) and not any(re.match(_FLOAT_RE, f) or re.match(_INT_RE, f) for f in fields)
+
+
+def _dat_reason(text: str) -> str:
+    """Why a ``::`` line is not 4 valid fields (for lines the ':'-split reader cannot place)."""
+    fields = text.split("::")
+    width = len(_ML_COLUMNS)
+    if len(fields) < width:
+        return f"{_ML_COLUMNS[len(fields)]}: missing (line has {len(fields)} of {width} columns)"
+    if len(fields) > width:
+        return f"row: {len(fields)} columns, expected {width}"
+    # 4 fields, but one holds a single ':' (e.g. "4:5"): no number contains one.
+    for name, value in zip(_ML_COLUMNS, fields):
+        if ":" in value:
+            return f"{name}: must be {'an integer' if _INTEGER[name] else 'a number'}, got {value.strip()!r}"
+    return "row: malformed '::' line"
 
 
 class MovieLensSource(TableSource):
     """MovieLens ratings replayed in timestamp order (stable: ties keep file order).
 
-    ``path`` is ``ratings.csv`` (header ``userId,movieId,rating,timestamp``, LF or
-    CRLF), ``u.data`` (tab-separated ``user item rating timestamp``, no header) or a
-    directory holding one of them; columns are taken by position. IDs are ints,
-    weight is the rating, timestamp is unix seconds. ``min_weight`` drops rows with
-    a lower rating before offsets are assigned; ``num_events`` caps the stream.
-    Quarantine ``row`` is the 1-based line number; blank lines are skipped silently.
+    ``path`` is a ratings file or a directory holding ``ratings.csv``, ``ratings.dat`` or
+    ``u.data`` (looked for in that order). Three layouts, all with the fields user,
+    movie, rating, timestamp (unix seconds) taken by position, LF or CRLF line ends:
+
+    - ``ratings.csv`` (ml-latest(-small), ML-20M/25M/32M): comma-separated, header line;
+    - ``ratings.dat`` (ML-1M, ML-10M): ``UserID::MovieID::Rating::Timestamp``, no header;
+    - ``u.data`` (ML-100K): tab-separated, no header.
+
+    The layout is detected from the first non-blank line (``::``, else a tab, else a
+    comma), falling back to the file name (``*.dat``, ``u.data``/``*.data``/``*.tsv``,
+    ``*.csv``) when the line shows no separator. The first line is a header, and
+    skipped, only when it splits into the layout's 4 fields and none is a number.
+
+    IDs are int64, ``weight`` is the rating (float32) and every event has
+    ``event_type="rating"``, so the model's rating rule (``ModelConfig.ratings``) decides
+    what it teaches. A row that cannot be an event is quarantined: a wrong number of
+    fields, a non-numeric, non-finite or negative-timestamp value, or (with ``model``) a
+    rating the model cannot train (``ModelConfig.weight_problem``). ``min_weight`` then
+    drops rows with a lower rating before offsets are assigned; ``num_events`` caps the
+    stream. Quarantine ``row`` is the 1-based line number; blank lines are skipped silently.
     """
 
     def __init__(
@@ -80,26 +169,48 @@ class MovieLensSource(TableSource):
         min_weight: float | None = None,
         quarantine_path: str | Path | None = None,
         num_events: int | None = None,
+        model: ModelConfig | None = None,
+        max_quarantined_fraction: float = MAX_QUARANTINED_FRACTION,
     ):
+        """Load and validate the ratings file at ``path``.
+
+        Raises:
+            FileNotFoundError: ``path`` does not exist, or is a directory without a ratings file.
+            ValueError: the file cannot be parsed at all, or ``num_events`` < 0.
+            workers.streams.base.StreamDataError: (a ``ValueError``) the file yields no
+                events, or more than ``max_quarantined_fraction`` (default 0.5) of its
+                rows are quarantined; the message names the file, the layout expected
+                from its name and the one detected, and the counts.
+        """
         file = self._locate(Path(path))
         self.path = file
         source = str(file)
-        delim, header = _sniff(file)
+        first, first_data = _head_lines(file)
+        expected, detected = _layout_by_name(file), _layout_by_content(first_data)
+        layout = detected or expected or _CSV
+        header = _is_header(first, layout)
+        dat = layout is _DAT
         invalid: list[tuple[int, int, str]] = []
 
         def on_invalid(row: pacsv.InvalidRow) -> str:
             invalid.append((row.number if row.number is not None else -1, row.actual_columns, row.text))
             return "skip"
 
-        if file.stat().st_size == 0:  # an empty file is an empty stream, not a parse error
-            table = pa.table({c: pa.array([], pa.string()) for c in _ML_COLUMNS})
+        # pyarrow's CSV reader takes one-character delimiters only, so a '::' file is read
+        # split on ':': "1::10::4.0::300" is 7 columns, the odd ones empty. Lines that are
+        # not (a ':' inside a field, too few or too many fields) are caught below.
+        names = [f"c{k}" for k in range(7)] if dat else list(_ML_COLUMNS)
+        if file.stat().st_size == 0:  # pyarrow refuses an empty input; this is a stream with no rows
+            table = pa.table({c: pa.array([], pa.string()) for c in names})
         else:
-            table = self._read_strings(file, delim, header, on_invalid)
+            table = self._read_strings(file, layout, names, header, on_invalid)
 
         rejects = Rejects()
         width = len(_ML_COLUMNS)
         for number, actual, text in invalid:
-            if actual < width:
+            if dat:
+                reason = _dat_reason(text)
+            elif actual < width:
                 reason = f"{_ML_COLUMNS[actual]}: missing (line has {actual} of {width} columns)"
             else:
                 reason = f"row: {actual} columns, expected {width}"
@@ -107,31 +218,52 @@ class MovieLensSource(TableSource):
 
         # Table rows fill the physical lines not claimed by invalid rows, in order.
         first_line = 2 if header else 1
-        claimed = np.array([n for n, _, _ in invalid], dtype=np.int64)
-        lines = np.setdiff1d(np.arange(first_line, first_line + table.num_rows + len(invalid)), claimed)
+        span = np.arange(first_line, first_line + table.num_rows + len(invalid))
+        claimed = np.array([n for n, _, _ in invalid], dtype=np.int64) - first_line
+        free = np.ones(len(span), dtype=bool)
+        free[claimed[(claimed >= 0) & (claimed < len(span))]] = False  # a mask, not setdiff1d: no sort of 10M lines
+        lines = span[free]
         if len(lines) != table.num_rows:  # e.g. quoted fields spanning lines: line numbers are unknowable
             lines = np.full(table.num_rows, -1, dtype=np.int64)
 
-        cols = {c: table[c] for c in _ML_COLUMNS}
+        if dat:
+            cols = dict(zip(_ML_COLUMNS, (table["c0"], table["c2"], table["c4"], table["c6"])))
+            seps = [table["c1"], table["c3"], table["c5"]]
+        else:
+            cols = {c: table[c] for c in _ML_COLUMNS}
+            seps = []
         blank = np.ones(table.num_rows, dtype=bool)
-        for c in _ML_COLUMNS:
-            blank &= pc.utf8_length(cols[c]).to_numpy() == 0
+        for c in [*cols.values(), *seps]:
+            blank &= pc.utf8_length(c).to_numpy() == 0
         users, pu = _parse_strings(cols["user_id"], "user_id", True)
         items, pi = _parse_strings(cols["item_id"], "item_id", True)
         stamps, pt = _parse_strings(cols["timestamp"], "timestamp", False)
         weights, pw = _parse_strings(cols["weight"], "weight", False)
-        bad = np.zeros(table.num_rows, dtype=bool)
+        # A 7-column line with text between single ':'s ("1:x:10::4::5") is not 4 '::' fields.
+        split_wrong = np.zeros(table.num_rows, dtype=bool)
+        for c in seps:
+            split_wrong |= pc.utf8_length(c).to_numpy() > 0
+        bad = split_wrong.copy()
         for problems in (pu, pi, pt, pw):
             bad[list(problems)] = True
-        bad |= ~np.isfinite(stamps) | (stamps < 0) | ~np.isfinite(weights)
+        bad |= ~np.isfinite(stamps) | (stamps < 0) | ~np.isfinite(weights) | weight_out_of_bounds(weights, model)
         bad &= ~blank
         bad_idx = np.flatnonzero(bad)
         if bad_idx.size:
-            raw_cols = [cols[c].take(pa.array(bad_idx)).to_pylist() for c in _ML_COLUMNS]
+            raw_names = names if dat else list(_ML_COLUMNS)  # a '::' line is rebuilt exactly from its 7 parts
+            raw_cols = [table[c].take(pa.array(bad_idx)).to_pylist() for c in raw_names]
+            joiner = ":" if dat else layout.separator
             for k, idx in enumerate(bad_idx.tolist()):
-                reason = first_reason(idx, [pu, pi, pt, pw], (users, items, stamps, weights))
-                rejects.add(source, lines[idx], reason, delim.join(col[k] for col in raw_cols))
+                raw = joiner.join(col[k] for col in raw_cols)
+                if split_wrong[idx]:
+                    reason = _dat_reason(raw)
+                else:
+                    reason = first_reason(idx, [pu, pi, pt, pw], (users, items, stamps, weights), model)
+                rejects.add(source, lines[idx], reason, raw)
         keep = ~bad & ~blank
+        n_keep = int(keep.sum())
+        # One dictionary entry, int8 codes: 1 byte per event instead of a string each.
+        types = pa.DictionaryArray.from_arrays(pa.array(np.zeros(n_keep, np.int8)), pa.array([RATING], pa.string()))
         super().__init__(
             users[keep],
             items[keep],
@@ -139,27 +271,58 @@ class MovieLensSource(TableSource):
             weights[keep].astype(np.float32),
             rejects,
             [source],
+            event_types=types,
             min_weight=min_weight,
             num_events=num_events,
             quarantine_path=quarantine_path,
             sort_by_time=True,
+            label=source,
+            layout=self._layout_text(file, expected, detected, layout, first_data),
+            max_quarantined_fraction=max_quarantined_fraction,
         )
 
     @staticmethod
-    def _read_strings(file: Path, delim: str, header: bool, on_invalid: Callable[[pacsv.InvalidRow], str]) -> pa.Table:
+    def _layout_text(
+        file: Path, expected: _Layout | None, detected: _Layout | None, used: _Layout, first_data: str | None
+    ) -> str:
+        """What the file was read as, what its name led to expect and what its content showed."""
+        if expected is not None:
+            exp = f"expected {expected.text} from the file name"
+        else:
+            exp = f"the file name {file.name!r} implies no layout"
+        if detected is not None:
+            det = f"detected {detected.text} from the first line"
+        elif first_data is None:
+            det = "detected nothing (no non-blank line)"
+        else:
+            det = f"detected no separator in the first line {first_data[:80]!r}"
+        return f"Read as {used.name}: {exp}; {det}."
+
+    @staticmethod
+    def _read_strings(
+        file: Path, layout: _Layout, names: list[str], header: bool, on_invalid: Callable[[pacsv.InvalidRow], str]
+    ) -> pa.Table:
+        dat = layout is _DAT
         try:
             return pacsv.read_csv(
                 file,
                 # Single-threaded so InvalidRow.number is the physical line number.
-                read_options=pacsv.ReadOptions(column_names=list(_ML_COLUMNS), skip_rows=int(header), use_threads=False),
-                parse_options=pacsv.ParseOptions(delimiter=delim, invalid_row_handler=on_invalid, ignore_empty_lines=False),
+                read_options=pacsv.ReadOptions(column_names=names, skip_rows=int(header), use_threads=False),
+                parse_options=pacsv.ParseOptions(
+                    delimiter=":" if dat else layout.separator,
+                    # MovieLens never quotes a rating line; in a '::' file a stray quote must
+                    # not swallow the following lines.
+                    quote_char=False if dat else '"',
+                    invalid_row_handler=on_invalid,
+                    ignore_empty_lines=False,
+                ),
                 # Strings first: one bad value must reject its row, not the whole file.
                 convert_options=pacsv.ConvertOptions(
-                    column_types={c: pa.string() for c in _ML_COLUMNS}, strings_can_be_null=False, null_values=[]
+                    column_types={c: pa.string() for c in names}, strings_can_be_null=False, null_values=[]
                 ),
             )
         except pa.ArrowInvalid as e:
-            raise ValueError(f"{file}: cannot parse as a ratings file: {e}") from None
+            raise ValueError(f"{file}: cannot parse as {layout.text}: {e}") from None
 
     @staticmethod
     def _locate(path: Path) -> Path:

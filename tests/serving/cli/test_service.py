@@ -1,21 +1,74 @@
-"""The ``freshet`` command line as a user runs it: real subprocesses, a real Ray head
-started by ``freshet up`` and stopped by ``freshet down`` (by PID, never a host-wide
-``ray stop``), real HTTP on 127.0.0.1.
+"""The ``freshet`` command line as a user runs it: real subprocesses, a real Ray head started by
+``freshet up`` and stopped by ``freshet down`` (by its processes, never a host-wide ``ray stop``),
+real HTTP on 127.0.0.1.
+
+* Secure by default: ``freshet up`` with no ``ray:`` settings starts its head with token auth;
+  every socket its processes listen on is on loopback or refuses a client without the token.
+  It coexists with a plain ``ray.init()`` cluster on the host and ``down`` leaves that running.
+* All-or-nothing: a failed ``up`` (a trainer that cannot start) removes what it started, on its
+  own head and on a joined cluster, and the next ``up`` works; ``down`` after an ``up`` that was
+  killed half-way removes the head from the partial state file.
+* Config refusals: a non-loopback ``serving.host`` without ``serving.auth_token`` never starts;
+  ``ray.auth: disabled`` warns.
+* Checkpoints: save, restore into a fresh deployment that ranks exactly as at save time.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
+import subprocess
+import sys
+import tempfile
+import textwrap
 import time
+import uuid
+from pathlib import Path
 
 import httpx
 import pytest
 import yaml
-from tests.conftest import free_port
-from tests.serving.cli.helpers import freshet
+
+from serving.ray_head import (
+    HeadInfo,
+    client_env,
+    head_pids,
+    listening_sockets,
+    start_head,
+    stop_head,
+)
+from tests.conftest import free_port, wait_for
+from tests.serving.cli.helpers import REPO, cli_env, freshet, freshet_popen
+from tests.serving.test_ray_head import RAY_DEFAULT_PORTS, refuses_without_token
+
+TOKEN = "cli-test-token-93e1"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
 
 
+def _config(tmp_path: Path, name: str = "freshet.yaml", **sections) -> Path:
+    conf = {
+        "namespace": f"clitest-{uuid.uuid4().hex[:6]}",
+        "ps": {"tables": {"user": {"dim": 8}, "item": {"dim": 8}}},
+        "trainer": {"batch_size": 32},
+        "ingest": {"dir": str(tmp_path / "data")},
+        "serving": {"port": free_port()},
+    }
+    for key, value in sections.items():
+        conf[key] = {**conf.get(key, {}), **value} if isinstance(value, dict) else value
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(conf))
+    return path
+
+
+def _state(cfg: Path) -> dict | None:
+    conf = yaml.safe_load(cfg.read_text())
+    ingest = conf["ingest"]
+    p = Path(ingest.get("state_dir") or ingest["dir"]) / "freshet-up.json"
+    with contextlib.suppress(FileNotFoundError, json.JSONDecodeError):
+        return json.loads(p.read_text())
+    return None
 
 
 def _wait_applied(url: str, accepted: int, timeout_s: float = 90.0) -> dict:
@@ -32,26 +85,107 @@ def _rankings(url: str, users) -> list:
     return [httpx.post(url + "/rank", json={"user_id": u, "k": 5}, timeout=10).json()["items"] for u in users]
 
 
-def test_up_ckpt_down_restore_reproduces_rankings(tmp_path):
+def _named_actors(head: HeadInfo, namespace: str) -> list[str]:
+    """Named actors of ``namespace`` on ``head``, listed by a driver with the head's token."""
+    script = (f"import json, ray; ray.init(address={head.address!r}, namespace={namespace!r}, log_to_driver=False); "
+              "print(json.dumps(sorted(ray.util.list_named_actors())))")
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60,
+                         env=cli_env(client_env(head)), cwd=REPO, check=False)
+    assert run.returncode == 0, run.stderr[-3000:]
+    return json.loads(run.stdout.strip().splitlines()[-1])
+
+
+def _assert_gone(head: HeadInfo, seen: set[int]) -> None:
+    assert head_pids(head) == [], f"processes of the head still alive: {head_pids(head)}"
+    alive = [p for p in seen if Path(f"/proc/{p}").exists()
+             and Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()[0] not in ("Z", "X")]
+    assert not alive, f"still alive: {alive}"
+
+
+def _haproxy_listeners(head: HeadInfo) -> list:
+    """Listening sockets of the HAProxy processes of ``head`` (Serve's high-throughput mode)."""
+    def is_haproxy(pid: int) -> bool:
+        with contextlib.suppress(OSError):
+            return Path(Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].decode()).name == "haproxy"
+        return False
+
+    return listening_sockets([p for p in head_pids(head) if is_haproxy(p)])
+
+
+def _assert_secure(head: HeadInfo) -> None:
+    """Token auth on, private token file, ports of its own, and every socket beyond loopback refusing
+    a client without the token (connecting through 127.0.0.1 only)."""
+    assert head.auth and head.token_path
+    assert Path(head.token_path).stat().st_mode & 0o077 == 0, "the token file must be private"
+    named = {k: p for k, p in head.ports.items() if k not in ("min_worker", "max_worker")}
+    assert not set(named.values()) & RAY_DEFAULT_PORTS, named
+    token = Path(head.token_path).read_text().strip()
+    listeners = listening_sockets(head_pids(head))
+    assert set(named.values()) <= {s.port for s in listeners}
+    exposed = [s for s in listeners if not s.is_loopback]
+    failures = []
+    for s in exposed:
+        ok, why = refuses_without_token(s.port, token)
+        print(f"beyond loopback: {s} -> {why}")  # Ray 2.60: each Serve replica's gRPC server on [::]
+        if not ok:
+            failures.append(f"{s}: {why}")
+    assert not failures, "listeners beyond loopback that accept a client without the token:\n" + "\n".join(failures)
+    ok, why = refuses_without_token(head.ports["gcs"], token)  # the check itself detects auth
+    assert ok, why
+
+
+@pytest.fixture
+def plain_ray():
+    """Another Ray on the host: a plain ``ray.init()`` cluster (Ray's default ports) kept alive by a
+    driver subprocess that runs a task per line it reads; yields a function that asks for one."""
+    script = textwrap.dedent("""
+        import sys, ray
+        ray.init(num_cpus=1, include_dashboard=False, _temp_dir=sys.argv[1], log_to_driver=False)
+        print("ready", flush=True)
+        inc = ray.remote(lambda x: x + 1)
+        for line in sys.stdin:
+            print(ray.get(inc.remote(int(line))), flush=True)
+    """)
+    tmp = tempfile.mkdtemp(prefix="frpl", dir="/tmp")
+    proc = subprocess.Popen([sys.executable, "-c", script, tmp], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL, text=True, env=cli_env({"RAY_AUTH_MODE": "disabled"}))
+    try:
+        assert proc.stdout.readline().strip() == "ready"
+
+        def task(x: int) -> int:
+            proc.stdin.write(f"{x}\n")
+            proc.stdin.flush()
+            return int(proc.stdout.readline())
+
+        assert task(1) == 2
+        yield task
+    finally:
+        proc.stdin.close()
+        try:
+            proc.wait(timeout=60)  # ray.init's cluster goes with its driver
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def test_up_secure_by_default_ckpt_down_restore(tmp_path, plain_ray):
     # The first deployment keeps its ingest log behind a file:// URI (the object-per-append
     # layout a shared store gets) and its state in a separate local state_dir; the
     # restored one uses a plain local ingest.dir for both.
-    port = free_port()
     log = tmp_path / "log"
     state = tmp_path / "data"
-    cfg = tmp_path / "freshet.yaml"
-    cfg.write_text(yaml.safe_dump({
-        "namespace": "clitest",
-        "ps": {"tables": {"user": {"dim": 8}, "item": {"dim": 8}}},
-        "trainer": {"batch_size": 32},
-        "ingest": {"dir": log.as_uri(), "state_dir": str(state)},
-        "serving": {"port": port},
-    }))
+    cfg = _config(tmp_path, ingest={"dir": log.as_uri(), "state_dir": str(state)})
+    port = yaml.safe_load(cfg.read_text())["serving"]["port"]
     url = f"http://127.0.0.1:{port}"
-    ray_port = str(free_port())
-    up = freshet("up", "--config", str(cfg), "--ray-port", ray_port)
+    up = freshet("up", "--config", str(cfg))
     assert up.returncode == 0, up.stdout + up.stderr
+    recorded = _state(cfg)
     try:
+        assert recorded["phase"] == "up" and recorded["started_ray"] and recorded["url"] == url, recorded
+        head = HeadInfo.model_validate(recorded["head"])
+        assert "Ray token auth on" in up.stdout
+        _assert_secure(head)
+        assert plain_ray(41) == 42  # the other cluster is unaffected
+
         users = [f"u{i}" for i in range(6)]
         events = [{"user_id": u, "item_id": (i * 7 + j) % 23, "timestamp": 1.7e9 + i * 10 + j}
                   for i, u in enumerate(users) for j in range(8)]
@@ -66,6 +200,7 @@ def test_up_ckpt_down_restore_reproduces_rankings(tmp_path):
         before = _rankings(url, users)
         assert all(items for items in before)
 
+        # ckpt connects to the head with the token recorded in the state file.
         save = freshet("ckpt", "--config", str(cfg), "save", "first")
         assert save.returncode == 0, save.stderr
         listed = freshet("ckpt", "--config", str(cfg), "list")
@@ -75,26 +210,41 @@ def test_up_ckpt_down_restore_reproduces_rankings(tmp_path):
         more = [{"user_id": u, "item_id": 100 + j} for u in users for j in range(5)]
         assert httpx.post(url + "/events", json={"events": more}, timeout=30).status_code == 200
         _wait_applied(url, len(events) + len(more))
-        assert sorted(os.listdir(log / "ingest"))[1:] == [f"segment-{0:020d}.arrows", f"segment-{len(events):020d}.arrows"]
+        # META.json: the checkpoint pinned the events after it against retention.
+        assert sorted(os.listdir(log / "ingest")) == [
+            "LOG_ID", "META.json", f"segment-{0:020d}.arrows", f"segment-{len(events):020d}.arrows"]
+        pins = httpx.get(url + "/stats", timeout=30).json()["ingest"]["pins"]
+        assert pins == {"latest-checkpoint": {"0": len(events)}}, pins
         assert _rankings(url, users) != before
+        seen = set(head_pids(head))
     finally:
         down = freshet("down", "--config", str(cfg))
-    assert down.returncode == 0, down.stderr
+    assert down.returncode == 0, down.stdout + down.stderr
+    assert "Ray head" in down.stdout and _state(cfg) is None
+    _assert_gone(head, seen)
     with pytest.raises(httpx.HTTPError):
         httpx.get(url + "/healthz", timeout=3)
+    assert plain_ray(1) == 2, "down must leave the other Ray cluster running"
 
     # A fresh deployment (new data dir, empty ingest log) restored from the checkpoint
-    # ranks exactly as the service did when the checkpoint was saved.
-    fresh = tmp_path / "fresh.yaml"
+    # ranks exactly as the service did when the checkpoint was saved, here in Serve's
+    # high-throughput mode: `up` gives the head HAProxy's environment.
     conf = yaml.safe_load(cfg.read_text())
     conf["ingest"] = {"dir": str(tmp_path / "fresh-data")}
+    conf["serving"]["high_throughput"] = True
+    fresh = tmp_path / "fresh.yaml"
     fresh.write_text(yaml.safe_dump(conf))
     ckpt = state / "ps" / "checkpoints" / "first"
     saved = json.loads((ckpt / "trainers.json").read_text())["trainers"]
     assert saved[0]["source_id"] == "ingest:" + (log / "ingest" / "LOG_ID").read_text().strip()
-    restore = freshet("ckpt", "--config", str(fresh), "restore", str(ckpt), "--ray-port", str(free_port()))
+    gcs = free_port()
+    restore = freshet("ckpt", "--config", str(fresh), "restore", str(ckpt), "--ray-port", str(gcs))
     assert restore.returncode == 0, restore.stdout + restore.stderr
     try:
+        assert _state(fresh)["address"] == f"127.0.0.1:{gcs}"
+        fresh_head = HeadInfo.model_validate(_state(fresh)["head"])
+        hap = _haproxy_listeners(fresh_head)
+        assert port in {s.port for s in hap} and all(s.is_loopback for s in hap), hap
         assert _rankings(url, users) == before
         # The fresh log's events train normally (its producer ids differ from the old log's).
         new = [{"user_id": "u0", "item_id": 500 + j} for j in range(6)]
@@ -102,5 +252,166 @@ def test_up_ckpt_down_restore_reproduces_rankings(tmp_path):
         stats = _wait_applied(url, len(new))
         assert stats["events_accepted"] == stats["events_applied"] == len(new)
         assert _rankings(url, ["u0"]) != before[:1]
+        seen = set(head_pids(fresh_head))
     finally:
         assert freshet("down", "--config", str(fresh)).returncode == 0
+    _assert_gone(fresh_head, seen)  # HAProxy included
+    assert plain_ray(2) == 3
+
+
+def _up_watching(cfg: Path, *args: str, until_phase: str | None = None) -> tuple[subprocess.Popen, dict, set]:
+    """Run ``freshet up --config CFG ARGS`` while reading its state file: ``(process, last state seen
+    with a head, every pid of that head seen)``. With ``until_phase``, return as soon as the state
+    reaches it (the process still running); else once the process has exited."""
+    proc = freshet_popen("up", "--config", str(cfg), *args)
+    last: dict = {}
+    seen: set[int] = set()
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline:
+        st = _state(cfg)
+        if st and st.get("head"):
+            last = st
+            seen |= set(head_pids(HeadInfo.model_validate(st["head"])))
+            if until_phase and st.get("phase") == until_phase:
+                return proc, last, seen
+        if proc.poll() is not None:
+            return proc, last, seen
+        time.sleep(0.1)
+    proc.kill()
+    raise AssertionError("freshet up did not finish in time")
+
+
+def test_failed_or_killed_up_leaves_nothing_behind(tmp_path):
+    # 1. An `up` killed half-way (its deployment starting) leaves a partial state file; `down` removes
+    #    the head it names, and everything on it.
+    cfg = _config(tmp_path)
+    proc, partial, seen = _up_watching(cfg, until_phase="deploying")
+    assert proc.poll() is None and partial["phase"] == "deploying", partial
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    head = HeadInfo.model_validate(partial["head"])
+    assert head_pids(head), "the head outlives the killed `up`"
+    down = freshet("down", "--config", str(cfg))
+    assert down.returncode == 0, down.stdout + down.stderr
+    assert "Ray head" in down.stdout and _state(cfg) is None
+    _assert_gone(head, seen)
+
+    # 2. A trainer that cannot start: `up` fails naming the step and the cause, removes its head, and
+    #    says so. With `ray.auth: disabled` it warns first.
+    bad = _config(tmp_path, "bad.yaml", ray={"auth": "disabled"},
+                  stream={"kind": "movielens", "path": str(tmp_path / "no-such-ratings.csv")})
+    proc, partial, seen = _up_watching(bad, "--keep-stream")  # --keep-stream: train on the configured stream
+    out = proc.stdout.read()
+    assert proc.returncode == 1, out
+    assert "token authentication is OFF" in out and "ray.auth: disabled" in out
+    assert "failed while starting the deployment" in out and "no-such-ratings.csv" in out, out
+    assert "nothing it started is left running" in out
+    assert partial and not partial["head"]["auth"], "the head with auth disabled was recorded before deploying"
+    _assert_gone(HeadInfo.model_validate(partial["head"]), seen)
+    assert _state(bad) is None
+
+
+def test_non_loopback_host_without_token_never_starts(tmp_path):
+    cfg = _config(tmp_path, serving={"host": "0.0.0.0"})
+    t0 = time.monotonic()
+    up = freshet("up", "--config", str(cfg))
+    assert up.returncode == 2, up.stdout + up.stderr
+    for field in ("serving.host", "serving.auth_token", "serving.allow_unauthenticated"):
+        assert field in up.stderr, up.stderr
+    assert _state(cfg) is None and not (tmp_path / "data").exists()
+    assert time.monotonic() - t0 < 30  # refused at config load, before any Ray
+
+
+@pytest.fixture
+def other_head():
+    """A Ray cluster ``freshet up --address`` joins: a loopback head with token auth."""
+    d = tempfile.mkdtemp(prefix="frjoin", dir="/tmp")
+    info = start_head(d, num_cpus=2, timeout_s=60)
+    try:
+        yield info
+    finally:
+        with contextlib.suppress(Exception):
+            stop_head(info)
+
+
+def test_up_on_a_joined_cluster_is_all_or_nothing_and_guards_reads_off_loopback(tmp_path, other_head):
+    join = client_env(other_head)  # the cluster's own settings: its token
+    ns = f"clijoin-{uuid.uuid4().hex[:6]}"
+    bad = _config(tmp_path, "bad.yaml", namespace=ns, stream={"kind": "movielens", "path": "/no/such/ratings.csv"})
+    up = freshet("up", "--config", str(bad), "--address", other_head.address, "--keep-stream", extra_env=join)
+    assert up.returncode == 1 and "failed while starting the deployment" in up.stderr, up.stdout + up.stderr
+    assert _state(bad) is None
+    assert _named_actors(other_head, ns) == [], "a failed `up` left actors behind"
+    assert head_pids(other_head), "a failed `up` must not touch a cluster it joined"
+
+    # The next `up` in the same namespace works (no "ps-shard-0 is already taken"). Listening on all
+    # interfaces with a token: reads need the token too. In high-throughput mode, which `up` hands
+    # to the joined cluster's Serve controller (run_app's controller_options).
+    good = _config(tmp_path, "good.yaml", namespace=ns,
+                   serving={"host": "0.0.0.0", "auth_token": TOKEN, "high_throughput": True})
+    port = yaml.safe_load(good.read_text())["serving"]["port"]
+    url = f"http://127.0.0.1:{port}"
+    up = freshet("up", "--config", str(good), "--address", other_head.address, extra_env=join)
+    try:
+        assert up.returncode == 0, up.stdout + up.stderr
+        assert "joined cluster's own auth" in up.stdout
+        st = _state(good)
+        assert st["phase"] == "up" and not st["started_ray"] and st["head"] is None
+        assert set(_named_actors(other_head, ns)) >= {"ps-shard-0", "ps-shard-1", "ingest-log", "trainer-0"}
+        hap = _haproxy_listeners(other_head)
+        assert port in {s.port for s in hap}, hap  # HAProxy serves the app
+        assert all(s.is_loopback for s in hap if s.port != port), hap  # its stats and metrics: loopback
+        calls = (("/events", {"events": [{"user_id": "x", "item_id": i} for i in range(3)]}),
+                 ("/rank", {"user_id": "x", "k": 2}), ("/score", {"user_id": "x", "item_ids": [1]}))
+        for path, body in calls:
+            r = httpx.post(url + path, json=body, timeout=30)
+            assert r.status_code == 401 and r.headers["www-authenticate"] == "Bearer", (path, r.text)
+        for path, body in calls:
+            r = httpx.post(url + path, json=body, headers=AUTH, timeout=30)
+            assert r.status_code == 200, (path, r.text)
+            if path == "/events":
+                wait_for(lambda: httpx.get(url + "/stats", timeout=10).json()["events_applied"] == 3, 30,
+                         "the trainer to apply the events")
+        assert httpx.get(url + "/healthz", timeout=10).status_code == 200  # probes stay open
+
+        # Another `up` (another state dir) into the same namespace refuses, and removes nothing of this one.
+        rival = _config(tmp_path, "rival.yaml", namespace=ns, ingest={"dir": str(tmp_path / "rival-data")})
+        up = freshet("up", "--config", str(rival), "--address", other_head.address, extra_env=join)
+        assert up.returncode == 1 and "already has actors" in up.stderr, up.stdout + up.stderr
+        assert _state(rival) is None
+        assert httpx.get(url + "/healthz", timeout=10).status_code == 200
+    finally:
+        down = freshet("down", "--config", str(good), extra_env=join)
+    assert down.returncode == 0, down.stdout + down.stderr
+    assert _named_actors(other_head, ns) == []
+    assert head_pids(other_head), "`down` must not stop a cluster `up` only joined"
+    assert _haproxy_listeners(other_head) == []
+    wait_for(lambda: _refused(url), 30, "the app to stop answering")
+
+
+def _refused(url: str) -> bool:
+    try:
+        httpx.get(url + "/healthz", timeout=3)
+    except httpx.HTTPError:
+        return True
+    return False
+
+
+def test_down_removes_a_head_recorded_by_an_older_freshet_up(tmp_path):
+    # An older `up` wrote no version, phase or head, only the temp dir of a `ray start` that did not
+    # block; `down` finds that Ray's processes by the temp dir on their command lines. A stand-in
+    # process plays the Ray (no address: there is nothing to connect to).
+    ray_dir = tempfile.mkdtemp(prefix="frup", dir="/tmp")
+    stand_in = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)", f"--temp-dir={ray_dir}"])
+    try:
+        cfg = _config(tmp_path)
+        (tmp_path / "data").mkdir()
+        (tmp_path / "data" / "freshet-up.json").write_text(json.dumps(
+            {"namespace": "old", "config": str(cfg), "started_ray": True, "ray_dir": ray_dir, "address": None}))
+        down = freshet("down", "--config", str(cfg))
+        assert down.returncode == 0, down.stdout + down.stderr
+        assert f"Ray head in {ray_dir} (1 process)" in down.stdout
+        assert stand_in.wait(timeout=30) is not None and _state(cfg) is None
+    finally:
+        if stand_in.poll() is None:
+            stand_in.kill()

@@ -8,8 +8,23 @@ import numpy as np
 import pytest
 
 from tests.conftest import MOVIELENS
-from tests.workers.streams.helpers import ML_LINES, _write, rows
-from workers.streams import QUARANTINE_SCHEMA, MovieLensSource, read_quarantine
+from tests.workers.streams.helpers import (
+    EVENT_TYPES,
+    ML_DAT_LINES,
+    ML_LINES,
+    _write,
+    event,
+    keys,
+    rows,
+)
+from workers.config import ModelConfig
+from workers.streams import (
+    QUARANTINE_SCHEMA,
+    MovieLensSource,
+    StreamDataError,
+    read_quarantine,
+)
+
 
 def test_movielens_crlf_and_lf_agree_and_are_time_ordered(tmp_path):
     lf = MovieLensSource(_write(tmp_path / "lf" / "ratings.csv", ML_LINES))
@@ -23,10 +38,29 @@ def test_movielens_crlf_and_lf_agree_and_are_time_ordered(tmp_path):
     assert list(zip(d["user_id"], d["item_id"])) == [(3, 13), (1, 11), (2, 12), (2, 10), (1, 10)]
     assert d["weight"] == [4.5, 2.5, 3.0, 5.0, 4.0]
     assert d["offset"] == [0, 1, 2, 3, 4]
-    assert [str(t) for t in a.schema.types] == ["int64", "int64", "int64", "double", "float", "double"]
+    assert d["user_key"] == keys(d["user_id"]) and d["item_key"] == keys(d["item_id"])
+    assert d["event_id"] == [None] * 5
+    assert [str(t) for t in a.schema.types] == EVENT_TYPES
     assert rows(lf.read(1, 2)) == {k: v[1:3] for k, v in d.items()}
     assert lf.read(5, 10).num_rows == 0
     assert lf.quarantined == 0
+
+
+def test_movielens_events_are_ratings_the_model_rule_reads(tmp_path):
+    from workers.model import signals
+
+    src = MovieLensSource(_write(tmp_path / "ratings.csv", ML_LINES))
+    b = src.read(0, 100)
+    d = rows(b)
+    assert d["event_type"] == ["rating"] * 5
+    # Weights [4.5, 2.5, 3.0, 5.0, 4.0] through the default rule (positive at >= 4 of 5,
+    # lower ratings ignored): typed as ratings, a 2.5 is no positive; untyped, it would be one.
+    conf, positive, dislike = signals(b.column("weight").to_numpy(), d["event_type"], ModelConfig())
+    assert positive.tolist() == [True, False, False, True, True]
+    assert not dislike.any()
+    assert conf[positive].tolist() == pytest.approx([0.9, 1.0, 0.8])
+    _, untyped_positive, _ = signals(b.column("weight").to_numpy(), None, ModelConfig())
+    assert untyped_positive.all()
 
 
 def test_movielens_min_weight_and_cap(tmp_path):
@@ -35,9 +69,11 @@ def test_movielens_min_weight_and_cap(tmp_path):
     d = rows(src.read(0, 100))
     assert d["weight"] == [4.5, 5.0, 4.0]
     assert d["offset"] == [0, 1, 2]  # dense over kept rows
+    assert d["event_type"] == ["rating"] * 3
     capped = MovieLensSource(f, num_events=2)
     assert capped.end_offset == 2
     assert rows(capped.read(0, 100))["item_id"] == [13, 11]
+    assert MovieLensSource(f, num_events=0).end_offset == 0  # empty by request, not an error
 
 
 def test_movielens_u_data(tmp_path):
@@ -52,14 +88,136 @@ def test_movielens_u_data(tmp_path):
     assert rows(other.read(0, 100)) == rows(ref.read(0, 100))
 
 
-def test_movielens_lenient_numbers_and_empty_file(tmp_path):
+@pytest.mark.parametrize("eol", ["\n", "\r\n"])
+def test_movielens_ratings_dat_file_and_directory(tmp_path, eol):
+    ref = rows(MovieLensSource(_write(tmp_path / "ref" / "ratings.csv", ML_LINES)).read(0, 100))
+    dat = _write(tmp_path / "ml-1m" / "ratings.dat", ML_DAT_LINES, eol)
+    (tmp_path / "ml-1m" / "movies.dat").write_text("1::Toy Story (1995)::Animation\n")  # not the ratings
+    for src in (MovieLensSource(dat), MovieLensSource(tmp_path / "ml-1m")):
+        assert src.path == dat
+        assert src.end_offset == 5 and src.quarantined == 0
+        assert rows(src.read(0, 100)) == ref
+    # Detected by content: '::' lines under any name, spaces around fields allowed.
+    spaced = [line.replace("::", " :: ") for line in ML_DAT_LINES]
+    assert rows(MovieLensSource(_write(tmp_path / "ratings.txt", spaced, eol)).read(0, 100)) == ref
+
+
+def test_movielens_ml_1m_lines_are_all_events(tmp_path):
+    # The report: these 4 lines used to give 0 events (the first dropped as a "header",
+    # the rest quarantined as "line has 1 of 4 columns") and a run that trained nothing.
+    lines = ["1::1193::5::978300760", "1::661::3::978302109", "1::914::3::978301968", "1::3408::4::978300275"]
+    q = tmp_path / "q.arrow"
+    src = MovieLensSource(_write(tmp_path / "ratings.dat", lines), quarantine_path=q)
+    assert src.end_offset == 4 and src.quarantined == 0
+    d = rows(src.read(0, 10))
+    assert d["item_id"] == [3408, 1193, 914, 661]  # timestamp order
+    assert d["weight"] == [4.0, 5.0, 3.0, 3.0]
+    assert d["timestamp"] == [978300275.0, 978300760.0, 978301968.0, 978302109.0]
+    assert d["event_type"] == ["rating"] * 4
+    assert not q.exists()  # nothing rejected, nothing written
+
+
+def test_movielens_ratings_dat_quarantine_has_exact_lines(tmp_path):
+    lines = [
+        "1::10::4.0::300",  # line 1
+        "1:x:10::4::5",  # line 2: single ':'s, so 3 '::' fields
+        "2::3::4",  # line 3: timestamp missing
+        "",  # line 4: blank, skipped silently
+        "1::10::4:5::300",  # line 5: a ':' inside the rating
+        "1::10::4::300::9",  # line 6: 5 fields
+        "2::12::3.0::100",  # line 7
+        '"3::13::4.5::50',  # line 8: a stray quote must not swallow the next lines
+        "4::14::1.0::60",  # line 9
+        "5::15::2.0::70",  # line 10
+        "6::16::2.0::80",  # line 11
+    ]
+    f = _write(tmp_path / "ratings.dat", lines, "\r\n")
+    q = tmp_path / "q.arrow"
+    src = MovieLensSource(f, quarantine_path=q)
+    d = rows(src.read(0, 100))
+    assert list(zip(d["user_id"], d["item_id"])) == [(4, 14), (5, 15), (6, 16), (2, 12), (1, 10)]
+    assert src.quarantined == 5
+    got = {r["row"]: r for r in read_quarantine(q).to_pylist()}
+    assert sorted(got) == [2, 3, 5, 6, 8]
+    assert got[2]["reason"] == "timestamp: missing (line has 3 of 4 columns)" and got[2]["raw"] == "1:x:10::4::5"
+    assert got[3]["reason"] == "timestamp: missing (line has 3 of 4 columns)" and got[3]["raw"] == "2::3::4"
+    assert got[5]["reason"] == "weight: must be a number, got '4:5'" and got[5]["raw"] == "1::10::4:5::300"
+    assert got[6]["reason"] == "row: 5 columns, expected 4" and got[6]["raw"] == "1::10::4::300::9"
+    assert got[8]["reason"] == "user_id: must be an integer, got '\"3'" and got[8]["raw"] == '"3::13::4.5::50'
+
+
+def test_movielens_lenient_numbers(tmp_path):
     f = _write(tmp_path / "ratings.csv", ["userId,movieId,rating,timestamp", " 7 , 8 , +2 , 1e3 "])
-    expected = {"offset": [0], "user_id": [7], "item_id": [8], "timestamp": [1000.0], "weight": [2.0]}
-    assert rows(MovieLensSource(f).read(0, 5)) == expected
-    (tmp_path / "empty.csv").write_bytes(b"")
-    assert MovieLensSource(tmp_path / "empty.csv").end_offset == 0
-    header_only = _write(tmp_path / "h" / "ratings.csv", ML_LINES[:1])
-    assert MovieLensSource(header_only).read(0, 5).num_rows == 0
+    assert rows(MovieLensSource(f).read(0, 5)) == event(0, 7, 8, 1000.0, 2.0, "rating")
+
+
+@pytest.mark.parametrize(
+    "name, content, detected",
+    [
+        ("empty.csv", b"", "detected nothing"),
+        ("ratings.csv", b"userId,movieId,rating,timestamp\r\n", "detected ratings.csv"),
+        ("ratings.dat", b"\n\n", "detected nothing"),
+    ],
+)
+def test_movielens_without_data_rows_is_an_error(tmp_path, name, content, detected):
+    f = tmp_path / name
+    f.write_bytes(content)
+    with pytest.raises(StreamDataError) as e:
+        MovieLensSource(f)
+    msg = str(e.value)
+    assert str(f) in msg and "no data rows" in msg and detected in msg
+    assert (e.value.valid, e.value.quarantined, e.value.kept) == (0, 0, 0)
+
+
+def test_movielens_no_valid_rows_is_an_error_naming_file_layouts_and_counts(tmp_path):
+    # u.data by name, but comma-separated two-column content: every line is rejected,
+    # including the first, which is not taken for a header.
+    f = _write(tmp_path / "ml-100k" / "u.data", ["user,item", "1,2", "3,4"])
+    q = tmp_path / "q.arrow"
+    with pytest.raises(StreamDataError) as e:
+        MovieLensSource(f, quarantine_path=q)
+    msg = str(e.value)
+    assert str(f) in msg
+    assert "no events: 0 of 3 rows valid, 3 quarantined" in msg
+    assert "expected u.data (ML-100K" in msg and "from the file name" in msg
+    assert "detected ratings.csv (" in msg and "from the first line" in msg
+    assert "'weight: missing (line has 2 of 4 columns)'" in msg and f"see {q}" in msg
+    assert isinstance(e.value, ValueError)  # the CLI turns it into a non-zero exit
+    assert [r["row"] for r in read_quarantine(q).to_pylist()] == [1, 2, 3]  # written before the error
+
+
+def test_movielens_mostly_quarantined_is_an_error_unless_allowed(tmp_path):
+    # A ratings.dat of semicolon lines: no separator found, read as '::' by its name.
+    bad = ["1;10;4;300", "2;11;4;300", "3;12;4;300"]
+    f = _write(tmp_path / "ratings.dat", ["9::19::4::1", "8::18::4::2", *bad])
+    with pytest.raises(StreamDataError) as e:
+        MovieLensSource(f)
+    msg = str(e.value)
+    assert str(f) in msg and "3 of 5 rows quarantined, more than 50% (2 valid;" in msg
+    assert "no quarantine file written" in msg
+    assert "expected ratings.dat (ML-1M/10M" in msg and "detected no separator in the first line" not in msg
+    assert (e.value.valid, e.value.quarantined) == (2, 3)
+    src = MovieLensSource(f, max_quarantined_fraction=1.0)
+    assert src.end_offset == 2 and src.quarantined == 3
+    # Exactly half is still a stream.
+    half = MovieLensSource(_write(tmp_path / "half" / "ratings.dat", ["9::19::4::1", "8::18::4::2", *bad[:2]]))
+    assert half.end_offset == 2 and half.quarantined == 2
+    with pytest.raises(StreamDataError, match="2 of 3 rows quarantined, more than 60%"):
+        MovieLensSource(_write(tmp_path / "lower" / "ratings.dat", ["9::19::4::1", *bad[:2]]), max_quarantined_fraction=0.6)
+    with pytest.raises(ValueError, match="max_quarantined_fraction"):
+        MovieLensSource(f, max_quarantined_fraction=1.5)
+
+
+def test_movielens_no_separator_anywhere_names_the_first_line(tmp_path):
+    f = _write(tmp_path / "ratings.dat", ["1;10;4;300", "2;11;4;300"])
+    with pytest.raises(StreamDataError, match="detected no separator in the first line '1;10;4;300'"):
+        MovieLensSource(f)
+
+
+def test_movielens_min_weight_dropping_everything_is_an_error(tmp_path):
+    f = _write(tmp_path / "ratings.csv", ML_LINES)
+    with pytest.raises(StreamDataError, match="min_weight=6 drops all 5 valid rows"):
+        MovieLensSource(f, min_weight=6)
 
 
 def test_movielens_missing_paths(tmp_path):
@@ -84,11 +242,13 @@ def test_movielens_quarantine(tmp_path):
     ]
     f = _write(tmp_path / "ratings.csv", lines, "\r\n")
     q = tmp_path / "q" / "quarantine.arrow"
-    src = MovieLensSource(f, quarantine_path=q)
+    # 5 of 7 rows rejected: beyond the default share, so this test allows any.
+    src = MovieLensSource(f, quarantine_path=q, max_quarantined_fraction=1.0)
     d = rows(src.read(0, 100))
     assert list(zip(d["user_id"], d["item_id"])) == [(6, 16), (1, 10)]
     assert src.end_offset == 2
     assert src.quarantined == 5
+    assert src.quarantine_file == q
     table = read_quarantine(q)
     assert table.schema.equals(QUARANTINE_SCHEMA)
     got = {r["row"]: r for r in table.to_pylist()}
@@ -102,10 +262,36 @@ def test_movielens_quarantine(tmp_path):
     assert got[8]["reason"].startswith("timestamp:") and ">= 0" in got[8]["reason"]
 
     # Reopening replaces this file's rows instead of duplicating them; no path: count only.
-    MovieLensSource(f, quarantine_path=q)
+    MovieLensSource(f, quarantine_path=q, max_quarantined_fraction=1.0)
     assert read_quarantine(q).num_rows == 5
-    nowrite = MovieLensSource(f, quarantine_path=None)
-    assert nowrite.quarantined == 5
+    nowrite = MovieLensSource(f, quarantine_path=None, max_quarantined_fraction=1.0)
+    assert nowrite.quarantined == 5 and nowrite.quarantine_file is None
+
+
+def test_movielens_weights_beyond_the_model_are_quarantined(tmp_path):
+    lines = [*ML_LINES, "4,14,1e39,10"]  # 1e39 overflows float32 whatever the model
+    f = _write(tmp_path / "ratings.csv", lines)
+    q = tmp_path / "q.arrow"
+    plain = MovieLensSource(f, quarantine_path=q)
+    assert plain.end_offset == 5 and plain.quarantined == 1
+    (rec,) = read_quarantine(q).to_pylist()
+    assert rec["row"] == 7 and rec["reason"].startswith("weight: 1e+39 is beyond float32's range")
+
+    model = ModelConfig(max_abs_weight=4.5)
+    capped = MovieLensSource(f, quarantine_path=q, model=model)
+    assert rows(capped.read(0, 100))["weight"] == [4.5, 2.5, 3.0, 4.0]
+    got = {r["row"]: r["reason"] for r in read_quarantine(q).to_pylist()}
+    assert got == {4: model.weight_problem(5.0), 7: "weight: 1e+39 is beyond float32's range (|weight| <= 3.403e+38)"}
+    assert "max_abs_weight" in got[4]
+
+    mse = ModelConfig(loss="mse", rating_range=(3.0, 5.0))
+    ranged = MovieLensSource(f, quarantine_path=q, model=mse)
+    assert rows(ranged.read(0, 100))["weight"] == [4.5, 3.0, 5.0, 4.0]  # 3.0 and 5.0: the range is closed
+    got = {r["row"]: r["reason"] for r in read_quarantine(q).to_pylist()}
+    assert got[3] == mse.weight_problem(2.5) and "rating_range" in got[3]
+    # The range binds an MSE model only: a BPR model with the same range keeps 2.5.
+    bpr = MovieLensSource(f, model=ModelConfig(loss="bpr", rating_range=(3.0, 5.0)))
+    assert bpr.end_offset == 5
 
 
 def test_quarantine_file_keeps_other_sources(tmp_path):
@@ -124,11 +310,13 @@ def test_quarantine_file_keeps_other_sources(tmp_path):
 @pytest.mark.skipif(not (MOVIELENS / "ratings.csv").is_file(), reason="shared MovieLens data absent")
 def test_movielens_real_ratings():
     path = MOVIELENS / "ratings.csv"
-    src = MovieLensSource(MOVIELENS)
+    src = MovieLensSource(MOVIELENS, model=ModelConfig())
     assert src.end_offset == 100_836
     assert src.quarantined == 0
-    ts = np.concatenate([src.read(o, 20_000).column("timestamp").to_numpy() for o in range(0, 100_836, 20_000)])
+    batches = [src.read(o, 20_000) for o in range(0, 100_836, 20_000)]
+    ts = np.concatenate([b.column("timestamp").to_numpy() for b in batches])
     assert len(ts) == 100_836 and np.all(np.diff(ts) >= 0)
+    assert all(b.column("event_type").unique().to_pylist() == ["rating"] for b in batches)
     with open(path, newline="") as f:
         expected = sum(1 for r in csv.DictReader(f) if float(r["rating"]) >= 4)
     assert MovieLensSource(path, min_weight=4).end_offset == expected

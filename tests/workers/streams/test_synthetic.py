@@ -7,10 +7,11 @@ import time
 import numpy as np
 import pytest
 
-from tests.workers.streams.helpers import concat, rows
+from tests.workers.streams.helpers import EVENT_TYPES, concat, keys, rows
 from workers.config import SyntheticConfig
 from workers.events import EVENT_COLUMNS
 from workers.streams import SyntheticSource
+
 
 def test_synthetic_random_access_is_order_independent():
     cfg = SyntheticConfig(seed=3)
@@ -40,11 +41,13 @@ def test_synthetic_schema_and_values():
     before = time.time()
     b = src.read(100, 5000)
     assert b.schema.names == list(EVENT_COLUMNS)
-    assert [str(t) for t in b.schema.types] == ["int64", "int64", "int64", "double", "float", "double"]
+    assert [str(t) for t in b.schema.types] == EVENT_TYPES
     d = b.to_pydict()
     assert d["offset"] == list(range(100, 5100))
     assert all(0 <= u < 300 for u in d["user_id"])
     assert all(0 <= i < 200 for i in d["item_id"])
+    assert d["user_key"] == keys(d["user_id"]) and d["item_key"] == keys(d["item_id"])
+    assert set(d["event_type"]) == set(d["event_id"]) == {None}
     assert set(d["weight"]) == {1.0}
     ts = np.array(d["timestamp"])
     assert np.all(np.diff(ts) >= 0)
