@@ -24,7 +24,7 @@ from ps.config import (
     merge,
     read_yaml,
 )
-from workers.config import IngestConfig, ModelConfig, StreamConfig, TrainerConfig
+from workers.config import IngestConfig, ModelConfig, StreamConfig, StreamKind, TrainerConfig
 
 __all__ = [
     "AutoscalingConfig",
@@ -300,6 +300,12 @@ class FreshetConfig(ConfigModel):
                     f"ps.tables.{m.recent_table} (model.recent_table) must have dim 2 and optimizer kind "
                     f"'decayed_count', got dim {t.dim} and kind {kind.value!r}"
                 )
+        if self.stream.kind == StreamKind.INGEST and self.ingest.partitions < self.trainer.num_workers:
+            # A partition is consumed by one trainer, whole: a trainer without one would idle.
+            raise ValueError(
+                f"ingest.partitions={self.ingest.partitions} is less than trainer.num_workers="
+                f"{self.trainer.num_workers}: each trainer consumes whole partitions of the ingest log"
+            )
         return self
 
     def to_yaml(self) -> str:
