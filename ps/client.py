@@ -35,7 +35,7 @@ IdsLike = Union[Keyed, Sequence[ID], np.ndarray]
 class _Route:
     """Where each of a request's IDs goes: per-shard positions into the caller's order."""
 
-    __slots__ = ("keyed", "positions")
+    __slots__ = ("keyed", "positions", "whole")
 
     def __init__(self, keyed_ids: Keyed, plan: ShardingPlan):
         self.keyed = keyed_ids
@@ -44,6 +44,14 @@ class _Route:
         order = np.argsort(shard_of, kind="stable")
         bounds = np.searchsorted(shard_of[order], np.arange(plan.num_shards + 1))
         self.positions = [order[bounds[s] : bounds[s + 1]] for s in range(plan.num_shards)]
+        # The shard that owns every ID (always so with one shard): its part is the caller's
+        # arrays as they are, in the caller's order, with nothing to copy either way.
+        full = [s for s, p in enumerate(self.positions) if n and len(p) == n]
+        self.whole: int | None = full[0] if full else None
+
+    def take(self, arr: np.ndarray, s: int) -> np.ndarray:
+        """``arr``'s entries for shard ``s`` (``arr`` itself when ``s`` owns them all)."""
+        return arr if self.whole == s else arr[self.positions[s]]
 
 
 class PendingPull:
@@ -83,8 +91,8 @@ class PendingPull:
         out = {}
         for name, route in self._routes.items():
             n = len(route.keyed.keys)
-            if len(self._routes) == 1 and len(shard_ids) == 1 and name in replies[0]:
-                out[name] = replies[0][name]  # one shard owns all: its order is the caller's
+            if route.whole is not None and name in replies[shard_ids.index(route.whole)]:
+                out[name] = replies[shard_ids.index(route.whole)][name]  # one shard owns all: its order is the caller's
                 continue
             rows = np.empty((n, self._dims[name]), dtype=np.float32)
             found = np.empty(n, dtype=bool)
@@ -140,6 +148,21 @@ class PSClient:
     def _route(self, ids: IdsLike, field: str = "id") -> _Route:
         return _Route(keyed(ids, field), self.plan)
 
+    def _routes(self, requests: dict[str, Any], *, entries: bool = False) -> dict[str, _Route]:
+        """A route per table of ``{table: ids}`` (``entries``: ``{table: (ids, ...)}``); tables
+        given the very same ``Keyed`` (or array) share one."""
+        memo: dict[int, _Route] = {}
+        out = {}
+        for name, ids in requests.items():
+            ids = ids[0] if entries else ids
+            r = memo.get(id(ids)) if isinstance(ids, (Keyed, np.ndarray)) else None
+            if r is None:
+                r = self._route(ids)
+                if isinstance(ids, (Keyed, np.ndarray)):
+                    memo[id(ids)] = r
+            out[name] = r
+        return out
+
     def _dim(self, table: str) -> int:
         try:
             return self.dims[table]
@@ -170,11 +193,20 @@ class PSClient:
         """
         if create is not None:
             initial = create
-        routes = {name: self._route(ids) for name, ids in requests.items()}
+        routes = self._routes(requests)
         dims = {name: self._dim(name) for name in requests}
         refs, parts = {}, {}
         for s in range(self.num_shards):
-            part = {name: r.keyed.keys[r.positions[s]] for name, r in routes.items() if len(r.positions[s])}
+            # Tables asked for the same IDs (item and item_bias) share one array per shard,
+            # which Ray then sends once.
+            split: dict[int, np.ndarray] = {}
+            part = {}
+            for name, r in routes.items():
+                if len(r.positions[s]):
+                    keys = split.get(id(r))
+                    if keys is None:
+                        keys = split[id(r)] = r.take(r.keyed.keys, s)
+                    part[name] = keys
             if part:
                 parts[s] = part
                 if after is None:
@@ -253,10 +285,25 @@ class PSClient:
             ValueError: wrong gradient shapes, non-finite gradients or invalid IDs (nothing is sent).
         """
         parts: list[dict[str, TableUpdate]] = [{} for _ in range(self.num_shards)]
+        routes = self._routes(updates, entries=True)
+        # Arrays shared by several tables (item and item_bias: keys, IDs, create) are split
+        # once per shard, so each shard's part refers to one array and Ray sends it once.
+        split: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]] = {}
+
+        def piece(arr: np.ndarray | None, s: int, route: _Route) -> np.ndarray | None:
+            if arr is None:
+                return None
+            got = split.get((id(arr), s))
+            if got is None:  # the source is kept with its piece, so its id() is not reused meanwhile
+                got = split[(id(arr), s)] = (arr, route.take(arr, s))
+            return got[1]
+
         for name, entry in updates.items():
-            ids, grads = entry[0], entry[1]
-            create = np.asarray(entry[2], bool) if len(entry) > 2 and entry[2] is not None else None
-            route = self._route(ids)
+            grads = entry[1]
+            create = entry[2] if len(entry) > 2 and entry[2] is not None else None
+            if create is not None and (not isinstance(create, np.ndarray) or create.dtype != bool):
+                create = np.asarray(create, bool)
+            route = routes[name]
             k = route.keyed
             grads = np.asarray(grads, dtype=np.float32)
             if grads.shape != (len(k.keys), self._dim(name)):
@@ -267,9 +314,8 @@ class PSClient:
                 raise ValueError(f"push to {name!r}: grads contain NaN or inf")
             for s, p in enumerate(route.positions):
                 if len(p):
-                    parts[s][name] = TableUpdate(
-                        name, k.keys[p], grads[p], None if k.ids is None else k.ids[p], None if create is None else create[p]
-                    )
+                    parts[s][name] = TableUpdate(name, piece(k.keys, s, route), route.take(grads, s), piece(k.ids, s, route),
+                                                 piece(create, s, route))
         rec_parts: list[Any] = [None] * self.num_shards
         if recent is not None:
             users, items = keyed(recent[0], "user_id"), keyed(recent[1], "item_id")

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["KeyIndex"]
+__all__ = ["KeyIndex", "unique_keys"]
 
 _WAYS = 8  # entries per bucket: one uint64 of tags, one 64-byte cache line of keys
 _EMPTY = 0x80  # the tag of an unused entry; a used entry's tag is 7 hash bits (high bit clear)
@@ -96,6 +96,41 @@ def _runs(sorted_values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Distinct values of a sorted array and how often each occurs (``np.unique`` is slower)."""
     starts = np.flatnonzero(np.concatenate(([True], sorted_values[1:] != sorted_values[:-1])))
     return sorted_values[starts], np.diff(np.append(starts, len(sorted_values)))
+
+
+def unique_keys(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``np.unique(keys, return_index=True, return_inverse=True)`` for ``uint64`` keys,
+    several times faster: ``(unique ascending, index of each one's first occurrence,
+    inverse int64 [n])``, the very same arrays.
+
+    One sort of ``(key >> b) << b | i`` (``b`` bits hold the position ``i``; numpy sorts a
+    plain ``uint64`` array far faster than it argsorts one) orders the keys by their high
+    bits and, among equal keys, by position. Distinct keys that share their high bits
+    would need a full comparison; they are rare (hashed keys), and then ``np.unique``
+    answers instead.
+    """
+    keys = np.asarray(keys)
+    n = len(keys)
+    if keys.dtype != np.uint64 or n < 2:
+        return np.unique(keys, return_index=True, return_inverse=True)
+    bits = np.uint64(max(n - 1, 1).bit_length())
+    composite = ((keys >> bits) << bits) | np.arange(n, dtype=np.uint64)
+    composite.sort()
+    order = (composite & ((np.uint64(1) << bits) - np.uint64(1))).view(np.intp)
+    ranked = keys[order]
+    step = np.empty(n, bool)
+    step[0] = True
+    np.not_equal(ranked[1:], ranked[:-1], out=step[1:])
+    high = composite >> bits
+    if (step[1:] & (high[1:] == high[:-1])).any():
+        # Two distinct keys share their high bits: the order among them is by position,
+        # not by key, so equal keys may not be adjacent.
+        uniq, first, inverse = np.unique(keys, return_index=True, return_inverse=True)
+        return uniq, first, inverse.reshape(-1)
+    starts = np.flatnonzero(step)
+    inverse = np.empty(n, np.int64)
+    inverse[order] = np.cumsum(step) - 1
+    return ranked[starts], order[starts].astype(np.int64), inverse
 
 
 def _key_array(keys: np.ndarray, op: str) -> np.ndarray:
@@ -260,13 +295,16 @@ class KeyIndex:
         keys = _key_array(keys, "lookup")
         return self._slots.take(self._find(keys, _mix(keys))).astype(np.int64)
 
-    def insert(self, keys: np.ndarray, slots: np.ndarray) -> None:
+    def insert(self, keys: np.ndarray, slots: np.ndarray, *, absent: bool = False) -> None:
         """Add ``keys`` with their ``slots``; on an error nothing is added.
 
         Args:
             keys: ``uint64 [n]``, distinct and not in the index.
             slots: integer ``[n]``, each in ``[0, 2**31 - 1]``. Slots are not checked for
                 uniqueness: the table that owns them keeps them apart.
+            absent: the caller has just looked every key up and found none (a table
+                creating rows for the keys it missed): the search for keys already
+                present is skipped. A key that is present after all corrupts the index.
 
         Raises:
             TypeError: ``keys`` is not a ``uint64`` array, or ``slots`` not an integer one.
@@ -296,7 +334,7 @@ class KeyIndex:
         # already present reads the tags that placing the keys needs.
         keys, slots, h = keys[order], slots[order], h[order]
         words = self._tag_words.take(self._home(h))
-        present = np.flatnonzero(self._find(keys, h, words) >= 0)
+        present = np.flatnonzero(self._find(keys, h, words) >= 0) if not absent else np.empty(0, np.intp)
         if present.size:
             raise ValueError(f"insert: {present.size} of {n} keys are already in the index, e.g. key {int(keys[present[0]])}")
         self._place(keys, slots.astype(np.int32), h, words)

@@ -30,6 +30,7 @@ import concurrent.futures
 import logging
 import os
 import time
+import warnings
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -101,6 +102,16 @@ def _keys(values: Any, field: str) -> np.ndarray:
     if arr.dtype != np.uint64:
         raise ValueError(f"{field}: keys must be a uint64 array, got {arr.dtype}")
     return arr.reshape(-1)
+
+
+def _tensor(a: np.ndarray) -> torch.Tensor:
+    """``a`` as a tensor without a copy. A ``ray.get`` array is read-only; the push path
+    only reads gradients, so torch's warning about that does not apply."""
+    if a.flags.writeable:
+        return torch.from_numpy(a)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.from_numpy(a)
 
 
 def _checked_ids(ids: Any, field: str) -> np.ndarray:
@@ -429,7 +440,7 @@ class PSShard:
             u = u if isinstance(u, TableUpdate) else TableUpdate(name, *u)
             t = self._table(name)
             keys = _keys(u.keys, f"push to {name!r}")
-            grads = np.array(u.grads, dtype=np.float32)  # ray.get arrays are read-only; torch needs writable
+            grads = np.asarray(u.grads, dtype=np.float32)  # only read: a read-only ray.get array is fine
             if grads.shape != (len(keys), t.dim):
                 raise ValueError(f"push to {name!r}: grads shape {grads.shape} != ({len(keys)}, {t.dim})")
             if not np.isfinite(grads).all():
@@ -495,15 +506,24 @@ class PSShard:
     ) -> None:
         """The state change of one validated push; shared by ``push`` and log replay."""
         new_version = self.version + 1
+        present: dict[str, tuple[np.ndarray, np.ndarray]] = {}  # leader -> (keys pushed, has a row now)
         for u in updates:
             t = self.tables[u.table]
             leader = self.cfg.leader_of(u.table)
             if leader != u.table:
-                allowed = self.tables[leader].lookup(u.keys) >= 0
-                t.push(u.keys, torch.from_numpy(u.grads), ids=u.ids, create=u.create, version=new_version, now=now,
+                # A follower pushed with its leader's very keys (item_bias with item) learns
+                # from the leader's push which have rows: no second lookup.
+                done = present.get(leader)
+                if done is not None and (done[0] is u.keys or np.array_equal(done[0], u.keys)):
+                    allowed = done[1]
+                else:
+                    allowed = self.tables[leader].lookup(u.keys) >= 0
+                t.push(u.keys, _tensor(u.grads), ids=u.ids, create=u.create, version=new_version, now=now,
                        allowed=allowed)
                 continue
-            outcome = t.push(u.keys, torch.from_numpy(u.grads), ids=u.ids, create=u.create, version=new_version, now=now)
+            outcome = t.push(u.keys, _tensor(u.grads), ids=u.ids, create=u.create, version=new_version, now=now)
+            if outcome.present is not None:
+                present[u.table] = (u.keys, outcome.present)
             if len(outcome.removed):
                 self._removed(u.table, outcome.removed, new_version)
         if recent is not None:
@@ -516,6 +536,16 @@ class PSShard:
             del self._push_at[self._push_versions.popleft()]
         if expire_at is not None:
             self._expire(expire_at)
+        self._bound_tombstones()
+
+    def _bound_tombstones(self) -> None:
+        """Hold each table to ``cfg.max_tombstones`` as removals happen, not only when a
+        reader calls: a shard nobody syncs from would otherwise keep every removal. A
+        function of the tables alone, so a log replay prunes the same."""
+        cap = self.cfg.max_tombstones
+        for t in self.tables.values():
+            if t.tombstones() > cap:
+                t.prune_tombstones(0, cap)
 
     def _removed(self, leader: str, keys: np.ndarray, version: int) -> None:
         """A leader table removed ``keys``: so do its followers, and the users' recent items."""
@@ -575,6 +605,7 @@ class PSShard:
                     counts[f] = len(self.tables[f].remove(gone, self.version))
                 if name == self.cfg.recent_follows:
                     self.recent.forget_users(gone)
+        self._bound_tombstones()
         return counts
 
     # -- introspection -----------------------------------------------------------------

@@ -25,9 +25,9 @@ import torch
 
 from ps import optim
 from ps.admission import Admission
-from ps.config import EvictionPolicy, InitKind, OptimizerConfig, TableConfig
+from ps.config import EvictionPolicy, InitKind, OptimizerConfig, OptimizerKind, TableConfig
 from ps.ids import as_id_array, id_keys, init_rows
-from ps.index import KeyIndex
+from ps.index import KeyIndex, unique_keys
 from ps.persist import TableState
 
 __all__ = ["EmbeddingTable", "PushOutcome", "table_seed"]
@@ -47,6 +47,7 @@ class PushOutcome(NamedTuple):
     created: np.ndarray  # uint64 keys that got a row
     removed: np.ndarray  # uint64 keys evicted to make room
     dropped: int  # distinct keys whose gradients were dropped: no row, and none created
+    present: np.ndarray | None = None  # bool [n]: each pushed key has a row after the push
 
 
 def _as_keys(keys: np.ndarray | Any) -> np.ndarray:
@@ -72,9 +73,19 @@ class EmbeddingTable:
         self.name, self.cfg, self.opt = name, cfg, opt
         self.seed = table_seed(ps_seed, name)
         self.admission = Admission(cfg.admission, self.seed) if cfg.admission is not None else None
+        # The initial rows a pull last computed for keys without a row (sorted keys, rows):
+        # the push that follows creates most of those rows, and takes them from here
+        # instead of hashing them again (rows are a pure function of table seed and key).
+        self._initial: tuple[np.ndarray, np.ndarray] | None = None
+        # The last pull's (keys, slots, layout): a trainer pushes the very keys it pulled, so
+        # while no row was created or removed in between (``_layout`` unchanged), the push
+        # takes their slots from here instead of looking every key up again.
+        self._pulled: tuple[np.ndarray, np.ndarray, int] | None = None
+        self._layout = 0  # bumped whenever a key gains or loses its slot
         self._reset(capacity)
 
     def _reset(self, capacity: int) -> None:
+        self._layout += 1
         cfg = self.cfg
         cap = max(1, int(capacity if cfg.max_rows is None else min(capacity, cfg.max_rows)))
         self.index = KeyIndex(cap)
@@ -91,6 +102,7 @@ class EmbeddingTable:
         self._n = 0
         self._tomb_versions: list[np.ndarray] = []
         self._tomb_keys: list[np.ndarray] = []
+        self._tomb_n = 0  # len of the tombstones, kept so the push path can check it cheaply
         self.pruned_below = 0  # tombstones of versions below this are gone
 
     def __len__(self) -> int:
@@ -107,7 +119,18 @@ class EmbeddingTable:
         (table seed, key), or zeros for ``init: zeros``."""
         keys = _as_keys(keys)
         if self.cfg.init == InitKind.UNIFORM and len(keys):
-            return init_rows(keys, seed=self.seed, dim=self.cfg.dim, scale=self.cfg.init_scale)
+            known = self._initial
+            if known is None:
+                return init_rows(keys, seed=self.seed, dim=self.cfg.dim, scale=self.cfg.init_scale)
+            ck, cr = known
+            pos = np.minimum(np.searchsorted(ck, keys), len(ck) - 1)
+            hit = ck[pos] == keys
+            if hit.all():
+                return cr[pos]
+            out = np.empty((len(keys), self.cfg.dim), np.float32)
+            out[hit] = cr[pos[hit]]
+            out[~hit] = init_rows(keys[~hit], seed=self.seed, dim=self.cfg.dim, scale=self.cfg.init_scale)
+            return out
         return np.zeros((len(keys), self.cfg.dim), np.float32)
 
     def lookup(self, keys: np.ndarray) -> np.ndarray:
@@ -122,12 +145,21 @@ class EmbeddingTable:
         """
         keys = _as_keys(keys)
         slots = self.lookup(keys)
+        self._pulled = (keys, slots, self._layout)
         found = slots >= 0
+        if found.all():
+            return self.rows.index_select(0, torch.from_numpy(slots)).numpy(), found
         rows = np.empty((len(keys), self.cfg.dim), dtype=np.float32)
         if found.any():
-            rows[found] = self.rows[torch.from_numpy(slots[found])].numpy()
-        if not found.all():
-            missing = ~found
+            rows[found] = self.rows.index_select(0, torch.from_numpy(slots[found])).numpy()
+        missing = ~found
+        if initial and self.cfg.init == InitKind.UNIFORM:
+            mk = keys[missing]
+            mr = init_rows(mk, seed=self.seed, dim=self.cfg.dim, scale=self.cfg.init_scale)
+            rows[missing] = mr
+            srt = np.argsort(mk, kind="stable")
+            self._initial = (mk[srt], mr[srt])
+        else:
             rows[missing] = self.initial_rows(keys[missing]) if initial else 0.0
         return rows, found
 
@@ -204,14 +236,18 @@ class EmbeddingTable:
         empty = PushOutcome(np.empty(0, np.uint64), np.empty(0, np.uint64), 0)
         if not n:
             return empty
-        uniq, first, inverse = np.unique(keys, return_index=True, return_inverse=True)
-        inverse = inverse.reshape(-1)
+        uniq, first, inverse = unique_keys(keys)
         real = np.ones(len(uniq), bool) if create is None else np.zeros(len(uniq), bool)
         if create is not None:
             real[inverse[np.asarray(create, bool)]] = True
         occurrences = np.bincount(inverse[np.asarray(create, bool)] if create is not None else inverse,
                                   minlength=len(uniq))
-        slots = self.lookup(uniq)
+        pulled = self._pulled
+        if (pulled is not None and pulled[2] == self._layout and len(pulled[0]) == n
+                and (pulled[0] is keys or np.array_equal(pulled[0], keys))):
+            slots = pulled[1][first]  # the keys this table just answered a pull for: their slots then
+        else:
+            slots = self.lookup(uniq)
         absent = slots < 0
         created = removed = np.empty(0, np.uint64)
         if allowed is not None:
@@ -224,11 +260,20 @@ class EmbeddingTable:
                 want = want[self.admission.admit(uniq[want], occurrences[want])]
         if want.size:
             new_ids = as_id_array(ids)[first[want]] if ids is not None else uniq[want].view(np.int64)
-            slots[want], removed = self._create(uniq[want], new_ids, version, keep=slots[~absent])
+            # Only this push's real interactions keep their rows: a row pushed here as a
+            # negative or context item may be the lowest-scoring one, and shielding it
+            # would refuse a real interaction its row (with a small cap, a trainer's
+            # negatives cover every row). An evicted negative's gradient is dropped below.
+            slots[want], removed = self._create(uniq[want], new_ids, version, keep=slots[~absent & real])
             created = uniq[want][slots[want] >= 0]
+            if removed.size:
+                slots[np.isin(uniq, removed)] = -1
         ok = slots >= 0
         dropped = int((~ok).sum())
-        g = optim.reduce_pushed(self.opt.kind, grads, torch.from_numpy(inverse), len(uniq))
+        if len(uniq) == n:  # distinct keys (a trainer's push): nothing to combine, only to reorder
+            g = grads.index_select(0, torch.from_numpy(first))
+        else:
+            g = optim.reduce_pushed(self.opt.kind, grads, torch.from_numpy(inverse), len(uniq))
         if not ok.all():
             g = g[torch.from_numpy(ok)]
         s = slots[ok]
@@ -240,11 +285,19 @@ class EmbeddingTable:
             self.score[touch] += occurrences[ok][real[ok]]
         else:
             self.score[touch] = version
-        return PushOutcome(created, removed, dropped)
+        return PushOutcome(created, removed, dropped, ok[inverse])
 
     def apply_slots(self, slots: np.ndarray, grads: torch.Tensor) -> None:
         """One optimizer step on the rows at distinct ``slots`` (``int64 [n]``) with ``grads [n, dim]``."""
         u = torch.from_numpy(np.asarray(slots, dtype=np.int64))
+        if self.opt.kind is OptimizerKind.ROWWISE_ADAGRAD and grads.dtype == torch.float32 and len(u):
+            # optim.rowwise_adagrad in place: one gather of the state, one scatter-add of the step.
+            n = len(u)
+            state = self.state.index_select(0, u).reshape(n).add_(grads.mul(grads).mean(dim=1))
+            self.state.index_copy_(0, u, state.reshape(n, 1))
+            std = state.sqrt_().add_(self.opt.eps)
+            self.rows.index_add_(0, u, grads / std.unsqueeze(1), alpha=-self.opt.lr)
+            return
         rows, state = optim.apply(self.opt, self.rows[u], grads, self.state[u])
         self.rows[u] = rows
         self.state[u] = state
@@ -258,7 +311,7 @@ class EmbeddingTable:
             ValueError: the new rows would exceed ``max_rows``.
         """
         keys = _as_keys(keys)
-        uniq, first, inverse = np.unique(keys, return_index=True, return_inverse=True)
+        uniq, first, inverse = unique_keys(keys)
         slots = self.lookup(uniq)
         new = np.flatnonzero(slots < 0)
         new = new[np.argsort(first[new], kind="stable")]
@@ -272,6 +325,7 @@ class EmbeddingTable:
         """Give distinct absent ``keys`` rows; returns their slots (``-1`` for keys that do
         not fit: the push holds more new IDs than ``max_rows`` leaves room for, the higher
         keys miss out) and the keys evicted to make room (never from ``keep``)."""
+        self._layout += 1
         removed = np.empty(0, np.uint64)
         cap = self.cfg.max_rows
         out = np.full(len(keys), -1, np.int64)
@@ -300,7 +354,7 @@ class EmbeddingTable:
         self.score[slots] = 0.0
         self.live[slots] = True
         self._n += len(keys)
-        self.index.insert(keys, slots)
+        self.index.insert(keys, slots, absent=True)  # distinct, and just looked up: none has a row
         out[:] = slots
         return out, removed
 
@@ -314,8 +368,14 @@ class EmbeddingTable:
         extra = new_cap - cap
         self.keys = np.concatenate([self.keys, np.zeros(extra, np.uint64)])
         self.ids = np.concatenate([self.ids, np.zeros(extra, self.ids.dtype)])
-        self.rows = torch.cat([self.rows, self.rows.new_zeros((extra, self.rows.shape[1]))])
-        self.state = torch.cat([self.state, self.state.new_zeros((extra, *self.state.shape[1:]))])
+        # Rows and state past the used slots are never read (a slot gets its initial row and
+        # a zero state when it is first used), so the new part is left uninitialised: its
+        # pages are touched when slots are used, not all at once here.
+        rows = self.rows.new_empty((new_cap, self.rows.shape[1]))
+        rows[:cap] = self.rows
+        state = self.state.new_empty((new_cap, *self.state.shape[1:]))
+        state[:cap] = self.state
+        self.rows, self.state = rows, state
         self.changed_at = np.concatenate([self.changed_at, np.zeros(extra, np.int64)])
         self.touched_at = np.concatenate([self.touched_at, np.zeros(extra, np.float64)])
         self.score = np.concatenate([self.score, np.zeros(extra, np.float64)])
@@ -350,6 +410,7 @@ class EmbeddingTable:
         if not slots.size:
             return np.empty(0, np.uint64)
         gone = self.keys[slots].copy()
+        self._layout += 1
         self.live[slots] = False
         st = torch.from_numpy(slots)
         self.rows[st] = 0.0
@@ -358,6 +419,7 @@ class EmbeddingTable:
         self._n -= len(slots)
         self._tomb_versions.append(np.full(len(gone), version, np.int64))
         self._tomb_keys.append(gone)
+        self._tomb_n += len(gone)
         return gone
 
     def expire(self, now: float, version: int) -> np.ndarray:
@@ -379,7 +441,7 @@ class EmbeddingTable:
     # -- tombstones --------------------------------------------------------------------
     def tombstones(self) -> int:
         """Number of tombstones kept."""
-        return int(sum(len(v) for v in self._tomb_versions))
+        return self._tomb_n
 
     def prune_tombstones(self, below: int, max_kept: int | None = None) -> int:
         """Forget tombstones of versions below ``below`` (every reader has synced past them)
@@ -396,6 +458,7 @@ class EmbeddingTable:
         if gone:
             self.pruned_below = max(self.pruned_below, int(v[~keep].max()) + 1)
             self._tomb_versions, self._tomb_keys = ([v[keep]], [k[keep]]) if keep.any() else ([], [])
+            self._tomb_n = int(keep.sum())
         return gone
 
     # -- capture / restore -------------------------------------------------------------
@@ -457,6 +520,7 @@ class EmbeddingTable:
         self.index.insert(keys, slots)
         self._tomb_versions = [np.asarray(ts.tomb_versions, np.int64)] if len(ts.tomb_versions) else []
         self._tomb_keys = [_as_keys(ts.tomb_keys)] if len(ts.tomb_keys) else []
+        self._tomb_n = len(ts.tomb_keys)
         self.pruned_below = int(ts.pruned_below)
         if self.admission is not None and ts.admission is not None:
             self.admission.load(ts.admission)

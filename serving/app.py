@@ -500,11 +500,18 @@ class FreshetAPI:
             return _unavailable("parameter server", e)
         seen = ctx.recent if body.exclude_seen else None
         reason = None
-        if ctx.row is None or behind:
+        if behind:
+            q = None
+        elif ctx.row is None:
+            # Not trained yet, but their posted items are known (read-your-writes): the model's
+            # session context alone ranks them; the popular fallback only without any.
+            q = snap.context_query(ctx.recent)
+        else:
+            q = snap.query(ctx.row, ctx.recent)
+        if q is None:
             ranked = snap.popular(seen, body.k)
             reason = behind or "new_user"
         else:
-            q = snap.query(ctx.row, ctx.recent)
             scores = await self._scores((snap, q))
             ranked = snap.top(scores, body.k, snap._exclude(seen))
         items = [RankedItem(item_id=_json_id(i), score=s) for i, s in zip(ranked.item_ids, ranked.scores)]
@@ -521,6 +528,8 @@ class FreshetAPI:
         except _UNAVAILABLE as e:
             return _unavailable("parameter server", e)
         row = None if behind else ctx.row
+        if row is None and not behind and (cq := snap.context_query(ctx.recent)) is not None:
+            row = np.zeros_like(cq)  # not trained yet: the session context alone, as /rank does
         scores, fallback = snap.score_items(row, body.item_ids, ctx.recent)
         reason = None if fallback is None else (behind or "new_user")
         return ScoreResponse(user_id=body.user_id, scores=scores, fallback=fallback, fallback_reason=reason)

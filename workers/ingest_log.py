@@ -244,6 +244,7 @@ class _Partition:
         # in insertion (= time) order so the oldest are evicted from the front.
         self.window: collections.OrderedDict[str, tuple] = collections.OrderedDict()
         self.appends = self.fsyncs = self.duplicates = 0
+        self.events_read = 0  # events returned by read() since the actor started: what consumers cost
 
     def add_segment(self, seg: _Segment) -> None:
         self.segments.append(seg)
@@ -992,7 +993,7 @@ class IngestLog:
             raise ValueError(f"offset and max_events must be >= 0, got {offset} and {max_events}")
         if offset < part.first_offset:
             raise TrimmedOffsetError(part.index, offset, part.first_offset)
-        end = min(part.durable_offset, offset + max_events)
+        start, end = offset, min(part.durable_offset, offset + max_events)
         if offset >= end:
             return empty_events()
         parts = []
@@ -1008,6 +1009,7 @@ class IngestLog:
                 offset += piece.num_rows
                 bi += 1
             si += 1
+        part.events_read += end - start
         return _combine(parts)
 
     # -- consumers, pins and retention ----------------------------------------------------
@@ -1130,7 +1132,8 @@ class IngestLog:
         partitions), ``partitions``, per partition ``end_offsets`` and ``first_offsets``
         (first retained), and summed ``appends`` (batches written), ``fsyncs``,
         ``duplicates`` (events not appended again), ``bytes_on_disk`` (segment bytes),
-        ``segments``, ``dedup_keys`` (window entries); ``consumers`` and ``pins``
+        ``segments``, ``dedup_keys`` (window entries), ``events_read`` (events returned by
+        :meth:`read` since this actor started: how much consumers re-read, e.g. on a restart); ``consumers`` and ``pins``
         (name -> {partition as str: offset}); the log's ``dir`` (path or URI) and ``log_id``.
 
         Raises:
@@ -1148,6 +1151,7 @@ class IngestLog:
             "bytes_on_disk": sum(s.size for p in parts for s in p.segments),
             "segments": sum(len(p.segments) for p in parts),
             "dedup_keys": sum(len(p.window) for p in parts),
+            "events_read": sum(p.events_read for p in parts),
             "consumers": {n: {str(p): o for p, o in offs.items()} for n, offs in self._consumers.items()},
             "pins": {n: {str(p): o for p, o in offs.items()} for n, offs in self._pins.items()},
             "dir": self._store.where,

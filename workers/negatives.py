@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ps.index import KeyIndex
+from ps.index import KeyIndex, unique_keys
 
 __all__ = ["Catalogue", "negative_slots"]
 
@@ -56,8 +56,8 @@ class Catalogue:
         if not len(keys):
             return
         counts = np.ones(len(keys)) if counts is None else np.asarray(counts, dtype=np.float64)
-        uniq, first, inverse = np.unique(keys, return_index=True, return_inverse=True)
-        per = np.bincount(inverse.reshape(-1), weights=counts, minlength=len(uniq))
+        uniq, first, inverse = unique_keys(keys)
+        per = np.bincount(inverse, weights=counts, minlength=len(uniq))
         slots = self.index.lookup(uniq)
         new = np.flatnonzero(slots < 0)
         if new.size:
@@ -70,7 +70,7 @@ class Catalogue:
                 self._counts = np.concatenate([self._counts, np.zeros(grow)])
             slots[new] = np.arange(start, self._n)
             self._keys[start : self._n] = uniq[new]
-            self.index.insert(uniq[new], slots[new])
+            self.index.insert(uniq[new], slots[new], absent=True)  # just looked up
         self._counts[slots] += per  # one entry per distinct key: no repeats to accumulate
 
     def remove(self, keys: np.ndarray) -> int:

@@ -146,6 +146,19 @@ class RankingSnapshot:
             return row
         return (row + self.ctx[s].sum(0) / np.float32(s.size)).astype(np.float32)
 
+    def context_query(self, recent: Keyed | Sequence[ID] | np.ndarray | None) -> np.ndarray | None:
+        """The query of a user the model has no row for yet: the mean context row of their last
+        ``model.context_items`` recent items in the catalogue (``float32 [d]``), i.e.
+        :meth:`query` with a zero row; None without a context table or without such items
+        (then the popular fallback serves them)."""
+        if self.ctx is None or recent is None:
+            return None
+        s = self.slots(_as_keys(recent)[-self.model.context_items :])
+        s = s[s >= 0]
+        if not s.size:
+            return None
+        return (self.ctx[s].sum(0) / np.float32(s.size)).astype(np.float32)
+
     def scores(self, queries: np.ndarray) -> np.ndarray:
         """Scores of every slot for each query, ``float32 [b, n]`` (``-inf`` at invalid slots)."""
         return np.asarray(queries, np.float32) @ self.items.T + self.bias

@@ -19,8 +19,10 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pyarrow as pa
 import torch
+import torch.nn.functional as F
 
 from ps.ids import Keyed, ids_from_arrow
+from ps.index import unique_keys
 from workers.config import LossKind, NegativeFeedback
 from workers.model import bpr_loss, dislike_loss, mse_loss, signals, user_queries
 from workers.negatives import Catalogue
@@ -28,18 +30,31 @@ from workers.negatives import Catalogue
 if TYPE_CHECKING:  # the root config composes every layer's settings; workers only read it
     from serving.config import FreshetConfig
 
-__all__ = ["Batch", "Histories", "TrainStep", "first_seen"]
+__all__ = ["Batch", "DeviceTransfer", "Histories", "TrainStep", "first_seen"]
 
 
 def first_seen(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """``(unique, inverse)`` of ``keys`` (``uint64``) with the unique ones in first-seen order."""
+    uniq, inverse, _ = _first_seen(keys)
+    return uniq, inverse
+
+
+def _first_seen(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """:func:`first_seen` plus each unique key's first position (``int64``, ascending)."""
     if not len(keys):
-        return keys, np.empty(0, np.int64)
-    uniq, first, inverse = np.unique(keys, return_index=True, return_inverse=True)
+        return keys, np.empty(0, np.int64), np.empty(0, np.int64)
+    uniq, first, inverse = unique_keys(keys)
     order = np.argsort(first, kind="stable")
     rank = np.empty_like(order)
     rank[order] = np.arange(len(order))
-    return uniq[order], rank[inverse.reshape(-1)]
+    return uniq[order], rank[inverse.reshape(-1)], first[order]
+
+
+def _distinct(idx: np.ndarray, n: int) -> np.ndarray:
+    """``np.unique`` of indices ``idx`` in ``[0, n)`` (``int64``), in O(n) instead of a sort."""
+    mark = np.zeros(n, bool)
+    mark[idx] = True
+    return np.flatnonzero(mark)
 
 
 class Histories:
@@ -127,6 +142,7 @@ class TrainStep:
         self.cfg, self.model, self.trainer_index = cfg, cfg.model, trainer_index
         self.device = device or torch.device("cpu")
         self.passes = cfg.trainer.passes
+        self.transfer = DeviceTransfer(self.device)
 
     # -- preparing -----------------------------------------------------------------------
     def prepare(
@@ -169,13 +185,14 @@ class TrainStep:
         catalogue.add(item_keys[dislike], np.zeros(int(dislike.sum())))  # a row, never popular
         n_neg = m.num_negatives if m.loss == LossKind.BPR else 0
         negs = [catalogue.sample(b, n_neg, m.popularity_negative_fraction, rng) for _ in range(self.passes)] if n_neg and b else []
-        uniq_users, user_inv = first_seen(user_keys[taught])
+        uniq_users, user_inv, first_pos = _first_seen(user_keys[taught])
         inv = np.full(b, -1, np.int64)
         inv[taught] = user_inv
-        first_of = np.flatnonzero(taught)[np.unique(user_inv, return_index=True)[1]] if taught.any() else np.empty(0, np.int64)
+        first_of = np.flatnonzero(taught)[first_pos] if taught.any() else np.empty(0, np.int64)
         users = Keyed(uniq_users, user_ids[first_of] if len(first_of) else user_ids[:0])
         ctx, ctx_inv = self._contexts(uniq_users, histories)
-        histories.remember(user_keys[positive], item_keys[positive])
+        if m.context_table is not None:  # histories are only ever read as session context
+            histories.remember(user_keys[positive], item_keys[positive])
         all_items = np.concatenate([item_keys, *negs]) if negs else item_keys
         uniq_items, item_inv_all = first_seen(all_items)
         item_real = np.zeros(len(uniq_items), bool)
@@ -214,29 +231,54 @@ class TrainStep:
     def losses(self, batch: Batch, pulled: dict[str, tuple[np.ndarray, np.ndarray]], p: int, events: np.ndarray):
         """Per-event loss terms (``[len(events)]``, nats) of pass ``p`` over ``events`` (indices
         of trained events), with the leaf tensors they depend on: ``(terms, leaves)``."""
-        m, dev = self.model, self.device
-        U = torch.from_numpy(pulled[m.user_table][0]).to(dev).requires_grad_()
-        I = torch.from_numpy(pulled[m.item_table][0]).to(dev).requires_grad_()
-        B = torch.from_numpy(np.ascontiguousarray(pulled[m.item_bias_table][0][:, 0])).to(dev).requires_grad_()
-        C, Q = None, U
-        if m.context_table is not None and len(batch.ctx):
-            C = torch.from_numpy(pulled[m.context_table][0]).to(dev).requires_grad_()
-            Q = user_queries(U, C, torch.from_numpy(batch.ctx_inv).to(dev))
-        ui = torch.from_numpy(batch.user_inv[events]).to(dev)
-        ii = torch.from_numpy(batch.item_inv[events]).to(dev)
-        conf = torch.from_numpy(batch.confidence[events]).to(dev)
+        m = self.model
+        ctx = m.context_table is not None and len(batch.ctx)
+        whole = len(events) == len(batch.offsets)  # every event: no selection copies
+
+        def sel(a: np.ndarray) -> np.ndarray:
+            return a if whole else a[events]
+
+        positive = sel(batch.positive)
+        bpr = m.loss != LossKind.MSE
+        all_pos = bpr and bool(positive.all())
+        floats = {
+            "U": pulled[m.user_table][0],
+            "I": pulled[m.item_table][0],
+            "B": pulled[m.item_bias_table][0].reshape(-1),
+            "conf": sel(batch.confidence),
+        }
+        ints = {"ui": sel(batch.user_inv), "ii": sel(batch.item_inv)}
+        if ctx:
+            floats["C"] = pulled[m.context_table][0]
+            ints["ctx"] = batch.ctx_inv
         if m.loss == LossKind.MSE:
-            target = torch.from_numpy(batch.weights[events]).to(dev)
-            terms = mse_loss(Q[ui], I[ii], B[ii], target, l2=m.l2, reduction="none")
+            floats["target"] = sel(batch.weights)
+        elif all_pos:
+            ints["ni"] = sel(batch.neg_inv[p])
         else:
-            pos = torch.from_numpy(batch.positive[events]).to(dev)
-            terms = torch.zeros(len(events), dtype=torch.float32, device=dev)
-            if bool(pos.any()):
+            ints["pos"] = positive.astype(np.int64)
+            ints["ni"] = sel(batch.neg_inv[p])
+        t = self.transfer.to_device(floats, ints)
+        U, I, B = t["U"].requires_grad_(), t["I"].requires_grad_(), t["B"].requires_grad_()
+        C, Q = None, U
+        if ctx:
+            C = t["C"].requires_grad_()
+            Q = user_queries(U, C, t["ctx"])
+        ui, ii, conf = t["ui"], t["ii"], t["conf"]
+        if m.loss == LossKind.MSE:
+            terms = mse_loss(Q[ui], I[ii], B[ii], t["target"], l2=m.l2, reduction="none")
+        elif all_pos:  # the usual batch: positives only, no selections to scatter back
+            ni = t["ni"]
+            terms = bpr_loss(Q[ui], I[ii], B[ii], I[ni], B[ni], conf, l2=m.l2, reduction="none")
+        else:
+            pos = t["pos"].bool()
+            terms = torch.zeros(len(events), dtype=torch.float32, device=self.device)
+            if bool(positive.any()):
                 pe = torch.nonzero(pos).reshape(-1)
-                ni = torch.from_numpy(batch.neg_inv[p][events]).to(dev)[pe]
+                ni = t["ni"][pe]
                 terms = terms.index_add(0, pe, bpr_loss(Q[ui[pe]], I[ii[pe]], B[ii[pe]], I[ni], B[ni], conf[pe], l2=m.l2,
                                                         reduction="none"))
-            if bool((~pos).any()):
+            if not bool(positive.all()):
                 de = torch.nonzero(~pos).reshape(-1)
                 terms = terms.index_add(0, de, dislike_loss(Q[ui[de]], I[ii[de]], B[ii[de]], conf[de], reduction="none"))
         return terms, (U, I, B, C)
@@ -250,37 +292,124 @@ class TrainStep:
         inactive in ``batch`` and the rest recomputed without them)."""
         m = self.model
         bad: list[int] = []
-        while True:
+        fast = self._bpr_fast(batch, pulled, p)
+        while fast is None:
             events = np.flatnonzero(batch.trained)
             if not len(events):
                 return {}, 0.0, np.asarray(bad, np.int64)
             terms, leaves = self.losses(batch, pulled, p, events)
-            finite = torch.isfinite(terms).cpu().numpy()
-            if not finite.all():
+            loss = terms.sum()
+            # A sum of finite terms is finite unless it overflows: one reduction checks them
+            # all, and only a non-finite sum needs the per-event look.
+            finite = None if bool(torch.isfinite(loss)) else torch.isfinite(terms).cpu().numpy()
+            if finite is not None and not finite.all():
                 culprits = events[~finite]
             else:
-                loss = terms.sum()
                 loss.backward()
                 grads = [x.grad for x in leaves if x is not None]
-                if all(bool(torch.isfinite(g).all()) for g in grads):
+                if _all_finite(grads):
                     break
                 culprits = self._bisect(batch, pulled, p, events)
             batch.active[culprits] = False
             bad.extend(culprits.tolist())
-        U, I, B, C = leaves
-        used = np.unique(batch.item_inv[events]) if m.loss == LossKind.MSE or not len(events) else np.unique(
-            np.concatenate([batch.item_inv[events], batch.neg_inv[p][events][batch.positive[events]].reshape(-1)]))
-        user_rows = np.unique(batch.user_inv[events])
-        item_keys = Keyed(batch.items.keys[used], batch.items.ids[used])
-        create = batch.item_real[used]
+        if fast is not None:
+            events, loss, grad_tensors = fast
+        else:
+            grad_tensors = [x.grad if x is not None else None for x in leaves]
+        gU, gI, gB, gC = grad_tensors
+        n_items, n_users = len(batch.items.keys), len(batch.users.keys)
+        if m.loss == LossKind.MSE:
+            used = _distinct(batch.item_inv[events], n_items)
+        else:
+            pos = events[batch.positive[events]]
+            used = _distinct(np.concatenate([batch.item_inv[events], batch.neg_inv[p][pos].reshape(-1)]), n_items)
+        user_rows = _distinct(batch.user_inv[events], n_users)
+        host = self.transfer.to_host([gU, gI, gB] + ([gC] if gC is not None else []))
+        gu, gi, gb = host[0], host[1], host[2].reshape(-1, 1)
+        all_items, all_users = len(used) == n_items, len(user_rows) == n_users
+        item_keys = batch.items if all_items else Keyed(batch.items.keys[used], batch.items.ids[used])
+        create = batch.item_real if all_items else batch.item_real[used]
         out = {
-            m.user_table: (batch.users.take(user_rows), U.grad.cpu().numpy()[user_rows], np.ones(len(user_rows), bool)),
-            m.item_table: (item_keys, I.grad.cpu().numpy()[used], create),
-            m.item_bias_table: (item_keys, B.grad.cpu().numpy()[used, None], create),
+            m.user_table: (batch.users if all_users else batch.users.take(user_rows), gu if all_users else gu[user_rows],
+                           np.ones(len(user_rows), bool)),
+            m.item_table: (item_keys, gi if all_items else gi[used], create),
+            m.item_bias_table: (item_keys, gb if all_items else gb[used], create),
         }
-        if C is not None:
-            out[m.context_table] = (Keyed(batch.ctx), C.grad.cpu().numpy(), np.zeros(len(batch.ctx), bool))
+        if gC is not None:
+            out[m.context_table] = (Keyed(batch.ctx), host[3], np.zeros(len(batch.ctx), bool))
         return out, float(loss.detach()), np.asarray(bad, np.int64)
+
+    def _bpr_fast(self, batch: Batch, pulled, p: int):
+        """The usual BPR step without autograd: every event of the batch a trained positive.
+
+        The same loss terms as :func:`workers.model.bpr_loss` (the sum is the same number),
+        with the gradients written out by hand: one gather of all item rows a pass reads
+        and one scatter-add per table, where autograd takes several of each. Returns
+        ``(events, loss, [gU, gI, gB, gC])``, or None when the batch needs the general path
+        (dislikes, MSE, events not trained) or anything is not finite (the general path
+        then finds the culprits).
+        """
+        m = self.model
+        b = len(batch.offsets)
+        if m.loss == LossKind.MSE or not b or not bool((batch.trained & batch.positive).all()):
+            return None
+        ctx = m.context_table is not None and len(batch.ctx)
+        floats = {
+            "U": pulled[m.user_table][0],
+            "I": pulled[m.item_table][0],
+            "B": pulled[m.item_bias_table][0].reshape(-1),
+            "conf": batch.confidence,
+        }
+        ints = {"ui": batch.user_inv, "ii": batch.item_inv, "ni": batch.neg_inv[p]}
+        if ctx:
+            floats["C"] = pulled[m.context_table][0]
+            ints["ctx"] = batch.ctx_inv
+        t = self.transfer.to_device(floats, ints)
+        U, I, B, conf = t["U"], t["I"], t["B"], t["conf"]
+        ui, ii, ni = t["ui"], t["ii"], t["ni"]
+        k = ni.shape[1]
+        d = I.shape[1]
+        Q = U
+        if ctx:
+            C, cidx = t["C"], t["ctx"]
+            mask = (cidx >= 0).to(U.dtype)
+            count = mask.sum(1, keepdim=True).clamp(min=1.0)
+            Q = user_queries(U, C, cidx)
+        idx = torch.cat([ii, ni.reshape(-1)])
+        rows = I.index_select(0, idx)
+        bias = B.index_select(0, idx)
+        q = Q.index_select(0, ui)
+        pos, neg = rows[:b], rows[b:].view(b, k, d)
+        x_pos = (q * pos).sum(-1) + bias[:b]
+        x_neg = torch.einsum("bd,bmd->bm", q, neg) + bias[b:].view(b, k)
+        diff = x_pos.unsqueeze(1) - x_neg
+        per_event = -F.logsigmoid(diff).mean(1) * conf
+        l2 = m.l2
+        terms = per_event + l2 * (q.square().sum(-1) + pos.square().sum(-1) + neg.square().sum(-1).mean(1)) if l2 else per_event
+        loss = terms.sum()
+        # d term / d diff = -conf / k * sigmoid(-diff)
+        g = torch.sigmoid(-diff).mul_((conf / -k).unsqueeze(1))
+        g_pos = g.sum(1)
+        gq = g_pos.unsqueeze(1) * pos - torch.bmm(g.unsqueeze(1), neg).squeeze(1)
+        gp = g_pos.unsqueeze(1) * q
+        gn = g.unsqueeze(2) * q.unsqueeze(1)
+        gn = gn.neg_()
+        if l2:
+            gq.add_(q, alpha=2 * l2)
+            gp.add_(pos, alpha=2 * l2)
+            gn.add_(neg, alpha=2 * l2 / k)
+        flat_ni = ni.reshape(-1)
+        gI = torch.zeros_like(I).index_add_(0, ii, gp).index_add_(0, flat_ni, gn.reshape(-1, d))
+        gB = torch.zeros_like(B).index_add_(0, ii, g_pos).index_add_(0, flat_ni, g.reshape(-1), alpha=-1).reshape(-1)
+        gU = torch.zeros_like(U).index_add_(0, ui, gq)
+        gC = None
+        if ctx:
+            # Q = U + mean of the valid context rows: each valid entry gets its user's share.
+            share = (gU / count).unsqueeze(1) * mask.unsqueeze(2)
+            gC = torch.zeros_like(C).index_add_(0, cidx.clamp(min=0).reshape(-1), share.reshape(-1, d))
+        if not bool(torch.isfinite(loss)) or not _all_finite([x for x in (gU, gI, gB, gC) if x is not None]):
+            return None
+        return np.arange(b), loss, [gU, gI, gB, gC]
 
     def _bisect(self, batch: Batch, pulled, p: int, events: np.ndarray) -> np.ndarray:
         """The events whose gradients alone are not finite (halving the suspects), or all of
@@ -308,11 +437,11 @@ class TrainStep:
         in the batch, into the popularity and recent-popularity tables."""
         m = self.model
         pos = batch.active & batch.positive
-        keys, inv = first_seen(batch.item_keys[pos])
+        keys, inv, first = _first_seen(batch.item_keys[pos])
         if not len(keys):
             return {}
         counts = np.bincount(inv, weights=batch.confidence[pos], minlength=len(keys)).astype(np.float32)
-        ids = batch.item_ids[pos][np.unique(inv, return_index=True)[1]]
+        ids = batch.item_ids[pos][first]
         k = Keyed(keys, ids)
         out = {m.popularity_table: (k, counts[:, None])}
         if m.recent_table is not None:
@@ -327,5 +456,84 @@ class TrainStep:
         return (Keyed(batch.user_keys[pos]), Keyed(batch.item_keys[pos]), batch.offsets[pos]) if pos.any() else None
 
 
+def _all_finite(tensors: list[torch.Tensor]) -> bool:
+    """Whether every element of ``tensors`` is finite: one sum each (a sum of finite floats
+    can still overflow, so a non-finite sum is checked element by element)."""
+    return all(bool(torch.isfinite(t.sum())) or bool(torch.isfinite(t).all()) for t in tensors)
+
+
+class DeviceTransfer:
+    """Moves a step's inputs to the trainer's device and its gradients back.
+
+    On the CPU nothing is copied: tensors share the numpy arrays' memory. On CUDA the
+    float inputs and the index inputs are each packed into one pinned host buffer (kept
+    and grown across steps) and sent with one asynchronous copy apiece, and the gradients
+    come back packed in one device-to-host copy into pinned memory.
+    """
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.cuda = device.type == "cuda"
+        self._pinned: dict[torch.dtype, torch.Tensor] = {}
+        self._event = None  # CUDA event after the last copy out of the pinned buffers
+
+    def _buffer(self, dtype: torch.dtype, n: int) -> torch.Tensor:
+        buf = self._pinned.get(dtype)
+        if buf is None or buf.numel() < n:
+            buf = torch.empty(max(n, 1 << 16, 0 if buf is None else 2 * buf.numel()), dtype=dtype, pin_memory=True)
+            self._pinned[dtype] = buf
+        return buf
+
+    def to_device(self, floats: dict[str, np.ndarray], ints: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
+        """``float32`` and ``int64`` arrays as tensors on the device (by the same names)."""
+        if not self.cuda:
+            out = {k: torch.from_numpy(_writable(v, np.float32)) for k, v in floats.items()}
+            out.update({k: torch.from_numpy(_writable(v, np.int64)) for k, v in ints.items()})
+            return out
+        if self._event is not None:  # the buffers are about to be overwritten: the last copies must be done
+            self._event.synchronize()
+        out = {}
+        for group, dtype, np_dtype in ((floats, torch.float32, np.float32), (ints, torch.int64, np.int64)):
+            if not group:
+                continue
+            sizes = [int(np.size(v)) for v in group.values()]
+            buf = self._buffer(dtype, sum(sizes))
+            host = buf.numpy()
+            at = 0
+            for v, n in zip(group.values(), sizes):
+                host[at : at + n] = np.asarray(v, np_dtype).reshape(-1)
+                at += n
+            dev = buf[:at].to(self.device, non_blocking=True)
+            at = 0
+            for (k, v), n in zip(group.items(), sizes):
+                out[k] = dev[at : at + n].view(np.shape(v))
+                at += n
+        self._event = torch.cuda.Event()
+        self._event.record()
+        return out
+
+    def to_host(self, tensors: list[torch.Tensor]) -> list[np.ndarray]:
+        """``tensors`` as numpy arrays (float32, same shapes): views on the CPU, one packed
+        device-to-host copy on CUDA."""
+        if not self.cuda:
+            return [t.numpy() for t in tensors]
+        flat = torch.cat([t.reshape(-1) for t in tensors])
+        host = torch.empty(flat.numel(), dtype=flat.dtype, pin_memory=True)
+        host.copy_(flat)  # synchronous: the gradients are needed now
+        out, at = [], 0
+        for t in tensors:
+            out.append(host[at : at + t.numel()].numpy().reshape(tuple(t.shape)))
+            at += t.numel()
+        return out
+
+
 def _mask(mine: np.ndarray | None, n: int) -> Any:
     return mine.tolist() if mine is not None else [True] * n
+
+
+def _writable(a: np.ndarray, dtype: type) -> np.ndarray:
+    """``a`` as a contiguous ``dtype`` array torch may own: a read-only one (rows from
+    ``ray.get``, which live in Ray's shared object store) is copied first, so no tensor op
+    can ever write into the store."""
+    out = np.ascontiguousarray(a, dtype)
+    return out if out.flags.writeable else out.copy()

@@ -45,10 +45,10 @@ import torch
 
 from ps.cache import RowCache
 from ps.client import PSClient
-from ps.ids import ID_UNION, Keyed, ids_to_arrow
+from ps.ids import ID_UNION, Keyed, ids_from_arrow, ids_to_arrow
 from ps.persist import TableUpdate, fsync_path
 from ps.shard import PushId
-from workers.config import StreamKind
+from workers.config import LossKind, StreamKind
 from workers.negatives import Catalogue
 from workers.ranking import Ranker
 from workers.step import Batch, Histories, TrainStep
@@ -57,7 +57,7 @@ from workers.wal import PushRecord, TrainerWAL
 if TYPE_CHECKING:  # the root config composes every layer's settings; workers only read it
     from serving.config import FreshetConfig
 
-__all__ = ["Trainer", "resolve_device", "start_trainers", "trainer_actor_name"]
+__all__ = ["Trainer", "gpus_per_trainer", "resolve_device", "start_trainers", "trainer_actor_name"]
 
 _log = logging.getLogger(__name__)
 
@@ -107,7 +107,7 @@ def partitions_of(index: int, cfg: "FreshetConfig") -> list[int]:
 
 
 class _DeadLetters:
-    """Events set aside because their gradients were not finite: an Arrow IPC stream file
+    """Events set aside (a weight the model refuses, or gradients that are not finite): an Arrow IPC stream file
     (one batch per set-aside group, flushed), and the ``(partition, offset)`` already there,
     so a redo after a restart does not write them twice."""
 
@@ -127,27 +127,37 @@ class _DeadLetters:
         return len(self.seen)
 
     def add(self, batch: Batch, events: np.ndarray, reason: str) -> None:
-        new = [j for j in events.tolist() if (batch.partition, int(batch.offsets[j])) not in self.seen]
+        """Set aside ``events`` (indices into ``batch``), all for ``reason``."""
+        types = [batch.event_types[j] for j in events.tolist()] if batch.event_types else None
+        self.add_rows(batch.partition, batch.offsets[events], batch.user_ids[events], batch.item_ids[events],
+                      batch.weights[events], types, [reason] * len(events))
+
+    def add_rows(self, partition: int, offsets: np.ndarray, user_ids: np.ndarray, item_ids: np.ndarray,
+                 weights: np.ndarray, event_types: list | None, reasons: list[str]) -> None:
+        """Set aside events given column by column (``[n]`` each), one reason per event; those
+        already set aside are skipped."""
+        new = [j for j, o in enumerate(offsets.tolist()) if (partition, int(o)) not in self.seen]
         if not new:
             return
-        self.seen.update((batch.partition, int(batch.offsets[j])) for j in new)
-        _log.warning("set aside %d events of partition %d (%s) to %s", len(new), batch.partition, reason, self.path)
+        keys = {(partition, int(offsets[j])) for j in new}
+        self.seen.update(keys)
+        _log.warning("set aside %d events of partition %d (%s) to %s", len(new), partition, reasons[new[0]], self.path)
         if self.path is None:
             return
         sel = np.asarray(new)
         table = pa.record_batch([
-            pa.array(np.full(len(sel), batch.partition, np.int32)),
-            pa.array(batch.offsets[sel]),
-            ids_to_arrow(batch.user_ids[sel], union=True),
-            ids_to_arrow(batch.item_ids[sel], union=True),
-            pa.array(batch.weights[sel]),
-            pa.array([batch.event_types[j] for j in new] if batch.event_types else [None] * len(new), pa.string()),
-            pa.array([reason] * len(new), pa.string()),
+            pa.array(np.full(len(sel), partition, np.int32)),
+            pa.array(np.asarray(offsets, np.int64)[sel]),
+            ids_to_arrow(user_ids[sel], union=True),
+            ids_to_arrow(item_ids[sel], union=True),
+            pa.array(np.asarray(weights, np.float32)[sel]),
+            pa.array([event_types[j] for j in new] if event_types else [None] * len(new), pa.string()),
+            pa.array([reasons[j] for j in new], pa.string()),
             pa.array(np.full(len(sel), time.time())),
         ], schema=_DEAD_LETTER_SCHEMA)
         if self._writer is None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            fresh = not self.path.exists() or not self.seen - {(batch.partition, int(batch.offsets[j])) for j in new}
+            fresh = not self.path.exists() or not self.seen - keys
             if fresh:
                 self._file = open(self.path, "wb")
                 self._writer = pa.ipc.new_stream(self._file, _DEAD_LETTER_SCHEMA)
@@ -211,6 +221,7 @@ class Trainer:
         self.producers = {p: f"{cfg.namespace}/{trainer_actor_name(index)}/{sid}" for p, sid in self.source_ids.items()}
         self.evaluate, self.eval_k = evaluate, eval_k
         self.cache = RowCache(self.client, cfg.model.item_tables(), reader=f"{cfg.namespace}/eval-{index}") if evaluate else None
+        self._eval_rankers: tuple[Ranker, Ranker] | None = None  # the model's and all-time popularity's
         self.metrics: collections.Counter = collections.Counter()
         self.freshness_ms: collections.deque[float] = collections.deque(maxlen=20_000)
         self.cpu_s0 = time.process_time()
@@ -320,7 +331,10 @@ class Trainer:
             # Shards that applied it drop it by push id; the rest apply the same gradients.
             parts = {name: (u.keys, u.grads, u.ids, u.create) for name, u in updates.items()}
             if recent is not None:
-                recent = (_keyed(recent[0]), _keyed(recent[1]), recent[2])
+                # Read back from the file these are key arrays; still in memory (a retry in
+                # the same process) they are the Keyed the push was built with.
+                recent = (_keyed(getattr(recent[0], "keys", recent[0])), _keyed(getattr(recent[1], "keys", recent[1])),
+                          recent[2])
             self._push_raw(parts, PushId(self.producers[rec.partition], rec.seq), recent)
             self.recovered_pushes += 1
         resume = {p: committed.offsets.get(p, 0) for p in self.sources}
@@ -355,9 +369,9 @@ class Trainer:
             if raw.num_rows == 0:
                 break
             end = int(raw.column("offset")[-1].as_py()) + 1
-            batch = self.step.prepare(raw, end, self.catalogue, self.histories, partition=p, mine=self._mine(raw))
+            batch = self.step.prepare(raw, end, self.catalogue, self.histories, partition=p, mine=self._admitted(p, raw))
             if self.evaluate:
-                for u, i in zip(batch.user_keys.tolist(), batch.item_keys.tolist()):
+                for u, i in zip(batch.user_keys[batch.positive].tolist(), batch.item_keys[batch.positive].tolist()):
                     self.seen[u].add(i)
             dead = sum((p, o) in self.dead.seen for o in batch.offsets.tolist()) if len(self.dead) else 0
             self.events_applied += len(batch.offsets) - dead
@@ -397,8 +411,35 @@ class Trainer:
             return True
         return src.end_offset is not None and self.read_pos[p] >= src.end_offset
 
+    def _admitted(self, p: int, raw: pa.RecordBatch) -> np.ndarray | None:
+        """Which events of partition ``p``'s ``raw`` this trainer prepares (None: all): its own
+        (:meth:`_mine`) whose weight the model accepts. An event with a weight the model
+        refuses (``model.weight_problem``, what ``POST /events`` answers 422 for) can still
+        reach the log behind the door (a direct append); it is set aside to the dead letters
+        and leaves no trace in local state or on a shard: a finite but huge confidence (1e20)
+        gives finite gradients whose squares overflow the shards' float32 Adagrad state, which
+        would freeze every row the event touched (and its negatives) for good."""
+        mine = self._mine(raw)
+        m = self.cfg.model
+        w = raw.column("weight").to_numpy(zero_copy_only=False).astype(np.float64)
+        with np.errstate(invalid="ignore"):
+            bad = ~np.isfinite(w) | (np.abs(w) > m.max_abs_weight)
+            if m.loss == LossKind.MSE and m.rating_range is not None:
+                bad |= (w < m.rating_range[0]) | (w > m.rating_range[1])
+        if mine is not None:
+            bad &= mine
+        if not bad.any():
+            return mine
+        idx = np.flatnonzero(bad)
+        types = raw.column("event_type").to_pylist()
+        self.dead.add_rows(p, raw.column("offset").to_numpy(zero_copy_only=False)[idx],
+                           ids_from_arrow(raw.column("user_id"))[idx], ids_from_arrow(raw.column("item_id"))[idx],
+                           w[idx], [types[j] for j in idx.tolist()],
+                           [m.weight_problem(float(f"{x:.7g}")) or f"weight: {x:.7g} is refused by the model" for x in w[idx].tolist()])
+        return ~bad if mine is None else mine & ~bad
+
     def _prepare(self, p: int, raw: pa.RecordBatch, end: int) -> Batch:
-        batch = self.step.prepare(raw, end, self.catalogue, self.histories, partition=p, mine=self._mine(raw))
+        batch = self.step.prepare(raw, end, self.catalogue, self.histories, partition=p, mine=self._admitted(p, raw))
         if len(batch.ingest_ts):
             oldest = float(batch.ingest_ts.min())
             self._oldest_unapplied = oldest if self._oldest_unapplied is None else min(self._oldest_unapplied, oldest)
@@ -406,32 +447,38 @@ class Trainer:
 
     # -- evaluation --------------------------------------------------------------------
     def _evaluate(self, batch: Batch) -> None:
-        """Rank before training: hits@k of the model and of popularity for known users."""
-        users = batch.user_keys
-        known = np.fromiter((u in self.seen for u in users.tolist()), dtype=bool, count=len(users))
-        self.metrics["cold_events"] += int((~known).sum())
-        if known.any():
+        """Rank before training (:func:`workers.eval.protocol.progressive_ranks`): every positive
+        of a user with an earlier positive is ranked with the model as of before this batch, the
+        user's seen items and session context updated event by event within it (as
+        read-your-writes gives a live client); hits@10/20 and NDCG@10 of the model and of the
+        all-time popularity baseline, over the same events."""
+        from workers.eval.protocol import RankTally, progressive_ranks
+
+        users, items, positive = batch.user_keys, batch.item_keys, batch.positive
+        warm = positive.copy()
+        if positive.any():
+            if self._eval_rankers is None:
+                m = self.cfg.model
+                self._eval_rankers = (Ranker(self.cache, m),
+                                      Ranker(self.cache, m.model_copy(update={"recent_table": None, "context_table": None})))
             self.cache.sync()
-            ranker = Ranker(self.cache, self.cfg.model)
-            uniq = np.unique(users[known])
-            pos = {u: r for r, u in enumerate(uniq.tolist())}
-            rows, found = self.client.pull_many({self.cfg.model.user_table: _keyed(uniq)})[self.cfg.model.user_table]
-            seen = [np.fromiter(self.seen[u], np.uint64) for u in uniq.tolist()]
-            # Session context as before this batch (the batch's own items would leak the answers).
+            uniq = np.unique(users[positive])
+            got, found = self.client.pull_many({self.cfg.model.user_table: _keyed(uniq)})[self.cfg.model.user_table]
+            rows = {u: (got[r] if found[r] else None) for r, u in enumerate(uniq.tolist())}
             row_of = {u: r for r, u in enumerate(batch.users.keys.tolist())}
-            ctx = [batch.ctx[[j for j in batch.ctx_inv[row_of[u]].tolist() if j >= 0]] if u in row_of else np.empty(0, np.uint64)
-                   for u in uniq.tolist()]
-            ranked = ranker.rank_many(rows, found, seen, self.eval_k, history=ctx)
-            popular = [ranker.popular(s, self.eval_k) for s in seen]
-            item_ids = batch.item_ids
-            # Only positives are hits to predict: a dislike or an ignored rating is not a
-            # recommendation the user wanted.
-            for j in np.flatnonzero(known & batch.positive).tolist():
-                r = pos[int(users[j])]
-                self.metrics["eval_events"] += 1
-                self.metrics["model_hits"] += item_ids[j] in ranked[r].item_ids
-                self.metrics["popular_hits"] += item_ids[j] in popular[r].item_ids
-        for u, i in zip(users.tolist(), batch.item_keys.tolist()):
+            ctx = {u: batch.ctx[[j for j in batch.ctx_inv[row_of[u]].tolist() if j >= 0]] for u in uniq.tolist() if u in row_of}
+            seen = {u: np.fromiter(self.seen[u], np.uint64) for u in uniq.tolist() if u in self.seen}
+            model_r, pop_r, fallbacks = progressive_ranks(*self._eval_rankers, users, items, positive, rows, seen, ctx,
+                                                          depth=max(20, self.eval_k))
+            warm = model_r >= -1
+            RankTally.add(self.metrics, model_r, "model_")
+            RankTally.add(self.metrics, pop_r, "popular_")
+            self.metrics["eval_events"] += int(warm.sum())
+            self.metrics["model_hits"] += int(((model_r >= 0) & (model_r < self.eval_k)).sum())
+            self.metrics["popular_hits"] += int(((pop_r >= 0) & (pop_r < self.eval_k)).sum())
+            self.metrics["model_fallbacks"] += fallbacks
+        self.metrics["cold_events"] += int((positive & ~warm).sum())
+        for u, i in zip(users[positive].tolist(), items[positive].tolist()):
             self.seen[u].add(i)
 
     # -- training ----------------------------------------------------------------------
@@ -591,9 +638,18 @@ class Trainer:
     def _supervised(self) -> None:
         """:meth:`run`, retried with backoff from the last committed state when a batch fails;
         an actor that keeps failing exits, so Ray restarts it."""
-        backoff = self.cfg.trainer.retry_backoff_s
+        recovering = False
         while not self._stop.is_set():
             try:
+                if recovering:
+                    # Each try starts from the last committed state, as a restart would. A
+                    # recovery that fails is a failed try too: training on half-recovered
+                    # state would skip the unfinished batch (or re-read from offset 0 in other
+                    # batch boundaries, re-applying pushes under new ids).
+                    self._reset_local_state()
+                    if self.wal is not None:
+                        self._recover()
+                    recovering = False
                 self.run()
                 return
             except Exception:  # noqa: BLE001 - every failure is retried or escalated, never swallowed
@@ -607,14 +663,10 @@ class Trainer:
                         os._exit(1)  # Ray restarts the actor, which resumes from its committed offset
                     return
                 self.state = "retrying"
-                self._stop.wait(min(backoff, _MAX_BACKOFF_S))
-                backoff *= 2
-                try:
-                    self._reset_local_state()
-                    if self.wal is not None:
-                        self._recover()
-                except Exception:  # noqa: BLE001 - recovery itself failing is the next try's problem
-                    self.error = traceback.format_exc()
+                # Backoff doubles per consecutive failure (a committed batch resets retries), so
+                # a transient fault months later waits retry_backoff_s again, not the cap.
+                self._stop.wait(min(self.cfg.trainer.retry_backoff_s * 2 ** (self.retries - 1), _MAX_BACKOFF_S))
+                recovering = True
 
     def stop(self, timeout_s: float = 30.0) -> dict[str, Any]:
         """Stop the background loop after the current batch; returns :meth:`stats`."""
@@ -698,6 +750,16 @@ def _in_actor() -> bool:
         return False
 
 
+def gpus_per_trainer(cfg: "FreshetConfig", cluster_gpus: float) -> float:
+    """GPUs each trainer actor reserves: ``trainer.num_gpus`` when set; else, for
+    ``trainer.device`` auto or cuda on a cluster with GPUs, a share of them (at most one
+    each). Ray hides every GPU from an actor that reserves none, so without a reservation
+    ``auto`` could never pick CUDA inside the actor."""
+    if cfg.trainer.num_gpus > 0 or cfg.trainer.device == "cpu" or cluster_gpus < 1:
+        return cfg.trainer.num_gpus
+    return min(1.0, float(int(cluster_gpus)) / cfg.trainer.num_workers)
+
+
 def start_trainers(
     cfg: "FreshetConfig",
     *,
@@ -716,12 +778,13 @@ def start_trainers(
     """
     actor_cls = ray.remote(Trainer)
     handles = []
+    num_gpus = gpus_per_trainer(cfg, ray.cluster_resources().get("GPU", 0.0))
     for i in range(cfg.trainer.num_workers):
         opts: dict[str, Any] = dict(
             name=trainer_actor_name(i),
             namespace=cfg.namespace,
             num_cpus=cfg.trainer.num_cpus,
-            num_gpus=cfg.trainer.num_gpus,
+            num_gpus=num_gpus,
             max_restarts=cfg.trainer.max_restarts,
             max_concurrency=4,  # the training thread plus stats()/stop() calls
         )
