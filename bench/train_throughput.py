@@ -1,17 +1,36 @@
-"""Training throughput through the parameter server versus one in-process model, and
-``/rank`` latency, side by side on this machine.
+"""Training throughput through the parameter server versus one in-process model and
+outside peers, and ``/rank`` latency, side by side on this machine.
 
-``python -m bench.train_throughput [--events N] [--out DIR]`` runs, in one process:
+``python -m bench.train_throughput [--workload default|torchrec] [--events N] [--out DIR]``
+runs, in one process:
 
+0. With ``--workload torchrec`` only: the peers of :mod:`bench.peers` on the very same
+   events (plain torch gather + ``index_add_`` with 1 and 2 threads, always; TorchRec CPU
+   and raw FBGEMM TBE with 2 threads when the extra ``freshet[peers]`` is installed).
 1. The in-process twin: the trainer's own class with its rows in one in-process shard
    (``ps.local.LocalClient``), no Ray.
 2. The same stream through Ray: PS shard actors plus one trainer actor reading the
    stream itself, with ``trainer.prefetch`` off and on.
-3. With the PS of (2) still up: the ingest log and the Serve app, then sequential
-   ``POST /rank`` for known and unknown users and ``GET /healthz`` as the HTTP floor.
+3. With the PS of (2) still up (default workload only): the ingest log and the Serve
+   app, then sequential ``POST /rank`` for known and unknown users and ``GET /healthz``
+   as the HTTP floor.
+
+With ``--workload torchrec`` the same run also reports, so one JSON holds every training
+figure of issues 11 and 12: the default model (``--default-events``, 30,000 synthetic
+events: its twin before Ray starts, then through the PS with prefetch on) and issue 11's
+table figures at ``--table-rows`` (1,000,000) rows (:func:`run_table_figures`: bytes per
+row against the raw row + optimizer state, pull / push / evicting-push keys/s, and
+``ps.index.KeyIndex`` against the dict index).
+
+Workloads: ``default`` is the configured model (3 passes x 32 negatives, session
+context, recent-popularity prior) on the synthetic stream; ``torchrec`` is the TorchRec
+CPU job of issue 12 (1M-ID user and item tables, dim 64, row-wise Adagrad, BPR with 4
+uniform negatives, batch 4096, one pass, no session context, no popularity prior):
+Freshet reads the peers' events from a Parquet file (:func:`torchrec_config`).
 
 It prints a table and writes ``<out>/train_throughput.json`` and
-``<out>/train_throughput.png``. See ``bench/README.md`` for what each figure means.
+``<out>/train_throughput.png`` (``train_throughput_torchrec.*`` for that workload). See
+``bench/README.md`` for what each figure means.
 """
 
 from __future__ import annotations
@@ -43,19 +62,46 @@ if TYPE_CHECKING:
     from serving.deploy import Deployment
 
 __all__ = [
+    "GOALS",
+    "INDEX_GOAL",
+    "RAW_ROW_BYTES_GOAL",
     "REPORT_KEYS",
     "RUN_KEYS",
-    "in_process_trainer",
+    "WORKLOADS",
     "bench_config",
     "build_report",
     "format_table",
+    "in_process_trainer",
     "main",
     "run_in_process",
+    "run_peer_baselines",
+    "run_table_figures",
+    "torchrec_config",
+    "torchrec_workload",
+    "write_peer_stream",
     "write_report",
 ]
 
-REPORT_KEYS = ("bench", "date", "machine", "config", "in_process", "ps", "ratios", "rank_latency")
-"""Top-level keys of ``train_throughput.json``, in order."""
+WORKLOADS = ("default", "torchrec")
+"""``--workload`` choices: the configured model, or issue 12's TorchRec CPU job."""
+
+GOALS = {"ps_vs_torchrec": 1.0, "twin_vs_plain": 0.8}
+"""Issue 12's targets on the ``torchrec`` workload: PS events/s over TorchRec CPU's, and the
+in-process twin's over the plain gather + ``index_add_`` baseline's (2 threads, as the issue
+measured it); reported, never asserted by a test."""
+
+REPORT_KEYS = ("bench", "date", "machine", "workload", "config", "in_process", "ps", "ratios", "peers",
+               "peer_ratios", "goals", "rank_latency", "default_model", "table_figures")
+"""Top-level keys of ``train_throughput.json``, in order (``default_model`` and
+``table_figures`` are empty unless the ``torchrec`` workload ran them)."""
+
+RAW_ROW_BYTES_GOAL = 1.3
+"""Issue 11's target: a table's bytes per row at 1,000,000 rows within 1.3x its raw row +
+optimizer state (reported, never asserted by a test)."""
+
+INDEX_GOAL = 10.0
+"""Issue 11's target: ``ps.index.KeyIndex`` keys/s at least 10x the dict index's, batches of
+20,480 keys at 1,000,000 keys (reported, never asserted by a test)."""
 
 RUN_KEYS = ("events", "batches", "wall_s", "events_per_s", "ms_per_batch", "cpu_s", "system_cpu_s", "loss_sum")
 """Keys every throughput run (in-process and each PS run) has in the JSON."""
@@ -125,6 +171,7 @@ def run_in_process(cfg: FreshetConfig, *, trainer: Trainer | None = None, progre
         "loss_first": float(np.mean(per_event[:tenth])) if per_event else None,
         "loss_last": float(np.mean(per_event[-tenth:])) if per_event else None,
         "rows": rows,
+        "device": str(t.device),
     }
 
 
@@ -250,6 +297,7 @@ def _run_ps(cfg: FreshetConfig, *, progress: bool = True) -> tuple[dict[str, Any
         "system_cpu_s": _cpu_between(cpu0, cpu1),
         "system_cpu_by_process": _cpu_by_role(cpu0, cpu1),
         "rows": shard_rows,
+        "device": stats.get("device"),
     }, dep
 
 
@@ -259,7 +307,7 @@ def _run_ps(cfg: FreshetConfig, *, progress: bool = True) -> tuple[dict[str, Any
 def _latency(ms: list[float]) -> dict[str, float]:
     a = np.asarray(ms, dtype=np.float64)
     return {
-        "n": int(len(a)),
+        "n": len(a),
         "p50_ms": float(np.percentile(a, 50)),
         "p99_ms": float(np.percentile(a, 99)),
         "mean_ms": float(a.mean()),
@@ -320,6 +368,235 @@ def _measure_latency(
     return out
 
 
+# --------------------------------------------------------------------------- TorchRec-like workload
+
+
+def torchrec_workload(events: int, *, num_ids: int = 1_000_000, seed: int = 0):
+    """Issue 12's TorchRec CPU job as a :class:`bench.peers.PeerWorkload`: ``num_ids``-ID
+    user and item tables, dim 64, batch 4096, 4 uniform negatives, row-wise Adagrad (lr
+    0.2 users, 0.05 items, as Freshet's defaults), L2 1e-4, Freshet's initial rows."""
+    from bench.peers import PeerWorkload
+
+    return PeerWorkload(num_ids=num_ids, dim=64, batch=4096, negatives=4, events=events, seed=seed, init="freshet")
+
+
+def write_peer_stream(data, path: str | Path) -> Path:
+    """The peers' events (``data``: :class:`bench.peers.PeerData`) as a Parquet stream file
+    (``user_id``, ``item_id`` int64 as the peers' row IDs, ``timestamp`` 1 s apart), so
+    Freshet trains on the very same (user, item) pairs in the same order."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    n = len(data.users)
+    pq.write_table(pa.table({"user_id": data.users, "item_id": data.items,
+                             "timestamp": 1.7e9 + np.arange(n, dtype=np.float64)}), path)
+    return path
+
+
+def torchrec_config(workload, stream_path: str | Path, config_path: str | None = None) -> FreshetConfig:
+    """Freshet's config for :func:`torchrec_workload`: the Parquet stream of
+    :func:`write_peer_stream`, one trainer, batch ``workload.batch``, one pass,
+    ``workload.negatives`` negatives drawn uniformly (from the catalogue of items seen
+    so far: Freshet never samples IDs it has no row for), no session context, no
+    recent-popularity prior, dim ``workload.dim``, row-wise Adagrad with the peers'
+    lr, eps and L2. What stays Freshet's own: the dim-1 item bias and the popularity
+    counts (part of every Freshet model), and tables that hold rows only for IDs seen.
+    """
+    w = workload
+    opt = {"kind": "rowwise_adagrad", "eps": w.eps}
+    return load_config(config_path, {
+        "stream": {"kind": StreamKind.PARQUET.value, "path": str(stream_path), "num_events": w.events},
+        "trainer": {"num_workers": 1, "batch_size": w.batch, "passes": 1},
+        "model": {"num_negatives": w.negatives, "popularity_negative_fraction": 0.0, "context_table": None,
+                  "recent_table": None, "l2": w.l2},
+        "ps": {"seed": w.seed, "tables": {
+            "user": {"dim": w.dim, "init_scale": w.init_scale, "optimizer": {**opt, "lr": w.lr_user}},
+            "item": {"dim": w.dim, "init_scale": w.init_scale, "optimizer": {**opt, "lr": w.lr_item}},
+        }},
+    })
+
+
+def run_peer_baselines(workload, peers: list[str], *, repeat: int = 1, progress: bool = True) -> dict[str, Any]:
+    """The peers on ``workload``: plain torch with 1 and 2 threads (always), TorchRec and
+    FBGEMM with 2 threads (those in ``peers`` that are installed), each the fastest of
+    ``repeat`` rounds. Returns ``{"runs": {label: run}, "skipped": {peer: why}, "workload"}``."""
+    from dataclasses import asdict
+
+    from tqdm import tqdm
+
+    from bench import peers as pr
+
+    data = pr.prepare(workload)
+    plan = [("plain", 1), ("plain", 2)] + [(p, 2) for p in peers if p != "plain"]
+    skipped = {p: why for p in dict.fromkeys(p for p, _ in plan) if (why := pr.peer_missing(p)) is not None}
+    plan = [(p, t) for p, t in plan if p not in skipped]
+    runners = {"plain": pr.run_plain_torch, "torchrec": pr.run_torchrec, "fbgemm": pr.run_fbgemm_tbe}
+    runs: dict[str, Any] = {}
+    every: dict[str, list[float]] = {}
+    with tqdm(total=len(plan) * repeat, unit="run", desc="peers", disable=not progress, dynamic_ncols=True) as bar:
+        for _ in range(repeat):
+            for p, threads in plan:
+                label = f"{p} {threads}t"
+                bar.set_postfix_str(label)
+                load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+                r = runners[p](workload, threads, data=data)
+                r["loadavg_1m"] = load
+                every.setdefault(label, []).append(r["events_per_s"])
+                if label not in runs or r["events_per_s"] > runs[label]["events_per_s"]:
+                    runs[label] = r
+                bar.update(1)
+    for label, r in runs.items():
+        r["all_events_per_s"] = every[label]
+    return {"workload": asdict(workload), "repeat": repeat, "runs": runs, "skipped": skipped}
+
+
+def _peer_ratios(in_process: dict[str, Any], ps_runs: dict[str, dict[str, Any]], peers: dict[str, Any]) -> dict:
+    """``{freshet run: {peer run: freshet events/s / peer events/s}}``."""
+    runs = {"in-process": in_process, **{f"PS {n}": r for n, r in ps_runs.items()}}
+    return {name: {label: r["events_per_s"] / p["events_per_s"] for label, p in peers.get("runs", {}).items()}
+            for name, r in runs.items()}
+
+
+def _goals(in_process: dict[str, Any], ps_runs: dict[str, dict[str, Any]], peers: dict[str, Any]) -> dict:
+    """Issue 12's goals (:data:`GOALS`) as measured in this run: value, target, met (None
+    where a run needed for it is missing)."""
+    runs = peers.get("runs", {})
+    out: dict[str, Any] = {}
+    best_ps = max((r["events_per_s"] for r in ps_runs.values()), default=None)
+    tr = runs.get("torchrec 2t")
+    value = best_ps / tr["events_per_s"] if best_ps is not None and tr else None
+    out["ps_vs_torchrec"] = {"value": value, "target": GOALS["ps_vs_torchrec"],
+                             "met": None if value is None else value >= GOALS["ps_vs_torchrec"],
+                             "against": "fastest PS run / TorchRec CPU 2 threads"}
+    pl = runs.get("plain 2t")
+    value = in_process["events_per_s"] / pl["events_per_s"] if pl else None
+    out["twin_vs_plain"] = {"value": value, "target": GOALS["twin_vs_plain"],
+                            "met": None if value is None else value >= GOALS["twin_vs_plain"],
+                            "against": "in-process twin (1 torch thread) / plain gather + index_add_ 2 threads"}
+    pl1 = runs.get("plain 1t")
+    if pl1:
+        out["twin_vs_plain_1_thread"] = {"value": in_process["events_per_s"] / pl1["events_per_s"],
+                                         "against": "in-process twin / plain 1 thread (same thread count)"}
+    return out
+
+
+# --------------------------------------------------------------------------- 1M-row table figures
+
+
+def run_table_figures(rows: int = 1_000_000, *, dim: int = 64, batch: int = 4096, fill_batch: int = 20_480,
+                      probes: int = 40, index_rounds: int = 10, seed: int = 0) -> dict[str, Any]:
+    """Issue 11's table figures at ``rows`` rows, in process: one :class:`ps.shard.PSShard`
+    whose ``item`` table is ``dim`` floats with row-wise Adagrad and ``max_rows: rows``
+    (LRU), as in ``bench.id_churn``.
+
+    1. ``fill``: ``rows`` new keys pushed as real interactions in batches of
+       ``fill_batch`` (keys/s through ``PSShard.push``: index insert, initial rows,
+       Adagrad update).
+    2. ``memory``: the table's ``stats()`` at ``rows`` rows, its bytes per row over the raw
+       row + optimizer state (goal :data:`RAW_ROW_BYTES_GOAL`), and the RSS this process
+       grew by per row.
+    3. ``pull`` / ``push`` / ``evict``: ``probes`` batches of ``batch`` keys each (the
+       trainer's batch size): pulls of stored keys, pushes to stored keys, and pushes of
+       new keys into the full table (each evicts as many LRU rows); keys per second.
+    4. ``index``: ``bench.id_churn.run_index`` (``ps.index.KeyIndex`` against the dict
+       index at ``rows`` keys, batches of ``fill_batch``, keys per CPU second), ratios to
+       the dict (goal :data:`INDEX_GOAL`).
+
+    The torch thread count is 1 while it runs (a shard actor's), and restored after.
+    """
+    import gc
+
+    from bench.id_churn import _shard_config, rss_bytes, run_index
+    from ps.ids import id_keys
+    from ps.plan import ShardingPlan
+    from ps.shard import PSShard, PushId
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        gc.collect()
+        rss0 = rss_bytes()
+        shard = PSShard(0, ShardingPlan.uniform(1, 1), _shard_config(dim, rows, "lru"))
+        table = shard.tables["item"]
+        rng = np.random.default_rng(seed)
+        grads = (rng.standard_normal((max(batch, fill_batch), dim)) * 0.01).astype(np.float32)
+        keys = id_keys(np.arange(rows, dtype=np.int64))
+        seq = 0
+        t0 = time.perf_counter()
+        for a in range(0, rows, fill_batch):
+            k = keys[a:a + fill_batch]
+            shard.push(PushId("table", seq), {"item": (k, grads[: len(k)], None, None)})
+            seq += 1
+        fill_s = time.perf_counter() - t0
+        stats = table.stats()
+        rss_per_row = (rss_bytes() - rss0) / max(stats["rows"], 1)
+
+        def timed(op) -> float:
+            spent = 0.0
+            for _ in range(probes):
+                t = time.perf_counter()
+                op()
+                spent += time.perf_counter() - t
+            return probes * batch / max(spent, 1e-9)
+
+        def pull() -> None:
+            shard.pull({"item": keys[rng.integers(0, rows, batch)]})
+
+        def push() -> None:
+            nonlocal seq
+            k = np.unique(keys[rng.integers(0, rows, batch)])
+            shard.push(PushId("table", seq), {"item": (k, grads[: len(k)], None, None)})
+            seq += 1
+
+        fresh = iter(range(rows, rows + probes * batch, batch))
+
+        def evict() -> None:
+            nonlocal seq
+            a = next(fresh)
+            shard.push(PushId("table", seq), {"item": (id_keys(np.arange(a, a + batch, dtype=np.int64)),
+                                                        grads[:batch], None, None)})
+            seq += 1
+            shard.removed("item", shard.version, "bench")  # a reader in step: tombstones stay pruned
+
+        speeds = {"pull": timed(pull), "push": timed(push), "evict": timed(evict)}
+        rows_after = len(table)
+        shard = table = None  # free the rows before the index comparison
+        gc.collect()
+        index = run_index(rows, min(fill_batch, max(1, rows // 2)), index_rounds)  # a batch is a sample of the keys
+    finally:
+        torch.set_num_threads(threads)
+    return {
+        "rows": rows, "dim": dim, "optimizer": "rowwise_adagrad", "batch": batch, "fill_batch": fill_batch,
+        "probes": probes,
+        "fill": {"keys": rows, "wall_s": fill_s, "keys_per_s": rows / max(fill_s, 1e-9)},
+        "memory": {**stats, "bytes_per_row_ratio": stats["bytes_per_row"] / stats["row_bytes"],
+                   "rss_bytes_per_row": rss_per_row, "rss_bytes_per_row_ratio": rss_per_row / stats["row_bytes"],
+                   "goal": RAW_ROW_BYTES_GOAL, "met": stats["bytes_per_row"] / stats["row_bytes"] <= RAW_ROW_BYTES_GOAL},
+        "keys_per_s": speeds,
+        "rows_after_evict": rows_after,
+        "index": {**index, "goal": INDEX_GOAL,
+                  "met": {op: r >= INDEX_GOAL for op, r in index["ratio_to_dict"].items()}},
+    }
+
+
+def _default_model(in_process: dict[str, Any], ps_runs: dict[str, dict[str, Any]], cfg: FreshetConfig) -> dict[str, Any]:
+    """The default model's figures for the ``torchrec`` run's report: its twin and PS runs,
+    PS / twin ratios, and what the model is (passes, negatives, context)."""
+    m = cfg.model
+    return {
+        "model": {"passes": cfg.trainer.passes, "num_negatives": m.num_negatives, "context_table": m.context_table,
+                  "recent_table": m.recent_table, "batch_size": cfg.trainer.batch_size, "stream": cfg.stream.kind.value,
+                  "events": in_process["events"], "dim": cfg.ps.table(m.user_table).dim},
+        "in_process": in_process,
+        "ps": ps_runs,
+        "ratios": {name: {"events_per_s": r["events_per_s"] / max(in_process["events_per_s"], 1e-9),
+                          "loss_sum_rel_diff": abs(r["loss_sum"] - in_process["loss_sum"])
+                          / max(abs(in_process["loss_sum"]), 1e-12)} for name, r in ps_runs.items()},
+    }
+
+
 # --------------------------------------------------------------------------- report
 
 
@@ -356,8 +633,16 @@ def build_report(
     rank_latency: dict[str, Any],
     *,
     bench: dict[str, Any] | None = None,
+    workload: str = "default",
+    peers: dict[str, Any] | None = None,
+    default_model: dict[str, Any] | None = None,
+    table_figures: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """The JSON document: :data:`REPORT_KEYS`, with ratios PS/in-process per PS run.
+    """The JSON document: :data:`REPORT_KEYS`, with ratios PS/in-process per PS run, and
+    with ``peers`` (:func:`run_peer_baselines`) each Freshet run's ratio to each peer
+    (``peer_ratios``) and issue 12's goals (``goals``, see :data:`GOALS`);
+    ``default_model`` (:func:`_default_model`) and ``table_figures``
+    (:func:`run_table_figures`) as given, ``{}`` when not run.
 
     ``ratios[run]`` has ``events_per_s`` (PS events/s over in-process events/s),
     ``overhead_ms_per_batch`` (PS ms per batch minus in-process ms per batch),
@@ -375,15 +660,22 @@ def build_report(
         }
         for name, run in ps_runs.items()
     }
+    peers = peers or {}
     report = {
         "bench": bench or {},
-        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "date": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
         "machine": _machine(),
+        "workload": workload,
         "config": cfg.model_dump(mode="json"),
         "in_process": in_process,
         "ps": ps_runs,
         "ratios": ratios,
+        "peers": peers,
+        "peer_ratios": _peer_ratios(in_process, ps_runs, peers) if peers.get("runs") else {},
+        "goals": _goals(in_process, ps_runs, peers) if peers.get("runs") else {},
         "rank_latency": rank_latency,
+        "default_model": default_model or {},
+        "table_figures": table_figures or {},
     }
     assert tuple(report) == REPORT_KEYS
     return report
@@ -397,21 +689,28 @@ def _chart(report: dict[str, Any], path: Path) -> None:
 
     lat = report["rank_latency"]
     has_lat = "skipped" not in lat and lat
-    fig, axes = plt.subplots(1, 2 if has_lat else 1, figsize=(11 if has_lat else 6, 4.2), squeeze=False)
+    dm = report.get("default_model") or {}
+    panels = 1 + bool(has_lat) + bool(dm)
+    fig, axes = plt.subplots(1, panels, figsize=(7.5 + 4.5 * (panels - 1), 4.2), squeeze=False)
     ax = axes[0][0]
-    names = ["in-process"] + [f"PS {n}" for n in report["ps"]]
-    values = [report["in_process"]["events_per_s"]] + [r["events_per_s"] for r in report["ps"].values()]
-    bars = ax.bar(names, values, color=["#4c72b0"] + ["#dd8452"] * len(report["ps"]))
-    def label(r: dict[str, Any]) -> str:
-        cpu = r.get("cpu_per_event")
-        return f"{r['events_per_s']:.2f}x" + ("" if cpu is None else f"\nCPU/event {cpu:.1f}x")
+    peer_runs = (report.get("peers") or {}).get("runs") or {}
+    if peer_runs:
+        _peer_chart(ax, report)
+    else:
+        names = ["in-process"] + [f"PS {n}" for n in report["ps"]]
+        values = [report["in_process"]["events_per_s"]] + [r["events_per_s"] for r in report["ps"].values()]
+        bars = ax.bar(names, values, color=["#4c72b0"] + ["#dd8452"] * len(report["ps"]))
 
-    labels = ["1.00x"] + [label(report["ratios"][n]) for n in report["ps"]]
-    for bar, text, v in zip(bars, labels, values):
-        ax.annotate(f"{v:,.0f}\n{text}", (bar.get_x() + bar.get_width() / 2, v), ha="center", va="bottom", fontsize=9)
-    ax.set_ylabel("training events/s")
-    ax.set_ylim(0, max(values) * 1.35)
-    ax.set_title(f"Training throughput, {report['in_process']['events']:,} events")
+        def label(r: dict[str, Any]) -> str:
+            cpu = r.get("cpu_per_event")
+            return f"{r['events_per_s']:.2f}x" + ("" if cpu is None else f"\nCPU/event {cpu:.1f}x")
+
+        labels = ["1.00x"] + [label(report["ratios"][n]) for n in report["ps"]]
+        for bar, text, v in zip(bars, labels, values):
+            ax.annotate(f"{v:,.0f}\n{text}", (bar.get_x() + bar.get_width() / 2, v), ha="center", va="bottom", fontsize=9)
+        ax.set_ylabel("training events/s")
+        ax.set_ylim(0, max(values) * 1.35)
+        ax.set_title(f"Training throughput ({report.get('workload', 'default')}), {report['in_process']['events']:,} events")
     if has_lat:
         ax = axes[0][1]
         groups = [("rank_known", "/rank known"), ("rank_unknown", "/rank unknown"), ("healthz", "/healthz")]
@@ -423,19 +722,101 @@ def _chart(report: dict[str, Any], path: Path) -> None:
         ax.set_ylabel("latency (ms), sequential requests")
         ax.set_title("HTTP latency")
         ax.legend()
+    if dm:
+        ax = axes[0][-1]
+        names = ["Freshet twin"] + [f"Freshet PS\n{n}" for n in dm["ps"]]
+        values = [dm["in_process"]["events_per_s"]] + [r["events_per_s"] for r in dm["ps"].values()]
+        bars = ax.bar(names, values, color=["#4c72b0"] + ["#dd8452"] * len(dm["ps"]))
+        for bar, v in zip(bars, values):
+            ax.annotate(f"{v:,.0f}\n{v / max(values[0], 1e-9):.2f}x", (bar.get_x() + bar.get_width() / 2, v),
+                        ha="center", va="bottom", fontsize=9)
+        ax.set_ylabel("training events/s")
+        ax.set_ylim(0, max(values) * 1.35)
+        m = dm["model"]
+        ax.set_title(f"default model: {m['passes']} passes x {m['num_negatives']} negatives"
+                     f"{' + context' if m['context_table'] else ''}, {m['events']:,} events", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
+def _peer_chart(ax, report: dict[str, Any]) -> None:
+    """Events/s of every peer and Freshet run, with each one's ratio to TorchRec (or plain)."""
+    peer_runs = report["peers"]["runs"]
+    names = list(peer_runs) + ["Freshet twin"] + [f"Freshet PS\n{n}" for n in report["ps"]]
+    values = [r["events_per_s"] for r in peer_runs.values()] + [report["in_process"]["events_per_s"]]
+    values += [r["events_per_s"] for r in report["ps"].values()]
+    colors = ["#8c8c8c"] * len(peer_runs) + ["#4c72b0"] + ["#dd8452"] * len(report["ps"])
+    bars = ax.bar(names, values, color=colors)
+    base_name = "torchrec 2t" if "torchrec 2t" in peer_runs else "plain 2t"
+    base = peer_runs[base_name]["events_per_s"]
+    for bar, v in zip(bars, values):
+        ax.annotate(f"{v / 1000:,.0f}k\n{v / base:.2f}x", (bar.get_x() + bar.get_width() / 2, v), ha="center",
+                    va="bottom", fontsize=8)
+    ax.set_ylabel("training events/s")
+    ax.set_ylim(0, max(values) * 1.3)
+    ax.tick_params(axis="x", labelsize=8)
+    w = report["peers"].get("workload", {})
+    ax.set_title(f"{report.get('workload')} workload: {report['in_process']['events']:,} events, batch {w.get('batch')}, "
+                 f"{w.get('negatives')} negatives (ratios to {base_name})", fontsize=9)
+
+
 def write_report(report: dict[str, Any], out_dir: str | Path) -> tuple[Path, Path]:
-    """Write ``train_throughput.json`` and ``train_throughput.png`` into ``out_dir``; returns both paths."""
+    """Write ``train_throughput.json`` and ``train_throughput.png`` into ``out_dir``
+    (``train_throughput_<workload>.*`` for a workload other than the default); returns both paths."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    json_path, png_path = out / "train_throughput.json", out / "train_throughput.png"
+    stem = "train_throughput" if report.get("workload", "default") == "default" else f"train_throughput_{report['workload']}"
+    json_path, png_path = out / f"{stem}.json", out / f"{stem}.png"
     json_path.write_text(json.dumps(report, indent=2, default=str) + "\n", encoding="utf-8")
     _chart(report, png_path)
     return json_path, png_path
+
+
+def _aligned(rows: list[tuple[str, ...]]) -> list[str]:
+    w = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    out = ["  ".join(c.ljust(wi) if i == 0 else c.rjust(wi) for i, (c, wi) in enumerate(zip(r, w))) for r in rows]
+    out.insert(1, "-" * len(out[0]))
+    return out
+
+
+def _format_extras(report: dict[str, Any]) -> list[str]:
+    """The default model's and the 1M-row table's lines (none when they were not run)."""
+    lines: list[str] = []
+    dm = report.get("default_model") or {}
+    if dm:
+        m = dm["model"]
+        lines += ["", (f"default model ({m['passes']} passes x {m['num_negatives']} negatives, context "
+                       f"{'on' if m['context_table'] else 'off'}, batch {m['batch_size']}, {m['stream']} stream, "
+                       f"{m['events']:,} events)")]
+        rows = [("run", "events/s", "ms/batch", "vs in-process", "loss sum")]
+        ip = dm["in_process"]
+        rows.append(("in-process (no Ray)", f"{ip['events_per_s']:,.0f}", f"{ip['ms_per_batch']:.2f}", "1.00x",
+                     f"{ip['loss_sum']:,.1f}"))
+        for name, r in dm["ps"].items():
+            rows.append((f"PS, {name}", f"{r['events_per_s']:,.0f}", f"{r['ms_per_batch']:.2f}",
+                         f"{dm['ratios'][name]['events_per_s']:.2f}x", f"{r['loss_sum']:,.1f}"))
+        lines += _aligned(rows)
+    tf = report.get("table_figures") or {}
+    if tf:
+        mem, ix = tf["memory"], tf["index"]
+        lines += ["", f"{tf['rows']:,}-row table (item, dim {tf['dim']}, row-wise Adagrad, one in-process shard)"]
+        rows = [("figure", "value", "goal")]
+        rows.append(("bytes/row (table arrays)", f"{mem['bytes_per_row']:.1f}", ""))
+        rows.append(("  / raw row + state bytes", f"{mem['bytes_per_row_ratio']:.3f}x",
+                     f"<= {mem['goal']}x: {'met' if mem['met'] else 'NOT met'}"))
+        rows.append(("RSS growth / row", f"{mem['rss_bytes_per_row']:.1f}", f"{mem['rss_bytes_per_row_ratio']:.3f}x raw"))
+        rows.append((f"fill: push new keys ({tf['fill_batch']:,}/push), keys/s", f"{tf['fill']['keys_per_s']:,.0f}", ""))
+        for op, what in (("pull", "pull stored keys"), ("push", "push to stored keys"), ("evict", "push new keys, evicting")):
+            rows.append((f"{what} ({tf['batch']:,}/call), keys/s", f"{tf['keys_per_s'][op]:,.0f}", ""))
+        r, q = ix["keys_per_cpu_s"], ix["ratio_to_dict"]
+        for op in ("lookup", "insert", "remove"):
+            rows.append((f"KeyIndex {op} ({ix['batch']:,} keys), keys/CPU s", f"{r['KeyIndex'][op]:.3g}",
+                         (f"{q[op]:.1f}x dict ({r['dict'][op]:.3g}); >= {ix['goal']:.0f}x: "
+                          f"{'met' if ix['met'][op] else 'NOT met'}")))
+        rows.append(("KeyIndex bytes/key", f"{r['KeyIndex']['bytes/key']:.1f}", f"dict {r['dict']['bytes/key']:.1f}"))
+        lines += _aligned(rows)
+    return lines
 
 
 def format_table(report: dict[str, Any]) -> str:
@@ -457,6 +838,32 @@ def format_table(report: dict[str, Any]) -> str:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in rows]
     lines.insert(1, "-" * len(lines[0]))
+    peer_runs = (report.get("peers") or {}).get("runs") or {}
+    if peer_runs:
+        prow = [("peer (same events)", "events/s", "ms/batch", "cpu s", "load 1m", "loss sum")]
+        for label, r in peer_runs.items():
+            load = r.get("loadavg_1m")
+            prow.append((label, f"{r['events_per_s']:,.0f}", f"{1000.0 * r['wall_s'] / max(1, r['batches']):.2f}",
+                         f"{r['cpu_s']:.1f}", "-" if load is None else f"{load:.2f}", f"{r['loss_sum']:,.1f}"))
+        w = [max(len(r[i]) for r in prow) for i in range(len(prow[0]))]
+        pl = ["  ".join(c.ljust(wi) if i == 0 else c.rjust(wi) for i, (c, wi) in enumerate(zip(r, w))) for r in prow]
+        pl.insert(1, "-" * len(pl[0]))
+        lines += [""] + pl
+        for p, why in report["peers"].get("skipped", {}).items():
+            lines.append(f"{p}: skipped ({why})")
+        labels = list(peer_runs)
+        rrow = [("freshet / peer", *labels)]
+        for name, ratios in report["peer_ratios"].items():
+            rrow.append((name, *(f"{ratios[lb]:.2f}x" for lb in labels)))
+        w = [max(len(r[i]) for r in rrow) for i in range(len(rrow[0]))]
+        rl = ["  ".join(c.ljust(wi) if i == 0 else c.rjust(wi) for i, (c, wi) in enumerate(zip(r, w))) for r in rrow]
+        rl.insert(1, "-" * len(rl[0]))
+        lines += [""] + rl
+        for name, g in report.get("goals", {}).items():
+            v = g.get("value")
+            target = f" (goal >= {g['target']:.2f}x: {'met' if g.get('met') else 'NOT met'})" if "target" in g else ""
+            lines.append(f"{name}: {'n/a' if v is None else f'{v:.2f}x'}{target}  [{g['against']}]")
+    lines += _format_extras(report)
     lat = report["rank_latency"]
     lines.append("")
     if "skipped" in lat:
@@ -505,7 +912,22 @@ def _positive(text: str) -> int:
 def main(argv: list[str] | None = None) -> int:
     """Run the whole benchmark; returns the process exit status."""
     p = argparse.ArgumentParser(prog="python -m bench.train_throughput", description=__doc__.split("\n\n")[0])
-    p.add_argument("--events", type=_positive, default=30_000, help="stream events per run (default 30000)")
+    p.add_argument("--workload", choices=WORKLOADS, default="default",
+                   help="default: the configured model on the synthetic stream; torchrec: issue 12's TorchRec CPU job "
+                        "beside the peers (bench.peers) on the same events")
+    p.add_argument("--events", type=_positive, default=None,
+                   help="stream events per run (default 30000; 200000 with --workload torchrec)")
+    p.add_argument("--num-ids", type=_positive, default=1_000_000, help="torchrec workload: IDs per table (default 1e6)")
+    p.add_argument("--peers", default="plain,torchrec,fbgemm",
+                   help="torchrec workload: peers to run (plain always runs, with 1 and 2 threads)")
+    p.add_argument("--peer-repeat", type=_positive, default=1, help="torchrec workload: rounds per peer, fastest kept")
+    p.add_argument("--default-events", type=int, default=None,
+                   help="torchrec workload: also run the default model (twin and PS, prefetch on) on this many "
+                        "synthetic events (default 30000; 0 skips)")
+    p.add_argument("--table-rows", type=int, default=None,
+                   help="torchrec workload: also measure a table of this many rows (issue 11's figures; "
+                        "default 1000000; 0 skips)")
+    p.add_argument("--shards", type=_positive, default=None, help="PS shard actors (default: the config's ps.num_shards)")
     p.add_argument("--out", default=str(DEFAULT_OUT), help="output directory (default bench/results/)")
     p.add_argument("--config", default=None, help="Freshet YAML config (default: built-in defaults, synthetic stream)")
     p.add_argument("--rank-requests", type=_positive, default=300, help="/rank requests for known users")
@@ -517,34 +939,83 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     progress = not args.quiet
+    torchrec = args.workload == "torchrec"
+    if args.events is None:
+        args.events = 200_000 if torchrec else 30_000
+    if args.default_events is None:
+        args.default_events = 30_000 if torchrec else 0
+    if args.table_rows is None:
+        args.table_rows = 1_000_000 if torchrec else 0
+    if not torchrec:  # the default workload is the default model; table figures belong to the torchrec run
+        args.default_events = args.table_rows = 0
+    if args.default_events < 0 or args.table_rows < 0:
+        print("train_throughput: --default-events and --table-rows must be >= 0", file=sys.stderr)
+        return 2
+    pid = os.getpid()
+    ray_root = os.environ.get("RAY_TMPDIR", "/tmp")
+    Path(ray_root).mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix="frb", dir=ray_root))
+    peers: dict[str, Any] = {}
     try:
-        cfg = bench_config(args.events, args.config)
+        if torchrec:
+            from bench import peers as peer_mod
+
+            workload = torchrec_workload(args.events, num_ids=args.num_ids)
+            t0 = time.perf_counter()
+            data = peer_mod.prepare(workload)
+            stream = write_peer_stream(data, work / "torchrec-events.parquet")
+            print(f"train_throughput: prepared {args.events:,} events and 2 x {args.num_ids:,} x {workload.dim} rows "
+                  f"in {time.perf_counter() - t0:.1f} s", flush=True)
+            cfg = torchrec_config(workload, stream, args.config)
+            default_cfg = bench_config(args.default_events, args.config) if args.default_events else None
+        else:
+            cfg = bench_config(args.events, args.config)
+        if args.shards is not None:
+            cfg = cfg.model_copy(update={"ps": cfg.ps.model_copy(update={"num_shards": args.shards})})
+            if torchrec and default_cfg is not None:
+                default_cfg = default_cfg.model_copy(
+                    update={"ps": default_cfg.ps.model_copy(update={"num_shards": args.shards})})
     except Exception as e:  # noqa: BLE001 - a bad config is a usage error, not a traceback
         print(f"train_throughput: {e}", file=sys.stderr)
         return 2
-    bench = {k: getattr(args, k) for k in ("events", "rank_requests", "unknown_requests", "healthz_requests")}
+    bench = {k: getattr(args, k) for k in ("workload", "events", "shards", "rank_requests", "unknown_requests",
+                                           "healthz_requests", "default_events", "table_rows")}
     bench["ray_num_cpus"] = 2
-    bench["loadavg_1m_start"] = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
-    print(f"train_throughput: {cfg.stream.kind.value} stream, {args.events:,} events, batch {cfg.trainer.batch_size}, "
-          f"{cfg.model.num_negatives} negatives, dim {cfg.ps.table(cfg.model.user_table).dim}, "
-          f"{cfg.ps.num_shards} shards, {os.cpu_count()} CPUs")
+    loadavg = (lambda: os.getloadavg()[0]) if hasattr(os, "getloadavg") else (lambda: None)
+    bench["loadavg_1m_start"] = loadavg()
+    bench["loadavg_1m"] = {"start": loadavg()}
+    print(f"train_throughput: {args.workload} workload, {cfg.stream.kind.value} stream, {args.events:,} events, "
+          f"batch {cfg.trainer.batch_size}, {cfg.trainer.passes} pass(es) x {cfg.model.num_negatives} negatives, "
+          f"dim {cfg.ps.table(cfg.model.user_table).dim}, context {'on' if cfg.model.context_table else 'off'}, "
+          f"{cfg.ps.num_shards} shards, {os.cpu_count()} CPUs, load {bench['loadavg_1m_start']}", flush=True)
+
+    if torchrec:  # the peers first, on the same events, before any Ray process competes for the CPUs
+        wanted = [p.strip() for p in args.peers.split(",") if p.strip()]
+        peers = run_peer_baselines(workload, wanted, repeat=args.peer_repeat, progress=progress)
+        bench["loadavg_1m"]["after_peers"] = loadavg()
+        args.no_serve = True  # /rank latency is the default workload's (and bench.serve_latency's) business
 
     # In-process first, while no Ray processes compete for the CPUs.
     in_process = run_in_process(cfg, progress=progress)
+    bench["loadavg_1m"]["after_in_process"] = loadavg()
+    table_figures: dict[str, Any] = {}
+    default_ip: dict[str, Any] | None = None
+    if torchrec and args.default_events:
+        default_ip = run_in_process(default_cfg, progress=progress)
+        bench["loadavg_1m"]["after_default_in_process"] = loadavg()
+    if torchrec and args.table_rows:
+        table_figures = run_table_figures(args.table_rows)
+        bench["loadavg_1m"]["after_table_figures"] = loadavg()
 
     import ray
     from ray import serve
 
     from serving import deploy
-
-    pid = os.getpid()
-    ray_root = os.environ.get("RAY_TMPDIR", "/tmp")
-    Path(ray_root).mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix="frb", dir=ray_root))
     ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", _temp_dir=str(work / "ray"),
              log_to_driver=False, configure_logging=False)
     ps_runs: dict[str, dict[str, Any]] = {}
-    latency: dict[str, Any] = {"skipped": "--no-serve"} if args.no_serve else {}
+    default_ps: dict[str, dict[str, Any]] = {}
+    latency: dict[str, Any] = {"skipped": "--no-serve" if not torchrec else "not run with --workload torchrec"} if args.no_serve else {}
     try:
         dep = None
         for prefetch in (False, True):  # the last one stays up for serving
@@ -558,6 +1029,17 @@ def main(argv: list[str] | None = None) -> int:
             if dep is not None:
                 deploy.stop(dep.cfg, serving=False)
             ps_runs[name], dep = _run_ps(run_cfg, progress=progress)
+            bench["loadavg_1m"][f"after_ps_{'pf' if prefetch else 'nopf'}"] = loadavg()
+        if default_ip is not None:  # the default model through the PS, prefetch on (its default)
+            d_cfg = default_cfg.model_copy(update={
+                "namespace": f"frbench-{pid}-default",
+                "trainer": default_cfg.trainer.model_copy(update={"prefetch": True}),
+                "ingest": default_cfg.ingest.model_copy(update={"dir": str(work / "data-default"), "state_dir": None}),
+                "serving": default_cfg.serving.model_copy(update={"host": "127.0.0.1", "port": _free_port()}),
+            })
+            deploy.stop(dep.cfg, serving=False)
+            default_ps["prefetch on"], dep = _run_ps(d_cfg, progress=progress)
+            bench["loadavg_1m"]["after_default_ps"] = loadavg()
         if not args.no_serve:
             from workers.streams import open_source
 
@@ -572,11 +1054,15 @@ def main(argv: list[str] | None = None) -> int:
             serve.shutdown()
         ray.shutdown()
 
-    report = build_report(cfg, in_process, ps_runs, latency, bench=bench)
+    bench["loadavg_1m"]["end"] = loadavg()
+    default_model = _default_model(default_ip, default_ps, default_cfg) if default_ip is not None else None
+    report = build_report(cfg, in_process, ps_runs, latency, bench=bench, workload=args.workload, peers=peers,
+                          default_model=default_model, table_figures=table_figures)
     json_path, png_path = write_report(report, args.out)
     print()
     print(format_table(report))
     diffs = [r["loss_sum_rel_diff"] for r in report["ratios"].values()]
+    diffs += [r["loss_sum_rel_diff"] for r in (report["default_model"] or {}).get("ratios", {}).values()]
     if any(d > 1e-4 for d in diffs):
         print("\nwarning: PS and in-process loss sums differ: the baseline no longer does the trainer's "
               "computation (negatives, init or update rule changed?)", file=sys.stderr)

@@ -122,11 +122,14 @@ def _assert_mirror_exact(cache: RowCache, ps: _InProcess) -> None:
 
 
 def test_an_id_posted_n_minus_1_times_has_no_row_anywhere_and_n_times_has_one(clock):
-    ps = _InProcess(_cfg(item={"admission": {"min_count": 3}}))
+    ps = _InProcess(_cfg(item={"admission": {"min_count": 3}}, user={"admission": {"min_count": 3}}))
     reader = RowCache(ps, ["item", "item_bias", "item_pop"], reader="r")
     for _ in range(2):
-        ps.push([7], negatives=[8])
+        ps.push([7], negatives=[8], users=[70])
     sh = ps.shards[0]
+    # A user below the bar has no row: /rank's one PS call (rank_context) finds none, so
+    # serving treats them as cold (fallback "new_user").
+    assert len(sh.tables["user"]) == 0 and sh.rank_context("user", int(id_keys([70])[0])).row is None
     # Below the bar: no row in the table or its followers; a pull reads the default row
     # and stores nothing; readers never see the ID.
     for t in ("item", "item_bias", "item_pop"):
@@ -139,8 +142,9 @@ def test_an_id_posted_n_minus_1_times_has_no_row_anywhere_and_n_times_has_one(cl
     assert len(reader) == 0
     # The N-th real interaction creates the row, and its followers' rows with it. Negatives
     # were never counted toward admission: 8 still has no row.
-    ps.push([7], negatives=[8])
-    assert ps.live("item") == _keys([7])
+    ps.push([7], negatives=[8], users=[70])
+    assert ps.live("item") == _keys([7]) and ps.live("user") == _keys([70])
+    assert sh.rank_context("user", int(id_keys([70])[0])).row is not None
     for t in ("item_bias", "item_pop"):
         assert len(sh.tables[t]) == 1, t
     assert sh.pull({"item_pop": id_keys([7])})["item_pop"][0][0, 0] == 1.0  # counted once: on the push that created it
@@ -194,6 +198,34 @@ def test_a_negative_sample_does_not_shield_a_row_from_eviction(clock):
     ps.push([5, 4], negatives=[2, 3])
     tied = sorted(_keys([2, 3]))
     assert ps.live() == _keys([4, 5]) | {tied[1]}
+
+
+# --------------------------------------------------------------------------- TTL
+
+
+def test_ttl_expiry_on_a_fake_clock_is_exact_and_checked_at_most_once_a_second(clock):
+    """An ID goes once it has had no real interaction for more than ``ttl_s``: a push checks
+    (at most once a second, so a row can outlive its TTL by up to a second), and so does
+    ``expire()`` at any time; followers and the user's table go by the same rule."""
+    ps = _InProcess(_cfg(item={"ttl_s": 3.0}, user={"ttl_s": 3.0}))
+    sh, t0 = ps.shards[0], clock.now
+    ps.push([1], users=[100])
+    clock.now = t0 + 1.5
+    ps.push([2])  # checked: nothing is older than 3 s
+    clock.now = t0 + 3.0
+    ps.push([3])  # checked: 1 and user 100 are exactly 3 s old, not more: they stay
+    assert ps.live() == _keys([1, 2, 3]) and ps.live("user") == _keys([100])
+    clock.now = t0 + 3.5
+    ps.push([4])  # 0.5 s after the last check: not checked, so 1 (3.5 s old) is still there
+    assert ps.live() == _keys([1, 2, 3, 4])
+    assert sh.expire() == {**dict.fromkeys(sh.tables, 0), "user": 1, "item": 1, "item_bias": 1, "item_pop": 1}
+    assert ps.live() == _keys([2, 3, 4]) and ps.live("user") == set()
+    for t in ("item_bias", "item_pop"):
+        assert {int(k) for k in sh.live_keys(t)[1].tolist()} == ps.live(), t
+    clock.now = t0 + 4.6
+    ps.push([3])  # checked (1.1 s after expire()): 2 is 3.1 s old; 3 is refreshed by this push
+    assert ps.live() == _keys([3, 4])
+    assert sh.expire() == dict.fromkeys(sh.tables, 0)
 
 
 # --------------------------------------------------------------------------- no resurrection
