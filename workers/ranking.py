@@ -81,8 +81,11 @@ class RankingSnapshot:
         self.valid = view.valid().copy()
         self._invalid = np.flatnonzero(~self.valid)
         n = len(self.ids)
-        self.items = view.matrix(model.item_table)
-        self.ctx = view.matrix(model.context_table) if model.context_table is not None else None
+        # Copies: a mirror's sync writes its matrices in place, and requests may still be
+        # ranking on this snapshot then.
+        self.items = np.array(view.matrix(model.item_table), np.float32, order="C")
+        self.ctx = (np.array(view.matrix(model.context_table), np.float32, order="C")
+                    if model.context_table is not None else None)
         index = getattr(view, "index", None)
         if copy_lookup and index is not None and hasattr(index, "lookup"):
             frozen = copy.deepcopy(index)
@@ -160,8 +163,20 @@ class RankingSnapshot:
         return (self.ctx[s].sum(0) / np.float32(s.size)).astype(np.float32)
 
     def scores(self, queries: np.ndarray) -> np.ndarray:
-        """Scores of every slot for each query, ``float32 [b, n]`` (``-inf`` at invalid slots)."""
-        return np.asarray(queries, np.float32) @ self.items.T + self.bias
+        """Scores of every slot for each query, ``float32 [b, n]`` (``-inf`` at invalid slots).
+
+        One matrix-vector product per query, so each query's scores are bit for bit the same
+        whether it is scored alone or batched with others (``/rank`` one request at a time,
+        ``@serve.batch``, the evaluation): BLAS takes another path, with other rounding, for a
+        matrix product of several queries than for one, and a fixed zero-padded block (exact
+        too) makes a lone query pay for the whole block."""
+        q = np.asarray(queries, np.float32)
+        if q.ndim == 1:
+            q = q[None, :]
+        out = np.empty((len(q), len(self.bias)), np.float32)
+        for j in range(len(q)):
+            np.add(self.items @ q[j], self.bias, out=out[j])
+        return out
 
     def _exclude(self, seen: Keyed | Sequence[ID] | np.ndarray | None) -> np.ndarray:
         s = self.slots(seen) if seen is not None else np.empty(0, np.int64)
@@ -212,18 +227,30 @@ class RankingSnapshot:
 class Ranker:
     """Ranks the items of a catalogue view for user vectors (see :class:`RankingSnapshot`).
 
-    The snapshot is rebuilt when the view changes: for a ``RowCache`` after each sync
-    (its ``syncs`` counter), for other views on every call of :meth:`snapshot`.
+    The snapshot is rebuilt when the view changes: for a ``RowCache`` after a sync that
+    changed something (its shard versions, rows synced, full resyncs or live rows moved; an
+    idle sync rebuilds nothing), for other views on every call of :meth:`snapshot`.
     """
 
     def __init__(self, cache: CatalogueView, model: ModelConfig):
         self.cache, self.model = cache, model
         self._snap: RankingSnapshot | None = None
-        self._built_at: int | None = None
+        self._built_at: tuple | None = None
+
+    def _generation(self) -> tuple | None:
+        """What identifies the view's contents; None when the view has no such counters."""
+        c = self.cache
+        syncs = getattr(c, "syncs", None)
+        if syncs is None:
+            return None
+        if not all(hasattr(c, a) for a in ("model_version", "rows_synced", "full_resyncs")):
+            return (syncs,)
+        # Rows written count in rows_synced; a removal alone (expiry, no version bump) shows in len().
+        return (syncs > 0, c.model_version, c.rows_synced, c.full_resyncs, len(c))
 
     def snapshot(self) -> RankingSnapshot:
         """The current snapshot, rebuilt if the view changed since it was built."""
-        gen = getattr(self.cache, "syncs", None)
+        gen = self._generation()
         if self._snap is None or gen is None or gen != self._built_at:
             self._snap = RankingSnapshot(self.cache, self.model)
             self._built_at = gen
