@@ -368,7 +368,10 @@ class FreshetAPI:
         table = self.cfg.model.user_table
         return await asyncio.wait_for(shard.rank_context.remote(table, int(k.keys[0]), True), self.timeout_s)
 
-    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.002)
+    # No wait: a lone request is scored at once, and requests that arrive while a batch runs
+    # form the next one. A 2 ms window only delayed every request at ~150 req/s per replica,
+    # where a window holds ~0.3 requests (bench.serve_latency, BENCHMARKS.md section 8).
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.0)
     async def _scores(self, work: list[tuple[RankingSnapshot, np.ndarray]]) -> list[np.ndarray]:
         """Scores of every item for several users' queries: one matrix product per snapshot."""
         def run() -> list[np.ndarray]:

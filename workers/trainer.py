@@ -49,6 +49,7 @@ from ps.ids import ID_UNION, Keyed, ids_from_arrow, ids_to_arrow
 from ps.persist import TableUpdate, fsync_path
 from ps.shard import PushId
 from workers.config import LossKind, StreamKind
+from workers.eval.protocol import WarmChunks
 from workers.negatives import Catalogue
 from workers.ranking import Ranker
 from workers.step import Batch, Histories, TrainStep
@@ -253,6 +254,7 @@ class Trainer:
         self.events_applied = self.events_read = self.batches = 0
         self.train_s = 0.0
         self.seen: dict[int, set] = collections.defaultdict(set)
+        self.warm_chunks = WarmChunks()  # which positives freshet eval would rank (evaluation)
         self._removed_since = [0] * getattr(self.client, "num_shards", 1)
         self._lifecycle_at = 0.0
         self._since_snapshot = 0
@@ -371,6 +373,7 @@ class Trainer:
             end = int(raw.column("offset")[-1].as_py()) + 1
             batch = self.step.prepare(raw, end, self.catalogue, self.histories, partition=p, mine=self._admitted(p, raw))
             if self.evaluate:
+                self.warm_chunks.mark(batch.user_keys, batch.positive)
                 for u, i in zip(batch.user_keys[batch.positive].tolist(), batch.item_keys[batch.positive].tolist()):
                     self.seen[u].add(i)
             dead = sum((p, o) in self.dead.seen for o in batch.offsets.tolist()) if len(self.dead) else 0
@@ -447,16 +450,17 @@ class Trainer:
 
     # -- evaluation --------------------------------------------------------------------
     def _evaluate(self, batch: Batch) -> None:
-        """Rank before training (:func:`workers.eval.protocol.progressive_ranks`): every positive
-        of a user with an earlier positive is ranked with the model as of before this batch, the
-        user's seen items and session context updated event by event within it (as
+        """Rank before training (:func:`workers.eval.protocol.progressive_ranks`): the positives
+        ``freshet eval`` would rank (a user's positives after their first chunk of 20 positives,
+        :class:`workers.eval.protocol.WarmChunks`) are ranked with the model as of before this
+        batch, the user's seen items and session context updated event by event within it (as
         read-your-writes gives a live client); hits@10/20 and NDCG@10 of the model and of the
         all-time popularity baseline, over the same events."""
         from workers.eval.protocol import RankTally, progressive_ranks
 
         users, items, positive = batch.user_keys, batch.item_keys, batch.positive
-        warm = positive.copy()
-        if positive.any():
+        warm = self.warm_chunks.mark(users, positive)
+        if warm.any():
             if self._eval_rankers is None:
                 m = self.cfg.model
                 self._eval_rankers = (Ranker(self.cache, m),
@@ -469,8 +473,7 @@ class Trainer:
             ctx = {u: batch.ctx[[j for j in batch.ctx_inv[row_of[u]].tolist() if j >= 0]] for u in uniq.tolist() if u in row_of}
             seen = {u: np.fromiter(self.seen[u], np.uint64) for u in uniq.tolist() if u in self.seen}
             model_r, pop_r, fallbacks = progressive_ranks(*self._eval_rankers, users, items, positive, rows, seen, ctx,
-                                                          depth=max(20, self.eval_k))
-            warm = model_r >= -1
+                                                          warm=warm, depth=max(20, self.eval_k))
             RankTally.add(self.metrics, model_r, "model_")
             RankTally.add(self.metrics, pop_r, "popular_")
             self.metrics["eval_events"] += int(warm.sum())

@@ -1,4 +1,6 @@
-"""``freshet eval``: the prequential comparison of update strategies (:mod:`workers.eval`)."""
+"""``freshet eval``: the prequential comparison of update strategies (:mod:`workers.eval`), and
+with ``--live --rate R`` the same protocol through a running service over HTTP
+(:mod:`workers.eval.live`) beside the offline one."""
 
 from __future__ import annotations
 
@@ -31,6 +33,22 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--events", type=int, help="stop after N events")
     parser.add_argument("--window", type=int, default=2000, help="window of the windowed recall plot (events)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    live = parser.add_argument_group(
+        "live evaluation", "--live replays the stream through a service over HTTP at --rate events/s: for each chunk, "
+        "POST /rank (k=20, exclude_seen) for every user seen in an earlier chunk, then POST /events with the chunk; "
+        "then the offline protocol (incremental, popularity) on the same events. Writes live.json, live.md, live.png.")
+    live.add_argument("--live", action="store_true", help="evaluate a running service over HTTP (see above)")
+    live.add_argument("--rate", type=float, help="with --live: events per second to replay at (required)")
+    live.add_argument("--url", help="with --live: base URL of a running service (default: start a fresh one from --config)")
+    live.add_argument("--token", help="with --url: the service's serving.auth_token (default: $FRESHET_TOKEN, else the "
+                                      "config's)")
+    live.add_argument("--offline-report", help="with --live: reuse this offline report.json (same data, events, chunk size "
+                                               "and min-weight) instead of running the offline protocol")
+    live.add_argument("--no-offline", action="store_true", help="with --live: skip the offline protocol")
+    live.add_argument("--score-from", type=int, default=0, metavar="OFFSET",
+                      help="with --live: a warm-up; the events before this stream offset are posted unranked as fast as "
+                           "the service takes them and applied before the timed, scored replay starts (the offline "
+                           "side learns them chunk by chunk, scoring from the same offset)")
     parser.set_defaults(fn=cmd_eval)
 
 
@@ -47,6 +65,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
     except ValueError:
         print(f"--min-weight: must be a number, 'auto' or 'none', got {args.min_weight!r}", file=sys.stderr)
         return 2
+    if args.live:
+        return _cmd_live(args, min_weight)
+    if args.rate is not None or args.url or args.offline_report or args.no_offline or args.score_from:
+        print("--rate, --url, --offline-report, --no-offline and --score-from need --live", file=sys.stderr)
+        return 2
     try:
         cfg = load_config(args.config)
         report = run_eval(
@@ -60,3 +83,32 @@ def cmd_eval(args: argparse.Namespace) -> int:
     md = (Path(args.report) / "report.md").read_text(encoding="utf-8")
     print(md.split("\n## Settings")[0])
     return 0 if report["strategies"] else 1
+
+
+def _cmd_live(args: argparse.Namespace, min_weight) -> int:
+    """``freshet eval --live``: the live replay and the offline protocol; prints the table."""
+    import os
+
+    from workers.eval.live import run_live
+
+    if args.rate is None or not args.rate > 0:
+        print("freshet eval --live: --rate R (events per second, > 0) is required", file=sys.stderr)
+        return 2
+    if args.offline_report and args.no_offline:
+        print("freshet eval --live: give --offline-report or --no-offline, not both", file=sys.stderr)
+        return 2
+    try:
+        cfg = load_config(args.config)
+        token = args.token or os.environ.get("FRESHET_TOKEN") or cfg.serving.auth_token
+        offline = False if args.no_offline else (args.offline_report or True)
+        report = run_live(
+            cfg, data=args.data, rate=args.rate, report_dir=args.report, url=args.url, token=token if args.url else None,
+            chunk_size=args.chunk_size, min_weight=min_weight, max_events=args.events, offline=offline,
+            window=args.window, progress=not args.no_progress, score_from=args.score_from,
+        )
+    except (ValueError, FileNotFoundError, RuntimeError) as e:
+        print(f"freshet eval --live: {e}", file=sys.stderr)
+        return 2
+    md = (Path(args.report) / "live.md").read_text(encoding="utf-8")
+    print(md.split("\n## Diagnostics")[0])
+    return 0 if report["live"]["evaluated"] else 1

@@ -1,7 +1,17 @@
 """``freshet run``: the main job. It starts the whole system, replays a stream through
 ``POST /events`` (the closed loop: HTTP → durable ingest log → trainers → PS → /rank)
 with a progress bar, and prints a summary of throughput, prequential quality,
-freshness and ranking latency."""
+freshness and ranking latency.
+
+Prequential quality is measured by the trainers (``evaluate=True``) as ``freshet eval`` and
+``freshet eval --live`` measure it (:func:`workers.eval.protocol.progressive_ranks`): every
+positive ``freshet eval`` would rank (its user had a positive in an earlier chunk of 20
+positives, :class:`workers.eval.protocol.WarmChunks`) is ranked (top-20, the user's earlier
+positives excluded, their latest ones as session context) with the model as of before its mini-batch,
+the seen items and context updated event by event within the batch as read-your-writes gives
+a live client; recall@10, recall@20 and NDCG@10 of the model and of the all-time popularity
+baseline (the PS's interaction counts, each positive counted with its confidence) over the
+same events."""
 
 from __future__ import annotations
 
@@ -100,8 +110,10 @@ def _summary_rows(
         for k, v in s["metrics"].items():
             m[k] = m.get(k, 0) + v
     applied = sum(s["events_applied"] for s in stats)
-    ev = max(1, int(m.get("eval_events", 0)))
-    model_r, pop_r = m.get("model_hits", 0) / ev, m.get("popular_hits", 0) / ev
+    n_ev = int(m.get("eval_events", 0))
+    ev = max(1, n_ev)
+    q = {who: {k: m.get(f"{who}_{k}", 0) / ev for k in ("hits@10", "hits@20", "ndcg@10")} for who in ("model", "popular")}
+    model_r, pop_r = q["model"]["hits@10"], q["popular"]["hits@10"]
     fr50 = max((s["freshness_ms"]["p50"] or 0) for s in stats)
     fr99 = max((s["freshness_ms"]["p99"] or 0) for s in stats)
     lat = np.asarray(feeder_ms + after_ms) if (feeder_ms or after_ms) else np.asarray([np.nan])
@@ -116,9 +128,11 @@ def _summary_rows(
         ("quarantined rows", rejected),
         ("throughput", f"{applied / max(wall_s, 1e-9):,.0f} events/s (wall, incl. HTTP ingest)"),
         ("trainer device", ", ".join(sorted({s['device'] for s in stats}))),
-        ("prequential recall@10 (model)", f"{model_r:.4f}  over {int(m.get('eval_events', 0)):,} warm events"),
-        ("prequential recall@10 (popularity)", f"{pop_r:.4f}"),
-        ("model / popularity", f"{model_r / pop_r:.2f}x" if pop_r else "n/a"),
+        ("prequential model recall@10 / @20 / NDCG@10",
+         f"{model_r:.4f} / {q['model']['hits@20']:.4f} / {q['model']['ndcg@10']:.4f}  over {n_ev:,} warm positives "
+         f"({int(m.get('cold_events', 0)):,} cold)"),
+        ("prequential popularity (all-time counts)", f"{pop_r:.4f} / {q['popular']['hits@20']:.4f} / {q['popular']['ndcg@10']:.4f}"),
+        ("model / popularity (recall@10)", f"{model_r / pop_r:.2f}x" if pop_r else "n/a"),
         ("freshness ack->applied p50 / p99", f"{fr50:.0f} / {fr99:.0f} ms"),
         ("/rank latency p50 / p99", f"{np.nanpercentile(lat, 50):.1f} / {np.nanpercentile(lat, 99):.1f} ms over {len(lat)} requests"),
     ]

@@ -30,10 +30,11 @@ from ps.ids import ID, as_id_array
 from workers.eval.strategies import Chunk, Strategy
 from workers.ranking import Ranked
 
-__all__ = ["DEPTH", "EvalResult", "hit_rank", "prequential", "recovery_events", "windowed_recall"]
+__all__ = ["CHUNK", "DEPTH", "EvalResult", "RankTally", "hit_rank", "prequential", "progressive_ranks", "recovery_events", "windowed_recall"]
 
 
 DEPTH = 20  # longest list ranked: recall@20
+CHUNK = 20  # events ranked, then learned, at a time: freshet eval's and eval --live's default
 
 
 def hit_rank(ranked: Ranked, item: ID) -> int:
@@ -117,15 +118,25 @@ def prequential(
     max_events: int | None = None,
     explicit: bool = False,
     progress: bool = False,
+    score_from: int = 0,
 ) -> EvalResult:
     """Run the test-then-train protocol of ``strategy`` over ``source`` (a ``workers.streams`` source).
 
     ``chunk_size`` events are ranked, then learned, at a time; ``max_events`` caps the
     stream. ``explicit`` also scores each evaluated event's predicted rating (the model
     score) against its weight for RMSE/MAE. Deterministic for a deterministic strategy.
+
+    ``score_from`` (a stream offset, events) is a warm-up: the events before it are
+    learned in the same chunks, in the same order, and make their users known and their
+    items seen, but nothing is ranked or scored for them (no recall, cold, coverage or
+    staleness entries); a chunk never straddles it, so scoring starts on a chunk boundary
+    at exactly ``score_from``. Used to report a held-out later part of a stream with the
+    model having learned everything before it (``bench.tune_defaults``).
     """
     if chunk_size < 1:
         raise ValueError(f"chunk_size: must be >= 1 events, got {chunk_size}")
+    if score_from < 0:
+        raise ValueError(f"score_from: must be >= 0 (a stream offset), got {score_from}")
     total = source.end_offset
     if max_events is not None:
         total = max_events if total is None else min(total, max_events)
@@ -146,14 +157,18 @@ def prequential(
     offset = 0
     try:
         while offset < total:
-            raw = source.read(offset, min(chunk_size, total - offset))
+            n = min(chunk_size, total - offset)
+            if offset < score_from:  # warm-up chunks end at score_from
+                n = min(n, score_from - offset)
+            raw = source.read(offset, n)
             if raw.num_rows == 0:
                 break
             chunk = Chunk.from_batch(raw)
             users, items = chunk.users.tolist(), chunk.items.tolist()
-            warm = [j for j, u in enumerate(users) if u in known]
-            cold = [j for j, u in enumerate(users) if u not in known]
-            ranker = strategy.ranker()
+            scoring = int(chunk.offsets[0]) >= score_from
+            warm = [j for j, u in enumerate(users) if u in known] if scoring else []
+            cold = [j for j, u in enumerate(users) if u not in known] if scoring else []
+            ranker = strategy.ranker() if scoring else None
             if warm:
                 wu = list(dict.fromkeys(users[j] for j in warm))
                 vecs, found = strategy.user_vectors(as_id_array(wu))
@@ -204,7 +219,145 @@ def prequential(
     res.recommended, res.catalogue = len(recommended & catalogue), len(catalogue)
     res.cpu_s = strategy.cpu_seconds()
     res.settings = strategy.describe()
+    if score_from:
+        res.extra["score_from"] = int(score_from)
     return res
+
+
+def progressive_ranks(
+    ranker,
+    popularity,
+    users: np.ndarray,
+    items: np.ndarray,
+    positive: np.ndarray,
+    rows: dict[int, np.ndarray | None],
+    seen: dict[int, Any],
+    context: dict[int, Any],
+    *,
+    warm: np.ndarray | None = None,
+    depth: int = DEPTH,
+) -> tuple[np.ndarray, np.ndarray, int]:
+    """Hit ranks of one batch's events, each ranked before the batch is learned, with the
+    user's seen items and session context updated event by event within the batch.
+
+    This is what a client of the service sees with read-your-writes (``POST /events`` puts a
+    user's positives into their seen items and context before it answers) while the model
+    itself is as of before the batch (the trainer has learned every earlier batch, none of
+    this one). ``freshet run`` reports these figures, so they mean what ``freshet eval``'s
+    and ``freshet eval --live``'s do.
+
+    ``users``, ``items``: ``uint64`` keys per event, in stream order; ``positive``: bool per
+    event -- only positives are ranked (a hit to predict) and only they join the user's seen
+    items and context (as ``/events`` records them). ``rows``: user key -> the user's row
+    before the batch, or None without one (then the session context alone ranks, as
+    ``/rank`` does, and the popular fallback of ``ranker`` when there is none). ``seen``:
+    user key -> item keys excluded before the batch; ``context``: user key -> item keys,
+    oldest first, of the session context before the batch (neither is modified).
+    ``warm`` (bool per event) says which positives to rank; by default those of a user with an
+    earlier positive (see :class:`WarmChunks` for ``freshet eval``'s rule). ``ranker`` is the model's :class:`workers.ranking.Ranker`; ``popularity`` a ranker whose
+    popular order is the baseline (all-time counts: a model without a recent table), over
+    the same catalogue view.
+
+    Returns ``(model_ranks, popularity_ranks, fallbacks)``: per event the 0-based position
+    of its item in the top ``depth`` (-1: not there; -2: not ranked -- not a positive, or
+    not warm: a cold event), and how many ranked events got the model's popular fallback.
+    """
+    users = np.asarray(users, np.uint64)
+    items = np.asarray(items, np.uint64)
+    n = len(users)
+    model_ranks = np.full(n, -2, np.int64)
+    pop_ranks = np.full(n, -2, np.int64)
+    if not n:
+        return model_ranks, pop_ranks, 0
+    snap, psnap = ranker.snapshot(), popularity.snapshot()
+    targets = snap.slots(items)
+    ptargets = psnap.slots(items)
+    seen_now: dict[int, list[int]] = {}
+    ctx_now: dict[int, list[int]] = {}
+    ranked_j: list[int] = []
+    queries: list[np.ndarray] = []
+    excludes: list[np.ndarray] = []
+    no_query: list[int] = []  # positions in ranked_j served the popular fallback
+    pexcludes: list[np.ndarray] = []
+    for j in np.flatnonzero(positive).tolist():
+        u, i = int(users[j]), int(items[j])
+        if u not in seen_now:
+            seen_now[u] = [int(x) for x in np.asarray(seen.get(u, ()), np.uint64).tolist()]
+            ctx_now[u] = [int(x) for x in np.asarray(context.get(u, ()), np.uint64).tolist()]
+        s_u = seen_now[u]
+        if (warm[j] if warm is not None else bool(s_u)):
+            keys = np.asarray(s_u, np.uint64)
+            row = rows.get(u)
+            hist = np.asarray(ctx_now[u], np.uint64)
+            q = snap.query(row, hist) if row is not None else snap.context_query(hist)
+            if q is None:
+                no_query.append(len(ranked_j))
+            ranked_j.append(j)
+            queries.append(q)
+            excludes.append(snap._exclude(keys))
+            pexcludes.append(psnap._exclude(keys))
+        s_u.append(i)
+        ctx_now[u].append(i)
+    if not ranked_j:
+        return model_ranks, pop_ranks, 0
+    from workers.model import top_k
+
+    with_q = [r for r, q in enumerate(queries) if q is not None]
+    scores = snap.scores(np.stack([queries[r] for r in with_q])) if with_q else None
+    row_of = {r: k for k, r in enumerate(with_q)}
+    inv, pinv = snap._invalid, psnap._invalid
+    for r, j in enumerate(ranked_j):
+        ex = np.concatenate([excludes[r], inv]) if len(inv) else excludes[r]
+        sc = scores[row_of[r]] if r in row_of else snap.popularity
+        top = top_k(sc, depth, ex)
+        hit = np.flatnonzero(top == targets[j]) if targets[j] >= 0 else ()
+        model_ranks[j] = int(hit[0]) if len(hit) and np.isfinite(sc[top[hit[0]]]) else -1
+        pex = np.concatenate([pexcludes[r], pinv]) if len(pinv) else pexcludes[r]
+        ptop = top_k(psnap.popularity, depth, pex)
+        phit = np.flatnonzero(ptop == ptargets[j]) if ptargets[j] >= 0 else ()
+        pop_ranks[j] = int(phit[0]) if len(phit) and np.isfinite(psnap.popularity[ptop[phit[0]]]) else -1
+    return model_ranks, pop_ranks, len(no_query)
+
+
+class WarmChunks:
+    """Which positives ``freshet eval`` would rank: those of a user who had a positive in an
+    *earlier* chunk of ``chunk`` positives (the stream's positives in order, cut every ``chunk``;
+    a user's first chunk is cold). Applied to a trainer's positives, in stream order, it makes
+    ``freshet run`` rank the same events as ``freshet eval`` on the same positive stream (one
+    trainer; with several, each counts the chunks of its own partitions)."""
+
+    def __init__(self, chunk: int = CHUNK):
+        if chunk < 1:
+            raise ValueError(f"chunk: must be >= 1 events, got {chunk}")
+        self.chunk = chunk
+        self.positives = 0  # positives seen so far
+        self.first: dict[int, int] = {}  # user -> chunk of their first positive
+
+    def mark(self, users: np.ndarray, positive: np.ndarray) -> np.ndarray:
+        """Advance over one batch (``users`` per event, ``positive`` mask, in stream order);
+        returns the warm mask (bool per event, False for non-positives)."""
+        out = np.zeros(len(users), bool)
+        for j in np.flatnonzero(positive).tolist():
+            u = int(users[j])
+            c = self.positives // self.chunk
+            f = self.first.setdefault(u, c)
+            out[j] = f < c
+            self.positives += 1
+        return out
+
+
+class RankTally:
+    """Running sums of hit ranks (from :func:`progressive_ranks`) as plain counters, so
+    trainers can add them up: ``{prefix}hits@10``, ``{prefix}hits@20``, ``{prefix}ndcg@10``."""
+
+    @staticmethod
+    def add(counter, ranks: np.ndarray, prefix: str) -> None:
+        """Add the ranked entries (>= -1) of ``ranks`` to ``counter`` (a ``collections.Counter``)."""
+        r = np.asarray(ranks)
+        r = r[r >= -1]
+        counter[f"{prefix}hits@10"] += int(((r >= 0) & (r < 10)).sum())
+        counter[f"{prefix}hits@20"] += int(((r >= 0) & (r < 20)).sum())
+        counter[f"{prefix}ndcg@10"] += float(np.where((r >= 0) & (r < 10), 1.0 / np.log2(np.maximum(r, 0) + 2.0), 0.0).sum())
 
 
 def _progress(total: int, name: str, enabled: bool):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import collections
+
 import numpy as np
 import pytest
 
@@ -77,6 +79,27 @@ def test_ties_break_deterministically_by_catalogue_order():
     assert a.ndcg(10) == pytest.approx(1.0 / 3)
 
 
+def test_score_from_learns_the_warm_up_without_scoring_it():
+    # Offsets 0-2 are warm-up: learned (in chunks that end at offset 3), never ranked. User 1
+    # is known from the warm-up, so their offset-3 event is evaluated (not cold) and their
+    # warm-up items 100 and 103 are excluded: slot 4 ranks first. User 2 first appears at
+    # offset 4, after the warm-up, so their event is cold.
+    s = Scripted({1: ramp([3, 0, 4])})
+    pairs = [(1, 100), (1, 103), (3, 101), (1, 104), (2, 102), (1, 105)]
+    res = prequential(ListSource(pairs), s, chunk_size=2, score_from=3)
+    assert s.chunks == [[(1, 100), (1, 103)], [(3, 101)], [(1, 104), (2, 102)], [(1, 105)]]
+    assert res.eval_offsets.tolist() == [3, 5]
+    assert res.eval_ranks.tolist()[0] == 0
+    assert len(res.cold_ranks) == 1  # user 2's event; none from the warm-up
+    assert res.events == 6 and res.summary()["score_from"] == 3
+    # Without the warm-up, chunks start at offset 0 and offsets 0, 1, 2 and 4 are cold events.
+    plain = Scripted({1: ramp([3, 0, 4])})
+    full = prequential(ListSource(pairs), plain, chunk_size=2)
+    assert [len(c) for c in plain.chunks] == [2, 2, 2] and len(full.cold_ranks) == 4
+    with pytest.raises(ValueError, match="score_from"):
+        prequential(ListSource(pairs), Scripted(), score_from=-1)
+
+
 def test_metrics_coverage_staleness_and_explicit_errors():
     class Lagging(Scripted):
         def _learn(self, chunk):  # learns, but serves a model that knows only up to the previous chunk
@@ -110,3 +133,71 @@ def test_windowed_recall_and_recovery_have_known_answers():
     assert never["events"] is None
     with pytest.raises(ValueError, match="window"):
         windowed_recall(offsets, ranks, window=0)
+
+
+# --------------------------------------------------------------------------- progressive_ranks (freshet run)
+
+
+def _catalogue():
+    """30 items (IDs 100..129): item s scores s/30 for a user row [1, 0], except item 111,
+    which only the context of item 110 finds; popularity falls with the slot."""
+    from workers.eval.strategies import ItemView
+
+    n = 30
+    vec = np.stack([np.arange(n) / n, np.zeros(n)], axis=1).astype(np.float32)
+    vec[11] = [0.0, 5.0]
+    ctx = np.zeros((n, 2), np.float32)
+    ctx[10] = [0.0, 1.0]
+    mats = {"item": vec, "item_bias": np.zeros((n, 1), np.float32), "item_ctx": ctx,
+            "item_pop": (n - np.arange(n, dtype=np.float32))[:, None]}
+    return ItemView(list(range(100, 100 + n)), mats)
+
+
+def test_progressive_ranks_update_seen_and_context_within_the_batch():
+    from ps.ids import id_keys
+    from workers.config import ModelConfig
+    from workers.eval.protocol import RankTally, progressive_ranks
+    from workers.ranking import Ranker
+
+    view = _catalogue()
+    model = ModelConfig(recent_table=None)
+    ranker, pop = Ranker(view, model), Ranker(view, model.model_copy(update={"context_table": None}))
+    u = id_keys([1, 2, 3, 4]).tolist()
+    k = {i: int(x) for i, x in zip(range(100, 130), id_keys(list(range(100, 130))).tolist())}
+    events = [(u[0], 129, True), (u[0], 128, True), (u[1], 110, True), (u[1], 111, True), (u[2], 120, False),
+              (u[2], 121, True), (u[3], 102, True)]
+    users = np.asarray([e[0] for e in events], np.uint64)
+    items = np.asarray([k[e[1]] for e in events], np.uint64)
+    positive = np.asarray([e[2] for e in events])
+    seen = {u[0]: np.asarray([k[100]], np.uint64), u[3]: np.asarray([k[101]], np.uint64)}
+    rows = {u[0]: np.asarray([1.0, 0.0], np.float32), u[1]: None, u[2]: None, u[3]: None}
+    model_r, pop_r, fallbacks = progressive_ranks(ranker, pop, users, items, positive, rows, seen, {})
+    # 129 tops user 1's list; then it is seen, so 128 does (rank 1 without the in-batch update).
+    # User 2's first positive is cold; their second is ranked by the context of the first (no row
+    # yet, as /rank serves a user the trainers have not reached). User 3: a non-positive, then a
+    # cold positive (a non-positive makes no one warm). User 4 (earlier positive, no row, no
+    # context): the model's popular fallback, their seen item 101 excluded.
+    assert model_r.tolist() == [0, 0, -2, 0, -2, -2, 1]
+    assert fallbacks == 1
+    # All-time popularity (slot 0 first), the same exclusions: 129 and 128 are far down; 111 is
+    # 11th with 110 excluded (the in-batch update); 102 is second with 101 excluded (100 first).
+    assert pop_r.tolist() == [-1, -1, -2, 10, -2, -2, 1]
+    assert seen[u[0]].tolist() == [k[100]]  # inputs are not modified
+    tally: collections.Counter = collections.Counter()
+    RankTally.add(tally, model_r, "m_")
+    assert tally["m_hits@10"] == 4 and tally["m_hits@20"] == 4
+    assert tally["m_ndcg@10"] == pytest.approx(3 + 1 / np.log2(3))
+
+
+def test_warm_chunks_is_freshet_evals_rule_across_batches():
+    from workers.eval.protocol import WarmChunks
+
+    w = WarmChunks(chunk=2)
+    # Positives 0,1 form chunk 0, 2,3 chunk 1, ... (non-positives do not count). User 1 is warm
+    # from chunk 1 on; user 2 first appears in chunk 1 and is warm from chunk 2, whatever batch.
+    a = w.mark(np.array([1, 1, 9, 2]), np.array([True, True, False, True]))
+    b = w.mark(np.array([2, 1, 2]), np.array([True, True, True]))
+    assert a.tolist() == [False, False, False, False]
+    assert b.tolist() == [False, True, True]
+    with pytest.raises(ValueError):
+        WarmChunks(chunk=0)
