@@ -356,15 +356,28 @@ def test_score_of_a_user_without_row_or_context_reads_only_popularity_of_the_giv
     assert sum(reads["popularity"]) == 2 and not reads["items"] and not reads["bias"] and not reads["ctx"], reads
 
 
-def _batched_scores():
-    """``FreshetAPI._scores`` (the ``@serve.batch`` path) on a stand-in replica, outside Serve."""
+@pytest.fixture
+def batched_scores(monkeypatch):
+    """``FreshetAPI._scores`` (the ``@serve.batch`` path) on a stand-in replica, outside Serve.
+
+    Serve keeps the batch queue in the decorated function itself, bound to the event loop it
+    first ran on; it is dropped afterwards, or the class could no longer be pickled into a
+    deployment by a later test in this process."""
     from ray.serve import batching
 
     from serving.app import FreshetAPI
 
     # Outside a replica there is no replica context for Serve's max_ongoing_requests warning.
-    batching._BatchQueue._warn_if_max_batch_size_exceeds_max_ongoing_requests = lambda self: None
+    monkeypatch.setattr(batching._BatchQueue, "_warn_if_max_batch_size_exceeds_max_ongoing_requests",
+                        lambda self: None)
+    lazy = FreshetAPI.func_or_class._scores.set_max_batch_size.__self__
+    try:
+        yield _stand_in(FreshetAPI)
+    finally:
+        lazy._queue = None
 
+
+def _stand_in(FreshetAPI):
     class Replica:
         _pool = concurrent.futures.ThreadPoolExecutor(2)
         _scores = FreshetAPI.func_or_class._scores
@@ -375,11 +388,11 @@ def _batched_scores():
     return Replica()
 
 
-def test_batched_scoring_returns_exactly_what_single_scoring_returns():
+def test_batched_scoring_returns_exactly_what_single_scoring_returns(batched_scores):
     from workers.ranking import RankingSnapshot
 
     model = _model()
-    replica = _batched_scores()
+    replica = batched_scores
     rng = np.random.default_rng(7)
 
     async def run(snap, queries):
