@@ -25,7 +25,6 @@ import json
 import os
 import platform
 import random
-import socket
 import sys
 import tempfile
 import time
@@ -34,6 +33,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from serving.ray_head import free_port
 
 __all__ = [
     "DEFAULT_OUT",
@@ -101,12 +102,6 @@ class LoadPlan:
             raise ValueError(f"num_users/num_items: need >= 1 user and >= 2 items, got {self.num_users}/{self.num_items}")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def bench_config(config_path: str | None, ingest_dir: str, namespace: str, port: int | None = None):
     """The deployment's config: ``config_path`` (or defaults) with the bench's overrides.
 
@@ -123,7 +118,7 @@ def bench_config(config_path: str | None, ingest_dir: str, namespace: str, port:
             # The bench keeps its log and state in its own local work dir, whatever the config says.
             "ingest": {"dir": ingest_dir, "state_dir": None},
             "stream": {"kind": StreamKind.INGEST.value, "num_events": None},
-            "serving": {"host": "127.0.0.1", "port": port or _free_port(), "auth_token": _TOKEN},
+            "serving": {"host": "127.0.0.1", "port": port or free_port(), "auth_token": _TOKEN},
         },
     )
 

@@ -44,7 +44,6 @@ import os
 import platform
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -53,6 +52,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from serving.ray_head import free_port  # imports no Ray: the mode's environment is set first
 
 __all__ = ["DEFAULT_OUT", "GOALS", "evaluate_goals", "format_table", "main", "write_report"]
 
@@ -72,21 +73,6 @@ _SEED_PRODUCER = "bench-seed"
 _USER_PREFIX = "bu"
 
 
-def _free_port() -> int:
-    """A TCP port on 127.0.0.1 free right now, from 20000-32767 (below the ephemeral range,
-    where Ray's own processes bind port 0, and above Ray's worker ports)."""
-    import random
-
-    rng = random.Random()
-    for _ in range(200):
-        port = rng.randrange(20000, 32768)
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return port
-    raise RuntimeError("no free port in 20000-32767")
 
 
 # --------------------------------------------------------------------------- load clients
@@ -237,7 +223,7 @@ def _raw_server(port: int) -> None:
 
 def _client_ceiling(client: str, clients: list[int], seconds: float, tmpdir: str) -> list[dict[str, Any]]:
     """The load client's req/s against the raw fixed-response server (its own ceiling, at most)."""
-    port = _free_port()
+    port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "bench.serve_latency", "--_raw-server", str(port)],
                             stdout=subprocess.PIPE, text=True)
     try:
@@ -403,7 +389,7 @@ def _run_mode(a: argparse.Namespace) -> dict[str, Any]:
     mode = a._child
     load_start = os.getloadavg()
     tmp = tempfile.mkdtemp(prefix="frsl", dir=os.environ.get("RAY_TMPDIR", "/tmp"))
-    port = _free_port()
+    port = free_port()
     cfg = _bench_config(mode, a.dim, a.k, tmp, port)
     ray.init(num_cpus=os.cpu_count(), include_dashboard=False, _node_ip_address="127.0.0.1", _temp_dir=tmp,
              log_to_driver=False, configure_logging=False)

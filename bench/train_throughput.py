@@ -42,7 +42,6 @@ import importlib.metadata
 import json
 import os
 import platform
-import socket
 import sys
 import tempfile
 import time
@@ -55,6 +54,7 @@ import torch
 from ps.ids import ids_from_arrow
 from ps.local import LocalClient
 from serving.config import FreshetConfig, load_config
+from serving.ray_head import free_port
 from workers.config import StreamKind
 from workers.trainer import Trainer
 
@@ -896,12 +896,6 @@ def bench_config(events: int, config_path: str | None = None) -> FreshetConfig:
     return cfg
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _positive(text: str) -> int:
     v = int(text)
     if v < 1:
@@ -1024,7 +1018,7 @@ def main(argv: list[str] | None = None) -> int:
                 "namespace": f"frbench-{pid}-{'pf' if prefetch else 'nopf'}",
                 "trainer": cfg.trainer.model_copy(update={"prefetch": prefetch}),
                 "ingest": cfg.ingest.model_copy(update={"dir": str(work / "data"), "state_dir": None}),
-                "serving": cfg.serving.model_copy(update={"host": "127.0.0.1", "port": _free_port()}),
+                "serving": cfg.serving.model_copy(update={"host": "127.0.0.1", "port": free_port()}),
             })
             if dep is not None:
                 deploy.stop(dep.cfg, serving=False)
@@ -1035,7 +1029,7 @@ def main(argv: list[str] | None = None) -> int:
                 "namespace": f"frbench-{pid}-default",
                 "trainer": default_cfg.trainer.model_copy(update={"prefetch": True}),
                 "ingest": default_cfg.ingest.model_copy(update={"dir": str(work / "data-default"), "state_dir": None}),
-                "serving": default_cfg.serving.model_copy(update={"host": "127.0.0.1", "port": _free_port()}),
+                "serving": default_cfg.serving.model_copy(update={"host": "127.0.0.1", "port": free_port()}),
             })
             deploy.stop(dep.cfg, serving=False)
             default_ps["prefetch on"], dep = _run_ps(d_cfg, progress=progress)

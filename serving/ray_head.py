@@ -69,6 +69,7 @@ __all__ = [
     "apply_client_env",
     "apply_env",
     "client_env",
+    "free_port",
     "head_pids",
     "high_throughput_env",
     "listening_sockets",
@@ -227,6 +228,19 @@ def _pick_ports(names: list[str], worker_ports: int, taken: set[int], rng: rando
         else:
             raise RuntimeError(f"start_head: no free port for {name} in {_PORT_LO}-{_PORT_HI}")
     return chosen
+
+
+def free_port() -> int:
+    """A TCP port free right now on 127.0.0.1 and on all interfaces, from the range
+    :func:`start_head` uses (20000-32767: above Ray's worker ports, below Linux's ephemeral
+    range, where a port bound to 0 by any program could take it between this check and the
+    bind). Not held: bind it soon.
+
+    Raises:
+        RuntimeError: no free port after many tries.
+    """
+    with _lock:
+        return _pick_ports(["port"], 0, set(), random.Random())["port"]
 
 
 def _validate_ports(ports: Mapping[str, int] | None) -> dict[str, int]:

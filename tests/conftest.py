@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 import tempfile
 from pathlib import Path
 
@@ -24,26 +25,13 @@ MOVIELENS = REPO.parent / "shared" / "data" / "ml-latest-small"
 
 
 def free_port() -> int:
-    """A TCP port on 127.0.0.1 that is free right now.
+    """A TCP port free right now on 127.0.0.1, from 20000-32767 (see
+    :func:`serving.ray_head.free_port`: below Linux's ephemeral range, where a port bound to 0
+    by Ray or any other program could take it between this check and Serve binding it, which
+    CI once showed as "Failed to bind to address")."""
+    from serving.ray_head import free_port as _free_port
 
-    Drawn from 20000-32767: below Linux's ephemeral range (32768+), where Ray's processes and
-    every other program get the ports they bind to 0, and above Ray's worker ports
-    (10002-19999). A port from the ephemeral range can be taken by one of those between this
-    check and Serve binding it (seen in CI as "Failed to bind to address").
-    """
-    import random
-    import socket
-
-    rng = random.Random()
-    for _ in range(200):
-        port = rng.randrange(20000, 32768)
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return port
-    raise RuntimeError("free_port: no free port in 20000-32767 after 200 tries")
+    return _free_port()
 
 
 def wait_for(fn, timeout_s: float, what: str, interval_s: float = 0.1):
@@ -96,6 +84,23 @@ class FakeClock:
         return getattr(time, name)
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _forget_serve_client():
+    """Drop Serve's cached controller handle before each test module.
+
+    Serve caches it per process and trusts it while the job id matches, and every new local
+    cluster's first driver gets the same job id: a module that starts its own Ray after an
+    earlier module used Serve in this process would otherwise call a controller of a cluster
+    that is gone ("Can't find actor ... from a different cluster"). Serve rediscovers the
+    controller by name on the next call.
+    """
+    if "ray.serve" in sys.modules:
+        from ray.serve import context
+
+        context._disconnect()
+    yield
+
+
 @contextlib.contextmanager
 def _ray_start(**kwargs):
     """Start a local Ray (2 CPUs, 127.0.0.1, private temp dir) and shut it down after."""
@@ -109,6 +114,10 @@ def _ray_start(**kwargs):
     try:
         yield info
     finally:
+        if "ray.serve" in sys.modules:  # the cached controller handle dies with this cluster
+            from ray.serve import context
+
+            context._disconnect()
         ray.shutdown()
 
 

@@ -1,6 +1,6 @@
 """``freshet eval``: the prequential comparison of update strategies (:mod:`workers.eval`), and
 with ``--live --rate R`` the same protocol through a running service over HTTP
-(:mod:`workers.eval.live`) beside the offline one."""
+(:mod:`serving.live_eval`) beside the offline one."""
 
 from __future__ import annotations
 
@@ -89,7 +89,7 @@ def _cmd_live(args: argparse.Namespace, min_weight) -> int:
     """``freshet eval --live``: the live replay and the offline protocol; prints the table."""
     import os
 
-    from workers.eval.live import run_live
+    from serving.live_eval import run_live
 
     if args.rate is None or not args.rate > 0:
         print("freshet eval --live: --rate R (events per second, > 0) is required", file=sys.stderr)

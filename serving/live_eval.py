@@ -52,12 +52,13 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ps.ids import ID, ids_from_arrow
+from serving.ray_head import free_port
 from workers.config import LossKind, StreamKind
 from workers.eval.protocol import DEPTH, EvalResult, hit_rank, windowed_recall
 from workers.eval.strategies import Chunk, PopularityStrategy
 from workers.ranking import Ranked
 
-if TYPE_CHECKING:  # the root config composes every layer's settings; workers only read it
+if TYPE_CHECKING:
     from serving.config import FreshetConfig
 
 __all__ = ["LIVE_TARGETS", "run_live", "target_for"]
@@ -77,21 +78,6 @@ def target_for(rate: float) -> float:
     return LIVE_TARGETS[-1][1]
 
 
-def _free_port() -> int:
-    """A free TCP port on 127.0.0.1 below the ephemeral range (see tests/conftest.py ``free_port``)."""
-    import random
-    import socket
-
-    rng = random.Random()
-    for _ in range(200):
-        port = rng.randrange(20000, 32768)
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return port
-    raise RuntimeError("no free port in 20000-32767 after 200 tries")
 
 
 def _event_json(u, i, t, w, et, ei) -> dict[str, Any]:
@@ -326,7 +312,7 @@ def _start_service(cfg: FreshetConfig):
         "namespace": f"{cfg.namespace}-live-{os.getpid()}-{uuid.uuid4().hex[:6]}",
         "stream": cfg.stream.model_copy(update={"kind": StreamKind.INGEST, "num_events": None, "path": None}),
         "ingest": cfg.ingest.model_copy(update={"dir": work, "state_dir": None}),
-        "serving": cfg.serving.model_copy(update={"host": "127.0.0.1", "port": _free_port(), "auth_token": token}),
+        "serving": cfg.serving.model_copy(update={"host": "127.0.0.1", "port": free_port(), "auth_token": token}),
     })
     dep = deploy.start(live_cfg, durable=False, autostart=True)
     return dep, dep.url, token, work, started_ray
