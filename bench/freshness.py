@@ -60,6 +60,8 @@ from typing import Any
 
 import numpy as np
 
+from bench import ray_temp_dir
+
 __all__ = [
     "DEFAULT_OUT",
     "GOALS",
@@ -469,7 +471,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = bench_config(args.config, str(work), f"bench-fresh-{run_id}")
     cfg = cfg.model_copy(update={"serving": cfg.serving.model_copy(update={"auth_token": _TOKEN})})
     url = f"http://127.0.0.1:{cfg.serving.port}"
-    ray_dir = tempfile.mkdtemp(prefix="frf", dir=os.environ.get("RAY_TMPDIR", "/tmp"))
+    ray_dir = ray_temp_dir("frf")
     print(f"bench.freshness: {cfg.ps.num_shards} shards, {cfg.trainer.num_workers} trainer(s), batch "
           f"{cfg.trainer.batch_size}, {cfg.trainer.passes} passes x {cfg.model.num_negatives} negatives; state in {work}; "
           f"load {load_start}", flush=True)

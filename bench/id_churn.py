@@ -36,7 +36,6 @@ import importlib.metadata
 import json
 import os
 import platform
-import tempfile
 import time
 import uuid
 from collections.abc import Iterator
@@ -46,6 +45,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from bench import ray_temp_dir
 from ps.ids import Keyed, id_keys
 from ps.plan import ShardingPlan
 from ps.shard import PSShard, PushId
@@ -265,7 +265,7 @@ def run_ray(ids: int, max_rows: int, *, batch: int = 20_480, dim: int = 64, new_
 
     from ps.client import start_shards
 
-    tmp = tempfile.mkdtemp(prefix="frch", dir=os.environ.get("RAY_TMPDIR", "/tmp"))
+    tmp = ray_temp_dir("frch")
     ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", _temp_dir=tmp,
              log_to_driver=False, configure_logging=False)
     try:

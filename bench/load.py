@@ -34,6 +34,7 @@ from typing import Any
 
 import numpy as np
 
+from bench import ray_temp_dir
 from serving.ray_head import free_port
 
 __all__ = [
@@ -385,7 +386,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = bench_config(args.config, str(work), f"bench-load-{os.getpid()}")
     url = f"http://127.0.0.1:{cfg.serving.port}"
     # Short temp dir: Ray's unix socket paths must stay under 108 bytes.
-    ray_dir = tempfile.mkdtemp(prefix="frl", dir=os.environ.get("RAY_TMPDIR", "/tmp"))
+    ray_dir = ray_temp_dir("frl")
     print(f"bench.load: {plan.clients} clients x {plan.seconds:g} s against {url} "
           f"({cfg.ps.num_shards} shards, {cfg.trainer.num_workers} trainer(s), ingest fsync={cfg.ingest.fsync}, "
           f"state in {work})", flush=True)

@@ -53,6 +53,7 @@ from typing import Any
 
 import numpy as np
 
+from bench import ray_temp_dir
 from serving.ray_head import free_port  # imports no Ray: the mode's environment is set first
 
 __all__ = ["DEFAULT_OUT", "GOALS", "evaluate_goals", "format_table", "main", "write_report"]
@@ -96,8 +97,12 @@ function request()
   end
   return wrk.format("POST", path, {["Content-Type"] = "application/json"}, body)
 end
+statuses = ""
 function response(status, headers, body)
-  if status ~= 200 then return end  -- wrk counts non-2xx itself
+  if status ~= 200 then  -- wrk counts non-2xx itself; the first few are kept by status and body
+    if #statuses < 600 then statuses = statuses .. status .. " " .. string.sub(body, 1, 80) .. "\n" end
+    return
+  end
   if kind == "rank" then
     local _, n = string.gsub(body, '"item_id":', "")
     if n ~= k or not string.find(body, '"fallback":null', 1, true) then bad = bad + 1 end
@@ -107,7 +112,11 @@ function response(status, headers, body)
 end
 function done(summary, latency, requests)
   local b = 0
-  for _, t in ipairs(threads) do b = b + t:get("bad") end
+  for _, t in ipairs(threads) do
+    b = b + t:get("bad")
+    local st = t:get("statuses")
+    if st ~= "" then io.write("WRKSTATUS " .. string.gsub(st, "\n", "\nWRKSTATUS ") .. "\n") end
+  end
   local e = summary.errors
   io.write(string.format(
     'WRKJSON {"requests":%%d,"duration_us":%%d,"p50_us":%%d,"p90_us":%%d,"p99_us":%%d,"max_us":%%d,' ..
@@ -131,13 +140,15 @@ def _wrk_run(base_url: str, kind: str, clients: int, seconds: float, k: int, use
     if out.returncode != 0 or m is None:
         raise RuntimeError(f"wrk failed ({out.returncode}): {out.stdout[-2000:]} {out.stderr[-2000:]}")
     w = json.loads(m.group(1))
+    refused = [line[len("WRKSTATUS "):] for line in out.stdout.splitlines() if line.startswith("WRKSTATUS ") and line[10:].strip()]
     dur = w["duration_us"] / 1e6
     transport = {k2: w[k2] for k2 in ("connect", "read", "write", "timeout") if w[k2]}
     return {
         "requests": w["requests"], "duration_s": dur, "req_per_s": w["requests"] / dur,
         "p50_ms": w["p50_us"] / 1e3, "p90_ms": w["p90_us"] / 1e3, "p99_ms": w["p99_us"] / 1e3,
         "max_ms": w["max_us"] / 1e3, "mean_ms": w["mean_us"] / 1e3,
-        "bad_status": w["status"], "bad_bodies": w["bad_bodies"], "transport_errors": transport,
+        "bad_status": w["status"], "bad_status_samples": refused[:5], "bad_bodies": w["bad_bodies"],
+        "transport_errors": transport,
         "errors": w["status"] + w["bad_bodies"] + sum(transport.values()),
     }
 
@@ -174,12 +185,19 @@ def _python_run(base_url: str, kind: str, clients: int, seconds: float, k: int, 
 
 def _load(client: str, base_url: str, kind: str, clients: int, seconds: float, k: int, users: int,
           tmpdir: str, warmup_s: float = 1.0) -> dict[str, Any]:
-    """A warm-up (unrecorded) then the measured run, with ``client`` (``wrk`` or ``python``)."""
+    """A warm-up (unrecorded) then the measured run, with ``client`` (``wrk`` or ``python``); the
+    row has ``cpu_ms_per_request``, what each kind of process on this host spent per request
+    (CPU ms, :func:`_cpu_ms_per_request`; with the python client it includes the warm-up)."""
     if client == "wrk":
         if warmup_s > 0:
             _wrk_run(base_url, kind, clients, warmup_s, k, users, tmpdir)
-        return _wrk_run(base_url, kind, clients, seconds, k, users, tmpdir)
-    return _python_run(base_url, kind, clients, seconds, k, users, warmup_s=warmup_s)
+        cpu0 = _cpu_seconds()
+        res = _wrk_run(base_url, kind, clients, seconds, k, users, tmpdir)
+    else:
+        cpu0 = _cpu_seconds()
+        res = _python_run(base_url, kind, clients, seconds, k, users, warmup_s=warmup_s)
+    res["cpu_ms_per_request"] = _cpu_ms_per_request(cpu0, _cpu_seconds(), res["requests"])
+    return res
 
 
 # --------------------------------------------------------------------------- the client's own ceiling
@@ -376,6 +394,43 @@ def _profile(pid: int | None, seconds: float, path: Path) -> subprocess.Popen | 
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
+def _cpu_seconds() -> dict[int, tuple[str, float]]:
+    """CPU seconds (user + system) of every process on this host, by PID, with a short name:
+    Ray's process title (``ray::ShardActor``, ``ray::ServeReplica:freshet:FreshetAPI``) or the
+    command (``haproxy``, ``wrk``, ``raylet``)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    out: dict[int, tuple[str, float]] = {}
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            stat = (d / "stat").read_text()
+            args = (d / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        fields = stat[stat.rindex(")") + 2:].split()
+        name = args[0].decode(errors="replace") if args and args[0] else stat[stat.index("(") + 1:stat.rindex(")")]
+        # Ray titles a worker after the method it is running ("ray::PSShard.rank_context").
+        name = name.split()[0].split(".")[0] if name.startswith("ray::") else Path(name).name
+        if name.startswith("python") and len(args) > 1:
+            name = next((Path(x.decode(errors="replace")).name for x in args[1:] if x.endswith(b".py")), name)
+        out[int(d.name)] = (name, (int(fields[11]) + int(fields[12])) / tick)
+    return out
+
+
+def _cpu_ms_per_request(before: dict[int, tuple[str, float]], after: dict[int, tuple[str, float]],
+                        requests: int) -> dict[str, float]:
+    """CPU milliseconds per request spent by each kind of process between two :func:`_cpu_seconds`."""
+    by: dict[str, float] = {}
+    for pid, (name, t) in after.items():
+        used = t - before.get(pid, (name, 0.0))[1]
+        if used > 0:
+            by[name] = by.get(name, 0.0) + used
+    total = sum(by.values())
+    top = dict(sorted(((k, 1e3 * v / max(requests, 1)) for k, v in by.items()), key=lambda kv: -kv[1])[:8])
+    return {"total": 1e3 * total / max(requests, 1), **top}
+
+
 def _run_mode(a: argparse.Namespace) -> dict[str, Any]:
     """Everything for one mode (runs in a child process whose environment already has the mode's)."""
     import httpx
@@ -388,7 +443,7 @@ def _run_mode(a: argparse.Namespace) -> dict[str, Any]:
 
     mode = a._child
     load_start = os.getloadavg()
-    tmp = tempfile.mkdtemp(prefix="frsl", dir=os.environ.get("RAY_TMPDIR", "/tmp"))
+    tmp = ray_temp_dir("frsl")
     port = free_port()
     cfg = _bench_config(mode, a.dim, a.k, tmp, port)
     ray.init(num_cpus=os.cpu_count(), include_dashboard=False, _node_ip_address="127.0.0.1", _temp_dir=tmp,
@@ -434,15 +489,22 @@ def _run_mode(a: argparse.Namespace) -> dict[str, Any]:
                     done += 1
                     print(f"[{mode}] [{done}/{total_runs}] {n_items} items, {target}, {c} clients, "
                           f"{a.seconds:g} s ...", end=" ", flush=True)
-                    spy = None
+                    spies = []
                     if a.profile and target == "rank" and c == max(a.clients) and n_items == max(sizes):
-                        spy = _profile(_replica_pid("freshet"), a.seconds, Path(a.out) / f"profile-{mode}.txt")
+                        shards = [pid for pid, (name, _) in _cpu_seconds().items() if name == "ray::PSShard"]
+                        for tag, pid in [("replica", _replica_pid("freshet"))] + [(f"shard{j}", p) for j, p in enumerate(shards)]:
+                            spies.append(_profile(pid, a.seconds, Path(a.out) / f"profile-{mode}-{tag}.txt"))
                     res = _load(a.client, base, target, c, a.seconds, a.k, a.users, tmp)
-                    if spy is not None:
-                        spy.wait(timeout=60)
+                    for spy in spies:
+                        if spy is not None:
+                            spy.wait(timeout=60)
                     rows.append({"mode": mode, "items": n_items, "target": target, "clients": c, **res})
+                    cpu = res["cpu_ms_per_request"]
                     print(f"{res['req_per_s']:.0f} req/s, p50 {res['p50_ms']:.2f} ms, p99 {res['p99_ms']:.2f} ms, "
-                          f"errors {res['errors']}", flush=True)
+                          f"errors {res['errors']}; CPU ms/request {cpu['total']:.2f} ("
+                          + ", ".join(f"{k2} {v:.2f}" for k2, v in cpu.items() if k2 != "total") + ")", flush=True)
+                    for sample in res.get("bad_status_samples", []):
+                        print(f"[{mode}]   refused: {sample}", flush=True)
         st = http.get("/stats").json()
         out["final_stats"] = {k2: st.get(k2) for k2 in ("model_version", "cached_items", "events_applied", "mirror")}
         http.close()
@@ -602,7 +664,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--ceiling-seconds", type=float, default=3.0,
                    help="seconds per client-ceiling run against the raw server (0 skips it; default 3)")
     p.add_argument("--profile", action="store_true",
-                   help="py-spy the Freshet replica during the largest /rank run (raw stacks in --out)")
+                   help="py-spy the Freshet replica and the PS shards during the largest /rank run (raw stacks in --out)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output directory (default bench/results/)")
     p.add_argument("--_child", help=argparse.SUPPRESS)

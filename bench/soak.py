@@ -76,6 +76,8 @@ from typing import Any
 
 import numpy as np
 
+from bench import ray_temp_dir
+
 __all__ = [
     "DEFAULT_OUT",
     "GOAL_MB_PER_M",
@@ -134,8 +136,7 @@ def soak_config(work: str, namespace: str, port: int, *, partitions: int = 1):
         "ps": {"num_shards": 2, "snapshot_every_pushes": 200,
                "tables": {"user": {"dim": 16}, "item": {"dim": 16}}},
         "model": {"num_negatives": 4, "context_items": 5},
-        "trainer": {"passes": 1, "batch_size": 1024, "snapshot_every_batches": 50, "device": "cpu",
-                    "poll_interval_s": 0.02},
+        "trainer": {"passes": 1, "batch_size": 1024, "snapshot_every_batches": 50, "device": "cpu"},
         "stream": {"kind": StreamKind.INGEST.value, "num_events": None},
         "ingest": {"dir": work, "state_dir": None, "partitions": partitions, "dedup_max_age_s": 60.0,
                    "retention": {"keep_bytes": 32 << 20, "keep_age_s": 60.0}},
@@ -823,7 +824,7 @@ def main(argv: list[str] | None = None) -> int:
         port = s.getsockname()[1]
     cfg = soak_config(str(work), f"bench-soak-{os.getpid()}", port)
     url = f"http://127.0.0.1:{port}"
-    ray_dir = tempfile.mkdtemp(prefix="frs", dir=os.environ.get("RAY_TMPDIR", "/tmp"))  # short: socket paths
+    ray_dir = ray_temp_dir("frs")  # short: socket paths
     load_start = os.getloadavg()[0]
     print(f"bench.soak: {args.events:,} events (+{args.tail:,} after the last kill) against {url}; {CHEAP}; "
           f"state in {work}; load average {load_start:.2f}", flush=True)

@@ -72,6 +72,8 @@ from typing import Any
 
 import numpy as np
 
+from bench import ray_temp_dir
+
 __all__ = [
     "AXES",
     "KNOBS",
@@ -358,7 +360,7 @@ class Runner:
             return
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")
         os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-        tmp = tempfile.mkdtemp(prefix="frtune", dir=os.environ.get("RAY_TMPDIR", "/tmp"))
+        tmp = ray_temp_dir("frtune")
         ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", _temp_dir=tmp,
                  log_to_driver=False, configure_logging=False)
         self._ray = True

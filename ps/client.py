@@ -145,6 +145,10 @@ class PSClient:
         """
         return self._get(refs)
 
+    def done(self, refs: list[ray.ObjectRef]) -> bool:
+        """Whether every push of ``refs`` (from :meth:`push_async`) has answered, without waiting."""
+        return not refs or len(ray.wait(refs, num_returns=len(refs), timeout=0)[0]) == len(refs)
+
     def _route(self, ids: IdsLike, field: str = "id") -> _Route:
         return _Route(keyed(ids, field), self.plan)
 

@@ -64,6 +64,10 @@ class LocalClient:
         """The results of pushes (already applied)."""
         return refs
 
+    def done(self, refs: list) -> bool:
+        """True: pushes are applied before they return."""
+        return True
+
     def removed(self, table: str, since: list[int], reader: str | None = None) -> list[tuple[int, np.ndarray, bool]]:
         """``[(version, removed keys, full)]`` of ``table`` (see ``PSShard.removed``)."""
         return [self.shard.removed(table, since[0], reader)]

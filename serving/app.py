@@ -16,6 +16,7 @@ import concurrent.futures
 import hmac
 import json
 import logging
+import math
 import sys
 import time
 import uuid
@@ -38,7 +39,6 @@ from serving.config import WRITE_PATHS, FreshetConfig, load_config
 from serving.schemas import (
     EventsRequest,
     EventsResponse,
-    RankedItem,
     RankRequest,
     RankResponse,
     ScoreRequest,
@@ -47,7 +47,7 @@ from serving.schemas import (
 from workers.config import LossKind
 from workers.ingest_log import INGEST_ACTOR
 from workers.model import signals
-from workers.ranking import Ranker, RankingSnapshot
+from workers.ranking import Ranked, Ranker, RankingSnapshot
 from workers.trainer import trainer_actor_name
 
 __all__ = ["AppArgs", "FreshetAPI", "app", "build_app", "run_app"]
@@ -226,6 +226,18 @@ def _json_id(x: Any) -> int | str:
     return int(x) if isinstance(x, (int, np.integer)) else x
 
 
+def _rank_response(user_id: int | str, ranked: Ranked, reason: str | None, model_version: int) -> Response:
+    """The ``/rank`` reply (:class:`serving.schemas.RankResponse`), encoded once here: the
+    values are ours, so FastAPI's validation of a model built from them, and its second
+    encoding, would only cost time (~1 ms for 100 items). Non-finite scores become null, as
+    pydantic writes them."""
+    items = [{"item_id": _json_id(i), "score": s if math.isfinite(s) else None}
+             for i, s in zip(ranked.item_ids, ranked.scores)]
+    body = {"user_id": user_id, "items": items, "fallback": ranked.fallback, "fallback_reason": reason,
+            "model_version": int(model_version)}
+    return Response(json.dumps(body, separators=(",", ":")), media_type="application/json")
+
+
 def _unavailable(what: str, err: BaseException) -> JSONResponse:
     """503 telling the client to retry after a second."""
     reason = type(err).__name__ if not str(err) else f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"
@@ -324,11 +336,16 @@ class FreshetAPI:
         self.snapshot_version = self.mirror.model_version
         self.snapshot = snap
 
-    async def _refresh(self) -> None:
-        """:meth:`_refresh_now` in the pool, one at a time."""
+    async def _refresh(self, needed=None) -> None:
+        """:meth:`_refresh_now` in the pool, one at a time; skipped when ``needed()`` says the
+        sync that ran while this caller waited for its turn already did what it needed."""
         if self._sync_lock is None:
             self._sync_lock = asyncio.Lock()
         async with self._sync_lock:
+            # Without this check, requests that all found the mirror behind would each sync
+            # again, one after another, behind the one sync that served them all.
+            if needed is not None and not needed():
+                return
             await asyncio.wait_for(self._run(self._refresh_now), self.timeout_s)
 
     def _start_syncer(self) -> bool:
@@ -354,9 +371,13 @@ class FreshetAPI:
         # The first request starts the background sync (it needs the replica's event loop) and
         # syncs once itself; a mirror the background sync could not refresh for a while is
         # refreshed inline, so a broken sync shows as latency, not as stale answers.
-        stale = time.monotonic() - self.mirror.synced_at > max(1.0, 5 * self.refresh_s)
-        if self._start_syncer() or stale or self.snapshot is None or not self.mirror.covers(pushed_by):
-            await self._refresh()
+        def needed() -> bool:
+            stale = time.monotonic() - self.mirror.synced_at > max(1.0, 5 * self.refresh_s)
+            return stale or self.snapshot is None or not self.mirror.covers(pushed_by)
+
+        started = self._start_syncer()
+        if started or needed():
+            await self._refresh(None if started else needed)
             if not self.mirror.covers(pushed_by):
                 return self.snapshot, "mirror_behind"
         return self.snapshot, None
@@ -372,18 +393,19 @@ class FreshetAPI:
     # form the next one. A 2 ms window only delayed every request at ~150 req/s per replica,
     # where a window holds ~0.3 requests (bench.serve_latency, BENCHMARKS.md section 8).
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.0)
-    async def _scores(self, work: list[tuple[RankingSnapshot, np.ndarray]]) -> list[np.ndarray]:
-        """Scores of every item for several users' queries: one matrix product per snapshot."""
-        def run() -> list[np.ndarray]:
-            out: list[np.ndarray | None] = [None] * len(work)
-            groups: dict[int, list[int]] = {}
-            for j, (snap, _) in enumerate(work):
-                groups.setdefault(id(snap), []).append(j)
+    async def _ranked(self, work: list[tuple[RankingSnapshot, np.ndarray, int, Any]]) -> list[Ranked]:
+        """Top-``k`` for several users' ``(snapshot, query, k, seen)``: per snapshot and ``k``, one
+        :meth:`RankingSnapshot.rank_queries` (the item matrix read once for all), in the pool."""
+        def run() -> list[Ranked]:
+            out: list[Ranked | None] = [None] * len(work)
+            groups: dict[tuple[int, int], list[int]] = {}
+            for j, (snap, _, k, _) in enumerate(work):
+                groups.setdefault((id(snap), k), []).append(j)
             for js in groups.values():
-                snap = work[js[0]][0]
-                scores = snap.scores(np.stack([work[j][1] for j in js]))
-                for r, j in enumerate(js):
-                    out[j] = scores[r]
+                snap, k = work[js[0]][0], work[js[0]][2]
+                ranked = snap.rank_queries(np.stack([work[j][1] for j in js]), k, [work[j][3] for j in js])
+                for r, j in zip(ranked, js):
+                    out[j] = r
             return out
 
         return await self._run(run)
@@ -515,11 +537,8 @@ class FreshetAPI:
             ranked = snap.popular(seen, body.k)
             reason = behind or "new_user"
         else:
-            scores = await self._scores((snap, q))
-            ranked = snap.top(scores, body.k, snap._exclude(seen))
-        items = [RankedItem(item_id=_json_id(i), score=s) for i, s in zip(ranked.item_ids, ranked.scores)]
-        return RankResponse(user_id=body.user_id, items=items, fallback=ranked.fallback, fallback_reason=reason,
-                            model_version=self.snapshot_version)
+            ranked = await self._ranked((snap, q, body.k, seen))
+        return _rank_response(body.user_id, ranked, reason, self.snapshot_version)
 
     @fastapi_app.post("/score", response_model=ScoreResponse)
     async def score(self, body: ScoreRequest):

@@ -258,7 +258,7 @@ def deployment(tmp_path_factory):
         "namespace": f"t-faults-{uuid.uuid4().hex[:8]}",
         "ps": {"num_shards": 2, "num_buckets": 64, "shard_num_cpus": 0.1, "snapshot_every_pushes": 16,
                "tables": {"user": {"dim": 8}, "item": {"dim": 8}}},
-        "trainer": {"batch_size": 64, "device": "cpu", "poll_interval_s": 0.02, "num_cpus": 0.25},
+        "trainer": {"batch_size": 64, "device": "cpu", "num_cpus": 0.25},
         "stream": {"kind": "ingest", "num_events": None},
         "ingest": {"dir": str(root), "fsync": False},
         "serving": {"port": free_port(), "cache_refresh_s": 0.05, "request_timeout_s": REQUEST_TIMEOUT_S},

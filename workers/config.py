@@ -175,7 +175,14 @@ class TrainerConfig(ConfigModel):
     prefetch: bool = Field(True, description="pull the next batch's rows while computing the current one")
     num_cpus: float = Field(0.5, ge=0, le=64, description="CPUs reserved per trainer actor")
     num_gpus: float = Field(0.0, ge=0, le=8, description="GPUs reserved per trainer actor")
-    poll_interval_s: float = Field(0.05, gt=0, le=60, description="wait between polls of an exhausted live stream (seconds)")
+    # One thread: a trainer's batches are small (256 x 64) and it shares the host with shards and
+    # replicas; more only pays with a core of its own (reserve it in num_cpus).
+    torch_threads: int = Field(1, ge=1, le=256, description="torch intra-op threads per trainer (threads)")
+    # A caught-up trainer waits on the ingest log, which answers the moment an append is
+    # durable: this bounds only how long an idle trainer goes without checking for stop and
+    # lifecycle work, and how often it calls the log while idle (4 calls/s).
+    poll_interval_s: float = Field(0.25, gt=0, le=60,
+                                   description="longest wait for new events of an exhausted live stream, before looking again (seconds)")
     max_restarts: int = Field(-1, ge=-1, description="Ray restarts of a dead trainer actor; -1 is unlimited")
     # A batch takes ~0.1 s here; 30 s without progress while events wait is a stuck trainer.
     stall_s: float = Field(

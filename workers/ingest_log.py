@@ -786,6 +786,7 @@ class IngestLog:
         # pushes by (log id, offset) and never collide with an earlier log's.
         self.log_id = log_id
         self._parts = [_Partition(p, self._store.part_dir(p, partitions)) for p in range(partitions)]
+        self._arrived: asyncio.Event | None = None  # set (and replaced) when appends become durable
         horizon = time.time() - cfg.dedup_max_age_s
         for part, start in zip(self._parts, starts):
             self._store.recover(part, start, lambda batch, md, part=part: self._remember_stored(part, batch, md, horizon))
@@ -905,6 +906,7 @@ class IngestLog:
                 continue
             waits += [(part, w) for w in part_waits]
         done = await asyncio.gather(*(self._store.durable(part, w) for part, w in waits), return_exceptions=True)
+        self._wake_readers()  # whatever became durable, even beside a failed part
         errors += [e for e in done if isinstance(e, BaseException)]
         if errors:
             raise errors[0]
@@ -975,6 +977,38 @@ class IngestLog:
             return reply, [*waits, w]
 
     # -- reading -------------------------------------------------------------------------
+    def _wake_readers(self) -> None:
+        """Wake every :meth:`wait` in progress (they check their partitions again)."""
+        if self._arrived is not None:
+            self._arrived.set()
+            self._arrived = None
+
+    async def wait(self, offsets: dict[int, int], timeout_s: float) -> bool:
+        """Return as soon as any partition ``p`` of ``offsets`` has a durable event at or after
+        ``offsets[p]`` (True), or after ``timeout_s`` seconds without one (False): a reader
+        that has caught up waits here instead of polling, and sees an append the moment it is
+        durable.
+
+        Raises:
+            ValueError: no such partition, or a negative ``timeout_s``.
+        """
+        parts = {self._part(p): int(off) for p, off in offsets.items()}
+        if timeout_s < 0:
+            raise ValueError(f"timeout_s: must be >= 0, got {timeout_s}")
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        while not any(part.durable_offset > off for part, off in parts.items()):
+            left = deadline - loop.time()
+            if left <= 0:
+                return False
+            if self._arrived is None:
+                self._arrived = asyncio.Event()
+            try:
+                await asyncio.wait_for(self._arrived.wait(), left)
+            except TimeoutError:
+                return any(part.durable_offset > off for part, off in parts.items())
+        return True
+
     def _part(self, partition: int) -> _Partition:
         if isinstance(partition, bool) or not isinstance(partition, (int, np.integer)) or not 0 <= partition < len(self._parts):
             raise ValueError(f"partition: must be an int in 0..{len(self._parts) - 1}, got {partition!r}")

@@ -142,18 +142,46 @@ def mse_loss(
 
 
 def top_k(scores: np.ndarray, k: int, exclude: np.ndarray | None = None) -> np.ndarray:
-    """Indices of the ``k`` best ``scores``, best first, deterministically.
+    """Indices of the ``k`` best ``scores``, best first, deterministically (``int64 [<= k]``).
 
     Ties go to the lower index; NaN counts as the worst score and excluded indices are
     never returned. Fewer than ``k`` indices come back when fewer are eligible.
+    ``scores``: ``[n]`` float (compared in their own dtype, which orders them exactly as
+    float64 does); ``exclude``: int indices.
     """
+    s = np.asarray(scores)
+    if s.dtype.kind != "f":
+        s = s.astype(np.float64)
+    n = len(s)
+    if k <= 0 or n == 0:
+        return np.empty(0, dtype=np.int64)
+    if k < n:
+        # Fast path (every /rank): excluded and NaN scores become -inf in a copy; when the k-th
+        # best is still above -inf, none of them can be among the candidates, so the order
+        # among the candidates (every score >= the k-th, ties included) is the exact answer.
+        work = s.copy()
+        nan = np.isnan(work)
+        if nan.any():
+            work[nan] = -np.inf
+        if exclude is not None and len(exclude):
+            work[np.asarray(exclude, dtype=np.int64)] = -np.inf
+        kth = work[np.argpartition(work, n - k)[n - k :]].min()
+        if kth > -np.inf:
+            cand = np.flatnonzero(work >= kth)
+            return cand[np.lexsort((cand, -work[cand]))[:k]]
+    return _top_k_exact(s, k, exclude)
+
+
+def _top_k_exact(scores: np.ndarray, k: int, exclude: np.ndarray | None) -> np.ndarray:
+    """:func:`top_k` when ``-inf`` scores may be among the best ``k`` (few eligible items, or
+    eligible items that score ``-inf`` or NaN): eligibility kept apart from the scores."""
     s = np.asarray(scores, dtype=np.float64).copy()
     s[np.isnan(s)] = -np.inf
     eligible = np.ones(len(s), dtype=bool)
     if exclude is not None and len(exclude):
         eligible[np.asarray(exclude, dtype=np.int64)] = False
     idx = np.flatnonzero(eligible)
-    if not len(idx) or k <= 0:
+    if not len(idx):
         return np.empty(0, dtype=np.int64)
     k = min(k, len(idx))
     cand = idx

@@ -207,7 +207,7 @@ class Trainer:
         autostart: bool = False,
         client: Any = None,
     ):
-        torch.set_num_threads(1)
+        torch.set_num_threads(cfg.trainer.torch_threads)
         self.index, self.cfg = index, cfg
         self.num_workers = cfg.trainer.num_workers
         self.device = resolve_device(cfg.trainer.device)
@@ -573,7 +573,8 @@ class Trainer:
     def run(self, max_batches: int | None = None) -> dict[str, Any]:
         """Train until the stream is exhausted (finite sources), ``stop()`` or ``max_batches``.
 
-        A live source with nothing new is polled every ``trainer.poll_interval_s``.
+        A live source with nothing new is waited on (``StreamSource.wait``) for up to
+        ``trainer.poll_interval_s`` at a time: the ingest log answers as soon as events arrive.
         Returns :meth:`stats`.
         """
         inflight: tuple[Batch, list] | None = None
@@ -591,7 +592,14 @@ class Trainer:
                     if self._exhausted():
                         break
                     self._last_progress = time.time()  # idle, not stalled
-                    time.sleep(self.cfg.trainer.poll_interval_s)
+                    # Only partitions below max_events can bring work: waiting on one at its
+                    # limit would return at once, forever.
+                    waiting = {p: pos for p, pos in self.read_pos.items()
+                               if self.max_events is None or pos < self.max_events}
+                    if waiting:
+                        next(iter(self.sources.values())).wait(waiting, self.cfg.trainer.poll_interval_s)
+                    else:
+                        time.sleep(self.cfg.trainer.poll_interval_s)
                     continue
                 batch = self._prepare(*got)
                 if inflight:  # evaluation must see the previous batch applied
@@ -602,6 +610,11 @@ class Trainer:
                 nxt = (batch, self._pull(batch))
             batch, pending = nxt
             nxt = None
+            if inflight and self.client.done(inflight[1]):
+                # Applied already: commit now, so freshness and offsets say when it landed,
+                # not one batch later (the commit below, after this batch trains).
+                self._commit(*inflight)
+                inflight = None
             t0 = time.perf_counter()
             refs = self._train(batch, pending) if batch.trained.any() else []
             self.train_s += time.perf_counter() - t0

@@ -49,7 +49,7 @@ def deployment():
                     "item_pop": {"dim": 1, "init": "zeros", "optimizer": {"kind": "accumulate", "lr": 1.0}},
                 },
             },
-            "trainer": {"num_workers": 1, "batch_size": 64, "device": "cpu", "poll_interval_s": 0.02},
+            "trainer": {"num_workers": 1, "batch_size": 64, "device": "cpu"},
             "stream": {"kind": "ingest", "num_events": None},
             "ingest": {"dir": tmp, "fsync": False},
             "serving": {

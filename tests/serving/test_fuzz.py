@@ -97,7 +97,7 @@ def deployment():
         {
             "namespace": f"t-fuzz-{uuid.uuid4().hex[:8]}",
             "ps": {"num_shards": 2, "num_buckets": 32, "tables": {"user": {"dim": 8}, "item": {"dim": 8}}},
-            "trainer": {"num_workers": 1, "batch_size": 32, "device": "cpu", "poll_interval_s": 0.02},
+            "trainer": {"num_workers": 1, "batch_size": 32, "device": "cpu"},
             "stream": {"kind": "ingest", "num_events": None},
             "ingest": {"dir": tempfile.mkdtemp(prefix="freshet-fuzz-"), "fsync": False},
             "serving": {

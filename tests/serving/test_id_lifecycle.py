@@ -39,7 +39,7 @@ def _config(tmp: str, ps: dict, trainer: dict | None = None):
     return load_config(None, {
         "namespace": f"t-lifecycle-{uuid.uuid4().hex[:8]}",
         "ps": {"num_shards": 2, "num_buckets": 64, **ps},
-        "trainer": {"num_workers": 1, "batch_size": 256, "device": "cpu", "poll_interval_s": 0.02,
+        "trainer": {"num_workers": 1, "batch_size": 256, "device": "cpu",
                     "lifecycle_sync_s": 0.3, **(trainer or {})},
         "stream": {"kind": "ingest", "num_events": None},
         "ingest": {"dir": tmp, "fsync": False},

@@ -65,7 +65,7 @@ def deployment():
         "namespace": f"t-ranking-{uuid.uuid4().hex[:8]}",
         "ps": {"num_shards": 2, "num_buckets": 64,
                "tables": {"user": {"dim": DIM}, "item": {"dim": DIM}, "item_ctx": {"dim": DIM}}},
-        "trainer": {"batch_size": 64, "device": "cpu", "poll_interval_s": 0.02},
+        "trainer": {"batch_size": 64, "device": "cpu"},
         "stream": {"kind": "ingest", "num_events": None},
         "ingest": {"dir": tmp, "fsync": False},
         "serving": {"port": free_port()},
@@ -357,8 +357,8 @@ def test_score_of_a_user_without_row_or_context_reads_only_popularity_of_the_giv
 
 
 @pytest.fixture
-def batched_scores(monkeypatch):
-    """``FreshetAPI._scores`` (the ``@serve.batch`` path) on a stand-in replica, outside Serve.
+def batched_ranking(monkeypatch):
+    """``FreshetAPI._ranked`` (the ``@serve.batch`` path) on a stand-in replica, outside Serve.
 
     Serve keeps the batch queue in the decorated function itself, bound to the event loop it
     first ran on; it is dropped afterwards, or the class could no longer be pickled into a
@@ -370,7 +370,7 @@ def batched_scores(monkeypatch):
     # Outside a replica there is no replica context for Serve's max_ongoing_requests warning.
     monkeypatch.setattr(batching._BatchQueue, "_warn_if_max_batch_size_exceeds_max_ongoing_requests",
                         lambda self: None)
-    lazy = FreshetAPI.func_or_class._scores.set_max_batch_size.__self__
+    lazy = FreshetAPI.func_or_class._ranked.set_max_batch_size.__self__
     try:
         yield _stand_in(FreshetAPI)
     finally:
@@ -380,7 +380,7 @@ def batched_scores(monkeypatch):
 def _stand_in(FreshetAPI):
     class Replica:
         _pool = concurrent.futures.ThreadPoolExecutor(2)
-        _scores = FreshetAPI.func_or_class._scores
+        _ranked = FreshetAPI.func_or_class._ranked
 
         async def _run(self, fn, *args, **kwargs):
             return await asyncio.get_running_loop().run_in_executor(self._pool, lambda: fn(*args, **kwargs))
@@ -388,36 +388,47 @@ def _stand_in(FreshetAPI):
     return Replica()
 
 
-def test_batched_scoring_returns_exactly_what_single_scoring_returns(batched_scores):
-    from workers.ranking import RankingSnapshot
+def test_batched_ranking_returns_exactly_what_single_ranking_returns(batched_ranking):
+    from workers.ranking import _SCORE_BLOCK, RankingSnapshot
 
     model = _model()
-    replica = batched_scores
+    replica = batched_ranking
     rng = np.random.default_rng(7)
 
-    async def run(snap, queries):
-        single = [await replica._scores((snap, q)) for q in queries]  # one at a time: batches of one
-        batched = await asyncio.gather(*(replica._scores((snap, q)) for q in queries))
+    async def run(snap, work):
+        single = [await replica._ranked(w) for w in work]  # one at a time: batches of one
+        batched = await asyncio.gather(*(replica._ranked(w) for w in work))
         return single, batched
 
     async def both():
         out = []
-        for n_items in (50, 5000):
+        # Below one scoring block, and over several blocks with a partial last one.
+        for n_items in (50, 5000, 2 * _SCORE_BLOCK + 1234):
             snap = RankingSnapshot(_View(model, n_items, DIM, seed=n_items), model)
             queries = [rng.normal(size=DIM).astype(np.float32) for _ in range(24)]
+            seen = [[f"it{i}" for i in rng.integers(0, n_items, 5).tolist()] for _ in queries]
+            work = [(snap, q, 10 + j % 2, s) for j, (q, s) in enumerate(zip(queries, seen))]
             shapes = []
             real = snap.scores
             snap.scores = lambda q, real=real, shapes=shapes: (shapes.append(np.shape(q)), real(q))[1]
-            out.append((snap, queries, shapes, *await run(snap, queries)))
+            out.append((snap, work, shapes, *await run(snap, work)))
+            snap.scores = real
         return out
 
     # One event loop for everything batched: Serve's batch queue is bound to the loop it first ran on.
-    for snap, queries, shapes, single, batched in asyncio.run(both()):
+    for snap, work, shapes, single, batched in asyncio.run(both()):
         assert any(s[0] > 1 for s in shapes), shapes  # batches really formed
-        for j, (a, b) in enumerate(zip(single, batched)):
-            assert a.dtype == b.dtype and np.array_equal(a, b), (len(a), j, np.abs(a - b)[np.isfinite(a)].max())
+        for j, ((_, q, k, seen), a, b) in enumerate(zip(work, single, batched)):
+            assert a == b, (len(snap.ids), j)
+            assert len(b.item_ids) == k and not set(b.item_ids) & set(seen)
             # ... and what the evaluation ranks with (RankingSnapshot.rank, Ranker.rank_many).
-            assert snap.rank(queries[j], None, 10) == snap.top(b, 10, np.empty(0, np.int64))
+            assert snap.rank(q, seen, k, history=()) == b  # q is already the query: no context on top
+        # The scores themselves, block by block for many queries against one product each.
+        qs = np.stack([w[1] for w in work])
+        many = snap.scores(qs)
+        for j in range(len(qs)):
+            one = snap.scores(qs[j])[0]
+            assert one.dtype == many.dtype == np.float32 and np.array_equal(one, many[j]), j
 
 
 def test_snapshot_is_not_changed_by_a_later_sync_of_its_view():

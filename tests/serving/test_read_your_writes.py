@@ -34,7 +34,7 @@ def deployment():
         "namespace": f"t-ryw-{uuid.uuid4().hex[:8]}",
         "ps": {"num_shards": 2, "num_buckets": 64, "snapshot_every_pushes": 8,
                "tables": {"user": {"dim": 16}, "item": {"dim": 16}, "item_ctx": {"dim": 16}}},
-        "trainer": {"batch_size": 64, "device": "cpu", "poll_interval_s": 0.02},
+        "trainer": {"batch_size": 64, "device": "cpu"},
         "stream": {"kind": "ingest", "num_events": None},
         "ingest": {"dir": tmp, "fsync": False},
         "serving": {"port": free_port(), "cache_refresh_s": 0.05, "request_timeout_s": 2.0},

@@ -58,7 +58,7 @@ def _config(mode: str, tmp: str):
     return load_config(None, {
         "namespace": f"t-modes-{mode}-{uuid.uuid4().hex[:6]}",
         "ps": {"num_shards": 2, "num_buckets": 64, "tables": {"user": {"dim": 8}, "item": {"dim": 8}}},
-        "trainer": {"num_workers": 1, "batch_size": 16, "device": "cpu", "poll_interval_s": 0.02},
+        "trainer": {"num_workers": 1, "batch_size": 16, "device": "cpu"},
         "stream": {"kind": "ingest", "num_events": None},
         "ingest": {"dir": tmp, "fsync": False},
         "serving": {"port": free_port(), "auth_token": TOKEN, "max_events_per_request": MAX_EVENTS,

@@ -36,7 +36,7 @@ def deployment():
                "tables": {"user": {"dim": 16}, "item": {"dim": 16}, "item_ctx": {"dim": 16}}},
         "model": {"event_weights": EVENT_WEIGHTS, "negative_feedback": "explicit",
                   "ratings": {"positive_at": 4.0, "scale": 5.0, "below": "negative"}},
-        "trainer": {"batch_size": 128, "device": "cpu", "poll_interval_s": 0.02},
+        "trainer": {"batch_size": 128, "device": "cpu"},
         "stream": {"kind": "ingest", "num_events": None},
         "ingest": {"dir": tmp, "fsync": False},
         "serving": {"port": free_port(), "cache_refresh_s": 0.05, "request_timeout_s": 2.0},

@@ -33,7 +33,7 @@ def deployment():
         {
             "namespace": f"t-ingest-http-{uuid.uuid4().hex[:8]}",
             "ps": {"num_shards": 1, "num_buckets": 16, "tables": {"user": {"dim": 8}, "item": {"dim": 8}}},
-            "trainer": {"num_workers": 1, "batch_size": 64, "device": "cpu", "poll_interval_s": 0.02},
+            "trainer": {"num_workers": 1, "batch_size": 64, "device": "cpu"},
             "stream": {"kind": "ingest", "num_events": None},
             "ingest": {"dir": tempfile.mkdtemp(prefix="freshet-ingest-http-"), "fsync": True},
             "serving": {"port": free_port(), "auth_token": TOKEN, "max_events_per_request": 20, "request_timeout_s": 5.0},

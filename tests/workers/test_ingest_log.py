@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import time
 from pathlib import Path
 
 import numpy as np
@@ -498,3 +499,28 @@ def test_stats_are_plain_finite_json(tmp_path):
     assert st["bytes_on_disk"] == sum(p.stat().st_size for p in (tmp_path / "ingest").glob("p*/segment-*"))
     assert st["segments"] == len(list((tmp_path / "ingest").glob("p*/segment-*")))
     assert st["fsyncs"] >= 1 and st["appends"] == st["segments"]
+
+
+def test_wait_returns_when_an_append_becomes_durable_and_times_out_without_one(tmp_path):
+    log = _log(tmp_path, partitions=2)
+    first = log.append([1], ["a"], [1.0], [1.0])  # user 1's partition
+    (p,) = list(first.offsets)
+    q = 1 - p
+    # Already there: at once. Nothing at or after the offsets: False after the timeout.
+    assert log.wait({p: 0}, 5.0) is True
+    t0 = time.monotonic()
+    assert log.wait({p: 1, q: 0}, 0.2) is False
+    assert time.monotonic() - t0 >= 0.19
+
+    async def wait_then_append():
+        waiting = asyncio.ensure_future(log.log.wait({p: 1, q: 0}, 30.0))
+        await asyncio.sleep(0.05)
+        assert not waiting.done()  # nothing new yet
+        t = time.monotonic()
+        await log.log.append([1], ["b"], [2.0], [1.0])
+        return await waiting, time.monotonic() - t
+
+    woke, after_s = log.run(wait_then_append())
+    assert woke is True and after_s < 5.0  # woken by the append, not by the 30 s timeout
+    with pytest.raises(ValueError, match="partition"):
+        log.wait({7: 0}, 0.1)

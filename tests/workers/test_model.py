@@ -168,3 +168,19 @@ def test_top_k_matches_a_full_sort(values, k, exclude):
     key = lambda i: (-(s[i] if not np.isnan(s[i]) else -np.inf), i)  # noqa: E731
     want = sorted((i for i in range(len(s)) if i not in set(ex.tolist())), key=key)[:k]
     assert top_k(s, k, ex).tolist() == want
+
+
+def test_top_k_fast_path_equals_the_exact_one_on_random_scores():
+    # The fast path (excluded and NaN as -inf in a copy) must answer exactly what keeping
+    # eligibility apart answers: ties, NaN, +-inf, exclusions, k near the eligible count.
+    from workers.model import _top_k_exact
+
+    rng = np.random.default_rng(3)
+    for _ in range(2000):
+        n = int(rng.integers(1, 60))
+        k = int(rng.integers(1, n + 3))
+        s = rng.integers(-3, 4, n).astype(rng.choice([np.float32, np.float64]))
+        u = rng.random(n)
+        s[u < 0.1], s[(u > 0.1) & (u < 0.15)], s[(u > 0.15) & (u < 0.18)] = np.nan, -np.inf, np.inf
+        ex = rng.integers(0, n, int(rng.integers(0, n + 1))) if rng.random() < 0.7 else None
+        assert top_k(s, k, ex).tolist() == _top_k_exact(s, k, ex).tolist(), (s, k, ex)

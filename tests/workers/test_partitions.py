@@ -44,8 +44,7 @@ def _run(partitions: int, trainers: int) -> dict:
         "namespace": f"t-part-{partitions}x{trainers}-{uuid.uuid4().hex[:6]}",
         "ps": {"num_shards": 2, "num_buckets": 32, "shard_num_cpus": 0.1,
                "tables": {"user": {"dim": 8}, "item": {"dim": 8}}},
-        "trainer": {"num_workers": trainers, "batch_size": 32, "passes": 1, "device": "cpu", "num_cpus": 0.25,
-                    "poll_interval_s": 0.02},
+        "trainer": {"num_workers": trainers, "batch_size": 32, "passes": 1, "device": "cpu", "num_cpus": 0.25},
         "stream": {"kind": "ingest", "num_events": None},
         "ingest": {"dir": tempfile.mkdtemp(prefix="freshet-part-"), "fsync": False, "partitions": partitions},
     })

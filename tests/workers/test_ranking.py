@@ -86,3 +86,27 @@ def test_context_index_keeps_each_tail_in_order_and_pads():
     np.testing.assert_array_equal(idx, [[0, 1, 0], [-1, -1, -1], [1, 2, -1]])
     items, idx = context_index([[1, 2]], 0)
     assert len(items) == 0 and idx.shape == (1, 0)
+
+
+@pytest.mark.parametrize("dim", [8, 64])
+def test_several_queries_score_bit_for_bit_as_each_alone(dim):
+    # Blocks of item rows for a batch, one product for a lone query: equal to the last bit,
+    # over several blocks and a partial last one, with the prior and the bias fused in.
+    from workers.ranking import _SCORE_BLOCK, RankingSnapshot
+
+    rng = np.random.default_rng(dim)
+    n = 2 * _SCORE_BLOCK + 1234
+    m = MODEL
+    mats = {
+        m.item_table: rng.normal(size=(n, dim)).astype(np.float32),
+        m.item_bias_table: rng.normal(size=(n, 1)).astype(np.float32),
+        m.popularity_table: rng.integers(0, 9, size=(n, 1)).astype(np.float32),
+        m.recent_table: np.stack([rng.integers(0, 9, n), rng.integers(0, 4, n)], 1).astype(np.float32),
+    }
+    snap = RankingSnapshot(ItemView(np.arange(n), mats), m)
+    queries = rng.normal(size=(11, dim)).astype(np.float32)
+    together = snap.scores(queries)
+    for j, q in enumerate(queries):
+        alone = snap.scores(q)[0]
+        assert np.array_equal(alone, together[j]), (j, np.abs(alone - together[j]).max())
+    assert snap.rank_queries(queries, 5, [[0, 1]] * len(queries)) == [snap.rank(q, [0, 1], 5, history=()) for q in queries]

@@ -40,7 +40,7 @@ def deployment(ray_cluster):
         "ps": {"num_shards": 2, "num_buckets": 32, "shard_num_cpus": 0.1,
                "tables": {"user": {"dim": 8}, "item": {"dim": 8}}},
         "trainer": {"batch_size": BATCH, "passes": 1, "snapshot_every_batches": SNAPSHOT_EVERY, "device": "cpu",
-                    "num_cpus": 0.25, "poll_interval_s": 0.02},
+                    "num_cpus": 0.25},
         "stream": {"kind": "ingest", "num_events": None},
         "ingest": {"dir": tempfile.mkdtemp(prefix="freshet-rcost-"), "fsync": False},
     })

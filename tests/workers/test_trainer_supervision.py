@@ -52,7 +52,7 @@ def deployment():
         "ps": {"num_shards": 2, "num_buckets": 32, "shard_num_cpus": 0.1,
                "tables": {"user": {"dim": 8}, "item": {"dim": 8}}},
         # Two passes, so a fault can hit a batch after its first push went out (and is in the WAL).
-        "trainer": {"batch_size": 64, "passes": 2, "device": "cpu", "num_cpus": 0.25, "poll_interval_s": 0.02,
+        "trainer": {"batch_size": 64, "passes": 2, "device": "cpu", "num_cpus": 0.25,
                     "stall_s": 2.0, "max_retries": 50, "retry_backoff_s": 0.2},
         "stream": {"kind": "ingest", "num_events": None},
         "ingest": {"dir": tmp, "fsync": False},

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import abc
 import collections
+import time
 from pathlib import Path
 
 import numpy as np
@@ -77,6 +78,12 @@ class StreamSource(abc.ABC):
 
     def close(self) -> None:
         """Release the source's memory; later reads raise ``ValueError``."""
+
+    def wait(self, positions: dict[int, int], timeout_s: float) -> None:
+        """Wait until events may have arrived at ``positions`` (partition → offset) of this
+        source's stream, for at most ``timeout_s`` seconds. A source that cannot be told when
+        events arrive just sleeps; a live one returns the moment they are there."""
+        time.sleep(timeout_s)
 
 
 def check_read_args(offset: int, max_events: int) -> None:

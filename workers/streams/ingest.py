@@ -43,6 +43,13 @@ class IngestSource(StreamSource):
         check_read_args(offset, max_events)
         return ray.get(self._log.read.remote(offset, max_events, self.partition), timeout=self._timeout)
 
+    def wait(self, positions: dict[int, int], timeout_s: float) -> None:
+        """Return as soon as any of ``positions`` (partition → offset, partitions of this log)
+        has a durable event at or after its offset, or after ``timeout_s`` seconds: a long poll
+        (``IngestLog.wait``), so a trainer that has caught up sees an append at once, without
+        polling the log every few milliseconds."""
+        ray.get(self._log.wait.remote(positions, timeout_s), timeout=timeout_s + self._timeout)
+
     def commit(self, consumer: str, offset: int) -> None:
         """Tell the log that ``consumer`` has durably applied every event of this partition
         below ``offset``, so retention may delete what every consumer and pin is past.

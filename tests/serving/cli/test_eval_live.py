@@ -20,7 +20,7 @@ EVENTS = 600
 def _cfg_overrides(port: int | None = None) -> dict:
     o = {
         "ps": {"num_shards": 2, "num_buckets": 64, "tables": {"user": {"dim": 16}, "item": {"dim": 16}, "item_ctx": {"dim": 16}}},
-        "trainer": {"batch_size": 64, "device": "cpu", "poll_interval_s": 0.02},
+        "trainer": {"batch_size": 64, "device": "cpu"},
         "stream": {"synthetic": {"num_users": 60, "num_items": 80, "seed": 3}},
         "serving": {"cache_refresh_s": 0.05, "request_timeout_s": 5.0},
     }

@@ -45,7 +45,7 @@ def _config(tmp_path: Path, **sections) -> tuple[Path, str]:
     conf = {
         "namespace": f"clilong-{uuid.uuid4().hex[:6]}",
         "ps": {"tables": {"user": {"dim": 8}, "item": {"dim": 8}}},
-        "trainer": {"batch_size": 64, "poll_interval_s": 0.02},
+        "trainer": {"batch_size": 64},
         "ingest": {"dir": str(tmp_path / "data"), "fsync": False},
         "serving": {"port": free_port()},
     }
