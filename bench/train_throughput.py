@@ -142,9 +142,10 @@ def run_in_process(cfg: FreshetConfig, *, trainer: Trainer | None = None, progre
 
     if cfg.stream.kind == StreamKind.INGEST:
         raise ValueError("stream.kind: the benchmark needs a replayable source, not 'ingest'")
+    threads = torch.get_num_threads()  # before a Trainer sets its own count
     t = trainer if trainer is not None else in_process_trainer(cfg)
+    torch.set_num_threads(t.cfg.trainer.torch_threads)  # a given trainer may predate another's count
     total = t.max_events if t.max_events is not None else next(iter(t.sources.values())).end_offset
-    threads = torch.get_num_threads()
     per_event: list[float] = []
     try:
         t0, c0, s0 = time.perf_counter(), time.process_time(), _tree_cpu_s()

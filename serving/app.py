@@ -235,7 +235,8 @@ def _rank_response(user_id: int | str, ranked: Ranked, reason: str | None, model
              for i, s in zip(ranked.item_ids, ranked.scores)]
     body = {"user_id": user_id, "items": items, "fallback": ranked.fallback, "fallback_reason": reason,
             "model_version": int(model_version)}
-    return Response(json.dumps(body, separators=(",", ":")), media_type="application/json")
+    # ensure_ascii=False: the bytes FastAPI sent (IDs are valid UTF-8: lone surrogates are refused).
+    return Response(json.dumps(body, separators=(",", ":"), ensure_ascii=False), media_type="application/json")
 
 
 def _unavailable(what: str, err: BaseException) -> JSONResponse:
@@ -393,17 +394,28 @@ class FreshetAPI:
     # form the next one. A 2 ms window only delayed every request at ~150 req/s per replica,
     # where a window holds ~0.3 requests (bench.serve_latency, BENCHMARKS.md section 8).
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.0)
-    async def _ranked(self, work: list[tuple[RankingSnapshot, np.ndarray, int, Any]]) -> list[Ranked]:
-        """Top-``k`` for several users' ``(snapshot, query, k, seen)``: per snapshot and ``k``, one
-        :meth:`RankingSnapshot.rank_queries` (the item matrix read once for all), in the pool."""
-        def run() -> list[Ranked]:
-            out: list[Ranked | None] = [None] * len(work)
-            groups: dict[tuple[int, int], list[int]] = {}
-            for j, (snap, _, k, _) in enumerate(work):
-                groups.setdefault((id(snap), k), []).append(j)
+    async def _ranked(self, work: list[tuple[RankingSnapshot, np.ndarray, int, Any]]) -> list[Ranked | Exception]:
+        """Top-``k`` for several users' ``(snapshot, query, k, seen)``: per snapshot, one
+        :meth:`RankingSnapshot.rank_queries` (the item matrix read once for all), in the pool.
+        A request whose ranking raises gets its exception back (the caller raises it), so it
+        fails alone, not with the batch it happened to share."""
+        def run() -> list[Ranked | Exception]:
+            out: list[Ranked | Exception | None] = [None] * len(work)
+            groups: dict[int, list[int]] = {}
+            for j, (snap, _, _, _) in enumerate(work):
+                groups.setdefault(id(snap), []).append(j)
             for js in groups.values():
-                snap, k = work[js[0]][0], work[js[0]][2]
-                ranked = snap.rank_queries(np.stack([work[j][1] for j in js]), k, [work[j][3] for j in js])
+                snap = work[js[0]][0]
+                try:
+                    ranked: list[Ranked | Exception] = list(snap.rank_queries(
+                        np.stack([work[j][1] for j in js]), [work[j][2] for j in js], [work[j][3] for j in js]))
+                except Exception:  # noqa: BLE001 - find whose request it was: each alone
+                    ranked = []
+                    for j in js:
+                        try:
+                            ranked.append(snap.rank_queries(work[j][1][None, :], [work[j][2]], [work[j][3]])[0])
+                        except Exception as e:  # noqa: BLE001 - raised in that request's own handler
+                            ranked.append(e)
                 for r, j in zip(ranked, js):
                     out[j] = r
             return out
@@ -538,7 +550,9 @@ class FreshetAPI:
             reason = behind or "new_user"
         else:
             ranked = await self._ranked((snap, q, body.k, seen))
-        return _rank_response(body.user_id, ranked, reason, self.snapshot_version)
+            if isinstance(ranked, Exception):
+                raise ranked
+        return _rank_response(body.user_id, ranked, reason, snap.model_version)
 
     @fastapi_app.post("/score", response_model=ScoreResponse)
     async def score(self, body: ScoreRequest):

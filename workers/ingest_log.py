@@ -895,18 +895,20 @@ class IngestLog:
         waits: list[tuple[_Partition, _Write]] = []
         errors: list[BaseException] = []
         appended = np.full(n, -1, np.int64)
-        for p in np.unique(where).tolist():
-            part = self._parts[p]
-            try:
-                replies[p], part_waits = await self._append_part(
-                    part, np.flatnonzero(where == p), ev, idempotency_key, now, appended
-                )
-            except IngestWriteError as e:
-                errors.append(e)  # the other parts still go in: a retry then has less to do
-                continue
-            waits += [(part, w) for w in part_waits]
-        done = await asyncio.gather(*(self._store.durable(part, w) for part, w in waits), return_exceptions=True)
-        self._wake_readers()  # whatever became durable, even beside a failed part
+        try:
+            for p in np.unique(where).tolist():
+                part = self._parts[p]
+                try:
+                    replies[p], part_waits = await self._append_part(
+                        part, np.flatnonzero(where == p), ev, idempotency_key, now, appended
+                    )
+                except IngestWriteError as e:
+                    errors.append(e)  # the other parts still go in: a retry then has less to do
+                    continue
+                waits += [(part, w) for w in part_waits]
+            done = await asyncio.gather(*(self._store.durable(part, w) for part, w in waits), return_exceptions=True)
+        finally:
+            self._wake_readers()  # whatever became durable, even beside a failed or cancelled part
         errors += [e for e in done if isinstance(e, BaseException)]
         if errors:
             raise errors[0]
@@ -993,8 +995,8 @@ class IngestLog:
             ValueError: no such partition, or a negative ``timeout_s``.
         """
         parts = {self._part(p): int(off) for p, off in offsets.items()}
-        if timeout_s < 0:
-            raise ValueError(f"timeout_s: must be >= 0, got {timeout_s}")
+        if not timeout_s >= 0:  # NaN too
+            raise ValueError(f"timeout_s: must be a number >= 0, got {timeout_s}")
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout_s
         while not any(part.durable_offset > off for part, off in parts.items()):

@@ -81,6 +81,9 @@ class RankingSnapshot:
 
     def __init__(self, view: CatalogueView, model: ModelConfig, *, copy_lookup: bool = True):
         self.model = model
+        self.model_version = int(getattr(view, "model_version", 0))
+        """Pushes applied to the view's item tables when this snapshot was built (0 for a view
+        that does not count them)."""
         self.ids = view.ids().copy()
         self.valid = view.valid().copy()
         self._invalid = np.flatnonzero(~self.valid)
@@ -190,11 +193,13 @@ class RankingSnapshot:
         out += self.bias
         return out
 
-    def rank_queries(self, queries: np.ndarray, k: int, seen: Sequence[Any]) -> list[Ranked]:
-        """Top-``k`` for each of several users' queries (``float32 [b, d]``), each excluding its
-        own ``seen``: one :meth:`scores` for all, then a partial sort each."""
+    def rank_queries(self, queries: np.ndarray, k: int | Sequence[int], seen: Sequence[Any]) -> list[Ranked]:
+        """Top-``k`` for each of several users' queries (``float32 [b, d]``; ``k`` one for all or
+        one per query), each excluding its own ``seen``: one :meth:`scores` for all, then a
+        partial sort each."""
         scores = self.scores(queries)
-        return [self.top(scores[j], k, self._exclude(seen[j])) for j in range(len(scores))]
+        ks = [k] * len(scores) if isinstance(k, (int, np.integer)) else list(k)
+        return [self.top(scores[j], int(ks[j]), self._exclude(seen[j])) for j in range(len(scores))]
 
     def _exclude(self, seen: Keyed | Sequence[ID] | np.ndarray | None) -> np.ndarray:
         s = self.slots(seen) if seen is not None else np.empty(0, np.int64)
@@ -308,7 +313,7 @@ class Ranker:
         """Top-``k`` per user, excluding ``seen``; users with ``found`` False get the popular fallback.
 
         ``history`` (each user's items, oldest first; default ``seen``) supplies the
-        session context. Known users are scored in one matrix product.
+        session context. Known users are scored together (:meth:`RankingSnapshot.scores`).
         """
         snap = self.snapshot()
         history = seen if history is None else history

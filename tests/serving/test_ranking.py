@@ -15,7 +15,7 @@ running trainer, the Serve app over HTTP, default model at a small width), in fi
 
 The rest need no Ray: ``/score`` counted through the snapshot (wrapped matrices that record
 every row read, and refuse a product with the whole catalogue), the batched scoring path driven
-directly (``FreshetAPI._scores``) against the single one, and a snapshot that stays what it was
+directly (``FreshetAPI._ranked``) against the single one, and a snapshot that stays what it was
 when its catalogue view changes in place (what the replica's mirror does on every sync).
 """
 
@@ -429,6 +429,25 @@ def test_batched_ranking_returns_exactly_what_single_ranking_returns(batched_ran
         for j in range(len(qs)):
             one = snap.scores(qs[j])[0]
             assert one.dtype == many.dtype == np.float32 and np.array_equal(one, many[j]), j
+
+
+def test_a_request_that_fails_in_a_batch_fails_alone(batched_ranking):
+    from workers.ranking import RankingSnapshot
+
+    model = _model()
+    snap = RankingSnapshot(_View(model, 300, DIM, seed=3), model)
+    rng = np.random.default_rng(5)
+    queries = [rng.normal(size=DIM).astype(np.float32) for _ in range(5)]
+    work = [(snap, q, 7, ["it1"]) for q in queries]
+    work[2] = (snap, queries[2], 7, [{"not": "an id"}])  # its exclusion raises
+
+    async def run():
+        return await asyncio.gather(*(batched_ranking._ranked(w) for w in work))
+
+    got = asyncio.run(run())
+    assert isinstance(got[2], ValueError), got[2]
+    for j in (0, 1, 3, 4):
+        assert got[j] == snap.rank(queries[j], ["it1"], 7, history=()), j
 
 
 def test_snapshot_is_not_changed_by_a_later_sync_of_its_view():
