@@ -180,7 +180,7 @@ class TrainerConfig(ConfigModel):
     torch_threads: int = Field(1, ge=1, le=256, description="torch intra-op threads per trainer (threads)")
     # A caught-up trainer waits on the ingest log, which answers the moment an append is
     # durable: this bounds only how long an idle trainer goes without checking for stop and
-    # lifecycle work, and how often it calls the log while idle (4 calls/s).
+    # lifecycle work, and how often it calls the log while idle (a read and a wait each time).
     poll_interval_s: float = Field(0.25, gt=0, le=60,
                                    description="longest wait for new events of an exhausted live stream, before looking again (seconds)")
     max_restarts: int = Field(-1, ge=-1, description="Ray restarts of a dead trainer actor; -1 is unlimited")
