@@ -60,7 +60,7 @@ from typing import Any
 
 import numpy as np
 
-from bench import ray_temp_dir
+from bench import machine, ray_temp_dir
 
 __all__ = [
     "DEFAULT_OUT",
@@ -461,7 +461,7 @@ def main(argv: list[str] | None = None) -> int:
     from ray import serve
     from tqdm import tqdm
 
-    from bench.load import _drain, _machine, _stats, bench_config
+    from bench.load import _drain, _stats, bench_config
     from serving import deploy
 
     loadavg = (lambda: os.getloadavg()[0]) if hasattr(os, "getloadavg") else (lambda: None)
@@ -549,7 +549,7 @@ def main(argv: list[str] | None = None) -> int:
         "bench": {**{k: (str(x) if isinstance(x, Path) else x) for k, x in vars(args).items()},
                   "ray_num_cpus": 2, "loadavg_1m_start": load_start, "loadavg_1m_end": loadavg()},
         "date": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
-        "machine": _machine(),
+        "machine": machine("ray", "httpx"),
         "config": {**cfg.model_dump(mode="json"), "serving": {**cfg.serving.model_dump(mode="json"), "auth_token": "<set>"}},
         "capacity": capacity,
         "feed": feed,

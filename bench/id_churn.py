@@ -32,10 +32,8 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
-import importlib.metadata
 import json
 import os
-import platform
 import time
 import uuid
 from collections.abc import Iterator
@@ -45,7 +43,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from bench import ray_temp_dir
+from bench import machine, ray_temp_dir
 from ps.ids import Keyed, id_keys
 from ps.plan import ShardingPlan
 from ps.shard import PSShard, PushId
@@ -317,31 +315,6 @@ def run_ray(ids: int, max_rows: int, *, batch: int = 20_480, dim: int = 64, new_
 # --------------------------------------------------------------------------- report
 
 
-def _machine() -> dict[str, Any]:
-    def version(pkg: str) -> str | None:
-        try:
-            return importlib.metadata.version(pkg)
-        except importlib.metadata.PackageNotFoundError:
-            return None
-
-    cpu = None
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), None)
-    except OSError:
-        pass
-    return {
-        "cpu_count": os.cpu_count(),
-        "usable_cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
-        "cpu_model": cpu,
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "numpy": np.__version__,
-        "torch": torch.__version__,
-        "ray": version("ray"),
-    }
-
-
 def format_table(report: dict[str, Any]) -> str:
     """The report as a plain-text table (one line per figure, with its goal where it has one)."""
     lines = []
@@ -463,8 +436,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--quiet", action="store_true", help="no progress bars")
     args = ap.parse_args(argv)
     index_rows = args.max_rows if args.index_rows is None else args.index_rows
-    machine = _machine()
-    machine["loadavg_start"] = [round(x, 2) for x in os.getloadavg()]
+    host = machine("numpy", "torch", "ray")
+    host["loadavg_start"] = [round(x, 2) for x in os.getloadavg()]
     config = {k: getattr(args, k) for k in ("ids", "max_rows", "batch", "dim", "new_fraction", "zipf", "eviction",
                                             "sync_every", "index_rounds", "ray_ids", "ray_max_rows", "seed")}
     config["index_rows"] = index_rows
@@ -478,11 +451,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         ray_part = run_ray(args.ray_ids, args.ray_max_rows, batch=args.batch, dim=args.dim,
                            new_fraction=args.new_fraction, zipf_a=args.zipf, eviction=args.eviction, seed=args.seed,
                            progress=not args.quiet)
-    machine["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
+    host["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
     report = {
         "bench": "id_churn",
         "date": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
-        "machine": machine,
+        "machine": host,
         "config": {**config, "raw_row_bytes_note": RAW_ROW_BYTES_NOTE, "wall_s": time.perf_counter() - t0},
         "stream": stream,
         "index": index,

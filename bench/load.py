@@ -23,7 +23,6 @@ import contextlib
 import datetime as _dt
 import json
 import os
-import platform
 import random
 import sys
 import tempfile
@@ -34,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from bench import ray_temp_dir
+from bench import machine, ray_temp_dir
 from serving.ray_head import free_port
 
 __all__ = [
@@ -327,25 +326,6 @@ def _drain(http, timeout_s: float) -> tuple[bool, float, dict[str, Any]]:
         time.sleep(0.25)
 
 
-def _machine() -> dict[str, Any]:
-    import importlib.metadata
-
-    def version(pkg: str) -> str | None:
-        with contextlib.suppress(importlib.metadata.PackageNotFoundError):
-            return importlib.metadata.version(pkg)
-        return None
-
-    return {
-        "cpu_count": os.cpu_count(),
-        "usable_cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
-        "loadavg_1m": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "ray": version("ray"),
-        "httpx": version("httpx"),
-    }
-
-
 def _parse(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m bench.load", description=__doc__.split("\n\n")[0])
     p.add_argument("--seconds", type=float, default=60.0, help="load duration (seconds, default 60)")
@@ -444,7 +424,7 @@ def main(argv: list[str] | None = None) -> int:
             "bench": {**{k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
                       "setup_s": setup_s, "ray_num_cpus": 2, "loadavg_1m_start": load_start},
             "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-            "machine": _machine(),
+            "machine": machine("ray", "httpx"),
             "config": {**cfg.model_dump(mode="json"), "serving": {**cfg.serving.model_dump(mode="json"), "auth_token": "<set>"}},
             "load": summary["load"],
             "endpoints": summary["endpoints"],

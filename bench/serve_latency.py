@@ -53,7 +53,7 @@ from typing import Any
 
 import numpy as np
 
-from bench import ray_temp_dir
+from bench import machine, ray_temp_dir
 from serving.ray_head import free_port  # imports no Ray: the mode's environment is set first
 
 __all__ = ["DEFAULT_OUT", "GOALS", "evaluate_goals", "format_table", "main", "write_report"]
@@ -621,27 +621,12 @@ def write_report(report: dict[str, Any], out: Path) -> tuple[Path, Path]:
     return json_path, png_path
 
 
-def _machine() -> dict[str, Any]:
-    import importlib.metadata
-
-    def version(pkg: str) -> str | None:
-        with contextlib.suppress(importlib.metadata.PackageNotFoundError):
-            return importlib.metadata.version(pkg)
-        return None
-
-    wrk = shutil.which("wrk")
-    return {
-        "cpu_count": os.cpu_count(),
-        "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
-        "python": platform.python_version(),
-        "ray": version("ray"),
-        "numpy": version("numpy"),
-        "wrk": subprocess.run([wrk, "--version"], capture_output=True, text=True, check=False).stdout.split("\n")[0] if wrk else None,
-    }
-
-
 # --------------------------------------------------------------------------- CLI
+
+
+def _wrk_version() -> str | None:
+    wrk = shutil.which("wrk")
+    return subprocess.run([wrk, "--version"], capture_output=True, text=True, check=False).stdout.split("\n")[0] if wrk else None
 
 
 def _ints(text: str) -> list[int]:
@@ -711,7 +696,7 @@ def main(argv: list[str] | None = None) -> int:
                   "clients": a.clients, "modes": a.modes, "client": a.client,
                   "command": "python -m bench.serve_latency " + " ".join(argv if argv is not None else sys.argv[1:])},
         "date": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
-        "machine": _machine(),
+        "machine": machine("ray", "numpy", processor=platform.processor() or platform.machine(), wrk=_wrk_version()),
         "loadavg_start": os.getloadavg(),
     }
     print(f"serve_latency: modes {a.modes}, catalogues {a.items}, clients {a.clients}, {a.seconds:g} s per run, "

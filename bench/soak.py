@@ -63,7 +63,6 @@ import contextlib
 import datetime as _dt
 import json
 import os
-import platform
 import shutil
 import signal
 import sys
@@ -76,7 +75,7 @@ from typing import Any
 
 import numpy as np
 
-from bench import ray_temp_dir
+from bench import machine, ray_temp_dir
 
 __all__ = [
     "DEFAULT_OUT",
@@ -588,18 +587,6 @@ class _Soak:
 # --------------------------------------------------------------------------- report
 
 
-def _machine() -> dict[str, Any]:
-    import importlib.metadata
-
-    return {
-        "cpu_count": os.cpu_count(),
-        "usable_cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "ray": importlib.metadata.version("ray"),
-    }
-
-
 def _fmt(x: float | None, spec: str = ".1f") -> str:
     return "-" if x is None else format(x, spec)
 
@@ -884,7 +871,7 @@ def main(argv: list[str] | None = None) -> int:
         "bench": {**{k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
                   "loadavg_start": load_start, "ray_num_cpus": 2, "cheap_config": CHEAP},
         "date": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
-        "machine": _machine(),
+        "machine": machine("ray"),
         "config": cfg.model_dump(mode="json"),
         "feed": {k: v for k, v in vars(soak.feed).items()},
         "samples": soak.samples,

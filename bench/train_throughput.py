@@ -38,10 +38,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime as _dt
-import importlib.metadata
 import json
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -51,6 +49,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+from bench import machine
 from ps.ids import ids_from_arrow
 from ps.local import LocalClient
 from serving.config import FreshetConfig, load_config
@@ -605,25 +604,6 @@ def _default_model(in_process: dict[str, Any], ps_runs: dict[str, dict[str, Any]
 # --------------------------------------------------------------------------- report
 
 
-def _machine() -> dict[str, Any]:
-    def version(pkg: str) -> str | None:
-        try:
-            return importlib.metadata.version(pkg)
-        except importlib.metadata.PackageNotFoundError:
-            return None
-
-    return {
-        "cpu_count": os.cpu_count(),
-        "usable_cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
-        "loadavg_1m": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "numpy": np.__version__,
-        "ray": version("ray"),
-    }
-
-
 def _cpu_ratio(run: dict[str, Any], base: dict[str, Any]) -> float | None:
     a, b = run.get("system_cpu_s"), base.get("system_cpu_s")
     if a is None or not b or not run["events"] or not base["events"]:
@@ -669,7 +649,7 @@ def build_report(
     report = {
         "bench": bench or {},
         "date": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
-        "machine": _machine(),
+        "machine": machine("torch", "numpy", "ray"),
         "workload": workload,
         "config": cfg.model_dump(mode="json"),
         "in_process": in_process,
