@@ -380,6 +380,28 @@ def test_rank_context_returns_row_recent_items_and_the_push_behind_the_row():
     assert ctx.recent.tolist() == K([10, 11]).tolist()
 
 
+def test_rank_contexts_of_a_batch_equal_each_users_rank_context():
+    s = _shard()
+    push(s, PushId("t", 1), {"user": ([1, "b"], np.arange(2 * DIM, dtype=np.float32).reshape(2, DIM))},
+         recent=(K([1, "b", "c"]), K([10, 11, 12]), np.array([0, 1, 2])))
+    push(s, PushId("t", 2), {"user": (["b"], np.ones((1, DIM), np.float32))})
+    users = K(["b", "nobody", 1, "c", "b"])  # a repeat, a user with only recent items, an unknown one
+    many = s.rank_contexts("user", users).unpack()
+    assert len(many) == len(users)
+    for got, key in zip(many, users.tolist()):
+        one = s.rank_context("user", key)
+        assert (got.row is None) == (one.row is None) and got.pushed_by == one.pushed_by
+        assert got.version == one.version == 2 and got.recent.tolist() == one.recent.tolist()
+        if one.row is not None:
+            np.testing.assert_array_equal(got.row, one.row)
+    assert [c.pushed_by for c in many] == [("t", 2), None, ("t", 1), None, ("t", 2)]
+    assert many[3].recent.tolist() == K([12]).tolist() and many[1].recent.size == 0
+    assert s.rank_contexts("user", K([])).unpack() == []
+    assert [c.recent.size for c in s.rank_contexts("user", users, recent=False).unpack()] == [0] * 5
+    with pytest.raises(ValueError, match="user_keys"):
+        s.rank_contexts("user", np.array([1, 2]))
+
+
 # --------------------------------------------------------------------------- recent items
 
 

@@ -15,7 +15,7 @@ running trainer, the Serve app over HTTP, default model at a small width), in fi
 
 The rest need no Ray: ``/score`` counted through the snapshot (wrapped matrices that record
 every row read, and refuse a product with the whole catalogue), the batched scoring path driven
-directly (``FreshetAPI._ranked``) against the single one, and a snapshot that stays what it was
+directly (``FreshetAPI._rank_batch``, with stand-in contexts) against the single one, and a snapshot that stays what it was
 when its catalogue view changes in place (what the replica's mirror does on every sync).
 """
 
@@ -315,11 +315,11 @@ def test_score_reads_only_the_given_items(catalogue, trained):
     asked = ["it7", "it4242", "nope", f"it{view.n // 3}", "it7"]  # an unknown and a removed item
 
     class Replica:
-        async def _context(self, user_id):
-            return RankContext(row, None, 1, recent)
+        async def _contexts(self, user_ids):
+            return [RankContext(row, None, 1, recent)]
 
         async def _snapshot_for(self, pushed_by):
-            return snap, None
+            return snap, [False]
 
     body = asyncio.run(_score_endpoint()(Replica(), ScoreRequest(user_id="u", item_ids=asked)))
     assert body.fallback is None and body.fallback_reason is None
@@ -345,11 +345,11 @@ def test_score_of_a_user_without_row_or_context_reads_only_popularity_of_the_giv
         setattr(snap, name, _Counted(getattr(snap, name), log))
 
     class Replica:
-        async def _context(self, user_id):
-            return RankContext(None, None, 1, np.zeros(0, np.uint64))
+        async def _contexts(self, user_ids):
+            return [RankContext(None, None, 1, np.zeros(0, np.uint64))]
 
         async def _snapshot_for(self, pushed_by):
-            return snap, None
+            return snap, [False]
 
     body = asyncio.run(_score_endpoint()(Replica(), ScoreRequest(user_id="u", item_ids=["it1", "it2"])))
     assert body.fallback == "popular" and body.fallback_reason == "new_user"
@@ -358,7 +358,8 @@ def test_score_of_a_user_without_row_or_context_reads_only_popularity_of_the_giv
 
 @pytest.fixture
 def batched_ranking(monkeypatch):
-    """``FreshetAPI._ranked`` (the ``@serve.batch`` path) on a stand-in replica, outside Serve.
+    """A factory of stand-in replicas that run ``FreshetAPI._rank_batch`` (the ``@serve.batch``
+    path of ``/rank``) outside Serve, with contexts and a snapshot given by the test.
 
     Serve keeps the batch queue in the decorated function itself, bound to the event loop it
     first ran on; it is dropped afterwards, or the class could no longer be pickled into a
@@ -370,61 +371,85 @@ def batched_ranking(monkeypatch):
     # Outside a replica there is no replica context for Serve's max_ongoing_requests warning.
     monkeypatch.setattr(batching._BatchQueue, "_warn_if_max_batch_size_exceeds_max_ongoing_requests",
                         lambda self: None)
-    lazy = FreshetAPI.func_or_class._ranked.set_max_batch_size.__self__
+    lazy = FreshetAPI.func_or_class._rank_batch.set_max_batch_size.__self__
+
+    def stand_in(snap, contexts):
+        lazy._queue = None  # each test's asyncio.run is a new event loop
+        return _stand_in(FreshetAPI, snap, contexts)
+
     try:
-        yield _stand_in(FreshetAPI)
+        yield stand_in
     finally:
         lazy._queue = None
 
 
-def _stand_in(FreshetAPI):
-    class Replica:
-        _pool = concurrent.futures.ThreadPoolExecutor(2)
-        _ranked = FreshetAPI.func_or_class._ranked
+def _stand_in(FreshetAPI, snap, contexts: dict):
+    """A replica whose users' contexts are ``contexts[user_id]`` (a RankContext, or an exception
+    raised by that user's shard) and whose snapshot is ``snap``; it records each batch's users."""
 
-        async def _run(self, fn, *args, **kwargs):
-            return await asyncio.get_running_loop().run_in_executor(self._pool, lambda: fn(*args, **kwargs))
+    class Replica:
+        _rank_batch = FreshetAPI.func_or_class._rank_batch
+        batches: list[list] = []
+
+        async def _contexts(self, user_ids):
+            self.batches.append(list(user_ids))
+            return [contexts[u] for u in user_ids]
+
+        async def _snapshot_for(self, pushed_by):
+            return snap, [False] * len(pushed_by)
 
     return Replica()
 
 
 def test_batched_ranking_returns_exactly_what_single_ranking_returns(batched_ranking):
+    from ps.ids import keyed
+    from ps.shard import RankContext
+    from serving.app import _rank_requests
+    from serving.schemas import RankRequest
     from workers.ranking import _SCORE_BLOCK, RankingSnapshot
 
     model = _model()
-    replica = batched_ranking
     rng = np.random.default_rng(7)
 
-    async def run(snap, work):
-        single = [await replica._ranked(w) for w in work]  # one at a time: batches of one
-        batched = await asyncio.gather(*(replica._ranked(w) for w in work))
+    async def run(replica, requests):
+        single = [await replica._rank_batch(r) for r in requests]  # one at a time: batches of one
+        batched = await asyncio.gather(*(replica._rank_batch(r) for r in requests))
         return single, batched
 
-    async def both():
-        out = []
-        # Below one scoring block, and over several blocks with a partial last one.
-        for n_items in (50, 5000, 2 * _SCORE_BLOCK + 1234):
-            snap = RankingSnapshot(_View(model, n_items, DIM, seed=n_items), model)
-            queries = [rng.normal(size=DIM).astype(np.float32) for _ in range(24)]
-            seen = [[f"it{i}" for i in rng.integers(0, n_items, 5).tolist()] for _ in queries]
-            work = [(snap, q, 10 + j % 2, s) for j, (q, s) in enumerate(zip(queries, seen))]
-            shapes = []
-            real = snap.scores
-            snap.scores = lambda q, real=real, shapes=shapes: (shapes.append(np.shape(q)), real(q))[1]
-            out.append((snap, work, shapes, *await run(snap, work)))
-            snap.scores = real
-        return out
-
-    # One event loop for everything batched: Serve's batch queue is bound to the loop it first ran on.
-    for snap, work, shapes, single, batched in asyncio.run(both()):
-        assert any(s[0] > 1 for s in shapes), shapes  # batches really formed
-        for j, ((_, q, k, seen), a, b) in enumerate(zip(work, single, batched)):
-            assert a == b, (len(snap.ids), j)
-            assert len(b.item_ids) == k and not set(b.item_ids) & set(seen)
+    # Below one scoring block, and over several blocks with a partial last one.
+    for n_items in (50, 5000, 2 * _SCORE_BLOCK + 1234):
+        snap = RankingSnapshot(_View(model, n_items, DIM, seed=n_items), model)
+        contexts, requests, posted = {}, [], {}
+        for u in range(24):
+            posted[f"u{u}"] = {f"it{i}" for i in rng.integers(0, n_items, 5).tolist()}
+            recent = keyed(sorted(posted[f"u{u}"])).keys
+            # Users with a row, users with only a session context, and one with neither.
+            row = rng.normal(size=DIM).astype(np.float32) if u % 4 else None
+            contexts[f"u{u}"] = RankContext(row, None, 1, recent if u not in (3, 4) else np.zeros(0, np.uint64))
+            requests.append(RankRequest(user_id=f"u{u}", k=10 + u % 2, exclude_seen=u % 5 != 0))
+        replica = batched_ranking(snap, contexts)
+        # One event loop per replica: Serve's batch queue is bound to the loop it first ran on.
+        single, batched = asyncio.run(run(replica, requests))
+        assert any(len(b) > 1 for b in replica.batches), replica.batches  # batches really formed
+        assert len(replica.batches) < 2 * len(requests)
+        direct = _rank_requests(snap, requests, [contexts[r.user_id] for r in requests], [False] * len(requests))
+        for j, (req, a, b, c) in enumerate(zip(requests, single, batched, direct)):
+            u = j
+            assert a == b == c, (n_items, j)
+            ranked, reason, version = b
+            ctx = contexts[req.user_id]
+            assert len(ranked.item_ids) == req.k
+            assert not req.exclude_seen or u in (3, 4) or not set(ranked.item_ids) & posted[req.user_id], (n_items, j)
             # ... and what the evaluation ranks with (RankingSnapshot.rank, Ranker.rank_many).
-            assert snap.rank(q, seen, k, history=()) == b  # q is already the query: no context on top
+            want = snap.rank(ctx.row, ctx.recent if req.exclude_seen else None, req.k, history=ctx.recent)
+            if ctx.row is None and len(ctx.recent):
+                want = snap.rank(snap.context_query(ctx.recent), ctx.recent if req.exclude_seen else None, req.k,
+                                 history=())
+            assert ranked == want, (n_items, j)
+            assert reason == (None if ranked.fallback is None else "new_user") and version == snap.model_version
+        assert direct[4][0].fallback == "popular" and direct[0][0].fallback is None and direct[1][0].fallback is None
         # The scores themselves, block by block for many queries against one product each.
-        qs = np.stack([w[1] for w in work])
+        qs = rng.normal(size=(24, DIM)).astype(np.float32)
         many = snap.scores(qs)
         for j in range(len(qs)):
             one = snap.scores(qs[j])[0]
@@ -432,22 +457,30 @@ def test_batched_ranking_returns_exactly_what_single_ranking_returns(batched_ran
 
 
 def test_a_request_that_fails_in_a_batch_fails_alone(batched_ranking):
+    from ps.ids import keyed
+    from ps.shard import RankContext
+    from serving.schemas import RankRequest
     from workers.ranking import RankingSnapshot
 
     model = _model()
     snap = RankingSnapshot(_View(model, 300, DIM, seed=3), model)
     rng = np.random.default_rng(5)
-    queries = [rng.normal(size=DIM).astype(np.float32) for _ in range(5)]
-    work = [(snap, q, 7, ["it1"]) for q in queries]
-    work[2] = (snap, queries[2], 7, [{"not": "an id"}])  # its exclusion raises
+    it1 = keyed(["it1"]).keys
+    contexts = {f"u{j}": RankContext(rng.normal(size=DIM).astype(np.float32), None, 1, it1) for j in range(6)}
+    contexts["u2"] = RankContext(rng.normal(size=DIM + 1).astype(np.float32), None, 1, it1)  # its query raises
+    contexts["u4"] = TimeoutError("shard 1 did not answer")  # its shard failed
+    replica = batched_ranking(snap, contexts)
 
     async def run():
-        return await asyncio.gather(*(batched_ranking._ranked(w) for w in work))
+        return await asyncio.gather(*(replica._rank_batch(RankRequest(user_id=u, k=7)) for u in contexts))
 
-    got = asyncio.run(run())
-    assert isinstance(got[2], ValueError), got[2]
-    for j in (0, 1, 3, 4):
-        assert got[j] == snap.rank(queries[j], ["it1"], 7, history=()), j
+    got = dict(zip(contexts, asyncio.run(run())))
+    assert any(len(b) > 1 for b in replica.batches), replica.batches
+    assert isinstance(got["u2"], ValueError), got["u2"]
+    assert isinstance(got["u4"], TimeoutError), got["u4"]
+    for u in ("u0", "u1", "u3", "u5"):
+        ctx = contexts[u]
+        assert got[u] == (snap.rank(ctx.row, ctx.recent, 7, history=ctx.recent), None, snap.model_version), u
 
 
 def test_snapshot_is_not_changed_by_a_later_sync_of_its_view():

@@ -89,13 +89,14 @@ def test_context_index_keeps_each_tail_in_order_and_pads():
 
 
 @pytest.mark.parametrize("dim", [8, 64])
-def test_several_queries_score_bit_for_bit_as_each_alone(dim):
-    # Blocks of item rows for a batch, one product for a lone query: equal to the last bit,
-    # over several blocks and a partial last one, with the prior and the bias fused in.
+@pytest.mark.parametrize("blocks", [0.01, 1, 2.3])
+def test_several_queries_score_bit_for_bit_as_each_alone(dim, blocks):
+    # Alone, or batched with any others in any order: equal to the last bit, below one block,
+    # at exactly one and over several with a partial last one, with the prior and the bias fused in.
     from workers.ranking import _SCORE_BLOCK, RankingSnapshot
 
     rng = np.random.default_rng(dim)
-    n = 2 * _SCORE_BLOCK + 1234
+    n = max(3, int(blocks * _SCORE_BLOCK))
     m = MODEL
     mats = {
         m.item_table: rng.normal(size=(n, dim)).astype(np.float32),
@@ -104,9 +105,13 @@ def test_several_queries_score_bit_for_bit_as_each_alone(dim):
         m.recent_table: np.stack([rng.integers(0, 9, n), rng.integers(0, 4, n)], 1).astype(np.float32),
     }
     snap = RankingSnapshot(ItemView(np.arange(n), mats), m)
-    queries = rng.normal(size=(11, dim)).astype(np.float32)
-    together = snap.scores(queries)
-    for j, q in enumerate(queries):
-        alone = snap.scores(q)[0]
-        assert np.array_equal(alone, together[j]), (j, np.abs(alone - together[j]).max())
+    queries = (rng.normal(size=(16, dim)) * rng.uniform(0.01, 100, size=(16, 1))).astype(np.float32)
+    alone = [snap.scores(q)[0] for q in queries]
+    for size in range(2, 17):
+        pick = rng.permutation(16)[:size]
+        together = snap.scores(queries[pick])
+        for j, q in enumerate(pick.tolist()):
+            assert np.array_equal(alone[q], together[j]), (size, q, np.abs(alone[q] - together[j]).max())
+    want = mats[m.item_table].astype(np.float64) @ queries[0].astype(np.float64) + snap.bias
+    np.testing.assert_allclose(alone[0], want, rtol=1e-4, atol=1e-3)
     assert snap.rank_queries(queries, 5, [[0, 1]] * len(queries)) == [snap.rank(q, [0, 1], 5, history=()) for q in queries]
