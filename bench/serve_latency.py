@@ -410,7 +410,7 @@ def _cpu_seconds() -> dict[int, tuple[str, float]]:
             continue
         fields = stat[stat.rindex(")") + 2:].split()
         name = args[0].decode(errors="replace") if args and args[0] else stat[stat.index("(") + 1:stat.rindex(")")]
-        # Ray titles a worker after the method it is running ("ray::PSShard.rank_context").
+        # Ray titles a worker after the method it is running ("ray::PSShard.rank_contexts").
         name = name.split()[0].split(".")[0] if name.startswith("ray::") else Path(name).name
         if name.startswith("python") and len(args) > 1:
             name = next((Path(x.decode(errors="replace")).name for x in args[1:] if x.endswith(b".py")), name)

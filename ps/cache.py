@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import numpy as np
 
@@ -18,7 +19,22 @@ from ps.client import IdsLike, PSClient
 from ps.ids import keyed
 from ps.index import KeyIndex
 
-__all__ = ["RowCache"]
+__all__ = ["Coverage", "RowCache"]
+
+
+class Coverage(NamedTuple):
+    """Which pushes a mirror had applied at one moment (see :meth:`RowCache.coverage`)."""
+
+    high_water: tuple[dict[str, int], ...]  # per shard: highest seq applied per producer
+    synced: bool  # the mirror had synced at least once
+
+    def covers(self, pushed_by: tuple[str, int] | None) -> bool:
+        """True when every shard's part of push ``(producer, seq)`` was in the mirror (or the
+        push is unknown: older than what shards trace, so long synced)."""
+        if pushed_by is None:
+            return self.synced
+        producer, seq = pushed_by
+        return all(hw.get(producer, -1) >= seq for hw in self.high_water)
 
 
 class RowCache:
@@ -63,10 +79,12 @@ class RowCache:
     def covers(self, pushed_by: tuple[str, int] | None) -> bool:
         """True when every shard's part of push ``(producer, seq)`` is in the mirror (or the
         push is unknown: older than what shards trace, so long synced)."""
-        if pushed_by is None:
-            return self.syncs > 0
-        producer, seq = pushed_by
-        return all(hw.get(producer, -1) >= seq for hw in self.high_water)
+        return Coverage(tuple(self.high_water), self.syncs > 0).covers(pushed_by)
+
+    def coverage(self) -> Coverage:
+        """What the mirror has applied now, frozen (a copy): pair it with a snapshot built now,
+        since :meth:`sync` moves the mirror on while older snapshots are still in use."""
+        return Coverage(tuple(dict(hw) for hw in self.high_water), self.syncs > 0)
 
     def _slots_for(self, keys: np.ndarray, ids: np.ndarray) -> np.ndarray:
         """Slots of ``keys``, giving new ones a slot (reusing freed ones first)."""

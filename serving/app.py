@@ -4,8 +4,9 @@
 ``ingest-log`` and the ``trainer-{i}`` actors in ``cfg.namespace``); they start none
 of them. A replica reads the user's row fresh from the PS on every request (read-only,
 never creating rows; the ``/rank`` requests that arrive together share one call per shard)
-and ranks against a local mirror of the item tables kept current by delta sync. Every PS or actor call is bounded by ``serving.request_timeout_s``; a
-timeout or a dead actor answers 503 with ``Retry-After`` rather than 500 or a hang.
+and ranks against a local mirror of the item tables kept current by delta sync. Every PS
+or actor call is bounded by ``serving.request_timeout_s``; a timeout or a dead actor answers
+503 with ``Retry-After`` rather than 500 or a hang.
 
 Run it with ``run_app(cfg)``, ``serve run serving.app:app`` (default config) or
 ``serve run serving.app:build_app config_path=freshet.yaml``.
@@ -13,6 +14,7 @@ Run it with ``run_app(cfg)``, ``serve run serving.app:app`` (default config) or
 
 import asyncio
 import concurrent.futures
+import functools
 import hmac
 import json
 import logging
@@ -32,7 +34,7 @@ from fastapi.responses import JSONResponse, Response
 from ray import serve
 from ray.exceptions import ActorDiedError, GetTimeoutError, NodeDiedError, ObjectLostError, RayActorError, RaySystemError
 
-from ps.cache import RowCache
+from ps.cache import Coverage, RowCache
 from ps.client import PSClient, shard_actor_name
 from ps.ids import keyed
 from ps.shard import RankContext
@@ -59,6 +61,10 @@ APP_NAME = "freshet"
 """Serve application name used by :func:`run_app`."""
 
 _NO_ACCESS_LOG = {"enable_access_log": False}
+# How long a /rank batch whose first shard has answered waits for the others' answers before
+# ranking without them (seconds): the shards of one batch answer within about a millisecond of
+# each other, so one product serves them all; a slow or hung shard delays the others by this.
+_SHARD_GRACE_S = 0.002
 # Failures that mean "a dependency is down or slow right now": the client should retry.
 # A RayTaskError (a bug raised inside an actor) is deliberately not here.
 _UNAVAILABLE = (TimeoutError, GetTimeoutError, RayActorError, ObjectLostError, NodeDiedError, RaySystemError)
@@ -162,6 +168,9 @@ class _Guard:
                 )
             if n > limit:
                 return await too_big(scope, receive, send)
+            if b"transfer-encoding" not in headers:
+                # The server frames the body by its Content-Length: it cannot exceed the limit.
+                return await self.app(scope, receive, send)
         # Chunked bodies carry no length: buffer up to the limit and replay to the app.
         body = bytearray()
         while True:
@@ -262,6 +271,18 @@ def _finite(value: Any) -> Any:
     return value
 
 
+def _settle(answered: asyncio.Future, batch: asyncio.Future) -> None:
+    """Done-callback of a ``/rank`` request's batch call: a request the batch did not answer
+    gets the batch's error (or is cancelled with it); the error is retrieved either way."""
+    error = None if batch.cancelled() else batch.exception()
+    if answered.done():
+        return
+    if batch.cancelled():
+        answered.cancel()
+    else:
+        answered.set_exception(error or RuntimeError("/rank batch ended without an answer"))
+
+
 def _rank_requests(snap: RankingSnapshot, requests: list[RankRequest], contexts: list[RankContext | BaseException],
                   behind: list[bool]) -> list[tuple[Ranked, str | None, int] | BaseException]:
     """Rank each request against ``snap``: the model's query for a user with a row (with their
@@ -323,10 +344,12 @@ class FreshetAPI:
     Holds a PS client, a mirror of the item tables (:class:`ps.cache.RowCache`) kept current
     by a background delta sync every ``serving.cache_refresh_s``, and the
     :class:`workers.ranking.RankingSnapshot` built from it after each sync, swapped in by
-    reference: a request reads the snapshot it finds and never waits on a sync, except when
-    the mirror has not yet caught up with the push behind the user's row (then it syncs
-    first, or falls back to popularity and says so). Handles of the ingest log and trainers
-    are looked up lazily, so a replica can start before the trainers do.
+    reference with what the mirror had synced then: a request reads the snapshot it finds and
+    never waits on a sync, except when the snapshot does not yet cover the push behind the row
+    of its user or of a user ranked with it (then they sync first; a user whose push even the
+    fresh sync does not cover falls back to popularity and says so, and one whose sync failed
+    gets 503). Handles of the ingest log and trainers are looked up lazily, so a replica can
+    start before the trainers do.
     """
 
     def __init__(self, cfg: FreshetConfig):
@@ -339,7 +362,9 @@ class FreshetAPI:
         m = cfg.model
         self.mirror = RowCache(self.client, m.item_tables(), reader=f"{cfg.namespace}/serve-{uuid.uuid4().hex[:8]}")
         self.ranker = Ranker(self.mirror, m)
-        self.snapshot: RankingSnapshot | None = None
+        # The snapshot and what its mirror had synced when it was built, swapped together: the
+        # mirror itself moves on during a sync while requests still rank on the old snapshot.
+        self.served: tuple[RankingSnapshot, Coverage] | None = None
         self.snapshot_version = 0
         self._sync_lock: asyncio.Lock | None = None  # made on the replica's event loop
         self._syncer: asyncio.Task | None = None
@@ -389,7 +414,12 @@ class FreshetAPI:
         self.mirror.sync()
         snap = self.ranker.snapshot()
         self.snapshot_version = self.mirror.model_version
-        self.snapshot = snap
+        self.served = (snap, self.mirror.coverage())
+
+    @property
+    def snapshot(self) -> RankingSnapshot | None:
+        """The ranking snapshot requests use now (None before the first sync)."""
+        return self.served[0] if self.served is not None else None
 
     async def _refresh(self, needed=None) -> None:
         """:meth:`_refresh_now` in the pool, one at a time; skipped when ``needed()`` says the
@@ -419,40 +449,47 @@ class FreshetAPI:
             except Exception as e:  # noqa: BLE001 - a shard restarting: the next round retries
                 self.sync_error = f"{type(e).__name__}: {e}"
 
-    async def _snapshot_for(self, pushed_by: list) -> tuple[RankingSnapshot, list[bool]]:
+    def _stale(self) -> bool:
+        """The background sync has not refreshed the mirror for a while (a broken sync)."""
+        return time.monotonic() - self.mirror.synced_at > max(1.0, 5 * self.refresh_s)
+
+    async def _snapshot_for(self, pushed_by: list) -> tuple[RankingSnapshot, list[bool], list[BaseException | None]]:
         """A snapshot no older than the pushes behind the users' rows (``pushed_by``, one per
         user; None for a user without a row or an unknown push): the current one, or one synced
         now. Returns it and, per user, whether even a fresh sync does not cover that user's push
-        (the caller falls back to popularity and says ``mirror_behind``)."""
+        (the caller falls back to popularity and says ``mirror_behind``) and the error of a sync
+        that user needed and that failed (the caller answers it; the users the snapshot already
+        covers are ranked on it).
+
+        Raises:
+            Exception: the sync's own error when there is no snapshot to fall back on, or the
+                mirror is stale (then everyone needed that sync).
+        """
         # The first request starts the background sync (it needs the replica's event loop) and
         # syncs once itself; a mirror the background sync could not refresh for a while is
         # refreshed inline, so a broken sync shows as latency, not as stale answers.
         def needed() -> bool:
-            stale = time.monotonic() - self.mirror.synced_at > max(1.0, 5 * self.refresh_s)
-            return stale or self.snapshot is None or not all(self.mirror.covers(p) for p in pushed_by)
+            served = self.served
+            return self._stale() or served is None or not all(served[1].covers(p) for p in pushed_by)
 
+        ok: list[BaseException | None] = [None] * len(pushed_by)
         started = self._start_syncer()
         if started or needed():
-            await self._refresh(None if started else needed)
-            return self.snapshot, [not self.mirror.covers(p) for p in pushed_by]
-        return self.snapshot, [False] * len(pushed_by)
+            try:
+                await self._refresh(None if started else needed)
+            except Exception as e:  # noqa: BLE001 - answered to the users who needed the sync
+                if self.served is None or self._stale():
+                    raise
+                snap, coverage = self.served
+                return snap, [False] * len(pushed_by), [None if coverage.covers(p) else e for p in pushed_by]
+        snap, coverage = self.served
+        return snap, [not coverage.covers(p) for p in pushed_by], ok
 
-    async def _contexts(self, user_ids: list) -> list[RankContext | BaseException]:
-        """Each user's :class:`ps.shard.RankContext`, one call per shard for all of them (bounded
-        by ``request_timeout_s``); a shard's failure is returned, in place, to its users alone."""
-        table = self.cfg.model.user_table
-        keys = keyed(user_ids, "user_id").keys  # IDs were validated by the request schema
-        shard_of = self.client.plan.shards_of_keys(keys)
-        out: list[RankContext | BaseException | None] = [None] * len(user_ids)
-        at = {s: np.flatnonzero(shard_of == s) for s in np.unique(shard_of).tolist()}
-        calls = [asyncio.wait_for(self.client.shards[s].rank_contexts.remote(table, keys[js], True), self.timeout_s)
-                 for s, js in at.items()]
-        for js, got in zip(at.values(), await asyncio.gather(*calls, return_exceptions=True)):
-            if not isinstance(got, BaseException):
-                got = got.unpack()
-            for n, j in enumerate(js.tolist()):
-                out[j] = got if isinstance(got, BaseException) else got[n]
-        return out
+    async def _shard_contexts(self, shard: int, keys: np.ndarray) -> list[RankContext]:
+        """The :class:`ps.shard.RankContext` of each user key on ``shard``: one call, bounded by
+        ``request_timeout_s``."""
+        call = self.client.shards[shard].rank_contexts.remote(self.cfg.model.user_table, keys, True)
+        return (await asyncio.wait_for(call, self.timeout_s)).unpack()
 
     # No wait: a lone request is answered at once, and requests that arrive while batches run
     # form the next ones. A 2 ms window only delayed every request at ~150 req/s per replica,
@@ -460,21 +497,67 @@ class FreshetAPI:
     # batches at once, so some wait on their shard calls while one ranks: at 32 clients (high-
     # throughput mode, 100,000 items) 1, 2 and 4 served 298, 507 and 534 req/s.
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.0, max_concurrent_batches=4)
-    async def _rank_batch(self, requests: list[RankRequest]) -> list[tuple[Ranked, str | None, int] | BaseException]:
-        """``/rank`` for several requests: the users' contexts in one call per shard, one
-        snapshot covering all their rows' pushes, then :func:`_rank_requests` (the item matrix
-        read once for all). Per request: ``(ranked, fallback_reason, model_version)`` or the
-        exception that request alone failed with (the caller answers or raises it)."""
-        contexts = await self._contexts([r.user_id for r in requests])
-        pushed = [c.pushed_by if isinstance(c, RankContext) and c.row is not None else None for c in contexts]
+    async def _rank_batch(self, items: list[tuple[RankRequest, asyncio.Future]]) -> list[None]:
+        """``/rank`` for several requests, each answered through its future: one call per shard
+        for its users' contexts; the users of the shards that have answered (the first, and any
+        within ``_SHARD_GRACE_S`` of it) get a snapshot covering their rows' pushes and are
+        ranked together by :func:`_rank_requests` (the item matrix read once for them all);
+        later shards' users the same way when theirs answer. A future gets ``(ranked,
+        fallback_reason, model_version)`` or the exception that request alone failed with, so a
+        slow or failed shard delays or fails only its own users."""
+        requests = [r for r, _ in items]
+        keys = keyed([r.user_id for r in requests], "user_id").keys  # IDs were validated by the schema
+        shard_of = self.client.plan.shards_of_keys(keys)
+
+        def answer(js: list[int], results: list) -> None:
+            for j, res in zip(js, results):
+                if not items[j][1].done():  # a client gone away cancelled its future
+                    items[j][1].set_result(res)
+
+        async def fetch(shard: int, js: list[int]) -> tuple[list[int], list[RankContext] | BaseException]:
+            try:
+                return js, await self._shard_contexts(shard, keys[js])
+            except Exception as e:  # noqa: BLE001 - this shard's users get it; other shards' go on
+                return js, e
+
+        async def rank_parts(parts: list[tuple[list[int], list[RankContext] | BaseException]]) -> None:
+            js, contexts = [], []
+            for part_js, got in parts:
+                if isinstance(got, BaseException):
+                    answer(part_js, [got] * len(part_js))
+                else:
+                    js += part_js
+                    contexts += got
+            if not js:
+                return
+            try:
+                snap, behind, failed = await self._snapshot_for(
+                    [c.pushed_by if c.row is not None else None for c in contexts])
+            except Exception as e:  # noqa: BLE001 - answered to these users
+                answer(js, [e] * len(js))
+                return
+            # On the event loop, not in the pool: the ranking is a few ms of short numpy calls,
+            # and a pool thread must win the GIL back from the loop after each one. In the pool,
+            # a batch took 3-4x its CPU time at 32 clients and the replica served 337 req/s;
+            # here, 507.
+            ranked = _rank_requests(snap, [requests[j] for j in js], contexts, behind)
+            answer(js, [f if f is not None else r for f, r in zip(failed, ranked)])
+
+        pending: set[asyncio.Future] = set()
         try:
-            snap, behind = await self._snapshot_for(pushed)
-        except _UNAVAILABLE as e:
-            return [e] * len(requests)
-        # On the event loop, not in the pool: the ranking is a few ms of short numpy calls, and a
-        # pool thread must win the GIL back from the loop after each one. In the pool, a batch
-        # took 3-4x its CPU time at 32 clients and the replica served 337 req/s; here, 507.
-        return _rank_requests(snap, requests, contexts, behind)
+            pending = {asyncio.ensure_future(fetch(s, np.flatnonzero(shard_of == s).tolist()))
+                       for s in np.unique(shard_of).tolist()}
+            while pending:
+                done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+                if pending:  # the other shards' answers are usually a moment behind: rank them together
+                    more, pending = await asyncio.wait(pending, timeout=_SHARD_GRACE_S)
+                    done |= more
+                await rank_parts([t.result() for t in done])
+        finally:  # whatever went wrong above, no request waits forever
+            for t in pending:
+                t.cancel()
+            answer(list(range(len(items))), [RuntimeError("/rank batch ended without an answer")] * len(items))
+        return [None] * len(items)
 
     def _check_k(self, k: int) -> None:
         max_k = self.cfg.serving.max_k
@@ -584,7 +667,16 @@ class FreshetAPI:
     async def rank(self, body: RankRequest):
         """Top-``k`` items for the user; the popular fallback for a user without a trained row."""
         self._check_k(body.k)
-        got = await self._rank_batch(body)
+        answered = asyncio.get_running_loop().create_future()
+        # The batch may go on after this request's answer (other shards' users); when it ends
+        # without one (Serve's batching failed), its error becomes the answer.
+        batch = asyncio.ensure_future(self._rank_batch((body, answered)))
+        batch.add_done_callback(functools.partial(_settle, answered))
+        try:
+            got = await answered
+        except asyncio.CancelledError:  # the client went away: nobody waits for this answer
+            batch.cancel()
+            raise
         if isinstance(got, _UNAVAILABLE):
             return _unavailable("parameter server", got)
         if isinstance(got, BaseException):
@@ -596,11 +688,12 @@ class FreshetAPI:
     async def score(self, body: ScoreRequest):
         """Scores of the given items for the user, in order (null for items the PS has no row for);
         only those items are scored."""
+        keys = keyed([body.user_id], "user_id").keys
         try:
-            ctx = (await self._contexts([body.user_id]))[0]
-            if isinstance(ctx, BaseException):
-                raise ctx
-            snap, (behind,) = await self._snapshot_for([ctx.pushed_by if ctx.row is not None else None])
+            (ctx,) = await self._shard_contexts(int(self.client.plan.shards_of_keys(keys)[0]), keys)
+            snap, (behind,), (failed,) = await self._snapshot_for([ctx.pushed_by if ctx.row is not None else None])
+            if failed is not None:
+                raise failed
         except _UNAVAILABLE as e:
             return _unavailable("parameter server", e)
         behind = "mirror_behind" if behind else None
@@ -635,6 +728,7 @@ class FreshetAPI:
     async def healthz(self):
         """200 when every PS shard and the ingest log answer and every trainer is running (not
         dead, restarting, failing or stalled); else 503 naming what is wrong."""
+        self._start_syncer()  # a replica that has not ranked yet keeps its mirror current too
         names = [shard_actor_name(i) for i in range(self.client.num_shards)] + [INGEST_ACTOR]
         pings = await asyncio.gather(*(self._call(n, "ping") for n in names), return_exceptions=True)
         down = {n: type(r).__name__ for n, r in zip(names, pings) if isinstance(r, BaseException)}
@@ -670,6 +764,7 @@ class FreshetAPI:
         503 when the PS or the ingest log does not answer; trainers that do not answer
         are listed in ``trainers_down`` and left out of the sums.
         """
+        self._start_syncer()  # so that model_version and cached_items move on an idle replica too
         shard_names = [shard_actor_name(i) for i in range(self.client.num_shards)]
         try:
             ingest, *shards = await asyncio.gather(

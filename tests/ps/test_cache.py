@@ -142,6 +142,25 @@ def test_sync_mirrors_all_rows_then_transfers_only_changes(client):
     assert len(cache) == len(ids) + 2
 
 
+def test_coverage_is_what_the_mirror_had_synced_then(client):
+    # A replica pairs each ranking snapshot with the coverage taken when it was built: a
+    # later sync moves the mirror on, and must not make an old snapshot look newer.
+    push = _Pusher(client, "cover")
+    cache = RowCache(client, ITEM_TABLES)
+    before = cache.coverage()
+    assert not before.synced and not before.covers(None) and not cache.covers(None)
+    push({"item": ([900, 901], _grads(2))})
+    cache.sync()
+    first = cache.coverage()
+    assert first.covers(None) and first.covers(("cover", 0)) and not first.covers(("cover", 1))
+    push({"item": ([902], _grads(1))})
+    assert not cache.covers(("cover", 1))
+    cache.sync()
+    assert cache.covers(("cover", 1)) and cache.coverage().covers(("cover", 1))
+    assert not first.covers(("cover", 1)) and not before.covers(("cover", 0))  # frozen
+    assert not cache.covers(("other-producer", 0))
+
+
 def test_two_caches_synced_at_different_times_agree(client):
     push = _Pusher(client, "agree")
     early = RowCache(client, ITEM_TABLES)

@@ -22,6 +22,7 @@ when its catalogue view changes in place (what the replica's mirror does on ever
 from __future__ import annotations
 
 import asyncio
+import json
 import concurrent.futures
 import tempfile
 import time
@@ -315,11 +316,13 @@ def test_score_reads_only_the_given_items(catalogue, trained):
     asked = ["it7", "it4242", "nope", f"it{view.n // 3}", "it7"]  # an unknown and a removed item
 
     class Replica:
-        async def _contexts(self, user_ids):
+        client = _OneShardClient()
+
+        async def _shard_contexts(self, shard, keys):
             return [RankContext(row, None, 1, recent)]
 
         async def _snapshot_for(self, pushed_by):
-            return snap, [False]
+            return snap, [False], [None]
 
     body = asyncio.run(_score_endpoint()(Replica(), ScoreRequest(user_id="u", item_ids=asked)))
     assert body.fallback is None and body.fallback_reason is None
@@ -345,21 +348,33 @@ def test_score_of_a_user_without_row_or_context_reads_only_popularity_of_the_giv
         setattr(snap, name, _Counted(getattr(snap, name), log))
 
     class Replica:
-        async def _contexts(self, user_ids):
+        client = _OneShardClient()
+
+        async def _shard_contexts(self, shard, keys):
             return [RankContext(None, None, 1, np.zeros(0, np.uint64))]
 
         async def _snapshot_for(self, pushed_by):
-            return snap, [False]
+            return snap, [False], [None]
 
     body = asyncio.run(_score_endpoint()(Replica(), ScoreRequest(user_id="u", item_ids=["it1", "it2"])))
     assert body.fallback == "popular" and body.fallback_reason == "new_user"
     assert sum(reads["popularity"]) == 2 and not reads["items"] and not reads["bias"] and not reads["ctx"], reads
 
 
+class _OneShardClient:
+    """A PS client stand-in whose plan puts every user on shard 0."""
+
+    class plan:
+        @staticmethod
+        def shards_of_keys(keys):
+            return np.zeros(len(keys), np.int64)
+
+
 @pytest.fixture
 def batched_ranking(monkeypatch):
-    """A factory of stand-in replicas that run ``FreshetAPI._rank_batch`` (the ``@serve.batch``
-    path of ``/rank``) outside Serve, with contexts and a snapshot given by the test.
+    """A factory of stand-in replicas that answer ``POST /rank`` through the real handler and
+    ``FreshetAPI._rank_batch`` (its ``@serve.batch`` path) outside Serve, with the users'
+    contexts and the snapshot given by the test.
 
     Serve keeps the batch queue in the decorated function itself, bound to the event loop it
     first ran on; it is dropped afterwards, or the class could no longer be pickled into a
@@ -373,9 +388,9 @@ def batched_ranking(monkeypatch):
                         lambda self: None)
     lazy = FreshetAPI.func_or_class._rank_batch.set_max_batch_size.__self__
 
-    def stand_in(snap, contexts):
+    def stand_in(snap, contexts, **kw):
         lazy._queue = None  # each test's asyncio.run is a new event loop
-        return _stand_in(FreshetAPI, snap, contexts)
+        return _stand_in(FreshetAPI, snap, contexts, **kw)
 
     try:
         yield stand_in
@@ -383,70 +398,98 @@ def batched_ranking(monkeypatch):
         lazy._queue = None
 
 
-def _stand_in(FreshetAPI, snap, contexts: dict):
-    """A replica whose users' contexts are ``contexts[user_id]`` (a RankContext, or an exception
-    raised by that user's shard) and whose snapshot is ``snap``; it records each batch's users."""
+def _stand_in(FreshetAPI, snap, contexts: dict, *, num_shards: int = 2, failing: dict | None = None,
+              slow: dict | None = None):
+    """A replica with ``num_shards`` shards (the real sharding plan) whose users' contexts are
+    ``contexts[user_id]``. Shard ``s`` in ``failing`` raises ``failing[s]``; one in ``slow``
+    answers after ``slow[s]`` seconds. It records each shard call's users, in call order."""
+    from ps.ids import keyed
+    from ps.plan import ShardingPlan
+    from serving.config import load_config
+
+    user_of = {int(keyed([u]).keys[0]): u for u in contexts}
+
+    class Client:
+        plan = ShardingPlan.uniform(64, num_shards)
 
     class Replica:
+        cfg = load_config(None, {"serving": {"max_k": 100}})
+        client = Client()
+        rank = FreshetAPI.func_or_class.rank
+        _check_k = FreshetAPI.func_or_class._check_k
         _rank_batch = FreshetAPI.func_or_class._rank_batch
-        batches: list[list] = []
+        calls: list[tuple[int, list]] = []
 
-        async def _contexts(self, user_ids):
-            self.batches.append(list(user_ids))
-            return [contexts[u] for u in user_ids]
+        async def _shard_contexts(self, shard, keys):
+            users = [user_of[k] for k in keys.tolist()]
+            self.calls.append((shard, users))
+            await asyncio.sleep((slow or {}).get(shard, 0.0))
+            if shard in (failing or {}):
+                raise failing[shard]
+            return [contexts[u] for u in users]
 
         async def _snapshot_for(self, pushed_by):
-            return snap, [False] * len(pushed_by)
+            return snap, [False] * len(pushed_by), [None] * len(pushed_by)
 
     return Replica()
 
 
-def test_batched_ranking_returns_exactly_what_single_ranking_returns(batched_ranking):
+def _requests_and_contexts(rng, n_items: int, users: int = 24):
+    """``users`` requests (mixed ``k`` and ``exclude_seen``) with users that have a row, only a
+    session context, or neither; returns ``(requests, contexts by user, posted items by user)``."""
     from ps.ids import keyed
     from ps.shard import RankContext
-    from serving.app import _rank_requests
     from serving.schemas import RankRequest
+
+    contexts, requests, posted = {}, [], {}
+    for u in range(users):
+        posted[f"u{u}"] = {f"it{i}" for i in rng.integers(0, n_items, 5).tolist()}
+        recent = keyed(sorted(posted[f"u{u}"])).keys
+        row = rng.normal(size=DIM).astype(np.float32) if u % 4 else None
+        contexts[f"u{u}"] = RankContext(row, None, 1, recent if u not in (3, 4) else np.zeros(0, np.uint64))
+        requests.append(RankRequest(user_id=f"u{u}", k=10 + u % 2, exclude_seen=u % 5 != 0))
+    return requests, contexts, posted
+
+
+def test_batched_ranking_returns_exactly_what_single_ranking_returns(batched_ranking):
+    from serving.app import _rank_requests
     from workers.ranking import _SCORE_BLOCK, RankingSnapshot
 
     model = _model()
     rng = np.random.default_rng(7)
 
     async def run(replica, requests):
-        single = [await replica._rank_batch(r) for r in requests]  # one at a time: batches of one
-        batched = await asyncio.gather(*(replica._rank_batch(r) for r in requests))
+        single = [await replica.rank(r) for r in requests]  # one at a time: batches of one
+        batched = await asyncio.gather(*(replica.rank(r) for r in requests))
         return single, batched
 
     # Below one scoring block, and over several blocks with a partial last one.
     for n_items in (50, 5000, 2 * _SCORE_BLOCK + 1234):
         snap = RankingSnapshot(_View(model, n_items, DIM, seed=n_items), model)
-        contexts, requests, posted = {}, [], {}
-        for u in range(24):
-            posted[f"u{u}"] = {f"it{i}" for i in rng.integers(0, n_items, 5).tolist()}
-            recent = keyed(sorted(posted[f"u{u}"])).keys
-            # Users with a row, users with only a session context, and one with neither.
-            row = rng.normal(size=DIM).astype(np.float32) if u % 4 else None
-            contexts[f"u{u}"] = RankContext(row, None, 1, recent if u not in (3, 4) else np.zeros(0, np.uint64))
-            requests.append(RankRequest(user_id=f"u{u}", k=10 + u % 2, exclude_seen=u % 5 != 0))
+        requests, contexts, posted = _requests_and_contexts(rng, n_items)
         replica = batched_ranking(snap, contexts)
         # One event loop per replica: Serve's batch queue is bound to the loop it first ran on.
         single, batched = asyncio.run(run(replica, requests))
-        assert any(len(b) > 1 for b in replica.batches), replica.batches  # batches really formed
-        assert len(replica.batches) < 2 * len(requests)
+        calls = replica.calls[len(requests):]  # the concurrent round's shard calls
+        assert {s for s, _ in calls} == {0, 1} and any(len(users) > 1 for _, users in calls), calls
+        assert len(calls) < len(requests)  # users shared calls
+        assert all(a.body == b.body and a.status_code == b.status_code == 200 for a, b in zip(single, batched))
         direct = _rank_requests(snap, requests, [contexts[r.user_id] for r in requests], [False] * len(requests))
-        for j, (req, a, b, c) in enumerate(zip(requests, single, batched, direct)):
-            u = j
-            assert a == b == c, (n_items, j)
-            ranked, reason, version = b
-            ctx = contexts[req.user_id]
+        for j, (req, answer, (ranked, reason, version)) in enumerate(zip(requests, batched, direct)):
+            body = json.loads(answer.body)
+            assert [it["item_id"] for it in body["items"]] == ranked.item_ids, (n_items, j)
+            assert [it["score"] for it in body["items"]] == ranked.scores, (n_items, j)
+            assert body["fallback_reason"] == reason and body["model_version"] == version == snap.model_version
             assert len(ranked.item_ids) == req.k
-            assert not req.exclude_seen or u in (3, 4) or not set(ranked.item_ids) & posted[req.user_id], (n_items, j)
+            assert not req.exclude_seen or j in (3, 4) or not set(ranked.item_ids) & posted[req.user_id], (n_items, j)
             # ... and what the evaluation ranks with (RankingSnapshot.rank, Ranker.rank_many).
-            want = snap.rank(ctx.row, ctx.recent if req.exclude_seen else None, req.k, history=ctx.recent)
+            ctx = contexts[req.user_id]
+            seen = ctx.recent if req.exclude_seen else None
+            want = snap.rank(ctx.row, seen, req.k, history=ctx.recent)
             if ctx.row is None and len(ctx.recent):
-                want = snap.rank(snap.context_query(ctx.recent), ctx.recent if req.exclude_seen else None, req.k,
-                                 history=())
+                want = snap.rank(snap.context_query(ctx.recent), seen, req.k, history=())
             assert ranked == want, (n_items, j)
-            assert reason == (None if ranked.fallback is None else "new_user") and version == snap.model_version
+            assert reason == (None if ranked.fallback is None else "new_user")
         assert direct[4][0].fallback == "popular" and direct[0][0].fallback is None and direct[1][0].fallback is None
         # The scores themselves, block by block for many queries against one product each.
         qs = rng.normal(size=(24, DIM)).astype(np.float32)
@@ -458,6 +501,7 @@ def test_batched_ranking_returns_exactly_what_single_ranking_returns(batched_ran
 
 def test_a_request_that_fails_in_a_batch_fails_alone(batched_ranking):
     from ps.ids import keyed
+    from ps.plan import ShardingPlan
     from ps.shard import RankContext
     from serving.schemas import RankRequest
     from workers.ranking import RankingSnapshot
@@ -466,21 +510,90 @@ def test_a_request_that_fails_in_a_batch_fails_alone(batched_ranking):
     snap = RankingSnapshot(_View(model, 300, DIM, seed=3), model)
     rng = np.random.default_rng(5)
     it1 = keyed(["it1"]).keys
-    contexts = {f"u{j}": RankContext(rng.normal(size=DIM).astype(np.float32), None, 1, it1) for j in range(6)}
-    contexts["u2"] = RankContext(rng.normal(size=DIM + 1).astype(np.float32), None, 1, it1)  # its query raises
-    contexts["u4"] = TimeoutError("shard 1 did not answer")  # its shard failed
-    replica = batched_ranking(snap, contexts)
+    users = [f"u{j}" for j in range(12)]
+    contexts = {u: RankContext(rng.normal(size=DIM).astype(np.float32), None, 1, it1) for u in users}
+    shard = dict(zip(users, ShardingPlan.uniform(64, 2).shards_of_keys(keyed(users).keys).tolist()))
+    bad = next(u for u in users if shard[u] == 0)
+    contexts[bad] = RankContext(rng.normal(size=DIM + 1).astype(np.float32), None, 1, it1)  # its query raises
+    replica = batched_ranking(snap, contexts, failing={1: TimeoutError("shard 1 did not answer")})
 
     async def run():
-        return await asyncio.gather(*(replica._rank_batch(RankRequest(user_id=u, k=7)) for u in contexts))
+        return await asyncio.gather(*(replica.rank(RankRequest(user_id=u, k=7)) for u in users),
+                                    return_exceptions=True)
 
-    got = dict(zip(contexts, asyncio.run(run())))
-    assert any(len(b) > 1 for b in replica.batches), replica.batches
-    assert isinstance(got["u2"], ValueError), got["u2"]
-    assert isinstance(got["u4"], TimeoutError), got["u4"]
-    for u in ("u0", "u1", "u3", "u5"):
-        ctx = contexts[u]
-        assert got[u] == (snap.rank(ctx.row, ctx.recent, 7, history=ctx.recent), None, snap.model_version), u
+    got = dict(zip(users, asyncio.run(run())))
+    assert any(len(u) > 1 for _, u in replica.calls), replica.calls
+    assert isinstance(got[bad], ValueError), got[bad]
+    for u in users:
+        if shard[u] == 1:  # its shard failed: 503, retry
+            assert got[u].status_code == 503 and got[u].headers["Retry-After"] == "1", u
+        elif u != bad:
+            ctx = contexts[u]
+            want = snap.rank(ctx.row, ctx.recent, 7, history=ctx.recent)
+            assert got[u].status_code == 200 and json.loads(got[u].body)["items"] == [
+                {"item_id": i, "score": x} for i, x in zip(want.item_ids, want.scores)], u
+
+
+def test_a_slow_shard_delays_only_its_own_users(batched_ranking):
+    from ps.ids import keyed
+    from ps.plan import ShardingPlan
+    from workers.ranking import RankingSnapshot
+
+    model = _model()
+    snap = RankingSnapshot(_View(model, 300, DIM, seed=4), model)
+    requests, contexts, _ = _requests_and_contexts(np.random.default_rng(6), 300, users=16)
+    shard = dict(zip(contexts, ShardingPlan.uniform(64, 2).shards_of_keys(keyed(list(contexts)).keys).tolist()))
+    replica = batched_ranking(snap, contexts, slow={1: 1.0})
+    order: list[str] = []
+
+    async def one(r):
+        await replica.rank(r)
+        order.append(r.user_id)
+
+    async def run():
+        await asyncio.gather(*(one(r) for r in requests))
+
+    asyncio.run(run())
+    assert any(len(u) > 1 for _, u in replica.calls), replica.calls
+    # Every fast shard's user is answered before any slow shard's: no one waits for a shard
+    # that is not theirs, though they shared a batch.
+    on = [shard[u] for u in order]
+    assert 0 in on and 1 in on and on == sorted(on), on
+
+
+def test_a_failed_sync_answers_only_the_users_who_needed_it():
+    from ps.cache import Coverage
+    from serving.app import FreshetAPI
+    from workers.ranking import RankingSnapshot
+
+    model = _model()
+    snap = RankingSnapshot(_View(model, 50, DIM), model)
+
+    class Mirror:
+        synced_at = time.monotonic()
+
+    class Replica:
+        _snapshot_for = FreshetAPI.func_or_class._snapshot_for
+        _stale = FreshetAPI.func_or_class._stale
+        mirror, refresh_s = Mirror(), 1.0
+        served = (snap, Coverage(({"t": 5}, {"t": 5}), True))
+
+        def _start_syncer(self):
+            return False
+
+        async def _refresh(self, needed=None):
+            raise TimeoutError("the sync did not answer")
+
+    pushed = [("t", 1), ("t", 9), None, ("u", 0)]  # covered, behind, no row, another producer
+    got, behind, failed = asyncio.run(Replica()._snapshot_for(pushed))
+    assert got is snap and behind == [False] * 4
+    assert [type(f).__name__ if f else None for f in failed] == [None, "TimeoutError", None, "TimeoutError"]
+    # Covered by the snapshot: no sync at all.
+    assert asyncio.run(Replica()._snapshot_for([("t", 5), None]))[1:] == ([False, False], [None, None])
+    # A stale mirror: everyone needed that sync, so everyone gets its error.
+    Mirror.synced_at = time.monotonic() - 60
+    with pytest.raises(TimeoutError):
+        asyncio.run(Replica()._snapshot_for([("t", 1)]))
 
 
 def test_snapshot_is_not_changed_by_a_later_sync_of_its_view():
