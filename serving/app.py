@@ -495,7 +495,8 @@ class FreshetAPI:
     # form the next ones. A 2 ms window only delayed every request at ~150 req/s per replica,
     # where a window holds ~0.3 requests (bench.serve_latency, BENCHMARKS.md section 8). Four
     # batches at once, so some wait on their shard calls while one ranks: at 32 clients (high-
-    # throughput mode, 100,000 items) 1, 2 and 4 served 298, 507 and 534 req/s.
+    # throughput mode, 100,000 items, scoring by matrix-vector products then) 1, 2 and 4 served
+    # 298, 507 and 534 req/s.
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.0, max_concurrent_batches=4)
     async def _rank_batch(self, items: list[tuple[RankRequest, asyncio.Future]]) -> list[None]:
         """``/rank`` for several requests, each answered through its future: one call per shard
@@ -539,7 +540,7 @@ class FreshetAPI:
             # On the event loop, not in the pool: the ranking is a few ms of short numpy calls,
             # and a pool thread must win the GIL back from the loop after each one. In the pool,
             # a batch took 3-4x its CPU time at 32 clients and the replica served 337 req/s;
-            # here, 507.
+            # here, 507 (both scoring by matrix-vector products).
             ranked = _rank_requests(snap, [requests[j] for j in js], contexts, behind)
             answer(js, [f if f is not None else r for f, r in zip(failed, ranked)])
 

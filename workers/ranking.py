@@ -5,7 +5,8 @@ A :class:`RankingSnapshot` holds what ranking reads, built once per change of th
 catalogue (a delta sync of the serving mirror, a chunk of the evaluation): the IDs, the
 item and context matrices, the item bias fused with the recent-popularity prior, the
 validity mask and the popularity order. A request then does only its own work: build
-the query, one matrix-vector product, exclusion and a partial sort. The snapshot is
+the query, its share of a matrix product (see :meth:`RankingSnapshot.scores`), exclusion
+and a partial sort. The snapshot is
 never modified after it is built, so a reader can swap in a new one by reference while
 requests use the old one.
 """
@@ -28,9 +29,10 @@ POPULAR = "popular"
 """``fallback`` value when a user has no trained row and popularity ranks instead."""
 
 _POPULAR_PREFIX = 1024  # popularity order kept per snapshot; deeper fallbacks sort on demand
-# Item rows per scoring block: 4,096 rows x 64 floats is 1 MiB, inside a 2 MiB L2, so in a batch
-# each query after the first reads the block from cache. At 100,000 x 64 on one thread: 16
-# queries cost 0.56 ms each, a lone one 1.8 ms (1.6 ms as one product over the whole matrix).
+# Item rows per scoring product: every product BLAS computes has exactly this many rows (the last
+# block is zero-padded), so its result for a query does not depend on the catalogue's size; 4,096
+# rows x 64 floats is 1 MiB, inside a 2 MiB L2. At 100,000 x 64 on one thread: 16 queries in
+# 3.9 ms (0.24 ms each), a lone one 1.8 ms (0.95 ms as a matrix-vector product).
 _SCORE_BLOCK = 4096
 
 
@@ -91,6 +93,10 @@ class RankingSnapshot:
         # Copies: a mirror's sync writes its matrices in place, and requests may still be
         # ranking on this snapshot then.
         self.items = np.array(view.matrix(model.item_table), np.float32, order="C")
+        # The last, partial block of item rows zero-padded to a whole one (see scores).
+        lo = n - n % _SCORE_BLOCK
+        self._tail = np.zeros((_SCORE_BLOCK, self.items.shape[1]), np.float32)
+        self._tail[: n - lo] = self.items[lo:]
         self.ctx = (np.array(view.matrix(model.context_table), np.float32, order="C")
                     if model.context_table is not None else None)
         index = getattr(view, "index", None)
@@ -172,24 +178,31 @@ class RankingSnapshot:
     def scores(self, queries: np.ndarray) -> np.ndarray:
         """Scores of every slot for each query, ``float32 [b, n]`` (``-inf`` at invalid slots).
 
-        Each query's scores are matrix-vector products over the same blocks of
-        ``_SCORE_BLOCK`` item rows, whatever else is scored with it, so they are bit for bit
-        the same whether it is scored alone or batched with others (``/rank`` one request at a
-        time, ``@serve.batch``, the evaluation): BLAS rounds a matrix product of several
-        queries differently from one query's, and a product over the whole matrix differently
-        from one over a block whenever its threads split the rows elsewhere. Every query's
-        product over a block runs while the block is in cache, so a batch reads the item matrix
-        from memory once rather than once per query (``tests/workers/test_ranking.py`` checks
-        batched against alone bit for bit)."""
+        One matrix product per block of ``_SCORE_BLOCK`` item rows for all queries at once (a
+        lone query is paired with a zero query), so a query's scores are bit for bit the same
+        alone or batched with any others (``/rank`` one request at a time, ``@serve.batch``, the
+        evaluation): BLAS computes a one-query product as a matrix-vector product, which rounds
+        differently, and rounds small products (a few hundred rows) differently for different
+        numbers of queries; with every product ``_SCORE_BLOCK`` rows and at least two queries
+        wide, each score is the same sum in the same order (``tests/workers/test_ranking.py``
+        checks every batch size against alone, bit for bit). On one core at 100,000 x 64 a
+        batch of 16 costs 3.9 ms where 16 matrix-vector products cost 15 ms; a lone query
+        pays for it, 1.8 ms against 0.95 (BENCHMARKS.md section 8)."""
         q = np.asarray(queries, np.float32)
         if q.ndim == 1:
             q = q[None, :]
+        b = len(q)
+        if b == 1:
+            q = np.concatenate([q, np.zeros_like(q)])
+        q = np.ascontiguousarray(q)
         n = len(self.bias)
-        out = np.empty((len(q), n), np.float32)
+        out = np.empty((b, n), np.float32)
+        part = np.empty((_SCORE_BLOCK, len(q)), np.float32)
         for lo in range(0, n, _SCORE_BLOCK):
-            block = self.items[lo : lo + _SCORE_BLOCK]
-            for j in range(len(q)):
-                np.matmul(block, q[j], out=out[j, lo : lo + len(block)])
+            m = min(_SCORE_BLOCK, n - lo)
+            block = self.items[lo : lo + m] if m == _SCORE_BLOCK else self._tail
+            np.matmul(block, q.T, out=part)
+            out[:, lo : lo + m] = part[:m, :b].T
         out += self.bias
         return out
 
