@@ -76,11 +76,6 @@ class RowCache:
         """Sum of the shard versions this cache reflects (pushes applied)."""
         return int(sum(self.versions))
 
-    def covers(self, pushed_by: tuple[str, int] | None) -> bool:
-        """True when every shard's part of push ``(producer, seq)`` is in the mirror (or the
-        push is unknown: older than what shards trace, so long synced)."""
-        return Coverage(tuple(self.high_water), self.syncs > 0).covers(pushed_by)
-
     def coverage(self) -> Coverage:
         """What the mirror has applied now, frozen (a copy): pair it with a snapshot built now,
         since :meth:`sync` moves the mirror on while older snapshots are still in use."""

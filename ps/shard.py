@@ -407,11 +407,11 @@ class PSShard:
         slots = t.lookup(keys)
         found = slots >= 0
         rows = np.zeros((len(keys), t.cfg.dim), np.float32)
+        pushed_by: list[tuple[str, int] | None] = [None] * len(keys)
         if found.any():
             rows[found] = t.rows[torch.from_numpy(slots[found])].numpy()
-        changed = t.changed_at[slots[found]].tolist() if found.any() else []
-        it = iter(changed)
-        pushed_by = [self._push_at.get(int(next(it))) if ok else None for ok in found.tolist()]
+            for j, version in zip(np.flatnonzero(found).tolist(), t.changed_at[slots[found]].tolist()):
+                pushed_by[j] = self._push_at.get(version)
         lists = [self.recent.items_of(k) for k in keys.tolist()] if recent else []
         flat = np.concatenate(lists) if lists else np.empty(0, np.uint64)
         ends = np.cumsum([len(x) for x in lists], dtype=np.int64) if lists else np.zeros(len(keys), np.int64)

@@ -283,7 +283,7 @@ def _settle(answered: asyncio.Future, batch: asyncio.Future) -> None:
         answered.set_exception(error or RuntimeError("/rank batch ended without an answer"))
 
 
-def _rank_requests(snap: RankingSnapshot, requests: list[RankRequest], contexts: list[RankContext | BaseException],
+def _rank_requests(snap: RankingSnapshot, requests: list[RankRequest], contexts: list[RankContext],
                   behind: list[bool]) -> list[tuple[Ranked, str | None, int] | BaseException]:
     """Rank each request against ``snap``: the model's query for a user with a row (with their
     session context), the session context alone for a user without one, else the popular
@@ -291,17 +291,14 @@ def _rank_requests(snap: RankingSnapshot, requests: list[RankRequest], contexts:
     are left out when the request says ``exclude_seen``.
 
     The queries are scored together (:meth:`RankingSnapshot.rank_queries`, bit for bit what each
-    alone gets); a context that is an exception, or a request whose ranking raises, gets its
-    exception back in its place and the others their answers. Returns, per request,
+    alone gets); a request whose ranking raises gets its exception back in its place and the
+    others their answers. Returns, per request,
     ``(ranked, fallback_reason, snap.model_version)`` or the exception.
     """
     out: list[tuple[Ranked, str | None, int] | BaseException | None] = [None] * len(requests)
     scored: list[int] = []
     queries: list[np.ndarray] = []
     for j, (req, ctx) in enumerate(zip(requests, contexts)):
-        if isinstance(ctx, BaseException):
-            out[j] = ctx
-            continue
         try:
             seen = ctx.recent if req.exclude_seen else None
             if behind[j]:

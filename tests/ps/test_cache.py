@@ -148,17 +148,17 @@ def test_coverage_is_what_the_mirror_had_synced_then(client):
     push = _Pusher(client, "cover")
     cache = RowCache(client, ITEM_TABLES)
     before = cache.coverage()
-    assert not before.synced and not before.covers(None) and not cache.covers(None)
+    assert not before.synced and not before.covers(None) and not cache.coverage().covers(None)
     push({"item": ([900, 901], _grads(2))})
     cache.sync()
     first = cache.coverage()
     assert first.covers(None) and first.covers(("cover", 0)) and not first.covers(("cover", 1))
     push({"item": ([902], _grads(1))})
-    assert not cache.covers(("cover", 1))
+    assert not cache.coverage().covers(("cover", 1))
     cache.sync()
-    assert cache.covers(("cover", 1)) and cache.coverage().covers(("cover", 1))
+    assert cache.coverage().covers(("cover", 1))
     assert not first.covers(("cover", 1)) and not before.covers(("cover", 0))  # frozen
-    assert not cache.covers(("other-producer", 0))
+    assert not cache.coverage().covers(("other-producer", 0))
 
 
 def test_two_caches_synced_at_different_times_agree(client):
