@@ -197,9 +197,21 @@ class PSClient:
         """
         if create is not None:
             initial = create
+        routes, dims, parts = self._pull_parts(requests)
+        refs = {}
+        for s, part in parts.items():
+            if after is None:
+                refs[s] = self.shards[s].pull.remote(part, initial)
+            else:
+                refs[s] = self.shards[s].pull_after.remote(part, initial, after[0])
+        return PendingPull(self, routes, refs, dims, parts, initial, after)
+
+    def _pull_parts(self, requests: dict[str, IdsLike]
+                    ) -> tuple[dict[str, _Route], dict[str, int], dict[int, dict[str, np.ndarray]]]:
+        """``(routes, dims, {shard: {table: keys}})`` of a pull, shards without keys left out."""
         routes = self._routes(requests)
         dims = {name: self._dim(name) for name in requests}
-        refs, parts = {}, {}
+        parts = {}
         for s in range(self.num_shards):
             # Tables asked for the same IDs (item and item_bias) share one array per shard,
             # which Ray then sends once.
@@ -213,11 +225,7 @@ class PSClient:
                     part[name] = keys
             if part:
                 parts[s] = part
-                if after is None:
-                    refs[s] = self.shards[s].pull.remote(part, initial)
-                else:
-                    refs[s] = self.shards[s].pull_after.remote(part, initial, after[0])
-        return PendingPull(self, routes, refs, dims, parts, initial, after)
+        return routes, dims, parts
 
     def pull_many(self, requests: dict[str, IdsLike], *, initial: bool = False, create: bool | None = None
                   ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
@@ -288,6 +296,40 @@ class PSClient:
         Raises:
             ValueError: wrong gradient shapes, non-finite gradients or invalid IDs (nothing is sent).
         """
+        parts, rec_parts = self._push_parts(updates, recent)
+        return [sh.push.remote(push_id, parts[s], rec_parts[s]) for s, sh in enumerate(self.shards)]
+
+    def push_pull_async(
+        self,
+        updates: dict[str, tuple],
+        push_id: PushId,
+        recent: tuple[IdsLike, IdsLike, np.ndarray] | None,
+        requests: dict[str, IdsLike],
+        *,
+        initial: bool = True,
+    ) -> tuple[list[ray.ObjectRef], PendingPull]:
+        """:meth:`push_async`, then pull ``requests`` (as :meth:`pull_async`) in the same call
+        to each shard: ``(push refs, pending pull)``. The rows reflect the push on every
+        shard: a trainer's next pass, one call per shard instead of two.
+
+        Raises:
+            ValueError: as :meth:`push_async` (nothing is sent).
+        """
+        parts, rec_parts = self._push_parts(updates, recent)
+        routes, dims, pull_parts = self._pull_parts(requests)
+        push_refs, pull_refs = [], {}
+        for s, sh in enumerate(self.shards):
+            if s in pull_parts:
+                done, rows = sh.push_pull.options(num_returns=2).remote(push_id, parts[s], rec_parts[s],
+                                                                        pull_parts[s], initial)
+                push_refs.append(done)
+                pull_refs[s] = rows
+            else:
+                push_refs.append(sh.push.remote(push_id, parts[s], rec_parts[s]))
+        return push_refs, PendingPull(self, routes, pull_refs, dims, pull_parts, initial)
+
+    def _push_parts(self, updates: dict[str, tuple], recent) -> tuple[list[dict[str, TableUpdate]], list[Any]]:
+        """Each shard's ``{table: TableUpdate}`` and recent-items part of a push (see :meth:`push_async`)."""
         parts: list[dict[str, TableUpdate]] = [{} for _ in range(self.num_shards)]
         routes = self._routes(updates, entries=True)
         # Arrays shared by several tables (item and item_bias: keys, IDs, create) are split
@@ -327,7 +369,7 @@ class PSClient:
             for s, p in enumerate(_Route(users, self.plan).positions):
                 if len(p):
                     rec_parts[s] = (users.keys[p], items.keys[p], offsets[p])
-        return [sh.push.remote(push_id, parts[s], rec_parts[s]) for s, sh in enumerate(self.shards)]
+        return parts, rec_parts
 
     def push_many(self, updates: dict[str, tuple], push_id: PushId, recent=None) -> list[tuple[int, bool]]:
         """Push and wait; returns ``(version, applied)`` per shard (see :meth:`push_async`)."""

@@ -60,6 +60,11 @@ class LocalClient:
             rec = (keyed(recent[0], "user_id").keys, keyed(recent[1], "item_id").keys, np.asarray(recent[2], np.int64))
         return [self.shard.push(push_id, parts, rec)]
 
+    def push_pull_async(self, updates: dict[str, tuple], push_id: PushId, recent, requests: dict[str, IdsLike], *,
+                        initial: bool = True) -> tuple[list[tuple[int, bool]], _Done]:
+        """Apply a push, then pull ``requests`` (see ``PSClient.push_pull_async``)."""
+        return self.push_async(updates, push_id, recent), self.pull_async(requests, initial=initial)
+
     def wait(self, refs: list) -> list:
         """The results of pushes (already applied)."""
         return refs

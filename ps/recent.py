@@ -21,98 +21,118 @@ __all__ = ["RecentItems"]
 _EMPTY_I = np.empty(0, np.int64)
 _EMPTY_K = np.empty(0, np.uint64)
 
+_BASE = 8  # entries per row of the smallest tier: most users of a skewed stream fit there
+_GROWTH = 4  # each tier's rows hold 4x the entries of the one below: a user moves O(log) times
+_TIER_BITS = 4  # a user's place is one int, row << 4 | tier (8 tiers at most: per_user <= 100,000)
 
-_RING = 8  # entries a user keeps in the dense arrays; a user with more moves to a dict of arrays
+
+class _Tier:
+    """Rows of ``width`` entries: a user's ``(offset, item)`` entries ascending, ``n`` of them."""
+
+    __slots__ = ("width", "n", "user", "off", "item", "free", "top")
+
+    def __init__(self, width: int, capacity: int):
+        self.width = width
+        self.n = np.zeros(capacity, np.int64)  # entries per row (0: free)
+        self.user = np.zeros(capacity, np.uint64)  # user key of each row
+        self.off = np.zeros((capacity, width), np.int64)
+        self.item = np.zeros((capacity, width), np.uint64)
+        self.free: list[int] = []
+        self.top = 0
+
+    def rows(self, k: int) -> np.ndarray:
+        """``k`` free rows (reused ones first), growing the arrays as needed."""
+        reuse = self.free[-k:] if k else []
+        del self.free[len(self.free) - len(reuse):]
+        fresh = k - len(reuse)
+        if self.top + fresh > len(self.n):
+            cap = max(self.top + fresh, 2 * len(self.n))
+            # Rows are written before they are read (a row's count says how much of it holds
+            # entries), so only the rows in use are copied; the new ones stay untouched.
+            self.n = np.concatenate([self.n, np.zeros(cap - len(self.n), np.int64)])
+            self.user, self.off, self.item = (_grown(a, cap, self.top) for a in (self.user, self.off, self.item))
+        rows = np.concatenate([np.asarray(reuse, np.int64)[::-1], np.arange(self.top, self.top + fresh)])
+        self.top += fresh
+        return rows
+
+    def release(self, rows: np.ndarray) -> None:
+        self.n[rows] = 0
+        self.free.extend(np.asarray(rows, np.int64).tolist())
 
 
 class RecentItems:
     """Up to ``per_user`` ``(offset, item key)`` entries per user key, newest by offset kept.
 
-    A user with at most 8 entries (most users of a skewed stream) keeps them in one row of
-    dense arrays, so recording a batch is a few array operations whatever the number of
-    users; a user with more keeps two arrays of their own. Memory is about 250 bytes per
-    user, plus 16 bytes per entry beyond the first 8.
+    A user's entries sit in one row of a tier of dense arrays whose rows hold 8, 32, 128,
+    ... entries (the last tier exactly ``per_user``); a user outgrowing their row moves up
+    a tier. Recording a batch is a few array operations whatever the number of users,
+    including users at the cap; only entries older than some the user already keeps that
+    are not already kept (a late delivery) take a per-user step. Memory is about 250 bytes
+    per user with at most 8 entries, and 16 bytes per entry slot of a larger tier's row
+    (at most 4x the user's entries).
     """
 
     def __init__(self, per_user: int):
         if per_user < 0:
             raise ValueError(f"per_user: must be >= 0, got {per_user}")
         self.per_user = int(per_user)
-        self._ring = max(1, min(_RING, self.per_user))
+        widths, w = [], _BASE
+        while w < self.per_user:
+            widths.append(w)
+            w *= _GROWTH
+        if self.per_user:
+            widths.append(self.per_user)
+        self._widths = np.asarray(widths, np.int64)
         self._reset()
 
-    def _reset(self, capacity: int = 1024) -> None:
-        self._row: dict[int, int] = {}  # user key -> row of the dense arrays, or -1 for a user in _big
-        self._big: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # user key -> (offsets, items), ascending
-        self._n = np.zeros(capacity, np.int64)  # entries per row (0: free)
-        self._user = np.zeros(capacity, np.uint64)  # user key of each row
-        self._off = np.zeros((capacity, self._ring), np.int64)
-        self._item = np.zeros((capacity, self._ring), np.uint64)
-        self._free: list[int] = []
-        self._top = 0
+    def _reset(self) -> None:
+        self._where: dict[int, int] = {}  # user key -> row << _TIER_BITS | tier
+        self._tiers = [_Tier(int(w), 1024 if t == 0 else 16) for t, w in enumerate(self._widths)]
 
     def __len__(self) -> int:
-        return len(self._row)
+        return len(self._where)
 
     def entries(self) -> int:
         """Entries kept over all users."""
-        return int(self._n[: self._top].sum()) + sum(len(o) for o, _ in self._big.values())
+        return sum(int(t.n[: t.top].sum()) for t in self._tiers)
 
-    # -- rows ------------------------------------------------------------------------------
-    def _rows(self, k: int) -> np.ndarray:
-        """``k`` free rows (reused ones first), growing the arrays as needed."""
-        reuse = self._free[-k:] if k else []
-        del self._free[len(self._free) - len(reuse):]
-        fresh = k - len(reuse)
-        if self._top + fresh > len(self._n):
-            cap = max(self._top + fresh, 2 * len(self._n))
-            grow = cap - len(self._n)
-            self._n = np.concatenate([self._n, np.zeros(grow, np.int64)])
-            # Rows are written before they are read (a row's count says how much of it holds
-            # entries), so only the rows in use are copied; the new ones stay untouched.
-            self._user, self._off, self._item = (_grown(a, cap) for a in (self._user, self._off, self._item))
-        rows = np.concatenate([np.asarray(reuse, np.int64)[::-1], np.arange(self._top, self._top + fresh)])
-        self._top += fresh
-        return rows
+    # -- one user ---------------------------------------------------------------------------
+    def _tier_for(self, k: int) -> int:
+        return int(np.searchsorted(self._widths, k))
 
     def _release(self, user: int) -> None:
-        row = self._row.pop(user, None)
-        if row is None:
-            return
-        if row < 0:
-            del self._big[user]
-        else:
-            self._n[row] = 0
-            self._free.append(row)
+        code = self._where.pop(user, None)
+        if code is not None:
+            self._tiers[code & _MASK].release(np.asarray([code >> _TIER_BITS]))
 
     def _get(self, user: int) -> tuple[np.ndarray, np.ndarray] | None:
-        row = self._row.get(user)
-        if row is None:
+        code = self._where.get(user)
+        if code is None:
             return None
-        if row < 0:
-            return self._big[user]
-        n = int(self._n[row])
-        return self._off[row, :n], self._item[row, :n]
+        t, r = self._tiers[code & _MASK], code >> _TIER_BITS
+        n = int(t.n[r])
+        return t.off[r, :n], t.item[r, :n]
 
     def _put(self, user: int, o: np.ndarray, i: np.ndarray) -> None:
-        """Store ``user``'s entries (ascending by offset, at most ``per_user``), wherever they fit."""
-        row = self._row.get(user)
-        if len(o) <= self._ring:
-            if row is None or row < 0:
-                if row is not None:
-                    del self._big[user]
-                row = int(self._rows(1)[0])
-                self._row[user] = row
-                self._user[row] = user
-            self._off[row, : len(o)] = o
-            self._item[row, : len(o)] = i
-            self._n[row] = len(o)
+        """Store ``user``'s entries (ascending by offset, at most ``per_user``; not views of
+        the user's own row), wherever they fit."""
+        k = len(o)
+        if not k:
+            self._release(user)
+            return
+        want = self._tier_for(k)
+        code = self._where.get(user)
+        if code is not None and code & _MASK == want:
+            r = code >> _TIER_BITS
         else:
-            if row is not None and row >= 0:
-                self._n[row] = 0
-                self._free.append(row)
-            self._row[user] = -1
-            self._big[user] = (np.array(o, np.int64), np.array(i, np.uint64))
+            self._release(user)
+            r = int(self._tiers[want].rows(1)[0])
+            self._where[user] = r << _TIER_BITS | want
+            self._tiers[want].user[r] = user
+        t = self._tiers[want]
+        t.off[r, :k] = o
+        t.item[r, :k] = i
+        t.n[r] = k
 
     # -- recording -------------------------------------------------------------------------
     def record(self, users: np.ndarray, items: np.ndarray, offsets: np.ndarray) -> int:
@@ -140,68 +160,126 @@ class RecentItems:
         group = np.cumsum(head) - 1  # each entry's group (user)
         col = np.arange(n) - starts[group]  # its position within the group
         keys = users[starts]
-        # -2: a new user, -1: a user in _big (map with dict.get runs in C: no Python per user)
-        rows = np.fromiter(map(self._row.get, keys.tolist(), _forever(-2)), np.int64, len(keys))
-        have = np.where(rows >= 0, self._n[np.maximum(rows, 0)], 0)
-        last = np.where(have > 0, self._off[np.maximum(rows, 0), np.maximum(have - 1, 0)], np.iinfo(np.int64).min)
-        fits = rows != -1
-        fits &= have + counts <= self._ring
-        fits &= offsets[starts] > last  # newer than everything kept: a plain append
+        # map with dict.get runs in C: no Python per user
+        codes = np.fromiter(map(self._where.get, keys.tolist(), _forever(-1)), np.int64, len(keys))
+        known = codes >= 0
+        tier = np.where(known, codes & _MASK, -1)
+        row = np.where(known, codes >> _TIER_BITS, 0)
+        have = np.zeros(len(keys), np.int64)
+        last = np.full(len(keys), np.iinfo(np.int64).min, np.int64)
+        for t, tr in enumerate(self._tiers):
+            m = np.flatnonzero(tier == t)
+            if m.size:
+                have[m] = tr.n[row[m]]
+                last[m] = tr.off[row[m], np.maximum(have[m] - 1, 0)]
+        append = offsets[starts] > last  # newer than everything the user keeps (a new user too)
         added = 0
-        # Users whose entries the row already holds, every one (the trainer delivering what
-        # the app recorded at /events): nothing to do.
-        ring = (rows >= 0) & ~fits
-        if ring.any():
-            e = ring[group]
-            r = rows[group[e]]
-            held = ((self._off[r] == offsets[e][:, None]) & (np.arange(self._ring) < have[group[e]][:, None])).any(1)
-            missing = np.zeros(len(keys), np.int64)
-            np.add.at(missing, group[e][~held], 1)
-            fits |= ring & (missing == 0)  # counted as done, and skipped below
-            easy_mask = fits & ~ring
-        else:
-            easy_mask = fits
-        easy = np.flatnonzero(easy_mask)
-        if easy.size:
-            new = easy[rows[easy] == -2]
-            if new.size:
-                rows[new] = self._rows(new.size)
-                self._row.update(zip(keys[new].tolist(), rows[new].tolist()))
-                self._user[rows[new]] = keys[new]
-            e = easy_mask[group]
-            r, c = rows[group[e]], have[group[e]] + col[e]
-            self._off[r, c] = offsets[e]
-            self._item[r, c] = items[e]
-            self._n[rows[easy]] = have[easy] + counts[easy]
-            added += int(counts[easy].sum())
-        # The rest one user at a time: duplicates (the app recorded them first), entries
-        # older than some kept, and users outgrowing their row or ``per_user``.
+        slow = np.empty(0, np.int64)
+        if not append.all():
+            # The usual non-append is a second delivery (the trainer's of what the app recorded
+            # at /events): every entry already held, nothing to do.
+            e = np.flatnonzero(~append[group])
+            g = group[e]
+            held = self._held(tier[g], row[g], have[g], offsets[e])
+            missing = np.bincount(g[~held], minlength=len(keys))
+            slow = np.flatnonzero(~append & (missing > 0))
+        if append.any():
+            added += self._append(np.flatnonzero(append), keys, known, tier, row, have, counts, group, col,
+                                  offsets, items)
+        # The rest one user at a time: entries older than some kept and not held yet.
         cap = self.per_user
         ends = starts + counts
-        for g in np.flatnonzero(~fits).tolist():
+        for g in slow.tolist():
             u, lo, hi = int(keys[g]), int(starts[g]), int(ends[g])
             new_o, new_i = offsets[lo:hi], items[lo:hi]
-            old = self._get(u)
-            if old is None:
-                o, i = new_o, new_i
-                added += hi - lo
-            elif new_o[0] > old[0][-1]:
-                o, i = np.concatenate((old[0], new_o)), np.concatenate((old[1], new_i))
-                added += hi - lo
-            else:
-                at = np.minimum(old[0].searchsorted(new_o), len(old[0]) - 1)  # kept offsets are sorted
-                fresh = old[0][at] != new_o
-                if not fresh.any():
-                    continue
-                added += int(fresh.sum())
-                o = np.concatenate((old[0], new_o[fresh]))
-                i = np.concatenate((old[1], new_i[fresh]))
-                srt = np.argsort(o, kind="stable")
-                o, i = o[srt], i[srt]
-            if len(o) > cap:
-                o, i = o[-cap:], i[-cap:]
+            old_o, old_i = self._get(u)
+            at = np.minimum(old_o.searchsorted(new_o), len(old_o) - 1)  # kept offsets are sorted
+            fresh = old_o[at] != new_o
+            added += int(fresh.sum())
+            o = np.concatenate((old_o, new_o[fresh]))
+            i = np.concatenate((old_i, new_i[fresh]))
+            srt = np.argsort(o, kind="stable")
+            o, i = o[srt][-cap:], i[srt][-cap:]
             self._put(u, o, i)
         return added
+
+    def _held(self, tier: np.ndarray, row: np.ndarray, have: np.ndarray, offsets: np.ndarray) -> np.ndarray:
+        """Whether each entry's offset is among its user's kept ones (``tier``/``row``/``have``
+        per entry): one binary search over every row at once per tier."""
+        held = np.zeros(len(offsets), bool)
+        for t, tr in enumerate(self._tiers):
+            m = np.flatnonzero(tier == t)
+            if not m.size:
+                continue
+            r, o, h = row[m], offsets[m], have[m]
+            lo, hi = np.zeros(len(m), np.int64), h.copy()
+            while True:  # first kept offset >= o
+                active = lo < hi
+                if not active.any():
+                    break
+                mid = (lo + hi) // 2
+                below = tr.off[r, np.minimum(mid, tr.width - 1)] < o
+                lo = np.where(active & below, mid + 1, lo)
+                hi = np.where(active & ~below, mid, hi)
+            held[m] = (lo < h) & (tr.off[r, np.minimum(lo, tr.width - 1)] == o)
+        return held
+
+    def _append(self, gs, keys, known, tier, row, have, counts, group, col, offsets, items) -> int:
+        """Append each group ``gs``'s entries (all newer than what its user keeps), keeping
+        the newest ``per_user``; users move to the tier their entries now need."""
+        cap = self.per_user
+        total = have[gs] + counts[gs]
+        keep = np.minimum(total, cap)
+        drop = total - keep  # oldest entries that fall out, old ones first
+        keep_old = np.maximum(have[gs] - drop, 0)
+        skip_new = np.maximum(drop - have[gs], 0)
+        dst = np.searchsorted(self._widths, keep)
+        stay = known[gs] & (dst == tier[gs])
+        # Old entries that must be rewritten: a user changing rows, or one at the cap whose
+        # oldest fall out (the rest shift to the row's front). Gathered before rows are freed.
+        move_old = np.flatnonzero(known[gs] & (keep_old > 0) & (~stay | (drop > 0)))
+        lens = keep_old[move_old]
+        fg = np.repeat(move_old, lens)  # position in gs of each old entry rewritten
+        fj = np.arange(int(lens.sum())) - np.repeat(np.cumsum(lens) - lens, lens)
+        old_o, old_i = np.empty(len(fg), np.int64), np.empty(len(fg), np.uint64)
+        for t, tr in enumerate(self._tiers):
+            m = np.flatnonzero(tier[gs][fg] == t)
+            if m.size:
+                src_r, src_c = row[gs][fg[m]], drop[fg[m]] + fj[m]
+                old_o[m], old_i[m] = tr.off[src_r, src_c], tr.item[src_r, src_c]
+        moving = np.flatnonzero(~stay)
+        drow = row[gs].copy()
+        for t, tr in enumerate(self._tiers):
+            leave = moving[known[gs][moving] & (tier[gs][moving] == t)]
+            if leave.size:
+                tr.release(row[gs][leave])
+        for t, tr in enumerate(self._tiers):
+            arrive = moving[dst[moving] == t]
+            if arrive.size:
+                drow[arrive] = tr.rows(arrive.size)
+                tr.user[drow[arrive]] = keys[gs][arrive]
+        if moving.size:
+            self._where.update(zip(keys[gs][moving].tolist(),
+                                   ((drow[moving] << _TIER_BITS) | dst[moving]).tolist()))
+        # Each group's new entries, without those that fall out at once.
+        pos_of = np.full(len(keys), -1, np.int64)
+        pos_of[gs] = np.arange(len(gs))
+        e = np.flatnonzero(pos_of[group] >= 0)
+        p = pos_of[group[e]]
+        e_keep = col[e] >= skip_new[p]
+        e, p = e[e_keep], p[e_keep]
+        for t, tr in enumerate(self._tiers):
+            m = np.flatnonzero(dst[fg] == t)
+            if m.size:
+                tr.off[drow[fg[m]], fj[m]], tr.item[drow[fg[m]], fj[m]] = old_o[m], old_i[m]
+            m = np.flatnonzero(dst[p] == t)
+            if m.size:
+                c = keep_old[p[m]] + col[e[m]] - skip_new[p[m]]
+                tr.off[drow[p[m]], c], tr.item[drow[p[m]], c] = offsets[e[m]], items[e[m]]
+            m = np.flatnonzero(dst == t)
+            if m.size:
+                tr.n[drow[m]] = keep[m]
+        return int(counts[gs].sum())
 
     # -- reading and forgetting --------------------------------------------------------------
     def items_of(self, user: int) -> np.ndarray:
@@ -213,7 +291,7 @@ class RecentItems:
         """Drop everything kept for ``users`` (keys); returns how many users went."""
         gone = 0
         for u in np.asarray(users, np.uint64).tolist():
-            if u in self._row:
+            if u in self._where:
                 self._release(u)
                 gone += 1
         return gone
@@ -221,47 +299,33 @@ class RecentItems:
     def forget_items(self, items: np.ndarray) -> int:
         """Drop every entry of the item keys ``items``; returns how many entries went."""
         items = np.asarray(items, np.uint64)
-        if not len(items) or not self._row:
+        if not len(items) or not self._where:
             return 0
-        top = self._top
-        valid = np.arange(self._ring)[None, :] < self._n[:top, None]
-        hit = np.isin(self._item[:top], items) & valid
-        gone = int(hit.sum())
-        victims = self._user[:top][hit.any(1)].tolist()
-        for u, (o, i) in self._big.items():
-            h = np.isin(i, items)
-            if h.any():
-                gone += int(h.sum())
-                victims.append(u)
+        gone, victims = 0, []
+        for tr in self._tiers:
+            valid = np.arange(tr.width)[None, :] < tr.n[: tr.top, None]
+            hit = np.isin(tr.item[: tr.top], items) & valid
+            gone += int(hit.sum())
+            victims += tr.user[: tr.top][hit.any(1)].tolist()
         for u in victims:
             o, i = self._get(u)
             keep = ~np.isin(i, items)
-            if keep.all():
-                continue
-            o, i = o[keep].copy(), i[keep].copy()
-            if not len(o):
-                self._release(u)
-            else:
-                self._put(u, o, i)
+            self._put(u, o[keep].copy(), i[keep].copy())
         return gone
 
     def capture(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """``(users uint64, offsets int64, items uint64)``, flat, users in ascending key order."""
-        if not self._row:
+        if not self._where:
             return _EMPTY_K, _EMPTY_I, _EMPTY_K
-        rr = np.flatnonzero(self._n[: self._top] > 0)
         parts_u, parts_o, parts_i = [], [], []
-        if rr.size:
-            ru = self._user[rr]
-            cnt = self._n[rr]
-            mask = np.arange(self._ring)[None, :] < cnt[:, None]
-            parts_u.append(np.repeat(ru, cnt))
-            parts_o.append(self._off[rr][mask])
-            parts_i.append(self._item[rr][mask])
-        for u, (o, i) in self._big.items():
-            parts_u.append(np.full(len(o), u, np.uint64))
-            parts_o.append(o)
-            parts_i.append(i)
+        for tr in self._tiers:
+            rr = np.flatnonzero(tr.n[: tr.top] > 0)
+            if rr.size:
+                cnt = tr.n[rr]
+                mask = np.arange(tr.width)[None, :] < cnt[:, None]
+                parts_u.append(np.repeat(tr.user[rr], cnt))
+                parts_o.append(tr.off[rr][mask])
+                parts_i.append(tr.item[rr][mask])
         users, offsets, items = np.concatenate(parts_u), np.concatenate(parts_o), np.concatenate(parts_i)
         order = np.lexsort((offsets, users))
         return users[order], offsets[order], items[order]
@@ -272,7 +336,10 @@ class RecentItems:
         self.record(users, items, offsets)
 
 
-def _grown(a: np.ndarray, cap: int) -> np.ndarray:
+_MASK = (1 << _TIER_BITS) - 1
+
+
+def _grown(a: np.ndarray, cap: int, used: int) -> np.ndarray:
     out = np.empty((cap, *a.shape[1:]), a.dtype)
-    out[: len(a)] = a
+    out[:used] = a[:used]
     return out

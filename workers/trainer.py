@@ -11,9 +11,11 @@ partition and ``seq = batch start offset * 128 + pass``; a write-ahead log
 is applied, so a restarted trainer re-sends exactly the pushes some shard may have
 missed (the others drop them by push id) and recomputes the rest identically.
 
-Pipelining uses Ray's per-caller ordering of actor calls: the pull of the next pass
-or batch is submitted right after the current push, without waiting for it. Ray can
-break that order when it retries the push after a shard restart, so such a pull names
+Pipelining: the rows of a batch's next pass come back with the push of the pass
+before, in the same call to each shard (``PSClient.push_pull_async``), so they always
+reflect it. The next batch's pull is submitted right after the batch's last push,
+without waiting for it, relying on Ray's per-caller ordering of actor calls. Ray can
+break that order when it retries the push after a shard restart, so that pull names
 the push it must follow (``PSClient.pull_async(after=...)``) and is read again if a
 shard answered before applying it: the trainer never trains on rows older than its
 own updates.
@@ -495,12 +497,13 @@ class Trainer:
         return self.client.push_async(updates, push_id, recent)
 
     def _train(self, batch: Batch, pending, first_pass: int = 0) -> list:
-        """Passes ``first_pass..`` over ``batch``; returns the pushes' refs (not yet awaited)."""
+        """Passes ``first_pass..`` over ``batch``; returns the pushes' refs (not yet awaited).
+        Each pass but the last brings the next pass's rows back with its push."""
         refs: list = []
-        last: tuple[PushId, list] | None = None
         producer = self.producers[batch.partition]
-        for p in range(first_pass, self.cfg.trainer.passes):
-            pulled = (pending if p == first_pass else self._pull(batch, after=last)).result()
+        passes = self.cfg.trainer.passes
+        for p in range(first_pass, passes):
+            pulled = pending.result()
             updates, loss, bad = self.step.gradients(batch, pulled, p)
             if len(bad):
                 self.dead.add(batch, bad, "non-finite loss or gradients")
@@ -512,9 +515,12 @@ class Trainer:
             seq = batch.start * _SEQ_PER_BATCH + p
             if self.wal is not None:
                 self.wal.write(PushRecord(seq, batch.start, batch.end, p, batch.partition), _table_updates(updates), recent)
-            push_refs = self.client.push_async(updates, PushId(producer, seq), recent)
+            if p + 1 < passes:  # one call per shard instead of a push and a pull
+                push_refs, pending = self.client.push_pull_async(updates, PushId(producer, seq), recent,
+                                                                 self.step.pull_requests(batch), initial=True)
+            else:
+                push_refs = self.client.push_async(updates, PushId(producer, seq), recent)
             refs += push_refs
-            last = (PushId(producer, seq), push_refs)
             batch.seqs.append(seq)
         return refs
 

@@ -253,3 +253,20 @@ def test_pull_after_a_push_reflects_it_even_if_sent_before_it(deployment):
     # Without the wait, shards say "not yet" rather than returning stale rows.
     shard = client.shards[0]
     assert ray.get(shard.pull_after.remote({"user": K(["x"])}, True, PushId("never", 0))) is None
+
+
+def test_push_pull_brings_back_rows_after_the_push_in_caller_order(deployment):
+    # One call per shard: rows in the caller's order, equal to a push followed by a pull,
+    # and every shard counts the push, including those asked for no rows.
+    _, _, client = deployment
+    ids = _mixed_ids(40, seed=7)
+    owner = client.shard_of(ids)
+    assert len(set(owner.tolist())) == NUM_SHARDS  # the push reaches every shard with rows
+    want = _shuffled_with_dups([i for i, o in zip(ids, owner) if o == owner[0]], seed=8)  # one shard's IDs only
+    versions = client.versions()
+    grads = np.full((len(ids), client.dims["user"]), 0.25, np.float32)
+    refs, pending = client.push_pull_async({"user": (ids, grads)}, PushId("fused", 0), None, {"user": want})
+    rows, found = pending.result()["user"]
+    assert [v for v, applied in client.wait(refs)] == [v + 1 for v in versions]
+    assert found.all() and rows.shape == (len(want), DIM)
+    np.testing.assert_array_equal(rows, client.pull("user", want))

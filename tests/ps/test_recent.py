@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from ps.recent import RecentItems
 
@@ -53,3 +54,87 @@ def test_capture_and_load_round_trip():
 def test_off_when_per_user_is_zero():
     r = RecentItems(0)
     assert r.record(_u(1), _u(2), np.array([0])) == 0 and len(r) == 0
+
+
+class _Reference:
+    """The specification in plain Python: per user, offset -> item, newest ``per_user`` kept."""
+
+    def __init__(self, per_user: int):
+        self.per_user, self.users = per_user, {}
+
+    def record(self, users, items, offsets) -> int:
+        if not self.per_user:
+            return 0
+        added, touched = 0, set()
+        for u, i, o in zip(users.tolist(), items.tolist(), offsets.tolist()):
+            kept = self.users.setdefault(u, {})
+            if o not in kept:
+                kept[o], added = i, added + 1
+                touched.add(u)
+        for u in touched:
+            kept = self.users[u]
+            for o in sorted(kept)[: max(len(kept) - self.per_user, 0)]:
+                del kept[o]
+        return added
+
+    def items_of(self, u) -> list[int]:
+        kept = self.users.get(u, {})
+        return [kept[o] for o in sorted(kept)]
+
+    def forget_items(self, items) -> int:
+        drop, gone = set(items.tolist()), 0
+        for u in list(self.users):
+            kept = self.users[u]
+            for o in [o for o, i in kept.items() if i in drop]:
+                del kept[o]
+                gone += 1
+            if not kept:
+                del self.users[u]
+        return gone
+
+    def forget_users(self, users) -> int:
+        return sum(self.users.pop(u, None) is not None for u in users.tolist())
+
+
+@pytest.mark.parametrize("per_user", [1, 3, 8, 9, 40, 130, 1000])
+def test_matches_the_reference_under_random_operations(per_user):
+    """Appends that move users up tiers and past the cap, second deliveries, late and
+    repeated entries, forgetting, and a capture/load round trip, against the plain-Python
+    specification after every operation."""
+    rng = np.random.default_rng(per_user)
+    r, ref = RecentItems(per_user), _Reference(per_user)
+    next_off = 0
+    history: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+    for step in range(150):
+        op = rng.random()
+        if op < 0.55:  # fresh events, skewed users: some reach every tier and the cap
+            n = int(rng.integers(1, 400))
+            users = (rng.zipf(1.3, n) % 60).astype(np.uint64)
+            args = (users, rng.integers(0, 50, n).astype(np.uint64), np.arange(next_off, next_off + n))
+            next_off += n
+            history.append(args)
+        elif op < 0.8 and history:  # an earlier batch again (the trainer's delivery), maybe cut and shuffled
+            u, i, o = history[int(rng.integers(len(history)))]
+            sel = rng.permutation(len(u))[: int(rng.integers(1, len(u) + 1))]
+            args = (u[sel], i[sel], o[sel])
+        elif op < 0.92:  # late entries mixed with repeats and fresh ones, in any order
+            n = int(rng.integers(1, 60))
+            args = ((rng.integers(0, 60, n)).astype(np.uint64), rng.integers(0, 50, n).astype(np.uint64),
+                    rng.integers(0, next_off + 5, n))
+            next_off += 5
+        elif op < 0.96:
+            items = rng.integers(0, 50, int(rng.integers(1, 4))).astype(np.uint64)
+            assert r.forget_items(items) == ref.forget_items(items), step
+            args = None
+        else:
+            users = rng.integers(0, 60, int(rng.integers(1, 6))).astype(np.uint64)
+            assert r.forget_users(users) == ref.forget_users(users), step
+            args = None
+        if args is not None:
+            assert r.record(*args) == ref.record(*args), step
+        assert len(r) == len(ref.users) and r.entries() == sum(map(len, ref.users.values())), step
+        assert all(r.items_of(u).tolist() == ref.items_of(u) for u in range(60)), step
+    s = RecentItems(per_user)
+    s.load(*r.capture())
+    assert all(s.items_of(u).tolist() == ref.items_of(u) for u in range(60))
+    assert s.capture()[1].tolist() == r.capture()[1].tolist()

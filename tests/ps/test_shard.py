@@ -291,6 +291,29 @@ def test_push_applied_at_most_once_per_push_id():
     assert s.get_version() == 3
 
 
+def test_push_pull_is_a_push_then_a_pull_even_for_a_duplicate():
+    fused, plain = _shard(), _shard()
+    g = np.full((3, DIM), 0.5, np.float32)
+    parts = {"user": (K([1, 2, 3]), g, keyed([1, 2, 3]).ids, None)}
+    want = {"user": K([3, 9, 1]), "item": K([7])}
+    done, rows = fused.push_pull(PushId("a", 0), parts, None, want)
+    assert done == plain.push(PushId("a", 0), parts) == (1, True)
+    expected = plain.pull(want)
+    for t in want:
+        np.testing.assert_array_equal(rows[t][0], expected[t][0])
+        np.testing.assert_array_equal(rows[t][1], expected[t][1])
+    assert rows["user"][1].tolist() == [True, False, True]  # rows the push just created are found
+    # A retried call (after a shard restart): the push is recognised, the rows still reflect it.
+    again, rows2 = fused.push_pull(PushId("a", 0), parts, None, want)
+    assert again == (1, False)
+    np.testing.assert_array_equal(rows2["user"][0], expected["user"][0])
+    # A bad push raises before the pull and changes nothing.
+    before = _snapshot(fused)
+    with pytest.raises(ValueError, match="grads shape"):
+        fused.push_pull(PushId("a", 1), {"user": (K([1]), g, None, None)}, None, want)
+    _assert_same(before, _snapshot(fused))
+
+
 def test_version_counts_applied_pushes_including_empty_ones():
     s = _shard()
     for seq in range(5):
