@@ -177,11 +177,18 @@ def run_in_process(cfg: FreshetConfig, *, trainer: Trainer | None = None, progre
 
 
 def fastest(runs: list[dict[str, Any]]) -> dict[str, Any]:
-    """The run with the most events/s, with every round's figure under ``events_per_s_rounds``
-    (one run: itself, with that one figure)."""
+    """The run with the most events/s, with every round's figure under ``all_events_per_s``
+    (one run: itself, with that one figure), as the peers report theirs."""
     best = dict(max(runs, key=lambda r: r["events_per_s"]))
-    best["events_per_s_rounds"] = [r["events_per_s"] for r in runs]
+    best["all_events_per_s"] = [x for r in runs for x in r.get("all_events_per_s", [r["events_per_s"]])]
     return best
+
+
+def merge_peer_rounds(rounds: list[dict[str, Any]]) -> dict[str, Any]:
+    """:func:`run_peer_baselines` results of several rounds as one: each peer's fastest run."""
+    labels = dict.fromkeys(label for r in rounds for label in r["runs"])
+    runs = {label: fastest([r["runs"][label] for r in rounds if label in r["runs"]]) for label in labels}
+    return {**rounds[-1], "repeat": sum(r["repeat"] for r in rounds), "runs": runs}
 
 
 # --------------------------------------------------------------------------- through the PS
@@ -427,17 +434,19 @@ def torchrec_config(workload, stream_path: str | Path, config_path: str | None =
     })
 
 
-def run_peer_baselines(workload, peers: list[str], *, repeat: int = 1, progress: bool = True) -> dict[str, Any]:
+def run_peer_baselines(workload, peers: list[str], *, repeat: int = 1, progress: bool = True,
+                       data=None) -> dict[str, Any]:
     """The peers on ``workload``: plain torch with 1 and 2 threads (always), TorchRec and
     FBGEMM with 2 threads (those in ``peers`` that are installed), each the fastest of
-    ``repeat`` rounds. Returns ``{"runs": {label: run}, "skipped": {peer: why}, "workload"}``."""
+    ``repeat`` rounds (``data``: :func:`bench.peers.prepare` of ``workload``, if done already).
+    Returns ``{"runs": {label: run}, "skipped": {peer: why}, "workload"}``."""
     from dataclasses import asdict
 
     from tqdm import tqdm
 
     from bench import peers as pr
 
-    data = pr.prepare(workload)
+    data = pr.prepare(workload) if data is None else data
     plan = [("plain", 1), ("plain", 2)] + [(p, 2) for p in peers if p != "plain"]
     skipped = {p: why for p in dict.fromkeys(p for p, _ in plan) if (why := pr.peer_missing(p)) is not None}
     plan = [(p, t) for p, t in plan if p not in skipped]
@@ -841,9 +850,9 @@ def format_table(report: dict[str, Any]) -> str:
     lines.insert(1, "-" * len(lines[0]))
     rounds = {"in-process": ip, **({"in-process, 2 torch threads": ip["two_threads"]} if ip.get("two_threads") else {}),
               **{f"PS, {n}": r for n, r in report["ps"].items()}}
-    if any(len(r.get("events_per_s_rounds", ())) > 1 for r in rounds.values()):
-        lines.append("fastest of: " + "; ".join(f"{n} " + " / ".join(f"{x:,.0f}" for x in r["events_per_s_rounds"])
-                                                for n, r in rounds.items() if r.get("events_per_s_rounds")))
+    if any(len(r.get("all_events_per_s", ())) > 1 for r in rounds.values()):
+        lines.append("fastest of: " + "; ".join(f"{n} " + " / ".join(f"{x:,.0f}" for x in r["all_events_per_s"])
+                                                for n, r in rounds.items() if r.get("all_events_per_s")))
     peer_runs = (report.get("peers") or {}).get("runs") or {}
     if peer_runs:
         prow = [("peer (same events)", "events/s", "ms/batch", "cpu s", "load 1m", "loss sum")]
@@ -922,8 +931,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="torchrec workload: peers to run (plain always runs, with 1 and 2 threads)")
     p.add_argument("--peer-repeat", type=_positive, default=1, help="torchrec workload: rounds per peer, fastest kept")
     p.add_argument("--repeat", type=_positive, default=1,
-                   help="rounds of each of Freshet's runs (twin, PS), fastest kept: the peers' rule, so ratios "
-                        "compare like with like on a noisy machine (PS rounds start fresh shards)")
+                   help="rounds, each running the peers (--peer-repeat times), the twin and the PS in turn (fresh "
+                        "Ray and shards), every run's fastest round kept: on a noisy machine a slow minute then "
+                        "hurts every run alike")
     p.add_argument("--default-events", type=int, default=None,
                    help="torchrec workload: also run the default model (twin and PS, prefetch on) on this many "
                         "synthetic events (default 30000; 0 skips)")
@@ -992,43 +1002,46 @@ def main(argv: list[str] | None = None) -> int:
           f"dim {cfg.ps.table(cfg.model.user_table).dim}, context {'on' if cfg.model.context_table else 'off'}, "
           f"{cfg.ps.num_shards} shards, {os.cpu_count()} CPUs, load {bench['loadavg_1m_start']}", flush=True)
 
-    if torchrec:  # the peers first, on the same events, before any Ray process competes for the CPUs
-        wanted = [p.strip() for p in args.peers.split(",") if p.strip()]
-        peers = run_peer_baselines(workload, wanted, repeat=args.peer_repeat, progress=progress)
-        bench["loadavg_1m"]["after_peers"] = loadavg()
-        args.no_serve = True  # /rank latency is the default workload's (and bench.serve_latency's) business
-
-    # In-process first, while no Ray processes compete for the CPUs.
-    in_process = fastest([run_in_process(cfg, progress=progress) for _ in range(args.repeat)])
-    bench["loadavg_1m"]["after_in_process"] = loadavg()
-    if torchrec:  # the twin at the plain baseline's and the peers' thread count too
-        two = cfg.model_copy(update={"trainer": cfg.trainer.model_copy(update={"torch_threads": 2})})
-        in_process["two_threads"] = fastest([run_in_process(two, progress=progress) for _ in range(args.repeat)])
-        bench["loadavg_1m"]["after_in_process_2_threads"] = loadavg()
-    table_figures: dict[str, Any] = {}
-    default_ip: dict[str, Any] | None = None
-    if torchrec and args.default_events:
-        default_ip = run_in_process(default_cfg, progress=progress)
-        bench["loadavg_1m"]["after_default_in_process"] = loadavg()
-    if torchrec and args.table_rows:
-        table_figures = run_table_figures(args.table_rows)
-        bench["loadavg_1m"]["after_table_figures"] = loadavg()
-
     import ray
     from ray import serve
 
     from serving import deploy
-    ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", _temp_dir=str(work / "ray"),
-             log_to_driver=False, configure_logging=False)
-    ps_runs: dict[str, dict[str, Any]] = {}
+
+    if torchrec:
+        wanted = [p.strip() for p in args.peers.split(",") if p.strip()]
+        two = cfg.model_copy(update={"trainer": cfg.trainer.model_copy(update={"torch_threads": 2})})
+        args.no_serve = True  # /rank latency is the default workload's (and bench.serve_latency's) business
+    peer_rounds: list[dict[str, Any]] = []
+    twin_rounds: dict[str, list[dict[str, Any]]] = {"1": [], "2": []}
+    ps_rounds: dict[str, list[dict[str, Any]]] = {"prefetch off": [], "prefetch on": []}
+    table_figures: dict[str, Any] = {}
+    default_ip: dict[str, Any] | None = None
     default_ps: dict[str, dict[str, Any]] = {}
     latency: dict[str, Any] = {"skipped": "--no-serve" if not torchrec else "not run with --workload torchrec"} if args.no_serve else {}
-    try:
-        dep = None
-        for prefetch in (False, True):  # the last one stays up for serving
-            name = f"prefetch {'on' if prefetch else 'off'}"
-            rounds = []
-            for r in range(args.repeat):
+    for r in range(args.repeat):
+        last = r == args.repeat - 1
+        # In each round the peers and the twin run first, while no Ray process competes for the CPUs.
+        if torchrec:
+            peer_rounds.append(run_peer_baselines(workload, wanted, repeat=args.peer_repeat, progress=progress, data=data))
+            bench["loadavg_1m"]["after_peers"] = loadavg()
+        twin_rounds["1"].append(run_in_process(cfg, progress=progress))
+        bench["loadavg_1m"]["after_in_process"] = loadavg()
+        if torchrec:  # the twin at the plain baseline's and the peers' thread count too
+            twin_rounds["2"].append(run_in_process(two, progress=progress))
+            bench["loadavg_1m"]["after_in_process_2_threads"] = loadavg()
+        if last and torchrec and args.default_events:
+            default_ip = run_in_process(default_cfg, progress=progress)
+            bench["loadavg_1m"]["after_default_in_process"] = loadavg()
+        if last and torchrec and args.table_rows:
+            table_figures = run_table_figures(args.table_rows)
+            bench["loadavg_1m"]["after_table_figures"] = loadavg()
+
+        ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", _temp_dir=str(work / f"ray{r}"),
+                 log_to_driver=False, configure_logging=False)
+        try:
+            dep = None
+            for prefetch in (False, True):  # the last one stays up for serving
+                name = f"prefetch {'on' if prefetch else 'off'}"
                 run_cfg = cfg.model_copy(update={
                     "namespace": f"frbench-{pid}-{'pf' if prefetch else 'nopf'}-{r}",
                     "trainer": cfg.trainer.model_copy(update={"prefetch": prefetch}),
@@ -1038,33 +1051,38 @@ def main(argv: list[str] | None = None) -> int:
                 if dep is not None:
                     deploy.stop(dep.cfg, serving=False)
                 run, dep = _run_ps(run_cfg, progress=progress)
-                rounds.append(run)
-            ps_runs[name] = fastest(rounds)
-            bench["loadavg_1m"][f"after_ps_{'pf' if prefetch else 'nopf'}"] = loadavg()
-        if default_ip is not None:  # the default model through the PS, prefetch on (its default)
-            d_cfg = default_cfg.model_copy(update={
-                "namespace": f"frbench-{pid}-default",
-                "trainer": default_cfg.trainer.model_copy(update={"prefetch": True}),
-                "ingest": default_cfg.ingest.model_copy(update={"dir": str(work / "data-default"), "state_dir": None}),
-                "serving": default_cfg.serving.model_copy(update={"host": "127.0.0.1", "port": free_port()}),
-            })
-            deploy.stop(dep.cfg, serving=False)
-            default_ps["prefetch on"], dep = _run_ps(d_cfg, progress=progress)
-            bench["loadavg_1m"]["after_default_ps"] = loadavg()
-        if not args.no_serve:
-            from workers.streams import open_source
+                ps_rounds[name].append(run)
+                bench["loadavg_1m"][f"after_ps_{'pf' if prefetch else 'nopf'}"] = loadavg()
+            if last and default_ip is not None:  # the default model through the PS, prefetch on (its default)
+                d_cfg = default_cfg.model_copy(update={
+                    "namespace": f"frbench-{pid}-default",
+                    "trainer": default_cfg.trainer.model_copy(update={"prefetch": True}),
+                    "ingest": default_cfg.ingest.model_copy(update={"dir": str(work / "data-default"), "state_dir": None}),
+                    "serving": default_cfg.serving.model_copy(update={"host": "127.0.0.1", "port": free_port()}),
+                })
+                deploy.stop(dep.cfg, serving=False)
+                default_ps["prefetch on"], dep = _run_ps(d_cfg, progress=progress)
+                bench["loadavg_1m"]["after_default_ps"] = loadavg()
+            if last and not args.no_serve:
+                from workers.streams import open_source
 
-            src = open_source(cfg.stream)
-            users = np.unique(ids_from_arrow(src.read(0, args.events).column("user_id")))
-            latency = _measure_latency(dep, users, n_known=args.rank_requests, n_unknown=args.unknown_requests,
-                                       n_healthz=args.healthz_requests, progress=progress)
-            if "skipped" in latency:
-                print(f"train_throughput: /rank latency skipped: {latency['skipped']}", file=sys.stderr)
-    finally:
-        with contextlib.suppress(Exception):
-            serve.shutdown()
-        ray.shutdown()
+                src = open_source(cfg.stream)
+                users = np.unique(ids_from_arrow(src.read(0, args.events).column("user_id")))
+                latency = _measure_latency(dep, users, n_known=args.rank_requests, n_unknown=args.unknown_requests,
+                                           n_healthz=args.healthz_requests, progress=progress)
+                if "skipped" in latency:
+                    print(f"train_throughput: /rank latency skipped: {latency['skipped']}", file=sys.stderr)
+        finally:
+            with contextlib.suppress(Exception):
+                serve.shutdown()
+            ray.shutdown()
+        bench["loadavg_1m"][f"round_{r}"] = loadavg()
 
+    peers = merge_peer_rounds(peer_rounds) if peer_rounds else {}
+    in_process = fastest(twin_rounds["1"])
+    if twin_rounds["2"]:
+        in_process["two_threads"] = fastest(twin_rounds["2"])
+    ps_runs = {name: fastest(runs) for name, runs in ps_rounds.items()}
     bench["loadavg_1m"]["end"] = loadavg()
     default_model = _default_model(default_ip, default_ps, default_cfg) if default_ip is not None else None
     report = build_report(cfg, in_process, ps_runs, latency, bench=bench, workload=args.workload, peers=peers,

@@ -23,6 +23,7 @@ from bench.train_throughput import (
     bench_config,
     build_report,
     fastest,
+    merge_peer_rounds,
     format_table,
     in_process_trainer,
     run_in_process,
@@ -113,10 +114,16 @@ def test_report_has_documented_keys_and_files(tmp_path):
     slow = {**ps_run, "events_per_s": ps_run["events_per_s"] / 3}
     best = fastest([slow, ps_run, slow])
     assert best["events_per_s"] == ps_run["events_per_s"]
-    assert best["events_per_s_rounds"] == [slow["events_per_s"], ps_run["events_per_s"], slow["events_per_s"]]
+    assert best["all_events_per_s"] == [slow["events_per_s"], ps_run["events_per_s"], slow["events_per_s"]]
     line = [x for x in format_table(build_report(cfg, in_process, {"prefetch on": best}, latency)).splitlines()
             if x.startswith("fastest of")]
     assert line and f"PS, prefetch on {slow['events_per_s']:,.0f} / {ps_run['events_per_s']:,.0f}" in line[0]
+    # Peers' rounds merge the same way, keeping every figure of every round.
+    a = {"repeat": 2, "skipped": {}, "runs": {"plain 1t": {"events_per_s": 5.0, "all_events_per_s": [4.0, 5.0]}}}
+    b = {"repeat": 2, "skipped": {}, "runs": {"plain 1t": {"events_per_s": 6.0, "all_events_per_s": [6.0, 3.0]}}}
+    merged = merge_peer_rounds([a, b])
+    assert merged["repeat"] == 4 and merged["runs"]["plain 1t"]["events_per_s"] == 6.0
+    assert merged["runs"]["plain 1t"]["all_events_per_s"] == [4.0, 5.0, 6.0, 3.0]
 
     skipped = build_report(cfg, in_process, {}, {"skipped": "serving.app is not importable"})
     json_path, _ = write_report(skipped, tmp_path / "skipped")
