@@ -745,10 +745,11 @@ def _chart(report: dict[str, Any], path: Path) -> None:
 def _peer_chart(ax, report: dict[str, Any]) -> None:
     """Events/s of every peer and Freshet run, with each one's ratio to TorchRec (or plain)."""
     peer_runs = report["peers"]["runs"]
-    twins = {"Freshet twin": report["in_process"]}
+    twins = {"Freshet\ntwin": report["in_process"]}
     if report["in_process"].get("two_threads"):
-        twins = {"Freshet twin 1t": report["in_process"], "Freshet twin 2t": report["in_process"]["two_threads"]}
-    names = list(peer_runs) + list(twins) + [f"Freshet PS\n{n}" for n in report["ps"]]
+        twins = {"Freshet\ntwin 1t": report["in_process"], "Freshet\ntwin 2t": report["in_process"]["two_threads"]}
+    # Two-line labels: nine bars' one-line names run into each other.
+    names = [n.replace(" ", "\n", 1) for n in peer_runs] + list(twins) + [f"PS\n{n}" for n in report["ps"]]
     values = [r["events_per_s"] for r in peer_runs.values()] + [r["events_per_s"] for r in twins.values()]
     values += [r["events_per_s"] for r in report["ps"].values()]
     colors = ["#8c8c8c"] * len(peer_runs) + ["#4c72b0"] * len(twins) + ["#dd8452"] * len(report["ps"])
