@@ -172,7 +172,7 @@ class RecentItems:
             if m.size:
                 have[m] = tr.n[row[m]]
                 last[m] = tr.off[row[m], np.maximum(have[m] - 1, 0)]
-        append = offsets[starts] > last  # newer than everything the user keeps (a new user too)
+        append = ~known | (offsets[starts] > last)  # a new user, or newer than everything the user keeps
         added = 0
         slow = np.empty(0, np.int64)
         if not append.all():

@@ -51,6 +51,12 @@ def test_capture_and_load_round_trip():
     assert s.record(_u(5), _u(3), np.array([11])) == 0
 
 
+def test_any_int64_offset_is_recorded_for_a_new_user():
+    r = RecentItems(8)
+    low = np.iinfo(np.int64).min
+    assert r.record(_u(1, 1), _u(5, 6), np.array([low, low + 1])) == 2 and r.items_of(1).tolist() == [5, 6]
+
+
 def test_off_when_per_user_is_zero():
     r = RecentItems(0)
     assert r.record(_u(1), _u(2), np.array([0])) == 0 and len(r) == 0
