@@ -677,7 +677,7 @@ class PSShard:
     def stats(self) -> dict[str, Any]:
         """Per table ``rows``, ``tombstones``, ``bytes`` and ``bytes_per_row`` (``tables``),
         row counts (``rows``), version, duplicate pushes, recent push rate (pushes/s),
-        users with recent items, and the readers holding tombstones."""
+        users with recent items, their entries and bytes, and the readers holding tombstones."""
         now = time.time()
         recent = [t for t in self.push_times if now - t <= 10.0]
         rate = len(recent) / max(1e-9, min(10.0, now - recent[0])) if len(recent) > 1 else 0.0
@@ -691,6 +691,7 @@ class PSShard:
             "push_rate": rate,
             "users_with_recent": len(self.recent),
             "recent_entries": self.recent.entries(),
+            "recent_bytes": self.recent.nbytes(),
             "readers": {r: {"since": s, "age_s": now - t} for r, (s, t) in self.readers.items()},
         }
 

@@ -789,6 +789,10 @@ class FreshetAPI:
             "lag": self._lags(trainers, ingest),
             "rows": rows,
             "memory": memory,
+            # Users' recent items (exclude_seen, session context), summed over shards.
+            "recent_items": {"users": sum(st["users_with_recent"] for st in shards),
+                             "entries": sum(st["recent_entries"] for st in shards),
+                             "bytes": sum(st["recent_bytes"] for st in shards)},
             "push_rate": sum(st["push_rate"] for st in shards),
             "ps_version": sum(st["version"] for st in shards),
             "duplicate_pushes": sum(st["duplicate_pushes"] for st in shards),

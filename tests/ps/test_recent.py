@@ -144,3 +144,22 @@ def test_matches_the_reference_under_random_operations(per_user):
     s.load(*r.capture())
     assert all(s.items_of(u).tolist() == ref.items_of(u) for u in range(60))
     assert s.capture()[1].tolist() == r.capture()[1].tolist()
+
+
+def test_nbytes_is_what_the_entries_hold():
+    """``nbytes`` (reported in ``/stats``) within a quarter of what Python actually allocates."""
+    import tracemalloc
+
+    rng = np.random.default_rng(3)
+    users = (rng.zipf(1.5, 60_000) % 20_000).astype(np.uint64) * np.uint64(2654435761)
+    tracemalloc.start()
+    try:
+        r = RecentItems(50)
+        for s in range(0, len(users), 4096):
+            r.record(users[s : s + 4096], rng.integers(0, 500, len(users[s : s + 4096])).astype(np.uint64),
+                     np.arange(s, s + len(users[s : s + 4096])))
+        held = tracemalloc.get_traced_memory()[0]
+    finally:
+        tracemalloc.stop()
+    assert r.nbytes() >= 16 * r.entries() + 72 * len(r)
+    assert abs(r.nbytes() / held - 1) < 0.25, (r.nbytes(), held)

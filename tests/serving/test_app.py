@@ -157,6 +157,10 @@ def test_new_user_gets_personal_ranking_after_posting_events(deployment):
     assert s["freshness_ms"]["p50"] is not None and s["freshness_ms"]["p99"] >= s["freshness_ms"]["p50"]
     assert len(s["trainers"]) == cfg.trainer.num_workers and s["trainers_down"] == {}
     assert s["quarantined"] == 0 and sum(s["rows"]["item"].values()) == 30
+    # Every user's positives are their recent items; their memory is reported.
+    users = {e["user_id"] for e in history} | {user}
+    assert s["recent_items"]["users"] == len(users) and s["recent_items"]["entries"] == len(history) + len(seen)
+    assert s["recent_items"]["bytes"] >= 16 * s["recent_items"]["entries"]
 
 
 def test_unknown_users_and_items_never_create_rows(deployment):
