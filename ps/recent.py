@@ -239,41 +239,41 @@ class RecentItems:
         """Append each group ``gs``'s entries (all newer than what its user keeps), keeping
         the newest ``per_user``; users move to the tier their entries now need."""
         cap = self.per_user
-        total = have[gs] + counts[gs]
+        keys, known, tier, row, have = keys[gs], known[gs], tier[gs], row[gs], have[gs]  # per group of gs
+        total = have + counts[gs]
         keep = np.minimum(total, cap)
         drop = total - keep  # oldest entries that fall out, old ones first
-        keep_old = np.maximum(have[gs] - drop, 0)
-        skip_new = np.maximum(drop - have[gs], 0)
+        keep_old = np.maximum(have - drop, 0)
+        skip_new = np.maximum(drop - have, 0)
         dst = np.searchsorted(self._widths, keep)
-        stay = known[gs] & (dst == tier[gs])
+        stay = known & (dst == tier)
         # Old entries that must be rewritten: a user changing rows, or one at the cap whose
         # oldest fall out (the rest shift to the row's front). Gathered before rows are freed.
-        move_old = np.flatnonzero(known[gs] & (keep_old > 0) & (~stay | (drop > 0)))
+        move_old = np.flatnonzero(known & (keep_old > 0) & (~stay | (drop > 0)))
         lens = keep_old[move_old]
         fg = np.repeat(move_old, lens)  # position in gs of each old entry rewritten
         fj = np.arange(int(lens.sum())) - np.repeat(np.cumsum(lens) - lens, lens)
         old_o, old_i = np.empty(len(fg), np.int64), np.empty(len(fg), np.uint64)
         for t, tr in enumerate(self._tiers):
-            m = np.flatnonzero(tier[gs][fg] == t)
+            m = np.flatnonzero(tier[fg] == t)
             if m.size:
-                src_r, src_c = row[gs][fg[m]], drop[fg[m]] + fj[m]
+                src_r, src_c = row[fg[m]], drop[fg[m]] + fj[m]
                 old_o[m], old_i[m] = tr.off[src_r, src_c], tr.item[src_r, src_c]
         moving = np.flatnonzero(~stay)
-        drow = row[gs].copy()
+        drow = row.copy()
         for t, tr in enumerate(self._tiers):
-            leave = moving[known[gs][moving] & (tier[gs][moving] == t)]
+            leave = moving[known[moving] & (tier[moving] == t)]
             if leave.size:
-                tr.release(row[gs][leave])
+                tr.release(row[leave])
         for t, tr in enumerate(self._tiers):
             arrive = moving[dst[moving] == t]
             if arrive.size:
                 drow[arrive] = tr.rows(arrive.size)
-                tr.user[drow[arrive]] = keys[gs][arrive]
+                tr.user[drow[arrive]] = keys[arrive]
         if moving.size:
-            self._where.update(zip(keys[gs][moving].tolist(),
-                                   ((drow[moving] << _TIER_BITS) | dst[moving]).tolist()))
+            self._where.update(zip(keys[moving].tolist(), ((drow[moving] << _TIER_BITS) | dst[moving]).tolist()))
         # Each group's new entries, without those that fall out at once.
-        pos_of = np.full(len(keys), -1, np.int64)
+        pos_of = np.full(len(counts), -1, np.int64)  # every group's position in gs, -1 outside it
         pos_of[gs] = np.arange(len(gs))
         e = np.flatnonzero(pos_of[group] >= 0)
         p = pos_of[group[e]]
