@@ -451,8 +451,7 @@ def run_peer_baselines(workload, peers: list[str], *, repeat: int = 1, progress:
     skipped = {p: why for p in dict.fromkeys(p for p, _ in plan) if (why := pr.peer_missing(p)) is not None}
     plan = [(p, t) for p, t in plan if p not in skipped]
     runners = {"plain": pr.run_plain_torch, "torchrec": pr.run_torchrec, "fbgemm": pr.run_fbgemm_tbe}
-    runs: dict[str, Any] = {}
-    every: dict[str, list[float]] = {}
+    rounds: dict[str, list[dict[str, Any]]] = {}
     with tqdm(total=len(plan) * repeat, unit="run", desc="peers", disable=not progress, dynamic_ncols=True) as bar:
         for _ in range(repeat):
             for p, threads in plan:
@@ -461,12 +460,9 @@ def run_peer_baselines(workload, peers: list[str], *, repeat: int = 1, progress:
                 load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
                 r = runners[p](workload, threads, data=data)
                 r["loadavg_1m"] = load
-                every.setdefault(label, []).append(r["events_per_s"])
-                if label not in runs or r["events_per_s"] > runs[label]["events_per_s"]:
-                    runs[label] = r
+                rounds.setdefault(label, []).append(r)
                 bar.update(1)
-    for label, r in runs.items():
-        r["all_events_per_s"] = every[label]
+    runs = {label: fastest(rs) for label, rs in rounds.items()}
     return {"workload": asdict(workload), "repeat": repeat, "runs": runs, "skipped": skipped}
 
 
