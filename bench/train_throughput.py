@@ -52,6 +52,7 @@ import torch
 from bench import machine
 from ps.ids import ids_from_arrow
 from ps.local import LocalClient
+from serving import ray_head
 from serving.config import FreshetConfig, load_config
 from serving.ray_head import free_port
 from workers.config import StreamKind
@@ -745,7 +746,7 @@ def _peer_chart(ax, report: dict[str, Any]) -> None:
     if report["in_process"].get("two_threads"):
         twins = {"Freshet\ntwin 1t": report["in_process"], "Freshet\ntwin 2t": report["in_process"]["two_threads"]}
     # Two-line labels: nine bars' one-line names run into each other.
-    names = [n.replace(" ", "\n", 1) for n in peer_runs] + list(twins) + [f"PS\n{n}" for n in report["ps"]]
+    names = [n.replace(" ", "\n", 1) for n in peer_runs] + list(twins) + ["PS\n" + n.replace(" ", "\n") for n in report["ps"]]
     values = [r["events_per_s"] for r in peer_runs.values()] + [r["events_per_s"] for r in twins.values()]
     values += [r["events_per_s"] for r in report["ps"].values()]
     colors = ["#8c8c8c"] * len(peer_runs) + ["#4c72b0"] * len(twins) + ["#dd8452"] * len(report["ps"])
@@ -1034,7 +1035,7 @@ def main(argv: list[str] | None = None) -> int:
             bench["loadavg_1m"]["after_table_figures"] = loadavg()
 
         ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", _temp_dir=str(work / f"ray{r}"),
-                 log_to_driver=False, configure_logging=False)
+                 log_to_driver=False, configure_logging=False, _system_config=ray_head.system_config(cfg.ray))
         try:
             dep = None
             for prefetch in (False, True):  # the last one stays up for serving

@@ -7,13 +7,15 @@ The bottom layer: it imports neither ``workers`` nor ``serving``. Its own settin
 
 import importlib as _importlib
 import warnings as _warnings
+from typing import TYPE_CHECKING
 
-from ps.cache import RowCache
-from ps.client import PSClient, start_shards
-from ps.config import ConfigError, PSConfig
-from ps.plan import ShardingPlan
-from ps.shard import PSShard, PushId
-from ps.table import EmbeddingTable
+if TYPE_CHECKING:
+    from ps.cache import RowCache
+    from ps.client import PSClient, start_shards
+    from ps.config import ConfigError, PSConfig
+    from ps.plan import ShardingPlan
+    from ps.shard import PSShard, PushId
+    from ps.table import EmbeddingTable
 
 __all__ = [
     "ConfigError",
@@ -28,7 +30,18 @@ __all__ = [
 ]
 
 
+# Loaded on first use: `import ps.config` (every config load, the CLI) then does not pay for
+# torch and Ray, and an actor imports only the modules it runs.
+_LAZY = {
+    "ConfigError": "ps.config", "EmbeddingTable": "ps.table", "PSClient": "ps.client", "PSConfig": "ps.config",
+    "PSShard": "ps.shard", "PushId": "ps.shard", "RowCache": "ps.cache", "ShardingPlan": "ps.plan",
+    "start_shards": "ps.client",
+}
+
+
 def __getattr__(name: str):
+    if name in _LAZY:
+        return getattr(_importlib.import_module(_LAZY[name]), name)
     # Moved to serving.config (the root config composes every layer's settings); kept
     # importable from here for one more release, loaded lazily so ps never imports serving.
     if name in ("FreshetConfig", "load_config"):

@@ -218,6 +218,15 @@ class RayConfig(ConfigModel):
                     "gives no min_worker/max_worker",
     )
     start_timeout_s: float = Field(90.0, gt=0, le=3600, description="how long the head may take to come up (seconds)")
+    # Measured here (`python -m bench.call_cost`, BENCHMARKS.md section 2): a call whose argument
+    # goes through the shared-memory object store costs ~2 ms more CPU (all processes) than one
+    # that carries it inline, up to ~0.75 MB; at 1 MB they cost the same CPU and inline is slower.
+    # Ray's own default, 100 KB, sends a small model's pushes and pulls through the store.
+    max_inline_bytes: int = Field(
+        512 << 10, ge=0, le=8 << 20,  # Ray inlines at most 10 MB per call in all (task_rpc_inlined_bytes_limit)
+        description="call arguments and results up to this size travel inside the call instead of through "
+                    "Ray's object store (bytes; Ray's max_direct_call_object_size, set for the whole cluster)",
+    )
 
     @field_validator("ports")
     @classmethod

@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import contextlib
 import ipaddress
+import json
 import os
 import random
 import secrets
@@ -56,7 +57,7 @@ import threading
 import time
 from collections.abc import Mapping
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from pydantic import BaseModel, ConfigDict
 
@@ -78,6 +79,7 @@ __all__ = [
     "reserve_ports",
     "start_head",
     "stop_head",
+    "system_config",
 ]
 
 PORT_FLAGS: dict[str, str] = {
@@ -273,7 +275,7 @@ def _resolve_ports(ports: Mapping[str, int] | None, *, include_dashboard: bool, 
     return {**given, **_pick_ports(wanted, need_workers, _port_set(given), rng)}
 
 
-def reserve_ports(names=(), blocks: Mapping[str, int] | None = None) -> dict[str, int]:
+def reserve_ports(names=(), blocks: Mapping[str, int] | None = None, *, avoid=()) -> dict[str, int]:
     """Pick ports that are free now, from the same range as :func:`start_head`, and hold them.
 
     A held port is never handed out again by this process (to a head or another call) until
@@ -283,6 +285,7 @@ def reserve_ports(names=(), blocks: Mapping[str, int] | None = None) -> dict[str
         names: one port for each name.
         blocks: ``{name: size}``: ``size`` consecutive ports for each, returned as
             ``<name>_min`` and ``<name>_max`` (inclusive).
+        avoid: ports never to pick (e.g. the ones a caller gives beside these).
 
     Returns:
         ``{name: port}`` for ``names`` and ``{<name>_min: first, <name>_max: last}`` for ``blocks``.
@@ -296,7 +299,7 @@ def reserve_ports(names=(), blocks: Mapping[str, int] | None = None) -> dict[str
         raise ValueError(f"reserve_ports: block sizes must be >= 1, got {blocks}")
     rng = random.Random()
     with _lock:
-        avoid: set[int] = set()
+        avoid = set(avoid)
         out: dict[str, int] = {}
         for name, size in blocks.items():
             lo = _pick_block(size, avoid, rng)
@@ -310,7 +313,7 @@ def _port_set_of(ports: Mapping[str, int]) -> set[int]:
     """Ports of a :func:`reserve_ports` result, blocks expanded."""
     out = {p for k, p in ports.items() if not k.endswith(("_min", "_max"))}
     for k, lo in ports.items():
-        if k.endswith("_min"):
+        if k.endswith("_min") and k[:-4] + "_max" in ports:
             out.update(range(lo, ports[k[:-4] + "_max"] + 1))
     return out
 
@@ -400,7 +403,10 @@ def high_throughput_env(run_dir, *, loopback: bool = True, ports: Mapping[str, i
     if set(given) - known:
         raise ValueError(f"high_throughput_env: unknown ports {sorted(set(given) - known)}; known: {sorted(known)}")
     missing_blocks = {b: size for b, (_, size) in _SERVE_HT_BLOCKS.items() if f"{b}_min" not in given}
-    chosen = {**reserve_ports([k for k in SERVE_HT_PORT_ENV if k not in given], missing_blocks), **given}
+    # A free port or block must not land on a port given here (HAProxy's stats port inside the
+    # replicas' direct-ingress block would make one of them fail to bind).
+    chosen = {**reserve_ports([k for k in SERVE_HT_PORT_ENV if k not in given], missing_blocks,
+                              avoid=_port_set_of(given)), **given}
     env = {
         "RAY_SERVE_ENABLE_HA_PROXY": "1",
         "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
@@ -537,7 +543,10 @@ def stop_head(info: HeadInfo, timeout_s: float = 20.0) -> list[int]:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.kill(p, sig)
         sig = signal.SIGKILL  # a second round means SIGTERM was not enough
-        time.sleep(1.0)
+        # Most exit within ~0.1 s of the signal: poll rather than sleep the full second.
+        grace = min(deadline, time.monotonic() + 1.0)
+        while time.monotonic() < grace and any(_alive(p) for p in left):
+            time.sleep(0.05)
 
 
 # --------------------------------------------------------------------------- sockets
@@ -673,6 +682,23 @@ def apply_env(env: Mapping[str, str]) -> None:
 # --------------------------------------------------------------------------- start
 
 
+def system_config(ray_cfg=None) -> dict[str, Any]:
+    """Ray system settings every Freshet cluster runs with, for ``ray start --system-config``
+    (:func:`start_head`) and ``ray.init(_system_config=...)``.
+
+    ``max_direct_call_object_size`` is ``ray.max_inline_bytes``: pushes and pulls up to that
+    size travel inside the actor call instead of through the object store (see
+    :class:`serving.config.RayConfig`).
+
+    Args:
+        ray_cfg: a :class:`serving.config.RayConfig`; None for its defaults.
+    """
+    from serving.config import RayConfig
+
+    r = ray_cfg if ray_cfg is not None else RayConfig()
+    return {"max_direct_call_object_size": int(r.max_inline_bytes)}
+
+
 def _warn_auth_off() -> None:
     print(
         "\n"
@@ -754,6 +780,7 @@ def start_head(temp_dir, *, ports: Mapping[str, int] | None = None, auth: bool =
                num_cpus: int | None = None, token_path: str | os.PathLike | None = None,
                include_dashboard: bool = False, worker_ports: int = 200,
                extra_args: tuple[str, ...] = (), env: Mapping[str, str] | None = None,
+               system_config: Mapping[str, Any] | None = None,
                timeout_s: float = 90.0, attempts: int = 3) -> HeadInfo:
     """Start a single-node Ray head on loopback (``ray start --head --block``) and wait until it is up.
 
@@ -776,6 +803,8 @@ def start_head(temp_dir, *, ports: Mapping[str, int] | None = None, auth: bool =
         env: extra environment for every process of the head (e.g. :func:`high_throughput_env`);
             recorded in :attr:`HeadInfo.env`, so no secrets. Ray's auth, address and node-IP
             variables are refused here: ``auth`` and ``token_path`` set those.
+        system_config: Ray system settings for the whole cluster (``ray start --system-config``;
+            nodes that join later and drivers get them from the head), e.g. :func:`system_config`.
         timeout_s: seconds to wait, per attempt, for the head to be up with every port bound.
         attempts: tries with freshly chosen ports if a start fails (a port taken meanwhile by
             another program); 1 when every port is given.
@@ -798,6 +827,8 @@ def start_head(temp_dir, *, ports: Mapping[str, int] | None = None, auth: bool =
     if clash:
         raise ValueError(f"start_head: env may not set {clash}; use auth/token_path")
     temp.mkdir(parents=True, exist_ok=True)
+    if system_config:
+        extra_args = (*extra_args, f"--system-config={json.dumps(dict(system_config), sort_keys=True)}")
     tok = Path(token_path).expanduser().absolute() if token_path is not None else temp / "auth_token"
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_AUTH_TOKEN", "RAY_ADDRESS")}
     env.update(extra_env)

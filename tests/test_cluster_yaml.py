@@ -10,6 +10,7 @@ the same venv the start commands use, and that every key carries a comment.
 from __future__ import annotations
 
 import copy
+import json
 import re
 import shlex
 import tomllib
@@ -157,6 +158,11 @@ def test_head_starts_ray_then_freshet_up_from_the_venv(prepared: dict, pyproject
     up = _index(commands, r"~/venv/bin/freshet up\b")
     assert stop < start < up
     assert "--autoscaling-config=~/ray_bootstrap_config.yaml" in commands[start]
+    # The head runs with Freshet's Ray settings, as a head `freshet up` starts does.
+    from serving.ray_head import system_config
+
+    flags = [a for a in shlex.split(commands[start].split("~/venv/bin/ray", 1)[1]) if a.startswith("--system-config=")]
+    assert [json.loads(f.split("=", 1)[1]) for f in flags] == [system_config()], flags
 
     # The command parses with the CLI the console script points at, as `up` joining the running Ray.
     from serving import cli

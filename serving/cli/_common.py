@@ -55,7 +55,7 @@ def load(args: argparse.Namespace, extra: dict[str, Any] | None = None) -> Fresh
     return load_config(args.config, overrides)
 
 
-def ray_init(address: str | None, namespace: str, *, head=None):
+def ray_init(address: str | None, namespace: str, *, head=None, system_config: dict | None = None):
     """Connect this process to Ray; nothing here turns Ray's authentication off.
 
     * ``head`` (a :class:`serving.ray_head.HeadInfo`, e.g. from ``freshet up``'s state file):
@@ -66,7 +66,8 @@ def ray_init(address: str | None, namespace: str, *, head=None):
       ``RAY_AUTH_TOKEN_PATH``, ``~/.ray/auth_token``).
     * Neither: start a throwaway local cluster (``freshet run``) whose listeners stay on
       loopback, with token auth and a fresh private token
-      (:func:`serving.ray_head.local_cluster_env`), unless ``RAY_AUTH_MODE`` is set explicitly.
+      (:func:`serving.ray_head.local_cluster_env`), unless ``RAY_AUTH_MODE`` is set explicitly,
+      and Ray's ``system_config`` (:func:`serving.ray_head.system_config`).
 
     Raises:
         RuntimeError: this process is already connected (with ``head``), or Ray fails to start
@@ -90,7 +91,8 @@ def ray_init(address: str | None, namespace: str, *, head=None):
 
     if address:
         return ray.init(address=address, namespace=namespace, log_to_driver=False)
-    return ray.init(namespace=namespace, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
+    return ray.init(namespace=namespace, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False,
+                    _system_config=system_config)
 
 
 def print_table(rows: list[tuple[str, str]]) -> None:

@@ -273,7 +273,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         _write_state(cfg, state)
         if args.address is None:
             step = "starting the Ray head"
-            from serving.ray_head import high_throughput_env, start_head
+            from serving.ray_head import high_throughput_env, start_head, system_config
 
             r = cfg.ray
             ray_dir = tempfile.mkdtemp(prefix="frup", dir="/tmp")  # short: Ray's socket paths must stay < 108 bytes
@@ -284,7 +284,8 @@ def cmd_up(args: argparse.Namespace) -> int:
                 ports["gcs"] = args.ray_port
             head = start_head(ray_dir, ports=ports, auth=r.auth is RayAuth.TOKEN, num_cpus=r.num_cpus,
                               token_path=r.token_path, include_dashboard=r.include_dashboard,
-                              worker_ports=r.worker_ports, env=serve_env, timeout_s=r.start_timeout_s)
+                              worker_ports=r.worker_ports, env=serve_env, system_config=system_config(r),
+                              timeout_s=r.start_timeout_s)
             _step(state, cfg, "head-up", head=head.model_dump(mode="json"), address=head.address)
         step = f"connecting to Ray at {state['address']}"
         connect(state)

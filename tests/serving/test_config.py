@@ -169,6 +169,7 @@ def test_unknown_keys_are_rejected_everywhere(tmp_path, data, dotted):
         ({"stream": {"synthetic": {"num_items": 1}}}, "stream.synthetic.num_items", "1"),
         ({"serving": {"port": 70000}}, "serving.port", "70000"),
         ({"namespace": "has space"}, "namespace", "'has space'"),
+        ({"ray": {"max_inline_bytes": 64 << 20}}, "ray.max_inline_bytes", str(64 << 20)),
     ],
 )
 def test_bad_values_name_the_field_and_value(tmp_path, data, dotted, value):

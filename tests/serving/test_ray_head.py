@@ -110,6 +110,10 @@ def _gone(pid: int) -> bool:
     return state in ("Z", "X")  # a zombie has exited
 
 
+# Not Freshet's default, so the check below sees the argument and not a default.
+_SYSTEM_CONFIG = {"max_direct_call_object_size": 777_777}
+
+
 @pytest.fixture(scope="module")
 def heads():
     """Two heads started concurrently: (token auth, 1 CPU) and (auth off, 1 CPU), plus its stderr."""
@@ -118,7 +122,7 @@ def heads():
     started: list[HeadInfo] = []
     try:
         with contextlib.redirect_stderr(err), ThreadPoolExecutor(2) as pool:
-            futs = [pool.submit(start_head, dirs[0], num_cpus=1, timeout_s=60),
+            futs = [pool.submit(start_head, dirs[0], num_cpus=1, timeout_s=60, system_config=_SYSTEM_CONFIG),
                     pool.submit(start_head, dirs[1], num_cpus=1, auth=False, timeout_s=60)]
             for f in futs:  # keep what did start, so it is stopped even if the other failed
                 with contextlib.suppress(Exception):
@@ -146,6 +150,7 @@ def serve_on_auth_head(heads):
         from ray import serve
         ray.init(address={a.address!r}, log_to_driver=False)
         print("task", ray.get(ray.remote(lambda x: x + 1).remote(41)), flush=True)
+        print("system_config", ray._private.state.state.get_system_config()["max_direct_call_object_size"], flush=True)
         serve.start(http_options={{"host": "127.0.0.1", "port": {http_port}}})
 
         @serve.deployment(ray_actor_options={{"num_cpus": 0}})
@@ -204,6 +209,8 @@ def test_every_listener_is_loopback_or_refuses_without_token(heads, serve_on_aut
 def test_driver_with_token_runs_task_and_serve(serve_on_auth_head):
     out, _ = serve_on_auth_head
     assert "task 42" in out and "http hi" in out, out
+    # start_head(system_config=...) reached the cluster, so drivers and workers use it.
+    assert f"system_config {_SYSTEM_CONFIG['max_direct_call_object_size']}" in out, out
 
 
 def test_head_without_auth_answers_without_token(heads):
@@ -264,6 +271,20 @@ def test_reserved_ports_are_free_distinct_and_never_handed_out_twice():
     assert not (set(a.values()) | set(b.values())) & ray_head._reserved
     with pytest.raises(ValueError):
         ray_head.reserve_ports([], {"blk": 0})
+
+
+def test_reserved_ports_never_land_on_ports_to_avoid():
+    from serving import ray_head
+
+    # A given port (HAProxy's stats port, say) inside a free block picked beside it would make a
+    # replica fail to bind. 2,000 ports to avoid meet a random 64-port block in ~1 of 6 picks.
+    avoid = set(range(24000, 26000))
+    for _ in range(100):
+        r = ray_head.reserve_ports(["x"], {"blk": 64}, avoid=avoid)
+        try:
+            assert r["x"] not in avoid and not set(range(r["blk_min"], r["blk_max"] + 1)) & avoid, r
+        finally:
+            ray_head.release_ports(r)
 
 
 def test_high_throughput_env_moves_every_listener_and_file(tmp_path):

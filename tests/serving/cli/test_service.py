@@ -173,7 +173,7 @@ def test_up_secure_by_default_ckpt_down_restore(tmp_path, plain_ray):
     # restored one uses a plain local ingest.dir for both.
     log = tmp_path / "log"
     state = tmp_path / "data"
-    cfg = _config(tmp_path, ingest={"dir": log.as_uri(), "state_dir": str(state)})
+    cfg = _config(tmp_path, ingest={"dir": log.as_uri(), "state_dir": str(state)}, ray={"max_inline_bytes": 500_000})
     port = yaml.safe_load(cfg.read_text())["serving"]["port"]
     url = f"http://127.0.0.1:{port}"
     up = freshet("up", "--config", str(cfg))
@@ -184,6 +184,10 @@ def test_up_secure_by_default_ckpt_down_restore(tmp_path, plain_ray):
         head = HeadInfo.model_validate(recorded["head"])
         assert "Ray token auth on" in up.stdout
         _assert_secure(head)
+        # ray.max_inline_bytes reaches the head as Ray's system config (drivers and workers get it there).
+        argv = Path(f"/proc/{head.root_pid}/cmdline").read_bytes().decode().split("\0")
+        assert [json.loads(a.split("=", 1)[1]) for a in argv if a.startswith("--system-config=")] == [
+            {"max_direct_call_object_size": 500_000}], argv
         assert plain_ray(41) == 42  # the other cluster is unaffected
 
         users = [f"u{i}" for i in range(6)]

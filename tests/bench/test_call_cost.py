@@ -1,0 +1,45 @@
+"""Tests of ``bench.call_cost``: the break-even rule (no Ray), and a tiny run of the whole
+command on a real Ray (both paths carry every byte, the report has its keys and plot).
+
+No speed figure is asserted: those are the benchmark's output (BENCHMARKS.md).
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from bench.call_cost import REPORT_KEYS, break_even_mb, format_table, main
+
+
+def _rows(costs: dict[float, tuple[float, float]]) -> list[dict]:
+    return [{"size_mb": mb, "path": path, "wall_ms": 1.0, "cpu_ms": c}
+            for mb, (inline, store) in costs.items() for path, c in (("inline", inline), ("object store", store))]
+
+
+def test_break_even_is_the_first_size_where_the_store_costs_less_cpu():
+    assert break_even_mb(_rows({0.1: (1.5, 3.0), 1: (2.8, 3.4), 2: (4.2, 3.8), 4: (7.0, 4.5)})) == 2
+    assert break_even_mb(_rows({0.1: (1.5, 3.0), 1: (2.8, 3.4)})) is None
+    table = format_table(_rows({0.1: (1.5, 3.0), 2: (4.2, 3.8)})).splitlines()
+    assert len(table) == 4 and table[2].split()[0] == "0.1" and table[3].split()[0] == "2"
+
+
+def test_a_tiny_run_carries_every_byte_both_ways_and_writes_the_report(tmp_path, capsys):
+    assert main(["--sizes", "0.01,0.3", "--calls", "5", "--quiet", "--out", str(tmp_path)]) == 0
+    report = json.loads((tmp_path / "call_cost.json").read_text())
+    assert tuple(report) == REPORT_KEYS
+    assert (tmp_path / "call_cost.png").stat().st_size > 0
+    got = {(r["size_mb"], r["path"]) for r in report["rows"]}
+    assert got == {(0.01, "inline"), (0.01, "object store"), (0.3, "inline"), (0.3, "object store")}
+    # CPU comes in clock ticks (10 ms): 5 short calls may read 0.
+    assert all(r["wall_ms"] > 0 and r["cpu_ms"] >= 0 for r in report["rows"])
+    assert report["calls"] == 5 and report["break_even_mb"] in (None, 0.01, 0.3)
+    assert "object store cheaper in CPU from:" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("sizes", ["", "1,x", "9", "-1"])
+def test_bad_sizes_are_refused_naming_the_flag(sizes, capsys):
+    with pytest.raises(SystemExit):
+        main(["--sizes", sizes])
+    assert "--sizes" in capsys.readouterr().err
