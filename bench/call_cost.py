@@ -99,15 +99,14 @@ def measure(sizes_mb: list[float], calls: int, *, progress: bool = True) -> list
             a = rng.integers(0, 256, max(1, int(mb * _MB)), dtype=np.uint8)
             want = int(a.sum(dtype=np.uint64))
             for path in PATHS:
-                def call():
-                    return sink.total.remote(a if path == "inline" else ray.put(a))
+                inline = path == "inline"
                 for _ in range(warm):
-                    ray.get(call())
+                    ray.get(sink.total.remote(a if inline else ray.put(a)))
                 walls = []
                 cpu0 = sum(_cpu_s(p) for p in pids)
                 for _ in range(calls):
                     t = time.perf_counter()
-                    got = ray.get(call())
+                    got = ray.get(sink.total.remote(a if inline else ray.put(a)))
                     walls.append(time.perf_counter() - t)
                     if got != want:
                         raise RuntimeError(f"{path} call of {mb} MB: sum {got} != {want}")

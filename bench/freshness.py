@@ -61,7 +61,6 @@ from typing import Any
 import numpy as np
 
 from bench import machine, ray_temp_dir
-from serving import ray_head
 
 __all__ = [
     "DEFAULT_OUT",
@@ -477,7 +476,7 @@ def main(argv: list[str] | None = None) -> int:
           f"{cfg.trainer.batch_size}, {cfg.trainer.passes} passes x {cfg.model.num_negatives} negatives; state in {work}; "
           f"load {load_start}", flush=True)
     ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", _temp_dir=ray_dir,
-             namespace=cfg.namespace, log_to_driver=False, _system_config=ray_head.system_config(cfg.ray))
+             namespace=cfg.namespace, log_to_driver=False, _system_config=cfg.ray.system_config())
     try:
         t_setup = time.perf_counter()
         dep = deploy.start(cfg, autostart=False)  # trainers wait: the backlog goes in first

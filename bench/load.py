@@ -34,7 +34,6 @@ from typing import Any
 import numpy as np
 
 from bench import machine, ray_temp_dir
-from serving import ray_head
 from serving.ray_head import free_port
 
 __all__ = [
@@ -374,7 +373,7 @@ def main(argv: list[str] | None = None) -> int:
     load_start = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     t_setup = time.perf_counter()
     ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", _temp_dir=ray_dir,
-             namespace=cfg.namespace, log_to_driver=False, _system_config=ray_head.system_config(cfg.ray))
+             namespace=cfg.namespace, log_to_driver=False, _system_config=cfg.ray.system_config())
     try:
         # Keep ``dep``: a non-detached actor is collected once its last handle is gone.
         dep = deploy.start(cfg, autostart=True)

@@ -54,8 +54,7 @@ from typing import Any
 import numpy as np
 
 from bench import machine, ray_temp_dir
-from serving import ray_head  # imports no Ray: the mode's environment is set first
-from serving.ray_head import free_port
+from serving.ray_head import free_port  # imports no Ray: the mode's environment is set first
 
 __all__ = ["DEFAULT_OUT", "GOALS", "evaluate_goals", "format_table", "main", "write_report"]
 
@@ -448,7 +447,7 @@ def _run_mode(a: argparse.Namespace) -> dict[str, Any]:
     port = free_port()
     cfg = _bench_config(mode, a.dim, a.k, tmp, port)
     ray.init(num_cpus=os.cpu_count(), include_dashboard=False, _node_ip_address="127.0.0.1", _temp_dir=tmp,
-             log_to_driver=False, configure_logging=False, _system_config=ray_head.system_config())
+             log_to_driver=False, configure_logging=False, _system_config=cfg.ray.system_config())
     rows: list[dict[str, Any]] = []
     out: dict[str, Any] = {"mode": mode, "loadavg_start": load_start, "verified": {}, "rows": rows}
     try:

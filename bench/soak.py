@@ -819,7 +819,7 @@ def main(argv: list[str] | None = None) -> int:
     # A head as `freshet up` starts one: `ray start --head` on loopback, free ports (so it does
     # not collide with another Ray on the host), token auth with its own token file.
     try:
-        head = ray_head.start_head(ray_dir, num_cpus=2, system_config=ray_head.system_config())
+        head = ray_head.start_head(ray_dir, num_cpus=2, system_config=cfg.ray.system_config())
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
         raise

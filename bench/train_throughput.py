@@ -52,7 +52,6 @@ import torch
 from bench import machine
 from ps.ids import ids_from_arrow
 from ps.local import LocalClient
-from serving import ray_head
 from serving.config import FreshetConfig, load_config
 from serving.ray_head import free_port
 from workers.config import StreamKind
@@ -1035,7 +1034,7 @@ def main(argv: list[str] | None = None) -> int:
             bench["loadavg_1m"]["after_table_figures"] = loadavg()
 
         ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", _temp_dir=str(work / f"ray{r}"),
-                 log_to_driver=False, configure_logging=False, _system_config=ray_head.system_config(cfg.ray))
+                 log_to_driver=False, configure_logging=False, _system_config=cfg.ray.system_config())
         try:
             dep = None
             for prefetch in (False, True):  # the last one stays up for serving

@@ -73,7 +73,6 @@ from typing import Any
 import numpy as np
 
 from bench import ray_temp_dir
-from serving import ray_head
 
 __all__ = [
     "AXES",
@@ -363,7 +362,7 @@ class Runner:
         os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
         tmp = ray_temp_dir("frtune")
         ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", _temp_dir=tmp,
-                 log_to_driver=False, configure_logging=False, _system_config=ray_head.system_config())
+                 log_to_driver=False, configure_logging=False, _system_config=self.base.ray.system_config())
         self._ray = True
 
     def close(self) -> None:

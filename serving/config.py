@@ -190,8 +190,10 @@ class RayAuth(str, enum.Enum):
 
 
 class RayConfig(ConfigModel):
-    """The local Ray head ``freshet up`` starts (``serving.ray_head.start_head``). Not used when
-    joining a cluster (``--address``): that cluster's own settings apply."""
+    """The Ray clusters Freshet starts: the head ``freshet up`` starts
+    (``serving.ray_head.start_head``), and, for ``max_inline_bytes`` only, the throwaway local
+    clusters of ``freshet run`` and ``freshet eval``. Not used when joining a cluster
+    (``--address``): that cluster's own settings apply."""
 
     _section: ClassVar[str] = "ray"
 
@@ -219,7 +221,7 @@ class RayConfig(ConfigModel):
     )
     start_timeout_s: float = Field(90.0, gt=0, le=3600, description="how long the head may take to come up (seconds)")
     # Measured here (`python -m bench.call_cost`, BENCHMARKS.md section 2): a call whose argument
-    # goes through the shared-memory object store costs ~2 ms more CPU (all processes) than one
+    # goes through the shared-memory object store costs 1-2 ms more CPU (all processes) than one
     # that carries it inline, up to ~0.75 MB; at 1 MB they cost the same CPU and inline is slower.
     # Ray's own default, 100 KB, sends a small model's pushes and pulls through the store.
     max_inline_bytes: int = Field(
@@ -227,6 +229,12 @@ class RayConfig(ConfigModel):
         description="call arguments and results up to this size travel inside the call instead of through "
                     "Ray's object store (bytes; Ray's max_direct_call_object_size, set for the whole cluster)",
     )
+
+    def system_config(self) -> dict[str, int]:
+        """Ray system settings for a cluster Freshet starts (``ray start --system-config``,
+        ``ray.init(_system_config=...)``): ``max_direct_call_object_size`` is
+        ``max_inline_bytes``."""
+        return {"max_direct_call_object_size": int(self.max_inline_bytes)}
 
     @field_validator("ports")
     @classmethod

@@ -295,7 +295,7 @@ def _start_service(cfg: FreshetConfig):
     from serving import deploy
     from workers.eval.compare import _init_ray
 
-    started_ray = _init_ray(None) if not ray.is_initialized() else False
+    started_ray = _init_ray(None, cfg) if not ray.is_initialized() else False
     if not started_ray:
         # One Ray cluster serves one Freshet app (Serve has one HTTP port and the app one
         # name): deploying here would replace a service someone else runs.
@@ -462,7 +462,7 @@ def _offline_from(cfg: FreshetConfig, source, total: int, chunk_size: int, score
     torch.set_num_threads(1)
     started = False
     try:
-        started = _init_ray(None)
+        started = _init_ray(None, cfg)
         for spec in ("incremental", "popularity"):
             strategy = make_strategy(spec, cfg, total_events=total)
             try:

@@ -357,7 +357,8 @@ exec {haproxy} "$@"
 """
 
 
-def high_throughput_env(run_dir, *, loopback: bool = True, ports: Mapping[str, int] | None = None) -> dict[str, str]:
+def high_throughput_env(run_dir, *, loopback: bool = True, ports: Mapping[str, int] | None = None,
+                        head_ports: Mapping[str, int] | None = None) -> dict[str, str]:
     """Environment for Ray Serve's high-throughput mode (HAProxy ingress, throughput-optimised replicas).
 
     Serve reads these variables at import, in the controller, the proxies and the replicas: give
@@ -385,7 +386,10 @@ def high_throughput_env(run_dir, *, loopback: bool = True, ports: Mapping[str, i
             34 characters (HAProxy's Unix socket paths under it are limited to 107 bytes).
         loopback: bind HAProxy's stats and metrics listeners to 127.0.0.1 (see above).
         ports: ports to use, keyed as :data:`SERVE_HT_PORT_ENV` plus ``direct_http_min/max`` and
-            ``direct_grpc_min/max``; missing ones are reserved with :func:`reserve_ports`.
+            ``direct_grpc_min/max``; missing ones are reserved with :func:`reserve_ports`, never on
+            a given one; the given ones are held too, so a head started after picks around them.
+        head_ports: the fixed ports the head will be given (:func:`start_head`'s ``ports``),
+            which the free ones must not land on either.
 
     Returns:
         Variable name -> value.
@@ -406,7 +410,9 @@ def high_throughput_env(run_dir, *, loopback: bool = True, ports: Mapping[str, i
     # A free port or block must not land on a port given here (HAProxy's stats port inside the
     # replicas' direct-ingress block would make one of them fail to bind).
     chosen = {**reserve_ports([k for k in SERVE_HT_PORT_ENV if k not in given], missing_blocks,
-                              avoid=_port_set_of(given)), **given}
+                              avoid=_port_set_of(given) | _port_set(head_ports or {})), **given}
+    with _lock:
+        _reserved.update(_port_set_of(given))
     env = {
         "RAY_SERVE_ENABLE_HA_PROXY": "1",
         "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
@@ -695,8 +701,7 @@ def system_config(ray_cfg=None) -> dict[str, Any]:
     """
     from serving.config import RayConfig
 
-    r = ray_cfg if ray_cfg is not None else RayConfig()
-    return {"max_direct_call_object_size": int(r.max_inline_bytes)}
+    return (ray_cfg if ray_cfg is not None else RayConfig()).system_config()
 
 
 def _warn_auth_off() -> None:

@@ -109,8 +109,9 @@ def _ray_start(**kwargs):
     import ray
 
     tmp = tempfile.mkdtemp(prefix="frt", dir=os.environ.get("RAY_TMPDIR", "/tmp"))
-    # Freshet's own Ray settings, so the tests exercise the transport the product runs on.
-    opts = dict(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", _temp_dir=tmp,
+    # Freshet's own Ray settings, so the tests exercise the transport the product runs on;
+    # "local": a new cluster even if RAY_ADDRESS names another one.
+    opts = dict(address="local", num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", _temp_dir=tmp,
                 log_to_driver=False, configure_logging=False, _system_config=system_config())
     opts.update(kwargs)
     info = ray.init(**opts)

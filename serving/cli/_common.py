@@ -91,8 +91,10 @@ def ray_init(address: str | None, namespace: str, *, head=None, system_config: d
 
     if address:
         return ray.init(address=address, namespace=namespace, log_to_driver=False)
-    return ray.init(namespace=namespace, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False,
-                    _system_config=system_config)
+    # "local": a new cluster even when RAY_ADDRESS is set or `ray start` left a current-cluster
+    # file; Ray would otherwise join that cluster (someone else's, perhaps).
+    return ray.init(address="local", namespace=namespace, include_dashboard=False, _node_ip_address="127.0.0.1",
+                    log_to_driver=False, _system_config=system_config)
 
 
 def print_table(rows: list[tuple[str, str]]) -> None:

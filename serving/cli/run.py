@@ -27,7 +27,6 @@ from pathlib import Path
 
 import numpy as np
 
-from serving import ray_head
 from serving.cli._common import add_config_argument, add_data_arguments, load, print_table, ray_init
 from serving.config import FreshetConfig
 from workers.config import StreamKind
@@ -165,7 +164,7 @@ def cmd_run(args) -> int:
     total = min(total, source.end_offset or total)
     print(f"freshet run: {base.stream.kind.value} stream, {total:,} events, "
           f"{cfg.ps.num_shards} shards, {cfg.trainer.num_workers} trainer(s), ingest log in {work}")
-    ray_init(args.address, ns, system_config=ray_head.system_config(cfg.ray))
+    ray_init(args.address, ns, system_config=cfg.ray.system_config())
     try:
         # Keep ``dep``: a non-detached actor is collected once its last handle is gone.
         dep = deploy.start(cfg, evaluate=True, max_events=total)

@@ -273,18 +273,19 @@ def cmd_up(args: argparse.Namespace) -> int:
         _write_state(cfg, state)
         if args.address is None:
             step = "starting the Ray head"
-            from serving.ray_head import high_throughput_env, start_head, system_config
+            from serving.ray_head import high_throughput_env, start_head
 
             r = cfg.ray
             ray_dir = tempfile.mkdtemp(prefix="frup", dir="/tmp")  # short: Ray's socket paths must stay < 108 bytes
             _step(state, cfg, "starting", started_ray=True, ray_dir=ray_dir)
-            serve_env = high_throughput_env(ray_dir, ports=r.serve_ports()) if cfg.serving.high_throughput else {}
             ports = r.head_ports()
             if args.ray_port is not None:
                 ports["gcs"] = args.ray_port
+            serve_env = (high_throughput_env(ray_dir, ports=r.serve_ports(), head_ports=ports)
+                         if cfg.serving.high_throughput else {})
             head = start_head(ray_dir, ports=ports, auth=r.auth is RayAuth.TOKEN, num_cpus=r.num_cpus,
                               token_path=r.token_path, include_dashboard=r.include_dashboard,
-                              worker_ports=r.worker_ports, env=serve_env, system_config=system_config(r),
+                              worker_ports=r.worker_ports, env=serve_env, system_config=r.system_config(),
                               timeout_s=r.start_timeout_s)
             _step(state, cfg, "head-up", head=head.model_dump(mode="json"), address=head.address)
         step = f"connecting to Ray at {state['address']}"

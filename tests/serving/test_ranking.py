@@ -152,8 +152,10 @@ def test_first_requests_after_the_first_events_are_right(deployment):
 
     seen: dict[str, set] = {"rank": set(), "score": set()}
     versions = []
-    deadline = time.monotonic() + 1.0
-    while time.monotonic() < deadline:  # at once, back to back, for about a second
+    t0 = time.monotonic()
+    # At once, back to back, for about a second and at least 5 rounds (a loaded machine may
+    # answer fewer in a second; the cap only bounds a hang).
+    while (time.monotonic() < t0 + 1.0 or len(versions) < 5) and time.monotonic() < t0 + 60:
         s = http.post("/score", json={"user_id": "bg1", "item_ids": SCORED})
         assert s.status_code == 200, (s.status_code, s.text)
         seen["score"].add(_check_score(s.json()))

@@ -287,6 +287,25 @@ def test_reserved_ports_never_land_on_ports_to_avoid():
             ray_head.release_ports(r)
 
 
+def test_high_throughput_env_picks_around_given_and_head_ports():
+    from serving import ray_head
+
+    head = {"gcs": 23500, "min_worker": 24000, "max_worker": 25999}  # 2,000 ports: a random block meets them often
+    run_dir = tempfile.mkdtemp(prefix="rh.", dir="/tmp")
+    try:
+        for _ in range(20):
+            env = ray_head.high_throughput_env(run_dir, ports={"haproxy_stats": 26500}, head_ports=head)
+            picked = {int(env[v]) for v in ray_head.SERVE_HT_PORT_ENV.values()}
+            for kind in ("HTTP", "GRPC"):
+                lo, hi = (int(env[f"RAY_SERVE_DIRECT_INGRESS_{e}_{kind}_PORT"]) for e in ("MIN", "MAX"))
+                picked |= set(range(lo, hi + 1))
+            free = picked - {26500}
+            assert not free & (set(range(24000, 26000)) | {23500, 26500}), sorted(free)[:5]
+            ray_head.release_ports({str(p): p for p in free})
+    finally:
+        shutil.rmtree(run_dir, ignore_errors=True)
+
+
 def test_high_throughput_env_moves_every_listener_and_file(tmp_path):
     from serving import ray_head
 

@@ -37,7 +37,10 @@ def _open_source(cfg: FreshetConfig, data: str, min_weight: float | None, max_ev
     return open_source(stream, quarantine_path=os.path.join(qdir, "quarantine.arrow"), model=cfg.model), stream
 
 
-def _init_ray(ray_dir: str | None) -> bool:
+def _init_ray(ray_dir: str | None, cfg: FreshetConfig | None = None) -> bool:
+    """Start a throwaway local Ray for the evaluation unless this process is connected
+    already; with ``cfg``, under its Ray settings (``cfg.ray.system_config()``). Returns
+    whether it started one."""
     import ray
 
     if ray.is_initialized():
@@ -45,8 +48,10 @@ def _init_ray(ray_dir: str | None) -> bool:
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     tmp = ray_dir or tempfile.mkdtemp(prefix="fre", dir=os.environ.get("RAY_TMPDIR", "/tmp"))
-    ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", _temp_dir=tmp,
-             log_to_driver=False, configure_logging=False)
+    # "local": a new cluster even when RAY_ADDRESS or a current-cluster file names another.
+    ray.init(address="local", num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", _temp_dir=tmp,
+             log_to_driver=False, configure_logging=False,
+             _system_config=cfg.ray.system_config() if cfg is not None else None)
     return True
 
 
@@ -89,7 +94,7 @@ def run_eval(
     torch.set_num_threads(1)
     try:
         if any(parse_strategy_spec(s)[0] == "incremental" for s in strategies):
-            started_ray = _init_ray(ray_dir)
+            started_ray = _init_ray(ray_dir, cfg)
         for spec in strategies:
             try:
                 strategy = make_strategy(spec, cfg, total_events=total)
