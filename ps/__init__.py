@@ -39,6 +39,10 @@ _LAZY = {
 }
 
 
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
+
+
 def __getattr__(name: str):
     if name in _LAZY:
         return getattr(_importlib.import_module(_LAZY[name]), name)

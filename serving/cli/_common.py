@@ -67,7 +67,7 @@ def ray_init(address: str | None, namespace: str, *, head=None, system_config: d
     * Neither: start a throwaway local cluster (``freshet run``) whose listeners stay on
       loopback, with token auth and a fresh private token
       (:func:`serving.ray_head.local_cluster_env`), unless ``RAY_AUTH_MODE`` is set explicitly,
-      and Ray's ``system_config`` (:func:`serving.ray_head.system_config`).
+      and Ray's ``system_config`` (:meth:`serving.config.RayConfig.system_config`).
 
     Raises:
         RuntimeError: this process is already connected (with ``head``), or Ray fails to start
