@@ -47,8 +47,7 @@ from bench import machine, ray_temp_dir
 from ps.ids import Keyed, id_keys
 from ps.plan import ShardingPlan
 from ps.shard import PSShard, PushId
-from serving import ray_head
-from serving.config import load_config
+from serving.config import RayConfig, load_config
 
 __all__ = ["REPORT_KEYS", "format_table", "main", "run_index", "run_ray", "run_stream", "stream_batches", "write_report"]
 
@@ -266,7 +265,7 @@ def run_ray(ids: int, max_rows: int, *, batch: int = 20_480, dim: int = 64, new_
 
     tmp = ray_temp_dir("frch")
     ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", _temp_dir=tmp,
-             log_to_driver=False, configure_logging=False, _system_config=ray_head.system_config())
+             log_to_driver=False, configure_logging=False, _system_config=RayConfig().system_config())
     try:
         cfg = _shard_config(dim, max_rows, eviction, num_buckets=8)
         client = start_shards(cfg, namespace=f"bench-churn-{uuid.uuid4().hex[:6]}")

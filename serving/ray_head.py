@@ -79,7 +79,6 @@ __all__ = [
     "reserve_ports",
     "start_head",
     "stop_head",
-    "system_config",
 ]
 
 PORT_FLAGS: dict[str, str] = {
@@ -688,22 +687,6 @@ def apply_env(env: Mapping[str, str]) -> None:
 # --------------------------------------------------------------------------- start
 
 
-def system_config(ray_cfg=None) -> dict[str, Any]:
-    """Ray system settings every Freshet cluster runs with, for ``ray start --system-config``
-    (:func:`start_head`) and ``ray.init(_system_config=...)``.
-
-    ``max_direct_call_object_size`` is ``ray.max_inline_bytes``: pushes and pulls up to that
-    size travel inside the actor call instead of through the object store (see
-    :class:`serving.config.RayConfig`).
-
-    Args:
-        ray_cfg: a :class:`serving.config.RayConfig`; None for its defaults.
-    """
-    from serving.config import RayConfig
-
-    return (ray_cfg if ray_cfg is not None else RayConfig()).system_config()
-
-
 def _warn_auth_off() -> None:
     print(
         "\n"
@@ -809,7 +792,8 @@ def start_head(temp_dir, *, ports: Mapping[str, int] | None = None, auth: bool =
             recorded in :attr:`HeadInfo.env`, so no secrets. Ray's auth, address and node-IP
             variables are refused here: ``auth`` and ``token_path`` set those.
         system_config: Ray system settings for the whole cluster (``ray start --system-config``;
-            nodes that join later and drivers get them from the head), e.g. :func:`system_config`.
+            nodes that join later and drivers get them from the head), e.g.
+            :meth:`serving.config.RayConfig.system_config`.
         timeout_s: seconds to wait, per attempt, for the head to be up with every port bound.
         attempts: tries with freshly chosen ports if a start fails (a port taken meanwhile by
             another program); 1 when every port is given.

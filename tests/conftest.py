@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from serving.ray_head import system_config
+from serving.config import RayConfig
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -112,7 +112,7 @@ def _ray_start(**kwargs):
     # Freshet's own Ray settings, so the tests exercise the transport the product runs on;
     # "local": a new cluster even if RAY_ADDRESS names another one.
     opts = dict(address="local", num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", _temp_dir=tmp,
-                log_to_driver=False, configure_logging=False, _system_config=system_config())
+                log_to_driver=False, configure_logging=False, _system_config=RayConfig().system_config())
     opts.update(kwargs)
     info = ray.init(**opts)
     try:

@@ -159,10 +159,10 @@ def test_head_starts_ray_then_freshet_up_from_the_venv(prepared: dict, pyproject
     assert stop < start < up
     assert "--autoscaling-config=~/ray_bootstrap_config.yaml" in commands[start]
     # The head runs with Freshet's Ray settings, as a head `freshet up` starts does.
-    from serving.ray_head import system_config
+    from serving.config import RayConfig
 
     flags = [a for a in shlex.split(commands[start].split("~/venv/bin/ray", 1)[1]) if a.startswith("--system-config=")]
-    assert [json.loads(f.split("=", 1)[1]) for f in flags] == [system_config()], flags
+    assert [json.loads(f.split("=", 1)[1]) for f in flags] == [RayConfig().system_config()], flags
 
     # The command parses with the CLI the console script points at, as `up` joining the running Ray.
     from serving import cli

@@ -24,12 +24,11 @@ import pytest
 import ray
 
 from ps.client import PSClient, shard_actor_name
-from serving.config import FreshetConfig, load_config
+from serving.config import FreshetConfig, RayConfig, load_config
 from ps.plan import ShardingPlan
 from ps.shard import PSShard
 from tests.conftest import _ray_start, free_port, wait_for
 from serving import deploy
-from serving.ray_head import system_config
 from workers.trainer import Trainer, trainer_actor_name
 
 EVENTS = 6000
@@ -160,7 +159,7 @@ def cluster():
         mp.setattr(ray_constants, "ENABLE_RAY_CLUSTER", False)
         c = Cluster(initialize_head=True, head_node_args=dict(
             num_cpus=2, node_ip_address="127.0.0.1", temp_dir=tmp, include_dashboard=False,
-            _system_config=system_config()))  # the product's transport; the added node gets it from the head
+            _system_config=RayConfig().system_config()))  # the product's transport; the added node gets it from the head
         try:
             node_b = c.add_node(num_cpus=1, node_ip_address="127.0.0.1", resources={"node_b": 1})
             ray.init(address=c.address, log_to_driver=False, configure_logging=False)
