@@ -11,7 +11,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-__all__ = ["machine", "ray_temp_dir"]
+__all__ = ["cpu_between", "machine", "ray_temp_dir", "tree_cpu_s"]
 
 
 def machine(*packages: str, **extra: Any) -> dict[str, Any]:
@@ -43,3 +43,48 @@ def ray_temp_dir(prefix: str) -> str:
     root = Path(os.environ.get("RAY_TMPDIR", "/tmp"))
     root.mkdir(parents=True, exist_ok=True)
     return tempfile.mkdtemp(prefix=prefix, dir=root)
+
+
+def tree_cpu_s() -> dict[int, float] | None:
+    """CPU seconds (user + system) used so far by this process and each live descendant, by PID.
+
+    With a driver-started local Ray that is every Ray process of this benchmark (GCS,
+    raylet, workers, actors); see :func:`cpu_between`. None where ``/proc`` is absent.
+    """
+    proc = Path("/proc")
+    if not (proc / "self" / "stat").exists():
+        return None
+    tick = os.sysconf("SC_CLK_TCK")
+    parent: dict[int, int] = {}
+    cpu: dict[int, float] = {}
+    for d in proc.iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            # Fields after the ")" that ends the command name: state ppid ... utime(12) stime(13).
+            fields = (d / "stat").read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        parent[int(d.name)] = int(fields[1])
+        cpu[int(d.name)] = (int(fields[11]) + int(fields[12])) / tick
+    children: dict[int, list[int]] = {}
+    for pid, ppid in parent.items():
+        children.setdefault(ppid, []).append(pid)
+    out, todo = {}, [os.getpid()]
+    while todo:
+        pid = todo.pop()
+        out[pid] = cpu.get(pid, 0.0)
+        todo.extend(children.get(pid, ()))
+    return out
+
+
+def cpu_between(before: dict[int, float] | None, after: dict[int, float] | None) -> float | None:
+    """CPU seconds the process tree used between two :func:`tree_cpu_s` snapshots.
+
+    Only processes alive at the end count (a process that exited took its counter with
+    it); one started in between counts in full. The machine's other load hardly changes
+    this figure, unlike wall time.
+    """
+    if before is None or after is None:
+        return None
+    return sum(max(0.0, c - before.get(pid, 0.0)) for pid, c in after.items())

@@ -10,9 +10,9 @@ On a fresh local Ray (2 CPUs, 127.0.0.1) one actor receives a ``uint8`` array of
 - **object store**: a ``ray.put`` reference to it, so the actor reads it from shared
   memory; the put is part of the call's cost, as when Ray puts a large argument itself.
 
-Per call: wall time, and CPU time summed over the driver, the actor, the raylet and the GCS
-(``/proc/<pid>/stat``, in clock ticks of 10 ms: keep ``--calls`` in the hundreds), which is
-what a CPU-bound deployment pays. This is the measurement
+Per call: wall time, and CPU time summed over this process and every process it started,
+i.e. the whole local Ray: GCS, raylet, agents, the actor (:func:`bench.tree_cpu_s`, in clock
+ticks of 10 ms: keep ``--calls`` in the hundreds), which is what a CPU-bound deployment pays. This is the measurement
 behind ``ray.max_inline_bytes`` (:class:`serving.config.RayConfig`): the size below which
 inline is the cheaper path. Prints a table; writes ``<out>/call_cost.json`` and
 ``<out>/call_cost.png``.
@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from bench import machine, ray_temp_dir
+from bench import cpu_between, machine, ray_temp_dir, tree_cpu_s
 
 __all__ = ["REPORT_KEYS", "format_table", "main", "measure", "write_report"]
 
@@ -40,29 +40,6 @@ REPORT_KEYS = ("bench", "date", "machine", "calls", "rows", "break_even_mb")
 DEFAULT_OUT = Path(__file__).resolve().parent / "results"
 PATHS = ("inline", "object store")
 _MB = 1 << 20
-
-
-def _cpu_s(pid: int) -> float:
-    """User + system CPU seconds of ``pid`` so far (``/proc/<pid>/stat``); 0 if it is gone."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def _session_pids(temp_dir: str) -> list[int]:
-    """The raylet and GCS of the Ray session under ``temp_dir`` (their command lines name it)."""
-    out = []
-    for d in Path("/proc").iterdir():
-        if d.name.isdigit():
-            try:
-                cmd = (d / "cmdline").read_bytes()
-            except OSError:
-                continue
-            if temp_dir.encode() in cmd and (b"raylet" in cmd or b"gcs_server" in cmd):
-                out.append(int(d.name))
-    return out
 
 
 def measure(sizes_mb: list[float], calls: int, *, progress: bool = True) -> list[dict[str, Any]]:
@@ -88,11 +65,11 @@ def measure(sizes_mb: list[float], calls: int, *, progress: bool = True) -> list
             def total(self, a: np.ndarray) -> int:
                 return int(a.sum(dtype=np.uint64))
 
-            def pid(self) -> int:
-                return os.getpid()
+            def ready(self) -> bool:
+                return True
 
         sink = Sink.remote()
-        pids = [os.getpid(), ray.get(sink.pid.remote()), *_session_pids(temp)]
+        ray.get(sink.ready.remote())  # the actor is up before anything is timed
         rng = np.random.default_rng(0)
         warm = max(3, calls // 10)
         for mb in sizes_mb:
@@ -103,14 +80,14 @@ def measure(sizes_mb: list[float], calls: int, *, progress: bool = True) -> list
                 for _ in range(warm):
                     ray.get(sink.total.remote(a if inline else ray.put(a)))
                 walls = []
-                cpu0 = sum(_cpu_s(p) for p in pids)
+                cpu0 = tree_cpu_s()
                 for _ in range(calls):
                     t = time.perf_counter()
                     got = ray.get(sink.total.remote(a if inline else ray.put(a)))
                     walls.append(time.perf_counter() - t)
                     if got != want:
                         raise RuntimeError(f"{path} call of {mb} MB: sum {got} != {want}")
-                cpu = sum(_cpu_s(p) for p in pids) - cpu0
+                cpu = cpu_between(cpu0, tree_cpu_s()) or 0.0
                 rows.append({"size_mb": mb, "path": path, "wall_ms": float(np.median(walls)) * 1e3,
                              "cpu_ms": cpu / calls * 1e3})
                 if progress:

@@ -49,7 +49,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from bench import machine
+from bench import cpu_between, machine, tree_cpu_s
 from ps.ids import ids_from_arrow
 from ps.local import LocalClient
 from serving.config import FreshetConfig, load_config
@@ -147,7 +147,7 @@ def run_in_process(cfg: FreshetConfig, *, trainer: Trainer | None = None, progre
     total = t.max_events if t.max_events is not None else next(iter(t.sources.values())).end_offset
     per_event: list[float] = []
     try:
-        t0, c0, s0 = time.perf_counter(), time.process_time(), _tree_cpu_s()
+        t0, c0, s0 = time.perf_counter(), time.process_time(), tree_cpu_s()
         with tqdm(total=total, unit="ev", desc="in-process", disable=not progress, dynamic_ncols=True) as bar:
             while not t.done:
                 loss0, events0, batches0 = t.metrics["loss_sum"], t.events_applied, t.batches
@@ -155,7 +155,7 @@ def run_in_process(cfg: FreshetConfig, *, trainer: Trainer | None = None, progre
                 if t.batches > batches0 and t.events_applied > events0:
                     per_event.append((t.metrics["loss_sum"] - loss0) / (t.events_applied - events0))
                 bar.update(t.events_read - bar.n)
-        wall, cpu, s1 = time.perf_counter() - t0, time.process_time() - c0, _tree_cpu_s()
+        wall, cpu, s1 = time.perf_counter() - t0, time.process_time() - c0, tree_cpu_s()
     finally:
         torch.set_num_threads(threads)
     tenth = max(1, len(per_event) // 10)
@@ -167,7 +167,7 @@ def run_in_process(cfg: FreshetConfig, *, trainer: Trainer | None = None, progre
         "events_per_s": t.events_applied / max(wall, 1e-9),
         "ms_per_batch": 1000.0 * wall / max(1, t.batches),
         "cpu_s": cpu,
-        "system_cpu_s": _cpu_between(s0, s1),
+        "system_cpu_s": cpu_between(s0, s1),
         "loss_sum": float(t.metrics["loss_sum"]),
         "loss_first": float(np.mean(per_event[:tenth])) if per_event else None,
         "loss_last": float(np.mean(per_event[-tenth:])) if per_event else None,
@@ -194,51 +194,6 @@ def merge_peer_rounds(rounds: list[dict[str, Any]]) -> dict[str, Any]:
 # --------------------------------------------------------------------------- through the PS
 
 
-def _tree_cpu_s() -> dict[int, float] | None:
-    """CPU seconds (user + system) used so far by this process and each live descendant, by PID.
-
-    With a driver-started local Ray that is every Ray process of this benchmark (GCS,
-    raylet, workers, actors); see :func:`_cpu_between`. None where ``/proc`` is absent.
-    """
-    proc = Path("/proc")
-    if not (proc / "self" / "stat").exists():
-        return None
-    tick = os.sysconf("SC_CLK_TCK")
-    parent: dict[int, int] = {}
-    cpu: dict[int, float] = {}
-    for d in proc.iterdir():
-        if not d.name.isdigit():
-            continue
-        try:
-            # Fields after the ")" that ends the command name: state ppid ... utime(12) stime(13).
-            fields = (d / "stat").read_text().rsplit(")", 1)[1].split()
-        except (OSError, IndexError):
-            continue
-        parent[int(d.name)] = int(fields[1])
-        cpu[int(d.name)] = (int(fields[11]) + int(fields[12])) / tick
-    children: dict[int, list[int]] = {}
-    for pid, ppid in parent.items():
-        children.setdefault(ppid, []).append(pid)
-    out, todo = {}, [os.getpid()]
-    while todo:
-        pid = todo.pop()
-        out[pid] = cpu.get(pid, 0.0)
-        todo.extend(children.get(pid, ()))
-    return out
-
-
-def _cpu_between(before: dict[int, float] | None, after: dict[int, float] | None) -> float | None:
-    """CPU seconds the process tree used between two :func:`_tree_cpu_s` snapshots.
-
-    Only processes alive at the end count (a process that exited took its counter with
-    it); one started in between counts in full. The machine's other load hardly changes
-    this figure, unlike wall time.
-    """
-    if before is None or after is None:
-        return None
-    return sum(max(0.0, c - before.get(pid, 0.0)) for pid, c in after.items())
-
-
 def _process_role(pid: int) -> str:
     """A short label of a process: ``driver``, ``ray::PSShard``, ``raylet``, ``gcs_server``..."""
     if pid == os.getpid():
@@ -257,7 +212,7 @@ def _process_role(pid: int) -> str:
 
 
 def _cpu_by_role(before: dict[int, float] | None, after: dict[int, float] | None) -> dict[str, float]:
-    """:func:`_cpu_between` split by :func:`_process_role`, largest first (seconds)."""
+    """:func:`cpu_between` split by :func:`_process_role`, largest first (seconds)."""
     if before is None or after is None:
         return {}
     out: dict[str, float] = {}
@@ -285,14 +240,14 @@ def _run_ps(cfg: FreshetConfig, *, progress: bool = True) -> tuple[dict[str, Any
     dep = deploy.start(cfg, durable=False, ingest=False, serving=False, max_events=total)
     client, (trainer,) = dep.ps, dep.trainers
     label = f"PS prefetch={'on' if cfg.trainer.prefetch else 'off'}"
-    cpu0, t0 = _tree_cpu_s(), time.perf_counter()
+    cpu0, t0 = tree_cpu_s(), time.perf_counter()
     ref = trainer.run.remote()
     with tqdm(total=total, unit="ev", desc=label, disable=not progress, dynamic_ncols=True) as bar:
         while not ray.wait([ref], timeout=0.5)[0]:
             bar.update(ray.get(trainer.stats.remote())["events_read"] - bar.n)
         stats = ray.get(ref)  # re-raises a trainer failure
         wall = time.perf_counter() - t0
-        cpu1 = _tree_cpu_s()
+        cpu1 = tree_cpu_s()
         bar.update(stats["events_read"] - bar.n)
     shard_rows: dict[str, int] = {}
     for s in client.stats():
@@ -310,7 +265,7 @@ def _run_ps(cfg: FreshetConfig, *, progress: bool = True) -> tuple[dict[str, Any
         "train_s": stats["train_s"],
         "prefetch": cfg.trainer.prefetch,
         "trainer_events_per_s": stats["events_per_s"],
-        "system_cpu_s": _cpu_between(cpu0, cpu1),
+        "system_cpu_s": cpu_between(cpu0, cpu1),
         "system_cpu_by_process": _cpu_by_role(cpu0, cpu1),
         "rows": shard_rows,
         "device": stats.get("device"),

@@ -221,7 +221,7 @@ class RayConfig(ConfigModel):
     )
     start_timeout_s: float = Field(90.0, gt=0, le=3600, description="how long the head may take to come up (seconds)")
     # Measured here (`python -m bench.call_cost`, BENCHMARKS.md section 2): a call whose argument
-    # goes through the shared-memory object store costs 1-2 ms more CPU (all processes) than one
+    # goes through the shared-memory object store costs 1-3 ms more CPU (all processes) than one
     # that carries it inline, up to ~0.75 MB; at 1 MB they cost the same CPU and inline is slower.
     # Against Ray's own default, 100 KB, this trains the default model ~30% faster through the PS.
     max_inline_bytes: int = Field(

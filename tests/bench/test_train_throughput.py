@@ -13,13 +13,12 @@ import numpy as np
 import pytest
 import torch
 
+from bench import cpu_between, tree_cpu_s
 from bench.train_throughput import (
     GOALS,
     REPORT_KEYS,
     RUN_KEYS,
-    _cpu_between,
     _run_ps,
-    _tree_cpu_s,
     bench_config,
     build_report,
     fastest,
@@ -132,11 +131,11 @@ def test_report_has_documented_keys_and_files(tmp_path):
 
 
 def test_tree_cpu_counts_this_process():
-    before = _tree_cpu_s()
+    before = tree_cpu_s()
     t0 = time.process_time()
     while time.process_time() - t0 < 0.3:  # burn 0.3 s of CPU whatever the machine's load
         pass
-    assert _cpu_between(before, _tree_cpu_s()) >= 0.25
+    assert cpu_between(before, tree_cpu_s()) >= 0.25
 
 
 def test_bench_config_rejects_bad_input():
