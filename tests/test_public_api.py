@@ -39,3 +39,15 @@ def test_workers_do_not_import_serving():
             "print(sorted(m for m in sys.modules if m.split('.')[0] == 'serving'))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_configs_and_the_command_line_load_without_torch_or_ray():
+    # `freshet --help`, `config`, `status` and `down`, and every actor that only reads a config,
+    # would otherwise pay ~1.5 s of CPU for torch at each start.
+    import subprocess
+    import sys
+
+    code = ("import sys, ps.config, workers.config, serving.config, serving.cli; "
+            "print(sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'ray'}))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"

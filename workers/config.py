@@ -24,6 +24,7 @@ __all__ = [
     "RatingRule",
     "RetentionConfig",
     "StreamConfig",
+    "StrategyKind",
     "StreamKind",
     "SyntheticConfig",
     "TrainerConfig",
@@ -58,6 +59,21 @@ class BelowThreshold(str, enum.Enum):
 
     NEGATIVE = "negative"  # negative feedback (see NegativeFeedback)
     IGNORE = "ignore"  # not trained at all
+
+
+class StrategyKind(str, enum.Enum):
+    """An update strategy ``freshet eval`` compares (:mod:`workers.eval.strategies`), in report order.
+
+    Here rather than beside the strategies so the command line can list them without
+    importing torch.
+    """
+
+    INCREMENTAL = "incremental"  # the real PS and trainer, learning every chunk
+    POPULARITY = "popularity"
+    FROZEN = "frozen"
+    RETRAIN = "retrain"
+    FINETUNE = "finetune"
+    ALS = "als"
 
 
 class RatingRule(ConfigModel):

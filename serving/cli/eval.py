@@ -9,12 +9,11 @@ import sys
 from pathlib import Path
 
 from serving.config import load_config
-from workers.eval.compare import run_eval
-from workers.eval.strategies import STRATEGIES
+from workers.config import StrategyKind
 
 __all__ = ["add_parser", "cmd_eval"]
 
-DEFAULT_STRATEGIES = ",".join(STRATEGIES)
+DEFAULT_STRATEGIES = ",".join(k.value for k in StrategyKind)
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -70,6 +69,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.rate is not None or args.url or args.offline_report or args.no_offline or args.score_from:
         print("--rate, --url, --offline-report, --no-offline and --score-from need --live", file=sys.stderr)
         return 2
+    from workers.eval.compare import run_eval  # torch: only for the command that needs it
+
     try:
         cfg = load_config(args.config)
         report = run_eval(

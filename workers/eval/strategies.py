@@ -39,7 +39,7 @@ import torch
 
 from ps.ids import ID, as_id_array, id_keys, ids_from_arrow, keyed
 from ps.table import EmbeddingTable
-from workers.config import LossKind
+from workers.config import LossKind, StrategyKind
 from workers.model import bpr_loss, context_index, mse_loss, user_queries
 from workers.negatives import negative_slots
 from workers.ranking import Ranker
@@ -769,16 +769,16 @@ class IncrementalStrategy(Strategy):
 
 # --------------------------------------------------------------------------- registry
 
-STRATEGIES = ("incremental", "popularity", "frozen", "retrain", "finetune", "als")
+STRATEGIES = tuple(k.value for k in StrategyKind)
 """Strategy names ``make_strategy`` knows, in report order."""
 
 _CLASSES = {
-    "incremental": IncrementalStrategy,
-    "popularity": PopularityStrategy,
-    "frozen": FrozenStrategy,
-    "retrain": RetrainStrategy,
-    "finetune": FinetuneStrategy,
-    "als": ALSRetrainStrategy,
+    StrategyKind.INCREMENTAL.value: IncrementalStrategy,
+    StrategyKind.POPULARITY.value: PopularityStrategy,
+    StrategyKind.FROZEN.value: FrozenStrategy,
+    StrategyKind.RETRAIN.value: RetrainStrategy,
+    StrategyKind.FINETUNE.value: FinetuneStrategy,
+    StrategyKind.ALS.value: ALSRetrainStrategy,
 }
 
 
