@@ -182,11 +182,21 @@ def _usable(port: int) -> bool:
     return port not in _reserved and port not in _RAY_CLIENT_SPECIFIC and _bindable(port)
 
 
-def _port_set(chosen: Mapping[str, int]) -> set[int]:
-    """Every port ``chosen`` occupies: the named ones and the whole worker block (0s excluded)."""
-    out = {p for k, p in chosen.items() if p and k not in ("min_worker", "max_worker")}
-    if chosen.get("min_worker") and chosen.get("max_worker"):
-        out.update(range(chosen["min_worker"], chosen["max_worker"] + 1))
+def _port_set(ports: Mapping[str, int]) -> set[int]:
+    """Every port ``ports`` occupies, 0s (Ray picks) excluded, blocks expanded: a head's worker
+    block ``min_worker``..``max_worker`` and a :func:`reserve_ports` block ``<name>_min``..``<name>_max``."""
+    def upper(k: str) -> str | None:
+        if k == "min_worker":
+            return "max_worker"
+        return k[:-4] + "_max" if k.endswith("_min") else None
+
+    out: set[int] = set()
+    for k, p in ports.items():
+        hi = upper(k)
+        if hi is not None and ports.get(hi):
+            out.update(range(p, ports[hi] + 1))
+        elif p and hi is None and k != "max_worker" and not k.endswith("_max"):
+            out.add(p)
     return out
 
 
@@ -304,23 +314,14 @@ def reserve_ports(names=(), blocks: Mapping[str, int] | None = None, *, avoid=()
             lo = _pick_block(size, avoid, rng)
             out[f"{name}_min"], out[f"{name}_max"] = lo, lo + size - 1
         out.update(_pick_ports(list(names), 0, avoid, rng))
-        _reserved.update(_port_set_of(out))
-    return out
-
-
-def _port_set_of(ports: Mapping[str, int]) -> set[int]:
-    """Ports of a :func:`reserve_ports` result, blocks expanded."""
-    out = {p for k, p in ports.items() if not k.endswith(("_min", "_max"))}
-    for k, lo in ports.items():
-        if k.endswith("_min") and k[:-4] + "_max" in ports:
-            out.update(range(lo, ports[k[:-4] + "_max"] + 1))
+        _reserved.update(_port_set(out))
     return out
 
 
 def release_ports(ports: Mapping[str, int]) -> None:
     """Hand back what :func:`reserve_ports` returned (blocks expanded); unknown ports are ignored."""
     with _lock:
-        _reserved.difference_update(_port_set_of(ports))
+        _reserved.difference_update(_port_set(ports))
 
 
 # --------------------------------------------------------------------------- Serve's high-throughput mode
@@ -409,9 +410,9 @@ def high_throughput_env(run_dir, *, loopback: bool = True, ports: Mapping[str, i
     # A free port or block must not land on a port given here (HAProxy's stats port inside the
     # replicas' direct-ingress block would make one of them fail to bind).
     chosen = {**reserve_ports([k for k in SERVE_HT_PORT_ENV if k not in given], missing_blocks,
-                              avoid=_port_set_of(given) | _port_set(head_ports or {})), **given}
+                              avoid=_port_set(given) | _port_set(head_ports or {})), **given}
     with _lock:
-        _reserved.update(_port_set_of(given))
+        _reserved.update(_port_set(given))
     env = {
         "RAY_SERVE_ENABLE_HA_PROXY": "1",
         "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
