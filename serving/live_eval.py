@@ -46,6 +46,7 @@ import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -287,15 +288,13 @@ class _Replay:
 # --------------------------------------------------------------------------- the service
 
 
-def _start_service(cfg: FreshetConfig):
-    """A fresh deployment of ``cfg`` on this process's Ray (started when needed), reading its
-    own ingest log: ``(deployment, url, token, work dir, started_ray)``."""
-    import ray
-
+def _start_service(cfg: FreshetConfig, start_ray: Callable[[], object] | None = None):
+    """A fresh deployment of ``cfg`` on this process's Ray (started when needed, by ``start_ray``
+    if given), reading its own ingest log: ``(deployment, url, token, work dir, started_ray)``."""
     from serving import deploy
     from workers.eval.compare import _init_ray
 
-    started_ray = _init_ray(None, cfg) if not ray.is_initialized() else False
+    started_ray = _init_ray(None, cfg, start_ray)
     if not started_ray:
         # One Ray cluster serves one Freshet app (Serve has one HTTP port and the app one
         # name): deploying here would replace a service someone else runs.
@@ -344,6 +343,7 @@ def run_live(
     window: int = 2000,
     progress: bool = True,
     score_from: int = 0,
+    start_ray: Callable[[], object] | None = None,
 ) -> dict[str, Any]:
     """Replay ``data`` through the service at ``rate`` events/s, then (``offline``) run the
     offline protocol on the same events; write ``live.json``, ``live.md`` and ``live.png`` to
@@ -364,6 +364,9 @@ def run_live(
     (``offline`` True) is then :func:`prequential` with the same ``score_from`` (the warm-up
     learned chunk by chunk) for ``incremental`` and ``popularity``, written to
     ``report_dir/offline.json`` (reusable as ``offline``).
+
+    ``start_ray`` starts Ray when the run needs it and this process is not connected (see
+    :func:`workers.eval.compare.run_eval`); it is shut down at the end.
 
     Raises:
         ValueError: a bad rate or chunk size, or an offline report of another stream.
@@ -395,7 +398,7 @@ def run_live(
     started_service = url is None
     try:
         if started_service:
-            dep, url, token, work, started_ray = _start_service(cfg)
+            dep, url, token, work, started_ray = _start_service(cfg, start_ray)
         replay = _Replay(cfg, source, total, url=url, token=token, rate=rate, chunk_size=chunk_size, progress=progress,
                          score_from=score_from)
         asyncio.run(replay.run())
@@ -414,14 +417,14 @@ def run_live(
     offline_report = None
     try:
         if offline is True and score_from:
-            offline_report = _offline_from(cfg, source, total, chunk_size, score_from, window, progress)
+            offline_report = _offline_from(cfg, source, total, chunk_size, score_from, window, progress, start_ray)
             offline_report["meta"].update(data=data, min_weight=min_weight)
             (report_dir / "offline.json").write_text(json.dumps(offline_report, indent=2, default=_json_default),
                                                      encoding="utf-8")
         elif offline is True:
             offline_report = run_eval(cfg, data=data, strategies=["incremental", "popularity"], report_dir=report_dir / "offline",
                                       chunk_size=chunk_size, min_weight=min_weight, max_events=total, window=window,
-                                      progress=progress)
+                                      progress=progress, start_ray=start_ray)
         elif offline:
             offline_report = json.loads(Path(offline).read_text(encoding="utf-8"))
             m = offline_report["meta"]
@@ -446,7 +449,7 @@ def run_live(
 
 
 def _offline_from(cfg: FreshetConfig, source, total: int, chunk_size: int, score_from: int, window: int,
-                  progress: bool) -> dict[str, Any]:
+                  progress: bool, start_ray: Callable[[], object] | None = None) -> dict[str, Any]:
     """The offline side of a warm-up run: :func:`prequential` with ``score_from`` for
     ``incremental`` and ``popularity``, as a report of :func:`run_eval`'s shape (the parts
     :func:`_write` reads)."""
@@ -462,7 +465,7 @@ def _offline_from(cfg: FreshetConfig, source, total: int, chunk_size: int, score
     torch.set_num_threads(1)
     started = False
     try:
-        started = _init_ray(None, cfg)
+        started = _init_ray(None, cfg, start_ray)
         for spec in ("incremental", "popularity"):
             strategy = make_strategy(spec, cfg, total_events=total)
             try:

@@ -8,6 +8,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from serving.cli._common import ray_init
 from serving.config import load_config
 from workers.config import StrategyKind
 
@@ -56,6 +57,13 @@ def _split_specs(text: str) -> list[str]:
     return [s.strip().replace(";", ",") for s in text.split(",") if s.strip()]
 
 
+def _ray_starter(cfg):
+    """How the evaluation starts Ray when it needs one: a throwaway local cluster like
+    ``freshet run``'s (loopback listeners, token auth with a fresh private token unless
+    ``RAY_AUTH_MODE`` is set, the config's Ray settings)."""
+    return lambda: ray_init(None, cfg.namespace, system_config=cfg.ray.system_config())
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     """``freshet eval``: run the comparison and print the report table; returns the exit status."""
     try:
@@ -76,7 +84,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         report = run_eval(
             cfg, data=args.data, strategies=_split_specs(args.strategies), report_dir=args.report,
             chunk_size=args.chunk_size, min_weight=min_weight, max_events=args.events, window=args.window,
-            progress=not args.no_progress,
+            progress=not args.no_progress, start_ray=_ray_starter(cfg),
         )
     except (ValueError, FileNotFoundError) as e:
         print(f"freshet eval: {e}", file=sys.stderr)
@@ -106,6 +114,7 @@ def _cmd_live(args: argparse.Namespace, min_weight) -> int:
             cfg, data=args.data, rate=args.rate, report_dir=args.report, url=args.url, token=token if args.url else None,
             chunk_size=args.chunk_size, min_weight=min_weight, max_events=args.events, offline=offline,
             window=args.window, progress=not args.no_progress, score_from=args.score_from,
+            start_ray=_ray_starter(cfg),
         )
     except (ValueError, FileNotFoundError, RuntimeError) as e:
         print(f"freshet eval --live: {e}", file=sys.stderr)

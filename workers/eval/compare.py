@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -37,14 +38,19 @@ def _open_source(cfg: FreshetConfig, data: str, min_weight: float | None, max_ev
     return open_source(stream, quarantine_path=os.path.join(qdir, "quarantine.arrow"), model=cfg.model), stream
 
 
-def _init_ray(ray_dir: str | None, cfg: FreshetConfig | None = None) -> bool:
-    """Start a throwaway local Ray for the evaluation unless this process is connected
-    already; with ``cfg``, under its Ray settings (``cfg.ray.system_config()``). Returns
-    whether it started one."""
+def _init_ray(ray_dir: str | None, cfg: FreshetConfig | None = None, start_ray: Callable[[], object] | None = None) -> bool:
+    """Start Ray for the evaluation unless this process is connected already; returns whether
+    it started one. ``start_ray`` starts it (``freshet eval`` passes the command line's
+    starter: loopback, token auth); without it, a throwaway local cluster on loopback, with
+    Ray's auth off unless ``RAY_AUTH_MODE`` says otherwise, under ``cfg``'s Ray settings
+    (``cfg.ray.system_config()``)."""
     import ray
 
     if ray.is_initialized():
         return False
+    if start_ray is not None:
+        start_ray()
+        return True
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     tmp = ray_dir or tempfile.mkdtemp(prefix="fre", dir=os.environ.get("RAY_TMPDIR", "/tmp"))
@@ -68,11 +74,14 @@ def run_eval(
     recovery_window: int = 1000,
     progress: bool = True,
     ray_dir: str | None = None,
+    start_ray: Callable[[], object] | None = None,
 ) -> dict[str, Any]:
     """Evaluate each strategy spec prequentially on the same stream and write the report to ``report_dir``.
 
     ``data`` is ``"synthetic"`` or a MovieLens/Parquet path; ``min_weight`` ``"auto"`` keeps
     ratings >= 4 (implicit view) for file data with a BPR model and everything otherwise.
+    ``start_ray`` starts Ray when a strategy needs it (``incremental``) and this process is not
+    connected; it is shut down at the end (default: a throwaway local cluster, see ``_init_ray``).
     Returns the report as a dict (also written as ``report.json``).
     """
     if not strategies:
@@ -94,7 +103,7 @@ def run_eval(
     torch.set_num_threads(1)
     try:
         if any(parse_strategy_spec(s)[0] == "incremental" for s in strategies):
-            started_ray = _init_ray(ray_dir, cfg)
+            started_ray = _init_ray(ray_dir, cfg, start_ray)
         for spec in strategies:
             try:
                 strategy = make_strategy(spec, cfg, total_events=total)

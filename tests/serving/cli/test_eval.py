@@ -4,8 +4,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
 
 from serving.cli.eval import add_parser, cmd_eval
+from tests.serving.cli.helpers import REPO, cli_env
 
 
 def test_cli_runs_on_synthetic_and_rejects_bad_input(tmp_path, capsys):
@@ -23,3 +29,42 @@ def test_cli_runs_on_synthetic_and_rejects_bad_input(tmp_path, capsys):
     assert "unknown strategy 'nope'" in capsys.readouterr().err
     missing = parser.parse_args(["eval", "--data", str(tmp_path / "absent.csv"), "--report", str(tmp_path)])
     assert cmd_eval(missing) == 2
+
+
+def _gcs_auth_modes(mark: str) -> dict[int, tuple[str | None, str]]:
+    """``{pid: (RAY_AUTH_MODE, command line)}`` of the GCS servers whose environment carries ``mark``."""
+    found = {}
+    for p in Path("/proc").glob("[0-9]*"):
+        try:
+            env = dict(kv.split("=", 1) for kv in (p / "environ").read_bytes().decode().split("\0") if "=" in kv)
+            cmd = (p / "cmdline").read_bytes().decode().replace("\0", " ")
+        except (OSError, ValueError):
+            continue
+        if env.get("FRESHET_TEST_MARK") == mark and "gcs_server" in cmd:
+            found[int(p.name)] = (env.get("RAY_AUTH_MODE"), cmd)
+    return found
+
+
+def test_eval_starts_its_ray_on_loopback_with_token_auth(tmp_path):
+    # In a user's shell (no RAY_AUTH_MODE) the cluster `freshet eval` starts for `incremental` is
+    # `freshet run`'s kind: token auth, loopback. Ray's processes inherit the environment the
+    # command set up, so the GCS's own environment tells.
+    mark = uuid.uuid4().hex
+    log = tmp_path / "out.txt"
+    with log.open("w") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "serving.cli", "eval", "--data", "synthetic", "--events", "300",
+                                 "--strategies", "incremental", "--report", str(tmp_path / "r"), "--no-progress"],
+                                stdout=out, stderr=subprocess.STDOUT, env=cli_env({"FRESHET_TEST_MARK": mark}), cwd=REPO)
+        seen: dict[int, tuple[str | None, str]] = {}
+        deadline = time.monotonic() + 240
+        while proc.poll() is None and time.monotonic() < deadline:
+            seen.update(_gcs_auth_modes(mark))
+            time.sleep(0.1)
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.wait() == 0, log.read_text()
+    assert seen, "no GCS of the evaluation's cluster was seen"
+    for mode, cmd in seen.values():
+        assert mode == "token", (mode, cmd)
+        assert "--node-ip-address=127.0.0.1" in cmd, cmd
+    assert "| incremental |" in log.read_text()
