@@ -70,6 +70,11 @@ _SHARD_GRACE_S = 0.002
 _UNAVAILABLE = (TimeoutError, GetTimeoutError, RayActorError, ObjectLostError, NodeDiedError, RaySystemError)
 _WRITE_PATHS = WRITE_PATHS  # endpoints that need the bearer token whenever one is configured
 _BACKPRESSURE_RETRY_AFTER_S = 1.0  # Retry-After of Serve's 503 when max_queued_requests is exceeded (seconds)
+# How often a stopping replica checks that its in-flight requests are done (seconds). Serve
+# sleeps this long before the first check, so its default (2 s) made every stop, scale-down
+# and `freshet down` wait 2 s even for an idle replica. Requests still get the whole
+# graceful_shutdown_timeout_s (Serve's default, 20 s) to finish.
+_DRAIN_CHECK_S = 0.2
 
 
 class AppArgs(pydantic.BaseModel):
@@ -811,7 +816,8 @@ class FreshetAPI:
 
 
 def _deployment_options(cfg: FreshetConfig) -> dict[str, Any]:
-    """``FreshetAPI.options(...)`` for ``cfg.serving``: replicas (fixed or autoscaled), concurrency, backpressure."""
+    """``FreshetAPI.options(...)`` for ``cfg.serving``: replicas (fixed or autoscaled), concurrency,
+    backpressure, and how often a stopping replica checks for in-flight requests."""
     from ray.serve.config import BackpressureConfig
 
     s = cfg.serving
@@ -820,6 +826,7 @@ def _deployment_options(cfg: FreshetConfig) -> dict[str, Any]:
         "max_ongoing_requests": s.max_ongoing_requests,
         "max_queued_requests": s.max_queued_requests,
         "backpressure_config": BackpressureConfig(status_code=503, retry_after_s=_BACKPRESSURE_RETRY_AFTER_S),
+        "graceful_shutdown_wait_loop_s": _DRAIN_CHECK_S,
     }
     if s.autoscaling is not None:  # Serve refuses num_replicas together with autoscaling_config
         a = s.autoscaling

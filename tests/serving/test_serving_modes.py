@@ -99,6 +99,8 @@ def deployment(request):
 
 
 def test_serving_options_reach_the_deployment(deployment):
+    from serving.app import _DRAIN_CHECK_S
+
     _, _, cfg, app, _ = deployment
     assert app["status"] == "RUNNING", app
     (name,) = app["deployments"]
@@ -108,6 +110,7 @@ def test_serving_options_reach_the_deployment(deployment):
     assert dc["max_ongoing_requests"] == s.max_ongoing_requests
     assert dc["max_queued_requests"] == s.max_queued_requests
     assert dc["backpressure_config"] == {"status_code": 503, "retry_after_s": 1.0}
+    assert dc["graceful_shutdown_wait_loop_s"] == _DRAIN_CHECK_S < 2.0  # Serve's default would make every stop wait 2 s
     assert dc["ray_actor_options"]["num_cpus"] == s.replica_num_cpus
     if s.autoscaling is not None:
         auto = dc["autoscaling_config"]
