@@ -288,14 +288,12 @@ class _Replay:
 # --------------------------------------------------------------------------- the service
 
 
-def _start_service(cfg: FreshetConfig, start_ray: Callable[[], object] | None = None):
-    """A fresh deployment of ``cfg`` on this process's Ray (started when needed, by ``start_ray``
-    if given), reading its own ingest log: ``(deployment, url, token, work dir, started_ray)``."""
+def _start_service(cfg: FreshetConfig, own_ray: bool):
+    """A fresh deployment of ``cfg`` on this process's Ray (``own_ray``: one this run started),
+    reading its own ingest log: ``(deployment, url, token, work dir)``."""
     from serving import deploy
-    from workers.eval.compare import _init_ray
 
-    started_ray = _init_ray(None, cfg, start_ray)
-    if not started_ray:
+    if not own_ray:
         # One Ray cluster serves one Freshet app (Serve has one HTTP port and the app one
         # name): deploying here would replace a service someone else runs.
         from ray import serve
@@ -314,7 +312,7 @@ def _start_service(cfg: FreshetConfig, start_ray: Callable[[], object] | None = 
         "serving": cfg.serving.model_copy(update={"host": "127.0.0.1", "port": free_port(), "auth_token": token}),
     })
     dep = deploy.start(live_cfg, durable=False, autostart=True)
-    return dep, dep.url, token, work, started_ray
+    return dep, dep.url, token, work
 
 
 def _machine() -> dict[str, Any]:
@@ -374,7 +372,7 @@ def run_live(
     """
     import ray
 
-    from workers.eval.compare import _open_source, run_eval
+    from workers.eval.compare import _init_ray, _open_source, run_eval
 
     if not rate > 0:
         raise ValueError(f"rate: must be > 0 events/s, got {rate}")
@@ -397,21 +395,27 @@ def run_live(
     started_ray = False
     started_service = url is None
     try:
-        if started_service:
-            dep, url, token, work, started_ray = _start_service(cfg, start_ray)
-        replay = _Replay(cfg, source, total, url=url, token=token, rate=rate, chunk_size=chunk_size, progress=progress,
-                         score_from=score_from)
-        asyncio.run(replay.run())
-    finally:
-        if dep is not None:
-            from serving import deploy
+        try:
+            if started_service:
+                started_ray = _init_ray(None, cfg, start_ray)
+                dep, url, token, work = _start_service(cfg, own_ray=started_ray)
+            replay = _Replay(cfg, source, total, url=url, token=token, rate=rate, chunk_size=chunk_size,
+                             progress=progress, score_from=score_from)
+            asyncio.run(replay.run())
+        finally:
+            if dep is not None:
+                from serving import deploy
 
-            deploy.stop(dep.cfg)
-            del dep
-        if work is not None:
-            import shutil
+                deploy.stop(dep.cfg)
+                del dep
+            if work is not None:
+                import shutil
 
-            shutil.rmtree(work, ignore_errors=True)
+                shutil.rmtree(work, ignore_errors=True)
+    except BaseException:
+        if started_ray:  # after a failure the offline part, which shuts it down, does not run
+            ray.shutdown()
+        raise
     load_after = _machine()
 
     offline_report = None

@@ -193,9 +193,10 @@ def _port_set(ports: Mapping[str, int]) -> set[int]:
     out: set[int] = set()
     for k, p in ports.items():
         hi = upper(k)
-        if hi is not None and ports.get(hi):
-            out.update(range(p, ports[hi] + 1))
-        elif p and hi is None and k != "max_worker" and not k.endswith("_max"):
+        if hi is not None:
+            if p and ports.get(hi):  # min_worker 0: Ray picks, and ignores max_worker
+                out.update(range(p, ports[hi] + 1))
+        elif p and k != "max_worker" and not k.endswith("_max"):
             out.add(p)
     return out
 

@@ -55,7 +55,8 @@ def load(args: argparse.Namespace, extra: dict[str, Any] | None = None) -> Fresh
     return load_config(args.config, overrides)
 
 
-def ray_init(address: str | None, namespace: str, *, head=None, system_config: dict | None = None):
+def ray_init(address: str | None, namespace: str, *, head=None, system_config: dict | None = None,
+             num_cpus: int | None = None):
     """Connect this process to Ray; nothing here turns Ray's authentication off.
 
     * ``head`` (a :class:`serving.ray_head.HeadInfo`, e.g. from ``freshet up``'s state file):
@@ -67,7 +68,8 @@ def ray_init(address: str | None, namespace: str, *, head=None, system_config: d
     * Neither: start a throwaway local cluster (``freshet run``) whose listeners stay on
       loopback, with token auth and a fresh private token
       (:func:`serving.ray_head.local_cluster_env`), unless ``RAY_AUTH_MODE`` is set explicitly,
-      and Ray's ``system_config`` (:meth:`serving.config.RayConfig.system_config`).
+      and Ray's ``system_config`` (:meth:`serving.config.RayConfig.system_config`); ``num_cpus``
+      CPUs (default: every core).
 
     Raises:
         RuntimeError: this process is already connected (with ``head``), or Ray fails to start
@@ -94,7 +96,7 @@ def ray_init(address: str | None, namespace: str, *, head=None, system_config: d
     # "local": a new cluster even when RAY_ADDRESS is set or `ray start` left a current-cluster
     # file; Ray would otherwise join that cluster (someone else's, perhaps).
     return ray.init(address="local", namespace=namespace, include_dashboard=False, _node_ip_address="127.0.0.1",
-                    log_to_driver=False, _system_config=system_config)
+                    log_to_driver=False, _system_config=system_config, num_cpus=num_cpus)
 
 
 def print_table(rows: list[tuple[str, str]]) -> None:

@@ -60,8 +60,10 @@ def _split_specs(text: str) -> list[str]:
 def _ray_starter(cfg):
     """How the evaluation starts Ray when it needs one: a throwaway local cluster like
     ``freshet run``'s (loopback listeners, token auth with a fresh private token unless
-    ``RAY_AUTH_MODE`` is set, the config's Ray settings)."""
-    return lambda: ray_init(None, cfg.namespace, system_config=cfg.ray.system_config())
+    ``RAY_AUTH_MODE`` is set, the config's Ray settings), sized for one deployment."""
+    # 2 CPUs hold the shards, trainer and app an evaluation starts, and Ray then pre-starts
+    # 2 idle workers rather than one per core of a large host.
+    return lambda: ray_init(None, cfg.namespace, system_config=cfg.ray.system_config(), num_cpus=2)
 
 
 def cmd_eval(args: argparse.Namespace) -> int:

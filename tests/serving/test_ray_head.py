@@ -287,6 +287,17 @@ def test_reserved_ports_never_land_on_ports_to_avoid():
             ray_head.release_ports(r)
 
 
+def test_port_set_expands_blocks_and_skips_ports_ray_picks():
+    from serving.ray_head import _port_set
+
+    head = {"gcs": 6400, "dashboard": 0, "min_worker": 30000, "max_worker": 30002}
+    assert _port_set(head) == {6400, 30000, 30001, 30002}
+    # min_worker 0: Ray picks the workers' ports and ignores max_worker, so nothing is held for them.
+    assert _port_set({"gcs": 6400, "min_worker": 0, "max_worker": 65535}) == {6400}
+    reserved = {"x": 7000, "blk_min": 8000, "blk_max": 8001, "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT": 9000, "half_min": 9100}
+    assert _port_set(reserved) == {7000, 8000, 8001, 9000}
+
+
 def test_high_throughput_env_picks_around_given_and_head_ports():
     from serving import ray_head
 

@@ -31,8 +31,8 @@ def test_cli_runs_on_synthetic_and_rejects_bad_input(tmp_path, capsys):
     assert cmd_eval(missing) == 2
 
 
-def _gcs_auth_modes(mark: str) -> dict[int, tuple[str | None, str]]:
-    """``{pid: (RAY_AUTH_MODE, command line)}`` of the GCS servers whose environment carries ``mark``."""
+def _ray_daemons(mark: str) -> dict[int, tuple[str | None, str]]:
+    """``{pid: (RAY_AUTH_MODE, command line)}`` of the GCS servers and raylets whose environment carries ``mark``."""
     found = {}
     for p in Path("/proc").glob("[0-9]*"):
         try:
@@ -40,15 +40,15 @@ def _gcs_auth_modes(mark: str) -> dict[int, tuple[str | None, str]]:
             cmd = (p / "cmdline").read_bytes().decode().replace("\0", " ")
         except (OSError, ValueError):
             continue
-        if env.get("FRESHET_TEST_MARK") == mark and "gcs_server" in cmd:
+        if env.get("FRESHET_TEST_MARK") == mark and ("gcs_server" in cmd or "raylet/raylet" in cmd):
             found[int(p.name)] = (env.get("RAY_AUTH_MODE"), cmd)
     return found
 
 
 def test_eval_starts_its_ray_on_loopback_with_token_auth(tmp_path):
     # In a user's shell (no RAY_AUTH_MODE) the cluster `freshet eval` starts for `incremental` is
-    # `freshet run`'s kind: token auth, loopback. Ray's processes inherit the environment the
-    # command set up, so the GCS's own environment tells.
+    # `freshet run`'s kind: token auth, loopback; and 2 CPUs, whatever the host. Ray's processes
+    # inherit the environment the command set up, so the GCS's and raylet's own environments tell.
     mark = uuid.uuid4().hex
     log = tmp_path / "out.txt"
     with log.open("w") as out:
@@ -58,13 +58,14 @@ def test_eval_starts_its_ray_on_loopback_with_token_auth(tmp_path):
         seen: dict[int, tuple[str | None, str]] = {}
         deadline = time.monotonic() + 240
         while proc.poll() is None and time.monotonic() < deadline:
-            seen.update(_gcs_auth_modes(mark))
+            seen.update(_ray_daemons(mark))
             time.sleep(0.1)
         if proc.poll() is None:
             proc.kill()
     assert proc.wait() == 0, log.read_text()
-    assert seen, "no GCS of the evaluation's cluster was seen"
+    assert {"gcs" if "gcs_server" in cmd else "raylet" for _, cmd in seen.values()} == {"gcs", "raylet"}, seen
     for mode, cmd in seen.values():
         assert mode == "token", (mode, cmd)
-        assert "--node-ip-address=127.0.0.1" in cmd, cmd
+        assert "127.0.0.1" in cmd, cmd
+        assert "raylet/raylet" not in cmd or ",CPU,2," in cmd, cmd
     assert "| incremental |" in log.read_text()
