@@ -543,8 +543,13 @@ class FreshetAPI:
             # and a pool thread must win the GIL back from the loop after each one. In the pool,
             # a batch took 3-4x its CPU time at 32 clients and the replica served 337 req/s;
             # here, 507 (both scoring by matrix-vector products).
-            ranked = _rank_requests(snap, [requests[j] for j in js], contexts, behind)
-            answer(js, [f if f is not None else r for f, r in zip(failed, ranked)])
+            # Users whose own sync failed get that error; only the others are ranked.
+            ok = [i for i, f in enumerate(failed) if f is None]
+            results: list = list(failed)
+            ranked = _rank_requests(snap, [requests[js[i]] for i in ok], [contexts[i] for i in ok], [behind[i] for i in ok])
+            for i, r in zip(ok, ranked):
+                results[i] = r
+            answer(js, results)
 
         pending: set[asyncio.Future] = set()
         try:

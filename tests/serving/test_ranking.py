@@ -401,10 +401,11 @@ def batched_ranking(monkeypatch):
 
 
 def _stand_in(FreshetAPI, snap, contexts: dict, *, num_shards: int = 2, failing: dict | None = None,
-              slow: dict | None = None):
+              slow: dict | None = None, sync_fails: frozenset = frozenset()):
     """A replica with ``num_shards`` shards (the real sharding plan) whose users' contexts are
     ``contexts[user_id]``. Shard ``s`` in ``failing`` raises ``failing[s]``; one in ``slow``
-    answers after ``slow[s]`` seconds. It records each shard call's users, in call order."""
+    answers after ``slow[s]`` seconds; the snapshot's sync fails for users whose row's
+    ``pushed_by`` is in ``sync_fails``. It records each shard call's users, in call order."""
     from ps.ids import keyed
     from ps.plan import ShardingPlan
     from serving.config import load_config
@@ -431,7 +432,8 @@ def _stand_in(FreshetAPI, snap, contexts: dict, *, num_shards: int = 2, failing:
             return [contexts[u] for u in users]
 
         async def _snapshot_for(self, pushed_by):
-            return snap, [False] * len(pushed_by), [None] * len(pushed_by)
+            failed = [TimeoutError("the sync did not answer") if p in sync_fails else None for p in pushed_by]
+            return snap, [False] * len(pushed_by), failed
 
     return Replica()
 
@@ -561,6 +563,47 @@ def test_a_slow_shard_delays_only_its_own_users(batched_ranking):
     # that is not theirs, though they shared a batch.
     on = [shard[u] for u in order]
     assert 0 in on and 1 in on and on == sorted(on), on
+
+
+def test_users_whose_sync_failed_get_503_and_are_not_ranked(batched_ranking, monkeypatch):
+    import serving.app as app_module
+    from workers.ranking import RankingSnapshot
+
+    model = _model()
+    snap = RankingSnapshot(_View(model, 300, DIM, seed=3), model)
+    requests, contexts, _ = _requests_and_contexts(np.random.default_rng(8), 300, users=16)
+    failing = {f"u{u}" for u in (1, 2, 6)}  # users with a row whose push the failed sync was to bring
+    contexts = {u: c._replace(pushed_by=("t", int(u[1:]))) if u in failing else c for u, c in contexts.items()}
+    alone = batched_ranking(snap, contexts)
+
+    async def singly():  # one event loop: Serve's batch queue is bound to the first it runs on
+        return {r.user_id: await alone.rank(r) for r in requests}
+
+    expected = asyncio.run(singly())
+
+    ranked_users: list[str] = []
+    real = app_module._rank_requests
+
+    def counting(snap, reqs, ctxs, behind):
+        ranked_users.extend(r.user_id for r in reqs)
+        return real(snap, reqs, ctxs, behind)
+
+    # Serve's ingress decorator rebuilt the class, so its methods read a copy of the module's globals.
+    monkeypatch.setitem(app_module.FreshetAPI.func_or_class._rank_batch.__wrapped__.__globals__,
+                        "_rank_requests", counting)
+    replica = batched_ranking(snap, contexts, sync_fails=frozenset(("t", int(u[1:])) for u in failing))
+
+    async def run():
+        return await asyncio.gather(*(replica.rank(r) for r in requests))
+
+    got = dict(zip((r.user_id for r in requests), asyncio.run(run())))
+    assert any(len(u) > 1 for _, u in replica.calls), replica.calls  # they shared batches
+    for u, resp in got.items():
+        if u in failing:
+            assert resp.status_code == 503, (u, resp.body)
+        else:
+            assert resp.status_code == 200 and resp.body == expected[u].body, u
+    assert sorted(ranked_users) == sorted(set(got) - failing)  # no ranking thrown away
 
 
 def test_a_failed_sync_answers_only_the_users_who_needed_it():
