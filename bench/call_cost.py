@@ -1,6 +1,6 @@
-"""What one actor call costs by how its argument travels: inline or through the object store.
+"""What one actor call costs by how its argument travels: inline, object store or compiled graph.
 
-``python -m bench.call_cost [--sizes 0,0.1,0.25,0.5,1,2,4] [--calls 300] [--out DIR]``
+``python -m bench.call_cost [--sizes 0,0.1,0.25,0.5,1,2,4] [--calls 300] [--idle-s 2] [--pipeline-rounds 2] [--out DIR]``
 
 On a fresh local Ray (2 CPUs, 127.0.0.1) one actor receives a ``uint8`` array of each size
 (MB), ``--calls`` times per path, and answers its sum (so every byte is read):
@@ -8,13 +8,28 @@ On a fresh local Ray (2 CPUs, 127.0.0.1) one actor receives a ``uint8`` array of
 - **inline**: the array itself, carried inside the call (the cluster's
   ``max_direct_call_object_size`` is set above the largest size for this run);
 - **object store**: a ``ray.put`` reference to it, so the actor reads it from shared
-  memory; the put is part of the call's cost, as when Ray puts a large argument itself.
+  memory; the put is part of the call's cost, as when Ray puts a large argument itself;
+- **compiled graph**: the same method bound in a Ray Compiled Graph
+  (``experimental_compile``; shared-memory channels instead of a task per call), the
+  transport Ray offers for calls repeated in a fixed pattern. Its actor waits for the next
+  input by polling, so the cores it holds while no call comes are measured too
+  (``compiled_graph_idle_cores``, over ``--idle-s`` seconds with the graph compiled).
+
+Then, since a cheaper call is worth only what it saves a whole pipeline, a **model of the PS
+training pipeline** (``--pipeline-rounds``, 0 to skip): a trainer actor and two shard actors,
+one fused push + pull call per shard per batch carrying ``PIPELINE_MB`` each way, each shard
+working ``PIPELINE_SHARD_MS`` of CPU per call and the trainer ``PIPELINE_TRAINER_MS`` per
+batch, as on BENCHMARKS.md section 7's TorchRec-like workload. Each round runs it four ways and reports
+the wall seconds of each: plain actor calls or the same calls in a compiled graph, and each
+of those **serial** (the trainer waits for its call, then computes) or **overlapped** (the
+next call is in flight while the trainer computes, as with ``trainer.prefetch``).
 
 Per call: wall time, and CPU time summed over this process and every process it started,
 i.e. the whole local Ray: GCS, raylet, agents, the actor (:func:`bench.tree_cpu_s`, in clock
 ticks of 10 ms: keep ``--calls`` in the hundreds), which is what a CPU-bound deployment pays. This is the measurement
 behind ``ray.max_inline_bytes`` (:class:`serving.config.RayConfig`): the size below which
-inline is the cheaper path. Prints a table; writes ``<out>/call_cost.json`` and
+inline is the cheaper path; and behind keeping the PS on plain actor calls (BENCHMARKS.md
+section 7). Prints a table; writes ``<out>/call_cost.json`` and
 ``<out>/call_cost.png``.
 """
 
@@ -32,25 +47,49 @@ import numpy as np
 
 from bench import cpu_between, machine, ray_temp_dir, tree_cpu_s
 
-__all__ = ["REPORT_KEYS", "format_table", "main", "measure", "write_report"]
+__all__ = ["REPORT_KEYS", "format_table", "main", "measure", "run_pipeline", "write_report"]
 
-REPORT_KEYS = ("bench", "date", "machine", "calls", "rows", "break_even_mb")
+REPORT_KEYS = ("bench", "date", "machine", "calls", "idle_s", "rows", "break_even_mb", "compiled_graph_idle_cores",
+               "pipeline")
 """Top-level keys of ``call_cost.json``, in order."""
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results"
-PATHS = ("inline", "object store")
+PATHS = ("inline", "object store", "compiled graph")
 _MB = 1 << 20
+# The pipeline model's figures, from section 7's profile of the TorchRec-like workload
+# (200,000 events = 49 batches of 4,096): the trainer's 1.9 s of CPU is ~39 ms a batch; the
+# shards' table code, 1.5 s over 2 shards, is ~15 ms a shard a batch; a shard's half of a
+# push or pull is ~3 MB.
+PIPELINE_TRAINER_MS = 39.0
+PIPELINE_SHARD_MS = 15.0
+PIPELINE_MB = 3.0
+PIPELINE_WAYS = ("plain_s", "graph_s", "plain_overlap_s", "graph_overlap_s")
+"""Keys of a pipeline round: plain calls or a compiled graph, serial or overlapped."""
 
 
-def measure(sizes_mb: list[float], calls: int, *, progress: bool = True) -> list[dict[str, Any]]:
-    """Start Ray, time ``calls`` calls per size and path, stop Ray. Returns one row per
-    (size, path): ``size_mb``, ``path``, ``wall_ms`` and ``cpu_ms`` per call (median wall,
-    mean CPU over all calls).
+def _burn(ms: float) -> None:
+    """Spend ``ms`` of this thread's CPU time (not wall time: a busy machine stretches it,
+    as it would stretch real work)."""
+    end = time.thread_time() + ms / 1e3
+    while time.thread_time() < end:
+        pass
+
+
+def measure(sizes_mb: list[float], calls: int, *, idle_s: float = 2.0, pipeline_rounds: int = 2,
+            pipeline_batches: int = 49, progress: bool = True) -> dict[str, Any]:
+    """Start Ray, time ``calls`` calls per size and path, run the pipeline model, stop Ray.
+
+    Returns ``rows``: one per (size, path), ``size_mb``, ``path``, ``wall_ms`` and ``cpu_ms``
+    per call (median wall, mean CPU over all calls); ``compiled_graph_idle_cores``: the cores
+    the whole process tree used over ``idle_s`` seconds with the compiled graph set up and no
+    call made (None without ``/proc``); ``pipeline``: see :func:`run_pipeline` (None when
+    ``pipeline_rounds`` is 0).
 
     Raises:
         RuntimeError: the actor answered a wrong sum (a byte was lost or changed).
     """
     import ray
+    from ray.dag import InputNode
 
     temp = ray_temp_dir("frc")
     biggest = int(max(sizes_mb) * _MB) + _MB
@@ -70,20 +109,30 @@ def measure(sizes_mb: list[float], calls: int, *, progress: bool = True) -> list
 
         sink = Sink.remote()
         ray.get(sink.ready.remote())  # the actor is up before anything is timed
+        with InputNode() as inp:
+            dag = sink.total.bind(inp)
+        graph = None
         rng = np.random.default_rng(0)
         warm = max(3, calls // 10)
-        for mb in sizes_mb:
-            a = rng.integers(0, 256, max(1, int(mb * _MB)), dtype=np.uint8)
-            want = int(a.sum(dtype=np.uint64))
-            for path in PATHS:
-                inline = path == "inline"
+        arrays = [rng.integers(0, 256, max(1, int(mb * _MB)), dtype=np.uint8) for mb in sizes_mb]
+        for path in PATHS:
+            if path == "compiled graph":
+                # Sized for the largest argument so no call pays for growing the channel.
+                graph = dag.experimental_compile(_buffer_size_bytes=biggest)
+                call = lambda a: ray.get(graph.execute(a))  # noqa: E731
+            elif path == "inline":
+                call = lambda a: ray.get(sink.total.remote(a))  # noqa: E731
+            else:
+                call = lambda a: ray.get(sink.total.remote(ray.put(a)))  # noqa: E731
+            for mb, a in zip(sizes_mb, arrays):
+                want = int(a.sum(dtype=np.uint64))
                 for _ in range(warm):
-                    ray.get(sink.total.remote(a if inline else ray.put(a)))
+                    call(a)
                 walls = []
                 cpu0 = tree_cpu_s()
                 for _ in range(calls):
                     t = time.perf_counter()
-                    got = ray.get(sink.total.remote(a if inline else ray.put(a)))
+                    got = call(a)
                     walls.append(time.perf_counter() - t)
                     if got != want:
                         raise RuntimeError(f"{path} call of {mb} MB: sum {got} != {want}")
@@ -94,9 +143,99 @@ def measure(sizes_mb: list[float], calls: int, *, progress: bool = True) -> list
                     r = rows[-1]
                     print(f"call_cost: {mb:g} MB {path}: {r['wall_ms']:.2f} ms wall, {r['cpu_ms']:.2f} ms CPU",
                           flush=True)
+        cpu0 = tree_cpu_s()
+        time.sleep(idle_s)
+        idle = cpu_between(cpu0, tree_cpu_s())
+        idle_cores = None if idle is None else idle / idle_s
+        if progress and idle_cores is not None:
+            print(f"call_cost: compiled graph idle for {idle_s:g} s: {idle_cores:.2f} cores", flush=True)
+        graph.teardown()
+        pipeline = run_pipeline(pipeline_rounds, pipeline_batches, progress=progress) if pipeline_rounds else None
     finally:
         ray.shutdown()
-    return rows
+    return {"rows": rows, "compiled_graph_idle_cores": idle_cores, "pipeline": pipeline}
+
+
+def run_pipeline(rounds: int, batches: int, *, progress: bool = True) -> dict[str, Any]:
+    """The pipeline model (module docstring) on the running Ray: ``rounds`` rounds of
+    ``batches`` batches each of the four ways (:data:`PIPELINE_WAYS`, in that order).
+
+    Returns the model's figures (``trainer_ms``, ``shard_ms``, ``mb``, ``batches``), the
+    wall time of its CPU work alone, with no transport: ``floor_s`` when serial (batches x
+    (trainer + shard) ms) and ``overlap_floor_s`` (batches x the larger of the two); and
+    ``rounds``: each a dict of wall seconds by way.
+
+    Raises:
+        RuntimeError: a shard answered rows of the wrong size.
+    """
+    import ray
+    from ray.dag import InputNode, MultiOutputNode
+
+    n = int(PIPELINE_MB * _MB) // 4
+
+    # Actors at Ray's own niceness like Freshet's shards and trainer, which is what decides
+    # who gets a core while a compiled graph's actors wait for input by polling.
+    @ray.remote(num_cpus=0)
+    class Shard:
+        def __init__(self):
+            self.rows = np.ones(n, np.float32)
+
+        def push_pull(self, grads: np.ndarray) -> np.ndarray:
+            _burn(PIPELINE_SHARD_MS)
+            return self.rows
+
+    @ray.remote(num_cpus=0)
+    class Trainer:
+        def __init__(self, shards):
+            self.shards = shards
+            self.grads = np.ones(n, np.float32)
+
+        def run(self, graph: bool, overlap: bool) -> float:
+            compiled = None
+            if graph:
+                with InputNode() as inp:
+                    compiled = MultiOutputNode([s.push_pull.bind(inp) for s in self.shards]).experimental_compile(
+                        _buffer_size_bytes=2 * n * 4)
+                start = lambda: compiled.execute(self.grads)  # noqa: E731
+            else:
+                start = lambda: [s.push_pull.remote(self.grads) for s in self.shards]  # noqa: E731
+
+            def finish(ref) -> None:
+                if any(r.shape != (n,) for r in ray.get(ref)):
+                    raise RuntimeError("pipeline: a shard answered rows of the wrong size")
+
+            finish(start())  # warm: the graph's channels are set up, the actors' first calls done
+            t = time.perf_counter()
+            ref = start() if overlap else None
+            for _ in range(batches):
+                if overlap:  # this batch's rows arrived while the last one was computed
+                    finish(ref)
+                    ref = start()
+                else:
+                    finish(start())
+                _burn(PIPELINE_TRAINER_MS)
+            if overlap:
+                finish(ref)
+            wall = time.perf_counter() - t
+            if compiled is not None:
+                compiled.teardown()
+            return wall
+
+    shards = [Shard.remote() for _ in range(2)]
+    trainer = Trainer.remote(shards)
+    out: dict[str, Any] = {"trainer_ms": PIPELINE_TRAINER_MS, "shard_ms": PIPELINE_SHARD_MS, "mb": PIPELINE_MB,
+                           "batches": batches, "floor_s": batches * (PIPELINE_TRAINER_MS + PIPELINE_SHARD_MS) / 1e3,
+                           "overlap_floor_s": batches * max(PIPELINE_TRAINER_MS, PIPELINE_SHARD_MS) / 1e3,
+                           "rounds": []}
+    for i in range(rounds):
+        got = {way: ray.get(trainer.run.remote(way.startswith("graph"), "overlap" in way)) for way in PIPELINE_WAYS}
+        out["rounds"].append(got)
+        if progress:
+            print(f"call_cost: pipeline round {i + 1}/{rounds}: "
+                  + ", ".join(f"{w} {v:.2f} s" for w, v in got.items()), flush=True)
+    for a in (trainer, *shards):
+        ray.kill(a)
+    return out
 
 
 def break_even_mb(rows: list[dict[str, Any]]) -> float | None:
@@ -112,11 +251,13 @@ def break_even_mb(rows: list[dict[str, Any]]) -> float | None:
 def format_table(rows: list[dict[str, Any]]) -> str:
     """The rows as a text table: one line per size, both paths side by side."""
     by = {(r["size_mb"], r["path"]): r for r in rows}
-    head = f"{'MB':>6}  {'inline wall ms':>14}  {'inline CPU ms':>13}  {'store wall ms':>13}  {'store CPU ms':>12}"
+    names = {"inline": "inline", "object store": "store", "compiled graph": "graph"}
+    paths = [p for p in PATHS if any(r["path"] == p for r in rows)]
+    head = f"{'MB':>6}" + "".join(f"  {names[p] + ' wall ms':>14}  {names[p] + ' CPU ms':>13}" for p in paths)
     lines = [head, "-" * len(head)]
     for mb in sorted({r["size_mb"] for r in rows}):
-        i, s = by[(mb, "inline")], by[(mb, "object store")]
-        lines.append(f"{mb:>6g}  {i['wall_ms']:>14.2f}  {i['cpu_ms']:>13.2f}  {s['wall_ms']:>13.2f}  {s['cpu_ms']:>12.2f}")
+        lines.append(f"{mb:>6g}" + "".join(f"  {by[(mb, p)]['wall_ms']:>14.2f}  {by[(mb, p)]['cpu_ms']:>13.2f}"
+                                           for p in paths))
     return "\n".join(lines)
 
 
@@ -132,12 +273,24 @@ def write_report(report: dict[str, Any], out: Path) -> tuple[Path, Path]:
     js, png = out / "call_cost.json", out / "call_cost.png"
     js.write_text(json.dumps(report, indent=2))
     fig, ax = plt.subplots(figsize=(7, 4.2))
-    for path, marker in zip(PATHS, ("o", "s")):
+    for path, marker in zip(PATHS, ("o", "s", "^")):
         pts = sorted((r["size_mb"], r["cpu_ms"]) for r in report["rows"] if r["path"] == path)
         ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=marker, label=path)
     from serving.config import RayConfig
 
     ax.axvline(RayConfig().max_inline_bytes / _MB, color="grey", ls="--", lw=1, label="ray.max_inline_bytes (default)")
+    idle = report.get("compiled_graph_idle_cores")
+    if idle is not None:
+        ax.text(0.02, 0.97, f"compiled graph, no calls: {idle:.2f} cores busy", transform=ax.transAxes, va="top")
+    pipe = report.get("pipeline")
+    if pipe:
+        best = {w: min(r[w] for r in pipe["rounds"]) for w in PIPELINE_WAYS}
+        ax.text(0.02, 0.89, f"PS pipeline model, {pipe['batches']} batches, fastest round (s):\n"
+                f"serial: plain calls {best['plain_s']:.2f}, compiled graph {best['graph_s']:.2f}, "
+                f"work alone {pipe['floor_s']:.2f}\n"
+                f"overlapped: plain calls {best['plain_overlap_s']:.2f}, compiled graph "
+                f"{best['graph_overlap_s']:.2f}, work alone {pipe['overlap_floor_s']:.2f}",
+                transform=ax.transAxes, va="top", fontsize=8)
     ax.set_xlabel("argument size (MB)")
     ax.set_ylabel("CPU per call, all processes (ms)")
     ax.set_title(f"One actor call by argument path, {report['calls']} calls each "
@@ -166,19 +319,42 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sizes", type=_sizes, default=_sizes("0,0.1,0.25,0.5,1,2,4"), help="argument sizes (MB)")
     p.add_argument("--calls", type=int, default=300, help="timed calls per size and path")
     p.add_argument("--out", default=str(DEFAULT_OUT), help="output directory (default bench/results/)")
+    p.add_argument("--idle-s", type=float, default=2.0,
+                   help="seconds the compiled graph is left without calls to measure what its waiting costs")
+    p.add_argument("--pipeline-rounds", type=int, default=2,
+                   help="rounds of the PS pipeline model, plain calls against a compiled graph (0 skips it)")
+    p.add_argument("--pipeline-batches", type=int, default=49, help="batches per pipeline round (49: 200,000 events)")
     p.add_argument("--quiet", action="store_true", help="no per-size lines")
     args = p.parse_args(argv)
     if args.calls < 1:
         p.error("--calls must be at least 1")
+    if not 0.1 <= args.idle_s <= 60:
+        p.error("--idle-s must be within 0.1-60 seconds")
+    if not 0 <= args.pipeline_rounds <= 20:
+        p.error("--pipeline-rounds must be within 0-20")
+    if not 1 <= args.pipeline_batches <= 10_000:
+        p.error("--pipeline-batches must be within 1-10000")
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    rows = measure(args.sizes, args.calls, progress=not args.quiet)
+    got = measure(args.sizes, args.calls, idle_s=args.idle_s, pipeline_rounds=args.pipeline_rounds,
+                  pipeline_batches=args.pipeline_batches, progress=not args.quiet)
+    rows, idle_cores, pipe = got["rows"], got["compiled_graph_idle_cores"], got["pipeline"]
     report = {"bench": "call_cost", "date": _dt.datetime.now().isoformat(timespec="seconds"),
-              "machine": machine("ray", "numpy"), "calls": args.calls, "rows": rows,
-              "break_even_mb": break_even_mb(rows)}
+              "machine": machine("ray", "numpy"), "calls": args.calls, "idle_s": args.idle_s, "rows": rows,
+              "break_even_mb": break_even_mb(rows), "compiled_graph_idle_cores": idle_cores, "pipeline": pipe}
     print(format_table(rows))
     be = report["break_even_mb"]
     print(f"object store cheaper in CPU from: {'never, up to ' + format(max(args.sizes), 'g') + ' MB' if be is None else format(be, 'g') + ' MB'}")
+    if idle_cores is not None:
+        print(f"compiled graph with no calls for {args.idle_s:g} s: {idle_cores:.2f} cores busy (all processes)")
+    if pipe:
+        print(f"PS pipeline model, {pipe['batches']} batches ({pipe['trainer_ms']:g} ms trainer + {pipe['shard_ms']:g} ms "
+              f"a shard, {pipe['mb']:g} MB each way; work alone {pipe['floor_s']:.2f} s serial, "
+              f"{pipe['overlap_floor_s']:.2f} s overlapped):")
+        for i, r in enumerate(pipe["rounds"], 1):
+            print(f"  round {i}: serial: plain calls {r['plain_s']:.2f} s, compiled graph {r['graph_s']:.2f} s "
+                  f"({r['graph_s'] / r['plain_s']:.2f}x); overlapped: plain calls {r['plain_overlap_s']:.2f} s, "
+                  f"compiled graph {r['graph_overlap_s']:.2f} s ({r['graph_overlap_s'] / r['plain_overlap_s']:.2f}x)")
     js, png = write_report(report, Path(args.out))
     print(f"wrote {js} and {png}")
     return 0

@@ -1,5 +1,5 @@
 """Tests of ``bench.call_cost``: the break-even rule (no Ray), and a tiny run of the whole
-command on a real Ray (both paths carry every byte, the report has its keys and plot).
+command on a real Ray (every path carries every byte, the report has its keys and plot).
 
 No speed figure is asserted: those are the benchmark's output (BENCHMARKS.md).
 """
@@ -26,17 +26,44 @@ def test_break_even_is_the_first_size_where_the_store_costs_less_cpu():
 
 
 def test_a_tiny_run_carries_every_byte_both_ways_and_writes_the_report(tmp_path, capsys):
-    assert main(["--sizes", "0.01,0.3", "--calls", "20", "--quiet", "--out", str(tmp_path)]) == 0
+    assert main(["--sizes", "0.01,0.3", "--calls", "20", "--idle-s", "0.5", "--pipeline-rounds", "1",
+                 "--pipeline-batches", "2", "--quiet", "--out", str(tmp_path)]) == 0
     report = json.loads((tmp_path / "call_cost.json").read_text())
     assert tuple(report) == REPORT_KEYS
     assert (tmp_path / "call_cost.png").stat().st_size > 0
     got = {(r["size_mb"], r["path"]) for r in report["rows"]}
-    assert got == {(0.01, "inline"), (0.01, "object store"), (0.3, "inline"), (0.3, "object store")}
-    # CPU comes in clock ticks (10 ms): one cell of 20 short calls may read 0, but not all four.
+    assert got == {(mb, path) for mb in (0.01, 0.3) for path in ("inline", "object store", "compiled graph")}
+    # CPU comes in clock ticks (10 ms): one cell of 20 short calls may read 0, but not all six.
     assert all(r["wall_ms"] > 0 and r["cpu_ms"] >= 0 for r in report["rows"])
     assert sum(r["cpu_ms"] for r in report["rows"]) > 0
-    assert report["calls"] == 20 and report["break_even_mb"] in (None, 0.01, 0.3)
-    assert "object store cheaper in CPU from:" in capsys.readouterr().out
+    assert report["calls"] == 20 and report["idle_s"] == 0.5 and report["break_even_mb"] in (None, 0.01, 0.3)
+    assert report["compiled_graph_idle_cores"] >= 0
+    pipe = report["pipeline"]
+    assert pipe["batches"] == 2 and len(pipe["rounds"]) == 1
+    # Each way takes at least the CPU work it models, whatever the transport.
+    (r,) = pipe["rounds"]
+    assert set(r) == {"plain_s", "graph_s", "plain_overlap_s", "graph_overlap_s"}
+    assert min(r["plain_s"], r["graph_s"]) >= pipe["floor_s"] > pipe["overlap_floor_s"]
+    assert min(r["plain_overlap_s"], r["graph_overlap_s"]) >= pipe["overlap_floor_s"]
+    out = capsys.readouterr().out
+    assert "object store cheaper in CPU from:" in out and "compiled graph with no calls for 0.5 s:" in out
+    assert "round 1: serial: plain calls" in out
+
+
+def test_the_table_has_a_column_pair_per_measured_path():
+    rows = _rows({0.1: (1.5, 3.0)}) + [{"size_mb": 0.1, "path": "compiled graph", "wall_ms": 0.2, "cpu_ms": 0.7}]
+    head, _, line = format_table(rows).splitlines()
+    assert "graph wall ms" in head and head.rstrip().endswith("graph CPU ms")
+    assert line.split() == ["0.1", "1.00", "1.50", "1.00", "3.00", "0.20", "0.70"]
+
+
+@pytest.mark.parametrize(("flag", "value"), [("--idle-s", "0"), ("--idle-s", "61"), ("--idle-s", "x"),
+                                           ("--pipeline-rounds", "-1"), ("--pipeline-rounds", "21"),
+                                           ("--pipeline-batches", "0")])
+def test_a_bad_idle_time_or_pipeline_size_is_refused_naming_the_flag(flag, value, capsys):
+    with pytest.raises(SystemExit):
+        main([flag, value])
+    assert flag in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("sizes", ["", "1,x", "9", "-1"])
