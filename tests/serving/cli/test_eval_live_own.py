@@ -4,8 +4,11 @@ replay and removes it afterwards (its own module: it needs a Ray with no other F
 from __future__ import annotations
 
 import json
+import os
+import tempfile
 import uuid
 
+import pytest
 import ray
 import yaml
 
@@ -32,3 +35,36 @@ def test_live_eval_starts_and_removes_its_own_service(tmp_path, capsys):
         from ray import serve
 
         assert "freshet" not in serve.status().applications
+
+
+def test_a_live_eval_that_fails_after_starting_its_ray_shuts_that_ray_down(tmp_path, monkeypatch):
+    # The service fails to start once this run's Ray is up: the caller (a library user, not
+    # the CLI process that exits anyway) must not be left connected to a Ray it never asked for.
+    from serving import live_eval
+    from serving.config import FreshetConfig
+
+    assert not ray.is_initialized()
+    started = []
+
+    def start_ray():
+        # Under RAY_TMPDIR, which is short: Ray's socket paths must stay under 108 bytes.
+        tmp = tempfile.mkdtemp(prefix="frt", dir=os.environ.get("RAY_TMPDIR", "/tmp"))
+        ray.init(address="local", num_cpus=1, include_dashboard=False, _node_ip_address="127.0.0.1",
+                 _temp_dir=tmp, log_to_driver=False, configure_logging=False)
+        started.append(ray.get_runtime_context().get_node_id())
+
+    def no_service(cfg, own_ray):
+        assert own_ray and ray.is_initialized()
+        raise RuntimeError("the deployment did not come up")
+
+    monkeypatch.setattr(live_eval, "_start_service", no_service)
+    cfg = FreshetConfig.model_validate(_cfg_overrides())
+    try:
+        with pytest.raises(RuntimeError, match="did not come up"):
+            live_eval.run_live(cfg, data="synthetic", rate=100, report_dir=tmp_path / "r", max_events=50,
+                               offline=False, progress=False, start_ray=start_ray)
+        assert len(started) == 1
+        assert not ray.is_initialized()
+    finally:
+        if ray.is_initialized():
+            ray.shutdown()
