@@ -1,6 +1,7 @@
 """What one actor call costs by how its argument travels: inline, object store or compiled graph.
 
-``python -m bench.call_cost [--sizes 0,0.1,0.25,0.5,1,2,4] [--calls 300] [--idle-s 2] [--pipeline-rounds 2] [--out DIR]``
+``python -m bench.call_cost [--sizes 0,0.1,0.25,0.5,1,2,4] [--calls 300] [--idle-s 2] [--pipeline-rounds 2]
+[--pipeline-batches 49] [--out DIR]``
 
 On a fresh local Ray (2 CPUs, 127.0.0.1) one actor receives a ``uint8`` array of each size
 (MB), ``--calls`` times per path, and answers its sum (so every byte is read):
@@ -12,17 +13,23 @@ On a fresh local Ray (2 CPUs, 127.0.0.1) one actor receives a ``uint8`` array of
 - **compiled graph**: the same method bound in a Ray Compiled Graph
   (``experimental_compile``; shared-memory channels instead of a task per call), the
   transport Ray offers for calls repeated in a fixed pattern. Its actor waits for the next
-  input by polling, so the cores it holds while no call comes are measured too
-  (``compiled_graph_idle_cores``, over ``--idle-s`` seconds with the graph compiled).
+  input by polling, so the cores the whole process tree keeps busy over ``--idle-s``
+  seconds without calls are measured with the graph compiled
+  (``compiled_graph_idle_cores``) and, as the baseline, before it is
+  (``plain_idle_cores``).
 
 Then, since a cheaper call is worth only what it saves a whole pipeline, a **model of the PS
-training pipeline** (``--pipeline-rounds``, 0 to skip): a trainer actor and two shard actors,
-one fused push + pull call per shard per batch carrying ``PIPELINE_MB`` each way, each shard
+training pipeline** (``--pipeline-rounds``, 0 to skip), on a fresh Ray with Freshet's own
+transport settings (:meth:`serving.config.RayConfig.system_config`, so a 3 MB argument goes
+through the object store as in the PS): a trainer actor and two shard actors, one push +
+pull call per shard per batch carrying that shard's own ``PIPELINE_MB`` each way, each shard
 working ``PIPELINE_SHARD_MS`` of CPU per call and the trainer ``PIPELINE_TRAINER_MS`` per
-batch, as on BENCHMARKS.md section 7's TorchRec-like workload. Each round runs it four ways and reports
-the wall seconds of each: plain actor calls or the same calls in a compiled graph, and each
-of those **serial** (the trainer waits for its call, then computes) or **overlapped** (the
-next call is in flight while the trainer computes, as with ``trainer.prefetch``).
+batch, as on BENCHMARKS.md section 7's TorchRec-like workload. Each round runs it four ways
+and reports the wall seconds of each: plain actor calls or the same calls in a compiled
+graph, and each of those **serial** (the trainer waits for its call, then computes) or
+**overlapped** (the next call is in flight while the trainer computes, as with
+``trainer.prefetch``). It also measures the cores busy with the two-shard graph compiled
+and no call made, against the same actors without it.
 
 Per call: wall time, and CPU time summed over this process and every process it started,
 i.e. the whole local Ray: GCS, raylet, agents, the actor (:func:`bench.tree_cpu_s`, in clock
@@ -47,10 +54,11 @@ import numpy as np
 
 from bench import cpu_between, machine, ray_temp_dir, tree_cpu_s
 
-__all__ = ["REPORT_KEYS", "format_table", "main", "measure", "run_pipeline", "write_report"]
+__all__ = ["PIPELINE_MB", "PIPELINE_SHARD_MS", "PIPELINE_TRAINER_MS", "PIPELINE_WAYS", "REPORT_KEYS", "break_even_mb",
+           "format_table", "main", "measure", "run_pipeline", "write_report"]
 
-REPORT_KEYS = ("bench", "date", "machine", "calls", "idle_s", "rows", "break_even_mb", "compiled_graph_idle_cores",
-               "pipeline")
+REPORT_KEYS = ("bench", "date", "machine", "calls", "idle_s", "rows", "break_even_mb", "plain_idle_cores",
+               "compiled_graph_idle_cores", "pipeline")
 """Top-level keys of ``call_cost.json``, in order."""
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results"
@@ -77,23 +85,26 @@ def _burn(ms: float) -> None:
 
 def measure(sizes_mb: list[float], calls: int, *, idle_s: float = 2.0, pipeline_rounds: int = 2,
             pipeline_batches: int = 49, progress: bool = True) -> dict[str, Any]:
-    """Start Ray, time ``calls`` calls per size and path, run the pipeline model, stop Ray.
+    """Start Ray, time ``calls`` calls per size and path, stop Ray; then run the pipeline
+    model on a fresh Ray with Freshet's transport settings.
 
     Returns ``rows``: one per (size, path), ``size_mb``, ``path``, ``wall_ms`` and ``cpu_ms``
-    per call (median wall, mean CPU over all calls); ``compiled_graph_idle_cores``: the cores
-    the whole process tree used over ``idle_s`` seconds with the compiled graph set up and no
-    call made (None without ``/proc``); ``pipeline``: see :func:`run_pipeline` (None when
-    ``pipeline_rounds`` is 0).
+    per call (median wall, mean CPU over all calls); ``plain_idle_cores`` and
+    ``compiled_graph_idle_cores``: the cores the whole process tree used over ``idle_s``
+    seconds with no call made, before and after the actor joined a compiled graph (None
+    without ``/proc``); ``pipeline``: see :func:`run_pipeline` (None when ``pipeline_rounds``
+    is 0).
 
     Raises:
-        RuntimeError: the actor answered a wrong sum (a byte was lost or changed).
+        RuntimeError: the actor answered a wrong sum (a byte was lost or changed), or a
+            pipeline shard answered rows of the wrong size.
     """
     import ray
     from ray.dag import InputNode
 
     temp = ray_temp_dir("frc")
     biggest = int(max(sizes_mb) * _MB) + _MB
-    ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", _temp_dir=temp,
+    ray.init(address="local", num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", _temp_dir=temp,
              log_to_driver=False, configure_logging=False,
              # Every size travels inline unless a reference is passed (Ray inlines at most 10 MB per call).
              _system_config={"max_direct_call_object_size": biggest, "task_rpc_inlined_bytes_limit": 2 * biggest})
@@ -112,6 +123,7 @@ def measure(sizes_mb: list[float], calls: int, *, idle_s: float = 2.0, pipeline_
         with InputNode() as inp:
             dag = sink.total.bind(inp)
         graph = None
+        plain_idle = _idle_cores(idle_s)
         rng = np.random.default_rng(0)
         warm = max(3, calls // 10)
         arrays = [rng.integers(0, 256, max(1, int(mb * _MB)), dtype=np.uint8) for mb in sizes_mb]
@@ -143,27 +155,47 @@ def measure(sizes_mb: list[float], calls: int, *, idle_s: float = 2.0, pipeline_
                     r = rows[-1]
                     print(f"call_cost: {mb:g} MB {path}: {r['wall_ms']:.2f} ms wall, {r['cpu_ms']:.2f} ms CPU",
                           flush=True)
-        cpu0 = tree_cpu_s()
-        time.sleep(idle_s)
-        idle = cpu_between(cpu0, tree_cpu_s())
-        idle_cores = None if idle is None else idle / idle_s
-        if progress and idle_cores is not None:
-            print(f"call_cost: compiled graph idle for {idle_s:g} s: {idle_cores:.2f} cores", flush=True)
+        graph_idle = _idle_cores(idle_s)
+        if progress and graph_idle is not None:
+            print(f"call_cost: no calls for {idle_s:g} s: {plain_idle:.2f} cores busy, {graph_idle:.2f} with the "
+                  "compiled graph", flush=True)
         graph.teardown()
-        pipeline = run_pipeline(pipeline_rounds, pipeline_batches, progress=progress) if pipeline_rounds else None
     finally:
         ray.shutdown()
-    return {"rows": rows, "compiled_graph_idle_cores": idle_cores, "pipeline": pipeline}
+    pipeline = None
+    if pipeline_rounds:
+        from serving.config import RayConfig
+
+        ray.init(address="local", num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1",
+                 _temp_dir=ray_temp_dir("frc"),
+                 log_to_driver=False, configure_logging=False, _system_config=RayConfig().system_config())
+        try:
+            pipeline = run_pipeline(pipeline_rounds, pipeline_batches, idle_s=idle_s, progress=progress)
+            pipeline["max_inline_bytes"] = RayConfig().max_inline_bytes
+        finally:
+            ray.shutdown()
+    return {"rows": rows, "plain_idle_cores": plain_idle, "compiled_graph_idle_cores": graph_idle, "pipeline": pipeline}
 
 
-def run_pipeline(rounds: int, batches: int, *, progress: bool = True) -> dict[str, Any]:
+def _idle_cores(seconds: float) -> float | None:
+    """Cores this process tree kept busy over ``seconds`` of sleep (None without ``/proc``)."""
+    cpu0 = tree_cpu_s()
+    time.sleep(seconds)
+    used = cpu_between(cpu0, tree_cpu_s())
+    return None if used is None else used / seconds
+
+
+def run_pipeline(rounds: int, batches: int, *, idle_s: float = 2.0, progress: bool = True) -> dict[str, Any]:
     """The pipeline model (module docstring) on the running Ray: ``rounds`` rounds of
     ``batches`` batches each of the four ways (:data:`PIPELINE_WAYS`, in that order).
 
     Returns the model's figures (``trainer_ms``, ``shard_ms``, ``mb``, ``batches``), the
     wall time of its CPU work alone, with no transport: ``floor_s`` when serial (batches x
-    (trainer + shard) ms) and ``overlap_floor_s`` (batches x the larger of the two); and
-    ``rounds``: each a dict of wall seconds by way.
+    (trainer + shard) ms) and ``overlap_floor_s`` (batches x the larger of the two);
+    ``rounds``: each a dict of wall seconds by way; and ``plain_idle_cores`` /
+    ``graph_idle_cores``: the cores this process tree kept busy over ``idle_s`` seconds with
+    no call made, without and with the two-shard graph compiled (None without ``/proc``).
+    Its actors are gone when it returns or raises.
 
     Raises:
         RuntimeError: a shard answered rows of the wrong size.
@@ -188,38 +220,46 @@ def run_pipeline(rounds: int, batches: int, *, progress: bool = True) -> dict[st
     class Trainer:
         def __init__(self, shards):
             self.shards = shards
-            self.grads = np.ones(n, np.float32)
+            # Each shard gets its own part of a push, as in the PS (not one array for both).
+            self.grads = [np.full(n, i, np.float32) for i in range(len(shards))]
+            self.graph = None
+
+        def compile(self) -> None:
+            with InputNode() as inp:
+                self.graph = MultiOutputNode([s.push_pull.bind(inp[i]) for i, s in enumerate(self.shards)]
+                                             ).experimental_compile(_buffer_size_bytes=2 * n * 4)
+
+        def teardown(self) -> None:
+            if self.graph is not None:
+                self.graph.teardown()
+                self.graph = None
 
         def run(self, graph: bool, overlap: bool) -> float:
-            compiled = None
             if graph:
-                with InputNode() as inp:
-                    compiled = MultiOutputNode([s.push_pull.bind(inp) for s in self.shards]).experimental_compile(
-                        _buffer_size_bytes=2 * n * 4)
-                start = lambda: compiled.execute(self.grads)  # noqa: E731
+                self.compile()
+                start = lambda: self.graph.execute(*self.grads)  # noqa: E731
             else:
-                start = lambda: [s.push_pull.remote(self.grads) for s in self.shards]  # noqa: E731
+                start = lambda: [s.push_pull.remote(g) for s, g in zip(self.shards, self.grads)]  # noqa: E731
 
             def finish(ref) -> None:
                 if any(r.shape != (n,) for r in ray.get(ref)):
                     raise RuntimeError("pipeline: a shard answered rows of the wrong size")
 
-            finish(start())  # warm: the graph's channels are set up, the actors' first calls done
-            t = time.perf_counter()
-            ref = start() if overlap else None
-            for _ in range(batches):
-                if overlap:  # this batch's rows arrived while the last one was computed
-                    finish(ref)
-                    ref = start()
-                else:
-                    finish(start())
-                _burn(PIPELINE_TRAINER_MS)
-            if overlap:
-                finish(ref)
-            wall = time.perf_counter() - t
-            if compiled is not None:
-                compiled.teardown()
-            return wall
+            try:
+                finish(start())  # warm: the graph's channels are set up, the actors' first calls done
+                t = time.perf_counter()
+                ref = start() if overlap else None
+                for i in range(batches):  # one call per shard per batch either way
+                    if overlap:  # this batch's rows arrived while the last one was computed
+                        finish(ref)
+                        if i + 1 < batches:
+                            ref = start()
+                    else:
+                        finish(start())
+                    _burn(PIPELINE_TRAINER_MS)
+                return time.perf_counter() - t
+            finally:
+                self.teardown()
 
     shards = [Shard.remote() for _ in range(2)]
     trainer = Trainer.remote(shards)
@@ -227,14 +267,25 @@ def run_pipeline(rounds: int, batches: int, *, progress: bool = True) -> dict[st
                            "batches": batches, "floor_s": batches * (PIPELINE_TRAINER_MS + PIPELINE_SHARD_MS) / 1e3,
                            "overlap_floor_s": batches * max(PIPELINE_TRAINER_MS, PIPELINE_SHARD_MS) / 1e3,
                            "rounds": []}
-    for i in range(rounds):
-        got = {way: ray.get(trainer.run.remote(way.startswith("graph"), "overlap" in way)) for way in PIPELINE_WAYS}
-        out["rounds"].append(got)
-        if progress:
-            print(f"call_cost: pipeline round {i + 1}/{rounds}: "
-                  + ", ".join(f"{w} {v:.2f} s" for w, v in got.items()), flush=True)
-    for a in (trainer, *shards):
-        ray.kill(a)
+    try:
+        for i in range(rounds):
+            got = {way: ray.get(trainer.run.remote(way.startswith("graph"), "overlap" in way)) for way in PIPELINE_WAYS}
+            out["rounds"].append(got)
+            if progress:
+                print(f"call_cost: pipeline round {i + 1}/{rounds}: "
+                      + ", ".join(f"{w} {v:.2f} s" for w, v in got.items()), flush=True)
+        out["plain_idle_cores"] = _idle_cores(idle_s)
+        ray.get(trainer.compile.remote())
+        try:
+            out["graph_idle_cores"] = _idle_cores(idle_s)
+        finally:
+            ray.get(trainer.teardown.remote())
+        if progress and out["graph_idle_cores"] is not None:
+            print(f"call_cost: pipeline actors, no calls for {idle_s:g} s: {out['plain_idle_cores']:.2f} cores busy, "
+                  f"{out['graph_idle_cores']:.2f} with the two-shard graph compiled", flush=True)
+    finally:
+        for a in (trainer, *shards):
+            ray.kill(a)
     return out
 
 
@@ -249,7 +300,7 @@ def break_even_mb(rows: list[dict[str, Any]]) -> float | None:
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:
-    """The rows as a text table: one line per size, both paths side by side."""
+    """The rows as a text table: one line per size, every measured path side by side."""
     by = {(r["size_mb"], r["path"]): r for r in rows}
     names = {"inline": "inline", "object store": "store", "compiled graph": "graph"}
     paths = [p for p in PATHS if any(r["path"] == p for r in rows)]
@@ -279,9 +330,10 @@ def write_report(report: dict[str, Any], out: Path) -> tuple[Path, Path]:
     from serving.config import RayConfig
 
     ax.axvline(RayConfig().max_inline_bytes / _MB, color="grey", ls="--", lw=1, label="ray.max_inline_bytes (default)")
-    idle = report.get("compiled_graph_idle_cores")
-    if idle is not None:
-        ax.text(0.02, 0.97, f"compiled graph, no calls: {idle:.2f} cores busy", transform=ax.transAxes, va="top")
+    idle, base = report.get("compiled_graph_idle_cores"), report.get("plain_idle_cores")
+    if idle is not None and base is not None:
+        ax.text(0.02, 0.97, f"no calls: {base:.2f} cores busy; {idle:.2f} with the compiled graph", transform=ax.transAxes,
+                va="top")
     pipe = report.get("pipeline")
     if pipe:
         best = {w: min(r[w] for r in pipe["rounds"]) for w in PIPELINE_WAYS}
@@ -289,7 +341,9 @@ def write_report(report: dict[str, Any], out: Path) -> tuple[Path, Path]:
                 f"serial: plain calls {best['plain_s']:.2f}, compiled graph {best['graph_s']:.2f}, "
                 f"work alone {pipe['floor_s']:.2f}\n"
                 f"overlapped: plain calls {best['plain_overlap_s']:.2f}, compiled graph "
-                f"{best['graph_overlap_s']:.2f}, work alone {pipe['overlap_floor_s']:.2f}",
+                f"{best['graph_overlap_s']:.2f}, work alone {pipe['overlap_floor_s']:.2f}\n"
+                f"no calls: {pipe['plain_idle_cores'] or 0:.2f} cores busy; "
+                f"{pipe['graph_idle_cores'] or 0:.2f} with the two-shard graph",
                 transform=ax.transAxes, va="top", fontsize=8)
     ax.set_xlabel("argument size (MB)")
     ax.set_ylabel("CPU per call, all processes (ms)")
@@ -341,20 +395,25 @@ def main(argv: list[str] | None = None) -> int:
     rows, idle_cores, pipe = got["rows"], got["compiled_graph_idle_cores"], got["pipeline"]
     report = {"bench": "call_cost", "date": _dt.datetime.now().isoformat(timespec="seconds"),
               "machine": machine("ray", "numpy"), "calls": args.calls, "idle_s": args.idle_s, "rows": rows,
-              "break_even_mb": break_even_mb(rows), "compiled_graph_idle_cores": idle_cores, "pipeline": pipe}
+              "break_even_mb": break_even_mb(rows), "plain_idle_cores": got["plain_idle_cores"],
+              "compiled_graph_idle_cores": idle_cores, "pipeline": pipe}
     print(format_table(rows))
     be = report["break_even_mb"]
     print(f"object store cheaper in CPU from: {'never, up to ' + format(max(args.sizes), 'g') + ' MB' if be is None else format(be, 'g') + ' MB'}")
     if idle_cores is not None:
-        print(f"compiled graph with no calls for {args.idle_s:g} s: {idle_cores:.2f} cores busy (all processes)")
+        print(f"no calls for {args.idle_s:g} s, all processes: {report['plain_idle_cores']:.2f} cores busy with a plain "
+              f"actor, {idle_cores:.2f} with it in a compiled graph")
     if pipe:
         print(f"PS pipeline model, {pipe['batches']} batches ({pipe['trainer_ms']:g} ms trainer + {pipe['shard_ms']:g} ms "
-              f"a shard, {pipe['mb']:g} MB each way; work alone {pipe['floor_s']:.2f} s serial, "
-              f"{pipe['overlap_floor_s']:.2f} s overlapped):")
+              f"a shard, {pipe['mb']:g} MB a shard each way, ray.max_inline_bytes {pipe['max_inline_bytes']:,}; work "
+              f"alone {pipe['floor_s']:.2f} s serial, {pipe['overlap_floor_s']:.2f} s overlapped):")
         for i, r in enumerate(pipe["rounds"], 1):
             print(f"  round {i}: serial: plain calls {r['plain_s']:.2f} s, compiled graph {r['graph_s']:.2f} s "
                   f"({r['graph_s'] / r['plain_s']:.2f}x); overlapped: plain calls {r['plain_overlap_s']:.2f} s, "
                   f"compiled graph {r['graph_overlap_s']:.2f} s ({r['graph_overlap_s'] / r['plain_overlap_s']:.2f}x)")
+        if pipe["graph_idle_cores"] is not None:
+            print(f"  no calls for {args.idle_s:g} s: {pipe['plain_idle_cores']:.2f} cores busy, "
+                  f"{pipe['graph_idle_cores']:.2f} with the two-shard graph compiled")
     js, png = write_report(report, Path(args.out))
     print(f"wrote {js} and {png}")
     return 0
