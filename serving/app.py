@@ -289,15 +289,15 @@ def _settle(answered: asyncio.Future, batch: asyncio.Future) -> None:
 
 
 def _rank_requests(snap: RankingSnapshot, requests: list[RankRequest], contexts: list[RankContext],
-                  behind: list[bool]) -> list[tuple[Ranked, str | None, int] | BaseException]:
+                  behind: list[bool], *, threads: int = 1) -> list[tuple[Ranked, str | None, int] | BaseException]:
     """Rank each request against ``snap``: the model's query for a user with a row (with their
     session context), the session context alone for a user without one, else the popular
     fallback (``"new_user"``, or ``"mirror_behind"`` where ``behind``); the user's recent items
     are left out when the request says ``exclude_seen``.
 
     The queries are scored together (:meth:`RankingSnapshot.rank_queries`, bit for bit what each
-    alone gets); a request whose ranking raises gets its exception back in its place and the
-    others their answers. Returns, per request,
+    alone gets; ``threads`` as there); a request whose ranking raises gets its exception back in
+    its place and the others their answers. Returns, per request,
     ``(ranked, fallback_reason, snap.model_version)`` or the exception.
     """
     out: list[tuple[Ranked, str | None, int] | BaseException | None] = [None] * len(requests)
@@ -325,7 +325,7 @@ def _rank_requests(snap: RankingSnapshot, requests: list[RankRequest], contexts:
         seen = [contexts[j].recent if requests[j].exclude_seen else None for j in scored]
         try:
             ranked: list[Ranked | BaseException] = list(snap.rank_queries(
-                np.stack(queries), [requests[j].k for j in scored], seen))
+                np.stack(queries), [requests[j].k for j in scored], seen, threads=threads))
         except Exception:  # noqa: BLE001 - find whose request it was: each alone
             ranked = []
             for q, j, s in zip(queries, scored, seen):
@@ -374,6 +374,7 @@ class FreshetAPI:
         # Blocking calls (a sync, an actor lookup) run here so the event loop keeps serving.
         self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="freshet-serve")
         self._actors: dict[str, Any] = {}
+        self._ranking = 0  # /rank requests in flight on this replica
         try:
             self._refresh_now()  # warm the mirror; a failure here is retried by the background sync
         except _UNAVAILABLE as e:
@@ -546,7 +547,10 @@ class FreshetAPI:
             # Users whose own sync failed get that error; only the others are ranked.
             ok = [i for i, f in enumerate(failed) if f is None]
             results: list = list(failed)
-            ranked = _rank_requests(snap, [requests[js[i]] for i in ok], [contexts[i] for i in ok], [behind[i] for i in ok])
+            # A lone request on an idle replica has a second core to itself: its product is
+            # split over two threads (the same scores; BENCHMARKS.md section 8).
+            ranked = _rank_requests(snap, [requests[js[i]] for i in ok], [contexts[i] for i in ok],
+                                    [behind[i] for i in ok], threads=2 if self._ranking <= 1 else 1)
             for i, r in zip(ok, ranked):
                 results[i] = r
             answer(js, results)
@@ -680,11 +684,14 @@ class FreshetAPI:
         # without one (Serve's batching failed), its error becomes the answer.
         batch = asyncio.ensure_future(self._rank_batch((body, answered)))
         batch.add_done_callback(functools.partial(_settle, answered))
+        self._ranking += 1
         try:
             got = await answered
         except asyncio.CancelledError:  # the client went away: nobody waits for this answer
             batch.cancel()
             raise
+        finally:
+            self._ranking -= 1
         if isinstance(got, _UNAVAILABLE):
             return _unavailable("parameter server", got)
         if isinstance(got, BaseException):

@@ -422,6 +422,7 @@ def _stand_in(FreshetAPI, snap, contexts: dict, *, num_shards: int = 2, failing:
         _check_k = FreshetAPI.func_or_class._check_k
         _rank_batch = FreshetAPI.func_or_class._rank_batch
         calls: list[tuple[int, list]] = []
+        _ranking = 0
 
         async def _shard_contexts(self, shard, keys):
             users = [user_of[k] for k in keys.tolist()]
@@ -584,9 +585,9 @@ def test_users_whose_sync_failed_get_503_and_are_not_ranked(batched_ranking, mon
     ranked_users: list[str] = []
     real = app_module._rank_requests
 
-    def counting(snap, reqs, ctxs, behind):
+    def counting(snap, reqs, ctxs, behind, **kw):
         ranked_users.extend(r.user_id for r in reqs)
-        return real(snap, reqs, ctxs, behind)
+        return real(snap, reqs, ctxs, behind, **kw)
 
     # Serve's ingress decorator rebuilt the class, so its methods read a copy of the module's globals.
     monkeypatch.setitem(app_module.FreshetAPI.func_or_class._rank_batch.__wrapped__.__globals__,
@@ -604,6 +605,43 @@ def test_users_whose_sync_failed_get_503_and_are_not_ranked(batched_ranking, mon
         else:
             assert resp.status_code == 200 and resp.body == expected[u].body, u
     assert sorted(ranked_users) == sorted(set(got) - failing)  # no ranking thrown away
+
+
+def test_only_a_lone_request_on_an_idle_replica_splits_its_product(batched_ranking, monkeypatch):
+    # The second core helps a request only when no other /rank is in flight on the replica; a
+    # replica under load keeps every product on one thread (BENCHMARKS.md section 8).
+    import serving.app as app_module
+    from workers.ranking import RankingSnapshot
+
+    model = _model()
+    snap = RankingSnapshot(_View(model, 300, DIM, seed=5), model)
+    requests, contexts, _ = _requests_and_contexts(np.random.default_rng(9), 300, users=12)
+    calls: list[tuple[int, int]] = []  # (requests ranked, threads) per _rank_requests
+    real = app_module._rank_requests
+
+    def recording(snap, reqs, ctxs, behind, *, threads=1):
+        calls.append((len(reqs), threads))
+        return real(snap, reqs, ctxs, behind, threads=threads)
+
+    monkeypatch.setitem(app_module.FreshetAPI.func_or_class._rank_batch.__wrapped__.__globals__,
+                        "_rank_requests", recording)
+    replica = batched_ranking(snap, contexts)
+
+    async def one_by_one():
+        return [await replica.rank(r) for r in requests[:3]]
+
+    alone = asyncio.run(one_by_one())
+    assert calls == [(1, 2)] * 3 and all(r.status_code == 200 for r in alone)
+    calls.clear()
+    replica = batched_ranking(snap, contexts)
+
+    async def together():
+        return await asyncio.gather(*(replica.rank(r) for r in requests))
+
+    got = asyncio.run(together())
+    assert all(r.status_code == 200 for r in got)
+    assert calls[0][1] == 1 and sum(n for n, _ in calls) == len(requests), calls
+    assert [r.body for r in got[:3]] == [r.body for r in alone]  # the same answers either way
 
 
 def test_a_failed_sync_answers_only_the_users_who_needed_it():

@@ -89,10 +89,11 @@ def test_context_index_keeps_each_tail_in_order_and_pads():
 
 
 @pytest.mark.parametrize("dim", [8, 64])
-@pytest.mark.parametrize("blocks", [0.01, 1, 2.3])
+@pytest.mark.parametrize("blocks", [0.01, 1, 2.3, 5.5])
 def test_several_queries_score_bit_for_bit_as_each_alone(dim, blocks):
     # Alone, or batched with any others in any order: equal to the last bit, below one block,
-    # at exactly one and over several with a partial last one, with the prior and the bias fused in.
+    # at exactly one and over several with a partial last one, with the prior and the bias fused in;
+    # alone also with its blocks split over two threads (``threads=2``, from 4 blocks on).
     from workers.ranking import _SCORE_BLOCK, RankingSnapshot
 
     rng = np.random.default_rng(dim)
@@ -107,6 +108,8 @@ def test_several_queries_score_bit_for_bit_as_each_alone(dim, blocks):
     snap = RankingSnapshot(ItemView(np.arange(n), mats), m)
     queries = (rng.normal(size=(16, dim)) * rng.uniform(0.01, 100, size=(16, 1))).astype(np.float32)
     alone = [snap.scores(q)[0] for q in queries]
+    for q, a in zip(queries, alone):
+        assert np.array_equal(snap.scores(q, threads=2)[0], a)
     for size in range(2, 17):
         pick = rng.permutation(16)[:size]
         together = snap.scores(queries[pick])
@@ -115,3 +118,41 @@ def test_several_queries_score_bit_for_bit_as_each_alone(dim, blocks):
     want = mats[m.item_table].astype(np.float64) @ queries[0].astype(np.float64) + snap.bias
     np.testing.assert_allclose(alone[0], want, rtol=1e-4, atol=1e-3)
     assert snap.rank_queries(queries, 5, [[0, 1]] * len(queries)) == [snap.rank(q, [0, 1], 5, history=()) for q in queries]
+
+
+def test_a_lone_query_split_over_two_threads_scores_as_on_one(monkeypatch):
+    # The split changes who computes each block, never the block's product: the same bits as one
+    # thread, and the helper thread did take its half.
+    import threading
+
+    import workers.ranking as ranking
+
+    rng = np.random.default_rng(5)
+    n, dim = 6 * ranking._SCORE_BLOCK + 17, 32
+    m = MODEL
+    mats = {
+        m.item_table: rng.normal(size=(n, dim)).astype(np.float32),
+        m.item_bias_table: rng.normal(size=(n, 1)).astype(np.float32),
+        m.popularity_table: rng.integers(0, 9, size=(n, 1)).astype(np.float32),
+        m.recent_table: np.stack([rng.integers(0, 9, n), rng.integers(0, 4, n)], 1).astype(np.float32),
+    }
+    snap = ranking.RankingSnapshot(ItemView(np.arange(n), mats), m)
+    queries = rng.normal(size=(8, dim)).astype(np.float32)
+    ran_on = set()
+    score_blocks = ranking.RankingSnapshot._score_blocks
+
+    def spy(self, q, out, starts):
+        ran_on.add(threading.current_thread().name)
+        return score_blocks(self, q, out, starts)
+
+    monkeypatch.setattr(ranking.RankingSnapshot, "_score_blocks", spy)
+    split = [snap.scores(q, threads=2)[0] for q in queries]
+    assert any(name.startswith("freshet-score") for name in ran_on) and len(ran_on) == 2
+    for threads in (1, 2):  # one thread by default, and a batch is never split
+        ran_on.clear()
+        single = [snap.scores(q)[0] for q in queries]
+        both = snap.scores(queries[:2], threads=threads)
+        assert ran_on == {threading.current_thread().name}
+        for a, b in zip(split, single):
+            assert np.array_equal(a, b)
+        assert np.array_equal(both[1], split[1])
