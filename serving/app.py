@@ -547,8 +547,8 @@ class FreshetAPI:
             # Users whose own sync failed get that error; only the others are ranked.
             ok = [i for i, f in enumerate(failed) if f is None]
             results: list = list(failed)
-            # A lone request on an idle replica has a second core to itself: its product is
-            # split over two threads (the same scores; BENCHMARKS.md section 8).
+            # With no other /rank in flight on this replica, a lone request's product is split
+            # over two threads (the same scores; BENCHMARKS.md section 8); under load, one.
             ranked = _rank_requests(snap, [requests[js[i]] for i in ok], [contexts[i] for i in ok],
                                     [behind[i] for i in ok], threads=2 if self._ranking <= 1 else 1)
             for i, r in zip(ok, ranked):

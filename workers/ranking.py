@@ -14,6 +14,7 @@ requests use the old one.
 from __future__ import annotations
 
 import copy
+import os
 import threading
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -34,25 +35,30 @@ _POPULAR_PREFIX = 1024  # popularity order kept per snapshot; deeper fallbacks s
 # Item rows per scoring product: every product BLAS computes has exactly this many rows (the last
 # block is zero-padded), so its result for a query does not depend on the catalogue's size; 4,096
 # rows x 64 floats is 1 MiB, inside a 2 MiB L2. At 100,000 x 64 on one thread: 16 queries in
-# 3.9 ms (0.24 ms each), a lone one 1.8 ms (0.95 ms as a matrix-vector product).
+# 3.9 ms (0.24 ms each), a lone one 1.8-2.1 ms (0.95 ms as a matrix-vector product).
 _SCORE_BLOCK = 4096
 # With ``threads=2`` a lone query's blocks are split between the calling thread and one helper
-# thread (BLAS gives up the GIL): each block's product is unchanged, so its scores are too. At
-# 100,000 x 64: 2.07 ms -> 1.23 with the rows in cache, 3.57 -> 1.95 from memory. Only for a lone
-# query on an otherwise idle caller (``/rank`` with no other request in flight): under load the
-# other core is busy anyway, and splitting there cost ~5% of throughput at 32 clients. Below 4
-# blocks the handoff costs about what it saves.
-_SPLIT_MIN_BLOCKS = 4
+# thread (BLAS gives up the GIL): each block's product is unchanged, so its scores are too. On an
+# idle machine, 64 floats a row, one BLAS thread, hot / from memory (ms): 25 blocks 1.87-1.95 /
+# 2.92-2.96 on one thread against 1.25-1.26 / 1.57-1.71 on two; 12 blocks 0.94-0.97 / 1.19-1.35
+# against 0.66-0.68 / 0.76-0.82; 6 blocks 0.52 / 0.58-0.61 against 0.42-0.43 / 0.48; 4 blocks
+# even; fewer, slower (the handoff). Hence from 8 blocks (32,768 items) on. ``/rank`` asks for it
+# only when no other ``/rank`` is in flight on its replica: under load the other core is busy.
+_SPLIT_MIN_BLOCKS = 8
+_SPLIT_THREAD = "freshet-score"
 _split_pool: ThreadPoolExecutor | None = None
+_split_pool_pid = 0
 _split_pool_lock = threading.Lock()
 
 
 def _score_pool() -> ThreadPoolExecutor:
-    """The one helper thread for split lone-query products, started on first use."""
-    global _split_pool
+    """The one helper thread for split lone-query products, started on first use in this
+    process (a forked child gets its own: the parent's thread does not exist there)."""
+    global _split_pool, _split_pool_pid
     with _split_pool_lock:
-        if _split_pool is None:
-            _split_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="freshet-score")
+        if _split_pool is None or _split_pool_pid != os.getpid():
+            _split_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=_SPLIT_THREAD)
+            _split_pool_pid = os.getpid()
         return _split_pool
 
 
@@ -207,9 +213,9 @@ class RankingSnapshot:
         wide, each score is the same sum in the same order (``tests/workers/test_ranking.py``
         checks every batch size against alone, bit for bit). On one core at 100,000 x 64 a
         batch of 16 costs 3.9 ms where 16 matrix-vector products cost 15 ms; a lone query
-        pays for it, 1.8 ms against 0.95 (BENCHMARKS.md section 8). ``threads`` 2 splits a
-        lone query's blocks over two threads (``_SPLIT_MIN_BLOCKS``): the same products, so
-        the same scores, in about half the time when a second core is free."""
+        pays for it, 1.8-2.1 ms against 0.95 (BENCHMARKS.md section 8). ``threads`` 2 or more
+        splits a lone query's blocks (from ``_SPLIT_MIN_BLOCKS``) over two threads: the same
+        products, so the same scores, in ~0.6x the time when a second core is free."""
         q = np.asarray(queries, np.float32)
         if q.ndim == 1:
             q = q[None, :]
@@ -220,7 +226,9 @@ class RankingSnapshot:
         n = len(self.bias)
         out = np.empty((b, n), np.float32)
         starts = range(0, n, _SCORE_BLOCK)
-        if threads > 1 and b == 1 and len(starts) >= _SPLIT_MIN_BLOCKS:
+        # Never from the helper itself: it would wait on its own queue.
+        if (threads > 1 and b == 1 and len(starts) >= _SPLIT_MIN_BLOCKS
+                and not threading.current_thread().name.startswith(_SPLIT_THREAD)):
             half = starts[len(starts) // 2 :]
             other = _score_pool().submit(self._score_blocks, q, out, half)
             try:

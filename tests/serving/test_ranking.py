@@ -610,14 +610,26 @@ def test_users_whose_sync_failed_get_503_and_are_not_ranked(batched_ranking, mon
 def test_only_a_lone_request_on_an_idle_replica_splits_its_product(batched_ranking, monkeypatch):
     # The second core helps a request only when no other /rank is in flight on the replica; a
     # replica under load keeps every product on one thread (BENCHMARKS.md section 8).
+    import threading
+
     import serving.app as app_module
-    from workers.ranking import RankingSnapshot
+    import workers.ranking as ranking
 
     model = _model()
-    snap = RankingSnapshot(_View(model, 300, DIM, seed=5), model)
-    requests, contexts, _ = _requests_and_contexts(np.random.default_rng(9), 300, users=12)
+    n = ranking._SPLIT_MIN_BLOCKS * ranking._SCORE_BLOCK + 1  # large enough to split
+    snap = ranking.RankingSnapshot(_View(model, n, DIM, seed=5), model)
+    requests, contexts, _ = _requests_and_contexts(np.random.default_rng(9), n, users=12)
     calls: list[tuple[int, int]] = []  # (requests ranked, threads) per _rank_requests
     real = app_module._rank_requests
+    helper_blocks = []
+    score_blocks = ranking.RankingSnapshot._score_blocks
+
+    def spy(self, q, out, starts):
+        if threading.current_thread().name.startswith("freshet-score"):
+            helper_blocks.append(len(starts))
+        return score_blocks(self, q, out, starts)
+
+    monkeypatch.setattr(ranking.RankingSnapshot, "_score_blocks", spy)
 
     def recording(snap, reqs, ctxs, behind, *, threads=1):
         calls.append((len(reqs), threads))
@@ -632,7 +644,9 @@ def test_only_a_lone_request_on_an_idle_replica_splits_its_product(batched_ranki
 
     alone = asyncio.run(one_by_one())
     assert calls == [(1, 2)] * 3 and all(r.status_code == 200 for r in alone)
+    assert len(helper_blocks) == 3  # each lone product was split
     calls.clear()
+    helper_blocks.clear()
     replica = batched_ranking(snap, contexts)
 
     async def together():
@@ -640,8 +654,9 @@ def test_only_a_lone_request_on_an_idle_replica_splits_its_product(batched_ranki
 
     got = asyncio.run(together())
     assert all(r.status_code == 200 for r in got)
-    assert calls[0][1] == 1 and sum(n for n, _ in calls) == len(requests), calls
-    assert [r.body for r in got[:3]] == [r.body for r in alone]  # the same answers either way
+    assert calls[0][1] == 1 and sum(k for k, _ in calls) == len(requests), calls
+    assert len(helper_blocks) == sum(1 for k, t in calls if k == 1 and t == 2)  # only lone ones split
+    assert [r.body for r in got[:3]] == [r.body for r in alone]  # split or not, the same answers
 
 
 def test_a_failed_sync_answers_only_the_users_who_needed_it():
