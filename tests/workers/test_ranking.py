@@ -88,16 +88,11 @@ def test_context_index_keeps_each_tail_in_order_and_pads():
     assert len(items) == 0 and idx.shape == (1, 0)
 
 
-@pytest.mark.parametrize("dim", [8, 64])
-@pytest.mark.parametrize("blocks", [0.01, 1, 2.3, 8.5])
-def test_several_queries_score_bit_for_bit_as_each_alone(dim, blocks):
-    # Alone, or batched with any others in any order: equal to the last bit, below one block,
-    # at exactly one and over several with a partial last one, with the prior and the bias fused in;
-    # alone also with its blocks split over two threads (``threads=2``, from 8 blocks on).
-    from workers.ranking import _SCORE_BLOCK, RankingSnapshot
+def _random_snapshot(rng, n: int, dim: int):
+    """A snapshot of ``n`` random items of width ``dim``, with a random bias and prior; and its
+    tables."""
+    from workers.ranking import RankingSnapshot
 
-    rng = np.random.default_rng(dim)
-    n = max(3, int(blocks * _SCORE_BLOCK))
     m = MODEL
     mats = {
         m.item_table: rng.normal(size=(n, dim)).astype(np.float32),
@@ -105,7 +100,21 @@ def test_several_queries_score_bit_for_bit_as_each_alone(dim, blocks):
         m.popularity_table: rng.integers(0, 9, size=(n, 1)).astype(np.float32),
         m.recent_table: np.stack([rng.integers(0, 9, n), rng.integers(0, 4, n)], 1).astype(np.float32),
     }
-    snap = RankingSnapshot(ItemView(np.arange(n), mats), m)
+    return RankingSnapshot(ItemView(np.arange(n), mats), m), mats
+
+
+@pytest.mark.parametrize("dim", [8, 64])
+@pytest.mark.parametrize("blocks", [0.01, 1, 2.3, 8.5])
+def test_several_queries_score_bit_for_bit_as_each_alone(dim, blocks):
+    # Alone, or batched with any others in any order: equal to the last bit, below one block,
+    # at exactly one and over several with a partial last one, with the prior and the bias fused in;
+    # alone also with its blocks split over two threads (``threads=2``, from 8 blocks on).
+    from workers.ranking import _SCORE_BLOCK
+
+    rng = np.random.default_rng(dim)
+    n = max(3, int(blocks * _SCORE_BLOCK))
+    m = MODEL
+    snap, mats = _random_snapshot(rng, n, dim)
     queries = (rng.normal(size=(16, dim)) * rng.uniform(0.01, 100, size=(16, 1))).astype(np.float32)
     alone = [snap.scores(q)[0] for q in queries]
     for q, a in zip(queries, alone):
@@ -129,14 +138,7 @@ def test_a_lone_query_split_over_two_threads_scores_as_on_one(monkeypatch):
 
     rng = np.random.default_rng(5)
     n, dim = (ranking._SPLIT_MIN_BLOCKS + 1) * ranking._SCORE_BLOCK + 17, 32
-    m = MODEL
-    mats = {
-        m.item_table: rng.normal(size=(n, dim)).astype(np.float32),
-        m.item_bias_table: rng.normal(size=(n, 1)).astype(np.float32),
-        m.popularity_table: rng.integers(0, 9, size=(n, 1)).astype(np.float32),
-        m.recent_table: np.stack([rng.integers(0, 9, n), rng.integers(0, 4, n)], 1).astype(np.float32),
-    }
-    snap = ranking.RankingSnapshot(ItemView(np.arange(n), mats), m)
+    snap, _ = _random_snapshot(rng, n, dim)
     queries = rng.normal(size=(8, dim)).astype(np.float32)
     ran_on = set()
     score_blocks = ranking.RankingSnapshot._score_blocks
@@ -164,14 +166,7 @@ def test_scoring_from_the_helper_thread_does_not_wait_on_itself():
 
     rng = np.random.default_rng(6)
     n = ranking._SPLIT_MIN_BLOCKS * ranking._SCORE_BLOCK
-    m = MODEL
-    mats = {
-        m.item_table: rng.normal(size=(n, 8)).astype(np.float32),
-        m.item_bias_table: rng.normal(size=(n, 1)).astype(np.float32),
-        m.popularity_table: rng.integers(0, 9, size=(n, 1)).astype(np.float32),
-        m.recent_table: np.stack([rng.integers(0, 9, n), rng.integers(0, 4, n)], 1).astype(np.float32),
-    }
-    snap = ranking.RankingSnapshot(ItemView(np.arange(n), mats), m)
+    snap, _ = _random_snapshot(rng, n, 8)
     q = rng.normal(size=8).astype(np.float32)
     got = ranking._score_pool().submit(snap.scores, q, threads=2).result(timeout=30)
     assert np.array_equal(got, snap.scores(q, threads=2))
