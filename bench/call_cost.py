@@ -102,12 +102,9 @@ def measure(sizes_mb: list[float], calls: int, *, idle_s: float = 2.0, pipeline_
     import ray
     from ray.dag import InputNode
 
-    temp = ray_temp_dir("frc")
     biggest = int(max(sizes_mb) * _MB) + _MB
-    ray.init(address="local", num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", _temp_dir=temp,
-             log_to_driver=False, configure_logging=False,
-             # Every size travels inline unless a reference is passed (Ray inlines at most 10 MB per call).
-             _system_config={"max_direct_call_object_size": biggest, "task_rpc_inlined_bytes_limit": 2 * biggest})
+    # Every size travels inline unless a reference is passed (Ray inlines at most 10 MB per call).
+    _ray_init({"max_direct_call_object_size": biggest, "task_rpc_inlined_bytes_limit": 2 * biggest})
     rows: list[dict[str, Any]] = []
     try:
         @ray.remote(num_cpus=0)
@@ -122,7 +119,6 @@ def measure(sizes_mb: list[float], calls: int, *, idle_s: float = 2.0, pipeline_
         ray.get(sink.ready.remote())  # the actor is up before anything is timed
         with InputNode() as inp:
             dag = sink.total.bind(inp)
-        graph = None
         plain_idle = _idle_cores(idle_s)
         rng = np.random.default_rng(0)
         warm = max(3, calls // 10)
@@ -166,15 +162,23 @@ def measure(sizes_mb: list[float], calls: int, *, idle_s: float = 2.0, pipeline_
     if pipeline_rounds:
         from serving.config import RayConfig
 
-        ray.init(address="local", num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1",
-                 _temp_dir=ray_temp_dir("frc"),
-                 log_to_driver=False, configure_logging=False, _system_config=RayConfig().system_config())
+        transport = RayConfig()
+        _ray_init(transport.system_config())
         try:
             pipeline = run_pipeline(pipeline_rounds, pipeline_batches, idle_s=idle_s, progress=progress)
-            pipeline["max_inline_bytes"] = RayConfig().max_inline_bytes
+            pipeline["max_inline_bytes"] = transport.max_inline_bytes
         finally:
             ray.shutdown()
     return {"rows": rows, "plain_idle_cores": plain_idle, "compiled_graph_idle_cores": graph_idle, "pipeline": pipeline}
+
+
+def _ray_init(system_config: dict[str, int]) -> None:
+    """A fresh local Ray for one part of the run: 2 CPUs, loopback, its own temp dir."""
+    import ray
+
+    ray.init(address="local", num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1",
+             _temp_dir=ray_temp_dir("frc"), log_to_driver=False, configure_logging=False,
+             _system_config=system_config)
 
 
 def _idle_cores(seconds: float) -> float | None:

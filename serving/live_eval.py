@@ -394,7 +394,7 @@ def run_live(
     dep = work = None
     started_ray = False
     started_service = url is None
-    try:
+    try:  # whatever happens, a Ray this run started is shut down at the end
         try:
             if started_service:
                 started_ray = _init_ray(None, cfg, start_ray)
@@ -412,14 +412,9 @@ def run_live(
                 import shutil
 
                 shutil.rmtree(work, ignore_errors=True)
-    except BaseException:
-        if started_ray:  # after a failure the offline part, which shuts it down, does not run
-            ray.shutdown()
-        raise
-    load_after = _machine()
+        load_after = _machine()
 
-    offline_report = None
-    try:
+        offline_report = None
         if offline is True and score_from:
             offline_report = _offline_from(cfg, source, total, chunk_size, score_from, window, progress, start_ray)
             offline_report["meta"].update(data=data, min_weight=min_weight)

@@ -625,7 +625,7 @@ def test_only_a_lone_request_on_an_idle_replica_splits_its_product(batched_ranki
     score_blocks = ranking.RankingSnapshot._score_blocks
 
     def spy(self, q, out, starts):
-        if threading.current_thread().name.startswith("freshet-score"):
+        if threading.current_thread().name.startswith(ranking._SPLIT_THREAD):
             helper_blocks.append(len(starts))
         return score_blocks(self, q, out, starts)
 

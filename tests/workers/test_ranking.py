@@ -149,7 +149,7 @@ def test_a_lone_query_split_over_two_threads_scores_as_on_one(monkeypatch):
 
     monkeypatch.setattr(ranking.RankingSnapshot, "_score_blocks", spy)
     split = [snap.scores(q, threads=2)[0] for q in queries]
-    assert any(name.startswith("freshet-score") for name in ran_on) and len(ran_on) == 2
+    assert any(name.startswith(ranking._SPLIT_THREAD) for name in ran_on) and len(ran_on) == 2
     for threads in (1, 2):  # one thread by default, and a batch is never split
         ran_on.clear()
         single = [snap.scores(q)[0] for q in queries]
