@@ -129,6 +129,37 @@ def test_several_queries_score_bit_for_bit_as_each_alone(dim, blocks):
     assert snap.rank_queries(queries, 5, [[0, 1]] * len(queries)) == [snap.rank(q, [0, 1], 5, history=()) for q in queries]
 
 
+_ONE_BLAS_THREAD = """
+import ctypes, itertools
+import numpy as np
+lib = ctypes.CDLL(sorted({line.split()[-1] for line in open("/proc/self/maps") if "openblas" in line})[0])
+assert lib.scipy_openblas_get_num_threads64_() == 1
+from tests.workers import test_ranking as t
+for dim, blocks in itertools.product([1, 8, 64], [0.01, 1, 2.3, 8.5]):
+    t.test_several_queries_score_bit_for_bit_as_each_alone(dim, blocks)
+print("ok")
+"""
+
+
+def test_several_queries_score_bit_for_bit_with_one_blas_thread_as_in_a_replica():
+    # Ray starts a replica with OMP_NUM_THREADS=1, so its BLAS runs one thread where pytest's
+    # runs one per core, and BLAS may pick other kernels for other thread counts: the
+    # bit-for-bit check again, in a child with the replica's setting.
+    import os
+    import pathlib
+    import subprocess
+    import sys
+
+    if not any("openblas" in line for line in open("/proc/self/maps")):
+        pytest.skip("numpy is not linked to OpenBLAS here")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop("OPENBLAS_NUM_THREADS", None)
+    root = pathlib.Path(__file__).resolve().parents[2]
+    done = subprocess.run([sys.executable, "-c", _ONE_BLAS_THREAD], cwd=root, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-3000:]
+
+
 def test_a_lone_query_split_over_two_threads_scores_as_on_one(monkeypatch):
     # The split changes who computes each block, never the block's product: the same bits as one
     # thread, and the helper thread did take its half.
