@@ -142,7 +142,6 @@ def cmd_run(args) -> int:
     """The main job: run the whole loop on a stream and print the summary table."""
     import httpx
     import ray
-    from ray import serve
     from tqdm import tqdm
 
     from serving import deploy
@@ -165,6 +164,18 @@ def cmd_run(args) -> int:
     print(f"freshet run: {base.stream.kind.value} stream, {total:,} events, "
           f"{cfg.ps.num_shards} shards, {cfg.trainer.num_workers} trainer(s), ingest log in {work}")
     ray_init(args.address, ns, system_config=cfg.ray.system_config())
+    if args.address:
+        from ray import serve
+
+        from serving.app import APP_NAME
+
+        # One Ray cluster serves one Freshet app (Serve has one HTTP port and the app one name):
+        # deploying here would replace a service someone else runs.
+        if APP_NAME in serve.status().applications:
+            ray.shutdown()
+            print(f"freshet run: a Freshet app ({APP_NAME!r}) already runs on the Ray cluster at {args.address}; "
+                  "run without --address (a local Ray of its own) or where no Freshet service runs", file=sys.stderr)
+            return 2
     try:
         # Keep ``dep``: a non-detached actor is collected once its last handle is gone.
         dep = deploy.start(cfg, evaluate=True, max_events=total)
@@ -218,8 +229,14 @@ def cmd_run(args) -> int:
             Path(args.json).write_text(json.dumps({"rows": dict(rows), "trainers": stats}, indent=2, default=str))
         return 0
     finally:
-        with contextlib.suppress(Exception):
-            serve.shutdown()
+        if args.address:
+            # Someone else's cluster: remove this run's app and actors, and Serve only when no
+            # other app uses it.
+            with contextlib.suppress(Exception):
+                deploy.stop(cfg)
+        # A Ray of our own goes whole with ray.shutdown(), Serve included. serve.shutdown()
+        # first would add nothing but a raylet error line at the end of every run: its
+        # graceful_shutdown call waits for the controller to kill itself, and fails when it does.
         ray.shutdown()
 
 

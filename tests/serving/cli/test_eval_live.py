@@ -131,6 +131,23 @@ def test_live_eval_without_url_never_replaces_a_running_service(service, tmp_pat
     assert httpx.get(f"{url}/healthz", timeout=30).status_code == 200  # still the same service, still up
 
 
+def test_run_on_a_cluster_that_serves_freshet_refuses_and_leaves_the_service(service, tmp_path):
+    # `freshet run --address` deploys the app under the same name: on a cluster where one runs,
+    # it would replace that service (and its teardown would remove it). It refuses instead.
+    import httpx
+    import ray
+
+    from tests.serving.cli.helpers import freshet
+
+    url, config = service
+    address = ray.get_runtime_context().gcs_address
+    r = freshet("run", "--address", address, "--config", str(config), "--events", "40", timeout=120,
+                extra_env={"RAY_AUTH_MODE": "disabled"})  # this test's cluster has auth off
+    assert r.returncode == 2, (r.stdout[-2000:], r.stderr[-3000:])
+    assert "already runs on the Ray cluster at" in r.stderr and "events trained" not in r.stdout
+    assert httpx.get(f"{url}/healthz", timeout=30).status_code == 200
+
+
 def test_live_eval_refuses_bad_arguments(tmp_path, capsys):
     base = ["eval", "--data", "synthetic", "--report", str(tmp_path)]
     assert main([*base, "--live"]) == 2

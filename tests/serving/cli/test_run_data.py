@@ -50,3 +50,44 @@ def test_run_trains_every_line_of_a_ratings_dat(tmp_path):
     assert "movielens stream, 4 events" in r.stdout
     assert re.search(r"^events trained\s+4$", r.stdout, re.M), r.stdout[-2000:]
     assert re.search(r"^quarantined rows\s+0$", r.stdout, re.M), r.stdout[-2000:]
+    # A clean run ends without Ray's error lines (serve.shutdown() before ray.shutdown() left
+    # "(raylet) Task ServeController.graceful_shutdown failed ..." at the end of every run).
+    out = r.stdout + r.stderr
+    assert "(raylet)" not in out and "graceful_shutdown" not in out, out[-3000:]
+
+
+
+def test_run_on_a_joined_cluster_removes_its_own_app_and_leaves_others(tmp_path, ray_cluster):
+    # On someone's cluster (--address) the run removes what it deployed (its app, its actors)
+    # and nothing else: another app in the same Serve instance keeps serving. (It used to shut
+    # Serve down, every app with it.)
+    import httpx
+    import ray
+    import yaml
+    from ray import serve
+
+    from serving.app import APP_NAME
+    from tests.conftest import free_port
+
+    @serve.deployment(ray_actor_options={"num_cpus": 0})
+    def bystander(request) -> str:
+        return "still here"
+
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    try:
+        serve.run(bystander.bind(), name="bystander", route_prefix="/bystander")
+        config = tmp_path / "freshet.yaml"
+        config.write_text(yaml.safe_dump({"ps": {"tables": {"user": {"dim": 8}, "item": {"dim": 8}, "item_ctx": {"dim": 8}}},
+                                          "trainer": {"batch_size": 64}, "serving": {"port": port}}))
+        r = freshet("run", "--address", ray_cluster.address_info["gcs_address"], "--config", str(config),
+                    "--events", "300", timeout=300, extra_env={"RAY_AUTH_MODE": "disabled"})  # this cluster has auth off
+        assert r.returncode == 0, (r.stdout[-2000:], r.stderr[-3000:])
+        assert re.search(r"^events trained\s+300$", r.stdout, re.M), r.stdout[-2000:]
+        apps = serve.status().applications
+        assert "bystander" in apps and APP_NAME not in apps, apps
+        assert httpx.get(f"http://127.0.0.1:{port}/bystander", timeout=30).text == "still here"
+        left = [a for a in ray.util.list_named_actors(all_namespaces=True) if "-run-" in a["namespace"]]
+        assert left == [], left
+    finally:
+        serve.shutdown()
