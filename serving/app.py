@@ -640,9 +640,10 @@ class FreshetAPI:
         once (it did not), as long as the key is in the log's dedup window
         (``ingest.dedup_max_keys``, ``ingest.dedup_max_age_s``). An event whose ``event_id``
         its partition already has is counted in ``duplicates`` and not appended again.
-        A bad key gets 422 naming ``Idempotency-Key``.
+        A bad key, or a key reused for other events (a retry repeats the same events in the same
+        order), gets 422 naming ``Idempotency-Key``, and nothing is appended.
         """
-        from workers.ingest_log import IngestWriteError
+        from workers.ingest_log import IdempotencyKeyReused, IngestWriteError
 
         n, limit = len(body.events), self.cfg.serving.max_events_per_request
         if n > limit:
@@ -664,6 +665,12 @@ class FreshetAPI:
                 ids if any(i is not None for i in ids) else None,
                 idempotency_key,
             )
+        except IdempotencyKeyReused as e:
+            # Nothing was appended. Answering the first request's reply would acknowledge
+            # events that were never written (IETF draft-ietf-httpapi-idempotency-key-header: 422).
+            msg = str(getattr(e, "cause", None) or e).splitlines()[0]
+            return JSONResponse({"detail": [{"type": "idempotency_key_reused", "loc": ["header", "Idempotency-Key"],
+                                             "msg": msg}]}, status_code=422)
         except (_ActorMissing, IngestWriteError, *_UNAVAILABLE) as e:
             # A failed write acknowledged nothing of the failed parts: retrying (with the key) is safe.
             return _unavailable("ingest log", e)

@@ -85,7 +85,8 @@ class EventsRequest(_Request):
 class EventsResponse(BaseModel):
     """Reply of ``POST /events``: what was durably appended and where.
 
-    A retry with the same ``Idempotency-Key`` gets the original reply.
+    A retry with the same ``Idempotency-Key`` (the same events, in the same order) gets the
+    original reply; the key reused for other events gets 422 and appends nothing.
     """
 
     accepted: int = Field(description="events appended (events)")

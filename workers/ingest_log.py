@@ -34,9 +34,10 @@ Two storage modes, chosen by ``ingest.dir``:
 Exactly-once at the door: an append may carry an idempotency key, and each event an
 ``event_id``. Per partition, a window of recent keys and event IDs (bounded by
 ``ingest.dedup_max_keys`` and ``ingest.dedup_max_age_s``) turns a retried request into the
-original result and a repeated event into a counted duplicate. The window is rebuilt on
-restart from the segments: the key and the part's result ride in the record batch's IPC
-custom metadata, the event IDs in the ``event_id`` column.
+original result and a repeated event into a counted duplicate; a key reused for other
+events (by a fingerprint of the request) is refused. The window is rebuilt on restart from
+the segments: the key, the request's fingerprint and the part's result ride in the record
+batch's IPC custom metadata, the event IDs in the ``event_id`` column.
 
 Retention: consumers ``commit`` the offsets they have durably applied and checkpoints
 ``pin`` the offsets they need; whole segments below every consumer's and pin's offset of
@@ -48,6 +49,7 @@ from __future__ import annotations
 import asyncio
 import bisect
 import collections
+import hashlib
 import json
 import os
 import re
@@ -73,6 +75,7 @@ __all__ = [
     "INGEST_ACTOR",
     "AppendResult",
     "IngestLog",
+    "IdempotencyKeyReused",
     "IngestWriteError",
     "TrimmedOffsetError",
     "read_log_id",
@@ -103,6 +106,23 @@ _CACHED_OBJECTS = 64
 class IngestWriteError(RuntimeError):
     """An append could not be made durable (a write, flush or fsync failed). Nothing of the
     failed partition parts was acknowledged; retrying (with the same idempotency key) is safe."""
+
+
+def _fingerprint(ev: dict, timestamps: list[float | None]) -> str:
+    """A request's events, every field as given and in order, as 32 hex digits (BLAKE2b-128):
+    what makes a second append under one idempotency key a retry of the first."""
+    h = hashlib.blake2b(digest_size=16)
+    for arr in (ev["user_keys"], ev["item_keys"], np.asarray(ev["weights"], np.float64),
+                np.array([np.nan if t is None else float(t) for t in timestamps], np.float64)):
+        h.update(np.ascontiguousarray(arr).tobytes())
+    h.update(json.dumps([ev["types"], ev["ids"]]).encode())
+    return h.hexdigest()
+
+
+class IdempotencyKeyReused(ValueError):
+    """An append's idempotency key is in the dedup window for a request with other events:
+    nothing is appended (answering the first request's result would acknowledge events that
+    were never written)."""
 
 
 class TrimmedOffsetError(LookupError):
@@ -836,7 +856,9 @@ class IngestLog:
                     self._remember(part, "e:" + eid, (ts, offset, None))
         if metadata is not None and (key := metadata.get(_MD_KEY.encode())) is not None:
             reply = json.loads(metadata[_MD_PART.encode()])
-            self._remember(part, "k:" + key.decode(), (ts, (reply["last"], reply["accepted"], reply["duplicates"]), None))
+            # A log written before fingerprints has none: any retry under its keys is taken as one.
+            self._remember(part, "k:" + key.decode(),
+                           (ts, (reply["last"], reply["accepted"], reply["duplicates"]), None, reply.get("fingerprint")))
 
     # -- appending -----------------------------------------------------------------------
     async def append(
@@ -859,13 +881,16 @@ class IngestLog:
 
         With ``idempotency_key``, a partition part already appended under that key (in the
         dedup window) is not appended again and reports its original result, so a retry
-        completes a partly written request exactly once. An event whose ``event_id`` is in
+        completes a partly written request exactly once. A retry is the same events in the
+        same order (a fingerprint of every field as given); the key used for other events
+        anywhere in the window is refused. An event whose ``event_id`` is in
         its partition's window (or earlier in the same request) is a duplicate: not
         appended, counted in ``duplicates``. An event reported as a duplicate of one that
         is not yet durable waits for it.
 
         Raises:
             ValueError: lists of different lengths, or a bad ``idempotency_key``.
+            IdempotencyKeyReused: ``idempotency_key`` was used for other events; nothing is appended.
             IngestWriteError: a part could not be made durable; parts that could are kept,
                 and a retry with the same key appends only the rest.
         """
@@ -891,6 +916,17 @@ class IngestLog:
         }
         ev["user_keys"], ev["item_keys"] = id_keys(ev["users"]), id_keys(ev["items"])
         where = (ev["user_keys"] % np.uint64(len(self._parts))).astype(np.int64)
+        fingerprint = None
+        if idempotency_key is not None:
+            fingerprint = _fingerprint(ev, timestamps)
+            # Every partition, not only this request's: the key's first use may have gone to others.
+            for part in self._parts:
+                self._expire(part, now)
+                hit = part.window.get("k:" + idempotency_key)
+                if hit is not None and hit[3] is not None and hit[3] != fingerprint:
+                    raise IdempotencyKeyReused(
+                        f"Idempotency-Key: {idempotency_key!r} was used for other events "
+                        f"{now - hit[0]:.0f} s ago; a retry must repeat the same events, new events need a new key")
         replies: dict[int, tuple[int, int, int]] = {}
         waits: list[tuple[_Partition, _Write]] = []
         errors: list[BaseException] = []
@@ -900,7 +936,7 @@ class IngestLog:
                 part = self._parts[p]
                 try:
                     replies[p], part_waits = await self._append_part(
-                        part, np.flatnonzero(where == p), ev, idempotency_key, now, appended
+                        part, np.flatnonzero(where == p), ev, idempotency_key, fingerprint, now, appended
                     )
                 except IngestWriteError as e:
                     errors.append(e)  # the other parts still go in: a retry then has less to do
@@ -921,13 +957,17 @@ class IngestLog:
         )
 
     async def _append_part(
-        self, part: _Partition, idx: np.ndarray, ev: dict, key: str | None, now: float, appended: np.ndarray
+        self, part: _Partition, idx: np.ndarray, ev: dict, key: str | None, fingerprint: str | None, now: float,
+        appended: np.ndarray,
     ) -> tuple[tuple[int, int, int], list[_Write]]:
         """Dedup and write one partition's part; ``((last offset, accepted, duplicates), writes to await)``;
         the offsets given to the part's events are filled into ``appended``."""
         async with part.lock:
             self._expire(part, now)
             if key is not None and (hit := part.window.get("k:" + key)) is not None:
+                if hit[3] is not None and hit[3] != fingerprint:  # other events under the key, appended meanwhile
+                    raise IdempotencyKeyReused(f"Idempotency-Key: {key!r} was used for other events; "
+                                               "a retry must repeat the same events, new events need a new key")
                 part.duplicates += hit[1][1] + hit[1][2]
                 return hit[1], [hit[2]] if hit[2] is not None else []
             ids = ev["ids"]
@@ -966,7 +1006,8 @@ class IngestLog:
             reply = (last, len(keep), dups)
             metadata = None
             if key is not None:
-                metadata = {_MD_KEY: key, _MD_PART: json.dumps({"last": last, "accepted": len(keep), "duplicates": dups})}
+                metadata = {_MD_KEY: key, _MD_PART: json.dumps({"last": last, "accepted": len(keep), "duplicates": dups,
+                                                                "fingerprint": fingerprint})}
             w = await self._store.write(part, batch, metadata, now)
             appended[sel] = offsets
             part.appends += 1
@@ -975,7 +1016,7 @@ class IngestLog:
                     if ids[j] is not None:
                         self._remember(part, "e:" + ids[j], (now, offset, w))
             if key is not None:
-                self._remember(part, "k:" + key, (now, reply, w))
+                self._remember(part, "k:" + key, (now, reply, w, fingerprint))
             return reply, [*waits, w]
 
     # -- reading -------------------------------------------------------------------------

@@ -40,13 +40,62 @@ def test_a_retried_key_returns_the_original_result_and_appends_nothing(tmp_path)
     assert span(first) == (0, 1)
     before = log.stats()
     assert _post(log, ["a", "b"], key="req-1") == first
-    assert _post(log, ["x", "y", "z"], key="req-1") == first  # the key decides, not the body
     after = log.stats()
     assert (after["events_accepted"], after["appends"]) == (before["events_accepted"], before["appends"]) == (2, 1)
-    assert after["duplicates"] == before["duplicates"] + 4
+    assert after["duplicates"] == before["duplicates"] + 2
     assert span(_post(log, ["a", "b"], key="req-2")) == (2, 3)
     assert span(_post(log, ["a", "b"])) == (4, 5)  # no key: appended every time
     assert log.read(0, 10).column("user_id").to_pylist() == ["a", "b"] * 3
+
+
+@pytest.mark.parametrize(
+    "events",
+    [dict(users=["x", "y", "z"]), dict(users=["b", "a"]), dict(users=["a", "b"], ids=["e1", None]),
+     dict(users=["a", "b"], types=["click", None]), dict(users=["a", "b"], weights=[1.0, 2.0]),
+     dict(users=["a", "b"], timestamps=[None, 5.0])],
+    ids=["others", "order", "event-id", "event-type", "weight", "timestamp"],
+)
+def test_a_key_reused_for_other_events_is_refused_and_appends_nothing(tmp_path, events):
+    # Answering the first request's reply would acknowledge events that were never written.
+    log = SyncLog(_cfg(tmp_path))
+    first = log.append(["a", "b"], [0, 1], [None, None], [1.0, 1.0], None, None, "req-1")
+    before = log.stats()
+    users = events["users"]
+    n = len(users)
+    with pytest.raises(ingest_log.IdempotencyKeyReused, match="Idempotency-Key: 'req-1' was used for other events"):
+        log.append(users, list(range(n)), events.get("timestamps", [None] * n), events.get("weights", [1.0] * n),
+                   events.get("types"), events.get("ids"), "req-1")
+    after = log.stats()
+    assert (after["events_accepted"], after["appends"], after["duplicates"]) == (
+        before["events_accepted"], before["appends"], before["duplicates"])
+    # The real retry (timestamps None again: the server's time, not part of the request) still gets its reply.
+    assert log.append(["a", "b"], [0, 1], [None, None], [1.0, 1.0], None, None, "req-1") == first
+
+
+def test_a_key_reused_in_another_partition_is_refused(tmp_path):
+    # The key's first request went to one partition; other events under it, for a user of
+    # another partition, are refused too (that partition never saw the key).
+    users = [f"u{i}" for i in range(20)]
+    where = [int(k % 2) for k in id_keys(users)]
+    a, b = users[where.index(0)], users[where.index(1)]
+    log = SyncLog(_cfg(tmp_path, partitions=2))
+    _post(log, [a], key="k")
+    with pytest.raises(ingest_log.IdempotencyKeyReused):
+        _post(log, [b], key="k")
+    with pytest.raises(ingest_log.IdempotencyKeyReused):
+        _post(log, [a, b], key="k")
+    assert log.stats()["end_offsets"] == [1, 0]
+
+
+def test_keys_from_a_log_written_without_fingerprints_still_retry(tmp_path, monkeypatch):
+    # A log from before fingerprints: its keys' retries are recognised by the key alone, as then.
+    cfg = _cfg(tmp_path)
+    with monkeypatch.context() as m:
+        m.setattr(ingest_log, "_fingerprint", lambda ev, timestamps: None)
+        first = _post(SyncLog(cfg), ["a", "b"], key="old")
+    again = SyncLog(cfg)
+    assert _post(again, ["x"], key="old") == first
+    assert again.stats()["events_accepted"] == 2
 
 
 def test_event_ids_already_in_the_window_are_not_appended_again(tmp_path):
@@ -92,7 +141,7 @@ def test_the_window_is_bounded_by_age(tmp_path, clock):
     log = SyncLog(_cfg(tmp_path, dedup_max_age_s=60))
     first = _post(log, ["u"], key="k", ids=["e"])
     clock.now += 59
-    assert _post(log, ["u"], key="k") == first
+    assert _post(log, ["u"], key="k", ids=["e"]) == first
     assert _post(log, ["u"], ids=["e"]).duplicates == 1
     clock.now += 2
     assert span(_post(log, ["u"], key="k")) == (1, 1)
@@ -112,8 +161,10 @@ def test_the_window_survives_a_restart(tmp_path, clock, uri):
 
     again = SyncLog(cfg)
     assert again.stats()["dedup_keys"] == keys
-    assert _post(again, ["a", "b"], key="k1") == r1
-    assert _post(again, ["x"], key="k2") == r2
+    assert _post(again, ["a", "b"], key="k1", ids=["e1", "e2"]) == r1
+    assert _post(again, ["c", "d"], key="k2", ids=["e2", "e3"]) == r2
+    with pytest.raises(ingest_log.IdempotencyKeyReused):  # the fingerprint came back with the key
+        _post(again, ["x"], key="k2")
     assert _post(again, ["x", "y"], ids=["e3", "e4"]).offsets == {0: 3}
     assert again.stats()["events_accepted"] == 4
 

@@ -79,6 +79,22 @@ def test_a_retry_with_the_same_key_returns_the_original_reply_and_appends_nothin
     assert _accepted(http) == before + 6
 
 
+def test_a_key_reused_for_other_events_is_422_naming_it_and_appends_nothing(deployment):
+    # The first request's reply would say "accepted" for events that were never written.
+    http, _ = deployment
+    first = _post(http, _events("reuse", 2), key="batch-0001")
+    assert first.status_code == 200, first.text
+    before = _accepted(http)
+    r = _post(http, _events("reuse-other", 3), key="batch-0001")
+    assert r.status_code == 422, r.text
+    (d,) = r.json()["detail"]
+    assert d["loc"] == ["header", "Idempotency-Key"] and d["type"] == "idempotency_key_reused", d
+    assert d["msg"].startswith("Idempotency-Key: 'batch-0001' was used for other events"), d
+    assert _accepted(http) == before
+    again = _post(http, _events("reuse", 2), key="batch-0001")  # the real retry still gets its reply
+    assert again.status_code == 200 and again.json() == first.json()
+
+
 def test_events_already_in_the_log_are_counted_as_duplicates(deployment):
     http, _ = deployment
     before = _accepted(http)
