@@ -734,17 +734,37 @@ class FreshetAPI:
         down = {n: type(r).__name__ for n, r in zip(names, results) if isinstance(r, BaseException)}
         return ok, down
 
-    def _lags(self, trainers: dict[str, dict], ingest: dict | None) -> dict[str, dict]:
+    def _lags(self, trainers: dict[str, dict], ingest: dict | None,
+              arrived: dict[tuple[int, int], float | None] | None = None) -> dict[str, dict]:
         """Per trainer: events not yet applied (``lag_events``) and the age of the oldest of
-        them (``lag_s``, seconds); ``stalled`` when some wait and its offset has not moved for
+        them (``lag_s``, seconds: from ``arrived``, the log's arrival time of the event at each
+        ``(partition, applied offset)``; else the trainer's own figure, which sees only events
+        it has read); ``stalled`` when some wait and its offset has not moved for
         ``trainer.stall_s``."""
         ends = {str(p): o for p, o in enumerate(ingest.get("end_offsets", []))} if ingest else {}
+        now = time.time()
         out = {}
         for name, t in trainers.items():
-            backlog = sum(max(0, ends.get(p, o) - o) for p, o in t.get("applied_offsets", {}).items()) if ends else None
+            behind = {p: o for p, o in t.get("applied_offsets", {}).items() if ends and ends.get(p, o) > o}
+            backlog = sum(ends[p] - o for p, o in behind.items()) if ends else None
+            ages = [now - ts for ts in ((arrived or {}).get((int(p), o)) for p, o in behind.items()) if ts is not None]
+            lag_s = 0.0 if backlog == 0 else max(0.0, *ages) if ages else t.get("lag_s")
             stalled = bool(backlog) and t.get("last_progress_age_s", 0.0) > self.cfg.trainer.stall_s
-            out[name] = {"lag_events": backlog, "lag_s": t.get("lag_s"), "stalled": stalled, "state": t.get("state")}
+            out[name] = {"lag_events": backlog, "lag_s": lag_s, "stalled": stalled, "state": t.get("state")}
         return out
+
+    async def _arrivals(self, trainers: dict[str, dict], ingest: dict) -> dict[tuple[int, int], float | None]:
+        """The log's arrival time of the event at each trainer's applied offset of each partition
+        it is behind on (one call); empty when the log does not answer (``_lags`` falls back)."""
+        ends = ingest.get("end_offsets", [])
+        at = sorted({(int(p), o) for t in trainers.values() for p, o in t.get("applied_offsets", {}).items()
+                     if int(p) < len(ends) and ends[int(p)] > o})
+        if not at:
+            return {}
+        try:
+            return dict(zip(at, await self._call(INGEST_ACTOR, "arrival_times", at)))
+        except Exception:  # noqa: BLE001 - a figure of /stats: the trainers' own lag_s stands in
+            return {}
 
     @fastapi_app.get("/healthz")
     async def healthz(self):
@@ -810,7 +830,7 @@ class FreshetAPI:
             "events_accepted": ingest["events_accepted"],
             "events_applied": sum(t["events_applied"] for t in trainers.values()),
             "applied_offset": min((t["applied_offset"] for t in trainers.values()), default=None),
-            "lag": self._lags(trainers, ingest),
+            "lag": self._lags(trainers, ingest, await self._arrivals(trainers, ingest)),
             "rows": rows,
             "memory": memory,
             # Users' recent items (exclude_seen, session context), summed over shards.

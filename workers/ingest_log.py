@@ -1089,6 +1089,27 @@ class IngestLog:
         part.events_read += end - start
         return _combine(parts)
 
+    async def arrival_times(self, positions: list[tuple[int, int]]) -> list[float | None]:
+        """When the event at each ``(partition, offset)`` was appended (its ``ingest_ts``, unix
+        seconds): for a consumer's applied offset, how long the oldest event it has not applied
+        has waited. None where no durable event is there yet (caught up) or it was trimmed.
+        Not counted in ``events_read``.
+
+        Raises:
+            ValueError: no such partition.
+        """
+        out: list[float | None] = []
+        for p, offset in positions:
+            part = self._part(p)
+            if not part.first_offset <= offset < part.durable_offset:
+                out.append(None)
+                continue
+            seg = part.segments[bisect.bisect_right(part.seg_firsts, offset) - 1]
+            bi = bisect.bisect_right(seg.firsts, offset) - 1
+            batch = self._store.read_batch(part, seg, bi)
+            out.append(float(batch.column("ingest_ts")[offset - seg.firsts[bi]].as_py()))
+        return out
+
     # -- consumers, pins and retention ----------------------------------------------------
     def _checked(self, offsets: dict[int, int], what: str) -> dict[int, int]:
         if not isinstance(offsets, dict):

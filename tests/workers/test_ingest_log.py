@@ -524,3 +524,18 @@ def test_wait_returns_when_an_append_becomes_durable_and_times_out_without_one(t
     assert woke is True and after_s < 5.0  # woken by the append, not by the 30 s timeout
     with pytest.raises(ValueError, match="partition"):
         log.wait({7: 0}, 0.1)
+
+
+def test_arrival_times_are_the_ingest_ts_at_each_offset(tmp_path):
+    # What /stats ages a trainer's backlog by: when the first event it has not applied arrived.
+    log = SyncLog(IngestConfig(dir=str(tmp_path), fsync=False))
+    for n in (2, 3):
+        log.append(["u"] * n, list(range(n)), [None] * n, [1.0] * n)
+        time.sleep(0.01)
+    got = log.arrival_times([(0, 0), (0, 1), (0, 2), (0, 4), (0, 5), (0, 99)])
+    assert log.stats()["events_read"] == 0  # a probe, not a consumer's read
+    ts = log.read(0, 5).column("ingest_ts").to_pylist()
+    assert got[:4] == [ts[i] for i in (0, 1, 2, 4)]
+    assert got[0] == got[1] < got[2] == got[3] and got[4:] == [None, None]  # caught up: nothing waits there
+    with pytest.raises(ValueError):
+        log.arrival_times([(1, 0)])

@@ -26,6 +26,7 @@ import collections
 import os
 import signal
 import tempfile
+import time
 import uuid
 from pathlib import Path
 
@@ -143,6 +144,27 @@ def test_trains_and_is_healthy(deployment):
     http, _, _, ps, posted = deployment
     assert _health(http).status_code == 200
     _post(http, posted, 200, "a")
+    _assert_exactly_once(http, ps, posted)
+
+
+def test_lag_s_is_the_age_of_the_oldest_event_waiting_in_the_log(deployment):
+    # The trainer's own figure sees only events it has read: stopped, or between two batches
+    # of a backlog, it said 0.0 while events waited. /stats takes the age from the log.
+    http, cfg, _, ps, posted = deployment
+    _assert_exactly_once(http, ps, posted)
+    assert _stats(http)["lag"][TRAINER]["lag_s"] == 0.0  # caught up
+    trainer = _trainer(cfg)
+    ray.get(trainer.stop.remote(), timeout=60)
+    try:
+        t0 = time.time()
+        _post(http, posted, 30, "lag")
+        time.sleep(0.5)
+        s = _stats(http)
+        lag = s["lag"][TRAINER]
+        assert lag["lag_events"] == 30 and 0.5 <= lag["lag_s"] <= time.time() - t0 + 0.5, lag
+        assert s["trainers"][0]["lag_s"] == 0.0  # what /stats used to report here
+    finally:
+        ray.get(trainer.start.remote(), timeout=60)
     _assert_exactly_once(http, ps, posted)
 
 
