@@ -340,8 +340,10 @@ _SERVE_HT_BLOCKS = {  # (variable prefix, ports): one port per replica HTTP/gRPC
     "direct_http": ("RAY_SERVE_DIRECT_INGRESS_{}_HTTP_PORT", 64),
     "direct_grpc": ("RAY_SERVE_DIRECT_INGRESS_{}_GRPC_PORT", 16),
 }
-# Unix sockets live at <dir>/<node id: 56 hex>/<name>: the dir must leave room for them in 107 bytes.
-_MAX_HAPROXY_DIR_LEN = 107 - 1 - 56 - len("/metrics.sock")
+# Unix sockets live at <dir>/<node id: 56 hex>/<name>: the dir must leave room for them in the
+# 97 bytes HAProxy allows a `log` socket path (measured: HAProxy 2.8 refuses its config with
+# "socket path ... too long (max 97)" beyond that, below the kernel's 107).
+_MAX_HAPROXY_DIR_LEN = 97 - 1 - 56 - len("/metrics.sock")
 _HAPROXY_WRAPPER = """#!/bin/sh
 # Written by freshet (serving.ray_head.high_throughput_env). Ray Serve's HAProxy config binds the
 # HAProxy stats page ({stats}) and Prometheus exporter ({metrics}) to every interface, and no Ray
@@ -383,8 +385,8 @@ def high_throughput_env(run_dir, *, loopback: bool = True, ports: Mapping[str, i
       two ports listen on every interface of every node, unauthenticated and read-only).
 
     Args:
-        run_dir: a short local directory (the head's temp dir); ``run_dir/hap`` must stay within
-            34 characters (HAProxy's Unix socket paths under it are limited to 107 bytes).
+        run_dir: a short local directory (e.g. ``/tmp/frupXXXXXXXX``); ``run_dir/hap`` must stay
+            within 27 characters (HAProxy's Unix socket paths under it are limited to 97 bytes).
         loopback: bind HAProxy's stats and metrics listeners to 127.0.0.1 (see above).
         ports: ports to use, keyed as :data:`SERVE_HT_PORT_ENV` plus ``direct_http_min/max`` and
             ``direct_grpc_min/max``; missing ones are reserved with :func:`reserve_ports`, never on

@@ -177,6 +177,33 @@ def _orphan_head(ray_dir: str):
     return None
 
 
+_RAY_ROOT_PREFIX = "frup"
+
+
+def _new_ray_dir() -> tuple[str, str]:
+    """``(root, Ray's temp dir)`` for a head ``up`` starts: a new private root (0700) in
+    ``/tmp`` and Ray's temp dir inside it. Ray makes its temp dir world-writable (0777, no
+    sticky bit), so the root keeps the host's other users away from the token file and the
+    sockets; ``down`` removes the root. Always ``/tmp``, not ``$RAY_TMPDIR``: HAProxy's socket
+    paths under ``<root>/hap`` leave 27 characters for it (Ray's own, 40 for its temp dir)."""
+    root = tempfile.mkdtemp(prefix=_RAY_ROOT_PREFIX, dir="/tmp")
+    return root, os.path.join(root, "ray")
+
+
+def _remove_ray_dir(state: dict[str, Any]) -> str | None:
+    """Remove the private root of a head ``up`` started (Ray's logs and session files with it),
+    once the head is stopped; the root, or None when there was none. Only a directory ``up``
+    made (by its prefix) is removed: an older ``up`` recorded only Ray's temp dir, made the
+    same way."""
+    import shutil
+
+    root = state.get("ray_root") or state.get("ray_dir")
+    if not root or not Path(root).name.startswith(_RAY_ROOT_PREFIX) or not Path(root).is_dir():
+        return None
+    shutil.rmtree(root, ignore_errors=True)
+    return root
+
+
 class _NamespaceTaken(RuntimeError):
     """The namespace already has named actors that this ``up`` did not start."""
 
@@ -220,6 +247,8 @@ def _teardown(cfg: FreshetConfig, state: dict[str, Any], *, actors: bool = True)
         if pids:
             done.append(f"Ray head in {state.get('ray_dir') or head.temp_dir} "
                         f"({len(pids)} process{'es' if len(pids) != 1 else ''})")
+        if (root := _remove_ray_dir(state)) is not None:
+            done.append(f"its directory {root} (Ray's logs too)")
     return done
 
 
@@ -233,8 +262,8 @@ def cmd_up(args: argparse.Namespace) -> int:
 
     The state file (``<state dir>/freshet-up.json``, JSON) holds ``version``, ``namespace``,
     ``config``, ``pid`` (of this ``up``), ``phase`` (``starting`` → ``head-up`` → ``deploying``
-    → ``up``), ``started_ray``, ``ray_dir`` (the head's temp dir, written before the head
-    starts), ``head`` (:class:`serving.ray_head.HeadInfo`: address, ports, token file, PIDs,
+    → ``up``), ``started_ray``, ``ray_root`` (the private directory of the head's files) and
+    ``ray_dir`` (the head's temp dir inside it), both written before the head starts, ``head`` (:class:`serving.ray_head.HeadInfo`: address, ports, token file, PIDs,
     extra environment; never the token itself), ``address``, ``url`` and ``restored_from``.
 
     Returns:
@@ -266,7 +295,8 @@ def cmd_up(args: argparse.Namespace) -> int:
     restore_from = checkpoint_dir(cfg, args.restore) if getattr(args, "restore", None) else None
     state: dict[str, Any] = {"version": STATE_VERSION, "namespace": cfg.namespace,
                              "config": str(Path(args.config).absolute()) if args.config else None,
-                             "pid": os.getpid(), "phase": "starting", "started_ray": False, "ray_dir": None,
+                             "pid": os.getpid(), "phase": "starting", "started_ray": False, "ray_root": None,
+                             "ray_dir": None,
                              "head": None, "address": args.address, "url": None, "restored_from": None}
     step = "writing the state file"
     try:
@@ -276,12 +306,12 @@ def cmd_up(args: argparse.Namespace) -> int:
             from serving.ray_head import high_throughput_env, start_head
 
             r = cfg.ray
-            ray_dir = tempfile.mkdtemp(prefix="frup", dir="/tmp")  # short: Ray's socket paths must stay < 108 bytes
-            _step(state, cfg, "starting", started_ray=True, ray_dir=ray_dir)
+            ray_root, ray_dir = _new_ray_dir()
+            _step(state, cfg, "starting", started_ray=True, ray_root=ray_root, ray_dir=ray_dir)
             ports = r.head_ports()
             if args.ray_port is not None:
                 ports["gcs"] = args.ray_port
-            serve_env = (high_throughput_env(ray_dir, ports=r.serve_ports(), head_ports=ports)
+            serve_env = (high_throughput_env(ray_root, ports=r.serve_ports(), head_ports=ports)
                          if cfg.serving.high_throughput else {})
             head = start_head(ray_dir, ports=ports, auth=r.auth is RayAuth.TOKEN, num_cpus=r.num_cpus,
                               token_path=r.token_path, include_dashboard=r.include_dashboard,

@@ -19,6 +19,7 @@ import contextlib
 import json
 import os
 import signal
+import stat
 import subprocess
 import sys
 import tempfile
@@ -182,6 +183,10 @@ def test_up_secure_by_default_ckpt_down_restore(tmp_path, plain_ray):
     try:
         assert recorded["phase"] == "up" and recorded["started_ray"] and recorded["url"] == url, recorded
         head = HeadInfo.model_validate(recorded["head"])
+        # Ray makes its temp dir world-writable; the private root above it keeps other users out.
+        root = Path(recorded["ray_root"])
+        assert Path(head.temp_dir).parent == root and stat.S_IMODE(root.stat().st_mode) == 0o700
+        assert Path(head.token_path).is_relative_to(root)
         assert "Ray token auth on" in up.stdout
         _assert_secure(head)
         # ray.max_inline_bytes reaches the head as Ray's system config (drivers and workers get it there).
@@ -226,6 +231,7 @@ def test_up_secure_by_default_ckpt_down_restore(tmp_path, plain_ray):
     assert down.returncode == 0, down.stdout + down.stderr
     assert "Ray head" in down.stdout and _state(cfg) is None
     _assert_gone(head, seen)
+    assert not root.exists() and f"its directory {root}" in down.stdout  # no /tmp/frup* left behind
     with pytest.raises(httpx.HTTPError):
         httpx.get(url + "/healthz", timeout=3)
     assert plain_ray(1) == 2, "down must leave the other Ray cluster running"
@@ -299,6 +305,7 @@ def test_failed_or_killed_up_leaves_nothing_behind(tmp_path):
     assert down.returncode == 0, down.stdout + down.stderr
     assert "Ray head" in down.stdout and _state(cfg) is None
     _assert_gone(head, seen)
+    assert not Path(partial["ray_root"]).exists()
 
     # 2. A trainer that cannot start: `up` fails naming the step and the cause, removes its head, and
     #    says so. With `ray.auth: disabled` it warns first.
@@ -312,7 +319,7 @@ def test_failed_or_killed_up_leaves_nothing_behind(tmp_path):
     assert "nothing it started is left running" in out
     assert partial and not partial["head"]["auth"], "the head with auth disabled was recorded before deploying"
     _assert_gone(HeadInfo.model_validate(partial["head"]), seen)
-    assert _state(bad) is None
+    assert _state(bad) is None and not Path(partial["ray_root"]).exists()
 
 
 def test_non_loopback_host_without_token_never_starts(tmp_path):
@@ -415,6 +422,7 @@ def test_down_removes_a_head_recorded_by_an_older_freshet_up(tmp_path):
         down = freshet("down", "--config", str(cfg))
         assert down.returncode == 0, down.stdout + down.stderr
         assert f"Ray head in {ray_dir} (1 process)" in down.stdout
+        assert not Path(ray_dir).exists()  # made by that `up` (its prefix): removed with the head
         assert stand_in.wait(timeout=30) is not None and _state(cfg) is None
     finally:
         if stand_in.poll() is None:
