@@ -119,7 +119,19 @@ def cmd_ckpt(args) -> int:
     if state is None or state.get("phase", "up") != "up":
         print("freshet ckpt save: no service started by `freshet up` is up here", file=sys.stderr)
         return 1
+    from ps.persist import validate_checkpoint_name
+
     name = args.name or time.strftime("ckpt-%Y%m%d-%H%M%S")
+    # Checked here, before the trainers pause: the shards would refuse it only after.
+    try:
+        validate_checkpoint_name(name)
+    except ValueError as e:
+        print(f"freshet ckpt save: {e}", file=sys.stderr)
+        return 2
+    if (checkpoint_root(cfg) / name).exists() and not args.overwrite:
+        print(f"freshet ckpt save: checkpoint {name!r} already exists ({checkpoint_root(cfg) / name}); "
+              "choose another name, or pass --overwrite to replace it", file=sys.stderr)
+        return 1
     connect(state)  # the head `up` started, with its token, or the cluster it joined
     try:
         trainers = [ray.get_actor(trainer_actor_name(i), namespace=state["namespace"]) for i in range(cfg.trainer.num_workers)]
@@ -160,6 +172,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     add_config_argument(k)
     k.add_argument("action", choices=["save", "list", "restore"])
     k.add_argument("name", nargs="?", help="checkpoint name (save: default ckpt-<time>; restore: required)")
+    k.add_argument("--overwrite", action="store_true", help="save: replace a checkpoint of the same name")
     k.add_argument("--ray-port", type=int, default=None,
                    help="GCS port of the head restore starts (default: ray.ports.gcs, else a free port)")
     k.set_defaults(fn=cmd_ckpt)

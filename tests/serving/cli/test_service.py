@@ -212,6 +212,12 @@ def test_up_secure_by_default_ckpt_down_restore(tmp_path, plain_ray):
         # ckpt connects to the head with the token recorded in the state file.
         save = freshet("ckpt", "--config", str(cfg), "save", "first")
         assert save.returncode == 0, save.stderr
+        # A bad name is refused before the trainers pause, and a name in use is not overwritten.
+        bad = freshet("ckpt", "--config", str(cfg), "save", "a/b")
+        assert bad.returncode == 2 and "checkpoint name: 'a/b' must be" in bad.stderr, bad.stderr
+        assert "Traceback" not in bad.stderr and "pause" not in bad.stdout
+        again = freshet("ckpt", "--config", str(cfg), "save", "first")
+        assert again.returncode == 1 and "checkpoint 'first' already exists" in again.stderr, again.stderr
         listed = freshet("ckpt", "--config", str(cfg), "list")
         assert "first" in listed.stdout
 
