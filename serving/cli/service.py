@@ -204,6 +204,19 @@ def _remove_ray_dir(state: dict[str, Any]) -> str | None:
     return root
 
 
+def _port_in_use(host: str, port: int) -> str | None:
+    """Why nothing can listen on ``host:port`` now (the OS error), or None when it can. With
+    ``SO_REUSEADDR``, as servers bind: a port left in TIME_WAIT by a stopped service is free."""
+    import socket
+
+    try:
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+        socket.create_server((host, port), family=family).close()
+    except OSError as e:
+        return e.strerror or str(e)
+    return None
+
+
 class _NamespaceTaken(RuntimeError):
     """The namespace already has named actors that this ``up`` did not start."""
 
@@ -298,6 +311,11 @@ def cmd_up(args: argparse.Namespace) -> int:
                              "pid": os.getpid(), "phase": "starting", "started_ray": False, "ray_root": None,
                              "ray_dir": None,
                              "head": None, "address": args.address, "url": None, "restored_from": None}
+    if args.address is None and (busy := _port_in_use(cfg.serving.host, cfg.serving.port)):
+        # Before the head starts: Serve would find out only after ~20 s of starting everything.
+        print(f"freshet up: serving.port: {cfg.serving.host}:{cfg.serving.port} is in use ({busy}); "
+              "stop what listens there or choose another port", file=sys.stderr)
+        return 1
     step = "writing the state file"
     try:
         _write_state(cfg, state)

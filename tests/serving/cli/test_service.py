@@ -328,6 +328,19 @@ def test_failed_or_killed_up_leaves_nothing_behind(tmp_path):
     assert _state(bad) is None and not Path(partial["ray_root"]).exists()
 
 
+def test_up_on_a_port_in_use_fails_at_once_and_starts_nothing(tmp_path):
+    import socket
+
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        cfg = _config(tmp_path, serving={"port": port})
+        up = freshet("up", "--config", str(cfg))
+        assert up.returncode == 1, up.stdout + up.stderr
+        assert f"serving.port: 127.0.0.1:{port} is in use" in up.stderr, up.stderr
+        # Refused before a head started (Serve used to find out ~20 s into starting everything).
+        assert "Ray head" not in up.stdout + up.stderr and _state(cfg) is None
+
+
 def test_non_loopback_host_without_token_never_starts(tmp_path):
     cfg = _config(tmp_path, serving={"host": "0.0.0.0"})
     t0 = time.monotonic()
