@@ -276,6 +276,20 @@ def _finite(value: Any) -> Any:
     return value
 
 
+def _log_offsets(trainer: dict, ingest: dict | None) -> dict[str, int] | None:
+    """A trainer's applied offsets (partition as str -> offset) in the ingest log ``ingest``
+    describes (its ``stats()``), or None when it does not read that log (no log, or a stream
+    of its own)."""
+    if not ingest or "end_offsets" not in ingest:
+        return None
+    log = f"ingest:{ingest.get('log_id')}"
+    sources = trainer.get("source_ids")
+    offsets = trainer.get("applied_offsets", {})
+    if sources is None:  # a trainer that does not say: taken as the log's reader
+        return offsets
+    return {p: o for p, o in offsets.items() if sources.get(p) in (log, f"{log}/p{p}")} or None
+
+
 def _settle(answered: asyncio.Future, batch: asyncio.Future) -> None:
     """Done-callback of a ``/rank`` request's batch call: a request the batch did not answer
     gets the batch's error (or is cancelled with it); the error is retrieved either way."""
@@ -745,10 +759,14 @@ class FreshetAPI:
         now = time.time()
         out = {}
         for name, t in trainers.items():
-            behind = {p: o for p, o in t.get("applied_offsets", {}).items() if ends and ends.get(p, o) > o}
-            backlog = sum(ends[p] - o for p, o in behind.items()) if ends else None
-            ages = [now - ts for ts in ((arrived or {}).get((int(p), o)) for p, o in behind.items()) if ts is not None]
-            lag_s = 0.0 if backlog == 0 else max(0.0, *ages) if ages else t.get("lag_s")
+            offsets = _log_offsets(t, ingest)
+            if offsets is None:  # it trains on a stream of its own (`up --keep-stream`): its own figures
+                backlog, lag_s = None, t.get("lag_s")
+            else:
+                behind = {p: o for p, o in offsets.items() if ends.get(p, o) > o}
+                backlog = sum(ends[p] - o for p, o in behind.items())
+                ages = [now - ts for ts in ((arrived or {}).get((int(p), o)) for p, o in behind.items()) if ts is not None]
+                lag_s = 0.0 if backlog == 0 else max(0.0, *ages) if ages else t.get("lag_s")
             stalled = bool(backlog) and t.get("last_progress_age_s", 0.0) > self.cfg.trainer.stall_s
             out[name] = {"lag_events": backlog, "lag_s": lag_s, "stalled": stalled, "state": t.get("state")}
         return out
@@ -757,7 +775,7 @@ class FreshetAPI:
         """The log's arrival time of the event at each trainer's applied offset of each partition
         it is behind on (one call); empty when the log does not answer (``_lags`` falls back)."""
         ends = ingest.get("end_offsets", [])
-        at = sorted({(int(p), o) for t in trainers.values() for p, o in t.get("applied_offsets", {}).items()
+        at = sorted({(int(p), o) for t in trainers.values() for p, o in (_log_offsets(t, ingest) or {}).items()
                      if int(p) < len(ends) and ends[int(p)] > o})
         if not at:
             return {}

@@ -404,7 +404,7 @@ def high_throughput_env(run_dir, *, loopback: bool = True, ports: Mapping[str, i
     hap = Path(run_dir).absolute() / "hap"
     if len(str(hap)) > _MAX_HAPROXY_DIR_LEN:
         raise ValueError(f"high_throughput_env: {str(hap)!r} is longer than {_MAX_HAPROXY_DIR_LEN} characters; "
-                         "HAProxy's Unix socket paths under it would exceed 107 bytes")
+                         "HAProxy's Unix socket paths under it would exceed 97 bytes")
     given = dict(ports or {})
     known = set(SERVE_HT_PORT_ENV) | {f"{b}_{e}" for b in _SERVE_HT_BLOCKS for e in ("min", "max")}
     if set(given) - known:

@@ -112,10 +112,13 @@ def _fingerprint(ev: dict, timestamps: list[float | None]) -> str:
     """A request's events, every field as given and in order, as 32 hex digits (BLAKE2b-128):
     what makes a second append under one idempotency key a retry of the first."""
     h = hashlib.blake2b(digest_size=16)
+    h.update(len(ev["user_keys"]).to_bytes(8, "little"))  # fixes the widths of the arrays below
     for arr in (ev["user_keys"], ev["item_keys"], np.asarray(ev["weights"], np.float64),
                 np.array([np.nan if t is None else float(t) for t in timestamps], np.float64)):
         h.update(np.ascontiguousarray(arr).tobytes())
-    h.update(json.dumps([ev["types"], ev["ids"]]).encode())
+    texts = [[None if x is None else str(x) for x in values] if values is not None else None
+             for values in (ev["types"], ev["ids"])]
+    h.update(json.dumps(texts).encode())
     return h.hexdigest()
 
 
@@ -225,10 +228,12 @@ class _Segment:
         self.positions = array("q")  # byte position of each batch's message
         self.size = 0  # bytes
         self.last_ts = 0.0  # unix seconds of its newest event's ingest
+        self.batch_ts = array("d")  # each batch's ingest time (one append: every event's)
 
     def add(self, first: int, rows: int, position: int, ingest_ts: float) -> None:
         self.firsts.append(first)
         self.positions.append(position)
+        self.batch_ts.append(ingest_ts)
         self.end = first + rows
         self.last_ts = ingest_ts
 
@@ -237,7 +242,7 @@ class _Segment:
         k = bisect.bisect_left(self.positions, position)
         if k < len(self.firsts):
             self.end = self.firsts[k]
-            del self.firsts[k:], self.positions[k:]
+            del self.firsts[k:], self.positions[k:], self.batch_ts[k:]
         self.size = position
 
 
@@ -807,6 +812,8 @@ class IngestLog:
         self.log_id = log_id
         self._parts = [_Partition(p, self._store.part_dir(p, partitions)) for p in range(partitions)]
         self._arrived: asyncio.Event | None = None  # set (and replaced) when appends become durable
+        # Idempotency key -> fingerprints of the appends under it now in flight (how many each).
+        self._in_flight: dict[str, collections.Counter] = {}
         horizon = time.time() - cfg.dedup_max_age_s
         for part, start in zip(self._parts, starts):
             self._store.recover(part, start, lambda batch, md, part=part: self._remember_stored(part, batch, md, horizon))
@@ -919,7 +926,9 @@ class IngestLog:
         fingerprint = None
         if idempotency_key is not None:
             fingerprint = _fingerprint(ev, timestamps)
-            # Every partition, not only this request's: the key's first use may have gone to others.
+            # Every partition, not only this request's: the key's first use may have gone to
+            # others. And the appends in flight: one under this key with other events, writing
+            # partition by partition, would be caught only half-way through this one.
             for part in self._parts:
                 self._expire(part, now)
                 hit = part.window.get("k:" + idempotency_key)
@@ -927,6 +936,12 @@ class IngestLog:
                     raise IdempotencyKeyReused(
                         f"Idempotency-Key: {idempotency_key!r} was used for other events "
                         f"{now - hit[0]:.0f} s ago; a retry must repeat the same events, new events need a new key")
+            claims = self._in_flight.setdefault(idempotency_key, collections.Counter())
+            if set(claims) - {fingerprint}:
+                raise IdempotencyKeyReused(
+                    f"Idempotency-Key: {idempotency_key!r} is in use by a request with other events right now; "
+                    "a retry must repeat the same events, new events need a new key")
+            claims[fingerprint] += 1
         replies: dict[int, tuple[int, int, int]] = {}
         waits: list[tuple[_Partition, _Write]] = []
         errors: list[BaseException] = []
@@ -945,6 +960,11 @@ class IngestLog:
             done = await asyncio.gather(*(self._store.durable(part, w) for part, w in waits), return_exceptions=True)
         finally:
             self._wake_readers()  # whatever became durable, even beside a failed or cancelled part
+            if idempotency_key is not None:
+                claims = self._in_flight[idempotency_key]
+                claims[fingerprint] -= 1
+                if claims[fingerprint] <= 0:
+                    del self._in_flight[idempotency_key]
         errors += [e for e in done if isinstance(e, BaseException)]
         if errors:
             raise errors[0]
@@ -1104,10 +1124,10 @@ class IngestLog:
             if not part.first_offset <= offset < part.durable_offset:
                 out.append(None)
                 continue
+            # From the index, never a read (an object store's GET would stall appends): the
+            # events of one append share its ingest time.
             seg = part.segments[bisect.bisect_right(part.seg_firsts, offset) - 1]
-            bi = bisect.bisect_right(seg.firsts, offset) - 1
-            batch = self._store.read_batch(part, seg, bi)
-            out.append(float(batch.column("ingest_ts")[offset - seg.firsts[bi]].as_py()))
+            out.append(seg.batch_ts[bisect.bisect_right(seg.firsts, offset) - 1])
         return out
 
     # -- consumers, pins and retention ----------------------------------------------------

@@ -128,10 +128,14 @@ def cmd_ckpt(args) -> int:
     except ValueError as e:
         print(f"freshet ckpt save: {e}", file=sys.stderr)
         return 2
-    if (checkpoint_root(cfg) / name).exists() and not args.overwrite:
-        print(f"freshet ckpt save: checkpoint {name!r} already exists ({checkpoint_root(cfg) / name}); "
-              "choose another name, or pass --overwrite to replace it", file=sys.stderr)
-        return 1
+    if (checkpoint_root(cfg) / name).exists():
+        if not args.overwrite:
+            print(f"freshet ckpt save: checkpoint {name!r} already exists ({checkpoint_root(cfg) / name}); "
+                  "choose another name, or pass --overwrite to replace it", file=sys.stderr)
+            return 1
+        # Whole, before anything is written: a save that fails half-way must not leave the old
+        # offsets (trainers.json, which marks a checkpoint complete) beside new shard rows.
+        shutil.rmtree(checkpoint_root(cfg) / name)
     connect(state)  # the head `up` started, with its token, or the cluster it joined
     try:
         trainers = [ray.get_actor(trainer_actor_name(i), namespace=state["namespace"]) for i in range(cfg.trainer.num_workers)]

@@ -192,16 +192,25 @@ def _new_ray_dir() -> tuple[str, str]:
 
 def _remove_ray_dir(state: dict[str, Any]) -> str | None:
     """Remove the private root of a head ``up`` started (Ray's logs and session files with it),
-    once the head is stopped; the root, or None when there was none. Only a directory ``up``
-    made (by its prefix) is removed: an older ``up`` recorded only Ray's temp dir, made the
-    same way."""
+    once the head is stopped; the root, or None when nothing was removed. Only what ``up``
+    makes is removed: a real directory (not a link) ``/tmp/frup*`` of this user (an older
+    ``up`` recorded only Ray's temp dir, made the same way)."""
     import shutil
+    import stat
 
     root = state.get("ray_root") or state.get("ray_dir")
-    if not root or not Path(root).name.startswith(_RAY_ROOT_PREFIX) or not Path(root).is_dir():
+    if not root:
         return None
-    shutil.rmtree(root, ignore_errors=True)
-    return root
+    path = Path(root)
+    try:
+        st = path.lstat()
+    except OSError:
+        return None
+    if (path.parent != Path("/tmp") or not path.name.startswith(_RAY_ROOT_PREFIX)
+            or not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid()):
+        return None
+    shutil.rmtree(path, ignore_errors=True)
+    return None if path.exists() else root
 
 
 def _port_in_use(host: str, port: int) -> str | None:
@@ -221,12 +230,12 @@ class _NamespaceTaken(RuntimeError):
     """The namespace already has named actors that this ``up`` did not start."""
 
 
-def _teardown(cfg: FreshetConfig, state: dict[str, Any], *, actors: bool = True) -> list[str]:
+def _teardown(cfg: FreshetConfig, state: dict[str, Any], *, actors: bool = True, keep_dir: bool = False) -> list[str]:
     """Remove whatever exists of what ``state`` describes; returns a line per thing removed.
 
     With ``actors``, every named actor of the namespace (and Serve) when Ray is reachable; then
     the head ``up`` started, if any (recorded, or found by its temp dir when ``up`` died before
-    recording it).
+    recording it), and its directory unless ``keep_dir`` (its logs explain a failed ``up``).
 
     Raises:
         RuntimeError: a process of the head would not stop.
@@ -260,7 +269,7 @@ def _teardown(cfg: FreshetConfig, state: dict[str, Any], *, actors: bool = True)
         if pids:
             done.append(f"Ray head in {state.get('ray_dir') or head.temp_dir} "
                         f"({len(pids)} process{'es' if len(pids) != 1 else ''})")
-        if (root := _remove_ray_dir(state)) is not None:
+        if not keep_dir and (root := _remove_ray_dir(state)) is not None:
             done.append(f"its directory {root} (Ray's logs too)")
     return done
 
@@ -357,7 +366,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     except BaseException as e:
         print(f"freshet up: failed while {step}: {type(e).__name__}: {e}", file=sys.stderr)
         try:
-            removed = _teardown(cfg, state, actors=not isinstance(e, _NamespaceTaken))
+            removed = _teardown(cfg, state, actors=not isinstance(e, _NamespaceTaken), keep_dir=True)
         except Exception as cleanup:  # noqa: BLE001 - keep the state file: `freshet down` can try again
             print(f"freshet up: could not remove everything it started ({cleanup}); "
                   f"run `freshet down` (state in {state_path(cfg)})", file=sys.stderr)
@@ -366,6 +375,9 @@ def cmd_up(args: argparse.Namespace) -> int:
         for line in removed:
             print(f"freshet up: removed {line}", file=sys.stderr)
         print("freshet up: nothing it started is left running", file=sys.stderr)
+        if state.get("ray_dir") and Path(state["ray_dir"]).is_dir():
+            print(f"freshet up: Ray's logs are kept in {state['ray_dir']}/session_latest/logs "
+                  f"(remove {state.get('ray_root') or state['ray_dir']} when done)", file=sys.stderr)
         if isinstance(e, KeyboardInterrupt):
             return 130
         if not isinstance(e, Exception):

@@ -333,3 +333,19 @@ def test_dead_ingest_log_gives_503_and_nothing_is_acknowledged(deployment):
     assert r.status_code == 503 and "ingest-log" in r.json()["down"], r.text
     assert http.get("/stats").status_code == 503
     assert http.post("/rank", json={"user_id": "u1", "k": 3}).status_code == 200  # ranking does not need ingest
+
+
+def test_lag_comes_from_the_log_only_for_trainers_that_read_it():
+    # A trainer on a stream of its own (`freshet up --keep-stream`) counts offsets in that
+    # stream: the log's ends and arrival times say nothing about it (review: /stats forced its
+    # lag_s to 0.0 beside an empty log, or aged it by an unrelated event).
+    from serving.app import _log_offsets
+
+    ingest = {"log_id": "abc", "end_offsets": [7, 3]}
+    reader = {"source_ids": {"0": "ingest:abc", "1": "ingest:abc/p1"}, "applied_offsets": {"0": 5, "1": 3}}
+    assert _log_offsets(reader, ingest) == {"0": 5, "1": 3}
+    own = {"source_ids": {"0": "parquet:/data/events.parquet"}, "applied_offsets": {"0": 5}}
+    assert _log_offsets(own, ingest) is None
+    other_log = {"source_ids": {"0": "ingest:old"}, "applied_offsets": {"0": 5}}
+    assert _log_offsets(other_log, ingest) is None
+    assert _log_offsets(reader, None) is None

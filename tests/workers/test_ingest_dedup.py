@@ -87,6 +87,36 @@ def test_a_key_reused_in_another_partition_is_refused(tmp_path):
     assert log.stats()["end_offsets"] == [1, 0]
 
 
+async def _together(*appends):
+    import asyncio
+
+    return await asyncio.gather(*appends, return_exceptions=True)
+
+
+@pytest.mark.parametrize("uri", [False, True], ids=["local", "uri"])
+def test_two_requests_with_one_key_at_once_append_one_and_refuse_the_other_whole(tmp_path, uri):
+    # A writes partition by partition; B, under A's key with other events, lands in between.
+    # Found by review: A was refused half-way, its first part written, and its retry refused
+    # for good. The key is claimed while an append is in flight, so one of them is refused
+    # before it writes anything.
+    users = [f"u{i}" for i in range(40)]
+    where = [int(k % 2) for k in id_keys(users)]
+    p0, p1 = [u for u, w in zip(users, where) if w == 0], [u for u, w in zip(users, where) if w == 1]
+    log = SyncLog((_uri_cfg if uri else _cfg)(tmp_path, partitions=2))
+    a = log.log.append([p0[0], p1[0]], [1, 2], [1.0, 1.0], [1.0, 1.0], None, None, "K")
+    b = log.log.append([p1[1]], [3], [1.0], [1.0], None, None, "K")
+    ra, rb = log.run(_together(a, b))
+    assert isinstance(rb, ingest_log.IdempotencyKeyReused), (ra, rb)
+    assert ra.accepted == 2 and log.stats()["end_offsets"] == [1, 1]
+    assert [log.read(0, 9, p).column("user_id").to_pylist() for p in (0, 1)] == [[p0[0]], [p1[0]]]
+    assert log.append([p0[0], p1[0]], [1, 2], [1.0, 1.0], [1.0, 1.0], None, None, "K") == ra  # A's retry
+    # Identical requests at once: one appends, the other waits for it and gets its reply.
+    c = [log.log.append([p0[2], p1[2]], [4, 5], [1.0, 1.0], [1.0, 1.0], None, None, "L") for _ in range(2)]
+    rc = log.run(_together(*c))
+    assert rc[0] == rc[1] and rc[0].accepted == 2 and log.stats()["end_offsets"] == [2, 2]
+    assert log.log._in_flight == {}
+
+
 def test_keys_from_a_log_written_without_fingerprints_still_retry(tmp_path, monkeypatch):
     # A log from before fingerprints: its keys' retries are recognised by the key alone, as then.
     cfg = _cfg(tmp_path)

@@ -142,16 +142,20 @@ print("ok")
 
 
 def test_several_queries_score_bit_for_bit_with_one_blas_thread_as_in_a_replica():
-    # Ray starts a replica with OMP_NUM_THREADS=1, so its BLAS runs one thread where pytest's
-    # runs one per core, and BLAS may pick other kernels for other thread counts: the
-    # bit-for-bit check again, in a child with the replica's setting.
+    # Ray starts a replica with OMP_NUM_THREADS=1 (its default serving.replica_num_cpus, 0.25,
+    # rounds up to 1), so its BLAS runs one thread where pytest's runs one per core, and BLAS
+    # may pick other kernels for other thread counts: the bit-for-bit check again, in a child
+    # with the replica's setting.
     import os
     import pathlib
     import subprocess
     import sys
 
-    if not any("openblas" in line for line in open("/proc/self/maps")):
-        pytest.skip("numpy is not linked to OpenBLAS here")
+    import ctypes
+
+    libs = sorted({line.split()[-1] for line in open("/proc/self/maps") if "openblas" in line})
+    if not libs or not hasattr(ctypes.CDLL(libs[0]), "scipy_openblas_get_num_threads64_"):
+        pytest.skip("numpy's own OpenBLAS (scipy-openblas) is not what numpy uses here")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     env.pop("OPENBLAS_NUM_THREADS", None)
     root = pathlib.Path(__file__).resolve().parents[2]
