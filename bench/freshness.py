@@ -51,6 +51,7 @@ import datetime as _dt
 import json
 import os
 import random
+import shutil
 import sys
 import tempfile
 import time
@@ -524,6 +525,7 @@ def main(argv: list[str] | None = None) -> int:
         with contextlib.suppress(Exception):
             serve.shutdown()
         ray.shutdown()
+        shutil.rmtree(work, ignore_errors=True)  # the log, WALs and snapshots (~1 GB): not needed after the run
 
     acked = sum(a for _, _, ok, a, _ in feed_log if ok)
     errors: dict[str, int] = {}

@@ -24,6 +24,7 @@ import datetime as _dt
 import json
 import os
 import random
+import shutil
 import sys
 import tempfile
 import time
@@ -438,6 +439,7 @@ def main(argv: list[str] | None = None) -> int:
         with contextlib.suppress(Exception):
             serve.shutdown()
         ray.shutdown()
+        shutil.rmtree(work, ignore_errors=True)  # the log, WALs and snapshots (~1 GB): not needed after the run
     json_path, png_path = write_report(report, args.out)
     print()
     print(format_table(report))

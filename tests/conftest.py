@@ -7,8 +7,10 @@ Ray is started on 127.0.0.1 with a private temp dir, no dashboard, token auth of
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import os
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -24,6 +26,16 @@ os.environ.setdefault("RAY_SERVE_ENABLE_TASK_EVENTS", "0")
 # Single-node mode: the test clusters' GCS and raylet listen on loopback only (they run with
 # auth off; Ray's default is every interface). Set before Ray is imported, which caches it.
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+
+# What the code under test leaves in temp dirs it makes itself (a `freshet run`'s ingest log,
+# a service's state, quarantine files; hundreds of dirs a run of the suite) goes into one dir
+# per test process, removed when it exits, so runs of the suite do not pile up in /tmp. The
+# child processes tests start (`freshet` commands) inherit it through TMPDIR; Ray keeps its own
+# RAY_TMPDIR, and `freshet up` its /tmp/frup* (short socket paths).
+_TMP = tempfile.mkdtemp(prefix="freshet-tests-")
+tempfile.tempdir = _TMP
+os.environ["TMPDIR"] = _TMP
+atexit.register(shutil.rmtree, _TMP, True)
 
 REPO = Path(__file__).resolve().parents[1]
 MOVIELENS = REPO.parent / "shared" / "data" / "ml-latest-small"

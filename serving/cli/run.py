@@ -139,7 +139,27 @@ def _summary_rows(
 
 
 def cmd_run(args) -> int:
-    """The main job: run the whole loop on a stream and print the summary table."""
+    """The main job: run the whole loop on a stream and print the summary table. Its ingest
+    log and PS state live in a temp dir, removed after a run that succeeded (unless ``--keep``
+    or the run's quarantine file is in it) and kept, and named, after one that failed."""
+    import shutil
+
+    work = Path(tempfile.mkdtemp(prefix="freshet-run-"))
+    keep = [bool(args.keep)]
+    try:
+        rc = _run(args, work, keep)
+    except BaseException:
+        print(f"freshet run: its ingest log and state are kept in {work}", file=sys.stderr)
+        raise
+    if rc == 0 and keep[0]:
+        print(f"kept the run's ingest log and state in {work}")
+    else:
+        shutil.rmtree(work, ignore_errors=True)
+    return rc
+
+
+def _run(args, work: Path, keep: list[bool]) -> int:
+    """:func:`cmd_run` in ``work``; sets ``keep[0]`` when a file the summary names is in it."""
     import httpx
     import ray
     from tqdm import tqdm
@@ -148,7 +168,6 @@ def cmd_run(args) -> int:
     from workers.streams import open_source
 
     base = load(args)
-    work = Path(tempfile.mkdtemp(prefix="freshet-run-"))
     ns = f"{base.namespace}-run-{os.getpid()}"
     stream_overrides = {} if args.direct else {"kind": StreamKind.INGEST.value}
     # A throwaway run keeps its log and state together in a local temp dir, whatever the config says.
@@ -219,6 +238,8 @@ def cmd_run(args) -> int:
         else:
             # The trainers read the ingest log, which holds only valid events; the file was read here.
             quarantined, qfile = source.quarantined, source.quarantine_file
+        if quarantined and qfile is not None and Path(qfile).absolute().is_relative_to(work.absolute()):
+            keep[0] = True  # the summary points at it
         rows = _summary_rows(
             stats, feeder.rank_ms if feeder else [], after_ms, wall, quarantined=quarantined, quarantine_file=qfile
         )
@@ -248,4 +269,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     r.add_argument("--address", help="join this Ray cluster instead of starting a local one")
     r.add_argument("--direct", action="store_true", help="trainers read the stream directly instead of via POST /events")
     r.add_argument("--json", help="also write the summary as JSON to this file")
+    r.add_argument("--keep", action="store_true",
+                   help="keep the run's ingest log and PS state (a temp dir, named at the start) after it succeeds")
     r.set_defaults(fn=cmd_run)

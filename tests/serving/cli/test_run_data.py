@@ -6,6 +6,8 @@ exit, before anything is started), never "events trained 0"."""
 from __future__ import annotations
 
 import re
+import shutil
+from pathlib import Path
 
 import pytest
 
@@ -54,6 +56,9 @@ def test_run_trains_every_line_of_a_ratings_dat(tmp_path):
     # "(raylet) Task ServeController.graceful_shutdown failed ..." at the end of every run).
     out = r.stdout + r.stderr
     assert "(raylet)" not in out and "graceful_shutdown" not in out, out[-3000:]
+    # A throwaway run leaves nothing behind in /tmp (its ingest log and state, ~24 MB a run).
+    work = re.search(r"ingest log in (\S+)", r.stdout).group(1)
+    assert not Path(work).exists(), work
 
 
 
@@ -81,9 +86,12 @@ def test_run_on_a_joined_cluster_removes_its_own_app_and_leaves_others(tmp_path,
         config.write_text(yaml.safe_dump({"ps": {"tables": {"user": {"dim": 8}, "item": {"dim": 8}, "item_ctx": {"dim": 8}}},
                                           "trainer": {"batch_size": 64}, "serving": {"port": port}}))
         r = freshet("run", "--address", ray_cluster.address_info["gcs_address"], "--config", str(config),
-                    "--events", "300", timeout=300, extra_env={"RAY_AUTH_MODE": "disabled"})  # this cluster has auth off
+                    "--events", "300", "--keep", timeout=300, extra_env={"RAY_AUTH_MODE": "disabled"})  # auth off here
         assert r.returncode == 0, (r.stdout[-2000:], r.stderr[-3000:])
         assert re.search(r"^events trained\s+300$", r.stdout, re.M), r.stdout[-2000:]
+        work = Path(re.search(r"ingest log in (\S+)", r.stdout).group(1))
+        assert f"kept the run's ingest log and state in {work}" in r.stdout and (work / "ingest").is_dir()
+        shutil.rmtree(work)
         apps = serve.status().applications
         assert "bystander" in apps and APP_NAME not in apps, apps
         assert httpx.get(f"http://127.0.0.1:{port}/bystander", timeout=30).text == "still here"
