@@ -219,14 +219,14 @@ def test_up_secure_by_default_ckpt_down_restore(tmp_path, plain_ray):
         assert "Traceback" not in bad.stderr and "pause" not in bad.stdout
         again = freshet("ckpt", "--config", str(cfg), "save", "first")
         assert again.returncode == 1 and "checkpoint 'first' already exists" in again.stderr, again.stderr
-        assert freshet("ckpt", "--config", str(cfg), "save", "second").returncode == 0
-        second = state / "ps" / "checkpoints" / "second"
-        (second / "stray").write_text("from the old save")
-        made = json.loads((second / "trainers.json").read_text())["created_at"]
-        over = freshet("ckpt", "--config", str(cfg), "save", "second", "--overwrite")
+        # Nothing trained since: the replaced checkpoint holds what the first did.
+        first = state / "ps" / "checkpoints" / "first"
+        (first / "stray").write_text("from the old save")
+        made = json.loads((first / "trainers.json").read_text())["created_at"]
+        over = freshet("ckpt", "--config", str(cfg), "save", "first", "--overwrite")
         assert over.returncode == 0, over.stderr
-        assert json.loads((second / "trainers.json").read_text())["created_at"] > made
-        assert not (second / "stray").exists()  # replaced whole, not merged
+        assert json.loads((first / "trainers.json").read_text())["created_at"] > made
+        assert not (first / "stray").exists()  # replaced whole, not merged
         listed = freshet("ckpt", "--config", str(cfg), "list")
         assert "first" in listed.stdout
 
