@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 import time
+import weakref
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -33,9 +35,12 @@ def _open_source(cfg: FreshetConfig, data: str, min_weight: float | None, max_ev
             raise FileNotFoundError(f"data: {data} does not exist (give 'synthetic' or a ratings/Parquet path)")
         kind = StreamKind.PARQUET if p.suffix == ".parquet" or (p.is_dir() and any(p.glob("*.parquet"))) else StreamKind.MOVIELENS
         stream = StreamConfig(kind=kind, path=str(p), num_events=max_events, min_weight=min_weight)
-    # Rejected rows go to a private temp file: the evaluation reports on quality, not on data hygiene.
+    # Rejected rows go to a private temp file: the evaluation reports on quality, not on data
+    # hygiene. It goes when the source does (a run of `freshet eval` left one dir per call).
     qdir = tempfile.mkdtemp(prefix="freshet-eval-q-")
-    return open_source(stream, quarantine_path=os.path.join(qdir, "quarantine.arrow"), model=cfg.model), stream
+    source = open_source(stream, quarantine_path=os.path.join(qdir, "quarantine.arrow"), model=cfg.model)
+    weakref.finalize(source, shutil.rmtree, qdir, True)
+    return source, stream
 
 
 def _init_ray(ray_dir: str | None, cfg: FreshetConfig | None = None, start_ray: Callable[[], object] | None = None) -> bool:
