@@ -144,12 +144,20 @@ def cmd_run(args) -> int:
     or the run's quarantine file is in it) and kept, and named, after one that failed."""
     import shutil
 
+    if args.json:  # checked now, not after the whole run
+        out = Path(args.json)
+        if out.is_dir() or not out.absolute().parent.is_dir():
+            print(f"freshet run: --json: {args.json} is a directory or its directory does not exist", file=sys.stderr)
+            return 2
     work = Path(tempfile.mkdtemp(prefix="freshet-run-"))
     keep = [bool(args.keep)]
     try:
         rc = _run(args, work, keep)
     except BaseException:
-        print(f"freshet run: its ingest log and state are kept in {work}", file=sys.stderr)
+        if any(work.iterdir()):
+            print(f"freshet run: its ingest log and state are kept in {work}", file=sys.stderr)
+        else:  # refused before anything was written (a bad config, file or flag)
+            shutil.rmtree(work, ignore_errors=True)
         raise
     if rc == 0 and keep[0]:
         print(f"kept the run's ingest log and state in {work}")
@@ -174,7 +182,8 @@ def _run(args, work: Path, keep: list[bool]) -> int:
     cfg = load(args, {"namespace": ns, "ingest": {"dir": str(work), "state_dir": None}, "stream": stream_overrides})
     # Rows the model cannot train (e.g. an MSE rating outside model.rating_range) are quarantined
     # here, where the file is read, rather than refused one HTTP batch at a time.
-    source = open_source(base.stream, model=base.model)
+    source = open_source(base.stream, quarantine_path=base.stream.quarantine_path or work / "quarantine.arrow",
+                         model=base.model)
     total = base.stream.num_events if base.stream.num_events is not None else source.end_offset
     if total is None:
         print("freshet run: the stream is unbounded; pass --events N", file=sys.stderr)

@@ -41,6 +41,16 @@ def test_run_refuses_a_stream_that_would_train_nothing(tmp_path, lines, expect):
     for text in expect:
         assert text in r.stderr, r.stderr
     assert "events trained" not in r.stdout
+    # The rejected rows are in a quarantine file the message names (kept with the run's dir);
+    # a refusal that wrote nothing leaves no dir behind.
+    named = re.search(r"see (\S+quarantine\.arrow)", r.stderr)
+    if named:
+        qfile = Path(named.group(1))
+        assert qfile.exists() and f"kept in {qfile.parent}" in r.stderr, r.stderr
+        shutil.rmtree(qfile.parent)
+    else:
+        assert "kept in" not in r.stderr, r.stderr
+    assert (named is not None) == bool(lines), r.stderr  # only an empty file has no rows to set aside
 
 
 def test_run_trains_every_line_of_a_ratings_dat(tmp_path):
@@ -99,3 +109,12 @@ def test_run_on_a_joined_cluster_removes_its_own_app_and_leaves_others(tmp_path,
         assert left == [], left
     finally:
         serve.shutdown()
+
+
+@pytest.mark.parametrize("where", ["dir", "missing-parent"])
+def test_run_refuses_a_json_path_it_could_not_write_before_running(tmp_path, where):
+    # It used to train the whole stream, print the summary, then fail writing the JSON.
+    target = tmp_path if where == "dir" else tmp_path / "no" / "such" / "out.json"
+    r = freshet("run", "--json", str(target), "--events", "100", timeout=120)
+    assert r.returncode == 2 and f"--json: {target} is a directory or its directory does not exist" in r.stderr, r.stderr
+    assert "events trained" not in r.stdout and "kept" not in r.stderr
