@@ -76,6 +76,7 @@ def start(
     max_events: int | None = None,
     autostart: bool = False,
     shard_timeout_s: float = 60.0,
+    require_fit: bool = False,
 ) -> Deployment:
     """Start a deployment of ``cfg`` on the connected Ray, in dependency order.
 
@@ -86,12 +87,19 @@ def start(
     or app). ``evaluate``, ``max_events`` and ``autostart`` are passed to the trainers
     (:class:`workers.trainer.Trainer`).
 
+    With ``require_fit`` (a cluster that cannot grow, e.g. a Ray this process started), the
+    CPUs and GPUs the actors reserve are checked against what the cluster has first: Ray
+    would otherwise wait for them forever.
+
     If any step fails, everything this call started is removed before the error propagates.
 
     Raises:
+        ValueError: with ``require_fit``, the deployment reserves more than the cluster has.
         FileNotFoundError: ``restore_from`` lacks a shard's checkpoint.
         TimeoutError: the shards or the app did not come up in time.
     """
+    if require_fit:
+        check_fits(cfg, ray.cluster_resources(), trainers=trainers, serving=serving)
     dirs = state_dirs(cfg) if durable else {"ps": None, "trainers": None}
     dep = Deployment(cfg)
     try:
@@ -110,6 +118,34 @@ def start(
         stop(cfg)
         raise
     return dep
+
+
+def check_fits(cfg: FreshetConfig, resources: dict[str, float], *, trainers: bool = True, serving: bool = True) -> None:
+    """Raise ``ValueError`` naming the settings when a deployment of ``cfg`` reserves more CPUs
+    or GPUs than ``resources`` (``ray.cluster_resources()``) hold; Ray would wait for them
+    forever. The ingest log and Serve's own actors reserve none.
+
+    Raises:
+        ValueError: too many CPUs or GPUs reserved.
+    """
+    from workers.trainer import gpus_per_trainer
+
+    t, s = cfg.trainer, cfg.serving
+    replicas = (s.autoscaling.min_replicas if s.autoscaling is not None else s.num_replicas or 1) if serving else 0
+    parts = [(f"ps.shard_num_cpus {cfg.ps.shard_num_cpus:g} x ps.num_shards {cfg.ps.num_shards}",
+              cfg.ps.shard_num_cpus * cfg.ps.num_shards)]
+    if trainers:
+        parts.append((f"trainer.num_cpus {t.num_cpus:g} x trainer.num_workers {t.num_workers}", t.num_cpus * t.num_workers))
+    if replicas:
+        parts.append((f"serving.replica_num_cpus {s.replica_num_cpus:g} x {replicas} replica(s)", s.replica_num_cpus * replicas))
+    cpus, have = sum(n for _, n in parts), resources.get("CPU", 0.0)
+    if cpus > have + 1e-9:
+        raise ValueError(f"the deployment reserves {cpus:g} CPUs ({' + '.join(w for w, _ in parts)}), more than the "
+                         f"{have:g} this Ray cluster has; lower them (or give the cluster more: ray.num_cpus)")
+    gpus = gpus_per_trainer(cfg, resources.get("GPU", 0.0)) * t.num_workers if trainers else 0.0
+    if gpus > resources.get("GPU", 0.0) + 1e-9:
+        raise ValueError(f"trainer.num_gpus {t.num_gpus:g} x trainer.num_workers {t.num_workers} reserves {gpus:g} GPUs, "
+                         f"more than the {resources.get('GPU', 0.0):g} this Ray cluster has")
 
 
 def actor_names(cfg: FreshetConfig) -> list[str]:

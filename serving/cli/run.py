@@ -206,7 +206,7 @@ def _run(args, work: Path, keep: list[bool]) -> int:
             return 2
     try:
         # Keep ``dep``: a non-detached actor is collected once its last handle is gone.
-        dep = deploy.start(cfg, evaluate=True, max_events=total)
+        dep = deploy.start(cfg, evaluate=True, max_events=total, require_fit=not args.address)
         url, trainers = dep.url, dep.trainers
         t_start = time.time()
         dep.start_training()

@@ -361,7 +361,9 @@ def cmd_up(args: argparse.Namespace) -> int:
         step = "starting the deployment (PS shards, ingest log, trainers, Serve app)"
         _step(state, cfg, "deploying")
         # autostart: a trainer restarted by Ray resumes training from its committed offset.
-        dep = deploy.start(cfg, detached=True, restore_from=restore_from, autostart=True)
+        # A head of our own cannot grow: an actor it has no room for would wait forever.
+        dep = deploy.start(cfg, detached=True, restore_from=restore_from, autostart=True,
+                           require_fit=args.address is None)
         _step(state, cfg, "up", url=dep.url)
     except BaseException as e:
         print(f"freshet up: failed while {step}: {type(e).__name__}: {e}", file=sys.stderr)

@@ -118,3 +118,13 @@ def test_run_refuses_a_json_path_it_could_not_write_before_running(tmp_path, whe
     r = freshet("run", "--json", str(target), "--events", "100", timeout=120)
     assert r.returncode == 2 and f"--json: {target} is a directory or its directory does not exist" in r.stderr, r.stderr
     assert "events trained" not in r.stdout and "kept" not in r.stderr
+
+
+def test_run_that_reserves_more_cpus_than_its_ray_has_is_refused_not_left_waiting(tmp_path):
+    # Ray would wait forever for a trainer it has no room for (4 trainers at 0.5 CPUs on this
+    # 2-core machine hung until killed); 4 x 64 CPUs are more than any test machine has.
+    config = tmp_path / "freshet.yaml"
+    config.write_text("trainer: {num_workers: 4, num_cpus: 64}\ningest: {partitions: 4}\n")
+    r = freshet("run", "--config", str(config), "--events", "100", timeout=180)
+    assert r.returncode == 2, (r.stdout[-2000:], r.stderr[-3000:])
+    assert re.search(r"the deployment reserves 256\.75 CPUs .* more than the \d+ this Ray cluster has", r.stderr), r.stderr
