@@ -32,6 +32,13 @@ IdsLike = Union[Keyed, Sequence[ID], np.ndarray]
 """IDs as given (validated and hashed by the client), or :class:`ps.ids.Keyed` (already hashed)."""
 
 
+def _check_push_id(push_id: Any) -> None:
+    """Here, not in the shards: there a bad one fails each shard's call with a Ray traceback."""
+    if not (isinstance(push_id, PushId) and isinstance(push_id.producer, str)
+            and isinstance(push_id.seq, (int, np.integer)) and not isinstance(push_id.seq, bool)):
+        raise ValueError(f"push_id: expected ps.shard.PushId(producer: str, seq: int), got {push_id!r:.80}")
+
+
 class _Route:
     """Where each of a request's IDs goes: per-shard positions into the caller's order."""
 
@@ -294,8 +301,10 @@ class PSClient:
         everywhere.
 
         Raises:
-            ValueError: wrong gradient shapes, non-finite gradients or invalid IDs (nothing is sent).
+            ValueError: a ``push_id`` that is not a ``PushId(producer: str, seq: int)``, wrong
+                gradient shapes, non-finite gradients or invalid IDs (nothing is sent).
         """
+        _check_push_id(push_id)
         parts, rec_parts = self._push_parts(updates, recent)
         return [sh.push.remote(push_id, parts[s], rec_parts[s]) for s, sh in enumerate(self.shards)]
 
@@ -315,6 +324,7 @@ class PSClient:
         Raises:
             ValueError: as :meth:`push_async` (nothing is sent).
         """
+        _check_push_id(push_id)
         parts, rec_parts = self._push_parts(updates, recent)
         routes, dims, pull_parts = self._pull_parts(requests)
         push_refs, pull_refs = [], {}

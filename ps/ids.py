@@ -61,7 +61,18 @@ def validate_id(value: object, field: str = "id") -> ID:
 
 
 def as_id_array(ids: Iterable[ID] | np.ndarray) -> np.ndarray:
-    """IDs as a 1-D numpy array: ``int64`` when all are ints, else ``object``."""
+    """IDs as a 1-D numpy array: ``int64`` when all are ints, else ``object``.
+
+    Raises:
+        ValueError: a single ID (a string, bytes or a number) or a numpy array that is not 1-D,
+            where a sequence of IDs is expected.
+    """
+    if isinstance(ids, (str, bytes, int, float, np.integer, np.floating)):
+        # A bare string would be taken as one ID per character, a number would fail deeper.
+        raise ValueError(f"ids: expected a sequence of IDs, got a single {type(ids).__name__} {ids!r:.60}; "
+                         "wrap one ID in a list")
+    if isinstance(ids, np.ndarray) and ids.ndim != 1:
+        raise ValueError(f"ids: expected a 1-D sequence of IDs, got an array of shape {ids.shape}")
     if isinstance(ids, np.ndarray):
         if ids.dtype.kind == "u" and len(ids) and int(ids.max()) > _I64_MAX:
             raise ValueError(f"id: unsigned ID {int(ids.max())} is outside the signed 64-bit range")

@@ -270,3 +270,19 @@ def test_push_pull_brings_back_rows_after_the_push_in_caller_order(deployment):
     assert [v for v, applied in client.wait(refs)] == [v + 1 for v in versions]
     assert found.all() and rows.shape == (len(want), DIM)
     np.testing.assert_array_equal(rows, client.pull("user", want))
+
+
+def test_a_bare_id_or_a_bad_push_id_is_refused_before_anything_is_sent(deployment):
+    # A bare string was pulled as one ID per character; a tuple push id failed in every shard.
+    cfg, _, client = deployment
+    versions = client.versions()
+    with pytest.raises(ValueError, match="ids: expected a sequence of IDs, got a single str 'abc'"):
+        client.pull("item", "abc")
+    with pytest.raises(ValueError, match="ids: expected a 1-D sequence"):
+        client.pull("item", np.zeros((2, 2), np.int64))
+    grads = np.zeros((1, client.dims["item"]), np.float32)
+    for bad in [("p", 1), PushId("p", "1"), PushId(7, 1), "p:1"]:
+        with pytest.raises(ValueError, match=r"push_id: expected ps\.shard\.PushId\(producer: str, seq: int\)"):
+            client.push_many({"item": (["i"], grads)}, bad)
+    assert client.versions() == versions
+    assert client.pull("item", ["abc"]).shape == (1, client.dims["item"])
