@@ -74,6 +74,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
     except ValueError:
         print(f"--min-weight: must be a number, 'auto' or 'none', got {args.min_weight!r}", file=sys.stderr)
         return 2
+    if args.events is not None and args.events < 1:  # 0 ran the whole stream's meta on no events, and exited 0
+        print(f"freshet eval: --events: must be at least 1, got {args.events}", file=sys.stderr)
+        return 2
+    report_dir = Path(args.report)
+    if report_dir.exists() and not report_dir.is_dir():
+        print(f"freshet eval: --report: {args.report} exists and is not a directory", file=sys.stderr)
+        return 2
     if args.live:
         return _cmd_live(args, min_weight)
     if args.rate is not None or args.url or args.offline_report or args.no_offline or args.score_from:
@@ -88,7 +95,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
             chunk_size=args.chunk_size, min_weight=min_weight, max_events=args.events, window=args.window,
             progress=not args.no_progress, start_ray=_ray_starter(cfg),
         )
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, OSError) as e:  # OSError: a report dir that cannot be made, say
         print(f"freshet eval: {e}", file=sys.stderr)
         return 2
     md = (Path(args.report) / "report.md").read_text(encoding="utf-8")
@@ -99,6 +106,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def _cmd_live(args: argparse.Namespace, min_weight) -> int:
     """``freshet eval --live``: the live replay and the offline protocol; prints the table."""
     import os
+
+    import httpx
 
     from serving.live_eval import run_live
 
@@ -118,8 +127,9 @@ def _cmd_live(args: argparse.Namespace, min_weight) -> int:
             window=args.window, progress=not args.no_progress, score_from=args.score_from,
             start_ray=_ray_starter(cfg),
         )
-    except (ValueError, FileNotFoundError, RuntimeError) as e:
-        print(f"freshet eval --live: {e}", file=sys.stderr)
+    except (ValueError, OSError, RuntimeError, httpx.HTTPError) as e:  # HTTPError: a --url that does not answer
+        where = f"cannot reach {args.url}: {type(e).__name__}: " if isinstance(e, httpx.HTTPError) else ""
+        print(f"freshet eval --live: {where}{e}", file=sys.stderr)
         return 2
     md = (Path(args.report) / "live.md").read_text(encoding="utf-8")
     print(md.split("\n## Diagnostics")[0])

@@ -156,3 +156,22 @@ def test_live_eval_refuses_bad_arguments(tmp_path, capsys):
     assert main([*base, "--rate", "50"]) == 2
     assert "need --live" in capsys.readouterr().err
     assert main([*base, "--live", "--rate", "50", "--no-offline", "--offline-report", "x.json"]) == 2
+
+
+def test_eval_refuses_bad_events_report_dirs_and_an_unreachable_url(tmp_path, capsys):
+    # Found by a helper: --events 0 exited 0 with an empty report, a file as --report and an
+    # unreachable --url ended in tracebacks.
+    base = ["eval", "--data", "synthetic", "--strategies", "popularity", "--no-progress"]
+    for n in ("0", "-5"):
+        assert main([*base, "--report", str(tmp_path / "r"), "--events", n]) == 2
+        assert f"--events: must be at least 1, got {n}" in capsys.readouterr().err
+    afile = tmp_path / "afile"
+    afile.write_text("")
+    assert main([*base, "--report", str(afile)]) == 2
+    assert f"--report: {afile} exists and is not a directory" in capsys.readouterr().err
+    assert main([*base, "--report", str(afile / "sub"), "--events", "20"]) == 2
+    assert "Not a directory" in capsys.readouterr().err
+    url = f"http://127.0.0.1:{free_port()}"
+    assert main([*base, "--report", str(tmp_path / "live"), "--live", "--rate", "5", "--url", url, "--no-offline",
+                 "--events", "20"]) == 2
+    assert f"cannot reach {url}: ConnectError" in capsys.readouterr().err
