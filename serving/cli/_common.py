@@ -83,11 +83,16 @@ def ray_init(address: str | None, namespace: str, *, head=None, system_config: d
         ray_head.apply_client_env(head)
         address = head.address
     elif not address:
+        import atexit
+        import shutil
         import tempfile
 
         env = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
         if "RAY_AUTH_MODE" not in os.environ:
-            env = ray_head.local_cluster_env(tempfile.mkdtemp(prefix="freshet-ray-"))
+            token_dir = tempfile.mkdtemp(prefix="freshet-ray-")
+            env = ray_head.local_cluster_env(token_dir)
+            # The cluster lives as long as this process: so does its token (a dir was left per run).
+            atexit.register(shutil.rmtree, token_dir, True)
         ray_head.apply_env(env)
     import ray
 
