@@ -289,6 +289,14 @@ class FreshetConfig(ConfigModel):
             name = getattr(m, field)
             if name not in self.ps.tables:
                 raise ValueError(f"model.{field}={name!r} is not in ps.tables {sorted(self.ps.tables)}")
+        # One table, one role: two roles would push two kinds of update into the same rows (a
+        # popularity count into the item biases, say) and train without a complaint.
+        roles: dict[str, str] = {}
+        for field in ("user_table", "item_table", "item_bias_table", "popularity_table", "recent_table", "context_table"):
+            name = getattr(m, field)
+            if name is not None and name in roles:
+                raise ValueError(f"model.{field}={name!r} is also model.{roles[name]}: each role needs a table of its own")
+            roles.setdefault(name, field)
         u, i = self.ps.tables[m.user_table].dim, self.ps.tables[m.item_table].dim
         if u != i:
             raise ValueError(

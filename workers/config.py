@@ -85,7 +85,7 @@ class RatingRule(ConfigModel):
     """
 
     # Ratings >= 4 of 5 as positives: the implicit view MovieLens work uses (BENCHMARKS.md).
-    positive_at: float = Field(4.0, description="lowest rating that counts as a positive (rating units)")
+    positive_at: float = Field(4.0, allow_inf_nan=False, description="lowest rating that counts as a positive (rating units)")
     scale: float = Field(5.0, gt=0, description="rating that means full confidence (rating units)")
     below: BelowThreshold = Field(BelowThreshold.IGNORE, description="what a rating below positive_at is")
 

@@ -205,6 +205,21 @@ def test_model_tables_must_exist(tmp_path, field):
     assert f"model.{field}='nope'" in msg and "ps.tables" in msg
 
 
+@pytest.mark.parametrize("model, msg", [
+    ({"item_bias_table": "item_pop"}, "model.popularity_table='item_pop' is also model.item_bias_table"),
+    ({"user_table": "item"}, "model.item_table='item' is also model.user_table"),
+    ({"context_table": "user"}, "model.context_table='user' is also model.user_table"),
+])
+def test_each_model_role_needs_a_table_of_its_own(tmp_path, model, msg):
+    # These loaded, and the first trained popularity counts into the item biases without a word.
+    assert msg in config_error(tmp_path, {"model": model})
+
+
+def test_a_positive_threshold_must_be_a_number(tmp_path):
+    msg = config_error(tmp_path, {"model": {"ratings": {"positive_at": float("nan")}}})
+    assert "model.ratings.positive_at" in msg and "finite" in msg, msg
+
+
 def test_partial_tables_extend_the_defaults(tmp_path):
     # Setting one table's field keeps the other default tables and that table's other fields.
     cfg = load_config(write_yaml(tmp_path, {"ps": {"tables": {"user": {"dim": 16}, "item": {"dim": 16}}}}))
