@@ -3,15 +3,34 @@ writes JSON and a PNG (see ``bench/README.md``)."""
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import importlib.metadata
+import math
 import os
 import platform
 import tempfile
 from pathlib import Path
 from typing import Any
 
-__all__ = ["cpu_between", "machine", "ray_temp_dir", "tree_cpu_s"]
+__all__ = ["at_least", "cpu_between", "machine", "ray_temp_dir", "tree_cpu_s"]
+
+
+def at_least(minimum: float, kind: type = int):
+    """An argparse ``type`` for a number of ``kind`` of at least ``minimum``: argparse then names
+    the flag in its error (exit 2) instead of a traceback from deep in the benchmark."""
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"want {'an integer' if kind is int else 'a number'}, got {text!r}") from None
+        if not (math.isfinite(value) and value >= minimum):
+            raise argparse.ArgumentTypeError(f"must be at least {minimum:g}, got {text}")
+        return value
+
+    parse.__name__ = kind.__name__  # argparse's "invalid int value" wording for other errors
+    return parse
 
 
 def machine(*packages: str, **extra: Any) -> dict[str, Any]:

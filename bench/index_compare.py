@@ -29,6 +29,7 @@ from typing import Any
 
 import numpy as np
 
+from bench import at_least
 from ps.index import KeyIndex
 
 _OPS = ("lookup", "insert", "remove")
@@ -99,9 +100,9 @@ def run(rows: int, batch: int, rounds: int, seed: int = 0) -> dict[str, dict[str
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--rows", type=int, default=1_000_000)
-    ap.add_argument("--batch", type=int, default=20_480)
-    ap.add_argument("--rounds", type=int, default=40)
+    ap.add_argument("--rows", type=at_least(1), default=1_000_000)
+    ap.add_argument("--batch", type=at_least(1), default=20_480)
+    ap.add_argument("--rounds", type=at_least(1), default=40)
     args = ap.parse_args(argv)
     results = run(args.rows, args.batch, args.rounds)
     base = results["dict"]

@@ -34,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-from bench import machine, ray_temp_dir
+from bench import at_least, machine, ray_temp_dir
 from serving.ray_head import free_port
 
 __all__ = [
@@ -329,17 +329,17 @@ def _drain(http, timeout_s: float) -> tuple[bool, float, dict[str, Any]]:
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m bench.load", description=__doc__.split("\n\n")[0])
-    p.add_argument("--seconds", type=float, default=60.0, help="load duration (seconds, default 60)")
-    p.add_argument("--clients", type=int, default=16, help="concurrent HTTP clients (default 16)")
+    p.add_argument("--seconds", type=at_least(0.001, float), default=60.0, help="load duration (seconds, default 60)")
+    p.add_argument("--clients", type=at_least(1), default=16, help="concurrent HTTP clients (default 16)")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output directory (default bench/results/)")
     p.add_argument("--config", default=None, help="Freshet YAML config to start from (default: built-in defaults)")
     p.add_argument("--events-share", type=float, default=0.3, help="fraction of requests that post events (default 0.3)")
-    p.add_argument("--batch", type=int, default=20, help="events per /events request (default 20)")
-    p.add_argument("--seed-events", type=int, default=3000, help="events posted and trained before the load (default 3000)")
-    p.add_argument("--users", type=int, default=500, help="distinct users in the load (default 500)")
-    p.add_argument("--items", type=int, default=300, help="distinct items in the load (default 300)")
-    p.add_argument("--max-events", type=int, default=1_000_000, help="cap on events posted during the load (default 1e6)")
-    p.add_argument("--drain-timeout", type=float, default=120.0, help="seconds to wait for training to catch up (default 120)")
+    p.add_argument("--batch", type=at_least(1), default=20, help="events per /events request (default 20)")
+    p.add_argument("--seed-events", type=at_least(0), default=3000, help="events posted and trained before the load (default 3000)")
+    p.add_argument("--users", type=at_least(1), default=500, help="distinct users in the load (default 500)")
+    p.add_argument("--items", type=at_least(1), default=300, help="distinct items in the load (default 300)")
+    p.add_argument("--max-events", type=at_least(1), default=1_000_000, help="cap on events posted during the load (default 1e6)")
+    p.add_argument("--drain-timeout", type=at_least(0, float), default=120.0, help="seconds to wait for training to catch up (default 120)")
     return p.parse_args(argv)
 
 

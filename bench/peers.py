@@ -61,6 +61,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from bench import at_least
+
 __all__ = [
     "PEERS",
     "RUN_KEYS",
@@ -657,12 +659,12 @@ def format_table(report: dict[str, Any]) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.peers", description=__doc__.split("\n\n")[0])
     d = PeerWorkload()
-    ap.add_argument("--events", type=int, default=d.events)
-    ap.add_argument("--num-ids", type=int, default=d.num_ids)
-    ap.add_argument("--dim", type=int, default=d.dim)
-    ap.add_argument("--batch", type=int, default=d.batch)
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--repeat", type=int, default=1, help="rounds; each peer's fastest run is reported")
+    ap.add_argument("--events", type=at_least(1), default=d.events)
+    ap.add_argument("--num-ids", type=at_least(1), default=d.num_ids)
+    ap.add_argument("--dim", type=at_least(1), default=d.dim)
+    ap.add_argument("--batch", type=at_least(1), default=d.batch)
+    ap.add_argument("--threads", type=at_least(1), default=2)
+    ap.add_argument("--repeat", type=at_least(1), default=1, help="rounds; each peer's fastest run is reported")
     ap.add_argument("--seed", type=int, default=d.seed)
     ap.add_argument("--init", choices=("freshet", "torch"), default=d.init)
     ap.add_argument("--peers", default=",".join(PEERS), help=f"comma-separated subset of {','.join(PEERS)}")

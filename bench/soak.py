@@ -780,6 +780,8 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.events < 1 or args.batch < 1:
         p.error("--events and --batch must be >= 1")
+    if args.reanalyse is not None and not args.reanalyse.is_file():
+        p.error(f"--reanalyse: {args.reanalyse} is not a file")
     if args.tail is None:
         args.tail = max(2000, args.events // 100)
     return args
