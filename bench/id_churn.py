@@ -418,7 +418,7 @@ def write_report(report: dict[str, Any], out: Path) -> tuple[Path, Path]:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="python -m bench.id_churn", description=__doc__.splitlines()[0])
     ap.add_argument("--ids", type=at_least(1), default=10_000_000, help="distinct IDs to stream (IDs)")
     ap.add_argument("--max-rows", type=at_least(1), default=1_000_000, help="the item table's cap (rows per shard)")
     ap.add_argument("--out", type=Path, default=Path("bench/results/id_churn"), help="directory for churn.json and churn.png")

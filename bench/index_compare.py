@@ -99,7 +99,7 @@ def run(rows: int, batch: int, rounds: int, seed: int = 0) -> dict[str, dict[str
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="python -m bench.index_compare", description=__doc__.splitlines()[0])
     ap.add_argument("--rows", type=at_least(1), default=1_000_000)
     ap.add_argument("--batch", type=at_least(1), default=20_480)
     ap.add_argument("--rounds", type=at_least(1), default=40)

@@ -101,10 +101,12 @@ def _summary_rows(
     *,
     quarantined: int,
     quarantine_file: str | Path | None,
+    http: bool = True,
 ) -> list[tuple[str, str]]:
     """The summary table's (label, value) rows: trainer ``stats``, /rank latencies (ms)
     sampled while feeding and after training, the wall time (seconds), and the rows the
-    stream's file source rejected (``quarantined``, written to ``quarantine_file``)."""
+    stream's file source rejected (``quarantined``, written to ``quarantine_file``);
+    ``http``: the events went through ``POST /events`` (not ``--direct``)."""
     m: dict[str, float] = {}
     for s in stats:
         for k, v in s["metrics"].items():
@@ -126,7 +128,7 @@ def _summary_rows(
     return [
         ("events trained", f"{applied:,}"),
         ("quarantined rows", rejected),
-        ("throughput", f"{applied / max(wall_s, 1e-9):,.0f} events/s (wall, incl. HTTP ingest)"),
+        ("throughput", f"{applied / max(wall_s, 1e-9):,.0f} events/s (wall{', incl. HTTP ingest' if http else ''})"),
         ("trainer device", ", ".join(sorted({s['device'] for s in stats}))),
         ("prequential model recall@10 / @20 / NDCG@10",
          f"{model_r:.4f} / {q['model']['hits@20']:.4f} / {q['model']['ndcg@10']:.4f}  over {n_ev:,} warm positives "
@@ -250,7 +252,8 @@ def _run(args, work: Path, keep: list[bool]) -> int:
         if quarantined and qfile is not None and Path(qfile).absolute().is_relative_to(work.absolute()):
             keep[0] = True  # the summary points at it
         rows = _summary_rows(
-            stats, feeder.rank_ms if feeder else [], after_ms, wall, quarantined=quarantined, quarantine_file=qfile
+            stats, feeder.rank_ms if feeder else [], after_ms, wall, quarantined=quarantined, quarantine_file=qfile,
+            http=not args.direct,
         )
         del dep
         print()

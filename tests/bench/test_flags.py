@@ -13,7 +13,7 @@ import pytest
     ("bench.load", ["--clients", "0"], "argument --clients: must be at least 1, got 0"),
     ("bench.load", ["--seconds", "-1"], "argument --seconds: must be at least 0.001, got -1"),
     ("bench.load", ["--clients", "x"], "argument --clients: want an integer, got 'x'"),
-    ("bench.id_churn", ["--ids", "-1"], "argument --ids: must be at least 1, got -1"),
+    ("bench.id_churn", ["--ids", "-1"], "python -m bench.id_churn: error: argument --ids: must be at least 1, got -1"),
     ("bench.peers", ["--events", "0"], "argument --events: must be at least 1, got 0"),
     ("bench.index_compare", ["--rows", "0"], "argument --rows: must be at least 1, got 0"),
     ("bench.soak", ["--reanalyse", "/no/such/soak.json"], "--reanalyse: /no/such/soak.json is not a file"),
