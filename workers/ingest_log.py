@@ -74,8 +74,8 @@ from workers.events import EVENT_COLUMNS, empty_events, make_events
 __all__ = [
     "INGEST_ACTOR",
     "AppendResult",
-    "IngestLog",
     "IdempotencyKeyReused",
+    "IngestLog",
     "IngestWriteError",
     "TrimmedOffsetError",
     "read_log_id",

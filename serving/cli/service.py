@@ -285,12 +285,14 @@ def cmd_up(args: argparse.Namespace) -> int:
     The state file (``<state dir>/freshet-up.json``, JSON) holds ``version``, ``namespace``,
     ``config``, ``pid`` (of this ``up``), ``phase`` (``starting`` → ``head-up`` → ``deploying``
     → ``up``), ``started_ray``, ``ray_root`` (the private directory of the head's files) and
-    ``ray_dir`` (the head's temp dir inside it), both written before the head starts, ``head`` (:class:`serving.ray_head.HeadInfo`: address, ports, token file, PIDs,
-    extra environment; never the token itself), ``address``, ``url`` and ``restored_from``.
+    ``ray_dir`` (the head's temp dir inside it), both written before the head starts, ``head``
+    (:class:`serving.ray_head.HeadInfo`: address, ports, token file, PIDs, extra environment;
+    never the token itself), ``address``, ``url`` and ``restored_from``.
 
     Returns:
         0 once everything answers; 1 if something failed (everything started is removed, the
-        message names the step) or a service is already up here.
+        message names the step, Ray's logs are kept and named) or a service is already up
+        here, or ``serving.port`` is in use.
     """
     from serving import deploy
     from serving.cli.ckpt import checkpoint_dir, restore_trainer_offsets
