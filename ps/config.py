@@ -280,7 +280,9 @@ def format_validation_error(err: ValidationError, source: str) -> str:
     lines = [f"invalid Freshet config ({source}):"]
     for e in err.errors():
         path = ".".join(str(p) for p in e["loc"]) or "<root>"
-        lines.append(f"  {path}: {e['msg']} (got {e.get('input')!r})")
+        got = repr(e.get("input"))
+        # A check across fields gets the whole section as its input: its message names the fields.
+        lines.append(f"  {path}: {e['msg']}" + (f" (got {got})" if len(got) <= 200 else ""))
     return "\n".join(lines)
 
 

@@ -285,6 +285,9 @@ class FreshetConfig(ConfigModel):
     @model_validator(mode="after")
     def _check(self) -> FreshetConfig:
         m = self.model
+        taken = [k for k, p in self.ray.ports.items() if p == self.serving.port and not k.endswith(("_min", "_max"))]
+        if taken:  # `up` would find out ~15 s in, as a port clash of Ray's or Serve's
+            raise ValueError(f"serving.port {self.serving.port} is also ray.ports.{taken[0]}; give them different ports")
         for field in ("user_table", "item_table", "item_bias_table", "popularity_table"):
             name = getattr(m, field)
             if name not in self.ps.tables:

@@ -27,8 +27,14 @@ def add_data_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def data_overrides(data: str | None, events: int | None) -> dict[str, Any]:
-    """Config overrides selecting the stream ``--data`` names, capped at ``--events``."""
+    """Config overrides selecting the stream ``--data`` names, capped at ``--events``.
+
+    Raises:
+        ValueError: an empty ``--data`` (it would be ignored, and the config's stream run).
+    """
     stream: dict[str, Any] = {}
+    if data is not None and not data.strip():
+        raise ValueError("--data: empty; give 'synthetic', a ratings file or a directory")
     if data:
         p = Path(data)
         if data == "synthetic":

@@ -253,3 +253,16 @@ def test_table_lookup_names_known_tables():
     assert ps.table("item_bias") == TableConfig(dim=1, init=InitKind.ZEROS, follows="item")
     with pytest.raises(KeyError, match=r"unknown table 'nope'.*item_pop"):
         ps.table("nope")
+
+
+def test_serving_port_and_a_ray_port_must_differ(tmp_path):
+    # `freshet up` found out ~15 s in, when Ray or Serve could not bind.
+    msg = config_error(tmp_path, {"serving": {"port": 28123}, "ray": {"ports": {"gcs": 28123}}})
+    assert "serving.port 28123 is also ray.ports.gcs" in msg
+
+
+def test_a_check_across_fields_does_not_echo_the_whole_config(tmp_path):
+    # Its input is the whole section: the message names the fields; a long echo only buries it.
+    big = {"model": {"item_bias_table": "item_pop"}, "ps": {"tables": {f"t{i}": {"dim": 4} for i in range(40)}}}
+    msg = config_error(tmp_path, big)
+    assert "model.popularity_table='item_pop' is also model.item_bias_table" in msg and "(got" not in msg, msg

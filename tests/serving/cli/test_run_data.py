@@ -128,3 +128,9 @@ def test_run_that_reserves_more_cpus_than_its_ray_has_is_refused_not_left_waitin
     r = freshet("run", "--config", str(config), "--events", "100", timeout=180)
     assert r.returncode == 2, (r.stdout[-2000:], r.stderr[-3000:])
     assert re.search(r"the deployment reserves 256\.75 CPUs .* more than the \d+ this Ray cluster has", r.stderr), r.stderr
+
+
+def test_run_refuses_an_empty_data_flag():
+    # It was ignored, and the config's stream (the synthetic default) ran instead.
+    r = freshet("run", "--data", "", timeout=120)
+    assert r.returncode == 2 and "--data: empty" in r.stderr, r.stderr
