@@ -266,3 +266,11 @@ def test_a_check_across_fields_does_not_echo_the_whole_config(tmp_path):
     big = {"model": {"item_bias_table": "item_pop"}, "ps": {"tables": {f"t{i}": {"dim": 4} for i in range(40)}}}
     msg = config_error(tmp_path, big)
     assert "model.popularity_table='item_pop' is also model.item_bias_table" in msg and "(got" not in msg, msg
+
+
+def test_a_key_given_twice_is_refused_naming_it_and_both_lines(tmp_path):
+    # PyYAML keeps the last one: one of the two settings would be dropped without a word.
+    path = tmp_path / "freshet.yaml"
+    path.write_text("serving:\n  port: 8001\n  port: 8002\n", encoding="utf-8")
+    with pytest.raises(ConfigError, match=r"key 'port' is given twice \(first line 2\)[\s\S]*line 3"):
+        load_config(path)
