@@ -49,7 +49,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from bench import cpu_between, machine, tree_cpu_s
+from bench import at_least, cpu_between, machine, tree_cpu_s
 from ps.ids import ids_from_arrow
 from ps.local import LocalClient
 from serving.config import FreshetConfig, load_config
@@ -863,26 +863,19 @@ def bench_config(events: int, config_path: str | None = None) -> FreshetConfig:
     return cfg
 
 
-def _positive(text: str) -> int:
-    v = int(text)
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {v}")
-    return v
-
-
 def main(argv: list[str] | None = None) -> int:
     """Run the whole benchmark; returns the process exit status."""
     p = argparse.ArgumentParser(prog="python -m bench.train_throughput", description=__doc__.split("\n\n")[0])
     p.add_argument("--workload", choices=WORKLOADS, default="default",
                    help="default: the configured model on the synthetic stream; torchrec: issue 12's TorchRec CPU job "
                         "beside the peers (bench.peers) on the same events")
-    p.add_argument("--events", type=_positive, default=None,
+    p.add_argument("--events", type=at_least(1), default=None,
                    help="stream events per run (default 30000; 200000 with --workload torchrec)")
-    p.add_argument("--num-ids", type=_positive, default=1_000_000, help="torchrec workload: IDs per table (default 1e6)")
+    p.add_argument("--num-ids", type=at_least(1), default=1_000_000, help="torchrec workload: IDs per table (default 1e6)")
     p.add_argument("--peers", default="plain,torchrec,fbgemm",
                    help="torchrec workload: peers to run (plain always runs, with 1 and 2 threads)")
-    p.add_argument("--peer-repeat", type=_positive, default=1, help="torchrec workload: rounds per peer, fastest kept")
-    p.add_argument("--repeat", type=_positive, default=1,
+    p.add_argument("--peer-repeat", type=at_least(1), default=1, help="torchrec workload: rounds per peer, fastest kept")
+    p.add_argument("--repeat", type=at_least(1), default=1,
                    help="rounds, each running the peers (--peer-repeat times), the twin and the PS in turn (fresh "
                         "Ray and shards), every run's fastest round kept: on a noisy machine a slow minute then "
                         "hurts every run alike")
@@ -892,12 +885,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--table-rows", type=int, default=None,
                    help="torchrec workload: also measure a table of this many rows (issue 11's figures; "
                         "default 1000000; 0 skips)")
-    p.add_argument("--shards", type=_positive, default=None, help="PS shard actors (default: the config's ps.num_shards)")
+    p.add_argument("--shards", type=at_least(1), default=None, help="PS shard actors (default: the config's ps.num_shards)")
     p.add_argument("--out", default=str(DEFAULT_OUT), help="output directory (default bench/results/)")
     p.add_argument("--config", default=None, help="Freshet YAML config (default: built-in defaults, synthetic stream)")
-    p.add_argument("--rank-requests", type=_positive, default=300, help="/rank requests for known users")
-    p.add_argument("--unknown-requests", type=_positive, default=50, help="/rank requests for unknown users")
-    p.add_argument("--healthz-requests", type=_positive, default=300, help="GET /healthz requests")
+    p.add_argument("--rank-requests", type=at_least(1), default=300, help="/rank requests for known users")
+    p.add_argument("--unknown-requests", type=at_least(1), default=50, help="/rank requests for unknown users")
+    p.add_argument("--healthz-requests", type=at_least(1), default=300, help="GET /healthz requests")
     p.add_argument("--no-serve", action="store_true", help="skip the /rank latency part")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     args = p.parse_args(argv)

@@ -142,10 +142,22 @@ def check_fits(cfg: FreshetConfig, resources: dict[str, float], *, trainers: boo
     if cpus > have + 1e-9:
         raise ValueError(f"the deployment reserves {cpus:g} CPUs ({' + '.join(w for w, _ in parts)}), more than the "
                          f"{have:g} this Ray cluster has; lower them (or give the cluster more: ray.num_cpus)")
-    gpus = gpus_per_trainer(cfg, resources.get("GPU", 0.0)) * t.num_workers if trainers else 0.0
-    if gpus > resources.get("GPU", 0.0) + 1e-9:
+    have_gpus = resources.get("GPU", 0.0)
+    gpus = gpus_per_trainer(cfg, have_gpus) * t.num_workers if trainers else 0.0
+    if gpus > have_gpus + 1e-9:
         raise ValueError(f"trainer.num_gpus {t.num_gpus:g} x trainer.num_workers {t.num_workers} reserves {gpus:g} GPUs, "
-                         f"more than the {resources.get('GPU', 0.0):g} this Ray cluster has")
+                         f"more than the {have_gpus:g} this Ray cluster has")
+
+
+def serves_freshet() -> bool:
+    """Whether the connected Ray cluster already runs a Freshet app. One Ray cluster serves one
+    Freshet app (Serve has one HTTP port and the app one name): deploying another there would
+    replace a service someone else runs."""
+    from ray import serve
+
+    from serving.app import APP_NAME
+
+    return APP_NAME in serve.status().applications
 
 
 def actor_names(cfg: FreshetConfig) -> list[str]:

@@ -293,16 +293,11 @@ def _start_service(cfg: FreshetConfig, own_ray: bool):
     reading its own ingest log: ``(deployment, url, token, work dir)``."""
     from serving import deploy
 
-    if not own_ray:
-        # One Ray cluster serves one Freshet app (Serve has one HTTP port and the app one
-        # name): deploying here would replace a service someone else runs.
-        from ray import serve
-
+    if not own_ray and deploy.serves_freshet():
         from serving.app import APP_NAME
 
-        if APP_NAME in serve.status().applications:
-            raise RuntimeError(f"a Freshet app ({APP_NAME!r}) already runs on this Ray cluster; evaluate it with "
-                               "--url (and --token), or run --live without --url where no Freshet service runs")
+        raise RuntimeError(f"a Freshet app ({APP_NAME!r}) already runs on this Ray cluster; evaluate it with "
+                           "--url (and --token), or run --live without --url where no Freshet service runs")
     work = tempfile.mkdtemp(prefix="freshet-live-")
     token = secrets.token_urlsafe(24)
     live_cfg = cfg.model_copy(update={

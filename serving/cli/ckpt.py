@@ -128,21 +128,21 @@ def cmd_ckpt(args) -> int:
     except ValueError as e:
         print(f"freshet ckpt save: {e}", file=sys.stderr)
         return 2
-    if (checkpoint_root(cfg) / name).exists():
+    ckpt = checkpoint_root(cfg) / name
+    if ckpt.exists():
         if not args.overwrite:
-            print(f"freshet ckpt save: checkpoint {name!r} already exists ({checkpoint_root(cfg) / name}); "
+            print(f"freshet ckpt save: checkpoint {name!r} already exists ({ckpt}); "
                   "choose another name, or pass --overwrite to replace it", file=sys.stderr)
             return 1
         # Whole, before anything is written: a save that fails half-way must not leave the old
         # offsets (trainers.json, which marks a checkpoint complete) beside new shard rows.
-        shutil.rmtree(checkpoint_root(cfg) / name)
+        shutil.rmtree(ckpt)
     connect(state)  # the head `up` started, with its token, or the cluster it joined
     try:
         trainers = [ray.get_actor(trainer_actor_name(i), namespace=state["namespace"]) for i in range(cfg.trainer.num_workers)]
         stats = ray.get([t.stop.remote() for t in trainers])
         try:
             reports = PSClient.connect(state["namespace"]).snapshot(name)
-            ckpt = checkpoint_root(cfg) / name
             offsets = [{"applied_offset": s["applied_offset"], "applied_offsets": s["applied_offsets"],
                         "events_applied": s["events_applied"], "source_id": s["source_id"]} for s in stats]
             # Each trainer saved its catalogue and histories at these offsets when it stopped;

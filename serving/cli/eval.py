@@ -98,7 +98,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     except (ValueError, OSError) as e:  # OSError: a report dir that cannot be made, say
         print(f"freshet eval: {e}", file=sys.stderr)
         return 2
-    md = (Path(args.report) / "report.md").read_text(encoding="utf-8")
+    md = (report_dir / "report.md").read_text(encoding="utf-8")
     print(md.split("\n## Settings")[0])
     return 0 if report["strategies"] else 1
 

@@ -194,18 +194,13 @@ def _run(args, work: Path, keep: list[bool]) -> int:
     print(f"freshet run: {base.stream.kind.value} stream, {total:,} events, "
           f"{cfg.ps.num_shards} shards, {cfg.trainer.num_workers} trainer(s), ingest log in {work}")
     ray_init(args.address, ns, system_config=cfg.ray.system_config())
-    if args.address:
-        from ray import serve
-
+    if args.address and deploy.serves_freshet():
         from serving.app import APP_NAME
 
-        # One Ray cluster serves one Freshet app (Serve has one HTTP port and the app one name):
-        # deploying here would replace a service someone else runs.
-        if APP_NAME in serve.status().applications:
-            ray.shutdown()
-            print(f"freshet run: a Freshet app ({APP_NAME!r}) already runs on the Ray cluster at {args.address}; "
-                  "run without --address (a local Ray of its own) or where no Freshet service runs", file=sys.stderr)
-            return 2
+        ray.shutdown()
+        print(f"freshet run: a Freshet app ({APP_NAME!r}) already runs on the Ray cluster at {args.address}; "
+              "run without --address (a local Ray of its own) or where no Freshet service runs", file=sys.stderr)
+        return 2
     try:
         # Keep ``dep``: a non-detached actor is collected once its last handle is gone.
         dep = deploy.start(cfg, evaluate=True, max_events=total, require_fit=not args.address)
