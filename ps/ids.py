@@ -65,7 +65,7 @@ def as_id_array(ids: Iterable[ID] | np.ndarray) -> np.ndarray:
 
     Raises:
         ValueError: a single ID (a string, bytes or a number) or a numpy array that is not 1-D,
-            where a sequence of IDs is expected.
+            where a sequence of IDs is expected; an int ID outside the signed 64-bit range.
     """
     if isinstance(ids, (str, bytes, int, float, np.integer, np.floating)):
         # A bare string would be taken as one ID per character, a number would fail deeper.
@@ -83,7 +83,11 @@ def as_id_array(ids: Iterable[ID] | np.ndarray) -> np.ndarray:
         ids = ids.tolist()
     ids = list(ids)
     if ids and all(isinstance(x, (int, np.integer)) and not isinstance(x, bool) for x in ids):
-        return np.asarray(ids, dtype=np.int64)
+        try:
+            return np.asarray(ids, dtype=np.int64)
+        except OverflowError:  # numpy names no value; the caller needs which one
+            bad = next(int(x) for x in ids if not _I64_MIN <= int(x) <= _I64_MAX)
+            raise ValueError(f"id: int ID {bad} is outside the signed 64-bit range") from None
     out = np.empty(len(ids), dtype=object)
     out[:] = ids
     return out

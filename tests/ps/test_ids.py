@@ -13,7 +13,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from ps.ids import as_id_array, id_keys, ids_from_arrow, ids_to_arrow, init_rows, validate_id
+from ps.ids import as_id_array, id_keys, ids_from_arrow, ids_to_arrow, init_rows, keyed, validate_id
 
 REPO = Path(__file__).resolve().parents[2]
 I64_MIN, I64_MAX = -(1 << 63), (1 << 63) - 1
@@ -256,3 +256,13 @@ def test_as_id_array_keeps_values_and_types():
 def test_as_id_array_rejects_uint64_beyond_int64():
     with pytest.raises(ValueError):
         as_id_array(np.asarray([(1 << 64) - 1], dtype=np.uint64))
+
+
+@pytest.mark.parametrize("ids", [[1 << 63], [-(1 << 63) - 1], [np.uint64((1 << 64) - 1)], [1, 1 << 70]])
+def test_as_id_array_names_an_int_beyond_int64_from_a_list(ids):
+    # numpy's own OverflowError named neither the field nor the value.
+    bad = next(int(x) for x in ids if not -(1 << 63) <= int(x) < 1 << 63)
+    with pytest.raises(ValueError, match=rf"^id: int ID {bad} is outside the signed 64-bit range"):
+        as_id_array(ids)
+    with pytest.raises(ValueError, match="outside the signed 64-bit range"):
+        keyed(ids)
