@@ -100,7 +100,11 @@ class EvictionPolicy(str, enum.Enum):
 class AdmissionConfig(ConfigModel):
     """When a new ID gets a row: after ``min_count`` pushes and/or with ``probability``."""
 
-    min_count: int = Field(1, ge=1, le=1_000_000, description="pushes of an ID before it gets a row (pushes); 1 admits on first sight")
+    min_count: int = Field(
+        1, ge=1, le=1_000_000,
+        description="pushes that may create an ID's row before it gets one (pushes: a trainer sends one per mini-batch "
+                    "with an interaction of the ID, whatever its passes); 1 admits on first sight",
+    )
     probability: float = Field(
         1.0, gt=0, le=1, description="chance that the push which would create a row does (fraction); deterministic per (ID, count)"
     )

@@ -7,7 +7,9 @@ What an event teaches is the model's rule (:func:`workers.model.signals`): a pos
 (with a confidence that scales its BPR term and its popularity count) is ranked above
 fresh uniform negatives in every pass; a dislike, with ``model.negative_feedback:
 explicit``, pushes that item's score down for the user. Only real interactions may
-create rows (``create``); negatives and context items change existing rows only.
+create rows (``create``), in a batch's first pass only (admission counts each batch with
+an interaction once, whatever the passes); negatives and context items change existing
+rows only.
 """
 
 from __future__ import annotations
@@ -328,10 +330,13 @@ class TrainStep:
         gu, gi, gb = host[0], host[1], host[2].reshape(-1, 1)
         all_items, all_users = len(used) == n_items, len(user_rows) == n_users
         item_keys = batch.items if all_items else Keyed(batch.items.keys[used], batch.items.ids[used])
-        create = batch.item_real if all_items else batch.item_real[used]
+        # Only the first pass's push counts as the interaction: admission counts the pushes
+        # that may create a row, and the later passes are the same events again.
+        first = p == 0
+        create = (batch.item_real if all_items else batch.item_real[used]) & first
         out = {
             m.user_table: (batch.users if all_users else batch.users.take(user_rows), gu if all_users else gu[user_rows],
-                           np.ones(len(user_rows), bool)),
+                           np.full(len(user_rows), first)),
             m.item_table: (item_keys, gi if all_items else gi[used], create),
             m.item_bias_table: (item_keys, gb if all_items else gb[used], create),
         }
