@@ -398,6 +398,10 @@ class PSClient:
                 for s, p in enumerate(_Route(users, self.plan).positions) if len(p)]
         return int(sum(ray.get(refs, timeout=self.timeout_s if timeout_s is None else timeout_s)))
 
+    def expire(self) -> list[dict[str, int]]:
+        """Run every shard's TTL expiry now (``PSShard.expire``); per shard, rows removed per table."""
+        return self._get([sh.expire.remote() for sh in self.shards])
+
     def forget_items(self, items: IdsLike) -> int:
         """Drop ``items`` from every user's recent items on every shard; returns entries dropped."""
         keys = keyed(items, "item_id").keys

@@ -81,6 +81,10 @@ class LocalClient:
         """``[(version, keys)]`` of every row of ``table``."""
         return [self.shard.live_keys(table)]
 
+    def expire(self) -> list[dict[str, int]]:
+        """Run the TTL expiry now; ``[rows removed per table]`` (see ``PSShard.expire``)."""
+        return [self.shard.expire()]
+
     def forget_items(self, items: IdsLike) -> int:
         """Drop ``items`` from every user's recent items."""
         return self.shard.forget_items(keyed(items, "item_id").keys)

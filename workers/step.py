@@ -15,6 +15,7 @@ rows only.
 from __future__ import annotations
 
 import collections
+import itertools
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -61,14 +62,25 @@ def _distinct(idx: np.ndarray, n: int) -> np.ndarray:
 
 class Histories:
     """Each user's latest ``width`` positive items (keys): the session context of their next
-    events. Bounded per user; users are dropped with :meth:`forget_users`."""
+    events. Bounded per user, and to ``max_users`` users (the least recently active go
+    first); users are dropped with :meth:`forget_users`."""
 
-    def __init__(self, width: int):
+    def __init__(self, width: int, max_users: int | None = None):
         self.width = width
-        self._users: dict[int, collections.deque] = {}
+        self.max_users = max_users
+        self._users: dict[int, collections.deque] = {}  # least recently active first
 
     def __len__(self) -> int:
         return len(self._users)
+
+    def users(self) -> np.ndarray:
+        """The users with a history (``uint64`` keys)."""
+        return np.fromiter(self._users, np.uint64, len(self._users))
+
+    def forget_users(self, users: np.ndarray) -> None:
+        """Drop the histories of ``users`` (keys; removed from the PS)."""
+        for u in np.asarray(users, np.uint64).tolist():
+            self._users.pop(u, None)
 
     def of(self, user: int) -> tuple[int, ...]:
         """The user's items, oldest first."""
@@ -78,10 +90,14 @@ class Histories:
     def remember(self, users: np.ndarray, items: np.ndarray) -> None:
         """Append ``items`` to their ``users``' histories, in order."""
         for u, i in zip(users.tolist(), items.tolist()):
-            d = self._users.get(u)
+            d = self._users.pop(u, None)  # re-inserted last: the most recently active
             if d is None:
-                d = self._users[u] = collections.deque(maxlen=self.width)
+                d = collections.deque(maxlen=self.width)
+            self._users[u] = d
             d.append(i)
+        if self.max_users is not None and len(self._users) > self.max_users:
+            for u in list(itertools.islice(self._users, len(self._users) - self.max_users)):
+                del self._users[u]
 
     def forget_items(self, items: np.ndarray) -> None:
         """Drop ``items`` from every history (removed from the PS)."""

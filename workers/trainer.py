@@ -239,7 +239,8 @@ class Trainer:
         self.recovered_pushes = 0
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self._lifecycle = cfg.ps.table(cfg.model.item_table).has_lifecycle
+        self._lifecycle = {t: cfg.ps.table(t).has_lifecycle for t in (cfg.model.item_table, cfg.model.user_table)}
+        self._ttl = any(t.ttl_s is not None for t in cfg.ps.tables.values())
         self._reset_local_state()
         if self.wal is not None:
             self._recover()
@@ -250,7 +251,11 @@ class Trainer:
     def _reset_local_state(self) -> None:
         """Empty local state at offset 0 (what :meth:`_recover` rebuilds from)."""
         self.catalogue = Catalogue()
-        self.histories = Histories(self.cfg.model.context_items)
+        users = self.cfg.ps.table(self.cfg.model.user_table)
+        # No more users than the user table can hold on all shards: the users without a row
+        # (not admitted yet, or turned away by a full table) cannot grow it without bound.
+        cap = users.max_rows * self.cfg.ps.num_shards if users.max_rows is not None else None
+        self.histories = Histories(self.cfg.model.context_items, max_users=cap)
         self.offsets = dict.fromkeys(self.sources, 0)  # applied (committed) per partition
         self.read_pos = dict(self.offsets)  # next offset to read per partition
         self.events_applied = self.events_read = self.batches = 0
@@ -258,7 +263,7 @@ class Trainer:
         self.seen: dict[int, set] = collections.defaultdict(set)
         self.warm_chunks = WarmChunks()  # which positives freshet eval would rank (evaluation)
         self._removed_since = [0] * getattr(self.client, "num_shards", 1)
-        self._lifecycle_at = 0.0
+        self._lifecycle_at = self._expired_at = 0.0
         self._since_snapshot = 0
         self._rr = 0
         self._last_progress = time.time()
@@ -556,25 +561,53 @@ class Trainer:
     def _sync_lifecycle(self) -> None:
         """Drop items the PS removed (expiry, eviction) from the catalogue and histories, so
         they are never sampled as negatives or used as context; trainer 0 also drops them
-        from every user's recent items on the shards."""
+        from every user's recent items on the shards. Drop users the PS removed from the
+        histories, so a user who comes back starts a fresh session context."""
         now = time.monotonic()
-        if not self._lifecycle or now - self._lifecycle_at < self.cfg.trainer.lifecycle_sync_s:
+        if not any(self._lifecycle.values()) or now - self._lifecycle_at < self.cfg.trainer.lifecycle_sync_s:
             return
         self._lifecycle_at = now
-        table = self.cfg.model.item_table
         reader = f"{self.cfg.namespace}/{trainer_actor_name(self.index)}"
-        replies = self.client.removed(table, self._removed_since, reader)
-        gone = [k for _, k, _ in replies if len(k)]
-        if any(full for _, _, full in replies):
-            live = np.concatenate([k for _, k in self.client.live_keys(table)])
-            gone.append(self.catalogue.keys()[~np.isin(self.catalogue.keys(), live)])
-        self._removed_since = [v for v, _, _ in replies]
-        keys = np.unique(np.concatenate(gone)) if gone else np.empty(0, np.uint64)
-        if len(keys):
-            self.catalogue.remove(keys)
-            self.histories.forget_items(keys)
-            if self.index == 0:
-                self.client.forget_items(_keyed(keys))
+        since = list(self._removed_since)
+        versions = None
+        for table, known in ((self.cfg.model.item_table, self.catalogue.keys),
+                             (self.cfg.model.user_table, self.histories.users)):
+            if not self._lifecycle[table]:
+                continue
+            replies = self.client.removed(table, since, reader)
+            got = [v for v, _, _ in replies]
+            versions = got if versions is None else [min(a, b) for a, b in zip(versions, got)]
+            gone = [k for _, k, _ in replies if len(k)]
+            if any(full for _, _, full in replies):
+                live = np.concatenate([k for _, k in self.client.live_keys(table)])
+                have = known()
+                gone.append(have[~np.isin(have, live)])
+            keys = np.unique(np.concatenate(gone)) if gone else np.empty(0, np.uint64)
+            if not len(keys):
+                continue
+            if table == self.cfg.model.user_table:
+                self.histories.forget_users(keys)
+                continue
+            # A tombstone outlives its removal: the item may have a row again by now (a new
+            # interaction), and forgetting it then would drop that interaction from its
+            # user's recent items, so a just-seen item would be ranked back to them.
+            keys = keys[~self.client.pull_many({table: _keyed(keys)})[table][1]]
+            if len(keys):
+                self.catalogue.remove(keys)
+                self.histories.forget_items(keys)
+                if self.index == 0:
+                    self.client.forget_items(_keyed(keys))
+        if versions is not None:
+            self._removed_since = versions
+
+    def _expire_idle(self) -> None:
+        """Trainer 0, while it waits for events: run the shards' TTL expiry, which otherwise
+        runs only with a push, so an idle service still lets IDs expire."""
+        now = time.monotonic()
+        if self.index != 0 or not self._ttl or now - self._expired_at < self.cfg.trainer.lifecycle_sync_s:
+            return
+        self._expired_at = now
+        self.client.expire()
 
     def run(self, max_batches: int | None = None) -> dict[str, Any]:
         """Train until the stream is exhausted (finite sources), ``stop()`` or ``max_batches``.
@@ -598,6 +631,7 @@ class Trainer:
                     if self._exhausted():
                         break
                     self._last_progress = time.time()  # idle, not stalled
+                    self._expire_idle()
                     # Only partitions below max_events can bring work: waiting on one at its
                     # limit would return at once, forever.
                     waiting = {p: pos for p, pos in self.read_pos.items()

@@ -1,0 +1,84 @@
+"""What a trainer does with the PS's removals (``Trainer._sync_lifecycle``) and while idle,
+in process over a ``LocalClient``: an item removed and then brought back by a new
+interaction keeps its place in users' recent items; a removed user's session context goes;
+the users' histories stay within what the user table can hold."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ps.ids import keyed
+from ps.local import LocalClient
+from ps.shard import PushId
+from serving.config import load_config
+from workers.step import Histories
+from workers.trainer import Trainer
+
+
+def _trainer(tables: dict) -> tuple[Trainer, LocalClient]:
+    cfg = load_config(None, {"stream": {"num_events": 10}, "ps": {"num_shards": 1, "tables": tables},
+                             "trainer": {"lifecycle_sync_s": 0.001}})
+    client = LocalClient(cfg.ps)
+    return Trainer(0, cfg, client=client), client
+
+
+def _push(client: LocalClient, table: str, ids: list, seq: int) -> None:
+    client.push_async({table: (ids, np.zeros((len(ids), client.dims[table]), np.float32))}, PushId("test", seq))
+
+
+def _live(client: LocalClient, table: str, ids: list) -> list[bool]:
+    return client.pull_many({table: ids})[table][1].tolist()
+
+
+def test_an_item_back_by_a_new_interaction_stays_in_recent_items_after_the_sync():
+    # Before, the sync forgot every tombstoned item, even one a user had just interacted
+    # with again: /rank then ranked that just-seen item back to them.
+    tr, client = _trainer({"item": {"max_rows": 2, "eviction": "lru"}})
+    _push(client, "item", ["x"], 1)
+    _push(client, "item", ["y"], 2)
+    _push(client, "item", ["z"], 3)  # the cap is 2: "x" goes
+    _push(client, "item", ["x"], 4)  # a new interaction brings it back; "y" goes
+    assert _live(client, "item", ["x", "y", "z"]) == [True, False, True]
+    u, items = keyed(["u2", "u2"]).keys, keyed(["x", "y"]).keys
+    client.shard.record_recent(u, items, np.asarray([7, 8]))
+    tr._sync_lifecycle()
+    assert client.shard.recent_items(u[:1])[0].tolist() == keyed(["x"]).keys.tolist()
+    assert tr._removed_since == [client.shard.version]
+
+
+def test_a_removed_users_session_context_goes_with_their_row():
+    tr, client = _trainer({"user": {"max_rows": 1, "eviction": "lru"}})
+    _push(client, "user", ["a"], 1)
+    tr.histories.remember(keyed(["a", "b"]).keys, keyed(["i1", "i2"]).keys)
+    _push(client, "user", ["b"], 2)  # the cap is 1: "a" goes
+    tr._sync_lifecycle()
+    assert tr.histories.of(int(keyed(["a"]).keys[0])) == ()
+    assert tr.histories.of(int(keyed(["b"]).keys[0])) == (int(keyed(["i2"]).keys[0]),)
+
+
+def test_histories_keep_the_most_recently_active_users_up_to_the_cap():
+    h = Histories(width=2, max_users=3)
+    h.remember(np.asarray([1, 2, 3, 1], np.uint64), np.asarray([10, 20, 30, 11], np.uint64))
+    h.remember(np.asarray([4], np.uint64), np.asarray([40], np.uint64))  # 2 is the least recently active
+    assert sorted(h.users().tolist()) == [1, 3, 4] and h.of(1) == (10, 11)
+    h.forget_users(np.asarray([3, 99], np.uint64))
+    assert sorted(h.users().tolist()) == [1, 4]
+    users, items = h.capture()
+    again = Histories(width=2, max_users=3)
+    again.load(users, items)
+    assert again.users().tolist() == h.users().tolist() and again.of(1) == (10, 11)
+
+
+def test_the_trainers_histories_hold_no_more_users_than_the_user_table_can():
+    tr, _ = _trainer({"user": {"max_rows": 5}})
+    tr.histories.remember(np.arange(1, 101, dtype=np.uint64), np.arange(101, 201, dtype=np.uint64))
+    assert len(tr.histories) == 5  # max_rows per shard x 1 shard
+
+
+def test_an_idle_trainer_runs_the_shards_expiry():
+    # Expiry ran only with a push, so an idle service kept expired IDs forever.
+    tr, client = _trainer({"user": {"ttl_s": 60.0}})
+    _push(client, "user", ["a"], 1)
+    client.shard.tables["user"].touched_at[:] -= 120.0  # its last interaction two minutes ago
+    tr._expire_idle()
+    assert _live(client, "user", ["a"]) == [False]
