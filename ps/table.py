@@ -18,6 +18,7 @@ the owner serialises access (a shard actor runs one method at a time).
 
 from __future__ import annotations
 
+import sys
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -104,6 +105,7 @@ class EmbeddingTable:
         self._tomb_keys: list[np.ndarray] = []
         self._tomb_n = 0  # len of the tombstones, kept so the push path can check it cheaply
         self.pruned_below = 0  # tombstones of versions below this are gone
+        self._id_objects_bytes = 0  # the ID objects an object ``ids`` array points at
 
     def __len__(self) -> int:
         return self._n
@@ -344,6 +346,10 @@ class EmbeddingTable:
         slots = np.concatenate([reuse, fresh])
         if ids.dtype != np.int64 and self.ids.dtype == np.int64:
             self.ids = self.ids.astype(object)
+            self._id_objects_bytes = _objects_bytes(self.ids[: self._top])
+        if self.ids.dtype == object:
+            # A reused slot still holds its removed ID until now.
+            self._id_objects_bytes += _objects_bytes(ids) - _objects_bytes(self.ids[reuse])
         self.keys[slots] = keys
         self.ids[slots] = ids
         st = torch.from_numpy(slots)
@@ -511,6 +517,8 @@ class EmbeddingTable:
         if ids.dtype != np.int64:
             self.ids = self.ids.astype(object)
         self.ids[:n] = ids
+        if self.ids.dtype == object:
+            self._id_objects_bytes = _objects_bytes(self.ids[:n])
         self.rows[:n] = torch.from_numpy(np.asarray(ts.rows, np.float32))
         self.state[:n] = torch.from_numpy(np.asarray(ts.state, np.float32))
         self.changed_at[:n] = ts.changed_at
@@ -527,10 +535,12 @@ class EmbeddingTable:
 
     # -- introspection -----------------------------------------------------------------
     def nbytes(self) -> int:
-        """Bytes the table's arrays hold: rows, state, per-slot bookkeeping, the index and
-        the admission sketch (object IDs counted as pointers only)."""
+        """Bytes the table holds: rows, state, per-slot bookkeeping, the index, the admission
+        sketch and, once a string ID has arrived, the ID objects (``sys.getsizeof``: a string's
+        characters and header)."""
         arrays = (self.keys, self.ids, self.changed_at, self.touched_at, self.score, self.live, self._free)
         total = sum(a.nbytes for a in arrays) + self.rows.nbytes + self.state.nbytes + self.index.nbytes()
+        total += self._id_objects_bytes
         total += sum(v.nbytes + k.nbytes for v, k in zip(self._tomb_versions, self._tomb_keys))
         if self.admission is not None:
             total += self.admission.counts.nbytes
@@ -549,3 +559,8 @@ class EmbeddingTable:
             "bytes_per_row": b / self._n if self._n else None,
             "row_bytes": row_bytes,
         }
+
+
+def _objects_bytes(objs: np.ndarray) -> int:
+    """``sys.getsizeof`` summed over an object array's elements (bytes)."""
+    return sum(map(sys.getsizeof, objs.tolist()))

@@ -153,6 +153,23 @@ def test_memory_is_reported_per_row():
     assert st["bytes_per_row"] == pytest.approx(st["bytes"] / 1000)
 
 
+def test_memory_counts_the_string_ids_and_stays_flat_under_churn():
+    # /stats counted a string ID as its 8-byte pointer: 1 KB IDs read as ~100 bytes a row.
+    t = _table(max_rows=100)
+    long_ids = [f"{j:04d}" + "x" * 1000 for j in range(100)]
+    _push(t, [f"{j}" for j in range(100)], 1)
+    small = t.nbytes()
+    u = _table(max_rows=100)
+    _push(u, long_ids, 1)
+    assert u.nbytes() - small >= 100 * 1000  # the characters are counted
+    for v in range(2, 12):  # churn: every push replaces every row with new long IDs
+        _push(u, [f"{v}-{j:04d}" + "x" * 1000 for j in range(100)], v)
+    assert abs(u.nbytes() - small - 100 * 1000) < 100 * 200  # replaced IDs are no longer counted
+    w = _table(max_rows=100)
+    w.load(u.capture())
+    assert w.nbytes() == pytest.approx(u.nbytes(), rel=0.05)  # less only the tombstones
+
+
 def test_add_gives_slots_in_first_appearance_order():
     t = _table()
     slots = t.add(id_keys([5, 3, 5, 9]), np.array([5, 3, 5, 9]))
