@@ -4,7 +4,11 @@ An ID is a Python ``int`` in the signed 64-bit range or a ``str``; ``5`` and
 ``"5"`` are different IDs. Every process derives the same 64-bit *key* from an ID
 (splitmix64 for ints, BLAKE2b for strings), and the key alone decides the ID's
 bucket and its initial row, so trainers on different nodes agree on a new row
-without talking. The key is never the identity: shards store the ID as given.
+without talking. Shards store the ID as given and return it, but index rows by the
+key alone: two IDs with one key share a row. Strings collide by accident with
+probability about n**2 / 2**65 among n of them (the birthday bound); ints map
+one-to-one onto keys (splitmix64 is a bijection), so for any string's key an int with
+that key can be computed. README "How it works" says what that means for a deployment.
 """
 
 from __future__ import annotations
