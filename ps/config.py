@@ -206,6 +206,12 @@ class PSConfig(ConfigModel):
     recent_follows: str | None = Field(
         "user", description="table whose removal of a user (expiry, eviction) also drops that user's recent items"
     )
+    # A user's events are recorded when posted, before a trainer's push gives them a row; a
+    # minute covers a trainer's usual lag, and a trainer's push records its events again.
+    recent_without_row_s: float = Field(
+        60.0, gt=0, description="a user without a row in recent_follows (not admitted, or no room) keeps their recent "
+        "items this long after their last recorded event, up to twice it, when that table has a lifecycle (seconds)"
+    )
     max_restarts: int = Field(-1, ge=-1, description="Ray restarts of a dead shard actor; -1 is unlimited")
     # A snapshot costs a full write of the shard; 2000 pushes bounds replay on restart to seconds.
     snapshot_every_pushes: int = Field(

@@ -120,7 +120,8 @@ class LogRecord:
 
     ``kind`` is ``"push"`` (``updates`` and ``recent``, exactly as applied), ``"expire"``
     (rows past their TTL at ``now``), ``"recent"`` (users' recent items recorded on the
-    ingest path) or ``"forget"`` (item keys dropped from users' recent items).
+    ingest path), ``"forget"`` (item keys dropped from users' recent items) or
+    ``"forget_users"`` (user keys whose recent items were dropped).
     """
 
     lsn: int
@@ -132,7 +133,7 @@ class LogRecord:
     expire_at: float | None = None
     updates: list[TableUpdate] = field(default_factory=list)
     recent: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None  # (user keys, item keys, offsets)
-    forget: np.ndarray | None = None  # uint64 item keys
+    forget: np.ndarray | None = None  # uint64 item keys ("forget") or user keys ("forget_users")
 
 
 # --------------------------------------------------------------------------- helpers
@@ -477,7 +478,7 @@ RECENT_FIELDS = [
 _LOG_SCHEMA = pa.schema(
     [
         pa.field("lsn", pa.int64(), nullable=False),
-        pa.field("kind", pa.string(), nullable=False),  # "push" | "expire" | "recent" | "forget"
+        pa.field("kind", pa.string(), nullable=False),  # "push" | "expire" | "recent" | "forget" | "forget_users"
         pa.field("version", pa.int64(), nullable=False),  # shard version after the record
         pa.field("now", pa.float64(), nullable=False),  # unix seconds the record was applied
         pa.field("producer", pa.string()),
@@ -590,7 +591,7 @@ def _decode(batch: pa.RecordBatch, i: int) -> LogRecord:
         **scalars,
         updates=updates,
         recent=(users, items, offsets) if kind in ("push", "recent") and len(users) else None,
-        forget=items if kind == "forget" else None,
+        forget=items if kind in ("forget", "forget_users") else None,
     )
 
 

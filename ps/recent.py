@@ -293,6 +293,10 @@ class RecentItems:
         return int(counts[gs].sum())
 
     # -- reading and forgetting --------------------------------------------------------------
+    def users(self) -> np.ndarray:
+        """The users with recent items (``uint64`` keys)."""
+        return np.fromiter(self._where, np.uint64, len(self._where))
+
     def items_of(self, user: int) -> np.ndarray:
         """The user's item keys, oldest first (``uint64``; empty for an unknown user)."""
         got = self._get(int(user))

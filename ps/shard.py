@@ -194,6 +194,8 @@ class PSShard:
         self.push_times: collections.deque[float] = collections.deque(maxlen=4096)
         self.duplicates = 0
         self._last_expire = time.time()
+        self._recent_swept_at = self._last_expire
+        self._recent_recorded: list[np.ndarray] = []  # user keys recorded since the last sweep
         self._lsn = 0  # logged state changes so far
         self._since_snapshot = 0  # pushes applied since the last snapshot
         self._store: ShardStore | None = None
@@ -265,6 +267,8 @@ class PSShard:
             self.recent.record(*rec.recent)
         elif rec.kind == "forget":
             self.recent.forget_items(rec.forget)
+        elif rec.kind == "forget_users":
+            self.recent.forget_users(rec.forget)
         elif rec.kind == "push":
             if rec.version != self.version + 1:
                 raise RuntimeError(f"push log record {rec.lsn}: version {rec.version} does not follow {self.version}")
@@ -516,6 +520,9 @@ class PSShard:
                             seq=int(seq), expire_at=expire_at, updates=prepared, recent=rec))
         self._apply_push(producer, seq, prepared, rec, now, expire_at)
         self._lsn += 1
+        if rec is not None:
+            self._note_recorded(rec[0])
+        self._sweep_recent(now)
         self.push_times.append(now)
         if self._store is not None:
             self._since_snapshot += 1
@@ -617,10 +624,43 @@ class PSShard:
             raise ValueError(f"record_recent: {len(users)} users, {len(items)} items, {len(offsets)} offsets")
         if not len(users):
             return 0
-        self._log(LogRecord(lsn=self._lsn + 1, kind="recent", version=self.version, now=time.time(),
+        now = time.time()
+        self._log(LogRecord(lsn=self._lsn + 1, kind="recent", version=self.version, now=now,
                             recent=(users, items, offsets)))
         self._lsn += 1
-        return self.recent.record(users, items, offsets)
+        added = self.recent.record(users, items, offsets)
+        self._note_recorded(users)
+        self._sweep_recent(now)
+        return added
+
+    def _note_recorded(self, users: np.ndarray) -> None:
+        self._recent_recorded.append(users)
+        if len(self._recent_recorded) >= 256:  # a minute of calls can be many: keep them compact
+            self._recent_recorded = [np.unique(np.concatenate(self._recent_recorded))]
+
+    def _sweep_recent(self, now: float) -> None:
+        """Drop the recent items of users who have no row in ``recent_follows`` and had no event
+        recorded since the previous sweep (``recent_without_row_s`` apart); logged.
+
+        Removing a user's row drops their recent items, but a user who never gets one (not
+        admitted, or turned away by a full table) would keep them forever.
+        """
+        leader = self.cfg.recent_follows
+        if leader is None or not self.cfg.table(leader).has_lifecycle:
+            return
+        if now - self._recent_swept_at < self.cfg.recent_without_row_s:
+            return
+        self._recent_swept_at = now
+        recorded = np.unique(np.concatenate(self._recent_recorded)) if self._recent_recorded else np.empty(0, np.uint64)
+        self._recent_recorded = []
+        users = self.recent.users()
+        if not len(users):
+            return
+        drop = users[(self.tables[leader].lookup(users) < 0) & ~np.isin(users, recorded)]
+        if len(drop):
+            self._log(LogRecord(lsn=self._lsn + 1, kind="forget_users", version=self.version, now=now, forget=drop))
+            self._lsn += 1
+            self.recent.forget_users(drop)
 
     def forget_items(self, items: np.ndarray) -> int:
         """Drop the item keys ``items`` (removed from their tables) from every user's recent
@@ -639,7 +679,9 @@ class PSShard:
         if any(t.would_expire(now) for t in self.tables.values()):
             self._log(LogRecord(lsn=self._lsn + 1, kind="expire", version=self.version, now=now))
             self._lsn += 1
-        return self._expire(now)
+        counts = self._expire(now)
+        self._sweep_recent(now)
+        return counts
 
     def _expire(self, now: float) -> dict[str, int]:
         self._last_expire = now

@@ -303,6 +303,44 @@ def test_evicting_a_user_drops_their_recent_items(clock):
     assert [len(x) for x in sh.recent_items(id_keys([1, 2]))] == [0, 1]
 
 
+def test_recent_items_of_users_who_never_get_a_row_go_after_a_quiet_spell(clock, tmp_path):
+    # Users turned away by admission kept their recent items forever: 200k one-off users
+    # held 68 MiB on a shard whose user table had no row at all.
+    cfg = _cfg(user={"admission": {"min_count": 2}}, seen_per_user=10, recent_without_row_s=60.0)
+    ps = _InProcess(cfg, state_dir=tmp_path)
+    sh = ps.shards[0]
+    one_off = list(range(100, 150))
+    ps.push([1], users=one_off)  # not admitted: no rows
+    ps.push([1], users=[7])
+    ps.push([1], users=[7])  # the 2nd push admits user 7
+    sh.record_recent(id_keys(one_off + [7]), id_keys([1] * 51), np.arange(51))
+    assert ps.live("user") == _keys([7]) and len(sh.recent) == 51
+
+    clock.now += 61  # the first sweep: everyone was recorded since the start
+    sh.expire()
+    assert len(sh.recent) == 51
+    clock.now += 30
+    sh.record_recent(id_keys([100]), id_keys([2]), np.asarray([60]))  # a one-off user comes back
+    clock.now += 31  # the second sweep: rowless and quiet for a whole spell go
+    sh.expire()
+    assert {int(k) for k in sh.recent.users().tolist()} == _keys([7, 100])
+    assert sh.stats()["users_with_recent"] == 2
+
+    sh.wait_for_snapshots()
+    again = PSShard(0, ps.plan, cfg, tmp_path / "s0")  # a restart replays the sweep from the log
+    assert {int(k) for k in again.recent.users().tolist()} == _keys([7, 100])
+
+
+def test_recent_items_are_never_swept_when_the_user_table_has_no_lifecycle(clock):
+    ps = _InProcess(_cfg(seen_per_user=10))
+    sh = ps.shards[0]
+    sh.record_recent(id_keys([5]), id_keys([1]), np.asarray([0]))  # posted, not trained yet
+    for _ in range(3):
+        clock.now += 3600
+        sh.expire()
+    assert len(sh.recent) == 1
+
+
 # --------------------------------------------------------------------------- tombstones
 
 
