@@ -25,6 +25,7 @@ shard applies it; a crash mid-append leaves a torn tail that :func:`read_log` dr
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import json
 import os
 import re
@@ -59,6 +60,7 @@ __all__ = [
     "read_log",
     "read_snapshot",
     "validate_checkpoint_name",
+    "verify_snapshot",
     "write_snapshot_dir",
 ]
 
@@ -170,8 +172,28 @@ def _write_ipc_file(path: Path, table: pa.Table) -> None:
 
 
 def _read_ipc_file(path: Path) -> pa.Table:
-    with pa.memory_map(str(path), "r") as src:
-        return pa.ipc.open_file(src).read_all()
+    try:
+        with pa.memory_map(str(path), "r") as src:
+            return pa.ipc.open_file(src).read_all()
+    except pa.ArrowException as e:  # Arrow's message names no file, and a snapshot has a dozen
+        raise ValueError(f"{path}: not a readable Arrow IPC file ({e})") from None
+
+
+def _digest(path: Path) -> str:
+    """BLAKE2b-256 of a file's bytes, hex."""
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, lambda: hashlib.blake2b(digest_size=32)).hexdigest()
+
+
+def _check_digests(path: Path, meta: dict) -> None:
+    """Compare every file ``meta["digests"]`` lists with its digest (snapshots written before
+    digests were recorded have none and pass)."""
+    for fname, want in meta.get("digests", {}).items():
+        f = path / fname
+        if not f.exists():
+            raise FileNotFoundError(f"{f}: missing (meta.json lists it)")
+        if _digest(f) != want:
+            raise ValueError(f"{f}: its bytes do not match the digest meta.json records for it (the file is damaged)")
 
 
 def _one_list(values: pa.Array) -> pa.Array:
@@ -262,6 +284,8 @@ def write_snapshot_dir(state: ShardState, final_dir: str | Path) -> Path:
             "plan": state.plan,
             "tables": tables_meta,
         }
+        # A damaged file must fail the restore that reads it, not load as wrong rows.
+        meta["digests"] = {f.name: _digest(f) for f in sorted(tmp.iterdir())}
         _write_json(tmp / "meta.json", meta)  # written last: its presence marks the files complete
         fsync_path(tmp)
         old = None
@@ -278,25 +302,66 @@ def write_snapshot_dir(state: ShardState, final_dir: str | Path) -> Path:
     return final_dir
 
 
+def _snapshot_meta(path: Path) -> dict:
+    meta_path = path / "meta.json"
+    if not meta_path.exists():
+        raise FileNotFoundError(f"no snapshot at {path}: meta.json is missing")
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{meta_path}: not readable JSON ({e})") from None
+    if not isinstance(meta, dict) or meta.get("format") != _SNAPSHOT_FORMAT or meta.get("format_version") != _FORMAT_VERSION:
+        got = meta if isinstance(meta, dict) else {}
+        raise ValueError(
+            f"{meta_path}: format {got.get('format')!r} v{got.get('format_version')!r} is not "
+            f"{_SNAPSHOT_FORMAT!r} v{_FORMAT_VERSION} (snapshots of format 1, before IDs were keyed, cannot be read "
+            "by this release: restore them with the release that wrote them and retrain, or start fresh)"
+        )
+    return meta
+
+
+def verify_snapshot(path: str | Path) -> dict:
+    """Check a snapshot directory without loading its rows: its ``meta.json``, every file's
+    digest (when recorded) and that each table file is Arrow IPC with the rows meta.json
+    says. Returns the metadata.
+
+    Raises:
+        FileNotFoundError: ``meta.json`` or a file it names is missing (the message names it).
+        ValueError: a file is damaged or not of this format (the message names it).
+    """
+    path = Path(path)
+    meta = _snapshot_meta(path)
+    _check_digests(path, meta)
+    try:
+        for tm in meta["tables"].values():
+            for fname in (tm["file"], tm["tombstones"], tm.get("admission")):
+                if fname is None:
+                    continue
+                try:
+                    with pa.memory_map(str(path / fname), "r") as src:  # mapped: batches are not copied
+                        reader = pa.ipc.open_file(src)
+                        n = sum(reader.get_batch(i).num_rows for i in range(reader.num_record_batches))
+                except pa.ArrowException as e:
+                    raise ValueError(f"{path / fname}: not a readable Arrow IPC file ({e})") from None
+                if fname == tm["file"] and n != int(tm["rows"]):
+                    raise ValueError(f"{path / fname}: {n} rows, meta.json says {tm['rows']}")
+        _read_ipc_file(path / "recent.arrow")
+    except (KeyError, TypeError) as e:
+        raise ValueError(f"{path / 'meta.json'}: incomplete ({type(e).__name__}: {e})") from None
+    return meta
+
+
 def read_snapshot(path: str | Path) -> ShardState:
     """Load a snapshot directory written by :func:`write_snapshot_dir`.
 
     Raises:
-        FileNotFoundError: it has no ``meta.json``.
+        FileNotFoundError: it has no ``meta.json``, or a file it names is missing.
         ValueError: the metadata is not a Freshet snapshot of this format version (a
-            snapshot of another version names both).
+            snapshot of another version names both), or a file is damaged (named).
     """
     path = Path(path)
-    meta_path = path / "meta.json"
-    if not meta_path.exists():
-        raise FileNotFoundError(f"no snapshot at {path}: meta.json is missing")
-    meta = json.loads(meta_path.read_text(encoding="utf-8"))
-    if meta.get("format") != _SNAPSHOT_FORMAT or meta.get("format_version") != _FORMAT_VERSION:
-        raise ValueError(
-            f"{meta_path}: format {meta.get('format')!r} v{meta.get('format_version')!r} is not "
-            f"{_SNAPSHOT_FORMAT!r} v{_FORMAT_VERSION} (snapshots of format 1, before IDs were keyed, cannot be read "
-            "by this release: restore them with the release that wrote them and retrain, or start fresh)"
-        )
+    meta = _snapshot_meta(path)
+    _check_digests(path, meta)
     tables = {}
     for name, tm in meta["tables"].items():
         tab = _read_ipc_file(path / tm["file"])

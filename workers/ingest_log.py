@@ -78,6 +78,7 @@ __all__ = [
     "IngestLog",
     "IngestWriteError",
     "TrimmedOffsetError",
+    "read_first_offsets",
     "read_log_id",
     "start_ingest",
 ]
@@ -1297,6 +1298,29 @@ def read_log_id(cfg: IngestConfig) -> str | None:
         return _read_text(fs, f"{root.rstrip('/')}/ingest/{_LOG_ID}")
     path = Path(cfg.dir) / "ingest" / _LOG_ID
     return path.read_text().strip() if path.exists() else None
+
+
+def read_first_offsets(cfg: IngestConfig) -> dict[int, int]:
+    """The first retained offset of each partition of the log at ``cfg.dir`` (path or URI), as
+    its ``META.json`` records them (``{}`` when there is no log, or no retention ran yet:
+    every offset from 0 is there); creates nothing.
+
+    Raises:
+        OSError: the location cannot be read.
+        RuntimeError: ``META.json`` is not an ingest log's.
+    """
+    if cfg.dir_is_uri():
+        fs, root = pafs.FileSystem.from_uri(cfg.dir)
+        text = _read_text(fs, f"{root.rstrip('/')}/ingest/{_META}")
+    else:
+        path = Path(cfg.dir) / "ingest" / _META
+        text = path.read_text() if path.exists() else None
+    if text is None:
+        return {}
+    meta = json.loads(text)
+    if meta.get("format") != _META_FORMAT:
+        raise RuntimeError(f"ingest log {cfg.dir}: {_META} is not a {_META_FORMAT} file")
+    return {p: int(o) for p, o in enumerate(meta.get("first_offsets", []))}
 
 
 def start_ingest(cfg: IngestConfig, *, namespace: str, detached: bool = False):

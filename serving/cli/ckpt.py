@@ -18,7 +18,16 @@ from serving.cli._common import add_config_argument, load
 from serving.cli.service import cmd_up, connect, read_state
 from serving.config import FreshetConfig
 
-__all__ = ["CHECKPOINT_PIN", "TRAINER_OFFSETS", "add_parser", "checkpoint_dir", "checkpoint_root", "cmd_ckpt", "restore_trainer_offsets"]
+__all__ = [
+    "CHECKPOINT_PIN",
+    "TRAINER_OFFSETS",
+    "add_parser",
+    "check_restorable",
+    "checkpoint_dir",
+    "checkpoint_root",
+    "cmd_ckpt",
+    "restore_trainer_offsets",
+]
 
 
 CHECKPOINT_PIN = "latest-checkpoint"
@@ -51,32 +60,82 @@ def checkpoint_dir(cfg: FreshetConfig, name: str) -> Path:
     return path
 
 
+def _saved_trainers(cfg: FreshetConfig, ckpt: Path) -> list[dict]:
+    try:
+        saved = json.loads((ckpt / TRAINER_OFFSETS).read_text())
+        trainers = saved["trainers"]
+        for t in trainers:
+            t["offsets"] = {int(p): int(o) for p, o in t.get("applied_offsets", {"0": t["applied_offset"]}).items()}
+            t["source_id"], t["events_applied"] = str(t["source_id"]), int(t["events_applied"])
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as e:
+        raise ValueError(f"{ckpt / TRAINER_OFFSETS}: not a readable checkpoint record ({type(e).__name__}: {e})") from None
+    if len(trainers) != cfg.trainer.num_workers:
+        raise ValueError(f"checkpoint has {len(trainers)} trainers, config trainer.num_workers={cfg.trainer.num_workers}")
+    return trainers
+
+
+def _same_log(cfg: FreshetConfig, source_id: str) -> bool:
+    """Whether a trainer's stream (``ingest:<log id>``, ``/p<k>`` after it when its first
+    partition is not 0) is the log at ``cfg.ingest.dir``."""
+    from workers.ingest_log import read_log_id
+
+    log_id = read_log_id(cfg.ingest)
+    current = f"ingest:{log_id}"
+    return log_id is not None and (source_id == current or source_id.startswith(current + "/p"))
+
+
+def check_restorable(cfg: FreshetConfig, ckpt: Path) -> None:
+    """Check everything a restore of ``ckpt`` will read, before anything is changed: the
+    trainers' record, every shard's snapshot (its files' digests and Arrow framing), and,
+    for the same ingest log, that retention kept the events after the trainers' offsets.
+
+    Raises:
+        ValueError, FileNotFoundError: naming the file or the offsets at fault.
+    """
+    from ps.persist import verify_snapshot
+    from workers.ingest_log import read_first_offsets
+    from workers.trainer import trainer_actor_name
+
+    trainers = _saved_trainers(cfg, ckpt)
+    for s in range(cfg.ps.num_shards):
+        if not (ckpt / f"shard-{s}").is_dir():
+            raise FileNotFoundError(f"{ckpt / f'shard-{s}'}: missing; the config has ps.num_shards={cfg.ps.num_shards}")
+        verify_snapshot(ckpt / f"shard-{s}")
+    first = read_first_offsets(cfg.ingest)
+    for i, t in enumerate(trainers):
+        if not _same_log(cfg, t["source_id"]):
+            continue
+        for p, o in t["offsets"].items():
+            if o < first.get(p, 0):
+                raise ValueError(
+                    f"checkpoint {ckpt.name}: {trainer_actor_name(i)} would resume ingest partition {p} at offset {o}, "
+                    f"but the log keeps offsets from {first[p]} on (retention deleted the rest; only the latest "
+                    "checkpoint's events are kept). Restore a newer checkpoint")
+        saved_state = ckpt / trainer_actor_name(i)
+        if (saved_state / "meta.json").exists():
+            for f in ("catalogue.arrow", "histories.arrow"):
+                if not (saved_state / f).exists():
+                    raise FileNotFoundError(f"{saved_state / f}: missing")
+
+
 def restore_trainer_offsets(cfg: FreshetConfig, ckpt: Path) -> None:
     """Point each trainer's committed offset at the checkpoint, dropping pending pushes:
-    the restored PS reflects exactly the events before those offsets."""
+    the restored PS reflects exactly the events before those offsets. Call
+    :func:`check_restorable` first: this changes the trainers' state."""
     import shutil
 
     from serving.deploy import state_dirs
-    from workers.ingest_log import read_log_id
     from workers.trainer import trainer_actor_name
     from workers.wal import TrainerWAL
 
-    saved = json.loads((ckpt / TRAINER_OFFSETS).read_text())
-    log_id = read_log_id(cfg.ingest)
-    current = "ingest:" + log_id if log_id is not None else None
-    if len(saved["trainers"]) != cfg.trainer.num_workers:
-        raise ValueError(
-            f"checkpoint has {len(saved['trainers'])} trainers, config trainer.num_workers={cfg.trainer.num_workers}"
-        )
-    for i, t in enumerate(saved["trainers"]):
+    for i, t in enumerate(_saved_trainers(cfg, ckpt)):
         root = state_dirs(cfg)["trainers"] / trainer_actor_name(i)
         shutil.rmtree(root, ignore_errors=True)
         # Same log: resume after the events the checkpoint covers, with the trainer's
         # catalogue and histories as they were then. A fresh deployment has a new log (new
         # producer names), so its trainers start at its beginning with empty local state.
-        if t["source_id"] == current:
-            offsets = {int(p): int(o) for p, o in t.get("applied_offsets", {"0": t["applied_offset"]}).items()}
-            TrainerWAL(root).commit(offsets, t["events_applied"])
+        if _same_log(cfg, t["source_id"]):
+            TrainerWAL(root).commit(t["offsets"], t["events_applied"])
             saved_state = ckpt / trainer_actor_name(i)
             if (saved_state / "meta.json").exists():
                 shutil.copytree(saved_state, root / "state")

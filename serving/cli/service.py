@@ -295,7 +295,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         here, or ``serving.port`` is in use.
     """
     from serving import deploy
-    from serving.cli.ckpt import checkpoint_dir, restore_trainer_offsets
+    from serving.cli.ckpt import check_restorable, checkpoint_dir, restore_trainer_offsets
 
     cfg = load(args, {"stream": {"kind": StreamKind.INGEST.value}} if not args.keep_stream else None)
     cfg.ingest.local_state_dir().mkdir(parents=True, exist_ok=True)
@@ -315,8 +315,11 @@ def cmd_up(args: argparse.Namespace) -> int:
             print(f"  removed {line}", file=sys.stderr)
         state_path(cfg).unlink(missing_ok=True)
 
-    # A checkpoint that does not exist fails here, before anything starts.
+    # A checkpoint that does not exist, or that a restore could not read whole, fails here,
+    # before anything starts or changes.
     restore_from = checkpoint_dir(cfg, args.restore) if getattr(args, "restore", None) else None
+    if restore_from is not None:
+        check_restorable(cfg, restore_from)
     state: dict[str, Any] = {"version": STATE_VERSION, "namespace": cfg.namespace,
                              "config": str(Path(args.config).absolute()) if args.config else None,
                              "pid": os.getpid(), "phase": "starting", "started_ray": False, "ray_root": None,

@@ -171,6 +171,24 @@ def test_snapshots_rotate_and_old_files_are_deleted(tmp_path):
     _assert_identical(_dump(b), _dump(a))
 
 
+def test_a_snapshot_with_a_damaged_file_is_refused_naming_it_and_the_older_one_used(tmp_path):
+    cfg = _cfg(snapshot_every_pushes=3)
+    d = tmp_path / "s"
+    a = _shard(cfg, d)
+    _apply(a, _pushes(20))
+    a.wait_for_snapshots()
+    table = d / "snap-000000000018" / "table-0.arrow"
+    data = bytearray(table.read_bytes())
+    for j in range(len(data) // 2, len(data) // 2 + 64, 7):  # still Arrow: only the digest tells
+        data[j] ^= 0x7F
+    table.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match=f"{table}: its bytes do not match the digest"):
+        read_snapshot(table.parent)
+    b = _shard(cfg, d)
+    assert b.persistence()["recovery"]["snapshot_lsn"] == 15
+    _assert_identical(_dump(b), _dump(a))
+
+
 def test_duplicate_push_after_recovery_is_rejected_and_not_logged(tmp_path):
     cfg = _cfg()
     pushes = _pushes(6)

@@ -1,0 +1,104 @@
+"""``freshet ckpt restore``'s checks and trainer offsets, without Ray: a checkpoint written by
+real shards (in process), the trainers' record as ``ckpt save`` writes it, and an ingest
+log directory's ``LOG_ID`` and ``META.json``. The whole restore through ``freshet up`` is in
+``test_service.py``."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from ps.plan import ShardingPlan
+from ps.shard import PSShard, PushId
+from serving.cli.ckpt import TRAINER_OFFSETS, check_restorable, restore_trainer_offsets
+from serving.config import load_config
+from serving.deploy import state_dirs
+from workers.trainer import trainer_actor_name
+from workers.wal import TrainerWAL
+
+LOG_ID = "0123456789abcdef"
+
+
+def _setup(tmp_path, first_offsets=(0, 0)):
+    """A deployment dir with a 2-partition ingest log, 2 trainers, and checkpoint "c1" of
+    2 shards whose trainers stopped at offsets {0: 40}, {1: 30}."""
+    cfg = load_config(None, {"ps": {"num_shards": 2, "tables": {"user": {"dim": 4}, "item": {"dim": 4}}},
+                             "trainer": {"num_workers": 2}, "stream": {"kind": "ingest", "num_events": None},
+                             "ingest": {"dir": str(tmp_path / "dep"), "partitions": 2}})
+    log = tmp_path / "dep" / "ingest"
+    log.mkdir(parents=True)
+    (log / "LOG_ID").write_text(LOG_ID)
+    (log / "META.json").write_text(json.dumps({"format": "freshet-ingest-meta", "version": 1, "partitions": 2,
+                                               "first_offsets": list(first_offsets), "consumers": {}, "pins": {}}))
+    ckpt = tmp_path / "ckpts"
+    plan = ShardingPlan.uniform(cfg.ps.num_buckets, 2)
+    for s in range(2):
+        sh = PSShard(s, plan, cfg.ps, checkpoint_root=ckpt)
+        keys = np.arange(1, 200, dtype=np.uint64)[plan.shards_of_keys(np.arange(1, 200, dtype=np.uint64)) == s]
+        sh.push(PushId("t", 0), {"item": (keys, np.ones((len(keys), 4), np.float32), keys.view(np.int64), None)})
+        sh.snapshot("c1")
+    trainers = [{"applied_offset": 40, "applied_offsets": {"0": 40}, "events_applied": 40, "source_id": f"ingest:{LOG_ID}"},
+                {"applied_offset": 30, "applied_offsets": {"1": 30}, "events_applied": 30,
+                 "source_id": f"ingest:{LOG_ID}/p1"}]
+    (ckpt / "c1" / TRAINER_OFFSETS).write_text(json.dumps({"trainers": trainers, "created_at": 0.0}))
+    return cfg, ckpt / "c1"
+
+
+def _trainer_dirs(cfg):
+    return [state_dirs(cfg)["trainers"] / trainer_actor_name(i) for i in range(2)]
+
+
+def test_each_trainer_resumes_at_its_checkpoint_offset_whatever_its_first_partition(tmp_path):
+    # A trainer whose first partition is not 0 names its stream "ingest:<log>/p1": it was not
+    # recognised as the same log, so it restarted from offset 0 with empty state.
+    cfg, ckpt = _setup(tmp_path)
+    check_restorable(cfg, ckpt)
+    restore_trainer_offsets(cfg, ckpt)
+    assert [TrainerWAL(d).committed().offsets for d in _trainer_dirs(cfg)] == [{0: 40}, {1: 30}]
+
+
+def _flip(path, at: float = 0.5):
+    data = bytearray(path.read_bytes())
+    for j in range(int(len(data) * at), int(len(data) * at) + 64, 7):
+        data[j] ^= 0x7F
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("damage", ["flipped", "truncated", "meta"])
+def test_a_damaged_checkpoint_is_refused_naming_the_file_before_anything_changes(tmp_path, damage):
+    cfg, ckpt = _setup(tmp_path)
+    for d in _trainer_dirs(cfg):  # what the deployment had before the restore
+        TrainerWAL(d).commit({0: 99}, 99)
+    table = ckpt / "shard-1" / "table-0.arrow"
+    if damage == "flipped":  # loaded as wrong rows before: scores in the thousands
+        _flip(table)
+    elif damage == "truncated":
+        table.write_bytes(table.read_bytes()[: table.stat().st_size // 2])
+    else:
+        (ckpt / "shard-1" / "meta.json").write_text("{")
+    with pytest.raises(ValueError, match=str(ckpt / "shard-1")):
+        check_restorable(cfg, ckpt)
+    assert [TrainerWAL(d).committed().offsets for d in _trainer_dirs(cfg)] == [{0: 99}, {0: 99}]
+
+
+def test_a_missing_shard_or_a_bad_trainer_record_is_refused(tmp_path):
+    cfg, ckpt = _setup(tmp_path)
+    (ckpt / TRAINER_OFFSETS).write_text('{"trainers": [{"applied_offset": 1}]}')
+    with pytest.raises(ValueError, match=TRAINER_OFFSETS):
+        check_restorable(cfg, ckpt)
+    cfg, ckpt = _setup(tmp_path / "again")
+    for f in (ckpt / "shard-1").iterdir():
+        f.unlink()
+    (ckpt / "shard-1").rmdir()
+    with pytest.raises(FileNotFoundError, match="shard-1"):
+        check_restorable(cfg, ckpt)
+
+
+def test_offsets_retention_deleted_are_refused_naming_them(tmp_path):
+    # Only the latest checkpoint's events are pinned: an older one's trainers would fail to
+    # read their first batch forever (TrimmedOffsetError) after the restore had changed state.
+    cfg, ckpt = _setup(tmp_path, first_offsets=(0, 35))
+    with pytest.raises(ValueError, match=r"partition 1 at offset 30, but the log keeps offsets from 35 on"):
+        check_restorable(cfg, ckpt)
