@@ -2,6 +2,9 @@
 trainer makes. One :class:`ps.shard.PSShard` (a plain object, no Ray) holds every table,
 so an in-process model (the benchmark's twin of the trainer, fast evaluation runs) does
 exactly the shards' math (the same tables, lifecycle and update rules) without actor calls.
+A table's ``max_rows`` is per shard, so the one shard here holds ``max_rows`` times
+``num_shards`` rows, what the deployment holds in all; which rows an eviction takes can
+differ (one least-recent order here, one per shard there).
 """
 
 from __future__ import annotations
@@ -33,7 +36,9 @@ class LocalClient:
     """The subset of :class:`ps.client.PSClient` a trainer uses, answered by one in-process shard."""
 
     def __init__(self, cfg: PSConfig):
-        cfg = cfg.model_copy(update={"num_shards": 1})
+        tables = {name: t.model_copy(update={"max_rows": t.max_rows * cfg.num_shards}) if t.max_rows is not None else t
+                  for name, t in cfg.tables.items()}
+        cfg = cfg.model_copy(update={"num_shards": 1, "tables": tables})
         self.plan = ShardingPlan.uniform(cfg.num_buckets, 1)
         self.shard = PSShard(0, self.plan, cfg)
         self.dims = self.shard.table_dims()

@@ -216,6 +216,12 @@ class TrainerConfig(ConfigModel):
     lifecycle_sync_s: float = Field(
         1.0, gt=0, description="how often a trainer learns which items were evicted or expired (seconds)"
     )
+    # TTLs are hours to months: a minute late is nothing, and an idle service's shards then
+    # scan their tables once a minute, not once a second.
+    idle_expire_s: float = Field(
+        60.0, gt=0, description="while no events arrive, how often trainer 0 has the shards run their TTL expiry "
+        "(pushes run it at most once a second) (seconds)"
+    )
     wal_fsync: bool = Field(False, description="fsync the trainer's write-ahead log per push (survives machine crashes)")
 
 

@@ -1131,6 +1131,44 @@ class IngestLog:
             out.append(seg.batch_ts[bisect.bisect_right(seg.firsts, offset) - 1])
         return out
 
+    async def clocks(self, positions: list[tuple[int, int]]) -> list[int | None]:
+        """The log's global position at the event at each ``(partition, offset)``: how many
+        events every partition together had when that event's append became durable (its own
+        append included), from the index, never a read. A clock for consumers of several
+        partitions: offsets count each partition apart, so two partitions' offsets drift
+        apart without bound. A partition's events before its first retained one count as
+        retained. None where no durable event is there (caught up) or it was trimmed.
+
+        Raises:
+            ValueError: no such partition.
+        """
+        out: list[int | None] = []
+        for p, offset in positions:
+            part = self._part(p)
+            if not part.first_offset <= offset < part.durable_offset:
+                out.append(None)
+                continue
+            seg = part.segments[bisect.bisect_right(part.seg_firsts, offset) - 1]
+            bi = bisect.bisect_right(seg.firsts, offset) - 1
+            ts = seg.batch_ts[bi]
+            total = seg.firsts[bi + 1] if bi + 1 < len(seg.firsts) else seg.end
+            for q in self._parts:
+                if q is not part:
+                    total += self._appended_by(q, ts)
+            out.append(int(total))
+        return out
+
+    @staticmethod
+    def _appended_by(part: _Partition, ts: float) -> int:
+        """Events of ``part`` whose append was durable at ``ts`` (unix seconds; appends to
+        a partition are in time order)."""
+        si = bisect.bisect_right(part.segments, ts, key=lambda seg: seg.batch_ts[0] if len(seg.batch_ts) else float("inf")) - 1
+        if si < 0:
+            return part.first_offset
+        seg = part.segments[si]
+        bi = bisect.bisect_right(seg.batch_ts, ts) - 1
+        return seg.firsts[bi + 1] if bi + 1 < len(seg.firsts) else min(seg.end, part.durable_offset)
+
     # -- consumers, pins and retention ----------------------------------------------------
     def _checked(self, offsets: dict[int, int], what: str) -> dict[int, int]:
         if not isinstance(offsets, dict):

@@ -36,8 +36,9 @@ class Catalogue:
 
     Stream order (not PS order) makes sampling reproducible, so a restarted trainer that
     replays the stream (or loads a persisted catalogue) draws exactly the negatives it
-    drew before. Items removed from the PS (expiry, eviction) are dropped with
-    :meth:`remove`, so negatives come only from live items.
+    drew before. Items removed from the PS (expiry, eviction), and items the PS gave no
+    row (admission, a full table), are dropped with :meth:`remove`, so negatives come only
+    from live items (a trainer checks every ``trainer.lifecycle_sync_s``).
     """
 
     def __init__(self):
@@ -49,12 +50,12 @@ class Catalogue:
     def __len__(self) -> int:
         return self._n
 
-    def add(self, keys: np.ndarray, counts: np.ndarray | None = None) -> None:
+    def add(self, keys: np.ndarray, counts: np.ndarray | None = None) -> np.ndarray:
         """Count item ``keys`` (``uint64 [n]``; ``counts`` each, default 1 interaction),
-        appending new ones in order of first appearance."""
+        appending new ones in order of first appearance; returns the new ones (``uint64``)."""
         keys = np.asarray(keys, np.uint64)
         if not len(keys):
-            return
+            return keys
         counts = np.ones(len(keys)) if counts is None else np.asarray(counts, dtype=np.float64)
         uniq, first, inverse = unique_keys(keys)
         per = np.bincount(inverse, weights=counts, minlength=len(uniq))
@@ -72,6 +73,7 @@ class Catalogue:
             self._keys[start : self._n] = uniq[new]
             self.index.insert(uniq[new], slots[new], absent=True)  # just looked up
         self._counts[slots] += per  # one entry per distinct key: no repeats to accumulate
+        return uniq[new]
 
     def remove(self, keys: np.ndarray) -> int:
         """Drop item ``keys`` (those present); the last items move into the gaps. Returns how many went."""

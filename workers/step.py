@@ -146,6 +146,8 @@ class Batch:
     ctx_inv: np.ndarray  # int64 [len(users), context_items] into ctx; -1 pads
     active: np.ndarray  # bool [b]: not set aside as poison
     seqs: list[int] = field(default_factory=list)  # push seqs sent for this batch
+    new_items: np.ndarray = field(default_factory=lambda: np.empty(0, np.uint64))  # new to the catalogue here
+    clock: int | None = None  # the stream's position at the batch's end, across partitions (default: end)
 
     @property
     def trained(self) -> np.ndarray:
@@ -199,8 +201,8 @@ class TrainStep:
         # so a restarted trainer recomputes exactly the pushes it lost.
         rng = np.random.default_rng([self.cfg.ps.seed, self.trainer_index, partition, start])
         taught = positive | dislike
-        catalogue.add(item_keys[positive], confidence[positive])
-        catalogue.add(item_keys[dislike], np.zeros(int(dislike.sum())))  # a row, never popular
+        new_items = [catalogue.add(item_keys[positive], confidence[positive]),
+                     catalogue.add(item_keys[dislike], np.zeros(int(dislike.sum())))]  # a row, never popular
         n_neg = m.num_negatives if m.loss == LossKind.BPR else 0
         negs = [catalogue.sample(b, n_neg, m.popularity_negative_fraction, rng) for _ in range(self.passes)] if n_neg and b else []
         uniq_users, user_inv, first_pos = _first_seen(user_keys[taught])
@@ -221,7 +223,7 @@ class TrainStep:
         return Batch(
             partition, start, end, offsets, user_keys, user_ids, item_keys, item_ids, weights, event_types, ingest_ts,
             confidence, positive, dislike, users, inv, Keyed(uniq_items, ids_u), item_real, item_inv_all[:b], neg_inv,
-            ctx, ctx_inv, np.ones(b, bool),
+            ctx, ctx_inv, np.ones(b, bool), new_items=np.concatenate(new_items),
         )
 
     def _contexts(self, uniq_users: np.ndarray, histories: Histories) -> tuple[np.ndarray, np.ndarray]:
@@ -466,8 +468,11 @@ class TrainStep:
         k = Keyed(keys, ids)
         out = {m.popularity_table: (k, counts[:, None])}
         if m.recent_table is not None:
-            # The batch's counts, valid at its end offset; the clock is in half-lives.
-            clock = np.full(len(keys), batch.end / m.recent_halflife_events, np.float32)
+            # The batch's counts, valid at its end; the clock is in half-lives. With several
+            # ingest partitions the end is the log's global position: offsets count each
+            # partition apart, and a partition behind another would have its counts decayed.
+            end = batch.end if batch.clock is None else batch.clock
+            clock = np.full(len(keys), end / m.recent_halflife_events, np.float32)
             out[m.recent_table] = (k, np.stack([counts, clock], axis=1))
         return out
 

@@ -241,6 +241,11 @@ class Trainer:
         self._thread: threading.Thread | None = None
         self._lifecycle = {t: cfg.ps.table(t).has_lifecycle for t in (cfg.model.item_table, cfg.model.user_table)}
         self._ttl = any(t.ttl_s is not None for t in cfg.ps.tables.values())
+        self._global_clock = self.live and cfg.ingest.partitions > 1
+        items = cfg.ps.table(cfg.model.item_table)
+        # Where a push may give an item no row, the catalogue's new items are checked once
+        # their batch is applied: negatives without a row train users against noise.
+        self._may_refuse = items.admission is not None or items.max_rows is not None
         self._reset_local_state()
         if self.wal is not None:
             self._recover()
@@ -264,6 +269,7 @@ class Trainer:
         self.warm_chunks = WarmChunks()  # which positives freshet eval would rank (evaluation)
         self._removed_since = [0] * getattr(self.client, "num_shards", 1)
         self._lifecycle_at = self._expired_at = 0.0
+        self._unchecked: list[np.ndarray] = []  # catalogue items of applied batches, row not yet confirmed
         self._since_snapshot = 0
         self._rr = 0
         self._last_progress = time.time()
@@ -450,6 +456,8 @@ class Trainer:
 
     def _prepare(self, p: int, raw: pa.RecordBatch, end: int) -> Batch:
         batch = self.step.prepare(raw, end, self.catalogue, self.histories, partition=p, mine=self._admitted(p, raw))
+        if self._global_clock and raw.num_rows and self.cfg.model.recent_table is not None:
+            batch.clock = self.sources[p].clock(end - 1)
         if len(batch.ingest_ts):
             oldest = float(batch.ingest_ts.min())
             self._oldest_unapplied = oldest if self._oldest_unapplied is None else min(self._oldest_unapplied, oldest)
@@ -544,6 +552,8 @@ class Trainer:
         self.retries = 0
         self._last_progress = now
         self._oldest_unapplied = None
+        if self._may_refuse and len(batch.new_items):
+            self._unchecked.append(batch.new_items)
         if self.wal is not None:
             self.wal.commit(self.offsets, self.events_applied)
             self._since_snapshot += 1
@@ -559,10 +569,11 @@ class Trainer:
         self._commit(batch, refs)
 
     def _sync_lifecycle(self) -> None:
-        """Drop items the PS removed (expiry, eviction) from the catalogue and histories, so
-        they are never sampled as negatives or used as context; trainer 0 also drops them
-        from every user's recent items on the shards. Drop users the PS removed from the
-        histories, so a user who comes back starts a fresh session context."""
+        """Drop items the PS removed (expiry, eviction) or never gave a row (admission, a full
+        table) from the catalogue and histories, so they are never sampled as negatives or
+        used as context; trainer 0 also drops them from every user's recent items on the
+        shards. Drop users the PS removed from the histories, so a user who comes back
+        starts a fresh session context."""
         now = time.monotonic()
         if not any(self._lifecycle.values()) or now - self._lifecycle_at < self.cfg.trainer.lifecycle_sync_s:
             return
@@ -599,12 +610,19 @@ class Trainer:
                     self.client.forget_items(_keyed(keys))
         if versions is not None:
             self._removed_since = versions
+        if self._unchecked:
+            # Never had a row, so in no one's recent items or histories as a live item: only
+            # the catalogue must lose them (an item admitted later comes back with its next event).
+            table = self.cfg.model.item_table
+            fresh = np.unique(np.concatenate(self._unchecked))
+            self._unchecked = []
+            self.catalogue.remove(fresh[~self.client.pull_many({table: _keyed(fresh)})[table][1]])
 
     def _expire_idle(self) -> None:
         """Trainer 0, while it waits for events: run the shards' TTL expiry, which otherwise
         runs only with a push, so an idle service still lets IDs expire."""
         now = time.monotonic()
-        if self.index != 0 or not self._ttl or now - self._expired_at < self.cfg.trainer.lifecycle_sync_s:
+        if self.index != 0 or not self._ttl or now - self._expired_at < self.cfg.trainer.idle_expire_s:
             return
         self._expired_at = now
         self.client.expire()

@@ -539,3 +539,21 @@ def test_arrival_times_are_the_ingest_ts_at_each_offset(tmp_path):
     assert got[0] == got[1] < got[2] == got[3] and got[4:] == [None, None]  # caught up: nothing waits there
     with pytest.raises(ValueError):
         log.arrival_times([(1, 0)])
+
+
+def test_clocks_count_every_partitions_events_up_to_each_append(tmp_path):
+    # A consumer of several partitions needs a position comparable across them: partition
+    # offsets drift apart, and the recent-popularity clock built on them decayed the counts
+    # of a partition that was behind.
+    from ps.ids import id_keys
+
+    cfg = IngestConfig(dir=str(tmp_path), fsync=False, partitions=2)
+    log = SyncLog(cfg)
+    users = [f"u{j}" for j in range(40)]
+    by_part = {p: [u for u, k in zip(users, id_keys(users).tolist()) if k % 2 == p] for p in (0, 1)}
+    for p, n in ((0, 3), (1, 5), (0, 2)):
+        log.append(by_part[p][:n], list(range(n)), [None] * n, [1.0] * n)
+        time.sleep(0.01)
+    want = {(0, 0): 3, (0, 2): 3, (1, 0): 8, (1, 4): 8, (0, 3): 10, (0, 4): 10, (0, 5): None, (1, 5): None}
+    assert dict(zip(want, log.clocks(list(want)))) == want
+    assert dict(zip(want, SyncLog(cfg).clocks(list(want)))) == want  # the same after a restart

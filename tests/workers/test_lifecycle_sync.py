@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ps.ids import keyed
+from ps.ids import Keyed, keyed
 from ps.local import LocalClient
 from ps.shard import PushId
 from serving.config import load_config
@@ -17,7 +17,7 @@ from workers.trainer import Trainer
 
 def _trainer(tables: dict) -> tuple[Trainer, LocalClient]:
     cfg = load_config(None, {"stream": {"num_events": 10}, "ps": {"num_shards": 1, "tables": tables},
-                             "trainer": {"lifecycle_sync_s": 0.001}})
+                             "trainer": {"lifecycle_sync_s": 0.001, "idle_expire_s": 0.001}})
     client = LocalClient(cfg.ps)
     return Trainer(0, cfg, client=client), client
 
@@ -82,3 +82,21 @@ def test_an_idle_trainer_runs_the_shards_expiry():
     client.shard.tables["user"].touched_at[:] -= 120.0  # its last interaction two minutes ago
     tr._expire_idle()
     assert _live(client, "user", ["a"]) == [False]
+
+
+def test_items_the_ps_gave_no_row_leave_the_negative_catalogue():
+    # With admission, one-off items stayed in the catalogue for good: 99.5% of negatives
+    # were items without a row (noise vectors whose gradients were then dropped).
+    cfg = load_config(None, {"stream": {"num_events": 3000, "synthetic": {"num_items": 20_000, "session_mean": 1}},
+                             "ps": {"num_shards": 1, "tables": {"item": {"admission": {"min_count": 2}}}},
+                             "trainer": {"lifecycle_sync_s": 0.001}})
+    client = LocalClient(cfg.ps)
+    tr = Trainer(0, cfg, client=client)
+    tr.run()
+    tr._sync_lifecycle()
+    keys = tr.catalogue.keys().copy()
+    assert len(keys) > 50
+    assert client.pull_many({"item": Keyed(keys)})["item"][1].all()
+    # ... and an item admitted later is back with its next event.
+    live = client.live_keys("item")[0][1]
+    assert len(live) > len(keys) // 2 and np.isin(keys, live).all()

@@ -68,6 +68,7 @@ def _run(partitions: int, trainers: int) -> dict:
             "ingest": ray.get(dep.ingest.stats.remote(), timeout=60),
             "trainers": stats,
             "popularity": ps.pull("item_pop", ITEMS)[:, 0],
+            "recent_clock": ps.pull(cfg.model.recent_table, ITEMS)[:, 1] * cfg.model.recent_halflife_events,
             "recent": ps.seen(USERS),
         }
     finally:
@@ -110,3 +111,12 @@ def test_partitioned_run_applies_the_same_events_as_a_single_trainer(single, par
     np.testing.assert_array_equal(partitioned["popularity"], single["popularity"])
     assert partitioned["recent"] == single["recent"]
     assert all(partitioned["recent"]), "every user should have recent items"
+
+
+def test_the_recent_popularity_clock_counts_every_partition(single, partitioned):
+    # The clock was each partition's own offset: with 4 partitions the newest counts were
+    # stamped at ~150 events where 600 had arrived, and a partition behind the others had
+    # its counts decayed against theirs. Now it is the log's position across partitions,
+    # within one append (100 events here) of the single-partition run's.
+    assert single["recent_clock"].max() == pytest.approx(EVENTS, abs=1)
+    assert abs(partitioned["recent_clock"].max() - EVENTS) <= 100, partitioned["recent_clock"]

@@ -43,6 +43,11 @@ class IngestSource(StreamSource):
         check_read_args(offset, max_events)
         return ray.get(self._log.read.remote(offset, max_events, self.partition), timeout=self._timeout)
 
+    def clock(self, offset: int) -> int | None:
+        """The log's global position at this partition's event ``offset`` (``IngestLog.clocks``):
+        comparable across partitions, where offsets are not. None if no durable event is there."""
+        return ray.get(self._log.clocks.remote([(self.partition, offset)]), timeout=self._timeout)[0]
+
     def wait(self, positions: dict[int, int], timeout_s: float) -> None:
         """Return as soon as any of ``positions`` (partition → offset, partitions of this log)
         has a durable event at or after its offset, or after ``timeout_s`` seconds: a long poll
