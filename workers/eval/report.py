@@ -18,18 +18,26 @@ __all__ = ["write_report"]
 def _targets(rows: dict[str, dict[str, Any]], results: list[EvalResult], meta: dict[str, Any]) -> dict[str, Any]:
     """The issue's benchmark targets, computed from what was measured."""
     out: dict[str, Any] = {}
-    inc = next((r for r in rows.values() if r["strategy"].split(":")[0] == "incremental"), None)
-    pop = next((r for r in rows.values() if r["strategy"].split(":")[0] == "popularity"), None)
-    retrains = [r for r in rows.values() if r["strategy"].split(":")[0] == "retrain"]
+    def kind(r: dict[str, Any]) -> str:
+        return r["strategy"].split(":")[0]
+
+    inc = next((r for r in rows.values() if kind(r) == "incremental"), None)
+    pops = [r for r in rows.values() if kind(r) == "popularity"]
+    # The baseline is all-time popularity, whatever order the specs were given in.
+    pop = next((r for r in pops if r.get("settings", {}).get("halflife_events") is None), pops[0] if pops else None)
+    full = [r for r in rows.values() if kind(r) in ("retrain", "als")]  # every full retrain, ALS included
+    retrains = [r for r in full if kind(r) == "retrain"]
     if inc and pop and pop["recall@10"]:
         ratio = inc["recall@10"] / pop["recall@10"]
-        out["incremental_over_popularity"] = {"ratio": ratio, "target": 1.4, "met": ratio >= 1.4}
+        out["incremental_over_popularity"] = {"popularity": pop["strategy"], "ratio": ratio, "target": 1.4, "met": ratio >= 1.4}
+    if inc and full:
+        top = max(full, key=lambda r: r["recall@10"] or 0.0)
+        out["incremental_vs_best_retrain"] = {
+            "retrain": top["strategy"], "retrain_recall@10": top["recall@10"], "incremental_recall@10": inc["recall@10"],
+            "met": (inc["recall@10"] or 0) >= (top["recall@10"] or 0),
+        }
     if inc and retrains:
         best = max(retrains, key=lambda r: r["recall@10"] or 0.0)
-        out["incremental_vs_best_retrain"] = {
-            "retrain": best["strategy"], "retrain_recall@10": best["recall@10"], "incremental_recall@10": inc["recall@10"],
-            "met": (inc["recall@10"] or 0) >= (best["recall@10"] or 0),
-        }
         per = best.get("cpu_s_per_event_epoch")
         if per:
             # Keeping incremental's staleness (it learns every chunk) means a from-scratch fit after every chunk.

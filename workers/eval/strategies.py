@@ -40,7 +40,7 @@ import torch
 from ps.ids import ID, as_id_array, id_keys, ids_from_arrow, keyed
 from ps.table import EmbeddingTable
 from workers.config import LossKind, StrategyKind
-from workers.model import bpr_loss, context_index, mse_loss, user_queries
+from workers.model import bpr_loss, context_index, mse_loss, signals, user_queries
 from workers.negatives import negative_slots
 from workers.ranking import Ranker
 
@@ -256,6 +256,14 @@ class PopularityStrategy(Strategy):
         return {"halflife_events": self.halflife}
 
 
+def _confidence(chunk: Chunk, cfg: FreshetConfig) -> np.ndarray:
+    """Each event's confidence as the trainer weighs it (``workers.model.signals``; 0 for an
+    event that is no positive), ``float32 [len(chunk)]``."""
+    types = chunk.raw.column("event_type")
+    conf, positive, _ = signals(chunk.weights, None if types.null_count == len(types) else types.to_pylist(), cfg.model)
+    return np.where(positive, conf, 0.0).astype(np.float32)
+
+
 def _counts_only(cfg: FreshetConfig):
     """``cfg.model`` ranking by the popularity table alone (no recent popularity, no context)."""
     return cfg.model.model_copy(update={"recent_table": None, "context_table": None})
@@ -270,11 +278,12 @@ class _Recent:
         self.halflife = m.recent_halflife_events
         self.table = _table(cfg, m.recent_table)
 
-    def add(self, items: np.ndarray, end: int) -> None:
-        """Count ``items`` (one interaction each) at stream offset ``end``."""
+    def add(self, items: np.ndarray, end: int, confidence: np.ndarray) -> None:
+        """Count ``items`` (``confidence`` each, as the trainer counts) at stream offset ``end``."""
         clock = np.full(len(items), end / self.halflife, np.float32)
         k = keyed(items)
-        self.table.push(k.keys, torch.from_numpy(np.stack([np.ones(len(items), np.float32), clock], axis=1)), ids=k.ids)
+        counts = np.asarray(confidence, np.float32)
+        self.table.push(k.keys, torch.from_numpy(np.stack([counts, clock], axis=1)), ids=k.ids)
 
     def rows_for(self, ids: Sequence[ID] | np.ndarray) -> np.ndarray:
         """``[len(ids), 2]`` (count, clock) rows; zeros for items never counted."""
@@ -333,11 +342,15 @@ class _LocalMF:
         epochs: int,
         batch_size: int,
         contexts: Sequence[Sequence[ID]] | None = None,
+        confidence: np.ndarray | None = None,
     ) -> None:
         """``epochs`` shuffled passes of mini-batch updates over the given events.
 
-        ``contexts`` holds, per event, its user's latest items before it (the session context).
+        ``contexts`` holds, per event, its user's latest items before it (the session context);
+        ``confidence`` (``float32 [n]``, default 1) scales each event's BPR term and its
+        popularity count, as the trainer's (``workers.model.signals``).
         """
+        conf = np.ones(len(users), np.float32) if confidence is None else np.asarray(confidence, np.float32)
         u = self._index(users, self.user_index, [self.users], None)
         item_tables = [self.items, self.bias] + ([self.ctx] if self.ctx is not None else [])
         i = self._index(items, self.item_index, item_tables, self.item_ids)
@@ -350,18 +363,18 @@ class _LocalMF:
                 cx = np.where(cx >= 0, slots[np.maximum(cx, 0)], -1)
         if len(self.counts) < len(self.item_ids):
             self.counts = np.concatenate([self.counts, np.zeros(len(self.item_ids) - len(self.counts))])
-        self.counts += np.bincount(i, minlength=len(self.counts))
+        self.counts += np.bincount(i, weights=conf, minlength=len(self.counts))
         for _ in range(epochs):
             order = self.rng.permutation(len(u))
             for s in range(0, len(order), batch_size):
                 sel = order[s : s + batch_size]
-                self._step(u[sel], i[sel], weights[sel], cx[sel])
+                self._step(u[sel], i[sel], weights[sel], cx[sel], conf[sel])
 
     def _negatives(self, b: int) -> np.ndarray:
         m = self.model
         return negative_slots(self.counts[: len(self.item_ids)], b, m.num_negatives, m.popularity_negative_fraction, self.rng)
 
-    def _step(self, u: np.ndarray, i: np.ndarray, w: np.ndarray, cx: np.ndarray) -> None:
+    def _step(self, u: np.ndarray, i: np.ndarray, w: np.ndarray, cx: np.ndarray, conf: np.ndarray) -> None:
         m = self.model
         uu, ui = np.unique(u, return_inverse=True)
         bpr = m.loss == LossKind.BPR
@@ -384,7 +397,7 @@ class _LocalMF:
         pi = torch.from_numpy(ii[: len(i)].reshape(-1))
         if bpr:
             ni = torch.from_numpy(ii[len(i) :].reshape(len(i), -1))
-            loss = bpr_loss(Q, I[pi], B[pi], I[ni], B[ni], l2=m.l2)
+            loss = bpr_loss(Q, I[pi], B[pi], I[ni], B[ni], torch.from_numpy(conf), l2=m.l2)
         else:
             loss = mse_loss(Q, I[pi], B[pi], torch.from_numpy(w), l2=m.l2)
         loss.backward()
@@ -423,23 +436,26 @@ class _History:
     """Every event seen so far, as growing columns (what a retrain trains on)."""
 
     def __init__(self) -> None:
-        self.parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+        self.parts: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = []
         self.contexts: list[list[ID]] = []  # per event: its user's latest items before its chunk
         self.n = 0
 
-    def add(self, chunk: Chunk, contexts: list[list[ID]] | None = None) -> None:
-        self.parts.append((chunk.users, chunk.items, chunk.weights))
+    def add(self, chunk: Chunk, contexts: list[list[ID]] | None = None, confidence: np.ndarray | None = None) -> None:
+        conf = np.ones(len(chunk), np.float32) if confidence is None else confidence
+        self.parts.append((chunk.users, chunk.items, chunk.weights, conf))
         self.contexts.extend(contexts if contexts is not None else [[] for _ in range(len(chunk))])
         self.n += len(chunk)
 
-    def columns(self, last: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def columns(self, last: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """``(users, items, weights, confidence)`` of every event (or the ``last`` ones)."""
         def cat(k: int) -> np.ndarray:
             arrs = [p[k] for p in self.parts]
             if k < 2 and any(a.dtype == object for a in arrs):
                 return as_id_array(np.concatenate([a.astype(object) for a in arrs]))
             return np.concatenate(arrs)
 
-        cols = (cat(0), cat(1), cat(2)) if self.parts else (np.empty(0, np.int64),) * 2 + (np.empty(0, np.float32),)
+        cols = ((cat(0), cat(1), cat(2), cat(3)) if self.parts
+                else (np.empty(0, np.int64),) * 2 + (np.empty(0, np.float32),) * 2)
         if last is not None:
             cols = tuple(c[-last:] for c in cols)
         return cols
@@ -465,12 +481,14 @@ class _PeriodicMF(Strategy):
         self.served_recent: np.ndarray | None = None
         self.user_items: dict[ID, list[ID]] = {}  # each user's latest items: the session context
         self._contexts: list[list[ID]] | None = None  # of the chunk being learned
+        self._confidence: np.ndarray | None = None  # of the chunk being learned
         self.events_trained = 0  # sum over fits of events x epochs
         self.fit_cpu_s = 0.0
 
     def learn(self, chunk: Chunk) -> None:
+        self._confidence = _confidence(chunk, self.cfg)
         if self.recent is not None:
-            self.recent.add(chunk.items, int(chunk.offsets[-1]) + 1)
+            self.recent.add(chunk.items, int(chunk.offsets[-1]) + 1, self._confidence)
         n = self.cfg.model.context_items
         self._contexts = [list(self.user_items.get(u, ())) for u in chunk.users.tolist()]
         for u, i in zip(chunk.users.tolist(), chunk.items.tolist()):
@@ -482,7 +500,7 @@ class _PeriodicMF(Strategy):
     def _remember(self, chunk: Chunk) -> None:
         """Keep ``chunk`` (with its events' contexts) for the next fit; until the first fit,
         popularity serves and counts the chunk."""
-        self.history.add(chunk, self._contexts)
+        self.history.add(chunk, self._contexts, self._confidence)
         if self.mf is None:
             self.pop.add(chunk.items)
             self.learned_ts, self.learned_end = float(chunk.timestamps.max()), int(chunk.offsets[-1]) + 1
@@ -506,9 +524,9 @@ class _PeriodicMF(Strategy):
 
     def _fit(self, mf: _LocalMF, last: int | None, chunk: Chunk) -> _LocalMF:
         t0 = time.process_time()
-        users, items, weights = self.history.columns(last)
+        users, items, weights, conf = self.history.columns(last)
         contexts = self.history.contexts[-last:] if last is not None else self.history.contexts
-        mf.fit(users, items, weights, epochs=self.epochs, batch_size=self.batch_size, contexts=contexts)
+        mf.fit(users, items, weights, epochs=self.epochs, batch_size=self.batch_size, contexts=contexts, confidence=conf)
         if self.recent is not None:
             self.served_recent = self.recent.rows_for(mf.item_ids)
         self.fit_cpu_s += time.process_time() - t0
@@ -586,9 +604,10 @@ class FinetuneStrategy(_PeriodicMF):
 
     def _learn(self, chunk: Chunk) -> None:
         self._remember(chunk)
-        if self.history.n >= self.next_at:
-            window = self.history.n - (self.next_at - self.every)
-            self.next_at += self.every
+        # The history holds only the events since the last fit: fit on all of them once
+        # there are ``every`` (a chunk can overshoot it by a few).
+        if self.history.n >= self.every:
+            window = self.history.n
             if self.mf is None:  # the first fit has nothing to continue from
                 epochs, self.epochs = self.epochs, self.first_epochs
                 self.mf = self._fit(_LocalMF(self.cfg, self.seed), window, chunk)
@@ -643,7 +662,7 @@ class ALSRetrainStrategy(_PeriodicMF):
             return
         self.next_at += self.every
         t0 = time.process_time()
-        users, items, _ = self.history.columns()
+        users, items, _, _ = self.history.columns()
         uid: dict[ID, int] = {}
         u = np.fromiter((uid.setdefault(x, len(uid)) for x in users.tolist()), np.int64, len(users))
         iid = {x: s for s, x in enumerate(self.pop.ids)}

@@ -56,3 +56,43 @@ def test_every_strategy_runs_end_to_end_and_the_report_parses(movielens_ratings,
     for png in ("windowed_recall.png", "quality_vs_cpu.png"):
         data = (tmp_path / png).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 1000
+
+
+@pytest.mark.parametrize("name", ["finetune", "retrain"])
+def test_periodic_strategies_refit_every_n_events(name, monkeypatch):
+    # Fine-tune used to refit after 2N, 3N, 4N, ... new events (its event count restarts at
+    # each fit, its next refit point did not), each time on only the last N of them.
+
+    from workers.eval import strategies
+    from workers.eval.strategies import Chunk
+
+    fits: list[tuple[int, int]] = []  # (events learned so far, events fitted on)
+
+    def fit(self, users, items, weights, *, epochs, batch_size, contexts, confidence):
+        fits.append((seen[0], len(users)))
+
+    monkeypatch.setattr(strategies._LocalMF, "fit", fit)
+    strat = make_strategy(f"{name}:every=100", CFG, total_events=1000)
+    src, seen = ListSource([(u % 7, 100 + u % 11) for u in range(1000)]), [0]
+    for lo in range(0, 1000, 20):
+        seen[0] = lo + 20
+        strat.learn(Chunk.from_batch(src.read(lo, 20)))
+    assert [at for at, _ in fits] == list(range(100, 1001, 100))
+    assert [n for _, n in fits] == ([100] * 10 if name == "finetune" else list(range(100, 1001, 100)))
+    assert strat.describe()["fits"] == 10
+
+
+def test_periodic_baselines_weigh_ratings_as_the_trainer_does():
+    # The in-process MF baselines counted and trained every MovieLens positive at weight 1;
+    # the trainer weighs a rating r at or above 4 by r / 5 (workers.model.signals).
+    from workers.eval.strategies import Chunk
+    from workers.events import make_events
+
+    strat = make_strategy("retrain:every=4,epochs=1", CFG, total_events=4)
+    ratings = [4.0, 5.0, 4.5, 5.0]
+    strat.learn(Chunk.from_batch(make_events(range(4), [1, 2, 3, 4], [10, 10, 11, 12], [1000.0 + j for j in range(4)],
+                                             ratings, event_types=["rating"] * 4)))
+    assert strat.retrains == 1
+    counts = dict(zip(strat.mf.item_ids, strat.mf.counts.tolist()))
+    assert counts == pytest.approx({10: 1.8, 11: 0.9, 12: 1.0})
+    assert strat.recent.rows_for([10, 11, 12])[:, 0].tolist() == pytest.approx([1.8, 0.9, 1.0])
