@@ -299,12 +299,16 @@ class _LocalStore:
     def put(self, name: str, data: bytes, *, durable: bool) -> None:
         """Replace file ``name`` atomically (temporary file, rename)."""
         tmp = self.root / f".{name}.{uuid.uuid4().hex}{_TMP_SUFFIX}"
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            if durable:
-                os.fsync(f.fileno())
-        os.replace(tmp, self.root / name)
+        try:
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                if durable:
+                    os.fsync(f.fileno())
+            os.replace(tmp, self.root / name)
+        except BaseException:
+            tmp.unlink(missing_ok=True)  # a full disk must not also leave the half-written copy
+            raise
         if durable:
             fsync_path(self.root)
 

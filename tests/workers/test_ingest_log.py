@@ -557,3 +557,21 @@ def test_clocks_count_every_partitions_events_up_to_each_append(tmp_path):
     want = {(0, 0): 3, (0, 2): 3, (1, 0): 8, (1, 4): 8, (0, 3): 10, (0, 4): 10, (0, 5): None, (1, 5): None}
     assert dict(zip(want, log.clocks(list(want)))) == want
     assert dict(zip(want, SyncLog(cfg).clocks(list(want)))) == want  # the same after a restart
+
+
+def test_a_failed_metadata_write_leaves_no_temporary_file(tmp_path, monkeypatch):
+    import errno
+    import os
+
+    from workers import ingest_log
+
+    store = ingest_log._LocalStore(IngestConfig(dir=str(tmp_path), fsync=True))
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(ingest_log.os, "fsync", full)
+    with pytest.raises(OSError, match="No space"):
+        store.put("META.json", b"{}", durable=True)
+    monkeypatch.setattr(ingest_log.os, "fsync", os.fsync)
+    assert sorted(p.name for p in store.root.iterdir()) == []  # neither the file nor its half-written copy
