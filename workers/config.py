@@ -111,7 +111,11 @@ class ModelConfig(ConfigModel):
     popularity_negative_fraction: float = Field(
         0.0, ge=0, le=1, description="share of negatives drawn by popularity; the rest uniformly (fraction)"
     )
-    l2: float = Field(1e-4, ge=0, le=10, description="L2 penalty on touched rows (per unit squared norm)")
+    l2: float = Field(
+        1e-4, ge=0, le=10,
+        description="L2 penalty per trained event on the squared norms of its query (user row + mean context row), its "
+        "item row and, with BPR, the mean of its negatives'; dislikes get none (per unit squared norm)",
+    )
     recent_table: str | None = Field(
         "item_recent", description="decayed_count table of recent item popularity (dim 2); null disables the prior"
     )

@@ -106,7 +106,9 @@ def bpr_loss(
     ``u``, ``pos``: ``[b, d]``; ``pos_bias``: ``[b]``; ``neg``: ``[b, m, d]`` (``m``
     negatives per event); ``neg_bias``: ``[b, m]``. Each event's term is the mean over its
     negatives of ``-log sigmoid(x_pos - x_neg)``, scaled by ``weight`` (the positive's
-    confidence) if given, plus ``l2`` times the squared norms of the rows it touches.
+    confidence) if given, plus ``l2`` times the squared norms of ``u`` (the query: with a
+    session context the user row plus the mean context row, so the penalty is on their sum,
+    not on each row), ``pos`` and the mean over ``neg``.
     ``reduction="none"`` returns the ``[b]`` per-event terms instead of their sum.
     """
     x_pos = (u * pos).sum(-1) + pos_bias
