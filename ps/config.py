@@ -263,6 +263,9 @@ class PSConfig(ConfigModel):
                 raise ValueError(
                     f"tables.{name}.follows={t.follows!r}, which follows {leader.follows!r} itself; follow the leader directly"
                 )
+        if self.recent_follows is not None and self.recent_follows not in self.tables:
+            # Unchecked, a typo meant users' recent items were never dropped with their rows.
+            raise ValueError(f"recent_follows={self.recent_follows!r} is not a table ({sorted(self.tables)})")
         return self
 
     def leader_of(self, name: str) -> str:

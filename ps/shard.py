@@ -196,6 +196,8 @@ class PSShard:
         self._last_expire = time.time()
         self._recent_swept_at = self._last_expire
         self._recent_recorded: list[np.ndarray] = []  # user keys recorded since the last sweep
+        # Only a user table with a lifecycle can turn users away for good (see _sweep_recent).
+        self._sweeps = cfg.recent_follows is not None and cfg.table(cfg.recent_follows).has_lifecycle
         self._lsn = 0  # logged state changes so far
         self._since_snapshot = 0  # pushes applied since the last snapshot
         self._store: ShardStore | None = None
@@ -634,6 +636,8 @@ class PSShard:
         return added
 
     def _note_recorded(self, users: np.ndarray) -> None:
+        if not self._sweeps:
+            return
         self._recent_recorded.append(users)
         if len(self._recent_recorded) >= 256:  # a minute of calls can be many: keep them compact
             self._recent_recorded = [np.unique(np.concatenate(self._recent_recorded))]
@@ -645,11 +649,9 @@ class PSShard:
         Removing a user's row drops their recent items, but a user who never gets one (not
         admitted, or turned away by a full table) would keep them forever.
         """
+        if not self._sweeps or now - self._recent_swept_at < self.cfg.recent_without_row_s:
+            return
         leader = self.cfg.recent_follows
-        if leader is None or not self.cfg.table(leader).has_lifecycle:
-            return
-        if now - self._recent_swept_at < self.cfg.recent_without_row_s:
-            return
         self._recent_swept_at = now
         recorded = np.unique(np.concatenate(self._recent_recorded)) if self._recent_recorded else np.empty(0, np.uint64)
         self._recent_recorded = []

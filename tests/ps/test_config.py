@@ -64,3 +64,13 @@ def test_read_yaml_errors_name_the_file(tmp_path):
         read_yaml(bad)
     (tmp_path / "empty.yaml").write_text("")
     assert read_yaml(tmp_path / "empty.yaml") == {}
+
+
+@pytest.mark.parametrize("ps, field", [({"recent_follows": "usr"}, "recent_follows='usr'"),
+                                       ({"tables": {"item_bias": {"follows": "itm"}}}, "tables.item_bias.follows='itm'")])
+def test_a_table_reference_to_no_table_is_a_load_time_error(ps, field):
+    from ps.config import ConfigError
+    from serving.config import load_config
+
+    with pytest.raises(ConfigError, match=f"{field} is not a table"):
+        load_config(None, {"ps": ps})
