@@ -1125,15 +1125,23 @@ class IngestLog:
         """
         out: list[float | None] = []
         for p, offset in positions:
-            part = self._part(p)
-            if not part.first_offset <= offset < part.durable_offset:
-                out.append(None)
-                continue
-            # From the index, never a read (an object store's GET would stall appends): the
-            # events of one append share its ingest time.
-            seg = part.segments[bisect.bisect_right(part.seg_firsts, offset) - 1]
-            out.append(seg.batch_ts[bisect.bisect_right(seg.firsts, offset) - 1])
+            at = self._batch_at(p, offset)
+            out.append(None if at is None else at[1].batch_ts[at[2]])  # one append, one ingest time
         return out
+
+    def _batch_at(self, p: int, offset: int) -> tuple[_Partition, _Segment, int] | None:
+        """The partition, segment and batch holding the durable event at ``(p, offset)``, from
+        the index, never a read (an object store's GET would stall appends); None where there
+        is none (caught up, or trimmed).
+
+        Raises:
+            ValueError: no such partition.
+        """
+        part = self._part(p)
+        if not part.first_offset <= offset < part.durable_offset:
+            return None
+        seg = part.segments[bisect.bisect_right(part.seg_firsts, offset) - 1]
+        return part, seg, bisect.bisect_right(seg.firsts, offset) - 1
 
     async def clocks(self, positions: list[tuple[int, int]]) -> list[int | None]:
         """The log's global position at the event at each ``(partition, offset)``: how many
@@ -1148,12 +1156,11 @@ class IngestLog:
         """
         out: list[int | None] = []
         for p, offset in positions:
-            part = self._part(p)
-            if not part.first_offset <= offset < part.durable_offset:
+            at = self._batch_at(p, offset)
+            if at is None:
                 out.append(None)
                 continue
-            seg = part.segments[bisect.bisect_right(part.seg_firsts, offset) - 1]
-            bi = bisect.bisect_right(seg.firsts, offset) - 1
+            part, seg, bi = at
             ts = seg.batch_ts[bi]
             total = seg.firsts[bi + 1] if bi + 1 < len(seg.firsts) else seg.end
             for q in self._parts:

@@ -152,12 +152,18 @@ def test_restart_recovers_bitwise_identical_state(tmp_path, every):
     _assert_identical(_dump(_shard(cfg, tmp_path / "s")), _dump(b))
 
 
-def test_snapshots_rotate_and_old_files_are_deleted(tmp_path):
+def _rotated(tmp_path) -> tuple[PSConfig, Path, PSShard]:
+    """A durable shard after 20 pushes, snapshotting every 3: snapshots at LSN 15 and 18."""
     cfg = _cfg(snapshot_every_pushes=3)
     d = tmp_path / "s"
     a = _shard(cfg, d)
     _apply(a, _pushes(20))
     a.wait_for_snapshots()
+    return cfg, d, a
+
+
+def test_snapshots_rotate_and_old_files_are_deleted(tmp_path):
+    cfg, d, a = _rotated(tmp_path)
     snaps = sorted(p.name for p in d.glob("snap-*"))
     assert snaps == ["snap-000000000015", "snap-000000000018"]
     assert (d / "CURRENT").read_text().strip() == "snap-000000000018"
@@ -172,11 +178,7 @@ def test_snapshots_rotate_and_old_files_are_deleted(tmp_path):
 
 
 def test_a_snapshot_with_a_damaged_file_is_refused_naming_it_and_the_older_one_used(tmp_path):
-    cfg = _cfg(snapshot_every_pushes=3)
-    d = tmp_path / "s"
-    a = _shard(cfg, d)
-    _apply(a, _pushes(20))
-    a.wait_for_snapshots()
+    cfg, d, a = _rotated(tmp_path)
     table = d / "snap-000000000018" / "table-0.arrow"
     data = bytearray(table.read_bytes())
     for j in range(len(data) // 2, len(data) // 2 + 64, 7):  # still Arrow: only the digest tells
