@@ -244,6 +244,20 @@ class PSClient:
         without a row reads as zeros (or its initial row with ``initial``). Read-only."""
         return self.pull_many({table: ids}, initial=initial, create=create)[table][0]
 
+    def present(self, table: str, ids: IdsLike) -> np.ndarray:
+        """Which of ``ids`` have a row in ``table`` (``bool [n]``, the caller's order), without
+        transferring the rows.
+
+        Raises:
+            KeyError: an unknown table.
+        """
+        route = _Route(keyed(ids, "id"), self.plan)
+        out = np.zeros(len(route.keyed.keys), bool)
+        calls = [(p, self.shards[s].present.remote(table, route.keyed.keys[p])) for s, p in enumerate(route.positions) if len(p)]
+        for (p, _), got in zip(calls, self._get([ref for _, ref in calls])):
+            out[p] = got
+        return out
+
     def rank_context(self, table: str, user_id: ID | Keyed, *, recent: bool = True, timeout_s: float | None = None):
         """The user's :class:`ps.shard.RankContext` (row, the push behind it, recent item keys)
         from the user's shard: one call.

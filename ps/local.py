@@ -86,6 +86,10 @@ class LocalClient:
         """``[(version, keys)]`` of every row of ``table``."""
         return [self.shard.live_keys(table)]
 
+    def present(self, table: str, ids: IdsLike) -> np.ndarray:
+        """Which of ``ids`` have a row in ``table`` (see ``PSClient.present``)."""
+        return self.shard.present(table, keyed(ids).keys)
+
     def expire(self) -> list[dict[str, int]]:
         """Run the TTL expiry now; ``[rows removed per table]`` (see ``PSShard.expire``)."""
         return [self.shard.expire()]

@@ -385,6 +385,16 @@ class PSShard:
         return {name: self._table(name).pull(_keys(keys, f"pull from {name!r}"), initial=initial)
                 for name, keys in requests.items()}
 
+    def present(self, table: str, keys: np.ndarray) -> np.ndarray:
+        """Which of ``keys`` (``uint64 [n]``) have a row in ``table`` (``bool [n]``): a pull's
+        ``found`` without the rows.
+
+        Raises:
+            KeyError: an unknown table.
+            ValueError: keys that are not ``uint64``.
+        """
+        return self._table(table).lookup(_keys(keys, f"present in {table!r}")) >= 0
+
     def pull_after(
         self, requests: dict[str, np.ndarray], initial: bool, after: PushId
     ) -> dict[str, tuple[np.ndarray, np.ndarray]] | None:
@@ -656,9 +666,8 @@ class PSShard:
         recorded = np.unique(np.concatenate(self._recent_recorded)) if self._recent_recorded else np.empty(0, np.uint64)
         self._recent_recorded = []
         users = self.recent.users()
-        if not len(users):
-            return
-        drop = users[(self.tables[leader].lookup(users) < 0) & ~np.isin(users, recorded)]
+        rowless = users[self.tables[leader].lookup(users) < 0] if len(users) else users
+        drop = rowless[~np.isin(rowless, recorded)]  # only the few without a row: isin is the costly part
         if len(drop):
             self._log(LogRecord(lsn=self._lsn + 1, kind="forget_users", version=self.version, now=now, forget=drop))
             self._lsn += 1

@@ -537,7 +537,9 @@ class EmbeddingTable:
     def nbytes(self) -> int:
         """Bytes the table holds: rows, state, per-slot bookkeeping, the index, the admission
         sketch and, once a string ID has arrived, the ID objects (``sys.getsizeof``: a string's
-        characters and header)."""
+        characters and header). Tables that follow another can share their leader's ID
+        objects (until a restart loads each table's own), so a sum over tables is an upper
+        bound."""
         arrays = (self.keys, self.ids, self.changed_at, self.touched_at, self.score, self.live, self._free)
         total = sum(a.nbytes for a in arrays) + self.rows.nbytes + self.state.nbytes + self.index.nbytes()
         total += self._id_objects_bytes

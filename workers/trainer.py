@@ -365,6 +365,9 @@ class Trainer:
         base = self._load_local_state()
         for p in self.sources:
             self._replay(p, base.get(p, 0), resume[p])
+        if self._may_refuse:
+            # Replayed (and saved) catalogue items were never checked for a row here.
+            self._unchecked = [self.catalogue.keys().copy()]
         self.offsets = dict(resume)
         self.read_pos = dict(resume)
         for p, rec in redo.items():
@@ -596,13 +599,14 @@ class Trainer:
             keys = np.unique(np.concatenate(gone)) if gone else np.empty(0, np.uint64)
             if not len(keys):
                 continue
+            # A tombstone outlives its removal: the ID may have a row again by now (a new
+            # interaction), and forgetting it then would drop that interaction: from its
+            # user's recent items (a just-seen item ranked back to them), or the history a
+            # returning user has started again.
+            keys = keys[~self.client.present(table, _keyed(keys))]
             if table == self.cfg.model.user_table:
                 self.histories.forget_users(keys)
                 continue
-            # A tombstone outlives its removal: the item may have a row again by now (a new
-            # interaction), and forgetting it then would drop that interaction from its
-            # user's recent items, so a just-seen item would be ranked back to them.
-            keys = keys[~self.client.pull_many({table: _keyed(keys)})[table][1]]
             if len(keys):
                 self.catalogue.remove(keys)
                 self.histories.forget_items(keys)
@@ -613,10 +617,9 @@ class Trainer:
         if self._unchecked:
             # Never had a row, so in no one's recent items or histories as a live item: only
             # the catalogue must lose them (an item admitted later comes back with its next event).
-            table = self.cfg.model.item_table
             fresh = np.unique(np.concatenate(self._unchecked))
             self._unchecked = []
-            self.catalogue.remove(fresh[~self.client.pull_many({table: _keyed(fresh)})[table][1]])
+            self.catalogue.remove(fresh[~self.client.present(self.cfg.model.item_table, _keyed(fresh))])
 
     def _expire_idle(self) -> None:
         """Trainer 0, while it waits for events: run the shards' TTL expiry, which otherwise

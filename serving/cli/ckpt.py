@@ -105,17 +105,26 @@ def check_restorable(cfg: FreshetConfig, ckpt: Path) -> None:
     for i, t in enumerate(trainers):
         if not _same_log(cfg, t["source_id"]):
             continue
-        for p, o in t["offsets"].items():
-            if o < first.get(p, 0):
-                raise ValueError(
-                    f"checkpoint {ckpt.name}: {trainer_actor_name(i)} would resume ingest partition {p} at offset {o}, "
-                    f"but the log keeps offsets from {first[p]} on (retention deleted the rest; only the latest "
-                    "checkpoint's events are kept). Restore a newer checkpoint")
+        # A trainer replays its local state from its saved state's offsets (at or before the
+        # checkpoint's), so the log must still hold the events from there on.
+        need = dict(t["offsets"])
         saved_state = ckpt / trainer_actor_name(i)
         if (saved_state / "meta.json").exists():
             for f in ("catalogue.arrow", "histories.arrow"):
                 if not (saved_state / f).exists():
                     raise FileNotFoundError(f"{saved_state / f}: missing")
+            try:
+                state = json.loads((saved_state / "meta.json").read_text())["offsets"]
+                for p, o in state.items():
+                    need[int(p)] = min(need.get(int(p), int(o)), int(o))
+            except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as e:
+                raise ValueError(f"{saved_state / 'meta.json'}: not a readable trainer state ({type(e).__name__}: {e})") from None
+        for p, o in sorted(need.items()):
+            if o < first.get(p, 0):
+                raise ValueError(
+                    f"checkpoint {ckpt.name}: {trainer_actor_name(i)} would read ingest partition {p} from offset {o}, "
+                    f"but the log keeps offsets from {first[p]} on (retention deleted the rest; only the latest "
+                    "checkpoint's events are kept). Restore a newer checkpoint")
 
 
 def restore_trainer_offsets(cfg: FreshetConfig, ckpt: Path) -> None:

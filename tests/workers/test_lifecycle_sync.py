@@ -96,7 +96,29 @@ def test_items_the_ps_gave_no_row_leave_the_negative_catalogue():
     tr._sync_lifecycle()
     keys = tr.catalogue.keys().copy()
     assert len(keys) > 50
-    assert client.pull_many({"item": Keyed(keys)})["item"][1].all()
-    # ... and an item admitted later is back with its next event.
-    live = client.live_keys("item")[0][1]
-    assert len(live) > len(keys) // 2 and np.isin(keys, live).all()
+    assert client.present("item", Keyed(keys)).all()
+
+
+def test_a_restarted_trainer_checks_its_replayed_catalogue_too(tmp_path):
+    # Rebuilding the catalogue from the stream and the saved state brought back every item
+    # without a row (815 of 1,058 in a review's run), and nothing checked them again.
+    cfg = load_config(None, {"stream": {"num_events": 3000, "synthetic": {"num_items": 20_000, "session_mean": 1}},
+                             "ps": {"num_shards": 1, "tables": {"item": {"admission": {"min_count": 2}}}},
+                             "trainer": {"lifecycle_sync_s": 0.001, "snapshot_every_batches": 3}})
+    client = LocalClient(cfg.ps)
+    Trainer(0, cfg, client=client, state_dir=tmp_path).run()
+    again = Trainer(0, cfg, client=client, state_dir=tmp_path)
+    assert len(again.catalogue) > 50
+    again._sync_lifecycle()
+    assert client.present("item", Keyed(again.catalogue.keys().copy())).all()
+
+
+def test_a_user_back_before_the_sync_keeps_the_history_they_started_again():
+    tr, client = _trainer({"user": {"max_rows": 1, "eviction": "lru"}})
+    _push(client, "user", ["a"], 1)
+    _push(client, "user", ["b"], 2)  # the cap is 1: "a" goes
+    _push(client, "user", ["a"], 3)  # "a" is back (and "b" goes)
+    a = int(keyed(["a"]).keys[0])
+    tr.histories.remember(np.asarray([a], np.uint64), keyed(["i9"]).keys)
+    tr._sync_lifecycle()
+    assert tr.histories.of(a) == (int(keyed(["i9"]).keys[0]),)

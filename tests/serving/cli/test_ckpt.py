@@ -100,5 +100,18 @@ def test_offsets_retention_deleted_are_refused_naming_them(tmp_path):
     # Only the latest checkpoint's events are pinned: an older one's trainers would fail to
     # read their first batch forever (TrimmedOffsetError) after the restore had changed state.
     cfg, ckpt = _setup(tmp_path, first_offsets=(0, 35))
-    with pytest.raises(ValueError, match=r"partition 1 at offset 30, but the log keeps offsets from 35 on"):
+    with pytest.raises(ValueError, match=r"partition 1 from offset 30, but the log keeps offsets from 35 on"):
+        check_restorable(cfg, ckpt)
+
+
+def test_the_offsets_a_trainer_replays_its_saved_state_from_are_checked_too(tmp_path):
+    # A trainer rebuilds its catalogue from its saved state's offsets, which can be older
+    # than the checkpoint's: those events must still be in the log.
+    cfg, ckpt = _setup(tmp_path, first_offsets=(25, 0))
+    state = ckpt / trainer_actor_name(0)
+    state.mkdir()
+    for f in ("catalogue.arrow", "histories.arrow"):
+        (state / f).write_bytes(b"")
+    (state / "meta.json").write_text(json.dumps({"offsets": {"0": 20}, "events_applied": 20}))
+    with pytest.raises(ValueError, match=r"partition 0 from offset 20, but the log keeps offsets from 25 on"):
         check_restorable(cfg, ckpt)

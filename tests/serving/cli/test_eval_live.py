@@ -90,7 +90,8 @@ def test_live_eval_against_a_running_service_matches_the_offline_counts(service,
     assert m["rate_achieved"] > 0 and len(m["machine_before"]["loadavg"]) == 3
     # The goal follows the rate the events arrived at (a 500 events/s run that managed 215 was
     # held to the 500 events/s goal).
-    assert c["target_rate"] == pytest.approx(min(m["rate_achieved"], m["rate_target"]))
+    achieved = m["rate_achieved"]
+    assert c["target_rate"] == (m["rate_target"] if achieved >= 0.95 * m["rate_target"] else pytest.approx(achieved))
     d = report["diagnostics"]
     assert d["warm_users_ranked"] >= live["evaluated"] / 20 and d["stats_samples"] >= 1
     assert d["rank_ms"]["p50"] > 0 and d["events_ms"]["p50"] > 0
