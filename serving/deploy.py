@@ -63,6 +63,40 @@ def state_dirs(cfg: FreshetConfig) -> dict[str, Path]:
     return {"ps": root / "ps", "trainers": root / "trainers"}
 
 
+def check_trainer_state(cfg: FreshetConfig) -> None:
+    """Refuse durable trainer state written for another ``trainer.num_workers``: each trainer
+    resumes the partitions its write-ahead log committed offsets for, and a trainer given
+    other partitions would read them again from 0 under a new name, applying them twice.
+
+    Raises:
+        ValueError: naming the trainer, the partitions its state holds and those the config
+            gives it.
+    """
+    from workers.config import StreamKind
+    from workers.trainer import partitions_of, trainer_actor_name
+    from workers.wal import read_committed
+
+    root = state_dirs(cfg)["trainers"]
+    if not root.is_dir():
+        return
+    n = cfg.trainer.num_workers
+    for d in sorted(root.iterdir()):
+        index = d.name.removeprefix("trainer-")
+        if not (d.name.startswith("trainer-") and index.isdigit() and d.is_dir()):
+            continue
+        held = sorted(read_committed(d).offsets)
+        if not held:
+            continue
+        i = int(index)
+        want = [] if i >= n else partitions_of(i, cfg) if cfg.stream.kind == StreamKind.INGEST else [0]
+        if held != sorted(want):
+            raise ValueError(
+                f"trainer.num_workers={n}: the trainer state in {root} was written by another number of trainers "
+                f"({trainer_actor_name(i)} holds offsets for partitions {held}, this config gives it {sorted(want) or 'none'}); "
+                "its events would be applied twice. Keep the number of trainers the state was written with, or start "
+                "from a fresh ingest.dir")
+
+
 def start(
     cfg: FreshetConfig,
     *,
@@ -94,12 +128,15 @@ def start(
     If any step fails, everything this call started is removed before the error propagates.
 
     Raises:
-        ValueError: with ``require_fit``, the deployment reserves more than the cluster has.
+        ValueError: with ``require_fit``, the deployment reserves more than the cluster has;
+            durable trainer state written for another ``trainer.num_workers``.
         FileNotFoundError: ``restore_from`` lacks a shard's checkpoint.
         TimeoutError: the shards or the app did not come up in time.
     """
     if require_fit:
         check_fits(cfg, ray.cluster_resources(), trainers=trainers, serving=serving)
+    if durable and trainers:
+        check_trainer_state(cfg)
     dirs = state_dirs(cfg) if durable else {"ps": None, "trainers": None}
     dep = Deployment(cfg)
     try:

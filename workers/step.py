@@ -163,6 +163,7 @@ class TrainStep:
         self.device = device or torch.device("cpu")
         self.passes = cfg.trainer.passes
         self.transfer = DeviceTransfer(self.device)
+        self.clock_base = 0  # events before the stream's offset 0 (workers.wal.Committed.clock_base)
 
     # -- preparing -----------------------------------------------------------------------
     def prepare(
@@ -471,7 +472,7 @@ class TrainStep:
             # The batch's counts, valid at its end; the clock is in half-lives. With several
             # ingest partitions the end is the log's global position: offsets count each
             # partition apart, and a partition behind another would have its counts decayed.
-            end = batch.end if batch.clock is None else batch.clock
+            end = (batch.end if batch.clock is None else batch.clock) + self.clock_base
             clock = np.full(len(keys), end / m.recent_halflife_events, np.float32)
             out[m.recent_table] = (k, np.stack([counts, clock], axis=1))
         return out

@@ -247,6 +247,7 @@ class Trainer:
         # their batch is applied: negatives without a row train users against noise.
         self._may_refuse = items.admission is not None or items.max_rows is not None
         self._reset_local_state()
+        self.clock_base = 0  # see workers.wal.Committed.clock_base
         if self.wal is not None:
             self._recover()
         if autostart:  # also after a Ray restart, which re-runs only __init__
@@ -341,6 +342,7 @@ class Trainer:
         local state up to the committed offsets (from the last snapshot on), and finish a
         batch whose later passes never ran."""
         committed = self.wal.committed()
+        self.clock_base = self.step.clock_base = committed.clock_base
         pending = self.wal.pending()
         for rec, updates, recent in pending:
             # Shards that applied it drop it by push id; the rest apply the same gradients.
@@ -376,7 +378,7 @@ class Trainer:
             self.read_pos[p] = rec.end
             refs = self._train(batch, self._pull(batch), first_pass=rec.pass_index + 1)
             self._commit(batch, refs)
-        self.wal.commit(self.offsets, self.events_applied)
+        self.wal.commit(self.offsets, self.events_applied, self.clock_base)
 
     def _replay(self, p: int, start: int, upto: int) -> None:
         """Advance local state (catalogue, histories, evaluation history) over partition
@@ -558,7 +560,7 @@ class Trainer:
         if self._may_refuse and len(batch.new_items):
             self._unchecked.append(batch.new_items)
         if self.wal is not None:
-            self.wal.commit(self.offsets, self.events_applied)
+            self.wal.commit(self.offsets, self.events_applied, self.clock_base)
             self._since_snapshot += 1
             if self._since_snapshot >= self.cfg.trainer.snapshot_every_batches:
                 self._save_local_state()
@@ -770,6 +772,7 @@ class Trainer:
             "state": self.state,
             "applied_offset": int(sum(self.offsets.values())),
             "applied_offsets": {str(p): o for p, o in self.offsets.items()},
+            "clock_base": self.clock_base,
             "events_read": self.events_read,
             "events_applied": self.events_applied,
             "batches": self.batches,

@@ -31,7 +31,7 @@ from ps.persist import (
     update_columns,
 )
 
-__all__ = ["Committed", "PushRecord", "TrainerWAL"]
+__all__ = ["Committed", "PushRecord", "TrainerWAL", "read_committed"]
 
 _SCHEMA = pa.schema(
     [
@@ -69,6 +69,9 @@ class Committed:
 
     offsets: dict[int, int] = field(default_factory=dict)
     events_applied: int = 0
+    # The stream's position before this log's offset 0, in events: a checkpoint restored into
+    # a fresh ingest log carries on the recent-popularity clock from where it stood.
+    clock_base: int = 0
 
 
 class TrainerWAL:
@@ -98,43 +101,11 @@ class TrainerWAL:
 
     # -- reading -------------------------------------------------------------------------
     def _read(self) -> tuple[Committed, list[tuple[PushRecord, dict[str, TableUpdate], tuple | None]], int]:
-        path = self.root / _FILE
-        committed, pending, good = Committed(), [], 0
-        if not path.exists():
-            return committed, pending, good
-        with pa.memory_map(str(path), "r") as src:
-            try:
-                reader = pa.ipc.open_stream(src)
-            except (pa.ArrowInvalid, OSError):
-                return committed, pending, 0
-            if (reader.schema.metadata or {}).get(b"format_version") != b"2":
-                raise ValueError(f"{path}: not a trainer WAL of format 2 (written by another release?)")
-            good = src.tell()
-            while True:
-                try:
-                    batch = reader.read_next_batch()
-                except StopIteration:
-                    break
-                except (pa.ArrowInvalid, OSError):
-                    break
-                good = src.tell()
-                for i in range(batch.num_rows):
-                    row = batch.slice(i, 1)
-                    kind = row.column("kind")[0].as_py()
-                    if kind == "commit":
-                        meta = json.loads(row.column("meta")[0].as_py())
-                        committed = Committed({int(p): int(o) for p, o in meta["offsets"].items()}, int(meta["events_applied"]))
-                        pending = []
-                    else:
-                        rec = PushRecord(*(row.column(c)[0].as_py() for c in ("seq", "start", "end", "pass_index", "partition")))
-                        updates = {u.table: u for u in decode_updates(row)}
-                        recent = decode_recent(row)
-                        pending.append((rec, updates, recent if len(recent[0]) else None))
-        return committed, pending, good
+        return _read_file(self.root / _FILE)
 
     def committed(self) -> Committed:
         """The last commit (offsets per partition, events applied); empty before the first."""
-        return Committed(dict(self._committed.offsets), self._committed.events_applied)
+        return Committed(dict(self._committed.offsets), self._committed.events_applied, self._committed.clock_base)
 
     def pending(self) -> list[tuple[PushRecord, dict[str, TableUpdate], tuple | None]]:
         """Pushes written after the last commit, in order: ``(record, updates, recent)``."""
@@ -168,10 +139,10 @@ class TrainerWAL:
         self._append(self._encode("push", rec, list(updates.values()), recent, None))
         self._pending.append((rec, updates, recent))
 
-    def commit(self, offsets: dict[int, int], events_applied: int) -> None:
+    def commit(self, offsets: dict[int, int], events_applied: int, clock_base: int = 0) -> None:
         """Record that the stream is fully applied up to ``offsets`` (per partition): every
-        push written so far is settled."""
-        self._committed = Committed({int(p): int(o) for p, o in offsets.items()}, int(events_applied))
+        push written so far is settled. ``clock_base``: see :class:`Committed`."""
+        self._committed = Committed({int(p): int(o) for p, o in offsets.items()}, int(events_applied), int(clock_base))
         self._pending = []
         data = self._commit_bytes()
         self._append(data)
@@ -180,7 +151,7 @@ class TrainerWAL:
 
     def _commit_bytes(self) -> bytes:
         meta = json.dumps({"offsets": {str(p): o for p, o in self._committed.offsets.items()},
-                           "events_applied": self._committed.events_applied})
+                           "events_applied": self._committed.events_applied, "clock_base": self._committed.clock_base})
         return self._encode("commit", None, [], None, meta)
 
     def _start_file(self, records: list[bytes]) -> None:
@@ -198,9 +169,9 @@ class TrainerWAL:
         fsync_path(self.root)
         self._file = open(self.root / _FILE, "ab")
 
-    def reset(self, offsets: dict[int, int], events_applied: int) -> None:
+    def reset(self, offsets: dict[int, int], events_applied: int, clock_base: int = 0) -> None:
         """Start over from ``offsets`` with nothing pending (a checkpoint restore)."""
-        self._committed = Committed({int(p): int(o) for p, o in offsets.items()}, int(events_applied))
+        self._committed = Committed({int(p): int(o) for p, o in offsets.items()}, int(events_applied), int(clock_base))
         self._pending = []
         self._start_file([self._commit_bytes()])
 
@@ -209,3 +180,51 @@ class TrainerWAL:
         if self._file is not None:
             self._file.close()
             self._file = None
+
+
+def _read_file(path: Path) -> tuple[Committed, list[tuple[PushRecord, dict[str, TableUpdate], tuple | None]], int]:
+    """The last commit, the pushes after it and the byte length of the readable prefix of
+    the WAL file at ``path``; reads only."""
+    committed, pending, good = Committed(), [], 0
+    if not path.exists():
+        return committed, pending, good
+    with pa.memory_map(str(path), "r") as src:
+        try:
+            reader = pa.ipc.open_stream(src)
+        except (pa.ArrowInvalid, OSError):
+            return committed, pending, 0
+        if (reader.schema.metadata or {}).get(b"format_version") != b"2":
+            raise ValueError(f"{path}: not a trainer WAL of format 2 (written by another release?)")
+        good = src.tell()
+        while True:
+            try:
+                batch = reader.read_next_batch()
+            except StopIteration:
+                break
+            except (pa.ArrowInvalid, OSError):
+                break
+            good = src.tell()
+            for i in range(batch.num_rows):
+                row = batch.slice(i, 1)
+                kind = row.column("kind")[0].as_py()
+                if kind == "commit":
+                    meta = json.loads(row.column("meta")[0].as_py())
+                    committed = Committed({int(p): int(o) for p, o in meta["offsets"].items()}, int(meta["events_applied"]),
+                                          int(meta.get("clock_base", 0)))
+                    pending = []
+                else:
+                    rec = PushRecord(*(row.column(c)[0].as_py() for c in ("seq", "start", "end", "pass_index", "partition")))
+                    updates = {u.table: u for u in decode_updates(row)}
+                    recent = decode_recent(row)
+                    pending.append((rec, updates, recent if len(recent[0]) else None))
+    return committed, pending, good
+
+
+def read_committed(root: str | Path) -> Committed:
+    """What the last commit record of the WAL under ``root`` says (empty when there is none),
+    without opening it for writing (a :class:`TrainerWAL` cuts a torn tail).
+
+    Raises:
+        ValueError: the file was written in another format.
+    """
+    return _read_file(Path(root) / _FILE)[0]

@@ -67,6 +67,7 @@ def _saved_trainers(cfg: FreshetConfig, ckpt: Path) -> list[dict]:
         for t in trainers:
             t["offsets"] = {int(p): int(o) for p, o in t.get("applied_offsets", {"0": t["applied_offset"]}).items()}
             t["source_id"], t["events_applied"] = str(t["source_id"]), int(t["events_applied"])
+            t["clock_base"] = int(t.get("clock_base", 0))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as e:
         raise ValueError(f"{ckpt / TRAINER_OFFSETS}: not a readable checkpoint record ({type(e).__name__}: {e})") from None
     if len(trainers) != cfg.trainer.num_workers:
@@ -137,17 +138,27 @@ def restore_trainer_offsets(cfg: FreshetConfig, ckpt: Path) -> None:
     from workers.trainer import trainer_actor_name
     from workers.wal import TrainerWAL
 
-    for i, t in enumerate(_saved_trainers(cfg, ckpt)):
+    trainers = _saved_trainers(cfg, ckpt)
+    fresh_base = max(t["clock_base"] for t in trainers) + sum(sum(t["offsets"].values()) for t in trainers)
+    for d in state_dirs(cfg)["trainers"].glob("trainer-*"):  # no trainer of this deployment resumes from these
+        if d.name.removeprefix("trainer-").isdigit() and int(d.name.removeprefix("trainer-")) >= len(trainers):
+            shutil.rmtree(d, ignore_errors=True)
+    for i, t in enumerate(trainers):
         root = state_dirs(cfg)["trainers"] / trainer_actor_name(i)
         shutil.rmtree(root, ignore_errors=True)
         # Same log: resume after the events the checkpoint covers, with the trainer's
         # catalogue and histories as they were then. A fresh deployment has a new log (new
         # producer names), so its trainers start at its beginning with empty local state.
         if _same_log(cfg, t["source_id"]):
-            TrainerWAL(root).commit(t["offsets"], t["events_applied"])
+            TrainerWAL(root).commit(t["offsets"], t["events_applied"], t["clock_base"])
             saved_state = ckpt / trainer_actor_name(i)
             if (saved_state / "meta.json").exists():
                 shutil.copytree(saved_state, root / "state")
+        else:
+            # The new log's offsets start at 0, but the restored recent-popularity rows are
+            # stamped with the old stream's position: carry on from there, or new events would
+            # count as older than the checkpoint's and its items would never decay.
+            TrainerWAL(root).commit({}, 0, fresh_base)
 
 
 def cmd_ckpt(args) -> int:
@@ -212,7 +223,8 @@ def cmd_ckpt(args) -> int:
         try:
             reports = PSClient.connect(state["namespace"]).snapshot(name)
             offsets = [{"applied_offset": s["applied_offset"], "applied_offsets": s["applied_offsets"],
-                        "events_applied": s["events_applied"], "source_id": s["source_id"]} for s in stats]
+                        "events_applied": s["events_applied"], "source_id": s["source_id"],
+                        "clock_base": s.get("clock_base", 0)} for s in stats]
             # Each trainer saved its catalogue and histories at these offsets when it stopped;
             # keep a copy (on a multi-node cluster it is on the trainer's node: then a restore
             # resumes with empty local state, which only costs negatives and evaluation history).

@@ -320,6 +320,8 @@ def cmd_up(args: argparse.Namespace) -> int:
     restore_from = checkpoint_dir(cfg, args.restore) if getattr(args, "restore", None) else None
     if restore_from is not None:
         check_restorable(cfg, restore_from)
+    else:  # a restore rewrites the trainers' state; otherwise it must be this config's
+        deploy.check_trainer_state(cfg)
     state: dict[str, Any] = {"version": STATE_VERSION, "namespace": cfg.namespace,
                              "config": str(Path(args.config).absolute()) if args.config else None,
                              "pid": os.getpid(), "phase": "starting", "started_ray": False, "ray_root": None,

@@ -30,3 +30,24 @@ def test_gpus_the_cluster_does_not_have_are_refused():
     with pytest.raises(ValueError, match=r"trainer\.num_gpus 1 x trainer\.num_workers 1 reserves 1 GPUs, more than the 0"):
         check_fits(cfg, {"CPU": 16.0})
     check_fits(cfg, {"CPU": 16.0, "GPU": 1.0})
+
+
+def test_trainer_state_of_another_number_of_trainers_is_refused(tmp_path):
+    # 4 partitions written by 2 trainers, started with 1: trainer-0 read partitions 1 and 3
+    # again from 0 under a new name, and /stats said nothing (item_pop 2,318 for 1,604 events).
+    from serving.config import load_config
+    from serving.deploy import check_trainer_state, state_dirs
+    from workers.wal import TrainerWAL
+
+    def cfg(workers: int):
+        return load_config(None, {"trainer": {"num_workers": workers}, "stream": {"kind": "ingest", "num_events": None},
+                                  "ingest": {"dir": str(tmp_path), "partitions": 4}})
+
+    root = state_dirs(cfg(2))["trainers"]
+    TrainerWAL(root / "trainer-0").commit({0: 10, 2: 12}, 22)
+    TrainerWAL(root / "trainer-1").commit({1: 7, 3: 9}, 16)
+    check_trainer_state(cfg(2))  # the number it was written with
+    with pytest.raises(ValueError, match=r"trainer-0 holds offsets for partitions \[0, 2\], this config gives it \[0, 1, 2, 3\]"):
+        check_trainer_state(cfg(1))
+    with pytest.raises(ValueError, match=r"trainer.num_workers=4"):
+        check_trainer_state(cfg(4))

@@ -115,3 +115,26 @@ def test_the_offsets_a_trainer_replays_its_saved_state_from_are_checked_too(tmp_
     (state / "meta.json").write_text(json.dumps({"offsets": {"0": 20}, "events_applied": 20}))
     with pytest.raises(ValueError, match=r"partition 0 from offset 20, but the log keeps offsets from 25 on"):
         check_restorable(cfg, ckpt)
+
+
+def test_a_restore_into_a_fresh_log_carries_the_recent_popularity_clock_on(tmp_path):
+    # The new log's offsets restart at 0 while the restored item_recent rows are stamped with
+    # the old stream's position: new events counted as 1,000 events older than the
+    # checkpoint's, and the checkpoint's items never decayed.
+    from ps.local import LocalClient
+    from workers.trainer import Trainer
+
+    cfg, ckpt = _setup(tmp_path)
+    (tmp_path / "dep" / "ingest" / "LOG_ID").write_text("another-log")  # restored into a new log
+    restore_trainer_offsets(cfg, ckpt)
+    assert [(TrainerWAL(d).committed().offsets, TrainerWAL(d).committed().clock_base) for d in _trainer_dirs(cfg)] == \
+        [({}, 70), ({}, 70)]  # 40 + 30 events before the new log's offset 0
+
+    # A trainer resumes with that base: its recent-popularity clock goes on from 70 events.
+    synth = load_config(None, {"stream": {"num_events": 256}, "trainer": {"batch_size": 256}, "ps": {"num_shards": 1}})
+    client = LocalClient(synth.ps)
+    trainer = Trainer(0, synth, client=client, state_dir=state_dirs(cfg)["trainers"])
+    assert trainer.stats()["clock_base"] == 70
+    trainer.run()
+    clocks = client.shard.tables[synth.model.recent_table].pull(client.shard.live_keys(synth.model.recent_table)[1])[0][:, 1]
+    assert clocks.max() * synth.model.recent_halflife_events == pytest.approx(70 + 256)
