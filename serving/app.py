@@ -847,7 +847,10 @@ class FreshetAPI:
         body = {
             "events_accepted": ingest["events_accepted"],
             "events_applied": sum(t["events_applied"] for t in trainers.values()),
-            "applied_offset": min((t["applied_offset"] for t in trainers.values()), default=None),
+            # Offsets count each partition apart: their sum is the log's applied position,
+            # comparable with events_accepted (the minimum over trainers meant nothing).
+            "applied_offset": sum(t["applied_offset"] for t in trainers.values()) if trainers else None,
+            "applied_offsets": {p: o for t in trainers.values() for p, o in t.get("applied_offsets", {}).items()},
             "lag": self._lags(trainers, ingest, await self._arrivals(trainers, ingest)),
             "rows": rows,
             "memory": memory,

@@ -153,7 +153,7 @@ def test_new_user_gets_personal_ranking_after_posting_events(deployment):
     final = http.post("/rank", json={"user_id": user, "k": 10}).json()
     assert final["fallback"] is None and not {it["item_id"] for it in final["items"]} & set(seen)
     assert s["events_accepted"] == len(history) + len(seen)
-    assert s["applied_offset"] == s["events_accepted"]
+    assert s["applied_offset"] == s["events_accepted"] == sum(s["applied_offsets"].values())
     assert s["freshness_ms"]["p50"] is not None and s["freshness_ms"]["p99"] >= s["freshness_ms"]["p50"]
     assert len(s["trainers"]) == cfg.trainer.num_workers and s["trainers_down"] == {}
     assert s["quarantined"] == 0 and sum(s["rows"]["item"].values()) == 30
