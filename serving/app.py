@@ -784,7 +784,8 @@ class FreshetAPI:
         except Exception:  # noqa: BLE001 - a figure of /stats: the trainers' own lag_s stands in
             return {}
 
-    @fastapi_app.get("/healthz")
+    # HEAD too: load balancers and uptime checkers often probe with it (it was a 405).
+    @fastapi_app.api_route("/healthz", methods=["GET", "HEAD"])
     async def healthz(self):
         """200 when every PS shard and the ingest log answer and every trainer is running (not
         dead, restarting, failing or stalled); else 503 naming what is wrong."""

@@ -107,6 +107,8 @@ def test_healthz_is_ok(deployment):
     assert r.status_code == 200, r.text
     assert r.json()["status"] == "ok"
     assert r.json()["down"] == {}
+    head = http.head("/healthz")
+    assert head.status_code == 200 and head.content == b""
 
 
 def test_new_user_gets_personal_ranking_after_posting_events(deployment):

@@ -144,6 +144,8 @@ def test_http_contract_is_the_same_in_both_modes(deployment):
     r = http.get("/healthz")
     assert r.status_code == 200 and r.json() == {"status": "ok", "shards": 2, "trainers": 1, "down": {}}, r.text
     log.append(_entry("healthz", r, True))
+    head = http.head("/healthz")
+    assert head.status_code == 200 and head.content == b"", (head.status_code, head.content)
 
     # 401: no token, a wrong token, a token without the scheme; checked before the body is read.
     for what, headers in (("401-none", {}), ("401-wrong", {"Authorization": "Bearer nope"}),
