@@ -196,6 +196,7 @@ class PSShard:
         self._last_expire = time.time()
         self._recent_swept_at = self._last_expire
         self._recent_recorded: list[np.ndarray] = []  # user keys recorded since the last sweep
+        self._rowless: np.ndarray | None = None  # kept at the last sweep without a row (None: not swept yet)
         # Only a user table with a lifecycle can turn users away for good (see _sweep_recent).
         self._sweeps = cfg.recent_follows is not None and cfg.table(cfg.recent_follows).has_lifecycle
         self._lsn = 0  # logged state changes so far
@@ -657,17 +658,20 @@ class PSShard:
         recorded since the previous sweep (``recent_without_row_s`` apart); logged.
 
         Removing a user's row drops their recent items, but a user who never gets one (not
-        admitted, or turned away by a full table) would keep them forever.
+        admitted, or turned away by a full table) would keep them forever. Only the users
+        recorded since the last sweep and those kept then without a row are looked at (every
+        user with recent items at a process's first sweep), so a sweep costs what the recent
+        traffic is, not what the shard holds.
         """
         if not self._sweeps or now - self._recent_swept_at < self.cfg.recent_without_row_s:
             return
-        leader = self.cfg.recent_follows
         self._recent_swept_at = now
         recorded = np.unique(np.concatenate(self._recent_recorded)) if self._recent_recorded else np.empty(0, np.uint64)
         self._recent_recorded = []
-        users = self.recent.users()
-        rowless = users[self.tables[leader].lookup(users) < 0] if len(users) else users
-        drop = rowless[~np.isin(rowless, recorded)]  # only the few without a row: isin is the costly part
+        pool = self.recent.users() if self._rowless is None else np.union1d(self._rowless, recorded)
+        pool = pool[self.tables[self.cfg.recent_follows].lookup(pool) < 0] if len(pool) else pool
+        quiet = ~np.isin(pool, recorded)
+        drop, self._rowless = pool[quiet], pool[~quiet]
         if len(drop):
             self._log(LogRecord(lsn=self._lsn + 1, kind="forget_users", version=self.version, now=now, forget=drop))
             self._lsn += 1

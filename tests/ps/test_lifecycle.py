@@ -325,10 +325,19 @@ def test_recent_items_of_users_who_never_get_a_row_go_after_a_quiet_spell(clock,
     sh.expire()
     assert {int(k) for k in sh.recent.users().tolist()} == _keys([7, 100])
     assert sh.stats()["users_with_recent"] == 2
+    # Later sweeps look only at recent traffic and at what they kept: a newcomer without a
+    # row is kept while active and goes after a quiet spell, like the rest.
+    sh.record_recent(id_keys([200]), id_keys([3]), np.asarray([61]))
+    clock.now += 61
+    sh.expire()
+    assert {int(k) for k in sh.recent.users().tolist()} == _keys([7, 200])
+    clock.now += 61
+    sh.expire()
+    assert {int(k) for k in sh.recent.users().tolist()} == _keys([7])
 
     sh.wait_for_snapshots()
-    again = PSShard(0, ps.plan, cfg, tmp_path / "s0")  # a restart replays the sweep from the log
-    assert {int(k) for k in again.recent.users().tolist()} == _keys([7, 100])
+    again = PSShard(0, ps.plan, cfg, tmp_path / "s0")  # a restart replays the sweeps from the log
+    assert {int(k) for k in again.recent.users().tolist()} == _keys([7])
 
 
 def test_recent_items_are_never_swept_when_the_user_table_has_no_lifecycle(clock):
