@@ -47,11 +47,11 @@ from serving.schemas import (
     ScoreRequest,
     ScoreResponse,
 )
-from workers.config import LossKind
+from workers.config import LossKind, StreamKind
 from workers.ingest_log import INGEST_ACTOR
 from workers.model import signals
 from workers.ranking import Ranked, Ranker, RankingSnapshot
-from workers.trainer import trainer_actor_name
+from workers.trainer import applied_position, trainer_actor_name
 
 __all__ = ["AppArgs", "FreshetAPI", "app", "build_app", "run_app"]
 
@@ -848,10 +848,11 @@ class FreshetAPI:
         body = {
             "events_accepted": ingest["events_accepted"],
             "events_applied": sum(t["events_applied"] for t in trainers.values()),
-            # Offsets count each partition apart: their sum is the log's applied position,
-            # comparable with events_accepted (the minimum over trainers meant nothing).
-            "applied_offset": sum(t["applied_offset"] for t in trainers.values()) if trainers else None,
-            "applied_offsets": {p: o for t in trainers.values() for p, o in t.get("applied_offsets", {}).items()},
+            # On the ingest log, offsets count each partition apart: their sum is the log's
+            # applied position, comparable with events_accepted. None while a trainer is down.
+            "applied_offset": applied_position(list(trainers.values()), self.cfg) if trainers and not trainers_down else None,
+            "applied_offsets": ({p: o for t in trainers.values() for p, o in t.get("applied_offsets", {}).items()}
+                                if self.cfg.stream.kind == StreamKind.INGEST else None),
             "lag": self._lags(trainers, ingest, await self._arrivals(trainers, ingest)),
             "rows": rows,
             "memory": memory,

@@ -84,17 +84,22 @@ def check_trainer_state(cfg: FreshetConfig) -> None:
         index = d.name.removeprefix("trainer-")
         if not (d.name.startswith("trainer-") and index.isdigit() and d.is_dir()):
             continue
-        held = sorted(read_committed(d).offsets)
+        committed = read_committed(d)
+        held = sorted(committed.offsets)
         if not held:
             continue
         i = int(index)
         want = [] if i >= n else partitions_of(i, cfg) if cfg.stream.kind == StreamKind.INGEST else [0]
-        if held != sorted(want):
+        # Recorded since this release; before it, the partitions a trainer holds tell (for the
+        # ingest log: a file stream's trainers all hold partition 0, split by user instead).
+        written = committed.num_workers
+        if (written is not None and written != n) or held != sorted(want):
+            was = f"{written} trainers" if written is not None else "another number of trainers"
             raise ValueError(
-                f"trainer.num_workers={n}: the trainer state in {root} was written by another number of trainers "
+                f"trainer.num_workers={n}: the trainer state in {root} was written by {was} "
                 f"({trainer_actor_name(i)} holds offsets for partitions {held}, this config gives it {sorted(want) or 'none'}); "
-                "its events would be applied twice. Keep the number of trainers the state was written with, or start "
-                "from a fresh ingest.dir")
+                "its events would be applied twice or skipped. Keep the number of trainers the state was written with, "
+                "or start from a fresh ingest.dir (and ingest.state_dir, where set)")
 
 
 def start(

@@ -103,6 +103,18 @@ def _stream_id(cfg: "FreshetConfig") -> str:
     return f"{cfg.stream.kind.value}:{hashlib.blake2b(text.encode(), digest_size=6).hexdigest()}"
 
 
+def applied_position(stats: list[dict[str, Any]], cfg: "FreshetConfig") -> int:
+    """How far the trainers (their ``stats()``) have applied the stream, in events from its
+    start: on the ingest log each trainer holds its own partitions, so their positions add
+    up; on a file stream each reads it all and keeps its users' events, so the slowest one
+    says."""
+    if not stats:
+        return 0
+    if cfg.stream.kind == StreamKind.INGEST:
+        return sum(int(s["applied_offset"]) for s in stats)
+    return min(int(s["applied_offset"]) for s in stats)
+
+
 def partitions_of(index: int, cfg: "FreshetConfig") -> list[int]:
     """The ingest partitions trainer ``index`` consumes."""
     n = getattr(cfg.ingest, "partitions", 1)
@@ -378,7 +390,7 @@ class Trainer:
             self.read_pos[p] = rec.end
             refs = self._train(batch, self._pull(batch), first_pass=rec.pass_index + 1)
             self._commit(batch, refs)
-        self.wal.commit(self.offsets, self.events_applied, self.clock_base)
+        self.wal.commit(self.offsets, self.events_applied, self.clock_base, self.num_workers)
 
     def _replay(self, p: int, start: int, upto: int) -> None:
         """Advance local state (catalogue, histories, evaluation history) over partition
@@ -560,7 +572,7 @@ class Trainer:
         if self._may_refuse and len(batch.new_items):
             self._unchecked.append(batch.new_items)
         if self.wal is not None:
-            self.wal.commit(self.offsets, self.events_applied, self.clock_base)
+            self.wal.commit(self.offsets, self.events_applied, self.clock_base, self.num_workers)
             self._since_snapshot += 1
             if self._since_snapshot >= self.cfg.trainer.snapshot_every_batches:
                 self._save_local_state()

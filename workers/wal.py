@@ -72,6 +72,7 @@ class Committed:
     # The stream's position before this log's offset 0, in events: a checkpoint restored into
     # a fresh ingest log carries on the recent-popularity clock from where it stood.
     clock_base: int = 0
+    num_workers: int | None = None  # the trainers the deployment had (None: written before it was recorded)
 
 
 class TrainerWAL:
@@ -105,7 +106,8 @@ class TrainerWAL:
 
     def committed(self) -> Committed:
         """The last commit (offsets per partition, events applied); empty before the first."""
-        return Committed(dict(self._committed.offsets), self._committed.events_applied, self._committed.clock_base)
+        c = self._committed
+        return Committed(dict(c.offsets), c.events_applied, c.clock_base, c.num_workers)
 
     def pending(self) -> list[tuple[PushRecord, dict[str, TableUpdate], tuple | None]]:
         """Pushes written after the last commit, in order: ``(record, updates, recent)``."""
@@ -139,10 +141,12 @@ class TrainerWAL:
         self._append(self._encode("push", rec, list(updates.values()), recent, None))
         self._pending.append((rec, updates, recent))
 
-    def commit(self, offsets: dict[int, int], events_applied: int, clock_base: int = 0) -> None:
+    def commit(self, offsets: dict[int, int], events_applied: int, clock_base: int = 0,
+               num_workers: int | None = None) -> None:
         """Record that the stream is fully applied up to ``offsets`` (per partition): every
-        push written so far is settled. ``clock_base``: see :class:`Committed`."""
-        self._committed = Committed({int(p): int(o) for p, o in offsets.items()}, int(events_applied), int(clock_base))
+        push written so far is settled. ``clock_base``, ``num_workers``: see :class:`Committed`."""
+        self._committed = Committed({int(p): int(o) for p, o in offsets.items()}, int(events_applied), int(clock_base),
+                                    num_workers)
         self._pending = []
         data = self._commit_bytes()
         self._append(data)
@@ -151,7 +155,8 @@ class TrainerWAL:
 
     def _commit_bytes(self) -> bytes:
         meta = json.dumps({"offsets": {str(p): o for p, o in self._committed.offsets.items()},
-                           "events_applied": self._committed.events_applied, "clock_base": self._committed.clock_base})
+                           "events_applied": self._committed.events_applied, "clock_base": self._committed.clock_base,
+                           "num_workers": self._committed.num_workers})
         return self._encode("commit", None, [], None, meta)
 
     def _start_file(self, records: list[bytes]) -> None:
@@ -210,7 +215,7 @@ def _read_file(path: Path) -> tuple[Committed, list[tuple[PushRecord, dict[str, 
                 if kind == "commit":
                     meta = json.loads(row.column("meta")[0].as_py())
                     committed = Committed({int(p): int(o) for p, o in meta["offsets"].items()}, int(meta["events_applied"]),
-                                          int(meta.get("clock_base", 0)))
+                                          int(meta.get("clock_base", 0)), meta.get("num_workers"))
                     pending = []
                 else:
                     rec = PushRecord(*(row.column(c)[0].as_py() for c in ("seq", "start", "end", "pass_index", "partition")))

@@ -110,7 +110,9 @@ def check_restorable(cfg: FreshetConfig, ckpt: Path) -> None:
         # checkpoint's), so the log must still hold the events from there on.
         need = dict(t["offsets"])
         saved_state = ckpt / trainer_actor_name(i)
-        if (saved_state / "meta.json").exists():
+        if not (saved_state / "meta.json").exists():
+            need = dict.fromkeys(need, 0)  # no saved state: the trainer rebuilds it from the log's start
+        else:
             for f in ("catalogue.arrow", "histories.arrow"):
                 if not (saved_state / f).exists():
                     raise FileNotFoundError(f"{saved_state / f}: missing")
@@ -139,7 +141,11 @@ def restore_trainer_offsets(cfg: FreshetConfig, ckpt: Path) -> None:
     from workers.wal import TrainerWAL
 
     trainers = _saved_trainers(cfg, ckpt)
-    fresh_base = max(t["clock_base"] for t in trainers) + sum(sum(t["offsets"].values()) for t in trainers)
+    # The old stream's position at the save: on the ingest log the trainers' partitions add up
+    # (short of any backlog not yet applied); on a file stream each trainer read all of it.
+    positions = [sum(t["offsets"].values()) for t in trainers]
+    on_log = all(t["source_id"].startswith("ingest:") for t in trainers)
+    fresh_base = max(t["clock_base"] for t in trainers) + (sum(positions) if on_log else max(positions))
     for d in state_dirs(cfg)["trainers"].glob("trainer-*"):  # no trainer of this deployment resumes from these
         if d.name.removeprefix("trainer-").isdigit() and int(d.name.removeprefix("trainer-")) >= len(trainers):
             shutil.rmtree(d, ignore_errors=True)
@@ -227,7 +233,7 @@ def cmd_ckpt(args) -> int:
                         "clock_base": s.get("clock_base", 0)} for s in stats]
             # Each trainer saved its catalogue and histories at these offsets when it stopped;
             # keep a copy (on a multi-node cluster it is on the trainer's node: then a restore
-            # resumes with empty local state, which only costs negatives and evaluation history).
+            # rebuilds it from the log's start, which retention must still hold).
             for i in range(cfg.trainer.num_workers):
                 src = state_dirs(cfg)["trainers"] / trainer_actor_name(i) / "state"
                 if (src / "meta.json").exists():

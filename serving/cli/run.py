@@ -50,7 +50,9 @@ class _Feeder(threading.Thread):
     def applied(self) -> int:
         import ray
 
-        return min(s["applied_offset"] for s in ray.get([t.stats.remote() for t in self.trainers]))
+        from workers.trainer import applied_position
+
+        return applied_position(ray.get([t.stats.remote() for t in self.trainers]), self.cfg)
 
     def run(self) -> None:
         import httpx
@@ -196,6 +198,7 @@ def _run(args, work: Path, keep: list[bool]) -> int:
     ray_init(args.address, ns, system_config=cfg.ray.system_config())
     if args.address and deploy.serves_freshet():
         from serving.app import APP_NAME
+        from workers.trainer import applied_position
 
         ray.shutdown()
         print(f"freshet run: a Freshet app ({APP_NAME!r}) already runs on the Ray cluster at {args.address}; "
@@ -219,7 +222,7 @@ def _run(args, work: Path, keep: list[bool]) -> int:
                     raise RuntimeError(f"trainer failed:\n{errors[0]}")
                 if feeder is not None and feeder.error is not None:
                     raise RuntimeError(f"feeding /events failed: {feeder.error!r}")
-                read = min(s["applied_offset"] for s in stats)
+                read = applied_position(stats, cfg)
                 bar.update(read - bar.n)
                 if all(not s["running"] for s in stats) or read >= total:
                     break

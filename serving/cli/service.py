@@ -318,10 +318,14 @@ def cmd_up(args: argparse.Namespace) -> int:
     # A checkpoint that does not exist, or that a restore could not read whole, fails here,
     # before anything starts or changes.
     restore_from = checkpoint_dir(cfg, args.restore) if getattr(args, "restore", None) else None
-    if restore_from is not None:
-        check_restorable(cfg, restore_from)
-    else:  # a restore rewrites the trainers' state; otherwise it must be this config's
-        deploy.check_trainer_state(cfg)
+    try:
+        if restore_from is not None:
+            check_restorable(cfg, restore_from)
+        else:  # a restore rewrites the trainers' state; otherwise it must be this config's
+            deploy.check_trainer_state(cfg)
+    except (OSError, RuntimeError) as e:  # ValueError and FileNotFoundError: main() names them the same way
+        print(f"freshet up: {type(e).__name__}: {e}", file=sys.stderr)
+        return 2
     state: dict[str, Any] = {"version": STATE_VERSION, "namespace": cfg.namespace,
                              "config": str(Path(args.config).absolute()) if args.config else None,
                              "pid": os.getpid(), "phase": "starting", "started_ray": False, "ray_root": None,

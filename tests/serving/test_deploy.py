@@ -51,3 +51,31 @@ def test_trainer_state_of_another_number_of_trainers_is_refused(tmp_path):
         check_trainer_state(cfg(1))
     with pytest.raises(ValueError, match=r"trainer.num_workers=4"):
         check_trainer_state(cfg(4))
+
+
+def test_a_file_streams_trainer_state_records_how_many_trainers_wrote_it(tmp_path):
+    # File-stream trainers all hold partition 0 (they split the stream by user), so only the
+    # recorded number tells that 1 trainer wrote what 2 would now resume.
+    from serving.config import load_config
+    from serving.deploy import check_trainer_state, state_dirs
+    from workers.wal import TrainerWAL
+
+    def cfg(workers: int):
+        return load_config(None, {"trainer": {"num_workers": workers}, "ingest": {"dir": str(tmp_path)}})
+
+    TrainerWAL(state_dirs(cfg(1))["trainers"] / "trainer-0").commit({0: 500}, 500, num_workers=1)
+    check_trainer_state(cfg(1))
+    with pytest.raises(ValueError, match=r"written by 1 trainers"):
+        check_trainer_state(cfg(2))
+
+
+def test_the_applied_position_adds_partitions_up_and_takes_the_slowest_file_reader():
+    # freshet run with 2 trainers waited for min(each trainer's sum of its partitions), about
+    # half of what was posted, and never finished.
+    from serving.config import load_config
+    from workers.trainer import applied_position
+
+    stats = [{"applied_offset": 300}, {"applied_offset": 250}]
+    assert applied_position(stats, load_config(None, {"stream": {"kind": "ingest", "num_events": None}})) == 550
+    assert applied_position(stats, load_config(None)) == 250
+    assert applied_position([], load_config(None)) == 0

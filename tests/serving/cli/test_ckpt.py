@@ -100,6 +100,12 @@ def test_offsets_retention_deleted_are_refused_naming_them(tmp_path):
     # Only the latest checkpoint's events are pinned: an older one's trainers would fail to
     # read their first batch forever (TrimmedOffsetError) after the restore had changed state.
     cfg, ckpt = _setup(tmp_path, first_offsets=(0, 35))
+    for i, offsets in ((0, {"0": 40}), (1, {"1": 30})):  # their saved state, at the checkpoint's offsets
+        state = ckpt / trainer_actor_name(i)
+        state.mkdir()
+        for f in ("catalogue.arrow", "histories.arrow"):
+            (state / f).write_bytes(b"")
+        (state / "meta.json").write_text(json.dumps({"offsets": offsets, "events_applied": 0}))
     with pytest.raises(ValueError, match=r"partition 1 from offset 30, but the log keeps offsets from 35 on"):
         check_restorable(cfg, ckpt)
 
@@ -138,3 +144,21 @@ def test_a_restore_into_a_fresh_log_carries_the_recent_popularity_clock_on(tmp_p
     trainer.run()
     clocks = client.shard.tables[synth.model.recent_table].pull(client.shard.live_keys(synth.model.recent_table)[1])[0][:, 1]
     assert clocks.max() * synth.model.recent_halflife_events == pytest.approx(70 + 256)
+
+
+def test_a_trainer_without_saved_state_needs_the_log_from_its_start(tmp_path):
+    # Without its saved state (on a multi-node cluster it stays on the trainer's node) a
+    # trainer rebuilds its catalogue from offset 0, which retention may have deleted.
+    cfg, ckpt = _setup(tmp_path, first_offsets=(25, 0))
+    with pytest.raises(ValueError, match=r"partition 0 from offset 0, but the log keeps offsets from 25 on"):
+        check_restorable(cfg, ckpt)
+
+
+def test_the_clock_base_of_a_file_stream_is_the_furthest_trainer_not_their_sum(tmp_path):
+    # Each trainer of a file stream reads the whole file: two at offset 1,000 stood at 1,000.
+    cfg, ckpt = _setup(tmp_path)
+    trainers = [{"applied_offset": 1000, "applied_offsets": {"0": 1000}, "events_applied": 500,
+                 "source_id": "synthetic:abc"} for _ in range(2)]
+    (ckpt / TRAINER_OFFSETS).write_text(json.dumps({"trainers": trainers, "created_at": 0.0}))
+    restore_trainer_offsets(cfg, ckpt)
+    assert [TrainerWAL(d).committed().clock_base for d in _trainer_dirs(cfg)] == [1000, 1000]
