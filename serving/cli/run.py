@@ -178,6 +178,7 @@ def _run(args, work: Path, keep: list[bool]) -> int:
 
     from serving import deploy
     from workers.streams import open_source
+    from workers.trainer import applied_position
 
     base = load(args)
     ns = f"{base.namespace}-run-{os.getpid()}"
@@ -198,7 +199,6 @@ def _run(args, work: Path, keep: list[bool]) -> int:
     ray_init(args.address, ns, system_config=cfg.ray.system_config())
     if args.address and deploy.serves_freshet():
         from serving.app import APP_NAME
-        from workers.trainer import applied_position
 
         ray.shutdown()
         print(f"freshet run: a Freshet app ({APP_NAME!r}) already runs on the Ray cluster at {args.address}; "
