@@ -24,6 +24,7 @@ shard applies it; a crash mid-append leaves a torn tail that :func:`read_log` dr
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import hashlib
 import json
@@ -171,12 +172,24 @@ def _write_ipc_file(path: Path, table: pa.Table) -> None:
         os.fsync(f.fileno())
 
 
-def _read_ipc_file(path: Path) -> pa.Table:
+@contextlib.contextmanager
+def _ipc_file(path: Path) -> Iterator[pa.ipc.RecordBatchFileReader]:
+    """The Arrow IPC file at ``path``, memory-mapped (its batches are not copied).
+
+    Raises:
+        ValueError: it is not a readable Arrow IPC file, naming it (Arrow's message names no
+            file, and a snapshot has a dozen).
+    """
     try:
         with pa.memory_map(str(path), "r") as src:
-            return pa.ipc.open_file(src).read_all()
-    except pa.ArrowException as e:  # Arrow's message names no file, and a snapshot has a dozen
+            yield pa.ipc.open_file(src)
+    except pa.ArrowException as e:
         raise ValueError(f"{path}: not a readable Arrow IPC file ({e})") from None
+
+
+def _read_ipc_file(path: Path) -> pa.Table:
+    with _ipc_file(path) as reader:
+        return reader.read_all()
 
 
 def _digest(path: Path) -> str:
@@ -337,12 +350,8 @@ def verify_snapshot(path: str | Path) -> dict:
             for fname in (tm["file"], tm["tombstones"], tm.get("admission")):
                 if fname is None:
                     continue
-                try:
-                    with pa.memory_map(str(path / fname), "r") as src:  # mapped: batches are not copied
-                        reader = pa.ipc.open_file(src)
-                        n = sum(reader.get_batch(i).num_rows for i in range(reader.num_record_batches))
-                except pa.ArrowException as e:
-                    raise ValueError(f"{path / fname}: not a readable Arrow IPC file ({e})") from None
+                with _ipc_file(path / fname) as reader:
+                    n = sum(reader.get_batch(i).num_rows for i in range(reader.num_record_batches))
                 if fname == tm["file"] and n != int(tm["rows"]):
                     raise ValueError(f"{path / fname}: {n} rows, meta.json says {tm['rows']}")
         _read_ipc_file(path / "recent.arrow")

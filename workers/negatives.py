@@ -36,12 +36,12 @@ class Catalogue:
 
     Stream order (not PS order) makes sampling reproducible, so a restarted trainer that
     replays the stream (or loads a persisted catalogue) draws exactly the negatives it
-    drew before, unless tables have a lifecycle: removals reach the catalogue when a
-    trainer syncs (every ``trainer.lifecycle_sync_s``), not at a point in the stream, so a
-    redone batch may draw other negatives (exactly-once is unaffected: the pushes already
-    sent are re-sent from the write-ahead log). Items removed from the PS (expiry, eviction), and items the PS gave no
+    drew before. Items removed from the PS (expiry, eviction), and items the PS gave no
     row (admission, a full table), are dropped with :meth:`remove`, so negatives come only
-    from live items (a trainer checks every ``trainer.lifecycle_sync_s``).
+    from live items. Those removals reach the catalogue when a trainer syncs (every
+    ``trainer.lifecycle_sync_s``), not at a point in the stream, so with a lifecycle a
+    redone batch may draw other negatives (exactly-once is unaffected: the pushes already
+    sent are re-sent from the write-ahead log).
     """
 
     def __init__(self):

@@ -253,13 +253,13 @@ class Trainer:
         self._thread: threading.Thread | None = None
         self._lifecycle = {t: cfg.ps.table(t).has_lifecycle for t in (cfg.model.item_table, cfg.model.user_table)}
         self._ttl = any(t.ttl_s is not None for t in cfg.ps.tables.values())
-        self._global_clock = self.live and cfg.ingest.partitions > 1
+        # Recent popularity's clock is the log's position across partitions where there are several.
+        self._global_clock = self.live and cfg.ingest.partitions > 1 and cfg.model.recent_table is not None
         items = cfg.ps.table(cfg.model.item_table)
         # Where a push may give an item no row, the catalogue's new items are checked once
         # their batch is applied: negatives without a row train users against noise.
         self._may_refuse = items.admission is not None or items.max_rows is not None
         self._reset_local_state()
-        self.clock_base = 0  # see workers.wal.Committed.clock_base
         if self.wal is not None:
             self._recover()
         if autostart:  # also after a Ray restart, which re-runs only __init__
@@ -354,7 +354,7 @@ class Trainer:
         local state up to the committed offsets (from the last snapshot on), and finish a
         batch whose later passes never ran."""
         committed = self.wal.committed()
-        self.clock_base = self.step.clock_base = committed.clock_base
+        self.step.clock_base = committed.clock_base
         pending = self.wal.pending()
         for rec, updates, recent in pending:
             # Shards that applied it drop it by push id; the rest apply the same gradients.
@@ -390,7 +390,7 @@ class Trainer:
             self.read_pos[p] = rec.end
             refs = self._train(batch, self._pull(batch), first_pass=rec.pass_index + 1)
             self._commit(batch, refs)
-        self.wal.commit(self.offsets, self.events_applied, self.clock_base, self.num_workers)
+        self.wal.commit(self.offsets, self.events_applied, self.step.clock_base, self.num_workers)
 
     def _replay(self, p: int, start: int, upto: int) -> None:
         """Advance local state (catalogue, histories, evaluation history) over partition
@@ -473,7 +473,7 @@ class Trainer:
 
     def _prepare(self, p: int, raw: pa.RecordBatch, end: int) -> Batch:
         batch = self.step.prepare(raw, end, self.catalogue, self.histories, partition=p, mine=self._admitted(p, raw))
-        if self._global_clock and raw.num_rows and self.cfg.model.recent_table is not None:
+        if self._global_clock and raw.num_rows:
             batch.clock = self.sources[p].clock(end - 1)
         if len(batch.ingest_ts):
             oldest = float(batch.ingest_ts.min())
@@ -572,7 +572,7 @@ class Trainer:
         if self._may_refuse and len(batch.new_items):
             self._unchecked.append(batch.new_items)
         if self.wal is not None:
-            self.wal.commit(self.offsets, self.events_applied, self.clock_base, self.num_workers)
+            self.wal.commit(self.offsets, self.events_applied, self.step.clock_base, self.num_workers)
             self._since_snapshot += 1
             if self._since_snapshot >= self.cfg.trainer.snapshot_every_batches:
                 self._save_local_state()
@@ -784,7 +784,7 @@ class Trainer:
             "state": self.state,
             "applied_offset": int(sum(self.offsets.values())),
             "applied_offsets": {str(p): o for p, o in self.offsets.items()},
-            "clock_base": self.clock_base,
+            "clock_base": self.step.clock_base,
             "events_read": self.events_read,
             "events_applied": self.events_applied,
             "batches": self.batches,

@@ -145,8 +145,7 @@ class TrainerWAL:
                num_workers: int | None = None) -> None:
         """Record that the stream is fully applied up to ``offsets`` (per partition): every
         push written so far is settled. ``clock_base``, ``num_workers``: see :class:`Committed`."""
-        self._committed = Committed({int(p): int(o) for p, o in offsets.items()}, int(events_applied), int(clock_base),
-                                    num_workers)
+        self._committed = _committed(offsets, events_applied, clock_base, num_workers)
         self._pending = []
         data = self._commit_bytes()
         self._append(data)
@@ -174,9 +173,10 @@ class TrainerWAL:
         fsync_path(self.root)
         self._file = open(self.root / _FILE, "ab")
 
-    def reset(self, offsets: dict[int, int], events_applied: int, clock_base: int = 0) -> None:
+    def reset(self, offsets: dict[int, int], events_applied: int, clock_base: int = 0,
+              num_workers: int | None = None) -> None:
         """Start over from ``offsets`` with nothing pending (a checkpoint restore)."""
-        self._committed = Committed({int(p): int(o) for p, o in offsets.items()}, int(events_applied), int(clock_base))
+        self._committed = _committed(offsets, events_applied, clock_base, num_workers)
         self._pending = []
         self._start_file([self._commit_bytes()])
 
@@ -187,9 +187,18 @@ class TrainerWAL:
             self._file = None
 
 
-def _read_file(path: Path) -> tuple[Committed, list[tuple[PushRecord, dict[str, TableUpdate], tuple | None]], int]:
-    """The last commit, the pushes after it and the byte length of the readable prefix of
-    the WAL file at ``path``; reads only."""
+def _committed(offsets: dict, events_applied: int, clock_base: int, num_workers: int | None) -> Committed:
+    """A :class:`Committed` from values as given or as read back from JSON (string keys)."""
+    return Committed({int(p): int(o) for p, o in offsets.items()}, int(events_applied), int(clock_base),
+                     None if num_workers is None else int(num_workers))
+
+
+def _read_file(
+    path: Path, *, pushes: bool = True
+) -> tuple[Committed, list[tuple[PushRecord, dict[str, TableUpdate], tuple | None]], int]:
+    """The last commit, the pushes after it (not decoded without ``pushes``: their gradients
+    are most of the file) and the byte length of the readable prefix of the WAL file at
+    ``path``; reads only."""
     committed, pending, good = Committed(), [], 0
     if not path.exists():
         return committed, pending, good
@@ -214,10 +223,10 @@ def _read_file(path: Path) -> tuple[Committed, list[tuple[PushRecord, dict[str, 
                 kind = row.column("kind")[0].as_py()
                 if kind == "commit":
                     meta = json.loads(row.column("meta")[0].as_py())
-                    committed = Committed({int(p): int(o) for p, o in meta["offsets"].items()}, int(meta["events_applied"]),
-                                          int(meta.get("clock_base", 0)), meta.get("num_workers"))
+                    committed = _committed(meta["offsets"], meta["events_applied"], meta.get("clock_base", 0),
+                                           meta.get("num_workers"))
                     pending = []
-                else:
+                elif pushes:
                     rec = PushRecord(*(row.column(c)[0].as_py() for c in ("seq", "start", "end", "pass_index", "partition")))
                     updates = {u.table: u for u in decode_updates(row)}
                     recent = decode_recent(row)
@@ -232,4 +241,4 @@ def read_committed(root: str | Path) -> Committed:
     Raises:
         ValueError: the file was written in another format.
     """
-    return _read_file(Path(root) / _FILE)[0]
+    return _read_file(Path(root) / _FILE, pushes=False)[0]

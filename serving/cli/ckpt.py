@@ -60,6 +60,11 @@ def checkpoint_dir(cfg: FreshetConfig, name: str) -> Path:
     return path
 
 
+# What reading a JSON record can raise when the file is missing, not JSON or not the shape
+# expected (a JSON or Unicode decode error is a ValueError).
+_UNREADABLE = (OSError, KeyError, TypeError, ValueError, AttributeError)
+
+
 def _saved_trainers(cfg: FreshetConfig, ckpt: Path) -> list[dict]:
     try:
         saved = json.loads((ckpt / TRAINER_OFFSETS).read_text())
@@ -68,7 +73,7 @@ def _saved_trainers(cfg: FreshetConfig, ckpt: Path) -> list[dict]:
             t["offsets"] = {int(p): int(o) for p, o in t.get("applied_offsets", {"0": t["applied_offset"]}).items()}
             t["source_id"], t["events_applied"] = str(t["source_id"]), int(t["events_applied"])
             t["clock_base"] = int(t.get("clock_base", 0))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as e:
+    except _UNREADABLE as e:
         raise ValueError(f"{ckpt / TRAINER_OFFSETS}: not a readable checkpoint record ({type(e).__name__}: {e})") from None
     if len(trainers) != cfg.trainer.num_workers:
         raise ValueError(f"checkpoint has {len(trainers)} trainers, config trainer.num_workers={cfg.trainer.num_workers}")
@@ -120,7 +125,7 @@ def check_restorable(cfg: FreshetConfig, ckpt: Path) -> None:
                 state = json.loads((saved_state / "meta.json").read_text())["offsets"]
                 for p, o in state.items():
                     need[int(p)] = min(need.get(int(p), int(o)), int(o))
-            except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as e:
+            except _UNREADABLE as e:
                 raise ValueError(f"{saved_state / 'meta.json'}: not a readable trainer state ({type(e).__name__}: {e})") from None
         for p, o in sorted(need.items()):
             if o < first.get(p, 0):
