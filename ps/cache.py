@@ -45,6 +45,9 @@ class RowCache:
     without a row for it reads zeros there. Slots of removed IDs are reused.
 
     ``reader`` names this mirror to the shards (default: a unique name per instance).
+
+    Raises:
+        KeyError: a table in ``tables`` that ``client`` does not know.
     """
 
     def __init__(self, client: PSClient, tables: Sequence[str], *, reader: str | None = None):
@@ -122,7 +125,11 @@ class RowCache:
             self._released.append(slots)
 
     def sync(self) -> int:
-        """Apply every shard's changes since the last sync; returns rows updated."""
+        """Apply every shard's changes since the last sync; returns rows updated.
+
+        Raises:
+            ray.exceptions.GetTimeoutError: a shard does not answer within the client's ``timeout_s``.
+        """
         changed = 0
         leader = self.tables[0]
         if self._released:
@@ -165,25 +172,35 @@ class RowCache:
         return False
 
     def ids(self) -> np.ndarray:
-        """Cached IDs by slot (including invalid slots; see :meth:`valid`)."""
+        """Cached IDs by slot (``int64``, or ``object`` once a str ID arrived; ``[slots]``,
+        including invalid slots; see :meth:`valid`)."""
         return self._ids[: self._top]
 
     def keys(self) -> np.ndarray:
-        """Cached keys by slot (``uint64``; including invalid slots)."""
+        """Cached keys by slot (``uint64 [slots]``; including invalid slots)."""
         return self._keys[: self._top]
 
     def valid(self) -> np.ndarray:
-        """Mask of slots holding a live row."""
+        """Mask of slots holding a live row (``bool [slots]``)."""
         return self._valid[: self._top]
 
     def matrix(self, table: str) -> np.ndarray:
-        """Rows of ``table`` by slot, shape ``[slots, dim]`` (a view; do not modify)."""
+        """Rows of ``table`` by slot, ``float32 [slots, dim]`` (a view; do not modify).
+
+        Raises:
+            KeyError: ``table`` is not one of the mirrored tables.
+        """
         return self._mats[table][: self._top]
 
     def slots_of_keys(self, keys: np.ndarray) -> np.ndarray:
-        """Slot of each key (``uint64``), ``-1`` where it is not cached (never adds keys)."""
+        """Slot (``int64 [n]``) of each key (``uint64 [n]``), ``-1`` where it is not cached
+        (never adds keys)."""
         return self.index.lookup(np.asarray(keys, np.uint64))
 
     def slots_of(self, ids: IdsLike) -> np.ndarray:
-        """Slot of each ID, ``-1`` where it is not cached (never adds IDs)."""
+        """Slot (``int64 [n]``) of each ID, ``-1`` where it is not cached (never adds IDs).
+
+        Raises:
+            ValueError: an invalid ID.
+        """
         return self.slots_of_keys(keyed(ids).keys)

@@ -78,7 +78,12 @@ class PendingPull:
         self._parts, self._initial, self._after = parts, initial, after
 
     def result(self) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-        """``{table: (rows[n, dim] float32, found[n] bool)}`` in the caller's ID order."""
+        """``{table: (rows[n, dim] float32, found[n] bool)}`` in the caller's ID order.
+
+        Raises:
+            ray.exceptions.GetTimeoutError: a shard does not answer within the client's ``timeout_s``.
+            RuntimeError: the push given as ``after`` was acknowledged but a shard has not applied it.
+        """
         shard_ids = list(self._refs)
         replies = self._client._get([self._refs[s] for s in shard_ids])
         early = [i for i, r in enumerate(replies) if r is None]
@@ -112,12 +117,32 @@ class PendingPull:
         return out
 
 
+def _recent_triple(users: IdsLike, items: IdsLike, offsets: Any) -> tuple[Keyed, Keyed, np.ndarray]:
+    """``(users, items, offsets)`` of events for users' recent items, keyed and checked: one
+    entry per event (they are split by the users' shards, so a longer ``items`` would lose
+    entries silently and a shorter one fail inside the split).
+
+    Raises:
+        ValueError: an invalid ID, or the three of different lengths.
+    """
+    users, items = keyed(users, "user_id"), keyed(items, "item_id")
+    offsets = np.asarray(offsets, np.int64).reshape(-1)
+    if not len(users.keys) == len(items.keys) == len(offsets):
+        raise ValueError(f"recent items: {len(users.keys)} users, {len(items.keys)} items and "
+                         f"{len(offsets)} offsets; they must have one entry per event")
+    return users, items, offsets
+
+
 class PSClient:
     """Talks to a deployment's shards: ``pull``/``push`` by ID, results in caller order.
 
     IDs may be given as such (the client validates and hashes them) or as
     :class:`ps.ids.Keyed` (hashed once where they entered, e.g. carried by an event
     batch). ``timeout_s`` bounds every blocking call (seconds); ``None`` waits forever.
+    ``dims`` is each table's row width (floats).
+
+    Raises:
+        ValueError: ``shards`` does not hold one handle per shard of ``plan``.
     """
 
     def __init__(self, shards: Sequence[Any], plan: ShardingPlan, dims: dict[str, int], *, timeout_s: float | None = None):
@@ -130,7 +155,13 @@ class PSClient:
 
     @classmethod
     def connect(cls, namespace: str = "freshet", *, timeout_s: float | None = 30.0) -> "PSClient":
-        """Attach to a running deployment's named shard actors in Ray ``namespace``."""
+        """Attach to a running deployment's named shard actors in Ray ``namespace``;
+        ``timeout_s`` (seconds) as in the class.
+
+        Raises:
+            ValueError: no shard actor of that name in ``namespace`` (from ``ray.get_actor``).
+            ray.exceptions.GetTimeoutError: shard 0 does not answer within ``timeout_s``.
+        """
         first = ray.get_actor(shard_actor_name(0), namespace=namespace)
         plan, dims = ray.get([first.get_plan.remote(), first.table_dims.remote()], timeout=timeout_s)
         shards = [first] + [ray.get_actor(shard_actor_name(i), namespace=namespace) for i in range(1, plan.num_shards)]
@@ -181,7 +212,11 @@ class PSClient:
             raise KeyError(f"unknown table {table!r}; tables: {sorted(self.dims)}") from None
 
     def shard_of(self, ids: IdsLike) -> np.ndarray:
-        """Owning shard index (``int64``) of each ID."""
+        """Owning shard index (``int64 [n]``) of each ID.
+
+        Raises:
+            ValueError: an invalid ID.
+        """
         return self.plan.shards_of_keys(keyed(ids).keys)
 
     # -- reads -------------------------------------------------------------------------
@@ -200,7 +235,12 @@ class PSClient:
         is False and nothing is stored (rows are created by pushes, never by pulls).
         ``after=(push_id, push_refs)`` makes the result reflect that push (sent earlier by
         this caller, not yet awaited) on every shard, even if a shard restarted between.
-        ``create`` is the old name of ``initial``, kept for one release.
+        ``create`` is the old name of ``initial``, kept for one release. Rows are
+        ``float32 [n, dim]``, ``found`` ``bool [n]`` (see :meth:`PendingPull.result`).
+
+        Raises:
+            KeyError: an unknown table (nothing is sent).
+            ValueError: an invalid ID (nothing is sent).
         """
         if create is not None:
             initial = create
@@ -236,12 +276,23 @@ class PSClient:
 
     def pull_many(self, requests: dict[str, IdsLike], *, initial: bool = False, create: bool | None = None
                   ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-        """Rows and found-masks of ``{table: ids}``, each in the order given (see :meth:`pull_async`)."""
+        """``{table: (rows float32 [n, dim], found bool [n])}`` of ``{table: ids}``, each in the
+        order given (see :meth:`pull_async`).
+
+        Raises:
+            KeyError, ValueError: as :meth:`pull_async`.
+            ray.exceptions.GetTimeoutError: a shard does not answer within ``timeout_s``.
+        """
         return self.pull_async(requests, initial=initial, create=create).result()
 
     def pull(self, table: str, ids: IdsLike, *, initial: bool = False, create: bool | None = None) -> np.ndarray:
         """Rows (``float32 [n, dim]``) of ``ids`` in ``table``, in the order given; an ID
-        without a row reads as zeros (or its initial row with ``initial``). Read-only."""
+        without a row reads as zeros (or its initial row with ``initial``). Read-only.
+
+        Raises:
+            KeyError, ValueError: as :meth:`pull_async`.
+            ray.exceptions.GetTimeoutError: a shard does not answer within ``timeout_s``.
+        """
         return self.pull_many({table: ids}, initial=initial, create=create)[table][0]
 
     def present(self, table: str, ids: IdsLike) -> np.ndarray:
@@ -249,7 +300,8 @@ class PSClient:
         transferring the rows.
 
         Raises:
-            KeyError: an unknown table.
+            KeyError: an unknown table (raised by the shards; only when ``ids`` is not empty).
+            ValueError: an invalid ID.
         """
         route = _Route(keyed(ids, "id"), self.plan)
         out = np.zeros(len(route.keyed.keys), bool)
@@ -260,10 +312,12 @@ class PSClient:
 
     def rank_context(self, table: str, user_id: ID | Keyed, *, recent: bool = True, timeout_s: float | None = None):
         """The user's :class:`ps.shard.RankContext` (row, the push behind it, recent item keys)
-        from the user's shard: one call.
+        from the user's shard: one call. ``timeout_s`` (seconds) overrides the client's.
 
         Raises:
             ValueError: an invalid ID.
+            KeyError: an unknown table (raised by the shard).
+            ray.exceptions.GetTimeoutError: the shard does not answer in time.
         """
         k = keyed(user_id if isinstance(user_id, Keyed) else [user_id], "user_id")
         shard = int(self.plan.shards_of_keys(k.keys)[0])
@@ -271,7 +325,11 @@ class PSClient:
                        timeout=self.timeout_s if timeout_s is None else timeout_s)
 
     def recent_items(self, user_ids: IdsLike) -> list[np.ndarray]:
-        """Each user's recent item keys (``uint64``, oldest first), in the order given."""
+        """Each user's recent item keys (``uint64 [k]`` each, oldest first), in the order given.
+
+        Raises:
+            ValueError: an invalid ID.
+        """
         route = self._route(user_ids, "user_id")
         out: list[np.ndarray] = [np.empty(0, np.uint64) for _ in range(len(route.keyed.keys))]
         calls = [(s, self.shards[s].recent_items.remote(route.keyed.keys[p])) for s, p in enumerate(route.positions) if len(p)]
@@ -285,16 +343,28 @@ class PSClient:
         return [a.tolist() for a in self.recent_items(user_ids)]
 
     def delta(self, tables: list[str], since: Sequence[int], reader: str | None = None) -> list[Delta]:
-        """Per shard: the :class:`ps.shard.Delta` of ``tables`` after ``since[shard]``;
-        ``reader`` names the caller so shards keep the tombstones it still needs."""
+        """Per shard: the :class:`ps.shard.Delta` of ``tables`` after ``since[shard]`` (one
+        version per shard); ``reader`` names the caller so shards keep the tombstones it still needs.
+
+        Raises:
+            KeyError: an unknown table (raised by the shards).
+        """
         return self._get([sh.delta.remote(tables, int(v), reader) for sh, v in zip(self.shards, since)])
 
     def removed(self, table: str, since: Sequence[int], reader: str | None = None) -> list[tuple[int, np.ndarray, bool]]:
-        """Per shard: ``(version, removed keys, full)`` of ``table`` (see ``PSShard.removed``)."""
+        """Per shard: ``(version, removed keys uint64 [k], full)`` of ``table`` (see ``PSShard.removed``).
+
+        Raises:
+            KeyError: an unknown table (raised by the shards).
+        """
         return self._get([sh.removed.remote(table, int(v), reader) for sh, v in zip(self.shards, since)])
 
     def live_keys(self, table: str) -> list[tuple[int, np.ndarray]]:
-        """Per shard: ``(version, keys)`` of every row of ``table``."""
+        """Per shard: ``(version, keys uint64 [k])`` of every row of ``table``.
+
+        Raises:
+            KeyError: an unknown table (raised by the shards).
+        """
         return self._get([sh.live_keys.remote(table) for sh in self.shards])
 
     # -- writes ------------------------------------------------------------------------
@@ -306,17 +376,19 @@ class PSClient:
     ) -> list[ray.ObjectRef]:
         """Send ``{table: (ids, grads[, create])}`` to the owning shards; one ref per shard.
 
-        ``create`` (``bool [n]``, default all True) marks the real interactions: only they
+        ``grads`` is ``float32 [n, dim]`` (converted to float32), one row per ID. ``create`` (``bool [n]``, default all True) marks the real interactions: only they
         may create a row (admission permitting) and refresh its TTL and eviction score; a
         negative sample or a context item changes an existing row, never brings one back.
-        ``recent`` is ``(users, items, offsets)`` of the events behind the push, for the
-        users' recent items. Every shard receives the push id, even with no rows for it,
+        ``recent`` is ``(users, items, offsets)`` of the events behind the push (IDs and
+        ``int64 [m]`` stream offsets), for the users' recent items. Every shard receives the push id, even with no rows for it,
         so each shard's version counts the same pushes and a re-sent push is recognised
         everywhere.
 
         Raises:
             ValueError: a ``push_id`` that is not a ``PushId(producer: str, seq: int)``, wrong
-                gradient shapes, non-finite gradients or invalid IDs (nothing is sent).
+                gradient shapes, non-finite gradients, invalid IDs or a ``recent`` whose three
+                parts differ in length (nothing is sent).
+            KeyError: an unknown table (nothing is sent).
         """
         _check_push_id(push_id)
         parts, rec_parts = self._push_parts(updates, recent)
@@ -336,7 +408,7 @@ class PSClient:
         shard: a trainer's next pass, one call per shard instead of two.
 
         Raises:
-            ValueError: as :meth:`push_async` (nothing is sent).
+            ValueError, KeyError: as :meth:`push_async` or :meth:`pull_async` (nothing is sent).
         """
         _check_push_id(push_id)
         parts, rec_parts = self._push_parts(updates, recent)
@@ -388,26 +460,42 @@ class PSClient:
                                                  piece(create, s, route))
         rec_parts: list[Any] = [None] * self.num_shards
         if recent is not None:
-            users, items = keyed(recent[0], "user_id"), keyed(recent[1], "item_id")
-            offsets = np.asarray(recent[2], np.int64)
+            users, items, offsets = _recent_triple(recent[0], recent[1], recent[2])
             for s, p in enumerate(_Route(users, self.plan).positions):
                 if len(p):
                     rec_parts[s] = (users.keys[p], items.keys[p], offsets[p])
         return parts, rec_parts
 
     def push_many(self, updates: dict[str, tuple], push_id: PushId, recent=None) -> list[tuple[int, bool]]:
-        """Push and wait; returns ``(version, applied)`` per shard (see :meth:`push_async`)."""
+        """Push and wait; returns ``(version, applied)`` per shard (see :meth:`push_async`).
+
+        Raises:
+            ValueError, KeyError: as :meth:`push_async` (nothing is sent).
+            ray.exceptions.GetTimeoutError: a shard does not answer within ``timeout_s``.
+        """
         return self._get(self.push_async(updates, push_id, recent))
 
     def push(self, table: str, ids: IdsLike, grads: np.ndarray, push_id: PushId) -> list[tuple[int, bool]]:
-        """Push gradients of one table (every entry a real interaction); see :meth:`push_many`."""
+        """Push gradients (``float32 [n, dim]``) of one table (every entry a real interaction);
+        see :meth:`push_many`.
+
+        Raises:
+            ValueError, KeyError: as :meth:`push_async` (nothing is sent).
+            ray.exceptions.GetTimeoutError: a shard does not answer within ``timeout_s``.
+        """
         return self.push_many({table: (ids, grads)}, push_id)
 
     def record_recent(self, users: IdsLike, items: IdsLike, offsets: np.ndarray, *, timeout_s: float | None = None) -> int:
         """Merge ``(users, items, offsets)`` into the users' recent items on their shards and
-        wait (the ingest path of read-your-writes). Returns entries added."""
-        users, items = keyed(users, "user_id"), keyed(items, "item_id")
-        offsets = np.asarray(offsets, np.int64)
+        wait (the ingest path of read-your-writes). ``offsets`` are ``int64 [n]`` stream
+        offsets; ``timeout_s`` (seconds) overrides the client's. Returns entries added.
+
+        Raises:
+            ValueError: an invalid ID, or ``users``, ``items`` and ``offsets`` of different
+                lengths (nothing is sent).
+            ray.exceptions.GetTimeoutError: a shard does not answer in time.
+        """
+        users, items, offsets = _recent_triple(users, items, offsets)
         refs = [self.shards[s].record_recent.remote(users.keys[p], items.keys[p], offsets[p])
                 for s, p in enumerate(_Route(users, self.plan).positions) if len(p)]
         return int(sum(ray.get(refs, timeout=self.timeout_s if timeout_s is None else timeout_s)))
@@ -417,7 +505,11 @@ class PSClient:
         return self._get([sh.expire.remote() for sh in self.shards])
 
     def forget_items(self, items: IdsLike) -> int:
-        """Drop ``items`` from every user's recent items on every shard; returns entries dropped."""
+        """Drop ``items`` from every user's recent items on every shard; returns entries dropped.
+
+        Raises:
+            ValueError: an invalid ID.
+        """
         keys = keyed(items, "item_id").keys
         return int(sum(self._get([sh.forget_items.remote(keys) for sh in self.shards])))
 
@@ -435,6 +527,10 @@ class PSClient:
 
         Shards snapshot at their own versions: pause the trainers first for a checkpoint
         that is consistent across shards (``freshet ckpt save`` does).
+
+        Raises:
+            ValueError: a shard without a ``state_dir`` and no ``name``, or an invalid ``name``
+                (raised by the shards).
         """
         return self._get([sh.snapshot.remote(name) for sh in self.shards])
 
@@ -467,8 +563,13 @@ def start_shards(
     restarts after a crash (``cfg.max_restarts``); named checkpoints go to
     ``state_dir/checkpoints``. ``restore_from`` (a named checkpoint directory holding
     ``shard-{i}/``) starts the shards from that checkpoint, replacing what ``state_dir``
-    held. Raises ``FileNotFoundError`` naming a missing shard checkpoint, and
-    ``TimeoutError`` if the shards do not answer within ``timeout_s`` seconds.
+    held.
+
+    Raises:
+        FileNotFoundError: ``restore_from`` has no checkpoint for some shard (named).
+        TimeoutError: the shards do not answer within ``timeout_s`` seconds.
+        ValueError: a shard's saved state was written with another plan, shard or table
+            layout (raised in the shard's constructor).
     """
     plan = plan or ShardingPlan.uniform(cfg.num_buckets, cfg.num_shards)
     root = Path(state_dir).absolute() if state_dir is not None else None

@@ -98,7 +98,12 @@ class EvictionPolicy(str, enum.Enum):
 
 
 class AdmissionConfig(ConfigModel):
-    """When a new ID gets a row: after ``min_count`` pushes and/or with ``probability``."""
+    """When a new ID gets a row: after ``min_count`` pushes and/or with ``probability``.
+
+    Pushes are counted in a count-min sketch (Cormode & Muthukrishnan, 2005) of
+    ``sketch_depth x sketch_width`` int32 counters: ``4 * depth * width`` bytes per table
+    and shard (see :mod:`ps.admission`).
+    """
 
     min_count: int = Field(
         1, ge=1, le=1_000_000,
@@ -188,7 +193,13 @@ def _default_tables() -> dict[str, TableConfig]:
 
 
 class PSConfig(ConfigModel):
-    """Parameter-server deployment: tables, sharding and actor resources."""
+    """Parameter-server deployment: tables, sharding and actor resources.
+
+    Raises:
+        pydantic.ValidationError: (a ``ValueError``) an unknown key, a value out of range,
+            ``num_buckets < num_shards``, a ``follows`` or ``recent_follows`` that names no
+            table, or a table that follows a follower.
+    """
 
     num_shards: int = Field(2, ge=1, le=1024, description="number of shard actors")
     # 1024 buckets: enough to rebalance up to ~100 shards at ~1% granularity.
@@ -269,18 +280,30 @@ class PSConfig(ConfigModel):
         return self
 
     def leader_of(self, name: str) -> str:
-        """The table whose lifecycle table ``name`` follows (itself for a leader)."""
+        """The table whose lifecycle table ``name`` follows (itself for a leader).
+
+        Raises:
+            KeyError: an unknown table (naming the configured ones).
+        """
         return self.table(name).follows or name
 
     def table(self, name: str) -> TableConfig:
-        """The config of table ``name``; KeyError naming the known tables if absent."""
+        """The config of table ``name``.
+
+        Raises:
+            KeyError: an unknown table (naming the configured ones).
+        """
         try:
             return self.tables[name]
         except KeyError:
             raise KeyError(f"unknown table {name!r}; configured tables: {sorted(self.tables)}") from None
 
     def optimizer_for(self, name: str) -> OptimizerConfig:
-        """The optimizer that applies to table ``name``."""
+        """The optimizer that applies to table ``name``.
+
+        Raises:
+            KeyError: an unknown table (naming the configured ones).
+        """
         return self.table(name).optimizer or self.optimizer
 
 

@@ -68,6 +68,9 @@ def sgd(
 def adagrad(rows: Tensor, grads: Tensor, state: Tensor, *, lr: float, eps: float) -> tuple[Tensor, Tensor]:
     """One element-wise Adagrad step: ``state += grads**2``; ``rows - lr * grads / (sqrt(state) + eps)``.
 
+    Adagrad: Duchi, Hazan & Singer (2011), "Adaptive Subgradient Methods for Online
+    Learning and Stochastic Optimization", JMLR 12.
+
     ``state`` has ``rows``' shape and holds each element's sum of squared
     gradients (gradient units squared); ``eps`` is in gradient units; ``lr`` in
     parameter units. Returns ``(new_rows, new_state)``; equals

@@ -18,7 +18,12 @@ __all__ = ["ShardingPlan"]
 
 
 class ShardingPlan(BaseModel):
-    """Which shard owns each virtual bucket. Immutable; build with :meth:`uniform`."""
+    """Which shard owns each virtual bucket. Immutable; build with :meth:`uniform`.
+
+    Raises:
+        pydantic.ValidationError: (a ``ValueError``) no buckets, a bucket assigned to a shard
+            outside ``0..num_shards-1``, or a shard that owns no bucket.
+    """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -44,22 +49,35 @@ class ShardingPlan(BaseModel):
 
     @classmethod
     def uniform(cls, num_buckets: int, num_shards: int) -> "ShardingPlan":
-        """Contiguous, near-equal bucket ranges per shard (shard 0 owns the first range)."""
+        """Contiguous, near-equal bucket ranges per shard (shard 0 owns the first range).
+
+        Raises:
+            ValueError: ``num_buckets < num_shards``.
+        """
         if num_buckets < num_shards:
             raise ValueError(f"num_buckets ({num_buckets}) must be >= num_shards ({num_shards})")
         assignment = (np.arange(num_buckets) * num_shards // num_buckets).tolist()
         return cls(num_shards=num_shards, assignment=tuple(assignment))
 
     def buckets_of(self, ids: Sequence[ID] | np.ndarray) -> np.ndarray:
-        """Bucket index (``int64``) of each ID."""
+        """Bucket index (``int64 [n]``) of each ID.
+
+        Raises:
+            ValueError: a single ID where a sequence is expected, an array that is not 1-D,
+                or an int ID outside the signed 64-bit range.
+        """
         return (id_keys(ids) % np.uint64(self.num_buckets)).astype(np.int64)
 
     def shards_of(self, ids: Sequence[ID] | np.ndarray) -> np.ndarray:
-        """Owning shard index (``int64``) of each ID."""
+        """Owning shard index (``int64 [n]``) of each ID.
+
+        Raises:
+            ValueError: as :meth:`buckets_of`.
+        """
         return self.shards_of_keys(id_keys(ids))
 
     def shards_of_keys(self, keys: np.ndarray) -> np.ndarray:
-        """Owning shard index (``int64``) of each key (``uint64``, see ``ps.ids.id_keys``)."""
+        """Owning shard index (``int64 [n]``) of each key (``uint64 [n]``, see ``ps.ids.id_keys``)."""
         buckets = (np.asarray(keys, np.uint64) % np.uint64(self.num_buckets)).astype(np.int64)
         return np.asarray(self.assignment, dtype=np.int64)[buckets]
 

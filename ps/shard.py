@@ -404,6 +404,9 @@ class PSShard:
 
         Ray normally runs one caller's calls in order, but a push retried after a shard
         restart can arrive behind a pull sent after it: this lets the caller notice.
+
+        Raises:
+            KeyError, ValueError: as :meth:`pull` (only once ``after`` is applied).
         """
         producer, seq = PushId(*after)
         if self.high_water.get(producer, -1) < seq:
@@ -411,14 +414,24 @@ class PSShard:
         return self.pull(requests, initial)
 
     def rank_context(self, table: str, user_key: int, recent: bool = True) -> RankContext:
-        """The user's row in ``table`` (None without one), the push that last changed it (when
-        it is among the last 65,536), and the user's recent item keys (``recent``)."""
+        """The user's row in ``table`` (``float32 [dim]``, None without one), the push that last
+        changed it (when it is among the last 65,536), and the user's recent item keys
+        (``uint64``, with ``recent``).
+
+        Raises:
+            KeyError: an unknown table.
+        """
         return self.rank_contexts(table, np.asarray([user_key], np.uint64), recent).unpack()[0]
 
     def rank_contexts(self, table: str, user_keys: np.ndarray, recent: bool = True) -> RankContexts:
         """:meth:`rank_context` of several users (``uint64 [n]`` keys), in the order given, packed
         into a few arrays: one call for a batch of ``/rank`` requests (an actor call costs ~1 ms;
-        a context ~10 us, and each array sent costs more than that)."""
+        a context ~10 us, and each array sent costs more than that).
+
+        Raises:
+            KeyError: an unknown table.
+            ValueError: keys that are not ``uint64``.
+        """
         t = self._table(table)
         keys = _keys(user_keys, "user_keys")
         slots = t.lookup(keys)
@@ -435,7 +448,8 @@ class PSShard:
         return RankContexts(rows, found, pushed_by, self.version, flat.astype(np.uint64, copy=False), ends)
 
     def recent_items(self, user_keys: np.ndarray) -> list[np.ndarray]:
-        """Each user's recent item keys (``uint64``, oldest first), in the order given."""
+        """Each user's recent item keys (``uint64 [k]`` each, oldest first) for ``user_keys``
+        (``uint64 [n]``), in the order given."""
         return [self.recent.items_of(u) for u in np.asarray(user_keys, np.uint64).tolist()]
 
     def _register(self, reader: str | None, since: int) -> None:
@@ -453,7 +467,10 @@ class PSShard:
         or every live row (``full``) when tombstones the reader needs were already pruned.
 
         ``reader`` names the caller, so tombstones it has not seen yet are kept for it (for
-        ``cfg.reader_timeout_s`` after its last call).
+        ``cfg.reader_timeout_s`` seconds after its last call).
+
+        Raises:
+            KeyError: an unknown table.
         """
         ts = [self._table(name) for name in tables]
         full = since > 0 and any(since < t.pruned_below for t in ts)
@@ -465,8 +482,13 @@ class PSShard:
         return Delta(self.version, out, full, dict(self.high_water))
 
     def removed(self, table: str, since: int, reader: str | None = None) -> tuple[int, np.ndarray, bool]:
-        """``(version, removed keys, full)``: keys of ``table`` removed at or after ``since``;
-        ``full`` when tombstones the reader needs were already pruned (then use :meth:`live_keys`)."""
+        """``(version, removed keys, full)``: keys (``uint64 [k]``) of ``table`` removed at or
+        after ``since``; ``full`` when tombstones the reader needs were already pruned (then use
+        :meth:`live_keys`).
+
+        Raises:
+            KeyError: an unknown table.
+        """
         t = self._table(table)
         full = since > 0 and since < t.pruned_below
         out = (self.version, np.empty(0, np.uint64) if full else t.removed_since(since), full)
@@ -474,7 +496,11 @@ class PSShard:
         return out
 
     def live_keys(self, table: str) -> tuple[int, np.ndarray]:
-        """``(version, keys)`` of every row of ``table``."""
+        """``(version, keys uint64 [k])`` of every row of ``table``.
+
+        Raises:
+            KeyError: an unknown table.
+        """
         t = self._table(table)
         return self.version, t.keys[t.live_slots()]
 
@@ -509,13 +535,15 @@ class PSShard:
         """Apply ``updates`` (``{table: TableUpdate}``, or ``(keys, grads, ids, create)``
         tuples) once per ``push_id``.
 
-        ``recent`` is ``(user keys, item keys, offsets)`` of the interactions behind the
-        push, merged into the users' recent items (idempotent by offset). Returns
+        ``keys`` are ``uint64 [n]``, ``grads`` ``float32 [n, dim]``, ``create`` ``bool [n]``.
+        ``recent`` is ``(user keys uint64 [m], item keys uint64 [m], offsets int64 [m])`` of
+        the interactions behind the push, merged into the users' recent items (idempotent by offset). Returns
         ``(version, applied)``; ``applied`` is False for a duplicate.
 
         Raises:
             ValueError, KeyError: a malformed push (unknown table, wrong shapes, non-finite
-                gradients, keys not ``uint64``, invalid IDs); nothing changes.
+                gradients, keys not ``uint64``, invalid IDs, ``recent`` arrays of different
+                lengths); nothing changes.
         """
         producer, seq = PushId(*push_id)
         if seq <= self.high_water.get(producer, -1):
@@ -624,8 +652,8 @@ class PSShard:
             self.recent.forget_users(keys)
 
     def record_recent(self, users: np.ndarray, items: np.ndarray, offsets: np.ndarray) -> int:
-        """Merge ``(user keys, item keys, offsets)`` into the users' recent items (the ingest
-        path: right after the events are durable). Idempotent by offset; logged, so it
+        """Merge ``(user keys, item keys, offsets)`` (``uint64 [n]``, ``uint64 [n]``, ``int64 [n]``)
+        into the users' recent items (the ingest path: right after the events are durable). Idempotent by offset; logged, so it
         survives a restart. Returns the entries added.
 
         Raises:
@@ -678,7 +706,7 @@ class PSShard:
             self.recent.forget_users(drop)
 
     def forget_items(self, items: np.ndarray) -> int:
-        """Drop the item keys ``items`` (removed from their tables) from every user's recent
+        """Drop the item keys ``items`` (``uint64``; removed from their tables) from every user's recent
         items on this shard; logged. Returns the entries dropped."""
         items = np.asarray(items, np.uint64)
         if not len(items):
@@ -688,8 +716,8 @@ class PSShard:
         return self.recent.forget_items(items)
 
     def expire(self, now: float | None = None) -> dict[str, int]:
-        """Remove IDs whose table TTL has passed (with their followers' rows); returns
-        removed counts per table."""
+        """Remove IDs whose table TTL has passed at ``now`` (unix seconds; default the current
+        time), with their followers' rows; returns removed counts per table."""
         now = time.time() if now is None else now
         if any(t.would_expire(now) for t in self.tables.values()):
             self._log(LogRecord(lsn=self._lsn + 1, kind="expire", version=self.version, now=now))

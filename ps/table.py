@@ -184,8 +184,10 @@ class EmbeddingTable:
         return self.rows[torch.from_numpy(np.asarray(slots, dtype=np.int64))]
 
     def changed_since(self, since: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        """``(keys, ids, rows, removed)``: live rows changed after version ``since`` and the
-        keys removed at or after it (as far as tombstones reach: see :attr:`pruned_below`)."""
+        """``(keys, ids, rows, removed)``: live rows changed after version ``since`` (``uint64
+        [m]`` keys, ``int64``/``object [m]`` IDs, ``float32 [m, dim]`` rows) and the keys
+        (``uint64 [r]``) removed at or after it (as far as tombstones reach: see
+        :attr:`pruned_below`)."""
         sel = np.flatnonzero(self.live[: self._top] & (self.changed_at[: self._top] > since))
         rows = self.rows[torch.from_numpy(sel)].numpy() if sel.size else np.empty((0, self.cfg.dim), np.float32)
         return self.keys[sel], self.ids[sel], rows, self.removed_since(since)
@@ -225,7 +227,7 @@ class EmbeddingTable:
 
         Raises:
             ValueError: ``grads`` is not ``[len(keys), dim]``, or ``ids``/``create`` do not
-                have ``len(keys)`` entries.
+                have ``len(keys)`` entries (nor ``allowed``).
         """
         keys = _as_keys(keys)
         n = len(keys)
@@ -290,7 +292,8 @@ class EmbeddingTable:
         return PushOutcome(created, removed, dropped, ok[inverse])
 
     def apply_slots(self, slots: np.ndarray, grads: torch.Tensor) -> None:
-        """One optimizer step on the rows at distinct ``slots`` (``int64 [n]``) with ``grads [n, dim]``."""
+        """One optimizer step on the rows at distinct ``slots`` (``int64 [n]``) with ``grads``
+        (``float32 [n, dim]`` tensor); the caller checks the shapes."""
         u = torch.from_numpy(np.asarray(slots, dtype=np.int64))
         if self.opt.kind is OptimizerKind.ROWWISE_ADAGRAD and grads.dtype == torch.float32 and len(u):
             # optim.rowwise_adagrad in place: one gather of the state, one scatter-add of the step.
@@ -308,6 +311,7 @@ class EmbeddingTable:
         """Slots of ``keys`` (``uint64 [n]``), giving the absent ones their initial row now, in
         order of first appearance, outside admission and eviction (for in-process models
         that address rows by slot: new keys get the next free slots in the order given).
+        ``ids`` are the IDs as given (``[n]``); returns slots ``int64 [n]``.
 
         Raises:
             ValueError: the new rows would exceed ``max_rows``.
@@ -405,8 +409,8 @@ class EmbeddingTable:
         return gone
 
     def remove(self, keys: np.ndarray, version: int) -> np.ndarray:
-        """Drop the rows of ``keys`` (those present), with their optimizer state; record
-        tombstones at ``version``. Returns the keys removed."""
+        """Drop the rows of ``keys`` (``uint64``; those present), with their optimizer state;
+        record tombstones at ``version``. Returns the keys removed (``uint64``)."""
         keys = _as_keys(keys)
         if not len(keys):
             return keys
@@ -429,8 +433,8 @@ class EmbeddingTable:
         return gone
 
     def expire(self, now: float, version: int) -> np.ndarray:
-        """Remove the IDs without a real interaction for ``cfg.ttl_s`` seconds before ``now``;
-        returns their keys."""
+        """Remove the IDs without a real interaction for ``cfg.ttl_s`` seconds before ``now``
+        (unix seconds); returns their keys (``uint64``)."""
         if self.cfg.ttl_s is None or not self._n:
             return np.empty(0, np.uint64)
         top = self._top

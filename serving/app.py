@@ -909,8 +909,12 @@ def _bind(cfg: FreshetConfig) -> serve.Application:
 def build_app(args: dict | AppArgs) -> serve.Application:
     """Typed Serve application builder: validate ``args`` (see :class:`AppArgs`), load the config, bind.
 
-    Raises ``pydantic.ValidationError`` for bad ``args`` and ``ps.config.ConfigError``
-    naming the field for a bad config. Needs no running Ray.
+    Needs no running Ray.
+
+    Raises:
+        pydantic.ValidationError: bad ``args`` (an unknown key, a wrong type).
+        ps.config.ConfigError: the config file cannot be read or the config is invalid
+            (naming the field path and the reason).
     """
     if not isinstance(args, AppArgs):
         args = AppArgs.model_validate(args)
@@ -955,7 +959,8 @@ def run_app(cfg: FreshetConfig, *, blocking: bool = False, ready_timeout_s: floa
     """Start Serve on ``cfg.serving.host:port`` and deploy the app as ``"freshet"``; return once ``/healthz`` is 200.
 
     Needs a connected Ray driver and the deployment's actors already running.
-    Access logs are off. ``blocking`` keeps serving until interrupted.
+    Access logs are off. ``blocking`` keeps serving until interrupted (then returns).
+    ``ready_timeout_s`` is in seconds.
 
     With ``serving.high_throughput`` the Serve controller, when this call creates it, gets the
     high-throughput environment through ``controller_options`` (see

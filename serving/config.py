@@ -271,7 +271,13 @@ class RayConfig(ConfigModel):
 
 
 class FreshetConfig(ConfigModel):
-    """The whole deployment: one file configures PS, trainers, stream, ingest and serving."""
+    """The whole deployment: one file configures PS, trainers, stream, ingest and serving.
+
+    Raises:
+        pydantic.ValidationError: (a ``ValueError``) a bad value or a check across sections
+            (say ``serving.port`` equal to a Ray port, or a ``model`` table role that is not
+            in ``ps.tables``); :func:`load_config` reports it as a ``ConfigError``.
+    """
 
     namespace: str = Field("freshet", pattern=r"^[A-Za-z0-9_.-]{1,64}$", description="Ray namespace of named actors")
     ps: PSConfig = Field(default_factory=PSConfig, description="parameter server")
@@ -280,7 +286,11 @@ class FreshetConfig(ConfigModel):
     stream: StreamConfig = Field(default_factory=StreamConfig, description="interaction stream")
     ingest: IngestConfig = Field(default_factory=IngestConfig, description="durable ingest log")
     serving: ServingConfig = Field(default_factory=ServingConfig, description="ranking service")
-    ray: RayConfig = Field(default_factory=RayConfig, description="the local Ray head `freshet up` starts")
+    ray: RayConfig = Field(
+        default_factory=RayConfig,
+        description="the local Ray head `freshet up` starts (max_inline_bytes also the local clusters of `freshet run` "
+                    "and `freshet eval`)",
+    )
 
     @model_validator(mode="after")
     def _check(self) -> FreshetConfig:

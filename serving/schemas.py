@@ -62,7 +62,7 @@ class Event(_Request):
         1.0,
         ge=-3.4e38,
         le=3.4e38,
-        description="the event's strength: above 0 a positive with that confidence, at or below 0 negative feedback; "
+        description="the event's strength: above 0 a positive with that confidence, below 0 negative feedback, 0 nothing; "
         "for event_type 'rating' the rating (model.ratings decides); at most model.max_abs_weight in size",
     )
     event_type: Annotated[StrictStr, Field(min_length=1, max_length=64)] | None = Field(
@@ -111,7 +111,8 @@ class RankRequest(_Request):
 
 
 class RankedItem(BaseModel):
-    """One ranked item and its score (model logit, or interaction count under the popular fallback)."""
+    """One ranked item and its score: the model's logit, or under the popular fallback the item's recency-decayed
+    interaction count (its all-time count when ``model.recent_table`` is null)."""
 
     item_id: int | str
     score: float

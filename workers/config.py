@@ -48,7 +48,8 @@ class StreamKind(str, enum.Enum):
 
 
 class NegativeFeedback(str, enum.Enum):
-    """What an event with weight <= 0 (a dislike, a low rating) does to the model."""
+    """What an event with weight < 0 (a dislike; with ``ratings.below: negative``, a low rating) does to the
+    model. A weight of exactly 0 teaches nothing."""
 
     IGNORE = "ignore"  # nothing: never a positive, never counted as popular
     EXPLICIT = "explicit"  # also a negative for that user: its score is pushed down
@@ -136,15 +137,15 @@ class ModelConfig(ConfigModel):
     context_items: int = Field(
         10, ge=1, le=1000, description="a user's most recent items whose context rows join their query (items)"
     )
-    # What an event's weight means (README "Event weights"): a positive's confidence scales its
-    # loss and its popularity count; weight <= 0 is negative feedback.
+    # What an event's weight means (README "How it works", "What an event teaches"): a positive's
+    # confidence scales its loss and its popularity count; weight < 0 is negative feedback, 0 teaches nothing.
     event_weights: dict[str, float] = Field(
         default_factory=dict,
         description="confidence multiplier per event_type (e.g. view: 0.2, purchase: 1.0); types not listed count 1.0",
     )
     ratings: RatingRule = Field(default_factory=RatingRule, description="how events of type 'rating' become signals")
     negative_feedback: NegativeFeedback = Field(
-        NegativeFeedback.EXPLICIT, description="what an event with weight <= 0 does"
+        NegativeFeedback.EXPLICIT, description="what an event with weight < 0 (a dislike) does; a weight of 0 teaches nothing"
     )
     # A confidence of 1e20 would overflow float32 gradients: events beyond this are refused at
     # the door (422) and quarantined in files.
@@ -192,7 +193,9 @@ class TrainerConfig(ConfigModel):
     # Three rounds learn a session before the user's next events: better than 1, 2, 4 or 5 on MovieLens.
     passes: int = Field(3, ge=1, le=100, description="pull-compute-push rounds per mini-batch")
     device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$", description="torch device; auto picks cuda when present")
-    prefetch: bool = Field(True, description="pull the next batch's rows while computing the current one")
+    prefetch: bool = Field(
+        True, description="read the next batch and send its pull while the shards apply the current batch's push"
+    )
     num_cpus: float = Field(0.5, ge=0, le=64, description="CPUs reserved per trainer actor")
     num_gpus: float = Field(0.0, ge=0, le=8, description="GPUs reserved per trainer actor")
     # One thread: a trainer's batches are small (256 x 64) and it shares the host with shards and
@@ -209,8 +212,10 @@ class TrainerConfig(ConfigModel):
         30.0, gt=0, description="/healthz reports a trainer stalled when events wait and its offset has not moved for this long (seconds)"
     )
     # Transient failures (a shard restarting) are retried; a failure that outlasts this many
-    # tries restarts the actor, which resumes from its committed offset.
-    max_retries: int = Field(8, ge=0, le=1000, description="tries of a failing batch before the actor restarts itself")
+    # retries restarts the actor, which resumes from its committed offset.
+    max_retries: int = Field(
+        8, ge=0, le=1000, description="retries of a failing batch after its first try, before the actor restarts itself"
+    )
     retry_backoff_s: float = Field(0.5, gt=0, le=60, description="first wait between tries, doubling up to 30 s (seconds)")
     # Restart cost: replaying the stream since the last trainer snapshot; 500 batches of 256
     # events is ~10 s of replay here.

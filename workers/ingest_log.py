@@ -901,7 +901,8 @@ class IngestLog:
         is not yet durable waits for it.
 
         Raises:
-            ValueError: lists of different lengths, or a bad ``idempotency_key``.
+            ValueError: lists of different lengths, a bad ``idempotency_key``, or an int ID
+                outside the signed 64-bit range.
             IdempotencyKeyReused: ``idempotency_key`` was used for other events; nothing is appended.
             IngestWriteError: a part could not be made durable; parts that could are kept,
                 and a retry with the same key appends only the rest.

@@ -164,8 +164,12 @@ class RankingSnapshot:
         return int(self.valid.sum())
 
     def slots(self, items: Keyed | Sequence[ID] | np.ndarray) -> np.ndarray:
-        """Slots of ``items`` (IDs, :class:`ps.ids.Keyed` or ``uint64`` keys); ``-1`` where
-        not in the catalogue or removed."""
+        """Slots (``int64 [n]``) of ``items`` (IDs, :class:`ps.ids.Keyed` or ``uint64`` keys);
+        ``-1`` where not in the catalogue or removed.
+
+        Raises:
+            ValueError: an invalid ID.
+        """
         keys = _as_keys(items)
         if not len(keys):
             return np.empty(0, np.int64)
@@ -176,8 +180,8 @@ class RankingSnapshot:
         return np.where(ok, s, -1)
 
     def query(self, row: np.ndarray, recent: Keyed | Sequence[ID] | np.ndarray | None) -> np.ndarray:
-        """The user's query vector: ``row`` plus the mean context row of their last
-        ``model.context_items`` recent items that are in the catalogue (``float32 [d]``)."""
+        """The user's query vector: ``row`` (``float32 [d]``) plus the mean context row of their
+        last ``model.context_items`` recent items that are in the catalogue (``float32 [d]``)."""
         row = np.asarray(row, np.float32)
         if self.ctx is None or recent is None:
             return row
@@ -264,8 +268,9 @@ class RankingSnapshot:
         return s[s >= 0]
 
     def top(self, scores: np.ndarray, k: int, exclude: np.ndarray, fallback: str | None = None) -> Ranked:
-        """The ``k`` best of ``scores`` (one per slot), never an excluded or invalid slot
-        (ties go to the lower slot; NaN ranks last; see :func:`workers.model.top_k`)."""
+        """The ``k`` best of ``scores`` (``float32 [n_slots]``), never a slot in ``exclude``
+        (``int64``) or an invalid one (ties go to the lower slot; NaN ranks last; see
+        :func:`workers.model.top_k`)."""
         idx = top_k(scores, k, np.concatenate([exclude, self._invalid]) if len(self._invalid) else exclude)
         return Ranked(self.ids[idx].tolist(), np.asarray(scores)[idx].astype(float).tolist(), fallback)
 
@@ -279,8 +284,8 @@ class RankingSnapshot:
         return self.top(self.popularity, k, excl, POPULAR)
 
     def rank(self, row: np.ndarray | None, seen: Any, k: int, history: Any = None) -> Ranked:
-        """Top-``k`` for one user: ``row`` (None: the popular fallback), excluding ``seen``;
-        ``history`` (default ``seen``) supplies the session context."""
+        """Top-``k`` for one user: ``row`` (``float32 [d]``; None: the popular fallback),
+        excluding ``seen``; ``history`` (default ``seen``) supplies the session context."""
         if row is None:
             return self.popular(seen, k)
         q = self.query(row, seen if history is None else history)
@@ -339,16 +344,26 @@ class Ranker:
 
     def recent_counts(self) -> np.ndarray | None:
         """Each slot's recency-decayed interaction count at the newest clock in the view
-        (interactions, float64), or None without a recent table."""
+        (interactions, ``float64 [n_slots]``), or None without a recent table."""
         return self.snapshot().recent
 
     def popular(self, seen: Any, k: int) -> Ranked:
-        """Most-interacted items not in ``seen`` (IDs, keys or :class:`ps.ids.Keyed`)."""
+        """The ``k`` most-interacted items not in ``seen`` (IDs, ``uint64`` keys or
+        :class:`ps.ids.Keyed`).
+
+        Raises:
+            ValueError: an invalid ID in ``seen``.
+        """
         return self.snapshot().popular(seen, k)
 
     def queries(self, user_vecs: np.ndarray, history: Sequence[Any] | None) -> np.ndarray:
-        """User vectors plus the mean context row of each user's last ``model.context_items``
-        items in ``history`` (oldest first; items not in the catalogue are skipped)."""
+        """User vectors (``float32 [n, d]``) plus the mean context row of each user's last
+        ``model.context_items`` items in ``history`` (oldest first; items not in the catalogue
+        are skipped): ``float32 [n, d]``.
+
+        Raises:
+            ValueError: an invalid ID in ``history``.
+        """
         snap = self.snapshot()
         user_vecs = np.asarray(user_vecs, np.float32)
         if history is None:
@@ -356,8 +371,9 @@ class Ranker:
         return np.stack([snap.query(v, h) for v, h in zip(user_vecs, history)]) if len(user_vecs) else user_vecs
 
     def scores_for(self, user_vecs: np.ndarray) -> np.ndarray:
-        """Scores ``[n_users, n_slots]`` of every item (logits, float32): the model's plus the
-        recent-popularity prior; ``-inf`` at removed items."""
+        """Scores ``float32 [n_users, n_slots]`` of every item for query vectors ``float32
+        [n_users, d]`` (logits): the model's plus the recent-popularity prior; ``-inf`` at
+        removed items."""
         return self.snapshot().scores(user_vecs)
 
     def rank_many(
@@ -370,8 +386,12 @@ class Ranker:
     ) -> list[Ranked]:
         """Top-``k`` per user, excluding ``seen``; users with ``found`` False get the popular fallback.
 
-        ``history`` (each user's items, oldest first; default ``seen``) supplies the
+        ``user_vecs`` is ``float32 [n, d]`` (rows where ``found``, a ``bool [n]``, is False are
+        not read). ``history`` (each user's items, oldest first; default ``seen``) supplies the
         session context. Known users are scored together (:meth:`RankingSnapshot.scores`).
+
+        Raises:
+            ValueError: an invalid ID in ``seen`` or ``history``.
         """
         snap = self.snapshot()
         history = seen if history is None else history
@@ -388,6 +408,11 @@ class Ranker:
         return out
 
     def score_items(self, user_vec: np.ndarray | None, item_ids: Any, history: Any = ()) -> tuple[list[float | None], str | None]:
-        """Scores of ``item_ids`` in order (None for items the catalogue lacks); see
-        :meth:`RankingSnapshot.score_items`."""
+        """Scores of ``item_ids`` in order (None for items the catalogue lacks) for the user's
+        row ``user_vec`` (``float32 [d]``, None: popularity); see
+        :meth:`RankingSnapshot.score_items`.
+
+        Raises:
+            ValueError: an invalid ID in ``item_ids`` or ``history``.
+        """
         return self.snapshot().score_items(user_vec, item_ids, history)

@@ -21,7 +21,7 @@ shard answered before applying it: the trainer never trains on rows older than i
 own updates.
 
 A failing batch is retried with backoff, each try starting from the last committed
-state (as a restart would); after ``trainer.max_retries`` tries an actor exits so Ray
+state (as a restart would); after ``trainer.max_retries`` retries an actor exits so Ray
 restarts it. Events whose gradients are not finite are set aside to a dead-letter
 Arrow file and training goes on.
 """
@@ -205,8 +205,14 @@ class Trainer:
     ``state_dir/trainer-{index}``). ``client`` is where the rows live: the deployment's
     shards by default, or a ``ps.local.LocalClient`` for an in-process run.
 
+    ``eval_k`` is the k of hits@k (items).
+
     Raises:
         RuntimeError: ``trainer.device`` names a CUDA device torch cannot see.
+        ValueError: without ``client``, no shard actors in ``cfg.namespace`` (``PSClient.connect``);
+            a trainer WAL under ``state_dir`` written in another format.
+        FileNotFoundError, workers.streams.StreamDataError: the configured file stream is
+            missing, empty or mostly quarantined (see :func:`workers.streams.open_source`).
     """
 
     def __init__(
@@ -579,7 +585,9 @@ class Trainer:
 
     def learn(self, raw: pa.RecordBatch, end: int, partition: int = 0) -> None:
         """Train one batch of events now (prepare, every pass, wait): for in-process drivers
-        such as the evaluation's incremental strategy."""
+        such as the evaluation's incremental strategy. ``raw`` is an event batch in the
+        schema of :mod:`workers.events` from ``partition``; ``end`` is the stream offset one
+        past its last event."""
         batch = self._prepare(partition, raw, end)
         self.read_pos[partition] = end
         refs = self._train(batch, self._pull(batch)) if batch.trained.any() else []
@@ -648,8 +656,9 @@ class Trainer:
         """Train until the stream is exhausted (finite sources), ``stop()`` or ``max_batches``.
 
         A live source with nothing new is waited on (``StreamSource.wait``) for up to
-        ``trainer.poll_interval_s`` at a time: the ingest log answers as soon as events arrive.
-        Returns :meth:`stats`.
+        ``trainer.poll_interval_s`` seconds at a time: the ingest log answers as soon as
+        events arrive. Returns :meth:`stats`. A failing batch raises here (what it raised);
+        :meth:`start` retries it.
         """
         inflight: tuple[Batch, list] | None = None
         nxt = None  # (batch, pending pull) read ahead while the shards apply a push
@@ -747,7 +756,7 @@ class Trainer:
                 self.error = traceback.format_exc()
                 self.retries += 1
                 _log.error("trainer %d: batch failed (try %d of %d):\n%s", self.index, self.retries,
-                           self.cfg.trainer.max_retries, self.error)
+                           self.cfg.trainer.max_retries + 1, self.error)  # the first try and max_retries more
                 if self.retries > self.cfg.trainer.max_retries:
                     self.state = "failed"
                     if _in_actor():
@@ -760,7 +769,8 @@ class Trainer:
                 recovering = True
 
     def stop(self, timeout_s: float = 30.0) -> dict[str, Any]:
-        """Stop the background loop after the current batch; returns :meth:`stats`."""
+        """Stop the background loop after the current batch, waiting up to ``timeout_s``
+        seconds for it; returns :meth:`stats`."""
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout_s)
@@ -866,7 +876,8 @@ def start_trainers(
     With ``state_dir`` each trainer keeps its write-ahead pushes, committed offsets and
     local-state snapshots there, so a restarted trainer (Ray ``max_restarts``) resumes
     exactly once; ``autostart`` starts training in ``__init__`` (so a restarted trainer
-    carries on).
+    carries on). Returns the actor handles; a trainer's constructor errors (see
+    :class:`Trainer`) surface on the first call to it.
     """
     actor_cls = ray.remote(Trainer)
     handles = []

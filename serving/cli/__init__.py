@@ -31,7 +31,14 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of the ``freshet`` console script; returns the exit status."""
+    """Entry point of the ``freshet`` console script; returns the exit status.
+
+    A ``ConfigError``, ``ValueError`` or ``FileNotFoundError`` from the command is printed
+    and returns 2.
+
+    Raises:
+        SystemExit: bad command-line arguments, or ``--help`` (argparse exits).
+    """
     args = _parser().parse_args(argv)
     try:
         return args.fn(args)

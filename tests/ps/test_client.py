@@ -214,6 +214,18 @@ def test_recent_items_are_routed_by_user(deployment):
     assert client.seen(["dave"]) == [K(["x", "y"]).tolist()]
 
 
+def test_recent_items_of_different_lengths_are_refused_before_anything_is_sent(deployment):
+    _, _, client = deployment
+    v0 = client.versions()
+    # Split by the users' shards, an extra item used to be dropped silently, a missing one an IndexError.
+    with pytest.raises(ValueError, match="2 users, 3 items and 2 offsets"):
+        client.record_recent(["erin", "frank"], ["x", "y", "z"], np.array([1, 2]))
+    with pytest.raises(ValueError, match="2 users, 2 items and 1 offsets"):
+        client.push_many({}, PushId("recent-len", 0), recent=(["erin", "frank"], ["x", "y"], np.array([1])))
+    assert client.versions() == v0
+    assert client.seen(["erin", "frank"]) == [[], []]
+
+
 def test_connect_by_namespace_sees_the_same_state(deployment):
     cfg, ns, client = deployment
     ids = _mixed_ids(20, seed=7)

@@ -87,7 +87,15 @@ def run_eval(
     ratings >= 4 (implicit view) for file data with a BPR model and everything otherwise.
     ``start_ray`` starts Ray when a strategy needs it (``incremental``) and this process is not
     connected; it is shut down at the end (default: a throwaway local cluster, see ``_init_ray``).
-    Returns the report as a dict (also written as ``report.json``).
+    ``chunk_size``, ``max_events``, ``window`` and ``recovery_window`` are in events. A strategy
+    that cannot run here (:class:`workers.eval.strategies.StrategyUnavailable`) is skipped and
+    named in the report. Returns the report as a dict (also written as ``report.json``).
+
+    Raises:
+        ValueError: no ``strategies``, a strategy spec :func:`make_strategy` rejects (or whose
+            settings the strategy cannot take), or ``chunk_size`` < 1.
+        FileNotFoundError: ``data`` is a path that does not exist.
+        workers.streams.StreamDataError: (a ``ValueError``) the file data is unusable.
     """
     if not strategies:
         raise ValueError("strategies: give at least one strategy")

@@ -47,7 +47,13 @@ def hit_rank(ranked: Ranked, item: ID) -> int:
 
 @dataclass
 class EvalResult:
-    """What one strategy scored on one stream; :meth:`summary` is the report row."""
+    """What one strategy scored on one stream; :meth:`summary` is the report row.
+
+    Per evaluated event (``[m]`` each): ``eval_offsets`` (``int64``, stream offsets),
+    ``eval_ranks`` (``int64``, 0-based rank of the event's item, -1 a miss in the top 20),
+    ``staleness_events`` (``float64``, events) and ``staleness_s`` (``float64``, stream
+    seconds); ``cold_ranks`` (``int64``) per cold event. ``cpu_s`` and ``wall_s`` are seconds.
+    """
 
     name: str
     settings: dict[str, Any]
@@ -67,12 +73,14 @@ class EvalResult:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def recall(self, k: int, since: int = 0) -> float | None:
-        """Share of evaluated events (at offsets >= ``since``) whose item ranked in the top ``k``."""
+        """Recall@k with one relevant item per event (the hit rate): share of evaluated events
+        (at offsets >= ``since``) whose item ranked in the top ``k``; None without any."""
         r = self.eval_ranks[self.eval_offsets >= since]
         return float(((r >= 0) & (r < k)).mean()) if len(r) else None
 
     def ndcg(self, k: int) -> float | None:
-        """Mean NDCG@k with one relevant item per event: ``1/log2(rank+2)`` when ranked in the top ``k``."""
+        """Mean NDCG@k (Järvelin & Kekäläinen, 2002) with one relevant item per event, so the
+        ideal DCG is 1: ``1/log2(rank+2)`` when ranked in the top ``k`` (0-based rank), else 0."""
         r = self.eval_ranks
         if not len(r):
             return None
@@ -122,6 +130,9 @@ def prequential(
 ) -> EvalResult:
     """Run the test-then-train protocol of ``strategy`` over ``source`` (a ``workers.streams`` source).
 
+    Prequential evaluation (Dawid, 1984; for data streams Gama, Sebastião & Rodrigues, 2013,
+    "On evaluating stream learning algorithms"): each event is first ranked, then learned.
+
     ``chunk_size`` events are ranked, then learned, at a time; ``max_events`` caps the
     stream. ``explicit`` also scores each evaluated event's predicted rating (the model
     score) against its weight for RMSE/MAE. Deterministic for a deterministic strategy.
@@ -132,6 +143,10 @@ def prequential(
     staleness entries); a chunk never straddles it, so scoring starts on a chunk boundary
     at exactly ``score_from``. Used to report a held-out later part of a stream with the
     model having learned everything before it (``bench.tune_defaults``).
+
+    Raises:
+        ValueError: ``chunk_size`` < 1, ``score_from`` < 0, or an unbounded ``source``
+            without ``max_events``.
     """
     if chunk_size < 1:
         raise ValueError(f"chunk_size: must be >= 1 events, got {chunk_size}")

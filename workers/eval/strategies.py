@@ -804,8 +804,10 @@ _CLASSES = {
 def parse_strategy_spec(spec: str) -> tuple[str, dict[str, float | int | None]]:
     """``"retrain:every=1000,epochs=5"`` → ``("retrain", {"every": 1000, "epochs": 5})``.
 
-    Values parse as int, then float; ``none`` means None. Raises ``ValueError`` naming the
-    bad part.
+    Values parse as int, then float; ``none`` means None.
+
+    Raises:
+        ValueError: an unknown strategy name or a malformed part (named).
     """
     name, _, rest = spec.strip().partition(":")
     name = name.strip()
@@ -831,7 +833,16 @@ def parse_strategy_spec(spec: str) -> tuple[str, dict[str, float | int | None]]:
 
 
 def make_strategy(spec: str, cfg: FreshetConfig, *, total_events: int) -> Strategy:
-    """Build the strategy a spec names (see :func:`parse_strategy_spec`) for a stream of ``total_events``."""
+    """Build the strategy a spec names (see :func:`parse_strategy_spec`) for a stream of ``total_events``.
+
+    Raises:
+        ValueError: an unknown strategy, a malformed spec, a setting the strategy does not
+            have, or a value it refuses (e.g. ``frozen:fraction`` outside (0, 1)).
+        TypeError: a setting of the wrong type for the strategy's constructor.
+        StrategyUnavailable: (a ``RuntimeError``) the strategy cannot run here (``als``
+            without the ``implicit`` package).
+        RuntimeError: ``incremental`` without Ray initialised.
+    """
     import inspect
 
     name, kwargs = parse_strategy_spec(spec)

@@ -64,7 +64,8 @@ def open_source(
     (:class:`workers.streams.ingest.IngestSource`).
 
     Raises:
-        ValueError: ``ingest`` without a ``namespace``.
+        ValueError: ``ingest`` without a ``namespace``, or no ingest log in it; a
+            ``quarantine_path`` that exists and is not a regular file.
         FileNotFoundError: a movielens/parquet ``cfg.path`` that does not exist.
         StreamDataError: (a ``ValueError``) a movielens/parquet stream with no events, or
             with more than ``cfg.max_quarantined_fraction`` of its rows quarantined.

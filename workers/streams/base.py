@@ -59,6 +59,9 @@ class StreamSource(abc.ABC):
 
         ``k == 0`` means there is nothing (more) at ``offset``. ``ingest_ts`` is the
         time of this read (unix seconds).
+
+        Raises:
+            ValueError: a negative ``offset`` or ``max_events``, or a closed source.
         """
 
     @property

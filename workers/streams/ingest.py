@@ -15,10 +15,12 @@ class IngestSource(StreamSource):
     """Stream source over one partition of the running deployment's ``IngestLog`` (live, unbounded)."""
 
     def __init__(self, namespace: str, partition: int = 0, *, timeout_s: float = 30.0):
-        """Attach to the ``ingest-log`` actor of ``namespace``.
+        """Attach to the ``ingest-log`` actor of ``namespace``; ``timeout_s`` (seconds) bounds
+        each call to it.
 
         Raises:
             ValueError: the actor does not exist, or has no partition ``partition``.
+            ray.exceptions.GetTimeoutError: the actor does not answer within ``timeout_s``.
         """
         self._log = ray.get_actor(INGEST_ACTOR, namespace=namespace)
         self._timeout = timeout_s

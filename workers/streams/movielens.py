@@ -176,7 +176,9 @@ class MovieLensSource(TableSource):
 
         Raises:
             FileNotFoundError: ``path`` does not exist, or is a directory without a ratings file.
-            ValueError: the file cannot be parsed at all, or ``num_events`` < 0.
+            ValueError: the file cannot be parsed at all, ``num_events`` < 0,
+                ``max_quarantined_fraction`` outside [0, 1], or ``quarantine_path`` exists and is
+                not a regular file.
             workers.streams.base.StreamDataError: (a ``ValueError``) the file yields no
                 events, or more than ``max_quarantined_fraction`` (default 0.5) of its
                 rows are quarantined; the message names the file, the layout expected

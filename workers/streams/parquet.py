@@ -133,7 +133,8 @@ class ParquetSource(TableSource):
 
         Raises:
             FileNotFoundError: ``path`` does not exist, or is a directory without ``*.parquet`` files.
-            ValueError: ``num_events`` < 0.
+            ValueError: ``num_events`` < 0, ``max_quarantined_fraction`` outside [0, 1], or
+                ``quarantine_path`` exists and is not a regular file.
             workers.streams.base.StreamDataError: (a ``ValueError``) the files yield no
                 events, or more than ``max_quarantined_fraction`` (default 0.5) of their
                 rows are quarantined; the message names the path, the expected columns,

@@ -55,7 +55,12 @@ class Rejects:
 
 
 def read_quarantine(path: str | Path) -> pa.Table:
-    """The rows of a quarantine file (columns of :data:`QUARANTINE_SCHEMA`)."""
+    """The rows of a quarantine file (columns of :data:`QUARANTINE_SCHEMA`).
+
+    Raises:
+        FileNotFoundError: no file at ``path``.
+        pyarrow.ArrowInvalid: the file is not an Arrow IPC file.
+    """
     with pa.OSFile(str(path), "rb") as f:
         return paipc.open_file(f).read_all()
 
@@ -65,7 +70,10 @@ def write_quarantine(path: Path, rejects: Rejects, sources: list[str]) -> None:
 
     Replacing (not appending) keeps the file idempotent when a restarted trainer
     reopens the same source; the rewrite goes through a temp file and a rename so
-    a reader never sees half a file.
+    a reader never sees half a file. An unreadable existing file is moved aside (a warning).
+
+    Raises:
+        ValueError: ``path`` exists and is not a regular file.
     """
     if path.exists() and not path.is_file():
         # Never rename or replace a device, directory or socket (e.g. /dev/null).

@@ -36,6 +36,9 @@ class SyntheticSource(StreamSource):
 
     Events are generated in chunks of 4096 seeded by ``(seed, chunk)``, so any
     offset range reads the same events in any order. Memory is O(num_users + num_items).
+
+    Raises:
+        ValueError: ``num_events`` < 0.
     """
 
     def __init__(self, cfg: SyntheticConfig, num_events: int | None):
@@ -101,11 +104,15 @@ class SyntheticSource(StreamSource):
         return self._drift_offset
 
     def cluster_of(self, user_ids: np.ndarray) -> np.ndarray:
-        """Taste cluster (0..num_clusters-1) of each user id, for evaluation."""
+        """Taste cluster (``int64 [n]``, 0..num_clusters-1) of each user id (``int64 [n]``), for evaluation."""
         return self._user_cluster[np.asarray(user_ids, dtype=np.int64)]
 
     def read(self, offset: int, max_events: int) -> pa.RecordBatch:
-        """Events ``[offset, offset + k)``; empty past ``end_offset``."""
+        """Events ``[offset, offset + k)``; empty past ``end_offset``.
+
+        Raises:
+            ValueError: a negative ``offset`` or ``max_events``, or the source is closed.
+        """
         check_read_args(offset, max_events)
         if self._closed:
             raise ValueError("SyntheticSource is closed")
