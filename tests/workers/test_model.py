@@ -184,3 +184,29 @@ def test_top_k_fast_path_equals_the_exact_one_on_random_scores():
         s[u < 0.1], s[(u > 0.1) & (u < 0.15)], s[(u > 0.15) & (u < 0.18)] = np.nan, -np.inf, np.inf
         ex = rng.integers(0, n, int(rng.integers(0, n + 1))) if rng.random() < 0.7 else None
         assert top_k(s, k, ex).tolist() == _top_k_exact(s, k, ex).tolist(), (s, k, ex)
+
+
+def test_top_k_over_a_catalogue_equals_the_exact_one_whatever_the_sample_sees():
+    # Catalogue-sized scores take the sampled threshold (every 16th score); orders built to
+    # defeat the sample (the best scores exactly where it looks, or where it does not; ties;
+    # -inf blocks) must still give the exact answer, through the fallback where needed.
+    from workers.model import _SAMPLE_STRIDE, _top_k_exact
+
+    rng = np.random.default_rng(5)
+    n = 20_000
+    base = rng.standard_normal(n).astype(np.float32)
+    on_sample = np.full(n, -1.0, np.float32)
+    on_sample[::_SAMPLE_STRIDE] = 1.0 + rng.random(len(on_sample[::_SAMPLE_STRIDE]))
+    off_sample = rng.random(n).astype(np.float32)
+    off_sample[::_SAMPLE_STRIDE] = -5.0
+    blocks = base.copy()
+    blocks[: n // 2] = -np.inf
+    cases = [base, np.sort(base), np.sort(base)[::-1].copy(), np.round(base), np.zeros(n, np.float32),
+             on_sample, off_sample, blocks, base.astype(np.float64)]
+    nan = base.copy()
+    nan[rng.random(n) < 0.3] = np.nan
+    cases.append(nan)
+    for s in cases:
+        for k in (1, 5, 100, 999, 5000):
+            for ex in (None, rng.integers(0, n, 300)):
+                assert top_k(s, k, ex).tolist() == _top_k_exact(s, k, ex).tolist(), (s[:8], k)
