@@ -710,13 +710,20 @@ def main(argv: list[str] | None = None) -> int:
         for mode in a.modes:
             env = dict(os.environ)
             ht: dict[str, str] = {}
+            run_dir = None
             if mode == "high_throughput":
-                ht = high_throughput_env(tempfile.mkdtemp(prefix="frsh", dir="/tmp"))
+                # Short and under /tmp: HAProxy's sockets live here (socket paths stay under 108 bytes).
+                run_dir = tempfile.mkdtemp(prefix="frsh", dir="/tmp")
+                ht = high_throughput_env(run_dir)
                 env.update(ht)
             child_out = Path(tmp) / f"{mode}.json"
-            proc = subprocess.run(_child_argv(a, mode, child_out), env=env, check=False)
-            if ht:
-                release_ports({k: int(v) for k, v in ht.items() if k.endswith("_PORT")})
+            try:
+                proc = subprocess.run(_child_argv(a, mode, child_out), env=env, check=False)
+            finally:
+                if ht:
+                    release_ports({k: int(v) for k, v in ht.items() if k.endswith("_PORT")})
+                if run_dir is not None:  # the child's Ray, HAProxy with it, is gone by now
+                    shutil.rmtree(run_dir, ignore_errors=True)
             if proc.returncode != 0 or not child_out.exists():
                 failed.append(mode)
                 print(f"[{mode}] FAILED (exit {proc.returncode})", flush=True)

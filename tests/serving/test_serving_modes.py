@@ -23,6 +23,7 @@ The config validation and ``_bind`` tests at the end need no Ray.
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -80,8 +81,10 @@ def deployment(request):
     cfg = _config(mode, tmp)
     with pytest.MonkeyPatch.context() as mp:
         env: dict[str, str] = {}
+        run_dir = None
         if cfg.serving.high_throughput:
-            env = high_throughput_env(tempfile.mkdtemp(prefix="frm", dir="/tmp"))
+            run_dir = tempfile.mkdtemp(prefix="frm", dir="/tmp")
+            env = high_throughput_env(run_dir)
             for k, v in env.items():  # before Ray starts: its processes inherit this environment
                 mp.setenv(k, v)
         with _ray_start():
@@ -96,6 +99,8 @@ def deployment(request):
                 del dep
         if env:
             release_ports({k: int(v) for k, v in env.items() if k.endswith("_PORT")})
+        if run_dir is not None:  # HAProxy's files; its processes went with this Ray
+            shutil.rmtree(run_dir, ignore_errors=True)
 
 
 def test_serving_options_reach_the_deployment(deployment):

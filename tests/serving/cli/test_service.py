@@ -160,6 +160,7 @@ def plain_ray():
             proc.wait(timeout=60)  # ray.init's cluster goes with its driver
         except subprocess.TimeoutExpired:
             proc.kill()
+        shutil.rmtree(tmp, ignore_errors=True)  # that cluster's session files and logs
 
 
 def test_up_secure_by_default_ckpt_down_restore(tmp_path, plain_ray):
