@@ -8,6 +8,7 @@ the same code.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -154,7 +155,7 @@ def top_k(scores: np.ndarray, k: int, exclude: np.ndarray | None = None) -> np.n
     s = np.asarray(scores)
     if s.dtype.kind != "f":
         s = s.astype(np.float64)
-    n = len(s)
+    n, k = len(s), int(k)  # a numpy unsigned k would overflow the arithmetic below
     if k <= 0 or n == 0:
         return np.empty(0, dtype=np.int64)
     if k < n:
@@ -191,14 +192,21 @@ def _candidates(work: np.ndarray, k: int) -> np.ndarray | None:
     n = len(work)
     j = -(-2 * k // _SAMPLE_STRIDE)
     if n >= 4 * j * _SAMPLE_STRIDE:
-        sample = torch.from_numpy(np.ascontiguousarray(work[::_SAMPLE_STRIDE]))
-        guess = torch.topk(sample, j, sorted=False).values.min().item()
+        guess = _jth_best(work[::_SAMPLE_STRIDE], j)
         if guess > -np.inf:
             cand = np.flatnonzero(work >= guess)
             if len(cand) >= k:
                 return cand
-    kth = torch.topk(torch.from_numpy(work), k, sorted=False).values.min().item()
+    kth = _jth_best(work, k)
     return np.flatnonzero(work >= kth) if kth > -np.inf else None
+
+
+def _jth_best(values: np.ndarray, j: int) -> Any:
+    """The ``j``-th best of ``values`` (``1 <= j <= len(values)``), exactly: torch's top-k for
+    the float widths torch has, ``np.partition`` for wider ones (long double)."""
+    if values.dtype.itemsize <= 8:
+        return torch.topk(torch.from_numpy(np.ascontiguousarray(values)), j, sorted=False).values.min().item()
+    return np.partition(values, len(values) - j)[len(values) - j]
 
 
 def _top_k_exact(scores: np.ndarray, k: int, exclude: np.ndarray | None) -> np.ndarray:

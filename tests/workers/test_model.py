@@ -210,3 +210,8 @@ def test_top_k_over_a_catalogue_equals_the_exact_one_whatever_the_sample_sees():
         for k in (1, 5, 100, 999, 5000):
             for ex in (None, rng.integers(0, n, 300)):
                 assert top_k(s, k, ex).tolist() == _top_k_exact(s, k, ex).tolist(), (s[:8], k)
+    # Widths torch does not take (long double) and a numpy unsigned k answer the same.
+    wide = base.astype(np.longdouble)
+    for k in (3, 100):
+        assert top_k(wide, k).tolist() == top_k(base, k).tolist()
+    assert top_k(base, np.uint64(10)).tolist() == top_k(base, 10).tolist()
