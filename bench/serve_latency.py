@@ -688,7 +688,7 @@ def main(argv: list[str] | None = None) -> int:
         Path(a.child_out).write_text(json.dumps(_run_mode(a), default=str))
         return 0
 
-    from serving.ray_head import high_throughput_env, release_ports
+    from serving.ray_head import high_throughput_run
 
     a.out.mkdir(parents=True, exist_ok=True)
     report: dict[str, Any] = {
@@ -709,21 +709,11 @@ def main(argv: list[str] | None = None) -> int:
         failed = []
         for mode in a.modes:
             env = dict(os.environ)
-            ht: dict[str, str] = {}
-            run_dir = None
-            if mode == "high_throughput":
-                # Short and under /tmp: HAProxy's sockets live here (socket paths stay under 108 bytes).
-                run_dir = tempfile.mkdtemp(prefix="frsh", dir="/tmp")
-                ht = high_throughput_env(run_dir)
-                env.update(ht)
             child_out = Path(tmp) / f"{mode}.json"
-            try:
+            # The child's Ray, HAProxy with it, has stopped when the with block ends.
+            with high_throughput_run("frsh") if mode == "high_throughput" else contextlib.nullcontext({}) as ht:
+                env.update(ht)
                 proc = subprocess.run(_child_argv(a, mode, child_out), env=env, check=False)
-            finally:
-                if ht:
-                    release_ports({k: int(v) for k, v in ht.items() if k.endswith("_PORT")})
-                if run_dir is not None:  # the child's Ray, HAProxy with it, is gone by now
-                    shutil.rmtree(run_dir, ignore_errors=True)
             if proc.returncode != 0 or not child_out.exists():
                 failed.append(mode)
                 print(f"[{mode}] FAILED (exit {proc.returncode})", flush=True)

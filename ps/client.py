@@ -303,7 +303,7 @@ class PSClient:
             KeyError: an unknown table (raised by the shards; only when ``ids`` is not empty).
             ValueError: an invalid ID.
         """
-        route = _Route(keyed(ids, "id"), self.plan)
+        route = self._route(ids)
         out = np.zeros(len(route.keyed.keys), bool)
         calls = [(p, self.shards[s].present.remote(table, route.keyed.keys[p])) for s, p in enumerate(route.positions) if len(p)]
         for (p, _), got in zip(calls, self._get([ref for _, ref in calls])):

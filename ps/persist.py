@@ -52,6 +52,7 @@ __all__ = [
     "recent_columns",
     "update_columns",
     "fsync_path",
+    "intact_batches",
     "PushLog",
     "ShardState",
     "ShardStore",
@@ -690,15 +691,20 @@ def read_log(path: str | Path) -> Iterator[LogRecord]:
         version = (reader.schema.metadata or {}).get(b"format_version", b"?").decode()
         if version != str(_FORMAT_VERSION):
             raise ValueError(f"{path}: push log format {version}, this release reads format {_FORMAT_VERSION}")
-        while True:
-            try:
-                batch = reader.read_next_batch()
-            except StopIteration:
-                return
-            except (pa.ArrowInvalid, OSError):
-                return
+        for batch in intact_batches(reader):
             for i in range(batch.num_rows):
                 yield _decode(batch, i)
+
+
+def intact_batches(reader: pa.ipc.RecordBatchStreamReader) -> Iterator[pa.RecordBatch]:
+    """The batches of an Arrow IPC stream up to a torn tail (a crash mid-append leaves an
+    incomplete last message; everything before it was flushed whole): a shard's push log,
+    a trainer's write-ahead log."""
+    while True:
+        try:
+            yield reader.read_next_batch()
+        except (StopIteration, pa.ArrowInvalid, OSError):
+            return
 
 
 # --------------------------------------------------------------------------- a shard's directory

@@ -63,6 +63,17 @@ def state_dirs(cfg: FreshetConfig) -> dict[str, Path]:
     return {"ps": root / "ps", "trainers": root / "trainers"}
 
 
+def trainer_state_dirs(cfg: FreshetConfig) -> list[tuple[int, Path]]:
+    """``(index, directory)`` of every trainer's durable state under ``cfg``'s state dir
+    (``trainers/trainer-<i>``), by index; those of trainers the config no longer has included."""
+    root = state_dirs(cfg)["trainers"]
+    if not root.is_dir():
+        return []
+    found = [(int(d.name.removeprefix("trainer-")), d) for d in root.glob("trainer-*")
+             if d.name.removeprefix("trainer-").isdigit() and d.is_dir()]
+    return sorted(found)
+
+
 def check_trainer_state(cfg: FreshetConfig) -> None:
     """Refuse durable trainer state written for another ``trainer.num_workers``: each trainer
     resumes the partitions its write-ahead log committed offsets for, and a trainer given
@@ -77,18 +88,12 @@ def check_trainer_state(cfg: FreshetConfig) -> None:
     from workers.wal import read_committed
 
     root = state_dirs(cfg)["trainers"]
-    if not root.is_dir():
-        return
     n = cfg.trainer.num_workers
-    for d in sorted(root.iterdir()):
-        index = d.name.removeprefix("trainer-")
-        if not (d.name.startswith("trainer-") and index.isdigit() and d.is_dir()):
-            continue
+    for i, d in trainer_state_dirs(cfg):
         committed = read_committed(d)
         held = sorted(committed.offsets)
         if not held:
             continue
-        i = int(index)
         want = [] if i >= n else partitions_of(i, cfg) if cfg.stream.kind == StreamKind.INGEST else [0]
         # Recorded since this release; before it, the partitions a trainer holds tell (for the
         # ingest log: a file stream's trainers all hold partition 0, split by user instead).

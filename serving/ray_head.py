@@ -53,9 +53,10 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -73,6 +74,7 @@ __all__ = [
     "free_port",
     "head_pids",
     "high_throughput_env",
+    "high_throughput_run",
     "listening_sockets",
     "local_cluster_env",
     "release_ports",
@@ -443,6 +445,30 @@ def high_throughput_env(run_dir, *, loopback: bool = True, ports: Mapping[str, i
         wrapper.chmod(0o755)
         env["RAY_SERVE_HAPROXY_BINARY_PATH"] = str(wrapper)
     return env
+
+
+@contextlib.contextmanager
+def high_throughput_run(prefix: str, **kwargs: Any) -> Iterator[dict[str, str]]:
+    """:func:`high_throughput_env` (``kwargs`` as there) in a new short directory
+    ``/tmp/<prefix>XXXXXXXX``, for a Ray that starts and stops inside the ``with`` block. On exit
+    the ports it reserved are handed back (:func:`release_ports`, whole blocks) and the directory,
+    HAProxy's config and sockets, is removed.
+
+    Raises:
+        ValueError, RuntimeError: as :func:`high_throughput_env` (then nothing is left behind).
+    """
+    run_dir = tempfile.mkdtemp(prefix=prefix, dir="/tmp")  # short: HAProxy's socket paths
+    try:
+        env = high_throughput_env(run_dir, **kwargs)
+        try:
+            yield env
+        finally:
+            ports = {k: int(env[var]) for k, var in SERVE_HT_PORT_ENV.items()}
+            for b, (pattern, _) in _SERVE_HT_BLOCKS.items():
+                ports[f"{b}_min"], ports[f"{b}_max"] = int(env[pattern.format("MIN")]), int(env[pattern.format("MAX")])
+            release_ports(ports)
+    finally:
+        shutil.rmtree(run_dir, ignore_errors=True)
 
 
 # --------------------------------------------------------------------------- processes

@@ -27,6 +27,7 @@ from ps.persist import (
     decode_recent,
     decode_updates,
     fsync_path,
+    intact_batches,
     recent_columns,
     update_columns,
 )
@@ -210,13 +211,7 @@ def _read_file(
         if (reader.schema.metadata or {}).get(b"format_version") != b"2":
             raise ValueError(f"{path}: not a trainer WAL of format 2 (written by another release?)")
         good = src.tell()
-        while True:
-            try:
-                batch = reader.read_next_batch()
-            except StopIteration:
-                break
-            except (pa.ArrowInvalid, OSError):
-                break
+        for batch in intact_batches(reader):
             good = src.tell()
             for i in range(batch.num_rows):
                 row = batch.slice(i, 1)

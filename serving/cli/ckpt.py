@@ -141,7 +141,7 @@ def restore_trainer_offsets(cfg: FreshetConfig, ckpt: Path) -> None:
     :func:`check_restorable` first: this changes the trainers' state."""
     import shutil
 
-    from serving.deploy import state_dirs
+    from serving.deploy import state_dirs, trainer_state_dirs
     from workers.trainer import trainer_actor_name
     from workers.wal import TrainerWAL
 
@@ -151,8 +151,8 @@ def restore_trainer_offsets(cfg: FreshetConfig, ckpt: Path) -> None:
     positions = [sum(t["offsets"].values()) for t in trainers]
     on_log = all(t["source_id"].startswith("ingest:") for t in trainers)
     fresh_base = max(t["clock_base"] for t in trainers) + (sum(positions) if on_log else max(positions))
-    for d in state_dirs(cfg)["trainers"].glob("trainer-*"):  # no trainer of this deployment resumes from these
-        if d.name.removeprefix("trainer-").isdigit() and int(d.name.removeprefix("trainer-")) >= len(trainers):
+    for i, d in trainer_state_dirs(cfg):  # no trainer of this deployment resumes from these
+        if i >= len(trainers):
             shutil.rmtree(d, ignore_errors=True)
     for i, t in enumerate(trainers):
         root = state_dirs(cfg)["trainers"] / trainer_actor_name(i)

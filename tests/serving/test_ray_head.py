@@ -355,6 +355,25 @@ def test_high_throughput_env_moves_every_listener_and_file(tmp_path):
         shutil.rmtree(run_dir, ignore_errors=True)
 
 
+def test_high_throughput_run_hands_back_every_port_and_removes_its_dir():
+    from serving import ray_head
+
+    with ray_head.high_throughput_run("rh.") as env:
+        run_dir = Path(env["RAY_SERVE_HAPROXY_SERVER_STATE_BASE"]).parent
+        assert run_dir.parent == Path("/tmp") and (run_dir / "hap" / "haproxy").exists()
+        held = {int(env[v]) for v in ray_head.SERVE_HT_PORT_ENV.values()}
+        for kind in ("HTTP", "GRPC"):
+            lo, hi = (int(env[f"RAY_SERVE_DIRECT_INGRESS_{e}_{kind}_PORT"]) for e in ("MIN", "MAX"))
+            held |= set(range(lo, hi + 1))
+        assert len(held) == 4 + 64 + 16 and held <= ray_head._reserved
+    # The whole blocks, not only their ends: the replicas' ports are free for the next run.
+    assert not held & ray_head._reserved
+    assert not run_dir.exists()
+    with pytest.raises(ValueError, match="longer than"), ray_head.high_throughput_run("x" * 40):
+        pass
+    assert not list(Path("/tmp").glob("x" * 40 + "*"))
+
+
 def test_start_head_refuses_auth_settings_in_env():
     d = tempfile.mkdtemp(prefix="rh.", dir="/tmp")
     with pytest.raises(ValueError, match="RAY_AUTH_MODE"):

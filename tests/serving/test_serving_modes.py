@@ -22,8 +22,8 @@ The config validation and ``_bind`` tests at the end need no Ray.
 
 from __future__ import annotations
 
+import contextlib
 import os
-import shutil
 import tempfile
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -74,19 +74,15 @@ def deployment(request):
 
     from serving import deploy
     from serving.app import APP_NAME
-    from serving.ray_head import high_throughput_env, release_ports
+    from serving.ray_head import high_throughput_run
 
     mode = request.param
     tmp = tempfile.mkdtemp(prefix="freshet-modes-")
     cfg = _config(mode, tmp)
-    with pytest.MonkeyPatch.context() as mp:
-        env: dict[str, str] = {}
-        run_dir = None
-        if cfg.serving.high_throughput:
-            run_dir = tempfile.mkdtemp(prefix="frm", dir="/tmp")
-            env = high_throughput_env(run_dir)
-            for k, v in env.items():  # before Ray starts: its processes inherit this environment
-                mp.setenv(k, v)
+    ht = high_throughput_run("frm") if cfg.serving.high_throughput else contextlib.nullcontext({})
+    with pytest.MonkeyPatch.context() as mp, ht as env:  # HAProxy's dir and ports: until this Ray has stopped
+        for k, v in env.items():  # before Ray starts: its processes inherit this environment
+            mp.setenv(k, v)
         with _ray_start():
             dep = deploy.start(cfg, durable=False, autostart=True)
             try:
@@ -97,10 +93,6 @@ def deployment(request):
             finally:
                 deploy.stop(cfg)
                 del dep
-        if env:
-            release_ports({k: int(v) for k, v in env.items() if k.endswith("_PORT")})
-        if run_dir is not None:  # HAProxy's files; its processes went with this Ray
-            shutil.rmtree(run_dir, ignore_errors=True)
 
 
 def test_serving_options_reach_the_deployment(deployment):
