@@ -78,8 +78,11 @@ def connect(state: dict[str, Any]):
     token and settings) or the joined cluster's address.
 
     Raises:
-        RuntimeError: Ray cannot be reached.
+        RuntimeError: Ray cannot be reached (at once when nothing answers at a ``host:port``
+            address: ``ray.init`` would wait minutes).
     """
+    if (silent := _gcs_silent(state.get("address"))) is not None:
+        raise RuntimeError(silent)
     return ray_init(state.get("address"), state["namespace"], head=_head(state))
 
 
@@ -124,6 +127,49 @@ def _head_alive(state: dict[str, Any]) -> bool:
     if head is None and "version" not in state and state.get("ray_dir"):
         return bool(_legacy_pids(state["ray_dir"]))
     return head is not None and bool(head_pids(head))
+
+
+def _gcs_silent(address: str | None, timeout_s: float = 3.0) -> str | None:
+    """Why nothing answers at the Ray address ``address`` (``host:port``): the OS error of a
+    TCP connection to it, or None when one opens or the address is not ``host:port`` (``auto``,
+    ``ray://...``, which Ray resolves itself). ``ray.init`` against an address where nothing
+    listens waits minutes before it fails; this takes at most ``timeout_s`` seconds."""
+    import socket
+
+    if not address or "://" in address:
+        return None
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit():
+        return None
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s).close()
+    except OSError as e:
+        return f"nothing answers at {address}: {e.strerror or e}"
+    return None
+
+
+def _service_gone(state: dict[str, Any]) -> str | None:
+    """Why the service that a finished ``up`` recorded in ``state`` no longer runs, or None when
+    it may still. A head of its own: its processes are gone. A joined cluster: nothing answers at
+    the recorded address, or the cluster answers and has no actor in the recorded namespace
+    (restarted, or the deployment removed without ``freshet down``); when the cluster cannot be
+    asked (no token, say), the service counts as running."""
+    if state.get("started_ray") or ("version" not in state and state.get("ray_dir")):
+        return None if _head_alive(state) else "its Ray head has stopped"
+    if (silent := _gcs_silent(state.get("address"))) is not None:
+        return silent
+    import ray
+
+    try:
+        connect(state)
+        names = ray.util.list_named_actors()
+    except Exception:  # noqa: BLE001 - cannot tell: keep refusing, as for a running service
+        return None
+    finally:
+        with contextlib.suppress(Exception):
+            ray.shutdown()
+    ns = state.get("namespace")
+    return None if names else f"the Ray cluster at {state.get('address')} has no actors in namespace {ns}"
 
 
 def _stop_legacy(ray_dir: str, timeout_s: float = 20.0) -> list[int]:
@@ -226,8 +272,9 @@ def _port_in_use(host: str, port: int) -> str | None:
     return None
 
 
-class _NamespaceTaken(RuntimeError):
-    """The namespace already has named actors that this ``up`` did not start."""
+class _ClusterRefused(RuntimeError):
+    """The cluster ``up`` joins cannot take this deployment (nothing answers there, the namespace
+    has actors, or another Freshet app runs there): nothing there is this ``up``'s to remove."""
 
 
 def _teardown(cfg: FreshetConfig, state: dict[str, Any], *, actors: bool = True, keep_dir: bool = False) -> list[str]:
@@ -247,7 +294,15 @@ def _teardown(cfg: FreshetConfig, state: dict[str, Any], *, actors: bool = True,
 
     done: list[str] = []
     ns = state.get("namespace", cfg.namespace)
-    reachable = bool(state.get("address")) and (not state.get("started_ray") or _head_alive(state))
+    if state.get("started_ray"):
+        reachable = bool(state.get("address")) and _head_alive(state)
+    elif (silent := _gcs_silent(state.get("address"))) is not None:
+        # A joined cluster that is gone took the actors with it (and connecting would wait minutes).
+        reachable = False
+        if actors:
+            done.append(f"nothing of namespace {ns} ({silent})")
+    else:
+        reachable = bool(state.get("address"))
     if actors and reachable:
         try:
             if not ray.is_initialized():  # a failing `up` is connected already
@@ -306,12 +361,19 @@ def cmd_up(args: argparse.Namespace) -> int:
                   f"({state_path(cfg)}); wait for it, or stop it and run `freshet down`", file=sys.stderr)
             return 1
         # A state file without a phase comes from an older `up`, which wrote it only once up.
-        if previous.get("phase", "up") == "up" and (not previous.get("started_ray") or _head_alive(previous)):
+        finished = previous.get("phase", "up") == "up"
+        gone = _service_gone(previous) if finished else None
+        if finished and gone is None:
             print(f"freshet up: already up at {previous.get('url')} (recorded in {state_path(cfg)}); "
                   "`freshet down` first", file=sys.stderr)
             return 1
+        if gone is not None:
+            print(f"freshet up: the service recorded in {state_path(cfg)} is gone ({gone})", file=sys.stderr)
         print(f"freshet up: removing what an earlier `freshet up` left behind ({state_path(cfg)})", file=sys.stderr)
-        for line in _teardown(cfg, previous):
+        # A gone service on a joined cluster has nothing left there; another deployment may have
+        # taken its place since, so nothing there is touched.
+        joined_gone = gone is not None and not previous.get("started_ray")
+        for line in _teardown(cfg, previous, actors=not joined_gone):
             print(f"  removed {line}", file=sys.stderr)
         state_path(cfg).unlink(missing_ok=True)
 
@@ -357,14 +419,20 @@ def cmd_up(args: argparse.Namespace) -> int:
                               timeout_s=r.start_timeout_s)
             _step(state, cfg, "head-up", head=head.model_dump(mode="json"), address=head.address)
         step = f"connecting to Ray at {state['address']}"
+        if args.address is not None and (silent := _gcs_silent(args.address)) is not None:
+            raise _ClusterRefused(silent)  # nothing of ours there to remove
         connect(state)
         import ray
 
         step = f"checking that namespace {cfg.namespace} is free"
         taken = sorted(ray.util.list_named_actors())
         if taken:  # someone else's deployment: never start over it, nor remove it
-            raise _NamespaceTaken(f"namespace {cfg.namespace} already has actors {taken}; stop that deployment "
+            raise _ClusterRefused(f"namespace {cfg.namespace} already has actors {taken}; stop that deployment "
                                   "(`freshet down` with its config) or choose another namespace")
+        if args.address is not None and deploy.serves_freshet():
+            # One Serve app per cluster: deploying would replace another namespace's service.
+            raise _ClusterRefused("the Ray cluster already runs a Freshet app (another namespace's); "
+                                  "stop it with `freshet down` and its config, or use another cluster")
         if restore_from is not None:
             step = f"restoring checkpoint {args.restore}"
             restore_trainer_offsets(cfg, restore_from)
@@ -377,9 +445,10 @@ def cmd_up(args: argparse.Namespace) -> int:
                            require_fit=args.address is None)
         _step(state, cfg, "up", url=dep.url)
     except BaseException as e:
-        print(f"freshet up: failed while {step}: {type(e).__name__}: {e}", file=sys.stderr)
+        why = str(e) if isinstance(e, _ClusterRefused) else f"{type(e).__name__}: {e}"
+        print(f"freshet up: failed while {step}: {why}", file=sys.stderr)
         try:
-            removed = _teardown(cfg, state, actors=not isinstance(e, _NamespaceTaken), keep_dir=True)
+            removed = _teardown(cfg, state, actors=not isinstance(e, _ClusterRefused), keep_dir=True)
         except Exception as cleanup:  # noqa: BLE001 - keep the state file: `freshet down` can try again
             print(f"freshet up: could not remove everything it started ({cleanup}); "
                   f"run `freshet down` (state in {state_path(cfg)})", file=sys.stderr)

@@ -7,16 +7,19 @@ leaves the cluster running. (Split from ``test_service.py`` so the two run side 
 from __future__ import annotations
 
 import contextlib
+import json
 import shutil
 import tempfile
 import uuid
+from pathlib import Path
 
 import httpx
 import pytest
 import yaml
 
 from serving.ray_head import client_env, head_pids, start_head, stop_head
-from tests.conftest import wait_for
+from serving.cli.service import STATE_VERSION
+from tests.conftest import free_port, wait_for
 from tests.serving.cli.helpers import freshet
 from tests.serving.cli.test_service import AUTH, TOKEN, _config, _haproxy_listeners, _named_actors, _state
 
@@ -34,12 +37,29 @@ def other_head():
         shutil.rmtree(d, ignore_errors=True)
 
 
+def _leftover_state(cfg: Path, address: str) -> Path:
+    """Write the state file of a finished ``up`` on the cluster at ``address`` for ``cfg``'s
+    namespace, as one whose service went away without ``freshet down`` leaves it."""
+    conf = yaml.safe_load(cfg.read_text())
+    path = Path(conf["ingest"]["dir"]) / "freshet-up.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"version": STATE_VERSION, "namespace": conf["namespace"], "config": str(cfg),
+                                "pid": 1, "phase": "up", "started_ray": False, "ray_root": None, "ray_dir": None,
+                                "head": None, "address": address, "url": "http://127.0.0.1:1",
+                                "restored_from": None}))
+    return path
+
+
 def test_up_on_a_joined_cluster_is_all_or_nothing_and_guards_reads_off_loopback(tmp_path, other_head):
     join = client_env(other_head)  # the cluster's own settings: its token
     ns = f"clijoin-{uuid.uuid4().hex[:6]}"
     bad = _config(tmp_path, "bad.yaml", namespace=ns, stream={"kind": "movielens", "path": "/no/such/ratings.csv"})
+    # A finished `up` recorded here, but the cluster has no actors of its namespace (removed
+    # without `freshet down`): not "already up"; the leftover is cleared and this `up` goes on.
+    _leftover_state(bad, other_head.address)
     up = freshet("up", "--config", str(bad), "--address", other_head.address, "--keep-stream", extra_env=join)
     assert up.returncode == 1 and "failed while starting the deployment" in up.stderr, up.stdout + up.stderr
+    assert f"is gone (the Ray cluster at {other_head.address} has no actors in namespace {ns})" in up.stderr, up.stderr
     assert _state(bad) is None
     assert _named_actors(other_head, ns) == [], "a failed `up` left actors behind"
     assert head_pids(other_head), "a failed `up` must not touch a cluster it joined"
@@ -80,6 +100,13 @@ def test_up_on_a_joined_cluster_is_all_or_nothing_and_guards_reads_off_loopback(
         assert up.returncode == 1 and "already has actors" in up.stderr, up.stdout + up.stderr
         assert _state(rival) is None
         assert httpx.get(url + "/healthz", timeout=10).status_code == 200
+        # So does one into another namespace: its Serve app would replace this one (one per cluster).
+        ns2 = f"clijoin-{uuid.uuid4().hex[:6]}"
+        other = _config(tmp_path, "other.yaml", namespace=ns2, ingest={"dir": str(tmp_path / "other-data")})
+        up = freshet("up", "--config", str(other), "--address", other_head.address, extra_env=join)
+        assert up.returncode == 1 and "already runs a Freshet app" in up.stderr, up.stdout + up.stderr
+        assert _state(other) is None and _named_actors(other_head, ns2) == []
+        assert httpx.post(url + "/rank", json={"user_id": "x", "k": 2}, headers=AUTH, timeout=30).status_code == 200
     finally:
         down = freshet("down", "--config", str(good), extra_env=join)
     assert down.returncode == 0, down.stdout + down.stderr
@@ -95,3 +122,29 @@ def _refused(url: str) -> bool:
     except httpx.HTTPError:
         return True
     return False
+
+
+def test_a_joined_cluster_that_is_gone_neither_blocks_up_nor_hangs_down(tmp_path):
+    # `ray.init` against an address where nothing listens waits minutes (the 60 s limits below
+    # fail a wait): `up` and `down` must find out at once that the cluster a leftover state names is gone.
+    dead = f"127.0.0.1:{free_port()}"
+    cfg = _config(tmp_path)
+    _leftover_state(cfg, dead)
+    up = freshet("up", "--config", str(cfg), "--address", dead, timeout=60)
+    assert up.returncode == 1, up.stdout + up.stderr
+    assert f"is gone (nothing answers at {dead}" in up.stderr, up.stderr
+    assert f"failed while connecting to Ray at {dead}: nothing answers at {dead}" in up.stderr
+    assert _state(cfg) is None and "Traceback" not in up.stderr
+
+    # A save with --overwrite finds out before it removes the checkpoint it would replace.
+    _leftover_state(cfg, dead)
+    old = tmp_path / "data" / "ps" / "checkpoints" / "c1"
+    old.mkdir(parents=True)
+    (old / "trainers.json").write_text("{}")
+    save = freshet("ckpt", "--config", str(cfg), "save", "c1", "--overwrite", timeout=60)
+    assert save.returncode == 1 and f"cannot reach the service's Ray: nothing answers at {dead}" in save.stderr
+    assert (old / "trainers.json").exists() and "Traceback" not in save.stderr, save.stderr
+
+    down = freshet("down", "--config", str(cfg), timeout=60)
+    assert down.returncode == 0, down.stdout + down.stderr
+    assert f"nothing answers at {dead}" in down.stdout and _state(cfg) is None
