@@ -942,19 +942,19 @@ def _high_throughput_controller_env() -> dict[str, str]:
 
     The same variables as this process's environment when it has them (``freshet up`` puts the
     head's into the CLI's, and a test sets them before Ray starts), so the controller agrees with
-    the head; else a fresh :func:`serving.ray_head.high_throughput_env` in a new short temp dir,
-    with HAProxy's stats and metrics on loopback only when the cluster has a single node (the
-    wrapper that moves them is a file on this host).
+    the head; else a fresh :func:`serving.ray_head.high_throughput_env` in the cluster's
+    :func:`serving.ray_head.serve_run_dir` (``serving.deploy.stop`` removes it once Serve is shut
+    down), with HAProxy's stats and metrics on loopback only when the cluster has a single node
+    (the wrapper that moves them is a file on this host).
     """
     import os
-    import tempfile
 
-    from serving.ray_head import high_throughput_env
+    from serving.ray_head import high_throughput_env, make_serve_run_dir
 
     if os.environ.get("RAY_SERVE_ENABLE_HA_PROXY") == "1":
         return {k: v for k, v in os.environ.items() if k.startswith("RAY_SERVE_")}
     single_node = len([n for n in ray.nodes() if n.get("Alive")]) == 1
-    run_dir = tempfile.mkdtemp(prefix="frht", dir="/tmp")
+    run_dir = make_serve_run_dir(ray.get_runtime_context().gcs_address)
     return high_throughput_env(run_dir, loopback=single_node)
 
 

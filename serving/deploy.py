@@ -217,20 +217,23 @@ def actor_names(cfg: FreshetConfig) -> list[str]:
 
 
 def stop(cfg: FreshetConfig, *, serving: bool = True) -> list[str]:
-    """Remove whatever exists of the deployment of ``cfg``: Serve (``serving``: the app and
-    its HTTP proxy) and every named actor, without restarts. Returns the names of the
-    actors it killed."""
+    """Remove whatever exists of the deployment of ``cfg``: Serve (``serving``: the app, its
+    HTTP proxy and HAProxy's dir when ``run_app`` made one) and every named actor, without
+    restarts. Returns the names of the actors it killed."""
     killed = []
     if serving:
         from ray import serve
 
         from serving.app import APP_NAME
+        from serving.ray_head import remove_serve_run_dir
 
         with contextlib.suppress(Exception):  # Serve may never have started
             serve.delete(APP_NAME)
             # Serve itself (controller, proxies) goes too unless another app still uses it.
             if not serve.status().applications:
                 serve.shutdown()
+                # HAProxy's dir, when run_app made it (high-throughput mode turned on by the app).
+                remove_serve_run_dir(ray.get_runtime_context().gcs_address)
     for name in actor_names(cfg):
         try:
             handle = ray.get_actor(name, namespace=cfg.namespace)

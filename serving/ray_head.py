@@ -42,6 +42,7 @@ on 127.0.0.1. Pass it to :func:`start_head` as ``env``.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import ipaddress
 import json
 import os
@@ -51,6 +52,7 @@ import shlex
 import shutil
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import tempfile
@@ -469,6 +471,54 @@ def high_throughput_run(prefix: str, **kwargs: Any) -> Iterator[dict[str, str]]:
             release_ports(ports)
     finally:
         shutil.rmtree(run_dir, ignore_errors=True)
+
+
+def serve_run_dir(gcs_address: str) -> Path:
+    """The short directory :func:`serving.app.run_app` gives Serve's HAProxy when it turns on
+    high-throughput mode itself on the cluster at ``gcs_address`` (``host:port``):
+    ``/tmp/frht-<8 hex digits of the address's SHA-256>``. Named after the cluster so that whoever
+    stops Serve there later (``serving.deploy.stop``, perhaps in another process such as
+    ``freshet down``) finds and removes it."""
+    return Path("/tmp") / f"frht-{hashlib.sha256(gcs_address.encode()).hexdigest()[:8]}"
+
+
+def _own_dir(path: Path) -> bool:
+    """Whether ``path`` is a real directory (not a link) of this user."""
+    try:
+        st = path.lstat()
+    except OSError:
+        return False
+    return stat.S_ISDIR(st.st_mode) and st.st_uid == os.getuid()
+
+
+def make_serve_run_dir(gcs_address: str) -> str:
+    """Create :func:`serve_run_dir` of ``gcs_address`` (mode 0700), or reuse it when it is already
+    a directory of this user (Serve on that cluster may be using it). When the name is taken by
+    anything else (another user's directory, a link), a fresh ``/tmp/frhtXXXXXXXX`` instead,
+    which nothing removes later. Returns the directory.
+
+    Raises:
+        OSError: /tmp is not writable.
+    """
+    path = serve_run_dir(gcs_address)
+    try:
+        path.mkdir(mode=0o700)
+        return str(path)
+    except FileExistsError:
+        if _own_dir(path):
+            return str(path)
+    return tempfile.mkdtemp(prefix="frht", dir="/tmp")
+
+
+def remove_serve_run_dir(gcs_address: str) -> str | None:
+    """Remove :func:`serve_run_dir` of ``gcs_address`` if it is a directory of this user; call it
+    once Serve is shut down there (HAProxy keeps its config and sockets in it while Serve runs).
+    Returns the directory removed, or None."""
+    path = serve_run_dir(gcs_address)
+    if not _own_dir(path):
+        return None
+    shutil.rmtree(path, ignore_errors=True)
+    return None if path.exists() else str(path)
 
 
 # --------------------------------------------------------------------------- processes

@@ -223,17 +223,23 @@ def cmd_ckpt(args) -> int:
         print(f"freshet ckpt save: checkpoint {name!r} already exists ({ckpt}); "
               "choose another name, or pass --overwrite to replace it", file=sys.stderr)
         return 1
+    # Before the old checkpoint goes: a service that is gone keeps it.
     try:
         connect(state)  # the head `up` started, with its token, or the cluster it joined
-    except RuntimeError as e:  # before the old checkpoint goes: a service that is gone keeps it
+    except RuntimeError as e:
         print(f"freshet ckpt save: cannot reach the service's Ray: {e}", file=sys.stderr)
+        return 1
+    try:
+        trainers = [ray.get_actor(trainer_actor_name(i), namespace=state["namespace"]) for i in range(cfg.trainer.num_workers)]
+    except ValueError as e:
+        ray.shutdown()
+        print(f"freshet ckpt save: the service is gone ({e})", file=sys.stderr)
         return 1
     if ckpt.exists():
         # Whole, before anything is written: a save that fails half-way must not leave the old
         # offsets (trainers.json, which marks a checkpoint complete) beside new shard rows.
         shutil.rmtree(ckpt)
     try:
-        trainers = [ray.get_actor(trainer_actor_name(i), namespace=state["namespace"]) for i in range(cfg.trainer.num_workers)]
         stats = ray.get([t.stop.remote() for t in trainers])
         try:
             reports = PSClient.connect(state["namespace"]).snapshot(name)

@@ -20,7 +20,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from serving.cli._common import add_config_argument, load, ray_init
 from serving.config import FreshetConfig, RayAuth
@@ -78,12 +78,12 @@ def connect(state: dict[str, Any]):
     token and settings) or the joined cluster's address.
 
     Raises:
-        RuntimeError: Ray cannot be reached (at once when nothing answers at a ``host:port``
-            address: ``ray.init`` would wait minutes).
+        RuntimeError: Ray cannot be reached (within seconds when a TCP connection to a
+            ``host:port`` address fails: ``ray.init`` would wait minutes).
     """
-    if (silent := _gcs_silent(state.get("address"))) is not None:
-        raise RuntimeError(silent)
-    return ray_init(state.get("address"), state["namespace"], head=_head(state))
+    if (probe := _probe_gcs(_gcs_address(state))) is not None:
+        raise RuntimeError(probe.why)
+    return ray_init(_gcs_address(state), state["namespace"], head=_head(state))
 
 
 def _pid_alive(pid: int | None) -> bool:
@@ -129,47 +129,76 @@ def _head_alive(state: dict[str, Any]) -> bool:
     return head is not None and bool(head_pids(head))
 
 
-def _gcs_silent(address: str | None, timeout_s: float = 3.0) -> str | None:
-    """Why nothing answers at the Ray address ``address`` (``host:port``): the OS error of a
-    TCP connection to it, or None when one opens or the address is not ``host:port`` (``auto``,
-    ``ray://...``, which Ray resolves itself). ``ray.init`` against an address where nothing
-    listens waits minutes before it fails; this takes at most ``timeout_s`` seconds."""
+class _Probe(NamedTuple):
+    """What a TCP connection to a Ray address found: ``refused`` (nothing listens there, twice a
+    second apart: the cluster is gone) or another ``error`` (a timeout, an unknown host: it
+    cannot be told), each with ``why``."""
+
+    refused: bool
+    why: str
+
+
+def _probe_gcs(address: str | None, timeout_s: float = 3.0) -> _Probe | None:
+    """Try a TCP connection to the Ray address ``address`` (``host:port``); None when one opens
+    or the address is not ``host:port`` (``auto``, ``ray://...``, which Ray resolves itself).
+    ``ray.init`` against an address where nothing listens waits minutes before it fails; this
+    takes at most about ``2 * timeout_s + 1`` seconds."""
     import socket
 
+    address = (address or "").strip()
     if not address or "://" in address:
         return None
     host, sep, port = address.rpartition(":")
-    if not sep or not port.isdigit():
+    if not sep or not port.isdigit() or not 0 < int(port) < 65536 or not host:
         return None
-    try:
-        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s).close()
-    except OSError as e:
-        return f"nothing answers at {address}: {e.strerror or e}"
-    return None
+    for attempt in range(2):
+        try:
+            socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s).close()
+            return None
+        except ConnectionRefusedError as e:
+            refused = _Probe(True, f"nothing listens at {address}: {e.strerror or e}")
+        except socket.gaierror as e:
+            return _Probe(False, f"cannot resolve the host of {address}: {e.strerror or e}")
+        except OSError as e:
+            return _Probe(False, f"cannot reach {address}: {e.strerror or e}")
+        if attempt == 0:
+            time.sleep(1.0)  # a GCS that restarts refuses for a moment
+    return refused
+
+
+def _gcs_address(state: dict[str, Any]) -> str | None:
+    """The address to reach the Ray of ``state`` at: the GCS address ``up`` resolved when it
+    joined with ``auto`` (recorded as ``gcs_address``), else the address it was given."""
+    return state.get("gcs_address") or state.get("address")
 
 
 def _service_gone(state: dict[str, Any]) -> str | None:
     """Why the service that a finished ``up`` recorded in ``state`` no longer runs, or None when
-    it may still. A head of its own: its processes are gone. A joined cluster: nothing answers at
-    the recorded address, or the cluster answers and has no actor in the recorded namespace
-    (restarted, or the deployment removed without ``freshet down``); when the cluster cannot be
-    asked (no token, say), the service counts as running."""
+    it may still. A head of its own: its processes are gone. A joined cluster: nothing listens at
+    its address, or the cluster answers and has neither an actor in the recorded namespace nor
+    a Freshet app (restarted, or the deployment removed without ``freshet down``). Whatever
+    cannot be told (a timeout, an unknown host, no token, no address) counts as running."""
     if state.get("started_ray") or ("version" not in state and state.get("ray_dir")):
         return None if _head_alive(state) else "its Ray head has stopped"
-    if (silent := _gcs_silent(state.get("address"))) is not None:
-        return silent
+    address = _gcs_address(state)
+    if not address:
+        return None
+    if (probe := _probe_gcs(address)) is not None:
+        return probe.why if probe.refused else None
     import ray
+
+    from serving import deploy
 
     try:
         connect(state)
-        names = ray.util.list_named_actors()
+        if ray.util.list_named_actors() or deploy.serves_freshet():
+            return None
     except Exception:  # noqa: BLE001 - cannot tell: keep refusing, as for a running service
         return None
     finally:
         with contextlib.suppress(Exception):
             ray.shutdown()
-    ns = state.get("namespace")
-    return None if names else f"the Ray cluster at {state.get('address')} has no actors in namespace {ns}"
+    return f"the Ray cluster at {address} has no actors in namespace {state.get('namespace')} and no Freshet app"
 
 
 def _stop_legacy(ray_dir: str, timeout_s: float = 20.0) -> list[int]:
@@ -296,11 +325,12 @@ def _teardown(cfg: FreshetConfig, state: dict[str, Any], *, actors: bool = True,
     ns = state.get("namespace", cfg.namespace)
     if state.get("started_ray"):
         reachable = bool(state.get("address")) and _head_alive(state)
-    elif (silent := _gcs_silent(state.get("address"))) is not None:
+    elif actors and (probe := _probe_gcs(_gcs_address(state))) is not None:
+        if not probe.refused:  # its actors may be alive: keep the state file for another try
+            raise RuntimeError(f"cannot tell whether the actors of namespace {ns} are gone ({probe.why})")
         # A joined cluster that is gone took the actors with it (and connecting would wait minutes).
         reachable = False
-        if actors:
-            done.append(f"nothing of namespace {ns} ({silent})")
+        done.append(f"nothing of namespace {ns} ({probe.why}: its actors went with that cluster)")
     else:
         reachable = bool(state.get("address"))
     if actors and reachable:
@@ -342,7 +372,8 @@ def cmd_up(args: argparse.Namespace) -> int:
     → ``up``), ``started_ray``, ``ray_root`` (the private directory of the head's files) and
     ``ray_dir`` (the head's temp dir inside it), both written before the head starts, ``head``
     (:class:`serving.ray_head.HeadInfo`: address, ports, token file, PIDs, extra environment;
-    never the token itself), ``address``, ``url`` and ``restored_from``.
+    never the token itself), ``address``, ``gcs_address`` (what a joined ``--address`` such as
+    ``auto`` resolved to), ``url`` and ``restored_from``.
 
     Returns:
         0 once everything answers; 1 if something failed (everything started is removed, the
@@ -419,10 +450,15 @@ def cmd_up(args: argparse.Namespace) -> int:
                               timeout_s=r.start_timeout_s)
             _step(state, cfg, "head-up", head=head.model_dump(mode="json"), address=head.address)
         step = f"connecting to Ray at {state['address']}"
-        if args.address is not None and (silent := _gcs_silent(args.address)) is not None:
-            raise _ClusterRefused(silent)  # nothing of ours there to remove
+        if args.address is not None and (probe := _probe_gcs(args.address)) is not None:
+            raise _ClusterRefused(probe.why)  # nothing of ours there to remove
         connect(state)
         import ray
+
+        if args.address is not None and "://" not in args.address:
+            # What `auto` resolved to now: `down` and `ckpt` reach this cluster, not the one
+            # `auto` names by then.
+            state["gcs_address"] = ray.get_runtime_context().gcs_address
 
         step = f"checking that namespace {cfg.namespace} is free"
         taken = sorted(ray.util.list_named_actors())

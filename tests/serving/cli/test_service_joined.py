@@ -59,7 +59,8 @@ def test_up_on_a_joined_cluster_is_all_or_nothing_and_guards_reads_off_loopback(
     _leftover_state(bad, other_head.address)
     up = freshet("up", "--config", str(bad), "--address", other_head.address, "--keep-stream", extra_env=join)
     assert up.returncode == 1 and "failed while starting the deployment" in up.stderr, up.stdout + up.stderr
-    assert f"is gone (the Ray cluster at {other_head.address} has no actors in namespace {ns})" in up.stderr, up.stderr
+    assert (f"is gone (the Ray cluster at {other_head.address} has no actors in namespace {ns} and no Freshet app)"
+            in up.stderr), up.stderr
     assert _state(bad) is None
     assert _named_actors(other_head, ns) == [], "a failed `up` left actors behind"
     assert head_pids(other_head), "a failed `up` must not touch a cluster it joined"
@@ -81,6 +82,12 @@ def test_up_on_a_joined_cluster_is_all_or_nothing_and_guards_reads_off_loopback(
         hap = _haproxy_listeners(other_head)
         assert port in {s.port for s in hap}, hap  # HAProxy serves the app
         assert all(s.is_loopback for s in hap if s.port != port), hap  # its stats and metrics: loopback
+        hap_dirs = _haproxy_dirs(other_head)  # the app made it (/tmp/frht-*): `down` removes it
+        assert len(hap_dirs) == 1 and hap_dirs[0].name.startswith("frht-"), hap_dirs
+        # While it runs, the same config is "already up": the state file stays, nothing is touched.
+        again = freshet("up", "--config", str(good), "--address", other_head.address, extra_env=join)
+        assert again.returncode == 1 and "already up at" in again.stderr, again.stdout + again.stderr
+        assert _state(good)["phase"] == "up"
         calls = (("/events", {"events": [{"user_id": "x", "item_id": i} for i in range(3)]}),
                  ("/rank", {"user_id": "x", "k": 2}), ("/score", {"user_id": "x", "item_ids": [1]}))
         for path, body in calls:
@@ -113,7 +120,29 @@ def test_up_on_a_joined_cluster_is_all_or_nothing_and_guards_reads_off_loopback(
     assert _named_actors(other_head, ns) == []
     assert head_pids(other_head), "`down` must not stop a cluster `up` only joined"
     assert _haproxy_listeners(other_head) == []
+    assert not hap_dirs[0].exists(), f"`down` left HAProxy's dir {hap_dirs[0]}"
     wait_for(lambda: _refused(url), 30, "the app to stop answering")
+
+    # A leftover state whose cluster answers but holds nothing of it: `ckpt save --overwrite`
+    # says the service is gone and keeps the checkpoint it would have replaced.
+    _leftover_state(good, other_head.address)
+    old = tmp_path / "data" / "ps" / "checkpoints" / "c1"
+    old.mkdir(parents=True)
+    (old / "trainers.json").write_text("{}")
+    save = freshet("ckpt", "--config", str(good), "save", "c1", "--overwrite", extra_env=join)
+    assert save.returncode == 1 and "the service is gone" in save.stderr, save.stdout + save.stderr
+    assert (old / "trainers.json").exists() and "Traceback" not in save.stderr
+
+
+def _haproxy_dirs(head) -> list[Path]:
+    """The directories under /tmp that hold the config files (``-f``) of ``head``'s HAProxy processes."""
+    dirs = set()
+    for pid in head_pids(head):
+        with contextlib.suppress(OSError):
+            argv = [a.decode() for a in Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")]
+            if Path(argv[0]).name == "haproxy" and "-f" in argv:
+                dirs |= {p for p in Path(argv[argv.index("-f") + 1]).parents if p.parent == Path("/tmp")}
+    return sorted(dirs)
 
 
 def _refused(url: str) -> bool:
@@ -132,8 +161,8 @@ def test_a_joined_cluster_that_is_gone_neither_blocks_up_nor_hangs_down(tmp_path
     _leftover_state(cfg, dead)
     up = freshet("up", "--config", str(cfg), "--address", dead, timeout=60)
     assert up.returncode == 1, up.stdout + up.stderr
-    assert f"is gone (nothing answers at {dead}" in up.stderr, up.stderr
-    assert f"failed while connecting to Ray at {dead}: nothing answers at {dead}" in up.stderr
+    assert f"is gone (nothing listens at {dead}" in up.stderr, up.stderr
+    assert f"failed while connecting to Ray at {dead}: nothing listens at {dead}" in up.stderr
     assert _state(cfg) is None and "Traceback" not in up.stderr
 
     # A save with --overwrite finds out before it removes the checkpoint it would replace.
@@ -142,9 +171,24 @@ def test_a_joined_cluster_that_is_gone_neither_blocks_up_nor_hangs_down(tmp_path
     old.mkdir(parents=True)
     (old / "trainers.json").write_text("{}")
     save = freshet("ckpt", "--config", str(cfg), "save", "c1", "--overwrite", timeout=60)
-    assert save.returncode == 1 and f"cannot reach the service's Ray: nothing answers at {dead}" in save.stderr
+    assert save.returncode == 1 and f"cannot reach the service's Ray: nothing listens at {dead}" in save.stderr
     assert (old / "trainers.json").exists() and "Traceback" not in save.stderr, save.stderr
 
     down = freshet("down", "--config", str(cfg), timeout=60)
     assert down.returncode == 0, down.stdout + down.stderr
-    assert f"nothing answers at {dead}" in down.stdout and _state(cfg) is None
+    assert f"nothing listens at {dead}" in down.stdout and _state(cfg) is None
+
+
+def test_a_joined_cluster_that_cannot_be_reached_counts_as_running(tmp_path):
+    # A host that does not resolve (`.invalid`, RFC 6761) is not "nothing listens": the service
+    # may be alive behind it, so `up` refuses as "already up" and `down` keeps the state file.
+    # (`up` is given the same address: were the leftover wrongly taken as gone, it would fail
+    # there instead of starting a service.)
+    where = "freshet-no-such-host.invalid:6379"
+    cfg = _config(tmp_path)
+    state = _leftover_state(cfg, where)
+    up = freshet("up", "--config", str(cfg), "--address", where, timeout=60)
+    assert up.returncode == 1 and "already up at" in up.stderr, up.stdout + up.stderr
+    down = freshet("down", "--config", str(cfg), timeout=60)
+    assert down.returncode == 1 and "cannot tell whether the actors of namespace" in down.stderr, down.stderr
+    assert f"cannot resolve the host of {where}" in down.stderr and state.exists() and "Traceback" not in down.stderr
