@@ -484,7 +484,10 @@ def cmd_up(args: argparse.Namespace) -> int:
         why = str(e) if isinstance(e, _ClusterRefused) else f"{type(e).__name__}: {e}"
         print(f"freshet up: failed while {step}: {why}", file=sys.stderr)
         try:
-            removed = _teardown(cfg, state, actors=not isinstance(e, _ClusterRefused), keep_dir=True)
+            # On a joined cluster nothing is this `up`'s before it starts deploying: removing the
+            # app then would remove another namespace's (Serve's app name is the same for all).
+            ours = state.get("started_ray") or state.get("phase") in ("deploying", "up")
+            removed = _teardown(cfg, state, actors=bool(ours) and not isinstance(e, _ClusterRefused), keep_dir=True)
         except Exception as cleanup:  # noqa: BLE001 - keep the state file: `freshet down` can try again
             print(f"freshet up: could not remove everything it started ({cleanup}); "
                   f"run `freshet down` (state in {state_path(cfg)})", file=sys.stderr)
