@@ -13,6 +13,7 @@ import http.client
 import io
 import os
 import shutil
+import stat
 import subprocess
 import sys
 import tempfile
@@ -380,3 +381,36 @@ def test_start_head_refuses_auth_settings_in_env():
         start_head(d, env={"RAY_AUTH_MODE": "disabled"})
     assert not list(Path(d).iterdir())
     os.rmdir(d)
+
+
+def test_serve_run_dir_is_the_clusters_and_never_follows_a_link(tmp_path):
+    # The dir run_app gives HAProxy is named after the cluster, so deploy.stop in another process
+    # (freshet down) finds it; a link planted at that name is neither used nor followed.
+    from serving import ray_head
+
+    address = f"127.0.0.1:{free_port()}"
+    path = ray_head.serve_run_dir(address)
+    assert path.parent == Path("/tmp") and len(str(path / "hap")) <= 27
+    assert ray_head.serve_run_dir(address) == path != ray_head.serve_run_dir("127.0.0.1:1")
+    try:
+        made = ray_head.make_serve_run_dir(address)
+        assert made == str(path) and stat.S_IMODE(path.stat().st_mode) == 0o700
+        (path / "hap").mkdir()
+        assert ray_head.make_serve_run_dir(address) == made and (path / "hap").is_dir()  # in use: kept
+        assert ray_head.remove_serve_run_dir(address) == made and not path.exists()
+        assert ray_head.remove_serve_run_dir(address) is None
+
+        target = tmp_path / "theirs"
+        target.mkdir()
+        (target / "keep").write_text("x")
+        path.symlink_to(target)
+        other = ray_head.make_serve_run_dir(address)
+        try:
+            assert other != str(path) and Path(other).name.startswith("frht") and Path(other).is_dir()
+        finally:
+            shutil.rmtree(other, ignore_errors=True)
+        assert ray_head.remove_serve_run_dir(address) is None and (target / "keep").exists()
+    finally:
+        if path.is_symlink():
+            path.unlink()
+        shutil.rmtree(path, ignore_errors=True)
