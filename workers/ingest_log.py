@@ -51,6 +51,7 @@ import bisect
 import collections
 import hashlib
 import json
+import math
 import os
 import re
 import time
@@ -822,6 +823,8 @@ class IngestLog:
         horizon = time.time() - cfg.dedup_max_age_s
         for part, start in zip(self._parts, starts):
             self._store.recover(part, start, lambda batch, md, part=part: self._remember_stored(part, batch, md, horizon))
+        # The newest ingest time in the log: each append's is at least this (see _append_part).
+        self._last_ingest_ts = max((seg.last_ts for part in self._parts for seg in part.segments), default=0.0)
         self._trim(time.time())
 
     # -- metadata ------------------------------------------------------------------------
@@ -1023,8 +1026,13 @@ class IngestLog:
             first = part.next_offset
             offsets = np.arange(first, first + len(keep), dtype=np.int64)
             last = max(int(offsets[-1]), *originals) if originals else int(offsets[-1])
+            # Ingest times rise strictly, append by append across the whole log: clocks() orders
+            # the appends of different partitions by them. An append in the same microsecond as
+            # the one before, one that took its lock after a later one, or a system clock stepped
+            # back takes the next float after the newest time so far.
+            ingest_ts = self._last_ingest_ts = max(now, math.nextafter(self._last_ingest_ts, math.inf))
             batch = make_events(
-                offsets, ev["users"][sel], ev["items"][sel], ev["ts"][sel], ev["weights"][sel], now,
+                offsets, ev["users"][sel], ev["items"][sel], ev["ts"][sel], ev["weights"][sel], ingest_ts,
                 user_keys=ev["user_keys"][sel], item_keys=ev["item_keys"][sel],
                 event_types=[ev["types"][j] for j in keep] if ev["types"] is not None else None,
                 event_ids=[ids[j] for j in keep] if ids is not None else None,
@@ -1034,7 +1042,7 @@ class IngestLog:
             if key is not None:
                 metadata = {_MD_KEY: key, _MD_PART: json.dumps({"last": last, "accepted": len(keep), "duplicates": dups,
                                                                 "fingerprint": fingerprint})}
-            w = await self._store.write(part, batch, metadata, now)
+            w = await self._store.write(part, batch, metadata, ingest_ts)
             appended[sel] = offsets
             part.appends += 1
             if ids is not None:
