@@ -20,6 +20,7 @@ import json
 import logging
 import math
 import sys
+import threading
 import time
 import uuid
 from typing import Any
@@ -972,7 +973,8 @@ def run_app(cfg: FreshetConfig, *, blocking: bool = False, ready_timeout_s: floa
     ``serving.allow_unauthenticated``) prints a warning.
 
     Raises:
-        TimeoutError: ``/healthz`` is not 200 within ``ready_timeout_s`` seconds.
+        TimeoutError: the app is not running, or ``/healthz`` not 200, within ``ready_timeout_s``
+            seconds (the app is left for the caller to remove, e.g. ``serving.deploy.stop``).
         ValueError: a non-loopback host without a token that the config does not allow (a
             config built with ``model_construct``; ``load_config`` refuses it already).
     """
@@ -985,13 +987,33 @@ def run_app(cfg: FreshetConfig, *, blocking: bool = False, ready_timeout_s: floa
     start_kwargs: dict[str, Any] = {}
     if s.high_throughput:
         start_kwargs["controller_options"] = {"runtime_env": {"env_vars": _high_throughput_controller_env()}}
+    deadline = time.monotonic() + ready_timeout_s
     serve.start(http_options={"host": s.host, "port": s.port}, logging_config=_NO_ACCESS_LOG, **start_kwargs)
-    serve.run(_bind(cfg), name=APP_NAME, route_prefix=s.route_prefix, logging_config=_NO_ACCESS_LOG)
+    # serve.run waits for the app to run with no time limit: on a cluster with no room for a
+    # replica (and no autoscaler to add one) `freshet up` waited forever, saying nothing.
+    # A daemon thread: one still waiting must not hold up the interpreter's exit.
+    deploying: concurrent.futures.Future = concurrent.futures.Future()
+
+    def deploy_in_thread() -> None:
+        try:
+            deploying.set_result(serve.run(_bind(cfg), name=APP_NAME, route_prefix=s.route_prefix,
+                                           logging_config=_NO_ACCESS_LOG))
+        except BaseException as e:  # noqa: BLE001 - handed to the caller below
+            deploying.set_exception(e)
+
+    threading.Thread(target=deploy_in_thread, name="freshet-serve-run", daemon=True).start()
+    try:
+        deploying.result(timeout=max(0.0, deadline - time.monotonic()))
+    except concurrent.futures.TimeoutError:
+        free = ray.available_resources()
+        raise TimeoutError(
+            f"the Serve app did not start within {ready_timeout_s} s: the cluster may have no room for its "
+            f"replicas (serving.replica_num_cpus: {s.replica_num_cpus:g} each; free now: {free.get('CPU', 0.0):g} CPU)"
+        ) from None
     host = "127.0.0.1" if s.host in ("0.0.0.0", "::", "") else s.host
     if ":" in host:
         host = f"[{host}]"
     url = f"http://{host}:{s.port}{s.route_prefix.rstrip('/')}/healthz"
-    deadline = time.monotonic() + ready_timeout_s
     last = "no answer"
     while True:
         try:

@@ -276,7 +276,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     r = sub.add_parser("run", help="run the whole loop on a stream and print a summary")
     add_config_argument(r)
     add_data_arguments(r)
-    r.add_argument("--address", help="join this Ray cluster instead of starting a local one")
+    r.add_argument("--address", type=str.strip, help="join this Ray cluster instead of starting a local one")
     r.add_argument("--direct", action="store_true", help="trainers read the stream directly instead of via POST /events")
     r.add_argument("--json", help="also write the summary as JSON to this file")
     r.add_argument("--keep", action="store_true",

@@ -169,7 +169,7 @@ def _probe_gcs(address: str | None, timeout_s: float = 3.0) -> _Probe | None:
 def _gcs_address(state: dict[str, Any]) -> str | None:
     """The address to reach the Ray of ``state`` at: the GCS address ``up`` resolved when it
     joined with ``auto`` (recorded as ``gcs_address``), else the address it was given."""
-    return state.get("gcs_address") or state.get("address")
+    return (state.get("gcs_address") or state.get("address") or "").strip() or None
 
 
 def _service_gone(state: dict[str, Any]) -> str | None:
@@ -565,7 +565,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     """Register ``freshet up``, ``status`` and ``down``."""
     u = sub.add_parser("up", help="start the long-running service")
     add_config_argument(u)
-    u.add_argument("--address", help="join this Ray cluster (e.g. 'auto') instead of starting one; "
+    u.add_argument("--address", type=str.strip, help="join this Ray cluster (e.g. 'auto') instead of starting one; "
                                      "its own auth settings apply")
     u.add_argument("--ray-port", type=int, default=None,
                    help="GCS port of the head `up` starts (default: ray.ports.gcs, else a free port)")

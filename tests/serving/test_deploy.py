@@ -3,6 +3,8 @@ is refused naming the settings (Ray would wait for the actors forever)."""
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
 from serving.config import load_config
@@ -79,3 +81,20 @@ def test_the_applied_position_adds_partitions_up_and_takes_the_slowest_file_read
     assert applied_position(stats, load_config(None, {"stream": {"kind": "ingest", "num_events": None}})) == 550
     assert applied_position(stats, load_config(None)) == 250
     assert applied_position([], load_config(None)) == 0
+
+
+def test_an_app_with_no_room_for_its_replica_times_out_instead_of_waiting_forever():
+    # serve.run waits for the app to run with no limit: a replica the cluster has no room for
+    # (and no autoscaler to add) held `freshet up` forever. The replica needs no other actor to
+    # be placed, so none is started; the cluster is this test's own and goes with it (removing
+    # the stuck app first would wait out Serve's 20 s graceful shutdown of a replica never placed).
+    from serving.app import run_app
+    from serving.config import load_config
+    from tests.conftest import _ray_start, free_port
+
+    cfg = load_config(None, {"namespace": "t-no-room", "serving": {"port": free_port(), "replica_num_cpus": 8}})
+    with _ray_start():
+        t0 = time.monotonic()
+        with pytest.raises(TimeoutError, match=r"no room for its replicas \(serving.replica_num_cpus: 8 each; free now: 2 CPU\)"):
+            run_app(cfg, ready_timeout_s=5)
+        assert time.monotonic() - t0 < 60  # not forever: the limit, plus Serve's own start
