@@ -788,6 +788,11 @@ class FreshetAPI:
         except Exception:  # noqa: BLE001 - a figure of /stats: the trainers' own lag_s stands in
             return {}
 
+    def namespace(self) -> str:
+        """The Ray namespace of the deployment this app serves (a handle call, not a route):
+        which deployment owns the one Freshet app on a cluster (``serving.deploy.app_namespace``)."""
+        return self.cfg.namespace
+
     # HEAD too: load balancers and uptime checkers often probe with it (it was a 405).
     @fastapi_app.api_route("/healthz", methods=["GET", "HEAD"])
     async def healthz(self):

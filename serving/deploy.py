@@ -207,6 +207,22 @@ def serves_freshet() -> bool:
     return APP_NAME in serve.status().applications
 
 
+def app_namespace(timeout_s: float = 10.0) -> str | None:
+    """The namespace of the deployment whose Freshet app runs on the connected cluster, as its
+    replicas answer; ``""`` when the app is there but no replica answers within ``timeout_s``
+    seconds (starting, or stuck with no room); None when no Freshet app runs."""
+    from ray import serve
+
+    from serving.app import APP_NAME
+
+    if APP_NAME not in serve.status().applications:
+        return None
+    try:
+        return str(serve.get_app_handle(APP_NAME).namespace.remote().result(timeout_s=timeout_s))
+    except Exception:  # noqa: BLE001 - no replica to ask (or an app of an older release): unknown
+        return ""
+
+
 def actor_names(cfg: FreshetConfig) -> list[str]:
     """Names of every actor a deployment of ``cfg`` runs (shards, ingest log, trainers)."""
     return (
@@ -219,7 +235,9 @@ def actor_names(cfg: FreshetConfig) -> list[str]:
 def stop(cfg: FreshetConfig, *, serving: bool = True) -> list[str]:
     """Remove whatever exists of the deployment of ``cfg``: Serve (``serving``: the app, its
     HTTP proxy and HAProxy's dir when ``run_app`` made one) and every named actor, without
-    restarts. Returns the names of the actors it killed."""
+    restarts. The app goes only when it is this namespace's, or none of its replicas answers
+    (:func:`app_namespace`): on a cluster that another namespace's Freshet app serves, that
+    app stays. Returns the names of the actors it killed."""
     killed = []
     if serving:
         from ray import serve
@@ -228,7 +246,8 @@ def stop(cfg: FreshetConfig, *, serving: bool = True) -> list[str]:
         from serving.ray_head import remove_serve_run_dir
 
         with contextlib.suppress(Exception):  # Serve may never have started
-            serve.delete(APP_NAME)
+            if app_namespace() in (cfg.namespace, ""):
+                serve.delete(APP_NAME)
             # Serve itself (controller, proxies) goes too unless another app still uses it.
             if not serve.status().applications:
                 serve.shutdown()

@@ -169,7 +169,8 @@ def _probe_gcs(address: str | None, timeout_s: float = 3.0) -> _Probe | None:
 def _gcs_address(state: dict[str, Any]) -> str | None:
     """The address to reach the Ray of ``state`` at: the GCS address ``up`` resolved when it
     joined with ``auto`` (recorded as ``gcs_address``), else the address it was given."""
-    return (state.get("gcs_address") or state.get("address") or "").strip() or None
+    address = state.get("gcs_address") or state.get("address")
+    return str(address).strip() or None if address else None
 
 
 def _service_gone(state: dict[str, Any]) -> str | None:
@@ -191,14 +192,14 @@ def _service_gone(state: dict[str, Any]) -> str | None:
 
     try:
         connect(state)
-        if ray.util.list_named_actors() or deploy.serves_freshet():
+        if ray.util.list_named_actors() or deploy.app_namespace() in (state.get("namespace"), ""):
             return None
     except Exception:  # noqa: BLE001 - cannot tell: keep refusing, as for a running service
         return None
     finally:
         with contextlib.suppress(Exception):
             ray.shutdown()
-    return f"the Ray cluster at {address} has no actors in namespace {state.get('namespace')} and no Freshet app"
+    return f"the Ray cluster at {address} has no actors in namespace {state.get('namespace')} and serves no app of it"
 
 
 def _stop_legacy(ray_dir: str, timeout_s: float = 20.0) -> list[int]:
@@ -552,7 +553,8 @@ def cmd_down(args: argparse.Namespace) -> int:
     try:
         removed = _teardown(cfg, state)
     except RuntimeError as e:
-        print(f"freshet down: {e}; state kept in {state_path(cfg)}", file=sys.stderr)
+        print(f"freshet down: {e}; state kept in {state_path(cfg)} (try again, or remove that file "
+              "yourself once what it names is gone for good)", file=sys.stderr)
         return 1
     state_path(cfg).unlink(missing_ok=True)
     for line in removed:
