@@ -20,7 +20,6 @@ import json
 import logging
 import math
 import sys
-import threading
 import time
 import uuid
 from typing import Any
@@ -964,6 +963,17 @@ def _high_throughput_controller_env() -> dict[str, str]:
     return high_throughput_env(run_dir, loopback=single_node)
 
 
+def _app_messages(app) -> str:
+    """Serve's own words on an application's state and its deployments' (why it waits: e.g.
+    resources required and available)."""
+    def word(status) -> str:
+        return str(getattr(status, "value", status))
+
+    parts = [f"{word(app.status)}{': ' + app.message if app.message else ''}"]
+    parts += [f"{name} {word(d.status)}: {d.message}" for name, d in app.deployments.items() if d.message]
+    return "; ".join(parts)
+
+
 def run_app(cfg: FreshetConfig, *, blocking: bool = False, ready_timeout_s: float = 120.0) -> None:
     """Start Serve on ``cfg.serving.host:port`` and deploy the app as ``"freshet"``; return once ``/healthz`` is 200.
 
@@ -978,8 +988,10 @@ def run_app(cfg: FreshetConfig, *, blocking: bool = False, ready_timeout_s: floa
     ``serving.allow_unauthenticated``) prints a warning.
 
     Raises:
-        TimeoutError: the app is not running, or ``/healthz`` not 200, within ``ready_timeout_s``
-            seconds (the app is left for the caller to remove, e.g. ``serving.deploy.stop``).
+        TimeoutError: the app is not running within ``ready_timeout_s`` seconds (no room for a
+            replica, say; Serve's message is quoted), or then ``/healthz`` not 200 within as many
+            more. The app is left for the caller to remove (``serving.deploy.stop``).
+        RuntimeError: Serve reports the app's deployment failed (its message quoted).
         ValueError: a non-loopback host without a token that the config does not allow (a
             config built with ``model_construct``; ``load_config`` refuses it already).
     """
@@ -992,29 +1004,24 @@ def run_app(cfg: FreshetConfig, *, blocking: bool = False, ready_timeout_s: floa
     start_kwargs: dict[str, Any] = {}
     if s.high_throughput:
         start_kwargs["controller_options"] = {"runtime_env": {"env_vars": _high_throughput_controller_env()}}
-    deadline = time.monotonic() + ready_timeout_s
     serve.start(http_options={"host": s.host, "port": s.port}, logging_config=_NO_ACCESS_LOG, **start_kwargs)
     # serve.run waits for the app to run with no time limit: on a cluster with no room for a
     # replica (and no autoscaler to add one) `freshet up` waited forever, saying nothing.
-    # A daemon thread: one still waiting must not hold up the interpreter's exit.
-    deploying: concurrent.futures.Future = concurrent.futures.Future()
-
-    def deploy_in_thread() -> None:
-        try:
-            deploying.set_result(serve.run(_bind(cfg), name=APP_NAME, route_prefix=s.route_prefix,
-                                           logging_config=_NO_ACCESS_LOG))
-        except BaseException as e:  # noqa: BLE001 - handed to the caller below
-            deploying.set_exception(e)
-
-    threading.Thread(target=deploy_in_thread, name="freshet-serve-run", daemon=True).start()
-    try:
-        deploying.result(timeout=max(0.0, deadline - time.monotonic()))
-    except concurrent.futures.TimeoutError:
-        free = ray.available_resources()
-        raise TimeoutError(
-            f"the Serve app did not start within {ready_timeout_s} s: the cluster may have no room for its "
-            f"replicas (serving.replica_num_cpus: {s.replica_num_cpus:g} each; free now: {free.get('CPU', 0.0):g} CPU)"
-        ) from None
+    serve.run_many([serve.RunTarget(_bind(cfg), name=APP_NAME, route_prefix=s.route_prefix,
+                                    logging_config=_NO_ACCESS_LOG)],
+                   wait_for_ingress_deployment_creation=False, wait_for_applications_running=False)
+    deadline = time.monotonic() + ready_timeout_s
+    while (app := serve.status().applications.get(APP_NAME)) is None or app.status != "RUNNING":
+        if app is not None and app.status == "DEPLOY_FAILED":
+            raise RuntimeError(f"the Serve app failed to deploy: {_app_messages(app)}")
+        if time.monotonic() > deadline:
+            free = ray.available_resources().get("CPU", 0.0)
+            raise TimeoutError(
+                f"the Serve app is not running after {ready_timeout_s} s (serving.replica_num_cpus: "
+                f"{s.replica_num_cpus:g} a replica; CPUs free in the cluster: {free:g}): "
+                f"{_app_messages(app) if app is not None else 'not deployed'}")
+        time.sleep(0.2)
+    deadline = time.monotonic() + ready_timeout_s
     host = "127.0.0.1" if s.host in ("0.0.0.0", "::", "") else s.host
     if ":" in host:
         host = f"[{host}]"

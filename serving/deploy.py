@@ -209,17 +209,26 @@ def serves_freshet() -> bool:
 
 def app_namespace(timeout_s: float = 10.0) -> str | None:
     """The namespace of the deployment whose Freshet app runs on the connected cluster, as its
-    replicas answer; ``""`` when the app is there but no replica answers within ``timeout_s``
-    seconds (starting, or stuck with no room); None when no Freshet app runs."""
+    replicas answer (a handle call); ``""`` when it cannot be told (the app is not running, no
+    replica answers within ``timeout_s`` seconds, an app of an older release); None when no
+    Freshet app is there."""
     from ray import serve
 
     from serving.app import APP_NAME
 
-    if APP_NAME not in serve.status().applications:
+    app = serve.status().applications.get(APP_NAME)
+    if app is None:
         return None
+    if app.status != "RUNNING":  # no replica to ask: a call would wait out the timeout
+        return ""
+    response = None
     try:
-        return str(serve.get_app_handle(APP_NAME).namespace.remote().result(timeout_s=timeout_s))
-    except Exception:  # noqa: BLE001 - no replica to ask (or an app of an older release): unknown
+        response = serve.get_app_handle(APP_NAME).namespace.remote()
+        return str(response.result(timeout_s=timeout_s))
+    except Exception:  # noqa: BLE001 - cannot tell
+        if response is not None:
+            with contextlib.suppress(Exception):
+                response.cancel()
         return ""
 
 
@@ -235,9 +244,10 @@ def actor_names(cfg: FreshetConfig) -> list[str]:
 def stop(cfg: FreshetConfig, *, serving: bool = True) -> list[str]:
     """Remove whatever exists of the deployment of ``cfg``: Serve (``serving``: the app, its
     HTTP proxy and HAProxy's dir when ``run_app`` made one) and every named actor, without
-    restarts. The app goes only when it is this namespace's, or none of its replicas answers
-    (:func:`app_namespace`): on a cluster that another namespace's Freshet app serves, that
-    app stays. Returns the names of the actors it killed."""
+    restarts. The app goes when this namespace has actors (the deployment is there), or its
+    replicas say it is this namespace's (:func:`app_namespace`): a leftover of a deployment
+    that is gone never removes another namespace's app. Returns the names of the actors it
+    killed."""
     killed = []
     if serving:
         from ray import serve
@@ -246,7 +256,9 @@ def stop(cfg: FreshetConfig, *, serving: bool = True) -> list[str]:
         from serving.ray_head import remove_serve_run_dir
 
         with contextlib.suppress(Exception):  # Serve may never have started
-            if app_namespace() in (cfg.namespace, ""):
+            named = {(a["namespace"], a["name"]) for a in ray.util.list_named_actors(all_namespaces=True)}
+            ours = any((cfg.namespace, n) in named for n in actor_names(cfg))
+            if ours or app_namespace() == cfg.namespace:
                 serve.delete(APP_NAME)
             # Serve itself (controller, proxies) goes too unless another app still uses it.
             if not serve.status().applications:

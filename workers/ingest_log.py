@@ -221,6 +221,11 @@ class _Write:
     error: BaseException | None = None
 
 
+# The largest step back of the clock that appends still take as "the same time, a little
+# later" (seconds): lock order and clock slews are milliseconds; a correction of more is real.
+_HOLD_S = 1.0
+
+
 class _Segment:
     """One segment file (or URI object): its offsets and where each of its batches starts."""
 
@@ -1028,9 +1033,13 @@ class IngestLog:
             last = max(int(offsets[-1]), *originals) if originals else int(offsets[-1])
             # Ingest times rise strictly, append by append across the whole log: clocks() orders
             # the appends of different partitions by them. An append in the same microsecond as
-            # the one before, one that took its lock after a later one, or a system clock stepped
-            # back takes the next float after the newest time so far.
-            ingest_ts = self._last_ingest_ts = max(now, math.nextafter(self._last_ingest_ts, math.inf))
+            # the one before, one that took its lock after a later one, or a clock stepped back
+            # by up to _HOLD_S takes the next float after the newest time so far. A larger step
+            # back is the clock correcting itself: holding every later time at the old one would
+            # leave freshness, lag and retention by age wrong until real time caught up.
+            newest = self._last_ingest_ts
+            hold = 0.0 <= newest - now <= _HOLD_S
+            ingest_ts = self._last_ingest_ts = math.nextafter(newest, math.inf) if hold else now
             batch = make_events(
                 offsets, ev["users"][sel], ev["items"][sel], ev["ts"][sel], ev["weights"][sel], ingest_ts,
                 user_keys=ev["user_keys"][sel], item_keys=ev["item_keys"][sel],

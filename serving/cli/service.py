@@ -177,7 +177,7 @@ def _service_gone(state: dict[str, Any]) -> str | None:
     """Why the service that a finished ``up`` recorded in ``state`` no longer runs, or None when
     it may still. A head of its own: its processes are gone. A joined cluster: nothing listens at
     its address, or the cluster answers and has neither an actor in the recorded namespace nor
-    a Freshet app (restarted, or the deployment removed without ``freshet down``). Whatever
+    any Freshet app (restarted, or the deployment removed without ``freshet down``). Whatever
     cannot be told (a timeout, an unknown host, no token, no address) counts as running."""
     if state.get("started_ray") or ("version" not in state and state.get("ray_dir")):
         return None if _head_alive(state) else "its Ray head has stopped"
@@ -192,14 +192,16 @@ def _service_gone(state: dict[str, Any]) -> str | None:
 
     try:
         connect(state)
-        if ray.util.list_named_actors() or deploy.app_namespace() in (state.get("namespace"), ""):
+        # Another namespace's app (or one that cannot say whose it is) may be this one's: asking
+        # would take a handle call; `down` finds out, and removes only what is this namespace's.
+        if ray.util.list_named_actors() or deploy.serves_freshet():
             return None
     except Exception:  # noqa: BLE001 - cannot tell: keep refusing, as for a running service
         return None
     finally:
         with contextlib.suppress(Exception):
             ray.shutdown()
-    return f"the Ray cluster at {address} has no actors in namespace {state.get('namespace')} and serves no app of it"
+    return f"the Ray cluster at {address} has no actors in namespace {state.get('namespace')} and no Freshet app"
 
 
 def _stop_legacy(ray_dir: str, timeout_s: float = 20.0) -> list[int]:

@@ -561,13 +561,18 @@ def test_clocks_count_every_partitions_events_up_to_each_append(tmp_path):
 
 def test_clocks_keep_the_order_of_appends_when_the_system_clock_steps_back(tmp_path, monkeypatch):
     # clocks() orders appends across partitions by their ingest times: a clock stepped back
-    # (NTP) between two appends put the second before the first, so the first event's clock
-    # counted the second append's events too. Ingest times now never fall, across restarts too.
+    # (a slew, or appends taking their locks out of order) between two appends put the second
+    # before the first, so the first event's clock counted the second append's events too.
+    # Ingest times now rise strictly through steps back of up to a second, across restarts too;
+    # a larger step back is the clock correcting itself, and times follow it.
     import math
 
     from ps.ids import id_keys
     from tests.conftest import FakeClock
     from workers import ingest_log
+
+    def after(t: float) -> float:
+        return math.nextafter(t, math.inf)
 
     clock = FakeClock(1000.0)
     monkeypatch.setattr(ingest_log, "time", clock)
@@ -575,20 +580,20 @@ def test_clocks_keep_the_order_of_appends_when_the_system_clock_steps_back(tmp_p
     log = SyncLog(cfg)
     users = [f"u{j}" for j in range(40)]
     by_part = {p: [u for u, k in zip(users, id_keys(users).tolist()) if k % 2 == p] for p in (0, 1)}
-    for p, n, now in ((0, 3, 1000.0), (1, 5, 400.0), (0, 2, 2000.0)):
+    for p, n, now in ((0, 3, 1000.0), (1, 5, 999.5), (0, 2, 2000.0)):
         clock.now = now
         log.append(by_part[p][:n], list(range(n)), [None] * n, [1.0] * n)
     want = {(0, 0): 3, (0, 2): 3, (1, 0): 8, (1, 4): 8, (0, 3): 10, (0, 4): 10}
     assert dict(zip(want, log.clocks(list(want)))) == want
-    def after(t: float) -> float:
-        return math.nextafter(t, math.inf)
-
     assert log.arrival_times([(0, 0), (1, 0), (0, 3)]) == [1000.0, after(1000.0), 2000.0]
-    clock.now = 10.0  # a restart under a clock still behind: the next append comes after the last
+    clock.now = 1999.8  # a restart under a clock a little behind: the next append comes after the last
     again = SyncLog(cfg)
     assert dict(zip(want, again.clocks(list(want)))) == want
     again.append(by_part[1][:1], [0], [None], [1.0])
     assert again.clocks([(1, 5)]) == [11] and again.arrival_times([(1, 5)]) == [after(2000.0)]
+    clock.now = 1500.0  # corrected by minutes: the times follow the clock, not the last one
+    again.append(by_part[0][:1], [0], [None], [1.0])
+    assert again.arrival_times([(0, 5)]) == [1500.0]
 
 
 def test_a_failed_metadata_write_leaves_no_temporary_file(tmp_path, monkeypatch):

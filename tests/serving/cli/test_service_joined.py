@@ -59,7 +59,7 @@ def test_up_on_a_joined_cluster_is_all_or_nothing_and_guards_reads_off_loopback(
     _leftover_state(bad, other_head.address)
     up = freshet("up", "--config", str(bad), "--address", other_head.address, "--keep-stream", extra_env=join)
     assert up.returncode == 1 and "failed while starting the deployment" in up.stderr, up.stdout + up.stderr
-    assert (f"is gone (the Ray cluster at {other_head.address} has no actors in namespace {ns} and serves no app of it)"
+    assert (f"is gone (the Ray cluster at {other_head.address} has no actors in namespace {ns} and no Freshet app)"
             in up.stderr), up.stderr
     assert _state(bad) is None
     assert _named_actors(other_head, ns) == [], "a failed `up` left actors behind"
@@ -114,15 +114,17 @@ def test_up_on_a_joined_cluster_is_all_or_nothing_and_guards_reads_off_loopback(
         assert up.returncode == 1 and "already runs a Freshet app" in up.stderr, up.stdout + up.stderr
         assert _state(other) is None and _named_actors(other_head, ns2) == []
         assert httpx.post(url + "/rank", json={"user_id": "x", "k": 2}, headers=AUTH, timeout=30).status_code == 200
-        # A leftover of that other namespace (its service gone without `down`) neither passes for
-        # this one's app nor takes it down: `up` finds it gone and is refused, `down` leaves the app.
+        # A leftover of that other namespace (its service gone without `down`) never takes this
+        # one's app down: `up` cannot tell the app is not its own and refuses; `down` asks the
+        # app whose it is, leaves it, and clears the leftover; then `up` is refused as above.
         _leftover_state(other, other_head.address)
         up = freshet("up", "--config", str(other), "--address", other_head.address, extra_env=join)
-        assert up.returncode == 1 and "is gone" in up.stderr and "already runs a Freshet app" in up.stderr, up.stderr
-        _leftover_state(other, other_head.address)
+        assert up.returncode == 1 and "already up at" in up.stderr, up.stdout + up.stderr
         down = freshet("down", "--config", str(other), extra_env=join)
         assert down.returncode == 0 and _state(other) is None, down.stdout + down.stderr
         assert httpx.post(url + "/rank", json={"user_id": "x", "k": 2}, headers=AUTH, timeout=30).status_code == 200
+        up = freshet("up", "--config", str(other), "--address", other_head.address, extra_env=join)
+        assert up.returncode == 1 and "already runs a Freshet app" in up.stderr, up.stdout + up.stderr
     finally:
         down = freshet("down", "--config", str(good), extra_env=join)
     assert down.returncode == 0, down.stdout + down.stderr
