@@ -79,8 +79,12 @@ __all__ = [
     "high_throughput_run",
     "listening_sockets",
     "local_cluster_env",
+    "make_serve_run_dir",
     "release_ports",
+    "remove_own_dir",
+    "remove_serve_run_dir",
     "reserve_ports",
+    "serve_run_dir",
     "start_head",
     "stop_head",
 ]
@@ -510,15 +514,21 @@ def make_serve_run_dir(gcs_address: str) -> str:
     return tempfile.mkdtemp(prefix="frht", dir="/tmp")
 
 
-def remove_serve_run_dir(gcs_address: str) -> str | None:
-    """Remove :func:`serve_run_dir` of ``gcs_address`` if it is a directory of this user; call it
-    once Serve is shut down there (HAProxy keeps its config and sockets in it while Serve runs).
-    Returns the directory removed, or None."""
-    path = serve_run_dir(gcs_address)
+def remove_own_dir(path: str | Path) -> str | None:
+    """Remove ``path`` with what is in it if it is a real directory (not a link) of this user:
+    a directory Freshet made under a shared /tmp. Returns it once gone, else None."""
+    path = Path(path)
     if not _own_dir(path):
         return None
     shutil.rmtree(path, ignore_errors=True)
     return None if path.exists() else str(path)
+
+
+def remove_serve_run_dir(gcs_address: str) -> str | None:
+    """Remove :func:`serve_run_dir` of ``gcs_address`` if it is a directory of this user; call it
+    once Serve is shut down there (HAProxy keeps its config and sockets in it while Serve runs).
+    Returns the directory removed, or None."""
+    return remove_own_dir(serve_run_dir(gcs_address))
 
 
 # --------------------------------------------------------------------------- processes

@@ -145,7 +145,6 @@ def _probe_gcs(address: str | None, timeout_s: float = 3.0) -> _Probe | None:
     takes at most about ``2 * timeout_s + 1`` seconds."""
     import socket
 
-    address = (address or "").strip()
     if not address or "://" in address:
         return None
     host, sep, port = address.rpartition(":")
@@ -273,22 +272,15 @@ def _remove_ray_dir(state: dict[str, Any]) -> str | None:
     once the head is stopped; the root, or None when nothing was removed. Only what ``up``
     makes is removed: a real directory (not a link) ``/tmp/frup*`` of this user (an older
     ``up`` recorded only Ray's temp dir, made the same way)."""
-    import shutil
-    import stat
+    from serving.ray_head import remove_own_dir
 
     root = state.get("ray_root") or state.get("ray_dir")
     if not root:
         return None
     path = Path(root)
-    try:
-        st = path.lstat()
-    except OSError:
+    if path.parent != Path("/tmp") or not path.name.startswith(_RAY_ROOT_PREFIX):
         return None
-    if (path.parent != Path("/tmp") or not path.name.startswith(_RAY_ROOT_PREFIX)
-            or not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid()):
-        return None
-    shutil.rmtree(path, ignore_errors=True)
-    return None if path.exists() else root
+    return root if remove_own_dir(path) is not None else None
 
 
 def _port_in_use(host: str, port: int) -> str | None:

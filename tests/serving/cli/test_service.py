@@ -97,14 +97,20 @@ def _assert_gone(head: HeadInfo, seen: set[int]) -> None:
     assert not alive, f"still alive: {alive}"
 
 
-def _haproxy_listeners(head: HeadInfo) -> list:
-    """Listening sockets of the HAProxy processes of ``head`` (Serve's high-throughput mode)."""
-    def is_haproxy(pid: int) -> bool:
+def _haproxy_argvs(head: HeadInfo) -> dict[int, list[str]]:
+    """Command lines of the HAProxy processes of ``head`` (Serve's high-throughput mode), by pid."""
+    found = {}
+    for pid in head_pids(head):
         with contextlib.suppress(OSError):
-            return Path(Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].decode()).name == "haproxy"
-        return False
+            argv = [a.decode() for a in Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")]
+            if Path(argv[0]).name == "haproxy":
+                found[pid] = argv
+    return found
 
-    return listening_sockets([p for p in head_pids(head) if is_haproxy(p)])
+
+def _haproxy_listeners(head: HeadInfo) -> list:
+    """Listening sockets of the HAProxy processes of ``head``."""
+    return listening_sockets(list(_haproxy_argvs(head)))
 
 
 def _assert_secure(head: HeadInfo) -> None:

@@ -17,11 +17,19 @@ import httpx
 import pytest
 import yaml
 
-from serving.ray_head import client_env, head_pids, start_head, stop_head
 from serving.cli.service import STATE_VERSION
+from serving.ray_head import client_env, head_pids, start_head, stop_head
 from tests.conftest import free_port, wait_for
 from tests.serving.cli.helpers import freshet
-from tests.serving.cli.test_service import AUTH, TOKEN, _config, _haproxy_listeners, _named_actors, _state
+from tests.serving.cli.test_service import (
+    AUTH,
+    TOKEN,
+    _config,
+    _haproxy_argvs,
+    _haproxy_listeners,
+    _named_actors,
+    _state,
+)
 
 
 @pytest.fixture
@@ -147,13 +155,8 @@ def test_up_on_a_joined_cluster_is_all_or_nothing_and_guards_reads_off_loopback(
 
 def _haproxy_dirs(head) -> list[Path]:
     """The directories under /tmp that hold the config files (``-f``) of ``head``'s HAProxy processes."""
-    dirs = set()
-    for pid in head_pids(head):
-        with contextlib.suppress(OSError):
-            argv = [a.decode() for a in Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")]
-            if Path(argv[0]).name == "haproxy" and "-f" in argv:
-                dirs |= {p for p in Path(argv[argv.index("-f") + 1]).parents if p.parent == Path("/tmp")}
-    return sorted(dirs)
+    return sorted({p for argv in _haproxy_argvs(head).values() if "-f" in argv
+                   for p in Path(argv[argv.index("-f") + 1]).parents if p.parent == Path("/tmp")})
 
 
 def _refused(url: str) -> bool:
