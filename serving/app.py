@@ -519,6 +519,10 @@ class FreshetAPI:
     # 298, 507 and 534 req/s.
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.0, max_concurrent_batches=4)
     async def _rank_batch(self, items: list[tuple[RankRequest, asyncio.Future]]) -> list[None]:
+        """:meth:`_rank_items` for the requests Serve's batch queue gathered."""
+        return await self._rank_items(items)
+
+    async def _rank_items(self, items: list[tuple[RankRequest, asyncio.Future]]) -> list[None]:
         """``/rank`` for several requests, each answered through its future: one call per shard
         for its users' contexts; the users of the shards that have answered (the first, and any
         within ``_SHARD_GRACE_S`` of it) get a snapshot covering their rows' pushes and are
@@ -704,9 +708,13 @@ class FreshetAPI:
         """Top-``k`` items for the user; the popular fallback for a user without a trained row."""
         self._check_k(body.k)
         answered = asyncio.get_running_loop().create_future()
-        # The batch may go on after this request's answer (other shards' users); when it ends
-        # without one (Serve's batching failed), its error becomes the answer.
-        batch = asyncio.ensure_future(self._rank_batch((body, answered)))
+        # A request with no other /rank in flight on this replica skips Serve's batch queue,
+        # which took ~0.25 ms of a lone request's ~4.5 in the replica (BENCHMARKS.md section 8);
+        # requests that arrive while it is served form batches there. The batch may go on after
+        # this request's answer (other shards' users); when it ends without one (Serve's
+        # batching failed), its error becomes the answer.
+        work = self._rank_items([(body, answered)]) if self._ranking == 0 else self._rank_batch((body, answered))
+        batch = asyncio.ensure_future(work)
         batch.add_done_callback(functools.partial(_settle, answered))
         self._ranking += 1
         try:

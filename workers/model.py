@@ -16,9 +16,7 @@ import torch.nn.functional as F
 
 from ps.ids import ID, as_id_array
 from workers.config import BelowThreshold, ModelConfig
-
-RATING = "rating"
-"""The event type whose weight is a rating (see ``ModelConfig.ratings``)."""
+from workers.events import RATING
 
 __all__ = ["bpr_loss", "context_index", "dislike_loss", "mse_loss", "score", "signals", "top_k", "user_queries"]
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import json
 import concurrent.futures
+import sys
 import tempfile
 import time
 import uuid
@@ -421,6 +422,7 @@ def _stand_in(FreshetAPI, snap, contexts: dict, *, num_shards: int = 2, failing:
         rank = FreshetAPI.func_or_class.rank
         _check_k = FreshetAPI.func_or_class._check_k
         _rank_batch = FreshetAPI.func_or_class._rank_batch
+        _rank_items = FreshetAPI.func_or_class._rank_items
         calls: list[tuple[int, list]] = []
         _ranking = 0
 
@@ -605,6 +607,46 @@ def test_users_whose_sync_failed_get_503_and_are_not_ranked(batched_ranking, mon
         else:
             assert resp.status_code == 200 and resp.body == expected[u].body, u
     assert sorted(ranked_users) == sorted(set(got) - failing)  # no ranking thrown away
+
+
+def test_a_lone_request_skips_the_batch_queue_and_concurrent_ones_share_batches(batched_ranking):
+    # Serve's batch queue costs a lone request ~0.25 ms (BENCHMARKS.md section 8): a request with
+    # no other /rank in flight on its replica is ranked at once, the others queue and batch.
+    from workers.ranking import RankingSnapshot
+
+    model = _model()
+    snap = RankingSnapshot(_View(model, 300, DIM, seed=4), model)
+    requests, contexts, _ = _requests_and_contexts(np.random.default_rng(4), 300, users=10)
+    queued: list[str] = []  # users ranked through Serve's batch queue
+
+    def spied():
+        replica = batched_ranking(snap, contexts)
+        rank_items = replica._rank_items
+
+        def counting(items):
+            if sys._getframe(1).f_code.co_name == "_rank_batch":
+                queued.extend(r.user_id for r, _ in items)
+            return rank_items(items)
+
+        replica._rank_items = counting
+        return replica
+
+    replica = spied()
+
+    async def one_by_one():
+        return [await replica.rank(r) for r in requests]
+
+    alone = asyncio.run(one_by_one())
+    assert queued == [] and [len(u) for _, u in replica.calls] == [1] * len(requests)
+    replica = spied()
+
+    async def together():
+        return await asyncio.gather(*(replica.rank(r) for r in requests))
+
+    got = asyncio.run(together())
+    assert sorted(queued) == sorted(r.user_id for r in requests[1:])  # the first found the replica idle
+    assert any(len(u) > 1 for _, u in replica.calls), replica.calls  # the others shared batches
+    assert [r.body for r in got] == [r.body for r in alone]
 
 
 def test_only_a_lone_request_on_an_idle_replica_splits_its_product(batched_ranking, monkeypatch):
