@@ -443,15 +443,37 @@ class FreshetAPI:
 
     async def _refresh(self, needed=None) -> None:
         """:meth:`_refresh_now` in the pool, one at a time; skipped when ``needed()`` says the
-        sync that ran while this caller waited for its turn already did what it needed."""
+        sync that ran while this caller waited for its turn already did what it needed.
+
+        The caller waits at most ``request_timeout_s`` and may be cancelled (its client went
+        away), but the sync goes on in its thread and keeps the turn until it ends: a second
+        sync beside it would corrupt the mirror (``RowCache.sync`` is not re-entrant).
+
+        Raises:
+            TimeoutError: the sync took longer than ``request_timeout_s`` (it still finishes).
+        """
         if self._sync_lock is None:
             self._sync_lock = asyncio.Lock()
-        async with self._sync_lock:
+        lock = self._sync_lock
+        await lock.acquire()
+        try:
             # Without this check, requests that all found the mirror behind would each sync
             # again, one after another, behind the one sync that served them all.
             if needed is not None and not needed():
+                lock.release()
                 return
-            await asyncio.wait_for(self._run(self._refresh_now), self.timeout_s)
+            sync = asyncio.get_running_loop().run_in_executor(self._pool, self._refresh_now)
+        except BaseException:
+            lock.release()
+            raise
+
+        def done(f: asyncio.Future) -> None:
+            lock.release()
+            if not f.cancelled():
+                f.exception()  # retrieved here too: the caller may be gone
+
+        sync.add_done_callback(done)
+        await asyncio.wait_for(asyncio.shield(sync), self.timeout_s)
 
     def _start_syncer(self) -> bool:
         """Start the background sync on this event loop; True when it was not running."""
@@ -511,8 +533,8 @@ class FreshetAPI:
         call = self.client.shards[shard].rank_contexts.remote(self.cfg.model.user_table, keys, True)
         return (await asyncio.wait_for(call, self.timeout_s)).unpack()
 
-    # No wait: a lone request is answered at once, and requests that arrive while batches run
-    # form the next ones. A 2 ms window only delayed every request at ~150 req/s per replica,
+    # No wait: a request is answered at once (a lone one does not even queue, see rank()), and
+    # requests that arrive while batches run form the next ones. A 2 ms window only delayed every request at ~150 req/s per replica,
     # where a window holds ~0.3 requests (bench.serve_latency, BENCHMARKS.md section 8). Four
     # batches at once, so some wait on their shard calls while one ranks: at 32 clients (high-
     # throughput mode, 100,000 items, scoring by matrix-vector products then) 1, 2 and 4 served
@@ -709,10 +731,11 @@ class FreshetAPI:
         self._check_k(body.k)
         answered = asyncio.get_running_loop().create_future()
         # A request with no other /rank in flight on this replica skips Serve's batch queue,
-        # which took ~0.25 ms of a lone request's ~4.5 in the replica (BENCHMARKS.md section 8);
+        # which took ~0.28 ms of a lone request's ~4.6 in the replica (BENCHMARKS.md section 8);
         # requests that arrive while it is served form batches there. The batch may go on after
         # this request's answer (other shards' users); when it ends without one (Serve's
-        # batching failed), its error becomes the answer.
+        # batching failed), its error becomes the answer. Cancelling a lone request's own work
+        # leaves a mirror sync it started running to its end (_refresh).
         work = self._rank_items([(body, answered)]) if self._ranking == 0 else self._rank_batch((body, answered))
         batch = asyncio.ensure_future(work)
         batch.add_done_callback(functools.partial(_settle, answered))

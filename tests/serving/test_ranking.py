@@ -375,7 +375,8 @@ class _OneShardClient:
 
 @pytest.fixture
 def batched_ranking(monkeypatch):
-    """A factory of stand-in replicas that answer ``POST /rank`` through the real handler and
+    """A factory of stand-in replicas that answer ``POST /rank`` through the real handler,
+    ``FreshetAPI._rank_items`` and, for requests that find another in flight,
     ``FreshetAPI._rank_batch`` (its ``@serve.batch`` path) outside Serve, with the users'
     contexts and the snapshot given by the test.
 
@@ -466,7 +467,7 @@ def test_batched_ranking_returns_exactly_what_single_ranking_returns(batched_ran
     rng = np.random.default_rng(7)
 
     async def run(replica, requests):
-        single = [await replica.rank(r) for r in requests]  # one at a time: batches of one
+        single = [await replica.rank(r) for r in requests]  # one at a time: each alone, not queued
         batched = await asyncio.gather(*(replica.rank(r) for r in requests))
         return single, batched
 
@@ -610,7 +611,7 @@ def test_users_whose_sync_failed_get_503_and_are_not_ranked(batched_ranking, mon
 
 
 def test_a_lone_request_skips_the_batch_queue_and_concurrent_ones_share_batches(batched_ranking):
-    # Serve's batch queue costs a lone request ~0.25 ms (BENCHMARKS.md section 8): a request with
+    # Serve's batch queue costs a lone request ~0.28 ms (BENCHMARKS.md section 8): a request with
     # no other /rank in flight on its replica is ranked at once, the others queue and batch.
     from workers.ranking import RankingSnapshot
 
@@ -647,6 +648,64 @@ def test_a_lone_request_skips_the_batch_queue_and_concurrent_ones_share_batches(
     assert sorted(queued) == sorted(r.user_id for r in requests[1:])  # the first found the replica idle
     assert any(len(u) > 1 for _, u in replica.calls), replica.calls  # the others shared batches
     assert [r.body for r in got] == [r.body for r in alone]
+
+
+def test_a_mirror_sync_its_caller_stopped_waiting_for_keeps_its_turn_until_it_ends():
+    # A caller stops waiting for the sync it started when its client goes away (cancelled) or
+    # after request_timeout_s, but the sync goes on in its thread: a second one must not start
+    # beside it (RowCache.sync is not re-entrant), only after it.
+    import threading
+
+    from serving.app import FreshetAPI
+
+    class Replica:
+        _refresh = FreshetAPI.func_or_class._refresh
+        _run = FreshetAPI.func_or_class._run
+        _sync_lock = None
+
+        def __init__(self, timeout_s):
+            self.timeout_s = timeout_s
+            self._pool = concurrent.futures.ThreadPoolExecutor(4)
+            self.go_on = threading.Event()
+            self.lock = threading.Lock()
+            self.running = self.most = self.done = 0
+
+        def _refresh_now(self):
+            with self.lock:
+                self.running += 1
+                self.most = max(self.most, self.running)
+            self.go_on.wait(10)
+            with self.lock:
+                self.running -= 1
+                self.done += 1
+
+    async def timed_out(replica):
+        with pytest.raises(TimeoutError):
+            await replica._refresh()
+        replica.timeout_s = 30.0  # for the next caller, under any load
+        return await next_one(replica)
+
+    async def cancelled(replica):
+        first = asyncio.ensure_future(replica._refresh())
+        await asyncio.sleep(0.1)  # its sync is running
+        first.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await first
+        return await next_one(replica)
+
+    async def next_one(replica):
+        second = asyncio.ensure_future(replica._refresh())
+        await asyncio.sleep(0.2)
+        before = replica.running, replica.done  # the first sync alone, still going
+        replica.go_on.set()
+        await second
+        return before
+
+    for scenario, timeout_s in ((timed_out, 0.05), (cancelled, 30.0)):
+        replica = Replica(timeout_s)
+        assert asyncio.run(scenario(replica)) == (1, 0), scenario.__name__
+        assert (replica.most, replica.done) == (1, 2), scenario.__name__
+        replica._pool.shutdown()
 
 
 def test_only_a_lone_request_on_an_idle_replica_splits_its_product(batched_ranking, monkeypatch):
