@@ -534,11 +534,11 @@ class FreshetAPI:
         return (await asyncio.wait_for(call, self.timeout_s)).unpack()
 
     # No wait: a request is answered at once (a lone one does not even queue, see rank()), and
-    # requests that arrive while batches run form the next ones. A 2 ms window only delayed every request at ~150 req/s per replica,
-    # where a window holds ~0.3 requests (bench.serve_latency, BENCHMARKS.md section 8). Four
-    # batches at once, so some wait on their shard calls while one ranks: at 32 clients (high-
-    # throughput mode, 100,000 items, scoring by matrix-vector products then) 1, 2 and 4 served
-    # 298, 507 and 534 req/s.
+    # requests that arrive while batches run form the next ones. A 2 ms window only delayed
+    # every request at ~150 req/s per replica, where a window holds ~0.3 requests
+    # (bench.serve_latency, BENCHMARKS.md section 8). Four batches at once, so some wait on their
+    # shard calls while one ranks: at 32 clients (high-throughput mode, 100,000 items, scoring
+    # by matrix-vector products then) 1, 2 and 4 served 298, 507 and 534 req/s.
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.0, max_concurrent_batches=4)
     async def _rank_batch(self, items: list[tuple[RankRequest, asyncio.Future]]) -> list[None]:
         """:meth:`_rank_items` for the requests Serve's batch queue gathered."""
