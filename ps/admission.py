@@ -18,10 +18,10 @@ occurrences.
 from __future__ import annotations
 
 import numpy as np
-import torch
 
 from ps.config import AdmissionConfig
 from ps.ids import splitmix64
+from ps.lazy import torch
 
 __all__ = ["Admission"]
 

@@ -18,10 +18,13 @@ sparse semantics.
 
 from __future__ import annotations
 
-import torch
-from torch import Tensor
+from typing import TYPE_CHECKING
 
 from ps.config import OptimizerConfig, OptimizerKind
+from ps.lazy import torch
+
+if TYPE_CHECKING:
+    from torch import Tensor
 
 __all__ = ["accumulate", "adagrad", "apply", "decayed_count", "reduce_pushed", "rowwise_adagrad", "sgd", "state_shape"]
 

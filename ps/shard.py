@@ -35,10 +35,10 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import numpy as np
-import torch
 
 from ps.config import PSConfig
 from ps.ids import as_id_array, validate_id
+from ps.lazy import torch
 from ps.persist import (
     LogRecord,
     ShardState,

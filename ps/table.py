@@ -22,13 +22,13 @@ import sys
 from typing import Any, NamedTuple
 
 import numpy as np
-import torch
 
 from ps import optim
 from ps.admission import Admission
 from ps.config import EvictionPolicy, InitKind, OptimizerConfig, OptimizerKind, TableConfig
 from ps.ids import as_id_array, id_keys, init_rows
 from ps.index import KeyIndex, unique_keys
+from ps.lazy import torch
 from ps.persist import TableState
 
 __all__ = ["EmbeddingTable", "PushOutcome", "table_seed"]

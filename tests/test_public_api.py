@@ -51,3 +51,16 @@ def test_configs_and_the_command_line_load_without_torch_or_ray():
             "print(sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'ray'}))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_what_replicas_and_the_command_line_import_loads_no_torch():
+    # A Serve replica imports serving.app and, to build the shards' and trainers' handles, the
+    # modules of their classes; `freshet up`, `down` and `ckpt` import the deployment's modules.
+    import subprocess
+    import sys
+
+    code = ("import sys, serving.app, serving.deploy, serving.cli.service, serving.cli.ckpt, serving.cli.run, "
+            "ps.client, ps.shard, ps.cache, workers.trainer, workers.eval; "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] == 'torch'))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"

@@ -7,14 +7,14 @@ the same code.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 
 from ps.ids import ID, as_id_array
+from ps.lazy import torch
 from workers.config import BelowThreshold, ModelConfig
 from workers.events import RATING
 
@@ -112,7 +112,7 @@ def bpr_loss(
     """
     x_pos = (u * pos).sum(-1) + pos_bias
     x_neg = torch.einsum("bd,bmd->bm", u, neg) + neg_bias
-    per_event = -F.logsigmoid(x_pos.unsqueeze(1) - x_neg).mean(1)
+    per_event = -torch.nn.functional.logsigmoid(x_pos.unsqueeze(1) - x_neg).mean(1)
     if weight is not None:
         per_event = per_event * weight
     reg = (u.square().sum(-1) + pos.square().sum(-1) + neg.square().sum(-1).mean(1)) if l2 else 0.0
@@ -126,7 +126,7 @@ def dislike_loss(
     """Loss of disliked items: ``weight * softplus(u·item + bias)`` = ``-weight * log(1 - sigmoid(x))``
     (the logistic loss of a negative label), summed over events (nats); ``[b]`` terms with
     ``reduction="none"``. ``u``, ``items``: ``[b, d]``; ``item_bias``, ``weight``: ``[b]``."""
-    terms = weight * F.softplus((u * items).sum(-1) + item_bias)
+    terms = weight * torch.nn.functional.softplus((u * items).sum(-1) + item_bias)
     return terms if reduction == "none" else terms.sum()
 
 
@@ -200,9 +200,11 @@ def _candidates(work: np.ndarray, k: int) -> np.ndarray | None:
 
 
 def _jth_best(values: np.ndarray, j: int) -> Any:
-    """The ``j``-th best of ``values`` (``1 <= j <= len(values)``), exactly: torch's top-k for
-    the float widths torch has, ``np.partition`` for wider ones (long double)."""
-    if values.dtype.itemsize <= 8:
+    """The ``j``-th best of ``values`` (``1 <= j <= len(values)``), exactly: torch's top-k where
+    this process has loaded torch already (a trainer, the evaluation) and for the float widths
+    torch has, else ``np.partition``. So a Serve replica never loads torch to rank (:mod:`ps.lazy`);
+    on 6,250 float32 (a 100,000-item catalogue's sample) partition takes 37 us against 15."""
+    if values.dtype.itemsize <= 8 and "torch" in sys.modules:
         return torch.topk(torch.from_numpy(np.ascontiguousarray(values)), j, sorted=False).values.min().item()
     return np.partition(values, len(values) - j)[len(values) - j]
 

@@ -21,11 +21,10 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
-import torch
-import torch.nn.functional as F
 
 from ps.ids import Keyed, ids_from_arrow
 from ps.index import unique_keys
+from ps.lazy import torch
 from workers.config import LossKind, NegativeFeedback
 from workers.model import bpr_loss, dislike_loss, mse_loss, signals, user_queries
 from workers.negatives import Catalogue
@@ -407,7 +406,7 @@ class TrainStep:
         x_pos = (q * pos).sum(-1) + bias[:b]
         x_neg = torch.einsum("bd,bmd->bm", q, neg) + bias[b:].view(b, k)
         diff = x_pos.unsqueeze(1) - x_neg
-        per_event = -F.logsigmoid(diff).mean(1) * conf
+        per_event = -torch.nn.functional.logsigmoid(diff).mean(1) * conf
         l2 = m.l2
         terms = per_event + l2 * (q.square().sum(-1) + pos.square().sum(-1) + neg.square().sum(-1).mean(1)) if l2 else per_event
         loss = terms.sum()

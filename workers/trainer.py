@@ -43,11 +43,11 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pyarrow as pa
 import ray
-import torch
 
 from ps.cache import RowCache
 from ps.client import PSClient
 from ps.ids import ID_UNION, Keyed, ids_from_arrow, ids_to_arrow
+from ps.lazy import torch
 from ps.persist import TableUpdate, fsync_path
 from ps.shard import PushId
 from workers.config import LossKind, StreamKind

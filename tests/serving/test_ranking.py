@@ -12,6 +12,7 @@ running trainer, the Serve app over HTTP, default model at a small width), in fi
   numpy from rows pulled from the PS;
 * with the trainer stopped (nothing changes), many concurrent ``/rank`` requests (batched by
   ``@serve.batch``) answer byte for byte what the same requests answer one at a time.
+* the replica that answered all of that never loaded torch (its shards and trainer did).
 
 The rest need no Ray: ``/score`` counted through the snapshot (wrapped matrices that record
 every row read, and refuse a product with the whole catalogue), the batched scoring path driven
@@ -28,6 +29,7 @@ import sys
 import tempfile
 import time
 import uuid
+from pathlib import Path
 
 import httpx
 import numpy as np
@@ -210,6 +212,39 @@ def test_concurrent_rank_answers_exactly_what_sequential_rank_answers(deployment
             concurrent_ = list(pool.map(rank, users))
             assert concurrent_ == sequential
     assert b'"fallback":null' in sequential[0] and b'"fallback":"popular"' in sequential[-1]
+
+
+def _workers_of_this_cluster() -> dict[str, list[int]]:
+    """``{process title's class: [pid]}`` of the Ray workers this test's raylet started."""
+    from ray._private import ray_constants, worker
+
+    raylet = worker._global_node.all_processes[ray_constants.PROCESS_TYPE_RAYLET][0].process.pid
+    found: dict[str, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+            title = (stat.parent / "cmdline").read_bytes().split(b"\0")[0].decode()
+        except (OSError, IndexError, ValueError):
+            continue  # exited meanwhile
+        if ppid == raylet and title.startswith("ray::"):
+            found.setdefault(title[5:].split(".")[0], []).append(int(stat.parent.name))
+    return found
+
+
+def _loaded_torch(pid: int) -> bool:
+    return "libtorch_cpu" in Path(f"/proc/{pid}/maps").read_text()
+
+
+def test_the_replica_answers_without_ever_loading_torch(deployment):
+    # Runs after the tests above: this replica has answered /rank (alone and in batches), /score
+    # and /stats, and holds handles of the shards and the trainer. torch would cost it ~1.4 s of
+    # CPU at start and ~180 MiB for its whole life (ps.lazy).
+    http, _, _ = deployment
+    assert http.get("/stats").status_code == 200
+    procs = _workers_of_this_cluster()
+    (replica,) = [pid for title, pids in procs.items() if title.startswith("ServeReplica:freshet") for pid in pids]
+    assert len(procs["PSShard"]) == 2 and all(_loaded_torch(p) for p in procs["PSShard"] + procs["Trainer"])
+    assert not _loaded_torch(replica)
 
 
 # ----------------------------------------------------------------------------- no Ray below

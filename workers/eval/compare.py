@@ -11,8 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import torch
-
+from ps.lazy import torch
 from workers.config import LossKind, StreamConfig, StreamKind
 from workers.eval.protocol import EvalResult, prequential
 from workers.eval.report import write_report
