@@ -86,7 +86,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.rate is not None or args.url or args.offline_report or args.no_offline or args.score_from:
         print("--rate, --url, --offline-report, --no-offline and --score-from need --live", file=sys.stderr)
         return 2
-    from workers.eval.compare import run_eval  # torch: only for the command that needs it
+    from workers.eval.compare import run_eval  # the evaluation's modules: only for the command that needs them
 
     try:
         cfg = load_config(args.config)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import numpy as np
@@ -10,6 +11,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import workers.model
 from workers.model import bpr_loss, mse_loss, score, top_k
 
 
@@ -123,95 +125,121 @@ def test_mse_loss_value_and_gradient_by_hand():
 
 
 # --------------------------------------------------------------------------- top_k
+# Each case both ways: with torch's top-k (a trainer, the evaluation) and with np.partition (a
+# Serve replica, which never loads torch).
+
+BOTH_PATHS = pytest.mark.parametrize("torch_loaded", [True, False], ids=["torch", "numpy"])
 
 
-def test_top_k_ties_go_to_the_lower_index():
-    s = np.array([1.0, 3.0, 3.0, 2.0, 3.0, 2.0])
-    assert top_k(s, 3).tolist() == [1, 2, 4]
-    assert top_k(s, 4).tolist() == [1, 2, 4, 3]
-    assert top_k(s, 5).tolist() == [1, 2, 4, 3, 5]
-    assert top_k(np.zeros(5), 2).tolist() == [0, 1]
-    assert top_k(s, 2, exclude=np.array([1])).tolist() == [2, 4]
+@contextlib.contextmanager
+def _path(torch_loaded: bool):
+    saved = workers.model._torch_loaded
+    workers.model._torch_loaded = lambda: torch_loaded
+    try:
+        yield
+    finally:
+        workers.model._torch_loaded = saved
 
 
-def test_top_k_nan_is_never_above_a_finite_score():
-    s = np.array([np.nan, -1e30, np.nan, 0.0, -np.inf])
-    out = top_k(s, 5).tolist()
-    assert out[:2] == [3, 1]
-    assert sorted(out) == [0, 1, 2, 3, 4]
-    assert top_k(s, 2).tolist() == [3, 1]
-    assert top_k(np.array([np.nan, np.nan, 1.0]), 1).tolist() == [2]
-    assert top_k(np.array([np.nan, np.nan]), 1).tolist() == [0]
+@BOTH_PATHS
+def test_top_k_ties_go_to_the_lower_index(torch_loaded):
+    with _path(torch_loaded):
+        s = np.array([1.0, 3.0, 3.0, 2.0, 3.0, 2.0])
+        assert top_k(s, 3).tolist() == [1, 2, 4]
+        assert top_k(s, 4).tolist() == [1, 2, 4, 3]
+        assert top_k(s, 5).tolist() == [1, 2, 4, 3, 5]
+        assert top_k(np.zeros(5), 2).tolist() == [0, 1]
+        assert top_k(s, 2, exclude=np.array([1])).tolist() == [2, 4]
 
 
-def test_top_k_excluded_never_returned_and_k_above_eligible():
-    s = np.array([5.0, 4.0, 3.0, 2.0, 1.0])
-    assert top_k(s, 10, exclude=np.array([0, 2])).tolist() == [1, 3, 4]
-    assert top_k(s, 10, exclude=np.arange(5)).tolist() == []
-    assert top_k(s, 0).tolist() == []
-    assert top_k(np.array([]), 3).tolist() == []
-    assert top_k(s, 2, exclude=np.array([], dtype=np.int64)).tolist() == [0, 1]
-    # Duplicated exclusions are fine.
-    assert top_k(s, 2, exclude=np.array([0, 0, 1])).tolist() == [2, 3]
-    assert top_k(s, 3).dtype == np.int64
+@BOTH_PATHS
+def test_top_k_nan_is_never_above_a_finite_score(torch_loaded):
+    with _path(torch_loaded):
+        s = np.array([np.nan, -1e30, np.nan, 0.0, -np.inf])
+        out = top_k(s, 5).tolist()
+        assert out[:2] == [3, 1]
+        assert sorted(out) == [0, 1, 2, 3, 4]
+        assert top_k(s, 2).tolist() == [3, 1]
+        assert top_k(np.array([np.nan, np.nan, 1.0]), 1).tolist() == [2]
+        assert top_k(np.array([np.nan, np.nan]), 1).tolist() == [0]
 
 
+@BOTH_PATHS
+def test_top_k_excluded_never_returned_and_k_above_eligible(torch_loaded):
+    with _path(torch_loaded):
+        s = np.array([5.0, 4.0, 3.0, 2.0, 1.0])
+        assert top_k(s, 10, exclude=np.array([0, 2])).tolist() == [1, 3, 4]
+        assert top_k(s, 10, exclude=np.arange(5)).tolist() == []
+        assert top_k(s, 0).tolist() == []
+        assert top_k(np.array([]), 3).tolist() == []
+        assert top_k(s, 2, exclude=np.array([], dtype=np.int64)).tolist() == [0, 1]
+        # Duplicated exclusions are fine.
+        assert top_k(s, 2, exclude=np.array([0, 0, 1])).tolist() == [2, 3]
+        assert top_k(s, 3).dtype == np.int64
+
+
+@BOTH_PATHS
 @settings(max_examples=200, deadline=None)
 @given(
     st.lists(st.sampled_from([0.0, 1.0, -1.0, 2.5, np.nan, np.inf, -np.inf]), min_size=0, max_size=30),
     st.integers(min_value=0, max_value=35),
     st.sets(st.integers(min_value=0, max_value=29)),
 )
-def test_top_k_matches_a_full_sort(values, k, exclude):
-    s = np.array(values, dtype=np.float32)
-    ex = np.array(sorted(e for e in exclude if e < len(s)), dtype=np.int64)
-    key = lambda i: (-(s[i] if not np.isnan(s[i]) else -np.inf), i)  # noqa: E731
-    want = sorted((i for i in range(len(s)) if i not in set(ex.tolist())), key=key)[:k]
-    assert top_k(s, k, ex).tolist() == want
+def test_top_k_matches_a_full_sort(torch_loaded, values, k, exclude):
+    with _path(torch_loaded):
+        s = np.array(values, dtype=np.float32)
+        ex = np.array(sorted(e for e in exclude if e < len(s)), dtype=np.int64)
+        key = lambda i: (-(s[i] if not np.isnan(s[i]) else -np.inf), i)  # noqa: E731
+        want = sorted((i for i in range(len(s)) if i not in set(ex.tolist())), key=key)[:k]
+        assert top_k(s, k, ex).tolist() == want
 
 
-def test_top_k_fast_path_equals_the_exact_one_on_random_scores():
-    # The fast path (excluded and NaN as -inf in a copy) must answer exactly what keeping
-    # eligibility apart answers: ties, NaN, +-inf, exclusions, k near the eligible count.
-    from workers.model import _top_k_exact
+@BOTH_PATHS
+def test_top_k_fast_path_equals_the_exact_one_on_random_scores(torch_loaded):
+    with _path(torch_loaded):
+        # The fast path (excluded and NaN as -inf in a copy) must answer exactly what keeping
+        # eligibility apart answers: ties, NaN, +-inf, exclusions, k near the eligible count.
+        from workers.model import _top_k_exact
 
-    rng = np.random.default_rng(3)
-    for _ in range(2000):
-        n = int(rng.integers(1, 60))
-        k = int(rng.integers(1, n + 3))
-        s = rng.integers(-3, 4, n).astype(rng.choice([np.float32, np.float64]))
-        u = rng.random(n)
-        s[u < 0.1], s[(u > 0.1) & (u < 0.15)], s[(u > 0.15) & (u < 0.18)] = np.nan, -np.inf, np.inf
-        ex = rng.integers(0, n, int(rng.integers(0, n + 1))) if rng.random() < 0.7 else None
-        assert top_k(s, k, ex).tolist() == _top_k_exact(s, k, ex).tolist(), (s, k, ex)
+        rng = np.random.default_rng(3)
+        for _ in range(2000):
+            n = int(rng.integers(1, 60))
+            k = int(rng.integers(1, n + 3))
+            s = rng.integers(-3, 4, n).astype(rng.choice([np.float32, np.float64]))
+            u = rng.random(n)
+            s[u < 0.1], s[(u > 0.1) & (u < 0.15)], s[(u > 0.15) & (u < 0.18)] = np.nan, -np.inf, np.inf
+            ex = rng.integers(0, n, int(rng.integers(0, n + 1))) if rng.random() < 0.7 else None
+            assert top_k(s, k, ex).tolist() == _top_k_exact(s, k, ex).tolist(), (s, k, ex)
 
 
-def test_top_k_over_a_catalogue_equals_the_exact_one_whatever_the_sample_sees():
-    # Catalogue-sized scores take the sampled threshold (every 16th score); orders built to
-    # defeat the sample (the best scores exactly where it looks, or where it does not; ties;
-    # -inf blocks) must still give the exact answer, through the fallback where needed.
-    from workers.model import _SAMPLE_STRIDE, _top_k_exact
+@BOTH_PATHS
+def test_top_k_over_a_catalogue_equals_the_exact_one_whatever_the_sample_sees(torch_loaded):
+    with _path(torch_loaded):
+        # Catalogue-sized scores take the sampled threshold (every 16th score); orders built to
+        # defeat the sample (the best scores exactly where it looks, or where it does not; ties;
+        # -inf blocks) must still give the exact answer, through the fallback where needed.
+        from workers.model import _SAMPLE_STRIDE, _top_k_exact
 
-    rng = np.random.default_rng(5)
-    n = 20_000
-    base = rng.standard_normal(n).astype(np.float32)
-    on_sample = np.full(n, -1.0, np.float32)
-    on_sample[::_SAMPLE_STRIDE] = 1.0 + rng.random(len(on_sample[::_SAMPLE_STRIDE]))
-    off_sample = rng.random(n).astype(np.float32)
-    off_sample[::_SAMPLE_STRIDE] = -5.0
-    blocks = base.copy()
-    blocks[: n // 2] = -np.inf
-    cases = [base, np.sort(base), np.sort(base)[::-1].copy(), np.round(base), np.zeros(n, np.float32),
-             on_sample, off_sample, blocks, base.astype(np.float64)]
-    nan = base.copy()
-    nan[rng.random(n) < 0.3] = np.nan
-    cases.append(nan)
-    for s in cases:
-        for k in (1, 5, 100, 999, 5000):
-            for ex in (None, rng.integers(0, n, 300)):
-                assert top_k(s, k, ex).tolist() == _top_k_exact(s, k, ex).tolist(), (s[:8], k)
-    # Widths torch does not take (long double) and a numpy unsigned k answer the same.
-    wide = base.astype(np.longdouble)
-    for k in (3, 100):
-        assert top_k(wide, k).tolist() == top_k(base, k).tolist()
-    assert top_k(base, np.uint64(10)).tolist() == top_k(base, 10).tolist()
+        rng = np.random.default_rng(5)
+        n = 20_000
+        base = rng.standard_normal(n).astype(np.float32)
+        on_sample = np.full(n, -1.0, np.float32)
+        on_sample[::_SAMPLE_STRIDE] = 1.0 + rng.random(len(on_sample[::_SAMPLE_STRIDE]))
+        off_sample = rng.random(n).astype(np.float32)
+        off_sample[::_SAMPLE_STRIDE] = -5.0
+        blocks = base.copy()
+        blocks[: n // 2] = -np.inf
+        cases = [base, np.sort(base), np.sort(base)[::-1].copy(), np.round(base), np.zeros(n, np.float32),
+                 on_sample, off_sample, blocks, base.astype(np.float64)]
+        nan = base.copy()
+        nan[rng.random(n) < 0.3] = np.nan
+        cases.append(nan)
+        for s in cases:
+            for k in (1, 5, 100, 999, 5000):
+                for ex in (None, rng.integers(0, n, 300)):
+                    assert top_k(s, k, ex).tolist() == _top_k_exact(s, k, ex).tolist(), (s[:8], k)
+        # Widths torch does not take (long double) and a numpy unsigned k answer the same.
+        wide = base.astype(np.longdouble)
+        for k in (3, 100):
+            assert top_k(wide, k).tolist() == top_k(base, k).tolist()
+        assert top_k(base, np.uint64(10)).tolist() == top_k(base, 10).tolist()

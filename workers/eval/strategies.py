@@ -37,8 +37,8 @@ import numpy as np
 import pyarrow as pa
 
 from ps.ids import ID, as_id_array, id_keys, ids_from_arrow, keyed
-from ps.table import EmbeddingTable
 from ps.lazy import torch
+from ps.table import EmbeddingTable
 from workers.config import LossKind, StrategyKind
 from workers.model import bpr_loss, context_index, mse_loss, signals, user_queries
 from workers.negatives import negative_slots
