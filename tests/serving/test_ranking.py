@@ -218,16 +218,18 @@ def _workers_of_this_cluster() -> dict[str, list[int]]:
     """``{process title's class: [pid]}`` of the Ray workers this test's raylet started."""
     from ray._private import ray_constants, worker
 
+    from serving.ray_head import _all_pids, _stat
+
     raylet = worker._global_node.all_processes[ray_constants.PROCESS_TYPE_RAYLET][0].process.pid
     found: dict[str, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
+    for pid in _all_pids():
+        st = _stat(pid)
         try:
-            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
-            title = (stat.parent / "cmdline").read_bytes().split(b"\0")[0].decode()
-        except (OSError, IndexError, ValueError):
+            title = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].decode()
+        except OSError:
             continue  # exited meanwhile
-        if ppid == raylet and title.startswith("ray::"):
-            found.setdefault(title[5:].split(".")[0], []).append(int(stat.parent.name))
+        if st is not None and st[1] == raylet and title.startswith("ray::"):
+            found.setdefault(title[5:].split(".")[0], []).append(pid)
     return found
 
 

@@ -133,6 +133,7 @@ BOTH_PATHS = pytest.mark.parametrize("torch_loaded", [True, False], ids=["torch"
 
 @contextlib.contextmanager
 def _path(torch_loaded: bool):
+    # Not monkeypatch: a @given test cannot take a function-scoped fixture.
     saved = workers.model._torch_loaded
     workers.model._torch_loaded = lambda: torch_loaded
     try:
