@@ -216,20 +216,25 @@ def test_concurrent_rank_answers_exactly_what_sequential_rank_answers(deployment
 
 def _workers_of_this_cluster() -> dict[str, list[int]]:
     """``{process title's class: [pid]}`` of the Ray workers this test's raylet started."""
-    from ray._private import ray_constants, worker
+    from ray._private import worker
 
     from serving.ray_head import _all_pids, _stat
 
-    raylet = worker._global_node.all_processes[ray_constants.PROCESS_TYPE_RAYLET][0].process.pid
+    def cmdline(pid: int) -> list[str]:
+        try:
+            return Path(f"/proc/{pid}/cmdline").read_bytes().decode().split("\0")
+        except OSError:
+            return []  # exited meanwhile
+
+    # This cluster's raylet: the one of this driver's session (the driver may have joined a
+    # head that another process started, so it has no handle of the raylet process).
+    session = f"--session-name={worker._global_node.session_name}"
+    (raylet,) = [pid for pid in _all_pids() if (c := cmdline(pid)) and c[0].endswith("/raylet") and session in c]
     found: dict[str, list[int]] = {}
     for pid in _all_pids():
-        st = _stat(pid)
-        try:
-            title = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].decode()
-        except OSError:
-            continue  # exited meanwhile
-        if st is not None and st[1] == raylet and title.startswith("ray::"):
-            found.setdefault(title[5:].split(".")[0], []).append(pid)
+        st, title = _stat(pid), cmdline(pid)[:1]
+        if st is not None and st[1] == raylet and title and title[0].startswith("ray::"):
+            found.setdefault(title[0][5:].split(".")[0], []).append(pid)
     return found
 
 
