@@ -179,35 +179,56 @@ def _stop_shared_head() -> None:
     _HEAD = None
     with contextlib.suppress(Exception):
         stop_head(info)
-    guard.kill()
-    guard.wait()
+    if guard is not None:
+        guard.kill()
+        guard.wait()
+        guard.stdin.close()
     shutil.rmtree(info.temp_dir, ignore_errors=True)
+
+
+def _head_alive(info) -> bool:
+    """Whether the head's GCS and raylet are running (``ray start --block`` outlives a GCS or
+    raylet that exits with status 0 or on SIGTERM, and a driver would then wait minutes)."""
+    from serving.ray_head import head_pids
+
+    names = set()
+    for pid in head_pids(info):
+        with contextlib.suppress(OSError):
+            names.add(Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].rsplit(b"/", 1)[-1])
+    return {b"gcs_server", b"raylet"} <= names
 
 
 def _shared_head():
     """This test process's Ray head (2 CPUs, the product's Ray settings): started on first use,
-    started again if a test killed one of its processes, stopped when the process exits.
+    started again once its GCS or raylet is gone, stopped when the process's session ends.
 
     Starting and stopping a local Ray takes ~5 s; joining a running head as a new job ~0.3 s,
     and Ray kills the job's actors when its driver disconnects. Six Ray modules run alone
-    (``-n 0``) took 62 s against 72-79 s with a cluster each, and ~5% less CPU (2026-12-01)."""
+    (``-n 0``) took 62 s against 72-79 s with a cluster each, and ~5% less CPU (2026-12-01).
+    The head keeps the environment and working directory of the test that started it: a
+    module that needs Ray's processes to see another ``RAY_*`` environment gets a cluster of
+    its own (:func:`_ray_start`).
+    """
     global _HEAD
-    from serving.ray_head import _alive, start_head
+    from serving.ray_head import start_head
 
-    # `ray start --block` exits when the GCS, the raylet or an agent dies (and stops the rest).
-    if _HEAD is not None and not _alive(_HEAD[0].root_pid):
+    if _HEAD is not None and not _head_alive(_HEAD[0]):
         _stop_shared_head()
     if _HEAD is None:
         tmp = tempfile.mkdtemp(prefix="frh", dir=os.environ.get("RAY_TMPDIR", "/tmp"))
         # start_head warns loudly that auth is off: these tests run with it off on purpose.
+        # Worker ports: kernel-chosen (above 32767), away from the 20000-32767 that free_port()
+        # hands to the tests' Serve apps.
         with open(os.devnull, "w") as quiet, contextlib.redirect_stderr(quiet):
-            info = start_head(tmp, auth=False, num_cpus=2, system_config=RayConfig().system_config())
-        # Every process of the head is in the session of its root: the guard ends them all once
-        # this test process is gone without having stopped them.
-        guard = subprocess.Popen(
-            ["sh", "-c", f"while kill -0 {os.getpid()} 2>/dev/null; do sleep 1; done; "
-                         f"pkill -TERM -s {info.root_pid}; sleep 5; pkill -KILL -s {info.root_pid}"],
-            start_new_session=True, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            info = start_head(tmp, auth=False, num_cpus=2, ports={"min_worker": 0, "max_worker": 0},
+                              system_config=RayConfig().system_config())
+        # The guard waits on a pipe whose only writer is this process: when it ends, however it
+        # ends, the guard stops every process of the head (they share the session of its root).
+        guard = None
+        if shutil.which("pkill"):
+            guard = subprocess.Popen(
+                ["sh", "-c", f"read _; pkill -TERM -s {info.root_pid}; sleep 5; pkill -KILL -s {info.root_pid}"],
+                start_new_session=True, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         _HEAD = (info, guard)
     return _HEAD[0]
 
@@ -220,9 +241,17 @@ def pytest_sessionfinish(session, exitstatus) -> None:
 atexit.register(_stop_shared_head)
 
 
-def _leave_shared_head_clean() -> None:
-    """Before a module's driver leaves the shared head: stop what would outlive its job there,
-    Serve (a detached controller and proxies) and any named detached actor."""
+def _clean(ray) -> bool:
+    """Whether the connected cluster holds nothing of an earlier job: no named actor, every CPU free."""
+    return (not ray.util.list_named_actors(all_namespaces=True)
+            and ray.available_resources().get("CPU", 0) == ray.cluster_resources().get("CPU", -1))
+
+
+def _leave_shared_head_clean() -> bool:
+    """Before a module's driver leaves the shared head, stop what would outlive its job there:
+    Serve (a detached controller and proxies) and any named actor. False when Serve did not
+    shut down: its controller killed mid-way would leave a shutdown mark in the GCS that makes
+    the next module's Serve stop itself, so the head must go instead."""
     import ray
 
     named = ray.util.list_named_actors(all_namespaces=True)
@@ -231,35 +260,60 @@ def _leave_shared_head_clean() -> None:
 
         serve.shutdown()
         named = ray.util.list_named_actors(all_namespaces=True)
+        if any(a["namespace"] == "serve" for a in named):
+            return False
     for a in named:
         with contextlib.suppress(Exception):
             ray.kill(ray.get_actor(a["name"], namespace=a["namespace"]), no_restart=True)
+    return True
+
+
+def _join_shared_head():
+    """``ray.init`` on the shared head once it is clean (the last job's actors gone, which Ray
+    does shortly after its driver leaves); a head still unclean after 10 s is replaced."""
+    import time
+
+    import ray
+
+    info = ray.init(address=_shared_head().address, log_to_driver=False, configure_logging=False)
+    deadline = time.monotonic() + 10.0
+    while not _clean(ray):
+        if time.monotonic() > deadline:
+            ray.shutdown()
+            _stop_shared_head()
+            return ray.init(address=_shared_head().address, log_to_driver=False, configure_logging=False)
+        time.sleep(0.05)
+    return info
 
 
 @contextlib.contextmanager
-def _ray_start(**kwargs):
+def _ray_start(*, own: bool = False, **kwargs):
     """Connect to Ray (2 CPUs, 127.0.0.1) for the duration of the block.
 
-    Without ``kwargs`` and in the environment this conftest set, it joins this process's shared
-    head (:func:`_shared_head`) as a new job; otherwise it starts a local Ray with a private
-    temp dir, ``ray.init(**kwargs)`` overriding the defaults, and shuts it down after.
+    By default, in the environment this conftest set, it joins this process's shared head
+    (:func:`_shared_head`) as a new job. With ``own`` (a test that leaves the cluster in a state
+    no other module should meet), ``kwargs`` (``ray.init`` arguments over the defaults) or
+    another ``RAY_*`` environment, it starts a local Ray with a private temp dir and shuts it
+    down after.
     """
     import ray
 
-    if not kwargs and _ray_env() == _BASE_RAY_ENV:
-        head = _shared_head()
-        info = ray.init(address=head.address, log_to_driver=False, configure_logging=False)
+    if not own and not kwargs and _ray_env() == _BASE_RAY_ENV:
+        info = _join_shared_head()
+        clean = False
         try:
             yield info
         finally:
             try:
-                _leave_shared_head_clean()
+                clean = ray.is_initialized() and _leave_shared_head_clean()
             finally:
                 if "ray.serve" in sys.modules:  # the cached controller handle is this job's
                     from ray.serve import context
 
                     context._disconnect()
                 ray.shutdown()
+                if not clean:  # what is left there is not known to be gone: the next module gets a new head
+                    _stop_shared_head()
         return
     tmp = tempfile.mkdtemp(prefix="frt", dir=os.environ.get("RAY_TMPDIR", "/tmp"))
     # Freshet's own Ray settings, so the tests exercise the transport the product runs on;

@@ -86,14 +86,15 @@ def test_the_applied_position_adds_partitions_up_and_takes_the_slowest_file_read
 def test_an_app_with_no_room_for_its_replica_times_out_instead_of_waiting_forever():
     # serve.run waits for the app to run with no limit: a replica the cluster has no room for
     # (and no autoscaler to add) held `freshet up` forever. The replica needs no other actor to
-    # be placed, so none is started; the cluster is this test's own and goes with it (removing
-    # the stuck app first would wait out Serve's 20 s graceful shutdown of a replica never placed).
+    # be placed, so none is started; the cluster is this test's own (``own``) and goes with it
+    # (removing the stuck app first would wait out Serve's 20 s graceful shutdown of a replica
+    # never placed, and the test counts the cluster's free CPUs).
     from serving.app import run_app
     from serving.config import load_config
     from tests.conftest import _ray_start, free_port
 
     cfg = load_config(None, {"namespace": "t-no-room", "serving": {"port": free_port(), "replica_num_cpus": 8}})
-    with _ray_start():
+    with _ray_start(own=True):
         t0 = time.monotonic()
         with pytest.raises(TimeoutError, match=r"not running after 5 s \(serving.replica_num_cpus: 8 a replica; "
                            r"CPUs free in the cluster: 2\): DEPLOYING"):

@@ -222,7 +222,7 @@ def _workers_of_this_cluster() -> dict[str, list[int]]:
 
     def cmdline(pid: int) -> list[str]:
         try:
-            return Path(f"/proc/{pid}/cmdline").read_bytes().decode().split("\0")
+            return Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
         except OSError:
             return []  # exited meanwhile
 
