@@ -186,16 +186,21 @@ def _stop_shared_head() -> None:
     shutil.rmtree(info.temp_dir, ignore_errors=True)
 
 
+def cmdline(pid: int) -> list[str]:
+    """The command line of process ``pid`` (``[]`` once it has exited)."""
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
+    except OSError:
+        return []
+
+
 def _head_alive(info) -> bool:
     """Whether the head's GCS and raylet are running (``ray start --block`` outlives a GCS or
     raylet that exits with status 0 or on SIGTERM, and a driver would then wait minutes)."""
     from serving.ray_head import head_pids
 
-    names = set()
-    for pid in head_pids(info):
-        with contextlib.suppress(OSError):
-            names.add(Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].rsplit(b"/", 1)[-1])
-    return {b"gcs_server", b"raylet"} <= names
+    names = {c[0].rsplit("/", 1)[-1] for pid in head_pids(info) if (c := cmdline(pid))}
+    return {"gcs_server", "raylet"} <= names
 
 
 def _shared_head():

@@ -219,22 +219,18 @@ def _workers_of_this_cluster() -> dict[str, list[int]]:
     from ray._private import worker
 
     from serving.ray_head import _all_pids, _stat
+    from tests.conftest import cmdline
 
-    def cmdline(pid: int) -> list[str]:
-        try:
-            return Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
-        except OSError:
-            return []  # exited meanwhile
-
+    commands = {pid: c for pid in _all_pids() if (c := cmdline(pid))}
     # This cluster's raylet: the one of this driver's session (the driver may have joined a
     # head that another process started, so it has no handle of the raylet process).
     session = f"--session-name={worker._global_node.session_name}"
-    (raylet,) = [pid for pid in _all_pids() if (c := cmdline(pid)) and c[0].endswith("/raylet") and session in c]
+    (raylet,) = [pid for pid, c in commands.items() if c[0].endswith("/raylet") and session in c]
     found: dict[str, list[int]] = {}
-    for pid in _all_pids():
-        st, title = _stat(pid), cmdline(pid)[:1]
-        if st is not None and st[1] == raylet and title and title[0].startswith("ray::"):
-            found.setdefault(title[0][5:].split(".")[0], []).append(pid)
+    for pid, c in commands.items():
+        st = _stat(pid)
+        if st is not None and st[1] == raylet and c[0].startswith("ray::"):
+            found.setdefault(c[0][5:].split(".")[0], []).append(pid)
     return found
 
 
