@@ -149,12 +149,14 @@ def run_in_process(cfg: FreshetConfig, *, trainer: Trainer | None = None, progre
     try:
         t0, c0, s0 = time.perf_counter(), time.process_time(), tree_cpu_s()
         with tqdm(total=total, unit="ev", desc="in-process", disable=not progress, dynamic_ncols=True) as bar:
-            while not t.done:
-                loss0, events0, batches0 = t.metrics["loss_sum"], t.events_applied, t.batches
-                t.run(max_batches=1)
-                if t.batches > batches0 and t.events_applied > events0:
-                    per_event.append((t.metrics["loss_sum"] - loss0) / (t.events_applied - events0))
+            def on_batch(events: int, loss: float) -> None:
+                if events:
+                    per_event.append(loss / events)
                 bar.update(t.events_read - bar.n)
+
+            # One run: a batch read ahead (trainer.staleness) stays read ahead, as in the actor.
+            t.run(on_batch=on_batch)
+            bar.update(t.events_read - bar.n)
         wall, cpu, s1 = time.perf_counter() - t0, time.process_time() - c0, tree_cpu_s()
     finally:
         torch.set_num_threads(threads)
@@ -239,7 +241,7 @@ def _run_ps(cfg: FreshetConfig, *, progress: bool = True) -> tuple[dict[str, Any
     total = _event_total(cfg, open_source(cfg.stream))
     dep = deploy.start(cfg, durable=False, ingest=False, serving=False, max_events=total)
     client, (trainer,) = dep.ps, dep.trainers
-    label = f"PS prefetch={'on' if cfg.trainer.prefetch else 'off'}"
+    label = f"PS prefetch={'on' if cfg.trainer.prefetch else 'off'} staleness={cfg.trainer.staleness}"
     cpu0, t0 = tree_cpu_s(), time.perf_counter()
     ref = trainer.run.remote()
     with tqdm(total=total, unit="ev", desc=label, disable=not progress, dynamic_ncols=True) as bar:
@@ -264,6 +266,7 @@ def _run_ps(cfg: FreshetConfig, *, progress: bool = True) -> tuple[dict[str, Any
         "loss_sum": stats["metrics"].get("loss_sum", 0.0),
         "train_s": stats["train_s"],
         "prefetch": cfg.trainer.prefetch,
+        "staleness": cfg.trainer.staleness,
         "trainer_events_per_s": stats["events_per_s"],
         "system_cpu_s": cpu_between(cpu0, cpu1),
         "system_cpu_by_process": _cpu_by_role(cpu0, cpu1),
@@ -433,12 +436,19 @@ def _goals(in_process: dict[str, Any], ps_runs: dict[str, dict[str, Any]], peers
     where a run needed for it is missing)."""
     runs = peers.get("runs", {})
     out: dict[str, Any] = {}
-    best_ps = max((r["events_per_s"] for r in ps_runs.values()), default=None)
+    # TorchRec trains each batch on rows that reflect every earlier batch: so do the exact
+    # PS runs. A run with trainer.staleness is a different computation, reported apart.
+    best_ps = max((r["events_per_s"] for r in ps_runs.values() if not r.get("staleness")), default=None)
     tr = runs.get("torchrec 2t")
     value = best_ps / tr["events_per_s"] if best_ps is not None and tr else None
     out["ps_vs_torchrec"] = {"value": value, "target": GOALS["ps_vs_torchrec"],
                              "met": None if value is None else value >= GOALS["ps_vs_torchrec"],
-                             "against": "fastest PS run / TorchRec CPU 2 threads"}
+                             "against": "fastest exact PS run (staleness 0) / TorchRec CPU 2 threads"}
+    stale = [r["events_per_s"] for r in ps_runs.values() if r.get("staleness")]
+    if stale and tr:
+        out["ps_staleness_1_vs_torchrec"] = {
+            "value": max(stale) / tr["events_per_s"],
+            "against": "PS with trainer.staleness 1 (a batch's pull may miss the previous batch's push) / TorchRec CPU 2 threads"}
     pl = runs.get("plain 2t")
     two = in_process.get("two_threads")
     twin, threads = (two, 2) if two else (in_process, 1)
@@ -563,13 +573,33 @@ def _default_model(in_process: dict[str, Any], ps_runs: dict[str, dict[str, Any]
                   "events": in_process["events"], "dim": cfg.ps.table(m.user_table).dim},
         "in_process": in_process,
         "ps": ps_runs,
-        "ratios": {name: {"events_per_s": r["events_per_s"] / max(in_process["events_per_s"], 1e-9),
-                          "loss_sum_rel_diff": abs(r["loss_sum"] - in_process["loss_sum"])
-                          / max(abs(in_process["loss_sum"]), 1e-12)} for name, r in ps_runs.items()},
+        "ratios": {name: {k: v for k, v in _ratios(r, in_process).items()
+                          if k in ("events_per_s", "loss_sum_rel_diff", "loss_vs_exact")} for name, r in ps_runs.items()},
     }
 
 
 # --------------------------------------------------------------------------- report
+
+
+def _rel(a: float, b: float) -> float:
+    return abs(a - b) / max(abs(b), 1e-12)
+
+
+def _ratios(run: dict[str, Any], in_process: dict[str, Any]) -> dict[str, Any]:
+    """A PS run against the twin (see :func:`build_report`). A run with ``staleness`` is
+    checked against the twin run with the same staleness (``in_process["staleness_1"]``),
+    and its loss is also compared with the exact twin's (``loss_vs_exact``: signed, relative)."""
+    out = {
+        "events_per_s": run["events_per_s"] / max(in_process["events_per_s"], 1e-9),
+        "overhead_ms_per_batch": run["ms_per_batch"] - in_process["ms_per_batch"],
+        "cpu_per_event": _cpu_ratio(run, in_process),
+        "loss_sum_rel_diff": _rel(run["loss_sum"], in_process["loss_sum"]),
+    }
+    if run.get("staleness"):
+        twin = in_process.get(f"staleness_{run['staleness']}")
+        out["loss_sum_rel_diff"] = _rel(run["loss_sum"], twin["loss_sum"]) if twin else None
+        out["loss_vs_exact"] = (run["loss_sum"] - in_process["loss_sum"]) / max(abs(in_process["loss_sum"]), 1e-12)
+    return out
 
 
 def _cpu_ratio(run: dict[str, Any], base: dict[str, Any]) -> float | None:
@@ -602,17 +632,12 @@ def build_report(
     ``cpu_per_event`` (CPU seconds per event of all the PS run's processes over those of
     the in-process run; None when not measured) and
     ``loss_sum_rel_diff`` (|PS loss sum - in-process loss sum| / |in-process loss sum|:
-    0 when both trained exactly the same computation, which they should).
+    0 when both trained exactly the same computation, which they should). A PS run with
+    ``staleness`` is compared with ``in_process["staleness_1"]`` (the twin with the same
+    setting; ``loss_sum_rel_diff`` None without it) and has ``loss_vs_exact`` too: its loss
+    sum minus the exact twin's, over the exact twin's (what the delay costs in training loss).
     """
-    ratios = {
-        name: {
-            "events_per_s": run["events_per_s"] / max(in_process["events_per_s"], 1e-9),
-            "overhead_ms_per_batch": run["ms_per_batch"] - in_process["ms_per_batch"],
-            "cpu_per_event": _cpu_ratio(run, in_process),
-            "loss_sum_rel_diff": abs(run["loss_sum"] - in_process["loss_sum"]) / max(abs(in_process["loss_sum"]), 1e-12),
-        }
-        for name, run in ps_runs.items()
-    }
+    ratios = {name: _ratios(run, in_process) for name, run in ps_runs.items()}
     peers = peers or {}
     report = {
         "bench": bench or {},
@@ -714,8 +739,10 @@ def _peer_chart(ax, report: dict[str, Any]) -> None:
     ax.set_ylim(0, max(values) * 1.3)
     ax.tick_params(axis="x", labelsize=8)
     w = report["peers"].get("workload", {})
+    shards = report.get("config", {}).get("ps", {}).get("num_shards")
     ax.set_title(f"{report.get('workload')} workload: {report['in_process']['events']:,} events, batch {w.get('batch')}, "
-                 f"{w.get('negatives')} negatives (ratios to {base_name})", fontsize=9)
+                 f"{w.get('negatives')} negatives, {shards} PS shard{'s' if shards != 1 else ''} "
+                 f"(ratios to {base_name})", fontsize=9)
 
 
 def write_report(report: dict[str, Any], out_dir: str | Path) -> tuple[Path, Path]:
@@ -754,6 +781,9 @@ def _format_extras(report: dict[str, Any]) -> list[str]:
             rows.append((f"PS, {name}", f"{r['events_per_s']:,.0f}", f"{r['ms_per_batch']:.2f}",
                          f"{dm['ratios'][name]['events_per_s']:.2f}x", f"{r['loss_sum']:,.1f}"))
         lines += _aligned(rows)
+        for name, r in dm["ratios"].items():
+            if "loss_vs_exact" in r:
+                lines.append(f"PS, {name}: loss sum {r['loss_vs_exact']:+.2%} against the exact twin's")
     tf = report.get("table_figures") or {}
     if tf:
         mem, ix = tf["memory"], tf["index"]
@@ -805,6 +835,11 @@ def format_table(report: dict[str, Any]) -> str:
     if any(len(r.get("all_events_per_s", ())) > 1 for r in rounds.values()):
         lines.append("fastest of: " + "; ".join(f"{n} " + " / ".join(f"{x:,.0f}" for x in r["all_events_per_s"])
                                                 for n, r in rounds.items() if r.get("all_events_per_s")))
+    for name, r in report["ratios"].items():
+        if "loss_vs_exact" in r:
+            own = "n/a" if r["loss_sum_rel_diff"] is None else f"{r['loss_sum_rel_diff']:.1e}"
+            lines.append(f"PS, {name}: loss sum {r['loss_vs_exact']:+.2%} against the exact twin's "
+                         f"(relative difference from the twin with the same staleness: {own})")
     peer_runs = (report.get("peers") or {}).get("runs") or {}
     if peer_runs:
         prow = [("peer (same events)", "events/s", "ms/batch", "cpu s", "load 1m", "loss sum")]
@@ -958,7 +993,10 @@ def main(argv: list[str] | None = None) -> int:
         args.no_serve = True  # /rank latency is the default workload's (and bench.serve_latency's) business
     peer_rounds: list[dict[str, Any]] = []
     twin_rounds: dict[str, list[dict[str, Any]]] = {"1": [], "2": []}
-    ps_rounds: dict[str, list[dict[str, Any]]] = {"prefetch off": [], "prefetch on": []}
+    # The exact runs first and last; the last one stays up for serving.
+    ps_plan = (("prefetch off", False, 0), ("staleness 1", True, 1), ("prefetch on", True, 0))
+    ps_rounds: dict[str, list[dict[str, Any]]] = {name: [] for name, _, _ in ps_plan}
+    stale_cfg = cfg.model_copy(update={"trainer": cfg.trainer.model_copy(update={"staleness": 1})})
     table_figures: dict[str, Any] = {}
     default_ip: dict[str, Any] | None = None
     default_ps: dict[str, dict[str, Any]] = {}
@@ -971,12 +1009,17 @@ def main(argv: list[str] | None = None) -> int:
             bench["loadavg_1m"]["after_peers"] = loadavg()
         twin_rounds["1"].append(run_in_process(cfg, progress=progress))
         bench["loadavg_1m"]["after_in_process"] = loadavg()
+        if last:  # the loss the PS run with staleness 1 must match (deterministic: one run)
+            stale_twin = run_in_process(stale_cfg, progress=progress)
         if torchrec:  # the twin at the plain baseline's and the peers' thread count too
             twin_rounds["2"].append(run_in_process(two, progress=progress))
             bench["loadavg_1m"]["after_in_process_2_threads"] = loadavg()
         if last and torchrec and args.default_events:
             default_ip = run_in_process(default_cfg, progress=progress)
             bench["loadavg_1m"]["after_default_in_process"] = loadavg()
+            default_ip["staleness_1"] = run_in_process(
+                default_cfg.model_copy(update={"trainer": default_cfg.trainer.model_copy(update={"staleness": 1})}),
+                progress=progress)
         if last and torchrec and args.table_rows:
             table_figures = run_table_figures(args.table_rows)
             bench["loadavg_1m"]["after_table_figures"] = loadavg()
@@ -985,11 +1028,11 @@ def main(argv: list[str] | None = None) -> int:
                  log_to_driver=False, configure_logging=False, _system_config=cfg.ray.system_config())
         try:
             dep = None
-            for prefetch in (False, True):  # the last one stays up for serving
-                name = f"prefetch {'on' if prefetch else 'off'}"
+            for name, prefetch, staleness in ps_plan:
+                tag = f"{'pf' if prefetch else 'nopf'}{staleness}"
                 run_cfg = cfg.model_copy(update={
-                    "namespace": f"frbench-{pid}-{'pf' if prefetch else 'nopf'}-{r}",
-                    "trainer": cfg.trainer.model_copy(update={"prefetch": prefetch}),
+                    "namespace": f"frbench-{pid}-{tag}-{r}",
+                    "trainer": cfg.trainer.model_copy(update={"prefetch": prefetch, "staleness": staleness}),
                     "ingest": cfg.ingest.model_copy(update={"dir": str(work / "data"), "state_dir": None}),
                     "serving": cfg.serving.model_copy(update={"host": "127.0.0.1", "port": free_port()}),
                 })
@@ -997,17 +1040,19 @@ def main(argv: list[str] | None = None) -> int:
                     deploy.stop(dep.cfg, serving=False)
                 run, dep = _run_ps(run_cfg, progress=progress)
                 ps_rounds[name].append(run)
-                bench["loadavg_1m"][f"after_ps_{'pf' if prefetch else 'nopf'}"] = loadavg()
+                bench["loadavg_1m"][f"after_ps_{tag}"] = loadavg()
             if last and default_ip is not None:  # the default model through the PS, prefetch on (its default)
-                d_cfg = default_cfg.model_copy(update={
-                    "namespace": f"frbench-{pid}-default",
-                    "trainer": default_cfg.trainer.model_copy(update={"prefetch": True}),
-                    "ingest": default_cfg.ingest.model_copy(update={"dir": str(work / "data-default"), "state_dir": None}),
-                    "serving": default_cfg.serving.model_copy(update={"host": "127.0.0.1", "port": free_port()}),
-                })
-                deploy.stop(dep.cfg, serving=False)
-                default_ps["prefetch on"], dep = _run_ps(d_cfg, progress=progress)
-                bench["loadavg_1m"]["after_default_ps"] = loadavg()
+                for name, staleness in (("staleness 1", 1), ("prefetch on", 0)):
+                    d_cfg = default_cfg.model_copy(update={
+                        "namespace": f"frbench-{pid}-default{staleness}",
+                        "trainer": default_cfg.trainer.model_copy(update={"prefetch": True, "staleness": staleness}),
+                        "ingest": default_cfg.ingest.model_copy(update={"dir": str(work / f"data-default{staleness}"),
+                                                                        "state_dir": None}),
+                        "serving": default_cfg.serving.model_copy(update={"host": "127.0.0.1", "port": free_port()}),
+                    })
+                    deploy.stop(dep.cfg, serving=False)
+                    default_ps[name], dep = _run_ps(d_cfg, progress=progress)
+                    bench["loadavg_1m"][f"after_default_ps{staleness}"] = loadavg()
             if last and not args.no_serve:
                 from workers.streams import open_source
 
@@ -1027,6 +1072,7 @@ def main(argv: list[str] | None = None) -> int:
     in_process = fastest(twin_rounds["1"])
     if twin_rounds["2"]:
         in_process["two_threads"] = fastest(twin_rounds["2"])
+    in_process["staleness_1"] = stale_twin
     ps_runs = {name: fastest(runs) for name, runs in ps_rounds.items()}
     bench["loadavg_1m"]["end"] = loadavg()
     default_model = _default_model(default_ip, default_ps, default_cfg) if default_ip is not None else None
@@ -1037,7 +1083,7 @@ def main(argv: list[str] | None = None) -> int:
     print(format_table(report))
     diffs = [r["loss_sum_rel_diff"] for r in report["ratios"].values()]
     diffs += [r["loss_sum_rel_diff"] for r in (report["default_model"] or {}).get("ratios", {}).values()]
-    if any(d > 1e-4 for d in diffs):
+    if any(d is not None and d > 1e-4 for d in diffs):
         print("\nwarning: PS and in-process loss sums differ: the baseline no longer does the trainer's "
               "computation (negatives, init or update rule changed?)", file=sys.stderr)
     print(f"wrote {json_path} and {png_path}")

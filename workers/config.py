@@ -196,6 +196,15 @@ class TrainerConfig(ConfigModel):
     prefetch: bool = Field(
         True, description="read the next batch and send its pull while the shards apply the current batch's push"
     )
+    # 0 keeps one trainer's learning sequential: a batch's rows reflect every earlier push of
+    # this trainer, so the in-process twin and the PS agree to the bit. 1 is the parameter
+    # server's bounded delay (Li et al., "Scaling Distributed Machine Learning with the
+    # Parameter Server", OSDI 2014, section 4): the next batch is pulled before this batch's
+    # push, so the shards apply the push while the trainer computes (BENCHMARKS.md, section 7).
+    staleness: int = Field(
+        0, ge=0, le=1,
+        description="pushes of this trainer a batch's pull may miss: 0 (exact) or 1 (the previous batch's)",
+    )
     num_cpus: float = Field(0.5, ge=0, le=64, description="CPUs reserved per trainer actor")
     num_gpus: float = Field(0.0, ge=0, le=8, description="GPUs reserved per trainer actor")
     # One thread: a trainer's batches are small (256 x 64) and it shares the host with shards and

@@ -38,7 +38,7 @@ import threading
 import time
 import traceback
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 import pyarrow as pa
@@ -652,16 +652,36 @@ class Trainer:
         self._expired_at = now
         self.client.expire()
 
-    def run(self, max_batches: int | None = None) -> dict[str, Any]:
+    def _read_ahead(self, pushed: tuple[Batch, list] | None) -> tuple[Batch, Any] | None:
+        """Read and prepare the next batch and send its pull, ordered on every shard after
+        ``pushed`` (a batch and its push refs, not yet awaited; None: nothing in flight).
+        Returns ``(batch, pending pull)``, or None when no events are there now."""
+        got = self._read_next()
+        if got is None:
+            return None
+        nb = self._prepare(*got)
+        after = None
+        if pushed is not None and pushed[0].seqs:
+            after = (PushId(self.producers[pushed[0].partition], pushed[0].seqs[-1]), pushed[1])
+        return nb, self._pull(nb, after=after)
+
+    def run(self, max_batches: int | None = None, *, on_batch: Callable[[int, float], None] | None = None) -> dict[str, Any]:
         """Train until the stream is exhausted (finite sources), ``stop()`` or ``max_batches``.
 
         A live source with nothing new is waited on (``StreamSource.wait``) for up to
         ``trainer.poll_interval_s`` seconds at a time: the ingest log answers as soon as
-        events arrive. Returns :meth:`stats`. A failing batch raises here (what it raised);
-        :meth:`start` retries it.
+        events arrive. ``on_batch(events, loss)`` is called once each batch's pushes are
+        sent, with its trained events and its loss sum (nats): for in-process drivers that
+        show progress. A batch read ahead is trained before this returns. Returns
+        :meth:`stats`.
+
+        Raises:
+            Exception: what a failing batch raised; :meth:`start` retries it.
         """
+        stale = self.cfg.trainer.staleness > 0
         inflight: tuple[Batch, list] | None = None
         nxt = None  # (batch, pending pull) read ahead while the shards apply a push
+        unevaluated = False  # nxt was read ahead before the push its evaluation must see
         done_batches = 0
         self.state = "running"
         while not self._stop.is_set() and (max_batches is None or done_batches < max_batches):
@@ -694,26 +714,42 @@ class Trainer:
                 nxt = (batch, self._pull(batch))
             batch, pending = nxt
             nxt = None
+            if unevaluated:
+                # Ranked with the model as of every earlier push, though trained on rows
+                # pulled before the last of them.
+                if inflight:
+                    self._commit(*inflight)
+                    inflight = None
+                self._evaluate(batch)
+                unevaluated = False
             if inflight and self.client.done(inflight[1]):
                 # Applied already: commit now, so freshness and offsets say when it landed,
                 # not one batch later (the commit below, after this batch trains).
                 self._commit(*inflight)
                 inflight = None
+            if stale:
+                # Bounded delay 1: the next batch's rows are pulled now, before this batch's
+                # push, so the shards answer that pull while the trainer computes and apply
+                # this push while it computes the next. The pull still follows every earlier
+                # push (``inflight``), even one Ray retries after a shard restart.
+                nxt = self._read_ahead(inflight)
+                unevaluated = nxt is not None and self.evaluate
+            loss0 = self.metrics["loss_sum"]
             t0 = time.perf_counter()
             refs = self._train(batch, pending) if batch.trained.any() else []
             self.train_s += time.perf_counter() - t0
+            if on_batch is not None:
+                on_batch(int(batch.active.sum()), float(self.metrics["loss_sum"] - loss0))
             if inflight:
                 self._commit(*inflight)
             inflight = (batch, refs)
             done_batches += 1
-            if self.cfg.trainer.prefetch and not self.evaluate:
+            if stale:
+                pass  # the next batch is already on its way
+            elif self.cfg.trainer.prefetch and not self.evaluate:
                 # Read and pull the next batch while the shards apply this push; the pull is
                 # ordered after the push on every shard.
-                got = self._read_next()
-                if got is not None:
-                    nb = self._prepare(*got)
-                    after = (PushId(self.producers[batch.partition], batch.seqs[-1]), refs) if batch.seqs else None
-                    nxt = (nb, self._pull(nb, after=after))
+                nxt = self._read_ahead(inflight)
             else:
                 self._commit(*inflight)
                 inflight = None
@@ -721,7 +757,13 @@ class Trainer:
             self._commit(*inflight)
         if nxt is not None:  # read ahead (and prepared): train it, so local state and offsets agree
             batch, pending = nxt
-            self._commit(batch, self._train(batch, pending) if batch.trained.any() else [])
+            if unevaluated:
+                self._evaluate(batch)
+            loss0 = self.metrics["loss_sum"]
+            refs = self._train(batch, pending) if batch.trained.any() else []
+            if on_batch is not None:
+                on_batch(int(batch.active.sum()), float(self.metrics["loss_sum"] - loss0))
+            self._commit(batch, refs)
         if self._exhausted():
             self.done = True
         self.state = "done" if self.done else "stopped"

@@ -221,15 +221,29 @@ def test_report_with_peers_has_ratios_and_goals(tmp_path):
     assert json_path.name == "train_throughput_torchrec.json" and png_path.read_bytes()[:4] == b"\x89PNG"
     table = format_table(report)
     assert "torchrec 2t" in table and "ps_vs_torchrec: 1.20x" in table and "NOT met" in table
+    # A run with trainer.staleness is reported beside the goal, never as it: it is checked
+    # against the twin with the same staleness, and its loss against the exact twin's.
+    stale_ip = {**ip, "loss_sum": ip["loss_sum"] * 1.03}
+    stale = {**stale_ip, "events_per_s": 400.0, "staleness": 1}
+    r = build_report(cfg, {**ip, "staleness_1": stale_ip}, {"prefetch on": ps_run, "staleness 1": stale}, {},
+                     workload="torchrec", peers=peers)
+    assert r["goals"]["ps_vs_torchrec"]["value"] == pytest.approx(1.2)
+    assert r["goals"]["ps_staleness_1_vs_torchrec"]["value"] == pytest.approx(1.6)
+    assert r["ratios"]["staleness 1"]["loss_sum_rel_diff"] == 0.0
+    assert r["ratios"]["staleness 1"]["loss_vs_exact"] == pytest.approx(0.03)
+    assert "loss_vs_exact" not in r["ratios"]["prefetch on"]
+    assert "PS, staleness 1: loss sum +3.00% against the exact twin's" in format_table(r)
     # Without TorchRec the PS goal is not measured, and says so.
     del peers["runs"]["torchrec 2t"]
     assert build_report(cfg, ip, {"prefetch on": ps_run}, {}, peers=peers)["goals"]["ps_vs_torchrec"]["met"] is None
 
 
-@pytest.mark.parametrize("workload", ["default", "torchrec"])
-def test_twin_and_ps_agree_on_the_loss(ray_cluster, tmp_path, workload):
+@pytest.mark.parametrize("workload, staleness", [("default", 0), ("torchrec", 0), ("torchrec", 1)])
+def test_twin_and_ps_agree_on_the_loss(ray_cluster, tmp_path, workload, staleness):
     """The twin and the trainer actor over shard actors compute the same batches, pulls
-    and pushes: the same loss sum (the fast path and the pushes' routing are shared)."""
+    and pushes: the same loss sum (the fast path and the pushes' routing are shared).
+    With ``trainer.staleness: 1`` too: each shard answers a batch's pull before the
+    previous batch's push, as the twin does."""
     import ray  # noqa: F401 - the fixture started it
 
     from serving import deploy
@@ -239,8 +253,9 @@ def test_twin_and_ps_agree_on_the_loss(ray_cluster, tmp_path, workload):
     else:
         cfg = bench_config(1500)
     cfg = cfg.model_copy(update={
-        "namespace": f"agree-{workload}",
+        "namespace": f"agree-{workload}-{staleness}",
         "ingest": cfg.ingest.model_copy(update={"dir": str(tmp_path / "data"), "state_dir": None}),
+        "trainer": cfg.trainer.model_copy(update={"staleness": staleness}),
     })
     twin = run_in_process(cfg, progress=False)
     ps, dep = _run_ps(cfg, progress=False)
@@ -248,6 +263,10 @@ def test_twin_and_ps_agree_on_the_loss(ray_cluster, tmp_path, workload):
         assert ps["events"] == twin["events"] and ps["batches"] == twin["batches"]
         assert ps["loss_sum"] == pytest.approx(twin["loss_sum"], rel=1e-6)
         assert ps["rows"] == twin["rows"]
+        if staleness:  # and it is not the exact run's loss: the setting reached the actor
+            exact = run_in_process(cfg.model_copy(update={"trainer": cfg.trainer.model_copy(update={"staleness": 0})}),
+                                   progress=False)
+            assert ps["loss_sum"] != pytest.approx(exact["loss_sum"], rel=1e-6)
     finally:
         deploy.stop(cfg, serving=False)
         del dep
