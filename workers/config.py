@@ -203,7 +203,8 @@ class TrainerConfig(ConfigModel):
     # push, so the shards apply the push while the trainer computes (BENCHMARKS.md, section 7).
     staleness: int = Field(
         0, ge=0, le=1,
-        description="pushes of this trainer a batch's pull may miss: 0 (exact) or 1 (the previous batch's)",
+        description="pushes of this trainer a batch's pull may miss: 0 (exact) or 1 (the previous batch's; "
+                    "the next batch is then read ahead whatever prefetch says)",
     )
     num_cpus: float = Field(0.5, ge=0, le=64, description="CPUs reserved per trainer actor")
     num_gpus: float = Field(0.0, ge=0, le=8, description="GPUs reserved per trainer actor")

@@ -532,15 +532,25 @@ class Trainer:
         updates = {name: (Keyed(k, ids), g, c) for name, (k, g, ids, c) in parts.items()}
         return self.client.push_async(updates, push_id, recent)
 
-    def _train(self, batch: Batch, pending, first_pass: int = 0) -> list:
+    def _train(self, batch: Batch, pending, first_pass: int = 0, settle: tuple[Batch, list] | None = None) -> list:
         """Passes ``first_pass..`` over ``batch``; returns the pushes' refs (not yet awaited).
-        Each pass but the last brings the next pass's rows back with its push."""
+        Each pass but the last brings the next pass's rows back with its push. ``settle``
+        (the previous batch and its push refs) is committed once the first gradients are
+        computed, before anything of this batch is written or sent."""
         refs: list = []
         producer = self.producers[batch.partition]
         passes = self.cfg.trainer.passes
         for p in range(first_pass, passes):
             pulled = pending.result()
             updates, loss, bad = self.step.gradients(batch, pulled, p)
+            if settle is not None:
+                # A producer's pushes must reach the shards in order and be acknowledged one
+                # at a time: a shard drops a push whose seq is below one it has applied (a
+                # retried earlier push would be lost), and the WAL's pending records must be
+                # exactly the unacknowledged pushes. The gradients above ran while the shards
+                # applied the previous push.
+                self._commit(*settle)
+                settle = None
             if len(bad):
                 self.dead.add(batch, bad, "non-finite loss or gradients")
             self.metrics["loss_sum"] += loss
@@ -671,8 +681,9 @@ class Trainer:
         A live source with nothing new is waited on (``StreamSource.wait``) for up to
         ``trainer.poll_interval_s`` seconds at a time: the ingest log answers as soon as
         events arrive. ``on_batch(events, loss)`` is called once each batch's pushes are
-        sent, with its trained events and its loss sum (nats): for in-process drivers that
-        show progress. A batch read ahead is trained before this returns. Returns
+        sent, with the events it applies and its loss sum (nats): for in-process drivers
+        that show progress. ``max_batches`` batches are trained, none read ahead past them;
+        a batch read ahead when ``stop()`` came is trained before this returns. Returns
         :meth:`stats`.
 
         Raises:
@@ -727,16 +738,25 @@ class Trainer:
                 # not one batch later (the commit below, after this batch trains).
                 self._commit(*inflight)
                 inflight = None
-            if stale:
+            last = self._stop.is_set() or (max_batches is not None and done_batches + 1 >= max_batches)
+            settle = None
+            if stale and not last:
                 # Bounded delay 1: the next batch's rows are pulled now, before this batch's
                 # push, so the shards answer that pull while the trainer computes and apply
                 # this push while it computes the next. The pull still follows every earlier
                 # push (``inflight``), even one Ray retries after a shard restart.
                 nxt = self._read_ahead(inflight)
                 unevaluated = nxt is not None and self.evaluate
+            if stale and inflight:
+                settle, inflight = inflight, None  # committed by _train, after the gradients
             loss0 = self.metrics["loss_sum"]
             t0 = time.perf_counter()
-            refs = self._train(batch, pending) if batch.trained.any() else []
+            if batch.trained.any():
+                refs = self._train(batch, pending, settle=settle)
+            else:
+                if settle is not None:
+                    self._commit(*settle)
+                refs = []
             self.train_s += time.perf_counter() - t0
             if on_batch is not None:
                 on_batch(int(batch.active.sum()), float(self.metrics["loss_sum"] - loss0))
@@ -744,8 +764,8 @@ class Trainer:
                 self._commit(*inflight)
             inflight = (batch, refs)
             done_batches += 1
-            if stale:
-                pass  # the next batch is already on its way
+            if stale or last:
+                pass  # the next batch is on its way already, or there is none to read now
             elif self.cfg.trainer.prefetch and not self.evaluate:
                 # Read and pull the next batch while the shards apply this push; the pull is
                 # ordered after the push on every shard.
