@@ -292,7 +292,9 @@ class Trainer:
         self._since_snapshot = 0
         self._rr = 0
         self._last_progress = time.time()
-        self._oldest_unapplied: float | None = None
+        # The oldest event time (ingest_ts) of each batch read and not yet committed, by
+        # (partition, start): with read-ahead two or three batches are in flight at once.
+        self._unapplied: dict[tuple[int, int], float] = {}
 
     def _open_sources(self) -> dict[int, Any]:
         from workers.streams import open_source
@@ -482,8 +484,7 @@ class Trainer:
         if self._global_clock and raw.num_rows:
             batch.clock = self.sources[p].clock(end - 1)
         if len(batch.ingest_ts):
-            oldest = float(batch.ingest_ts.min())
-            self._oldest_unapplied = oldest if self._oldest_unapplied is None else min(self._oldest_unapplied, oldest)
+            self._unapplied[(p, batch.start)] = float(batch.ingest_ts.min())
         return batch
 
     # -- evaluation --------------------------------------------------------------------
@@ -584,7 +585,7 @@ class Trainer:
         self.batches += 1
         self.retries = 0
         self._last_progress = now
-        self._oldest_unapplied = None
+        self._unapplied.pop((batch.partition, batch.start), None)
         if self._may_refuse and len(batch.new_items):
             self._unchecked.append(batch.new_items)
         if self.wal is not None:
@@ -846,6 +847,8 @@ class Trainer:
         letters and evaluation metrics; every figure finite JSON or null."""
         fr = np.asarray(self.freshness_ms, dtype=np.float64)
         now = time.time()
+        # One C-level pass over the values (the training thread may add a batch meanwhile).
+        oldest = min(tuple(self._unapplied.values()), default=None)
         elapsed = max(1e-9, now - self.started_at)
         running = self._thread is not None and self._thread.is_alive()
         return {
@@ -867,7 +870,7 @@ class Trainer:
                 "p50": float(np.percentile(fr, 50)) if len(fr) else None,
                 "p99": float(np.percentile(fr, 99)) if len(fr) else None,
             },
-            "lag_s": (now - self._oldest_unapplied) if self._oldest_unapplied is not None else 0.0,
+            "lag_s": (now - oldest) if oldest is not None else 0.0,
             "last_progress_age_s": now - self._last_progress,
             "metrics": {k: (float(v) if np.isfinite(v) else None) for k, v in self.metrics.items()},
             "done": self.done,

@@ -87,6 +87,20 @@ def test_a_stale_pull_names_the_push_before_the_one_it_may_miss(tmp_path):
     assert client.pulled_at == [max(0, j - 1) for j in range(BATCHES)]
 
 
+@pytest.mark.parametrize("staleness", [0, 1])
+def test_lag_counts_every_batch_read_and_not_applied(tmp_path, staleness):
+    # Right after a batch's push is sent, that batch is not applied yet (and with staleness
+    # 1 neither is the one read ahead): the trainer's lag is the age of their oldest event,
+    # not 0 because the batch before them was just committed.
+    cfg = _cfg(tmp_path, staleness)
+    client = _Recording(cfg.ps, acked=False)
+    t = Trainer(0, cfg, client=client)
+    lags: list[float] = []
+    t.run(on_batch=lambda events, loss: lags.append(t.stats()["lag_s"]))
+    assert len(lags) == BATCHES and all(lag > 0 for lag in lags), lags
+    assert t.stats()["lag_s"] == 0.0  # all applied
+
+
 class _Losing(LocalClient):
     """The in-process PS that loses one push on the way (its wait raises, and a pull that
     names it fails, as ``PSClient`` does when a push never reaches a shard)."""
