@@ -372,7 +372,10 @@ class Trainer:
                 # the same process) they are the Keyed the push was built with.
                 recent = (_keyed(getattr(recent[0], "keys", recent[0])), _keyed(getattr(recent[1], "keys", recent[1])),
                           recent[2])
-            self._push_raw(parts, PushId(self.producers[rec.partition], rec.seq), recent)
+            # Acknowledged before the next is sent, and before the commit below clears the
+            # records: a resend lost on the way fails this recovery (the supervisor tries
+            # again), and none can land behind a later seq, which a shard would drop.
+            self.client.wait(self._push_raw(parts, PushId(self.producers[rec.partition], rec.seq), recent))
             self.recovered_pushes += 1
         resume = {p: committed.offsets.get(p, 0) for p in self.sources}
         redo: dict[int, PushRecord] = {}
@@ -585,7 +588,10 @@ class Trainer:
         self.batches += 1
         self.retries = 0
         self._last_progress = now
-        self._unapplied.pop((batch.partition, batch.start), None)
+        # This batch and any of its partition before it (left by a failed run, if nothing
+        # reset the local state since).
+        for key in [k for k in self._unapplied if k[0] == batch.partition and k[1] <= batch.start]:
+            del self._unapplied[key]
         if self._may_refuse and len(batch.new_items):
             self._unchecked.append(batch.new_items)
         if self.wal is not None:

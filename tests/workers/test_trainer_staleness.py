@@ -108,14 +108,16 @@ class _Losing(LocalClient):
     class Lost:
         pass
 
-    def __init__(self, cfg, lose: int):
+    def __init__(self, cfg, lose: int, times: int = 1):
         super().__init__(cfg)
-        self.sent, self.lose, self.lost_seq = 0, lose, None
+        self.sent, self.lose, self.times, self.lost_seq = 0, lose, times, None
 
     def push_async(self, updates, push_id, recent=None):
         self.sent += 1
         if self.sent == self.lose:
             self.lost_seq = push_id[1]
+        if push_id[1] == self.lost_seq and self.times > 0:  # lost, and so are the next times - 1 sends of it
+            self.times -= 1
             return [self.Lost()]
         return super().push_async(updates, push_id, recent)
 
@@ -138,13 +140,15 @@ class _Losing(LocalClient):
 
 
 @pytest.mark.parametrize("staleness", [0, 1])
-def test_a_lost_push_is_sent_again_after_the_retry(tmp_path, staleness):
+@pytest.mark.parametrize("times", [1, 2])
+def test_a_lost_push_is_sent_again_after_the_retry(tmp_path, staleness, times):
     # The trainer's own retry (write-ahead log, recovery from the last commit) must bring
     # back a push that never arrived, though with staleness 1 the next batch was already
-    # pulled and computed before it was found missing.
+    # pulled and computed before it was found missing; and again if the recovery's own
+    # resend is lost too (times=2).
     cfg = _cfg(tmp_path, staleness)
     cfg = cfg.model_copy(update={"trainer": cfg.trainer.model_copy(update={"retry_backoff_s": 0.01})})
-    client = _Losing(cfg.ps, lose=4)
+    client = _Losing(cfg.ps, lose=4, times=times)
     t = Trainer(0, cfg, client=client, state_dir=tmp_path / "state")
     t._supervised()  # what start() runs in its thread: run, and on a failure recover and run again
     assert client.lost_seq is not None and "lost" in t.error  # it failed, and was retried
