@@ -101,6 +101,66 @@ def test_lag_counts_every_batch_read_and_not_applied(tmp_path, staleness):
     assert t.stats()["lag_s"] == 0.0  # all applied
 
 
+class _Ordered(LocalClient):
+    """The in-process PS that hands out one token per push and checks, at every push, that
+    the trainer has waited for every earlier one (a shard drops a push whose seq is below
+    one it has applied, so an unacknowledged push must never have a successor in flight)."""
+
+    class Token:
+        def __init__(self, seq: int):
+            self.seq, self.waited = seq, False
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        self.tokens: list[_Ordered.Token] = []
+
+    def push_async(self, updates, push_id, recent=None):
+        unwaited = [t.seq for t in self.tokens if not t.waited]
+        assert not unwaited, f"push {push_id[1]} sent while {unwaited} are not acknowledged"
+        super().push_async(updates, push_id, recent)
+        self.tokens.append(self.Token(push_id[1]))
+        return [self.tokens[-1]]
+
+    class Acked:
+        """Rows that reflect a push: reading them acknowledges it, as on the shards
+        (``pull_after``, and a pass's push that brings the next pass's rows)."""
+
+        def __init__(self, pending, refs):
+            self.pending, self.refs = pending, refs
+
+        def result(self):
+            for r in self.refs:
+                r.waited = True
+            return self.pending.result()
+
+    def pull_async(self, requests, *, initial=False, after=None):
+        pending = super().pull_async(requests, initial=initial, after=after)
+        return pending if after is None else self.Acked(pending, after[1])
+
+    def push_pull_async(self, updates, push_id, recent, requests, *, initial=True):
+        refs = self.push_async(updates, push_id, recent)
+        return refs, self.Acked(LocalClient.pull_async(self, requests, initial=initial), refs)
+
+    def done(self, refs):
+        return False
+
+    def wait(self, refs):
+        for r in refs:
+            r.waited = True
+        return refs
+
+
+@pytest.mark.parametrize("staleness, passes", [(0, 1), (1, 1), (1, 3)])
+def test_a_push_is_sent_only_once_every_earlier_one_is_acknowledged(tmp_path, staleness, passes):
+    cfg = _cfg(tmp_path, staleness, passes=passes)
+    client = _Ordered(cfg.ps)
+    t = Trainer(0, cfg, client=client, state_dir=tmp_path / "state")
+    t.run()
+    assert len(client.tokens) == BATCHES * passes and all(tok.waited for tok in client.tokens)
+    # Nothing pending in the write-ahead log: every push written was acknowledged.
+    assert t.wal.pending() == []
+
+
 class _Losing(LocalClient):
     """The in-process PS that loses one push on the way (its wait raises, and a pull that
     names it fails, as ``PSClient`` does when a push never reaches a shard)."""
