@@ -863,7 +863,8 @@ def format_table(report: dict[str, Any]) -> str:
         lines += [""] + rl
         for name, g in report.get("goals", {}).items():
             v = g.get("value")
-            target = f" (goal >= {g['target']:.2f}x: {'met' if g.get('met') else 'NOT met'})" if "target" in g else ""
+            verdict = "not measured" if g.get("met") is None else "met" if g["met"] else "NOT met"
+            target = f" (goal >= {g['target']:.2f}x: {verdict})" if "target" in g else ""
             lines.append(f"{name}: {'n/a' if v is None else f'{v:.2f}x'}{target}  [{g['against']}]")
     lines += _format_extras(report)
     lat = report["rank_latency"]
@@ -886,6 +887,12 @@ def format_table(report: dict[str, Any]) -> str:
 
 
 # --------------------------------------------------------------------------- command line
+
+
+def _exact(cfg: FreshetConfig) -> FreshetConfig:
+    """``cfg`` with ``trainer.staleness: 0``: the twin and every PS run but the stale one are
+    exact, whatever a ``--config`` says (the stale run sets its own)."""
+    return cfg.model_copy(update={"trainer": cfg.trainer.model_copy(update={"staleness": 0})})
 
 
 def bench_config(events: int, config_path: str | None = None) -> FreshetConfig:
@@ -959,10 +966,10 @@ def main(argv: list[str] | None = None) -> int:
             stream = write_peer_stream(data, work / "torchrec-events.parquet")
             print(f"train_throughput: prepared {args.events:,} events and 2 x {args.num_ids:,} x {workload.dim} rows "
                   f"in {time.perf_counter() - t0:.1f} s", flush=True)
-            cfg = torchrec_config(workload, stream, args.config)
-            default_cfg = bench_config(args.default_events, args.config) if args.default_events else None
+            cfg = _exact(torchrec_config(workload, stream, args.config))
+            default_cfg = _exact(bench_config(args.default_events, args.config)) if args.default_events else None
         else:
-            cfg = bench_config(args.events, args.config)
+            cfg = _exact(bench_config(args.events, args.config))
         if args.shards is not None:
             cfg = cfg.model_copy(update={"ps": cfg.ps.model_copy(update={"num_shards": args.shards})})
             if torchrec and default_cfg is not None:
