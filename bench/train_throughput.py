@@ -889,10 +889,10 @@ def format_table(report: dict[str, Any]) -> str:
 # --------------------------------------------------------------------------- command line
 
 
-def _exact(cfg: FreshetConfig) -> FreshetConfig:
-    """``cfg`` with ``trainer.staleness: 0``: the twin and every PS run but the stale one are
-    exact, whatever a ``--config`` says (the stale run sets its own)."""
-    return cfg.model_copy(update={"trainer": cfg.trainer.model_copy(update={"staleness": 0})})
+def _with_staleness(cfg: FreshetConfig, staleness: int) -> FreshetConfig:
+    """``cfg`` with ``trainer.staleness`` set: 0 for the twin and every PS run but the stale
+    one, whatever a ``--config`` says."""
+    return cfg.model_copy(update={"trainer": cfg.trainer.model_copy(update={"staleness": staleness})})
 
 
 def bench_config(events: int, config_path: str | None = None) -> FreshetConfig:
@@ -966,10 +966,10 @@ def main(argv: list[str] | None = None) -> int:
             stream = write_peer_stream(data, work / "torchrec-events.parquet")
             print(f"train_throughput: prepared {args.events:,} events and 2 x {args.num_ids:,} x {workload.dim} rows "
                   f"in {time.perf_counter() - t0:.1f} s", flush=True)
-            cfg = _exact(torchrec_config(workload, stream, args.config))
-            default_cfg = _exact(bench_config(args.default_events, args.config)) if args.default_events else None
+            cfg = _with_staleness(torchrec_config(workload, stream, args.config), 0)
+            default_cfg = _with_staleness(bench_config(args.default_events, args.config), 0) if args.default_events else None
         else:
-            cfg = _exact(bench_config(args.events, args.config))
+            cfg = _with_staleness(bench_config(args.events, args.config), 0)
         if args.shards is not None:
             cfg = cfg.model_copy(update={"ps": cfg.ps.model_copy(update={"num_shards": args.shards})})
             if torchrec and default_cfg is not None:
@@ -1003,7 +1003,7 @@ def main(argv: list[str] | None = None) -> int:
     # The exact runs first and last; the last one stays up for serving.
     ps_plan = (("prefetch off", False, 0), ("staleness 1", True, 1), ("prefetch on", True, 0))
     ps_rounds: dict[str, list[dict[str, Any]]] = {name: [] for name, _, _ in ps_plan}
-    stale_cfg = cfg.model_copy(update={"trainer": cfg.trainer.model_copy(update={"staleness": 1})})
+    stale_cfg = _with_staleness(cfg, 1)
     table_figures: dict[str, Any] = {}
     default_ip: dict[str, Any] | None = None
     default_ps: dict[str, dict[str, Any]] = {}
@@ -1024,9 +1024,7 @@ def main(argv: list[str] | None = None) -> int:
         if last and torchrec and args.default_events:
             default_ip = run_in_process(default_cfg, progress=progress)
             bench["loadavg_1m"]["after_default_in_process"] = loadavg()
-            default_ip["staleness_1"] = run_in_process(
-                default_cfg.model_copy(update={"trainer": default_cfg.trainer.model_copy(update={"staleness": 1})}),
-                progress=progress)
+            default_ip["staleness_1"] = run_in_process(_with_staleness(default_cfg, 1), progress=progress)
         if last and torchrec and args.table_rows:
             table_figures = run_table_figures(args.table_rows)
             bench["loadavg_1m"]["after_table_figures"] = loadavg()

@@ -669,6 +669,21 @@ class Trainer:
         self._expired_at = now
         self.client.expire()
 
+    def _train_batch(self, batch: Batch, pending, on_batch: Callable[[int, float], None] | None,
+                     settle: tuple[Batch, list] | None = None) -> list:
+        """:meth:`_train` for a batch with something to train (``settle`` is committed either
+        way), then ``on_batch``; returns the pushes' refs."""
+        loss0 = self.metrics["loss_sum"]
+        if batch.trained.any():
+            refs = self._train(batch, pending, settle=settle)
+        else:
+            if settle is not None:
+                self._commit(*settle)
+            refs = []
+        if on_batch is not None:
+            on_batch(int(batch.active.sum()), float(self.metrics["loss_sum"] - loss0))
+        return refs
+
     def _read_ahead(self, pushed: tuple[Batch, list] | None) -> tuple[Batch, Any] | None:
         """Read and prepare the next batch and send its pull, ordered on every shard after
         ``pushed`` (a batch and its push refs, not yet awaited; None: nothing in flight).
@@ -756,17 +771,9 @@ class Trainer:
                 unevaluated = nxt is not None and self.evaluate
             if stale and inflight:
                 settle, inflight = inflight, None  # committed by _train, after the gradients
-            loss0 = self.metrics["loss_sum"]
             t0 = time.perf_counter()
-            if batch.trained.any():
-                refs = self._train(batch, pending, settle=settle)
-            else:
-                if settle is not None:
-                    self._commit(*settle)
-                refs = []
+            refs = self._train_batch(batch, pending, on_batch, settle)
             self.train_s += time.perf_counter() - t0
-            if on_batch is not None:
-                on_batch(int(batch.active.sum()), float(self.metrics["loss_sum"] - loss0))
             if inflight:
                 self._commit(*inflight)
             inflight = (batch, refs)
@@ -786,11 +793,7 @@ class Trainer:
             batch, pending = nxt
             if unevaluated:
                 self._evaluate(batch)
-            loss0 = self.metrics["loss_sum"]
-            refs = self._train(batch, pending) if batch.trained.any() else []
-            if on_batch is not None:
-                on_batch(int(batch.active.sum()), float(self.metrics["loss_sum"] - loss0))
-            self._commit(batch, refs)
+            self._commit(batch, self._train_batch(batch, pending, on_batch))
         if self._exhausted():
             self.done = True
         self.state = "done" if self.done else "stopped"
