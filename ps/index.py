@@ -340,6 +340,34 @@ class KeyIndex:
         self._place(keys, slots.astype(np.int32), h, words)
         self._used += n
 
+    def update(self, keys: np.ndarray, slots: np.ndarray) -> None:
+        """Give ``keys``, all in the index, the new ``slots``; on an error nothing changes.
+
+        Args:
+            keys: ``uint64 [n]``, distinct.
+            slots: integer ``[n]``, each in ``[0, 2**31 - 1]``.
+
+        Raises:
+            TypeError: ``keys`` is not a ``uint64`` array, or ``slots`` not an integer one.
+            ValueError: shapes differ, a slot is out of range, or a key is not in the index.
+        """
+        keys = _key_array(keys, "update")
+        slots = np.asarray(slots)
+        if slots.dtype.kind not in "iu":
+            raise TypeError(f"update: slots must be an integer array, got dtype {slots.dtype}")
+        if slots.shape != keys.shape:
+            raise ValueError(f"update: keys and slots differ in shape: {keys.shape} vs {slots.shape}")
+        if not len(keys):
+            return
+        lo, hi = int(slots.min()), int(slots.max())
+        if lo < 0 or hi > _MAX_SLOT:
+            raise ValueError(f"update: slots must be in [0, {_MAX_SLOT}], got {lo if lo < 0 else hi}")
+        pos = self._find(keys, _mix(keys))
+        absent = np.flatnonzero(pos < 0)
+        if absent.size:
+            raise ValueError(f"update: {absent.size} of {len(keys)} keys are not in the index, e.g. key {int(keys[absent[0]])}")
+        self._slots[pos] = slots.astype(np.int32)
+
     def remove(self, keys: np.ndarray) -> np.ndarray:
         """Remove ``keys`` where present.
 

@@ -12,10 +12,9 @@ nothing, and order-insensitive: entries are kept sorted by offset.
 
 from __future__ import annotations
 
-import sys
-from itertools import repeat as _forever
-
 import numpy as np
+
+from ps.index import KeyIndex
 
 __all__ = ["RecentItems"]
 
@@ -24,10 +23,9 @@ _EMPTY_K = np.empty(0, np.uint64)
 
 _BASE = 8  # entries per row of the smallest tier: most users of a skewed stream fit there
 _GROWTH = 4  # each tier's rows hold 4x the entries of the one below: a user moves O(log) times
-# A user map entry's two int objects as CPython allocates them (sizes rounded up to 8): a
-# hashed 64-bit key (sys.getsizeof 36: three 30-bit digits; 40) and a place below 2**30 (28; 32).
-_INT_OBJECTS_BYTES = 72
-_TIER_BITS = 4  # a user's place is one int, row << 4 | tier (8 tiers at most: per_user <= 100,000)
+# A user's place is one int, row << 4 | tier (8 tiers at most: per_user <= 100,000), stored
+# as a KeyIndex slot (below 2**31), so a tier holds up to 2**27 users: 134M on one shard.
+_TIER_BITS = 4
 
 
 class _Tier:
@@ -74,7 +72,8 @@ class RecentItems:
     are not already kept (a late delivery) take a per-user step. Memory (:meth:`nbytes`):
     about 300 bytes per user with at most 8 entries (measured, the arrays' growth slack
     included), and 16 bytes per entry slot of a larger tier's row (at most 4x the user's
-    entries).
+    entries). The user map is a :class:`ps.index.KeyIndex` (~27 bytes a user; a dict took
+    ~110 and one Python call per user of every batch).
     """
 
     def __init__(self, per_user: int):
@@ -91,7 +90,7 @@ class RecentItems:
         self._reset()
 
     def _reset(self) -> None:
-        self._where: dict[int, int] = {}  # user key -> row << _TIER_BITS | tier
+        self._where = KeyIndex(1024)  # user key -> row << _TIER_BITS | tier
         self._tiers = [_Tier(int(w), 1024 if t == 0 else 16) for t, w in enumerate(self._widths)]
 
     def __len__(self) -> int:
@@ -102,23 +101,32 @@ class RecentItems:
         return sum(int(t.n[: t.top].sum()) for t in self._tiers)
 
     def nbytes(self) -> int:
-        """Bytes of memory held: the tiers' arrays (free rows included) exactly, and the user
-        map at CPython's sizes (its table, and a key and a place object per user)."""
+        """Bytes of memory held: the tiers' arrays (free rows included) and the user map's."""
         tiers = sum(a.nbytes for t in self._tiers for a in (t.n, t.user, t.off, t.item))
-        return tiers + sys.getsizeof(self._where) + len(self._where) * _INT_OBJECTS_BYTES
+        return tiers + self._where.nbytes()
 
     # -- one user ---------------------------------------------------------------------------
     def _tier_for(self, k: int) -> int:
         return int(np.searchsorted(self._widths, k))
 
+    def _code(self, user: int) -> int:
+        """The user's place, -1 for an unknown user."""
+        return int(self._where.lookup(np.asarray([user], np.uint64))[0])
+
+    def _release_codes(self, codes: np.ndarray) -> None:
+        """Free the rows of the places ``codes`` (distinct; their users already left the map)."""
+        for t, tr in enumerate(self._tiers):
+            rows = codes[(codes & _MASK) == t] >> _TIER_BITS
+            if rows.size:
+                tr.release(rows)
+
     def _release(self, user: int) -> None:
-        code = self._where.pop(user, None)
-        if code is not None:
-            self._tiers[code & _MASK].release(np.asarray([code >> _TIER_BITS]))
+        codes = self._where.remove(np.asarray([user], np.uint64))
+        self._release_codes(codes[codes >= 0])
 
     def _get(self, user: int) -> tuple[np.ndarray, np.ndarray] | None:
-        code = self._where.get(user)
-        if code is None:
+        code = self._code(user)
+        if code < 0:
             return None
         t, r = self._tiers[code & _MASK], code >> _TIER_BITS
         n = int(t.n[r])
@@ -132,13 +140,13 @@ class RecentItems:
             self._release(user)
             return
         want = self._tier_for(k)
-        code = self._where.get(user)
-        if code is not None and code & _MASK == want:
+        code = self._code(user)
+        if code >= 0 and code & _MASK == want:
             r = code >> _TIER_BITS
         else:
             self._release(user)
             r = int(self._tiers[want].rows(1)[0])
-            self._where[user] = r << _TIER_BITS | want
+            self._where.insert(np.asarray([user], np.uint64), np.asarray([r << _TIER_BITS | want]), absent=True)
             self._tiers[want].user[r] = user
         t = self._tiers[want]
         t.off[r, :k] = o
@@ -171,8 +179,7 @@ class RecentItems:
         group = np.cumsum(head) - 1  # each entry's group (user)
         col = np.arange(n) - starts[group]  # its position within the group
         keys = users[starts]
-        # map with dict.get runs in C: no Python per user
-        codes = np.fromiter(map(self._where.get, keys.tolist(), _forever(-1)), np.int64, len(keys))
+        codes = self._where.lookup(keys)
         known = codes >= 0
         tier = np.where(known, codes & _MASK, -1)
         row = np.where(known, codes >> _TIER_BITS, 0)
@@ -271,7 +278,10 @@ class RecentItems:
                 drow[arrive] = tr.rows(arrive.size)
                 tr.user[drow[arrive]] = keys[arrive]
         if moving.size:
-            self._where.update(zip(keys[moving].tolist(), ((drow[moving] << _TIER_BITS) | dst[moving]).tolist()))
+            codes = (drow[moving] << _TIER_BITS) | dst[moving]
+            old = known[moving]
+            self._where.update(keys[moving][old], codes[old])
+            self._where.insert(keys[moving][~old], codes[~old], absent=True)  # looked up above: absent
         # Each group's new entries, without those that fall out at once.
         pos_of = np.full(len(counts), -1, np.int64)  # every group's position in gs, -1 outside it
         pos_of[gs] = np.arange(len(gs))
@@ -294,27 +304,36 @@ class RecentItems:
 
     # -- reading and forgetting --------------------------------------------------------------
     def users(self) -> np.ndarray:
-        """The users with recent items (``uint64`` keys)."""
-        return np.fromiter(self._where, np.uint64, len(self._where))
+        """The users with recent items (``uint64`` keys, in no particular order)."""
+        return self._where.keys()
 
     def items_of(self, user: int) -> np.ndarray:
         """The user's item keys, oldest first (``uint64``; empty for an unknown user)."""
-        got = self._get(int(user))
-        return got[1].copy() if got is not None else _EMPTY_K
+        return self.lists(np.asarray([user], np.uint64))[0]
+
+    def lists(self, users: np.ndarray) -> list[np.ndarray]:
+        """:meth:`items_of` of each of ``users`` (``uint64 [n]`` keys), in the order given
+        (one lookup for them all)."""
+        out = []
+        for code in self._where.lookup(np.asarray(users, np.uint64)).tolist():
+            if code < 0:
+                out.append(_EMPTY_K)
+                continue
+            t, r = self._tiers[code & _MASK], code >> _TIER_BITS
+            out.append(t.item[r, : t.n[r]].copy())
+        return out
 
     def forget_users(self, users: np.ndarray) -> int:
         """Drop everything kept for ``users`` (keys); returns how many users went."""
-        gone = 0
-        for u in np.asarray(users, np.uint64).tolist():
-            if u in self._where:
-                self._release(u)
-                gone += 1
-        return gone
+        codes = self._where.remove(np.unique(np.asarray(users, np.uint64)))
+        codes = codes[codes >= 0]
+        self._release_codes(codes)
+        return len(codes)
 
     def forget_items(self, items: np.ndarray) -> int:
         """Drop every entry of the item keys ``items``; returns how many entries went."""
         items = np.asarray(items, np.uint64)
-        if not len(items) or not self._where:
+        if not len(items) or not len(self._where):
             return 0
         gone, emptied = 0, []
         for tr in self._tiers:
@@ -338,7 +357,7 @@ class RecentItems:
 
     def capture(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """``(users uint64, offsets int64, items uint64)``, flat, users in ascending key order."""
-        if not self._where:
+        if not len(self._where):
             return _EMPTY_K, _EMPTY_I, _EMPTY_K
         parts_u, parts_o, parts_i = [], [], []
         for tr in self._tiers:

@@ -442,7 +442,7 @@ class PSShard:
             rows[found] = t.rows[torch.from_numpy(slots[found])].numpy()
             for j, version in zip(np.flatnonzero(found).tolist(), t.changed_at[slots[found]].tolist()):
                 pushed_by[j] = self._push_at.get(version)
-        lists = [self.recent.items_of(k) for k in keys.tolist()] if recent else []
+        lists = self.recent.lists(keys) if recent else []
         flat = np.concatenate(lists) if lists else np.empty(0, np.uint64)
         ends = np.cumsum([len(x) for x in lists], dtype=np.int64) if lists else np.zeros(len(keys), np.int64)
         return RankContexts(rows, found, pushed_by, self.version, flat.astype(np.uint64, copy=False), ends)
@@ -450,7 +450,7 @@ class PSShard:
     def recent_items(self, user_keys: np.ndarray) -> list[np.ndarray]:
         """Each user's recent item keys (``uint64 [k]`` each, oldest first) for ``user_keys``
         (``uint64 [n]``), in the order given."""
-        return [self.recent.items_of(u) for u in np.asarray(user_keys, np.uint64).tolist()]
+        return self.recent.lists(np.asarray(user_keys, np.uint64))
 
     def _register(self, reader: str | None, since: int) -> None:
         now = time.time()

@@ -46,9 +46,13 @@ def _first_seen(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     if not len(keys):
         return keys, np.empty(0, np.int64), np.empty(0, np.int64)
     uniq, first, inverse = unique_keys(keys)
-    order = np.argsort(first, kind="stable")
-    rank = np.empty_like(order)
-    rank[order] = np.arange(len(order))
+    # The first positions are distinct in [0, n): their ranks come from one pass over a
+    # mark array, not a sort.
+    mark = np.zeros(len(keys), bool)
+    mark[first] = True
+    rank = np.cumsum(mark)[first] - 1
+    order = np.empty_like(rank)
+    order[rank] = np.arange(len(rank))
     return uniq[order], rank[inverse.reshape(-1)], first[order]
 
 

@@ -58,6 +58,7 @@ _op = st.one_of(
     st.tuples(st.just("insert"), st.lists(_key, max_size=40)),
     st.tuples(st.just("remove"), st.lists(_key, max_size=40)),
     st.tuples(st.just("lookup"), st.lists(_key, max_size=40)),
+    st.tuples(st.just("update"), st.lists(_key, max_size=40)),
 )
 
 
@@ -73,6 +74,11 @@ def test_random_operations_match_a_dict(capacity, ops, seed):
             slots = rng.integers(0, 2**31 - 1, size=len(new))
             index.insert(new, slots)
             ref.update(zip(new.tolist(), slots.tolist()))
+        elif kind == "update":
+            present = u64(dict.fromkeys(k for k in keys if k in ref))  # distinct and present
+            slots = rng.integers(0, 2**31 - 1, size=len(present))
+            index.update(present, slots)
+            ref.update(zip(present.tolist(), slots.tolist()))
         elif kind == "remove":
             expected = [ref.get(k, -1) for k in keys]
             np.testing.assert_array_equal(index.remove(batch), expected)
@@ -231,6 +237,22 @@ def test_insert_validates_its_arguments(keys, slots, error, match):
     with pytest.raises(error, match=match):
         index.insert(keys, slots)
     assert len(index) == 0
+
+
+def test_update_rejects_absent_keys_and_bad_slots_and_changes_nothing():
+    index = KeyIndex()
+    index.insert(u64([1, 2, 3]), [10, 20, 30])
+    with pytest.raises(ValueError, match=r"1 of 2 keys are not in the index, e.g. key 4\b"):
+        index.update(u64([2, 4]), [0, 1])
+    with pytest.raises(ValueError, match=r"slots must be in \[0, 2147483647\], got -1"):
+        index.update(u64([1, 2]), [5, -1])
+    with pytest.raises(TypeError, match="integer"):
+        index.update(u64([1]), np.array([1.0]))
+    with pytest.raises(ValueError, match="differ in shape"):
+        index.update(u64([1, 2]), [1])
+    check_against(index, {1: 10, 2: 20, 3: 30}, extra=u64([4]))
+    index.update(u64([3, 1]), [7, 2**31 - 1])
+    check_against(index, {1: 2**31 - 1, 2: 20, 3: 7})
 
 
 def test_lookup_and_remove_validate_keys():
