@@ -50,7 +50,7 @@ from ps.persist import (
 )
 from ps.plan import ShardingPlan
 from ps.recent import RecentItems
-from ps.table import EmbeddingTable
+from ps.table import EmbeddingTable, PushOutcome
 
 __all__ = ["Delta", "PSShard", "PushId", "RankContext", "RankContexts", "TableDelta", "TableUpdate"]
 
@@ -603,24 +603,26 @@ class PSShard:
     ) -> None:
         """The state change of one validated push; shared by ``push`` and log replay."""
         new_version = self.version + 1
-        present: dict[str, tuple[np.ndarray, np.ndarray]] = {}  # leader -> (keys pushed, has a row now)
+        present: dict[str, tuple[np.ndarray, PushOutcome]] = {}  # leader -> (keys pushed, its outcome)
         for u in updates:
             t = self.tables[u.table]
             leader = self.cfg.leader_of(u.table)
             if leader != u.table:
                 # A follower pushed with its leader's very keys (item_bias with item) learns
-                # from the leader's push which have rows: no second lookup.
+                # from the leader's push which have rows, and its keys' unique order: no
+                # second lookup or sort.
                 done = present.get(leader)
+                unique = None
                 if done is not None and (done[0] is u.keys or np.array_equal(done[0], u.keys)):
-                    allowed = done[1]
+                    allowed, unique = done[1].present, done[1].unique
                 else:
                     allowed = self.tables[leader].lookup(u.keys) >= 0
                 t.push(u.keys, _tensor(u.grads), ids=u.ids, create=u.create, version=new_version, now=now,
-                       allowed=allowed)
+                       allowed=allowed, unique=unique)
                 continue
             outcome = t.push(u.keys, _tensor(u.grads), ids=u.ids, create=u.create, version=new_version, now=now)
             if outcome.present is not None:
-                present[u.table] = (u.keys, outcome.present)
+                present[u.table] = (u.keys, outcome)
             if len(outcome.removed):
                 self._removed(u.table, outcome.removed, new_version)
         if recent is not None:

@@ -49,6 +49,7 @@ class PushOutcome(NamedTuple):
     removed: np.ndarray  # uint64 keys evicted to make room
     dropped: int  # distinct keys whose gradients were dropped: no row, and none created
     present: np.ndarray | None = None  # bool [n]: each pushed key has a row after the push
+    unique: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None  # unique_keys(keys) of the push
 
 
 def _as_keys(keys: np.ndarray | Any) -> np.ndarray:
@@ -213,6 +214,7 @@ class EmbeddingTable:
         version: int = 0,
         now: float = 0.0,
         allowed: np.ndarray | None = None,
+        unique: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None,
     ) -> PushOutcome:
         """One optimizer step on the rows of ``keys`` with ``grads`` (``float32 [n, dim]``).
 
@@ -226,7 +228,9 @@ class EmbeddingTable:
         ``allowed`` (``bool [n]``) overrides who may create, bypassing admission: a table
         that follows another creates exactly the rows its leader has. Rows of a repeated
         key are combined first (``optim.reduce_pushed``). Changed rows count as changed at
-        ``version``; touched ones at ``now`` (unix seconds).
+        ``version``; touched ones at ``now`` (unix seconds). ``unique`` is
+        ``ps.index.unique_keys(keys)`` when the caller has it already (a follower pushed
+        with its leader's very keys: the leader's outcome carries it).
 
         Raises:
             ValueError: ``grads`` is not ``[len(keys), dim]``, or ``ids``/``create`` do not
@@ -243,7 +247,7 @@ class EmbeddingTable:
         empty = PushOutcome(np.empty(0, np.uint64), np.empty(0, np.uint64), 0)
         if not n:
             return empty
-        uniq, first, inverse = unique_keys(keys)
+        uniq, first, inverse = unique_keys(keys) if unique is None else unique
         real = np.ones(len(uniq), bool) if create is None else np.zeros(len(uniq), bool)
         if create is not None:
             real[inverse[np.asarray(create, bool)]] = True
@@ -292,7 +296,7 @@ class EmbeddingTable:
             self.score[touch] += occurrences[ok][real[ok]]
         else:
             self.score[touch] = version
-        return PushOutcome(created, removed, dropped, ok[inverse])
+        return PushOutcome(created, removed, dropped, ok[inverse], (uniq, first, inverse))
 
     def apply_slots(self, slots: np.ndarray, grads: torch.Tensor) -> None:
         """One optimizer step on the rows at distinct ``slots`` (``int64 [n]``) with ``grads``
