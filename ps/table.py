@@ -305,8 +305,8 @@ class EmbeddingTable:
         if self.opt.kind is OptimizerKind.ROWWISE_ADAGRAD and grads.dtype == torch.float32 and len(u):
             # optim.rowwise_adagrad in place: a gather and a scatter of the state and of the
             # rows. The slots are distinct, so a copy back equals a scatter-add, and
-            # index_add_ with an alpha runs one tensor op per row (3x slower here at 20k
-            # rows of a 1M-row table); add_ with the same alpha gives the same bits.
+            # index_add_ with an alpha took 2-3x as long here (20k rows of a 1M-row table,
+            # 1 or 2 threads); add_ with the same alpha gives the same bits.
             n = len(u)
             state = self.state.index_select(0, u).reshape(n).add_(grads.mul(grads).mean(dim=1))
             self.state.index_copy_(0, u, state.reshape(n, 1))

@@ -72,6 +72,26 @@ def test_in_place_rowwise_adagrad_equals_optim():
     torch.testing.assert_close(torch.from_numpy(t.pull(keys)[0]), want, rtol=1e-6, atol=1e-8)
 
 
+@pytest.mark.parametrize("dim", [1, 8, 13, 64])
+def test_in_place_rowwise_adagrad_is_the_scatter_add_form_bit_for_bit(dim):
+    """The table's gather, add and copy back on distinct slots gives the very bits of the
+    plain form (``index_add_`` of the step with ``alpha=-lr``, as ``bench.peers`` does)."""
+    from ps.config import OptimizerConfig, TableConfig
+
+    rng = np.random.default_rng(dim)
+    t = EmbeddingTable("item", TableConfig(dim=dim), OptimizerConfig(kind="rowwise_adagrad", lr=0.0537, eps=1e-7), 3)
+    keys = id_keys(np.arange(3000))
+    t.push(keys, rng.normal(size=(3000, dim)).astype(np.float32))  # rows with a state
+    rows, state = t.rows.clone(), t.state.clone().reshape(-1)
+    slots = torch.from_numpy(rng.permutation(3000)[:1777].astype(np.int64))
+    g = torch.from_numpy(rng.normal(size=(1777, dim)).astype(np.float32))
+    t.apply_slots(slots.numpy(), g)
+    s = state.index_select(0, slots).add_(g.square().mean(1))
+    state.index_copy_(0, slots, s)
+    rows.index_add_(0, slots, g / s.sqrt().add_(1e-7).unsqueeze(1), alpha=-0.0537)
+    assert torch.equal(t.rows, rows) and torch.equal(t.state.reshape(-1), state)
+
+
 def test_repeated_keys_in_a_push_still_add_up():
     t, u = _table(), _table()
     k = id_keys([1, 2, 1, 1])
@@ -96,6 +116,13 @@ def test_follower_pushed_with_the_leaders_keys_object():
         np.testing.assert_array_equal(a[0], b[0])
         np.testing.assert_array_equal(a[1], b[1])
         assert a[1].sum() == create.sum()  # the follower has exactly the leader's rows
+    # Keys in another order than the leader's: the follower looks its rows up and sorts its
+    # keys itself, and ends the same.
+    other = PSShard(0, plan, cfg)
+    p = np.random.default_rng(0).permutation(40)
+    other.push(PushId("p", 0), {"item": (keys, g, None, create), "item_bias": (keys[p], gb[p], None, create[p])})
+    for name in ("item", "item_bias"):
+        np.testing.assert_array_equal(other.pull({name: keys}, False)[name][0], same.pull({name: keys}, False)[name][0])
 
 
 def test_push_after_pull_reuses_slots_only_while_the_layout_holds():
