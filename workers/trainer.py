@@ -542,6 +542,7 @@ class Trainer:
         (the previous batch and its push refs) is committed once the first gradients are
         computed, before anything of this batch is written or sent."""
         refs: list = []
+        last_pass: list = []  # the refs of this batch's previous pass's push
         producer = self.producers[batch.partition]
         passes = self.cfg.trainer.passes
         for p in range(first_pass, passes):
@@ -563,6 +564,11 @@ class Trainer:
                 updates.update(self.step.counts(batch))
                 recent = self.step.recent(batch)
             seq = batch.start * _SEQ_PER_BATCH + p
+            if last_pass:
+                # The rows of this pass acknowledge the last pass's push only on the shards
+                # that sent rows; a shard holding none of them got a push alone, which must
+                # be acknowledged too before this one follows it (as ``settle`` above).
+                self.client.wait(last_pass)
             if self.wal is not None:
                 self.wal.write(PushRecord(seq, batch.start, batch.end, p, batch.partition), _table_updates(updates), recent)
             if p + 1 < passes:  # one call per shard instead of a push and a pull
@@ -571,6 +577,7 @@ class Trainer:
             else:
                 push_refs = self.client.push_async(updates, PushId(producer, seq), recent)
             refs += push_refs
+            last_pass = push_refs
             batch.seqs.append(seq)
         return refs
 

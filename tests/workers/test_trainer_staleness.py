@@ -161,6 +161,28 @@ def test_a_push_is_sent_only_once_every_earlier_one_is_acknowledged(tmp_path, st
     assert t.wal.pending() == []
 
 
+class _OrderedTwoShards(_Ordered):
+    """:class:`_Ordered` as ``PSClient`` answers a pass's push and pull when a second shard
+    holds none of the next pass's rows: that shard gets the push alone, and reading the
+    rows does not acknowledge it."""
+
+    def push_pull_async(self, updates, push_id, recent, requests, *, initial=True):
+        refs, rows = super().push_pull_async(updates, push_id, recent, requests, initial=initial)
+        alone = self.Token(push_id[1])
+        self.tokens.append(alone)
+        return refs + [alone], rows
+
+
+@pytest.mark.parametrize("staleness", [0, 1])
+def test_a_passs_push_to_a_shard_without_its_rows_is_acknowledged_before_the_next(tmp_path, staleness):
+    cfg = _cfg(tmp_path, staleness, passes=3)
+    client = _OrderedTwoShards(cfg.ps)
+    t = Trainer(0, cfg, client=client, state_dir=tmp_path / "state")
+    t.run()
+    assert len(client.tokens) == BATCHES * 5 and all(tok.waited for tok in client.tokens)  # 3 pushes, 2 alone
+    assert t.wal.pending() == []
+
+
 class _Losing(LocalClient):
     """The in-process PS that loses one push on the way (its wait raises, and a pull that
     names it fails, as ``PSClient`` does when a push never reaches a shard)."""
