@@ -26,6 +26,7 @@ _GROWTH = 4  # each tier's rows hold 4x the entries of the one below: a user mov
 # A user's place is one int, row << 4 | tier (8 tiers at most: per_user <= 100,000), stored
 # as a KeyIndex slot (below 2**31), so a tier holds up to 2**27 users: 134M on one shard.
 _TIER_BITS = 4
+_MAX_ROWS = 1 << (31 - _TIER_BITS)
 
 
 class _Tier:
@@ -156,12 +157,19 @@ class RecentItems:
     # -- recording -------------------------------------------------------------------------
     def record(self, users: np.ndarray, items: np.ndarray, offsets: np.ndarray) -> int:
         """Add ``(user, offset, item)`` entries (``uint64``, ``int64``, ``uint64`` ``[n]``);
-        entries whose offset the user already has are ignored. Returns entries added."""
+        entries whose offset the user already has are ignored. Returns entries added.
+
+        Raises:
+            ValueError: a tier could pass 2**27 users (nothing changes).
+        """
         if self.per_user == 0 or not len(users):
             return 0
         users = np.asarray(users, np.uint64)
         items = np.asarray(items, np.uint64)
         offsets = np.asarray(offsets, np.int64)
+        if max(t.top for t in self._tiers) + len(users) > _MAX_ROWS:
+            # Checked before anything moves: a place past the limit would fail half-way.
+            raise ValueError(f"recent items: more than {_MAX_ROWS} users in one tier of a shard")
         order = np.lexsort((offsets, users))
         users, items, offsets = users[order], items[order], offsets[order]
         n = len(users)

@@ -123,7 +123,7 @@ class EmbeddingTable:
         keys = _as_keys(keys)
         if self.cfg.init == InitKind.UNIFORM and len(keys):
             known = self._initial
-            if known is None:
+            if known is None or not len(known[0]):
                 return init_rows(keys, seed=self.seed, dim=self.cfg.dim, scale=self.cfg.init_scale)
             ck, cr = known
             pos = np.minimum(np.searchsorted(ck, keys), len(ck) - 1)
@@ -150,6 +150,8 @@ class EmbeddingTable:
         slots = self.lookup(keys)
         self._pulled = (keys, slots, self._layout)
         found = slots >= 0
+        if not len(keys):
+            return np.empty((0, self.cfg.dim), np.float32), found
         if found.any():
             # One gather of every position (the missing ones read slot 0 and are overwritten
             # below): a third of the cost of gathering the found ones and scattering them.

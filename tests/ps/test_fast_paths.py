@@ -58,6 +58,20 @@ def test_rows_created_from_a_pulls_initial_rows_equal_fresh_ones():
     np.testing.assert_array_equal(a.initial_rows(keys[::-1]), b.initial_rows(keys[::-1]))
 
 
+def test_a_pull_of_no_keys_changes_nothing_a_push_needs():
+    """An empty pull (an in-process client passes one through) returns ``[0, dim]`` and
+    leaves the next push's row creation working (it once cached an empty set of initial
+    rows that the creation then indexed)."""
+    t, ref = _table(), _table()
+    rows, found = t.pull(np.empty(0, np.uint64), initial=True)
+    assert rows.shape == (0, 8) and rows.dtype == np.float32 and found.shape == (0,)
+    keys = id_keys(np.arange(5))
+    g = np.full((5, 8), 0.5, np.float32)
+    t.push(keys, g)
+    ref.push(keys, g)
+    np.testing.assert_array_equal(t.pull(keys)[0], ref.pull(keys)[0])
+
+
 def test_in_place_rowwise_adagrad_equals_optim():
     t = _table()
     keys = id_keys(np.arange(20))

@@ -165,3 +165,14 @@ def test_nbytes_is_what_the_entries_hold():
         tracemalloc.stop()
     assert r.nbytes() >= 16 * r.entries() + 13 * len(r)  # an entry's offset and item; the user map's entry
     assert abs(r.nbytes() / held - 1) < 0.25, (r.nbytes(), held)
+
+
+def test_a_tier_past_its_place_limit_is_refused_before_anything_changes():
+    import ps.recent
+
+    r = RecentItems(4)
+    r.record(_u(7), _u(70), np.array([0]))
+    r._tiers[0].top = ps.recent._MAX_ROWS - 1  # as if 2**27 - 1 users had rows there
+    with pytest.raises(ValueError, match="users in one tier"):
+        r.record(_u(1, 2), _u(10, 20), np.array([1, 2]))
+    assert len(r) == 1 and r.items_of(7).tolist() == [70] and r.items_of(1).tolist() == []
