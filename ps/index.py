@@ -142,6 +142,20 @@ def _key_array(keys: np.ndarray, op: str) -> np.ndarray:
     return arr
 
 
+def _slot_array(slots: np.ndarray, keys: np.ndarray, op: str) -> np.ndarray:
+    """``slots`` checked against ``keys`` for ``op``: integers, one per key, in ``[0, 2**31 - 1]``."""
+    slots = np.asarray(slots)
+    if slots.dtype.kind not in "iu":
+        raise TypeError(f"{op}: slots must be an integer array, got dtype {slots.dtype}")
+    if slots.shape != keys.shape:
+        raise ValueError(f"{op}: keys and slots differ in shape: {keys.shape} vs {slots.shape}")
+    if len(slots):
+        lo, hi = int(slots.min()), int(slots.max())
+        if lo < 0 or hi > _MAX_SLOT:
+            raise ValueError(f"{op}: slots must be in [0, {_MAX_SLOT}], got {lo if lo < 0 else hi}")
+    return slots
+
+
 def _hash_order(h: np.ndarray) -> tuple[np.ndarray, int | None]:
     """Order that sorts ``h`` by its high bits (so by bucket, at any table size), and a
     hash that occurs twice or None.
@@ -312,17 +326,10 @@ class KeyIndex:
                 ``keys``, or a key is already in the index.
         """
         keys = _key_array(keys, "insert")
-        slots = np.asarray(slots)
-        if slots.dtype.kind not in "iu":
-            raise TypeError(f"insert: slots must be an integer array, got dtype {slots.dtype}")
-        if slots.shape != keys.shape:
-            raise ValueError(f"insert: keys and slots differ in shape: {keys.shape} vs {slots.shape}")
+        slots = _slot_array(slots, keys, "insert")
         n = len(keys)
         if n == 0:
             return
-        lo, hi = int(slots.min()), int(slots.max())
-        if lo < 0 or hi > _MAX_SLOT:
-            raise ValueError(f"insert: slots must be in [0, {_MAX_SLOT}], got {lo if lo < 0 else hi}")
         h = _mix(keys)
         order, repeated = _hash_order(h)
         if repeated is not None:
@@ -352,16 +359,9 @@ class KeyIndex:
             ValueError: shapes differ, a slot is out of range, or a key is not in the index.
         """
         keys = _key_array(keys, "update")
-        slots = np.asarray(slots)
-        if slots.dtype.kind not in "iu":
-            raise TypeError(f"update: slots must be an integer array, got dtype {slots.dtype}")
-        if slots.shape != keys.shape:
-            raise ValueError(f"update: keys and slots differ in shape: {keys.shape} vs {slots.shape}")
+        slots = _slot_array(slots, keys, "update")
         if not len(keys):
             return
-        lo, hi = int(slots.min()), int(slots.max())
-        if lo < 0 or hi > _MAX_SLOT:
-            raise ValueError(f"update: slots must be in [0, {_MAX_SLOT}], got {lo if lo < 0 else hi}")
         pos = self._find(keys, _mix(keys))
         absent = np.flatnonzero(pos < 0)
         if absent.size:
