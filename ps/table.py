@@ -123,7 +123,7 @@ class EmbeddingTable:
         keys = _as_keys(keys)
         if self.cfg.init == InitKind.UNIFORM and len(keys):
             known = self._initial
-            if known is None or not len(known[0]):
+            if known is None:
                 return init_rows(keys, seed=self.seed, dim=self.cfg.dim, scale=self.cfg.init_scale)
             ck, cr = known
             pos = np.minimum(np.searchsorted(ck, keys), len(ck) - 1)
