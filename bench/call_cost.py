@@ -73,6 +73,10 @@ PIPELINE_SHARD_MS = 15.0
 PIPELINE_MB = 3.0
 PIPELINE_WAYS = ("plain_s", "graph_s", "plain_overlap_s", "graph_overlap_s")
 """Keys of a pipeline round: plain calls or a compiled graph, serial or overlapped."""
+# Ray's default wait for a compiled graph's execute or result is 10 s. The first execution sets
+# up the channels, and its actors wait by polling: on a loaded 2-core host (a CI run beside
+# other tests) that first one took longer than 10 s, and the run failed. A hang still ends.
+GRAPH_TIMEOUT_S = 300
 
 
 def _burn(ms: float) -> None:
@@ -126,8 +130,8 @@ def measure(sizes_mb: list[float], calls: int, *, idle_s: float = 2.0, pipeline_
         for path in PATHS:
             if path == "compiled graph":
                 # Sized for the largest argument so no call pays for growing the channel.
-                graph = dag.experimental_compile(_buffer_size_bytes=biggest)
-                call = lambda a: ray.get(graph.execute(a))  # noqa: E731
+                graph = dag.experimental_compile(_buffer_size_bytes=biggest, _submit_timeout=GRAPH_TIMEOUT_S)
+                call = lambda a: ray.get(graph.execute(a), timeout=GRAPH_TIMEOUT_S)  # noqa: E731
             elif path == "inline":
                 call = lambda a: ray.get(sink.total.remote(a))  # noqa: E731
             else:
@@ -231,7 +235,8 @@ def run_pipeline(rounds: int, batches: int, *, idle_s: float = 2.0, progress: bo
         def compile(self) -> None:
             with InputNode() as inp:
                 self.graph = MultiOutputNode([s.push_pull.bind(inp[i]) for i, s in enumerate(self.shards)]
-                                             ).experimental_compile(_buffer_size_bytes=2 * n * 4)
+                                             ).experimental_compile(_buffer_size_bytes=2 * n * 4,
+                                                                    _submit_timeout=GRAPH_TIMEOUT_S)
 
         def teardown(self) -> None:
             if self.graph is not None:
@@ -246,7 +251,7 @@ def run_pipeline(rounds: int, batches: int, *, idle_s: float = 2.0, progress: bo
                 start = lambda: [s.push_pull.remote(g) for s, g in zip(self.shards, self.grads)]  # noqa: E731
 
             def finish(ref) -> None:
-                if any(r.shape != (n,) for r in ray.get(ref)):
+                if any(r.shape != (n,) for r in ray.get(ref, timeout=GRAPH_TIMEOUT_S)):
                     raise RuntimeError("pipeline: a shard answered rows of the wrong size")
 
             try:
