@@ -617,18 +617,27 @@ class Trainer:
         refs = self._train(batch, self._pull(batch)) if batch.trained.any() else []
         self._commit(batch, refs)
 
-    def _sync_lifecycle(self) -> None:
+    def _sync_lifecycle(self, unpushed: tuple[Batch | None, ...] = ()) -> None:
         """Drop items the PS removed (expiry, eviction) or never gave a row (admission, a full
         table) from the catalogue and histories, so they are never sampled as negatives or
         used as context; trainer 0 also drops them from every user's recent items on the
         shards. Drop users the PS removed from the histories, so a user who comes back
-        starts a fresh session context."""
+        starts a fresh session context.
+
+        ``unpushed``: batches prepared (the catalogue and histories advanced past them) whose
+        pushes are not yet acknowledged. Their IDs are kept: the shards may not have their rows
+        yet, and the push on its way gives them one."""
         now = time.monotonic()
         if not any(self._lifecycle.values()) or now - self._lifecycle_at < self.cfg.trainer.lifecycle_sync_s:
             return
         self._lifecycle_at = now
         reader = f"{self.cfg.namespace}/{trainer_actor_name(self.index)}"
         since = list(self._removed_since)
+        coming = [b for b in unpushed if b is not None]
+        # The events whose IDs prepare() added to the catalogue and histories.
+        taught = [b.positive | b.dislike for b in coming]
+        keep = {self.cfg.model.item_table: np.concatenate([b.item_keys[t] for b, t in zip(coming, taught)]) if coming else None,
+                self.cfg.model.user_table: np.concatenate([b.user_keys[t] for b, t in zip(coming, taught)]) if coming else None}
         versions = None
         for table, known in ((self.cfg.model.item_table, self.catalogue.keys),
                              (self.cfg.model.user_table, self.histories.users)):
@@ -650,6 +659,11 @@ class Trainer:
             # user's recent items (a just-seen item ranked back to them), or the history a
             # returning user has started again.
             keys = keys[~self.client.present(table, _keyed(keys))]
+            if keep[table] is not None:
+                coming_back = np.isin(keys, keep[table])
+                if table == self.cfg.model.item_table and coming_back.any():
+                    self._unchecked.append(keys[coming_back])  # checked again once pushed
+                keys = keys[~coming_back]
             if table == self.cfg.model.user_table:
                 self.histories.forget_users(keys)
                 continue
@@ -665,6 +679,11 @@ class Trainer:
             # the catalogue must lose them (an item admitted later comes back with its next event).
             fresh = np.unique(np.concatenate(self._unchecked))
             self._unchecked = []
+            if keep[self.cfg.model.item_table] is not None:
+                coming_back = np.isin(fresh, keep[self.cfg.model.item_table])
+                if coming_back.any():
+                    self._unchecked.append(fresh[coming_back])
+                fresh = fresh[~coming_back]
             self.catalogue.remove(fresh[~self.client.present(self.cfg.model.item_table, _keyed(fresh))])
 
     def _expire_idle(self) -> None:
@@ -725,7 +744,7 @@ class Trainer:
         done_batches = 0
         self.state = "running"
         while not self._stop.is_set() and (max_batches is None or done_batches < max_batches):
-            self._sync_lifecycle()
+            self._sync_lifecycle((inflight[0] if inflight else None, nxt[0] if nxt else None))
             if nxt is None:
                 got = self._read_next()
                 if got is None:

@@ -5,12 +5,15 @@ the users' histories stay within what the user table can hold."""
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 
 from ps.ids import Keyed, keyed
 from ps.local import LocalClient
 from ps.shard import PushId
 from serving.config import load_config
+from workers.events import make_events
 from workers.step import Histories
 from workers.trainer import Trainer
 
@@ -122,3 +125,41 @@ def test_a_user_back_before_the_sync_keeps_the_history_they_started_again():
     tr.histories.remember(np.asarray([a], np.uint64), keyed(["i9"]).keys)
     tr._sync_lifecycle()
     assert tr.histories.of(a) == (int(keyed(["i9"]).keys[0]),)
+
+
+def test_an_item_back_in_a_batch_not_yet_pushed_stays_in_the_catalogue():
+    # A batch read ahead (prepared: the catalogue and histories already hold its items) is
+    # pushed after the sync that runs before it. The sync dropped an item evicted earlier and
+    # back in that batch, since the shard had no row for it yet: it was never sampled as a
+    # negative again until its next event, and the histories lost the interaction.
+    tr, client = _trainer({"item": {"max_rows": 2, "eviction": "lru"}})
+    _push(client, "item", ["x"], 1)
+    _push(client, "item", ["y"], 2)
+    _push(client, "item", ["z"], 3)  # the cap is 2: "x" goes
+    x = int(keyed(["x"]).keys[0])
+    raw = make_events([0, 1], ["u1", "u1"], ["x", "z"], [1.7e9, 1.7e9 + 1], [1.0, 1.0])
+    batch = tr._prepare(0, raw, 2)
+    assert x in tr.catalogue.keys().tolist() and _live(client, "item", ["x"]) == [False]
+    tr._sync_lifecycle((None, batch))
+    assert x in tr.catalogue.keys().tolist()
+    # Once its push gave "x" a row again, the next sync keeps it; without one it would go.
+    tr._commit(batch, tr._train(batch, tr._pull(batch)))
+    assert _live(client, "item", ["x"]) == [True]
+    time.sleep(0.01)  # past lifecycle_sync_s
+    tr._sync_lifecycle()
+    assert x in tr.catalogue.keys().tolist()
+
+
+def test_an_item_back_in_an_unpushed_batch_is_checked_again_after_its_push():
+    # Kept while its batch is on its way, but still checked: a push that gives it no row
+    # (here the sync runs with the batch never pushed) lets the next sync drop it.
+    tr, client = _trainer({"item": {"max_rows": 2, "eviction": "lru"}})
+    for seq, item in enumerate(["x", "y", "z"], 1):
+        _push(client, "item", [item], seq)
+    x = int(keyed(["x"]).keys[0])
+    batch = tr._prepare(0, make_events([0], ["u1"], ["x"], [1.7e9], [1.0]), 1)
+    tr._sync_lifecycle((batch,))
+    assert x in tr.catalogue.keys().tolist()
+    time.sleep(0.01)  # past lifecycle_sync_s
+    tr._sync_lifecycle()
+    assert x not in tr.catalogue.keys().tolist()
