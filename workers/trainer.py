@@ -289,6 +289,9 @@ class Trainer:
         self._removed_since = [0] * getattr(self.client, "num_shards", 1)
         self._lifecycle_at = self._expired_at = 0.0
         self._unchecked: list[np.ndarray] = []  # catalogue items of applied batches, row not yet confirmed
+        # Removed IDs kept by a sync because a batch not yet pushed brings them back: the next
+        # sync removes them in full if that push gave them no row (their tombstones are consumed).
+        self._held: dict[str, list[np.ndarray]] = collections.defaultdict(list)
         self._since_snapshot = 0
         self._rr = 0
         self._last_progress = time.time()
@@ -625,16 +628,19 @@ class Trainer:
         starts a fresh session context.
 
         ``unpushed``: batches prepared (the catalogue and histories advanced past them) whose
-        pushes are not yet acknowledged. Their IDs are kept: the shards may not have their rows
-        yet, and the push on its way gives them one."""
+        pushes are not yet acknowledged. Their IDs are kept, since the shards may not have
+        their rows yet and the push on its way gives them one, and checked again at the next
+        sync (removed in full then if they still have no row)."""
         now = time.monotonic()
         if not any(self._lifecycle.values()) or now - self._lifecycle_at < self.cfg.trainer.lifecycle_sync_s:
             return
         self._lifecycle_at = now
         reader = f"{self.cfg.namespace}/{trainer_actor_name(self.index)}"
         since = list(self._removed_since)
+        held, self._held = self._held, collections.defaultdict(list)
         coming = [b for b in unpushed if b is not None]
-        # The events whose IDs prepare() added to the catalogue and histories.
+        # The events whose items prepare() added to the catalogue and whose users' and items'
+        # rows the batch's push creates.
         taught = [b.positive | b.dislike for b in coming]
         keep = {self.cfg.model.item_table: np.concatenate([b.item_keys[t] for b, t in zip(coming, taught)]) if coming else None,
                 self.cfg.model.user_table: np.concatenate([b.user_keys[t] for b, t in zip(coming, taught)]) if coming else None}
@@ -646,7 +652,7 @@ class Trainer:
             replies = self.client.removed(table, since, reader)
             got = [v for v, _, _ in replies]
             versions = got if versions is None else [min(a, b) for a, b in zip(versions, got)]
-            gone = [k for _, k, _ in replies if len(k)]
+            gone = [k for _, k, _ in replies if len(k)] + held[table]
             if any(full for _, _, full in replies):
                 live = np.concatenate([k for _, k in self.client.live_keys(table)])
                 have = known()
@@ -661,8 +667,8 @@ class Trainer:
             keys = keys[~self.client.present(table, _keyed(keys))]
             if keep[table] is not None:
                 coming_back = np.isin(keys, keep[table])
-                if table == self.cfg.model.item_table and coming_back.any():
-                    self._unchecked.append(keys[coming_back])  # checked again once pushed
+                if coming_back.any():
+                    self._held[table].append(keys[coming_back])
                 keys = keys[~coming_back]
             if table == self.cfg.model.user_table:
                 self.histories.forget_users(keys)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import time
 
 import numpy as np
+import pytest
 
 from ps.ids import Keyed, keyed
 from ps.local import LocalClient
@@ -127,39 +128,83 @@ def test_a_user_back_before_the_sync_keeps_the_history_they_started_again():
     assert tr.histories.of(a) == (int(keyed(["i9"]).keys[0]),)
 
 
+
+def _evict_x(client: LocalClient) -> int:
+    """Push items x, y, z into an item table capped at 2 rows (x goes), then move the PS's
+    version past x's tombstone; returns x's key."""
+    for seq, item in enumerate(["x", "y", "z", "z"], 1):
+        _push(client, "item", [item], seq)
+    assert _live(client, "item", ["x", "y", "z"]) == [False, True, True]
+    return int(keyed(["x"]).keys[0])
+
+
 def test_an_item_back_in_a_batch_not_yet_pushed_stays_in_the_catalogue():
     # A batch read ahead (prepared: the catalogue and histories already hold its items) is
     # pushed after the sync that runs before it. The sync dropped an item evicted earlier and
     # back in that batch, since the shard had no row for it yet: it was never sampled as a
     # negative again until its next event, and the histories lost the interaction.
     tr, client = _trainer({"item": {"max_rows": 2, "eviction": "lru"}})
-    _push(client, "item", ["x"], 1)
-    _push(client, "item", ["y"], 2)
-    _push(client, "item", ["z"], 3)  # the cap is 2: "x" goes
-    x = int(keyed(["x"]).keys[0])
-    raw = make_events([0, 1], ["u1", "u1"], ["x", "z"], [1.7e9, 1.7e9 + 1], [1.0, 1.0])
-    batch = tr._prepare(0, raw, 2)
-    assert x in tr.catalogue.keys().tolist() and _live(client, "item", ["x"]) == [False]
+    x = _evict_x(client)
+    u1 = int(keyed(["u1"]).keys[0])
+    batch = tr._prepare(0, make_events([0, 1], ["u1", "u1"], ["x", "z"], [1.7e9, 1.7e9 + 1], [1.0, 1.0]), 2)
+    assert x in tr.catalogue.keys().tolist() and x in tr.histories.of(u1)
     tr._sync_lifecycle((None, batch))
-    assert x in tr.catalogue.keys().tolist()
-    # Once its push gave "x" a row again, the next sync keeps it; without one it would go.
+    assert x in tr.catalogue.keys().tolist() and x in tr.histories.of(u1)
+    # Its push gives "x" a row again: the next sync checks it and keeps it.
     tr._commit(batch, tr._train(batch, tr._pull(batch)))
     assert _live(client, "item", ["x"]) == [True]
     time.sleep(0.01)  # past lifecycle_sync_s
     tr._sync_lifecycle()
-    assert x in tr.catalogue.keys().tolist()
+    assert x in tr.catalogue.keys().tolist() and x in tr.histories.of(u1)
 
 
-def test_an_item_back_in_an_unpushed_batch_is_checked_again_after_its_push():
-    # Kept while its batch is on its way, but still checked: a push that gives it no row
-    # (here the sync runs with the batch never pushed) lets the next sync drop it.
+def test_an_item_kept_for_an_unpushed_batch_is_removed_in_full_if_it_gets_no_row():
+    # Its tombstone is consumed by the sync that keeps it, so the next sync must check it
+    # itself: here the batch is never pushed, and "x" must then leave the catalogue, every
+    # history (u0 saw it before its eviction) and the shards' recent items.
     tr, client = _trainer({"item": {"max_rows": 2, "eviction": "lru"}})
-    for seq, item in enumerate(["x", "y", "z"], 1):
-        _push(client, "item", [item], seq)
-    x = int(keyed(["x"]).keys[0])
+    x = _evict_x(client)
+    u0, u1 = (int(k) for k in keyed(["u0", "u1"]).keys)
+    tr.histories.remember(np.asarray([u0], np.uint64), np.asarray([x], np.uint64))
+    client.shard.record_recent(np.asarray([u0], np.uint64), np.asarray([x], np.uint64), np.asarray([7]))
     batch = tr._prepare(0, make_events([0], ["u1"], ["x"], [1.7e9], [1.0]), 1)
     tr._sync_lifecycle((batch,))
-    assert x in tr.catalogue.keys().tolist()
+    assert x in tr.catalogue.keys().tolist() and x in tr.histories.of(u0) and x in tr.histories.of(u1)
     time.sleep(0.01)  # past lifecycle_sync_s
     tr._sync_lifecycle()
     assert x not in tr.catalogue.keys().tolist()
+    assert x not in tr.histories.of(u0) and x not in tr.histories.of(u1)
+    assert client.shard.recent_items(np.asarray([u0], np.uint64))[0].tolist() == []
+
+
+@pytest.mark.parametrize("staleness", [0, 1])
+def test_every_sync_in_a_run_is_given_the_batches_not_yet_committed(staleness, monkeypatch):
+    # With read-ahead (prefetch, staleness 1) one or two batches are prepared and not yet
+    # committed when the loop's sync runs; each must be among the batches it keeps.
+    cfg = load_config(None, {"stream": {"num_events": 2000}, "ps": {"num_shards": 1, "tables": {"item": {"max_rows": 300}}},
+                             "trainer": {"lifecycle_sync_s": 1e-6, "batch_size": 128, "staleness": staleness}})
+    tr = Trainer(0, cfg, client=LocalClient(cfg.ps))
+    open_batches: dict[int, object] = {}
+    syncs: list[tuple[int, bool]] = []  # (batches open, all of them given)
+    prepare, commit, sync = tr._prepare, tr._commit, tr._sync_lifecycle
+
+    def _prepare(*args):
+        batch = prepare(*args)
+        open_batches[id(batch)] = batch
+        return batch
+
+    def _commit(batch, refs):
+        open_batches.pop(id(batch), None)
+        return commit(batch, refs)
+
+    def _sync(unpushed=()):
+        given = {id(b) for b in unpushed if b is not None}
+        syncs.append((len(open_batches), set(open_batches) <= given))
+        return sync(unpushed)
+
+    monkeypatch.setattr(tr, "_prepare", _prepare)
+    monkeypatch.setattr(tr, "_commit", _commit)
+    monkeypatch.setattr(tr, "_sync_lifecycle", _sync)
+    tr.run()
+    assert len(syncs) > 5 and all(ok for _, ok in syncs), syncs
+    assert max(n for n, _ in syncs) >= 1 + staleness  # read-ahead did leave batches open
