@@ -210,7 +210,7 @@ class RayConfig(ConfigModel):
         description="fixed ports by name (gcs, node_manager, object_manager, min_worker/max_worker, ... as in "
                     "serving.ray_head.PORT_FLAGS/PORT_ENV, and haproxy_stats, haproxy_metrics, fallback_http, "
                     "fallback_grpc, direct_http_min/max, direct_grpc_min/max for serving.high_throughput); "
-                    "unset: free ports from 20000-32767",
+                    "unset: free ports from 20000-29999, never serving.port",
     )
     num_cpus: int | None = Field(None, ge=1, le=4096, description="CPUs the head advertises (CPUs); null: Ray counts them")
     include_dashboard: bool = Field(False, description="start Ray's dashboard on 127.0.0.1 (ports.dashboard or a free port)")

@@ -20,10 +20,11 @@ What Ray 2.60 does, and why this module does what it does (measured with ``ss -l
   unless ``token_path`` names another (``~/.ray/auth_token`` is Ray's per-user default, what
   ``ray get-auth-token --generate`` writes); a head never writes to the home directory by
   itself, because a token there switches every later ``ray start`` of that user to token mode.
-* Every port is chosen here (or taken from ``ports``) from 20000-32767: above Ray's fixed
+* Every port is chosen here (or taken from ``ports``) from 20000-29999: above Ray's fixed
   defaults (6379, 8265, 10001, 10002-19999) and below Linux's ephemeral range (32768+), so two
   heads, or a head and a plain ``ray.init()`` cluster, do not collide. 23000-24000 is skipped:
-  Ray Client's per-session servers take ports there.
+  Ray Client's per-session servers take ports there. :func:`free_port` picks from
+  30000-32767, so a port it gave (a Serve app's, bound later) is never a head's.
 * The head runs as ``ray start --head --block`` in a new session: all of its processes (workers
   included, though each worker has its own process group) share that session id, so
   :func:`stop_head` stops exactly them; never ``ray stop``, which stops every Ray on the host.
@@ -58,7 +59,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -115,7 +116,11 @@ to bind them (Ray only logs that)."""
 
 _PORT_KEYS = (*PORT_FLAGS, *PORT_ENV)
 
-_PORT_LO, _PORT_HI = 20000, 32767  # inclusive; see the module docstring
+_PORT_LO, _PORT_HI = 20000, 29999  # inclusive: a head's ports; see the module docstring
+# free_port()'s own range (inclusive), apart from the heads': a port it hands out is bound
+# only later (a Serve app ~20 s on), and meanwhile a head starting on the host, which sees it
+# free, could take it for a listener or its block of worker ports. A CI run failed so once.
+_FREE_LO, _FREE_HI = 30000, 32767
 _RAY_CLIENT_SPECIFIC = range(23000, 24001)  # ray/util/client/server/proxier.py MIN/MAX_SPECIFIC_SERVER_PORT
 # Ray's socket paths (<temp_dir>/session_<date>_<pid>/sockets/plasma_store) must stay < 108 bytes.
 _MAX_TEMP_DIR_LEN = 40
@@ -224,8 +229,10 @@ def _pick_block(size: int, avoid: set[int], rng: random.Random) -> int:
     raise RuntimeError(f"no {size} consecutive free ports in {_PORT_LO}-{_PORT_HI}")
 
 
-def _pick_ports(names: list[str], worker_ports: int, taken: set[int], rng: random.Random) -> dict[str, int]:
-    """Free ports for ``names`` plus a block of ``worker_ports`` consecutive ones (caller holds ``_lock``).
+def _pick_ports(names: list[str], worker_ports: int, taken: set[int], rng: random.Random,
+                span: tuple[int, int] = (_PORT_LO, _PORT_HI)) -> dict[str, int]:
+    """Free ports for ``names`` from ``span`` (inclusive) plus a block of ``worker_ports``
+    consecutive ones (caller holds ``_lock``).
 
     Raises:
         RuntimeError: no free port or block found after many tries.
@@ -240,27 +247,27 @@ def _pick_ports(names: list[str], worker_ports: int, taken: set[int], rng: rando
         chosen["min_worker"], chosen["max_worker"] = lo, lo + worker_ports - 1
     for name in names:
         for _ in range(500):
-            p = rng.randrange(_PORT_LO, _PORT_HI + 1)
+            p = rng.randrange(span[0], span[1] + 1)
             if p not in avoid and _usable(p):
                 chosen[name] = p
                 avoid.add(p)
                 break
         else:
-            raise RuntimeError(f"start_head: no free port for {name} in {_PORT_LO}-{_PORT_HI}")
+            raise RuntimeError(f"start_head: no free port for {name} in {span[0]}-{span[1]}")
     return chosen
 
 
 def free_port() -> int:
-    """A TCP port free right now on 127.0.0.1 and on all interfaces, from the range
-    :func:`start_head` uses (20000-32767: above Ray's worker ports, below Linux's ephemeral
-    range, where a port bound to 0 by any program could take it between this check and the
-    bind). Not held: bind it soon.
+    """A TCP port free right now on 127.0.0.1 and on all interfaces, from 30000-32767: above
+    Ray's worker ports and the 20000-29999 that :func:`start_head` picks from (so a head
+    starting meanwhile never takes it), below Linux's ephemeral range (where a port bound to 0
+    by any program could take it between this check and the bind). Not held: bind it soon.
 
     Raises:
         RuntimeError: no free port after many tries.
     """
     with _lock:
-        return _pick_ports(["port"], 0, set(), random.Random())["port"]
+        return _pick_ports(["port"], 0, set(), random.Random(), span=(_FREE_LO, _FREE_HI))["port"]
 
 
 def _validate_ports(ports: Mapping[str, int] | None) -> dict[str, int]:
@@ -282,7 +289,7 @@ def _validate_ports(ports: Mapping[str, int] | None) -> dict[str, int]:
 
 
 def _resolve_ports(ports: Mapping[str, int] | None, *, include_dashboard: bool, worker_ports: int,
-                   rng: random.Random) -> dict[str, int]:
+                   rng: random.Random, avoid: Iterable[int] = ()) -> dict[str, int]:
     """Given ports plus free ones for every other listener the head will open (caller holds ``_lock``)."""
     given = _validate_ports(ports)
     if not include_dashboard:
@@ -290,7 +297,7 @@ def _resolve_ports(ports: Mapping[str, int] | None, *, include_dashboard: bool, 
     wanted = [k for k in _PORT_KEYS if k not in given and k not in ("min_worker", "max_worker")
               and (k != "dashboard" or include_dashboard)]
     need_workers = 0 if "min_worker" in given else worker_ports
-    return {**given, **_pick_ports(wanted, need_workers, _port_set(given), rng)}
+    return {**given, **_pick_ports(wanted, need_workers, _port_set(given) | set(avoid), rng)}
 
 
 def reserve_ports(names=(), blocks: Mapping[str, int] | None = None, *, avoid=()) -> dict[str, int]:
@@ -369,7 +376,7 @@ exec {haproxy} "$@"
 
 
 def high_throughput_env(run_dir, *, loopback: bool = True, ports: Mapping[str, int] | None = None,
-                        head_ports: Mapping[str, int] | None = None) -> dict[str, str]:
+                        head_ports: Mapping[str, int] | None = None, avoid: Iterable[int] = ()) -> dict[str, str]:
     """Environment for Ray Serve's high-throughput mode (HAProxy ingress, throughput-optimised replicas).
 
     Serve reads these variables at import, in the controller, the proxies and the replicas: give
@@ -401,6 +408,7 @@ def high_throughput_env(run_dir, *, loopback: bool = True, ports: Mapping[str, i
             a given one; the given ones are held too, so a head started after picks around them.
         head_ports: the fixed ports the head will be given (:func:`start_head`'s ``ports``),
             which the free ones must not land on either.
+        avoid: more ports the free ones must not land on (the Serve app's, bound later).
 
     Returns:
         Variable name -> value.
@@ -421,7 +429,7 @@ def high_throughput_env(run_dir, *, loopback: bool = True, ports: Mapping[str, i
     # A free port or block must not land on a port given here (HAProxy's stats port inside the
     # replicas' direct-ingress block would make one of them fail to bind).
     chosen = {**reserve_ports([k for k in SERVE_HT_PORT_ENV if k not in given], missing_blocks,
-                              avoid=_port_set(given) | _port_set(head_ports or {})), **given}
+                              avoid=_port_set(given) | _port_set(head_ports or {}) | set(avoid)), **given}
     with _lock:
         _reserved.update(_port_set(given))
     env = {
@@ -858,7 +866,7 @@ def start_head(temp_dir, *, ports: Mapping[str, int] | None = None, auth: bool =
                num_cpus: int | None = None, token_path: str | os.PathLike | None = None,
                include_dashboard: bool = False, worker_ports: int = 200,
                extra_args: tuple[str, ...] = (), env: Mapping[str, str] | None = None,
-               system_config: Mapping[str, Any] | None = None,
+               system_config: Mapping[str, Any] | None = None, avoid: Iterable[int] = (),
                timeout_s: float = 90.0, attempts: int = 3) -> HeadInfo:
     """Start a single-node Ray head on loopback (``ray start --head --block``) and wait until it is up.
 
@@ -884,6 +892,8 @@ def start_head(temp_dir, *, ports: Mapping[str, int] | None = None, auth: bool =
         system_config: Ray system settings for the whole cluster (``ray start --system-config``;
             nodes that join later and drivers get them from the head), e.g.
             :meth:`serving.config.RayConfig.system_config`.
+        avoid: ports the head must leave free though nothing listens there yet (the Serve
+            app's, bound once the head is up).
         timeout_s: seconds to wait, per attempt, for the head to be up with every port bound.
         attempts: tries with freshly chosen ports if a start fails (a port taken meanwhile by
             another program); 1 when every port is given.
@@ -932,7 +942,8 @@ def start_head(temp_dir, *, ports: Mapping[str, int] | None = None, auth: bool =
     errors: list[str] = []
     for _ in range(1 if all_given else max(1, attempts)):
         with _lock:
-            chosen = _resolve_ports(ports, include_dashboard=include_dashboard, worker_ports=worker_ports, rng=rng)
+            chosen = _resolve_ports(ports, include_dashboard=include_dashboard, worker_ports=worker_ports, rng=rng,
+                                    avoid=avoid)
             _reserved.update(_port_set(chosen))
         proc = _launch(temp, chosen, env, num_cpus, include_dashboard, extra_args, log_path)
         _children[proc.pid] = proc

@@ -78,10 +78,11 @@ def pytest_collection_modifyitems(session, config, items) -> None:
 
 
 def free_port() -> int:
-    """A TCP port free right now on 127.0.0.1, from 20000-32767 (see
+    """A TCP port free right now on 127.0.0.1, from 30000-32767 (see
     :func:`serving.ray_head.free_port`: below Linux's ephemeral range, where a port bound to 0
-    by Ray or any other program could take it between this check and Serve binding it, which
-    CI once showed as "Failed to bind to address")."""
+    by Ray or any other program could take it between this check and Serve binding it, and
+    apart from the ports heads pick, which could take it the same way; CI showed each once as
+    "Failed to bind to address")."""
     from serving.ray_head import free_port as _free_port
 
     return _free_port()
@@ -222,7 +223,7 @@ def _shared_head():
     if _HEAD is None:
         tmp = tempfile.mkdtemp(prefix="frh", dir=os.environ.get("RAY_TMPDIR", "/tmp"))
         # start_head warns loudly that auth is off: these tests run with it off on purpose.
-        # Worker ports: kernel-chosen (above 32767), away from the 20000-32767 that free_port()
+        # Worker ports: kernel-chosen (above 32767), away from the 30000-32767 that free_port()
         # hands to the tests' Serve apps.
         with open(os.devnull, "w") as quiet, contextlib.redirect_stderr(quiet):
             info = start_head(tmp, auth=False, num_cpus=2, ports={"min_worker": 0, "max_worker": 0},

@@ -437,12 +437,13 @@ def cmd_up(args: argparse.Namespace) -> int:
             ports = r.head_ports()
             if args.ray_port is not None:
                 ports["gcs"] = args.ray_port
-            serve_env = (high_throughput_env(ray_root, ports=r.serve_ports(), head_ports=ports)
+            serve_env = (high_throughput_env(ray_root, ports=r.serve_ports(), head_ports=ports,
+                                             avoid=(cfg.serving.port,))
                          if cfg.serving.high_throughput else {})
             head = start_head(ray_dir, ports=ports, auth=r.auth is RayAuth.TOKEN, num_cpus=r.num_cpus,
                               token_path=r.token_path, include_dashboard=r.include_dashboard,
                               worker_ports=r.worker_ports, env=serve_env, system_config=r.system_config(),
-                              timeout_s=r.start_timeout_s)
+                              avoid=(cfg.serving.port,), timeout_s=r.start_timeout_s)
             _step(state, cfg, "head-up", head=head.model_dump(mode="json"), address=head.address)
         step = f"connecting to Ray at {state['address']}"
         if args.address is not None and (probe := _probe_gcs(args.address)) is not None:

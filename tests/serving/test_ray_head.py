@@ -12,6 +12,7 @@ import contextlib
 import http.client
 import io
 import os
+import random
 import shutil
 import stat
 import subprocess
@@ -286,6 +287,43 @@ def test_reserved_ports_never_land_on_ports_to_avoid():
             assert r["x"] not in avoid and not set(range(r["blk_min"], r["blk_max"] + 1)) & avoid, r
         finally:
             ray_head.release_ports(r)
+
+
+def test_free_ports_and_a_heads_ports_come_from_apart_ranges():
+    # A Serve app's port from free_port() is bound ~20 s later; a head starting meanwhile saw it
+    # free and took it for a listener or its worker block (a CI run: "Failed to bind to address").
+    from serving import ray_head
+
+    picks = {ray_head.free_port() for _ in range(50)}
+    assert all(30000 <= p <= 32767 for p in picks), sorted(picks)
+    with ray_head._lock:
+        head = ray_head._resolve_ports(None, include_dashboard=True, worker_ports=200, rng=random.Random(0))
+    assert all(20000 <= p <= 29999 for p in ray_head._port_set(head)), head
+
+
+def test_a_head_and_the_high_throughput_ports_never_land_on_ports_to_avoid():
+    # `freshet up` gives the Serve app's port, not bound until the head is up: 2,000 ports to
+    # avoid meet a random choice of a head's ~10 listeners and 200-port worker block in ~9 of 10.
+    from serving import ray_head
+
+    avoid = set(range(24000, 26000))
+    for i in range(50):
+        with ray_head._lock:
+            head = ray_head._resolve_ports(None, include_dashboard=False, worker_ports=200, rng=random.Random(i),
+                                           avoid=avoid)
+        assert not ray_head._port_set(head) & avoid, head
+    run_dir = tempfile.mkdtemp(prefix="rh.", dir="/tmp")
+    try:
+        for _ in range(20):
+            env = ray_head.high_throughput_env(run_dir, avoid=avoid)
+            picked = {int(env[v]) for v in ray_head.SERVE_HT_PORT_ENV.values()}
+            for kind in ("HTTP", "GRPC"):
+                lo, hi = (int(env[f"RAY_SERVE_DIRECT_INGRESS_{e}_{kind}_PORT"]) for e in ("MIN", "MAX"))
+                picked |= set(range(lo, hi + 1))
+            assert not picked & avoid, sorted(picked & avoid)[:5]
+            ray_head.release_ports({str(p): p for p in picked})
+    finally:
+        shutil.rmtree(run_dir, ignore_errors=True)
 
 
 def test_port_set_expands_blocks_and_skips_ports_ray_picks():
