@@ -800,17 +800,13 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if v["exactly_once"] and v["all_recovered"] and v["memory_met"] and v["ingest_flat"] else 1
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
-    import socket
-
     import ray
     from tqdm import tqdm
 
     from serving import deploy, ray_head
 
     work = Path(tempfile.mkdtemp(prefix="freshet-soak-"))
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = ray_head.free_port()
     cfg = soak_config(str(work), f"bench-soak-{os.getpid()}", port)
     url = f"http://127.0.0.1:{port}"
     ray_dir = ray_temp_dir("frs")  # short: socket paths
@@ -821,7 +817,7 @@ def main(argv: list[str] | None = None) -> int:
     # A head as `freshet up` starts one: `ray start --head` on loopback, free ports (so it does
     # not collide with another Ray on the host), token auth with its own token file.
     try:
-        head = ray_head.start_head(ray_dir, num_cpus=2, system_config=cfg.ray.system_config())
+        head = ray_head.start_head(ray_dir, num_cpus=2, system_config=cfg.ray.system_config(), avoid=(port,))
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
         raise

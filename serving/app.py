@@ -973,8 +973,9 @@ def _warn_unauthenticated(s) -> None:
     print(f"\n{'*' * 78}\n* WARNING: {msg}\n{'*' * 78}\n", file=sys.stderr, flush=True)
 
 
-def _high_throughput_controller_env() -> dict[str, str]:
-    """Serve's high-throughput environment for the controller (``run_app``'s ``controller_options``).
+def _high_throughput_controller_env(port: int) -> dict[str, str]:
+    """Serve's high-throughput environment for the controller (``run_app``'s ``controller_options``),
+    whose free ports leave ``port`` (the app's, bound later) alone.
 
     The same variables as this process's environment when it has them (``freshet up`` puts the
     head's into the CLI's, and a test sets them before Ray starts), so the controller agrees with
@@ -991,7 +992,7 @@ def _high_throughput_controller_env() -> dict[str, str]:
         return {k: v for k, v in os.environ.items() if k.startswith("RAY_SERVE_")}
     single_node = len([n for n in ray.nodes() if n.get("Alive")]) == 1
     run_dir = make_serve_run_dir(ray.get_runtime_context().gcs_address)
-    return high_throughput_env(run_dir, loopback=single_node)
+    return high_throughput_env(run_dir, loopback=single_node, avoid=(port,))
 
 
 def _app_messages(app) -> str:
@@ -1034,7 +1035,7 @@ def run_app(cfg: FreshetConfig, *, blocking: bool = False, ready_timeout_s: floa
         _warn_unauthenticated(s)
     start_kwargs: dict[str, Any] = {}
     if s.high_throughput:
-        start_kwargs["controller_options"] = {"runtime_env": {"env_vars": _high_throughput_controller_env()}}
+        start_kwargs["controller_options"] = {"runtime_env": {"env_vars": _high_throughput_controller_env(s.port)}}
     serve.start(http_options={"host": s.host, "port": s.port}, logging_config=_NO_ACCESS_LOG, **start_kwargs)
     # serve.run waits for the app to run with no time limit: on a cluster with no room for a
     # replica (and no autoscaler to add one) `freshet up` waited forever, saying nothing.

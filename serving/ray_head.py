@@ -42,6 +42,7 @@ on 127.0.0.1. Pass it to :func:`start_head` as ``env``.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import hashlib
 import ipaddress
@@ -129,6 +130,9 @@ _OWN_ENV = ("RAY_ADDRESS", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER")  # start_head se
 
 _lock = threading.Lock()
 _reserved: set[int] = set()  # ports handed to a head by this process, so concurrent start_head calls never share one
+# free_port()'s latest answers: two taken in a row (a Serve port, then a GCS port) and both
+# bound only later must differ.
+_handed_out: collections.deque[int] = collections.deque(maxlen=64)
 _children: dict[int, subprocess.Popen] = {}  # root pid -> Popen, so stop_head can reap our own child (no zombie)
 
 
@@ -267,7 +271,9 @@ def free_port() -> int:
         RuntimeError: no free port after many tries.
     """
     with _lock:
-        return _pick_ports(["port"], 0, set(), random.Random(), span=(_FREE_LO, _FREE_HI))["port"]
+        port = _pick_ports(["port"], 0, set(_handed_out), random.Random(), span=(_FREE_LO, _FREE_HI))["port"]
+        _handed_out.append(port)
+        return port
 
 
 def _validate_ports(ports: Mapping[str, int] | None) -> dict[str, int]:
@@ -902,7 +908,7 @@ def start_head(temp_dir, *, ports: Mapping[str, int] | None = None, auth: bool =
         A :class:`HeadInfo`; the head keeps running after this process exits.
 
     Raises:
-        ValueError: bad ``ports`` or a ``temp_dir`` that is too long.
+        ValueError: bad ``ports``, a given port also in ``avoid``, or a ``temp_dir`` that is too long.
         RuntimeError: no free ports, no ``ray`` command, or the head did not come up (the
             message has the tail of ``ray start``'s output for each attempt).
     """
@@ -911,6 +917,9 @@ def start_head(temp_dir, *, ports: Mapping[str, int] | None = None, auth: bool =
         raise ValueError(f"start_head: temp_dir {str(temp)!r} is longer than {_MAX_TEMP_DIR_LEN} characters; "
                          "Ray's socket paths under it would exceed 107 bytes")
     _validate_ports(ports)  # before anything is written or printed
+    avoid = set(avoid)  # read on every attempt
+    if clash := sorted(_port_set(dict(ports or {})) & avoid):
+        raise ValueError(f"start_head: ports {clash} are given to the head and also to avoid")
     extra_env = {str(k): str(v) for k, v in (env or {}).items()}
     clash = sorted(k for k in extra_env if k.startswith("RAY_AUTH") or k in _OWN_ENV)
     if clash:

@@ -143,9 +143,7 @@ def heads():
 def serve_on_auth_head(heads):
     """Run a driver with the token against the auth head: a task, then a Serve app left running."""
     a = heads[0]
-    http_port = free_port()
-    while a.ports["min_worker"] <= http_port <= a.ports["max_worker"]:
-        http_port = free_port()  # a worker could take a port in the head's worker block
+    http_port = free_port()  # never in a head's range (worker block included)
     script = textwrap.dedent(f"""
         import urllib.request
         import ray
@@ -178,7 +176,7 @@ def test_heads_start_concurrently_on_distinct_free_ports(heads):
         block = range(info.ports["min_worker"], info.ports["max_worker"] + 1)
         used.append(set(named.values()) | set(block))
         assert info.address == f"127.0.0.1:{info.ports['gcs']}"
-        assert all(20000 <= p <= 32767 for p in used[-1]), info.ports
+        assert all(20000 <= p <= 29999 for p in used[-1]), info.ports
         assert not used[-1] & RAY_DEFAULT_PORTS
         assert len(named) == len(set(named.values())) and not set(named.values()) & set(block)
     assert not used[0] & used[1], "two heads share a port"
@@ -265,7 +263,7 @@ def test_reserved_ports_are_free_distinct_and_never_handed_out_twice():
     try:
         assert a["blk_max"] - a["blk_min"] == 19 and len(span(a)) == 22
         assert not span(a) & span(b), "a held port was handed out again"
-        assert all(20000 <= p <= 32767 for p in span(a) | span(b))
+        assert all(20000 <= p <= 29999 for p in span(a) | span(b))
         assert not (span(a) | span(b)) & RAY_DEFAULT_PORTS
     finally:
         ray_head.release_ports(a)
@@ -369,7 +367,7 @@ def test_high_throughput_env_moves_every_listener_and_file(tmp_path):
         assert len(set(ports)) == 4 and not set(ports) & {8404, 9101, 8500, 9500}
         for kind in ("HTTP", "GRPC"):
             lo, hi = (int(env[f"RAY_SERVE_DIRECT_INGRESS_{e}_{kind}_PORT"]) for e in ("MIN", "MAX"))
-            assert 20000 <= lo < hi <= 32767 and not set(range(lo, hi + 1)) & set(ports)
+            assert 20000 <= lo < hi <= 29999 and not set(range(lo, hi + 1)) & set(ports)
         files = [v for k, v in env.items() if k.endswith(("_LOC", "_PATH", "_BASE", "_FILE"))]
         assert len(files) == 6 and all(f.startswith(run_dir + "/hap") for f in files), files
         wrapper = Path(env["RAY_SERVE_HAPROXY_BINARY_PATH"])
@@ -452,3 +450,16 @@ def test_serve_run_dir_is_the_clusters_and_never_follows_a_link(tmp_path):
         if path.is_symlink():
             path.unlink()
         shutil.rmtree(path, ignore_errors=True)
+
+
+def test_free_port_does_not_repeat_its_latest_answers_and_start_head_refuses_a_given_port_to_avoid():
+    # Two ports taken in a row and bound later (a Serve port, then a GCS port) must differ:
+    # drawn from 2,768 ports, 60 picks repeat one with a chance of ~1 in 2.
+    from serving import ray_head
+
+    picks = [ray_head.free_port() for _ in range(60)]
+    assert len(set(picks)) == len(picks)
+    temp = Path(f"/tmp/rh.avoid.{os.getpid()}")
+    with pytest.raises(ValueError, match=r"ports \[26000\] are given to the head and also to avoid"):
+        ray_head.start_head(temp, ports={"gcs": 26000}, avoid=(26000,))
+    assert not temp.exists()  # refused before anything was written
