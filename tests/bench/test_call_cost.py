@@ -26,6 +26,9 @@ def test_break_even_is_the_first_size_where_the_store_costs_less_cpu():
     assert len(table) == 4 and table[2].split()[0] == "0.1" and table[3].split()[0] == "2"
 
 
+# ~20 s on a quiet host; 300 s beside four busy processes (each compiled graph's setup and its
+# polling actors compete for the 2 cores), more than any other test.
+@pytest.mark.timeout(900)
 def test_a_tiny_run_carries_every_byte_both_ways_and_writes_the_report(tmp_path, capsys):
     assert main(["--sizes", "0.01,0.3", "--calls", "20", "--idle-s", "0.5", "--pipeline-rounds", "1",
                  "--pipeline-batches", "2", "--quiet", "--out", str(tmp_path)]) == 0
