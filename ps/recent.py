@@ -125,13 +125,15 @@ class RecentItems:
         codes = self._where.remove(np.asarray([user], np.uint64))
         self._release_codes(codes[codes >= 0])
 
-    def _get(self, user: int) -> tuple[np.ndarray, np.ndarray] | None:
-        code = self._code(user)
-        if code < 0:
-            return None
+    def _entries(self, code: int) -> tuple[np.ndarray, np.ndarray]:
+        """Views of the offsets and items kept at the place ``code`` (a known user's)."""
         t, r = self._tiers[code & _MASK], code >> _TIER_BITS
         n = int(t.n[r])
         return t.off[r, :n], t.item[r, :n]
+
+    def _get(self, user: int) -> tuple[np.ndarray, np.ndarray] | None:
+        code = self._code(user)
+        return None if code < 0 else self._entries(code)
 
     def _put(self, user: int, o: np.ndarray, i: np.ndarray) -> None:
         """Store ``user``'s entries (ascending by offset, at most ``per_user``; not views of
@@ -322,14 +324,8 @@ class RecentItems:
     def lists(self, users: np.ndarray) -> list[np.ndarray]:
         """:meth:`items_of` of each of ``users`` (``uint64 [n]`` keys), in the order given
         (one lookup for them all)."""
-        out = []
-        for code in self._where.lookup(np.asarray(users, np.uint64)).tolist():
-            if code < 0:
-                out.append(_EMPTY_K)
-                continue
-            t, r = self._tiers[code & _MASK], code >> _TIER_BITS
-            out.append(t.item[r, : t.n[r]].copy())
-        return out
+        codes = self._where.lookup(np.asarray(users, np.uint64)).tolist()
+        return [_EMPTY_K if code < 0 else self._entries(code)[1].copy() for code in codes]
 
     def forget_users(self, users: np.ndarray) -> int:
         """Drop everything kept for ``users`` (keys); returns how many users went."""

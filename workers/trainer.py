@@ -642,8 +642,17 @@ class Trainer:
         # The events whose items prepare() added to the catalogue and whose users' and items'
         # rows the batch's push creates.
         taught = [b.positive | b.dislike for b in coming]
-        keep = {self.cfg.model.item_table: np.concatenate([b.item_keys[t] for b, t in zip(coming, taught)]) if coming else None,
-                self.cfg.model.user_table: np.concatenate([b.user_keys[t] for b, t in zip(coming, taught)]) if coming else None}
+        none = [np.empty(0, np.uint64)]
+        keep = {self.cfg.model.item_table: np.concatenate([b.item_keys[t] for b, t in zip(coming, taught)] or none),
+                self.cfg.model.user_table: np.concatenate([b.user_keys[t] for b, t in zip(coming, taught)] or none)}
+
+        def without_coming(keys: np.ndarray, table: str, later: list) -> np.ndarray:
+            """``keys`` less those an unpushed batch brings back, which go to ``later``."""
+            back = np.isin(keys, keep[table])
+            if back.any():
+                later.append(keys[back])
+            return keys[~back]
+
         versions = None
         for table, known in ((self.cfg.model.item_table, self.catalogue.keys),
                              (self.cfg.model.user_table, self.histories.users)):
@@ -664,12 +673,7 @@ class Trainer:
             # interaction), and forgetting it then would drop that interaction: from its
             # user's recent items (a just-seen item ranked back to them), or the history a
             # returning user has started again.
-            keys = keys[~self.client.present(table, _keyed(keys))]
-            if keep[table] is not None:
-                coming_back = np.isin(keys, keep[table])
-                if coming_back.any():
-                    self._held[table].append(keys[coming_back])
-                keys = keys[~coming_back]
+            keys = without_coming(keys[~self.client.present(table, _keyed(keys))], table, self._held[table])
             if table == self.cfg.model.user_table:
                 self.histories.forget_users(keys)
                 continue
@@ -685,11 +689,7 @@ class Trainer:
             # the catalogue must lose them (an item admitted later comes back with its next event).
             fresh = np.unique(np.concatenate(self._unchecked))
             self._unchecked = []
-            if keep[self.cfg.model.item_table] is not None:
-                coming_back = np.isin(fresh, keep[self.cfg.model.item_table])
-                if coming_back.any():
-                    self._unchecked.append(fresh[coming_back])
-                fresh = fresh[~coming_back]
+            fresh = without_coming(fresh, self.cfg.model.item_table, self._unchecked)
             self.catalogue.remove(fresh[~self.client.present(self.cfg.model.item_table, _keyed(fresh))])
 
     def _expire_idle(self) -> None:
