@@ -255,6 +255,12 @@ class RayConfig(ConfigModel):
                 raise ValueError(f"give both ray.ports.{pair[0]} and ray.ports.{pair[1]} or neither")
             if pair[0] in v and v[pair[0]] > v[pair[1]]:
                 raise ValueError(f"ray.ports.{pair[0]}={v[pair[0]]} exceeds ray.ports.{pair[1]}={v[pair[1]]}")
+        from serving.ray_head import port_spans
+
+        spans = sorted((r.start, r.stop, name) for name, r in port_spans(v).items())
+        for (_, end, a), (start, _, b) in zip(spans, spans[1:]):
+            if start < end:  # two listeners on one port: Ray or Serve would fail ~15 s into `up`
+                raise ValueError(f"ray.ports.{a} and ray.ports.{b} share port {start}; give each its own port")
         return v
 
     def head_ports(self) -> dict[str, int]:
@@ -295,7 +301,9 @@ class FreshetConfig(ConfigModel):
     @model_validator(mode="after")
     def _check(self) -> FreshetConfig:
         m = self.model
-        taken = [k for k, p in self.ray.ports.items() if p == self.serving.port and not k.endswith(("_min", "_max"))]
+        from serving.ray_head import port_spans
+
+        taken = [k for k, r in port_spans(self.ray.ports).items() if self.serving.port in r]
         if taken:  # `up` would find out ~15 s in, as a port clash of Ray's or Serve's
             raise ValueError(f"serving.port {self.serving.port} is also ray.ports.{taken[0]}; give them different ports")
         for field in ("user_table", "item_table", "item_bias_table", "popularity_table"):

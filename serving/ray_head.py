@@ -199,23 +199,25 @@ def _usable(port: int) -> bool:
     return port not in _reserved and port not in _RAY_CLIENT_SPECIFIC and _bindable(port)
 
 
-def _port_set(ports: Mapping[str, int]) -> set[int]:
-    """Every port ``ports`` occupies, 0s (Ray picks) excluded, blocks expanded: a head's worker
-    block ``min_worker``..``max_worker`` and a :func:`reserve_ports` block ``<name>_min``..``<name>_max``."""
-    def upper(k: str) -> str | None:
-        if k == "min_worker":
-            return "max_worker"
-        return k[:-4] + "_max" if k.endswith("_min") else None
-
-    out: set[int] = set()
+def port_spans(ports: Mapping[str, int]) -> dict[str, range]:
+    """The ports each entry of ``ports`` occupies, by name: one port for a listener, the whole
+    block for a head's worker block ``min_worker``/``max_worker`` or a :func:`reserve_ports`
+    block ``<name>_min``/``<name>_max`` (named ``min_worker..max_worker``, ``<name>_min..<name>_max``);
+    0 (Ray picks) occupies none."""
+    out: dict[str, range] = {}
     for k, p in ports.items():
-        hi = upper(k)
+        hi = "max_worker" if k == "min_worker" else k[:-4] + "_max" if k.endswith("_min") else None
         if hi is not None:
             if p and ports.get(hi):  # min_worker 0: Ray picks, and ignores max_worker
-                out.update(range(p, ports[hi] + 1))
+                out[f"{k}..{hi}"] = range(p, ports[hi] + 1)
         elif p and k != "max_worker" and not k.endswith("_max"):
-            out.add(p)
+            out[k] = range(p, p + 1)
     return out
+
+
+def _port_set(ports: Mapping[str, int]) -> set[int]:
+    """Every port ``ports`` occupies (:func:`port_spans`), 0s (Ray picks) excluded."""
+    return {p for r in port_spans(ports).values() for p in r}
 
 
 def _pick_block(size: int, avoid: set[int], rng: random.Random) -> int:

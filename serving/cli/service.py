@@ -354,6 +354,33 @@ def _teardown(cfg: FreshetConfig, state: dict[str, Any], *, actors: bool = True,
     return done
 
 
+def check_ray_port(cfg: FreshetConfig, port: int, *, joining: bool = False) -> None:
+    """Check ``--ray-port`` (the GCS port of the head ``up`` or ``ckpt restore`` starts, in
+    place of ``ray.ports.gcs``) as a config's own ports are checked, before anything starts.
+
+    Raises:
+        ValueError: ``joining`` (``--address``: no head is started), a port outside 1-65535,
+            one that another ``ray.ports`` entry takes, or ``serving.port``.
+    """
+    from pydantic import ValidationError
+
+    from serving.config import RayConfig
+
+    if joining:
+        raise ValueError(f"--ray-port {port}: `--address` joins a running cluster, so no head is started "
+                         "to give that port; drop one of the two")
+    try:
+        ray_cfg = RayConfig.model_validate({**cfg.ray.model_dump(), "ports": {**cfg.ray.ports, "gcs": port}})
+    except ValidationError as e:
+        why = e.errors()[0]["msg"].removeprefix("Value error, ")
+        raise ValueError(f"--ray-port {port} (in place of ray.ports.gcs): {why}") from None
+    from serving.ray_head import port_spans
+
+    if taken := [k for k, r in port_spans(ray_cfg.ports).items() if cfg.serving.port in r]:
+        raise ValueError(f"--ray-port {port}: serving.port {cfg.serving.port} is also ray.ports.{taken[0]}; "
+                         "give them different ports")
+
+
 def _step(state: dict[str, Any], cfg: FreshetConfig, phase: str, **fields: Any) -> None:
     state.update(phase=phase, **fields)
     _write_state(cfg, state)
@@ -379,6 +406,8 @@ def cmd_up(args: argparse.Namespace) -> int:
     from serving.cli.ckpt import check_restorable, checkpoint_dir, restore_trainer_offsets
 
     cfg = load(args, {"stream": {"kind": StreamKind.INGEST.value}} if not args.keep_stream else None)
+    if args.ray_port is not None:
+        check_ray_port(cfg, args.ray_port, joining=args.address is not None)
     cfg.ingest.local_state_dir().mkdir(parents=True, exist_ok=True)
     previous = read_state(cfg)
     if previous is not None:

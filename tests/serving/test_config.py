@@ -259,6 +259,30 @@ def test_serving_port_and_a_ray_port_must_differ(tmp_path):
     # `freshet up` found out ~15 s in, when Ray or Serve could not bind.
     msg = config_error(tmp_path, {"serving": {"port": 28123}, "ray": {"ports": {"gcs": 28123}}})
     assert "serving.port 28123 is also ray.ports.gcs" in msg
+    # Inside a block of ports (the head's workers, the replicas' direct ingress) too: `up` used to
+    # find out only when the head refused to start.
+    msg = config_error(tmp_path, {"serving": {"port": 28150}, "ray": {"ports": {"min_worker": 28100, "max_worker": 28299}}})
+    assert "serving.port 28150 is also ray.ports.min_worker..max_worker" in msg, msg
+    msg = config_error(tmp_path, {"serving": {"port": 28150},
+                                  "ray": {"ports": {"direct_http_min": 28140, "direct_http_max": 28150}}})
+    assert "serving.port 28150 is also ray.ports.direct_http_min..direct_http_max" in msg, msg
+    # The block's bounds are inclusive, and a port just past it is fine.
+    ok = {"serving": {"port": 28300}, "ray": {"ports": {"min_worker": 28100, "max_worker": 28299}}}
+    assert load_config(write_yaml(tmp_path, ok)).ray.ports["max_worker"] == 28299
+
+
+def test_ray_ports_must_not_share_a_port(tmp_path):
+    msg = config_error(tmp_path, {"ray": {"ports": {"gcs": 28123, "dashboard": 28123}}})
+    assert "ray.ports.dashboard and ray.ports.gcs share port 28123" in msg, msg
+    # A listener inside the workers' block, and two blocks that overlap.
+    msg = config_error(tmp_path, {"ray": {"ports": {"node_manager": 28150, "min_worker": 28100, "max_worker": 28299}}})
+    assert "ray.ports.min_worker..max_worker and ray.ports.node_manager share port 28150" in msg, msg
+    msg = config_error(tmp_path, {"ray": {"ports": {"min_worker": 28100, "max_worker": 28299,
+                                                    "direct_http_min": 28299, "direct_http_max": 28310}}})
+    assert "share port 28299" in msg, msg
+    # 0 lets Ray pick: never a clash, however many.
+    cfg = load_config(write_yaml(tmp_path, {"ray": {"ports": {"dashboard": 0, "metrics_export": 0, "gcs": 28123}}}))
+    assert cfg.ray.ports["gcs"] == 28123
 
 
 def test_a_check_across_fields_does_not_echo_the_whole_config(tmp_path):
