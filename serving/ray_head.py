@@ -246,10 +246,7 @@ def _pick_ports(names: list[str], worker_ports: int, taken: set[int], rng: rando
     chosen: dict[str, int] = {}
     avoid = set(taken)
     if worker_ports:
-        try:
-            lo = _pick_block(worker_ports, avoid, rng)
-        except RuntimeError as e:
-            raise RuntimeError(f"start_head: {e}") from None
+        lo = _pick_block(worker_ports, avoid, rng)
         chosen["min_worker"], chosen["max_worker"] = lo, lo + worker_ports - 1
     for name in names:
         for _ in range(500):
@@ -259,7 +256,7 @@ def _pick_ports(names: list[str], worker_ports: int, taken: set[int], rng: rando
                 avoid.add(p)
                 break
         else:
-            raise RuntimeError(f"start_head: no free port for {name} in {span[0]}-{span[1]}")
+            raise RuntimeError(f"no free port for {name} in {span[0]}-{span[1]}")
     return chosen
 
 
@@ -273,7 +270,10 @@ def free_port() -> int:
         RuntimeError: no free port after many tries.
     """
     with _lock:
-        port = _pick_ports(["port"], 0, set(_handed_out), random.Random(), span=(_FREE_LO, _FREE_HI))["port"]
+        try:
+            port = _pick_ports(["port"], 0, set(_handed_out), random.Random(), span=(_FREE_LO, _FREE_HI))["port"]
+        except RuntimeError as e:
+            raise RuntimeError(f"free_port: {e}") from None
         _handed_out.append(port)
         return port
 
@@ -305,7 +305,10 @@ def _resolve_ports(ports: Mapping[str, int] | None, *, include_dashboard: bool, 
     wanted = [k for k in _PORT_KEYS if k not in given and k not in ("min_worker", "max_worker")
               and (k != "dashboard" or include_dashboard)]
     need_workers = 0 if "min_worker" in given else worker_ports
-    return {**given, **_pick_ports(wanted, need_workers, _port_set(given) | set(avoid), rng)}
+    try:
+        return {**given, **_pick_ports(wanted, need_workers, _port_set(given) | set(avoid), rng)}
+    except RuntimeError as e:
+        raise RuntimeError(f"start_head: {e}") from None
 
 
 def reserve_ports(names=(), blocks: Mapping[str, int] | None = None, *, avoid=()) -> dict[str, int]:
@@ -334,10 +337,13 @@ def reserve_ports(names=(), blocks: Mapping[str, int] | None = None, *, avoid=()
     with _lock:
         avoid = set(avoid)
         out: dict[str, int] = {}
-        for name, size in blocks.items():
-            lo = _pick_block(size, avoid, rng)
-            out[f"{name}_min"], out[f"{name}_max"] = lo, lo + size - 1
-        out.update(_pick_ports(list(names), 0, avoid, rng))
+        try:
+            for name, size in blocks.items():
+                lo = _pick_block(size, avoid, rng)
+                out[f"{name}_min"], out[f"{name}_max"] = lo, lo + size - 1
+            out.update(_pick_ports(list(names), 0, avoid, rng))
+        except RuntimeError as e:
+            raise RuntimeError(f"reserve_ports: {e}") from None
         _reserved.update(_port_set(out))
     return out
 

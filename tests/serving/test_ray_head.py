@@ -463,3 +463,17 @@ def test_free_port_does_not_repeat_its_latest_answers_and_start_head_refuses_a_g
     with pytest.raises(ValueError, match=r"ports \[26000\] are given to the head and also to avoid"):
         ray_head.start_head(temp, ports={"gcs": 26000}, avoid=(26000,))
     assert not temp.exists()  # refused before anything was written
+
+
+def test_no_free_port_names_the_function_that_was_asked(monkeypatch):
+    from serving import ray_head
+
+    monkeypatch.setattr(ray_head, "_usable", lambda port: False)  # every port taken
+    with pytest.raises(RuntimeError, match=r"^free_port: no free port for port in 30000-32767$"):
+        ray_head.free_port()
+    with pytest.raises(RuntimeError, match=r"^reserve_ports: no free port for x in 20000-29999$"):
+        ray_head.reserve_ports(["x"])
+    with pytest.raises(RuntimeError, match=r"^reserve_ports: no 4 consecutive free ports in 20000-29999$"):
+        ray_head.reserve_ports(blocks={"b": 4})
+    with pytest.raises(RuntimeError, match=r"^start_head: no 200 consecutive free ports in 20000-29999$"):
+        ray_head._resolve_ports(None, include_dashboard=False, worker_ports=200, rng=ray_head.random.Random())
