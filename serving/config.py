@@ -255,13 +255,31 @@ class RayConfig(ConfigModel):
                 raise ValueError(f"give both ray.ports.{pair[0]} and ray.ports.{pair[1]} or neither")
             if pair[0] in v and v[pair[0]] > v[pair[1]]:
                 raise ValueError(f"ray.ports.{pair[0]}={v[pair[0]]} exceeds ray.ports.{pair[1]}={v[pair[1]]}")
+        # Ray's own rules for the workers' block (ray/_private/parameter.py), which `ray start`
+        # would apply only once `up` is under way.
+        lo, hi = v.get("min_worker", 0), v.get("max_worker", 0)
+        for k, p in (("min_worker", lo), ("max_worker", hi)):
+            if p and not 1024 <= p <= 65535:
+                raise ValueError(f"ray.ports.{k}={p}: Ray takes 0 (it picks) or 1024-65535")
+        if hi and not lo:
+            raise ValueError(f"ray.ports.min_worker=0 lets Ray pick the workers' ports: set ray.ports.max_worker "
+                             f"to 0 too, not {hi}")
+        if hi and hi == lo:
+            raise ValueError(f"ray.ports.max_worker={hi} must exceed ray.ports.min_worker={lo}")
+        return v
+
+    def ports_in_use(self, high_throughput: bool) -> dict[str, range]:
+        """The ports each entry of ``ports`` takes when a head starts (``serving.ray_head.port_spans``):
+        ``dashboard`` only with :attr:`include_dashboard`, Serve's high-throughput entries only
+        when ``high_throughput`` (``serving.high_throughput``)."""
         from serving.ray_head import port_spans
 
-        spans = sorted((r.start, r.stop, name) for name, r in port_spans(v).items())
-        for (_, end, a), (start, _, b) in zip(spans, spans[1:]):
-            if start < end:  # two listeners on one port: Ray or Serve would fail ~15 s into `up`
-                raise ValueError(f"ray.ports.{a} and ray.ports.{b} share port {start}; give each its own port")
-        return v
+        used = self.head_ports()
+        if not self.include_dashboard:
+            used.pop("dashboard", None)
+        if high_throughput:
+            used.update(self.serve_ports())
+        return port_spans(used)
 
     def head_ports(self) -> dict[str, int]:
         """The ``ports`` that ``start_head`` takes."""
@@ -274,6 +292,25 @@ class RayConfig(ConfigModel):
         head = self.head_ports()
         return {k: p for k, p in self.ports.items() if k not in head}
 
+
+
+def check_ports(ray: RayConfig, serving: ServingConfig) -> None:
+    """The ports a head and the app take must all differ: no two entries of ``ray.ports`` in use
+    (:meth:`RayConfig.ports_in_use`) share a port, and ``serving.port`` is none of them.
+    ``freshet up`` would otherwise find out ~15 s in, when Ray or Serve cannot bind.
+
+    Raises:
+        ValueError: naming the entries and the port.
+    """
+    spans = ray.ports_in_use(serving.high_throughput)
+    ordered = sorted((r.start, r.stop, name) for name, r in spans.items())
+    for (_, end, a), (start, _, b) in zip(ordered, ordered[1:]):
+        if start < end:
+            raise ValueError(f"ray.ports.{a} and ray.ports.{b} share port {start}; give each its own port")
+    for name, r in spans.items():
+        if serving.port in r:
+            where = f"is also ray.ports.{name}" if len(r) == 1 else f"is inside ray.ports.{name} ({r.start}-{r.stop - 1})"
+            raise ValueError(f"serving.port {serving.port} {where}; give them different ports")
 
 
 class FreshetConfig(ConfigModel):
@@ -301,11 +338,7 @@ class FreshetConfig(ConfigModel):
     @model_validator(mode="after")
     def _check(self) -> FreshetConfig:
         m = self.model
-        from serving.ray_head import port_spans
-
-        taken = [k for k, r in port_spans(self.ray.ports).items() if self.serving.port in r]
-        if taken:  # `up` would find out ~15 s in, as a port clash of Ray's or Serve's
-            raise ValueError(f"serving.port {self.serving.port} is also ray.ports.{taken[0]}; give them different ports")
+        check_ports(self.ray, self.serving)
         for field in ("user_table", "item_table", "item_bias_table", "popularity_table"):
             name = getattr(m, field)
             if name not in self.ps.tables:

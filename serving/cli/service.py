@@ -364,21 +364,19 @@ def check_ray_port(cfg: FreshetConfig, port: int, *, joining: bool = False) -> N
     """
     from pydantic import ValidationError
 
-    from serving.config import RayConfig
+    from serving.config import RayConfig, check_ports
 
     if joining:
         raise ValueError(f"--ray-port {port}: `--address` joins a running cluster, so no head is started "
                          "to give that port; drop one of the two")
+    if port == cfg.serving.port:
+        raise ValueError(f"--ray-port {port} is serving.port; give them different ports")
     try:
         ray_cfg = RayConfig.model_validate({**cfg.ray.model_dump(), "ports": {**cfg.ray.ports, "gcs": port}})
-    except ValidationError as e:
-        why = e.errors()[0]["msg"].removeprefix("Value error, ")
+        check_ports(ray_cfg, cfg.serving)
+    except (ValidationError, ValueError) as e:
+        why = e.errors()[0]["msg"].removeprefix("Value error, ") if isinstance(e, ValidationError) else str(e)
         raise ValueError(f"--ray-port {port} (in place of ray.ports.gcs): {why}") from None
-    from serving.ray_head import port_spans
-
-    if taken := [k for k, r in port_spans(ray_cfg.ports).items() if cfg.serving.port in r]:
-        raise ValueError(f"--ray-port {port}: serving.port {cfg.serving.port} is also ray.ports.{taken[0]}; "
-                         "give them different ports")
 
 
 def _step(state: dict[str, Any], cfg: FreshetConfig, phase: str, **fields: Any) -> None:

@@ -262,27 +262,44 @@ def test_serving_port_and_a_ray_port_must_differ(tmp_path):
     # Inside a block of ports (the head's workers, the replicas' direct ingress) too: `up` used to
     # find out only when the head refused to start.
     msg = config_error(tmp_path, {"serving": {"port": 28150}, "ray": {"ports": {"min_worker": 28100, "max_worker": 28299}}})
-    assert "serving.port 28150 is also ray.ports.min_worker..max_worker" in msg, msg
-    msg = config_error(tmp_path, {"serving": {"port": 28150},
-                                  "ray": {"ports": {"direct_http_min": 28140, "direct_http_max": 28150}}})
-    assert "serving.port 28150 is also ray.ports.direct_http_min..direct_http_max" in msg, msg
+    assert "serving.port 28150 is inside ray.ports.min_worker..max_worker (28100-28299)" in msg, msg
+    direct = {"ray": {"ports": {"direct_http_min": 28140, "direct_http_max": 28150}}}
+    msg = config_error(tmp_path, {"serving": {"port": 28150, "high_throughput": True}, **direct})
+    assert "serving.port 28150 is inside ray.ports.direct_http_min..direct_http_max (28140-28150)" in msg, msg
     # The block's bounds are inclusive, and a port just past it is fine.
     ok = {"serving": {"port": 28300}, "ray": {"ports": {"min_worker": 28100, "max_worker": 28299}}}
     assert load_config(write_yaml(tmp_path, ok)).ray.ports["max_worker"] == 28299
+    # Only ports in use count: the direct-ingress block without high-throughput mode is unused.
+    assert load_config(write_yaml(tmp_path, {"serving": {"port": 28150}, **direct})).serving.port == 28150
 
 
-def test_ray_ports_must_not_share_a_port(tmp_path):
-    msg = config_error(tmp_path, {"ray": {"ports": {"gcs": 28123, "dashboard": 28123}}})
+def test_ray_ports_in_use_must_not_share_a_port(tmp_path):
+    both = {"ray": {"include_dashboard": True, "ports": {"gcs": 28123, "dashboard": 28123}}}
+    msg = config_error(tmp_path, both)
     assert "ray.ports.dashboard and ray.ports.gcs share port 28123" in msg, msg
+    # Without the dashboard its port is never bound: no clash.
+    both["ray"]["include_dashboard"] = False
+    assert load_config(write_yaml(tmp_path, both)).ray.ports["dashboard"] == 28123
     # A listener inside the workers' block, and two blocks that overlap.
     msg = config_error(tmp_path, {"ray": {"ports": {"node_manager": 28150, "min_worker": 28100, "max_worker": 28299}}})
     assert "ray.ports.min_worker..max_worker and ray.ports.node_manager share port 28150" in msg, msg
-    msg = config_error(tmp_path, {"ray": {"ports": {"min_worker": 28100, "max_worker": 28299,
+    msg = config_error(tmp_path, {"serving": {"high_throughput": True},
+                                  "ray": {"ports": {"min_worker": 28100, "max_worker": 28299,
                                                     "direct_http_min": 28299, "direct_http_max": 28310}}})
     assert "share port 28299" in msg, msg
     # 0 lets Ray pick: never a clash, however many.
     cfg = load_config(write_yaml(tmp_path, {"ray": {"ports": {"dashboard": 0, "metrics_export": 0, "gcs": 28123}}}))
     assert cfg.ray.ports["gcs"] == 28123
+
+
+@pytest.mark.parametrize("ports, why", [
+    ({"min_worker": 0, "max_worker": 28299}, "ray.ports.min_worker=0 lets Ray pick the workers' ports"),
+    ({"min_worker": 28100, "max_worker": 28100}, "ray.ports.max_worker=28100 must exceed ray.ports.min_worker=28100"),
+    ({"min_worker": 1000, "max_worker": 28100}, "ray.ports.min_worker=1000: Ray takes 0 (it picks) or 1024-65535"),
+])
+def test_the_workers_block_follows_rays_own_rules(tmp_path, ports, why):
+    # `ray start` refuses these (or, for min_worker 0, holds ports 0..max_worker and clashes) once `up` is under way.
+    assert why in config_error(tmp_path, {"ray": {"ports": ports}})
 
 
 def test_a_check_across_fields_does_not_echo_the_whole_config(tmp_path):

@@ -355,14 +355,14 @@ def test_up_on_a_port_in_use_fails_at_once_and_starts_nothing(tmp_path):
 
 def test_a_bad_ray_port_is_refused_before_anything_starts(tmp_path):
     # Checked as the config's own ports are; before, `up` found out when the head refused to start.
-    cfg = _config(tmp_path, ray={"ports": {"dashboard": 28411}})
+    cfg = _config(tmp_path, ray={"include_dashboard": True, "ports": {"dashboard": 28411}})
     port = yaml.safe_load(cfg.read_text())["serving"]["port"]
     for args, why in (
-        (("up", "--ray-port", str(port)), f"--ray-port {port}: serving.port {port} is also ray.ports.gcs"),
+        (("up", "--ray-port", str(port)), f"--ray-port {port} is serving.port; give them different ports"),
         (("up", "--ray-port", "70000"), "--ray-port 70000 (in place of ray.ports.gcs): ray.ports.gcs=70000 is not a port"),
         (("up", "--ray-port", "28411"), "ray.ports.dashboard and ray.ports.gcs share port 28411"),
         (("up", "--ray-port", "28412", "--address", "127.0.0.1:28412"), "`--address` joins a running cluster"),
-        (("ckpt", "restore", "c1", "--ray-port", str(port)), f"serving.port {port} is also ray.ports.gcs"),
+        (("ckpt", "restore", "c1", "--ray-port", str(port)), f"--ray-port {port} is serving.port"),
     ):
         out = freshet(args[0], "--config", str(cfg), *args[1:])
         assert out.returncode == 2 and why in out.stderr, (args, out.stdout + out.stderr)
