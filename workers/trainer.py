@@ -293,6 +293,13 @@ class Trainer:
         # sync removes them in full if that push gave them no row (their tombstones are consumed).
         self._held: dict[str, list[np.ndarray]] = collections.defaultdict(list)
         self._since_snapshot = 0
+        # Where local state (catalogue, histories) stands per partition: past the committed
+        # offsets while a batch read ahead is prepared. A snapshot must hold the state at the
+        # offsets it names, so one due while a batch is read ahead is taken from a copy made
+        # before that batch was prepared (_capture: (offsets, state)).
+        self._prepared_to = dict(self.offsets)
+        self._snapshot_due = False
+        self._capture: tuple[dict[int, int], tuple] | None = None
         self._rr = 0
         self._last_progress = time.time()
         # The oldest event time (ingest_ts) of each batch read and not yet committed, by
@@ -314,18 +321,35 @@ class Trainer:
     def _snapshot_dir(self) -> Path:
         return self.root / "state"
 
-    def _save_local_state(self) -> None:
+    def _local_state(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """A copy of the catalogue and the histories: ``(item keys, counts, users, items)``."""
+        return (self.catalogue.keys().copy(), self.catalogue.counts().copy(), *self.histories.capture())
+
+    def _snapshot_at_commit(self) -> None:
+        """Persist local state at the offsets just committed if it is known there: the live
+        state when nothing is prepared past them, else a copy made before the batch read ahead
+        was prepared (:meth:`_prepare`); otherwise a later commit takes the snapshot."""
+        if self._prepared_to == self.offsets:
+            self._save_local_state()
+        elif self._capture is not None and self._capture[0] == self.offsets:
+            self._save_local_state(self._capture[1])
+        elif self._capture is not None and any(self.offsets.get(q, 0) > o for q, o in self._capture[0].items()):
+            self._capture = None  # passed without a commit there: the next read-ahead copies again
+
+    def _save_local_state(self, state: tuple | None = None) -> None:
         """Persist the catalogue and the users' histories at the committed offsets (Arrow
         IPC + JSON, written beside and renamed into place), so a restart replays only the
-        events after them; then tell the ingest log it may drop what came before."""
+        events after them; then tell the ingest log it may drop what came before. ``state``:
+        :meth:`_local_state` as of those offsets (default: the live state, which must not
+        hold a batch prepared past them)."""
         if self.root is None:
             return
+        keys, counts, users, items = state if state is not None else self._local_state()
         tmp = self.root / ".state.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-        users, items = self.histories.capture()
         with pa.OSFile(str(tmp / "catalogue.arrow"), "wb") as f, pa.ipc.new_file(f, _CATALOGUE_SCHEMA) as w:
-            w.write_table(pa.table({"key": self.catalogue.keys(), "count": self.catalogue.counts()}, schema=_CATALOGUE_SCHEMA))
+            w.write_table(pa.table({"key": keys, "count": counts}, schema=_CATALOGUE_SCHEMA))
         with pa.OSFile(str(tmp / "histories.arrow"), "wb") as f, pa.ipc.new_file(f, _HISTORY_SCHEMA) as w:
             w.write_table(pa.table({"user": users, "item": items}, schema=_HISTORY_SCHEMA))
         meta = {"offsets": {str(p): o for p, o in self.offsets.items()}, "events_applied": self.events_applied,
@@ -341,6 +365,8 @@ class Trainer:
         fsync_path(self.root)
         shutil.rmtree(old, ignore_errors=True)
         self._since_snapshot = 0
+        self._snapshot_due = False
+        self._capture = None
         if self.live:  # the ingest log may now drop the events before these offsets
             for p, src in self.sources.items():
                 src.commit(trainer_actor_name(self.index), self.offsets[p])
@@ -398,6 +424,7 @@ class Trainer:
             self._unchecked = [self.catalogue.keys().copy()]
         self.offsets = dict(resume)
         self.read_pos = dict(resume)
+        self._prepared_to = dict(resume)
         for p, rec in redo.items():
             raw = self.sources[p].read(rec.start, rec.end - rec.start)
             batch = self._prepare(p, raw, rec.end)
@@ -486,7 +513,12 @@ class Trainer:
         return ~bad if mine is None else mine & ~bad
 
     def _prepare(self, p: int, raw: pa.RecordBatch, end: int) -> Batch:
+        if self._snapshot_due and self._capture is None and self._prepared_to != self.offsets:
+            # Read ahead: the snapshot due at the commit of the batches already prepared
+            # needs the state before this one.
+            self._capture = (dict(self._prepared_to), self._local_state())
         batch = self.step.prepare(raw, end, self.catalogue, self.histories, partition=p, mine=self._admitted(p, raw))
+        self._prepared_to[p] = end
         if self._global_clock and raw.num_rows:
             batch.clock = self.sources[p].clock(end - 1)
         if len(batch.ingest_ts):
@@ -608,7 +640,9 @@ class Trainer:
             self.wal.commit(self.offsets, self.events_applied, self.step.clock_base, self.num_workers)
             self._since_snapshot += 1
             if self._since_snapshot >= self.cfg.trainer.snapshot_every_batches:
-                self._save_local_state()
+                self._snapshot_due = True
+            if self._snapshot_due:
+                self._snapshot_at_commit()
 
     def learn(self, raw: pa.RecordBatch, end: int, partition: int = 0) -> None:
         """Train one batch of events now (prepare, every pass, wait): for in-process drivers
@@ -878,8 +912,8 @@ class Trainer:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout_s)
-        if self.wal is not None and self.batches:
-            self._save_local_state()
+        if self.wal is not None and self.batches and self._prepared_to == self.offsets:
+            self._save_local_state()  # not while a batch is still prepared past them (join timed out)
         return self.stats()
 
     def stats(self) -> dict[str, Any]:

@@ -3,11 +3,12 @@ up to which its stream is fully applied. One append-only Arrow IPC stream file (
 pickle), so recording a push is one buffered write, not a directory of files.
 
 A push is appended before it is sent. After a batch's pushes are all acknowledged, a
-*commit* record with the new offsets is appended: the pushes before it are settled.
-After a crash the restarted trainer reads the last commit and re-sends every push after
-it: shards that already applied a push drop it by push id, the others apply the very
-same gradients. The file is started afresh (from its last commit) once it grows past
-``rotate_bytes``.
+*commit* record with the new offsets is appended: the pushes of batches up to those offsets
+are settled. A trainer that reads ahead may already have sent the next batch's pushes; they
+stay pending past the commit. After a crash the restarted trainer reads the last commit and
+re-sends every push still pending: shards that already applied a push drop it by push id,
+the others apply the very same gradients. The file is started afresh (from its last commit
+and the pushes still pending) once it grows past ``rotate_bytes``.
 """
 
 from __future__ import annotations
@@ -111,7 +112,8 @@ class TrainerWAL:
         return Committed(dict(c.offsets), c.events_applied, c.clock_base, c.num_workers)
 
     def pending(self) -> list[tuple[PushRecord, dict[str, TableUpdate], tuple | None]]:
-        """Pushes written after the last commit, in order: ``(record, updates, recent)``."""
+        """Pushes not yet settled by a commit (see :meth:`commit`), in the order written:
+        ``(record, updates, recent)``."""
         return list(self._pending)
 
     # -- writing -------------------------------------------------------------------------
@@ -144,14 +146,17 @@ class TrainerWAL:
 
     def commit(self, offsets: dict[int, int], events_applied: int, clock_base: int = 0,
                num_workers: int | None = None) -> None:
-        """Record that the stream is fully applied up to ``offsets`` (per partition): every
-        push written so far is settled. ``clock_base``, ``num_workers``: see :class:`Committed`."""
+        """Record that the stream is fully applied up to ``offsets`` (per partition): every push
+        of a batch ending there or before is settled. A later batch's pushes stay pending: a
+        trainer that reads ahead (``trainer.prefetch``) may send them before this commit.
+        ``clock_base``, ``num_workers``: see :class:`Committed`."""
         self._committed = _committed(offsets, events_applied, clock_base, num_workers)
-        self._pending = []
+        self._pending = _unsettled(self._pending, self._committed)
         data = self._commit_bytes()
         self._append(data)
         if self._file.tell() > self.rotate_bytes:
-            self._start_file([data])
+            self._start_file([data, *(self._encode("push", rec, list(updates.values()), recent, None)
+                                      for rec, updates, recent in self._pending)])
 
     def _commit_bytes(self) -> bytes:
         meta = json.dumps({"offsets": {str(p): o for p, o in self._committed.offsets.items()},
@@ -188,6 +193,11 @@ class TrainerWAL:
             self._file = None
 
 
+def _unsettled(pending: list, committed: Committed) -> list:
+    """The records of ``pending`` whose batch ends past ``committed``'s offset of its partition."""
+    return [r for r in pending if r[0].end > committed.offsets.get(r[0].partition, 0)]
+
+
 def _committed(offsets: dict, events_applied: int, clock_base: int, num_workers: int | None) -> Committed:
     """A :class:`Committed` from values as given or as read back from JSON (string keys)."""
     return Committed({int(p): int(o) for p, o in offsets.items()}, int(events_applied), int(clock_base),
@@ -220,7 +230,7 @@ def _read_file(
                     meta = json.loads(row.column("meta")[0].as_py())
                     committed = _committed(meta["offsets"], meta["events_applied"], meta.get("clock_base", 0),
                                            meta.get("num_workers"))
-                    pending = []
+                    pending = _unsettled(pending, committed)
                 elif pushes:
                     rec = PushRecord(*(row.column(c)[0].as_py() for c in ("seq", "start", "end", "pass_index", "partition")))
                     updates = {u.table: u for u in decode_updates(row)}
