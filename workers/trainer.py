@@ -298,7 +298,6 @@ class Trainer:
         # offsets it names, so one due while a batch is read ahead is taken from a copy made
         # before that batch was prepared (_capture: (offsets, state)).
         self._prepared_to = dict(self.offsets)
-        self._snapshot_due = False
         self._capture: tuple[dict[int, int], tuple] | None = None
         self._rr = 0
         self._last_progress = time.time()
@@ -324,6 +323,11 @@ class Trainer:
     def _local_state(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """A copy of the catalogue and the histories: ``(item keys, counts, users, items)``."""
         return (self.catalogue.keys().copy(), self.catalogue.counts().copy(), *self.histories.capture())
+
+    def _snapshot_is_due(self) -> bool:
+        """``trainer.snapshot_every_batches`` commits since the last snapshot (it may come later,
+        see :meth:`_snapshot_at_commit`)."""
+        return self._since_snapshot >= self.cfg.trainer.snapshot_every_batches
 
     def _snapshot_at_commit(self) -> None:
         """Persist local state at the offsets just committed if it is known there: the live
@@ -365,7 +369,6 @@ class Trainer:
         fsync_path(self.root)
         shutil.rmtree(old, ignore_errors=True)
         self._since_snapshot = 0
-        self._snapshot_due = False
         self._capture = None
         if self.live:  # the ingest log may now drop the events before these offsets
             for p, src in self.sources.items():
@@ -513,7 +516,7 @@ class Trainer:
         return ~bad if mine is None else mine & ~bad
 
     def _prepare(self, p: int, raw: pa.RecordBatch, end: int) -> Batch:
-        if self._snapshot_due and self._capture is None and self._prepared_to != self.offsets:
+        if self._snapshot_is_due() and self._capture is None and self._prepared_to != self.offsets:
             # Read ahead: the snapshot due at the commit of the batches already prepared
             # needs the state before this one.
             self._capture = (dict(self._prepared_to), self._local_state())
@@ -639,9 +642,7 @@ class Trainer:
         if self.wal is not None:
             self.wal.commit(self.offsets, self.events_applied, self.step.clock_base, self.num_workers)
             self._since_snapshot += 1
-            if self._since_snapshot >= self.cfg.trainer.snapshot_every_batches:
-                self._snapshot_due = True
-            if self._snapshot_due:
+            if self._snapshot_is_due():
                 self._snapshot_at_commit()
 
     def learn(self, raw: pa.RecordBatch, end: int, partition: int = 0) -> None:
