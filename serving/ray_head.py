@@ -25,6 +25,12 @@ What Ray 2.60 does, and why this module does what it does (measured with ``ss -l
   heads, or a head and a plain ``ray.init()`` cluster, do not collide. 23000-24000 is skipped:
   Ray Client's per-session servers take ports there. :func:`free_port` picks from
   30000-32767, so a port it gave (a Serve app's, bound later) is never a head's.
+  A port picked here is often bound much later (a head's worker ports as workers start,
+  HAProxy's once Serve starts), so a bind check alone could hand it to another process
+  meanwhile: picks are also leased host-wide (:mod:`serving.port_leases`), and every Freshet
+  process of this user skips the ports another one holds. A head's own ports, and the Serve
+  ports in its ``env``, are leased to its ``ray start`` process, so they stay held after
+  ``freshet up`` exits and until the head stops.
 * The head runs as ``ray start --head --block`` in a new session: all of its processes (workers
   included, though each worker has its own process group) share that session id, so
   :func:`stop_head` stops exactly them; never ``ray stop``, which stops every Ray on the host.
@@ -65,6 +71,8 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from pydantic import BaseModel, ConfigDict
+
+from serving import port_leases
 
 __all__ = [
     "PORT_ENV",
@@ -122,6 +130,10 @@ _PORT_LO, _PORT_HI = 20000, 29999  # inclusive: a head's ports; see the module d
 # only later (a Serve app ~20 s on), and meanwhile a head starting on the host, which sees it
 # free, could take it for a listener or its block of worker ports. A CI run failed so once.
 _FREE_LO, _FREE_HI = 30000, 32767
+# How long another process leaves a free_port() answer alone: it has no release call, and the
+# slowest binder (a Serve app on a loaded host) binds within ~1 min; once bound, the bind check
+# keeps it.
+_FREE_LEASE_S = 300.0
 _RAY_CLIENT_SPECIFIC = range(23000, 24001)  # ray/util/client/server/proxier.py MIN/MAX_SPECIFIC_SERVER_PORT
 # Ray's socket paths (<temp_dir>/session_<date>_<pid>/sockets/plasma_store) must stay < 108 bytes.
 _MAX_TEMP_DIR_LEN = 40
@@ -130,6 +142,7 @@ _OWN_ENV = ("RAY_ADDRESS", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER")  # start_head se
 
 _lock = threading.Lock()
 _reserved: set[int] = set()  # ports handed to a head by this process, so concurrent start_head calls never share one
+_leased: set[int] = set()  # other processes' picks (serving.port_leases), while _picking() holds the leases
 # free_port()'s latest answers: two taken in a row (a Serve port, then a GCS port) and both
 # bound only later must differ.
 _handed_out: collections.deque[int] = collections.deque(maxlen=64)
@@ -196,7 +209,22 @@ def _bindable(port: int) -> bool:
 
 
 def _usable(port: int) -> bool:
-    return port not in _reserved and port not in _RAY_CLIENT_SPECIFIC and _bindable(port)
+    return (port not in _reserved and port not in _leased and port not in _RAY_CLIENT_SPECIFIC
+            and _bindable(port))
+
+
+@contextlib.contextmanager
+def _picking() -> Iterator[port_leases.Leases]:
+    """Hold ``_lock`` and the host-wide port leases (:mod:`serving.port_leases`) while ports are
+    picked and leased: :func:`_usable` then also skips every port another Freshet process of
+    this user on the host has picked and may not have bound yet."""
+    global _leased
+    with _lock, port_leases.leasing() as leases:
+        _leased = leases.taken()
+        try:
+            yield leases
+        finally:
+            _leased = set()
 
 
 def port_spans(ports: Mapping[str, int]) -> dict[str, range]:
@@ -236,13 +264,14 @@ def _pick_block(size: int, avoid: set[int], rng: random.Random) -> int:
 
 
 def _pick_ports(names: list[str], worker_ports: int, taken: set[int], rng: random.Random,
-                span: tuple[int, int] = (_PORT_LO, _PORT_HI)) -> dict[str, int]:
-    """Free ports for ``names`` from ``span`` (inclusive) plus a block of ``worker_ports``
-    consecutive ones (caller holds ``_lock``).
+                span: tuple[int, int] | None = None) -> dict[str, int]:
+    """Free ports for ``names`` from ``span`` (inclusive; default a head's range) plus a block of
+    ``worker_ports`` consecutive ones (caller holds ``_lock``).
 
     Raises:
         RuntimeError: no free port or block found after many tries.
     """
+    span = span or (_PORT_LO, _PORT_HI)
     chosen: dict[str, int] = {}
     avoid = set(taken)
     if worker_ports:
@@ -264,17 +293,19 @@ def free_port() -> int:
     """A TCP port free right now on 127.0.0.1 and on all interfaces, from 30000-32767: above
     Ray's worker ports and the 20000-29999 that :func:`start_head` picks from (so a head
     starting meanwhile never takes it), below Linux's ephemeral range (where a port bound to 0
-    by any program could take it between this check and the bind). Not held: bind it soon.
+    by any program could take it between this check and the bind). Other Freshet processes of
+    this user on the host leave it alone for 5 minutes (:mod:`serving.port_leases`); bind it soon.
 
     Raises:
         RuntimeError: no free port after many tries.
     """
-    with _lock:
+    with _picking() as leases:
         try:
             port = _pick_ports(["port"], 0, set(_handed_out), random.Random(), span=(_FREE_LO, _FREE_HI))["port"]
         except RuntimeError as e:
             raise RuntimeError(f"free_port: {e}") from None
         _handed_out.append(port)
+        leases.add([port], ttl_s=_FREE_LEASE_S)
         return port
 
 
@@ -315,7 +346,9 @@ def reserve_ports(names=(), blocks: Mapping[str, int] | None = None, *, avoid=()
     """Pick ports that are free now, from the same range as :func:`start_head`, and hold them.
 
     A held port is never handed out again by this process (to a head or another call) until
-    :func:`release_ports`; other programs are not stopped from taking it, so use it soon.
+    :func:`release_ports`, nor by another Freshet process of this user on the host while this
+    one lives (:mod:`serving.port_leases`); other programs are not stopped from taking it, so
+    use it soon.
 
     Args:
         names: one port for each name.
@@ -334,7 +367,7 @@ def reserve_ports(names=(), blocks: Mapping[str, int] | None = None, *, avoid=()
     if any(size < 1 for size in blocks.values()):
         raise ValueError(f"reserve_ports: block sizes must be >= 1, got {blocks}")
     rng = random.Random()
-    with _lock:
+    with _picking() as leases:
         avoid = set(avoid)
         out: dict[str, int] = {}
         try:
@@ -345,13 +378,16 @@ def reserve_ports(names=(), blocks: Mapping[str, int] | None = None, *, avoid=()
         except RuntimeError as e:
             raise RuntimeError(f"reserve_ports: {e}") from None
         _reserved.update(_port_set(out))
+        leases.add(_port_set(out))
     return out
 
 
 def release_ports(ports: Mapping[str, int]) -> None:
-    """Hand back what :func:`reserve_ports` returned (blocks expanded); unknown ports are ignored."""
-    with _lock:
+    """Hand back what :func:`reserve_ports` returned (blocks expanded), here and in this
+    process's host-wide leases; unknown ports are ignored."""
+    with _lock, port_leases.leasing() as leases:
         _reserved.difference_update(_port_set(ports))
+        leases.drop(_port_set(ports))
 
 
 # --------------------------------------------------------------------------- Serve's high-throughput mode
@@ -444,8 +480,9 @@ def high_throughput_env(run_dir, *, loopback: bool = True, ports: Mapping[str, i
     # replicas' direct-ingress block would make one of them fail to bind).
     chosen = {**reserve_ports([k for k in SERVE_HT_PORT_ENV if k not in given], missing_blocks,
                               avoid=_port_set(given) | _port_set(head_ports or {}) | set(avoid)), **given}
-    with _lock:
+    with _lock, port_leases.leasing() as leases:
         _reserved.update(_port_set(given))
+        leases.add(_port_set(given))
     env = {
         "RAY_SERVE_ENABLE_HA_PROXY": "1",
         "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
@@ -475,6 +512,17 @@ def high_throughput_env(run_dir, *, loopback: bool = True, ports: Mapping[str, i
     return env
 
 
+def _serve_ht_ports(env: Mapping[str, str]) -> set[int]:
+    """Every port the Serve high-throughput variables in ``env`` name (:func:`high_throughput_env`;
+    blocks whole); none when it has none."""
+    ports = {int(env[var]) for var in SERVE_HT_PORT_ENV.values() if env.get(var, "").isdigit()}
+    for pattern, _ in _SERVE_HT_BLOCKS.values():
+        lo, hi = env.get(pattern.format("MIN"), ""), env.get(pattern.format("MAX"), "")
+        if lo.isdigit() and hi.isdigit():
+            ports.update(range(int(lo), int(hi) + 1))
+    return ports
+
+
 @contextlib.contextmanager
 def high_throughput_run(prefix: str, **kwargs: Any) -> Iterator[dict[str, str]]:
     """:func:`high_throughput_env` (``kwargs`` as there) in a new short directory
@@ -491,10 +539,7 @@ def high_throughput_run(prefix: str, **kwargs: Any) -> Iterator[dict[str, str]]:
         try:
             yield env
         finally:
-            ports = {k: int(env[var]) for k, var in SERVE_HT_PORT_ENV.items()}
-            for b, (pattern, _) in _SERVE_HT_BLOCKS.items():
-                ports[f"{b}_min"], ports[f"{b}_max"] = int(env[pattern.format("MIN")]), int(env[pattern.format("MAX")])
-            release_ports(ports)
+            release_ports({str(p): p for p in _serve_ht_ports(env)})
     finally:
         shutil.rmtree(run_dir, ignore_errors=True)
 
@@ -651,8 +696,9 @@ def stop_head(info: HeadInfo, timeout_s: float = 20.0) -> list[int]:
             left.discard(info.root_pid)
         pids |= left
         if not left:
-            with _lock:
+            with _lock, port_leases.leasing() as leases:
                 _reserved.difference_update(_port_set(info.ports))
+                leases.drop_owner(info.root_pid)
             return sorted(pids)
         if time.monotonic() > deadline:
             raise RuntimeError(f"stop_head: processes {sorted(left)} of the head in {info.temp_dir} are still alive")
@@ -913,7 +959,9 @@ def start_head(temp_dir, *, ports: Mapping[str, int] | None = None, auth: bool =
             another program); 1 when every port is given.
 
     Returns:
-        A :class:`HeadInfo`; the head keeps running after this process exits.
+        A :class:`HeadInfo`; the head keeps running after this process exits, and so do the
+        host-wide leases on its ports and on the Serve ports ``env`` names (until
+        :func:`stop_head`, or until its ``ray start`` process exits).
 
     Raises:
         ValueError: bad ``ports``, a given port also in ``avoid``, or a ``temp_dir`` that is too long.
@@ -958,12 +1006,18 @@ def start_head(temp_dir, *, ports: Mapping[str, int] | None = None, auth: bool =
     log_path = temp / "ray-start.log"
     errors: list[str] = []
     for _ in range(1 if all_given else max(1, attempts)):
-        with _lock:
+        with _picking() as leases:
             chosen = _resolve_ports(ports, include_dashboard=include_dashboard, worker_ports=worker_ports, rng=rng,
                                     avoid=avoid)
             _reserved.update(_port_set(chosen))
+            leases.add(_port_set(chosen))
         proc = _launch(temp, chosen, env, num_cpus, include_dashboard, extra_args, log_path)
         _children[proc.pid] = proc
+        with _lock, port_leases.leasing() as leases:
+            # Held while the head lives, past this process (`freshet up` exits; worker ports and
+            # Serve's blocks bind one by one for months): the head's own and the Serve
+            # high-throughput ports in env that this process reserved.
+            leases.move(_port_set(chosen) | _serve_ht_ports(extra_env), proc.pid)
         info = HeadInfo(address=f"127.0.0.1:{chosen['gcs']}", ports=chosen, temp_dir=str(temp), auth=auth,
                         token_path=str(tok) if auth else None, root_pid=proc.pid, pids=[proc.pid],
                         log_path=str(log_path), env=extra_env)
@@ -973,7 +1027,10 @@ def start_head(temp_dir, *, ports: Mapping[str, int] | None = None, auth: bool =
         errors.append(f"{why}; tail of {log_path}:\n{_tail(log_path)}")
         with contextlib.suppress(RuntimeError):
             stop_head(info)
-        with _lock:
+        with _lock, port_leases.leasing() as leases:
             _reserved.difference_update(_port_set(chosen))
+            leases.drop_owner(proc.pid)
+            leases.drop(_port_set(chosen))
+            leases.add(_serve_ht_ports(extra_env) & _reserved)  # back to this process, for the next attempt
     raise RuntimeError(f"start_head: Ray head in {temp} did not start after {len(errors)} attempt(s):\n"
                        + "\n---\n".join(errors))

@@ -88,6 +88,14 @@ def free_port() -> int:
     return _free_port()
 
 
+def leased_to(pid: int) -> set[int]:
+    """Ports the host-wide leases (:mod:`serving.port_leases`) hold for process ``pid``."""
+    from serving import port_leases
+
+    with port_leases.leasing() as leases:
+        return {p for e in leases.entries() if e["pid"] == pid for lo, hi in e["ports"] for p in range(lo, hi + 1)}
+
+
 def wait_for(fn, timeout_s: float, what: str, interval_s: float = 0.1):
     """Poll ``fn`` until it returns a truthy value; fail naming ``what`` after ``timeout_s`` seconds."""
     import time

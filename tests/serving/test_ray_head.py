@@ -35,7 +35,7 @@ from serving.ray_head import (
     start_head,
     stop_head,
 )
-from tests.conftest import free_port
+from tests.conftest import free_port, leased_to
 
 grpc = pytest.importorskip("grpc")
 
@@ -180,6 +180,9 @@ def test_heads_start_concurrently_on_distinct_free_ports(heads):
         assert not used[-1] & RAY_DEFAULT_PORTS
         assert len(named) == len(set(named.values())) and not set(named.values()) & set(block)
     assert not used[0] & used[1], "two heads share a port"
+    # Leased to each head's `ray start` process, so other processes skip its worker block (bound
+    # one port at a time, as workers start) after the starting process has exited.
+    assert leased_to(a.root_pid) == used[0] and leased_to(b.root_pid) == used[1]
     assert a.auth and Path(a.token_path).stat().st_mode & 0o077 == 0, "token file must be private"
     assert not b.auth and b.token_path is None
     assert "token authentication is OFF" in err
@@ -225,6 +228,7 @@ def test_stop_head_leaves_no_process(heads):
     stopped = stop_head(b)
     assert b.root_pid in stopped
     assert head_pids(b) == []
+    assert leased_to(b.root_pid) == set()
     alive = [p for p in seen if not _gone(p)]
     assert not alive, f"still alive after stop_head: {alive}"
     assert not [s for s in listening_sockets(seen)], "a stopped head still listens"
@@ -402,9 +406,9 @@ def test_high_throughput_run_hands_back_every_port_and_removes_its_dir():
         for kind in ("HTTP", "GRPC"):
             lo, hi = (int(env[f"RAY_SERVE_DIRECT_INGRESS_{e}_{kind}_PORT"]) for e in ("MIN", "MAX"))
             held |= set(range(lo, hi + 1))
-        assert len(held) == 4 + 64 + 16 and held <= ray_head._reserved
+        assert len(held) == 4 + 64 + 16 and held <= ray_head._reserved and held <= leased_to(os.getpid())
     # The whole blocks, not only their ends: the replicas' ports are free for the next run.
-    assert not held & ray_head._reserved
+    assert not held & ray_head._reserved and not held & leased_to(os.getpid())
     assert not run_dir.exists()
     with pytest.raises(ValueError, match="longer than"), ray_head.high_throughput_run("x" * 40):
         pass

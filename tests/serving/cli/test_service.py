@@ -33,8 +33,9 @@ import httpx
 import pytest
 import yaml
 
+from serving import ray_head
 from serving.ray_head import HeadInfo, client_env, head_pids, listening_sockets
-from tests.conftest import free_port
+from tests.conftest import free_port, leased_to
 from tests.serving.cli.helpers import REPO, cli_env, freshet, freshet_popen
 from tests.serving.test_ray_head import RAY_DEFAULT_PORTS, refuses_without_token
 
@@ -268,6 +269,10 @@ def test_up_secure_by_default_ckpt_down_restore(tmp_path, plain_ray):
     try:
         assert _state(fresh)["address"] == f"127.0.0.1:{gcs}"
         fresh_head = HeadInfo.model_validate(_state(fresh)["head"])
+        # `up` has exited; the head's ports and HAProxy's (the replicas' blocks bind one port
+        # per replica start) stay leased to the head, so no other Freshet process picks them.
+        held = ray_head._port_set(fresh_head.ports) | ray_head._serve_ht_ports(fresh_head.env)
+        assert len(ray_head._serve_ht_ports(fresh_head.env)) == 4 + 64 + 16 and leased_to(fresh_head.root_pid) == held
         hap = _haproxy_listeners(fresh_head)
         assert port in {s.port for s in hap} and all(s.is_loopback for s in hap), hap
         assert _rankings(url, users) == before
@@ -281,6 +286,7 @@ def test_up_secure_by_default_ckpt_down_restore(tmp_path, plain_ray):
     finally:
         assert freshet("down", "--config", str(fresh)).returncode == 0
     _assert_gone(fresh_head, seen)  # HAProxy included
+    assert leased_to(fresh_head.root_pid) == set()
     assert plain_ray(2) == 3
 
 
