@@ -15,8 +15,9 @@ process (pid and start time, so a reused pid does not keep it) and, optionally, 
 lease whose owner has exited or whose time is up counts for nothing and is dropped at the next
 write. Programs other than Freshet do not read it: the bind check still covers them.
 
-When the directory cannot be used (not ours, not writable), leasing is skipped with one warning
-and each process keeps only its own picks apart, as before.
+When the directory cannot be used (not ours, not writable) or its lock stays taken for 10 s (a
+holder stopped mid-pick), leasing is skipped with one warning and each process keeps only its
+own picks apart, as before: never an error for the caller.
 """
 
 from __future__ import annotations
@@ -124,19 +125,13 @@ class Leases:
             kept.append(e)
         self._entries = kept
 
-    def drop_owner(self, pid: int) -> None:
-        """End every lease of process ``pid``."""
-        kept = [e for e in self._entries if e["pid"] != pid]
-        self.changed |= len(kept) != len(self._entries)
-        self._entries = kept
-
-    def move(self, ports: Iterable[int], pid: int) -> None:
-        """Hand this process's leases on ``ports`` to process ``pid`` (e.g. a head that outlives
-        the process that started it), with no expiry; when ``pid`` has already exited, they just end."""
-        ports = set(ports)
-        held = set().union(*(_ports(e["ports"]) for e in self._entries if e["pid"] == os.getpid())) & ports
-        self.drop(held)
-        if _start_time(pid) is not None:
+    def share(self, ports: Iterable[int], pid: int) -> None:
+        """Lease the ``ports`` this process holds to process ``pid`` too (e.g. a head that
+        outlives the process that started it), while ``pid`` lives. This process keeps its own
+        leases (a head that fails to start leaves them held for the next attempt); nothing
+        happens when ``pid`` has already exited."""
+        held = set().union(*(_ports(e["ports"]) for e in self._entries if e["pid"] == os.getpid())) & set(ports)
+        with contextlib.suppress(ValueError):  # pid exited: its lease would lapse at once anyway
             self.add(held, pid=pid)
 
     def entries(self) -> list[dict]:
@@ -146,8 +141,12 @@ class Leases:
 
 def _usable_dir(path: Path) -> bool:
     """Create ``path`` (0700) if missing; True if it is a real directory of this user, writable."""
-    with contextlib.suppress(FileExistsError):
+    try:
         path.mkdir(mode=0o700)
+    except FileExistsError:
+        pass
+    except OSError:  # no /tmp, or not writable: leasing is skipped, never an error for the caller
+        return False
     try:
         st = path.lstat()
     except OSError:
@@ -162,12 +161,23 @@ def _warn_once(path: Path, why: str) -> None:
               "this process only", file=sys.stderr)
 
 
+def _valid(e: object) -> bool:
+    """Whether ``e`` is a well-formed lease (a hand-edited or foreign entry is dropped, not trusted)."""
+    def is_int(v: object) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool)
+
+    return (isinstance(e, dict) and is_int(e.get("pid")) and is_int(e.get("start"))
+            and (e.get("until") is None or (isinstance(e["until"], (int, float)) and not isinstance(e["until"], bool)))
+            and isinstance(e.get("ports"), list)
+            and all(isinstance(r, list) and len(r) == 2 and all(map(is_int, r)) and r[0] <= r[1] for r in e["ports"]))
+
+
 def _read(file: Path) -> list[dict]:
-    """The leases in ``file``; none when it is missing or unreadable (then it is rewritten)."""
+    """The well-formed leases in ``file``; none when it is missing or unreadable (then it is rewritten)."""
     try:
         data = json.loads(file.read_text())
         entries = data["leases"] if data.get("version") == _VERSION else []
-        return [e for e in entries if isinstance(e, dict) and {"pid", "start", "until", "ports"} <= set(e)]
+        return [e for e in entries if _valid(e)]
     except (OSError, ValueError, TypeError, AttributeError, KeyError):
         return []
 
@@ -184,28 +194,50 @@ def _write(file: Path, entries: list[dict]) -> None:
         raise
 
 
+def _acquire(d: Path, timeout_s: float) -> int | None:
+    """An fd of ``d``'s lock file holding its exclusive flock, or None (warned) when ``d`` is
+    unusable or the lock stays taken for ``timeout_s`` seconds (a holder stopped mid-pick)."""
+    if not _usable_dir(d):
+        _warn_once(d, "not a writable directory of this user")
+        return None
+    try:
+        fd = os.open(d / _LOCK, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    except OSError as e:
+        _warn_once(d, str(e))
+        return None
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return fd
+        except BlockingIOError:
+            if time.monotonic() < deadline:
+                time.sleep(0.01)
+                continue
+            why = f"its lock was held for over {timeout_s:g} s"
+        except OSError as e:
+            why = str(e)
+        os.close(fd)
+        _warn_once(d, why)
+        return None
+
+
 @contextlib.contextmanager
-def leasing(path: str | os.PathLike | None = None) -> Iterator[Leases]:
+def leasing(path: str | os.PathLike | None = None, *, timeout_s: float = 10.0) -> Iterator[Leases]:
     """Hold the host-wide lease lock of ``path`` (default :func:`default_dir`) and yield the
     live :class:`Leases`; what the block changes is written when it ends without an error.
 
     Hold it only briefly (pick, then lease): every Freshet process of this user that picks a
-    port waits for it. When ``path`` cannot be used, yields leases that are not saved (and warns
-    once).
+    port waits for it. When ``path`` cannot be used, or the lock is not had within
+    ``timeout_s`` seconds, yields leases that are not saved (and warns once): ports are then
+    kept apart within this process only, never an error.
     """
     d = Path(path) if path is not None else default_dir()
-    if not _usable_dir(d):
-        _warn_once(d, "not a writable directory of this user")
+    lock = _acquire(d, timeout_s)
+    if lock is None:
         yield Leases([])
         return
     try:
-        lock = os.open(d / _LOCK, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
-    except OSError as e:
-        _warn_once(d, str(e))
-        yield Leases([])
-        return
-    try:
-        fcntl.flock(lock, fcntl.LOCK_EX)
         leases = Leases(_read(d / _FILE))
         yield leases
         if leases.changed:

@@ -294,7 +294,8 @@ def free_port() -> int:
     Ray's worker ports and the 20000-29999 that :func:`start_head` picks from (so a head
     starting meanwhile never takes it), below Linux's ephemeral range (where a port bound to 0
     by any program could take it between this check and the bind). Other Freshet processes of
-    this user on the host leave it alone for 5 minutes (:mod:`serving.port_leases`); bind it soon.
+    this user on the host leave it alone for 5 minutes or until this process exits, whichever
+    comes first (:mod:`serving.port_leases`); bind it soon.
 
     Raises:
         RuntimeError: no free port after many tries.
@@ -696,9 +697,12 @@ def stop_head(info: HeadInfo, timeout_s: float = 20.0) -> list[int]:
             left.discard(info.root_pid)
         pids |= left
         if not left:
+            # The head's own leases lapsed with its root process; this process's (when it
+            # started the head) end here. Never drop by the root pid: it may be another
+            # process's by now.
             with _lock, port_leases.leasing() as leases:
                 _reserved.difference_update(_port_set(info.ports))
-                leases.drop_owner(info.root_pid)
+                leases.drop(_port_set(info.ports))
             return sorted(pids)
         if time.monotonic() > deadline:
             raise RuntimeError(f"stop_head: processes {sorted(left)} of the head in {info.temp_dir} are still alive")
@@ -960,8 +964,9 @@ def start_head(temp_dir, *, ports: Mapping[str, int] | None = None, auth: bool =
 
     Returns:
         A :class:`HeadInfo`; the head keeps running after this process exits, and so do the
-        host-wide leases on its ports and on the Serve ports ``env`` names (until
-        :func:`stop_head`, or until its ``ray start`` process exits).
+        host-wide leases on its ports and on the Serve ports ``env`` names that this process
+        reserved (:mod:`serving.port_leases`): they are shared with its ``ray start`` process
+        and end with it.
 
     Raises:
         ValueError: bad ``ports``, a given port also in ``avoid``, or a ``temp_dir`` that is too long.
@@ -1017,7 +1022,7 @@ def start_head(temp_dir, *, ports: Mapping[str, int] | None = None, auth: bool =
             # Held while the head lives, past this process (`freshet up` exits; worker ports and
             # Serve's blocks bind one by one for months): the head's own and the Serve
             # high-throughput ports in env that this process reserved.
-            leases.move(_port_set(chosen) | _serve_ht_ports(extra_env), proc.pid)
+            leases.share(_port_set(chosen) | _serve_ht_ports(extra_env), proc.pid)
         info = HeadInfo(address=f"127.0.0.1:{chosen['gcs']}", ports=chosen, temp_dir=str(temp), auth=auth,
                         token_path=str(tok) if auth else None, root_pid=proc.pid, pids=[proc.pid],
                         log_path=str(log_path), env=extra_env)
@@ -1027,10 +1032,8 @@ def start_head(temp_dir, *, ports: Mapping[str, int] | None = None, auth: bool =
         errors.append(f"{why}; tail of {log_path}:\n{_tail(log_path)}")
         with contextlib.suppress(RuntimeError):
             stop_head(info)
-        with _lock, port_leases.leasing() as leases:
+        with _lock, port_leases.leasing() as leases:  # the failed head's share lapsed with it
             _reserved.difference_update(_port_set(chosen))
-            leases.drop_owner(proc.pid)
             leases.drop(_port_set(chosen))
-            leases.add(_serve_ht_ports(extra_env) & _reserved)  # back to this process, for the next attempt
     raise RuntimeError(f"start_head: Ray head in {temp} did not start after {len(errors)} attempt(s):\n"
                        + "\n---\n".join(errors))

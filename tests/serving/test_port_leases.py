@@ -81,7 +81,7 @@ def test_a_lease_ends_at_its_expiry_and_a_reused_pid_does_not_keep_it(lease_dir)
         assert leases.taken() == set()
 
 
-def test_drop_and_move_touch_only_the_given_ports_of_this_process(lease_dir):
+def test_drop_and_share_touch_only_the_given_ports_of_this_process(lease_dir):
     other = _sleeper()
     head = _sleeper()
     try:
@@ -90,22 +90,63 @@ def test_drop_and_move_touch_only_the_given_ports_of_this_process(lease_dir):
             leases.add([27000, 27100], pid=other.pid)  # someone else's lease on a port of ours is kept
         with port_leases.leasing() as leases:
             leases.drop([27000, 27005])
-            leases.move([27001, 27002, 27100], head.pid)
+            leases.share([27001, 27002, 27100], head.pid)
         by_pid = {}
         for e in json.loads((lease_dir / "leases.json").read_text())["leases"]:
             by_pid.setdefault(e["pid"], []).extend(e["ports"])
-        assert by_pid[os.getpid()] == [[27003, 27004], [27006, 27009]]
-        assert by_pid[head.pid] == [[27001, 27002]]  # 27100 was not ours to move
+        assert by_pid[os.getpid()] == [[27001, 27004], [27006, 27009]]  # kept: shared, not moved
+        assert by_pid[head.pid] == [[27001, 27002]]  # 27100 was not ours to share
         assert by_pid[other.pid] == [[27000, 27000], [27100, 27100]]
+        head.kill()
+        head.wait()
         with port_leases.leasing() as leases:
-            leases.drop_owner(head.pid)
-            assert leases.taken() == {27000, 27100, 27003, 27004, *range(27006, 27010)}
+            leases.drop(range(27001, 27010))
+            assert leases.taken() == {27000, 27100}  # the head's share lapsed with it
+            leases.share([27000], head.pid)  # a dead pid gets nothing
+            assert leases.taken() == {27000, 27100}
             with pytest.raises(ValueError, match="not alive"):
                 leases.add([27200], pid=2**22 + 1)  # above Linux's pid_max default
     finally:
         for p in (other, head):
             p.kill()
             p.wait()
+
+
+def test_malformed_leases_are_dropped_not_trusted(lease_dir):
+    lease_dir.mkdir(mode=0o700)
+    me = port_leases._start_time(os.getpid())
+    good = {"pid": os.getpid(), "start": me, "until": None, "ports": [[28100, 28101]]}
+    bad = [{"pid": "x", "start": None, "until": None, "ports": [[28200, 28200]]},
+           {**good, "until": "soon"}, {**good, "ports": [[28300]]}, {**good, "ports": [[28401, 28400]]},
+           {**good, "pid": True}, "not a lease"]
+    (lease_dir / "leases.json").write_text(json.dumps({"version": 1, "leases": [good, *bad]}))
+    with port_leases.leasing() as leases:
+        assert leases.taken() == {28100, 28101}
+
+
+def test_a_lock_held_too_long_or_no_directory_skips_leasing_with_a_warning(tmp_path, monkeypatch, capsys):
+    import fcntl
+
+    d = tmp_path / "leases"
+    monkeypatch.setattr(port_leases, "_warned", set())
+    with port_leases.leasing(d) as leases:
+        leases.add([28600])
+    holder = os.open(d / "lock", os.O_RDWR)
+    try:
+        fcntl.flock(holder, fcntl.LOCK_EX)  # another open file: as another process stopped mid-pick
+        t0 = time.monotonic()
+        with port_leases.leasing(d, timeout_s=0.3) as leases:
+            assert leases.taken() == set()
+            leases.add([28601])  # not saved
+        assert 0.3 <= time.monotonic() - t0 < 5
+    finally:
+        os.close(holder)
+    assert "lock was held for over 0.3 s" in capsys.readouterr().err
+    with port_leases.leasing(d) as leases:
+        assert leases.taken() == {28600}
+    with port_leases.leasing(tmp_path / "no-such-dir" / "leases") as leases:  # mkdir fails: no error
+        leases.add([28602])
+    assert "not a writable directory" in capsys.readouterr().err
 
 
 def test_a_broken_file_counts_as_no_leases_and_is_rewritten(lease_dir):
@@ -131,30 +172,39 @@ def test_an_unusable_directory_is_skipped_with_one_warning(tmp_path, monkeypatch
     assert not list(target.iterdir())
 
 
-def test_processes_picking_at_once_from_a_narrow_range_never_share_a_port(lease_dir, monkeypatch):
-    # Four processes each reserve 5 ports from a 40-port window at once and hold them; nothing
-    # binds them and every port counts as bindable, so only the leases keep the picks apart.
+def test_processes_picking_at_once_from_a_narrow_range_never_share_a_port(lease_dir):
+    # Four processes each reserve 5 ports from a 40-port window, all at about the same time, and
+    # hold them until every one has picked; nothing binds them and every port counts as
+    # bindable, so only the leases keep the picks apart.
     n, each = 4, 5
     script = f"""
-        import json, time
+        import json, sys, time
         ray_head._PORT_LO, ray_head._PORT_HI = 24100, 24139
-        ray_head._bindable = lambda port: True  # only the leases keep the picks apart
+        ray_head._bindable = lambda port: True
         time.sleep(max(0.0, {time.time() + 3.0} - time.time()))  # start together
         got = ray_head.reserve_ports([f"p{{i}}" for i in range({each})])
         print(json.dumps(sorted(got.values())), flush=True)
-        time.sleep(2)  # still held while the others pick
+        sys.stdin.read()  # held (this process lives) until the test has every answer
     """
     prelude = textwrap.dedent(f"""
         from pathlib import Path
         from serving import port_leases, ray_head
         port_leases.default_dir = lambda: Path({str(lease_dir)!r})
     """)
-    procs = [subprocess.Popen([sys.executable, "-c", prelude + textwrap.dedent(script)], stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+    procs = [subprocess.Popen([sys.executable, "-c", prelude + textwrap.dedent(script)], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              env={**os.environ, "PYTHONPATH": str(REPO)})
              for _ in range(n)]
-    outs = [p.communicate(timeout=60) for p in procs]
-    assert all(p.returncode == 0 for p in procs), [e[-2000:] for _, e in outs]
-    picks = [json.loads(o) for o, _ in outs]
+    try:
+        lines = [p.stdout.readline() for p in procs]
+    finally:
+        for p in procs:
+            p.stdin.close()
+        for p in procs:
+            p.wait(timeout=60)
+        errs = [p.stderr.read() for p in procs]
+    assert all(p.returncode == 0 for p in procs), [e[-2000:] for e in errs]
+    picks = [json.loads(line) for line in lines]
     flat = [p for ports in picks for p in ports]
     assert len(flat) == n * each and len(set(flat)) == n * each, picks
     assert all(24100 <= p <= 24139 for p in flat)
