@@ -836,13 +836,17 @@ class Trainer:
                 # push (``inflight``), even one Ray retries after a shard restart.
                 nxt = self._read_ahead(inflight)
                 unevaluated = nxt is not None and self.evaluate
-            if stale and inflight:
-                settle, inflight = inflight, None  # committed by _train, after the gradients
+            if inflight:
+                # Read ahead (staleness 1, or prefetch while the shards applied it): committed by
+                # _train after this batch's first gradients and before its first push, so each
+                # shard gets this trainer's pushes acknowledged one at a time, in order, even
+                # a shard this batch pulled nothing from (its pull waits only on the shards it
+                # reads), and one that restarts meanwhile (Ray may retry two unacknowledged
+                # pushes out of order, and a shard drops a seq below one it has applied).
+                settle, inflight = inflight, None
             t0 = time.perf_counter()
             refs = self._train_batch(batch, pending, on_batch, settle)
             self.train_s += time.perf_counter() - t0
-            if inflight:
-                self._commit(*inflight)
             inflight = (batch, refs)
             done_batches += 1
             if stale or last:

@@ -147,8 +147,9 @@ class TrainerWAL:
     def commit(self, offsets: dict[int, int], events_applied: int, clock_base: int = 0,
                num_workers: int | None = None) -> None:
         """Record that the stream is fully applied up to ``offsets`` (per partition): every push
-        of a batch ending there or before is settled. A later batch's pushes stay pending: a
-        trainer that reads ahead (``trainer.prefetch``) may send them before this commit.
+        of a batch ending there or before is settled. A later batch's pushes, if any were
+        written before this commit, stay pending (the trainer sends none before it; the record
+        does not rely on that).
         ``clock_base``, ``num_workers``: see :class:`Committed`."""
         self._committed = _committed(offsets, events_applied, clock_base, num_workers)
         self._pending = _unsettled(self._pending, self._committed)

@@ -200,3 +200,49 @@ def test_a_restart_from_a_snapshot_taken_while_a_batch_was_read_ahead_ends_bitwi
     assert got[1] == want[1] and [a.tolist() for a in got[2]] == [a.tolist() for a in want[2]]  # local state
     if not staleness:  # with staleness 1 a restart may pull rows holding a push the first run's pull had not (README)
         assert got[0] == want[0]
+
+
+@pytest.mark.parametrize("prefetch, staleness", [(True, 0), (True, 1), (False, 0)])
+def test_a_push_is_sent_only_once_every_earlier_push_is_acknowledged(prefetch, staleness):
+    # Shards that are slow to acknowledge (done() says no until the trainer waits): with a batch
+    # read ahead, its push went out while the batch before was still unacknowledged on a shard
+    # it had not pulled from. If that shard restarts, Ray may retry the two pushes out of order,
+    # and a shard drops a push whose seq is below one it has applied: lost gradients. The
+    # trainer must wait for (commit) the earlier batch before the later one's first push.
+    from ps.local import LocalClient
+    from workers.trainer import Trainer
+
+    class SlowToAcknowledge(LocalClient):
+        """A real in-process shard whose pushes count as acknowledged only once waited on."""
+
+        def __init__(self, ps_cfg):
+            super().__init__(ps_cfg)
+            self.unacked: list[int] = []  # seqs sent and not yet waited on
+            self.sent_over_unacked: list[tuple[int, list[int]]] = []
+
+        def push_async(self, updates, push_id, recent=None):
+            if self.unacked:
+                self.sent_over_unacked.append((push_id.seq, list(self.unacked)))
+            refs = super().push_async(updates, push_id, recent)
+            self.unacked.append(push_id.seq)
+            return [("push", push_id.seq, r) for r in refs]
+
+        def wait(self, refs):
+            done = {r[1] for r in refs if isinstance(r, tuple) and r[:1] == ("push",)}
+            self.unacked = [s for s in self.unacked if s not in done]
+            return [r[2] if isinstance(r, tuple) and r[:1] == ("push",) else r for r in refs]
+
+        def done(self, refs):
+            return False
+
+    cfg = load_config(overrides={
+        "stream": {"num_events": 1200},
+        "trainer": {"batch_size": 100, "prefetch": prefetch, "staleness": staleness, "snapshot_every_batches": 1000},
+        "ps": {"tables": {"user": {"dim": 8}, "item": {"dim": 8}}},
+    })
+    client = SlowToAcknowledge(cfg.ps)
+    t = Trainer(0, cfg, client=client)
+    t.run()
+    assert t.stats()["applied_offset"] == 1200
+    assert client.sent_over_unacked == [], client.sent_over_unacked[:5]
+    assert client.unacked == []
