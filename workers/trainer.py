@@ -824,7 +824,7 @@ class Trainer:
                 unevaluated = False
             if inflight and self.client.done(inflight[1]):
                 # Applied already: commit now, so freshness and offsets say when it landed,
-                # not one batch later (the commit below, after this batch trains).
+                # not after this batch's first gradients (the settle below).
                 self._commit(*inflight)
                 inflight = None
             last = self._stop.is_set() or (max_batches is not None and done_batches + 1 >= max_batches)
