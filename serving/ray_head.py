@@ -142,7 +142,6 @@ _OWN_ENV = ("RAY_ADDRESS", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER")  # start_head se
 
 _lock = threading.Lock()
 _reserved: set[int] = set()  # ports handed to a head by this process, so concurrent start_head calls never share one
-_leased: set[int] = set()  # other processes' picks (serving.port_leases), while _picking() holds the leases
 # free_port()'s latest answers: two taken in a row (a Serve port, then a GCS port) and both
 # bound only later must differ.
 _handed_out: collections.deque[int] = collections.deque(maxlen=64)
@@ -209,22 +208,16 @@ def _bindable(port: int) -> bool:
 
 
 def _usable(port: int) -> bool:
-    return (port not in _reserved and port not in _leased and port not in _RAY_CLIENT_SPECIFIC
-            and _bindable(port))
+    return port not in _reserved and port not in _RAY_CLIENT_SPECIFIC and _bindable(port)
 
 
 @contextlib.contextmanager
 def _picking() -> Iterator[port_leases.Leases]:
     """Hold ``_lock`` and the host-wide port leases (:mod:`serving.port_leases`) while ports are
-    picked and leased: :func:`_usable` then also skips every port another Freshet process of
-    this user on the host has picked and may not have bound yet."""
-    global _leased
+    picked and leased; pass ``leases.taken()`` (every port a Freshet process of this user on
+    the host has picked and may not have bound yet) among the ports to avoid."""
     with _lock, port_leases.leasing() as leases:
-        _leased = leases.taken()
-        try:
-            yield leases
-        finally:
-            _leased = set()
+        yield leases
 
 
 def port_spans(ports: Mapping[str, int]) -> dict[str, range]:
@@ -302,7 +295,8 @@ def free_port() -> int:
     """
     with _picking() as leases:
         try:
-            port = _pick_ports(["port"], 0, set(_handed_out), random.Random(), span=(_FREE_LO, _FREE_HI))["port"]
+            port = _pick_ports(["port"], 0, set(_handed_out) | leases.taken(), random.Random(),
+                               span=(_FREE_LO, _FREE_HI))["port"]
         except RuntimeError as e:
             raise RuntimeError(f"free_port: {e}") from None
         _handed_out.append(port)
@@ -369,7 +363,7 @@ def reserve_ports(names=(), blocks: Mapping[str, int] | None = None, *, avoid=()
         raise ValueError(f"reserve_ports: block sizes must be >= 1, got {blocks}")
     rng = random.Random()
     with _picking() as leases:
-        avoid = set(avoid)
+        avoid = set(avoid) | leases.taken()
         out: dict[str, int] = {}
         try:
             for name, size in blocks.items():
@@ -1013,7 +1007,7 @@ def start_head(temp_dir, *, ports: Mapping[str, int] | None = None, auth: bool =
     for _ in range(1 if all_given else max(1, attempts)):
         with _picking() as leases:
             chosen = _resolve_ports(ports, include_dashboard=include_dashboard, worker_ports=worker_ports, rng=rng,
-                                    avoid=avoid)
+                                    avoid=avoid | leases.taken())
             _reserved.update(_port_set(chosen))
             leases.add(_port_set(chosen))
         proc = _launch(temp, chosen, env, num_cpus, include_dashboard, extra_args, log_path)

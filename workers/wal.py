@@ -4,11 +4,12 @@ pickle), so recording a push is one buffered write, not a directory of files.
 
 A push is appended before it is sent. After a batch's pushes are all acknowledged, a
 *commit* record with the new offsets is appended: the pushes of batches up to those offsets
-are settled; the pushes of a later batch, had any been written before that commit, would stay
-pending (the trainer writes none before it, and the record does not rely on that). After a crash the restarted trainer reads the last commit and
-re-sends every push still pending: shards that already applied a push drop it by push id,
-the others apply the very same gradients. The file is started afresh (from its last commit
-and the pushes still pending) once it grows past ``rotate_bytes``.
+are settled; the pushes of a later batch, had any been written before that commit, would
+stay pending (the trainer writes none before it, and the record does not rely on that).
+After a crash the restarted trainer reads the last commit and re-sends every push still
+pending: shards that already applied a push drop it by push id, the others apply the very
+same gradients. The file is started afresh (from its last commit and the pushes still
+pending) once it grows past ``rotate_bytes``.
 """
 
 from __future__ import annotations

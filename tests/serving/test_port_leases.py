@@ -33,14 +33,19 @@ def _sleeper() -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
 
 
-def _run(script: str, lease_dir: Path) -> str:
-    """Run ``script`` in a new Python process whose leases live in ``lease_dir``; its stdout."""
+def _python(script: str, lease_dir: Path) -> list[str]:
+    """The command line running ``script`` in a new Python process whose leases live in ``lease_dir``."""
     prelude = textwrap.dedent(f"""
         from pathlib import Path
         from serving import port_leases, ray_head
         port_leases.default_dir = lambda: Path({str(lease_dir)!r})
     """)
-    run = subprocess.run([sys.executable, "-c", prelude + textwrap.dedent(script)], capture_output=True, text=True,
+    return [sys.executable, "-c", prelude + textwrap.dedent(script)]
+
+
+def _run(script: str, lease_dir: Path) -> str:
+    """Run ``script`` (:func:`_python`) to its end; its stdout."""
+    run = subprocess.run(_python(script, lease_dir), capture_output=True, text=True,
                          timeout=60, check=False, env={**os.environ, "PYTHONPATH": str(REPO)})
     assert run.returncode == 0, run.stderr[-3000:]
     return run.stdout
@@ -186,12 +191,7 @@ def test_processes_picking_at_once_from_a_narrow_range_never_share_a_port(lease_
         print(json.dumps(sorted(got.values())), flush=True)
         sys.stdin.read()  # held (this process lives) until the test has every answer
     """
-    prelude = textwrap.dedent(f"""
-        from pathlib import Path
-        from serving import port_leases, ray_head
-        port_leases.default_dir = lambda: Path({str(lease_dir)!r})
-    """)
-    procs = [subprocess.Popen([sys.executable, "-c", prelude + textwrap.dedent(script)], stdin=subprocess.PIPE,
+    procs = [subprocess.Popen(_python(script, lease_dir), stdin=subprocess.PIPE,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                               env={**os.environ, "PYTHONPATH": str(REPO)})
              for _ in range(n)]
