@@ -100,9 +100,23 @@ def _bearer_ok(expected: str | None, authorization: str | None) -> bool:
 
 
 def _is_json(content_type: bytes) -> bool:
-    """True for ``application/json`` and ``application/*+json`` (parameters such as charset ignored)."""
-    media = content_type.decode("latin-1").split(";", 1)[0].strip().lower()
-    return media == "application/json" or (media.startswith("application/") and media.endswith("+json"))
+    """True for ``application/json`` and ``application/*+json``, with no ``charset`` parameter
+    or ``charset=utf-8`` (JSON exchanged between systems is UTF-8: RFC 8259, section 8.1)."""
+    media, *params = content_type.decode("latin-1").lower().split(";")
+    media = media.strip()
+    if not (media == "application/json" or (media.startswith("application/") and media.endswith("+json"))):
+        return False
+    for param in params:
+        name, _, value = param.partition("=")
+        if name.strip() == "charset" and value.strip().strip('"') not in ("utf-8", "utf8"):
+            return False
+    return True
+
+
+# Headers whose value decides how a request is read or whether it is allowed: sent twice, the
+# guard and FastAPI could each read a different one (a 401 check of one token, a body read with
+# the other Content-Type).
+_SINGLE_HEADERS = (b"authorization", b"content-type", b"content-length", b"content-encoding", b"idempotency-key")
 
 
 class _Guard:
@@ -140,7 +154,15 @@ class _Guard:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        headers = {k.lower(): v for k, v in scope.get("headers", [])}
+        raw_headers = scope.get("headers", [])
+        headers = {k.lower(): v for k, v in raw_headers}
+        if len(headers) < len(raw_headers):
+            names = [k.lower() for k, _ in raw_headers]
+            for name in _SINGLE_HEADERS:
+                if names.count(name) > 1:
+                    title = name.decode().title()
+                    return await JSONResponse({"detail": f"{title}: header sent {names.count(name)} times; send it once"},
+                                              status_code=400)(scope, receive, send)
         path, root = scope.get("path", ""), scope.get("root_path", "")
         if root and path.startswith(root):
             path = path[len(root) :] or "/"
@@ -156,8 +178,19 @@ class _Guard:
         ctype = headers.get(b"content-type")
         if ctype is not None and scope.get("method") in ("POST", "PUT", "PATCH") and not _is_json(ctype):
             resp = JSONResponse(
-                {"detail": f"Content-Type must be application/json, got {ctype.decode('latin-1')[:100]!r}"},
+                {"detail": f"Content-Type must be application/json (charset utf-8, if any), "
+                           f"got {ctype.decode('latin-1')[:100]!r}"},
                 status_code=415,
+            )
+            return await resp(scope, receive, send)
+        coding = headers.get(b"content-encoding")
+        if coding is not None and coding.decode("latin-1").strip().lower() not in ("", "identity"):
+            # The body would be read as if it were not encoded (RFC 9110, section 15.5.16: 415).
+            resp = JSONResponse(
+                {"detail": f"Content-Encoding {coding.decode('latin-1')[:100]!r} is not supported; send the body "
+                           "unencoded"},
+                status_code=415,
+                headers={"Accept-Encoding": "identity"},
             )
             return await resp(scope, receive, send)
         limit = _Guard.max_body_bytes
@@ -630,14 +663,34 @@ class FreshetAPI:
             )
 
     def _check_weights(self, events) -> None:
-        """422 naming ``events.i.weight`` for a weight the model cannot train (too large, or
-        outside an MSE model's rating range): refused at the door, not discovered in a trainer."""
+        """422 naming ``events.i.weight`` for a weight the model cannot train (too large, a
+        rating beyond ``model.ratings.scale``, or outside an MSE model's rating range): refused
+        at the door, not discovered in a trainer."""
         errors = []
         for i, e in enumerate(events):
-            problem = self.cfg.model.weight_problem(e.weight)
+            problem = self.cfg.model.weight_problem(e.weight, e.event_type)
             if problem is not None:
                 errors.append({"type": "value_error", "loc": ("body", "events", i, "weight"), "msg": problem,
                                "input": e.weight})
+        if errors:
+            raise RequestValidationError(errors[:20])
+
+    @staticmethod
+    def _check_event_ids(events) -> None:
+        """422 naming ``events.j.event_id`` when an event repeats an earlier event's ``event_id``
+        in the batch but differs from it: the log would keep the first and drop the other as a
+        duplicate, so an event the client sent would be lost with a 200. An exact repeat is a
+        duplicate, counted as such."""
+        first: dict[str, int] = {}
+        errors = []
+        for j, e in enumerate(events):
+            if e.event_id is None:
+                continue
+            i = first.setdefault(e.event_id, j)
+            if i != j and e != events[i]:
+                errors.append({"type": "value_error", "loc": ("body", "events", j, "event_id"),
+                               "msg": f"event_id {e.event_id!r} also names events.{i}, a different event: "
+                                      "an event_id names one event", "input": e.event_id})
         if errors:
             raise RequestValidationError(errors[:20])
 
@@ -650,7 +703,9 @@ class FreshetAPI:
         if self.cfg.model.loss == LossKind.MSE:
             positive = np.ones(len(events), bool)
         else:
-            positive = signals(np.asarray([e.weight for e in events], np.float64), [e.event_type for e in events],
+            # As the log stores them (float32), so that a weight that rounds to 0 or across
+            # ratings.positive_at is judged here as the trainers will judge it.
+            positive = signals(np.asarray([e.weight for e in events], np.float32), [e.event_type for e in events],
                                self.cfg.model)[1]
         sel = np.flatnonzero(positive & (off >= 0))
         if not sel.size or self.cfg.ps.seen_per_user == 0:
@@ -682,7 +737,8 @@ class FreshetAPI:
         a lost reply) either returns the original reply (it landed) or appends the events
         once (it did not), as long as the key is in the log's dedup window
         (``ingest.dedup_max_keys``, ``ingest.dedup_max_age_s``). An event whose ``event_id``
-        its partition already has is counted in ``duplicates`` and not appended again.
+        its partition already has is counted in ``duplicates`` and not appended again; one that
+        repeats an earlier event's ``event_id`` in the same request but differs from it gets 422.
         A bad key, or a key reused for other events (a retry repeats the same events in the same
         order), gets 422 naming ``Idempotency-Key``, and nothing is appended.
         """
@@ -695,6 +751,7 @@ class FreshetAPI:
             )
         ev = body.events
         self._check_weights(ev)
+        self._check_event_ids(ev)
         types, ids = [e.event_type for e in ev], [e.event_id for e in ev]
         try:
             r = await self._call(

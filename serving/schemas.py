@@ -63,7 +63,8 @@ class Event(_Request):
         ge=-3.4e38,
         le=3.4e38,
         description="the event's strength: above 0 a positive with that confidence, below 0 negative feedback, 0 nothing; "
-        "for event_type 'rating' the rating (model.ratings decides); at most model.max_abs_weight in size",
+        "for event_type 'rating' the rating (model.ratings decides; at most model.ratings.scale in size); at most "
+        "model.max_abs_weight in size; stored as float32 (a weight that rounds to 0 there is 0)",
     )
     event_type: Annotated[StrictStr, Field(min_length=1, max_length=64)] | None = Field(
         None, description="kind of interaction, e.g. view, click, purchase, rating (1-64 characters); stored with the event"

@@ -14,6 +14,7 @@ from pathlib import Path
 from pydantic import Field, field_validator, model_validator
 
 from ps.config import ConfigModel
+from workers.events import RATING
 
 __all__ = [
     "BelowThreshold",
@@ -87,7 +88,10 @@ class RatingRule(ConfigModel):
 
     # Ratings >= 4 of 5 as positives: the implicit view MovieLens work uses (BENCHMARKS.md).
     positive_at: float = Field(4.0, allow_inf_nan=False, description="lowest rating that counts as a positive (rating units)")
-    scale: float = Field(5.0, gt=0, description="rating that means full confidence (rating units)")
+    scale: float = Field(
+        5.0, gt=0,
+        description="rating that means full confidence, and the largest rating accepted in size (rating units)",
+    )
     below: BelowThreshold = Field(BelowThreshold.IGNORE, description="what a rating below positive_at is")
 
 
@@ -168,10 +172,16 @@ class ModelConfig(ConfigModel):
             raise ValueError(f"rating_range {self.rating_range}: min must be below max")
         return self
 
-    def weight_problem(self, weight: float) -> str | None:
-        """Why ``weight`` cannot be trained by this model (``"weight: ..."``), or None."""
+    def weight_problem(self, weight: float, event_type: str | None = None) -> str | None:
+        """Why ``weight`` (of an event of ``event_type``) cannot be trained by this model
+        (``"weight: ..."``), or None."""
         if abs(weight) > self.max_abs_weight:
             return f"weight: |{weight}| exceeds model.max_abs_weight={self.max_abs_weight:g}"
+        # A rating past the full-confidence one is a unit mistake (a 1-100 scale on a 5-star
+        # model), and one such event would count as many full-confidence ones.
+        if event_type == RATING and self.loss != LossKind.MSE and abs(weight) > self.ratings.scale:
+            return (f"weight: rating {weight} is beyond model.ratings.scale={self.ratings.scale:g} "
+                    "(the full-confidence rating; a rating's size may not exceed it)")
         if self.loss == LossKind.MSE and self.rating_range is not None:
             lo, hi = self.rating_range
             if not lo <= weight <= hi:

@@ -42,6 +42,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import ray
 
 from ps.cache import RowCache
@@ -50,11 +51,13 @@ from ps.ids import ID_UNION, Keyed, ids_from_arrow, ids_to_arrow
 from ps.lazy import torch
 from ps.persist import TableUpdate, fsync_path
 from ps.shard import PushId
-from workers.config import LossKind, StreamKind
+from workers.config import StreamKind
 from workers.eval.protocol import WarmChunks
+from workers.events import RATING
 from workers.negatives import Catalogue
 from workers.ranking import Ranker
 from workers.step import Batch, Histories, TrainStep
+from workers.streams.base import weight_out_of_bounds
 from workers.wal import PushRecord, TrainerWAL
 
 if TYPE_CHECKING:  # the root config composes every layer's settings; workers only read it
@@ -499,20 +502,21 @@ class Trainer:
         mine = self._mine(raw)
         m = self.cfg.model
         w = raw.column("weight").to_numpy(zero_copy_only=False).astype(np.float64)
+        types = raw.column("event_type")
+        is_rating = pc.fill_null(pc.equal(types, RATING), False).to_numpy(zero_copy_only=False)
         with np.errstate(invalid="ignore"):
-            bad = ~np.isfinite(w) | (np.abs(w) > m.max_abs_weight)
-            if m.loss == LossKind.MSE and m.rating_range is not None:
-                bad |= (w < m.rating_range[0]) | (w > m.rating_range[1])
+            bad = ~np.isfinite(w) | weight_out_of_bounds(w, m, is_rating)
         if mine is not None:
             bad &= mine
         if not bad.any():
             return mine
         idx = np.flatnonzero(bad)
-        types = raw.column("event_type").to_pylist()
+        bad_types = [types[j].as_py() for j in idx.tolist()]
         self.dead.add_rows(p, raw.column("offset").to_numpy(zero_copy_only=False)[idx],
                            ids_from_arrow(raw.column("user_id"))[idx], ids_from_arrow(raw.column("item_id"))[idx],
-                           w[idx], [types[j] for j in idx.tolist()],
-                           [m.weight_problem(float(f"{x:.7g}")) or f"weight: {x:.7g} is refused by the model" for x in w[idx].tolist()])
+                           w[idx], bad_types,
+                           [m.weight_problem(float(f"{x:.7g}"), t) or f"weight: {x:.7g} is refused by the model"
+                            for x, t in zip(w[idx].tolist(), bad_types)])
         return ~bad if mine is None else mine & ~bad
 
     def _prepare(self, p: int, raw: pa.RecordBatch, end: int) -> Batch:

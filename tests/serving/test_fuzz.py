@@ -616,14 +616,18 @@ def test_oversized_batches_and_bodies_are_413(unchanged, n, chunked, path):
 
 
 def _is_json_type(ctype: str) -> bool:
-    media = ctype.split(";", 1)[0].strip().lower()
-    return media == "application/json" or (media.startswith("application/") and media.endswith("+json"))
+    media, *params = ctype.lower().split(";")
+    charsets = [v.strip().strip('"') for k, _, v in (p.partition("=") for p in params) if k.strip() == "charset"]
+    media = media.strip()
+    return ((media == "application/json" or (media.startswith("application/") and media.endswith("+json")))
+            and all(c in ("utf-8", "utf8") for c in charsets))
 
 
 _content_types = st.one_of(
     st.sampled_from(
         [
             "application/json", "application/json; charset=utf-8", "APPLICATION/JSON", "application/vnd.api+json",
+            'application/json; charset="UTF-8"', "application/json; charset=latin-1", "application/json;charset=utf-16",
             "application/problem+json", "text/plain", "text/json", "application/x-www-form-urlencoded",
             "multipart/form-data; boundary=x", "application/xml", "application/octet-stream", "json", "", "*/*",
             "application/jsonx", "application", "application/",

@@ -86,6 +86,23 @@ def test_a_lease_ends_at_its_expiry_and_a_reused_pid_does_not_keep_it(lease_dir)
         assert leases.taken() == set()
 
 
+def test_many_picks_of_one_process_share_a_few_entries(lease_dir):
+    # free_port leases each pick for 5 minutes; a test process picks hundreds of times. One
+    # entry per pick would grow the file, and every reader's /proc checks, without bound.
+    for port in range(27000, 27200):
+        with port_leases.leasing() as leases:
+            leases.add([port], ttl_s=300)
+            leases.add([port + 1000])
+    entries = json.loads((lease_dir / "leases.json").read_text())["leases"]
+    assert len(entries) <= 3  # the held ones, and the timed ones in at most two expiry grains
+    assert [e["ports"] for e in entries if e["until"] is None] == [[[28000, 28199]]]
+    untils = [e["until"] for e in entries if e["until"] is not None]
+    assert 1 <= len(untils) <= 2
+    assert all(290 <= u - time.time() <= 300 * 1.2 for u in untils)
+    with port_leases.leasing() as leases:
+        assert leases.taken() == set(range(27000, 27200)) | set(range(28000, 28200))
+
+
 def test_drop_and_share_touch_only_the_given_ports_of_this_process(lease_dir):
     other = _sleeper()
     head = _sleeper()

@@ -171,6 +171,20 @@ def test_http_contract_is_the_same_in_both_modes(deployment):
     r = http.post("/events", content=b'{"events": []}', headers={**AUTH, "Content-Type": "text/plain"})
     assert r.status_code == 415 and "application/json" in r.text, r.text
     log.append(_entry("415", r, True))
+    r = http.post("/events", content=b'{"events": []}', headers={**AUTH, "Content-Type": "application/json; charset=latin-1"})
+    assert r.status_code == 415 and "charset utf-8" in r.text, r.text
+    log.append(_entry("415-charset", r, True))
+    r = http.post("/events", content=b'{"events": []}', headers={**json_hdr, "Content-Encoding": "gzip"})
+    assert r.status_code == 415 and "Content-Encoding" in r.text and r.headers["accept-encoding"] == "identity", r.text
+    log.append(_entry("415-encoding", r, True))
+
+    # 400: a header that decides how the request is read, sent twice (each reader could take another).
+    for what, name, values in (("400-two-types", "Content-Type", ("text/plain", "application/json")),
+                               ("400-two-keys", "Idempotency-Key", ("k-1", "k-2"))):
+        headers = [(k, v) for k, v in json_hdr.items() if k != name] + [(name, v) for v in values]
+        r = http.post("/events", content=b'{"events": [{"user_id": "a", "item_id": 1}]}', headers=headers)
+        assert r.status_code == 400 and f"{name}: header sent 2 times" in r.text, (what, r.text)
+        log.append(_entry(what, r, True))
 
     # 422 naming the field.
     for what, path, body, field in (
@@ -179,6 +193,8 @@ def test_http_contract_is_the_same_in_both_modes(deployment):
         ("422-score-items", "/score", {"user_id": "a", "item_ids": []}, "item_ids"),
         ("422-events-weight", "/events", {"events": [{"user_id": "a", "item_id": 1, "weight": "x"}]}, "weight"),
         ("422-events-extra", "/events", {"events": [{"user_id": "a", "item_id": 1, "color": "red"}]}, "color"),
+        ("422-events-event-id", "/events", {"events": [{"user_id": "a", "item_id": 1, "event_id": "e"},
+                                                       {"user_id": "a", "item_id": 2, "event_id": "e"}]}, "event_id"),
     ):
         r = http.post(path, json=body, headers=AUTH)
         assert r.status_code == 422 and field in str(r.json()["detail"]), (what, r.text)

@@ -179,3 +179,32 @@ def test_rating_events_follow_the_rating_rule(deployment):
     # A rating outside what the model takes is refused at the door, naming the field.
     bad = http.post("/events", json={"events": [{"user_id": users[0], "item_id": r5, "weight": 5000.0, "event_type": "rating"}]})
     assert bad.status_code == 422 and "max_abs_weight" in bad.text
+    # So is one past the full-confidence rating (5): it would count as 200 five-star ratings.
+    # The batch is refused whole, its legal first event too.
+    before = http.get("/stats").json()["events_accepted"]
+    bad = http.post("/events", json={"events": [{"user_id": users[0], "item_id": r4, "weight": 4.0, "event_type": "rating"},
+                                                {"user_id": users[0], "item_id": r5, "weight": 1000.0, "event_type": "rating"}]})
+    assert bad.status_code == 422, bad.text
+    (err,) = bad.json()["detail"]
+    assert err["loc"] == ["body", "events", 1, "weight"] and "model.ratings.scale=5" in err["msg"], err
+    assert http.get("/stats").json()["events_accepted"] == before
+    # The same weight on another event type is a confidence, within model.max_abs_weight.
+    assert http.post("/events", json={"events": [{"user_id": users[0], "item_id": r3, "weight": 6.0}]}).status_code == 200
+
+
+def test_a_weight_that_rounds_to_zero_in_float32_teaches_nothing_at_the_door_either(deployment):
+    # The log stores float32 weights: 1e-46 is 0 there, so the trainer learns nothing from it.
+    # /events must not take it for a positive either (a seen item, excluded from /rank).
+    http, _, dep = deployment
+    tag = uuid.uuid4().hex[:6]
+    user, tiny, real = f"tiny-{tag}", f"tiny-i-{tag}", f"real-i-{tag}"
+    r = http.post("/events", json={"events": [{"user_id": user, "item_id": tiny, "weight": 1e-46},
+                                              {"user_id": user, "item_id": real, "weight": 1e-40}]})
+    assert r.status_code == 200 and r.json()["accepted"] == 2, r.text
+    from ps.ids import keyed
+
+    (recent,) = dep.ps.recent_items([user])
+    assert recent.tolist() == keyed([real]).keys.tolist()  # 1e-40 is a (subnormal) float32 positive
+    _settled(http)
+    counts, found = _pop(dep, [tiny, real])
+    assert found.tolist() == [False, True] and counts[0] == 0.0

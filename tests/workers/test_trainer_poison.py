@@ -36,10 +36,10 @@ def _trainer(tmp_path, model: dict) -> Trainer:
     return Trainer(0, cfg, state_dir=tmp_path, client=LocalClient(cfg.ps))
 
 
-def _events(weights: np.ndarray, first: int = 0) -> pa.RecordBatch:
+def _events(weights: np.ndarray, first: int = 0, event_type: str | None = None) -> pa.RecordBatch:
     n = len(weights)
     return make_events(np.arange(first, first + n), [f"u{j % 6}" for j in range(n)], [j % 9 for j in range(n)],
-                       np.full(n, 1.7e9), weights, 1.7e9)
+                       np.full(n, 1.7e9), weights, 1.7e9, event_types=None if event_type is None else [event_type] * n)
 
 
 def _shard_state(t: Trainer) -> dict[str, tuple[np.ndarray, np.ndarray]]:
@@ -64,16 +64,18 @@ def _dead_letters(t: Trainer) -> list[dict]:
         return pa.ipc.open_stream(f).read_all().to_pylist()
 
 
-@pytest.mark.parametrize(("model", "poison", "why"), [
-    ({"loss": "bpr"}, {3: 1e20, 17: 3.0e38, 29: float("nan")}, ["max_abs_weight", "max_abs_weight", "refused"]),
+@pytest.mark.parametrize(("model", "poison", "why", "event_type"), [
+    ({"loss": "bpr"}, {3: 1e20, 17: 3.0e38, 29: float("nan")}, ["max_abs_weight", "max_abs_weight", "refused"], None),
     ({"loss": "mse", "rating_range": [1.0, 5.0]}, {3: 6.0, 17: 3.0e38, 29: 0.5}, ["rating_range", "max_abs_weight",
-                                                                               "rating_range"]),
-], ids=["bpr", "mse"])
-def test_refused_weights_are_set_aside_and_leave_no_trace(tmp_path, model, poison, why):
+                                                                               "rating_range"], None),
+    # Ratings past model.ratings.scale (5), which a direct append can still put in the log.
+    ({"loss": "bpr"}, {3: 6.0, 17: 1000.0, 29: -5.5}, ["ratings.scale"] * 3, "rating"),
+], ids=["bpr", "mse", "ratings"])
+def test_refused_weights_are_set_aside_and_leave_no_trace(tmp_path, model, poison, why, event_type):
     weights = np.asarray([1.0 + j % 5 for j in range(N)])  # 1..5: positives, and legal ratings
     for j, w in poison.items():
         weights[j] = w
-    raw, clean = _events(weights), _events(weights)
+    raw, clean = _events(weights, event_type=event_type), _events(weights, event_type=event_type)
     keep = np.ones(N, bool)
     keep[list(poison)] = False
     clean = clean.filter(pa.array(keep))

@@ -257,9 +257,11 @@ class TableSource(StreamSource):
         self._types = self._ids = None
 
 
-def weight_out_of_bounds(weights: np.ndarray, model: ModelConfig | None) -> np.ndarray:
+def weight_out_of_bounds(weights: np.ndarray, model: ModelConfig | None,
+                         is_rating: np.ndarray | bool = False) -> np.ndarray:
     """Mask (bool ``[n]``) of finite float64 weights that cannot be trained: beyond float32's
-    range (events store float32), or outside ``model``'s bounds when a model is given.
+    range (events store float32), or outside ``model``'s bounds when a model is given
+    (``is_rating``: bool ``[n]`` or one bool for all, which events are of type ``rating``).
 
     The vectorised form of :meth:`ModelConfig.weight_problem` (which names the reason,
     :func:`weight_reason`); the streams tests pin that the two agree.
@@ -271,27 +273,31 @@ def weight_out_of_bounds(weights: np.ndarray, model: ModelConfig | None) -> np.n
         if model.loss == LossKind.MSE and model.rating_range is not None:
             lo, hi = model.rating_range
             bad |= (weights < lo) | (weights > hi)
+        if model.loss != LossKind.MSE:
+            bad |= is_rating & (w > model.ratings.scale)
     return bad
 
 
-def weight_reason(weight: float, model: ModelConfig | None) -> str | None:
-    """Why a finite ``weight`` cannot be trained (``"weight: ..."``), or None."""
+def weight_reason(weight: float, model: ModelConfig | None, event_type: str | None = None) -> str | None:
+    """Why a finite ``weight`` of an event of ``event_type`` cannot be trained (``"weight: ..."``), or None."""
     if abs(weight) > _F32_MAX:
         return f"weight: {weight!r} is beyond float32's range (|weight| <= {_F32_MAX:.4g})"
-    return model.weight_problem(weight) if model is not None else None
+    return model.weight_problem(weight, event_type) if model is not None else None
 
 
 def first_reason(
-    idx: int, per_field: list[dict[int, str]], values: tuple[np.ndarray, ...], model: ModelConfig | None = None
+    idx: int, per_field: list[dict[int, str]], values: tuple[np.ndarray, ...], model: ModelConfig | None = None,
+    event_type: str | None = None,
 ) -> str:
-    """The reason row ``idx`` is rejected: a parse problem of one of its fields
-    (``per_field``, in order), else what :func:`~workers.events.row_problem` or
+    """The reason row ``idx`` (an event of ``event_type``) is rejected: a parse problem of one
+    of its fields (``per_field``, in order), else what :func:`~workers.events.row_problem` or
     :func:`weight_reason` says of its parsed ``(users, items, stamps, weights)`` values."""
     for problems in per_field:
         if idx in problems:
             return problems[idx]
     u, i, t, w = (v[idx] for v in values)
-    return row_problem(_py(u), _py(i), float(t), float(w)) or weight_reason(float(w), model) or "row: invalid"
+    return (row_problem(_py(u), _py(i), float(t), float(w)) or weight_reason(float(w), model, event_type)
+            or "row: invalid")
 
 
 def _py(v: object) -> object:

@@ -248,7 +248,7 @@ class MovieLensSource(TableSource):
         bad = split_wrong.copy()
         for problems in (pu, pi, pt, pw):
             bad[list(problems)] = True
-        bad |= ~np.isfinite(stamps) | (stamps < 0) | ~np.isfinite(weights) | weight_out_of_bounds(weights, model)
+        bad |= ~np.isfinite(stamps) | (stamps < 0) | ~np.isfinite(weights) | weight_out_of_bounds(weights, model, is_rating=True)
         bad &= ~blank
         bad_idx = np.flatnonzero(bad)
         if bad_idx.size:
@@ -260,7 +260,7 @@ class MovieLensSource(TableSource):
                 if split_wrong[idx]:
                     reason = _dat_reason(raw)
                 else:
-                    reason = first_reason(idx, [pu, pi, pt, pw], (users, items, stamps, weights), model)
+                    reason = first_reason(idx, [pu, pi, pt, pw], (users, items, stamps, weights), model, RATING)
                 rejects.add(source, lines[idx], reason, raw)
         keep = ~bad & ~blank
         n_keep = int(keep.sum())

@@ -294,6 +294,19 @@ def test_movielens_weights_beyond_the_model_are_quarantined(tmp_path):
     assert bpr.end_offset == 5
 
 
+def test_movielens_ratings_past_the_full_confidence_one_are_quarantined(tmp_path):
+    # A 10-point file read by a 5-star model: 7.5 would count as 1.5 full-confidence ratings.
+    f = _write(tmp_path / "ratings.csv", [*ML_LINES, "4,14,7.5,10"])
+    q = tmp_path / "q.arrow"
+    model = ModelConfig()
+    src = MovieLensSource(f, quarantine_path=q, model=model)
+    assert src.end_offset == 5 and max(rows(src.read(0, 100))["weight"]) == 5.0
+    (rec,) = read_quarantine(q).to_pylist()
+    assert rec["row"] == 7 and rec["reason"] == model.weight_problem(7.5, "rating") and "ratings.scale=5" in rec["reason"]
+    wide = MovieLensSource(f, model=ModelConfig(ratings={"scale": 10.0}))
+    assert wide.end_offset == 6
+
+
 def test_quarantine_file_keeps_other_sources(tmp_path):
     q = tmp_path / "quarantine.arrow"
     a = _write(tmp_path / "a" / "ratings.csv", ["userId,movieId,rating,timestamp", "x,1,1,1", "1,1,1,1"])

@@ -75,3 +75,11 @@ def test_vectorised_weight_check_agrees_with_the_model(model):
     if model is not None:
         small = np.abs(w) < 3e38
         assert mask[small].tolist() == [model.weight_problem(float(x)) is not None for x in w[small]]
+    # Every other event a rating: those past model.ratings.scale (5) in size are refused too.
+    is_rating = np.arange(len(w)) % 2 == 1
+    mask = weight_out_of_bounds(w, model, is_rating)
+    assert mask.tolist() == [weight_reason(float(x), model, "rating" if r else None) is not None
+                             for x, r in zip(w, is_rating)]
+    if model is not None and model.loss == LossKind.BPR and model.max_abs_weight > 5:
+        assert model.weight_problem(5.01, "rating") and model.weight_problem(-5.01, "rating")
+        assert not model.weight_problem(5.0, "rating") and not model.weight_problem(5.01, "view")

@@ -188,6 +188,19 @@ def test_parquet_weights_beyond_the_model_are_quarantined(tmp_path):
     assert sorted(got) == [1, 3, 4]
 
 
+def test_parquet_ratings_past_the_full_confidence_one_are_quarantined(tmp_path):
+    f = tmp_path / "e.parquet"
+    types = ["rating", "rating", "view", None, "rating"]
+    pq.write_table(pa.table({"user_id": list(range(5)), "item_id": list(range(5)), "timestamp": [1.0] * 5,
+                             "weight": [5.0, 7.0, 7.0, 7.0, -6.0], "event_type": types}), f)
+    q = tmp_path / "q.arrow"
+    model = ModelConfig()  # ratings.scale 5: only the ratings 7 and -6 are refused
+    got = rows(ParquetSource(f, quarantine_path=q, model=model).read(0, 10))
+    assert got["weight"] == [5.0, 7.0, 7.0] and got["event_type"] == ["rating", "view", None]
+    reasons = {r["row"]: r["reason"] for r in read_quarantine(q).to_pylist()}
+    assert reasons == {1: model.weight_problem(7.0, "rating"), 4: model.weight_problem(-6.0, "rating")}
+
+
 def test_parquet_without_events_is_an_error(tmp_path):
     empty = pa.table({"user_id": pa.array([], pa.int64()), "item_id": pa.array([], pa.int64()), "timestamp": pa.array([], pa.float64())})
     pq.write_table(empty, tmp_path / "empty.parquet")
