@@ -728,7 +728,7 @@ class ShardStore:
         if "://" in root_s:
             raise ValueError(f"state_dir: {root_s!r} must be a local directory; URIs are not supported")
         self.root = Path(root).absolute()
-        self.root.mkdir(parents=True, exist_ok=True)
+        self.root.mkdir(mode=0o700, parents=True, exist_ok=True)  # the model's rows: this user's only
         self.fsync = fsync
         self._log: PushLog | None = None
         self._lock = open(self.root / "LOCK", "a+b")

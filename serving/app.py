@@ -33,7 +33,7 @@ from fastapi import FastAPI, Header
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from ray import serve
-from ray.exceptions import ActorDiedError, GetTimeoutError, NodeDiedError, ObjectLostError, RayActorError, RaySystemError
+from ray.exceptions import ActorDiedError, ActorUnavailableError, GetTimeoutError, NodeDiedError, ObjectLostError, RayActorError, RaySystemError
 
 from ps.cache import Coverage, RowCache
 from ps.client import PSClient, shard_actor_name
@@ -244,6 +244,22 @@ fastapi_app.add_middleware(_Guard)
 
 class _ActorMissing(LookupError):
     """A named actor of the deployment does not exist (not started yet, or gone for good)."""
+
+
+def _why_down(e: BaseException, timeout_s: float) -> str:
+    """Why an actor did not answer, in words an operator reads in ``/healthz``, then the
+    exception's class (what the logs name)."""
+    if isinstance(e, _ActorMissing):
+        why = "missing: no actor of that name"
+    elif isinstance(e, ActorDiedError):
+        why = "dead"
+    elif isinstance(e, ActorUnavailableError):
+        why = "restarting or unreachable"
+    elif isinstance(e, (TimeoutError, GetTimeoutError)):
+        why = f"no answer within {timeout_s:g} s (serving.request_timeout_s)"
+    else:
+        why = "unreachable"
+    return f"{why} ({type(e).__name__})"
 
 
 def _json_safe(value: Any, limit: int = 200) -> Any:
@@ -836,7 +852,7 @@ class FreshetAPI:
         names = self._trainer_names()
         results = await asyncio.gather(*(self._call(n, "stats") for n in names), return_exceptions=True)
         ok = {n: r for n, r in zip(names, results) if not isinstance(r, BaseException)}
-        down = {n: type(r).__name__ for n, r in zip(names, results) if isinstance(r, BaseException)}
+        down = {n: _why_down(r, self.timeout_s) for n, r in zip(names, results) if isinstance(r, BaseException)}
         return ok, down
 
     def _lags(self, trainers: dict[str, dict], ingest: dict | None,
@@ -888,13 +904,13 @@ class FreshetAPI:
         self._start_syncer()  # a replica that has not ranked yet keeps its mirror current too
         names = [shard_actor_name(i) for i in range(self.client.num_shards)] + [INGEST_ACTOR]
         pings = await asyncio.gather(*(self._call(n, "ping") for n in names), return_exceptions=True)
-        down = {n: type(r).__name__ for n, r in zip(names, pings) if isinstance(r, BaseException)}
+        down = {n: _why_down(r, self.timeout_s) for n, r in zip(names, pings) if isinstance(r, BaseException)}
         ingest = None
         if INGEST_ACTOR not in down:
             try:
                 ingest = await self._call(INGEST_ACTOR, "stats")
             except (_ActorMissing, *_UNAVAILABLE) as e:
-                down[INGEST_ACTOR] = type(e).__name__
+                down[INGEST_ACTOR] = _why_down(e, self.timeout_s)
         trainers, trainers_down = await self._trainer_states()
         down.update(trainers_down)
         for name, lag in self._lags(trainers, ingest).items():
@@ -1063,6 +1079,10 @@ def _app_messages(app) -> str:
     return "; ".join(parts)
 
 
+def _drop_reconnect_note(record: logging.LogRecord) -> bool:
+    return not record.getMessage().startswith("Connecting to existing Serve app")
+
+
 def run_app(cfg: FreshetConfig, *, blocking: bool = False, ready_timeout_s: float = 120.0) -> None:
     """Start Serve on ``cfg.serving.host:port`` and deploy the app as ``"freshet"``; return once ``/healthz`` is 200.
 
@@ -1096,9 +1116,17 @@ def run_app(cfg: FreshetConfig, *, blocking: bool = False, ready_timeout_s: floa
     serve.start(http_options={"host": s.host, "port": s.port}, logging_config=_NO_ACCESS_LOG, **start_kwargs)
     # serve.run waits for the app to run with no time limit: on a cluster with no room for a
     # replica (and no autoscaler to add one) `freshet up` waited forever, saying nothing.
-    serve.run_many([serve.RunTarget(_bind(cfg), name=APP_NAME, route_prefix=s.route_prefix,
-                                    logging_config=_NO_ACCESS_LOG)],
-                   wait_for_ingress_deployment_creation=False, wait_for_applications_running=False)
+    # run_many connects to the Serve that serve.start just started or joined, and Serve notes
+    # that "new http_options ... will not be applied": read as if serving.port were ignored.
+    # serve.start above said so itself where it joined a running Serve.
+    serve_logger = logging.getLogger("ray.serve")  # Serve's logger (ray.serve._private.constants)
+    serve_logger.addFilter(_drop_reconnect_note)
+    try:
+        serve.run_many([serve.RunTarget(_bind(cfg), name=APP_NAME, route_prefix=s.route_prefix,
+                                        logging_config=_NO_ACCESS_LOG)],
+                       wait_for_ingress_deployment_creation=False, wait_for_applications_running=False)
+    finally:
+        serve_logger.removeFilter(_drop_reconnect_note)
     deadline = time.monotonic() + ready_timeout_s
     while (app := serve.status().applications.get(APP_NAME)) is None or app.status != "RUNNING":
         if app is not None and app.status == "DEPLOY_FAILED":

@@ -7,6 +7,7 @@ value (:class:`ps.config.ConfigError`), rather than deep inside a running actor.
 
 from __future__ import annotations
 
+import difflib
 import enum
 import ipaddress
 from pathlib import Path
@@ -351,6 +352,14 @@ class FreshetConfig(ConfigModel):
             if name is not None and name in roles:
                 raise ValueError(f"model.{field}={name!r} is also model.{roles[name]}: each role needs a table of its own")
             roles.setdefault(name, field)
+        # A table no role uses is trained by nothing: most likely a misspelt name (ps.tables.usr
+        # meant to bound the user table, which then stays unbounded). The defaults may stay unused.
+        used = set(roles) | {self.ps.tables[n].follows for n in roles if n in self.ps.tables} | {self.ps.recent_follows}
+        for name in sorted(set(self.ps.tables) - used - set(PSConfig().tables)):
+            close = difflib.get_close_matches(name, sorted(n for n in roles if n is not None), n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise ValueError(f"ps.tables.{name}: no model role uses this table (the roles: "
+                             + ", ".join(f"model.{f}={n!r}" for n, f in roles.items() if n is not None) + f"){hint}")
         u, i = self.ps.tables[m.user_table].dim, self.ps.tables[m.item_table].dim
         if u != i:
             raise ValueError(

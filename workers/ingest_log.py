@@ -293,7 +293,9 @@ class _LocalStore:
     def __init__(self, cfg: IngestConfig):
         self.cfg = cfg
         self.root = Path(cfg.dir) / "ingest"
-        self.root.mkdir(parents=True, exist_ok=True)
+        # Users' behaviour: readable by this user only, where the log creates its directories.
+        Path(cfg.dir).mkdir(mode=0o700, parents=True, exist_ok=True)
+        self.root.mkdir(mode=0o700, exist_ok=True)
         self.where = str(self.root)
         self._maps: collections.OrderedDict[str, pa.MemoryMappedFile] = collections.OrderedDict()
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +14,24 @@ from ps.config import merge
 from serving.config import FreshetConfig, load_config
 from workers.config import StreamKind
 
-__all__ = ["add_config_argument", "add_data_arguments", "data_overrides", "load", "print_table", "ray_init"]
+__all__ = ["add_config_argument", "add_data_arguments", "data_overrides", "load", "positive_int", "print_table",
+           "ray_init"]
+
+
+def positive_int(text: str) -> int:
+    """An argparse ``type``: a whole number >= 1, so that ``--events 0`` is refused as the flag
+    the user typed, not as the config field it becomes.
+
+    Raises:
+        argparse.ArgumentTypeError: ``text`` is not a whole number >= 1.
+    """
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a whole number >= 1, got {text!r}") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number >= 1, got {text!r}")
+    return n
 
 
 def add_config_argument(parser: argparse.ArgumentParser) -> None:
@@ -23,7 +42,7 @@ def add_config_argument(parser: argparse.ArgumentParser) -> None:
 def add_data_arguments(parser: argparse.ArgumentParser) -> None:
     """``--data`` and ``--events``: the stream to read instead of the config's."""
     parser.add_argument("--data", help="'synthetic' (default), a MovieLens ratings.csv/u.data, or Parquet file/dir")
-    parser.add_argument("--events", type=int, help="stop after N events")
+    parser.add_argument("--events", type=positive_int, help="stop after N events")
 
 
 def data_overrides(data: str | None, events: int | None) -> dict[str, Any]:
@@ -58,7 +77,17 @@ def load(args: argparse.Namespace, extra: dict[str, Any] | None = None) -> Fresh
     overrides = data_overrides(getattr(args, "data", None), getattr(args, "events", None))
     if extra:
         overrides = merge(overrides, extra)
-    return load_config(args.config, overrides)
+    # A deprecated key's FutureWarning would print with the pydantic source line it was raised
+    # in; a command's user needs only what to change in their file.
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", FutureWarning)
+        cfg = load_config(args.config, overrides)
+    for w in caught:
+        if issubclass(w.category, FutureWarning):
+            print(f"freshet: warning: {w.message}", file=sys.stderr)
+        else:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    return cfg
 
 
 def ray_init(address: str | None, namespace: str, *, head=None, system_config: dict | None = None,

@@ -8,7 +8,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from serving.cli._common import ray_init
+from serving.cli._common import positive_int, ray_init
 from serving.config import load_config
 from workers.config import StrategyKind
 
@@ -28,10 +28,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         f"(known: {DEFAULT_STRATEGIES}; settings inside one spec are separated by ';')",
     )
     parser.add_argument("--report", required=True, help="directory for report.md, report.json and the PNG plots")
-    parser.add_argument("--chunk-size", type=int, default=20, help="events ranked then learned at a time (default 20)")
+    parser.add_argument("--chunk-size", type=positive_int, default=20, help="events ranked then learned at a time (default 20)")
     parser.add_argument("--min-weight", default="auto", help="drop ratings below this; 'auto' = 4 for file data with BPR, 'none' keeps all")
-    parser.add_argument("--events", type=int, help="stop after N events")
-    parser.add_argument("--window", type=int, default=2000, help="window of the windowed recall plot (events)")
+    parser.add_argument("--events", type=positive_int, help="stop after N events")
+    parser.add_argument("--window", type=positive_int, default=2000, help="window of the windowed recall plot (events)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     live = parser.add_argument_group(
         "live evaluation", "--live replays the stream through a service over HTTP at --rate events/s: for each chunk, "

@@ -406,7 +406,8 @@ def cmd_up(args: argparse.Namespace) -> int:
     cfg = load(args, {"stream": {"kind": StreamKind.INGEST.value}} if not args.keep_stream else None)
     if args.ray_port is not None:
         check_ray_port(cfg, args.ray_port, joining=args.address is not None)
-    cfg.ingest.local_state_dir().mkdir(parents=True, exist_ok=True)
+    # 0700 when `up` creates it: the state (and, by default, the ingest log) is users' behaviour.
+    cfg.ingest.local_state_dir().mkdir(mode=0o700, parents=True, exist_ok=True)
     previous = read_state(cfg)
     if previous is not None:
         if _up_in_progress(previous):
@@ -545,7 +546,10 @@ def cmd_status(args: argparse.Namespace) -> int:
         health = httpx.get(url + "/healthz", timeout=5)
         stats = httpx.get(url + "/stats", timeout=10).json()
     except httpx.HTTPError as e:
-        print(f"freshet status: no service at {url} ({e})", file=sys.stderr)
+        where = (f"the state file {state_path(cfg)} names it" if state is not None
+                 else f"no state file in {cfg.ingest.local_state_dir()}: "
+                      + ("is the service's config the one given?" if args.config else "give the service's --config"))
+        print(f"freshet status: no service at {url} ({e}); {where}", file=sys.stderr)
         return 1
     print(f"{url}: healthz {health.status_code}")
     print(json.dumps(stats, indent=2, default=str))

@@ -16,7 +16,7 @@ import ray
 
 from ps.cache import RowCache
 from ps.client import start_shards
-from serving.config import load_config
+from ps.config import PSConfig
 from workers.config import ModelConfig
 from ps.ids import as_id_array
 from ps.shard import PushId
@@ -54,10 +54,10 @@ def _tables() -> dict:
 
 @pytest.fixture(scope="module")
 def client(ray_cluster):
-    cfg = load_config(
-        overrides={"ps": {"num_shards": NUM_SHARDS, "num_buckets": 32, "shard_num_cpus": 0.1, "tables": _tables()}}
-    )
-    c = start_shards(cfg.ps, namespace=f"test-cache-{uuid.uuid4().hex[:8]}")
+    # The PS's own config: one PS holds the tables of several models here, which a deployment's
+    # config (one model) refuses.
+    cfg = PSConfig.model_validate({"num_shards": NUM_SHARDS, "num_buckets": 32, "shard_num_cpus": 0.1, "tables": _tables()})
+    c = start_shards(cfg, namespace=f"test-cache-{uuid.uuid4().hex[:8]}")
     yield c
     for h in c.shards:
         ray.kill(h)

@@ -10,7 +10,7 @@ import pytest
 import ray
 
 from ps.client import PSClient, start_shards
-from serving.config import FreshetConfig, load_config
+from ps.config import PSConfig
 from ps.ids import as_id_array, keyed
 from ps.plan import ShardingPlan
 from ps.shard import PSShard, PushId
@@ -20,7 +20,8 @@ DIM = 8
 NUM_SHARDS = 3
 
 
-def _cfg(**ps) -> FreshetConfig:
+def _cfg(**ps) -> PSConfig:
+    # The PS's own config: "place" is a table no model role uses, which a deployment's config refuses.
     base = {
         "num_shards": NUM_SHARDS,
         "num_buckets": 64,
@@ -29,7 +30,7 @@ def _cfg(**ps) -> FreshetConfig:
         # "place" is only touched by the placement test, so its row counts are exact.
         "tables": {"user": {"dim": DIM}, "item": {"dim": DIM}, "place": {"dim": 2}},
     }
-    return load_config(overrides={"ps": {**base, **ps}})
+    return PSConfig.model_validate({**base, **ps})
 
 
 @pytest.fixture(scope="module")
@@ -39,15 +40,15 @@ def deployment(ray_cluster):
     relative to what they found."""
     cfg = _cfg()
     ns = f"test-client-{uuid.uuid4().hex[:8]}"
-    client = start_shards(cfg.ps, namespace=ns)
+    client = start_shards(cfg, namespace=ns)
     yield cfg, ns, client
     for h in client.shards:
         ray.kill(h)
 
 
-def _local(cfg: FreshetConfig) -> PSShard:
+def _local(cfg: PSConfig) -> PSShard:
     """A single in-process shard holding every ID: the truth a sharded deployment must match."""
-    return PSShard(0, ShardingPlan.uniform(cfg.ps.num_buckets, 1), cfg.ps)
+    return PSShard(0, ShardingPlan.uniform(cfg.num_buckets, 1), cfg)
 
 
 def _mixed_ids(n: int, seed: int) -> list:
@@ -233,7 +234,7 @@ def test_connect_by_namespace_sees_the_same_state(deployment):
     other = PSClient.connect(ns)
     assert other.num_shards == NUM_SHARDS
     assert other.plan == client.plan
-    assert other.dims == {n: t.dim for n, t in cfg.ps.tables.items()}
+    assert other.dims == {n: t.dim for n, t in cfg.tables.items()}
     np.testing.assert_array_equal(other.pull("user", ids[::-1]), client.pull("user", ids)[::-1])
     v = client.versions()
     assert other.versions() == v

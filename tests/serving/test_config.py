@@ -215,6 +215,17 @@ def test_each_model_role_needs_a_table_of_its_own(tmp_path, model, msg):
     assert msg in config_error(tmp_path, {"model": model})
 
 
+def test_a_table_no_model_role_uses_is_refused_with_the_name_it_was_meant_for(tmp_path):
+    # ps.tables.usr loaded as a new, unused table and left the user table unbounded.
+    msg = config_error(tmp_path, {"ps": {"tables": {"usr": {"max_rows": 1000}}}})
+    assert "ps.tables.usr: no model role uses this table" in msg and "did you mean 'user'?" in msg, msg
+    assert "did you mean" not in config_error(tmp_path, {"ps": {"tables": {"towers": {"dim": 4}}}})
+    # A table given a role is used; the default tables may stay unused.
+    cfg = load_config(write_yaml(tmp_path, {"model": {"user_table": "users", "context_table": None},
+                                            "ps": {"tables": {"users": {"dim": 64}}}}))
+    assert {"users", "user", "item_ctx"} <= set(cfg.ps.tables)
+
+
 def test_a_positive_threshold_must_be_a_number(tmp_path):
     msg = config_error(tmp_path, {"model": {"ratings": {"positive_at": float("nan")}}})
     assert "model.ratings.positive_at" in msg and "finite" in msg, msg

@@ -293,7 +293,8 @@ class MovieLensSource(TableSource):
         else:
             exp = f"the file name {file.name!r} implies no layout"
         if detected is not None:
-            det = f"detected {detected.text} from the first line"
+            # Only the separator is detected: the header a layout's text shows need not be there.
+            det = f"detected the separator {detected.separator!r} of {detected.name} in the first line {first_data[:80]!r}"
         elif first_data is None:
             det = "detected nothing (no non-blank line)"
         else:

@@ -16,3 +16,22 @@ def test_config_prints_yaml_and_rejects_bad_values(tmp_path):
     out = freshet("config", "--config", str(bad))
     assert out.returncode == 2
     assert "ps.num_shards" in out.stderr and "serving.prot" in out.stderr
+
+
+def test_a_count_flag_below_one_is_refused_as_the_flag_typed():
+    # It used to reach the config and come back as "stream.num_events: ... >= 1", a field the
+    # user never typed; argparse now names the flag, before anything starts.
+    for args, flag in ((("run", "--events", "0"), "--events"), (("eval", "--window", "-3"), "--window"),
+                       (("eval", "--chunk-size", "x"), "--chunk-size")):
+        out = freshet(*args)
+        assert out.returncode == 2 and f"argument {flag}: must be a whole number >= 1" in out.stderr, out.stderr
+
+
+def test_a_deprecated_key_is_a_plain_warning_naming_what_to_change(tmp_path):
+    old = tmp_path / "old.yaml"
+    old.write_text("serving:\n  cache_refresh_ms: 50\n")
+    out = freshet("config", "--config", str(old))
+    assert out.returncode == 0, out.stderr
+    assert yaml.safe_load(out.stdout)["serving"]["cache_refresh_s"] == 0.05
+    assert out.stderr.startswith("freshet: warning: config key serving.cache_refresh_ms is deprecated"), out.stderr
+    assert "pydantic" not in out.stderr and "FutureWarning" not in out.stderr, out.stderr

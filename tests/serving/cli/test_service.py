@@ -190,6 +190,8 @@ def test_up_secure_by_default_ckpt_down_restore(tmp_path, plain_ray):
         assert Path(head.temp_dir).parent == root and stat.S_IMODE(root.stat().st_mode) == 0o700
         assert Path(head.token_path).is_relative_to(root)
         assert "Ray token auth on" in up.stdout
+        # Serve's note that "new http_options ... will not be applied" read as if serving.port were ignored.
+        assert "Connecting to existing Serve app" not in up.stdout + up.stderr
         _assert_secure(head)
         # ray.max_inline_bytes reaches the head as Ray's system config (drivers and workers get it there).
         argv = Path(f"/proc/{head.root_pid}/cmdline").read_bytes().decode().split("\0")
@@ -206,6 +208,7 @@ def test_up_secure_by_default_ckpt_down_restore(tmp_path, plain_ray):
         assert sorted(os.listdir(log)) == ["ingest"]  # state stays out of the log's store
         assert sorted(os.listdir(log / "ingest")) == ["LOG_ID", f"segment-{0:020d}.arrows"]
         assert {"freshet-up.json", "ps", "trainers"} <= set(os.listdir(state))
+        assert stat.S_IMODE(state.stat().st_mode) == 0o700  # users' behaviour: `up` made it this user's only
         status = freshet("status", "--config", str(cfg))
         assert status.returncode == 0 and "healthz 200" in status.stdout
         before = _rankings(url, users)

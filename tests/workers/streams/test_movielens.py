@@ -155,7 +155,7 @@ def test_movielens_lenient_numbers(tmp_path):
     "name, content, detected",
     [
         ("empty.csv", b"", "detected nothing"),
-        ("ratings.csv", b"userId,movieId,rating,timestamp\r\n", "detected ratings.csv"),
+        ("ratings.csv", b"userId,movieId,rating,timestamp\r\n", "detected the separator ',' of ratings.csv"),
         ("ratings.dat", b"\n\n", "detected nothing"),
     ],
 )
@@ -180,7 +180,7 @@ def test_movielens_no_valid_rows_is_an_error_naming_file_layouts_and_counts(tmp_
     assert str(f) in msg
     assert "no events: 0 of 3 rows valid, 3 quarantined" in msg
     assert "expected u.data (ML-100K" in msg and "from the file name" in msg
-    assert "detected ratings.csv (" in msg and "from the first line" in msg
+    assert "detected the separator ',' of ratings.csv in the first line 'user,item'" in msg
     assert "'weight: missing (line has 2 of 4 columns)'" in msg and f"see {q}" in msg
     assert isinstance(e.value, ValueError)  # the CLI turns it into a non-zero exit
     assert [r["row"] for r in read_quarantine(q).to_pylist()] == [1, 2, 3]  # written before the error
