@@ -33,7 +33,15 @@ from fastapi import FastAPI, Header
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from ray import serve
-from ray.exceptions import ActorDiedError, ActorUnavailableError, GetTimeoutError, NodeDiedError, ObjectLostError, RayActorError, RaySystemError
+from ray.exceptions import (
+    ActorDiedError,
+    ActorUnavailableError,
+    GetTimeoutError,
+    NodeDiedError,
+    ObjectLostError,
+    RayActorError,
+    RaySystemError,
+)
 
 from ps.cache import Coverage, RowCache
 from ps.client import PSClient, shard_actor_name

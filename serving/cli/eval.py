@@ -74,9 +74,6 @@ def cmd_eval(args: argparse.Namespace) -> int:
     except ValueError:
         print(f"--min-weight: must be a number, 'auto' or 'none', got {args.min_weight!r}", file=sys.stderr)
         return 2
-    if args.events is not None and args.events < 1:  # 0 ran the whole stream's meta on no events, and exited 0
-        print(f"freshet eval: --events: must be at least 1, got {args.events}", file=sys.stderr)
-        return 2
     report_dir = Path(args.report)
     if report_dir.exists() and not report_dir.is_dir():
         print(f"freshet eval: --report: {args.report} exists and is not a directory", file=sys.stderr)

@@ -140,6 +140,9 @@ def run_eval(
     meta = {
         "data": data,
         "events": total,
+        # Rows of the data that are not valid events (their reasons go with the temp quarantine
+        # file): the report says how many, so a mostly broken file is not read as a small one.
+        "quarantined": getattr(source, "quarantined", 0),
         "chunk_size": chunk_size,
         "min_weight": min_weight,
         "loss": cfg.model.loss.value,

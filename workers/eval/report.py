@@ -140,7 +140,9 @@ def _markdown(report: dict[str, Any]) -> str:
     lines = [
         f"# Freshet prequential evaluation — {meta['data']}",
         "",
-        f"{meta['events']} events, chunks of {meta['chunk_size']} (rank each event of a user seen in an earlier chunk, "
+        f"{meta['events']} events" + (f" ({meta['quarantined']} rows of the data quarantined: not valid events)"
+                                      if meta.get("quarantined") else "")
+        + f", chunks of {meta['chunk_size']} (rank each event of a user seen in an earlier chunk, "
         f"then learn the chunk), min_weight={meta['min_weight']}, loss={meta['loss']}. Created {meta['created']}.",
         "",
         _TABLE_HEADER,

@@ -64,7 +64,8 @@ def _parse_strings(col: pa.ChunkedArray, field: str, integer: bool) -> tuple[np.
                 problems[idx] = f"{field}: missing"
                 continue
             try:
-                if "_" in s:  # Python accepts 1_000; a data file should not
+                # Python accepts 1_000 and other scripts' digits ("١٢" is 12); a data file should not.
+                if "_" in s or not s.isascii():
                     raise ValueError
                 v = int(s) if integer else float(s)
             except ValueError:
@@ -103,13 +104,15 @@ def _layout_by_content(line: str | None) -> _Layout | None:
     return None
 
 
-def _head_lines(path: Path) -> tuple[str, str | None]:
-    """(the first line, the first non-blank line or None) of a file, without BOM or line end."""
+def _head_lines(path: Path) -> tuple[int, str | None]:
+    """(how many blank lines come before the first non-blank one, that line or None) of a file,
+    without BOM, line end or surrounding whitespace."""
     with open(path, "rb") as f:
         head = f.read(_SNIFF_BYTES).decode("utf-8", "replace").lstrip("\ufeff")
-    lines = head.splitlines()
-    first = lines[0].strip() if lines else ""
-    return first, next((line.strip() for line in lines if line.strip()), None)
+    for k, line in enumerate(re.split(r"\r\n|\r|\n", head)):  # the line ends the CSV reader knows
+        if line.strip():
+            return k, line.strip()
+    return 0, None
 
 
 def _is_header(line: str, layout: _Layout) -> bool:
@@ -150,7 +153,7 @@ class MovieLensSource(TableSource):
 
     The layout is detected from the first non-blank line (``::``, else a tab, else a
     comma), falling back to the file name (``*.dat``, ``u.data``/``*.data``/``*.tsv``,
-    ``*.csv``) when the line shows no separator. The first line is a header, and
+    ``*.csv``) when the line shows no separator. The first non-blank line is a header, and
     skipped, only when it splits into the layout's 4 fields and none is a number.
 
     IDs are int64, ``weight`` is the rating (float32) and every event has
@@ -187,14 +190,16 @@ class MovieLensSource(TableSource):
         file = self._locate(Path(path))
         self.path = file
         source = str(file)
-        first, first_data = _head_lines(file)
+        lead, first_data = _head_lines(file)
         expected, detected = _layout_by_name(file), _layout_by_content(first_data)
         layout = detected or expected or _CSV
-        header = _is_header(first, layout)
+        header = first_data is not None and _is_header(first_data, layout)
+        skip = lead + 1 if header else 0  # blank lines before a header go with it
         dat = layout is _DAT
         invalid: list[tuple[int, int, str]] = []
 
         def on_invalid(row: pacsv.InvalidRow) -> str:
+            # Kept even when blank (a line of spaces): it still takes a line number below.
             invalid.append((row.number if row.number is not None else -1, row.actual_columns, row.text))
             return "skip"
 
@@ -205,11 +210,13 @@ class MovieLensSource(TableSource):
         if file.stat().st_size == 0:  # pyarrow refuses an empty input; this is a stream with no rows
             table = pa.table({c: pa.array([], pa.string()) for c in names})
         else:
-            table = self._read_strings(file, layout, names, header, on_invalid)
+            table = self._read_strings(file, layout, names, skip, on_invalid)
 
         rejects = Rejects()
         width = len(_ML_COLUMNS)
         for number, actual, text in invalid:
+            if not text.strip():  # a line of spaces is a blank line: skipped silently
+                continue
             if dat:
                 reason = _dat_reason(text)
             elif actual < width:
@@ -219,7 +226,7 @@ class MovieLensSource(TableSource):
             rejects.add(source, number, reason, text)
 
         # Table rows fill the physical lines not claimed by invalid rows, in order.
-        first_line = 2 if header else 1
+        first_line = skip + 1
         span = np.arange(first_line, first_line + table.num_rows + len(invalid))
         claimed = np.array([n for n, _, _ in invalid], dtype=np.int64) - first_line
         free = np.ones(len(span), dtype=bool)
@@ -236,7 +243,7 @@ class MovieLensSource(TableSource):
             seps = []
         blank = np.ones(table.num_rows, dtype=bool)
         for c in [*cols.values(), *seps]:
-            blank &= pc.utf8_length(c).to_numpy() == 0
+            blank &= pc.utf8_length(pc.utf8_trim_whitespace(c)).to_numpy() == 0
         users, pu = _parse_strings(cols["user_id"], "user_id", True)
         items, pi = _parse_strings(cols["item_id"], "item_id", True)
         stamps, pt = _parse_strings(cols["timestamp"], "timestamp", False)
@@ -303,19 +310,20 @@ class MovieLensSource(TableSource):
 
     @staticmethod
     def _read_strings(
-        file: Path, layout: _Layout, names: list[str], header: bool, on_invalid: Callable[[pacsv.InvalidRow], str]
+        file: Path, layout: _Layout, names: list[str], skip: int, on_invalid: Callable[[pacsv.InvalidRow], str]
     ) -> pa.Table:
         dat = layout is _DAT
         try:
             return pacsv.read_csv(
                 file,
                 # Single-threaded so InvalidRow.number is the physical line number.
-                read_options=pacsv.ReadOptions(column_names=names, skip_rows=int(header), use_threads=False),
+                read_options=pacsv.ReadOptions(column_names=names, skip_rows=skip, use_threads=False),
                 parse_options=pacsv.ParseOptions(
                     delimiter=":" if dat else layout.separator,
-                    # MovieLens never quotes a rating line; in a '::' file a stray quote must
-                    # not swallow the following lines.
-                    quote_char=False if dat else '"',
+                    # MovieLens never quotes a rating line, and a stray quote must not swallow
+                    # the lines after it (a CSV of 3,003 lines once read as 3 rows, 2 of them
+                    # valid): a quoted value is quarantined as what it is.
+                    quote_char=False,
                     invalid_row_handler=on_invalid,
                     ignore_empty_lines=False,
                 ),

@@ -51,11 +51,13 @@ def _ids_from_column(col: pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray]:
 def _numbers_from_column(col: pa.ChunkedArray) -> tuple[np.ndarray, bool]:
     """(float64 values with NaN for nulls, whether the type is numeric) of a Parquet column."""
     t = col.type
+    # safe=False: an int beyond 2**53 (a nanosecond epoch, a huge weight) becomes the nearest
+    # float64 instead of failing the whole file; the row checks then judge the value.
     if pa.types.is_timestamp(t):
         per_s = {"s": 1.0, "ms": 1e3, "us": 1e6, "ns": 1e9}[t.unit]
-        col = pc.divide(col.cast(pa.int64()).cast(pa.float64()), per_s)
+        col = pc.divide(col.cast(pa.int64()).cast(pa.float64(), safe=False), per_s)
     elif pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_decimal(t):
-        col = col.cast(pa.float64())
+        col = col.cast(pa.float64(), safe=False)
     else:
         return np.full(len(col), np.nan), False
     return pc.fill_null(col, float("nan")).to_numpy(), True

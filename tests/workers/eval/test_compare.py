@@ -20,3 +20,18 @@ def test_the_quarantine_dir_goes_when_the_source_does(tmp_path):
     del source
     gc.collect()
     assert not qfile.parent.exists()
+
+
+def test_the_report_says_how_many_rows_were_quarantined(tmp_path):
+    # 1,000 of 2,600 rows quarantined used to leave no trace in report.md, report.json or stdout.
+    import json
+
+    from workers.eval.compare import run_eval
+
+    data = tmp_path / "ratings.csv"
+    good = [f"{u},{i},4.0,{100 + u * 40 + i}" for u in range(40) for i in range(40)]
+    data.write_text("\n".join(["userId,movieId,rating,timestamp", *good, *["1,2,4.0,-5"] * 1000]) + "\n")
+    run_eval(load_config(None, {}), data=str(data), strategies=["popularity"], report_dir=tmp_path / "r",
+             min_weight=None, progress=False)
+    assert json.loads((tmp_path / "r" / "report.json").read_text())["meta"]["quarantined"] == 1000
+    assert "1600 events (1000 rows of the data quarantined: not valid events)" in (tmp_path / "r" / "report.md").read_text()

@@ -335,3 +335,40 @@ def test_movielens_real_ratings():
     assert MovieLensSource(path, min_weight=4).end_offset == expected
     last = MovieLensSource(path, min_weight=4).read(expected - 1, 10)
     assert last.num_rows == 1 and last.column("weight")[0].as_py() >= 4
+
+
+@pytest.mark.parametrize("name, sep", [("ratings.csv", ","), ("u.data", "\t")])
+def test_a_stray_quote_costs_its_own_line_only(tmp_path, name, sep):
+    # With quoting on, `1,"2,4.0,100` opened a quoted value that swallowed every later line:
+    # a file of 3,003 lines read as 3 rows (2 valid, 1 quarantined) and trained on 2.
+    good = [sep.join(map(str, (u, u + 1, 4.0, 100 + u))) for u in range(3000)]
+    stray = sep.join(("1", '"2', "4.0", "100"))
+    quoted = sep.join(('"5"', '"6"', '"4"', '"100"'))  # MovieLens never quotes: data as it is
+    f = _write(tmp_path / name, ["2" + sep + "3" + sep + "4" + sep + "100", stray, *good, quoted])
+    q = tmp_path / "q.arrow"
+    src = MovieLensSource(f, quarantine_path=q)
+    assert src.end_offset == 3001 and src.quarantined == 2
+    got = {r["row"]: r["reason"] for r in read_quarantine(q).to_pylist()}
+    assert got == {2: "item_id: must be an integer, got '\"2'", 3003: "user_id: must be an integer, got '\"5\"'"}
+
+
+def test_blank_lines_are_skipped_before_a_header_and_between_rows_whatever_their_spaces(tmp_path):
+    f = _write(tmp_path / "ratings.csv", ["", "   ", "userId,movieId,rating,timestamp", "1,10,4.0,300", " \t ",
+                                          "2,x,5,200", "3,11,4.5,100"])
+    q = tmp_path / "q.arrow"
+    src = MovieLensSource(f, quarantine_path=q)
+    assert rows(src.read(0, 10))["user_id"] == [3, 1] and src.quarantined == 1  # the header is not data
+    (rec,) = read_quarantine(q).to_pylist()
+    assert rec["row"] == 6 and rec["reason"] == "item_id: must be an integer, got 'x'"  # physical line numbers
+
+
+def test_digits_of_other_scripts_are_not_numbers_in_a_data_file(tmp_path):
+    # Python's int("١٢") is 12 and float("٤") is 4.0; a ratings file holds ASCII digits.
+    f = _write(tmp_path / "ratings.csv", ["userId,movieId,rating,timestamp", "١٢,2,4.0,100", "1,2,٤,100",
+                                          "１,2,4.0,100", "7,8,4.0,100"])
+    q = tmp_path / "q.arrow"
+    src = MovieLensSource(f, quarantine_path=q, max_quarantined_fraction=1.0)
+    assert rows(src.read(0, 10))["user_id"] == [7]
+    got = {r["row"]: r["reason"] for r in read_quarantine(q).to_pylist()}
+    assert got == {2: "user_id: must be an integer, got '١٢'", 3: "weight: must be a number, got '٤'",
+                   4: "user_id: must be an integer, got '１'"}

@@ -215,3 +215,23 @@ def test_parquet_without_events_is_an_error(tmp_path):
     msg = str(e.value)
     assert "no events: 0 of 1 rows valid, 1 quarantined" in msg and "unreadable Parquet" in msg
     assert "expected Parquet columns user_id, item_id" in msg and "found columns none readable" in msg
+
+
+def test_nanosecond_timestamps_and_ints_beyond_float64s_exact_range_load_row_by_row(tmp_path):
+    # pandas writes datetimes as timestamp[ns]; the float64 cast of 1.58e18 ns used to fail the
+    # whole file ("Integer value ... not in range"), as did one weight of 2**60.
+    from datetime import datetime
+
+    f = tmp_path / "ns.parquet"
+    when = [datetime(2020, 1, 1), datetime(2020, 1, 2), datetime(2020, 1, 3)]
+    pq.write_table(pa.table({"user_id": [1, 2, 3], "item_id": [5, 6, 7],
+                             "timestamp": pa.array(when, pa.timestamp("ns")), "weight": [1, 2, 2**60]}), f)
+    q = tmp_path / "q.arrow"
+    model = ModelConfig()
+    got = rows(ParquetSource(f, quarantine_path=q, model=model).read(0, 10))
+    assert got["timestamp"] == [1577836800.0, 1577923200.0] and got["weight"] == [1.0, 2.0]
+    (rec,) = read_quarantine(q).to_pylist()
+    assert rec["row"] == 2 and rec["reason"] == model.weight_problem(float(2**60))
+    ints = tmp_path / "int-ns.parquet"
+    pq.write_table(pa.table({"user_id": [1], "item_id": [5], "timestamp": [1_577_836_800_123_456_789]}), ints)
+    assert rows(ParquetSource(ints).read(0, 1))["timestamp"] == [pytest.approx(1.5778368e18, rel=1e-9)]
