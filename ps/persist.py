@@ -56,6 +56,7 @@ __all__ = [
     "PushLog",
     "ShardState",
     "ShardStore",
+    "snapshot_meta",
     "TableState",
     "checkpoint_shard_dir",
     "list_checkpoints",
@@ -332,6 +333,17 @@ def _snapshot_meta(path: Path) -> dict:
             "by this release: restore them with the release that wrote them and retrain, or start fresh)"
         )
     return meta
+
+
+def snapshot_meta(path: str | Path) -> dict:
+    """A snapshot directory's ``meta.json`` (its tables' ``rows``, ``dim``, ``state_shape``
+    and ``admission_shape``, its ``plan``...), read without its files.
+
+    Raises:
+        FileNotFoundError: it has no ``meta.json``.
+        ValueError: ``meta.json`` is not readable, or not of this format version.
+    """
+    return _snapshot_meta(Path(path))
 
 
 def verify_snapshot(path: str | Path) -> dict:

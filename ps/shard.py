@@ -218,7 +218,7 @@ class PSShard:
             token = restore_token or (str(Path(restore_from).absolute()) if restore_from is not None else None)
             if ckpt is not None and self._store.restored_token() != token:
                 seed = read_snapshot(ckpt)
-                self._check_plan(seed.plan, ckpt)  # before the directory's own state is replaced
+                self._check_fits(seed, ckpt)  # before the directory's own state is replaced
                 self._store.reset_from(seed, ckpt, token)
                 self.recovery["restored_from"] = str(ckpt)
             self._recover()
@@ -236,13 +236,22 @@ class PSShard:
                 f"over {self.plan.num_buckets} buckets); rows would sit on the wrong shards"
             )
 
-    def _load(self, st: ShardState, where: Path) -> None:
+    def _check_fits(self, st: ShardState, where: Path) -> None:
+        """Raise ``ValueError`` (naming ``where``) unless ``st`` loads into this shard whole: its
+        plan and index, and every table configured with room and shapes for its rows. Checked
+        before anything is loaded or replaced, so a misfit leaves the shard's state as it was."""
         self._check_plan(st.plan, where)
         if st.shard_index != self.shard_index:
             raise ValueError(f"{where}: snapshot of shard {st.shard_index}, this is shard {self.shard_index}")
         for name, ts in st.tables.items():
             if name not in self.tables:
                 raise ValueError(f"{where}: table {name!r} is not configured (ps.tables: {sorted(self.tables)})")
+            if (problem := self.tables[name].load_problem(ts)) is not None:
+                raise ValueError(f"{where}: {problem}")
+
+    def _load(self, st: ShardState, where: Path) -> None:
+        self._check_fits(st, where)
+        for name, ts in st.tables.items():
             self.tables[name].load(ts)
         self.version, self._lsn = st.version, st.lsn
         self.high_water = dict(st.high_water)

@@ -31,7 +31,7 @@ from ps.index import KeyIndex, unique_keys
 from ps.lazy import torch
 from ps.persist import TableState
 
-__all__ = ["EmbeddingTable", "PushOutcome", "table_seed"]
+__all__ = ["EmbeddingTable", "PushOutcome", "stored_table_problem", "table_seed"]
 
 
 def table_seed(ps_seed: int, name: str) -> int:
@@ -54,6 +54,29 @@ class PushOutcome(NamedTuple):
 
 def _as_keys(keys: np.ndarray | Any) -> np.ndarray:
     return np.ascontiguousarray(keys, dtype=np.uint64)
+
+
+def stored_table_problem(name: str, cfg: TableConfig, opt: OptimizerConfig, *, rows: int, dim: int,
+                         state_shape: tuple[int, ...], admission_shape: tuple[int, ...] | None = None) -> str | None:
+    """Why ``rows`` stored rows of table ``name`` (width ``dim``, optimizer state of
+    ``state_shape`` per row, an admission sketch of ``admission_shape``) cannot be loaded into
+    a table of ``cfg`` and ``opt``, or None. One rule for :meth:`EmbeddingTable.load` and for
+    the checks a restore makes from a snapshot's metadata before it changes anything."""
+    if dim != cfg.dim:
+        return f"table {name!r}: stored rows have dim {dim}, ps.tables.{name}.dim is {cfg.dim}"
+    want = optim.state_shape(opt.kind, cfg.dim)
+    if tuple(state_shape) != tuple(want):
+        return (f"table {name!r}: stored optimizer state has shape {tuple(state_shape)} a row, "
+                f"optimizer {opt.kind.value!r} needs {tuple(want)}")
+    if cfg.max_rows is not None and rows > cfg.max_rows:
+        return (f"table {name!r}: {rows} stored rows on a shard exceed ps.tables.{name}.max_rows={cfg.max_rows}; "
+                "raise it to at least that")
+    if cfg.admission is not None and admission_shape is not None:
+        sketch = (cfg.admission.sketch_depth, cfg.admission.sketch_width)
+        if tuple(admission_shape) != sketch:
+            return (f"table {name!r}: stored admission sketch has shape {tuple(admission_shape)}, "
+                    f"ps.tables.{name}.admission needs {sketch}")
+    return None
 
 
 class EmbeddingTable:
@@ -504,6 +527,16 @@ class EmbeddingTable:
             admission=self.admission.capture() if self.admission is not None else None,
         )
 
+    def load_problem(self, ts: TableState) -> str | None:
+        """Why :meth:`load` would refuse ``ts`` for its shapes or size (:func:`stored_table_problem`), or None."""
+        n = len(ts.keys)
+        if ts.rows.ndim != 2 or len(ts.rows) != n or len(ts.state) != n:
+            return (f"table {self.name!r}: stored rows {ts.rows.shape} and state {ts.state.shape} do not match "
+                    f"its {n} keys")
+        return stored_table_problem(self.name, self.cfg, self.opt, rows=n, dim=ts.rows.shape[1],
+                                    state_shape=ts.state.shape[1:],
+                                    admission_shape=ts.admission.shape if ts.admission is not None else None)
+
     def load(self, ts: TableState) -> None:
         """Replace the contents with ``ts`` (rows in slots ``0..n-1``).
 
@@ -511,18 +544,10 @@ class EmbeddingTable:
             ValueError: the stored shapes do not fit this table's dim, optimizer or
                 admission sketch, the stored keys are not unique, or they exceed ``max_rows``.
         """
+        problem = self.load_problem(ts)
+        if problem is not None:
+            raise ValueError(problem)
         n = len(ts.keys)
-        want = (n, self.cfg.dim)
-        if ts.rows.shape != want:
-            raise ValueError(f"table {self.name!r}: stored rows have shape {ts.rows.shape}, config needs {want}")
-        shape = (n, *self.state.shape[1:])
-        if ts.state.shape != shape:
-            raise ValueError(
-                f"table {self.name!r}: stored optimizer state has shape {ts.state.shape}, "
-                f"optimizer {self.opt.kind.value!r} needs {shape}"
-            )
-        if self.cfg.max_rows is not None and n > self.cfg.max_rows:
-            raise ValueError(f"table {self.name!r}: {n} stored rows exceed max_rows={self.cfg.max_rows}")
         keys = _as_keys(ts.keys)
         if len(np.unique(keys)) != n:
             raise ValueError(f"table {self.name!r}: stored IDs are not unique")

@@ -92,21 +92,34 @@ def _same_log(cfg: FreshetConfig, source_id: str) -> bool:
 
 def check_restorable(cfg: FreshetConfig, ckpt: Path) -> None:
     """Check everything a restore of ``ckpt`` will read, before anything is changed: the
-    trainers' record, every shard's snapshot (its files' digests and Arrow framing), and,
-    for the same ingest log, that retention kept the events after the trainers' offsets.
+    trainers' record, every shard's snapshot (its files' digests and Arrow framing, and that
+    its tables fit the config: configured, the same shapes, within ``max_rows``), and, for the
+    same ingest log, that retention kept the events after the trainers' offsets.
 
     Raises:
-        ValueError, FileNotFoundError: naming the file or the offsets at fault.
+        ValueError, FileNotFoundError: naming the file, the field or the offsets at fault.
     """
     from ps.persist import verify_snapshot
+    from ps.table import stored_table_problem
     from workers.ingest_log import read_first_offsets
     from workers.trainer import trainer_actor_name
 
     trainers = _saved_trainers(cfg, ckpt)
     for s in range(cfg.ps.num_shards):
-        if not (ckpt / f"shard-{s}").is_dir():
-            raise FileNotFoundError(f"{ckpt / f'shard-{s}'}: missing; the config has ps.num_shards={cfg.ps.num_shards}")
-        verify_snapshot(ckpt / f"shard-{s}")
+        where = ckpt / f"shard-{s}"
+        if not where.is_dir():
+            raise FileNotFoundError(f"{where}: missing; the config has ps.num_shards={cfg.ps.num_shards}")
+        meta = verify_snapshot(where)
+        # A shard that finds its tables do not fit fails only after the restore has replaced
+        # the state dir's own state: a lowered max_rows once left a deployment half restored.
+        for name, tm in meta["tables"].items():
+            if name not in cfg.ps.tables:
+                raise ValueError(f"{where}: table {name!r} is not configured (ps.tables: {sorted(cfg.ps.tables)})")
+            problem = stored_table_problem(name, cfg.ps.tables[name], cfg.ps.optimizer_for(name), rows=int(tm["rows"]),
+                                           dim=int(tm["dim"]), state_shape=tuple(tm["state_shape"]),
+                                           admission_shape=tm.get("admission_shape"))
+            if problem is not None:
+                raise ValueError(f"{where}: {problem}")
     first = read_first_offsets(cfg.ingest)
     for i, t in enumerate(trainers):
         if not _same_log(cfg, t["source_id"]):

@@ -437,8 +437,9 @@ def cmd_up(args: argparse.Namespace) -> int:
     try:
         if restore_from is not None:
             check_restorable(cfg, restore_from)
-        else:  # a restore rewrites the trainers' state; otherwise it must be this config's
+        else:  # a restore rewrites the trainers' and shards' state; otherwise it must fit this config
             deploy.check_trainer_state(cfg)
+            deploy.check_shard_state(cfg)
     except (OSError, RuntimeError) as e:  # ValueError and FileNotFoundError: main() names them the same way
         print(f"freshet up: {type(e).__name__}: {e}", file=sys.stderr)
         return 2

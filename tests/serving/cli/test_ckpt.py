@@ -162,3 +162,61 @@ def test_the_clock_base_of_a_file_stream_is_the_furthest_trainer_not_their_sum(t
     (ckpt / TRAINER_OFFSETS).write_text(json.dumps({"trainers": trainers, "created_at": 0.0}))
     restore_trainer_offsets(cfg, ckpt)
     assert [TrainerWAL(d).committed().clock_base for d in _trainer_dirs(cfg)] == [1000, 1000]
+
+
+def _cfg_like(cfg, **tables):
+    """``cfg`` with its tables changed as ``tables`` says (the deployment dir kept)."""
+    return load_config(None, {"ps": {"num_shards": 2, "tables": {"user": {"dim": 4}, "item": {"dim": 4}, **tables}},
+                              "trainer": {"num_workers": 2}, "stream": {"kind": "ingest", "num_events": None},
+                              "ingest": {"dir": cfg.ingest.dir, "partitions": 2}})
+
+
+@pytest.mark.parametrize(("tables", "says"), [
+    ({"item": {"dim": 4, "max_rows": 20}}, "stored rows on a shard exceed ps.tables.item.max_rows=20"),
+    ({"item": {"dim": 4, "optimizer": {"kind": "sgd"}}}, "optimizer 'sgd' needs (4,)"),
+    ({"item": {"dim": 4, "admission": {"min_count": 2}}}, None),  # no sketch stored: it starts empty
+])
+def test_a_checkpoint_the_configs_tables_cannot_hold_is_refused_before_anything_changes(tmp_path, tables, says):
+    # A lowered max_rows was found only by the shards, after the restore had replaced the state
+    # dir's own state: the deployment was left half restored, and the next `up` served it.
+    cfg, ckpt = _setup(tmp_path)
+    other = _cfg_like(cfg, **tables)
+    if says is None:
+        check_restorable(other, ckpt)
+        return
+    with pytest.raises(ValueError) as e:
+        check_restorable(other, ckpt)
+    assert str(ckpt / "shard-0") in str(e.value) and "table 'item'" in str(e.value) and says in str(e.value)
+
+
+def test_a_shard_restoring_a_checkpoint_that_does_not_fit_leaves_its_state_dir_as_it_was(tmp_path):
+    from ps.persist import ShardStore
+
+    cfg, ckpt = _setup(tmp_path)
+    plan = ShardingPlan.uniform(cfg.ps.num_buckets, 2)
+    state = tmp_path / "state" / "shard-0"
+    own = PSShard(0, plan, cfg.ps, state_dir=state)
+    own.push(PushId("own", 0), {"user": (np.array([7], np.uint64), np.ones((1, 4), np.float32), np.array([7]), None)})
+    own.snapshot()
+    before = sorted(p.name for p in state.iterdir()), (state / "CURRENT").read_text()
+    small = _cfg_like(cfg, item={"dim": 4, "max_rows": 20})
+    with pytest.raises(ValueError, match="max_rows=20"):
+        PSShard(0, plan, small.ps, state_dir=state, restore_from=ckpt)
+    assert (sorted(p.name for p in state.iterdir()), (state / "CURRENT").read_text()) == before
+    assert ShardStore(state, fsync=False).restored_token() is None
+
+
+def test_up_refuses_shard_state_the_configs_tables_cannot_hold(tmp_path):
+    from serving.deploy import check_shard_state
+
+    cfg, ckpt = _setup(tmp_path)
+    plan = ShardingPlan.uniform(cfg.ps.num_buckets, 2)
+    sh = PSShard(0, plan, cfg.ps, state_dir=state_dirs(cfg)["ps"] / "shard-0")
+    keys = np.arange(1, 200, dtype=np.uint64)
+    sh.push(PushId("t", 0), {"item": (keys, np.ones((len(keys), 4), np.float32), keys.view(np.int64), None)})
+    sh.snapshot()
+    check_shard_state(cfg)
+    with pytest.raises(ValueError, match=r"table 'item': 199 stored rows on a shard exceed ps.tables.item.max_rows=20"):
+        check_shard_state(_cfg_like(cfg, item={"dim": 4, "max_rows": 20}))
+    with pytest.raises(ValueError, match=r"table 'item': stored rows have dim 4, ps.tables.item.dim is 8"):
+        check_shard_state(_cfg_like(cfg, user={"dim": 8}, item={"dim": 8}, item_ctx={"dim": 8}))
