@@ -254,9 +254,9 @@ def write_snapshot_dir(state: ShardState, final_dir: str | Path) -> Path:
     """
     final_dir = Path(final_dir)
     parent = final_dir.parent
-    parent.mkdir(parents=True, exist_ok=True)
+    parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     tmp = parent / f".tmp-{final_dir.name}-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
+    tmp.mkdir(mode=0o700)  # the model's rows and users' recent items: this user's only, wherever it is written
     try:
         tables_meta = {}
         for k, (name, t) in enumerate(state.tables.items()):

@@ -354,7 +354,7 @@ class Trainer:
         keys, counts, users, items = state if state is not None else self._local_state()
         tmp = self.root / ".state.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
+        tmp.mkdir(mode=0o700, parents=True)  # users' histories: this user's only
         with pa.OSFile(str(tmp / "catalogue.arrow"), "wb") as f, pa.ipc.new_file(f, _CATALOGUE_SCHEMA) as w:
             w.write_table(pa.table({"key": keys, "count": counts}, schema=_CATALOGUE_SCHEMA))
         with pa.OSFile(str(tmp / "histories.arrow"), "wb") as f, pa.ipc.new_file(f, _HISTORY_SCHEMA) as w:

@@ -91,7 +91,7 @@ class TrainerWAL:
 
     def __init__(self, root: str | Path, *, fsync: bool = False, rotate_bytes: int = 64 << 20):
         self.root = Path(root)
-        self.root.mkdir(parents=True, exist_ok=True)
+        self.root.mkdir(mode=0o700, parents=True, exist_ok=True)  # pushed rows: this user's only
         self.fsync, self.rotate_bytes = fsync, rotate_bytes
         self._committed, self._pending, good = self._read()
         self._file = None

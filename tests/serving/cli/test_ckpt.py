@@ -220,3 +220,20 @@ def test_up_refuses_shard_state_the_configs_tables_cannot_hold(tmp_path):
         check_shard_state(_cfg_like(cfg, item={"dim": 4, "max_rows": 20}))
     with pytest.raises(ValueError, match=r"table 'item': stored rows have dim 4, ps.tables.item.dim is 8"):
         check_shard_state(_cfg_like(cfg, user={"dim": 8}, item={"dim": 8}, item_ctx={"dim": 8}))
+
+
+def test_checkpoints_and_snapshots_are_this_users_only_even_in_an_open_state_dir(tmp_path):
+    # An operator's pre-made state dir keeps its mode (0755 here): what Freshet writes inside
+    # (users' recent items, the model's rows) must not be readable by other users through it.
+    import stat
+    from pathlib import Path
+
+    cfg, ckpt = _setup(tmp_path)
+    for d in (ckpt, ckpt / "shard-0", ckpt / "shard-1"):
+        assert stat.S_IMODE(d.stat().st_mode) == 0o700, d
+    own = tmp_path / "open"
+    own.mkdir()
+    own.chmod(0o755)
+    sh = PSShard(0, ShardingPlan.uniform(cfg.ps.num_buckets, 2), cfg.ps, state_dir=own / "shard-0")
+    snap = Path(sh.snapshot()["path"])
+    assert stat.S_IMODE((own / "shard-0").stat().st_mode) == stat.S_IMODE(snap.stat().st_mode) == 0o700
