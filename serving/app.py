@@ -121,9 +121,10 @@ def _is_json(content_type: bytes) -> bool:
     return True
 
 
-# Headers whose value decides how a request is read or whether it is allowed: sent twice, the
-# guard and FastAPI could each read a different one (a 401 check of one token, a body read with
-# the other Content-Type).
+# Headers whose value decides how a request is read or whether it is allowed: sent twice with
+# different values, the guard and FastAPI could each read a different one (a 401 check of one
+# token, a body read with the other Content-Type). The same value twice is one value (RFC 9112,
+# section 6.3, for Content-Length).
 _SINGLE_HEADERS = (b"authorization", b"content-type", b"content-length", b"content-encoding", b"idempotency-key")
 
 
@@ -165,11 +166,12 @@ class _Guard:
         raw_headers = scope.get("headers", [])
         headers = {k.lower(): v for k, v in raw_headers}
         if len(headers) < len(raw_headers):
-            names = [k.lower() for k, _ in raw_headers]
             for name in _SINGLE_HEADERS:
-                if names.count(name) > 1:
+                values = {v for k, v in raw_headers if k.lower() == name}
+                if len(values) > 1:
                     title = name.decode().title()
-                    return await JSONResponse({"detail": f"{title}: header sent {names.count(name)} times; send it once"},
+                    return await JSONResponse({"detail": f"{title}: header sent {len(values)} times with different "
+                                                         "values; send it once"},
                                               status_code=400)(scope, receive, send)
         path, root = scope.get("path", ""), scope.get("root_path", "")
         if root and path.startswith(root):
@@ -702,8 +704,9 @@ class FreshetAPI:
     @staticmethod
     def _check_event_ids(events) -> None:
         """422 naming ``events.j.event_id`` when an event repeats an earlier event's ``event_id``
-        in the batch but differs from it: the log would keep the first and drop the other as a
-        duplicate, so an event the client sent would be lost with a 200. An exact repeat is a
+        in the batch but differs from it: where both land in one ingest partition the log would
+        keep the first and drop the other as a duplicate (an event the client sent lost with a
+        200), and elsewhere keep both, so the ID would name two events. An exact repeat is a
         duplicate, counted as such."""
         first: dict[str, int] = {}
         errors = []

@@ -114,7 +114,9 @@ class Leases:
         if start is None:
             raise ValueError(f"Leases.add: process {pid} is not alive")
         until = None
-        if ttl_s is not None:
+        if ttl_s is not None and ttl_s <= 0:
+            until = time.time()  # over at once
+        elif ttl_s is not None:
             grain = ttl_s / _EXPIRY_GRAIN
             until = math.ceil((time.time() + ttl_s) / grain) * grain
         self.changed = True

@@ -11,6 +11,7 @@ import enum
 import re
 from pathlib import Path
 
+import numpy as np
 from pydantic import Field, field_validator, model_validator
 
 from ps.config import ConfigModel
@@ -179,7 +180,10 @@ class ModelConfig(ConfigModel):
             return f"weight: |{weight}| exceeds model.max_abs_weight={self.max_abs_weight:g}"
         # A rating past the full-confidence one is a unit mistake (a 1-100 scale on a 5-star
         # model), and one such event would count as many full-confidence ones.
-        if event_type == RATING and self.loss != LossKind.MSE and abs(weight) > self.ratings.scale:
+        # In float32, as the log stores the rating and as the trainers judge it: a rating equal to
+        # a scale of 4.3 passes both, and one a float32 step above it fails both.
+        if (event_type == RATING and self.loss != LossKind.MSE
+                and abs(np.float32(weight)) > np.float32(self.ratings.scale)):
             return (f"weight: rating {weight} is beyond model.ratings.scale={self.ratings.scale:g} "
                     "(the full-confidence rating; a rating's size may not exceed it)")
         if self.loss == LossKind.MSE and self.rating_range is not None:

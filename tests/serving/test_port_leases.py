@@ -76,6 +76,7 @@ def test_a_lease_ends_at_its_expiry_and_a_reused_pid_does_not_keep_it(lease_dir)
     with port_leases.leasing() as leases:
         leases.add([26001], ttl_s=0.2)
         leases.add([26002])
+        leases.add([26003], ttl_s=0)  # over at once (it once divided by zero)
     data = json.loads((lease_dir / "leases.json").read_text())
     data["leases"][1]["start"] -= 1  # as if this pid had been another process's, now exited
     (lease_dir / "leases.json").write_text(json.dumps(data))

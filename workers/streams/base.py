@@ -273,8 +273,9 @@ def weight_out_of_bounds(weights: np.ndarray, model: ModelConfig | None,
         if model.loss == LossKind.MSE and model.rating_range is not None:
             lo, hi = model.rating_range
             bad |= (weights < lo) | (weights > hi)
-        if model.loss != LossKind.MSE:
-            bad |= is_rating & (w > model.ratings.scale)
+        if model.loss != LossKind.MSE:  # in float32, as ModelConfig.weight_problem and the trainers judge it
+            with np.errstate(over="ignore"):
+                bad |= is_rating & (np.abs(weights.astype(np.float32)) > np.float32(model.ratings.scale))
     return bad
 
 

@@ -52,7 +52,9 @@ _ML_FILES = (_CSV.name, _DAT.name, _TSV.name)  # looked for in a directory, in t
 
 def _parse_strings(col: pa.ChunkedArray, field: str, integer: bool) -> tuple[np.ndarray, dict[int, str]]:
     """Parse a string column vectorised; per-row Python only for values the fast regex rejects."""
-    text = pc.utf8_trim_whitespace(col)
+    # The reader does not quote (a stray quote must not swallow later lines), so a value some
+    # export tools quote whole ("5") is unquoted here, and only then parsed.
+    text = pc.replace_substring_regex(pc.utf8_trim_whitespace(col), pattern=r'^"(.*)"$', replacement=r"\1")
     fast = pc.fill_null(pc.match_substring_regex(text, _INT_RE if integer else _FLOAT_RE), False)
     parsed = pc.cast(pc.if_else(fast, text, "0"), pa.int64() if integer else pa.float64())
     values = np.array(parsed.to_numpy(), copy=True)  # arrow buffers are read-only
@@ -322,7 +324,7 @@ class MovieLensSource(TableSource):
                     delimiter=":" if dat else layout.separator,
                     # MovieLens never quotes a rating line, and a stray quote must not swallow
                     # the lines after it (a CSV of 3,003 lines once read as 3 rows, 2 of them
-                    # valid): a quoted value is quarantined as what it is.
+                    # valid); a value quoted whole is unquoted by _parse_strings.
                     quote_char=False,
                     invalid_row_handler=on_invalid,
                     ignore_empty_lines=False,

@@ -343,13 +343,14 @@ def test_a_stray_quote_costs_its_own_line_only(tmp_path, name, sep):
     # a file of 3,003 lines read as 3 rows (2 valid, 1 quarantined) and trained on 2.
     good = [sep.join(map(str, (u, u + 1, 4.0, 100 + u))) for u in range(3000)]
     stray = sep.join(("1", '"2', "4.0", "100"))
-    quoted = sep.join(('"5"', '"6"', '"4"', '"100"'))  # MovieLens never quotes: data as it is
+    quoted = sep.join(('"5"', '"6"', '"4"', '"100"'))  # quoted whole (pandas QUOTE_ALL): read as numbers
     f = _write(tmp_path / name, ["2" + sep + "3" + sep + "4" + sep + "100", stray, *good, quoted])
     q = tmp_path / "q.arrow"
     src = MovieLensSource(f, quarantine_path=q)
-    assert src.end_offset == 3001 and src.quarantined == 2
+    assert src.end_offset == 3002 and src.quarantined == 1
+    assert (5, 6, 4.0, 100.0) in zip(*(rows(src.read(0, 4000))[c] for c in ("user_id", "item_id", "weight", "timestamp")))
     got = {r["row"]: r["reason"] for r in read_quarantine(q).to_pylist()}
-    assert got == {2: "item_id: must be an integer, got '\"2'", 3003: "user_id: must be an integer, got '\"5\"'"}
+    assert got == {2: "item_id: must be an integer, got '\"2'"}
 
 
 def test_blank_lines_are_skipped_before_a_header_and_between_rows_whatever_their_spaces(tmp_path):

@@ -83,3 +83,15 @@ def test_vectorised_weight_check_agrees_with_the_model(model):
     if model is not None and model.loss == LossKind.BPR and model.max_abs_weight > 5:
         assert model.weight_problem(5.01, "rating") and model.weight_problem(-5.01, "rating")
         assert not model.weight_problem(5.0, "rating") and not model.weight_problem(5.01, "view")
+
+
+def test_the_rating_bound_is_judged_in_float32_as_the_log_stores_ratings():
+    # A scale of 4.3 is not a float32: compared in float64, a rating of exactly 4.3 passed the
+    # door and was then dead-lettered by the trainer, which reads it back as float32(4.3).
+    # (The trainer's check, Trainer._admitted, is weight_out_of_bounds on the stored weights.)
+    model = ModelConfig(ratings={"scale": 4.3})
+    up = float(np.nextafter(np.float32(4.3), np.float32(5)))
+    assert model.weight_problem(4.3, "rating") is None and model.weight_problem(up, "rating") is not None
+    stored = np.asarray([4.3, up, -4.3], np.float32).astype(np.float64)  # what a trainer reads from the log
+    assert weight_out_of_bounds(stored, model, True).tolist() == [False, True, False]
+    assert weight_out_of_bounds(np.asarray([4.3, up]), model, True).tolist() == [False, True]
