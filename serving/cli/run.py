@@ -253,7 +253,8 @@ def _run(args, work: Path, keep: list[bool]) -> int:
             stats, feeder.rank_ms if feeder else [], after_ms, wall, quarantined=quarantined, quarantine_file=qfile,
             http=not args.direct,
         )
-        del dep
+        # `dep` is kept until ray.shutdown() below: dropping it first ended the shards while the
+        # replica's mirror sync still called them (a "(raylet) Task PSShard.delta failed" line).
         print()
         print_table(rows)
         if args.json:

@@ -167,8 +167,10 @@ def test_eval_refuses_bad_events_report_dirs_and_an_unreachable_url(tmp_path, ca
     # unreachable --url ended in tracebacks.
     base = ["eval", "--data", "synthetic", "--strategies", "popularity", "--no-progress"]
     for n in ("0", "-5"):
-        assert main([*base, "--report", str(tmp_path / "r"), "--events", n]) == 2
-        assert f"--events: must be at least 1, got {n}" in capsys.readouterr().err
+        with pytest.raises(SystemExit) as stop:  # refused by argparse, as the flag typed
+            main([*base, "--report", str(tmp_path / "r"), "--events", n])
+        assert stop.value.code == 2
+        assert f"argument --events: must be a whole number >= 1, got '{n}'" in capsys.readouterr().err
     afile = tmp_path / "afile"
     afile.write_text("")
     assert main([*base, "--report", str(afile)]) == 2
