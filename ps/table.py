@@ -25,13 +25,13 @@ import numpy as np
 
 from ps import optim
 from ps.admission import Admission
-from ps.config import EvictionPolicy, InitKind, OptimizerConfig, OptimizerKind, TableConfig
+from ps.config import EvictionPolicy, InitKind, OptimizerConfig, OptimizerKind, PSConfig, TableConfig
 from ps.ids import as_id_array, id_keys, init_rows
 from ps.index import KeyIndex, unique_keys
 from ps.lazy import torch
 from ps.persist import TableState
 
-__all__ = ["EmbeddingTable", "PushOutcome", "stored_table_problem", "table_seed"]
+__all__ = ["EmbeddingTable", "PushOutcome", "snapshot_tables_problem", "stored_table_problem", "table_seed"]
 
 
 def table_seed(ps_seed: int, name: str) -> int:
@@ -76,6 +76,28 @@ def stored_table_problem(name: str, cfg: TableConfig, opt: OptimizerConfig, *, r
         if tuple(admission_shape) != sketch:
             return (f"table {name!r}: stored admission sketch has shape {tuple(admission_shape)}, "
                     f"ps.tables.{name}.admission needs {sketch}")
+    return None
+
+
+def snapshot_tables_problem(tables_meta: dict[str, dict], cfg: PSConfig) -> str | None:
+    """Why a shard snapshot whose ``meta.json`` lists ``tables_meta`` (``ps.persist.snapshot_meta``'s
+    ``"tables"``) cannot be loaded under ``cfg``: a table not configured, or
+    :func:`stored_table_problem`; None when every table fits. Reads no rows.
+
+    Raises:
+        ValueError: ``tables_meta`` lacks a field a snapshot's metadata has (a damaged file).
+    """
+    for name, tm in tables_meta.items():
+        if name not in cfg.tables:
+            return f"table {name!r} is not configured (ps.tables: {sorted(cfg.tables)})"
+        try:
+            problem = stored_table_problem(name, cfg.tables[name], cfg.optimizer_for(name), rows=int(tm["rows"]),
+                                           dim=int(tm["dim"]), state_shape=tuple(tm["state_shape"]),
+                                           admission_shape=tm.get("admission_shape"))
+        except (KeyError, TypeError) as e:
+            raise ValueError(f"table {name!r}: incomplete metadata ({type(e).__name__}: {e})") from None
+        if problem is not None:
+            return problem
     return None
 
 

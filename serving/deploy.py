@@ -78,13 +78,13 @@ def check_shard_state(cfg: FreshetConfig) -> None:
     """Refuse shard state that the config's tables cannot hold (a lowered ``max_rows``, another
     ``dim`` or optimizer, a table no longer configured): each shard would fail to load it only
     after starting, and ``up`` would report a dead actor. Reads each shard's current snapshot's
-    ``meta.json`` only (:func:`ps.table.stored_table_problem`).
+    ``meta.json`` only (:func:`ps.table.snapshot_tables_problem`).
 
     Raises:
         ValueError: naming the snapshot, the table and the field at fault.
     """
     from ps.persist import snapshot_meta
-    from ps.table import stored_table_problem
+    from ps.table import snapshot_tables_problem
 
     root = state_dirs(cfg)["ps"]
     for s in range(cfg.ps.num_shards):
@@ -94,15 +94,9 @@ def check_shard_state(cfg: FreshetConfig) -> None:
         snap = cur.parent / cur.read_text(encoding="utf-8").strip()
         if not (snap / "meta.json").is_file():
             continue  # the shard's own recovery reports a broken pointer with its context
-        for name, tm in snapshot_meta(snap)["tables"].items():
-            if name not in cfg.ps.tables:
-                raise ValueError(f"{snap}: table {name!r} is not configured (ps.tables: {sorted(cfg.ps.tables)}); "
-                                 "configure it, or start from a fresh ingest.dir (and ingest.state_dir, where set)")
-            problem = stored_table_problem(name, cfg.ps.tables[name], cfg.ps.optimizer_for(name), rows=int(tm["rows"]),
-                                           dim=int(tm["dim"]), state_shape=tuple(tm["state_shape"]),
-                                           admission_shape=tm.get("admission_shape"))
-            if problem is not None:
-                raise ValueError(f"{snap}: {problem}")
+        if (problem := snapshot_tables_problem(snapshot_meta(snap)["tables"], cfg.ps)) is not None:
+            raise ValueError(f"{snap}: {problem}; change the config back, or start from a fresh ingest.dir "
+                             "(and ingest.state_dir, where set)")
 
 
 def check_trainer_state(cfg: FreshetConfig) -> None:

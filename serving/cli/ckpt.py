@@ -100,7 +100,7 @@ def check_restorable(cfg: FreshetConfig, ckpt: Path) -> None:
         ValueError, FileNotFoundError: naming the file, the field or the offsets at fault.
     """
     from ps.persist import verify_snapshot
-    from ps.table import stored_table_problem
+    from ps.table import snapshot_tables_problem
     from workers.ingest_log import read_first_offsets
     from workers.trainer import trainer_actor_name
 
@@ -112,14 +112,8 @@ def check_restorable(cfg: FreshetConfig, ckpt: Path) -> None:
         meta = verify_snapshot(where)
         # A shard that finds its tables do not fit fails only after the restore has replaced
         # the state dir's own state: a lowered max_rows once left a deployment half restored.
-        for name, tm in meta["tables"].items():
-            if name not in cfg.ps.tables:
-                raise ValueError(f"{where}: table {name!r} is not configured (ps.tables: {sorted(cfg.ps.tables)})")
-            problem = stored_table_problem(name, cfg.ps.tables[name], cfg.ps.optimizer_for(name), rows=int(tm["rows"]),
-                                           dim=int(tm["dim"]), state_shape=tuple(tm["state_shape"]),
-                                           admission_shape=tm.get("admission_shape"))
-            if problem is not None:
-                raise ValueError(f"{where}: {problem}")
+        if (problem := snapshot_tables_problem(meta["tables"], cfg.ps)) is not None:
+            raise ValueError(f"{where}: {problem}")
     first = read_first_offsets(cfg.ingest)
     for i, t in enumerate(trainers):
         if not _same_log(cfg, t["source_id"]):

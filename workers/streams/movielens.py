@@ -123,7 +123,7 @@ def _is_header(line: str, layout: _Layout) -> bool:
     Anything else is data, so a line read with the wrong separator is quarantined and
     counted rather than dropped as a "header".
     """
-    fields = [f.strip() for f in line.split(layout.separator)]
+    fields = [re.sub(r'^"(.*)"$', r"\1", f.strip()) for f in line.split(layout.separator)]  # as _parse_strings reads them
     return len(fields) == len(_ML_COLUMNS) and not any(re.match(_FLOAT_RE, f) or re.match(_INT_RE, f) for f in fields)
 
 

@@ -353,6 +353,12 @@ def test_a_stray_quote_costs_its_own_line_only(tmp_path, name, sep):
     assert got == {2: "item_id: must be an integer, got '\"2'"}
 
 
+def test_a_file_quoted_whole_without_a_header_keeps_its_first_row(tmp_path):
+    # Its first line's fields are quoted numbers, not names: data, not a header to skip.
+    f = _write(tmp_path / "ratings.csv", ['"1","10","4.0","300"', '"2","11","5","200"'])
+    assert rows(MovieLensSource(f).read(0, 10))["user_id"] == [2, 1]
+
+
 def test_blank_lines_are_skipped_before_a_header_and_between_rows_whatever_their_spaces(tmp_path):
     f = _write(tmp_path / "ratings.csv", ["", "   ", "userId,movieId,rating,timestamp", "1,10,4.0,300", " \t ",
                                           "2,x,5,200", "3,11,4.5,100"])
