@@ -13,7 +13,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-__all__ = ["at_least", "cpu_between", "machine", "ray_temp_dir", "tree_cpu_s"]
+__all__ = ["at_least", "cpu_between", "fraction", "machine", "ray_temp_dir", "tree_cpu_s"]
 
 
 def at_least(minimum: float, kind: type = int):
@@ -30,6 +30,23 @@ def at_least(minimum: float, kind: type = int):
         return value
 
     parse.__name__ = kind.__name__  # argparse's "invalid int value" wording for other errors
+    return parse
+
+
+def fraction(*, zero: bool):
+    """An argparse ``type`` for a fraction in [0, 1] (``zero``) or (0, 1]: a bad value is a flag
+    error (exit 2) naming the flag, not a traceback from the plan that uses it."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"want a number, got {text!r}") from None
+        if not ((0 <= value if zero else 0 < value) and value <= 1):
+            raise argparse.ArgumentTypeError(f"must be in {'[0' if zero else '(0'}, 1], got {text}")
+        return value
+
+    parse.__name__ = "float"
     return parse
 
 

@@ -43,7 +43,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from bench import at_least, machine, ray_temp_dir
+from bench import at_least, fraction, machine, ray_temp_dir
 from ps.ids import Keyed, id_keys
 from ps.plan import ShardingPlan
 from ps.shard import PSShard, PushId
@@ -418,17 +418,18 @@ def write_report(report: dict[str, Any], out: Path) -> tuple[Path, Path]:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    ap = argparse.ArgumentParser(prog="python -m bench.id_churn", description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="python -m bench.id_churn", description=__doc__.splitlines()[0],
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ap.add_argument("--ids", type=at_least(1), default=10_000_000, help="distinct IDs to stream (IDs)")
     ap.add_argument("--max-rows", type=at_least(1), default=1_000_000, help="the item table's cap (rows per shard)")
     ap.add_argument("--out", type=Path, default=Path("bench/results/id_churn"), help="directory for churn.json and churn.png")
     ap.add_argument("--batch", type=at_least(1), default=20_480, help="keys per push (keys)")
     ap.add_argument("--dim", type=at_least(1), default=64, help="row width (floats)")
-    ap.add_argument("--new-fraction", type=float, default=0.5, help="share of each batch that is new IDs")
+    ap.add_argument("--new-fraction", type=fraction(zero=False), default=0.5, help="share of each batch that is new IDs")
     ap.add_argument("--zipf", type=float, default=1.1, help="Zipf exponent of re-occurrences")
     ap.add_argument("--eviction", choices=("lru", "lfu"), default="lru")
     ap.add_argument("--sync-every", type=at_least(0), default=1, help="batches between the reader's removal syncs (0: no reader)")
-    ap.add_argument("--index-rows", type=int, default=None, help="keys in the index comparison (default: --max-rows; 0 skips)")
+    ap.add_argument("--index-rows", type=at_least(0), default=None, help="keys in the index comparison (default: --max-rows; 0 skips)")
     ap.add_argument("--index-rounds", type=at_least(1), default=20, help="churn rounds of the index comparison")
     ap.add_argument("--ray-ids", type=at_least(0), default=1_000_000, help="distinct IDs through a Ray shard actor (0 skips)")
     ap.add_argument("--ray-max-rows", type=at_least(1), default=100_000, help="the Ray shard's cap (rows)")

@@ -34,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-from bench import at_least, machine, ray_temp_dir
+from bench import at_least, fraction, machine, ray_temp_dir
 from serving.ray_head import free_port
 
 __all__ = [
@@ -166,8 +166,24 @@ async def _client(index: int, http, plan: LoadPlan, t0: float, out: list[Sample]
         out.append(Sample(path, status, error, start - t0, (time.perf_counter() - start) * 1000.0, n, accepted))
 
 
-async def run_clients(url: str, plan: LoadPlan, token: str | None = None) -> tuple[list[Sample], float]:
-    """Run ``plan.clients`` concurrent clients against ``url`` until ``plan.seconds`` pass.
+async def _show_progress(plan: LoadPlan, t0: float, samples: list[Sample]) -> None:
+    """A progress bar over the load's seconds (rate and ETA), with requests/s and non-200s so far."""
+    from tqdm import tqdm
+
+    with tqdm(total=plan.seconds, unit="s", desc="load", bar_format="{l_bar}{bar}| {n:.0f}/{total:.0f} s "
+              "[{elapsed}<{remaining}{postfix}]", leave=False) as bar:
+        while True:
+            await asyncio.sleep(1.0)
+            elapsed = min(plan.seconds, time.perf_counter() - t0)
+            bad = sum(1 for s in samples if s.status != 200)
+            bar.set_postfix_str(f"{len(samples) / max(elapsed, 1e-9):,.0f} req/s, {bad} not 200", refresh=False)
+            bar.update(elapsed - bar.n)
+
+
+async def run_clients(url: str, plan: LoadPlan, token: str | None = None,
+                      progress: bool = False) -> tuple[list[Sample], float]:
+    """Run ``plan.clients`` concurrent clients against ``url`` until ``plan.seconds`` pass
+    (``progress``: a bar on stderr meanwhile).
 
     Returns ``(samples, wall seconds)``. Requests only ever go to ``url`` (127.0.0.1 here).
     """
@@ -178,7 +194,12 @@ async def run_clients(url: str, plan: LoadPlan, token: str | None = None) -> tup
     samples: list[Sample] = []
     async with httpx.AsyncClient(base_url=url, headers=headers, timeout=plan.request_timeout_s, limits=limits) as http:
         t0 = time.perf_counter()
-        await asyncio.gather(*(_client(i, http, plan, t0, samples) for i in range(plan.clients)))
+        bar = asyncio.ensure_future(_show_progress(plan, t0, samples)) if progress else None
+        try:
+            await asyncio.gather(*(_client(i, http, plan, t0, samples) for i in range(plan.clients)))
+        finally:
+            if bar is not None:
+                bar.cancel()
         wall = time.perf_counter() - t0
     return samples, wall
 
@@ -333,13 +354,14 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--clients", type=at_least(1), default=16, help="concurrent HTTP clients (default 16)")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output directory (default bench/results/)")
     p.add_argument("--config", default=None, help="Freshet YAML config to start from (default: built-in defaults)")
-    p.add_argument("--events-share", type=float, default=0.3, help="fraction of requests that post events (default 0.3)")
+    p.add_argument("--events-share", type=fraction(zero=True), default=0.3, help="fraction of requests that post events (default 0.3)")
     p.add_argument("--batch", type=at_least(1), default=20, help="events per /events request (default 20)")
     p.add_argument("--seed-events", type=at_least(0), default=3000, help="events posted and trained before the load (default 3000)")
     p.add_argument("--users", type=at_least(1), default=500, help="distinct users in the load (default 500)")
     p.add_argument("--items", type=at_least(1), default=300, help="distinct items in the load (default 300)")
     p.add_argument("--max-events", type=at_least(1), default=1_000_000, help="cap on events posted during the load (default 1e6)")
     p.add_argument("--drain-timeout", type=at_least(0, float), default=120.0, help="seconds to wait for training to catch up (default 120)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar during the load")
     return p.parse_args(argv)
 
 
@@ -395,7 +417,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"{seed_wait:.1f} s; loading...", flush=True)
 
             before = _stats(http)
-            samples, wall = asyncio.run(run_clients(url, plan, _TOKEN))
+            samples, wall = asyncio.run(run_clients(url, plan, _TOKEN, progress=not args.quiet))
             summary = summarize(samples, wall)
             summary["load"]["timeline"] = _timeline(samples, plan.seconds)
             print("bench.load: load done; waiting for the trainers to apply every accepted event...", flush=True)

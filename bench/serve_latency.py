@@ -663,8 +663,22 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
         a.client = "wrk" if shutil.which("wrk") else "python"
     if a.client == "wrk" and not shutil.which("wrk"):
         p.error("--client wrk: wrk is not installed")
-    if a.seen >= min(a.items):
-        p.error("--seen must be below the smallest catalogue")
+    # Refused here, not after Ray and Serve have started (a k beyond the catalogue failed a
+    # check of the answers 15 s in; --clients 0 ended in wrk's usage text).
+    for flag, v in (("--dim", a.dim), ("--k", a.k), ("--users", a.users)):
+        if v < 1:
+            p.error(f"{flag}: must be >= 1, got {v}")
+    if not a.items or min(a.items) < 1:
+        p.error(f"--items: catalogue sizes must be >= 1, got {a.items}")
+    if not a.clients or min(a.clients) < 1:
+        p.error(f"--clients: client counts must be >= 1, got {a.clients}")
+    if a.seconds <= 0 or a.ceiling_seconds < 0:
+        p.error("--seconds must be > 0 and --ceiling-seconds >= 0 (0 skips the ceiling run)")
+    if not 0 <= a.seen < min(a.items):
+        p.error("--seen must be >= 0 and below the smallest catalogue")
+    if a.k > min(a.items) - a.seen:
+        p.error(f"--k {a.k}: every /rank must fill k items from the smallest catalogue ({min(a.items)}) less the "
+                f"--seen items it excludes ({a.seen}); lower --k or raise --items")
     return a
 
 

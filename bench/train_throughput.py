@@ -987,7 +987,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"train_throughput: {args.workload} workload, {cfg.stream.kind.value} stream, {args.events:,} events, "
           f"batch {cfg.trainer.batch_size}, {cfg.trainer.passes} pass(es) x {cfg.model.num_negatives} negatives, "
           f"dim {cfg.ps.table(cfg.model.user_table).dim}, context {'on' if cfg.model.context_table else 'off'}, "
-          f"{cfg.ps.num_shards} shards, {os.cpu_count()} CPUs, load {bench['loadavg_1m_start']}", flush=True)
+          f"{cfg.ps.num_shards} shards, {os.cpu_count()} CPUs, load {bench['loadavg_1m_start'] or 0:.2f}", flush=True)
 
     import ray
     from ray import serve

@@ -53,6 +53,14 @@ def test_summary_and_verdict():
     assert ok["met"] is True and ok["goals"]["probe_p99_ms"]["target"] == GOALS["probe_p99_ms"]
     few = verdict(summarize_probes(_probes([20.0] * 10)), 100.0, min_probes=100)
     assert few["goals"]["probe_p50_ms"]["met"] is False
+    # Too few probes leave the goal unjudged, and the table says so instead of "NOT met" beside 20 ms.
+    assert few["goals"]["probe_p50_ms"]["measured"] is False and few["goals"]["stats_freshness_p99_ms"]["measured"]
+    lines = format_table({"capacity": {"events": 1, "seconds": 1.0, "events_per_s": 1.0, "loadavg_1m": 0.1},
+                          "feed": {"share": 0.5, "target_events_per_s": 1.0, "batch": 1, "achieved_events_per_s": 1.0,
+                                   "seconds": 1.0, "errors": 0, "post_p50_ms": 1.0},
+                          "probes": summarize_probes(_probes([20.0] * 10)), "stats": {}, "bench": {"poll_ms": 5.0},
+                          "verdict": few}).splitlines()
+    assert "probe_p50_ms: 20.0 (goal <= 100): not measured (needs >= 100 probes and no timeout)" in lines
     assert verdict(summarize_probes([]), None, min_probes=1)["met"] is False
 
 
