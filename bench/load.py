@@ -170,12 +170,16 @@ async def _show_progress(plan: LoadPlan, t0: float, samples: list[Sample]) -> No
     """A progress bar over the load's seconds (rate and ETA), with requests/s and non-200s so far."""
     from tqdm import tqdm
 
+    bad = counted = 0
     with tqdm(total=plan.seconds, unit="s", desc="load", bar_format="{l_bar}{bar}| {n:.0f}/{total:.0f} s "
               "[{elapsed}<{remaining}{postfix}]", leave=False) as bar:
         while True:
             await asyncio.sleep(1.0)
             elapsed = min(plan.seconds, time.perf_counter() - t0)
-            bad = sum(1 for s in samples if s.status != 200)
+            # Only the samples since the last tick: this runs on the clients' own event loop,
+            # and a scan of every sample each second grew with the run (240,000 at 4,000 req/s).
+            bad += sum(1 for s in samples[counted:] if s.status != 200)
+            counted = len(samples)
             bar.set_postfix_str(f"{len(samples) / max(elapsed, 1e-9):,.0f} req/s, {bad} not 200", refresh=False)
             bar.update(elapsed - bar.n)
 

@@ -59,6 +59,7 @@ __all__ = [
     "snapshot_meta",
     "TableState",
     "checkpoint_shard_dir",
+    "current_snapshot",
     "list_checkpoints",
     "read_log",
     "read_snapshot",
@@ -333,6 +334,16 @@ def _snapshot_meta(path: Path) -> dict:
             "by this release: restore them with the release that wrote them and retrain, or start fresh)"
         )
     return meta
+
+
+def current_snapshot(state_dir: str | Path) -> Path | None:
+    """The snapshot a shard state dir's ``CURRENT`` names, or None when there is none; read
+    without the dir's ``LOCK`` (a reader such as ``freshet up``'s checks, not its shard)."""
+    cur = Path(state_dir) / "CURRENT"
+    if not cur.exists():
+        return None
+    name = cur.read_text(encoding="utf-8").strip()
+    return cur.parent / name if _SNAP_RE.match(name) else None
 
 
 def snapshot_meta(path: str | Path) -> dict:
@@ -770,11 +781,7 @@ class ShardStore:
 
     def current(self) -> Path | None:
         """The snapshot ``CURRENT`` names, or None when there is none."""
-        cur = self.root / "CURRENT"
-        if not cur.exists():
-            return None
-        name = cur.read_text(encoding="utf-8").strip()
-        return self.root / name if _SNAP_RE.match(name) else None
+        return current_snapshot(self.root)
 
     def is_empty(self) -> bool:
         """True when the directory holds no snapshot and no log segment."""

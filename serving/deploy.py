@@ -83,16 +83,13 @@ def check_shard_state(cfg: FreshetConfig) -> None:
     Raises:
         ValueError: naming the snapshot, the table and the field at fault.
     """
-    from ps.persist import snapshot_meta
+    from ps.persist import current_snapshot, snapshot_meta
     from ps.table import snapshot_tables_problem
 
     root = state_dirs(cfg)["ps"]
     for s in range(cfg.ps.num_shards):
-        cur = root / f"shard-{s}" / "CURRENT"
-        if not cur.is_file():
-            continue
-        snap = cur.parent / cur.read_text(encoding="utf-8").strip()
-        if not (snap / "meta.json").is_file():
+        snap = current_snapshot(root / f"shard-{s}")
+        if snap is None or not (snap / "meta.json").is_file():
             continue  # the shard's own recovery reports a broken pointer with its context
         if (problem := snapshot_tables_problem(snapshot_meta(snap)["tables"], cfg.ps)) is not None:
             raise ValueError(f"{snap}: {problem}; change the config back, or start from a fresh ingest.dir "

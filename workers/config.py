@@ -11,13 +11,12 @@ import enum
 import re
 from pathlib import Path
 
-import numpy as np
 from pydantic import Field, field_validator, model_validator
 
 from ps.config import ConfigModel
-from workers.events import RATING
 
 __all__ = [
+    "RATING",
     "BelowThreshold",
     "IngestConfig",
     "LossKind",
@@ -79,6 +78,10 @@ class StrategyKind(str, enum.Enum):
     ALS = "als"
 
 
+RATING = "rating"
+"""The event type whose weight is a rating (:class:`RatingRule` decides what it teaches)."""
+
+
 class RatingRule(ConfigModel):
     """How an event of type ``rating`` (its weight is the rating) becomes a training signal.
 
@@ -94,6 +97,13 @@ class RatingRule(ConfigModel):
         description="rating that means full confidence, and the largest rating accepted in size (rating units)",
     )
     below: BelowThreshold = Field(BelowThreshold.IGNORE, description="what a rating below positive_at is")
+
+
+def _rating_beyond_scale(rating: float, scale: float) -> bool:
+    # numpy here, not at module level: loading a config (every CLI command) needs no numpy.
+    import numpy as np
+
+    return bool(abs(np.float32(rating)) > np.float32(scale))
 
 
 class ModelConfig(ConfigModel):
@@ -182,8 +192,7 @@ class ModelConfig(ConfigModel):
         # model), and one such event would count as many full-confidence ones.
         # In float32, as the log stores the rating and as the trainers judge it: a rating equal to
         # a scale of 4.3 passes both, and one a float32 step above it fails both.
-        if (event_type == RATING and self.loss != LossKind.MSE
-                and abs(np.float32(weight)) > np.float32(self.ratings.scale)):
+        if event_type == RATING and self.loss != LossKind.MSE and _rating_beyond_scale(weight, self.ratings.scale):
             return (f"weight: rating {weight} is beyond model.ratings.scale={self.ratings.scale:g} "
                     "(the full-confidence rating; a rating's size may not exceed it)")
         if self.loss == LossKind.MSE and self.rating_range is not None:

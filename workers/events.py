@@ -25,14 +25,17 @@ from collections.abc import Sequence
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from ps.ids import ID, id_keys, ids_to_arrow
+from workers.config import RATING  # re-exported here: the event type whose weight is a rating
 
 __all__ = [
     "EVENT_COLUMNS",
     "MAX_EVENT_ID_CHARS",
     "MAX_EVENT_TYPE_CHARS",
     "RATING",
+    "is_rating",
     "empty_events",
     "make_events",
     "row_problem",
@@ -43,8 +46,10 @@ EVENT_COLUMNS = (
 )
 """Column names of an event batch, in order."""
 
-RATING = "rating"
-"""The event type whose weight is a rating (``ModelConfig.ratings`` decides what it teaches)."""
+def is_rating(event_types: pa.Array | pa.ChunkedArray) -> np.ndarray:
+    """Which events (bool ``[n]``) are of type :data:`RATING`; a null type is not."""
+    return pc.fill_null(pc.equal(event_types, RATING), False).to_numpy(zero_copy_only=False)
+
 
 # The same bounds as ``POST /events`` (serving.schemas.Event), so a file row and an HTTP
 # event are valid or invalid alike.

@@ -42,7 +42,6 @@ from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import ray
 
 from ps.cache import RowCache
@@ -53,7 +52,7 @@ from ps.persist import TableUpdate, fsync_path
 from ps.shard import PushId
 from workers.config import StreamKind
 from workers.eval.protocol import WarmChunks
-from workers.events import RATING
+from workers.events import is_rating
 from workers.negatives import Catalogue
 from workers.ranking import Ranker
 from workers.step import Batch, Histories, TrainStep
@@ -503,9 +502,8 @@ class Trainer:
         m = self.cfg.model
         w = raw.column("weight").to_numpy(zero_copy_only=False).astype(np.float64)
         types = raw.column("event_type")
-        is_rating = pc.fill_null(pc.equal(types, RATING), False).to_numpy(zero_copy_only=False)
         with np.errstate(invalid="ignore"):
-            bad = ~np.isfinite(w) | weight_out_of_bounds(w, m, is_rating)
+            bad = ~np.isfinite(w) | weight_out_of_bounds(w, m, is_rating(types))
         if mine is not None:
             bad &= mine
         if not bad.any():

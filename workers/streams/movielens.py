@@ -48,13 +48,15 @@ _CSV = _Layout(
 _DAT = _Layout("ratings.dat", "::", "ratings.dat (ML-1M/10M: 'UserID::MovieID::Rating::Timestamp', no header)")
 _TSV = _Layout("u.data", "\t", "u.data (ML-100K: 'user item rating timestamp' tab-separated, no header)")
 _ML_FILES = (_CSV.name, _DAT.name, _TSV.name)  # looked for in a directory, in this order
+# A value quoted whole ("5", as some export tools write every field) and the value inside:
+# the reader does not quote (a stray quote must not swallow later lines), so fields are
+# unquoted by this pattern, in the data (Arrow's RE2) and in the header check (Python's re).
+_QUOTED, _UNQUOTED = r'^"(.*)"$', r"\1"
 
 
 def _parse_strings(col: pa.ChunkedArray, field: str, integer: bool) -> tuple[np.ndarray, dict[int, str]]:
     """Parse a string column vectorised; per-row Python only for values the fast regex rejects."""
-    # The reader does not quote (a stray quote must not swallow later lines), so a value some
-    # export tools quote whole ("5") is unquoted here, and only then parsed.
-    text = pc.replace_substring_regex(pc.utf8_trim_whitespace(col), pattern=r'^"(.*)"$', replacement=r"\1")
+    text = pc.replace_substring_regex(pc.utf8_trim_whitespace(col), pattern=_QUOTED, replacement=_UNQUOTED)
     fast = pc.fill_null(pc.match_substring_regex(text, _INT_RE if integer else _FLOAT_RE), False)
     parsed = pc.cast(pc.if_else(fast, text, "0"), pa.int64() if integer else pa.float64())
     values = np.array(parsed.to_numpy(), copy=True)  # arrow buffers are read-only
@@ -123,7 +125,7 @@ def _is_header(line: str, layout: _Layout) -> bool:
     Anything else is data, so a line read with the wrong separator is quarantined and
     counted rather than dropped as a "header".
     """
-    fields = [re.sub(r'^"(.*)"$', r"\1", f.strip()) for f in line.split(layout.separator)]  # as _parse_strings reads them
+    fields = [re.sub(_QUOTED, _UNQUOTED, f.strip()) for f in line.split(layout.separator)]  # as _parse_strings reads them
     return len(fields) == len(_ML_COLUMNS) and not any(re.match(_FLOAT_RE, f) or re.match(_INT_RE, f) for f in fields)
 
 

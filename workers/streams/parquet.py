@@ -10,7 +10,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from workers.config import ModelConfig
-from workers.events import MAX_EVENT_ID_CHARS, MAX_EVENT_TYPE_CHARS, RATING, row_problem
+from workers.events import MAX_EVENT_ID_CHARS, MAX_EVENT_TYPE_CHARS, is_rating, row_problem
 from workers.streams.base import (
     MAX_QUARANTINED_FRACTION,
     TableSource,
@@ -218,8 +218,7 @@ class ParquetSource(TableSource):
         types, bad_type, type_reasons = _text_from_column(table, "event_type", MAX_EVENT_TYPE_CHARS)
         ids, bad_id, id_reasons = _text_from_column(table, "event_id", MAX_EVENT_ID_CHARS)
         bad = bad_u | bad_i | ~np.isfinite(stamps) | (stamps < 0) | ~np.isfinite(weights) | bad_type | bad_id
-        is_rating = pc.fill_null(pc.equal(types, RATING), False).to_numpy(zero_copy_only=False)
-        bad |= weight_out_of_bounds(weights, model, is_rating)
+        bad |= weight_out_of_bounds(weights, model, is_rating(types))
         bad_idx = np.flatnonzero(bad)
         if bad_idx.size:
             rows = table.take(pa.array(bad_idx)).to_pylist()
