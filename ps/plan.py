@@ -85,6 +85,20 @@ class ShardingPlan(BaseModel):
         """How many buckets each shard owns."""
         return np.bincount(np.asarray(self.assignment), minlength=self.num_shards).tolist()
 
+    def saved_plan_problem(self, saved: object) -> str | None:
+        """Why rows saved under ``saved`` (a plan as JSON, e.g. a snapshot's ``meta.json``
+        ``"plan"``) cannot be loaded under this plan, or None when it is this plan. Another plan
+        would leave rows on shards that no longer own their buckets."""
+        try:
+            other = ShardingPlan.model_validate(saved)
+        except ValueError as e:
+            return f"its sharding plan is not readable ({type(e).__name__}: {str(e).splitlines()[0]})"
+        if other == self:
+            return None
+        return (f"saved with a different sharding plan ({other.num_shards} shards over {other.num_buckets} buckets) "
+                f"than the config's (ps.num_shards={self.num_shards}, ps.num_buckets={self.num_buckets}); "
+                "rows would sit on the wrong shards")
+
     def describe(self) -> str:
         """One human-readable line per shard: its bucket count and share."""
         counts = self.buckets_per_shard()

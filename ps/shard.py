@@ -229,12 +229,8 @@ class PSShard:
 
     # -- persistence -------------------------------------------------------------------
     def _check_plan(self, plan_json: dict, where: Path) -> None:
-        if ShardingPlan.model_validate(plan_json) != self.plan:
-            raise ValueError(
-                f"{where}: saved with a different sharding plan ({plan_json.get('num_shards')} shards over "
-                f"{len(plan_json.get('assignment', ()))} buckets) than this shard's ({self.plan.num_shards} shards "
-                f"over {self.plan.num_buckets} buckets); rows would sit on the wrong shards"
-            )
+        if (problem := self.plan.saved_plan_problem(plan_json)) is not None:
+            raise ValueError(f"{where}: {problem}")
 
     def _check_fits(self, st: ShardState, where: Path) -> None:
         """Raise ``ValueError`` (naming ``where``) unless ``st`` loads into this shard whole: its

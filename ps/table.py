@@ -31,7 +31,7 @@ from ps.index import KeyIndex, unique_keys
 from ps.lazy import torch
 from ps.persist import TableState
 
-__all__ = ["EmbeddingTable", "PushOutcome", "snapshot_tables_problem", "stored_table_problem", "table_seed"]
+__all__ = ["EmbeddingTable", "PushOutcome", "snapshot_problem", "snapshot_tables_problem", "stored_table_problem", "table_seed"]
 
 
 def table_seed(ps_seed: int, name: str) -> int:
@@ -99,6 +99,28 @@ def snapshot_tables_problem(tables_meta: dict[str, dict], cfg: PSConfig) -> str 
         if problem is not None:
             return problem
     return None
+
+
+def snapshot_problem(meta: dict, cfg: PSConfig, shard_index: int) -> str | None:
+    """Why shard ``shard_index`` of a PS configured by ``cfg`` cannot load the shard snapshot
+    whose ``meta.json`` is ``meta``: another shard's snapshot, another sharding plan
+    (``ps.num_shards``, ``ps.num_buckets``), or :func:`snapshot_tables_problem`; None when it
+    loads. Reads no rows.
+
+    Raises:
+        ValueError: ``meta`` lacks a field a snapshot's metadata has (a damaged file).
+    """
+    from ps.plan import ShardingPlan
+
+    try:
+        saved_index, plan, tables = int(meta["shard_index"]), meta["plan"], meta["tables"]
+    except (KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"incomplete metadata ({type(e).__name__}: {e})") from None
+    if saved_index != shard_index:
+        return f"a snapshot of shard {saved_index}, where shard {shard_index}'s belongs"
+    if (problem := ShardingPlan.uniform(cfg.num_buckets, cfg.num_shards).saved_plan_problem(plan)) is not None:
+        return problem
+    return snapshot_tables_problem(tables, cfg)
 
 
 class EmbeddingTable:

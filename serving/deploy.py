@@ -75,23 +75,28 @@ def trainer_state_dirs(cfg: FreshetConfig) -> list[tuple[int, Path]]:
 
 
 def check_shard_state(cfg: FreshetConfig) -> None:
-    """Refuse shard state that the config's tables cannot hold (a lowered ``max_rows``, another
-    ``dim`` or optimizer, a table no longer configured): each shard would fail to load it only
-    after starting, and ``up`` would report a dead actor. Reads each shard's current snapshot's
-    ``meta.json`` only (:func:`ps.table.snapshot_tables_problem`).
+    """Refuse shard state that the config cannot hold (another ``ps.num_shards`` or
+    ``ps.num_buckets``, a lowered ``max_rows``, another ``dim`` or optimizer, a table no longer
+    configured): each shard would fail to load it only after starting, and ``up`` would report
+    a dead actor. Reads each shard's current snapshot's ``meta.json`` only
+    (:func:`ps.table.snapshot_problem`).
 
     Raises:
         ValueError: naming the snapshot, the table and the field at fault.
     """
     from ps.persist import current_snapshot, snapshot_meta
-    from ps.table import snapshot_tables_problem
+    from ps.table import snapshot_problem
 
     root = state_dirs(cfg)["ps"]
     for s in range(cfg.ps.num_shards):
         snap = current_snapshot(root / f"shard-{s}")
         if snap is None or not (snap / "meta.json").is_file():
             continue  # the shard's own recovery reports a broken pointer with its context
-        if (problem := snapshot_tables_problem(snapshot_meta(snap)["tables"], cfg.ps)) is not None:
+        try:
+            problem = snapshot_problem(snapshot_meta(snap), cfg.ps, s)
+        except ValueError as e:
+            raise ValueError(f"{snap / 'meta.json'}: {e}") from None
+        if problem is not None:
             raise ValueError(f"{snap}: {problem}; change the config back, or start from a fresh ingest.dir "
                              "(and ingest.state_dir, where set)")
 

@@ -56,7 +56,8 @@ def checkpoint_dir(cfg: FreshetConfig, name: str) -> Path:
     # A path names a checkpoint anywhere (e.g. another deployment's); a bare name one of ours.
     path = Path(name) if os.sep in name else checkpoint_root(cfg) / validate_checkpoint_name(name)
     if not (path / TRAINER_OFFSETS).exists():
-        raise FileNotFoundError(f"no complete checkpoint {name!r} under {checkpoint_root(cfg)}")
+        where = f"at {path.absolute()}" if os.sep in name else f"{name!r} under {checkpoint_root(cfg)}"
+        raise FileNotFoundError(f"no complete checkpoint {where} (no {TRAINER_OFFSETS} there)")
     return path
 
 
@@ -99,10 +100,11 @@ def check_restorable(cfg: FreshetConfig, ckpt: Path) -> None:
     Raises:
         ValueError, FileNotFoundError: naming the file, the field or the offsets at fault.
     """
-    from ps.persist import verify_snapshot
-    from ps.table import snapshot_tables_problem
+    from ps.persist import verify_digests, verify_snapshot
+    from ps.table import snapshot_problem
+    from workers.config import StreamKind
     from workers.ingest_log import read_first_offsets
-    from workers.trainer import trainer_actor_name
+    from workers.trainer import partitions_of, trainer_actor_name
 
     trainers = _saved_trainers(cfg, ckpt)
     for s in range(cfg.ps.num_shards):
@@ -110,14 +112,24 @@ def check_restorable(cfg: FreshetConfig, ckpt: Path) -> None:
         if not where.is_dir():
             raise FileNotFoundError(f"{where}: missing; the config has ps.num_shards={cfg.ps.num_shards}")
         meta = verify_snapshot(where)
-        # A shard that finds its tables do not fit fails only after the restore has replaced
-        # the state dir's own state: a lowered max_rows once left a deployment half restored.
-        if (problem := snapshot_tables_problem(meta["tables"], cfg.ps)) is not None:
+        # A shard that finds its snapshot does not fit fails only after the restore has replaced
+        # the trainers' state and its state dir's own: a lowered max_rows once left a deployment
+        # half restored, and another ps.num_shards rewrote the trainers' offsets.
+        if (problem := snapshot_problem(meta, cfg.ps, s)) is not None:
             raise ValueError(f"{where}: {problem}")
+    # The trainers' saved catalogues and histories, by the digests the save recorded (a
+    # checkpoint saved before they were recorded has none: its files' Arrow framing is still read).
+    verify_digests(ckpt, _saved_digests(ckpt))
     first = read_first_offsets(cfg.ingest)
     for i, t in enumerate(trainers):
         if not _same_log(cfg, t["source_id"]):
             continue
+        if cfg.stream.kind == StreamKind.INGEST and (extra := sorted(set(t["offsets"]) - set(partitions_of(i, cfg)))):
+            raise ValueError(f"{ckpt / TRAINER_OFFSETS}: {trainer_actor_name(i)} has offsets for ingest partitions {extra}, "
+                             f"which this config (ingest.partitions={cfg.ingest.partitions}, trainer.num_workers="
+                             f"{cfg.trainer.num_workers}) does not give it")
+        if bad := sorted(p for p, o in t["offsets"].items() if o < 0):
+            raise ValueError(f"{ckpt / TRAINER_OFFSETS}: {trainer_actor_name(i)} has negative offsets for partitions {bad}")
         # A trainer replays its local state from its saved state's offsets (at or before the
         # checkpoint's), so the log must still hold the events from there on.
         need = dict(t["offsets"])
@@ -125,21 +137,54 @@ def check_restorable(cfg: FreshetConfig, ckpt: Path) -> None:
         if not (saved_state / "meta.json").exists():
             need = dict.fromkeys(need, 0)  # no saved state: the trainer rebuilds it from the log's start
         else:
-            for f in ("catalogue.arrow", "histories.arrow"):
-                if not (saved_state / f).exists():
-                    raise FileNotFoundError(f"{saved_state / f}: missing")
-            try:
-                state = json.loads((saved_state / "meta.json").read_text())["offsets"]
-                for p, o in state.items():
-                    need[int(p)] = min(need.get(int(p), int(o)), int(o))
-            except _UNREADABLE as e:
-                raise ValueError(f"{saved_state / 'meta.json'}: not a readable trainer state ({type(e).__name__}: {e})") from None
+            _check_trainer_state(saved_state)
+            state = json.loads((saved_state / "meta.json").read_text())["offsets"]
+            for p, o in state.items():
+                need[int(p)] = min(need.get(int(p), int(o)), int(o))
         for p, o in sorted(need.items()):
             if o < first.get(p, 0):
                 raise ValueError(
                     f"checkpoint {ckpt.name}: {trainer_actor_name(i)} would read ingest partition {p} from offset {o}, "
                     f"but the log keeps offsets from {first[p]} on (retention deleted the rest; only the latest "
                     "checkpoint's events are kept). Restore a newer checkpoint")
+
+
+def _saved_digests(ckpt: Path) -> dict[str, str]:
+    """The digests ``trainers.json`` records for the trainers' saved state (relative path →
+    BLAKE2b hex); empty for a checkpoint saved before they were recorded."""
+    try:
+        digests = json.loads((ckpt / TRAINER_OFFSETS).read_text()).get("digests", {})
+        return {str(f): str(d) for f, d in digests.items()}
+    except _UNREADABLE as e:
+        raise ValueError(f"{ckpt / TRAINER_OFFSETS}: not a readable checkpoint record ({type(e).__name__}: {e})") from None
+
+
+def _check_trainer_state(saved_state: Path) -> None:
+    """Read a trainer's saved state whole (its ``meta.json`` fields and both Arrow files), as
+    the trainer will when it starts: after the restore has replaced what it restores into.
+
+    Raises:
+        FileNotFoundError, ValueError: naming the file at fault.
+    """
+    import pyarrow as pa
+
+    meta_path = saved_state / "meta.json"
+    try:
+        meta = json.loads(meta_path.read_text())
+        _ = ({int(p): int(o) for p, o in meta["offsets"].items()}, int(meta["events_applied"]),
+             {int(p): str(s) for p, s in meta["source_ids"].items()})
+    except _UNREADABLE as e:
+        raise ValueError(f"{meta_path}: not a readable trainer state ({type(e).__name__}: {e})") from None
+    for f, columns in (("catalogue.arrow", {"key", "count"}), ("histories.arrow", {"user", "item"})):
+        if not (saved_state / f).exists():
+            raise FileNotFoundError(f"{saved_state / f}: missing")
+        try:
+            with pa.memory_map(str(saved_state / f)) as src:
+                table = pa.ipc.open_file(src).read_all()
+        except pa.ArrowException as e:
+            raise ValueError(f"{saved_state / f}: not a readable Arrow IPC file ({e})") from None
+        if missing := columns - set(table.column_names):
+            raise ValueError(f"{saved_state / f}: no column {sorted(missing)} (not a trainer's saved state)")
 
 
 def restore_trainer_offsets(cfg: FreshetConfig, ckpt: Path) -> None:
@@ -183,6 +228,10 @@ def cmd_ckpt(args) -> int:
     """``freshet ckpt save|list|restore``: named, cross-shard-consistent PS checkpoints."""
     import ray
 
+    if args.address is not None and args.action != "restore":
+        print(f"freshet ckpt {args.action}: --address is for restore (save finds the service's Ray in its "
+              "state file)", file=sys.stderr)
+        return 2
     cfg = load(args)
     if args.action == "list":
         from ps.persist import list_checkpoints
@@ -202,12 +251,17 @@ def cmd_ckpt(args) -> int:
             print("freshet ckpt restore: a service is running here; `freshet down` first "
                   "(a checkpoint restores into a fresh deployment)", file=sys.stderr)
             return 1
-        args.restore, args.address, args.keep_stream = args.name, None, False
+        if args.overwrite:
+            print("freshet ckpt restore: --overwrite is for save", file=sys.stderr)
+            return 2
+        args.restore, args.keep_stream = args.name, False
         return cmd_up(args)
     # save: pause trainers so every shard snapshots the same set of pushes.
     import shutil
+    import uuid
 
     from ps.client import PSClient
+    from ps.persist import file_digests, fsync_path
     from serving.deploy import state_dirs
     from workers.ingest_log import INGEST_ACTOR
     from workers.trainer import trainer_actor_name
@@ -225,12 +279,12 @@ def cmd_ckpt(args) -> int:
     except ValueError as e:
         print(f"freshet ckpt save: {e}", file=sys.stderr)
         return 2
-    ckpt = checkpoint_root(cfg) / name
+    root = checkpoint_root(cfg)
+    ckpt = root / name
     if ckpt.exists() and not args.overwrite:
         print(f"freshet ckpt save: checkpoint {name!r} already exists ({ckpt}); "
               "choose another name, or pass --overwrite to replace it", file=sys.stderr)
         return 1
-    # Before the old checkpoint goes: a service that is gone keeps it.
     try:
         connect(state)  # the head `up` started, with its token, or the cluster it joined
     except RuntimeError as e:
@@ -242,14 +296,15 @@ def cmd_ckpt(args) -> int:
         ray.shutdown()
         print(f"freshet ckpt save: the service is gone ({e})", file=sys.stderr)
         return 1
-    if ckpt.exists():
-        # Whole, before anything is written: a save that fails half-way must not leave the old
-        # offsets (trainers.json, which marks a checkpoint complete) beside new shard rows.
-        shutil.rmtree(ckpt)
+    # Written under a staging name and renamed into place whole: a save that fails half-way
+    # leaves no checkpoint of its name, and one replacing another (--overwrite) leaves the
+    # old one as it was (a staging name is a checkpoint name too: the shards write it).
+    stage = root / f"{name[:96]}.saving-{uuid.uuid4().hex[:8]}"
+    root.mkdir(mode=0o700, parents=True, exist_ok=True)
     try:
         stats = ray.get([t.stop.remote() for t in trainers])
         try:
-            reports = PSClient.connect(state["namespace"]).snapshot(name)
+            reports = PSClient.connect(state["namespace"]).snapshot(stage.name)
             offsets = [{"applied_offset": s["applied_offset"], "applied_offsets": s["applied_offsets"],
                         "events_applied": s["events_applied"], "source_id": s["source_id"],
                         "clock_base": s.get("clock_base", 0)} for s in stats]
@@ -259,7 +314,8 @@ def cmd_ckpt(args) -> int:
             for i in range(cfg.trainer.num_workers):
                 src = state_dirs(cfg)["trainers"] / trainer_actor_name(i) / "state"
                 if (src / "meta.json").exists():
-                    shutil.copytree(src, ckpt / trainer_actor_name(i), dirs_exist_ok=True)
+                    shutil.copytree(src, stage / trainer_actor_name(i), dirs_exist_ok=True)
+            saved = sorted(f for f in stage.glob("trainer-*/*") if f.is_file())
             # Retention keeps the events after the latest checkpoint (one pin, replaced by
             # each save): restoring it into this deployment replays them.
             ingest = ray.get_actor(INGEST_ACTOR, namespace=state["namespace"])
@@ -268,14 +324,40 @@ def cmd_ckpt(args) -> int:
                 for p, o in s["applied_offsets"].items():
                     merged[int(p)] = min(merged.get(int(p), o), o)
             ray.get(ingest.pin.remote(CHECKPOINT_PIN, merged))
-            (ckpt / TRAINER_OFFSETS).write_text(json.dumps({"trainers": offsets, "created_at": time.time()}))
+            record = {"trainers": offsets, "created_at": time.time(), "digests": file_digests(stage, saved)}
+            _write_durably(stage / TRAINER_OFFSETS, json.dumps(record).encode())
         finally:
             ray.get([t.start.remote() for t in trainers])
+        old = root / f"{name[:96]}.old-{uuid.uuid4().hex[:8]}" if ckpt.exists() else None
+        if old is not None:
+            ckpt.rename(old)
+        stage.rename(ckpt)
+        fsync_path(root)
+        if old is not None:
+            shutil.rmtree(old)
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
     finally:
         ray.shutdown()
     print(f"checkpoint {name}: shard versions {[r['version'] for r in reports]}, "
           f"trainer offsets {[o['applied_offset'] for o in offsets]} -> {ckpt}")
     return 0
+
+
+def _write_durably(path: Path, data: bytes) -> None:
+    """Write ``path`` (mode 0600) beside itself, fsync, rename into place and sync the
+    directory: ``trainers.json`` marks a checkpoint complete, so it is whole or absent."""
+    from ps.persist import fsync_path
+
+    tmp = path.with_name(f".{path.name}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    tmp.rename(path)
+    fsync_path(path.parent)
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -285,6 +367,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     k.add_argument("action", choices=["save", "list", "restore"])
     k.add_argument("name", nargs="?", help="checkpoint name (save: default ckpt-<time>; restore: required)")
     k.add_argument("--overwrite", action="store_true", help="save: replace a checkpoint of the same name")
+    k.add_argument("--address", type=str.strip, default=None,
+                   help="restore: into this Ray cluster (e.g. 'auto', as `freshet up --address`) instead of a head "
+                        "it starts; its own auth settings apply")
     k.add_argument("--ray-port", type=int, default=None,
                    help="GCS port of the head restore starts (default: ray.ports.gcs, else a free port)")
     k.set_defaults(fn=cmd_ckpt)

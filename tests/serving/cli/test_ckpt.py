@@ -46,6 +46,22 @@ def _setup(tmp_path, first_offsets=(0, 0)):
     return cfg, ckpt / "c1"
 
 
+def _save_trainer_state(ckpt, i: int, offsets: dict, events: int = 0):
+    """A trainer's saved catalogue and histories in checkpoint ``ckpt``, as ``ckpt save`` copies them."""
+    import pyarrow as pa
+
+    from workers.trainer import _CATALOGUE_SCHEMA, _HISTORY_SCHEMA
+
+    state = ckpt / trainer_actor_name(i)
+    state.mkdir()
+    for f, schema in (("catalogue.arrow", _CATALOGUE_SCHEMA), ("histories.arrow", _HISTORY_SCHEMA)):
+        with pa.OSFile(str(state / f), "wb") as out, pa.ipc.new_file(out, schema) as w:
+            w.write_table(schema.empty_table())
+    (state / "meta.json").write_text(json.dumps({"offsets": offsets, "events_applied": events,
+                                                 "source_ids": {p: f"ingest:{LOG_ID}" for p in offsets}}))
+    return state
+
+
 def _trainer_dirs(cfg):
     return [state_dirs(cfg)["trainers"] / trainer_actor_name(i) for i in range(2)]
 
@@ -101,11 +117,7 @@ def test_offsets_retention_deleted_are_refused_naming_them(tmp_path):
     # read their first batch forever (TrimmedOffsetError) after the restore had changed state.
     cfg, ckpt = _setup(tmp_path, first_offsets=(0, 35))
     for i, offsets in ((0, {"0": 40}), (1, {"1": 30})):  # their saved state, at the checkpoint's offsets
-        state = ckpt / trainer_actor_name(i)
-        state.mkdir()
-        for f in ("catalogue.arrow", "histories.arrow"):
-            (state / f).write_bytes(b"")
-        (state / "meta.json").write_text(json.dumps({"offsets": offsets, "events_applied": 0}))
+        _save_trainer_state(ckpt, i, offsets)
     with pytest.raises(ValueError, match=r"partition 1 from offset 30, but the log keeps offsets from 35 on"):
         check_restorable(cfg, ckpt)
 
@@ -114,11 +126,7 @@ def test_the_offsets_a_trainer_replays_its_saved_state_from_are_checked_too(tmp_
     # A trainer rebuilds its catalogue from its saved state's offsets, which can be older
     # than the checkpoint's: those events must still be in the log.
     cfg, ckpt = _setup(tmp_path, first_offsets=(25, 0))
-    state = ckpt / trainer_actor_name(0)
-    state.mkdir()
-    for f in ("catalogue.arrow", "histories.arrow"):
-        (state / f).write_bytes(b"")
-    (state / "meta.json").write_text(json.dumps({"offsets": {"0": 20}, "events_applied": 20}))
+    _save_trainer_state(ckpt, 0, {"0": 20}, 20)
     with pytest.raises(ValueError, match=r"partition 0 from offset 20, but the log keeps offsets from 25 on"):
         check_restorable(cfg, ckpt)
 
@@ -237,3 +245,103 @@ def test_checkpoints_and_snapshots_are_this_users_only_even_in_an_open_state_dir
     sh = PSShard(0, ShardingPlan.uniform(cfg.ps.num_buckets, 2), cfg.ps, state_dir=own / "shard-0")
     snap = Path(sh.snapshot()["path"])
     assert stat.S_IMODE((own / "shard-0").stat().st_mode) == stat.S_IMODE(snap.stat().st_mode) == 0o700
+
+
+@pytest.mark.parametrize(("ps", "says"), [
+    ({"num_shards": 1}, "ps.num_shards=1, ps.num_buckets=1024"),
+    ({"num_buckets": 512}, "2 shards over 1024 buckets) than the config's (ps.num_shards=2, ps.num_buckets=512)"),
+])
+def test_a_checkpoint_or_shard_state_of_another_sharding_plan_is_refused_before_anything_changes(tmp_path, ps, says):
+    # Found only by the shards, after the restore had rewritten the trainers' offsets: a
+    # checkpoint of 2 shards restored with ps.num_shards 1 left the trainers at its offsets.
+    from serving.deploy import check_shard_state
+
+    cfg, ckpt = _setup(tmp_path)
+    for d in _trainer_dirs(cfg):
+        TrainerWAL(d).commit({0: 99}, 99)
+    other = load_config(None, {"ps": {"num_shards": 2, "tables": {"user": {"dim": 4}, "item": {"dim": 4}}, **ps},
+                               "trainer": {"num_workers": 2}, "stream": {"kind": "ingest", "num_events": None},
+                               "ingest": {"dir": cfg.ingest.dir, "partitions": 2}})
+    with pytest.raises(ValueError, match=f"{ckpt / 'shard-0'}: saved with a different sharding plan") as e:
+        check_restorable(other, ckpt)
+    assert says in str(e.value)
+    assert [TrainerWAL(d).committed().offsets for d in _trainer_dirs(cfg)] == [{0: 99}, {0: 99}]
+    # `up` on the deployment's own shard state: the same rule, from its snapshots' meta.json.
+    PSShard(0, ShardingPlan.uniform(cfg.ps.num_buckets, 2), cfg.ps, state_dir=state_dirs(cfg)["ps"] / "shard-0").snapshot()
+    check_shard_state(cfg)
+    with pytest.raises(ValueError, match="saved with a different sharding plan"):
+        check_shard_state(other)
+
+
+def test_a_shard_snapshot_under_another_shards_name_is_refused(tmp_path):
+    cfg, ckpt = _setup(tmp_path)
+    (ckpt / "shard-0").rename(ckpt / "tmp")
+    (ckpt / "shard-1").rename(ckpt / "shard-0")
+    (ckpt / "tmp").rename(ckpt / "shard-1")
+    with pytest.raises(ValueError, match=f"{ckpt / 'shard-0'}: a snapshot of shard 1, where shard 0's belongs"):
+        check_restorable(cfg, ckpt)
+
+
+@pytest.mark.parametrize("digests", [True, False])
+@pytest.mark.parametrize("damage", ["catalogue.arrow", "histories.arrow", "meta.json"])
+def test_a_damaged_trainer_state_in_a_checkpoint_is_refused_naming_the_file(tmp_path, digests, damage):
+    # A truncated catalogue was copied into the trainer's state dir after the shards had been
+    # reset to the checkpoint; the trainer then died reading it, and so would every later `up`.
+    from ps.persist import file_digests
+
+    cfg, ckpt = _setup(tmp_path)
+    states = [_save_trainer_state(ckpt, 0, {"0": 40}, 40), _save_trainer_state(ckpt, 1, {"1": 30}, 30)]
+    if digests:  # as `ckpt save` records them; older checkpoints have none
+        record = json.loads((ckpt / TRAINER_OFFSETS).read_text())
+        record["digests"] = file_digests(ckpt, sorted(f for s in states for f in s.iterdir()))
+        (ckpt / TRAINER_OFFSETS).write_text(json.dumps(record))
+    check_restorable(cfg, ckpt)
+    target = states[1] / damage
+    if damage == "meta.json":
+        target.write_text(json.dumps({"offsets": {"1": 30}}))  # JSON, without events_applied
+    else:
+        target.write_bytes(target.read_bytes()[:10])
+    with pytest.raises(ValueError, match=str(target)):
+        check_restorable(cfg, ckpt)
+
+
+def test_offsets_for_partitions_the_config_does_not_give_a_trainer_are_refused(tmp_path):
+    cfg, ckpt = _setup(tmp_path)
+    record = json.loads((ckpt / TRAINER_OFFSETS).read_text())
+    record["trainers"][0]["applied_offsets"] = {"0": 40, "7": 3}
+    (ckpt / TRAINER_OFFSETS).write_text(json.dumps(record))
+    with pytest.raises(ValueError, match=r"trainer-0 has offsets for ingest partitions \[7\]"):
+        check_restorable(cfg, ckpt)
+
+
+@pytest.mark.parametrize("field", ["version", "high_water", "plan", "shard_index"])
+def test_a_shard_meta_json_missing_a_field_is_refused_and_not_listed(tmp_path, field):
+    # Without its digests (an older snapshot's form) nothing else checked these fields: a
+    # restore would have failed in the shard, after the trainers' state was rewritten.
+    from ps.persist import list_checkpoints
+
+    cfg, ckpt = _setup(tmp_path)
+    meta_path = ckpt / "shard-1" / "meta.json"
+    meta = json.loads(meta_path.read_text())
+    del meta["digests"], meta[field]
+    meta_path.write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match=f"{meta_path}: incomplete"):
+        check_restorable(cfg, ckpt)
+    # `ckpt list` leaves a shard it cannot describe out (it raised KeyError before): the checkpoint shows incomplete.
+    (listed,) = list_checkpoints(ckpt.parent)
+    assert listed["complete"] == (field == "high_water") and listed["versions"] == ({0: 1, 1: 1} if field == "high_water" else {0: 1})
+
+
+def test_ckpt_flags_belong_to_their_action_and_a_path_name_is_reported_as_a_path(tmp_path, capsys):
+    from serving.cli import main
+
+    cfg, ckpt = _setup(tmp_path)
+    conf = tmp_path / "c.yaml"
+    conf.write_text(json.dumps({"ingest": {"dir": cfg.ingest.dir}}))  # JSON is YAML
+    assert main(["ckpt", "--config", str(conf), "save", "x", "--address", "auto"]) == 2
+    assert "--address is for restore" in capsys.readouterr().err
+    assert main(["ckpt", "--config", str(conf), "restore", "x", "--overwrite"]) == 2
+    assert "--overwrite is for save" in capsys.readouterr().err
+    # A name with a slash is a path (to another deployment's checkpoint), not a name under ours.
+    assert main(["ckpt", "--config", str(conf), "restore", str(tmp_path / "nowhere" / "c1")]) == 2
+    assert f"no complete checkpoint at {tmp_path / 'nowhere' / 'c1'}" in capsys.readouterr().err

@@ -231,6 +231,11 @@ def test_up_secure_by_default_ckpt_down_restore(tmp_path, plain_ray):
         assert over.returncode == 0, over.stderr
         assert json.loads((first / "trainers.json").read_text())["created_at"] > made
         assert not (first / "stray").exists()  # replaced whole, not merged
+        # Written under a staging name and renamed into place: nothing else is left beside it.
+        assert sorted(os.listdir(first.parent)) == ["first"]
+        record = first / "trainers.json"  # marks the checkpoint complete; the digests of the trainer's saved state
+        assert stat.S_IMODE(record.stat().st_mode) == 0o600
+        assert {"trainer-0/catalogue.arrow", "trainer-0/histories.arrow"} <= set(json.loads(record.read_text())["digests"])
         listed = freshet("ckpt", "--config", str(cfg), "list")
         assert "first" in listed.stdout
 
