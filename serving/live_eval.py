@@ -40,8 +40,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import os
 import secrets
+import shutil
 import sys
 import tempfile
 import time
@@ -62,7 +64,7 @@ from workers.ranking import Ranked
 if TYPE_CHECKING:
     from serving.config import FreshetConfig
 
-__all__ = ["LIVE_TARGETS", "run_live", "target_for"]
+__all__ = ["LIVE_TARGETS", "load_offline_report", "run_live", "target_for"]
 
 LIVE_TARGETS = ((500.0, 0.95), (50.0, 0.98))
 """``(rate events/s, live/offline recall@10 goal)``: the goal for a rate is that of the largest
@@ -112,6 +114,7 @@ class _Replay:
         self.retries = 0
         self.lag: list[tuple[float, float | None, float | None]] = []  # (t s, backlog events, lag s)
         self.behind_s = 0.0  # largest delay behind the schedule (seconds)
+        self.scored_chunks = 0  # chunks of the timed replay (warm-up chunks are never ranked)
 
     async def _request(self, http, path: str, body: dict, headers: dict | None = None) -> dict:
         import httpx
@@ -265,6 +268,7 @@ class _Replay:
                         seen.setdefault(u, {})[i] = None
                         catalogue.add(i)
                     offset = int(chunk.offsets[-1]) + 1
+                    self.scored_chunks += 1
                     if bar is not None:
                         bar.update(len(chunk))
                         if len(ranks) and bar.n % (self.chunk_size * 25) < self.chunk_size:
@@ -299,15 +303,56 @@ def _start_service(cfg: FreshetConfig, own_ray: bool):
         raise RuntimeError(f"a Freshet app ({APP_NAME!r}) already runs on this Ray cluster; evaluate it with "
                            "--url (and --token), or run --live without --url where no Freshet service runs")
     work = tempfile.mkdtemp(prefix="freshet-live-")
-    token = secrets.token_urlsafe(24)
-    live_cfg = cfg.model_copy(update={
-        "namespace": f"{cfg.namespace}-live-{os.getpid()}-{uuid.uuid4().hex[:6]}",
-        "stream": cfg.stream.model_copy(update={"kind": StreamKind.INGEST, "num_events": None, "path": None}),
-        "ingest": cfg.ingest.model_copy(update={"dir": work, "state_dir": None}),
-        "serving": cfg.serving.model_copy(update={"host": "127.0.0.1", "port": free_port(), "auth_token": token}),
-    })
-    dep = deploy.start(live_cfg, durable=False, autostart=True)
+    try:
+        token = secrets.token_urlsafe(24)
+        live_cfg = cfg.model_copy(update={
+            "namespace": f"{cfg.namespace}-live-{os.getpid()}-{uuid.uuid4().hex[:6]}",
+            "stream": cfg.stream.model_copy(update={"kind": StreamKind.INGEST, "num_events": None, "path": None}),
+            "ingest": cfg.ingest.model_copy(update={"dir": work, "state_dir": None}),
+            "serving": cfg.serving.model_copy(update={"host": "127.0.0.1", "port": free_port(), "auth_token": token}),
+        })
+        dep = deploy.start(live_cfg, durable=False, autostart=True)
+    except BaseException:
+        # The caller only learns the dir from our return value: a start that fails or is
+        # interrupted (Ctrl-C) must remove it here. deploy.start removes what it started.
+        shutil.rmtree(work, ignore_errors=True)
+        raise
     return dep, dep.url, token, work
+
+
+def load_offline_report(path: str | Path, *, data: str, events: int, chunk_size: int, min_weight: float | None,
+                        score_from: int = 0) -> dict[str, Any]:
+    """The offline report at ``path`` (``offline.json`` of a ``--score-from`` run, else
+    ``offline/report.json``), checked to be of this run's stream: same data, events, chunk
+    size, min_weight and (when either side has one) warm-up offset, with an ``incremental``
+    row to compare with.
+
+    Raises:
+        ValueError: the file cannot be read, is not such a report, or is of another stream
+            (the message names the path and what differs).
+    """
+    where = f"offline report {path}"
+    try:
+        report = json.loads(Path(path).read_text(encoding="utf-8"))
+    except OSError as e:
+        raise ValueError(f"{where}: cannot read it: {e.strerror or e}") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{where}: not a JSON report ({e})") from None
+    if not isinstance(report, dict) or not isinstance(report.get("meta"), dict) \
+            or not isinstance(report.get("strategies"), dict):
+        raise ValueError(f"{where}: not a `freshet eval` report (no 'meta' and 'strategies'); pass "
+                         "<report>/offline.json of a --score-from run, else <report>/offline/report.json")
+    m = report["meta"]
+    mine = {"data": data, "events": events, "chunk_size": chunk_size, "min_weight": min_weight}
+    if score_from or m.get("score_from"):
+        mine["score_from"] = score_from
+    theirs = {k: m.get(k) for k in mine}
+    if theirs != mine:
+        diff = ", ".join(f"{k} {theirs[k]!r} (this run: {mine[k]!r})" for k in mine if theirs[k] != mine[k])
+        raise ValueError(f"{where}: made for another stream: {diff}")
+    if not any(n.split(":")[0] == "incremental" for n in report["strategies"]):
+        raise ValueError(f"{where}: has no 'incremental' row to compare the live run with")
+    return report
 
 
 def _machine() -> dict[str, Any]:
@@ -345,9 +390,10 @@ def run_live(
     ``url``/``token``: a running service (its base URL and ``serving.auth_token``); None
     starts a fresh deployment of ``cfg`` for the replay and stops it afterwards. ``offline``:
     True runs ``freshet eval``'s ``incremental`` and ``popularity`` on the same stream into
-    ``report_dir/offline``; a path reuses such a run's ``report.json`` (it must be of the same
-    data, events, chunk size and min_weight); False skips it. ``data``, ``chunk_size``,
-    ``min_weight`` and ``max_events`` mean what they mean for :func:`workers.eval.compare.run_eval`.
+    ``report_dir/offline``; a path reuses such a run's ``report.json`` (``offline.json`` with
+    ``score_from``), checked by :func:`load_offline_report` before anything starts; False skips
+    it. ``data``, ``chunk_size``, ``min_weight`` and ``max_events`` mean what they mean for
+    :func:`workers.eval.compare.run_eval`.
 
     ``score_from`` (a stream offset, events) is a warm-up, as in
     :func:`workers.eval.protocol.prequential`: the events before it are posted as fast as the
@@ -362,15 +408,15 @@ def run_live(
     :func:`workers.eval.compare.run_eval`); it is shut down at the end.
 
     Raises:
-        ValueError: a bad rate or chunk size, or an offline report of another stream.
+        ValueError: a bad rate or chunk size, or an offline report that is unreadable or of another stream.
         RuntimeError: the service refused a request or stopped answering.
     """
     import ray
 
     from workers.eval.compare import _init_ray, _open_source, run_eval
 
-    if not rate > 0:
-        raise ValueError(f"rate: must be > 0 events/s, got {rate}")
+    if not (rate > 0 and math.isfinite(rate)):
+        raise ValueError(f"rate: must be a finite number > 0 events/s, got {rate}")
     if chunk_size < 1:
         raise ValueError(f"chunk_size: must be >= 1 events, got {chunk_size}")
     if score_from < 0:
@@ -383,6 +429,12 @@ def run_live(
         raise ValueError("events: required for an unbounded stream")
     if score_from >= total:
         raise ValueError(f"score_from: {score_from:,} leaves nothing to score in {total:,} events")
+    reused = None
+    if offline is not True and offline:
+        # Checked before anything starts: a report of another stream would otherwise be
+        # refused only after the whole live replay.
+        reused = load_offline_report(offline, data=data, events=total, chunk_size=chunk_size, min_weight=min_weight,
+                                     score_from=score_from)
     report_dir = Path(report_dir)
     report_dir.mkdir(parents=True, exist_ok=True)
     load_before = _machine()
@@ -404,8 +456,6 @@ def run_live(
                 deploy.stop(dep.cfg)
                 del dep
             if work is not None:
-                import shutil
-
                 shutil.rmtree(work, ignore_errors=True)
         load_after = _machine()
 
@@ -419,15 +469,8 @@ def run_live(
             offline_report = run_eval(cfg, data=data, strategies=["incremental", "popularity"], report_dir=report_dir / "offline",
                                       chunk_size=chunk_size, min_weight=min_weight, max_events=total, window=window,
                                       progress=progress, start_ray=start_ray)
-        elif offline:
-            offline_report = json.loads(Path(offline).read_text(encoding="utf-8"))
-            m = offline_report["meta"]
-            mine = {"data": data, "events": total, "chunk_size": chunk_size, "min_weight": min_weight}
-            if score_from or m.get("score_from"):
-                mine["score_from"] = score_from
-            theirs = {k: m.get(k) for k in mine}
-            if theirs != mine:
-                raise ValueError(f"offline report {offline}: made for {theirs}, this run is {mine}")
+        else:
+            offline_report = reused
     finally:
         if started_ray:
             ray.shutdown()
@@ -492,7 +535,6 @@ def _write(report_dir: Path, meta: dict[str, Any], replay: _Replay, offline: dic
     live["over_popularity"] = live["recall@10"] / pop["recall@10"] if live["recall@10"] is not None and pop["recall@10"] else None
     lag_events = [b for _, b, _ in replay.lag if b is not None]
     lag_s = [s for _, _, s in replay.lag if s is not None]
-    evaluated = max(1, live["evaluated"])
     diagnostics = {
         "warm_users_ranked": len(replay.rank_ms),
         "popular_fallbacks": dict(replay.fallbacks),
@@ -504,7 +546,9 @@ def _write(report_dir: Path, meta: dict[str, Any], replay: _Replay, offline: dic
                                    "p90": _pct(lag_events, 90), "max": max(lag_events) if lag_events else None},
         "trainer_lag_s": {"mean": float(np.mean(lag_s)) if lag_s else None, "max": max(lag_s) if lag_s else None},
         "stats_samples": len(replay.lag),
-        "evaluated_per_chunk": evaluated / max(1, -(-meta["events"] // meta["chunk_size"])),
+        # Per chunk of the timed replay: warm-up chunks are posted unranked, so counting them
+        # would understate how many warm events each scored chunk ranked.
+        "evaluated_per_chunk": live["evaluated"] / replay.scored_chunks if replay.scored_chunks else None,
     }
     report: dict[str, Any] = {"meta": meta, "live": live, "popularity": pop, "diagnostics": diagnostics}
     curves = {}
@@ -531,8 +575,10 @@ def _write(report_dir: Path, meta: dict[str, Any], replay: _Replay, offline: dic
             ratio = live["recall@10"] / inc["recall@10"] if live["recall@10"] is not None else None
             report["comparison"] = {
                 "live_over_offline_recall@10": ratio,
-                "live_over_offline_recall@20": (live["recall@20"] / inc["recall@20"]) if inc.get("recall@20") else None,
-                "live_over_offline_ndcg@10": (live["ndcg@10"] / inc["ndcg@10"]) if inc.get("ndcg@10") else None,
+                "live_over_offline_recall@20": (live["recall@20"] / inc["recall@20"])
+                if inc.get("recall@20") and live["recall@20"] is not None else None,
+                "live_over_offline_ndcg@10": (live["ndcg@10"] / inc["ndcg@10"])
+                if inc.get("ndcg@10") and live["ndcg@10"] is not None else None,
                 "target": goal, "target_rate": rate, "met": ratio is not None and ratio >= goal,
                 "same_events": inc["evaluated"] == live["evaluated"],
                 "same_popularity": opop is not None and opop["recall@10"] == pop["recall@10"],
@@ -558,6 +604,15 @@ def _f(v: Any, digits: int = 4) -> str:
     if isinstance(v, float):
         return f"{v:.{digits}f}"
     return str(v)
+
+
+def _goal_basis(goal_rate: float, target: float, achieved: float | None) -> str:
+    """Which rate the goal was taken at, with both the targeted and the achieved rate."""
+    got = "not measured" if achieved is None else f"{achieved:.1f} events/s achieved"
+    if goal_rate == target:
+        within = "" if achieved is None else ", at least 95% of it"
+        return f"the goal at the {target:g} events/s targeted; {got}{within}"
+    return f"the goal at the {goal_rate:.1f} events/s achieved, below the {target:g} events/s targeted"
 
 
 def _markdown(report: dict[str, Any]) -> str:
@@ -587,8 +642,8 @@ def _markdown(report: dict[str, Any]) -> str:
         )
     c = report.get("comparison")
     if c:
-        lines += ["", f"- live / offline recall@10 = {_f(c['live_over_offline_recall@10'], 3)} (goal ≥ {c['target']:g} at "
-                      f"{c.get('target_rate', m['rate_target']):.4g} events/s, the rate achieved): "
+        lines += ["", f"- live / offline recall@10 = {_f(c['live_over_offline_recall@10'], 3)} (goal ≥ {c['target']:g}, "
+                      f"{_goal_basis(c.get('target_rate', m['rate_target']), m['rate_target'], m['rate_achieved'])}): "
                       f"**{'met' if c['met'] else 'NOT met'}**; recall@20 "
                       f"{_f(c['live_over_offline_recall@20'], 3)}, NDCG@10 {_f(c['live_over_offline_ndcg@10'], 3)}",
                   f"- same evaluated events in both harnesses: {c['same_events']}; same popularity figures: {c['same_popularity']}"]
@@ -617,7 +672,17 @@ def _markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _plot(report: dict[str, Any], path: Path, window: int) -> None:
+_COLOURS = {"live": "tab:blue", "offline": "tab:orange", "popularity": "tab:green"}
+
+
+def _colour(name: str) -> str:
+    """One colour per series, the same in both panels (the curves' and the bars' names differ)."""
+    if "popularity" in name:
+        return _COLOURS["popularity"]
+    return _COLOURS["offline"] if name.startswith("offline") else _COLOURS["live"]
+
+
+def _figure(report: dict[str, Any], window: int):
     import matplotlib
 
     matplotlib.use("Agg")
@@ -629,7 +694,7 @@ def _plot(report: dict[str, Any], path: Path, window: int) -> None:
         if name == "offline popularity":
             continue  # equal to the client's popularity by construction
         ax.plot(c["offset"], [np.nan if v is None else v for v in c["recall@10"]], label=name,
-                linestyle="--" if "popularity" in name else "-")
+                linestyle="--" if "popularity" in name else "-", color=_colour(name))
     ax.set_xlabel("stream offset (events)")
     ax.set_ylabel(f"recall@10 over the last {window} events")
     ax.set_title(f"Live @ {m['rate_target']:g} ev/s vs offline — {Path(str(m['data'])).name}, {m['events']:,} events")
@@ -638,17 +703,26 @@ def _plot(report: dict[str, Any], path: Path, window: int) -> None:
     bars = {"live": report["live"], "popularity": report["popularity"]}
     off = report.get("offline") or {}
     if off.get("incremental"):
-        bars = {"offline": off["incremental"], **bars}
+        bars = {"offline incremental": off["incremental"], **bars}
     metrics = ("recall@10", "recall@20", "ndcg@10")
     width = 0.8 / len(bars)
     for j, (name, row) in enumerate(bars.items()):
         vals = [row.get(k) or 0.0 for k in metrics]
-        bx.bar(np.arange(len(metrics)) + j * width, vals, width, label=name)
+        bx.bar(np.arange(len(metrics)) + j * width, vals, width, label=name, color=_colour(name))
     bx.set_xticks(np.arange(len(metrics)) + width * (len(bars) - 1) / 2, metrics)
     c = report.get("comparison")
-    bx.set_title(f"live/offline recall@10 = {c['live_over_offline_recall@10']:.3f} (goal {c['target']:g})" if c else "live")
+    bx.set_title(f"live/offline recall@10 = {_f(c['live_over_offline_recall@10'], 3)} (goal {c['target']:g})" if c else "live")
     bx.grid(alpha=0.3, axis="y")
     bx.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    return fig
+
+
+def _plot(report: dict[str, Any], path: Path, window: int) -> None:
+    import matplotlib.pyplot as plt
+
+    fig = _figure(report, window)
+    try:
+        fig.savefig(path, dpi=110)
+    finally:
+        plt.close(fig)

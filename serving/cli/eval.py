@@ -5,6 +5,8 @@ with ``--live --rate R`` the same protocol through a running service over HTTP
 from __future__ import annotations
 
 import argparse
+import math
+import shutil
 import sys
 from pathlib import Path
 
@@ -35,15 +37,20 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     live = parser.add_argument_group(
         "live evaluation", "--live replays the stream through a service over HTTP at --rate events/s: for each chunk, "
-        "POST /rank (k=20, exclude_seen) for every user seen in an earlier chunk, then POST /events with the chunk; "
-        "then the offline protocol (incremental, popularity) on the same events. Writes live.json, live.md, live.png.")
-    live.add_argument("--live", action="store_true", help="evaluate a running service over HTTP (see above)")
-    live.add_argument("--rate", type=float, help="with --live: events per second to replay at (required)")
+        "one POST /rank (k=20, exclude_seen) per distinct user seen in an earlier chunk, then POST /events with the "
+        "chunk; then the offline protocol (incremental, popularity) on the same events. Writes live.json, live.md, live.png.")
+    live.add_argument("--live", action="store_true",
+                      help="evaluate a service over HTTP (see above): by default a fresh one started from --config "
+                           "and removed afterwards; with --url, the running one there")
+    live.add_argument("--rate", type=float, help="with --live: events per second to replay at (required; finite, > 0)")
     live.add_argument("--url", help="with --live: base URL of a running service (default: start a fresh one from --config)")
-    live.add_argument("--token", help="with --url: the service's serving.auth_token (default: $FRESHET_TOKEN, else the "
-                                      "config's)")
-    live.add_argument("--offline-report", help="with --live: reuse this offline report.json (same data, events, chunk size "
-                                               "and min-weight) instead of running the offline protocol")
+    live.add_argument("--token", help="with --url (refused without it): the service's serving.auth_token (default: "
+                                      "$FRESHET_TOKEN, else the config's)")
+    live.add_argument("--offline-report", metavar="PATH",
+                      help="with --live: reuse the offline side of an earlier --live run instead of running it again: "
+                           "<report>/offline.json of a run with the same --score-from > 0, else "
+                           "<report>/offline/report.json; it must be of the same data, events, chunk size and "
+                           "min-weight (checked before anything starts)")
     live.add_argument("--no-offline", action="store_true", help="with --live: skip the offline protocol")
     live.add_argument("--score-from", type=int, default=0, metavar="OFFSET",
                       help="with --live: a warm-up; the events before this stream offset are posted unranked as fast as "
@@ -66,6 +73,28 @@ def _ray_starter(cfg):
     return lambda: ray_init(None, cfg.namespace, system_config=cfg.ray.system_config(), num_cpus=2)
 
 
+def _snapshot(report_dir: Path) -> dict[str, int] | None:
+    """``{relative path: mtime_ns}`` of the files under ``report_dir``, or None when it does not exist."""
+    if not report_dir.is_dir():
+        return None
+    return {str(f.relative_to(report_dir)): f.stat().st_mtime_ns for f in report_dir.rglob("*") if f.is_file()}
+
+
+def _report_left(report_dir: Path, before: dict[str, int] | None) -> str:
+    """What an interrupted run left in ``report_dir`` (``before``: its :func:`_snapshot`). A
+    directory the run made and wrote no file to is removed: it would read as a report."""
+    now = _snapshot(report_dir)
+    if now is None:
+        return "no report written"
+    written = sorted(k for k, t in now.items() if before is None or before.get(k) != t)
+    if written:
+        return f"kept the partial report in {report_dir}: {', '.join(written)}"
+    if before is None:
+        shutil.rmtree(report_dir, ignore_errors=True)  # holds no file (only, maybe, empty dirs)
+        return f"no report written; removed the empty {report_dir} it made"
+    return f"no report written; {report_dir} left as it was"
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     """``freshet eval``: run the comparison and print the report table; returns the exit status."""
     try:
@@ -80,11 +109,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
         return 2
     if args.live:
         return _cmd_live(args, min_weight)
-    if args.rate is not None or args.url or args.offline_report or args.no_offline or args.score_from:
-        print("--rate, --url, --offline-report, --no-offline and --score-from need --live", file=sys.stderr)
+    if args.rate is not None or args.url or args.token or args.offline_report or args.no_offline or args.score_from:
+        print("--rate, --url, --token, --offline-report, --no-offline and --score-from need --live", file=sys.stderr)
         return 2
     from workers.eval.compare import run_eval  # the evaluation's modules: only for the command that needs them
 
+    before = _snapshot(report_dir)
     try:
         cfg = load_config(args.config)
         report = run_eval(
@@ -95,6 +125,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
     except (ValueError, OSError) as e:  # OSError: a report dir that cannot be made, say
         print(f"freshet eval: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        # run_eval's own cleanup has run by now (the Ray it started is shut down); say what is left.
+        print("freshet eval: interrupted; the Ray it started (if any) was shut down and its temp files removed; "
+              f"{_report_left(report_dir, before)}", file=sys.stderr)
+        return 130
     md = (report_dir / "report.md").read_text(encoding="utf-8")
     print(md.split("\n## Settings")[0])
     return 0 if report["strategies"] else 1
@@ -108,12 +143,22 @@ def _cmd_live(args: argparse.Namespace, min_weight) -> int:
 
     from serving.live_eval import run_live
 
-    if args.rate is None or not args.rate > 0:
+    if args.rate is None:
         print("freshet eval --live: --rate R (events per second, > 0) is required", file=sys.stderr)
+        return 2
+    if not (args.rate > 0 and math.isfinite(args.rate)):
+        print(f"freshet eval --live: --rate: must be a finite number > 0 (events per second), got {args.rate:g}",
+              file=sys.stderr)
+        return 2
+    if args.token and not args.url:
+        # The service this run starts makes its own token: a --token would be silently ignored.
+        print("freshet eval --live: --token needs --url (the service this run starts makes its own token)",
+              file=sys.stderr)
         return 2
     if args.offline_report and args.no_offline:
         print("freshet eval --live: give --offline-report or --no-offline, not both", file=sys.stderr)
         return 2
+    before = _snapshot(Path(args.report))
     try:
         cfg = load_config(args.config)
         token = args.token or os.environ.get("FRESHET_TOKEN") or cfg.serving.auth_token
@@ -128,6 +173,14 @@ def _cmd_live(args: argparse.Namespace, min_weight) -> int:
         where = f"cannot reach {args.url}: {type(e).__name__}: " if isinstance(e, httpx.HTTPError) else ""
         print(f"freshet eval --live: {where}{e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        # run_live's own cleanup has run by now: the service it started stopped, its Ray shut down.
+        started = (f"the service at {args.url} keeps the events already posted; the Ray it started (if any) was "
+                   "shut down" if args.url else
+                   "the service and Ray it started (if any) were stopped and its temp dirs removed")
+        print(f"freshet eval --live: interrupted; {started}; {_report_left(Path(args.report), before)}",
+              file=sys.stderr)
+        return 130
     md = (Path(args.report) / "live.md").read_text(encoding="utf-8")
     print(md.split("\n## Diagnostics")[0])
     return 0 if report["live"]["evaluated"] else 1

@@ -15,7 +15,7 @@ from ps.lazy import torch
 from workers.config import LossKind, StreamConfig, StreamKind
 from workers.eval.protocol import EvalResult, prequential
 from workers.eval.report import write_report
-from workers.eval.strategies import StrategyUnavailable, make_strategy, parse_strategy_spec
+from workers.eval.strategies import StrategyUnavailable, check_strategy_spec, make_strategy, parse_strategy_spec
 
 if TYPE_CHECKING:  # the root config composes every layer's settings; workers only read it
     from serving.config import FreshetConfig
@@ -37,7 +37,15 @@ def _open_source(cfg: FreshetConfig, data: str, min_weight: float | None, max_ev
     # Rejected rows go to a private temp file: the evaluation reports on quality, not on data
     # hygiene. It goes when the source does (a run of `freshet eval` left one dir per call).
     qdir = tempfile.mkdtemp(prefix="freshet-eval-q-")
-    source = open_source(stream, quarantine_path=os.path.join(qdir, "quarantine.arrow"), model=cfg.model)
+    qfile = os.path.join(qdir, "quarantine.arrow")
+    try:
+        source = open_source(stream, quarantine_path=qfile, model=cfg.model)
+    except BaseException as e:
+        # No source, so no finalizer: remove the dir now, unless the refusal points the user
+        # to the quarantine file it wrote (too many rows quarantined: the reasons are there).
+        if not (os.path.exists(qfile) and qfile in str(e)):
+            shutil.rmtree(qdir, ignore_errors=True)
+        raise
     weakref.finalize(source, shutil.rmtree, qdir, True)
     return source, stream
 
@@ -98,6 +106,10 @@ def run_eval(
     """
     if not strategies:
         raise ValueError("strategies: give at least one strategy")
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size: must be >= 1 events, got {chunk_size}")
+    for spec in strategies:  # before anything is opened or made: a bad spec changes nothing
+        check_strategy_spec(spec)
     if min_weight == "auto":
         min_weight = 4.0 if data != "synthetic" and cfg.model.loss == LossKind.BPR else None
     explicit = cfg.model.loss == LossKind.MSE

@@ -163,8 +163,9 @@ def _markdown(report: dict[str, Any]) -> str:
             f"| {name} | {r['evaluated']} | {_fmt(r.get('recall@10_after_warmup'))} | {r['cold_events']} "
             f"| {_fmt(r['cold_recall@10'])} | {_fmt(r['events_per_s'], 0)} | {_fmt(r.get('rmse'))} | {_fmt(r.get('mae'))} |"
         )
-    lines += ["", "## Targets", ""]
     t = report["targets"]
+    if t:  # none applies without the strategies they compare (e.g. popularity alone)
+        lines += ["", "## Targets", ""]
     if "incremental_over_popularity" in t:
         x = t["incremental_over_popularity"]
         lines.append(f"- incremental / popularity recall@10 = {x['ratio']:.3f} (target ≥ 1.4): {'met' if x['met'] else 'NOT met'}")

@@ -53,6 +53,7 @@ __all__ = [
     "ItemView",
     "Strategy",
     "StrategyUnavailable",
+    "check_strategy_spec",
     "make_strategy",
     "parse_strategy_spec",
 ]
@@ -832,6 +833,24 @@ def parse_strategy_spec(spec: str) -> tuple[str, dict[str, float | int | None]]:
     return name, kwargs
 
 
+def check_strategy_spec(spec: str) -> tuple[str, dict[str, float | int | None]]:
+    """:func:`parse_strategy_spec`, and every setting one the strategy has: what can be checked
+    of a spec without building the strategy (so before anything is started or written).
+
+    Raises:
+        ValueError: an unknown strategy, a malformed spec or a setting the strategy does not have.
+    """
+    import inspect
+
+    name, kwargs = parse_strategy_spec(spec)
+    params = inspect.signature(_CLASSES[name].__init__).parameters
+    allowed = sorted(p for p in params if p not in ("self", "cfg", "total_events"))
+    for key in kwargs:
+        if key not in allowed:
+            raise ValueError(f"strategies: {name} has no setting {key!r}; settings: {', '.join(allowed) or 'none'}")
+    return name, kwargs
+
+
 def make_strategy(spec: str, cfg: FreshetConfig, *, total_events: int) -> Strategy:
     """Build the strategy a spec names (see :func:`parse_strategy_spec`) for a stream of ``total_events``.
 
@@ -845,13 +864,9 @@ def make_strategy(spec: str, cfg: FreshetConfig, *, total_events: int) -> Strate
     """
     import inspect
 
-    name, kwargs = parse_strategy_spec(spec)
+    name, kwargs = check_strategy_spec(spec)
     cls = _CLASSES[name]
     params = inspect.signature(cls.__init__).parameters
-    allowed = sorted(p for p in params if p not in ("self", "cfg", "total_events"))
-    for key in kwargs:
-        if key not in allowed:
-            raise ValueError(f"strategies: {name} has no setting {key!r}; settings: {', '.join(allowed) or 'none'}")
     custom = bool(kwargs)
     if "total_events" in params:
         kwargs["total_events"] = total_events

@@ -119,6 +119,49 @@ def _head_lines(path: Path) -> tuple[int, str | None]:
     return 0, None
 
 
+def _check_utf8(file: Path) -> None:
+    """Refuse a file that is not UTF-8 text, naming the first byte that does not decode.
+
+    pyarrow decodes an invalid row's text before the reader's ``invalid_row_handler`` sees it,
+    so such a byte in a line of the wrong width cannot be caught there: Python printed
+    "Exception ignored in: on_invalid ... UnicodeDecodeError" and the read then failed on a
+    garbled row anyway. One pass of Arrow's UTF-8 check over the mapped file costs little
+    beside the parse, and the pages it touches are the ones the reader reads next.
+    """
+    if file.stat().st_size == 0:
+        return
+    with pa.memory_map(str(file)) as mm:
+        data = mm.read_buffer()
+        text = pa.Array.from_buffers(pa.large_string(), 1, [None, pa.py_buffer(np.array([0, data.size], np.int64)), data])
+        try:
+            text.validate(full=True)
+            return
+        except pa.ArrowInvalid:
+            pass
+    # Only for the refusal: say where. A block ends after a newline, never inside a
+    # multi-byte character; a line longer than a block holds back its last 3 bytes, which
+    # may begin one.
+    line, done, rest = 1, 0, b""
+    with open(file, "rb") as f:
+        while True:
+            block = f.read(1 << 20)
+            data = rest + block
+            cut = (data.rfind(b"\n") + 1 or max(0, len(data) - 3)) if block else len(data)
+            head, rest = data[:cut], data[cut:]
+            try:
+                head.decode("utf-8")
+            except UnicodeDecodeError as e:
+                at = line + head.count(b"\n", 0, e.start)
+                raise ValueError(
+                    f"{file}: not a text ratings file: byte 0x{head[e.start]:02x} at line {at} (file offset "
+                    f"{done + e.start:,}) is not UTF-8; MovieLens ratings files are plain text") from None
+            if not block:
+                raise ValueError(f"{file}: not a text ratings file: it is not valid UTF-8; MovieLens ratings files are "
+                                 "plain text")
+            line += head.count(b"\n")
+            done += len(head)
+
+
 def _is_header(line: str, layout: _Layout) -> bool:
     """True when ``line`` is a header: the layout's 4 fields, none of them a number.
 
@@ -194,6 +237,7 @@ class MovieLensSource(TableSource):
         file = self._locate(Path(path))
         self.path = file
         source = str(file)
+        _check_utf8(file)
         lead, first_data = _head_lines(file)
         expected, detected = _layout_by_name(file), _layout_by_content(first_data)
         layout = detected or expected or _CSV

@@ -35,3 +35,52 @@ def test_the_report_says_how_many_rows_were_quarantined(tmp_path):
              min_weight=None, progress=False)
     assert json.loads((tmp_path / "r" / "report.json").read_text())["meta"]["quarantined"] == 1000
     assert "1600 events (1000 rows of the data quarantined: not valid events)" in (tmp_path / "r" / "report.md").read_text()
+
+
+def _q_dirs(root: Path) -> list[Path]:
+    return sorted(root.glob("freshet-eval-q-*"))
+
+
+def test_a_data_file_that_fails_to_open_leaves_no_temp_dir(tmp_path, monkeypatch):
+    # Every refused file left a /tmp/freshet-eval-q-* dir: open_source raised before the
+    # cleanup of the source was registered.
+    import tempfile
+
+    import pytest
+
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp))
+    cfg = load_config(None, {})
+    for name, text in (("empty.csv", ""), ("header.csv", "userId,movieId,rating,timestamp\n")):
+        f = tmp_path / name
+        f.write_text(text)
+        with pytest.raises(ValueError, match="no events"):
+            _open_source(cfg, str(f), None, None)
+        assert _q_dirs(tmp) == [], name
+    # A refusal that points to the quarantine file it wrote keeps it: the reasons are there.
+    bad = tmp_path / "bad.csv"
+    bad.write_text("userId,movieId,rating,timestamp\n" + "1,x,4.0,100\n" * 5)
+    with pytest.raises(ValueError, match="rows valid") as refused:
+        _open_source(cfg, str(bad), None, None)
+    (kept,) = _q_dirs(tmp)
+    assert str(kept / "quarantine.arrow") in str(refused.value) and (kept / "quarantine.arrow").is_file()
+
+
+def test_a_bad_strategy_spec_changes_nothing(tmp_path, monkeypatch):
+    # `--strategies bogus` left an empty --report dir: it was made before the specs were checked.
+    import tempfile
+
+    import pytest
+
+    from workers.eval.compare import run_eval
+
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp))
+    for specs, why in ((["popularity", "bogus"], "unknown strategy 'bogus'"),
+                       (["retrain:bogus=1"], "retrain has no setting 'bogus'")):
+        with pytest.raises(ValueError, match=why):
+            run_eval(load_config(None, {}), data="synthetic", strategies=specs, report_dir=tmp_path / "r",
+                     max_events=100, progress=False)
+        assert not (tmp_path / "r").exists() and _q_dirs(tmp) == []

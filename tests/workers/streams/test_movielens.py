@@ -379,3 +379,30 @@ def test_digits_of_other_scripts_are_not_numbers_in_a_data_file(tmp_path):
     got = {r["row"]: r["reason"] for r in read_quarantine(q).to_pylist()}
     assert got == {2: "user_id: must be an integer, got '١٢'", 3: "weight: must be a number, got '٤'",
                    4: "user_id: must be an integer, got '１'"}
+
+
+def test_a_binary_or_non_utf8_file_is_refused_cleanly(tmp_path, monkeypatch):
+    # A binary --data printed "Exception ignored in: <function MovieLensSource.__init__.<locals>
+    # .on_invalid ...> UnicodeDecodeError" (pyarrow decodes an invalid row before the handler
+    # sees it), then failed on a garbled row. Now: one clear error naming where, nothing unraisable.
+    import sys
+
+    unraisable = []
+    monkeypatch.setattr(sys, "unraisablehook", unraisable.append)
+    rng = np.random.default_rng(7)
+    binary = tmp_path / "ratings.csv"
+    body = bytearray(rng.integers(0, 256, 4096, dtype=np.uint8).tobytes())
+    body[:6] = b"1,2,3\xaa"  # a continuation byte where a character must start: never UTF-8
+    binary.write_bytes(bytes(body))
+    with pytest.raises(ValueError, match=r"ratings\.csv: not a text ratings file: byte 0xaa at line 1 \(file offset 5\)"):
+        MovieLensSource(binary)
+    # One Latin-1 byte on line 4 of an otherwise good file (a wrong-width line, the handler's case).
+    latin = tmp_path / "latin1.csv"
+    latin.write_bytes(b"userId,movieId,rating,timestamp\n1,2,4.0,100\n1,3,4.0,101\n2,caf\xe9\n")
+    with pytest.raises(ValueError, match=r"byte 0xe9 at line 4 \(file offset 61\) is not UTF-8"):
+        MovieLensSource(latin)
+    assert unraisable == []
+    # A UTF-8 BOM and non-ASCII text that is valid UTF-8 are not refused by this check.
+    ok = tmp_path / "bom.csv"
+    ok.write_bytes("\ufeffuserId,movieId,rating,timestamp\n1,2,4.0,100\n1,3,4.0,101\n1,é,4.0,102\n".encode())
+    assert MovieLensSource(ok).quarantined == 1
