@@ -22,7 +22,7 @@ from serving.config import FreshetConfig
 from workers.ingest_log import INGEST_ACTOR, start_ingest
 from workers.trainer import start_trainers, trainer_actor_name
 
-__all__ = ["Deployment", "actor_names", "start", "stop"]
+__all__ = ["Deployment", "actor_names", "start", "stop", "with_absolute_paths"]
 
 
 @dataclass
@@ -36,10 +36,16 @@ class Deployment:
     trainers: list[Any] = field(default_factory=list)
     url: str | None = None  # the Serve app's base URL, once it is up
 
-    def start_ingest(self, *, detached: bool = False) -> Any:
-        """Start the ingest log actor (if not yet started) and wait until it has recovered."""
+    def start_ingest(self, *, detached: bool = False, expect_log: bool = False) -> Any:
+        """Start the ingest log actor (if not yet started) and wait until it has recovered;
+        ``expect_log``: refuse to create a new log (:func:`workers.ingest_log.start_ingest`).
+
+        Raises:
+            ray.exceptions.RayActorError: the log failed to open.
+        """
         if self.ingest is None:
-            self.ingest = start_ingest(self.cfg.ingest, namespace=self.cfg.namespace, detached=detached)
+            self.ingest = start_ingest(self.cfg.ingest, namespace=self.cfg.namespace, detached=detached,
+                                       expect_log=expect_log)
         return self.ingest
 
     def start_serving(self, *, ready_timeout_s: float = 120.0) -> str:
@@ -54,6 +60,40 @@ class Deployment:
     def start_training(self) -> None:
         """Start every trainer's background loop (those not started with ``autostart``)."""
         ray.get([t.start.remote() for t in self.trainers])
+
+
+def with_absolute_paths(cfg: FreshetConfig) -> FreshetConfig:
+    """``cfg`` with its local state paths (``ingest.dir`` unless a URI, ``ingest.state_dir``,
+    ``stream.quarantine_path``) made absolute against this process's working directory.
+
+    An actor resolves a relative path against its Ray worker's working directory, which is
+    where ``ray start`` ran on its node, not where ``freshet up`` runs: the shards, the log
+    and the trainers of one deployment would keep their state in different places.
+    ``stream.path`` is left as written: the trainers name a file stream by a digest of its
+    settings, and a new name would make them resend pushes the shards already applied.
+    """
+    ingest, stream = cfg.ingest, cfg.stream
+    ingest_update: dict[str, str] = {}
+    if not ingest.dir_is_uri():
+        ingest_update["dir"] = str(Path(ingest.dir).absolute())
+    if ingest.state_dir is not None:
+        ingest_update["state_dir"] = str(Path(ingest.state_dir).absolute())
+    update: dict[str, Any] = {"ingest": ingest.model_copy(update=ingest_update)}
+    if stream.quarantine_path is not None:
+        update["stream"] = stream.model_copy(update={"quarantine_path": str(Path(stream.quarantine_path).absolute())})
+    return cfg.model_copy(update=update)
+
+
+def log_consumed(cfg: FreshetConfig) -> bool:
+    """Whether a durable deployment of ``cfg`` has trainers that committed offsets of the ingest
+    log (its trainer WALs under :func:`state_dirs`): that log must exist, a new one may not
+    take its place."""
+    from workers.config import StreamKind
+    from workers.wal import read_committed
+
+    if cfg.stream.kind != StreamKind.INGEST:
+        return False
+    return any(o > 0 for _, d in trainer_state_dirs(cfg) for o in read_committed(d).offsets.values())
 
 
 def state_dirs(cfg: FreshetConfig) -> dict[str, Path]:
@@ -162,6 +202,11 @@ def start(
     CPUs and GPUs the actors reserve are checked against what the cluster has first: Ray
     would otherwise wait for them forever.
 
+    Local state paths are made absolute here, against this process's working directory
+    (:func:`with_absolute_paths`), before any actor gets the config; the returned
+    :class:`Deployment`'s ``cfg`` is that config. A durable deployment whose trainers have
+    consumed an ingest log refuses to start a new, empty one in its place.
+
     If any step fails, everything this call started is removed before the error propagates.
 
     Raises:
@@ -169,7 +214,10 @@ def start(
             durable trainer state written for another ``trainer.num_workers``.
         FileNotFoundError: ``restore_from`` lacks a shard's checkpoint.
         TimeoutError: the shards or the app did not come up in time.
+        ray.exceptions.RayActorError: an actor failed to start (e.g. the ingest log the
+            trainers consumed is gone: :class:`workers.ingest_log.LogMissingError`).
     """
+    cfg = with_absolute_paths(cfg)
     if require_fit:
         check_fits(cfg, ray.cluster_resources(), trainers=trainers, serving=serving)
     if durable and trainers:
@@ -180,7 +228,7 @@ def start(
         dep.ps = start_shards(cfg.ps, namespace=cfg.namespace, detached=detached, state_dir=dirs["ps"],
                               restore_from=restore_from, timeout_s=shard_timeout_s)
         if ingest:
-            dep.start_ingest(detached=detached)
+            dep.start_ingest(detached=detached, expect_log=durable and log_consumed(cfg))
         if trainers:
             dep.trainers = start_trainers(cfg, detached=detached, evaluate=evaluate, max_events=max_events,
                                           state_dir=dirs["trainers"], autostart=autostart)

@@ -175,6 +175,48 @@ def test_head_starts_ray_then_freshet_up_from_the_venv(prepared: dict, pyproject
     assert args.address == "auto"
 
 
+def _freshet_args(commands: list[str], sub: str):
+    """The parsed ``freshet <sub>`` of the head's start commands."""
+    from serving import cli
+
+    cmd = commands[_index(commands, rf"~/venv/bin/freshet {sub}\b")]
+    return cli._parser().parse_args(shlex.split(cmd.split("~/venv/bin/freshet", 1)[1].split("||")[0]))
+
+
+def _local_path(prepared: dict, remote: str) -> Path:
+    """The file on the machine running ``ray up`` that file_mounts puts at ``remote`` on the nodes."""
+    for mount, local in prepared["file_mounts"].items():
+        if remote == mount or remote.startswith(mount.rstrip("/") + "/"):
+            return (REPO if local == "." else Path(local).expanduser()) / remote[len(mount):].lstrip("/")
+    pytest.fail(f"{remote} is not under any file_mounts entry {sorted(prepared['file_mounts'])}")
+
+
+def test_up_and_down_share_a_config_with_shared_storage_to_fill_in(prepared: dict, tmp_path: Path) -> None:
+    # Both ran with no --config: the single-node default (a local freshet-data) was deployed onto
+    # a cluster with worker nodes, and `down` looked for a state file `up` never wrote there.
+    from ps.config import ConfigError
+    from serving.config import load_config
+
+    commands = prepared["head_start_ray_commands"]
+    up, down = _freshet_args(commands, "up"), _freshet_args(commands, "down")
+    assert up.config and up.config == down.config
+    path = _local_path(prepared, up.config)
+    assert path.is_file(), path
+    # Shipped unfilled, it fails at load time naming the field, never running on a placeholder path.
+    with pytest.raises(ConfigError, match=r"ingest\.dir 's3://<bucket>/freshet': the placeholder <bucket> is not filled in"):
+        load_config(path)
+    text = path.read_text(encoding="utf-8")
+    filled = re.sub(r"<shared mount[^>]*>", "/mnt/freshet", text.replace("<bucket>", "my-bucket"))
+    assert filled != text
+    (tmp_path / "filled.yaml").write_text(filled, encoding="utf-8")
+    cfg = load_config(tmp_path / "filled.yaml")
+    assert cfg.ingest.dir == "s3://my-bucket/freshet" and cfg.ingest.state_dir == "/mnt/freshet"
+    only_dir = text.replace("<bucket>", "my-bucket")
+    (tmp_path / "half.yaml").write_text(only_dir, encoding="utf-8")
+    with pytest.raises(ConfigError, match=r"ingest\.state_dir '<shared mount.*': the placeholder .* is not filled in"):
+        load_config(tmp_path / "half.yaml")
+
+
 def test_workers_join_the_head_port(prepared: dict) -> None:
     head_port = re.search(r"--port=(\d+)", " ".join(prepared["head_start_ray_commands"])).group(1)
     worker = prepared["worker_start_ray_commands"]

@@ -399,9 +399,18 @@ class IngestConfig(ConfigModel):
             return scheme
         return None
 
+    @staticmethod
+    def _check_filled(field: str, value: str) -> None:
+        # A template's "<bucket>" left as it is would be a valid path or object key: the
+        # deployment would run, on storage nobody meant (a local dir named "<bucket>").
+        if (m := re.search(r"<[^<>]*>", value)) is not None:
+            raise ValueError(f"{field} {value!r}: the placeholder {m.group(0)} is not filled in; "
+                             "replace it with your storage's location")
+
     @field_validator("dir")
     @classmethod
     def _check_dir(cls, value: str) -> str:
+        cls._check_filled("ingest.dir", value)
         scheme = cls._uri_scheme(value)
         if scheme is None:
             return value
@@ -422,6 +431,8 @@ class IngestConfig(ConfigModel):
 
     @model_validator(mode="after")
     def _check_state_dir(self) -> "IngestConfig":
+        if self.state_dir is not None:
+            self._check_filled("ingest.state_dir", self.state_dir)
         if self.state_dir is not None and self._uri_scheme(self.state_dir) is not None:
             raise ValueError(
                 f"ingest.state_dir {self.state_dir!r} must be a local directory (or shared storage mounted at the "

@@ -78,6 +78,7 @@ __all__ = [
     "IdempotencyKeyReused",
     "IngestLog",
     "IngestWriteError",
+    "LogMissingError",
     "TrimmedOffsetError",
     "read_first_offsets",
     "read_log_id",
@@ -103,6 +104,27 @@ _OPEN_MAPS = 16
 # Decoded URI objects kept for reads; an object is one append (at most
 # serving.max_events_per_request events), so this is a few MB.
 _CACHED_OBJECTS = 64
+
+
+class LogMissingError(RuntimeError):
+    """The ingest log a restarted actor or an existing deployment needs is not at ``ingest.dir``
+    (its ``LOG_ID`` is gone: a lost node's local disk, a removed directory, an unmounted share)."""
+
+
+def _restarted_actor() -> bool:
+    """Whether this process runs an actor that Ray has restarted (False outside an actor)."""
+    if not ray.is_initialized():
+        return False
+    ctx = ray.get_runtime_context()
+    return ctx.get_actor_id() is not None and bool(ctx.was_current_actor_reconstructed)
+
+
+def _stored_log_id(cfg: IngestConfig, filesystem: pafs.FileSystem | None) -> str | None:
+    """The ``LOG_ID`` at ``cfg.dir`` read through ``filesystem`` where given; creates nothing."""
+    if filesystem is None:
+        return read_log_id(cfg)
+    _, root = pafs.FileSystem.from_uri(cfg.dir)
+    return _read_text(filesystem, f"{root.rstrip('/')}/ingest/{_LOG_ID}")
 
 
 class IngestWriteError(RuntimeError):
@@ -778,19 +800,34 @@ class IngestLog:
     batch and the dedup window.
     """
 
-    def __init__(self, cfg: IngestConfig, *, filesystem: pafs.FileSystem | None = None):
+    def __init__(self, cfg: IngestConfig, *, filesystem: pafs.FileSystem | None = None, expect_log: bool = False):
         """Open (creating or recovering) the log at ``cfg.dir``.
 
         ``filesystem`` replaces the file system ``cfg.dir``'s URI resolves to, keeping
-        its paths (e.g. a wrapper); only valid when ``cfg.dir`` is a URI.
+        its paths (e.g. a wrapper); only valid when ``cfg.dir`` is a URI. A log is created
+        only by a first start: with ``expect_log`` (the deployment's trainers have consumed
+        a log there) or in Ray's restart of the actor, a missing log is an error.
 
         Raises:
             ValueError: ``filesystem`` given for a local ``cfg.dir``.
+            LogMissingError: ``expect_log`` or a restarted actor, and no log at ``cfg.dir``.
             RuntimeError: the log has another partition count than ``cfg.partitions``, or
                 its segments/objects are not contiguous or unreadable (naming the file).
         """
         if filesystem is not None and not cfg.dir_is_uri():
             raise ValueError(f"filesystem: only used when ingest.dir is a URI, got {cfg.dir!r}")
+        restarted = _restarted_actor()
+        if (expect_log or restarted) and _stored_log_id(cfg, filesystem) is None:
+            # A new empty log would acknowledge events from offset 0 again, which the trainers
+            # (holding the old log's offsets and identity) would never train: refuse, so the
+            # actor is dead and /events and /healthz answer 503 until an operator acts.
+            why = ("this is Ray's restart of the ingest log actor, which created it earlier" if restarted
+                   else "this deployment's trainers have committed offsets in it (ingest.state_dir's trainers/)")
+            raise LogMissingError(
+                f"ingest.dir {cfg.dir!r}: the ingest log is gone ({cfg.dir.rstrip('/')}/ingest/{_LOG_ID} not found) "
+                f"but {why}; a new empty log would acknowledge events the trainers never train. Bring the "
+                "directory back (remount the shared storage, restore it), or start from a fresh ingest.dir "
+                "and ingest.state_dir")
         self.cfg = cfg
         self._store = _ObjectStore(cfg, filesystem) if cfg.dir_is_uri() else _LocalStore(cfg)
         meta = self._read_meta()
@@ -1392,11 +1429,15 @@ def read_first_offsets(cfg: IngestConfig) -> dict[int, int]:
     return {p: int(o) for p, o in enumerate(meta.get("first_offsets", []))}
 
 
-def start_ingest(cfg: IngestConfig, *, namespace: str, detached: bool = False):
+def start_ingest(cfg: IngestConfig, *, namespace: str, detached: bool = False, expect_log: bool = False):
     """Create the named ``IngestLog`` actor (an async actor) and wait until it has recovered its log.
 
+    ``expect_log``: the deployment already consumed a log at ``cfg.dir``, so none may be
+    created there (:class:`IngestLog`). Ray's restarts of the actor never create one either.
+
     Raises:
-        ray.exceptions.RayActorError: the log failed to open (e.g. a partition-count mismatch).
+        ray.exceptions.RayActorError: the log failed to open (e.g. a partition-count mismatch,
+            or :class:`LogMissingError`).
         ray.exceptions.GetTimeoutError: recovery took over 120 s.
     """
     opts: dict[str, Any] = dict(name=INGEST_ACTOR, namespace=namespace, num_cpus=0, max_restarts=-1, max_task_retries=0)
@@ -1405,6 +1446,6 @@ def start_ingest(cfg: IngestConfig, *, namespace: str, detached: bool = False):
     # with an Idempotency-Key when it wants exactly once.
     if detached:
         opts["lifetime"] = "detached"
-    handle = ray.remote(IngestLog).options(**opts).remote(cfg)
+    handle = ray.remote(IngestLog).options(**opts).remote(cfg, expect_log=expect_log)
     ray.get(handle.ping.remote(), timeout=120)
     return handle

@@ -172,6 +172,23 @@ def _gcs_address(state: dict[str, Any]) -> str | None:
     return str(address).strip() or None if address else None
 
 
+def local_state_warning(cfg: FreshetConfig, alive_nodes: int) -> str | None:
+    """The warning ``up`` prints on joining a cluster of ``alive_nodes`` nodes when ``cfg``'s
+    ingest log is a local path (and so, unless ``ingest.state_dir`` says otherwise, its state):
+    None on one node, or with ``ingest.dir`` a URI. Only a warning: a local path may be shared
+    storage mounted at the same place on every node, which cannot be told from here."""
+    if alive_nodes <= 1 or cfg.ingest.dir_is_uri():
+        return None
+    fields = f"ingest.dir {cfg.ingest.dir!r}" + (
+        " and ingest.state_dir (unset: the state is kept under ingest.dir)" if cfg.ingest.state_dir is None
+        else f" (ingest.state_dir {cfg.ingest.state_dir!r} too must be shared)")
+    return (f"the Ray cluster has {alive_nodes} nodes and {fields} is a local path: unless it is mounted at the "
+            "same path on every node, an actor Ray places or restarts on another node keeps the ingest log or "
+            "the state on that node's disk, where the rest of the deployment never sees it (events acknowledged "
+            "there go untrained, a restart starts empty). Set ingest.dir to shared storage (s3://...) and "
+            "ingest.state_dir to a shared mount (README, Multi-node)")
+
+
 def _service_gone(state: dict[str, Any]) -> str | None:
     """Why the service that a finished ``up`` recorded in ``state`` no longer runs, or None when
     it may still. A head of its own: its processes are gone. A joined cluster: nothing listens at
@@ -484,6 +501,10 @@ def cmd_up(args: argparse.Namespace) -> int:
             # What `auto` resolved to now: `down` and `ckpt` reach this cluster, not the one
             # `auto` names by then.
             state["gcs_address"] = ray.get_runtime_context().gcs_address
+        if args.address is not None:
+            alive = sum(1 for n in ray.nodes() if n.get("Alive"))
+            if (warning := local_state_warning(cfg, alive)) is not None:
+                print(f"freshet up: WARNING: {warning}", file=sys.stderr)
 
         step = f"checking that namespace {cfg.namespace} is free"
         taken = sorted(ray.util.list_named_actors())
@@ -531,7 +552,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         return 1
     auth = ("Ray token auth on" if state["head"] and state["head"]["auth"]
             else "Ray token auth OFF" if state["head"] else "joined cluster's own auth")
-    print(f"Freshet is up: {dep.url} (Ray at {state['address']}, {auth}, namespace {cfg.namespace}). "
+    print(f"Freshet is up: {dep.url} (Ray at {_gcs_address(state)}, {auth}, namespace {cfg.namespace}). "
           "Stop it with `freshet down`.")
     return 0
 

@@ -100,3 +100,45 @@ def test_an_app_with_no_room_for_its_replica_times_out_instead_of_waiting_foreve
                            r"CPUs free in the cluster: 2\): DEPLOYING"):
             run_app(cfg, ready_timeout_s=5)
         assert time.monotonic() - t0 < 60  # not forever: the limit, plus Serve's own start
+
+
+def test_local_state_paths_become_absolute_and_uris_stay_as_written(tmp_path, monkeypatch):
+    # Actors resolve a relative path in their Ray worker's cwd (where `ray start` ran), not in
+    # the deploying process's: the shards, the log and the trainers kept state in two places.
+    from serving.deploy import with_absolute_paths
+
+    monkeypatch.chdir(tmp_path)
+    cfg = with_absolute_paths(load_config(None, {"ingest": {"dir": "data", "state_dir": "state"},
+                                                 "stream": {"quarantine_path": "q/rejects.arrow"}}))
+    assert (cfg.ingest.dir, cfg.ingest.state_dir, cfg.stream.quarantine_path) == (
+        str(tmp_path / "data"), str(tmp_path / "state"), str(tmp_path / "q" / "rejects.arrow"))
+    assert with_absolute_paths(cfg) == cfg
+    shared = with_absolute_paths(load_config(None, {"ingest": {"dir": "s3://bucket/freshet", "state_dir": "/mnt/f"}}))
+    assert (shared.ingest.dir, shared.ingest.state_dir, shared.stream.quarantine_path) == (
+        "s3://bucket/freshet", "/mnt/f", None)
+
+
+def test_only_trainer_offsets_of_the_ingest_log_make_it_expected(tmp_path):
+    from serving.deploy import log_consumed, state_dirs
+    from workers.wal import TrainerWAL
+
+    live = load_config(None, {"stream": {"kind": "ingest", "num_events": None}, "ingest": {"dir": str(tmp_path)}})
+    assert not log_consumed(live)  # a first start: the log is created
+    TrainerWAL(state_dirs(live)["trainers"] / "trainer-0").commit({}, 0, 500)  # a restore into a fresh log
+    assert not log_consumed(live)
+    TrainerWAL(state_dirs(live)["trainers"] / "trainer-0").commit({0: 12}, 12)
+    assert log_consumed(live)
+    assert not log_consumed(load_config(None, {"ingest": {"dir": str(tmp_path)}}))  # a file stream's offsets
+
+
+def test_joining_several_nodes_with_a_local_ingest_dir_warns_naming_the_fields():
+    from serving.cli.service import local_state_warning
+
+    local = load_config(None, {})
+    assert local_state_warning(local, 1) is None
+    warning = local_state_warning(local, 3)
+    assert "3 nodes and ingest.dir 'freshet-data' and ingest.state_dir (unset" in warning
+    assert "is a local path" in warning
+    assert "ingest.state_dir '/mnt/f' too must be shared" in local_state_warning(
+        load_config(None, {"ingest": {"state_dir": "/mnt/f"}}), 2)
+    assert local_state_warning(load_config(None, {"ingest": {"dir": "s3://b/f", "state_dir": "/mnt/f"}}), 5) is None

@@ -612,3 +612,18 @@ def test_a_failed_metadata_write_leaves_no_temporary_file(tmp_path, monkeypatch)
         store.put("META.json", b"{}", durable=True)
     monkeypatch.setattr(ingest_log.os, "fsync", os.fsync)
     assert sorted(p.name for p in store.root.iterdir()) == []  # neither the file nor its half-written copy
+
+
+@pytest.mark.parametrize("partitions", [1, 3])
+def test_a_log_the_deployment_expects_is_never_created_anew(tmp_path, partitions):
+    # A lost ingest dir used to come back as a new, empty log (a new LOG_ID, offsets from 0)
+    # whose events the trainers, holding the old log's offsets, never trained.
+    from workers.ingest_log import LogMissingError
+
+    cfg = IngestConfig(dir=str(tmp_path / "data"), fsync=False, partitions=partitions)
+    with pytest.raises(LogMissingError, match=r"ingest\.dir '.*data': the ingest log is gone \(.*LOG_ID not found\)"):
+        IngestLog(cfg, expect_log=True)
+    assert read_log_id(cfg) is None  # refusing wrote nothing that would pass for a log next time
+    first = SyncLog(cfg)  # a first start creates it, as before
+    first.append([1], [2], [None], [1.0])
+    assert SyncLog(cfg, expect_log=True).log_id == first.log_id == read_log_id(cfg)
