@@ -9,11 +9,13 @@ import importlib.metadata
 import math
 import os
 import platform
+import signal
 import tempfile
+import threading
 from pathlib import Path
 from typing import Any
 
-__all__ = ["at_least", "cpu_between", "fraction", "machine", "ray_temp_dir", "tree_cpu_s"]
+__all__ = ["at_least", "cpu_between", "fraction", "machine", "ray_temp_dir", "sigint_deferred", "tree_cpu_s"]
 
 
 def at_least(minimum: float, kind: type = int):
@@ -70,6 +72,21 @@ def machine(*packages: str, **extra: Any) -> dict[str, Any]:
         with contextlib.suppress(importlib.metadata.PackageNotFoundError):
             out[pkg] = importlib.metadata.version(pkg)
     return {**out, **extra}
+
+
+@contextlib.contextmanager
+def sigint_deferred():
+    """Ignore SIGINT inside the block (restored after): the cleanup after a Ctrl-C (stopping the
+    Ray a benchmark started) must not be cut short by a second Ctrl-C, which would leave that
+    Ray running. Does nothing outside the main thread, where Python cannot set handlers."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    before = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, before)
 
 
 def ray_temp_dir(prefix: str) -> str:

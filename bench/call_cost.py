@@ -37,7 +37,9 @@ ticks of 10 ms: keep ``--calls`` in the hundreds), which is what a CPU-bound dep
 behind ``ray.max_inline_bytes`` (:class:`serving.config.RayConfig`): the size below which
 inline is the cheaper path; and behind keeping the PS on plain actor calls (BENCHMARKS.md
 section 7). Prints a table; writes ``<out>/call_cost.json`` and
-``<out>/call_cost.png``.
+``<out>/call_cost.png``. Exit status 0; 1 when the pipeline model failed (the per-call
+results are written all the same, ``pipeline`` holding the reason); 130 on Ctrl-C, which
+stops the Ray it started and keeps the per-call results if that part was finished.
 """
 
 from __future__ import annotations
@@ -45,14 +47,16 @@ from __future__ import annotations
 import argparse
 import datetime as _dt
 import json
+import math
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from bench import cpu_between, machine, ray_temp_dir, tree_cpu_s
+from bench import cpu_between, machine, ray_temp_dir, sigint_deferred, tree_cpu_s
 
 __all__ = ["PIPELINE_MB", "PIPELINE_SHARD_MS", "PIPELINE_TRAINER_MS", "PIPELINE_WAYS", "REPORT_KEYS", "break_even_mb",
            "format_table", "main", "measure", "run_pipeline", "write_report"]
@@ -88,7 +92,7 @@ def _burn(ms: float) -> None:
 
 
 def measure(sizes_mb: list[float], calls: int, *, idle_s: float = 2.0, pipeline_rounds: int = 2,
-            pipeline_batches: int = 49, progress: bool = True) -> dict[str, Any]:
+            pipeline_batches: int = 49, progress: bool = True, into: dict[str, Any] | None = None) -> dict[str, Any]:
     """Start Ray, time ``calls`` calls per size and path, stop Ray; then run the pipeline
     model on a fresh Ray with Freshet's transport settings.
 
@@ -97,20 +101,25 @@ def measure(sizes_mb: list[float], calls: int, *, idle_s: float = 2.0, pipeline_
     ``compiled_graph_idle_cores``: the cores the whole process tree used over ``idle_s``
     seconds with no call made, before and after the actor joined a compiled graph (None
     without ``/proc``); ``pipeline``: see :func:`run_pipeline` (None when ``pipeline_rounds``
-    is 0).
+    is 0; ``{"failed": reason}`` when it raised: the per-call figures stand on their own, so
+    they are returned all the same); ``per_call_done``: True once the per-call part is
+    complete. ``into``: the dict to fill (returned), so that a caller interrupted by Ctrl-C
+    still has what was measured.
 
     Raises:
-        RuntimeError: the actor answered a wrong sum (a byte was lost or changed), or a
-            pipeline shard answered rows of the wrong size.
+        RuntimeError: the actor answered a wrong sum (a byte was lost or changed).
     """
     import ray
     from ray.dag import InputNode
 
+    got = into if into is not None else {}
+    got.update(rows=[], plain_idle_cores=None, compiled_graph_idle_cores=None, pipeline=None, per_call_done=False)
+    rows: list[dict[str, Any]] = got["rows"]
     biggest = int(max(sizes_mb) * _MB) + _MB
-    # Every size travels inline unless a reference is passed (Ray inlines at most 10 MB per call).
-    _ray_init({"max_direct_call_object_size": biggest, "task_rpc_inlined_bytes_limit": 2 * biggest})
-    rows: list[dict[str, Any]] = []
     try:
+        # Every size travels inline unless a reference is passed (Ray inlines at most 10 MB per call).
+        _ray_init({"max_direct_call_object_size": biggest, "task_rpc_inlined_bytes_limit": 2 * biggest})
+
         @ray.remote(num_cpus=0)
         class Sink:
             def total(self, a: np.ndarray) -> int:
@@ -123,7 +132,7 @@ def measure(sizes_mb: list[float], calls: int, *, idle_s: float = 2.0, pipeline_
         ray.get(sink.ready.remote())  # the actor is up before anything is timed
         with InputNode() as inp:
             dag = sink.total.bind(inp)
-        plain_idle = _idle_cores(idle_s)
+        plain_idle = got["plain_idle_cores"] = _idle_cores(idle_s)
         rng = np.random.default_rng(0)
         warm = max(3, calls // 10)
         arrays = [rng.integers(0, 256, max(1, int(mb * _MB)), dtype=np.uint8) for mb in sizes_mb]
@@ -144,10 +153,10 @@ def measure(sizes_mb: list[float], calls: int, *, idle_s: float = 2.0, pipeline_
                 cpu0 = tree_cpu_s()
                 for _ in range(calls):
                     t = time.perf_counter()
-                    got = call(a)
+                    answer = call(a)
                     walls.append(time.perf_counter() - t)
-                    if got != want:
-                        raise RuntimeError(f"{path} call of {mb} MB: sum {got} != {want}")
+                    if answer != want:
+                        raise RuntimeError(f"{path} call of {mb} MB: sum {answer} != {want}")
                 cpu = cpu_between(cpu0, tree_cpu_s()) or 0.0
                 rows.append({"size_mb": mb, "path": path, "wall_ms": float(np.median(walls)) * 1e3,
                              "cpu_ms": cpu / calls * 1e3})
@@ -155,25 +164,31 @@ def measure(sizes_mb: list[float], calls: int, *, idle_s: float = 2.0, pipeline_
                     r = rows[-1]
                     print(f"call_cost: {mb:g} MB {path}: {r['wall_ms']:.2f} ms wall, {r['cpu_ms']:.2f} ms CPU",
                           flush=True)
-        graph_idle = _idle_cores(idle_s)
+        graph_idle = got["compiled_graph_idle_cores"] = _idle_cores(idle_s)
         if progress and graph_idle is not None:
             print(f"call_cost: no calls for {idle_s:g} s: {plain_idle:.2f} cores busy, {graph_idle:.2f} with the "
                   "compiled graph", flush=True)
         graph.teardown()
+        got["per_call_done"] = True
     finally:
-        ray.shutdown()
-    pipeline = None
+        with sigint_deferred():  # a second Ctrl-C must not leave this Ray running
+            ray.shutdown()
     if pipeline_rounds:
         from serving.config import RayConfig
 
         transport = RayConfig()
-        _ray_init(transport.system_config())
         try:
-            pipeline = run_pipeline(pipeline_rounds, pipeline_batches, idle_s=idle_s, progress=progress)
-            pipeline["max_inline_bytes"] = transport.max_inline_bytes
-        finally:
-            ray.shutdown()
-    return {"rows": rows, "plain_idle_cores": plain_idle, "compiled_graph_idle_cores": graph_idle, "pipeline": pipeline}
+            try:
+                _ray_init(transport.system_config())
+                pipeline = run_pipeline(pipeline_rounds, pipeline_batches, idle_s=idle_s, progress=progress)
+            finally:
+                with sigint_deferred():
+                    ray.shutdown()
+        except Exception as e:  # noqa: BLE001 - reported in the JSON and the exit status, not raised
+            got["pipeline"] = {"failed": f"{type(e).__name__}: {e}"}
+        else:
+            got["pipeline"] = {**pipeline, "max_inline_bytes": transport.max_inline_bytes}
+    return got
 
 
 def _ray_init(system_config: dict[str, int]) -> None:
@@ -344,7 +359,10 @@ def write_report(report: dict[str, Any], out: Path) -> tuple[Path, Path]:
         ax.text(0.02, 0.97, f"no calls: {base:.2f} cores busy; {idle:.2f} with the compiled graph", transform=ax.transAxes,
                 va="top")
     pipe = report.get("pipeline")
-    if pipe:
+    if pipe and "failed" in pipe:
+        ax.text(0.02, 0.89, f"PS pipeline model FAILED: {pipe['failed'][:80]}", transform=ax.transAxes, va="top",
+                fontsize=8, color="red")
+    elif pipe:
         best = {w: min(r[w] for r in pipe["rounds"]) for w in PIPELINE_WAYS}
         ax.text(0.02, 0.89, f"PS pipeline model, {pipe['batches']} batches, fastest round (s):\n"
                 f"serial: plain calls {best['plain_s']:.2f}, compiled graph {best['graph_s']:.2f}, "
@@ -370,9 +388,13 @@ def _sizes(text: str) -> list[float]:
     try:
         v = [float(x) for x in text.split(",") if x.strip()]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"--sizes: {text!r} is not a comma-separated list of MB") from None
-    if not v or any(x < 0 or x > 8 for x in v):
-        raise argparse.ArgumentTypeError(f"--sizes: each size must be within 0-8 MB (got {text!r})")
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of MB") from None
+    # Written as "not within" so that nan (every comparison False) is refused too.
+    if not v or not all(math.isfinite(x) and 0 <= x <= 8 for x in v):
+        raise argparse.ArgumentTypeError(f"each size must be a number within 0-8 MB (got {text!r})")
+    if len(set(v)) != len(v):
+        raise argparse.ArgumentTypeError(f"a size is given twice (got {text!r}): its rows would be measured twice and "
+                                         "the table would show one of them")
     return v
 
 
@@ -399,20 +421,41 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--pipeline-batches must be within 1-10000")
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    got = measure(args.sizes, args.calls, idle_s=args.idle_s, pipeline_rounds=args.pipeline_rounds,
-                  pipeline_batches=args.pipeline_batches, progress=not args.quiet)
+    load_start = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    got: dict[str, Any] = {}
+    try:
+        measure(args.sizes, args.calls, idle_s=args.idle_s, pipeline_rounds=args.pipeline_rounds,
+                pipeline_batches=args.pipeline_batches, progress=not args.quiet, into=got)
+    except KeyboardInterrupt:
+        # measure() has shut its Ray down on the way out (its finally blocks).
+        if not got.get("per_call_done"):
+            print("\ninterrupted: stopped its Ray; nothing kept (the per-call part was not finished)", file=sys.stderr)
+            return 130
+        got["pipeline"] = {"failed": "interrupted (Ctrl-C)"}
+        interrupted = True
+    else:
+        interrupted = False
     rows, idle_cores, pipe = got["rows"], got["compiled_graph_idle_cores"], got["pipeline"]
-    report = {"bench": "call_cost", "date": _dt.datetime.now().isoformat(timespec="seconds"),
-              "machine": machine("ray", "numpy"), "calls": args.calls, "idle_s": args.idle_s, "rows": rows,
+    report = {"bench": "call_cost", "date": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+              "machine": machine("ray", "numpy", loadavg_start=load_start,
+                                 loadavg_end=os.getloadavg()[0] if hasattr(os, "getloadavg") else None),
+              "calls": args.calls, "idle_s": args.idle_s, "rows": rows,
               "break_even_mb": break_even_mb(rows), "plain_idle_cores": got["plain_idle_cores"],
               "compiled_graph_idle_cores": idle_cores, "pipeline": pipe}
+    if interrupted:
+        js, png = write_report(report, Path(args.out))
+        print(f"\ninterrupted in the pipeline model: stopped its Ray; kept the per-call results in {js} and {png} "
+              "(pipeline marked as interrupted)", file=sys.stderr)
+        return 130
     print(format_table(rows))
     be = report["break_even_mb"]
     print(f"object store cheaper in CPU from: {'never, up to ' + format(max(args.sizes), 'g') + ' MB' if be is None else format(be, 'g') + ' MB'}")
     if idle_cores is not None:
         print(f"no calls for {args.idle_s:g} s, all processes: {report['plain_idle_cores']:.2f} cores busy with a plain "
               f"actor, {idle_cores:.2f} with it in a compiled graph")
-    if pipe:
+    if pipe and "failed" in pipe:
+        print(f"PS pipeline model: FAILED: {pipe['failed']}")
+    elif pipe:
         print(f"PS pipeline model, {pipe['batches']} batches ({pipe['trainer_ms']:g} ms trainer + {pipe['shard_ms']:g} ms "
               f"a shard, {pipe['mb']:g} MB a shard each way, ray.max_inline_bytes {pipe['max_inline_bytes']:,}; work "
               f"alone {pipe['floor_s']:.2f} s serial, {pipe['overlap_floor_s']:.2f} s overlapped):")
@@ -425,7 +468,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"{pipe['graph_idle_cores']:.2f} with the two-shard graph compiled")
     js, png = write_report(report, Path(args.out))
     print(f"wrote {js} and {png}")
-    return 0
+    return 1 if pipe and "failed" in pipe else 0
 
 
 if __name__ == "__main__":

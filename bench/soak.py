@@ -48,7 +48,8 @@ applied, and restart times):
 * the machine's load average at start, at each kill and at the end.
 
 Exit status 0 when exactly-once held, every killed actor recovered, the memory goal was met
-and the ingest log was flat; else 1.
+and the ingest log was flat; else 1. Ctrl-C stops the Ray head and removes the state
+directory, keeps what was sampled in ``<out>/soak-interrupted.json`` and exits 130.
 
 The trainer runs a cheap configuration (1 pass, 4 negatives, batches of 1,024, dim 16, see
 :func:`soak_config`): it applied about 7,000 events/s on 2 shared cores (load average ~15), so
@@ -62,6 +63,7 @@ import argparse
 import contextlib
 import datetime as _dt
 import json
+import math
 import os
 import shutil
 import signal
@@ -75,7 +77,7 @@ from typing import Any
 
 import numpy as np
 
-from bench import machine, ray_temp_dir
+from bench import at_least, fraction, machine, ray_temp_dir, sigint_deferred
 
 __all__ = [
     "DEFAULT_OUT",
@@ -290,6 +292,8 @@ class _Feed:
     posted: int = 0
     requests: int = 0
     retries: int = 0  # 503s and transport errors retried with the same Idempotency-Key
+    # Only at the steady rate: calibration feeds as fast as the bound allows, so being held
+    # there says nothing about whether the trainer keeps up with --rate.
     backlog_wait_s: float = 0.0
     rate: float | None = None  # steady events/s
     calibrated_rate: float | None = None  # events/s applied while calibrating
@@ -314,6 +318,7 @@ class _Soak:
         self.latest: dict | None = None
         self.t0 = time.monotonic()
         self._stop = threading.Event()
+        self._sampler_thread: threading.Thread | None = None
         self._applied_hwm = 0
 
     # -- HTTP ------------------------------------------------------------------------
@@ -485,8 +490,12 @@ class _Soak:
 
         actor = self.dep.trainers[0] if kind == "trainer" else self.dep.ps.shards[0]
         pid = ray.get(actor.pid.remote(), timeout=60)
-        st = None
-        while st is None:
+        st, deadline = self.stats(), time.monotonic() + self.args.restart_timeout
+        while st is None:  # a shard still restarting from the last kill: /stats answers 503
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"/stats did not answer within --restart-timeout {self.args.restart_timeout:g} s "
+                                   f"before killing the {kind}")
+            time.sleep(0.5)
             st = self.stats()
         rec = {"kind": kind, "at_fraction": at_fraction, "posted": self.feed.posted, "applied_at_kill": st["events_applied"],
                "accepted_at_kill": st["events_accepted"], "pid": pid, "loadavg_1m": os.getloadavg()[0],
@@ -505,8 +514,9 @@ class _Soak:
         s = self.latest
         return self.feed.posted - s["applied"] - s["dead_lettered"] if s else 0
 
-    def _wait_backlog(self) -> None:
-        """Hold the feeder while more than --max-backlog events wait for the trainer."""
+    def _wait_backlog(self, *, steady: bool) -> None:
+        """Hold the feeder while more than --max-backlog events wait for the trainer; the time
+        held counts in ``backlog_wait_s`` when ``steady``."""
         t = time.monotonic()
         while self._backlog() > self.args.max_backlog:
             st = self.stats()
@@ -514,7 +524,8 @@ class _Soak:
                 self._applied_hwm = max(self._applied_hwm, st["events_applied"])
                 self.latest = {**self.latest, "applied": self._applied_hwm, "dead_lettered": st["dead_lettered"]}
             time.sleep(0.5)
-        self.feed.backlog_wait_s += time.monotonic() - t
+        if steady:
+            self.feed.backlog_wait_s += time.monotonic() - t
 
     def run(self, progress) -> None:
         """Feed ``--events`` + ``--tail`` events; at each kill point stop feeding, kill the
@@ -522,8 +533,8 @@ class _Soak:
         a = self.args
         total = a.events + a.tail
         pending = sorted(round(f * a.events) for f in a.kill_at)
-        sampler = threading.Thread(target=self._sampler, daemon=True)
-        sampler.start()
+        self._sampler_thread = threading.Thread(target=self._sampler, daemon=True)
+        self._sampler_thread.start()
         while self.latest is None:
             time.sleep(0.1)
 
@@ -538,7 +549,7 @@ class _Soak:
             t_cal, a0 = time.monotonic(), self.latest["applied"]
             while (time.monotonic() - t_cal < a.calibrate_s and self.feed.posted < total
                    and not (pending and self.feed.posted >= pending[0])):
-                self._wait_backlog()
+                self._wait_backlog(steady=False)
                 n = next_batch()
                 self.post_batch(n)
                 progress.update(n)
@@ -561,7 +572,7 @@ class _Soak:
             if self.feed.posted >= total:
                 break
             if self._backlog() > a.max_backlog:
-                self._wait_backlog()
+                self._wait_backlog(steady=True)
                 t_ref, posted_ref = time.monotonic(), self.feed.posted
             delay = t_ref + (self.feed.posted - posted_ref) / self.feed.rate - time.monotonic()
             if delay > 0:
@@ -581,6 +592,9 @@ class _Soak:
 
     def close(self) -> None:
         self._stop.set()
+        # Ray is shut down next: the sampler must not be inside a Ray call when it goes.
+        if self._sampler_thread is not None and self._sampler_thread is not threading.current_thread():
+            self._sampler_thread.join(timeout=30)
         self.http.close()
 
 
@@ -591,6 +605,12 @@ def _fmt(x: float | None, spec: str = ".1f") -> str:
     return "-" if x is None else format(x, spec)
 
 
+def _restart(x: float | None, unit: str = "") -> str:
+    """A restart time; None is an actor that did not recover within --restart-timeout, which
+    must not read like a missing figure or a fast restart."""
+    return "not recovered" if x is None else f"{x:.1f}{unit}"
+
+
 def format_table(report: dict[str, Any]) -> str:
     """The human-readable summary of a report."""
     b, feed, fin, v = report["bench"], report["feed"], report["final"], report["verdict"]
@@ -598,7 +618,7 @@ def format_table(report: dict[str, Any]) -> str:
         f"soak: {fin['posted']:,} events posted over HTTP in {fin['wall_s'] / 60:.1f} min "
         f"(steady {_fmt(feed['rate'], ',.0f')} events/s"
         + (f", 85% of the {feed['calibrated_rate']:,.0f} events/s measured first" if feed["calibrated_rate"] else "")
-        + f"; {feed['retries']} retried requests, {feed['backlog_wait_s']:.0f} s held by the backlog bound)",
+        + f"; {feed['retries']} retried requests, {feed['backlog_wait_s']:.0f} s held by the backlog bound at the steady rate)",
         f"config: {CHEAP}",
         "load average (1 min): " + ", ".join(
             [f"start {_fmt(b['loadavg_start'], '.2f')}"]
@@ -627,9 +647,12 @@ def format_table(report: dict[str, Any]) -> str:
     for k in report["kills"]:
         r = k.get("recovery") or {}
         redo = r.get("log_events_read") if k["kind"] == "trainer" else r.get("replayed")
-        lines.append(f"{k['kind']:<8} {k['posted']:>10,} {_fmt(k['actor_back_s'], '.1f'):>13} {_fmt(k['restart_s'], '.1f'):>17} "
+        lines.append(f"{k['kind']:<8} {k['posted']:>10,} {'never' if k['actor_back_s'] is None else format(k['actor_back_s'], '.1f'):>13} {_restart(k['restart_s']):>17} "
                      f"{_fmt(redo, ',d'):>19}")
     lines.append("-" * len(head))
+    if any(k["restart_s"] is None for k in report["kills"]):
+        lines.append(f"(not recovered: not applying again within --restart-timeout {report['bench'].get('restart_timeout', 0):g} s; "
+                     "never: the actor did not answer again)")
     lines.append("(re-read: events the ingest log returned to the restarted trainer until it applied again, i.e. its "
                  "replay from its snapshot plus the backlog at the kill; replayed: push-log records the restarted "
                  "shard replayed after its snapshot)")
@@ -640,7 +663,7 @@ def format_table(report: dict[str, Any]) -> str:
     lines.append(f"ingest log growth: {', '.join(_fmt(x, '+.1f') for x in v['ingest_mb_per_m']) or '-'} MB per million events; "
                  f"flat (<= {INGEST_FLAT_MB_PER_M:g}): {'yes' if v['ingest_flat'] else 'NO'}")
     lines.append("restart times (applying again), last kill point vs first: " + ", ".join(
-        f"{kind} {_fmt(r.get('first'), '.1f')} s -> {_fmt(r.get('last'), '.1f')} s "
+        f"{kind} {_restart(r.get('first'), ' s')} -> {_restart(r.get('last'), ' s')} "
         f"({'same within noise' if r.get('flat') else 'GROWING' if r.get('flat') is False else '-'})"
         for kind, r in v["restarts"].items())
         + f"  [noise allowance: last <= {RESTART_NOISE[0]:g} x first + {RESTART_NOISE[1]:g} s]")
@@ -682,15 +705,32 @@ def write_report(report: dict[str, Any], out: Path) -> tuple[Path, Path]:
     kinds = ["trainer", "shard"]
     points = sorted({k["at_fraction"] for k in report["kills"]})
     width = 0.8 / max(1, len(points))
+    # An actor that never recovered gets a hatched bar as tall as the time it was given (its
+    # restart took longer than that): a 0 s bar would read as the fastest restart.
+    given = report["bench"].get("restart_timeout") or max((k["restart_s"] or 0.0 for k in report["kills"]), default=1.0)
+    failed_any = False
     for j, f in enumerate(points):
-        vals = [next((k["restart_s"] or 0.0 for k in report["kills"] if k["kind"] == kind and k["at_fraction"] == f), 0.0)
-                for kind in kinds]
+        recs = [next((k for k in report["kills"] if k["kind"] == kind and k["at_fraction"] == f), None) for kind in kinds]
+        failed = [r is not None and r["restart_s"] is None for r in recs]
+        failed_any |= any(failed)
+        heights = [given if bad else (r["restart_s"] if r is not None else 0.0) for r, bad in zip(recs, failed)]
         posted = next((k["posted"] for k in report["kills"] if k["at_fraction"] == f), 0)
-        bars = ax2.bar(np.arange(len(kinds)) + (j - (len(points) - 1) / 2) * width, vals, width, label=f"at {posted / 1e6:.2f}M events")
-        ax2.bar_label(bars, fmt="%.1f", fontsize=8)
+        color = f"C{j}"
+        bars = ax2.bar(np.arange(len(kinds)) + (j - (len(points) - 1) / 2) * width, heights, width, color=color,
+                       label=f"at {posted / 1e6:.2f}M events")
+        for patch, bad in zip(bars, failed):
+            if bad:
+                patch.set_facecolor("none")
+                patch.set_edgecolor(color)
+                patch.set_hatch("//")
+        ax2.bar_label(bars, labels=["" if r is None else f"not recovered\n(> {given:g} s)" if bad else f"{r['restart_s']:.1f}"
+                                    for r, bad in zip(recs, failed)], fontsize=8)
+    if failed_any:
+        ax2.set_ylim(top=ax2.get_ylim()[1] * 1.15)  # room for the two-line "not recovered" label
     ax2.set_xticks(np.arange(len(kinds)), kinds)
     ax2.set_ylabel("seconds until applying again")
-    ax2.set_title("restart time after SIGKILL")
+    ax2.set_title("restart time after SIGKILL" + ("\n(hatched: not recovered within --restart-timeout)" if failed_any else ""),
+                  fontsize=10 if failed_any else None)
     if points:
         ax2.legend(fontsize=8)
     fig.tight_layout()
@@ -756,35 +796,93 @@ def analyse(report: dict[str, Any]) -> dict[str, Any]:
     return report
 
 
+def _fractions(text: str) -> list[float]:
+    """``--kill-at``: comma-separated numbers; their range depends on --events and --tail, so
+    :func:`_parse` checks it once both are known."""
+    try:
+        values = [float(x) for x in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"want comma-separated fractions of --events, got {text!r}") from None
+    if len(set(values)) != len(values):
+        raise argparse.ArgumentTypeError(f"a kill point is given twice: {text}")
+    return values
+
+
 def _parse(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m bench.soak", description=__doc__.split("\n\n")[0])
-    p.add_argument("--events", type=int, default=2_000_000, help="events to post before the last kill (default 2,000,000)")
-    p.add_argument("--rate", type=float, default=0.0,
+    seconds = at_least(0.001, float)  # 0 would spin (--sample-s) or give up at once (timeouts)
+    p.add_argument("--events", type=at_least(1), default=2_000_000, help="events to post before the last kill (default 2,000,000)")
+    p.add_argument("--rate", type=at_least(0, float), default=0.0,
                    help="steady feed rate (events/s); 0 (default): 85%% of the rate measured while calibrating")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output directory (default bench/results/)")
-    p.add_argument("--batch", type=int, default=1000, help="events per POST /events (default 1000)")
-    p.add_argument("--max-backlog", type=int, default=30_000, help="most accepted events waiting for the trainer (default 30,000)")
-    p.add_argument("--calibrate-s", type=float, default=60.0, help="seconds of calibration when --rate is 0 (default 60)")
-    p.add_argument("--kill-at", type=lambda s: [float(x) for x in s.split(",")], default=[0.5, 1.0],
-                   help="fractions of --events at which the trainer, then shard 0, are killed (default 0.5,1.0)")
-    p.add_argument("--tail", type=int, default=None, help="events posted after the last kill point (default 1%% of --events, >= 2000)")
-    p.add_argument("--users", type=int, default=20_000, help="distinct users (default 20,000)")
-    p.add_argument("--items", type=int, default=5_000, help="distinct items, Zipf popularity (default 5,000)")
-    p.add_argument("--sample-s", type=float, default=5.0, help="seconds between memory samples (default 5)")
-    p.add_argument("--warmup", type=float, default=0.2, help="share of --events before growth is fitted (default 0.2)")
-    p.add_argument("--restart-timeout", type=float, default=300.0, help="seconds a killed actor has to recover (default 300)")
-    p.add_argument("--drain-timeout", type=float, default=600.0, help="seconds to wait for the final drain (default 600)")
+    p.add_argument("--batch", type=at_least(1), default=1000, help="events per POST /events (default 1000)")
+    # Below 1 the feeder waits for a backlog that can never be reached: it would hang.
+    p.add_argument("--max-backlog", type=at_least(1), default=30_000,
+                   help="most accepted events waiting for the trainer (default 30,000)")
+    p.add_argument("--calibrate-s", type=seconds, default=60.0, help="seconds of calibration when --rate is 0 (default 60)")
+    p.add_argument("--kill-at", type=_fractions, default=[0.5, 1.0],
+                   help="fractions of --events at which the trainer, then shard 0, are killed, each in "
+                        "(0, 1 + tail/events] (default 0.5,1.0)")
+    p.add_argument("--tail", type=at_least(0), default=None, help="events posted after the last kill point (default 1%% of --events, >= 2000)")
+    p.add_argument("--users", type=at_least(1), default=20_000, help="distinct users (default 20,000)")
+    p.add_argument("--items", type=at_least(1), default=5_000, help="distinct items, Zipf popularity (default 5,000)")
+    p.add_argument("--sample-s", type=seconds, default=5.0, help="seconds between memory samples (default 5)")
+    p.add_argument("--warmup", type=fraction(zero=True), default=0.2,
+                   help="share of --events before growth is fitted, in [0, 1] (default 0.2)")
+    p.add_argument("--restart-timeout", type=seconds, default=300.0, help="seconds a killed actor has to recover (default 300)")
+    p.add_argument("--drain-timeout", type=seconds, default=600.0, help="seconds to wait for the final drain (default 600)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--reanalyse", type=Path, default=None, metavar="SOAK_JSON",
                    help="run nothing: recompute growth and verdicts of a saved soak.json, write soak.json/soak.png to --out")
     args = p.parse_args(argv)
-    if args.events < 1 or args.batch < 1:
-        p.error("--events and --batch must be >= 1")
     if args.reanalyse is not None and not args.reanalyse.is_file():
         p.error(f"--reanalyse: {args.reanalyse} is not a file")
     if args.tail is None:
         args.tail = max(2000, args.events // 100)
+    # A kill point past --events + --tail is never reached (the feeder stops first), and one
+    # at 0 kills before anything was fed.
+    top = 1 + args.tail / args.events
+    bad = [f for f in args.kill_at if not (math.isfinite(f) and 0 < f <= top)]
+    if bad:
+        p.error(f"argument --kill-at: each fraction must be in (0, {top:g}] (1 + --tail / --events), "
+                f"got {', '.join(format(f, 'g') for f in bad)}")
     return args
+
+
+def _stop_starting_head(ray_dir: str) -> bool:
+    """Stop a head that Ctrl-C cut off while :func:`serving.ray_head.start_head` waited for it
+    (it stops only heads that failed to start, and returns no handle): found by its ``ray
+    start`` command line, which names this run's own temp dir. True when one was stopped."""
+    from serving import ray_head
+
+    temp = str(Path(ray_dir).absolute())
+    for d in Path("/proc").iterdir():
+        cmd = _cmdline(int(d.name)) if d.name.isdigit() else []
+        if f"--temp-dir={temp}" in cmd and "--head" in cmd:
+            info = ray_head.HeadInfo(address="", ports={}, temp_dir=temp, auth=False, token_path=None,
+                                     root_pid=int(d.name), pids=[int(d.name)], log_path="")
+            with contextlib.suppress(RuntimeError):
+                ray_head.stop_head(info)
+            return True
+    return False
+
+
+def _write_interrupted(args: argparse.Namespace, soak: _Soak | None, load_start: float, t_start: float) -> Path | None:
+    """After Ctrl-C: what was measured so far, in ``<out>/soak-interrupted.json`` (apart from
+    ``soak.json``, so a partial run never replaces a complete one); None when there was nothing."""
+    if soak is None or not soak.samples:
+        return None
+    path = args.out / "soak-interrupted.json"
+    args.out.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({
+        "bench": {**{k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}, "loadavg_start": load_start},
+        "date": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+        "interrupted_after_s": time.monotonic() - t_start,
+        "feed": dict(vars(soak.feed)),
+        "samples": soak.samples,
+        "kills": [{k: v for k, v in r.items() if k not in ("thread", "t_kill")} for r in soak.kills],
+    }, indent=1, default=str))
+    return path
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -818,6 +916,13 @@ def main(argv: list[str] | None = None) -> int:
     # not collide with another Ray on the host), token auth with its own token file.
     try:
         head = ray_head.start_head(ray_dir, num_cpus=2, system_config=cfg.ray.system_config(), avoid=(port,))
+    except KeyboardInterrupt:
+        with sigint_deferred():
+            stopped = _stop_starting_head(ray_dir)
+            shutil.rmtree(work, ignore_errors=True)
+        print(f"\ninterrupted while starting the Ray head: {'stopped it, ' if stopped else ''}removed {work}; "
+              f"nothing kept but Ray's logs in {ray_dir}", file=sys.stderr)
+        return 130
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
         raise
@@ -826,6 +931,7 @@ def main(argv: list[str] | None = None) -> int:
     saved_env = {k: os.environ.get(k) for k in ray_head.client_env(head)}
     saved_cluster = ray_constants.ENABLE_RAY_CLUSTER
     soak = None
+    interrupted = False
     try:
         ray_head.apply_client_env(head)
         ray.init(address=head.address, namespace=cfg.namespace, log_to_driver=False)
@@ -847,21 +953,34 @@ def main(argv: list[str] | None = None) -> int:
             "trainer_errors": [t.get("error") for t in st.get("trainers", []) if t.get("error")][:3],
         }
         del dep
+    except KeyboardInterrupt:
+        interrupted = True
     finally:
-        if soak is not None:
-            soak.close()
-        # No serve.shutdown(): this Ray is private to the run, and its shutdown ends Serve's
-        # actors with it (a graceful Serve shutdown only adds seconds).
-        ray.shutdown()
-        ray_head.stop_head(head)  # exactly this head's processes (its session), never `ray stop`
-        for k, v in saved_env.items():  # leave the caller's environment (a test's process) as it was
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-        ray_head.apply_env({k: v for k, v in saved_env.items() if v is not None})
-        ray_constants.ENABLE_RAY_CLUSTER = saved_cluster
-        shutil.rmtree(work, ignore_errors=True)  # the log, WALs and snapshots: not needed after the run
+        with sigint_deferred():
+            if interrupted:
+                print("\ninterrupted: stopping the Ray head and removing the soak's state ...", file=sys.stderr, flush=True)
+            try:
+                if soak is not None:
+                    soak.close()
+                # No serve.shutdown(): this Ray is private to the run, and its shutdown ends Serve's
+                # actors with it (a graceful Serve shutdown only adds seconds).
+                ray.shutdown()
+            finally:
+                ray_head.stop_head(head)  # exactly this head's processes (its session), never `ray stop`
+                for k, v in saved_env.items():  # leave the caller's environment (a test's process) as it was
+                    if v is None:
+                        os.environ.pop(k, None)
+                    else:
+                        os.environ[k] = v
+                ray_head.apply_env({k: v for k, v in saved_env.items() if v is not None})
+                ray_constants.ENABLE_RAY_CLUSTER = saved_cluster
+                shutil.rmtree(work, ignore_errors=True)  # the log, WALs and snapshots: not needed after the run
+    if interrupted:
+        kept = _write_interrupted(args, soak, load_start, t_start)
+        print(f"interrupted after {soak.feed.posted if soak else 0:,} events posted: stopped the Ray head and removed "
+              f"{work}; kept " + (f"{kept} (the samples and kills so far; no fit, no verdict) and " if kept else "")
+              + f"Ray's logs in {head.temp_dir}", file=sys.stderr)
+        return 130
     fit = {"warmup_events": args.warmup * args.events, "restart_warmup_events": 0.1 * args.events,
            "min_span_events": 0.15 * args.events}
     kills = [{k: v for k, v in r.items() if k not in ("thread", "t_kill")} for r in soak.kills]

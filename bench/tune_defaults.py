@@ -72,10 +72,11 @@ from typing import Any
 
 import numpy as np
 
-from bench import ray_temp_dir
+from bench import at_least, ray_temp_dir
 
 __all__ = [
     "AXES",
+    "DEFAULT_OUT",
     "KNOBS",
     "TINY_AXES",
     "Split",
@@ -83,6 +84,7 @@ __all__ = [
     "knob_values",
     "main",
     "median_cut",
+    "parse_grid",
     "split_ratings",
 ]
 
@@ -125,6 +127,9 @@ TINY_AXES: dict[str, list[float]] = {"num_negatives": [4], "recent_weight": [0.5
 """``--grid tiny``: two cheap changes, for the smoke test."""
 
 _INT_KNOBS = {"dim", "num_negatives", "context_items", "passes", "seed"}
+
+DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "tune_defaults"
+"""Default ``--out`` (git-ignored), wherever the command is run from."""
 
 
 def _table_names(cfg) -> dict[str, list[str]]:
@@ -289,8 +294,20 @@ def _name(overrides: dict[str, Any]) -> str:
     return " + ".join(parts) or "defaults"
 
 
-def _key(part: str, spec: str, values: dict[str, Any], chunk: int, events: int) -> str:
-    return json.dumps([part, spec, chunk, events, sorted(values.items())])
+def _key(part: str, spec: str, values: dict[str, Any], chunk: int, events: int, score_from: int,
+         source: dict[str, Any]) -> str:
+    """A run's cache key: everything its result depends on. ``source``: :meth:`Runner.source_id`
+    (the ratings file and the cut, or the synthetic stream's settings)."""
+    return json.dumps([part, spec, chunk, events, score_from, source, sorted(values.items())], sort_keys=True)
+
+
+def file_fingerprint(path: str | Path) -> dict[str, Any]:
+    """The ratings file a run read, as its cache key holds it: resolved path, size and
+    modification time (hashing a 25M-rating file on every invocation would cost more than
+    it saves; an edited or replaced file changes its size or mtime)."""
+    p = Path(path).resolve()
+    st = p.stat()
+    return {"file": str(p), "bytes": st.st_size, "mtime_ns": st.st_mtime_ns}
 
 
 @dataclass
@@ -319,33 +336,56 @@ class Runner:
         self.missing: list[str] = []
         self._ray = False
         self.code = code_fingerprint()
+        self.data = file_fingerprint(source.path) if split is not None and source is not None else None
+        self.bar = None  # the overall progress bar (tqdm), set by main() around search()
+
+    def source_id(self, part: str) -> dict[str, Any]:
+        """What a run of ``part`` read: the synthetic stream's settings, or the ratings file,
+        the cut and the positives threshold (either half depends on all three)."""
+        if part == "synthetic":
+            return {"synthetic": self.base.stream.synthetic.model_dump(mode="json")}
+        return {"data": self.data, "cut": self.split.cut, "min_weight": self.split.min_weight}
+
+    def current(self, rec: dict[str, Any]) -> bool:
+        """True when a cached run read what this invocation reads, in the same chunks."""
+        return rec.get("source") == self.source_id(rec["part"]) and rec.get("chunk_size") == self.args.chunk_size
+
+    def _extent(self, part: str) -> tuple[int, int]:
+        """``(events, score_from)`` of a run of ``part``."""
+        if part == "synthetic":
+            return self.args.synthetic_events, 0
+        if part == "tune":
+            return self.split.positives_first, 0
+        return self.split.positives, self.split.positives_first
 
     # The key holds every resolved knob value, so a later change of the defaults never
     # reuses a run of the old ones.
     def _resolved(self, p: Planned) -> tuple[Any, dict[str, Any], str]:
         cfg = apply_settings(self.base, p.overrides)
         values = knob_values(cfg)
-        if p.part == "synthetic":
-            events = self.args.synthetic_events
-        elif p.part == "tune":
-            events = self.split.positives_first
-        else:
-            events = self.split.positives
-        return cfg, values, _key(p.part, p.spec, values if p.spec == "incremental" else {}, self.args.chunk_size, events)
+        events, score_from = self._extent(p.part)
+        return cfg, values, _key(p.part, p.spec, values if p.spec == "incremental" else {}, self.args.chunk_size, events,
+                                 score_from, self.source_id(p.part))
 
     def get(self, p: Planned) -> dict[str, Any] | None:
         """The cached result of ``p``, running it first when time is left; None when skipped."""
         cfg, values, key = self._resolved(p)
         if key in self.runs:
+            if self.bar is not None:  # free: out of the bar's count, so its rate and ETA are of real runs
+                self.bar.total -= 1
+                self.bar.refresh()
             return self.runs[key]
         limit = self.args.max_minutes
         if limit is not None and time.monotonic() - self.started > 60 * limit:
             self.missing.append(f"{p.part}: {p.spec} {_name(p.overrides)} seed {values['seed']}")
             return None
         rec = self._run(p, cfg, values)
+        rec.update(source=self.source_id(p.part), chunk_size=self.args.chunk_size)
         self.runs[key] = rec
         self.new_runs += 1
         self._save()
+        if self.bar is not None:
+            self.bar.update(1)
         return rec
 
     def _save(self) -> None:
@@ -374,21 +414,19 @@ class Runner:
 
     def _run(self, p: Planned, cfg, values: dict[str, Any]) -> dict[str, Any]:
         import torch
+        from tqdm import tqdm
 
         from workers.eval.protocol import prequential
         from workers.eval.strategies import make_strategy
 
-        if p.part == "synthetic":
-            source, total, score_from = self.synthetic_source, self.args.synthetic_events, 0
-        elif p.part == "tune":
-            source, total, score_from = self.source, self.split.positives_first, 0
-        else:
-            source, total, score_from = self.source, self.split.positives, self.split.positives_first
+        source = self.synthetic_source if p.part == "synthetic" else self.source
+        total, score_from = self._extent(p.part)
         if p.spec == "incremental":
             self._init_ray()
         label = f"[{p.part}] {p.spec} {_name(p.overrides)} seed {values['seed']}"
-        print(f"{time.strftime('%H:%M:%S')} run {self.new_runs + 1}: {label} ({total:,} events"
-              + (f", scored from offset {score_from:,}" if score_from else "") + ")", file=sys.stderr, flush=True)
+        left = f" of at most {self.bar.total}" if self.bar is not None else ""
+        tqdm.write(f"{time.strftime('%H:%M:%S')} run {self.new_runs + 1}{left}: {label} ({total:,} events"
+                   + (f", scored from offset {score_from:,}" if score_from else "") + ")", file=sys.stderr)
         load0 = os.getloadavg()[0]
         threads = torch.get_num_threads()
         torch.set_num_threads(1)  # as run_eval: CPU seconds measure work, not idle spinning
@@ -410,8 +448,8 @@ class Runner:
             "load_after": round(os.getloadavg()[0], 2), "started": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t0)),
             "code": self.code,
         }
-        print(f"{time.strftime('%H:%M:%S')}   recall@10 {rec['recall@10']:.4f} over {rec['evaluated']:,} events, "
-              f"{rec['wall_s']:.0f} s, load {load0:.1f} -> {rec['load_after']:.1f}", file=sys.stderr, flush=True)
+        tqdm.write(f"{time.strftime('%H:%M:%S')}   recall@10 {rec['recall@10']:.4f} over {rec['evaluated']:,} events, "
+                   f"{rec['wall_s']:.0f} s, load {load0:.1f} -> {rec['load_after']:.1f}", file=sys.stderr)
         return rec
 
 
@@ -427,6 +465,28 @@ def _mean_std(xs: list[float]) -> tuple[float, float]:
     return float(a.mean()), float(a.std(ddof=1)) if len(a) > 1 else 0.0
 
 
+def _singles(axes: dict[str, list[float]], base: dict[str, Any]) -> list[tuple[str, Any]]:
+    """Step 2's changes: every ``(knob, value)`` of ``axes`` that differs from the default."""
+    out = []
+    for knob, values in axes.items():
+        for v in values:
+            if knob in _INT_KNOBS and int(v) == int(base[knob]):
+                continue
+            if knob not in _INT_KNOBS and math.isclose(float(v), float(base[knob]), rel_tol=1e-9):
+                continue
+            out.append((knob, v))
+    return out
+
+
+def plan_size(runner: Runner, axes: dict[str, list[float]], seeds: int, max_combos: int) -> int:
+    """The most runs :func:`search` can make (cached ones included): the combinations and the
+    candidate depend on results, so this counts every one that could be needed."""
+    singles = _singles(axes, knob_values(runner.base))
+    combos = max(0, min(len({k for k, _ in singles}), max_combos + 1) - 1)
+    # popularity + defaults x seeds + singles + combos + candidate x seeds + 2 parts x (2 popularity + defaults + candidate)
+    return 1 + seeds + len(singles) + combos + seeds + 2 * 4
+
+
 def search(runner: Runner, axes: dict[str, list[float]], seeds: int, max_combos: int) -> dict[str, Any]:
     """Steps 1-5 of the module docstring; returns what was decided (None parts: not run yet)."""
     base = knob_values(runner.base)
@@ -438,14 +498,7 @@ def search(runner: Runner, axes: dict[str, list[float]], seeds: int, max_combos:
     # 1. the defaults at every seed
     d_runs = [runner.get(Planned("tune", "incremental", {"seed": s}, "defaults")) for s in seed_list]
     # 2. one knob at a time, seed 0
-    singles: list[tuple[str, Any, dict | None]] = []
-    for knob, values in axes.items():
-        for v in values:
-            if knob not in _INT_KNOBS and math.isclose(float(v), float(base[knob]), rel_tol=1e-9):
-                continue
-            if knob in _INT_KNOBS and int(v) == int(base[knob]):
-                continue
-            singles.append((knob, v, runner.get(Planned("tune", "incremental", {knob: v}, "axis"))))
+    singles = [(knob, v, runner.get(Planned("tune", "incremental", {knob: v}, "axis"))) for knob, v in _singles(axes, base)]
     if any(r is None for r in d_runs):
         return out
     d0 = d_runs[0]["recall@10"]
@@ -530,7 +583,7 @@ def tables(runner: Runner, res: dict[str, Any]) -> str:
         ]
     pop = res.get("popularity_tune")
     tune = sorted((r for r in runner.runs.values() if r["part"] == "tune" and r["spec"] == "incremental"
-                   and _matches_base(r, runner)), key=lambda r: (r["role"] != "defaults", r["started"]))
+                   and runner.current(r) and _matches_base(r, runner)), key=lambda r: (r["role"] != "defaults", r["started"]))
     if tune:
         d0 = res.get("defaults_tune_seed0")
         lines += ["### Tuning half (every setting tried)", "",
@@ -589,8 +642,8 @@ def plot(runner: Runner, res: dict[str, Any], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    tune = [r for r in runner.runs.values() if r["part"] == "tune" and r["spec"] == "incremental" and _matches_base(r, runner)
-            and r["values"]["seed"] == res["seeds"][0]]
+    tune = [r for r in runner.runs.values() if r["part"] == "tune" and r["spec"] == "incremental" and runner.current(r)
+            and _matches_base(r, runner) and r["values"]["seed"] == res["seeds"][0]]
     tune.sort(key=lambda r: r["recall@10"])
     fig, axes = plt.subplots(1, 3, figsize=(17, max(4.5, 0.32 * len(tune) + 1.5)), gridspec_kw={"width_ratios": [2.2, 1, 1]})
     ax = axes[0]
@@ -628,50 +681,94 @@ def plot(runner: Runner, res: dict[str, Any], path: Path) -> None:
 # --------------------------------------------------------------------------- main
 
 
+def parse_grid(text: str, cfg) -> dict[str, list[float]]:
+    """``--grid``: ``default`` (:data:`AXES`), ``tiny`` (:data:`TINY_AXES`) or a JSON object
+    ``{knob: [values]}``, each value checked against ``cfg`` (the defaults tuned around) as the
+    run would set it, so a bad one is refused before any run rather than failing hours in.
+
+    Raises:
+        ValueError: naming the knob and value at fault.
+    """
+    if text in ("default", "tiny"):
+        axes = AXES if text == "default" else TINY_AXES
+    else:
+        try:
+            axes = json.loads(text)
+        except ValueError:
+            axes = None
+        if not isinstance(axes, dict):
+            raise ValueError(f"want 'default', 'tiny' or a JSON object {{knob: [values]}}, got {text!r}")
+    bad = sorted(set(axes) - set(KNOBS) | ({"seed"} & set(axes)))
+    if bad:
+        raise ValueError(f"unknown or reserved knob(s) {bad}; known: {', '.join(k for k in KNOBS if k != 'seed')}")
+    for knob, values in axes.items():
+        if not isinstance(values, list) or not values:
+            raise ValueError(f"{knob}: want a non-empty list of numbers, got {values!r}")
+        for v in values:
+            # bool is an int to Python, and apply_settings would quietly truncate 2.5 to 2.
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+                raise ValueError(f"{knob}: {v!r} is not a finite number")
+            if knob in _INT_KNOBS and not float(v).is_integer():
+                raise ValueError(f"{knob}: {v!r} is not an integer")
+            try:
+                apply_settings(cfg, {knob: v})
+            except ValueError as e:
+                why = e.errors()[0]["msg"] if hasattr(e, "errors") else str(e)
+                raise ValueError(f"{knob}={v!r} is refused by the config: {why}") from None
+    return {k: list(v) for k, v in axes.items()}
+
+
+def _cut(text: str) -> str | float:
+    if text == "median":
+        return text
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"want 'median' or a unix time in seconds, got {text!r}")
+    return value
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m bench.tune_defaults", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", required=True, help="MovieLens ratings file (ratings.csv, ratings.dat, u.data) or its directory")
-    p.add_argument("--out", default="bench/results/tune_defaults", help="directory for results.json (the run cache), summary.json, tables.md and the PNG")
+    p.add_argument("--out", type=Path, default=DEFAULT_OUT,
+                   help=f"directory for results.json (the run cache), summary.json, tables.md and the PNG (default {DEFAULT_OUT})")
     p.add_argument("--config", help="Freshet YAML whose settings are the defaults to tune around (default: built-in defaults)")
-    p.add_argument("--cut", default="median", help="'median' (default) or a unix time in seconds: the first half is timestamp < cut")
+    p.add_argument("--cut", type=_cut, default="median", help="'median' (default) or a unix time in seconds: the first half is timestamp < cut")
     p.add_argument("--min-weight", type=float, default=4.0, help="ratings >= this are the positives (default 4, as freshet eval)")
-    p.add_argument("--chunk-size", type=int, default=20, help="events ranked, then learned, at a time (default 20)")
+    p.add_argument("--chunk-size", type=at_least(1), default=20, help="events ranked, then learned, at a time (default 20)")
     p.add_argument("--grid", default="default", help="'default' (AXES), 'tiny' (TINY_AXES) or a JSON object {knob: [values]}")
-    p.add_argument("--seeds", type=int, default=3, help="seeds of the defaults and the candidate on the tuning half (default 3)")
-    p.add_argument("--max-combos", type=int, default=2, help="most cumulative combinations of improving knobs (default 2)")
-    p.add_argument("--synthetic-events", type=int, default=60_000, help="events of the synthetic check (default 60,000)")
-    p.add_argument("--max-minutes", type=float, help="start no new run after this many minutes; rerun to continue (exit 3)")
+    p.add_argument("--seeds", type=at_least(2), default=3,
+                   help="seeds of the defaults and the candidate on the tuning half, at least 2: the seed noise needs two runs (default 3)")
+    p.add_argument("--max-combos", type=at_least(1), default=2, help="most cumulative combinations of improving knobs (default 2)")
+    p.add_argument("--synthetic-events", type=at_least(1), default=60_000, help="events of the synthetic check (default 60,000)")
+    p.add_argument("--max-minutes", type=at_least(0, float),
+                   help="start no new run after this many minutes; rerun to continue (exit 3); 0: no new run, report what is cached")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     """Run (or resume) the search; print the tables when it is complete. Returns the exit status."""
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
     from serving.config import load_config
     from workers.config import StreamConfig, StreamKind
     from workers.streams import open_source
 
-    if args.grid == "default":
-        axes = AXES
-    elif args.grid == "tiny":
-        axes = TINY_AXES
-    else:
-        try:
-            axes = {k: list(v) for k, v in json.loads(args.grid).items()}
-        except (ValueError, AttributeError, TypeError) as e:
-            print(f"--grid: expected 'default', 'tiny' or a JSON object of lists: {e}", file=sys.stderr)
-            return 2
-    if args.seeds < 2:
-        print("--seeds: at least 2 (the seed noise needs two runs)", file=sys.stderr)
-        return 2
     try:
         cfg = load_config(args.config)
-        bad = sorted(set(axes) - set(KNOBS) | ({"seed"} & set(axes)))
-        if bad:
-            raise ValueError(f"--grid: unknown or reserved knob(s) {bad}; known: {', '.join(k for k in KNOBS if k != 'seed')}")
-        cut = None if args.cut == "median" else float(args.cut)
+    except (ValueError, FileNotFoundError) as e:
+        parser.error(f"argument --config: {e}")
+    try:
+        axes = parse_grid(args.grid, cfg)
+    except ValueError as e:
+        parser.error(f"argument --grid: {e}")
+    try:
+        cut = None if args.cut == "median" else args.cut
         source, split = split_ratings(args.data, cut=cut, min_weight=args.min_weight, model=cfg.model)
     except (ValueError, FileNotFoundError) as e:
         print(f"tune_defaults: {e}", file=sys.stderr)
@@ -682,9 +779,19 @@ def main(argv: list[str] | None = None) -> int:
     print(f"split: cut {split.cut:.0f} ({split.cut_utc}); tuning half {split.ratings_first:,} ratings / "
           f"{split.positives_first:,} positives, held-out half {split.ratings_second:,} / {split.positives_second:,}",
           file=sys.stderr, flush=True)
+    from tqdm import tqdm
+
+    # Cached runs leave the bar's total as they are found (they cost nothing), so its rate and
+    # ETA are the average of the runs made here; smoothing 0: runs differ too much for a moving one.
     try:
-        res = search(runner, axes, args.seeds, args.max_combos)
+        with tqdm(total=plan_size(runner, axes, args.seeds, args.max_combos), desc="runs (at most)", unit="run",
+                  smoothing=0, disable=args.no_progress, file=sys.stderr) as runner.bar:
+            res = search(runner, axes, args.seeds, args.max_combos)
+            if res["complete"]:
+                runner.bar.total = runner.bar.n  # the plan is settled: no candidate or fewer combinations
+                runner.bar.refresh()
     finally:
+        runner.bar = None
         runner.close()
         runner._save()
     out = Path(args.out)

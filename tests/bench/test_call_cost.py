@@ -57,6 +57,24 @@ def test_a_tiny_run_carries_every_byte_both_ways_and_writes_the_report(tmp_path,
     assert "round 1: serial: plain calls" in out
 
 
+@pytest.mark.timeout(900)
+def test_a_failed_pipeline_keeps_the_per_call_results(tmp_path, monkeypatch, capsys):
+    import bench.call_cost as cc
+
+    def fail(*a, **k):
+        raise RuntimeError("no second Ray")
+
+    monkeypatch.setattr(cc, "run_pipeline", fail)
+    assert main(["--sizes", "0.01", "--calls", "5", "--idle-s", "0.1", "--pipeline-rounds", "1", "--quiet",
+                 "--out", str(tmp_path)]) == 1
+    report = json.loads((tmp_path / "call_cost.json").read_text())
+    assert {r["path"] for r in report["rows"]} == {"inline", "object store", "compiled graph"}
+    assert report["pipeline"] == {"failed": "RuntimeError: no second Ray"}
+    assert "PS pipeline model: FAILED: RuntimeError: no second Ray" in capsys.readouterr().out
+    m = report["machine"]
+    assert m["loadavg_start"] >= 0 and m["loadavg_end"] >= 0 and report["date"].endswith("+00:00")
+
+
 def test_the_table_has_a_column_pair_per_measured_path():
     rows = _rows({0.1: (1.5, 3.0)}) + [{"size_mb": 0.1, "path": "compiled graph", "wall_ms": 0.2, "cpu_ms": 0.7}]
     head, _, line = format_table(rows).splitlines()
@@ -73,7 +91,7 @@ def test_a_bad_idle_time_or_pipeline_size_is_refused_naming_the_flag(flag, value
     assert flag in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("sizes", ["", "1,x", "9", "-1"])
+@pytest.mark.parametrize("sizes", ["", "1,x", "9", "-1", "nan", "0.5,inf", "1,0.5,1"])
 def test_bad_sizes_are_refused_naming_the_flag(sizes, capsys):
     with pytest.raises(SystemExit):
         main(["--sizes", sizes])

@@ -7,12 +7,13 @@ Nothing here is timed; the figures live in BENCHMARKS.md.
 
 from __future__ import annotations
 
+import argparse
 import json
 
 import numpy as np
 import pytest
 
-from bench.tune_defaults import AXES, KNOBS, apply_settings, knob_values, main, median_cut, split_ratings
+from bench.tune_defaults import AXES, KNOBS, Planned, Runner, apply_settings, knob_values, main, median_cut, split_ratings
 from serving.config import FreshetConfig
 
 
@@ -99,3 +100,27 @@ def test_tiny_grid_runs_end_to_end_and_resumes(tmp_path, ray_cluster, capsys):
     n = len(list(runs))
     assert main(argv) == 0  # everything cached: no new run
     assert len(json.loads((out / "results.json").read_text())["runs"]) == n
+
+
+def test_the_cache_key_changes_with_the_cut_the_file_and_the_synthetic_stream(tmp_path):
+    f = tmp_path / "ratings.csv"
+    stamps = sorted(r[3] for r in _ratings_csv(f))
+    args = argparse.Namespace(out=tmp_path / "out", chunk_size=20, synthetic_events=100, max_minutes=None, no_progress=True)
+
+    def runner(cut, cfg=None):
+        source, split = split_ratings(f, cut=float(cut), min_weight=4.0)
+        return Runner(args, cfg or FreshetConfig(), split, source, None)
+
+    def key(r, part="heldout"):
+        return r._resolved(Planned(part, "incremental", {}, "defaults"))[2]
+
+    early, late = runner(stamps[len(stamps) // 3]), runner(stamps[len(stamps) // 2])
+    # A held-out run reads the whole stream either way: only where scoring starts differs.
+    assert early.split.positives == late.split.positives and key(early) != key(late)
+    assert key(runner(stamps[len(stamps) // 2])) == key(late)  # same inputs: the cached run is reused
+    rec = {"part": "heldout", "source": early.source_id("heldout"), "chunk_size": 20}
+    assert early.current(rec) and not late.current(rec)  # the tables list only runs of this cut
+    f.write_bytes(f.read_bytes() + b"1,2,5.0,1000001\r\n")  # the file changed under the cache
+    assert key(runner(stamps[len(stamps) // 2]), "tune") != key(late, "tune")
+    other = FreshetConfig.model_validate({"stream": {"synthetic": {"seed": 1}}})
+    assert key(runner(stamps[len(stamps) // 2], other), "synthetic") != key(late, "synthetic")
