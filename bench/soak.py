@@ -846,6 +846,12 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     if bad:
         p.error(f"argument --kill-at: each fraction must be in (0, {top:g}] (1 + --tail / --events), "
                 f"got {', '.join(format(f, 'g') for f in bad)}")
+    # The kills trigger at round(fraction x --events) events: fractions that round to the same
+    # count would kill twice there, and one that rounds to 0 before anything was fed.
+    at = [round(f * args.events) for f in args.kill_at]
+    if min(at) < 1 or len(set(at)) < len(at):
+        p.error(f"argument --kill-at: the kill points fall at events {at} of --events {args.events}: each must be "
+                "at a different event, after the first")
     return args
 
 

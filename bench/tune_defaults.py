@@ -81,10 +81,12 @@ __all__ = [
     "TINY_AXES",
     "Split",
     "apply_settings",
+    "file_fingerprint",
     "knob_values",
     "main",
     "median_cut",
     "parse_grid",
+    "plan_size",
     "split_ratings",
 ]
 
@@ -304,7 +306,11 @@ def _key(part: str, spec: str, values: dict[str, Any], chunk: int, events: int, 
 def file_fingerprint(path: str | Path) -> dict[str, Any]:
     """The ratings file a run read, as its cache key holds it: resolved path, size and
     modification time (hashing a 25M-rating file on every invocation would cost more than
-    it saves; an edited or replaced file changes its size or mtime)."""
+    it saves; an edited or replaced file changes its size or mtime).
+
+    Raises:
+        OSError: the file cannot be found or read.
+    """
     p = Path(path).resolve()
     st = p.stat()
     return {"file": str(p), "bytes": st.st_size, "mtime_ns": st.st_mtime_ns}

@@ -205,7 +205,12 @@ def _digest(path: Path) -> str:
 
 def file_digests(root: str | Path, files: list[Path]) -> dict[str, str]:
     """BLAKE2b-256 (hex) of each of ``files``, keyed by its path relative to ``root`` (POSIX
-    form), for :func:`verify_digests`."""
+    form), for :func:`verify_digests`.
+
+    Raises:
+        OSError: a file cannot be read.
+        ValueError: a file is not under ``root``.
+    """
     root = Path(root)
     return {Path(f).relative_to(root).as_posix(): _digest(Path(f)) for f in files}
 
@@ -216,10 +221,13 @@ def verify_digests(root: str | Path, digests: dict[str, str], recorded_in: str =
 
     Raises:
         FileNotFoundError: a listed file is missing (named).
-        ValueError: a file's bytes do not match (named): it is damaged.
+        ValueError: a file's bytes do not match (named): it is damaged; or a listed path is
+            not inside ``root``.
     """
     for fname, want in digests.items():
         f = Path(root) / fname
+        if Path(fname).is_absolute() or ".." in Path(fname).parts:
+            raise ValueError(f"{root}: {recorded_in} lists {fname!r}, which is not a file inside it")
         if not f.exists():
             raise FileNotFoundError(f"{f}: missing ({recorded_in} lists it)")
         if _digest(f) != want:

@@ -114,6 +114,8 @@ def snapshot_problem(meta: dict, cfg: PSConfig, shard_index: int) -> str | None:
 
     try:
         saved_index, plan, tables = int(meta["shard_index"]), meta["plan"], meta["tables"]
+        if not isinstance(tables, dict):
+            raise TypeError(f"tables is {type(tables).__name__}, not an object")
     except (KeyError, TypeError, ValueError) as e:
         raise ValueError(f"incomplete metadata ({type(e).__name__}: {e})") from None
     if saved_index != shard_index:

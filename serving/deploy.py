@@ -22,7 +22,7 @@ from serving.config import FreshetConfig
 from workers.ingest_log import INGEST_ACTOR, start_ingest
 from workers.trainer import start_trainers, trainer_actor_name
 
-__all__ = ["Deployment", "actor_names", "start", "stop", "with_absolute_paths"]
+__all__ = ["Deployment", "actor_names", "log_consumed", "start", "stop", "with_absolute_paths"]
 
 
 @dataclass
@@ -42,6 +42,7 @@ class Deployment:
 
         Raises:
             ray.exceptions.RayActorError: the log failed to open.
+            ray.exceptions.GetTimeoutError: recovery took over 120 s.
         """
         if self.ingest is None:
             self.ingest = start_ingest(self.cfg.ingest, namespace=self.cfg.namespace, detached=detached,
@@ -87,7 +88,12 @@ def with_absolute_paths(cfg: FreshetConfig) -> FreshetConfig:
 def log_consumed(cfg: FreshetConfig) -> bool:
     """Whether a durable deployment of ``cfg`` has trainers that committed offsets of the ingest
     log (its trainer WALs under :func:`state_dirs`): that log must exist, a new one may not
-    take its place."""
+    take its place.
+
+    Raises:
+        OSError: a trainer WAL cannot be read.
+        ValueError: a trainer WAL is not of this release's format.
+    """
     from workers.config import StreamKind
     from workers.wal import read_committed
 

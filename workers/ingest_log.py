@@ -821,7 +821,8 @@ class IngestLog:
             # A new empty log would acknowledge events from offset 0 again, which the trainers
             # (holding the old log's offsets and identity) would never train: refuse, so the
             # actor is dead and /events and /healthz answer 503 until an operator acts.
-            why = ("this is Ray's restart of the ingest log actor, which created it earlier" if restarted
+            why = ("this is Ray's restart of the ingest log actor (a restart never creates a log: one lost with "
+                   "its node's disk must not come back empty)" if restarted
                    else "this deployment's trainers have committed offsets in it (ingest.state_dir's trainers/)")
             raise LogMissingError(
                 f"ingest.dir {cfg.dir!r}: the ingest log is gone ({cfg.dir.rstrip('/')}/ingest/{_LOG_ID} not found) "

@@ -8,10 +8,14 @@ deployment (``freshet up --restore``) from one.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import re
+import shutil
 import sys
 import time
+import uuid
 from pathlib import Path
 
 from serving.cli._common import add_config_argument, load
@@ -26,6 +30,7 @@ __all__ = [
     "checkpoint_dir",
     "checkpoint_root",
     "cmd_ckpt",
+    "replace_dir",
     "restore_trainer_offsets",
 ]
 
@@ -191,8 +196,6 @@ def restore_trainer_offsets(cfg: FreshetConfig, ckpt: Path) -> None:
     """Point each trainer's committed offset at the checkpoint, dropping pending pushes:
     the restored PS reflects exactly the events before those offsets. Call
     :func:`check_restorable` first: this changes the trainers' state."""
-    import shutil
-
     from serving.deploy import state_dirs, trainer_state_dirs
     from workers.trainer import trainer_actor_name
     from workers.wal import TrainerWAL
@@ -236,12 +239,16 @@ def cmd_ckpt(args) -> int:
     if args.action == "list":
         from ps.persist import list_checkpoints
 
-        rows = [c for c in list_checkpoints(checkpoint_root(cfg)) if (Path(c["path"]) / TRAINER_OFFSETS).exists()]
+        found = [c for c in list_checkpoints(checkpoint_root(cfg)) if (Path(c["path"]) / TRAINER_OFFSETS).exists()]
+        rows = [c for c in found if not _LEFTOVER.search(c["name"])]
         if not rows:
             print(f"no checkpoints under {checkpoint_root(cfg)}")
         for c in rows:
             when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(c["created_at"])) if c.get("created_at") else "?"
             print(f"{c['name']:<24} {when}  versions {c.get('versions')}")
+        for c in found:
+            if _LEFTOVER.search(c["name"]):
+                print(f"(left by an interrupted save: {c['path']}; restore it by its path, or remove it)")
         return 0
     if args.action == "restore":
         if not args.name:
@@ -257,28 +264,25 @@ def cmd_ckpt(args) -> int:
         args.restore, args.keep_stream = args.name, False
         return cmd_up(args)
     # save: pause trainers so every shard snapshots the same set of pushes.
-    import shutil
-    import uuid
-
     from ps.client import PSClient
-    from ps.persist import file_digests, fsync_path
+    from ps.persist import file_digests, fsync_path, validate_checkpoint_name
     from serving.deploy import state_dirs
     from workers.ingest_log import INGEST_ACTOR
     from workers.trainer import trainer_actor_name
-
-    state = read_state(cfg)
-    if state is None or state.get("phase", "up") != "up":
-        print("freshet ckpt save: no service started by `freshet up` is up here", file=sys.stderr)
-        return 1
-    from ps.persist import validate_checkpoint_name
 
     name = args.name or time.strftime("ckpt-%Y%m%d-%H%M%S")
     # Checked here, before the trainers pause: the shards would refuse it only after.
     try:
         validate_checkpoint_name(name)
+        if _LEFTOVER.search(name):
+            raise ValueError(f"checkpoint name: {name!r} ends like a save's staging directory (.saving-/.old- and 8 hex digits)")
     except ValueError as e:
         print(f"freshet ckpt save: {e}", file=sys.stderr)
         return 2
+    state = read_state(cfg)
+    if state is None or state.get("phase", "up") != "up":
+        print("freshet ckpt save: no service started by `freshet up` is up here", file=sys.stderr)
+        return 1
     root = checkpoint_root(cfg)
     ckpt = root / name
     if ckpt.exists() and not args.overwrite:
@@ -301,10 +305,20 @@ def cmd_ckpt(args) -> int:
     # old one as it was (a staging name is a checkpoint name too: the shards write it).
     stage = root / f"{name[:96]}.saving-{uuid.uuid4().hex[:8]}"
     root.mkdir(mode=0o700, parents=True, exist_ok=True)
+    ingest = ray.get_actor(INGEST_ACTOR, namespace=state["namespace"])
+    before: dict | None = None  # the pin this save moved, put back if the save fails
     try:
         stats = ray.get([t.stop.remote() for t in trainers])
         try:
-            reports = PSClient.connect(state["namespace"]).snapshot(stage.name)
+            # No deadline: a large shard takes as long as its rows take to write.
+            reports = PSClient.connect(state["namespace"], timeout_s=None).snapshot(stage.name)
+            for r in reports:  # where this command renames from: a state dir seen differently is no checkpoint
+                want = stage / f"shard-{r['shard']}"
+                if os.path.abspath(r["checkpoint"]) != os.path.abspath(want):
+                    raise RuntimeError(
+                        f"shard {r['shard']} wrote its checkpoint to {r['checkpoint']}, not {want}: this command "
+                        "and the shards see different state dirs (run `freshet ckpt` with the config, and from the "
+                        "directory, `up` was run with; on a cluster, ingest.state_dir must be shared)")
             offsets = [{"applied_offset": s["applied_offset"], "applied_offsets": s["applied_offsets"],
                         "events_applied": s["events_applied"], "source_id": s["source_id"],
                         "clock_base": s.get("clock_base", 0)} for s in stats]
@@ -316,33 +330,62 @@ def cmd_ckpt(args) -> int:
                 if (src / "meta.json").exists():
                     shutil.copytree(src, stage / trainer_actor_name(i), dirs_exist_ok=True)
             saved = sorted(f for f in stage.glob("trainer-*/*") if f.is_file())
+            for f in saved:  # durable before trainers.json says the checkpoint is complete
+                fsync_path(f)
             # Retention keeps the events after the latest checkpoint (one pin, replaced by
             # each save): restoring it into this deployment replays them.
-            ingest = ray.get_actor(INGEST_ACTOR, namespace=state["namespace"])
             merged: dict[int, int] = {}
             for s in stats:
                 for p, o in s["applied_offsets"].items():
                     merged[int(p)] = min(merged.get(int(p), o), o)
+            before = {"offsets": ray.get(ingest.stats.remote())["pins"].get(CHECKPOINT_PIN)}
             ray.get(ingest.pin.remote(CHECKPOINT_PIN, merged))
             record = {"trainers": offsets, "created_at": time.time(), "digests": file_digests(stage, saved)}
             _write_durably(stage / TRAINER_OFFSETS, json.dumps(record).encode())
         finally:
             ray.get([t.start.remote() for t in trainers])
-        old = root / f"{name[:96]}.old-{uuid.uuid4().hex[:8]}" if ckpt.exists() else None
-        if old is not None:
-            ckpt.rename(old)
-        stage.rename(ckpt)
-        fsync_path(root)
-        if old is not None:
-            shutil.rmtree(old)
+        replace_dir(stage, ckpt)
     except BaseException:
         shutil.rmtree(stage, ignore_errors=True)
+        if before is not None:  # the checkpoint kept needs its events kept too
+            with contextlib.suppress(Exception):
+                old = before["offsets"]
+                ray.get(ingest.pin.remote(CHECKPOINT_PIN, {int(p): o for p, o in old.items()}) if old is not None
+                        else ingest.unpin.remote(CHECKPOINT_PIN))
         raise
     finally:
         ray.shutdown()
     print(f"checkpoint {name}: shard versions {[r['version'] for r in reports]}, "
           f"trainer offsets {[o['applied_offset'] for o in offsets]} -> {ckpt}")
     return 0
+
+
+_LEFTOVER = re.compile(r"\.(saving|old)-[0-9a-f]{8}$")
+"""The suffix of a save's staging directory and of the checkpoint it replaces while renaming."""
+
+
+def replace_dir(stage: Path, ckpt: Path) -> None:
+    """Rename directory ``stage`` to ``ckpt``, replacing a ``ckpt`` already there: whenever a
+    directory has the name ``ckpt`` it is the old or the new one whole, and a failure between
+    the two renames puts the old one back.
+
+    Raises:
+        OSError: a rename failed (``ckpt`` is then as it was).
+    """
+    from ps.persist import fsync_path
+
+    old = ckpt.with_name(f"{ckpt.name[:96]}.old-{uuid.uuid4().hex[:8]}") if ckpt.exists() else None
+    if old is not None:
+        ckpt.rename(old)
+    try:
+        stage.rename(ckpt)
+    except BaseException:
+        if old is not None and not ckpt.exists():
+            old.rename(ckpt)
+        raise
+    fsync_path(ckpt.parent)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def _write_durably(path: Path, data: bytes) -> None:

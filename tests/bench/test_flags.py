@@ -25,6 +25,8 @@ import pytest
     # Past --events + --tail the feeder stops before the kill point: it would never happen.
     ("bench.soak", ["--events", "1000", "--tail", "0", "--kill-at", "0.5,1.5"],
      "argument --kill-at: each fraction must be in (0, 1] (1 + --tail / --events), got 1.5"),
+    ("bench.soak", ["--events", "3", "--kill-at", "0.5,0.6"], "the kill points fall at events [2, 2] of --events 3"),
+    ("bench.soak", ["--events", "3", "--kill-at", "0.1"], "the kill points fall at events [0] of --events 3"),
     ("bench.soak", ["--max-backlog", "0"], "argument --max-backlog: must be at least 1, got 0"),
     ("bench.soak", ["--sample-s", "0"], "argument --sample-s: must be at least 0.001, got 0"),
     ("bench.soak", ["--tail", "-1"], "argument --tail: must be at least 0, got -1"),

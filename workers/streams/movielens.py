@@ -138,28 +138,43 @@ def _check_utf8(file: Path) -> None:
             return
         except pa.ArrowInvalid:
             pass
-    # Only for the refusal: say where. A block ends after a newline, never inside a
-    # multi-byte character; a line longer than a block holds back its last 3 bytes, which
-    # may begin one.
+    # Only for the refusal: say where, reading blocks that end after a newline or, in a line
+    # longer than a block, before a character's lead byte (never inside a character).
     line, done, rest = 1, 0, b""
     with open(file, "rb") as f:
         while True:
             block = f.read(1 << 20)
             data = rest + block
-            cut = (data.rfind(b"\n") + 1 or max(0, len(data) - 3)) if block else len(data)
+            cut = len(data)
+            if block:
+                cut = data.rfind(b"\n") + 1 or _char_start(data)
             head, rest = data[:cut], data[cut:]
             try:
                 head.decode("utf-8")
             except UnicodeDecodeError as e:
-                at = line + head.count(b"\n", 0, e.start)
+                at = line + _line_ends(head[:e.start])
                 raise ValueError(
                     f"{file}: not a text ratings file: byte 0x{head[e.start]:02x} at line {at} (file offset "
                     f"{done + e.start:,}) is not UTF-8; MovieLens ratings files are plain text") from None
             if not block:
                 raise ValueError(f"{file}: not a text ratings file: it is not valid UTF-8; MovieLens ratings files are "
                                  "plain text")
-            line += head.count(b"\n")
+            line += _line_ends(head)
             done += len(head)
+
+
+def _char_start(data: bytes) -> int:
+    """Where the last (possibly incomplete) UTF-8 character of ``data`` starts: its length less
+    the continuation bytes (``10xxxxxx``, at most 3) that end it and their lead byte."""
+    k = len(data)
+    while k > max(0, len(data) - 3) and data[k - 1] & 0xC0 == 0x80:
+        k -= 1
+    return k - 1 if k > 0 and data[k - 1] >= 0xC0 else k
+
+
+def _line_ends(data: bytes) -> int:
+    """Line ends in ``data`` as the CSV reader counts them: ``\\n``, ``\\r\\n`` and a lone ``\\r``."""
+    return data.count(b"\n") + data.count(b"\r") - data.count(b"\r\n")
 
 
 def _is_header(line: str, layout: _Layout) -> bool:

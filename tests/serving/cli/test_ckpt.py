@@ -345,3 +345,46 @@ def test_ckpt_flags_belong_to_their_action_and_a_path_name_is_reported_as_a_path
     # A name with a slash is a path (to another deployment's checkpoint), not a name under ours.
     assert main(["ckpt", "--config", str(conf), "restore", str(tmp_path / "nowhere" / "c1")]) == 2
     assert f"no complete checkpoint at {tmp_path / 'nowhere' / 'c1'}" in capsys.readouterr().err
+
+
+def test_replacing_a_checkpoint_keeps_the_old_one_under_its_name_when_the_new_cannot_take_it(tmp_path):
+    # `ckpt save --overwrite` renames the old checkpoint aside, then the staged one into its
+    # place: a failure between the two left the old one only under its ".old-" name.
+    import os
+
+    from serving.cli.ckpt import replace_dir
+
+    root = tmp_path / "checkpoints"
+    old = root / "c1"
+    old.mkdir(parents=True)
+    (old / TRAINER_OFFSETS).write_text("old")
+    with pytest.raises(OSError):
+        replace_dir(root / "c1.saving-0123abcd", old)  # nothing staged: its rename fails
+    assert (old / TRAINER_OFFSETS).read_text() == "old" and os.listdir(root) == ["c1"]
+    stage = root / "c1.saving-0123abcd"
+    stage.mkdir()
+    (stage / TRAINER_OFFSETS).write_text("new")
+    replace_dir(stage, old)
+    assert (old / TRAINER_OFFSETS).read_text() == "new" and os.listdir(root) == ["c1"]
+
+
+def test_ckpt_list_names_what_an_interrupted_save_left_apart_from_the_checkpoints(tmp_path, capsys):
+    import shutil
+
+    from serving.cli import main
+    from serving.cli.ckpt import checkpoint_root
+
+    cfg, ckpt = _setup(tmp_path)
+    root = checkpoint_root(cfg)
+    root.mkdir(parents=True)
+    shutil.copytree(ckpt, root / "c1")
+    shutil.copytree(ckpt, root / "c1.old-0123abcd")
+    conf = tmp_path / "c.yaml"
+    conf.write_text(json.dumps({"ingest": {"dir": cfg.ingest.dir}}))
+    assert main(["ckpt", "--config", str(conf), "list"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert [line.split()[0] for line in out] == ["c1", "(left"], out
+    assert str(root / "c1.old-0123abcd") in out[1]
+    # Such a name is refused for a save (before anything is reached).
+    assert main(["ckpt", "--config", str(conf), "save", "c1.old-0123abcd"]) == 2
+    assert "ends like a save's staging directory" in capsys.readouterr().err

@@ -406,3 +406,14 @@ def test_a_binary_or_non_utf8_file_is_refused_cleanly(tmp_path, monkeypatch):
     ok = tmp_path / "bom.csv"
     ok.write_bytes("\ufeffuserId,movieId,rating,timestamp\n1,2,4.0,100\n1,3,4.0,101\n1,é,4.0,102\n".encode())
     assert MovieLensSource(ok).quarantined == 1
+    # Past the first MiB of a line without a newline (the locator reads in blocks, which once
+    # cut a valid character in two and named its lead byte), and lines ended by a lone CR.
+    long = tmp_path / "long.csv"
+    head = b"userId,movieId,rating,timestamp\n"
+    long.write_bytes(head + "é".encode() * 700_000 + b"\xff\n")
+    with pytest.raises(ValueError, match=rf"byte 0xff at line 2 \(file offset {len(head) + 1_400_000:,}\)"):
+        MovieLensSource(long)
+    cr = tmp_path / "cr.csv"
+    cr.write_bytes(b"userId,movieId,rating,timestamp\r1,2,4.0,100\r1,\xff,4.0,101\r")
+    with pytest.raises(ValueError, match=r"byte 0xff at line 3 "):
+        MovieLensSource(cr)
