@@ -44,28 +44,31 @@ REPO = Path(__file__).resolve().parents[1]
 MOVIELENS = REPO.parent / "shared" / "data" / "ml-latest-small"
 
 
-# The files that hold a test worker longest, longest first (seconds of one worker in a quiet
-# run of the suite on 2 cores, 2026-11-30): they start first, so the short files fill the gaps at
-# the end instead of one worker running test_service.py alone for its last minutes (longest
-# processing time first; 10:24 before). A file not listed keeps its place after these.
+# The files that hold a test worker longest, longest first (seconds of one worker in a run of
+# the whole suite, 3 test processes sharing 2 cores, 2026-12-02): they start first, so the short
+# files fill the gaps at the end instead of one worker running test_service.py alone for its last
+# minutes (longest processing time first). A file not listed keeps its place after these.
 _LONGEST_FIRST = (
-    "tests/serving/cli/test_service.py",  # 207
-    "tests/test_faults.py",  # 159
-    "tests/serving/cli/test_service_long_running.py",  # 117
-    "tests/serving/cli/test_run_data.py",  # 111
-    "tests/serving/test_id_lifecycle.py",  # 82
-    "tests/serving/test_serving_modes.py",  # 75
-    "tests/serving/cli/test_service_joined.py",  # 71
-    "tests/serving/test_fuzz.py",  # 66
-    "tests/serving/cli/test_eval_live.py",  # 56
-    "tests/workers/test_trainer_recovery.py",  # 54
-    "tests/workers/test_trainer_supervision.py",  # 54
-    "tests/workers/test_trainer.py",  # 52
-    "tests/bench/test_tune_defaults.py",  # 51
-    "tests/bench/test_soak.py",  # 46
-    "tests/serving/cli/test_eval_live_own.py",  # 44
-    "tests/serving/test_weights.py",  # 42
-    "tests/serving/test_app.py",  # 42
+    "tests/serving/cli/test_service.py",  # 232
+    "tests/test_faults.py",  # 220
+    "tests/serving/cli/test_service_long_running.py",  # 162
+    "tests/serving/cli/test_service_joined.py",  # 149
+    "tests/serving/cli/test_run_data.py",  # 146
+    "tests/workers/test_trainer_recovery.py",  # 99
+    "tests/serving/test_serving_modes.py",  # 89
+    "tests/bench/test_call_cost.py",  # 82
+    "tests/serving/test_id_lifecycle.py",  # 74
+    "tests/bench/test_tune_defaults.py",  # 72
+    "tests/workers/test_trainer.py",  # 67
+    "tests/serving/cli/test_eval_live.py",  # 61
+    "tests/bench/test_soak.py",  # 57
+    "tests/workers/test_trainer_supervision.py",  # 52
+    "tests/serving/test_fuzz.py",  # 51
+    "tests/serving/test_ray_head.py",  # 50
+    "tests/serving/cli/test_eval.py",  # 48
+    "tests/serving/cli/test_eval_live_own.py",  # 46
+    "tests/bench/test_train_throughput.py",  # 41
+    "tests/serving/test_app.py",  # 40
 )
 
 
