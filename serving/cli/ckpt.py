@@ -8,7 +8,6 @@ deployment (``freshet up --restore``) from one.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import re
@@ -306,7 +305,6 @@ def cmd_ckpt(args) -> int:
     stage = root / f"{name[:96]}.saving-{uuid.uuid4().hex[:8]}"
     root.mkdir(mode=0o700, parents=True, exist_ok=True)
     ingest = ray.get_actor(INGEST_ACTOR, namespace=state["namespace"])
-    before: dict | None = None  # the pin this save moved, put back if the save fails
     try:
         stats = ray.get([t.stop.remote() for t in trainers])
         try:
@@ -333,13 +331,15 @@ def cmd_ckpt(args) -> int:
             for f in saved:  # durable before trainers.json says the checkpoint is complete
                 fsync_path(f)
             # Retention keeps the events after the latest checkpoint (one pin, replaced by
-            # each save): restoring it into this deployment replays them.
+            # each save): restoring it into this deployment replays them. Until this one is in
+            # place the pin covers the previous checkpoint's events too, so a save that fails
+            # leaves that one restorable (it may be ahead of this one, after a restore).
             merged: dict[int, int] = {}
             for s in stats:
                 for p, o in s["applied_offsets"].items():
                     merged[int(p)] = min(merged.get(int(p), o), o)
-            before = {"offsets": ray.get(ingest.stats.remote())["pins"].get(CHECKPOINT_PIN)}
-            ray.get(ingest.pin.remote(CHECKPOINT_PIN, merged))
+            previous = ray.get(ingest.stats.remote())["pins"].get(CHECKPOINT_PIN) or {}
+            ray.get(ingest.pin.remote(CHECKPOINT_PIN, {p: min(o, int(previous.get(str(p), o))) for p, o in merged.items()}))
             record = {"trainers": offsets, "created_at": time.time(), "digests": file_digests(stage, saved)}
             _write_durably(stage / TRAINER_OFFSETS, json.dumps(record).encode())
         finally:
@@ -347,12 +347,13 @@ def cmd_ckpt(args) -> int:
         replace_dir(stage, ckpt)
     except BaseException:
         shutil.rmtree(stage, ignore_errors=True)
-        if before is not None:  # the checkpoint kept needs its events kept too
-            with contextlib.suppress(Exception):
-                old = before["offsets"]
-                ray.get(ingest.pin.remote(CHECKPOINT_PIN, {int(p): o for p, o in old.items()}) if old is not None
-                        else ingest.unpin.remote(CHECKPOINT_PIN))
         raise
+    else:
+        try:  # this checkpoint is in place: the pin keeps only its events from now on
+            ray.get(ingest.pin.remote(CHECKPOINT_PIN, merged))
+        except Exception as e:  # noqa: BLE001 - the checkpoint is whole; the pin only keeps more than it needs
+            print(f"freshet ckpt save: warning: the retention pin still keeps the previous checkpoint's events too "
+                  f"({type(e).__name__}: {e})", file=sys.stderr)
     finally:
         ray.shutdown()
     print(f"checkpoint {name}: shard versions {[r['version'] for r in reports]}, "
