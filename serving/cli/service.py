@@ -178,8 +178,8 @@ def local_state_warning(cfg: FreshetConfig, alive_nodes: int) -> str | None:
     ingest log is a local path (and so, unless ``ingest.state_dir`` says otherwise, its state):
     None on one node, or with ``ingest.dir`` a URI. Only a warning: a local path may be shared
     storage mounted at the same place on every node, which cannot be told from here."""
-    if alive_nodes <= 1 or cfg.ingest.dir_is_uri():
-        return None
+    if alive_nodes <= 1 or (cfg.ingest.dir_is_uri() and not cfg.ingest.dir.lower().startswith("file:")):
+        return None  # a file:// URI is a path on each node's own disk too
     fields = f"ingest.dir {cfg.ingest.dir!r}" + (
         " and ingest.state_dir (unset: the state is kept under ingest.dir)" if cfg.ingest.state_dir is None
         else f" (ingest.state_dir {cfg.ingest.state_dir!r} too must be shared)")

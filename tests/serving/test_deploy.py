@@ -142,3 +142,5 @@ def test_joining_several_nodes_with_a_local_ingest_dir_warns_naming_the_fields()
     assert "ingest.state_dir '/mnt/f' too must be shared" in local_state_warning(
         load_config(None, {"ingest": {"state_dir": "/mnt/f"}}), 2)
     assert local_state_warning(load_config(None, {"ingest": {"dir": "s3://b/f", "state_dir": "/mnt/f"}}), 5) is None
+    # A file:// URI names each node's own disk as much as a plain path does.
+    assert "is a local path" in local_state_warning(load_config(None, {"ingest": {"dir": "file:///data/f", "state_dir": "/data/s"}}), 2)

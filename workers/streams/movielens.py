@@ -130,6 +130,14 @@ def _check_utf8(file: Path) -> None:
     """
     if file.stat().st_size == 0:
         return
+    with open(file, "rb") as f:
+        magic = f.read(6)
+    # pyarrow read a file ending in .gz compressed (its header then cost one quarantined row);
+    # this check reads bytes: say what the file is rather than where its first non-text byte is.
+    for prefix, kind in ((b"\x1f\x8b", "gzip"), (b"BZh", "bzip2"), (b"\x28\xb5\x2f\xfd", "zstd"), (b"\xfd7zXZ", "xz")):
+        if magic.startswith(prefix):
+            raise ValueError(f"{file}: not a text ratings file: it is {kind}-compressed; decompress it first "
+                             "(MovieLens ratings files are plain text)")
     with pa.memory_map(str(file)) as mm:
         data = mm.read_buffer()
         text = pa.Array.from_buffers(pa.large_string(), 1, [None, pa.py_buffer(np.array([0, data.size], np.int64)), data])

@@ -413,6 +413,13 @@ def test_a_binary_or_non_utf8_file_is_refused_cleanly(tmp_path, monkeypatch):
     long.write_bytes(head + "é".encode() * 700_000 + b"\xff\n")
     with pytest.raises(ValueError, match=rf"byte 0xff at line 2 \(file offset {len(head) + 1_400_000:,}\)"):
         MovieLensSource(long)
+    # A compressed file is named as such, not by its first non-text byte.
+    import gzip
+
+    gz = tmp_path / "ratings.csv.gz"
+    gz.write_bytes(gzip.compress(b"userId,movieId,rating,timestamp\n1,2,4.0,100\n"))
+    with pytest.raises(ValueError, match=r"ratings\.csv\.gz: not a text ratings file: it is gzip-compressed; decompress it first"):
+        MovieLensSource(gz)
     cr = tmp_path / "cr.csv"
     cr.write_bytes(b"userId,movieId,rating,timestamp\r1,2,4.0,100\r1,\xff,4.0,101\r")
     with pytest.raises(ValueError, match=r"byte 0xff at line 3 "):
