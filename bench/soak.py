@@ -855,24 +855,6 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def _stop_starting_head(ray_dir: str) -> bool:
-    """Stop a head that Ctrl-C cut off while :func:`serving.ray_head.start_head` waited for it
-    (it stops only heads that failed to start, and returns no handle): found by its ``ray
-    start`` command line, which names this run's own temp dir. True when one was stopped."""
-    from serving import ray_head
-
-    temp = str(Path(ray_dir).absolute())
-    for d in Path("/proc").iterdir():
-        cmd = _cmdline(int(d.name)) if d.name.isdigit() else []
-        if f"--temp-dir={temp}" in cmd and "--head" in cmd:
-            info = ray_head.HeadInfo(address="", ports={}, temp_dir=temp, auth=False, token_path=None,
-                                     root_pid=int(d.name), pids=[int(d.name)], log_path="")
-            with contextlib.suppress(RuntimeError):
-                ray_head.stop_head(info)
-            return True
-    return False
-
-
 def _write_interrupted(args: argparse.Namespace, soak: _Soak | None, load_start: float, t_start: float) -> Path | None:
     """After Ctrl-C: what was measured so far, in ``<out>/soak-interrupted.json`` (apart from
     ``soak.json``, so a partial run never replaces a complete one); None when there was nothing."""
@@ -922,11 +904,9 @@ def main(argv: list[str] | None = None) -> int:
     # not collide with another Ray on the host), token auth with its own token file.
     try:
         head = ray_head.start_head(ray_dir, num_cpus=2, system_config=cfg.ray.system_config(), avoid=(port,))
-    except KeyboardInterrupt:
-        with sigint_deferred():
-            stopped = _stop_starting_head(ray_dir)
-            shutil.rmtree(work, ignore_errors=True)
-        print(f"\ninterrupted while starting the Ray head: {'stopped it, ' if stopped else ''}removed {work}; "
+    except KeyboardInterrupt:  # start_head stopped the head it was waiting for
+        shutil.rmtree(work, ignore_errors=True)
+        print(f"\ninterrupted while starting the Ray head: stopped it, removed {work}; "
               f"nothing kept but Ray's logs in {ray_dir}", file=sys.stderr)
         return 130
     except BaseException:

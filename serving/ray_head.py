@@ -920,6 +920,15 @@ def _wait_ready(proc: subprocess.Popen, info: HeadInfo, log_path: Path, deadline
     return f"not ready in time (ports not listening: {sorted(missing)})"
 
 
+def _abandon(info: HeadInfo, chosen: dict[str, int]) -> None:
+    """Stop a head that did not start (or whose start was interrupted) and release its ports."""
+    with contextlib.suppress(RuntimeError):
+        stop_head(info)
+    with _lock, port_leases.leasing() as leases:  # the failed head's share lapsed with it
+        _reserved.difference_update(_port_set(chosen))
+        leases.drop(_port_set(chosen))
+
+
 def start_head(temp_dir, *, ports: Mapping[str, int] | None = None, auth: bool = True,
                num_cpus: int | None = None, token_path: str | os.PathLike | None = None,
                include_dashboard: bool = False, worker_ports: int = 200,
@@ -965,7 +974,9 @@ def start_head(temp_dir, *, ports: Mapping[str, int] | None = None, auth: bool =
     Raises:
         ValueError: bad ``ports``, a given port also in ``avoid``, or a ``temp_dir`` that is too long.
         RuntimeError: no free ports, no ``ray`` command, or the head did not come up (the
-            message has the tail of ``ray start``'s output for each attempt).
+            message has the tail of ``ray start``'s output for each attempt). A head that did
+            not come up, or whose wait was interrupted (``KeyboardInterrupt``, re-raised), is
+            stopped first.
     """
     temp = Path(temp_dir).absolute()
     if len(str(temp)) > _MAX_TEMP_DIR_LEN:
@@ -1020,14 +1031,16 @@ def start_head(temp_dir, *, ports: Mapping[str, int] | None = None, auth: bool =
         info = HeadInfo(address=f"127.0.0.1:{chosen['gcs']}", ports=chosen, temp_dir=str(temp), auth=auth,
                         token_path=str(tok) if auth else None, root_pid=proc.pid, pids=[proc.pid],
                         log_path=str(log_path), env=extra_env)
-        why = _wait_ready(proc, info, log_path, time.monotonic() + timeout_s)
+        try:
+            why = _wait_ready(proc, info, log_path, time.monotonic() + timeout_s)
+        except BaseException:
+            # Interrupted (Ctrl-C) while waiting: the head runs in a session of its own, and no
+            # caller ever gets its HeadInfo to stop it.
+            _abandon(info, chosen)
+            raise
         if why is None:
             return info.model_copy(update={"pids": head_pids(info)})
         errors.append(f"{why}; tail of {log_path}:\n{_tail(log_path)}")
-        with contextlib.suppress(RuntimeError):
-            stop_head(info)
-        with _lock, port_leases.leasing() as leases:  # the failed head's share lapsed with it
-            _reserved.difference_update(_port_set(chosen))
-            leases.drop(_port_set(chosen))
+        _abandon(info, chosen)
     raise RuntimeError(f"start_head: Ray head in {temp} did not start after {len(errors)} attempt(s):\n"
                        + "\n---\n".join(errors))

@@ -235,6 +235,30 @@ def test_stop_head_leaves_no_process(heads):
     assert heads[0].root_pid not in stopped and head_pids(heads[0]), "stopping one head touched the other"
 
 
+def test_a_start_interrupted_while_waiting_stops_its_head(monkeypatch):
+    # The head runs in a session of its own, so a Ctrl-C in the caller does not reach it, and
+    # start_head never returned its HeadInfo: a bench interrupted here left the whole head running.
+    from serving import ray_head
+
+    launched: list[HeadInfo] = []
+
+    def interrupted(proc, info, log_path, deadline):  # `ray start` is running: Ctrl-C as the wait begins
+        assert proc.poll() is None and head_pids(info)
+        launched.append(info)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ray_head, "_wait_ready", interrupted)
+    d = tempfile.mkdtemp(prefix="rh.", dir="/tmp")
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            start_head(d, auth=False, num_cpus=1)
+        (info,) = launched
+        assert head_pids(info) == [] and _gone(info.root_pid)
+        assert leased_to(info.root_pid) == set()
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+
+
 def test_bad_ports_are_rejected_before_anything_starts(tmp_path):
     d = tempfile.mkdtemp(prefix="rh.", dir="/tmp")
     with pytest.raises(ValueError, match="unknown ports"):
