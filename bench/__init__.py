@@ -15,7 +15,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
-__all__ = ["at_least", "cpu_between", "fraction", "machine", "ray_temp_dir", "sigint_deferred", "tree_cpu_s"]
+__all__ = ["at_least", "cpu_between", "fraction", "loadavg_1m", "machine", "ray_temp_dir", "sigint_deferred", "tree_cpu_s"]
 
 
 def at_least(minimum: float, kind: type = int):
@@ -52,6 +52,11 @@ def fraction(*, zero: bool):
     return parse
 
 
+def loadavg_1m() -> float | None:
+    """The host's 1-minute load average now (None where the platform has none)."""
+    return os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+
+
 def machine(*packages: str, **extra: Any) -> dict[str, Any]:
     """The host a benchmark ran on, for its JSON report: CPU count, usable CPUs, CPU model,
     1-minute load average, platform, Python, the installed version of each of ``packages``
@@ -63,7 +68,7 @@ def machine(*packages: str, **extra: Any) -> dict[str, Any]:
         "cpu_count": os.cpu_count(),
         "usable_cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
         "cpu_model": cpu_model,
-        "loadavg_1m": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
+        "loadavg_1m": loadavg_1m(),
         "platform": platform.platform(),
         "python": platform.python_version(),
     }

@@ -56,7 +56,7 @@ from typing import Any
 
 import numpy as np
 
-from bench import cpu_between, machine, ray_temp_dir, sigint_deferred, tree_cpu_s
+from bench import cpu_between, loadavg_1m, machine, ray_temp_dir, sigint_deferred, tree_cpu_s
 
 __all__ = ["PIPELINE_MB", "PIPELINE_SHARD_MS", "PIPELINE_TRAINER_MS", "PIPELINE_WAYS", "REPORT_KEYS", "break_even_mb",
            "format_table", "main", "measure", "run_pipeline", "write_report"]
@@ -421,7 +421,7 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--pipeline-batches must be within 1-10000")
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    load_start = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    load_start = loadavg_1m()
     got: dict[str, Any] = {}
     try:
         measure(args.sizes, args.calls, idle_s=args.idle_s, pipeline_rounds=args.pipeline_rounds,
@@ -438,7 +438,7 @@ def main(argv: list[str] | None = None) -> int:
     rows, idle_cores, pipe = got["rows"], got["compiled_graph_idle_cores"], got["pipeline"]
     report = {"bench": "call_cost", "date": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
               "machine": machine("ray", "numpy", loadavg_start=load_start,
-                                 loadavg_end=os.getloadavg()[0] if hasattr(os, "getloadavg") else None),
+                                 loadavg_end=loadavg_1m()),
               "calls": args.calls, "idle_s": args.idle_s, "rows": rows,
               "break_even_mb": break_even_mb(rows), "plain_idle_cores": got["plain_idle_cores"],
               "compiled_graph_idle_cores": idle_cores, "pipeline": pipe}

@@ -61,7 +61,7 @@ from typing import Any
 
 import numpy as np
 
-from bench import machine, ray_temp_dir
+from bench import loadavg_1m, machine, ray_temp_dir
 
 __all__ = [
     "DEFAULT_OUT",
@@ -470,8 +470,7 @@ def main(argv: list[str] | None = None) -> int:
     from bench.load import _drain, _stats, bench_config
     from serving import deploy
 
-    loadavg = (lambda: os.getloadavg()[0]) if hasattr(os, "getloadavg") else (lambda: None)
-    load_start = loadavg()
+    load_start = loadavg_1m()
     work = Path(tempfile.mkdtemp(prefix="freshet-fresh-"))
     run_id = f"{os.getpid()}"
     cfg = bench_config(args.config, str(work), f"bench-fresh-{run_id}")
@@ -499,7 +498,7 @@ def main(argv: list[str] | None = None) -> int:
                     posted += n
                     bar.update(n)
             accepted = _stats(http)["events_accepted"]
-            cap_load = loadavg()
+            cap_load = loadavg_1m()
             t0 = time.perf_counter()
             dep.start_training()
             with tqdm(total=accepted, desc="capacity", unit="ev", disable=args.quiet, dynamic_ncols=True) as bar:
@@ -554,7 +553,7 @@ def main(argv: list[str] | None = None) -> int:
     v = verdict(summary, end["freshness_ms"].get("p99"), min_probes=100)
     report = {
         "bench": {**{k: (str(x) if isinstance(x, Path) else x) for k, x in vars(args).items()},
-                  "ray_num_cpus": 2, "loadavg_1m_start": load_start, "loadavg_1m_end": loadavg()},
+                  "ray_num_cpus": 2, "loadavg_1m_start": load_start, "loadavg_1m_end": loadavg_1m()},
         "date": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
         "machine": machine("ray", "httpx"),
         "config": {**cfg.model_dump(mode="json"), "serving": {**cfg.serving.model_dump(mode="json"), "auth_token": "<set>"}},

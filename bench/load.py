@@ -34,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-from bench import at_least, fraction, machine, ray_temp_dir
+from bench import at_least, fraction, loadavg_1m, machine, ray_temp_dir
 from serving.ray_head import free_port
 
 __all__ = [
@@ -397,7 +397,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"bench.load: {plan.clients} clients x {plan.seconds:g} s against {url} "
           f"({cfg.ps.num_shards} shards, {cfg.trainer.num_workers} trainer(s), ingest fsync={cfg.ingest.fsync}, "
           f"state in {work})", flush=True)
-    load_start = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    load_start = loadavg_1m()
     t_setup = time.perf_counter()
     ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", _temp_dir=ray_dir,
              namespace=cfg.namespace, log_to_driver=False, _system_config=cfg.ray.system_config())

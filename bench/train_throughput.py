@@ -49,7 +49,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from bench import at_least, cpu_between, machine, tree_cpu_s
+from bench import at_least, cpu_between, loadavg_1m, machine, tree_cpu_s
 from ps.ids import ids_from_arrow
 from ps.local import LocalClient
 from serving.config import FreshetConfig, load_config
@@ -415,7 +415,7 @@ def run_peer_baselines(workload, peers: list[str], *, repeat: int = 1, progress:
             for p, threads in plan:
                 label = f"{p} {threads}t"
                 bar.set_postfix_str(label)
-                load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+                load = loadavg_1m()
                 r = runners[p](workload, threads, data=data)
                 r["loadavg_1m"] = load
                 rounds.setdefault(label, []).append(r)
@@ -981,9 +981,8 @@ def main(argv: list[str] | None = None) -> int:
     bench = {k: getattr(args, k) for k in ("workload", "events", "shards", "rank_requests", "unknown_requests",
                                            "healthz_requests", "default_events", "table_rows", "repeat")}
     bench["ray_num_cpus"] = 2
-    loadavg = (lambda: os.getloadavg()[0]) if hasattr(os, "getloadavg") else (lambda: None)
-    bench["loadavg_1m_start"] = loadavg()
-    bench["loadavg_1m"] = {"start": loadavg()}
+    bench["loadavg_1m_start"] = loadavg_1m()
+    bench["loadavg_1m"] = {"start": loadavg_1m()}
     print(f"train_throughput: {args.workload} workload, {cfg.stream.kind.value} stream, {args.events:,} events, "
           f"batch {cfg.trainer.batch_size}, {cfg.trainer.passes} pass(es) x {cfg.model.num_negatives} negatives, "
           f"dim {cfg.ps.table(cfg.model.user_table).dim}, context {'on' if cfg.model.context_table else 'off'}, "
@@ -1013,21 +1012,21 @@ def main(argv: list[str] | None = None) -> int:
         # In each round the peers and the twin run first, while no Ray process competes for the CPUs.
         if torchrec:
             peer_rounds.append(run_peer_baselines(workload, wanted, repeat=args.peer_repeat, progress=progress, data=data))
-            bench["loadavg_1m"]["after_peers"] = loadavg()
+            bench["loadavg_1m"]["after_peers"] = loadavg_1m()
         twin_rounds["1"].append(run_in_process(cfg, progress=progress))
-        bench["loadavg_1m"]["after_in_process"] = loadavg()
+        bench["loadavg_1m"]["after_in_process"] = loadavg_1m()
         if last:  # the loss the PS run with staleness 1 must match (deterministic: one run)
             stale_twin = run_in_process(stale_cfg, progress=progress)
         if torchrec:  # the twin at the plain baseline's and the peers' thread count too
             twin_rounds["2"].append(run_in_process(two, progress=progress))
-            bench["loadavg_1m"]["after_in_process_2_threads"] = loadavg()
+            bench["loadavg_1m"]["after_in_process_2_threads"] = loadavg_1m()
         if last and torchrec and args.default_events:
             default_ip = run_in_process(default_cfg, progress=progress)
-            bench["loadavg_1m"]["after_default_in_process"] = loadavg()
+            bench["loadavg_1m"]["after_default_in_process"] = loadavg_1m()
             default_ip["staleness_1"] = run_in_process(_with_staleness(default_cfg, 1), progress=progress)
         if last and torchrec and args.table_rows:
             table_figures = run_table_figures(args.table_rows)
-            bench["loadavg_1m"]["after_table_figures"] = loadavg()
+            bench["loadavg_1m"]["after_table_figures"] = loadavg_1m()
 
         ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", _temp_dir=str(work / f"ray{r}"),
                  log_to_driver=False, configure_logging=False, _system_config=cfg.ray.system_config())
@@ -1045,7 +1044,7 @@ def main(argv: list[str] | None = None) -> int:
                     deploy.stop(dep.cfg, serving=False)
                 run, dep = _run_ps(run_cfg, progress=progress)
                 ps_rounds[name].append(run)
-                bench["loadavg_1m"][f"after_ps_{tag}"] = loadavg()
+                bench["loadavg_1m"][f"after_ps_{tag}"] = loadavg_1m()
             if last and default_ip is not None:  # the default model through the PS, prefetch on (its default)
                 for name, staleness in (("staleness 1", 1), ("prefetch on", 0)):
                     d_cfg = default_cfg.model_copy(update={
@@ -1057,7 +1056,7 @@ def main(argv: list[str] | None = None) -> int:
                     })
                     deploy.stop(dep.cfg, serving=False)
                     default_ps[name], dep = _run_ps(d_cfg, progress=progress)
-                    bench["loadavg_1m"][f"after_default_ps{staleness}"] = loadavg()
+                    bench["loadavg_1m"][f"after_default_ps{staleness}"] = loadavg_1m()
             if last and not args.no_serve:
                 from workers.streams import open_source
 
@@ -1071,7 +1070,7 @@ def main(argv: list[str] | None = None) -> int:
             with contextlib.suppress(Exception):
                 serve.shutdown()
             ray.shutdown()
-        bench["loadavg_1m"][f"round_{r}"] = loadavg()
+        bench["loadavg_1m"][f"round_{r}"] = loadavg_1m()
 
     peers = merge_peer_rounds(peer_rounds) if peer_rounds else {}
     in_process = fastest(twin_rounds["1"])
@@ -1079,7 +1078,7 @@ def main(argv: list[str] | None = None) -> int:
         in_process["two_threads"] = fastest(twin_rounds["2"])
     in_process["staleness_1"] = stale_twin
     ps_runs = {name: fastest(runs) for name, runs in ps_rounds.items()}
-    bench["loadavg_1m"]["end"] = loadavg()
+    bench["loadavg_1m"]["end"] = loadavg_1m()
     default_model = _default_model(default_ip, default_ps, default_cfg) if default_ip is not None else None
     report = build_report(cfg, in_process, ps_runs, latency, bench=bench, workload=args.workload, peers=peers,
                           default_model=default_model, table_figures=table_figures)
