@@ -119,14 +119,6 @@ def _restarted_actor() -> bool:
     return ctx.get_actor_id() is not None and bool(ctx.was_current_actor_reconstructed)
 
 
-def _stored_log_id(cfg: IngestConfig, filesystem: pafs.FileSystem | None) -> str | None:
-    """The ``LOG_ID`` at ``cfg.dir`` read through ``filesystem`` where given; creates nothing."""
-    if filesystem is None:
-        return read_log_id(cfg)
-    _, root = pafs.FileSystem.from_uri(cfg.dir)
-    return _read_text(filesystem, f"{root.rstrip('/')}/ingest/{_LOG_ID}")
-
-
 class IngestWriteError(RuntimeError):
     """An append could not be made durable (a write, flush or fsync failed). Nothing of the
     failed partition parts was acknowledged; retrying (with the same idempotency key) is safe."""
@@ -817,7 +809,7 @@ class IngestLog:
         if filesystem is not None and not cfg.dir_is_uri():
             raise ValueError(f"filesystem: only used when ingest.dir is a URI, got {cfg.dir!r}")
         restarted = _restarted_actor()
-        if (expect_log or restarted) and _stored_log_id(cfg, filesystem) is None:
+        if (expect_log or restarted) and read_log_id(cfg, filesystem) is None:
             # A new empty log would acknowledge events from offset 0 again, which the trainers
             # (holding the old log's offsets and identity) would never train: refuse, so the
             # actor is dead and /events and /healthz answer 503 until an operator acts.
@@ -1393,16 +1385,17 @@ class IngestLog:
         return True
 
 
-def read_log_id(cfg: IngestConfig) -> str | None:
+def read_log_id(cfg: IngestConfig, filesystem: pafs.FileSystem | None = None) -> str | None:
     """The ``LOG_ID`` of the log at ``cfg.dir`` (path or URI), or None when no log was
-    created there yet; creates nothing.
+    created there yet; creates nothing. ``filesystem``: read a URI's paths through it (as
+    :class:`IngestLog` takes one) instead of the one the URI names.
 
     Raises:
         OSError: the location cannot be read.
     """
     if cfg.dir_is_uri():
         fs, root = pafs.FileSystem.from_uri(cfg.dir)
-        return _read_text(fs, f"{root.rstrip('/')}/ingest/{_LOG_ID}")
+        return _read_text(filesystem or fs, f"{root.rstrip('/')}/ingest/{_LOG_ID}")
     path = Path(cfg.dir) / "ingest" / _LOG_ID
     return path.read_text().strip() if path.exists() else None
 
