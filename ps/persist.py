@@ -62,6 +62,7 @@ __all__ = [
     "current_snapshot",
     "file_digests",
     "list_checkpoints",
+    "read_ipc_file",
     "read_log",
     "read_snapshot",
     "validate_checkpoint_name",
@@ -192,8 +193,14 @@ def _ipc_file(path: Path) -> Iterator[pa.ipc.RecordBatchFileReader]:
         raise ValueError(f"{path}: not a readable Arrow IPC file ({e})") from None
 
 
-def _read_ipc_file(path: Path) -> pa.Table:
-    with _ipc_file(path) as reader:
+def read_ipc_file(path: str | Path) -> pa.Table:
+    """The whole Arrow IPC file at ``path``.
+
+    Raises:
+        ValueError: it is not a readable Arrow IPC file (the message names it).
+        FileNotFoundError: it does not exist.
+    """
+    with _ipc_file(Path(path)) as reader:
         return reader.read_all()
 
 
@@ -406,7 +413,7 @@ def verify_snapshot(path: str | Path) -> dict:
                     n = sum(reader.get_batch(i).num_rows for i in range(reader.num_record_batches))
                 if fname == tm["file"] and n != int(tm["rows"]):
                     raise ValueError(f"{path / fname}: {n} rows, meta.json says {tm['rows']}")
-        _read_ipc_file(path / "recent.arrow")
+        read_ipc_file(path / "recent.arrow")
     except (KeyError, TypeError) as e:
         raise ValueError(f"{path / 'meta.json'}: incomplete ({type(e).__name__}: {e})") from None
     # What read_snapshot parses besides the tables: a restore must not find one missing only
@@ -432,7 +439,7 @@ def read_snapshot(path: str | Path) -> ShardState:
     _check_digests(path, meta)
     tables = {}
     for name, tm in meta["tables"].items():
-        tab = _read_ipc_file(path / tm["file"])
+        tab = read_ipc_file(path / tm["file"])
         n, dim, shape = int(tm["rows"]), int(tm["dim"]), tuple(tm["state_shape"])
         if tab.num_rows != n:
             raise ValueError(f"{path / tm['file']}: {tab.num_rows} rows, meta.json says {n}")
@@ -441,11 +448,11 @@ def read_snapshot(path: str | Path) -> ShardState:
             if "state" in tab.column_names
             else np.zeros((n, *shape), np.float32)
         )
-        tomb = _read_ipc_file(path / tm["tombstones"])
+        tomb = read_ipc_file(path / tm["tombstones"])
         admission = None
         if "admission" in tm:
             depth, width = tm["admission_shape"]
-            admission = _fsl_numpy(_read_ipc_file(path / tm["admission"]).column("counts"), depth, (width,), np.int32)
+            admission = _fsl_numpy(read_ipc_file(path / tm["admission"]).column("counts"), depth, (width,), np.int32)
         tables[name] = TableState(
             keys=np.array(tab.column("key").to_numpy(), dtype=np.uint64),
             ids=ids_from_arrow(tab.column("id")),
@@ -459,7 +466,7 @@ def read_snapshot(path: str | Path) -> ShardState:
             pruned_below=int(tm.get("pruned_below", 0)),
             admission=admission,
         )
-    rec = _read_ipc_file(path / "recent.arrow")
+    rec = read_ipc_file(path / "recent.arrow")
     return ShardState(
         shard_index=int(meta["shard_index"]),
         version=int(meta["version"]),

@@ -62,7 +62,7 @@ from workers.wal import PushRecord, TrainerWAL
 if TYPE_CHECKING:  # the root config composes every layer's settings; workers only read it
     from serving.config import FreshetConfig
 
-__all__ = ["Trainer", "gpus_per_trainer", "resolve_device", "start_trainers", "trainer_actor_name"]
+__all__ = ["Trainer", "check_saved_state", "gpus_per_trainer", "resolve_device", "start_trainers", "trainer_actor_name"]
 
 _log = logging.getLogger(__name__)
 
@@ -977,6 +977,30 @@ class Trainer:
 
 _CATALOGUE_SCHEMA = pa.schema([pa.field("key", pa.uint64()), pa.field("count", pa.float64())])
 _HISTORY_SCHEMA = pa.schema([pa.field("user", pa.uint64()), pa.field("item", pa.uint64())])
+
+
+def check_saved_state(d: Path) -> None:
+    """Read the local state a trainer saved in ``d`` (:meth:`Trainer._save_local_state`: its
+    ``meta.json`` fields and both Arrow files) whole, as a trainer resuming from it will; for
+    a copy about to be restored (``freshet ckpt restore``), which must not be found damaged
+    only by the trainer, after the restore has replaced what it restores into.
+
+    Raises:
+        FileNotFoundError, ValueError: naming the file at fault.
+    """
+    from ps.persist import read_ipc_file
+
+    try:
+        meta = json.loads((d / "meta.json").read_text())
+        _ = ({int(p): int(o) for p, o in meta["offsets"].items()}, int(meta["events_applied"]),
+             {int(p): str(s) for p, s in meta["source_ids"].items()})
+    except (OSError, KeyError, TypeError, ValueError, AttributeError) as e:
+        raise ValueError(f"{d / 'meta.json'}: not a readable trainer state ({type(e).__name__}: {e})") from None
+    for name, schema in (("catalogue.arrow", _CATALOGUE_SCHEMA), ("histories.arrow", _HISTORY_SCHEMA)):
+        if not (d / name).exists():
+            raise FileNotFoundError(f"{d / name}: missing")
+        if missing := set(schema.names) - set(read_ipc_file(d / name).column_names):
+            raise ValueError(f"{d / name}: no column {sorted(missing)} (not a trainer's saved state)")
 
 
 def _keyed(keys: np.ndarray) -> Keyed:

@@ -108,7 +108,7 @@ def check_restorable(cfg: FreshetConfig, ckpt: Path) -> None:
     from ps.table import snapshot_problem
     from workers.config import StreamKind
     from workers.ingest_log import read_first_offsets
-    from workers.trainer import partitions_of, trainer_actor_name
+    from workers.trainer import check_saved_state, partitions_of, trainer_actor_name
 
     trainers = _saved_trainers(cfg, ckpt)
     for s in range(cfg.ps.num_shards):
@@ -141,7 +141,7 @@ def check_restorable(cfg: FreshetConfig, ckpt: Path) -> None:
         if not (saved_state / "meta.json").exists():
             need = dict.fromkeys(need, 0)  # no saved state: the trainer rebuilds it from the log's start
         else:
-            _check_trainer_state(saved_state)
+            check_saved_state(saved_state)
             state = json.loads((saved_state / "meta.json").read_text())["offsets"]
             for p, o in state.items():
                 need[int(p)] = min(need.get(int(p), int(o)), int(o))
@@ -161,34 +161,6 @@ def _saved_digests(ckpt: Path) -> dict[str, str]:
         return {str(f): str(d) for f, d in digests.items()}
     except _UNREADABLE as e:
         raise ValueError(f"{ckpt / TRAINER_OFFSETS}: not a readable checkpoint record ({type(e).__name__}: {e})") from None
-
-
-def _check_trainer_state(saved_state: Path) -> None:
-    """Read a trainer's saved state whole (its ``meta.json`` fields and both Arrow files), as
-    the trainer will when it starts: after the restore has replaced what it restores into.
-
-    Raises:
-        FileNotFoundError, ValueError: naming the file at fault.
-    """
-    import pyarrow as pa
-
-    meta_path = saved_state / "meta.json"
-    try:
-        meta = json.loads(meta_path.read_text())
-        _ = ({int(p): int(o) for p, o in meta["offsets"].items()}, int(meta["events_applied"]),
-             {int(p): str(s) for p, s in meta["source_ids"].items()})
-    except _UNREADABLE as e:
-        raise ValueError(f"{meta_path}: not a readable trainer state ({type(e).__name__}: {e})") from None
-    for f, columns in (("catalogue.arrow", {"key", "count"}), ("histories.arrow", {"user", "item"})):
-        if not (saved_state / f).exists():
-            raise FileNotFoundError(f"{saved_state / f}: missing")
-        try:
-            with pa.memory_map(str(saved_state / f)) as src:
-                table = pa.ipc.open_file(src).read_all()
-        except pa.ArrowException as e:
-            raise ValueError(f"{saved_state / f}: not a readable Arrow IPC file ({e})") from None
-        if missing := columns - set(table.column_names):
-            raise ValueError(f"{saved_state / f}: no column {sorted(missing)} (not a trainer's saved state)")
 
 
 def restore_trainer_offsets(cfg: FreshetConfig, ckpt: Path) -> None:
