@@ -31,7 +31,7 @@ from ps.index import KeyIndex, unique_keys
 from ps.lazy import torch
 from ps.persist import TableState
 
-__all__ = ["EmbeddingTable", "PushOutcome", "snapshot_problem", "snapshot_tables_problem", "stored_table_problem", "table_seed"]
+__all__ = ["EmbeddingTable", "PushOutcome", "snapshot_problem", "stored_table_problem", "table_seed"]
 
 
 def table_seed(ps_seed: int, name: str) -> int:
@@ -79,33 +79,11 @@ def stored_table_problem(name: str, cfg: TableConfig, opt: OptimizerConfig, *, r
     return None
 
 
-def snapshot_tables_problem(tables_meta: dict[str, dict], cfg: PSConfig) -> str | None:
-    """Why a shard snapshot whose ``meta.json`` lists ``tables_meta`` (``ps.persist.snapshot_meta``'s
-    ``"tables"``) cannot be loaded under ``cfg``: a table not configured, or
-    :func:`stored_table_problem`; None when every table fits. Reads no rows.
-
-    Raises:
-        ValueError: ``tables_meta`` lacks a field a snapshot's metadata has (a damaged file).
-    """
-    for name, tm in tables_meta.items():
-        if name not in cfg.tables:
-            return f"table {name!r} is not configured (ps.tables: {sorted(cfg.tables)})"
-        try:
-            problem = stored_table_problem(name, cfg.tables[name], cfg.optimizer_for(name), rows=int(tm["rows"]),
-                                           dim=int(tm["dim"]), state_shape=tuple(tm["state_shape"]),
-                                           admission_shape=tm.get("admission_shape"))
-        except (KeyError, TypeError) as e:
-            raise ValueError(f"table {name!r}: incomplete metadata ({type(e).__name__}: {e})") from None
-        if problem is not None:
-            return problem
-    return None
-
-
 def snapshot_problem(meta: dict, cfg: PSConfig, shard_index: int) -> str | None:
     """Why shard ``shard_index`` of a PS configured by ``cfg`` cannot load the shard snapshot
     whose ``meta.json`` is ``meta``: another shard's snapshot, another sharding plan
-    (``ps.num_shards``, ``ps.num_buckets``), or :func:`snapshot_tables_problem`; None when it
-    loads. Reads no rows.
+    (``ps.num_shards``, ``ps.num_buckets``), a table not configured, or
+    :func:`stored_table_problem`; None when it loads. Reads no rows.
 
     Raises:
         ValueError: ``meta`` lacks a field a snapshot's metadata has (a damaged file).
@@ -122,7 +100,18 @@ def snapshot_problem(meta: dict, cfg: PSConfig, shard_index: int) -> str | None:
         return f"a snapshot of shard {saved_index}, where shard {shard_index}'s belongs"
     if (problem := ShardingPlan.uniform(cfg.num_buckets, cfg.num_shards).saved_plan_problem(plan)) is not None:
         return problem
-    return snapshot_tables_problem(tables, cfg)
+    for name, tm in tables.items():
+        if name not in cfg.tables:
+            return f"table {name!r} is not configured (ps.tables: {sorted(cfg.tables)})"
+        try:
+            problem = stored_table_problem(name, cfg.tables[name], cfg.optimizer_for(name), rows=int(tm["rows"]),
+                                           dim=int(tm["dim"]), state_shape=tuple(tm["state_shape"]),
+                                           admission_shape=tm.get("admission_shape"))
+        except (KeyError, TypeError) as e:
+            raise ValueError(f"table {name!r}: incomplete metadata ({type(e).__name__}: {e})") from None
+        if problem is not None:
+            return problem
+    return None
 
 
 class EmbeddingTable:
