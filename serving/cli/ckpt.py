@@ -211,15 +211,15 @@ def cmd_ckpt(args) -> int:
         from ps.persist import list_checkpoints
 
         found = [c for c in list_checkpoints(checkpoint_root(cfg)) if (Path(c["path"]) / TRAINER_OFFSETS).exists()]
-        rows = [c for c in found if not _LEFTOVER.search(c["name"])]
+        left = [c for c in found if _LEFTOVER.search(c["name"])]
+        rows = [c for c in found if c not in left]
         if not rows:
             print(f"no checkpoints under {checkpoint_root(cfg)}")
         for c in rows:
             when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(c["created_at"])) if c.get("created_at") else "?"
             print(f"{c['name']:<24} {when}  versions {c.get('versions')}")
-        for c in found:
-            if _LEFTOVER.search(c["name"]):
-                print(f"(left by an interrupted save: {c['path']}; restore it by its path, or remove it)")
+        for c in left:
+            print(f"(left by an interrupted save: {c['path']}; restore it by its path, or remove it)")
         return 0
     if args.action == "restore":
         if not args.name:
