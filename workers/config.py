@@ -8,6 +8,7 @@ The root :class:`serving.config.FreshetConfig` composes these with the PS and se
 from __future__ import annotations
 
 import enum
+import os
 import re
 from pathlib import Path
 
@@ -284,6 +285,17 @@ class SyntheticConfig(ConfigModel):
     seed: int = Field(0, ge=0, description="generator seed")
 
 
+def expand_home(path: str | None) -> str | None:
+    """``path`` with a leading ``~`` or ``~user`` replaced by that user's home directory, as a
+    shell would; anything else unchanged (None too).
+
+    A config file is not read by a shell: without this, ``ingest.dir: ~/freshet`` would be a
+    directory literally named ``~`` under each process's working directory. It is expanded
+    once, where the config is loaded, so every node is given the same absolute path.
+    """
+    return None if path is None else os.path.expanduser(path)
+
+
 class StreamConfig(ConfigModel):
     """The interaction stream trainers consume."""
 
@@ -301,6 +313,11 @@ class StreamConfig(ConfigModel):
         0.5, ge=0, le=1, description="a movielens/parquet file with more of its rows quarantined fails to load (fraction)"
     )
     synthetic: SyntheticConfig = Field(default_factory=SyntheticConfig, description="synthetic generator settings")
+
+    @field_validator("path", "quarantine_path")
+    @classmethod
+    def _expand_home(cls, value: str | None) -> str | None:
+        return expand_home(value)
 
     @model_validator(mode="after")
     def _check(self) -> "StreamConfig":
@@ -413,7 +430,7 @@ class IngestConfig(ConfigModel):
         cls._check_filled("ingest.dir", value)
         scheme = cls._uri_scheme(value)
         if scheme is None:
-            return value
+            return expand_home(value)
         if scheme not in cls._known_schemes():
             raise ValueError(
                 f"ingest.dir {value!r}: unknown URI scheme {scheme!r}; pyarrow.fs understands "
@@ -428,6 +445,11 @@ class IngestConfig(ConfigModel):
         if not rest.strip("/"):
             raise ValueError(f"ingest.dir {value!r}: nothing after {scheme}:// (expected a bucket, host or path)")
         return value
+
+    @field_validator("state_dir")
+    @classmethod
+    def _expand_state_dir(cls, value: str | None) -> str | None:
+        return expand_home(value)
 
     @model_validator(mode="after")
     def _check_state_dir(self) -> "IngestConfig":

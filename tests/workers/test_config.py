@@ -37,6 +37,23 @@ def test_ingest_dir_and_local_state_dir(tmp_path, ingest, state):
     assert load_config(write_yaml(tmp_path, FreshetConfig(ingest=cfg).to_yaml())).ingest == cfg  # YAML round trip
 
 
+def test_home_in_local_paths_is_expanded_where_the_config_is_loaded(tmp_path, monkeypatch):
+    # A config file is not read by a shell: "~/x" used to be a directory named "~" under each
+    # Ray worker's working directory.
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    home = tmp_path / "home"
+    cfg = load_config(write_yaml(tmp_path, {
+        "ingest": {"dir": "~/log", "state_dir": "~/state"},
+        "stream": {"kind": "parquet", "path": "~/events.parquet", "quarantine_path": "~/bad.arrow"},
+    }))
+    assert (cfg.ingest.dir, cfg.ingest.state_dir) == (str(home / "log"), str(home / "state"))
+    assert cfg.ingest.local_state_dir() == home / "state"
+    assert (cfg.stream.path, cfg.stream.quarantine_path) == (str(home / "events.parquet"), str(home / "bad.arrow"))
+    # Only a leading ~ is the home directory; a URI and a ~ inside a name are left as written.
+    cfg = load_config(write_yaml(tmp_path, {"ingest": {"dir": "s3://b/~x", "state_dir": "data/~x"}}))
+    assert (cfg.ingest.dir, cfg.ingest.state_dir) == ("s3://b/~x", "data/~x")
+
+
 @pytest.mark.parametrize(
     "ingest, dotted, reason",
     [
