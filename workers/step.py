@@ -208,7 +208,10 @@ class TrainStep:
         new_items = [catalogue.add(item_keys[positive], confidence[positive]),
                      catalogue.add(item_keys[dislike], np.zeros(int(dislike.sum())))]  # a row, never popular
         n_neg = m.num_negatives if m.loss == LossKind.BPR else 0
-        negs = [catalogue.sample(b, n_neg, m.popularity_negative_fraction, rng) for _ in range(self.passes)] if n_neg and b else []
+        # An empty catalogue (a first batch that teaches nothing) has nothing to draw: no event
+        # here needs negatives then, and the rng is untouched as sample() would leave it.
+        negs = ([catalogue.sample(b, n_neg, m.popularity_negative_fraction, rng) for _ in range(self.passes)]
+                if n_neg and b and len(catalogue) else [])
         uniq_users, user_inv, first_pos = _first_seen(user_keys[taught])
         inv = np.full(b, -1, np.int64)
         inv[taught] = user_inv

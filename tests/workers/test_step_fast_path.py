@@ -114,3 +114,24 @@ def test_trainer_actors_reserve_gpus_for_auto():
     assert gpus_per_trainer(cpu, 8.0) == 0.0
     fixed = cfg.model_copy(update={"trainer": cfg.trainer.model_copy(update={"num_gpus": 0.25})})
     assert gpus_per_trainer(fixed, 8.0) == 0.25
+
+
+@pytest.mark.parametrize("weights,types", [([2.0, 3.5], ["rating", "rating"]), ([0.0, 0.0], None)])
+def test_a_first_batch_that_teaches_nothing_prepares_and_trains_nothing(weights, types):
+    # A fresh trainer (empty catalogue) whose first batch holds only events that teach nothing
+    # (ratings below model.ratings.positive_at with below: ignore, or weights of 0) has no item
+    # to draw negatives from; it must prepare an empty draw, not fail on every retry.
+    from workers.events import make_events
+
+    cfg = load_config(None, {})
+    step, catalogue = TrainStep(cfg), Catalogue()
+    raw = make_events([0, 1], [1, 2], [10, 11], [1.0, 2.0], weights, event_types=types)
+    batch = step.prepare(raw, 2, catalogue, Histories(cfg.model.context_items))
+    assert not batch.trained.any() and len(catalogue) == 0
+    assert batch.neg_inv.shape == (cfg.trainer.passes, 2, 0)
+    updates, loss, bad = step.gradients(batch, {}, 0)
+    assert updates == {} and loss == 0.0 and not len(bad)
+    # The next batch, with a positive, draws its negatives as usual.
+    raw = make_events([2], [1], [12], [3.0], [1.0])
+    batch = step.prepare(raw, 3, catalogue, Histories(cfg.model.context_items))
+    assert batch.neg_inv.shape == (cfg.trainer.passes, 1, cfg.model.num_negatives)
