@@ -18,6 +18,7 @@ explicit view adds prequential RMSE and MAE of the predicted rating.
 
 from __future__ import annotations
 
+import collections
 import math
 import sys
 import time
@@ -28,13 +29,15 @@ import numpy as np
 
 from ps.ids import ID, as_id_array
 from workers.eval.strategies import Chunk, Strategy
-from workers.ranking import Ranked
+from workers.ranking import Ranked, Ranker
 
 __all__ = ["CHUNK", "DEPTH", "EvalResult", "RankTally", "hit_rank", "prequential", "progressive_ranks", "recovery_events", "windowed_recall"]
 
 
 DEPTH = 20  # longest list ranked: recall@20
 CHUNK = 20  # events ranked, then learned, at a time: freshet eval's and eval --live's default
+# The most items a session context reads (workers.config.ModelConfig.context_items' bound).
+_MAX_CONTEXT = 1000
 
 
 def hit_rank(ranked: Ranked, item: ID) -> int:
@@ -135,7 +138,10 @@ def prequential(
 
     ``chunk_size`` events are ranked, then learned, at a time; ``max_events`` caps the
     stream. ``explicit`` also scores each evaluated event's predicted rating (the model
-    score) against its weight for RMSE/MAE. Deterministic for a deterministic strategy.
+    score without the recent-popularity prior: query · item + item bias, what
+    :func:`workers.model.mse_loss` fits) against its weight for RMSE/MAE. The session
+    context of a ranking is the items of the user's latest events, repeats included.
+    Deterministic for a deterministic strategy.
 
     ``score_from`` (a stream offset, events) is a warm-up: the events before it are
     learned in the same chunks, in the same order, and make their users known and their
@@ -159,6 +165,9 @@ def prequential(
         raise ValueError("max_events: required for an unbounded stream")
     known: set = set()
     seen: dict[ID, dict[ID, None]] = {}  # insertion-ordered sets of each user's items
+    # The items of each user's latest events, repeats included: the session context, as the
+    # trainer's histories and /rank's recent items hold it (seen keeps a repeat at its first place).
+    recent: dict[ID, collections.deque] = {}
     catalogue: set = set()
     recommended: set = set()
     offs: list[int] = []
@@ -187,7 +196,8 @@ def prequential(
             if warm:
                 wu = list(dict.fromkeys(users[j] for j in warm))
                 vecs, found = strategy.user_vectors(as_id_array(wu))
-                ranked = ranker.rank_many(vecs, found, [list(seen[u]) for u in wu], DEPTH)
+                ranked = ranker.rank_many(vecs, found, [list(seen[u]) for u in wu], DEPTH,
+                                          history=[list(recent[u]) for u in wu])
                 by_user = dict(zip(wu, ranked))
                 secs, evs = strategy.staleness(float(chunk.timestamps[0]), int(chunk.offsets[0]))
                 for r in ranked:
@@ -198,12 +208,17 @@ def prequential(
                     st_ev.append(evs)
                     st_s.append(np.nan if secs is None else secs)
                 if explicit:
+                    # The regression is u.item + bias against the rating (workers.model.mse_loss); the
+                    # recent-popularity prior only joins the ranking score, so it is no part of a prediction.
+                    rater = ranker
+                    if ranker.model.recent_table is not None and ranker.model.recent_weight:
+                        rater = Ranker(ranker.cache, ranker.model.model_copy(update={"recent_table": None}))
                     vec_of = {u: (v, f) for u, v, f in zip(wu, vecs, found)}
                     for j in warm:
                         v, f = vec_of[users[j]]
                         if not f:
                             continue
-                        pred = ranker.score_items(v, [items[j]], list(seen[users[j]]))[0][0]
+                        pred = rater.score_items(v, [items[j]], list(recent[users[j]]))[0][0]
                         if pred is not None and math.isfinite(pred):
                             err = pred - float(chunk.weights[j])
                             res.sq_err += err * err
@@ -217,6 +232,7 @@ def prequential(
             for u, i in zip(users, items):
                 known.add(u)
                 seen.setdefault(u, {})[i] = None
+                recent.setdefault(u, collections.deque(maxlen=_MAX_CONTEXT)).append(i)
                 catalogue.add(i)
             offset = int(chunk.offsets[-1]) + 1
             if bar is not None:

@@ -201,3 +201,62 @@ def test_warm_chunks_is_freshet_evals_rule_across_batches():
     assert b.tolist() == [False, True, True]
     with pytest.raises(ValueError):
         WarmChunks(chunk=0)
+
+
+def test_explicit_errors_score_the_regression_without_the_recent_popularity_prior():
+    # An MSE model is trained on u.item + bias against the rating (workers.model.mse_loss); the
+    # recent-popularity prior is added only to rank. Item 104's recent count is e - 1, so the
+    # ranking score carries recent_weight * log1p(e - 1) = recent_weight on top of the regression.
+    from tests.workers.eval.scripted import CFG, ITEMS
+    from workers.eval.strategies import ItemView
+    from workers.ranking import Ranker
+
+    m = CFG.model
+    assert m.recent_table is not None and m.recent_weight == 1.5
+    with_prior = m.model_copy(update={"context_table": None})
+
+    class WithPrior(Scripted):
+        def __init__(self, scores):
+            super().__init__(scores)
+            recent = np.zeros((N_ITEMS, 2), np.float32)
+            recent[4] = [np.e - 1.0, 1.0]  # (count, clock): the newest clock, so no decay
+            self.view = ItemView(ITEMS, {**self.view._mats, m.recent_table: recent})
+
+        def ranker(self):
+            return Ranker(self.view, with_prior)
+
+    scores = [0.0] * N_ITEMS
+    scores[4] = 3.0  # the regression predicts a rating of 3 for item 104
+    res = prequential(ListSource([(1, 100), (1, 104)], weights=[5.0, 3.0]), WithPrior({1: scores}),
+                      chunk_size=1, explicit=True)
+    assert res.predicted == 1
+    assert res.summary()["rmse"] == pytest.approx(0.0, abs=1e-5)
+    assert res.summary()["mae"] == pytest.approx(0.0, abs=1e-5)
+
+
+def test_session_context_is_the_latest_events_items_even_when_one_repeats():
+    # The trainer's context (workers.step.Histories) and /rank's (the shard's recent items, by
+    # offset) are the items of the user's latest events, repeats included. User 1 consumes 110,
+    # 111, then 110 again: with a context of one item, 110's context row (which points at item
+    # 120) must steer the next ranking, not 111's (which points at item 121).
+    from tests.workers.eval.scripted import CFG, ITEMS
+    from workers.eval.strategies import ItemView
+    from workers.ranking import Ranker
+
+    m = CFG.model
+    model = m.model_copy(update={"recent_table": None, "context_items": 1})
+    ctx = np.zeros((N_ITEMS, N_ITEMS), np.float32)
+    ctx[10, 20] = ctx[11, 21] = 50.0
+
+    class WithContext(Scripted):
+        def __init__(self, scores):
+            super().__init__(scores)
+            self.view = ItemView(ITEMS, {**self.view._mats, m.context_table: ctx})
+
+        def ranker(self):
+            return Ranker(self.view, model)
+
+    res = prequential(ListSource([(1, 110), (1, 111), (1, 110), (1, 120)]), WithContext({1: [0.0] * N_ITEMS}),
+                      chunk_size=1)
+    assert res.eval_offsets.tolist() == [1, 2, 3]
+    assert res.eval_ranks.tolist()[2] == 0
