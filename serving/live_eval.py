@@ -56,7 +56,7 @@ import numpy as np
 
 from ps.ids import ID, ids_from_arrow
 from serving.ray_head import free_port
-from workers.config import LossKind, StreamKind
+from workers.config import StreamKind
 from workers.eval.protocol import DEPTH, EvalResult, hit_rank, windowed_recall
 from workers.eval.strategies import Chunk, PopularityStrategy
 from workers.ranking import Ranked
@@ -413,7 +413,7 @@ def run_live(
     """
     import ray
 
-    from workers.eval.compare import _init_ray, _open_source, run_eval
+    from workers.eval.compare import _init_ray, _open_source, auto_min_weight, run_eval
 
     if not (rate > 0 and math.isfinite(rate)):
         raise ValueError(f"rate: must be a finite number > 0 events/s, got {rate}")
@@ -422,7 +422,7 @@ def run_live(
     if score_from < 0:
         raise ValueError(f"score_from: must be >= 0 (a stream offset), got {score_from}")
     if min_weight == "auto":
-        min_weight = 4.0 if data != "synthetic" and cfg.model.loss == LossKind.BPR else None
+        min_weight = auto_min_weight(cfg, data)
     source, _ = _open_source(cfg, data, min_weight, max_events)
     total = source.end_offset if max_events is None else min(source.end_offset or max_events, max_events)
     if total is None:

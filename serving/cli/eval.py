@@ -31,7 +31,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--report", required=True, help="directory for report.md, report.json and the PNG plots")
     parser.add_argument("--chunk-size", type=positive_int, default=20, help="events ranked then learned at a time (default 20)")
-    parser.add_argument("--min-weight", default="auto", help="drop ratings below this; 'auto' = 4 for file data with BPR, 'none' keeps all")
+    parser.add_argument("--min-weight", default="auto", help="drop events whose weight is below this; 'auto' = 4 for a MovieLens ratings file with BPR "
+                             "(a Parquet file is kept whole: give a number for one of ratings), 'none' keeps all")
     parser.add_argument("--events", type=positive_int, help="stop after N events")
     parser.add_argument("--window", type=positive_int, default=2000, help="window of the windowed recall plot (events)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")

@@ -20,19 +20,40 @@ from workers.eval.strategies import StrategyUnavailable, check_strategy_spec, ma
 if TYPE_CHECKING:  # the root config composes every layer's settings; workers only read it
     from serving.config import FreshetConfig
 
-__all__ = ["run_eval"]
+__all__ = ["auto_min_weight", "run_eval"]
+
+
+def _data_kind(data: str) -> StreamKind:
+    """The stream kind of ``--data``: ``synthetic``, a Parquet file or directory, else a MovieLens file."""
+    if data == "synthetic":
+        return StreamKind.SYNTHETIC
+    p = Path(data)
+    if p.suffix == ".parquet" or (p.is_dir() and any(p.glob("*.parquet"))):
+        return StreamKind.PARQUET
+    return StreamKind.MOVIELENS
+
+
+def auto_min_weight(cfg: FreshetConfig, data: str) -> float | None:
+    """``--min-weight auto``: 4 for a MovieLens ratings file under a BPR model, so that only
+    ratings of 4 and up are events to rank and learn (the implicit view); None (every event)
+    otherwise. The protocol ranks every event as a positive: a Parquet file is an event log
+    (clicks, purchases; weight 1.0 when absent), kept whole, and a Parquet file of ratings
+    needs an explicit ``min_weight``."""
+    if cfg.model.loss == LossKind.BPR and _data_kind(data) == StreamKind.MOVIELENS:
+        return 4.0
+    return None
 
 
 def _open_source(cfg: FreshetConfig, data: str, min_weight: float | None, max_events: int | None):
     from workers.streams import open_source
 
-    if data == "synthetic":
-        stream = StreamConfig(kind=StreamKind.SYNTHETIC, num_events=max_events or cfg.stream.num_events, synthetic=cfg.stream.synthetic)
+    kind = _data_kind(data)
+    if kind == StreamKind.SYNTHETIC:
+        stream = StreamConfig(kind=kind, num_events=max_events or cfg.stream.num_events, synthetic=cfg.stream.synthetic)
     else:
         p = Path(data)
         if not p.exists():
             raise FileNotFoundError(f"data: {data} does not exist (give 'synthetic' or a ratings/Parquet path)")
-        kind = StreamKind.PARQUET if p.suffix == ".parquet" or (p.is_dir() and any(p.glob("*.parquet"))) else StreamKind.MOVIELENS
         stream = StreamConfig(kind=kind, path=str(p), num_events=max_events, min_weight=min_weight)
     # Rejected rows go to a private temp file: the evaluation reports on quality, not on data
     # hygiene. It goes when the source does (a run of `freshet eval` left one dir per call).
@@ -90,8 +111,8 @@ def run_eval(
 ) -> dict[str, Any]:
     """Evaluate each strategy spec prequentially on the same stream and write the report to ``report_dir``.
 
-    ``data`` is ``"synthetic"`` or a MovieLens/Parquet path; ``min_weight`` ``"auto"`` keeps
-    ratings >= 4 (implicit view) for file data with a BPR model and everything otherwise.
+    ``data`` is ``"synthetic"`` or a MovieLens/Parquet path; ``min_weight`` ``"auto"`` is
+    :func:`auto_min_weight` (ratings >= 4 of a MovieLens file with a BPR model, else everything).
     ``start_ray`` starts Ray when a strategy needs it (``incremental``) and this process is not
     connected; it is shut down at the end (default: a throwaway local cluster, see ``_init_ray``).
     ``chunk_size``, ``max_events``, ``window`` and ``recovery_window`` are in events. A strategy
@@ -111,7 +132,7 @@ def run_eval(
     for spec in strategies:  # before anything is opened or made: a bad spec changes nothing
         check_strategy_spec(spec)
     if min_weight == "auto":
-        min_weight = 4.0 if data != "synthetic" and cfg.model.loss == LossKind.BPR else None
+        min_weight = auto_min_weight(cfg, data)
     explicit = cfg.model.loss == LossKind.MSE
     source, stream = _open_source(cfg, data, min_weight, max_events)
     total = source.end_offset if max_events is None else min(source.end_offset or max_events, max_events)

@@ -84,3 +84,29 @@ def test_a_bad_strategy_spec_changes_nothing(tmp_path, monkeypatch):
             run_eval(load_config(None, {}), data="synthetic", strategies=specs, report_dir=tmp_path / "r",
                      max_events=100, progress=False)
         assert not (tmp_path / "r").exists() and _q_dirs(tmp) == []
+
+
+def test_auto_min_weight_keeps_a_parquet_event_log_whole(tmp_path):
+    # "auto" was 4 for any file under BPR: a Parquet log of clicks (weight 1.0 when absent) lost
+    # every row and the evaluation refused to run.
+    import json
+
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from workers.eval.compare import auto_min_weight, run_eval
+
+    rng = np.random.default_rng(0)
+    n = 2000
+    path = tmp_path / "clicks.parquet"
+    pq.write_table(pa.table({"user_id": rng.integers(0, 50, n), "item_id": rng.integers(0, 100, n),
+                             "timestamp": np.arange(n)}), path)
+    cfg = load_config(None, {})
+    assert auto_min_weight(cfg, str(path)) is None
+    assert auto_min_weight(cfg, str(tmp_path / "ratings.csv")) == 4.0  # a MovieLens file: ratings
+    assert auto_min_weight(cfg, "synthetic") is None
+    assert auto_min_weight(load_config(None, {"model": {"loss": "mse"}}), str(tmp_path / "ratings.csv")) is None
+    run_eval(cfg, data=str(path), strategies=["popularity"], report_dir=tmp_path / "r", progress=False)
+    report = json.loads((tmp_path / "r" / "report.json").read_text())
+    assert report["meta"]["min_weight"] is None and report["meta"]["events"] == n
