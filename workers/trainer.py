@@ -363,7 +363,9 @@ class Trainer:
         (tmp / "meta.json").write_text(json.dumps(meta))
         for name in ("catalogue.arrow", "histories.arrow", "meta.json"):
             fsync_path(tmp / name)
-        old = self.root / ".state.old"
+        fsync_path(tmp)
+        old = self._old_snapshot_dir()
+        self._restore_old_snapshot()  # an earlier save that died between its renames left it
         shutil.rmtree(old, ignore_errors=True)
         if self._snapshot_dir().exists():
             self._snapshot_dir().rename(old)
@@ -376,8 +378,24 @@ class Trainer:
             for p, src in self.sources.items():
                 src.commit(trainer_actor_name(self.index), self.offsets[p])
 
+    def _old_snapshot_dir(self) -> Path:
+        return self.root / ".state.old"
+
+    def _restore_old_snapshot(self) -> None:
+        """Put the previous snapshot back when a save died between moving it aside and moving
+        the new one in: it is whole, and the ingest log still keeps the events after it (the
+        log is told it may drop them only once the new one is in place). Replaying from 0
+        instead would fail once retention has trimmed the log."""
+        current, old = self._snapshot_dir(), self._old_snapshot_dir()
+        if not (current / "meta.json").exists() and (old / "meta.json").exists():
+            shutil.rmtree(current, ignore_errors=True)
+            old.rename(current)
+            fsync_path(self.root)
+
     def _load_local_state(self) -> dict[int, int]:
         """Load the persisted catalogue and histories; returns their offsets (empty when none)."""
+        if self.root is not None:
+            self._restore_old_snapshot()
         d = self._snapshot_dir()
         if self.evaluate or not (d / "meta.json").exists():
             return {}  # an evaluating run rebuilds its evaluation state from offset 0 instead

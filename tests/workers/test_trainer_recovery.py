@@ -202,6 +202,38 @@ def test_a_restart_from_a_snapshot_taken_while_a_batch_was_read_ahead_ends_bitwi
         assert got[0] == want[0]
 
 
+def test_a_snapshot_save_that_died_between_its_renames_restarts_from_the_previous_snapshot(tmp_path, monkeypatch):
+    # The save moves the last snapshot aside (.state.old), then the new one in. A crash between
+    # the two left no "state" dir: the restart rebuilt its local state from offset 0, which fails
+    # once retention has trimmed the ingest log (the log may drop what is before the snapshot).
+    import shutil
+
+    from ps.local import LocalClient
+    from workers.trainer import Trainer
+
+    cfg = load_config(overrides={
+        "stream": {"num_events": 1000},
+        "trainer": {"batch_size": 100, "prefetch": False, "snapshot_every_batches": 3},
+        "ps": {"tables": {"user": {"dim": 8}, "item": {"dim": 8}}},
+    })
+    client = LocalClient(cfg.ps)
+    first = Trainer(0, cfg, client=client, state_dir=str(tmp_path))
+    first.run(max_batches=7)  # snapshots at 300 and 600 events
+    root = first.root
+    (root / "state").rename(root / ".state.old")
+    shutil.copytree(root / ".state.old", root / ".state.tmp")  # the new one, whole or not
+    (root / ".state.tmp" / "meta.json").unlink()
+    replayed: list[tuple[int, int]] = []
+    replay = Trainer._replay
+    monkeypatch.setattr(Trainer, "_replay", lambda self, p, start, end: (replayed.append((start, end)), replay(self, p, start, end))[1])
+    again = Trainer(0, cfg, client=client, state_dir=str(tmp_path))  # recovers in __init__
+    assert replayed == [(600, 700)]  # from the snapshot moved aside, not from 0
+    assert (root / "state" / "meta.json").exists() and not (root / ".state.old").exists()
+    again.run()
+    assert again.events_applied == 1000 and again.stats()["applied_offset"] == 1000
+    assert (root / "state" / "meta.json").exists() and not (root / ".state.old").exists()
+
+
 @pytest.mark.parametrize("prefetch, staleness", [(True, 0), (True, 1), (False, 0)])
 def test_a_push_is_sent_only_once_every_earlier_push_is_acknowledged(prefetch, staleness):
     # Shards that are slow to acknowledge (done() says no until the trainer waits): with a batch
