@@ -198,7 +198,7 @@ class PSConfig(ConfigModel):
     Raises:
         pydantic.ValidationError: (a ``ValueError``) an unknown key, a value out of range,
             ``num_buckets < num_shards``, a ``follows`` or ``recent_follows`` that names no
-            table, or a table that follows a follower.
+            table, a table that follows a follower, or a ``decayed_count`` table whose dim is not 2.
     """
 
     num_shards: int = Field(2, ge=1, le=1024, description="number of shard actors")
@@ -274,6 +274,12 @@ class PSConfig(ConfigModel):
                 raise ValueError(
                     f"tables.{name}.follows={t.follows!r}, which follows {leader.follows!r} itself; follow the leader directly"
                 )
+        for name, t in self.tables.items():
+            # Caught here, such a table would fail each push that reaches it only once the push
+            # is logged, and a restart would replay that failure forever.
+            if self.optimizer_for(name).kind is OptimizerKind.DECAYED_COUNT and t.dim != 2:
+                raise ValueError(f"tables.{name}.dim={t.dim}: optimizer decayed_count keeps (count, clock) rows, "
+                                 "so dim must be 2")
         if self.recent_follows is not None and self.recent_follows not in self.tables:
             # Unchecked, a typo meant users' recent items were never dropped with their rows.
             raise ValueError(f"recent_follows={self.recent_follows!r} is not a table ({sorted(self.tables)})")

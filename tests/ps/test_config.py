@@ -74,3 +74,16 @@ def test_a_table_reference_to_no_table_is_a_load_time_error(ps, field):
 
     with pytest.raises(ConfigError, match=f"{field} is not a table"):
         load_config(None, {"ps": ps})
+
+
+@pytest.mark.parametrize("ps, table", [({"tables": {"item_recent": {"dim": 3}}}, "item_recent"),
+                                       ({"tables": {"item": {"optimizer": {"kind": "decayed_count"}}}}, "item"),
+                                       ({"optimizer": {"kind": "decayed_count"}}, "item")])
+def test_a_decayed_count_table_of_another_dim_is_a_load_time_error(ps, table):
+    # Accepted, such a table failed every push that reached it after the push was logged, so
+    # the shard's restart replayed the same failure and never came up.
+    from ps.config import ConfigError
+    from serving.config import load_config
+
+    with pytest.raises(ConfigError, match=rf"tables\.{table}\.dim=\d+: optimizer decayed_count .* dim must be 2"):
+        load_config(None, {"ps": ps})
