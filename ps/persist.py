@@ -96,6 +96,7 @@ class TableState:
     tomb_keys: np.ndarray = field(default_factory=lambda: np.empty(0, np.uint64))  # ... and key removed
     pruned_below: int = 0  # tombstones of versions below this are gone
     admission: np.ndarray | None = None  # int32 (depth, width) count-min counters, when configured
+    optimizer: str | None = None  # kind of the optimizer whose state ``state`` is (None: not recorded)
 
 
 @dataclass
@@ -314,6 +315,8 @@ def write_snapshot_dir(state: ShardState, final_dir: str | Path) -> Path:
             )
             tm = {"file": fname, "tombstones": f"tombstones-{k}.arrow", "rows": n, "dim": dim,
                   "state_shape": list(shape), "pruned_below": int(t.pruned_below)}
+            if t.optimizer is not None:
+                tm["optimizer"] = t.optimizer
             if t.admission is not None:
                 tm["admission"] = f"admission-{k}.arrow"
                 tm["admission_shape"] = list(t.admission.shape)
@@ -382,8 +385,9 @@ def current_snapshot(state_dir: str | Path) -> Path | None:
 
 
 def snapshot_meta(path: str | Path) -> dict:
-    """A snapshot directory's ``meta.json`` (its tables' ``rows``, ``dim``, ``state_shape``
-    and ``admission_shape``, its ``plan``...), read without its files.
+    """A snapshot directory's ``meta.json`` (its tables' ``rows``, ``dim``, ``state_shape``,
+    ``optimizer`` (kind; absent in older snapshots) and ``admission_shape``, its ``plan``...),
+    read without its files.
 
     Raises:
         FileNotFoundError: it has no ``meta.json``.
@@ -465,6 +469,7 @@ def read_snapshot(path: str | Path) -> ShardState:
             tomb_keys=np.array(tomb.column("key").to_numpy(), dtype=np.uint64),
             pruned_below=int(tm.get("pruned_below", 0)),
             admission=admission,
+            optimizer=tm.get("optimizer"),
         )
     rec = read_ipc_file(path / "recent.arrow")
     return ShardState(

@@ -28,6 +28,7 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import logging
+import operator
 import os
 import time
 import warnings
@@ -546,11 +547,15 @@ class PSShard:
         ``(version, applied)``; ``applied`` is False for a duplicate.
 
         Raises:
-            ValueError, KeyError: a malformed push (unknown table, wrong shapes, non-finite
-                gradients, keys not ``uint64``, invalid IDs, ``recent`` arrays of different
-                lengths); nothing changes.
+            ValueError, KeyError: a malformed push (a ``seq`` that is not an int, unknown table,
+                wrong shapes, non-finite gradients, keys not ``uint64``, invalid IDs, ``recent``
+                arrays of different lengths); nothing changes.
         """
         producer, seq = PushId(*push_id)
+        try:
+            seq = operator.index(seq)  # a numpy int kept in high_water would fail every snapshot's JSON
+        except TypeError:
+            raise ValueError(f"push_id: seq must be an int, got {type(seq).__name__} {seq!r:.40}") from None
         if seq <= self.high_water.get(producer, -1):
             self.duplicates += 1
             return self.version, False
@@ -623,7 +628,7 @@ class PSShard:
                 else:
                     allowed = self.tables[leader].lookup(u.keys) >= 0
                 t.push(u.keys, _tensor(u.grads), ids=u.ids, create=u.create, version=new_version, now=now,
-                       allowed=allowed, unique=unique)
+                       allowed=allowed, unique=unique, leader=self.tables[leader])
                 continue
             outcome = t.push(u.keys, _tensor(u.grads), ids=u.ids, create=u.create, version=new_version, now=now)
             if outcome.present is not None:

@@ -57,17 +57,25 @@ def _as_keys(keys: np.ndarray | Any) -> np.ndarray:
 
 
 def stored_table_problem(name: str, cfg: TableConfig, opt: OptimizerConfig, *, rows: int, dim: int,
-                         state_shape: tuple[int, ...], admission_shape: tuple[int, ...] | None = None) -> str | None:
+                         state_shape: tuple[int, ...], admission_shape: tuple[int, ...] | None = None,
+                         optimizer: str | None = None) -> str | None:
     """Why ``rows`` stored rows of table ``name`` (width ``dim``, optimizer state of
-    ``state_shape`` per row, an admission sketch of ``admission_shape``) cannot be loaded into
-    a table of ``cfg`` and ``opt``, or None. One rule for :meth:`EmbeddingTable.load` and for
-    the checks a restore makes from a snapshot's metadata before it changes anything."""
+    ``state_shape`` per row kept by optimizer kind ``optimizer`` when recorded, an admission
+    sketch of ``admission_shape``) cannot be loaded into a table of ``cfg`` and ``opt``, or
+    None. One rule for :meth:`EmbeddingTable.load` and for the checks a restore makes from a
+    snapshot's metadata before it changes anything."""
     if dim != cfg.dim:
         return f"table {name!r}: stored rows have dim {dim}, ps.tables.{name}.dim is {cfg.dim}"
     want = optim.state_shape(opt.kind, cfg.dim)
     if tuple(state_shape) != tuple(want):
         return (f"table {name!r}: stored optimizer state has shape {tuple(state_shape)} a row, "
                 f"optimizer {opt.kind.value!r} needs {tuple(want)}")
+    if optimizer is not None and optimizer != opt.kind.value:
+        # SGD's momentum and Adagrad's sums have one shape: read as the other's, they are wrong
+        # numbers (a negative momentum as a sum of squares turns rows NaN).
+        field = f"ps.tables.{name}.optimizer.kind" if cfg.optimizer is not None else "ps.optimizer.kind"
+        return (f"table {name!r}: stored optimizer state is {optimizer!r}'s, {field} is {opt.kind.value!r}; "
+                "its state cannot be read as another optimizer's")
     if cfg.max_rows is not None and rows > cfg.max_rows:
         return (f"table {name!r}: {rows} stored rows on a shard exceed ps.tables.{name}.max_rows={cfg.max_rows}; "
                 "raise it to at least that")
@@ -106,7 +114,7 @@ def snapshot_problem(meta: dict, cfg: PSConfig, shard_index: int) -> str | None:
         try:
             problem = stored_table_problem(name, cfg.tables[name], cfg.optimizer_for(name), rows=int(tm["rows"]),
                                            dim=int(tm["dim"]), state_shape=tuple(tm["state_shape"]),
-                                           admission_shape=tm.get("admission_shape"))
+                                           admission_shape=tm.get("admission_shape"), optimizer=tm.get("optimizer"))
         except (KeyError, TypeError) as e:
             raise ValueError(f"table {name!r}: incomplete metadata ({type(e).__name__}: {e})") from None
         if problem is not None:
@@ -275,6 +283,7 @@ class EmbeddingTable:
         now: float = 0.0,
         allowed: np.ndarray | None = None,
         unique: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None,
+        leader: EmbeddingTable | None = None,
     ) -> PushOutcome:
         """One optimizer step on the rows of ``keys`` with ``grads`` (``float32 [n, dim]``).
 
@@ -283,14 +292,16 @@ class EmbeddingTable:
         ``max_rows``), and only they count as a touch for TTL and the eviction score. A
         key without a row whose entries may not create it has its gradient dropped: a
         negative sample or a context item never brings a removed row back. ``ids`` are the
-        IDs as given, stored for the rows created (default: the keys' bits as int64, for
-        callers that never read IDs back).
+        IDs as given, stored for the rows created, each taken from an entry that may create
+        it (default: the keys' bits as int64, for callers that never read IDs back); a push
+        log keeps only those entries' IDs, so a replay stores the same ones.
         ``allowed`` (``bool [n]``) overrides who may create, bypassing admission: a table
         that follows another creates exactly the rows its leader has. Rows of a repeated
         key are combined first (``optim.reduce_pushed``). Changed rows count as changed at
         ``version``; touched ones at ``now`` (unix seconds). ``unique`` is
         ``ps.index.unique_keys(keys)`` when the caller has it already (a follower pushed
-        with its leader's very keys: the leader's outcome carries it).
+        with its leader's very keys: the leader's outcome carries it). ``leader`` is the table
+        this one follows: the rows ``allowed`` creates take the IDs its rows hold.
 
         Raises:
             ValueError: ``grads`` is not ``[len(keys), dim]``, or ``ids``/``create`` do not
@@ -330,7 +341,7 @@ class EmbeddingTable:
             if want.size and self.admission is not None:
                 want = want[self.admission.admit(uniq[want], occurrences[want])]
         if want.size:
-            new_ids = as_id_array(ids)[first[want]] if ids is not None else uniq[want].view(np.int64)
+            new_ids = self._new_ids(uniq[want], want, ids, create, first, inverse, leader)
             # Only this push's real interactions keep their rows: a row pushed here as a
             # negative or context item may be the lowest-scoring one, and shielding it
             # would refuse a real interaction its row (with a small cap, a trainer's
@@ -357,6 +368,23 @@ class EmbeddingTable:
         else:
             self.score[touch] = version
         return PushOutcome(created, removed, dropped, ok[inverse], (uniq, first, inverse))
+
+    def _new_ids(self, keys: np.ndarray, want: np.ndarray, ids: np.ndarray | None, create: np.ndarray | None,
+                 first: np.ndarray, inverse: np.ndarray, leader: EmbeddingTable | None) -> np.ndarray:
+        """IDs for the rows of ``keys`` (unique positions ``want``) that a push creates."""
+        if leader is not None:
+            return leader.ids_at(leader.lookup(keys))  # a follower creates only rows its leader holds
+        if ids is None:
+            return keys.view(np.int64)
+        src = first
+        if create is not None and len(inverse) > len(first):
+            # A repeated key's first entry may be one that cannot create (a negative sample):
+            # the log has no ID for it, so take the first entry that can.
+            at = np.flatnonzero(np.asarray(create, bool))
+            src = np.full(len(first), len(inverse), np.int64)
+            np.minimum.at(src, inverse[at], at)
+            src = np.where(src < len(inverse), src, first)  # none can (``allowed`` creates it)
+        return as_id_array(ids)[src[want]]
 
     def apply_slots(self, slots: np.ndarray, grads: torch.Tensor) -> None:
         """One optimizer step on the rows at distinct ``slots`` (``int64 [n]``) with ``grads``
@@ -560,6 +588,7 @@ class EmbeddingTable:
             tomb_keys=tk,
             pruned_below=self.pruned_below,
             admission=self.admission.capture() if self.admission is not None else None,
+            optimizer=self.opt.kind.value,
         )
 
     def load_problem(self, ts: TableState) -> str | None:
@@ -570,7 +599,8 @@ class EmbeddingTable:
                     f"its {n} keys")
         return stored_table_problem(self.name, self.cfg, self.opt, rows=n, dim=ts.rows.shape[1],
                                     state_shape=ts.state.shape[1:],
-                                    admission_shape=ts.admission.shape if ts.admission is not None else None)
+                                    admission_shape=ts.admission.shape if ts.admission is not None else None,
+                                    optimizer=ts.optimizer)
 
     def load(self, ts: TableState) -> None:
         """Replace the contents with ``ts`` (rows in slots ``0..n-1``).
