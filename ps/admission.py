@@ -11,8 +11,12 @@ create it, a coin weighted ``probability`` comes up. The coin is a hash of
 The feature set follows Monolith's frequency filter (Liu et al., 2022, "Monolith:
 Real Time Recommendation System With Collisionless Embedding Table") and DeepRec's
 counter/Bloom-filter admission; the sketch is Cormode & Muthukrishnan's count-min
-(2005), which never under-counts, so an ID is never admitted later than ``min_count``
-occurrences.
+(2005), which never under-counts within a sample. Every ``halve_every`` counted pushes all
+counters are halved (TinyLFU's reset: Einziger, Friedman & Manes, 2017), so the counts of
+IDs seen long ago fade instead of filling the sketch until every new ID is admitted on
+first sight; an ID is admitted once its ``min_count`` pushes come within about one sample.
+The pushes counted since the last halving are part of the state a snapshot keeps, so a
+replay halves at the same push.
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ class Admission:
         seeds = np.arange(1, cfg.sketch_depth + 1, dtype=np.uint64) * np.uint64(0x9E3779B97F4A7C15)
         self._row_seeds = splitmix64(seeds ^ np.uint64(seed & ((1 << 64) - 1)))
         self._coin_seed = splitmix64(np.asarray([seed + 1], dtype=np.uint64))[0]
+        self.added = 0  # pushes counted since the counters were last halved
 
     def _cells(self, keys: np.ndarray) -> np.ndarray:
         """``int64 [depth, n]`` counter columns of ``keys`` (one hash per sketch row)."""
@@ -67,14 +72,20 @@ class Admission:
         if self.cfg.probability < 1.0:
             coin = splitmix64(keys ^ splitmix64(estimate.astype(np.uint64) ^ self._coin_seed))
             ok &= (coin >> np.uint64(11)).astype(np.float64) / _U53 < self.cfg.probability
+        self.added += int(np.sum(occurrences))
+        if self.added >= self.cfg.pushes_per_halving():
+            self.counts.bitwise_right_shift_(1)
+            self.added = 0
         return ok
 
-    def capture(self) -> np.ndarray:
-        """The counters, ``int32 [depth, width]`` (a copy)."""
-        return self.counts.numpy().copy()
+    def capture(self) -> tuple[np.ndarray, int]:
+        """The counters, ``int32 [depth, width]`` (a copy), and the pushes counted since they
+        were last halved."""
+        return self.counts.numpy().copy(), self.added
 
-    def load(self, counts: np.ndarray) -> None:
-        """Replace the counters.
+    def load(self, counts: np.ndarray, added: int = 0) -> None:
+        """Replace the counters, and the pushes counted since they were last halved (0 for a
+        snapshot older than halving, which did not keep them).
 
         Raises:
             ValueError: ``counts`` does not have this sketch's shape.
@@ -82,3 +93,4 @@ class Admission:
         if tuple(counts.shape) != tuple(self.counts.shape):
             raise ValueError(f"admission sketch: stored shape {tuple(counts.shape)}, config needs {tuple(self.counts.shape)}")
         self.counts = torch.from_numpy(np.ascontiguousarray(counts, np.int32).copy())
+        self.added = int(added)

@@ -96,6 +96,7 @@ class TableState:
     tomb_keys: np.ndarray = field(default_factory=lambda: np.empty(0, np.uint64))  # ... and key removed
     pruned_below: int = 0  # tombstones of versions below this are gone
     admission: np.ndarray | None = None  # int32 (depth, width) count-min counters, when configured
+    admission_added: int = 0  # pushes counted in them since they were last halved
     optimizer: str | None = None  # kind of the optimizer whose state ``state`` is (None: not recorded)
 
 
@@ -320,6 +321,7 @@ def write_snapshot_dir(state: ShardState, final_dir: str | Path) -> Path:
             if t.admission is not None:
                 tm["admission"] = f"admission-{k}.arrow"
                 tm["admission_shape"] = list(t.admission.shape)
+                tm["admission_added"] = int(t.admission_added)
                 _write_ipc_file(tmp / tm["admission"], pa.table({"counts": _fsl(t.admission, t.admission.shape[1], pa.int32())}))
             tables_meta[name] = tm
         users, offsets, items = state.recent
@@ -469,6 +471,7 @@ def read_snapshot(path: str | Path) -> ShardState:
             tomb_keys=np.array(tomb.column("key").to_numpy(), dtype=np.uint64),
             pruned_below=int(tm.get("pruned_below", 0)),
             admission=admission,
+            admission_added=int(tm.get("admission_added", 0)),  # absent before the sketch was halved
             optimizer=tm.get("optimizer"),
         )
     rec = read_ipc_file(path / "recent.arrow")

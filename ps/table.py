@@ -576,6 +576,7 @@ class EmbeddingTable:
         live = self.live_slots()
         tv = np.concatenate(self._tomb_versions) if self._tomb_versions else np.empty(0, np.int64)
         tk = np.concatenate(self._tomb_keys) if self._tomb_keys else np.empty(0, np.uint64)
+        sketch = self.admission.capture() if self.admission is not None else None
         return TableState(
             keys=self.keys[live],
             ids=self.ids[live],
@@ -587,7 +588,8 @@ class EmbeddingTable:
             tomb_versions=tv,
             tomb_keys=tk,
             pruned_below=self.pruned_below,
-            admission=self.admission.capture() if self.admission is not None else None,
+            admission=sketch[0] if sketch is not None else None,
+            admission_added=sketch[1] if sketch is not None else 0,
             optimizer=self.opt.kind.value,
         )
 
@@ -638,7 +640,7 @@ class EmbeddingTable:
         self._tomb_n = len(ts.tomb_keys)
         self.pruned_below = int(ts.pruned_below)
         if self.admission is not None and ts.admission is not None:
-            self.admission.load(ts.admission)
+            self.admission.load(ts.admission, ts.admission_added)
 
     # -- introspection -----------------------------------------------------------------
     def nbytes(self) -> int:

@@ -622,3 +622,25 @@ def test_a_snapshot_is_refused_under_another_optimizer_with_the_same_state_shape
     with pytest.raises(ValueError, match=want):
         _shard(other, tmp_path / "s")
     _assert_identical(_dump(_shard(cfg, tmp_path / "s")), _dump(a))
+
+
+def test_the_admission_sketch_halves_at_the_same_push_after_a_restart(tmp_path):
+    # The pushes counted since the sketch was last halved are state: a restart from a snapshot
+    # that lost them would halve at other pushes and admit other IDs than the live shard did.
+    admission = {"min_count": 2, "sketch_width": 64, "halve_every": 7}
+    cfg = _cfg(tables={"user": {"dim": DIM, "optimizer": {"kind": "adagrad", "lr": 0.3}, "admission": admission}})
+    pushes = _pushes(40)
+    a = _shard(cfg, tmp_path / "s")
+    _apply(a, pushes[:15])
+    a.snapshot()
+    a.wait_for_snapshots()
+    sketch = a.tables["user"].admission
+    assert 0 < sketch.added < 7  # mid-sample: what a snapshot must keep
+    b = _shard(cfg, tmp_path / "s")
+    assert b.tables["user"].admission.added == sketch.added
+    assert torch.equal(b.tables["user"].admission.counts, sketch.counts)
+    ref = _shard(cfg)
+    _apply(ref, pushes)
+    _apply(b, pushes[15:])
+    _assert_identical(_dump(b), _dump(ref), times=False)
+    assert torch.equal(b.tables["user"].admission.counts, ref.tables["user"].admission.counts)

@@ -122,7 +122,9 @@ def test_tombstones_are_pruned_below_a_version_and_bounded_in_number():
 
 
 def test_capture_and_load_restore_rows_state_scores_and_admission_bitwise():
-    cfg = dict(max_rows=50, eviction="lfu", ttl_s=1e9, admission=AdmissionConfig(min_count=2))
+    # halve_every 50: the sketch is halved in both halves of the run, so the pushes counted
+    # since the last halving must be restored too for the two to go on identically.
+    cfg = dict(max_rows=50, eviction="lfu", ttl_s=1e9, admission=AdmissionConfig(min_count=2, halve_every=50))
     t = _table(**cfg)
     rng = np.random.default_rng(0)
     for v in range(1, 40):
@@ -142,6 +144,39 @@ def test_capture_and_load_restore_rows_state_scores_and_admission_bitwise():
         assert a.created.tolist() == b.created.tolist() and a.removed.tolist() == b.removed.tolist()
     keys = t.keys[t.live_slots()]
     np.testing.assert_array_equal(u.pull(keys)[0], t.pull(keys)[0])
+
+
+def _first_sight_admitted(t: EmbeddingTable, one_offs: int, fresh: int) -> float:
+    """Push ``one_offs`` IDs once each, then ``fresh`` new ones (in pushes of 10, as in the
+    stream): the share of those admitted on first sight."""
+    for v, start in enumerate(range(0, one_offs, 100), start=1):
+        _push(t, [f"bot{j}" for j in range(start, min(start + 100, one_offs))], v)
+    created = sum(len(_push(t, [f"new{j}" for j in range(s, s + 10)], 10**6 + s).created) for s in range(0, fresh, 10))
+    return created / fresh
+
+
+def test_admission_sketch_is_halved_so_one_off_ids_never_fill_it():
+    # Without aging, the counts of every one-off ID stayed: after ~0.5-4 sketch widths of them
+    # a brand-new ID found all its counters taken and was admitted on first sight.
+    sketch = dict(min_count=2, sketch_width=1024, sketch_depth=4)
+    never = _table(admission=AdmissionConfig(**sketch, halve_every=1 << 62))
+    assert _first_sight_admitted(never, 20_000, 1000) > 0.9
+    aged = _table(admission=AdmissionConfig(**sketch))  # halved every 1024 / 4 = 256 pushes
+    assert _first_sight_admitted(aged, 20_000, 1000) < 0.05
+    assert aged.admission.added < 256
+    # An ID pushed min_count times within a sample is still admitted, among the one-offs.
+    while aged.admission.added > 256 - 2 * 51:  # no halving between its two pushes
+        _push(aged, [f"pad{aged.admission.added}"], 2 * 10**6)
+    for v in range(2):
+        _push(aged, [f"bot{v}-{j}" for j in range(50)] + ["returning"], 2 * 10**6 + 1 + v)
+    assert "returning" in _live(aged)
+
+
+def test_admission_halving_must_let_min_count_be_reached():
+    with pytest.raises(ValueError, match="halve_every=2 is below min_count=3"):
+        AdmissionConfig(min_count=3, halve_every=2)
+    with pytest.raises(ValueError, match="min_count=20 is above sketch_width / 4 = 16"):
+        AdmissionConfig(min_count=20, sketch_width=64)
 
 
 def test_memory_is_reported_per_row():
