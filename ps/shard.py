@@ -226,6 +226,8 @@ class PSShard:
         elif ckpt is not None:
             self._load(read_snapshot(ckpt), ckpt)
             self.recovery["restored_from"] = str(ckpt)
+        for t in self.tables.values():
+            t.reset_lifecycle()  # the replay's creations and evictions happened before the restart
         self.recovery["seconds"] = time.perf_counter() - t0
 
     # -- persistence -------------------------------------------------------------------
@@ -772,7 +774,8 @@ class PSShard:
         return dict(self.high_water)
 
     def stats(self) -> dict[str, Any]:
-        """Per table ``rows``, ``tombstones``, ``bytes`` and ``bytes_per_row`` (``tables``),
+        """Per table ``rows``, ``tombstones``, ``bytes``, ``bytes_per_row`` and the ID
+        lifecycle's counts since this shard started (``lifecycle``; ``EmbeddingTable.stats``) (``tables``),
         row counts (``rows``), version, duplicate pushes, recent push rate (pushes/s),
         users with recent items, their entries and bytes, and the readers holding tombstones."""
         now = time.time()

@@ -31,7 +31,7 @@ from ps.index import KeyIndex, unique_keys
 from ps.lazy import torch
 from ps.persist import TableState
 
-__all__ = ["EmbeddingTable", "PushOutcome", "snapshot_problem", "stored_table_problem", "table_seed"]
+__all__ = ["LIFECYCLE_COUNTS", "EmbeddingTable", "PushOutcome", "snapshot_problem", "stored_table_problem", "table_seed"]
 
 
 def table_seed(ps_seed: int, name: str) -> int:
@@ -54,6 +54,10 @@ class PushOutcome(NamedTuple):
 
 def _as_keys(keys: np.ndarray | Any) -> np.ndarray:
     return np.ascontiguousarray(keys, dtype=np.uint64)
+
+
+LIFECYCLE_COUNTS = ("created", "not_admitted", "evicted", "expired", "removed")
+"""The counts of ``EmbeddingTable.stats()["lifecycle"]``."""
 
 
 def stored_table_problem(name: str, cfg: TableConfig, opt: OptimizerConfig, *, rows: int, dim: int,
@@ -141,6 +145,9 @@ class EmbeddingTable:
         self.name, self.cfg, self.opt = name, cfg, opt
         self.seed = table_seed(ps_seed, name)
         self.admission = Admission(cfg.admission, self.seed) if cfg.admission is not None else None
+        # What the ID lifecycle did, for operators (a memory budget set too small shows as
+        # evictions, an admission bar too high as refusals); counts, not state: never persisted.
+        self.lifecycle = dict.fromkeys(LIFECYCLE_COUNTS, 0)
         # The initial rows a pull last computed for keys without a row (sorted keys, rows):
         # the push that follows creates most of those rows, and takes them from here
         # instead of hashing them again (rows are a pure function of table seed and key).
@@ -339,7 +346,9 @@ class EmbeddingTable:
         else:
             want = np.flatnonzero(absent & real)
             if want.size and self.admission is not None:
-                want = want[self.admission.admit(uniq[want], occurrences[want])]
+                admitted = self.admission.admit(uniq[want], occurrences[want])
+                self.lifecycle["not_admitted"] += int(len(admitted) - admitted.sum())
+                want = want[admitted]
         if want.size:
             new_ids = self._new_ids(uniq[want], want, ids, create, first, inverse, leader)
             # Only this push's real interactions keep their rows: a row pushed here as a
@@ -348,6 +357,8 @@ class EmbeddingTable:
             # negatives cover every row). An evicted negative's gradient is dropped below.
             slots[want], removed = self._create(uniq[want], new_ids, version, keep=slots[~absent & real])
             created = uniq[want][slots[want] >= 0]
+            self.lifecycle["created"] += len(created)
+            self.lifecycle["evicted"] += len(removed)
             if removed.size:
                 slots[np.isin(uniq, removed)] = -1
         ok = slots >= 0
@@ -519,6 +530,7 @@ class EmbeddingTable:
         if not slots.size:
             return np.empty(0, np.uint64)
         gone = self.keys[slots].copy()
+        self.lifecycle["removed"] += len(gone)
         self._layout += 1
         self.live[slots] = False
         st = torch.from_numpy(slots)
@@ -538,7 +550,9 @@ class EmbeddingTable:
             return np.empty(0, np.uint64)
         top = self._top
         old = np.flatnonzero(self.live[:top] & (self.touched_at[:top] < now - self.cfg.ttl_s))
-        return self.remove(self.keys[old], version) if old.size else np.empty(0, np.uint64)
+        gone = self.remove(self.keys[old], version) if old.size else np.empty(0, np.uint64)
+        self.lifecycle["expired"] += len(gone)
+        return gone
 
     def would_expire(self, now: float) -> bool:
         """True when :meth:`expire` at ``now`` (unix seconds) would remove at least one row."""
@@ -659,7 +673,11 @@ class EmbeddingTable:
 
     def stats(self) -> dict[str, Any]:
         """``rows``, ``capacity`` (slots), ``tombstones``, ``bytes`` and ``bytes_per_row``
-        (``None`` for an empty table), and the raw row size ``row_bytes`` (row + state)."""
+        (``None`` for an empty table), the raw row size ``row_bytes`` (row + state), and
+        ``lifecycle``: rows ``created``, IDs ``not_admitted`` (pushes of absent IDs the
+        admission bar refused, counted once per push), rows ``evicted`` to stay within
+        ``max_rows``, ``expired`` by ``ttl_s``, and ``removed`` for any reason (those two,
+        forgotten items, a leader's rows gone), counted since :meth:`reset_lifecycle`."""
         b = self.nbytes()
         row_bytes = 4 * (self.cfg.dim + int(np.prod(self.state.shape[1:])))
         return {
@@ -669,7 +687,13 @@ class EmbeddingTable:
             "bytes": b,
             "bytes_per_row": b / self._n if self._n else None,
             "row_bytes": row_bytes,
+            "lifecycle": dict(self.lifecycle),
         }
+
+    def reset_lifecycle(self) -> None:
+        """Zero the ``lifecycle`` counts of :meth:`stats` (a shard does after replaying its log,
+        which would count its rows' history again)."""
+        self.lifecycle = dict.fromkeys(LIFECYCLE_COUNTS, 0)
 
 
 def _objects_bytes(objs: np.ndarray) -> int:

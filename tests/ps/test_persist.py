@@ -644,3 +644,14 @@ def test_the_admission_sketch_halves_at_the_same_push_after_a_restart(tmp_path):
     _apply(b, pushes[15:])
     _assert_identical(_dump(b), _dump(ref), times=False)
     assert torch.equal(b.tables["user"].admission.counts, ref.tables["user"].admission.counts)
+
+
+def test_lifecycle_counts_start_again_with_the_shard_and_skip_its_log_replay(tmp_path):
+    cfg = _cfg(tables={"user": {"dim": DIM, "optimizer": {"kind": "adagrad", "lr": 0.3}, "max_rows": 3}})
+    a = _shard(cfg, tmp_path / "s")
+    _apply(a, _pushes(6))
+    life = a.stats()["tables"]["user"]["lifecycle"]
+    assert life["created"] > 3 and life["evicted"] > 0
+    b = _shard(cfg, tmp_path / "s")
+    assert b.persistence()["recovery"]["replayed"] == 6
+    assert set(b.stats()["tables"]["user"]["lifecycle"].values()) == {0}

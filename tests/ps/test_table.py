@@ -179,6 +179,22 @@ def test_admission_halving_must_let_min_count_be_reached():
         AdmissionConfig(min_count=20, sketch_width=64)
 
 
+def test_lifecycle_counts_what_admission_eviction_and_expiry_did():
+    t = _table(max_rows=3, ttl_s=10.0, admission=AdmissionConfig(min_count=2))
+    _push(t, ["a", "b"], 1, now=0.0)  # first sight: refused
+    _push(t, ["a", "b", "c", "d"], 2, now=1.0)  # a, b admitted; c, d refused
+    _push(t, ["c", "d"], 3, now=2.0)  # c, d admitted: one of a, b, c, d evicted to stay at 3
+    _push(t, ["x"], 4, now=3.0, create=np.array([False]))  # a negative: no row, not counted
+    assert t.stats()["lifecycle"] == {"created": 4, "not_admitted": 4, "evicted": 1, "expired": 0, "removed": 1}
+    assert len(t.expire(now=11.5, version=5)) == 1  # the one of a, b left, last pushed at 1.0
+    life = t.stats()["lifecycle"]
+    assert (life["expired"], life["removed"], t.stats()["rows"]) == (1, 2, 2)
+    t.remove(t.keys[t.live_slots()], 6)  # forgotten
+    assert t.stats()["lifecycle"]["removed"] == 4 and t.stats()["lifecycle"]["expired"] == 1
+    t.reset_lifecycle()
+    assert set(t.stats()["lifecycle"].values()) == {0}
+
+
 def test_memory_is_reported_per_row():
     t = _table()
     _push(t, list(range(1000)), 1)
