@@ -139,12 +139,9 @@ class RankingSnapshot:
         pop = recent if recent is not None else view.matrix(model.popularity_table)[:, 0].astype(np.float64)
         self.popularity = np.where(self.valid, pop, -np.inf)
         self.recent = recent
-        m = min(n, _POPULAR_PREFIX)
-        if n > m:
-            part = np.argpartition(-self.popularity, m - 1)[:m]
-            self._popular_prefix = part[np.lexsort((part, -self.popularity[part]))]
-        else:
-            self._popular_prefix = np.lexsort((np.arange(n), -self.popularity))
+        # top_k, not argpartition: among items tied at the prefix's end it keeps the lowest
+        # slots, so the prefix is the start of the order popular() gives beyond it (top()).
+        self._popular_prefix = top_k(self.popularity, min(n, _POPULAR_PREFIX))
         self._popular_prefix = self._popular_prefix[np.isfinite(self.popularity[self._popular_prefix])]
 
     @staticmethod
@@ -305,9 +302,28 @@ class RankingSnapshot:
             fallback = POPULAR
         else:
             q = self.query(row, history)
-            out[ok] = self.items[s[ok]] @ q + self.bias[s[ok]]
+            out[ok] = self._score_rows(self.items[s[ok]], q) + self.bias[s[ok]]
             fallback = None
         return [float(v) if good else None for v, good in zip(out.tolist(), ok.tolist())], fallback
+
+    @staticmethod
+    def _score_rows(rows: np.ndarray, q: np.ndarray) -> np.ndarray:
+        """``rows @ q`` (``float32 [m, d]`` by ``float32 [d]``: ``float32 [m]``) as :meth:`scores`
+        computes it: zero-padded blocks of ``_SCORE_BLOCK`` rows against the query paired with a
+        zero one, so an item scores the same float here (``/score``) as in a ranking (``/rank``);
+        a matrix-vector product rounds differently."""
+        q2 = np.ascontiguousarray(np.stack([q, np.zeros_like(q)]).astype(np.float32))
+        m = len(rows)
+        out = np.empty(m, np.float32)
+        block = np.zeros((_SCORE_BLOCK, q2.shape[1]), np.float32)
+        part = np.empty((_SCORE_BLOCK, 2), np.float32)
+        for lo in range(0, m, _SCORE_BLOCK):
+            hi = min(m, lo + _SCORE_BLOCK)
+            block[: hi - lo] = rows[lo:hi]
+            block[hi - lo :] = 0
+            np.matmul(block, q2.T, out=part)
+            out[lo:hi] = part[: hi - lo, 0]
+        return out
 
 
 class Ranker:

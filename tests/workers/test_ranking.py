@@ -205,3 +205,47 @@ def test_scoring_from_the_helper_thread_does_not_wait_on_itself():
     q = rng.normal(size=8).astype(np.float32)
     got = ranking._score_pool().submit(snap.scores, q, threads=2).result(timeout=30)
     assert np.array_equal(got, snap.scores(q, threads=2))
+
+
+def test_the_popular_fallback_breaks_ties_by_slot_whatever_k_and_seen():
+    # Many items share a popularity (a fresh catalogue: every count 0 or 1). The fallback must
+    # answer the same order from its precomputed prefix (small k) as from a full sort (k, or
+    # k plus the user's seen items, beyond the prefix): ties to the lower slot, as top_k does,
+    # so a user's top-k is always the start of their top-(k + 1).
+    from workers.model import top_k
+    from workers.ranking import _POPULAR_PREFIX, RankingSnapshot
+
+    rng = np.random.default_rng(11)
+    n = 3 * _POPULAR_PREFIX
+    pop = np.zeros((n, 1), np.float32)
+    pop[rng.choice(n, _POPULAR_PREFIX - 24, replace=False)] = 1.0  # the prefix ends inside the 0s
+    m = MODEL.model_copy(update={"recent_table": None, "context_table": None})
+    mats = {m.item_table: rng.normal(size=(n, D)).astype(np.float32),
+            m.item_bias_table: np.zeros((n, 1), np.float32), m.popularity_table: pop}
+    snap = RankingSnapshot(ItemView(np.arange(n), mats), m)
+    want = top_k(snap.popularity, n).tolist()
+    short = snap.popular(None, _POPULAR_PREFIX - 4)  # answered from the prefix
+    long = snap.popular(None, _POPULAR_PREFIX + 4)  # answered by a full sort
+    assert [int(i) for i in short.item_ids] == want[: _POPULAR_PREFIX - 4]
+    assert [int(i) for i in long.item_ids] == want[: _POPULAR_PREFIX + 4]
+    # With seen items too: the same order, less what was seen.
+    seen = np.array(want[:3], np.int64)
+    got = snap.popular(seen.tolist(), 30)
+    assert [int(i) for i in got.item_ids] == want[3:33]
+
+
+@pytest.mark.parametrize("dim", [8, 64])
+@pytest.mark.parametrize("n", [5, 300, 5000])
+def test_score_items_gives_exactly_the_scores_rank_gives(dim, n):
+    # /score and /rank answer one user from one snapshot: an item's score must be the same
+    # float in both (a matrix-vector product rounds differently from rank's blocked product,
+    # so /score disagreed in the last bits and could order near-ties the other way).
+    rng = np.random.default_rng(n + dim)
+    snap, mats = _random_snapshot(rng, n, dim)
+    for _ in range(3):
+        row = rng.normal(size=dim).astype(np.float32)
+        ranked = snap.rank(row, None, min(n, 50))
+        asked = ranked.item_ids[::-1] + [ranked.item_ids[0], n + 7]  # reversed, a repeat, an unknown
+        scores, fallback = snap.score_items(row, asked)
+        assert fallback is None and scores[-1] is None
+        assert scores[:-2] == ranked.scores[::-1] and scores[-2] == ranked.scores[0]
