@@ -949,14 +949,20 @@ class FreshetAPI:
         are listed in ``trainers_down`` and left out of the sums.
         """
         self._start_syncer()  # so that model_version and cached_items move on an idle replica too
+        # One snapshot for both figures, taken before the shards are read: the mirror syncs while
+        # this awaits, and read after them it could claim more pushes than ps_version counts.
+        snap = self.snapshot
         shard_names = [shard_actor_name(i) for i in range(self.client.num_shards)]
+        # The trainers first: events arrive and are applied while these calls run, so a log read
+        # after them has accepted at least what they report applied (read before, it showed more
+        # events applied than accepted, and a backlog as none).
+        trainers, trainers_down = await self._trainer_states()
         try:
             ingest, *shards = await asyncio.gather(
                 self._call(INGEST_ACTOR, "stats"), *(self._call(n, "stats") for n in shard_names)
             )
         except (_ActorMissing, *_UNAVAILABLE) as e:
             return _unavailable("parameter server or ingest log", e)
-        trainers, trainers_down = await self._trainer_states()
         rows: dict[str, dict[int, int]] = {}
         memory: dict[str, dict[int, dict]] = {}
         for st in shards:
@@ -989,8 +995,8 @@ class FreshetAPI:
             "quarantined": sum(t.get("quarantined", 0) for t in trainers.values()),
             "dead_lettered": sum(t.get("dead_lettered", 0) for t in trainers.values()),
             "freshness_ms": {"p50": worst("p50"), "p99": worst("p99")},
-            "model_version": self.snapshot_version,
-            "cached_items": len(self.snapshot) if self.snapshot is not None else 0,
+            "model_version": snap.model_version if snap is not None else 0,
+            "cached_items": len(snap) if snap is not None else 0,
             "mirror": {"syncs": self.mirror.syncs, "full_resyncs": self.mirror.full_resyncs, "sync_error": self.sync_error},
             "ingest": {k: ingest.get(k) for k in ("partitions", "end_offsets", "first_offsets", "duplicates", "appends",
                                                   "fsyncs", "bytes_on_disk", "segments", "dedup_keys", "consumers", "pins")},

@@ -351,3 +351,116 @@ def test_lag_comes_from_the_log_only_for_trainers_that_read_it():
     other_log = {"source_ids": {"0": "ingest:old"}, "applied_offsets": {"0": 5}}
     assert _log_offsets(other_log, ingest) is None
     assert _log_offsets(reader, None) is None
+
+
+def test_stats_never_shows_more_events_applied_than_accepted_while_events_flow():
+    # /stats reads the ingest log, the shards and the trainers one call after another while
+    # events keep arriving and a caught-up trainer keeps applying them. At every instant applied
+    # <= accepted, so the page must not say otherwise: the trainers' figures are read before the
+    # log's, never after (review: a trainer read last reported events the log, read first, had
+    # not yet accepted, and lag_events hid the backlog).
+    import asyncio
+
+    from serving.app import FreshetAPI
+    from serving.config import load_config
+    from workers.ingest_log import INGEST_ACTOR
+
+    api = FreshetAPI.func_or_class
+    world = {"accepted": 0}
+
+    class Mirror:
+        syncs = full_resyncs = 0
+
+    class Client:
+        num_shards = 2
+
+    class Replica:
+        cfg = load_config(None, {"stream": {"kind": "ingest"}, "trainer": {"num_workers": 1}})
+        client, mirror, snapshot, snapshot_version, sync_error, timeout_s = Client(), Mirror(), None, 0, None, 1.0
+        stats, _trainer_states, _lags, _arrivals, _trainer_names = (
+            api.stats, api._trainer_states, api._lags, api._arrivals, api._trainer_names)
+
+        def _start_syncer(self):
+            return False
+
+        async def _call(self, name, method, *args):
+            world["accepted"] += 10  # events arrive between any two calls, and the trainer keeps up
+            n = world["accepted"]
+            if name == INGEST_ACTOR:
+                if method == "arrival_times":
+                    return [None] * len(args[0])
+                return {"events_accepted": n, "end_offsets": [n], "log_id": "L"}
+            if name.startswith("trainer"):
+                return {"events_applied": n, "applied_offset": n, "applied_offsets": {"0": n},
+                        "source_ids": {"0": "ingest:L"}, "freshness_ms": {"p50": 1.0, "p99": 2.0},
+                        "state": "running", "last_progress_age_s": 0.0, "lag_s": 0.0}
+            return {"shard": int(name.rsplit("-", 1)[-1]), "tables": {}, "users_with_recent": 0,
+                    "recent_entries": 0, "recent_bytes": 0, "push_rate": 0.0, "version": n,
+                    "duplicate_pushes": 0}
+
+    body = asyncio.run(Replica().stats())
+    assert body["events_applied"] <= body["events_accepted"], body
+    assert body["applied_offset"] <= body["events_accepted"], body
+    assert body["applied_offsets"]["0"] <= body["ingest"]["end_offsets"][0], body
+
+
+def test_stats_never_shows_the_mirror_ahead_of_the_ps_it_mirrors():
+    # The mirror syncs in the background while /stats awaits the shards: model_version (pushes
+    # the replica's snapshot reflects) read after the shards' versions could exceed ps_version
+    # (pushes the shards have applied), and model_version and cached_items could come from two
+    # different snapshots. Both must describe one snapshot, taken before the shards are read.
+    import asyncio
+
+    from serving.app import FreshetAPI
+    from serving.config import load_config
+    from workers.ingest_log import INGEST_ACTOR
+
+    api = FreshetAPI.func_or_class
+    world = {"version": 0}
+
+    class Snap:
+        def __init__(self, version):
+            self.model_version, self.items = version, version // 2
+
+        def __len__(self):
+            return self.items
+
+    class Mirror:
+        syncs = full_resyncs = 0
+
+    class Client:
+        num_shards = 2
+
+    class Replica:
+        cfg = load_config(None, {"trainer": {"num_workers": 1}})
+        client, mirror, sync_error, timeout_s = Client(), Mirror(), None, 1.0
+        served = (Snap(0), None)
+        snapshot_version = 0
+        stats, _trainer_states, _lags, _arrivals, _trainer_names = (
+            api.stats, api._trainer_states, api._lags, api._arrivals, api._trainer_names)
+        snapshot = api.snapshot
+
+        def _start_syncer(self):
+            return False
+
+        async def _call(self, name, method, *args):
+            world["version"] += 2  # a push reaches both shards between any two calls
+            v = world["version"]
+            if name == INGEST_ACTOR:
+                return {"events_accepted": 0, "end_offsets": [0], "log_id": "L"}
+            if name.startswith("trainer"):
+                return {"events_applied": 0, "applied_offset": 0, "applied_offsets": {"0": 0},
+                        "freshness_ms": {"p50": None, "p99": None}, "state": "running",
+                        "last_progress_age_s": 0.0, "lag_s": 0.0}
+            out = {"shard": int(name.rsplit("-", 1)[-1]), "tables": {}, "users_with_recent": 0,
+                   "recent_entries": 0, "recent_bytes": 0, "push_rate": 0.0, "version": v // 2,
+                   "duplicate_pushes": 0}
+            # ... and the background sync catches the mirror up at once, the version first.
+            self.snapshot_version = v
+            await asyncio.sleep(0)
+            self.served = (Snap(v), None)
+            return out
+
+    body = asyncio.run(Replica().stats())
+    assert body["model_version"] <= body["ps_version"], body
+    assert body["cached_items"] == body["model_version"] // 2, body
