@@ -116,7 +116,8 @@ class RankedItem(BaseModel):
     interaction count (its all-time count when ``model.recent_table`` is null)."""
 
     item_id: int | str
-    score: float
+    # /rank writes a score that is not finite (a NaN or inf row) as null, as pydantic would.
+    score: float | None = Field(description="the item's score; null when it is not finite")
 
 
 class RankResponse(BaseModel):

@@ -843,3 +843,21 @@ def test_snapshot_is_not_changed_by_a_later_sync_of_its_view():
     before = snap.rank(q, None, 20, history=["it1", "it2"])
     view.update(seed=9)  # the mirror syncs while requests still rank on the old snapshot
     assert snap.rank(q, None, 20, history=["it1", "it2"]) == before
+
+
+def test_a_rank_answer_with_a_non_finite_score_matches_its_own_schema():
+    # /rank writes a score that is not finite (a NaN or inf row) as null; the published
+    # RankResponse schema must admit what the endpoint sends, or a client checking it fails.
+    from serving.app import _rank_response
+    from serving.schemas import RankResponse
+    from workers.ranking import RankingSnapshot
+
+    model = _model()
+    view = _View(model, 20, DIM)
+    view.mats[model.item_table][3] = np.nan
+    view.mats[model.item_bias_table][4] = np.inf
+    snap = RankingSnapshot(view, model)
+    ranked = snap.rank(np.ones(DIM, np.float32), None, 20)
+    body = json.loads(_rank_response("u", ranked, None, snap.model_version).body)
+    assert {"item_id": "it3", "score": None} in body["items"] and body["items"][0] == {"item_id": "it4", "score": None}
+    assert RankResponse.model_validate(body).items[0].score is None
