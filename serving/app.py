@@ -721,12 +721,14 @@ class FreshetAPI:
         if errors:
             raise RequestValidationError(errors[:20])
 
-    async def _record_recent(self, events, appended: list[int]) -> None:
-        """Put the newly appended positives into their users' recent items on the shards,
-        before ``/events`` answers (read-your-writes for exclusion and session context)."""
-        if not appended:
+    async def _record_recent(self, events, event_offsets: list[int]) -> None:
+        """Put the posted positives (at their log offsets, ``AppendResult.event_offsets``) into
+        their users' recent items on the shards, before ``/events`` answers (read-your-writes
+        for exclusion and session context). Idempotent by offset: a retry of a request whose
+        update failed, or a repost of an event the log has, records what is missing."""
+        if not event_offsets:
             return
-        off = np.asarray(appended, np.int64)
+        off = np.asarray(event_offsets, np.int64)
         if self.cfg.model.loss == LossKind.MSE:
             positive = np.ones(len(events), bool)
         else:
@@ -802,10 +804,10 @@ class FreshetAPI:
             # A failed write acknowledged nothing of the failed parts: retrying (with the key) is safe.
             return _unavailable("ingest log", e)
         try:
-            await self._record_recent(ev, r.appended)
+            await self._record_recent(ev, r.event_offsets)
         except _UNAVAILABLE as e:
             # Durable, but the users' recent items may not show them yet: a retry with the key
-            # appends nothing twice, and the trainers deliver them to the recent items anyway.
+            # appends nothing twice and records them then; the trainers deliver them anyway.
             return _unavailable("users' recent items", e)
         return EventsResponse(accepted=r.accepted, offset=r.offset, duplicates=r.duplicates, offsets=r.offsets)
 

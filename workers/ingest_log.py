@@ -167,18 +167,20 @@ class AppendResult:
     ``event_id`` or the request's idempotency key was in the dedup window) (events).
     ``offsets``: partition -> the largest offset of the request's events there (an already
     stored event counts with its original offset). ``offset``: ``offsets`` of the partition
-    of the request's last event; None for an empty request. ``appended``: for each event of
-    the request, in order, the offset this call appended it at, or -1 (a duplicate, or a
-    part an earlier call with the same key appended): what the users' recent items are
-    updated with right after the append.
+    of the request's last event; None for an empty request. ``event_offsets``: for each
+    event of the request, in order, its offset in its partition: where this call appended
+    it, or, for an event the log already had (its ``event_id``, or a part an earlier call
+    with the same key appended), the original's offset while the dedup window still holds
+    what that needs; -1 where it does not. What the users' recent items are updated with
+    right after the append, by offset, so a retry after a failed update makes it whole.
     """
 
     accepted: int
     duplicates: int
     offset: int | None
     offsets: dict[int, int]
-    # Not part of equality: a retry reports the original result, but appended nothing itself.
-    appended: list[int] = field(default_factory=list, compare=False)
+    # Not part of equality: a retry reports the original result; these may be known for fewer events.
+    event_offsets: list[int] = field(default_factory=list, compare=False)
 
 
 def _segment_name(first_offset: int) -> str:
@@ -991,13 +993,13 @@ class IngestLog:
         replies: dict[int, tuple[int, int, int]] = {}
         waits: list[tuple[_Partition, _Write]] = []
         errors: list[BaseException] = []
-        appended = np.full(n, -1, np.int64)
+        event_offsets = np.full(n, -1, np.int64)
         try:
             for p in np.unique(where).tolist():
                 part = self._parts[p]
                 try:
                     replies[p], part_waits = await self._append_part(
-                        part, np.flatnonzero(where == p), ev, idempotency_key, fingerprint, now, appended
+                        part, np.flatnonzero(where == p), ev, idempotency_key, fingerprint, now, event_offsets
                     )
                 except IngestWriteError as e:
                     errors.append(e)  # the other parts still go in: a retry then has less to do
@@ -1019,15 +1021,42 @@ class IngestLog:
             duplicates=sum(r[2] for r in replies.values()),
             offset=replies[int(where[-1])][0],
             offsets={p: r[0] for p, r in replies.items()},
-            appended=appended.tolist(),
+            event_offsets=event_offsets.tolist(),
         )
+
+    @staticmethod
+    def _original_offsets(part: _Partition, idx: np.ndarray, ids: list | None, reply: tuple[int, int, int],
+                          event_offsets: np.ndarray) -> None:
+        """Fill in the offsets the events ``idx`` got from the earlier call with the same key,
+        whose ``reply`` was ``(last offset, accepted, duplicates)``: it appended the events it
+        kept at ``last - accepted + 1 .. last`` in request order, and an event it did not keep
+        (an ``event_id`` the log had) is at its original's offset. Left at -1 when the dedup
+        window no longer holds an ``event_id`` of the part: which events that call kept is
+        then unknown."""
+        last, accepted, _ = reply
+        nxt = last - accepted + 1
+        got = np.full(len(idx), -1, np.int64)
+        for pos, j in enumerate(idx.tolist()):
+            eid = ids[j] if ids is not None else None
+            if eid is None:
+                got[pos], nxt = nxt, nxt + 1
+                continue
+            hit = part.window.get("e:" + eid)
+            if hit is None or hit[1] > last:
+                return
+            got[pos] = hit[1]
+            if hit[1] == nxt:  # kept by that call: an earlier original is below the call's first offset
+                nxt += 1
+        if accepted and nxt != last + 1:
+            return  # not how that call's events lie: name none rather than wrong ones
+        event_offsets[idx] = got
 
     async def _append_part(
         self, part: _Partition, idx: np.ndarray, ev: dict, key: str | None, fingerprint: str | None, now: float,
-        appended: np.ndarray,
+        event_offsets: np.ndarray,
     ) -> tuple[tuple[int, int, int], list[_Write]]:
         """Dedup and write one partition's part; ``((last offset, accepted, duplicates), writes to await)``;
-        the offsets given to the part's events are filled into ``appended``."""
+        the part's events' offsets (see :class:`AppendResult`) are filled into ``event_offsets``."""
         async with part.lock:
             self._expire(part, now)
             if key is not None and (hit := part.window.get("k:" + key)) is not None:
@@ -1035,25 +1064,29 @@ class IngestLog:
                     raise IdempotencyKeyReused(f"Idempotency-Key: {key!r} was used for other events; "
                                                "a retry must repeat the same events, new events need a new key")
                 part.duplicates += hit[1][1] + hit[1][2]
+                self._original_offsets(part, idx, ev["ids"], hit[1], event_offsets)
                 return hit[1], [hit[2]] if hit[2] is not None else []
             ids = ev["ids"]
             keep: list[int] = []
             originals: list[int] = []
             waits: list[_Write] = []
-            fresh: set[str] = set()
+            fresh: dict[str, int] = {}  # event_id -> its first event in this request
+            repeats: list[tuple[int, int]] = []  # (event, the first event of its event_id here)
             for j in idx.tolist():
                 eid = ids[j] if ids is not None else None
                 if eid is not None:
                     hit = part.window.get("e:" + eid)
                     if hit is not None:
                         originals.append(hit[1])
+                        event_offsets[j] = hit[1]
                         if hit[2] is not None:
                             waits.append(hit[2])
                         continue
                     if eid in fresh:  # repeated within this request: the first one is kept
                         originals.append(-1)
+                        repeats.append((j, fresh[eid]))
                         continue
-                    fresh.add(eid)
+                    fresh[eid] = j
                 keep.append(j)
             dups = len(idx) - len(keep)
             part.duplicates += dups
@@ -1084,7 +1117,9 @@ class IngestLog:
                 metadata = {_MD_KEY: key, _MD_PART: json.dumps({"last": last, "accepted": len(keep), "duplicates": dups,
                                                                 "fingerprint": fingerprint})}
             w = await self._store.write(part, batch, metadata, ingest_ts)
-            appended[sel] = offsets
+            event_offsets[sel] = offsets
+            for j, first_j in repeats:
+                event_offsets[j] = event_offsets[first_j]
             part.appends += 1
             if ids is not None:
                 for offset, j in zip(offsets.tolist(), keep):

@@ -202,6 +202,40 @@ def test_the_window_survives_a_restart(tmp_path, clock, uri):
     assert SyncLog(cfg).stats()["dedup_keys"] == 0
 
 
+@pytest.mark.parametrize("restart", [False, True])
+def test_a_retry_names_the_offsets_its_events_were_appended_at(tmp_path, restart):
+    # /events records the posted positives in the users' recent items by these offsets: a retry
+    # after that failed (a 503 once the events were durable) answered 200 and recorded nothing,
+    # as every offset came back -1.
+    cfg = _cfg(tmp_path)
+    log = SyncLog(cfg)
+    _post(log, ["z"], ids=["e0"])  # offset 0
+    plain = _post(log, ["a", "b"], key="k1")  # offsets 1, 2
+    mixed = _post(log, ["c", "d", "e", "f", "g"], key="k2", ids=["e0", "e5", None, "e5", "e7"])
+    assert plain.event_offsets == [1, 2]
+    # e0 is the log's (offset 0), e5's repeat is its first event's, the rest go at 3, 4, 5.
+    assert mixed.event_offsets == [0, 3, 4, 3, 5]
+    if restart:
+        log = SyncLog(cfg)  # the dedup window comes back from the segments
+    again = _post(log, ["a", "b"], key="k1")
+    assert again == plain and again.event_offsets == [1, 2]
+    again = _post(log, ["c", "d", "e", "f", "g"], key="k2", ids=["e0", "e5", None, "e5", "e7"])
+    assert again == mixed and again.event_offsets == [0, 3, 4, 3, 5]
+    assert _post(log, ["h"], ids=["e7"]).event_offsets == [5]  # a repost of an event the log has
+    assert log.stats()["events_accepted"] == 6
+
+
+def test_a_retry_names_no_offsets_once_the_window_forgot_its_event_ids(tmp_path):
+    # Which events the first call kept is then unknown: none is named rather than a wrong one.
+    log = SyncLog(_cfg(tmp_path, dedup_max_keys=3))
+    first = _post(log, ["a", "b"], key="k1", ids=["e1", None])
+    assert first.event_offsets == [0, 1]
+    _post(log, ["c", "d"], ids=["e9", "e10"])  # the window holds 3 entries: e1, the oldest, goes
+    assert "e:e1" not in log.log._parts[0].window and "k:k1" in log.log._parts[0].window
+    again = _post(log, ["a", "b"], key="k1", ids=["e1", None])
+    assert again == first and again.event_offsets == [-1, -1]
+
+
 def test_a_restart_keeps_the_newest_entries_up_to_the_count(tmp_path):
     cfg = _cfg(tmp_path, dedup_max_keys=2)
     log = SyncLog(cfg)
