@@ -944,7 +944,7 @@ class FreshetAPI:
     @fastapi_app.get("/stats")
     async def stats(self):
         """Deployment counters: events accepted/applied, per-trainer lag, PS rows and memory per
-        row, push rate, freshness, dead letters, the ingest log and the mirror; every figure
+        row, the ID lifecycle's counts per table, push rate, freshness, dead letters, the ingest log and the mirror; every figure
         finite JSON (null where undefined).
 
         503 when the PS or the ingest log does not answer; trainers that do not answer
@@ -967,10 +967,14 @@ class FreshetAPI:
             return _unavailable("parameter server or ingest log", e)
         rows: dict[str, dict[int, int]] = {}
         memory: dict[str, dict[int, dict]] = {}
+        lifecycle: dict[str, dict[str, int]] = {}
         for st in shards:
             for table, t in st["tables"].items():
                 rows.setdefault(table, {})[st["shard"]] = t["rows"]
                 memory.setdefault(table, {})[st["shard"]] = {k: t[k] for k in ("bytes", "bytes_per_row", "row_bytes", "tombstones")}
+                counts = lifecycle.setdefault(table, {})
+                for k, v in t.get("lifecycle", {}).items():
+                    counts[k] = counts.get(k, 0) + v
 
         def worst(q: str) -> float | None:
             vals = [t["freshness_ms"][q] for t in trainers.values() if t["freshness_ms"][q] is not None]
@@ -987,6 +991,10 @@ class FreshetAPI:
             "lag": self._lags(trainers, ingest, await self._arrivals(trainers, ingest)),
             "rows": rows,
             "memory": memory,
+            # What the ID lifecycle did since each shard started, summed over shards: rows created,
+            # absent IDs' pushes the admission bar refused, rows evicted (max_rows), expired (ttl_s),
+            # removed for any reason (ps.table.EmbeddingTable.stats).
+            "lifecycle": lifecycle,
             # Users' recent items (exclude_seen, session context), summed over shards.
             "recent_items": {"users": sum(st["users_with_recent"] for st in shards),
                              "entries": sum(st["recent_entries"] for st in shards),

@@ -175,6 +175,12 @@ class TestTTLChurn:
             time.sleep(max(0.0, n / 20.0 - (time.monotonic() - t0)))
         s = _settled(http)
         new = n + len(loyal_items)
+        # /stats counts what the lifecycle did: the 2,000 old IDs' rows, and more, expired.
+        life = s["lifecycle"]
+        for table in ("user", "item"):
+            assert life[table]["created"] >= 2000 + n and life[table]["expired"] >= 2000, life
+            assert life[table]["removed"] >= life[table]["expired"] and life[table]["evicted"] == 0, life
+        assert life["item_bias"]["removed"] >= 2000 and life["item_bias"]["expired"] == 0, life  # with its leader
 
         # No row for any of the 2,000 users or items, in any table; no pull made one.
         pulled = d.ps.pull_many({"user": old_users, **{t: old_items for t in ITEM_TABLES_CHECKED}})
