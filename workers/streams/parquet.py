@@ -112,7 +112,9 @@ class ParquetSource(TableSource):
     Columns ``user_id``, ``item_id`` (int or string), ``timestamp`` (number of unix
     seconds, or an Arrow timestamp), optional ``weight`` (number; 1.0 when absent),
     optional ``event_type`` (string of 1-64 characters) and ``event_id`` (string of
-    1-256 characters), both nullable; other columns are ignored. Rows keep file order.
+    1-256 characters), both nullable; other columns are ignored. Rows keep file order (a
+    log's order of arrival), or are put in timestamp order (stable) with ``sort_by_time``,
+    as ``freshet eval``'s protocol reads them.
 
     A row is quarantined for a missing or invalid ID, timestamp or weight, a weight the
     ``model`` cannot train (``ModelConfig.weight_problem``, when a model is given), or a
@@ -130,6 +132,7 @@ class ParquetSource(TableSource):
         num_events: int | None = None,
         model: ModelConfig | None = None,
         max_quarantined_fraction: float = MAX_QUARANTINED_FRACTION,
+        sort_by_time: bool = False,
     ):
         """Load and validate the Parquet file(s) at ``path``.
 
@@ -183,7 +186,7 @@ class ParquetSource(TableSource):
             min_weight=min_weight,
             num_events=num_events,
             quarantine_path=quarantine_path,
-            sort_by_time=False,
+            sort_by_time=sort_by_time,
             label=str(path),
             layout=f"Read {len(files)} Parquet file(s): {_LAYOUT}; found columns {found}.",
             max_quarantined_fraction=max_quarantined_fraction,

@@ -110,3 +110,23 @@ def test_auto_min_weight_keeps_a_parquet_event_log_whole(tmp_path):
     run_eval(cfg, data=str(path), strategies=["popularity"], report_dir=tmp_path / "r", progress=False)
     report = json.loads((tmp_path / "r" / "report.json").read_text())
     assert report["meta"]["min_weight"] is None and report["meta"]["events"] == n
+
+
+def test_a_parquet_log_is_evaluated_in_timestamp_order(tmp_path):
+    # A Parquet source keeps file order (a log's arrival order); the protocol ranks in time
+    # order, so an export out of order (here: by user) was learned from the future.
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rng = np.random.default_rng(1)
+    n = 400
+    ts = rng.permutation(n).astype(np.int64)
+    users = rng.integers(0, 20, n)
+    order = np.lexsort((ts, users))  # grouped by user, each user's events in time order
+    path = tmp_path / "by-user.parquet"
+    pq.write_table(pa.table({"user_id": users[order], "item_id": rng.integers(0, 50, n)[order], "timestamp": ts[order]}),
+                   path)
+    source, _ = _open_source(load_config(None, {}), str(path), None, None)
+    stamps = source.read(0, n).column("timestamp").to_numpy()
+    assert len(stamps) == n and np.all(np.diff(stamps) >= 0)
