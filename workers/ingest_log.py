@@ -221,6 +221,22 @@ def _stream_bytes(batch: pa.RecordBatch, metadata: dict[str, str] | None) -> byt
     return sink.getvalue().to_pybytes()
 
 
+def _parse_meta(text: str, where: str) -> dict:
+    """The ``META.json`` of the log at ``where`` (its ``ingest/`` directory, for messages).
+
+    Raises:
+        RuntimeError: the file is not JSON, or not an ingest log's.
+    """
+    try:
+        meta = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise RuntimeError(f"ingest log {where}: {_META} is not valid JSON ({e}); "
+                           "refusing to start rather than guess the partitions and retained offsets") from e
+    if not isinstance(meta, dict) or meta.get("format") != _META_FORMAT:
+        raise RuntimeError(f"ingest log {where}: {_META} is not a {_META_FORMAT} file")
+    return meta
+
+
 def _read_text(fs: pafs.FileSystem, path: str) -> str | None:
     if fs.get_file_info(path).type == pafs.FileType.NotFound:
         return None
@@ -363,7 +379,9 @@ class _LocalStore:
         pass that was interrupted).
 
         Raises:
-            RuntimeError: naming the segment, when offsets are missing or out of order.
+            RuntimeError: naming the segment, when offsets are missing or out of order, a
+                segment cannot be opened, or one before the newest ends short of the next
+                (a damaged segment is refused, not cut: only the newest can have a torn tail).
         """
         found = sorted(
             (int(m.group(1)), p.name) for p in part.where.iterdir() if (m := _SEGMENT_RE.match(p.name))
@@ -378,9 +396,14 @@ class _LocalStore:
             path = part.where / name
             seg = _Segment(name, first)
             good = 0
-            mm = reader = None
+            reader = None
             try:
                 mm = pa.memory_map(str(path))
+            except OSError as e:
+                # Not a torn tail: the file is there and may be whole (too many open files, a
+                # mount that cannot map). Dropping it would lose acknowledged events.
+                raise self._fail(part, f"segment {name} cannot be opened ({e})") from e
+            try:
                 reader = pa.ipc.open_stream(mm)
                 seg.schema = reader.schema
                 good = mm.tell()
@@ -403,6 +426,10 @@ class _LocalStore:
             except (pa.ArrowInvalid, OSError):
                 pass  # a torn tail: that append was never acknowledged
             del mm, reader
+            if superseded_at is not None and seg.end != superseded_at:
+                # Only the newest segment can have a torn tail (a segment is durable before the
+                # next begins): this one is damaged. Refuse before cutting anything off it.
+                raise self._fail(part, f"segment {name} ends at offset {seg.end} where the next segment begins at {superseded_at}")
             if not seg.firsts:
                 path.unlink()
                 removed = True
@@ -518,16 +545,20 @@ class _LocalStore:
             if part.open is None or not part.unsynced:  # rolled back since this task was created
                 return
             epoch, seq, pos, offset = part.epoch, part.seq, part.open.size, part.next_offset
-            # A duplicate descriptor: the writer may close its own meanwhile.
-            fd = os.dup(part.fd)
+            fd = None
             try:
+                # A duplicate descriptor: the writer may close its own meanwhile. Failing to get
+                # one fails the writes like a failed fsync: left in place, they would become
+                # durable with a later fsync after their appends were answered with an error.
+                fd = os.dup(part.fd)
                 await asyncio.to_thread(_fsync, fd)
             except OSError as e:
                 if part.epoch == epoch:
                     self._rollback(part, e)
                 return
             finally:
-                os.close(fd)
+                if fd is not None:
+                    os.close(fd)
             part.fsyncs += 1
             if part.epoch == epoch:
                 self._mark_synced(part, seq, pos, offset)
@@ -640,8 +671,10 @@ class _ObjectStore:
         return d
 
     # -- recovery --------------------------------------------------------------------
-    def _fail(self, what: str) -> RuntimeError:
-        return RuntimeError(f"ingest log {self.where}: {what}; refusing to start rather than lose or reorder events")
+    def _fail(self, part: _Partition, what: str) -> RuntimeError:
+        # The partition's directory as a URI: every partition has objects of the same names.
+        where = self.where + part.where[len(self.base):]
+        return RuntimeError(f"ingest log {where}: {what}; refusing to start rather than lose or reorder events")
 
     def recover(self, part: _Partition, start: int, visit: Callable[[pa.RecordBatch, Any], None]) -> None:
         """Index every stored object of ``part`` from offset ``start`` and pass its batch (with
@@ -662,7 +695,7 @@ class _ObjectStore:
             elif name.startswith(_SEGMENT_PREFIX) and name.endswith(_SEGMENT_SUFFIX):
                 m = _SEGMENT_RE.match(name)
                 if m is None:
-                    raise self._fail(f"object {name} is not named {_segment_name(0).replace('0', 'N')}")
+                    raise self._fail(part, f"object {name} is not named {_segment_name(0).replace('0', 'N')}")
                 if int(m.group(1)) < start:
                     self.fs.delete_file(info.path)
                 else:
@@ -670,9 +703,9 @@ class _ObjectStore:
         expected = start
         for first, name in sorted(objects):
             if first > expected:
-                raise self._fail(f"offsets {expected}..{first - 1} are missing (the next object is {name})")
+                raise self._fail(part, f"offsets {expected}..{first - 1} are missing (the next object is {name})")
             if first < expected:
-                raise self._fail(f"object {name} overlaps offsets already read (up to {expected - 1})")
+                raise self._fail(part, f"object {name} overlaps offsets already read (up to {expected - 1})")
             try:
                 with self.fs.open_input_stream(f"{part.where}/{name}") as f:
                     data = f.read()
@@ -686,7 +719,7 @@ class _ObjectStore:
                     except StopIteration:
                         break
             except (pa.ArrowException, OSError) as e:
-                raise self._fail(f"object {name} is unreadable ({e})") from e
+                raise self._fail(part, f"object {name} is unreadable ({e})") from e
             seg = _Segment(name, first, reader.schema)
             for item in items:
                 batch = item.batch
@@ -694,14 +727,14 @@ class _ObjectStore:
                 if not len(offsets):
                     continue
                 if offsets[0] != expected or (np.diff(offsets) != 1).any():
-                    raise self._fail(f"object {name} holds offsets {offsets[0]}..{offsets[-1]}, expected a run from {expected}")
+                    raise self._fail(part, f"object {name} holds offsets {offsets[0]}..{offsets[-1]}, expected a run from {expected}")
                 seg.add(expected, len(offsets), 0, float(batch.column("ingest_ts")[-1].as_py()))
                 visit(batch, item.custom_metadata)
                 expected += len(offsets)
             if expected == first:
-                raise self._fail(f"object {name} holds no events")
+                raise self._fail(part, f"object {name} holds no events")
             if len(seg.firsts) != 1:
-                raise self._fail(f"object {name} holds {len(seg.firsts)} batches, expected one")
+                raise self._fail(part, f"object {name} holds {len(seg.firsts)} batches, expected one")
             seg.size = len(data)
             part.add_segment(seg)
         part.first_offset = part.segments[0].first if part.segments else start
@@ -714,12 +747,26 @@ class _ObjectStore:
 
         Raises:
             IngestWriteError: the PUT failed (nothing was acknowledged; a retry overwrites the name).
+            asyncio.CancelledError: the append was cancelled; raised only once the PUT has ended.
         """
         first = int(batch.column("offset")[0].as_py())
         name = _segment_name(first)
         data = _stream_bytes(batch, metadata)
+        put = asyncio.ensure_future(asyncio.to_thread(self._put, part.where, name, data, durable=self.cfg.fsync))
         try:
-            await asyncio.to_thread(self._put, part.where, name, data, durable=self.cfg.fsync)
+            await asyncio.shield(put)
+        except asyncio.CancelledError:
+            # The PUT goes on in its thread. Hold the partition (the caller's lock) until it
+            # ends: the next append stores under this same name, and this object landing
+            # after that one would replace acknowledged events with unacknowledged ones.
+            while not put.done():
+                try:
+                    await asyncio.wait({put})
+                except asyncio.CancelledError:
+                    pass
+            if not put.cancelled():
+                put.exception()  # retrieved: the cancellation is what the caller sees
+            raise
         except (OSError, pa.ArrowException) as e:
             raise IngestWriteError(f"ingest partition {part.index}: storing {name} failed ({e}); retry") from e
         seg = _Segment(name, first, batch.schema)
@@ -871,10 +918,7 @@ class IngestLog:
         text = self._store.read_text(_META)
         if text is None:
             return None
-        meta = json.loads(text)
-        if meta.get("format") != _META_FORMAT:
-            raise RuntimeError(f"ingest log {self._store.where}: {_META} is not a {_META_FORMAT} file")
-        return meta
+        return _parse_meta(text, self._store.where)
 
     def _write_meta(self, first_offsets: list[int], *, durable: bool) -> None:
         meta = {
@@ -1442,7 +1486,7 @@ def read_first_offsets(cfg: IngestConfig) -> dict[int, int]:
 
     Raises:
         OSError: the location cannot be read.
-        RuntimeError: ``META.json`` is not an ingest log's.
+        RuntimeError: ``META.json`` is not JSON, or not an ingest log's.
     """
     if cfg.dir_is_uri():
         fs, root = pafs.FileSystem.from_uri(cfg.dir)
@@ -1452,9 +1496,7 @@ def read_first_offsets(cfg: IngestConfig) -> dict[int, int]:
         text = path.read_text() if path.exists() else None
     if text is None:
         return {}
-    meta = json.loads(text)
-    if meta.get("format") != _META_FORMAT:
-        raise RuntimeError(f"ingest log {cfg.dir}: {_META} is not a {_META_FORMAT} file")
+    meta = _parse_meta(text, cfg.dir.rstrip("/") + "/ingest")
     return {p: int(o) for p, o in enumerate(meta.get("first_offsets", []))}
 
 

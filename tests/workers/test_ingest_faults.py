@@ -147,3 +147,20 @@ def test_a_partly_written_request_is_completed_by_a_retry_with_its_key(tmp_path,
     assert again.stats()["events_accepted"] == 12
     got = sorted(again.read(0, 100, 0).column("user_id").to_pylist() + again.read(0, 100, 1).column("user_id").to_pylist())
     assert got == sorted(users)
+
+
+def test_when_the_fsync_cannot_even_start_the_append_fails_and_its_bytes_are_cut(tmp_path, monkeypatch):
+    log = _log(tmp_path, fsync=True)
+    assert span(log.append([1], [1], [1.0], [1.0])) == (0, 0)
+    seg = _segments(tmp_path)[0]
+    size = seg.stat().st_size
+    with monkeypatch.context() as m:
+        # The fsync works on a duplicate descriptor; the process is out of descriptors.
+        m.setattr(ingest_log.os, "dup", lambda fd: _fail())
+        with pytest.raises(IngestWriteError, match="rolled back"):
+            log.append([2], [2], [1.0], [1.0])
+    # Nothing of the failed append stays behind to become durable with the next one's fsync:
+    # the client was told it failed, so a retry without a key must not make it appear twice.
+    assert seg.stat().st_size == size
+    assert span(log.append([3], [3], [1.0], [1.0])) == (1, 1)
+    assert _log(tmp_path, fsync=True).read(0, 10).column("user_id").to_pylist() == [1, 3]
