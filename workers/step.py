@@ -92,14 +92,20 @@ class Histories:
 
     def remember(self, users: np.ndarray, items: np.ndarray) -> None:
         """Append ``items`` to their ``users``' histories, in order."""
+        cap = self.max_users
         for u, i in zip(users.tolist(), items.tolist()):
             d = self._users.pop(u, None)  # re-inserted last: the most recently active
             if d is None:
                 d = collections.deque(maxlen=self.width)
+                # Dropped as each new user comes, not once per call: the same events leave the
+                # same histories however they are split into calls (a restart replays them in
+                # larger reads than the batches that trained them).
+                if cap is not None and cap > 0 and len(self._users) >= cap:
+                    del self._users[next(iter(self._users))]
             self._users[u] = d
             d.append(i)
-        if self.max_users is not None and len(self._users) > self.max_users:
-            for u in list(itertools.islice(self._users, len(self._users) - self.max_users)):
+        if cap is not None and len(self._users) > cap:
+            for u in list(itertools.islice(self._users, len(self._users) - cap)):
                 del self._users[u]
 
     def forget_items(self, items: np.ndarray) -> None:

@@ -48,7 +48,7 @@ from ps.cache import RowCache
 from ps.client import PSClient
 from ps.ids import ID_UNION, Keyed, ids_from_arrow, ids_to_arrow
 from ps.lazy import torch
-from ps.persist import TableUpdate, fsync_path
+from ps.persist import TableUpdate, fsync_path, intact_batches
 from ps.shard import PushId
 from workers.config import StreamKind
 from workers.eval.protocol import WarmChunks
@@ -131,14 +131,26 @@ class _DeadLetters:
     def __init__(self, path: Path | None):
         self.path = path
         self.seen: set[tuple[int, int]] = set()
+        self.last: dict[int, int] = {}  # partition -> its highest offset set aside
         self._file = self._writer = None
         if path is not None and path.exists():
-            try:
-                with pa.OSFile(str(path), "rb") as f:
-                    for b in pa.ipc.open_stream(f):
-                        self.seen.update(zip(b.column("partition").to_pylist(), b.column("offset").to_pylist()))
-            except (pa.ArrowInvalid, OSError):  # a torn tail: what was read is kept, the rest is rewritten
-                pass
+            good = 0
+            with pa.memory_map(str(path), "r") as src:
+                try:
+                    reader = pa.ipc.open_stream(src)
+                    good = src.tell()
+                except (pa.ArrowInvalid, OSError):  # torn inside its schema: nothing was set aside
+                    reader = None
+                for b in intact_batches(reader) if reader is not None else ():
+                    good = src.tell()
+                    self.seen.update(zip(b.column("partition").to_pylist(), b.column("offset").to_pylist()))
+            for q, o in self.seen:
+                self.last[q] = max(o, self.last.get(q, -1))
+            if good and good < path.stat().st_size:
+                # A torn tail (a crash mid-append): cut it off, or what is appended next would
+                # follow it and never be read back.
+                with open(path, "r+b") as f:
+                    f.truncate(good)
 
     def __len__(self) -> int:
         return len(self.seen)
@@ -158,6 +170,7 @@ class _DeadLetters:
             return
         keys = {(partition, int(offsets[j])) for j in new}
         self.seen.update(keys)
+        self.last[partition] = max(self.last.get(partition, -1), *(o for _, o in keys))
         _log.warning("set aside %d events of partition %d (%s) to %s", len(new), partition, reasons[new[0]], self.path)
         if self.path is None:
             return
@@ -250,13 +263,17 @@ class Trainer:
         self.cpu_s0 = time.process_time()
         self.started_at = time.time()
         self.root = Path(state_dir) / trainer_actor_name(index) if state_dir is not None else None
-        self.wal = TrainerWAL(self.root, fsync=cfg.trainer.wal_fsync) if self.root is not None else None
+        self.wal = TrainerWAL(self.root, fsync=cfg.trainer.wal_fsync, keep_history=True) if self.root is not None else None
         self.dead = _DeadLetters(self.root / "dead-letter.arrows" if self.root is not None else None)
         self.done = False
         self.state = "idle"
         self.error: str | None = None
         self.retries = 0
         self.recovered_pushes = 0
+        # A failed try left local state past the committed offsets (a batch read, prepared,
+        # maybe half pushed): the next try must recover first, even one a stop() and a later
+        # start() begin, or it would carry on past the failed batch and commit over it.
+        self._must_recover = False
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._lifecycle = {t: cfg.ps.table(t).has_lifecycle for t in (cfg.model.item_table, cfg.model.user_table)}
@@ -374,6 +391,8 @@ class Trainer:
         shutil.rmtree(old, ignore_errors=True)
         self._since_snapshot = 0
         self._capture = None
+        if self.wal is not None:  # a restart replays from here on: the commits before are not needed
+            self.wal.forget(self.offsets)
         if self.live:  # the ingest log may now drop the events before these offsets
             for p, src in self.sources.items():
                 src.commit(trainer_actor_name(self.index), self.offsets[p])
@@ -392,22 +411,22 @@ class Trainer:
             old.rename(current)
             fsync_path(self.root)
 
-    def _load_local_state(self) -> dict[int, int]:
-        """Load the persisted catalogue and histories; returns their offsets (empty when none)."""
+    def _load_local_state(self) -> tuple[dict[int, int], int]:
+        """Load the persisted catalogue and histories; returns their offsets (empty when none)
+        and the events applied up to them."""
         if self.root is not None:
             self._restore_old_snapshot()
         d = self._snapshot_dir()
         if self.evaluate or not (d / "meta.json").exists():
-            return {}  # an evaluating run rebuilds its evaluation state from offset 0 instead
+            return {}, 0  # an evaluating run rebuilds its evaluation state from offset 0 instead
         meta = json.loads((d / "meta.json").read_text())
         if {int(p): s for p, s in meta["source_ids"].items()} != self.source_ids:
-            return {}  # another stream (a fresh log after a checkpoint restore): start over
+            return {}, 0  # another stream (a fresh log after a checkpoint restore): start over
         cat = pa.ipc.open_file(pa.memory_map(str(d / "catalogue.arrow"))).read_all()
         self.catalogue.load(cat.column("key").to_numpy(), cat.column("count").to_numpy())
         hist = pa.ipc.open_file(pa.memory_map(str(d / "histories.arrow"))).read_all()
         self.histories.load(hist.column("user").to_numpy(), hist.column("item").to_numpy())
-        self.events_applied = int(meta["events_applied"])
-        return {int(p): int(o) for p, o in meta["offsets"].items()}
+        return {int(p): int(o) for p, o in meta["offsets"].items()}, int(meta["events_applied"])
 
     def _recover(self) -> None:
         """Resume after a crash (or a failed batch): re-send unacknowledged pushes, rebuild
@@ -439,13 +458,30 @@ class Trainer:
                 redo[rec.partition] = rec
         for p, rec in redo.items():
             resume[p] = rec.start
-        base = self._load_local_state()
-        for p in self.sources:
-            self._replay(p, base.get(p, 0), resume[p])
+        # Counted apart: until the recovered position is whole, stats() shows the one before.
+        base, applied = self._load_local_state()
+        # Batch by batch in the order they were committed, then what is left up to resume:
+        # the partitions share the catalogue, whose order the negatives are drawn by.
+        pos = {p: base.get(p, 0) for p in self.sources}
+        segments: list[list[int]] = []  # [partition, start, end]; a partition's consecutive batches in one
+        for upto in [*self.wal.history(), resume]:
+            for p in self.sources:
+                end = min(upto.get(p, 0), resume[p])
+                if end > pos[p]:
+                    if segments and segments[-1][0] == p:
+                        segments[-1][2] = end
+                    else:
+                        segments.append([p, pos[p], end])
+                    pos[p] = end
+        for p, start, end in segments:
+            applied += self._replay(p, start, end)
         if self._may_refuse:
             # Replayed (and saved) catalogue items were never checked for a row here.
             self._unchecked = [self.catalogue.keys().copy()]
         self.offsets = dict(resume)
+        self.events_applied = applied
+        # Read as far as applied: a restart must not show fewer events read than applied.
+        self.events_read = sum(resume.values())
         self.read_pos = dict(resume)
         self._prepared_to = dict(resume)
         for p, rec in redo.items():
@@ -456,10 +492,11 @@ class Trainer:
             self._commit(batch, refs)
         self.wal.commit(self.offsets, self.events_applied, self.step.clock_base, self.num_workers)
 
-    def _replay(self, p: int, start: int, upto: int) -> None:
+    def _replay(self, p: int, start: int, upto: int) -> int:
         """Advance local state (catalogue, histories, evaluation history) over partition
-        ``p``'s events ``[start, upto)``, as preparing them did."""
-        pos = start
+        ``p``'s events ``[start, upto)``, as preparing them did; returns how many of them
+        their batches applied (not set aside)."""
+        applied, pos = 0, start
         while pos < upto:
             raw = self.sources[p].read(pos, min(8192, upto - pos))
             if raw.num_rows == 0:
@@ -471,8 +508,9 @@ class Trainer:
                 for u, i in zip(batch.user_keys[batch.positive].tolist(), batch.item_keys[batch.positive].tolist()):
                     self.seen[u].add(i)
             dead = sum((p, o) in self.dead.seen for o in batch.offsets.tolist()) if len(self.dead) else 0
-            self.events_applied += len(batch.offsets) - dead
+            applied += len(batch.offsets) - dead
             pos = end
+        return applied
 
     # -- stream ------------------------------------------------------------------------
     def _mine(self, raw: pa.RecordBatch) -> np.ndarray | None:
@@ -541,6 +579,13 @@ class Trainer:
             # needs the state before this one.
             self._capture = (dict(self._prepared_to), self._local_state())
         batch = self.step.prepare(raw, end, self.catalogue, self.histories, partition=p, mine=self._admitted(p, raw))
+        if len(batch.offsets) and batch.offsets[0] <= self.dead.last.get(p, -1):
+            # Set aside by an earlier try of this batch (a pass before a crash, or before a
+            # failure retried): left out of every pass as in a run without the crash, and
+            # counted once, as a dead letter (as _replay counts it). Only a batch redone can
+            # hold one: the others start past every event set aside.
+            seen = self.dead.seen
+            batch.active &= np.fromiter(((p, o) not in seen for o in batch.offsets.tolist()), bool, len(batch.offsets))
         self._prepared_to[p] = end
         if self._global_clock and raw.num_rows:
             batch.clock = self.sources[p].clock(end - 1)
@@ -901,21 +946,26 @@ class Trainer:
     def _supervised(self) -> None:
         """:meth:`run`, retried with backoff from the last committed state when a batch fails;
         an actor that keeps failing exits, so Ray restarts it."""
-        recovering = False
         while not self._stop.is_set():
             try:
-                if recovering:
+                if self._must_recover:
                     # Each try starts from the last committed state, as a restart would. A
                     # recovery that fails is a failed try too: training on half-recovered
                     # state would skip the unfinished batch (or re-read from offset 0 in other
                     # batch boundaries, re-applying pushes under new ids).
+                    shown = dict(self.offsets), self.events_applied, self.events_read
                     self._reset_local_state()
                     if self.wal is not None:
+                        # The committed position stays what stats() (and the stop() of a
+                        # checkpoint save, which records it) report while the state is
+                        # rebuilt, and if rebuilding it fails.
+                        self.offsets, self.events_applied, self.events_read = shown
                         self._recover()
-                    recovering = False
+                    self._must_recover = False
                 self.run()
                 return
             except Exception:  # noqa: BLE001 - every failure is retried or escalated, never swallowed
+                self._must_recover = True
                 self.error = traceback.format_exc()
                 self.retries += 1
                 _log.error("trainer %d: batch failed (try %d of %d):\n%s", self.index, self.retries,
@@ -929,7 +979,6 @@ class Trainer:
                 # Backoff doubles per consecutive failure (a committed batch resets retries), so
                 # a transient fault months later waits retry_backoff_s again, not the cap.
                 self._stop.wait(min(self.cfg.trainer.retry_backoff_s * 2 ** (self.retries - 1), _MAX_BACKOFF_S))
-                recovering = True
 
     def stop(self, timeout_s: float = 30.0) -> dict[str, Any]:
         """Stop the background loop after the current batch, waiting up to ``timeout_s``
@@ -937,7 +986,7 @@ class Trainer:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout_s)
-        if self.wal is not None and self.batches and self._prepared_to == self.offsets:
+        if self.wal is not None and self.batches and self._prepared_to == self.offsets and not self._must_recover:
             self._save_local_state()  # not while a batch is still prepared past them (join timed out)
         return self.stats()
 

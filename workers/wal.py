@@ -9,7 +9,9 @@ stay pending (the trainer writes none before it, and the record does not rely on
 After a crash the restarted trainer reads the last commit and re-sends every push still
 pending: shards that already applied a push drop it by push id, the others apply the very
 same gradients. The file is started afresh (from its last commit and the pushes still
-pending) once it grows past ``rotate_bytes``.
+pending) once it grows past ``rotate_bytes``; a trainer's WAL (``keep_history``) also keeps
+the commits since its last local-state snapshot, whose order a restart replays its
+partitions in.
 """
 
 from __future__ import annotations
@@ -83,18 +85,22 @@ class TrainerWAL:
     :meth:`pending` the pushes after the last commit.
 
     ``fsync`` makes every record durable against machine crashes (a flush to the OS is
-    always done, which survives a crash of the trainer process).
+    always done, which survives a crash of the trainer process). ``rotate_bytes``: the file
+    size (bytes) past which it is started afresh. ``keep_history`` keeps the commits since
+    the last :meth:`forget` through that (:meth:`history`); without it only the last one.
 
     Raises:
         ValueError: the file was written in another format.
     """
 
-    def __init__(self, root: str | Path, *, fsync: bool = False, rotate_bytes: int = 64 << 20):
+    def __init__(self, root: str | Path, *, fsync: bool = False, rotate_bytes: int = 64 << 20,
+                 keep_history: bool = False):
         self.root = Path(root)
         self.root.mkdir(mode=0o700, parents=True, exist_ok=True)  # pushed rows: this user's only
-        self.fsync, self.rotate_bytes = fsync, rotate_bytes
-        self._committed, self._pending, good = self._read()
+        self.fsync, self.rotate_bytes, self.keep_history = fsync, rotate_bytes, keep_history
+        self._committed, self._pending, good, self._history = self._read()
         self._file = None
+        self._kept_bytes = 0
         path = self.root / _FILE
         if good > 0:
             with open(path, "r+b") as f:  # a torn tail was never acknowledged: cut it off
@@ -104,13 +110,24 @@ class TrainerWAL:
             self._start_file([])
 
     # -- reading -------------------------------------------------------------------------
-    def _read(self) -> tuple[Committed, list[tuple[PushRecord, dict[str, TableUpdate], tuple | None]], int]:
+    def _read(self) -> tuple[Committed, list[tuple[PushRecord, dict[str, TableUpdate], tuple | None]], int, list]:
         return _read_file(self.root / _FILE)
 
     def committed(self) -> Committed:
         """The last commit (offsets per partition, events applied); empty before the first."""
         c = self._committed
         return Committed(dict(c.offsets), c.events_applied, c.clock_base, c.num_workers)
+
+    def history(self) -> list[dict[int, int]]:
+        """The offsets (partition → offset) of each commit kept, oldest first: every commit
+        since the last :meth:`forget`, so a restart can replay a trainer's partitions in the
+        order their batches were applied (they share its local state)."""
+        return [dict(o) for o, _ in self._history]
+
+    def forget(self, offsets: dict[int, int]) -> None:
+        """Stop keeping the commits at or before ``offsets`` (local state persisted there);
+        the file drops them at its next rotation."""
+        self._history = [(o, m) for o, m in self._history if any(v > offsets.get(p, 0) for p, v in o.items())]
 
     def pending(self) -> list[tuple[PushRecord, dict[str, TableUpdate], tuple | None]]:
         """Pushes not yet settled by a commit (see :meth:`commit`), in the order written:
@@ -154,17 +171,23 @@ class TrainerWAL:
         ``clock_base``, ``num_workers``: see :class:`Committed`."""
         self._committed = _committed(offsets, events_applied, clock_base, num_workers)
         self._pending = _unsettled(self._pending, self._committed)
-        data = self._commit_bytes()
+        meta = self._commit_meta()
+        data = self._encode("commit", None, [], None, meta)
         self._append(data)
-        if self._file.tell() > self.rotate_bytes:
-            self._start_file([data, *(self._encode("push", rec, list(updates.values()), recent, None)
-                                      for rec, updates, recent in self._pending)])
+        self._history.append((dict(self._committed.offsets), meta))
+        # Past rotate_bytes more than the file held when last started afresh: the commits it
+        # keeps may outgrow rotate_bytes, and rewriting them at every commit would not pay.
+        if self._file.tell() > self.rotate_bytes + self._kept_bytes:
+            if not self.keep_history:
+                self._history = self._history[-1:]
+            self._start_file([*(self._encode("commit", None, [], None, m) for _, m in self._history[:-1]), data,
+                              *(self._encode("push", rec, list(updates.values()), recent, None)
+                                for rec, updates, recent in self._pending)])
 
-    def _commit_bytes(self) -> bytes:
-        meta = json.dumps({"offsets": {str(p): o for p, o in self._committed.offsets.items()},
+    def _commit_meta(self) -> str:
+        return json.dumps({"offsets": {str(p): o for p, o in self._committed.offsets.items()},
                            "events_applied": self._committed.events_applied, "clock_base": self._committed.clock_base,
                            "num_workers": self._committed.num_workers})
-        return self._encode("commit", None, [], None, meta)
 
     def _start_file(self, records: list[bytes]) -> None:
         """Replace the file with one holding only ``records`` (atomic rename)."""
@@ -180,13 +203,16 @@ class TrainerWAL:
         os.replace(tmp, self.root / _FILE)
         fsync_path(self.root)
         self._file = open(self.root / _FILE, "ab")
+        self._kept_bytes = self._file.tell()
 
     def reset(self, offsets: dict[int, int], events_applied: int, clock_base: int = 0,
               num_workers: int | None = None) -> None:
         """Start over from ``offsets`` with nothing pending (a checkpoint restore)."""
         self._committed = _committed(offsets, events_applied, clock_base, num_workers)
         self._pending = []
-        self._start_file([self._commit_bytes()])
+        meta = self._commit_meta()
+        self._history = [(dict(self._committed.offsets), meta)]
+        self._start_file([self._encode("commit", None, [], None, meta)])
 
     def close(self) -> None:
         """Close the file."""
@@ -208,18 +234,18 @@ def _committed(offsets: dict, events_applied: int, clock_base: int, num_workers:
 
 def _read_file(
     path: Path, *, pushes: bool = True
-) -> tuple[Committed, list[tuple[PushRecord, dict[str, TableUpdate], tuple | None]], int]:
+) -> tuple[Committed, list[tuple[PushRecord, dict[str, TableUpdate], tuple | None]], int, list[tuple[dict, str]]]:
     """The last commit, the pushes after it (not decoded without ``pushes``: their gradients
-    are most of the file) and the byte length of the readable prefix of the WAL file at
-    ``path``; reads only."""
-    committed, pending, good = Committed(), [], 0
+    are most of the file), the byte length of the readable prefix of the WAL file at
+    ``path`` and every commit in it (``(offsets, meta JSON)``, oldest first); reads only."""
+    committed, pending, good, history = Committed(), [], 0, []
     if not path.exists():
-        return committed, pending, good
+        return committed, pending, good, history
     with pa.memory_map(str(path), "r") as src:
         try:
             reader = pa.ipc.open_stream(src)
         except (pa.ArrowInvalid, OSError):
-            return committed, pending, 0
+            return committed, pending, 0, history
         if (reader.schema.metadata or {}).get(b"format_version") != b"2":
             raise ValueError(f"{path}: not a trainer WAL of format 2 (written by another release?)")
         good = src.tell()
@@ -229,16 +255,18 @@ def _read_file(
                 row = batch.slice(i, 1)
                 kind = row.column("kind")[0].as_py()
                 if kind == "commit":
-                    meta = json.loads(row.column("meta")[0].as_py())
+                    text = row.column("meta")[0].as_py()
+                    meta = json.loads(text)
                     committed = _committed(meta["offsets"], meta["events_applied"], meta.get("clock_base", 0),
                                            meta.get("num_workers"))
                     pending = _unsettled(pending, committed)
+                    history.append((dict(committed.offsets), text))
                 elif pushes:
                     rec = PushRecord(*(row.column(c)[0].as_py() for c in ("seq", "start", "end", "pass_index", "partition")))
                     updates = {u.table: u for u in decode_updates(row)}
                     recent = decode_recent(row)
                     pending.append((rec, updates, recent if len(recent[0]) else None))
-    return committed, pending, good
+    return committed, pending, good, history
 
 
 def read_committed(root: str | Path) -> Committed:
