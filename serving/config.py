@@ -204,7 +204,8 @@ class RayConfig(ConfigModel):
                     "any local user can run code in the cluster (prints a warning)",
     )
     token_path: str | None = Field(
-        None, description="token file to use, created 0600 if missing; null: a new token per head in its temp dir"
+        None, description="token file to use, created 0600 if missing; refused when it is a link, another user's or "
+                          "readable by other users; null: a new token per head in its temp dir"
     )
     ports: dict[str, int] = Field(
         default_factory=dict,

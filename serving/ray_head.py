@@ -858,13 +858,37 @@ def _warn_auth_off() -> None:
 
 
 def _ensure_token(path: Path) -> None:
-    if path.exists() and path.read_text().strip():
-        return
+    """Make sure ``path`` holds a token only this user can read: keep the one there, or write a
+    fresh one into a new (or empty) file.
+
+    Raises:
+        ValueError: ``path`` is a link, not a regular file, another user's, or open to other
+            users (its mode, e.g. ``ray get-auth-token --generate`` under umask 022): naming the
+            file and the reason.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
-    # Same format as Ray's generate_new_authentication_token (256 random bits, hex); written
-    # 0600 from the start so the token is never readable by other users.
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
+    # Created 0600 from the start; never through a link (another user's file, linked from a
+    # token_path under /tmp, would receive the token), never an existing file others can use.
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    except OSError as e:
+        why = "it is a symbolic link" if path.is_symlink() else e.strerror or str(e)
+        raise ValueError(f"token file {path}: cannot use it ({why})") from None
+    with os.fdopen(fd, "r+") as f:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise ValueError(f"token file {path}: not a regular file")
+        if st.st_uid != os.getuid():
+            raise ValueError(f"token file {path}: belongs to another user (uid {st.st_uid}), who can read the token")
+        if st.st_mode & 0o077:
+            raise ValueError(f"token file {path}: other users can read or write it (mode "
+                             f"{oct(stat.S_IMODE(st.st_mode))}); chmod 600 {path}, and make a new token if "
+                             "anyone may have read this one")
+        if f.read().strip():
+            return
+        # Same format as Ray's generate_new_authentication_token (256 random bits, hex).
+        f.seek(0)
+        f.truncate()
         f.write(secrets.token_hex(32))
 
 
@@ -947,7 +971,8 @@ def start_head(temp_dir, *, ports: Mapping[str, int] | None = None, auth: bool =
         auth: Ray token authentication (default on). ``False`` runs ``RAY_AUTH_MODE=disabled``
             and prints a warning to stderr.
         num_cpus: CPUs the head advertises; None lets Ray count them.
-        token_path: token file to use (created 0600 if missing or empty); default
+        token_path: token file to use (created 0600 if missing or empty; refused when others can
+            read it or it is a link); default
             ``<temp_dir>/auth_token``. Pass ``~/.ray/auth_token`` to share Ray's per-user token.
         include_dashboard: start the dashboard on 127.0.0.1 and a free port; off by default.
         worker_ports: size of the block of consecutive ports for worker processes (one port
@@ -972,7 +997,8 @@ def start_head(temp_dir, *, ports: Mapping[str, int] | None = None, auth: bool =
         and end with it.
 
     Raises:
-        ValueError: bad ``ports``, a given port also in ``avoid``, or a ``temp_dir`` that is too long.
+        ValueError: bad ``ports``, a given port also in ``avoid``, a ``temp_dir`` that is too long, or
+            a ``token_path`` that is a link, another user's, or readable by other users.
         RuntimeError: no free ports, no ``ray`` command, or the head did not come up (the
             message has the tail of ``ray start``'s output for each attempt). A head that did
             not come up, or whose wait was interrupted (``KeyboardInterrupt``, re-raised), is
@@ -1004,7 +1030,10 @@ def start_head(temp_dir, *, ports: Mapping[str, int] | None = None, auth: bool =
         RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S=os.environ.get("RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S", "0"),
     )
     if auth:
-        _ensure_token(tok)
+        try:
+            _ensure_token(tok)
+        except ValueError as e:
+            raise ValueError(f"start_head: token_path (ray.token_path): {e}") from None
         env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(tok))
     else:
         env["RAY_AUTH_MODE"] = "disabled"

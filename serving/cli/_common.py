@@ -128,6 +128,11 @@ def ray_init(address: str | None, namespace: str, *, head=None, system_config: d
             env = ray_head.local_cluster_env(token_dir)
             # The cluster lives as long as this process: so does its token (a dir was left per run).
             atexit.register(shutil.rmtree, token_dir, True)
+        elif os.environ["RAY_AUTH_MODE"].strip().lower() == "disabled":
+            # Inherited from the shell, not chosen in a config: say so, as `ray.auth: disabled` does.
+            print("freshet: WARNING: RAY_AUTH_MODE=disabled in the environment: this run's Ray cluster has no "
+                  "token authentication, so any local user can connect to it and run code as you while it runs",
+                  file=sys.stderr, flush=True)
         ray_head.apply_env(env)
     import ray
 

@@ -156,6 +156,11 @@ def _cmd_live(args: argparse.Namespace, min_weight) -> int:
         print("freshet eval --live: --token needs --url (the service this run starts makes its own token)",
               file=sys.stderr)
         return 2
+    if args.token:
+        # Any local user reads a process's arguments (ps, /proc/<pid>/cmdline) for as long as it runs.
+        print("freshet eval --live: WARNING: --token puts the bearer token on the command line, where every user of "
+              "this host can read it while the replay runs; set FRESHET_TOKEN (or serving.auth_token in --config) "
+              "instead", file=sys.stderr)
     if args.offline_report and args.no_offline:
         print("freshet eval --live: give --offline-report or --no-offline, not both", file=sys.stderr)
         return 2

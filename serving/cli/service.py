@@ -16,6 +16,7 @@ import argparse
 import contextlib
 import json
 import os
+import stat
 import sys
 import tempfile
 import time
@@ -41,12 +42,56 @@ def state_path(cfg: FreshetConfig) -> Path:
     return cfg.ingest.local_state_dir() / STATE_FILE
 
 
+def _check_state_dir(cfg: FreshetConfig) -> None:
+    """Refuse a state dir (or state file) that another user could have written: the state file
+    names the head's address, its token file and the environment every command applies before
+    it connects, so a swapped one would have ``down`` or ``ckpt`` send this user's Ray token to
+    another user's listener. A missing dir passes (``up`` makes it, 0700).
+
+    Raises:
+        ValueError: naming the field (``ingest.state_dir``, else ``ingest.dir``), the path and
+            the reason.
+    """
+    d = cfg.ingest.local_state_dir()
+    field = "ingest.state_dir" if cfg.ingest.state_dir is not None else "ingest.dir"
+    for path, what in ((d, f"{field} {d}"), (d / STATE_FILE, f"{d / STATE_FILE} (the state dir, {field})")):
+        try:
+            st = path.stat()
+        except (FileNotFoundError, NotADirectoryError):
+            return
+        if st.st_uid != os.getuid():
+            raise ValueError(f"{what} belongs to another user (uid {st.st_uid}), who could rewrite freshet up's "
+                             "state file; use a directory of your own")
+        writable = st.st_mode & 0o002 or (st.st_mode & 0o020 and _others_in_group(st.st_gid))
+        if path == d and writable:
+            raise ValueError(f"{what} is writable by other users (mode {oct(stat.S_IMODE(st.st_mode))}), who could "
+                             f"rewrite freshet up's state file; chmod go-w {d}, or use a directory of your own")
+
+
+def _others_in_group(gid: int) -> bool:
+    """Whether a user other than this one belongs to group ``gid``. A group-writable directory
+    of one's own private group (umask 002, the default where each user has a group of their
+    own) is writable by nobody else."""
+    import grp
+    import pwd
+
+    me = os.getuid()
+    try:
+        name = pwd.getpwuid(me).pw_name
+        members = set(grp.getgrgid(gid).gr_mem) - {name}
+    except KeyError:
+        return True  # a group or user the system cannot name: assume the worst
+    return bool(members) or any(p.pw_gid == gid and p.pw_uid != me for p in pwd.getpwall())
+
+
 def read_state(cfg: FreshetConfig) -> dict[str, Any] | None:
     """What ``freshet up`` recorded for ``cfg``, or None when it did not start anything here.
 
     Raises:
-        ValueError: the file exists but is not a JSON object (named in the message).
+        ValueError: the file exists but is not a JSON object (named in the message), or the
+            state dir or file could have been written by another user (:func:`_check_state_dir`).
     """
+    _check_state_dir(cfg)
     p = state_path(cfg)
     if not p.exists():
         return None
@@ -60,11 +105,25 @@ def read_state(cfg: FreshetConfig) -> dict[str, Any] | None:
 
 
 def _write_state(cfg: FreshetConfig, state: dict[str, Any]) -> None:
-    """Replace the state file atomically (a crash leaves the old or the new content, never half)."""
+    """Replace the state file atomically (a crash leaves the old or the new content, never half),
+    private to this user.
+
+    Raises:
+        ValueError: the state dir could have been written by another user (:func:`_check_state_dir`).
+    """
+    _check_state_dir(cfg)
     p = state_path(cfg)
-    tmp = p.with_name(p.name + ".tmp")
-    tmp.write_text(json.dumps(state, indent=2))
-    os.replace(tmp, p)
+    # A new name of its own (O_EXCL, 0600): a fixed one could be a link planted to a file of
+    # this user's, which the write would overwrite.
+    fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=f".{p.name}.")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(json.dumps(state, indent=2))
+        os.replace(tmp, p)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
 
 
 def _head(state: dict[str, Any]):
