@@ -4,7 +4,8 @@ Serving replicas and evaluators rank against every item, so they keep the item t
 in memory and, on :meth:`RowCache.sync`, fetch only the rows each shard changed since
 the version last seen, and the keys it removed (never a full reload per change). The
 mirror syncs under a reader name, so shards keep the tombstones it has not seen yet; a
-mirror so far behind that they were pruned gets every row of that shard again.
+mirror so far behind that they were pruned, or whose shard restarted since (its versions
+then name other states), gets every row of that shard again.
 """
 
 from __future__ import annotations
@@ -28,11 +29,14 @@ class Coverage(NamedTuple):
     high_water: tuple[dict[str, int], ...]  # per shard: highest seq applied per producer
     synced: bool  # the mirror had synced at least once
 
-    def covers(self, pushed_by: tuple[str, int] | None) -> bool:
+    def covers(self, pushed_by: tuple[str, int] | tuple[tuple[str, int], ...] | None) -> bool:
         """True when every shard's part of push ``(producer, seq)`` was in the mirror (or the
-        push is unknown: older than what shards trace, so long synced)."""
+        push is unknown: older than what shards trace, so long synced). A tuple of such pushes
+        (``RankContext.pushed_by`` of a row a restarted shard loaded) is covered when all are."""
         if pushed_by is None:
             return self.synced
+        if not pushed_by or not isinstance(pushed_by[0], str):
+            return self.synced and all(self.covers(p) for p in pushed_by)
         producer, seq = pushed_by
         return all(hw.get(producer, -1) >= seq for hw in self.high_water)
 
@@ -55,6 +59,7 @@ class RowCache:
         self.tables = list(tables)
         self.reader = reader or f"mirror-{id(self):x}-{time.time_ns() % 10**9}"
         self.versions = [0] * client.num_shards
+        self.cursors: list[tuple | None] = [None] * client.num_shards  # Delta.cursor that came with each version
         self.high_water: list[dict[str, int]] = [{} for _ in range(client.num_shards)]
         self.index = KeyIndex(1024)
         self._keys = np.zeros(0, np.uint64)
@@ -135,7 +140,7 @@ class RowCache:
         if self._released:
             self._free = np.sort(np.concatenate([self._free, *self._released]))
             self._released = []
-        for s, d in enumerate(self.client.delta(self.tables, self.versions, self.reader)):
+        for s, d in enumerate(self.client.delta(self.tables, self.versions, self.reader, self.cursors)):
             if d.full:
                 # Tombstones this mirror needed are gone: forget everything of this shard.
                 mine = self.index.keys()
@@ -158,6 +163,7 @@ class RowCache:
                 self._mats[t][slots] = td.rows
                 changed += len(slots)
             self.versions[s] = d.version
+            self.cursors[s] = d.cursor
             self.high_water[s] = d.high_water
         self.synced_at = time.monotonic()
         self.syncs += 1

@@ -342,14 +342,18 @@ class PSClient:
         """Each user's recent item keys as lists (see :meth:`recent_items`)."""
         return [a.tolist() for a in self.recent_items(user_ids)]
 
-    def delta(self, tables: list[str], since: Sequence[int], reader: str | None = None) -> list[Delta]:
+    def delta(self, tables: list[str], since: Sequence[int], reader: str | None = None,
+              cursors: Sequence[tuple | None] | None = None) -> list[Delta]:
         """Per shard: the :class:`ps.shard.Delta` of ``tables`` after ``since[shard]`` (one
         version per shard); ``reader`` names the caller so shards keep the tombstones it still needs.
+        ``cursors[shard]`` is the ``Delta.cursor`` that came with ``since[shard]`` (None: unknown),
+        so a restarted shard answers in full and a caught-up one never needlessly does.
 
         Raises:
             KeyError: an unknown table (raised by the shards).
         """
-        return self._get([sh.delta.remote(tables, int(v), reader) for sh, v in zip(self.shards, since)])
+        cursors = list(cursors) if cursors is not None else [None] * len(self.shards)
+        return self._get([sh.delta.remote(tables, int(v), reader, c) for sh, v, c in zip(self.shards, since, cursors)])
 
     def removed(self, table: str, since: Sequence[int], reader: str | None = None) -> list[tuple[int, np.ndarray, bool]]:
         """Per shard: ``(version, removed keys uint64 [k], full)`` of ``table`` (see ``PSShard.removed``).

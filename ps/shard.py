@@ -20,7 +20,8 @@ the log, arriving at bitwise the state it had acknowledged. The file formats liv
 Readers that mirror tables (Serve replicas, trainers' negative catalogues) sync with
 :meth:`PSShard.delta` under a name; a removed ID's tombstone is kept until every reader
 heard from within ``cfg.reader_timeout_s`` has synced past it (and at most
-``cfg.max_tombstones``), and a reader further behind gets a full resync.
+``cfg.max_tombstones``), and a reader further behind gets a full resync, as does one that
+synced from an earlier process of the shard (``Delta.cursor``).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ import logging
 import operator
 import os
 import time
+import uuid
 import warnings
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -87,13 +89,18 @@ class Delta(NamedTuple):
     tables: dict[str, TableDelta]
     full: bool  # the reader was too far behind: drop everything and take these rows as the whole table
     high_water: dict[str, int]  # highest seq applied per producer, at ``version``
+    # Where this answer leaves its reader in the shard's history: (shard process, tombstones
+    # pruned so far per table); pass it back with ``version`` as the next ``since`` (PSShard.delta).
+    cursor: tuple[str, tuple[tuple[str, int], ...]] | None = None
 
 
 class RankContext(NamedTuple):
     """What ranking needs from a user's shard, in one call."""
 
     row: np.ndarray | None  # float32 [dim], None for a user without a row
-    pushed_by: tuple[str, int] | None  # (producer, seq) of the push that last changed the row, if still known
+    # (producer, seq) of the push that last changed the row, if still known; after a restart,
+    # for a row loaded from the snapshot, ((producer, seq), ...): every push the snapshot held
+    pushed_by: tuple[str, int] | tuple[tuple[str, int], ...] | None
     version: int  # the shard's version when read
     recent: np.ndarray  # uint64 item keys of the user's recent items, oldest first
 
@@ -103,7 +110,7 @@ class RankContexts(NamedTuple):
 
     rows: np.ndarray  # float32 [n, dim]: each user's row, zeros where ``found`` is False
     found: np.ndarray  # bool [n]: the user has a row
-    pushed_by: list[tuple[str, int] | None]  # per user, as in RankContext
+    pushed_by: list[tuple[str, int] | tuple[tuple[str, int], ...] | None]  # per user, as in RankContext
     version: int  # the shard's version when read
     recent: np.ndarray  # uint64 [m]: every user's recent item keys, one user after another, oldest first
     recent_ends: np.ndarray  # int64 [n]: user j's are ``recent[recent_ends[j-1]:recent_ends[j]]``
@@ -190,6 +197,12 @@ class PSShard:
         self.recent = RecentItems(cfg.seen_per_user)
         self.high_water: dict[str, int] = {}
         self.readers: dict[str, tuple[int, float]] = {}  # reader name -> (since it last asked from, unix s)
+        # Versions only mean something within one process's history: a restart (empty, or from
+        # an older snapshot or checkpoint) may reuse them for other states, so readers resync fully.
+        self.epoch = uuid.uuid4().hex
+        # (version, pushes) of the state loaded at start: its rows' pushes are not traced, so a
+        # row changed at or before that version is attributed to every push the state held.
+        self._untraced: tuple[int, tuple[tuple[str, int], ...]] | None = None
         self._push_versions: collections.deque[int] = collections.deque()
         self._push_at: dict[int, tuple[str, int]] = {}
         self.push_times: collections.deque[float] = collections.deque(maxlen=4096)
@@ -254,6 +267,7 @@ class PSShard:
             self.tables[name].load(ts)
         self.version, self._lsn = st.version, st.lsn
         self.high_water = dict(st.high_water)
+        self._untraced = (self.version, tuple(sorted(self.high_water.items())))
         self.recent.load(*st.recent)
 
     def _recover(self) -> None:
@@ -449,11 +463,19 @@ class PSShard:
         if found.any():
             rows[found] = t.rows[torch.from_numpy(slots[found])].numpy()
             for j, version in zip(np.flatnonzero(found).tolist(), t.changed_at[slots[found]].tolist()):
-                pushed_by[j] = self._push_at.get(version)
+                pushed_by[j] = self._pushed_by(version)
         lists = self.recent.lists(keys) if recent else []
         flat = np.concatenate(lists) if lists else np.empty(0, np.uint64)
         ends = np.cumsum([len(x) for x in lists], dtype=np.int64) if lists else np.zeros(len(keys), np.int64)
         return RankContexts(rows, found, pushed_by, self.version, flat.astype(np.uint64, copy=False), ends)
+
+    def _pushed_by(self, version: int) -> tuple[str, int] | tuple[tuple[str, int], ...] | None:
+        """The push that made ``version``, or None when it is older than the ring (long synced)."""
+        got = self._push_at.get(version)
+        if got is None and self._untraced is not None and self.version - _PUSH_RING < version <= self._untraced[0]:
+            # Recent, but applied before this process started: None would pass for long synced.
+            return self._untraced[1]
+        return got
 
     def recent_items(self, user_keys: np.ndarray) -> list[np.ndarray]:
         """Each user's recent item keys (``uint64 [k]`` each, oldest first) for ``user_keys``
@@ -470,35 +492,53 @@ class PSShard:
         for t in self.tables.values():
             t.prune_tombstones(below, self.cfg.max_tombstones)
 
-    def delta(self, tables: list[str], since: int, reader: str | None = None) -> Delta:
+    def _must_resync(self, t: EmbeddingTable, since: int, cursor: tuple | None) -> bool:
+        """Whether a reader at ``since`` (with the ``Delta.cursor`` that came with it, if known)
+        cannot be brought up to date from tombstones: it synced from another process of this
+        shard (a restart), this shard has not reached ``since`` (it went back), or tombstones
+        after ``since`` were pruned since its answer."""
+        if (cursor is not None and cursor[0] != self.epoch) or since > self.version:
+            return True
+        if since <= 0 or since >= t.pruned_below:
+            return False
+        # Nothing pruned since the reader's answer at ``since``: it had every removal then and
+        # every later one is kept, even if tombstones of ``since`` itself went before that
+        # answer (else after a burst beyond max_tombstones an idle shard resyncs it every time).
+        return cursor is None or dict(cursor[1]).get(t.name) != t.pruned_count
+
+    def delta(self, tables: list[str], since: int, reader: str | None = None, cursor: tuple | None = None) -> Delta:
         """What changed in ``tables`` after version ``since``: changed rows and removed keys,
         or every live row (``full``) when tombstones the reader needs were already pruned.
 
         ``reader`` names the caller, so tombstones it has not seen yet are kept for it (for
-        ``cfg.reader_timeout_s`` seconds after its last call).
+        ``cfg.reader_timeout_s`` seconds after its last call). ``cursor`` is the
+        ``Delta.cursor`` that came with ``since`` (None: unknown): from another process of this
+        shard (restarted, restored), ``since`` names no state of it and the answer is full.
 
         Raises:
             KeyError: an unknown table.
         """
         ts = [self._table(name) for name in tables]
-        full = since > 0 and any(since < t.pruned_below for t in ts)
+        full = any(self._must_resync(t, since, cursor) for t in ts)
         out = {}
         for t in ts:
             keys, ids, rows, removed = t.changed_since(-1 if full else since)
             out[t.name] = TableDelta(keys, ids, rows, np.empty(0, np.uint64) if full else removed)
-        self._register(reader, since)
-        return Delta(self.version, out, full, dict(self.high_water))
+        self._register(reader, since)  # its pruning takes only tombstones below since or just sent
+        return Delta(self.version, out, full, dict(self.high_water),
+                     (self.epoch, tuple((t.name, t.pruned_count) for t in ts)))
 
     def removed(self, table: str, since: int, reader: str | None = None) -> tuple[int, np.ndarray, bool]:
         """``(version, removed keys, full)``: keys (``uint64 [k]``) of ``table`` removed at or
-        after ``since``; ``full`` when tombstones the reader needs were already pruned (then use
+        after ``since``; ``full`` when tombstones the reader needs were already pruned, or
+        ``since`` is past this shard's version (it restarted behind the reader; then use
         :meth:`live_keys`).
 
         Raises:
             KeyError: an unknown table.
         """
         t = self._table(table)
-        full = since > 0 and since < t.pruned_below
+        full = self._must_resync(t, since, None)
         out = (self.version, np.empty(0, np.uint64) if full else t.removed_since(since), full)
         self._register(reader, since)
         return out

@@ -179,6 +179,7 @@ class EmbeddingTable:
         self._tomb_keys: list[np.ndarray] = []
         self._tomb_n = 0  # len of the tombstones, kept so the push path can check it cheaply
         self.pruned_below = 0  # tombstones of versions below this are gone
+        self.pruned_count = 0  # tombstones pruned so far: unchanged, none a reader had coming went
         self._id_objects_bytes = 0  # the ID objects an object ``ids`` array points at
 
     def __len__(self) -> int:
@@ -580,6 +581,7 @@ class EmbeddingTable:
         gone = int((~keep).sum())
         if gone:
             self.pruned_below = max(self.pruned_below, int(v[~keep].max()) + 1)
+            self.pruned_count += gone
             self._tomb_versions, self._tomb_keys = ([v[keep]], [k[keep]]) if keep.any() else ([], [])
             self._tomb_n = int(keep.sum())
         return gone

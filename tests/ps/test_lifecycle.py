@@ -85,8 +85,9 @@ class _InProcess:
         self.seq += 1
         return out
 
-    def delta(self, tables, since, reader=None):
-        return [sh.delta(tables, int(v), reader) for sh, v in zip(self.shards, since)]
+    def delta(self, tables, since, reader=None, cursors=None):
+        cursors = cursors or [None] * len(self.shards)
+        return [sh.delta(tables, int(v), reader, c) for sh, v, c in zip(self.shards, since, cursors)]
 
     def live(self, table: str = "item") -> set[int]:
         """Keys (as ints) of every row of ``table`` on every shard."""
