@@ -71,7 +71,9 @@ class Histories:
     def __init__(self, width: int, max_users: int | None = None):
         self.width = width
         self.max_users = max_users
-        self._users: dict[int, collections.deque] = {}  # least recently active first
+        # Least recently active first; an OrderedDict, because evicting from a dict's front one
+        # user at a time leaves holes every later next(iter()) walks past (a cost growing with the cap).
+        self._users: collections.OrderedDict[int, collections.deque] = collections.OrderedDict()
 
     def __len__(self) -> int:
         return len(self._users)
@@ -94,15 +96,16 @@ class Histories:
         """Append ``items`` to their ``users``' histories, in order."""
         cap = self.max_users
         for u, i in zip(users.tolist(), items.tolist()):
-            d = self._users.pop(u, None)  # re-inserted last: the most recently active
+            d = self._users.get(u)
             if d is None:
-                d = collections.deque(maxlen=self.width)
                 # Dropped as each new user comes, not once per call: the same events leave the
                 # same histories however they are split into calls (a restart replays them in
                 # larger reads than the batches that trained them).
                 if cap is not None and cap > 0 and len(self._users) >= cap:
-                    del self._users[next(iter(self._users))]
-            self._users[u] = d
+                    self._users.popitem(last=False)
+                d = self._users[u] = collections.deque(maxlen=self.width)
+            else:
+                self._users.move_to_end(u)  # the most recently active
             d.append(i)
         if cap is not None and len(self._users) > cap:
             for u in list(itertools.islice(self._users, len(self._users) - cap)):
@@ -123,7 +126,7 @@ class Histories:
 
     def load(self, users: np.ndarray, items: np.ndarray) -> None:
         """Replace everything with what :meth:`capture` gave."""
-        self._users = {}
+        self._users = collections.OrderedDict()
         self.remember(np.asarray(users, np.uint64), np.asarray(items, np.uint64))
 
 
