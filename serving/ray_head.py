@@ -867,29 +867,50 @@ def _ensure_token(path: Path) -> None:
             file and the reason.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
-    # Created 0600 from the start; never through a link (another user's file, linked from a
-    # token_path under /tmp, would receive the token), never an existing file others can use.
+    # Never through a link (another user's file, linked from a token_path under /tmp, would
+    # receive the token), never an existing file others can use. A token there is only read:
+    # a file of one's own made read-only (0400), or on a read-only mount, serves as it is.
     try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except FileNotFoundError:
+        fd = None
     except OSError as e:
-        why = "it is a symbolic link" if path.is_symlink() else e.strerror or str(e)
-        raise ValueError(f"token file {path}: cannot use it ({why})") from None
-    with os.fdopen(fd, "r+") as f:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise ValueError(f"token file {path}: not a regular file")
-        if st.st_uid != os.getuid():
-            raise ValueError(f"token file {path}: belongs to another user (uid {st.st_uid}), who can read the token")
-        if st.st_mode & 0o077:
-            raise ValueError(f"token file {path}: other users can read or write it (mode "
-                             f"{oct(stat.S_IMODE(st.st_mode))}); chmod 600 {path}, and make a new token if "
-                             "anyone may have read this one")
-        if f.read().strip():
-            return
-        # Same format as Ray's generate_new_authentication_token (256 random bits, hex).
-        f.seek(0)
+        raise ValueError(f"token file {path}: cannot use it ({_open_problem(path, e)})") from None
+    if fd is not None:
+        with os.fdopen(fd, "r") as f:
+            _check_token_file(path, os.fstat(fd))
+            if f.read().strip():
+                return
+    # Missing or empty: a fresh token, in a file created 0600 from the start.
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    except OSError as e:
+        raise ValueError(f"token file {path}: cannot use it ({_open_problem(path, e)})") from None
+    with os.fdopen(fd, "w") as f:
+        _check_token_file(path, os.fstat(fd))
         f.truncate()
+        # Same format as Ray's generate_new_authentication_token (256 random bits, hex).
         f.write(secrets.token_hex(32))
+
+
+def _open_problem(path: Path, e: OSError) -> str:
+    return "it is a symbolic link" if path.is_symlink() else e.strerror or str(e)
+
+
+def _check_token_file(path: Path, st: os.stat_result) -> None:
+    """Refuse a token file that is not a regular file of this user's, closed to others.
+
+    Raises:
+        ValueError: naming the file and the reason.
+    """
+    if not stat.S_ISREG(st.st_mode):
+        raise ValueError(f"token file {path}: not a regular file")
+    if st.st_uid != os.getuid():
+        raise ValueError(f"token file {path}: belongs to another user (uid {st.st_uid}), who can read the token")
+    if st.st_mode & 0o077:
+        raise ValueError(f"token file {path}: other users can read or write it (mode "
+                         f"{oct(stat.S_IMODE(st.st_mode))}); chmod 600 {path}, and make a new token if "
+                         "anyone may have read this one")
 
 
 def _tail(path: Path, n: int = 2000) -> str:

@@ -78,9 +78,12 @@ def _others_in_group(gid: int) -> bool:
     me = os.getuid()
     try:
         name = pwd.getpwuid(me).pw_name
+    except KeyError:  # a uid without a passwd entry (a container's --user): no member name is this user's
+        name = None
+    try:
         members = set(grp.getgrgid(gid).gr_mem) - {name}
     except KeyError:
-        return True  # a group or user the system cannot name: assume the worst
+        return True  # a group the system cannot name: assume the worst
     return bool(members) or any(p.pw_gid == gid and p.pw_uid != me for p in pwd.getpwall())
 
 

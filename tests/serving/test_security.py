@@ -73,6 +73,30 @@ def test_a_token_file_of_another_user_is_refused(tmp_path):
     assert tok.read_text() == ""
 
 
+def test_a_token_file_on_a_read_only_mount_is_used_as_it_is(tmp_path, monkeypatch):
+    # A token is only read: a file of one's own on a read-only mount (or made 0400) serves as it
+    # is. Opening it for writing first refused it (EROFS, EACCES) though nothing was to be written.
+    import errno
+
+    tok = tmp_path / "auth_token"
+    tok.write_text("b" * 64)
+    tok.chmod(0o400)
+    real_open = os.open
+
+    def read_only_mount(path, flags, *args):
+        if str(path) == str(tok) and flags & (os.O_WRONLY | os.O_RDWR):
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(path))
+        return real_open(path, flags, *args)
+
+    monkeypatch.setattr(ray_head.os, "open", read_only_mount)
+    ray_head._ensure_token(tok)
+    assert tok.read_text() == "b" * 64
+    tok.chmod(0o600)
+    tok.write_text("")  # empty: a fresh token must be written, and the mount refuses it, by name
+    with pytest.raises(ValueError, match=r"auth_token: cannot use it \(Read-only file system\)"):
+        ray_head._ensure_token(tok)
+
+
 # --------------------------------------------------------------------------- freshet up's state file
 
 
