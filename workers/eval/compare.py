@@ -60,17 +60,10 @@ def _open_source(cfg: FreshetConfig, data: str, min_weight: float | None, max_ev
     qdir = tempfile.mkdtemp(prefix="freshet-eval-q-")
     qfile = os.path.join(qdir, "quarantine.arrow")
     try:
-        if kind == StreamKind.PARQUET:
-            # The protocol is in timestamp order; a Parquet log keeps its files' order, which
-            # an export (by user, by day and shard) need not be: learned out of order, a
-            # later event would teach the model before an earlier one is ranked.
-            from workers.streams.parquet import ParquetSource
-
-            source = ParquetSource(stream.path, min_weight=min_weight, quarantine_path=qfile, num_events=max_events,
-                                   model=cfg.model, max_quarantined_fraction=stream.max_quarantined_fraction,
-                                   sort_by_time=True)
-        else:
-            source = open_source(stream, quarantine_path=qfile, model=cfg.model)
+        # The protocol is in timestamp order; a Parquet log keeps its files' order, which an
+        # export (by user, by day and shard) need not be: learned out of order, a later event
+        # would teach the model before an earlier one is ranked.
+        source = open_source(stream, quarantine_path=qfile, model=cfg.model, time_order=True)
     except BaseException as e:
         # No source, so no finalizer: remove the dir now, unless the refusal points the user
         # to the quarantine file it wrote (too many rows quarantined: the reasons are there).

@@ -54,8 +54,11 @@ def open_source(
     quarantine_path: str | Path | None = None,
     namespace: str | None = None,
     model: ModelConfig | None = None,
+    time_order: bool = False,
 ) -> StreamSource:
     """Build the configured source; ``quarantine_path`` overrides ``cfg.quarantine_path``.
+    ``time_order`` puts a Parquet source's rows in timestamp order (stable) instead of its
+    files' order (a MovieLens file is always read in timestamp order).
 
     ``model`` (the deployment's ``cfg.model``) lets file sources quarantine rows whose
     weight that model cannot train (``ModelConfig.weight_problem``); without it only
@@ -74,15 +77,11 @@ def open_source(
     if cfg.kind is StreamKind.SYNTHETIC:
         return SyntheticSource(cfg.synthetic, cfg.num_events)
     if cfg.kind in (StreamKind.MOVIELENS, StreamKind.PARQUET):
-        cls = MovieLensSource if cfg.kind is StreamKind.MOVIELENS else ParquetSource
-        return cls(
-            cfg.path,
-            min_weight=cfg.min_weight,
-            quarantine_path=qpath,
-            num_events=cfg.num_events,
-            model=model,
-            max_quarantined_fraction=cfg.max_quarantined_fraction,
-        )
+        kw = dict(min_weight=cfg.min_weight, quarantine_path=qpath, num_events=cfg.num_events, model=model,
+                  max_quarantined_fraction=cfg.max_quarantined_fraction)
+        if cfg.kind is StreamKind.MOVIELENS:
+            return MovieLensSource(cfg.path, **kw)
+        return ParquetSource(cfg.path, sort_by_time=time_order, **kw)
     if cfg.kind is StreamKind.INGEST:
         if namespace is None:
             raise ValueError("stream.kind='ingest': reading the ingest log needs the deployment's Ray namespace")
