@@ -15,7 +15,6 @@ rows only.
 from __future__ import annotations
 
 import collections
-import itertools
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -98,18 +97,15 @@ class Histories:
         for u, i in zip(users.tolist(), items.tolist()):
             d = self._users.get(u)
             if d is None:
+                d = self._users[u] = collections.deque(maxlen=self.width)
                 # Dropped as each new user comes, not once per call: the same events leave the
                 # same histories however they are split into calls (a restart replays them in
                 # larger reads than the batches that trained them).
-                if cap is not None and cap > 0 and len(self._users) >= cap:
+                if cap is not None and len(self._users) > cap:
                     self._users.popitem(last=False)
-                d = self._users[u] = collections.deque(maxlen=self.width)
             else:
                 self._users.move_to_end(u)  # the most recently active
             d.append(i)
-        if cap is not None and len(self._users) > cap:
-            for u in list(itertools.islice(self._users, len(self._users) - cap)):
-                del self._users[u]
 
     def forget_items(self, items: np.ndarray) -> None:
         """Drop ``items`` from every history (removed from the PS)."""
