@@ -131,8 +131,8 @@ _SINGLE_HEADERS = (b"authorization", b"content-type", b"content-length", b"conte
 class _Guard:
     """ASGI middleware: bearer auth on the token paths, JSON-only bodies, then the body size limit.
 
-    The token paths are ``POST /events`` and, when the app listens beyond loopback, ``POST /rank``
-    and ``POST /score`` too (``ServingConfig.token_paths``).
+    The token paths are ``/events`` and, when the app listens beyond loopback, ``/rank``, ``/score``,
+    ``/stats`` and the API docs too (``ServingConfig.token_paths``), whatever the method.
 
     All run before FastAPI reads the body, so an unauthenticated or oversized request
     costs at most ``max_body_bytes`` of buffering. The limits live in class attributes
@@ -156,7 +156,7 @@ class _Guard:
         Args:
             max_body_bytes: largest accepted request body (bytes).
             auth_token: bearer token the ``token_paths`` require; None: no check.
-            token_paths: POST endpoints (without the route prefix) that need the token.
+            token_paths: endpoints (without the route prefix) that need the token.
         """
         cls.max_body_bytes, cls.auth_token, cls.token_paths = max_body_bytes, auth_token, frozenset(token_paths)
 
@@ -176,7 +176,7 @@ class _Guard:
         path, root = scope.get("path", ""), scope.get("root_path", "")
         if root and path.startswith(root):
             path = path[len(root) :] or "/"
-        if scope.get("method") == "POST" and path.rstrip("/") in _Guard.token_paths:
+        if path.rstrip("/") in _Guard.token_paths:
             auth = headers.get(b"authorization")
             if not _bearer_ok(_Guard.auth_token, auth.decode("utf-8", "surrogateescape") if auth is not None else None):
                 resp = JSONResponse(

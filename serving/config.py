@@ -38,8 +38,9 @@ __all__ = [
     "load_config",
 ]
 
-READ_PATHS = frozenset({"/rank", "/score"})
-"""Endpoints that also need ``serving.auth_token`` when the app listens beyond loopback."""
+READ_PATHS = frozenset({"/rank", "/score", "/stats", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"})
+"""Endpoints that also need ``serving.auth_token`` when the app listens beyond loopback: the
+answers, the service's counters and its API description. ``/healthz`` stays open for probes."""
 WRITE_PATHS = frozenset({"/events"})
 """Endpoints that always need ``serving.auth_token`` when one is set."""
 
@@ -117,8 +118,8 @@ class ServingConfig(ConfigModel):
     max_k: int = Field(1000, ge=1, le=100_000, description="largest k for /rank (items)")
     auth_token: str | None = Field(
         None,
-        description="bearer token required by POST /events, and by /rank and /score too when host is not loopback; "
-                    "null: none",
+        description="bearer token required by POST /events, and by everything but /healthz (/rank, /score, /stats, "
+                    "the API docs) when host is not loopback; null: none",
     )
     allow_unauthenticated: bool = Field(
         False,
@@ -159,8 +160,8 @@ class ServingConfig(ConfigModel):
         if not self.is_loopback and self.auth_token is None and not self.allow_unauthenticated:
             raise ValueError(
                 f"serving.host={self.host!r} is not a loopback address and serving.auth_token is not set: anyone who "
-                "can reach this host could rank, score and post events. Set serving.auth_token (required on "
-                "/events, /rank and /score), or set serving.allow_unauthenticated: true to serve without "
+                "can reach this host could rank, score and post events. Set serving.auth_token (then required on "
+                "everything but /healthz), or set serving.allow_unauthenticated: true to serve without "
                 "authentication anyway"
             )
         return self
@@ -171,8 +172,8 @@ class ServingConfig(ConfigModel):
         return is_loopback_host(self.host)
 
     def token_paths(self) -> frozenset[str]:
-        """Endpoints that require ``auth_token`` (empty without a token): ``/events``; plus ``/rank``
-        and ``/score`` when :attr:`host` is not loopback."""
+        """Endpoints that require ``auth_token`` (empty without a token): ``/events``; plus ``/rank``,
+        ``/score``, ``/stats`` and the API docs when :attr:`host` is not loopback."""
         if self.auth_token is None:
             return frozenset()
         return WRITE_PATHS if self.is_loopback else WRITE_PATHS | READ_PATHS

@@ -627,17 +627,22 @@ def cmd_status(args: argparse.Namespace) -> int:
     cfg = load(args)
     state = read_state(cfg)
     url = (state or {}).get("url") or f"http://{cfg.serving.host}:{cfg.serving.port}"
+    # Beyond loopback /stats needs the token (ServingConfig.token_paths); on loopback it is ignored.
+    auth = {"Authorization": f"Bearer {cfg.serving.auth_token}"} if cfg.serving.auth_token else {}
     try:
         health = httpx.get(url + "/healthz", timeout=5)
-        stats = httpx.get(url + "/stats", timeout=10).json()
+        stats = httpx.get(url + "/stats", headers=auth, timeout=10)
     except httpx.HTTPError as e:
         where = (f"the state file {state_path(cfg)} names it" if state is not None
                  else f"no state file in {cfg.ingest.local_state_dir()}: "
                       + ("is the service's config the one given?" if args.config else "give the service's --config"))
         print(f"freshet status: no service at {url} ({e}); {where}", file=sys.stderr)
         return 1
+    if stats.status_code != 200:  # a 401: the service's token is not this config's
+        print(f"freshet status: GET {url}/stats answered {stats.status_code}: {stats.text[:300]}", file=sys.stderr)
+        return 1
     print(f"{url}: healthz {health.status_code}")
-    print(json.dumps(stats, indent=2, default=str))
+    print(json.dumps(stats.json(), indent=2, default=str))
     return 0 if health.status_code == 200 else 1
 
 

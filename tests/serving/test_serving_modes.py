@@ -361,7 +361,9 @@ def test_token_paths_guard_reads_only_off_loopback():
     assert paths(auth_token="t") == {"/events"}
     assert paths(auth_token="t", host="localhost") == {"/events"}
     assert paths(auth_token="t", host="::1") == {"/events"}
-    assert paths(auth_token="t", host="0.0.0.0") == {"/events", "/rank", "/score"}
+    # Off loopback everything but the probe: the answers, the counters and the API description.
+    assert paths(auth_token="t", host="0.0.0.0") == {"/events", "/rank", "/score", "/stats", "/docs",
+                                                     "/docs/oauth2-redirect", "/redoc", "/openapi.json"}
     assert paths(host="0.0.0.0", allow_unauthenticated=True) == frozenset()
 
 

@@ -105,9 +105,15 @@ def test_up_on_a_joined_cluster_is_all_or_nothing_and_guards_reads_off_loopback(
             r = httpx.post(url + path, json=body, headers=AUTH, timeout=30)
             assert r.status_code == 200, (path, r.text)
             if path == "/events":
-                wait_for(lambda: httpx.get(url + "/stats", timeout=10).json()["events_applied"] == 3, 30,
-                         "the trainer to apply the events")
+                wait_for(lambda: httpx.get(url + "/stats", headers=AUTH, timeout=10).json()["events_applied"] == 3,
+                         30, "the trainer to apply the events")
         assert httpx.get(url + "/healthz", timeout=10).status_code == 200  # probes stay open
+        for path in ("/stats", "/openapi.json", "/docs", "/docs/"):  # the counters and the API: the token too
+            r = httpx.get(url + path, timeout=10)
+            assert r.status_code == 401 and r.headers["www-authenticate"] == "Bearer", (path, r.text)
+        assert httpx.get(url + "/openapi.json", headers=AUTH, timeout=10).json()["info"]["title"] == "Freshet"
+        status = freshet("status", "--config", str(good), extra_env=join)  # sends the config's token
+        assert status.returncode == 0 and '"events_applied": 3' in status.stdout, status.stdout + status.stderr
 
         # Another `up` (another state dir) into the same namespace refuses, and removes nothing of this one.
         rival = _config(tmp_path, "rival.yaml", namespace=ns, ingest={"dir": str(tmp_path / "rival-data")})
