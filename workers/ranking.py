@@ -400,23 +400,29 @@ class Ranker:
         k: int,
         history: Sequence[Any] | None = None,
     ) -> list[Ranked]:
-        """Top-``k`` per user, excluding ``seen``; users with ``found`` False get the popular fallback.
+        """Top-``k`` per user, excluding ``seen``, as ``/rank`` ranks them: by the user's row and
+        session context; for a user with ``found`` False, by the session context alone
+        (:meth:`RankingSnapshot.context_query`), and the popular fallback only without one.
 
         ``user_vecs`` is ``float32 [n, d]`` (rows where ``found``, a ``bool [n]``, is False are
         not read). ``history`` (each user's items, oldest first; default ``seen``) supplies the
-        session context. Known users are scored together (:meth:`RankingSnapshot.scores`).
+        session context. The queries are scored together (:meth:`RankingSnapshot.scores`).
 
         Raises:
             ValueError: an invalid ID in ``seen`` or ``history``.
         """
         snap = self.snapshot()
         history = seen if history is None else history
-        known = np.flatnonzero(found)
         out: list[Ranked | None] = [None] * len(found)
-        if len(known):
-            q = np.stack([snap.query(user_vecs[j], history[j]) for j in known.tolist()])
-            all_scores = snap.scores(q)
-            for r, j in enumerate(known.tolist()):
+        scored, queries = [], []
+        for j, ok in enumerate(np.asarray(found, bool).tolist()):
+            q = snap.query(user_vecs[j], history[j]) if ok else snap.context_query(history[j])
+            if q is not None:
+                scored.append(j)
+                queries.append(q)
+        if scored:
+            all_scores = snap.scores(np.stack(queries))
+            for r, j in enumerate(scored):
                 out[j] = snap.top(all_scores[r], k, snap._exclude(seen[j]))
         for j in range(len(found)):
             if out[j] is None:

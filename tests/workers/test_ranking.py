@@ -79,6 +79,28 @@ def test_rank_many_scores_with_context_and_prior_and_excludes_seen():
     assert pop.scores == pytest.approx([5.0, 4.0])
 
 
+def test_rank_many_ranks_a_user_without_a_row_by_their_session_context_as_rank_does():
+    # /rank ranks a user the model has no row for yet (admission, a model fitted before they came)
+    # by the context of their recent items, and falls back to popularity only without any
+    # (serving.app._rank_requests); the evaluation must rank them the same way.
+    view = _view()
+    ranker = Ranker(view, MODEL)
+    counts = ranker.recent_counts()
+    q = view.matrix(MODEL.context_table)[[0, 1]].mean(0)
+    want = q @ view.matrix(MODEL.item_table).T + view.matrix(MODEL.item_bias_table)[:, 0] + 0.5 * np.log1p(counts)
+    rowless = np.full((2, D), np.nan, np.float32)  # rows where found is False are not read
+    got = ranker.rank_many(rowless, np.array([False, False]), [["a", "b"], []], 3)
+    order = [j for j in np.argsort(-want, kind="stable") if ITEMS[j] not in ("a", "b")][:3]
+    assert got[0].item_ids == [ITEMS[j] for j in order] and got[0].fallback is None
+    np.testing.assert_allclose(got[0].scores, want[order], rtol=1e-5, atol=1e-5)
+    snap = ranker.snapshot()
+    assert got[0] == snap.top(snap.scores(snap.context_query(["a", "b"]))[0], 3, snap._exclude(["a", "b"]))
+    assert got[1].fallback == "popular"  # no history: nothing but popularity to go on
+    # Without a context table such a user is popular too (the popularity baselines' rankers).
+    off = Ranker(view, MODEL.model_copy(update={"context_table": None}))
+    assert off.rank_many(rowless[:1], np.array([False]), [["a", "b"]], 3)[0].fallback == "popular"
+
+
 def test_context_index_keeps_each_tail_in_order_and_pads():
     items, idx = context_index([["a", 7, "b", 7], [], ["b", 9]], 3)
     # Tails of width 3, oldest first; items numbered by first appearance across histories.
