@@ -30,10 +30,27 @@ __all__ = [
     "OptimizerKind",
     "PSConfig",
     "TableConfig",
+    "check_ray_quantity",
     "format_validation_error",
     "merge",
     "read_yaml",
 ]
+
+
+# Ray keeps resource quantities in units of 1/10,000 and refuses a finer non-zero share only
+# when the actor is created (ray._common.ray_option_utils).
+_RAY_RESOURCE_UNIT = 1e-4
+
+
+def check_ray_quantity(field: str, value: float) -> float:
+    """``value`` unchanged when Ray can reserve it: 0 or at least 0.0001.
+
+    Raises:
+        ValueError: naming ``field``.
+    """
+    if 0 < value < _RAY_RESOURCE_UNIT:
+        raise ValueError(f"{field}={value:g}: Ray reserves 0 or at least 0.0001 of a resource")
+    return value
 
 
 class ConfigModel(BaseModel):
@@ -155,6 +172,19 @@ class OptimizerConfig(ConfigModel):
     momentum: float = Field(0.0, ge=0, lt=1, description="SGD momentum coefficient (dimensionless); 0 disables")
     eps: float = Field(1e-8, gt=0, le=1, description="Adagrad denominator epsilon (dimensionless)")
 
+    # Checked where the config is loaded (PSConfig), not here: ps.optim's tests drive every
+    # kind with every setting.
+    _USED_BY: ClassVar[dict[str, frozenset[OptimizerKind]]] = {
+        "lr": frozenset(OptimizerKind) - {OptimizerKind.DECAYED_COUNT},
+        "momentum": frozenset({OptimizerKind.SGD}),
+        "eps": frozenset({OptimizerKind.ADAGRAD, OptimizerKind.ROWWISE_ADAGRAD}),
+    }
+
+    def unused_settings(self) -> list[str]:
+        """``"field=value"`` for each setting other than its default that ``kind`` ignores."""
+        return [f"{f}={getattr(self, f)!r}" for f, kinds in self._USED_BY.items()
+                if self.kind not in kinds and getattr(self, f) != type(self).model_fields[f].default]
+
 
 class TableConfig(ConfigModel):
     """One embedding table: its width, initialisation, optimizer and ID lifecycle.
@@ -185,8 +215,15 @@ class TableConfig(ConfigModel):
     def _lifecycle_on_leaders_only(self) -> "TableConfig":
         if self.follows is not None:
             own = [f for f in ("ttl_s", "max_rows", "admission") if getattr(self, f) is not None]
+            if self.eviction is not EvictionPolicy.LRU:
+                own.append("eviction")
             if own:
                 raise ValueError(f"{', '.join(own)}: a table that follows {self.follows!r} takes its lifecycle from it")
+        # Unchecked, these were silently ignored.
+        if self.max_rows is None and self.eviction is not EvictionPolicy.LRU:
+            raise ValueError(f"eviction={self.eviction.value!r} is only used with max_rows, which is null")
+        if self.init is not InitKind.UNIFORM and self.init_scale != type(self).model_fields["init_scale"].default:
+            raise ValueError(f"init_scale={self.init_scale:g} is only used with init uniform (init is {self.init.value})")
         return self
 
     @property
@@ -225,7 +262,8 @@ class PSConfig(ConfigModel):
     Raises:
         pydantic.ValidationError: (a ``ValueError``) an unknown key, a value out of range,
             ``num_buckets < num_shards``, a ``follows`` or ``recent_follows`` that names no
-            table, a table that follows a follower, or a ``decayed_count`` table whose dim is not 2.
+            table, a table that follows a follower, a ``decayed_count`` table whose dim is not 2, or an
+            optimizer setting that its kind does not use (``momentum`` outside ``sgd``, say).
     """
 
     num_shards: int = Field(2, ge=1, le=1024, description="number of shard actors")
@@ -285,6 +323,11 @@ class PSConfig(ConfigModel):
             return merged
         return value
 
+    @field_validator("shard_num_cpus")
+    @classmethod
+    def _reservable(cls, value: float) -> float:
+        return check_ray_quantity("ps.shard_num_cpus", value)
+
     @model_validator(mode="after")
     def _check(self) -> "PSConfig":
         if self.num_buckets < self.num_shards:
@@ -310,6 +353,13 @@ class PSConfig(ConfigModel):
         if self.recent_follows is not None and self.recent_follows not in self.tables:
             # Unchecked, a typo meant users' recent items were never dropped with their rows.
             raise ValueError(f"recent_follows={self.recent_follows!r} is not a table ({sorted(self.tables)})")
+        # ps.optim would silently ignore these (momentum outside sgd, say).
+        for where, opt in [("optimizer", self.optimizer),
+                           *((f"tables.{n}.optimizer", t.optimizer) for n, t in self.tables.items() if t.optimizer)]:
+            unused = opt.unused_settings()
+            if unused:
+                raise ValueError(", ".join(f"{where}.{u}" for u in unused)
+                                 + f": not used by optimizer kind {opt.kind.value!r}")
         return self
 
     def leader_of(self, name: str) -> str:

@@ -21,11 +21,21 @@ from ps.config import (
     ConfigModel,
     OptimizerKind,
     PSConfig,
+    check_ray_quantity,
     format_validation_error,
     merge,
     read_yaml,
 )
-from workers.config import IngestConfig, ModelConfig, StreamConfig, StreamKind, TrainerConfig
+from workers.config import (
+    IngestConfig,
+    LossKind,
+    ModelConfig,
+    NegativeFeedback,
+    RatingRule,
+    StreamConfig,
+    StreamKind,
+    TrainerConfig,
+)
 
 __all__ = [
     "AutoscalingConfig",
@@ -135,6 +145,24 @@ class ServingConfig(ConfigModel):
         if isinstance(data, dict) and data.get("autoscaling") is not None and "num_replicas" not in data:
             data = {**data, "num_replicas": None}
         return data
+
+    @field_validator("route_prefix")
+    @classmethod
+    def _serve_route_prefix(cls, v: str) -> str:
+        # Serve's own rules (ray.serve._private.utils.validate_route_prefix), which it applies
+        # only when `freshet up` deploys the app, after the PS and trainers have started.
+        if not v.startswith("/"):
+            raise ValueError(f"serving.route_prefix {v!r} must start with '/'")
+        if v != "/" and v.endswith("/"):
+            raise ValueError(f"serving.route_prefix {v!r} must not end with '/' (except the root '/')")
+        if "{" in v or "}" in v:
+            raise ValueError(f"serving.route_prefix {v!r} may not contain '{{' or '}}'")
+        return v
+
+    @field_validator("replica_num_cpus")
+    @classmethod
+    def _reservable(cls, v: float) -> float:
+        return check_ray_quantity("serving.replica_num_cpus", v)
 
     @field_validator("auth_token")
     @classmethod
@@ -390,6 +418,40 @@ class FreshetConfig(ConfigModel):
                     f"ps.tables.{m.recent_table} (model.recent_table) must have dim 2 and optimizer kind "
                     f"'decayed_count', got dim {t.dim} and kind {kind.value!r}"
                 )
+        # Each role's rows take one kind of update: counts add up, gradients are descended. The
+        # other kind (a rowwise_adagrad popularity table, an accumulate user table) trained
+        # nonsense without a complaint.
+        gradient_kinds = (OptimizerKind.SGD, OptimizerKind.ADAGRAD, OptimizerKind.ROWWISE_ADAGRAD)
+        for field in ("user_table", "item_table", "item_bias_table", "context_table"):
+            name = getattr(m, field)
+            if name is not None and self.ps.optimizer_for(name).kind not in gradient_kinds:
+                raise ValueError(
+                    f"ps.tables.{name} (model.{field}) is trained by gradients: its optimizer kind must be one of "
+                    f"{[k.value for k in gradient_kinds]}, got {self.ps.optimizer_for(name).kind.value!r}"
+                )
+        kind = self.ps.optimizer_for(m.popularity_table).kind
+        if kind != OptimizerKind.ACCUMULATE:
+            raise ValueError(f"ps.tables.{m.popularity_table} (model.popularity_table) counts interactions: its "
+                             f"optimizer kind must be 'accumulate', got {kind.value!r}")
+        self._check_loss_settings()
+        # Serving builds a user's session context from the recent items the shards keep; a
+        # trainer from its own history of context_items. Fewer kept, the two queries differ.
+        if m.context_table is not None and self.ps.seen_per_user < m.context_items:
+            raise ValueError(
+                f"ps.seen_per_user={self.ps.seen_per_user} is below model.context_items={m.context_items}: serving "
+                "would build shorter session contexts than the trainers do; raise ps.seen_per_user, lower "
+                "model.context_items, or set model.context_table to null"
+            )
+        rf = self.ps.recent_follows
+        if rf is not None:
+            leader, users = self.ps.leader_of(rf), self.ps.leader_of(m.user_table)
+            # Only matters when rows can go: a user's recent items must go with the user's row,
+            # not with the row of another table's ID that happens to be equal.
+            if leader != users and (self.ps.table(leader).has_lifecycle or self.ps.table(users).has_lifecycle):
+                raise ValueError(
+                    f"ps.recent_follows={rf!r} is not model.user_table={m.user_table!r} or a table that follows it: "
+                    "users' recent items would be dropped with the wrong rows"
+                )
         if self.stream.kind == StreamKind.INGEST and self.ingest.partitions < self.trainer.num_workers:
             # A partition is consumed by one trainer, whole: a trainer without one would idle.
             raise ValueError(
@@ -397,6 +459,28 @@ class FreshetConfig(ConfigModel):
                 f"{self.trainer.num_workers}: each trainer consumes whole partitions of the ingest log"
             )
         return self
+
+    def _check_loss_settings(self) -> None:
+        """Refuse settings the model's loss ignores (the trainers, ``/events`` and the file
+        sources read them only for the other loss): an MSE model trains every event as a
+        rating, with no negatives; a BPR model never checks ``rating_range``. Here rather than
+        on :class:`ModelConfig`, whose users (the stream tests) build one of each loss freely."""
+        m = self.model
+        defaults = ModelConfig.model_fields
+        if m.loss == LossKind.MSE:
+            ignored = [(f, getattr(m, f)) for f in ("num_negatives", "popularity_negative_fraction")
+                       if getattr(m, f) != defaults[f].default]
+            if m.event_weights:
+                ignored.append(("event_weights", m.event_weights))
+            if m.ratings != RatingRule():
+                ignored.append(("ratings", m.ratings.model_dump(mode="json")))
+            if m.negative_feedback != NegativeFeedback.EXPLICIT:
+                ignored.append(("negative_feedback", m.negative_feedback.value))
+        else:
+            ignored = [("rating_range", m.rating_range)] if m.rating_range is not None else []
+        if ignored:
+            raise ValueError(", ".join(f"model.{f}={v!r}" for f, v in ignored)
+                             + f": not used with model.loss={m.loss.value!r}")
 
     def to_yaml(self) -> str:
         """The effective config as YAML (enums as their string values)."""

@@ -12,9 +12,9 @@ import os
 import re
 from pathlib import Path
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, ValidationInfo, field_validator, model_validator
 
-from ps.config import ConfigModel
+from ps.config import ConfigModel, check_ray_quantity
 
 __all__ = [
     "RATING",
@@ -98,6 +98,14 @@ class RatingRule(ConfigModel):
         description="rating that means full confidence, and the largest rating accepted in size (rating units)",
     )
     below: BelowThreshold = Field(BelowThreshold.IGNORE, description="what a rating below positive_at is")
+
+    @model_validator(mode="after")
+    def _check(self) -> "RatingRule":
+        # A rating beyond scale is refused, so none could ever reach positive_at.
+        if self.positive_at > self.scale:
+            raise ValueError(f"positive_at={self.positive_at:g} is above scale={self.scale:g}, the largest rating "
+                             "accepted: no rating could be a positive")
+        return self
 
 
 def _rating_beyond_scale(rating: float, scale: float) -> bool:
@@ -266,6 +274,11 @@ class TrainerConfig(ConfigModel):
         "(pushes run it at most once a second) (seconds)"
     )
     wal_fsync: bool = Field(False, description="fsync the trainer's write-ahead log per push (survives machine crashes)")
+
+    @field_validator("num_cpus", "num_gpus")
+    @classmethod
+    def _reservable(cls, value: float, info: ValidationInfo) -> float:
+        return check_ray_quantity(f"trainer.{info.field_name}", value)
 
 
 class SyntheticConfig(ConfigModel):

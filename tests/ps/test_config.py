@@ -87,3 +87,44 @@ def test_a_decayed_count_table_of_another_dim_is_a_load_time_error(ps, table):
 
     with pytest.raises(ConfigError, match=rf"tables\.{table}\.dim=\d+: optimizer decayed_count .* dim must be 2"):
         load_config(None, {"ps": ps})
+
+
+@pytest.mark.parametrize("ps, dotted", [
+    ({"optimizer": {"kind": "adagrad", "momentum": 0.9}}, "optimizer.momentum=0.9"),
+    ({"tables": {"user": {"optimizer": {"kind": "rowwise_adagrad", "momentum": 0.5}}}}, "tables.user.optimizer.momentum=0.5"),
+    ({"optimizer": {"kind": "sgd", "eps": 1e-6}}, "optimizer.eps=1e-06"),
+    ({"tables": {"item_pop": {"optimizer": {"eps": 0.001}}}}, "tables.item_pop.optimizer.eps=0.001"),
+    ({"tables": {"item_recent": {"optimizer": {"lr": 0.5}}}}, "tables.item_recent.optimizer.lr=0.5"),
+])
+def test_an_optimizer_setting_its_kind_does_not_use_is_a_load_time_error(ps, dotted):
+    # Accepted, such a setting was silently ignored (ps.optim uses momentum for sgd only, eps
+    # for the Adagrads only, and no lr for decayed_count).
+    with pytest.raises(ConfigError, match=rf"ps: .*{dotted}: .*not used by optimizer kind"):
+        load_config(None, {"ps": ps})
+
+
+def test_optimizer_settings_their_kind_uses_still_load():
+    cfg = load_config(None, {"ps": {"optimizer": {"kind": "sgd", "lr": 0.1, "momentum": 0.9},
+                                    "tables": {"user": {"optimizer": {"kind": "adagrad", "eps": 1e-6}}}}})
+    assert cfg.ps.optimizer.momentum == 0.9 and cfg.ps.optimizer_for("user").eps == 1e-6
+
+
+@pytest.mark.parametrize("table, dotted, why", [
+    ({"init": "zeros", "init_scale": 0.1}, "init_scale", "only used with init uniform"),
+    ({"eviction": "lfu"}, "eviction", "only used with max_rows"),
+])
+def test_a_table_setting_that_would_be_ignored_is_a_load_time_error(table, dotted, why):
+    with pytest.raises(ConfigError, match=rf"ps\.tables\.item: .*{dotted}.*{why}"):
+        load_config(None, {"ps": {"tables": {"item": table}}})
+    # A follower takes max_rows from its leader: its own eviction would be ignored too.
+    if dotted == "eviction":
+        with pytest.raises(ConfigError, match=r"ps\.tables\.item_bias: .*eviction"):
+            load_config(None, {"ps": {"tables": {"item": {"max_rows": 10}, "item_bias": table}}})
+        assert load_config(None, {"ps": {"tables": {"item": {"max_rows": 10, **table}}}}).ps.tables["item"].eviction.value == "lfu"
+
+
+def test_a_cpu_share_ray_cannot_reserve_is_a_load_time_error():
+    # Ray refuses a fractional resource finer than 0.0001 only when the actor is created.
+    with pytest.raises(ConfigError, match=r"ps\.shard_num_cpus: .*0\.0001"):
+        load_config(None, {"ps": {"shard_num_cpus": 0.00005}})
+    assert load_config(None, {"ps": {"shard_num_cpus": 0}}).ps.shard_num_cpus == 0

@@ -65,7 +65,7 @@ def test_yaml_round_trip_non_defaults(tmp_path):
                 },
                 "optimizer": {"kind": "adagrad", "eps": 1e-6},
             },
-            "model": {"loss": "mse", "num_negatives": 3},
+            "model": {"loss": "mse", "rating_range": [1.0, 5.0]},
             "trainer": {"device": "cuda:1", "batch_size": 64, "prefetch": False},
             "stream": {"kind": "movielens", "path": "/data/ratings.csv", "num_events": None, "min_weight": 3.5},
             "serving": {"port": 9000, "auth_token": "s3cret"},
@@ -326,3 +326,71 @@ def test_a_key_given_twice_is_refused_naming_it_and_both_lines(tmp_path):
     path.write_text("serving:\n  port: 8001\n  port: 8002\n", encoding="utf-8")
     with pytest.raises(ConfigError, match=r"key 'port' is given twice \(first line 2\)[\s\S]*line 3"):
         load_config(path)
+
+
+# --- settings that would be ignored or fail only later ------------------------------------
+
+
+@pytest.mark.parametrize("prefix, why", [("api", "must start with '/'"), ("/api/", "must not end with '/'"),
+                                         ("/{x}", "may not contain '{' or '}'")])
+def test_a_route_prefix_serve_refuses_is_a_load_time_error(tmp_path, prefix, why):
+    # Serve refused it only when `freshet up` deployed the app, after the PS and trainers started.
+    msg = config_error(tmp_path, {"serving": {"route_prefix": prefix}})
+    assert "serving.route_prefix:" in msg and why in msg, msg
+    assert load_config(write_yaml(tmp_path, {"serving": {"route_prefix": "/api"}})).serving.route_prefix == "/api"
+
+
+def test_a_replica_cpu_share_ray_cannot_reserve_is_a_load_time_error(tmp_path):
+    msg = config_error(tmp_path, {"serving": {"replica_num_cpus": 0.00009}})
+    assert "serving.replica_num_cpus:" in msg and "0.0001" in msg, msg
+
+
+@pytest.mark.parametrize("model, field", [
+    ({"loss": "mse", "num_negatives": 3}, "model.num_negatives"),
+    ({"loss": "mse", "popularity_negative_fraction": 0.5}, "model.popularity_negative_fraction"),
+    ({"loss": "mse", "event_weights": {"view": 0.2}}, "model.event_weights"),
+    ({"loss": "mse", "ratings": {"positive_at": 3.0}}, "model.ratings"),
+    ({"loss": "mse", "negative_feedback": "ignore"}, "model.negative_feedback"),
+    ({"loss": "bpr", "rating_range": [1.0, 5.0]}, "model.rating_range"),
+])
+def test_a_model_setting_its_loss_does_not_use_is_a_load_time_error(tmp_path, model, field):
+    # Accepted, each was silently ignored: an MSE model trains every event as a rating with no
+    # negatives, and a BPR model never checks rating_range.
+    msg = config_error(tmp_path, {"model": model})
+    assert f"{field}=" in msg and f"not used with model.loss={model['loss']!r}" in msg, msg
+
+
+@pytest.mark.parametrize("tables, model, msg", [
+    ({"item_pop": {"optimizer": {"kind": "rowwise_adagrad"}}}, {},
+     "ps.tables.item_pop (model.popularity_table) counts interactions: its optimizer kind must be 'accumulate', got 'rowwise_adagrad'"),
+    ({"item_bias": {"optimizer": {"kind": "accumulate"}}}, {},
+     "ps.tables.item_bias (model.item_bias_table) is trained by gradients: its optimizer kind must be one of"),
+    ({}, {"user_table": "counts", "context_table": None},
+     "ps.tables.counts (model.user_table) is trained by gradients"),
+])
+def test_a_model_role_on_a_table_with_the_wrong_update_rule_is_a_load_time_error(tmp_path, tables, model, msg):
+    # Accepted, a popularity table with a gradient rule went negative (counts were followed as
+    # gradients), and a trained table with accumulate climbed its gradients.
+    tables = {**tables, "counts": {"dim": 64, "optimizer": {"kind": "accumulate", "lr": 1.0}}} if "user_table" in model else tables
+    assert msg in config_error(tmp_path, {"ps": {"tables": tables}, "model": model})
+
+
+def test_recent_follows_must_name_the_user_table_when_rows_can_go(tmp_path):
+    # recent_follows: item dropped user 7's recent items whenever item 7 was evicted.
+    msg = config_error(tmp_path, {"ps": {"recent_follows": "item", "tables": {"item": {"max_rows": 100}}}})
+    assert "ps.recent_follows='item'" in msg and "model.user_table='user'" in msg, msg
+    msg = config_error(tmp_path, {"ps": {"recent_follows": "item", "tables": {"user": {"ttl_s": 60}}}})
+    assert "ps.recent_follows='item'" in msg, msg
+    # With no lifecycle on either table nothing is ever dropped, so the name does not matter.
+    assert load_config(write_yaml(tmp_path, {"ps": {"recent_follows": "item"}})).ps.recent_follows == "item"
+    assert load_config(write_yaml(tmp_path, {"ps": {"recent_follows": None, "tables": {"user": {"ttl_s": 60}}}}))
+
+
+@pytest.mark.parametrize("seen", [0, 5])
+def test_fewer_recent_items_than_the_session_context_is_a_load_time_error(tmp_path, seen):
+    # Serving builds a user's context from the recent items the shards keep (seen_per_user of
+    # them); trainers from their own history of context_items: the two queries differed.
+    msg = config_error(tmp_path, {"ps": {"seen_per_user": seen}})
+    assert f"ps.seen_per_user={seen} is below model.context_items=10" in msg, msg
+    assert load_config(write_yaml(tmp_path, {"ps": {"seen_per_user": 0}, "model": {"context_table": None}}))
+    assert load_config(write_yaml(tmp_path, {"ps": {"seen_per_user": 5}, "model": {"context_items": 5}}))

@@ -71,3 +71,20 @@ def test_home_in_local_paths_is_expanded_where_the_config_is_loaded(tmp_path, mo
 def test_bad_ingest_dirs_name_the_field_and_reason(tmp_path, ingest, dotted, reason):
     msg = config_error(tmp_path, {"ingest": ingest})
     assert dotted in msg and reason in msg
+
+
+# --- model and trainer -------------------------------------------------------------------
+
+
+def test_a_positive_threshold_above_the_scale_is_a_load_time_error(tmp_path):
+    # Ratings beyond ratings.scale are refused, so with positive_at above it no rating could
+    # ever be a positive: the model would learn from dislikes only, or nothing.
+    msg = config_error(tmp_path, {"model": {"ratings": {"positive_at": 6.0, "scale": 5.0}}})
+    assert "model.ratings:" in msg and "positive_at=6 is above scale=5" in msg, msg
+    assert load_config(write_yaml(tmp_path, {"model": {"ratings": {"positive_at": 5.0}}})).model.ratings.positive_at == 5.0
+
+
+@pytest.mark.parametrize("field", ["num_cpus", "num_gpus"])
+def test_a_trainer_resource_ray_cannot_reserve_is_a_load_time_error(tmp_path, field):
+    msg = config_error(tmp_path, {"trainer": {field: 0.00001}})
+    assert f"trainer.{field}:" in msg and "0.0001" in msg, msg
