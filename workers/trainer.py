@@ -311,6 +311,11 @@ class Trainer:
         # Removed IDs kept by a sync because a batch not yet pushed brings them back: the next
         # sync removes them in full if that push gave them no row (their tombstones are consumed).
         self._held: dict[str, list[np.ndarray]] = collections.defaultdict(list)
+        # Users whose histories grew since the last sweep of rowless users (_sweep_rowless_users),
+        # and those kept then without a row (None: not swept yet, so every user is looked at).
+        self._history_users: list[np.ndarray] = []
+        self._rowless_users: np.ndarray | None = None
+        self._users_swept_at = time.monotonic()
         self._since_snapshot = 0
         # Where local state (catalogue, histories) stands per partition: past the committed
         # offsets while a batch read ahead is prepared. A snapshot must hold the state at the
@@ -579,6 +584,7 @@ class Trainer:
             # needs the state before this one.
             self._capture = (dict(self._prepared_to), self._local_state())
         batch = self.step.prepare(raw, end, self.catalogue, self.histories, partition=p, mine=self._admitted(p, raw))
+        self._note_history_users(batch)
         if len(batch.offsets) and batch.offsets[0] <= self.dead.last.get(p, -1):
             # Set aside by an earlier try of this batch (a pass before a crash, or before a
             # failure retried): left out of every pass as in a run without the crash, and
@@ -725,7 +731,8 @@ class Trainer:
         table) from the catalogue and histories, so they are never sampled as negatives or
         used as context; trainer 0 also drops them from every user's recent items on the
         shards. Drop users the PS removed from the histories, so a user who comes back
-        starts a fresh session context.
+        starts a fresh session context, and users it never gave a row once they go quiet
+        (:meth:`_sweep_rowless_users`).
 
         ``unpushed``: batches prepared (the catalogue and histories advanced past them) whose
         pushes are not yet acknowledged. Their IDs are kept, since the shards may not have
@@ -784,6 +791,7 @@ class Trainer:
                     self.client.forget_items(_keyed(keys))
         if versions is not None:
             self._removed_since = versions
+        self._sweep_rowless_users(keep[self.cfg.model.user_table])
         if self._unchecked:
             # Never had a row, so in no one's recent items or histories as a live item: only
             # the catalogue must lose them (an item admitted later comes back with its next event).
@@ -791,6 +799,38 @@ class Trainer:
             self._unchecked = []
             fresh = without_coming(fresh, self.cfg.model.item_table, self._unchecked)
             self.catalogue.remove(fresh[~self.client.present(self.cfg.model.item_table, _keyed(fresh))])
+
+    def _note_history_users(self, batch: Batch) -> None:
+        if not self._sweeps_users():
+            return
+        self._history_users.append(batch.user_keys[batch.positive])
+        if len(self._history_users) >= 256:  # a sweep interval holds many batches: keep them compact
+            self._history_users = [np.unique(np.concatenate(self._history_users))]
+
+    def _sweeps_users(self) -> bool:
+        """Whether the histories can hold users the user table turns away for good with no
+        bound on their number: admission refuses them, and no ``max_rows`` caps Histories."""
+        users = self.cfg.ps.table(self.cfg.model.user_table)
+        return users.admission is not None and users.max_rows is None and self.cfg.model.context_table is not None
+
+    def _sweep_rowless_users(self, coming: np.ndarray) -> None:
+        """Drop the histories of users without a row in the user table and without a positive
+        prepared since the previous sweep (``ps.recent_without_row_s`` apart), as the shards drop
+        such users' recent items. Their rows never come (not admitted), so no tombstone ever
+        names them, and one-off users would otherwise fill the histories without bound.
+        ``coming``: users of batches not yet pushed, kept (their push may admit them)."""
+        now = time.monotonic()
+        if not self._sweeps_users() or now - self._users_swept_at < self.cfg.ps.recent_without_row_s:
+            return
+        self._users_swept_at = now
+        recorded = np.unique(np.concatenate(self._history_users)) if self._history_users else np.empty(0, np.uint64)
+        self._history_users = []
+        pool = self.histories.users() if self._rowless_users is None else np.union1d(self._rowless_users, recorded)
+        table = self.cfg.model.user_table
+        pool = pool[~self.client.present(table, _keyed(pool))] if len(pool) else pool
+        quiet = ~np.isin(pool, recorded) & ~np.isin(pool, coming)
+        self.histories.forget_users(pool[quiet])
+        self._rowless_users = pool[~quiet]
 
     def _expire_idle(self) -> None:
         """Trainer 0, while it waits for events: run the shards' TTL expiry, which otherwise

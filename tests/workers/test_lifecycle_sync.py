@@ -208,3 +208,30 @@ def test_every_sync_in_a_run_is_given_the_batches_not_yet_committed(staleness, m
     tr.run()
     assert len(syncs) > 5 and all(ok for _, ok in syncs), syncs
     assert max(n for n, _ in syncs) >= 1 + staleness  # read-ahead did leave batches open
+
+
+def test_histories_of_users_the_user_table_never_admits_do_not_pile_up(monkeypatch):
+    # Admission without max_rows leaves Histories uncapped, and the sync forgot only users
+    # with a tombstone: every one-off user the user table never admitted kept their history
+    # in the trainer (and its local-state snapshots) for good.
+    cfg = load_config(None, {"stream": {"num_events": 10},
+                             "ps": {"num_shards": 1, "recent_without_row_s": 60.0,
+                                    "tables": {"user": {"admission": {"min_count": 2}}}},
+                             "trainer": {"lifecycle_sync_s": 1.0}})
+    client = LocalClient(cfg.ps)
+    tr = Trainer(0, cfg, client=client)
+    clock = [time.monotonic()]
+    monkeypatch.setattr(time, "monotonic", lambda: clock[0])  # the sync's clock, stepped per cycle
+    per_cycle, cycles, offset = 20, 30, 0
+    regular = int(keyed(["regular"]).keys[0])
+    for c in range(cycles):
+        users = ["regular"] + [f"once-{c}-{j}" for j in range(per_cycle)]  # one-off users: never admitted
+        n = len(users)
+        tr.learn(make_events(np.arange(offset, offset + n), users, [f"i{j % 7}" for j in range(n)],
+                             np.full(n, 1.7e9), np.ones(n)), offset + n)
+        offset += n
+        clock[0] += 61.0
+        tr._sync_lifecycle()
+        assert len(tr.histories) <= 2 * per_cycle + 1, (c, len(tr.histories))
+    assert _live(client, "user", ["regular"]) == [True]
+    assert len(tr.histories.of(regular)) > 0  # an admitted user keeps their session context
