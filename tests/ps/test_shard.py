@@ -52,7 +52,10 @@ def _ps(**over) -> PSConfig:
             ps["tables"] = {**ps["tables"], **v}
         else:
             ps[k] = v
-    return load_config(overrides={"ps": ps}).ps
+    # Fewer recent items than the model's session context is refused (serving would build shorter
+    # contexts than the trainers); these shards are tested without a model's context.
+    model = {"context_table": None} if ps.get("seen_per_user", 1000) < 10 else {}
+    return load_config(overrides={"ps": ps, "model": model}).ps
 
 
 def _shard(cfg: PSConfig | None = None, index: int = 0) -> PSShard:
