@@ -289,9 +289,10 @@ class PSConfig(ConfigModel):
         "items this long after their last recorded event, up to twice it, when that table has a lifecycle (seconds)"
     )
     max_restarts: int = Field(-1, ge=-1, description="Ray restarts of a dead shard actor; -1 is unlimited")
-    # A snapshot costs a full write of the shard; 2000 pushes bounds replay on restart to seconds.
+    # A snapshot costs a full write of the shard; 2000 records bounds replay on restart to seconds.
     snapshot_every_pushes: int = Field(
-        2000, ge=1, description="write a shard snapshot after this many applied pushes (pushes)"
+        2000, ge=1, description="write a shard snapshot after this many log records: pushes, and the recent items "
+                                "/events records while no push comes (records)"
     )
     fsync: bool = Field(
         False, description="fsync the push log before acknowledging a push (survives machine crashes, costs ~ms per push)"

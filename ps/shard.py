@@ -214,7 +214,7 @@ class PSShard:
         # Only a user table with a lifecycle can turn users away for good (see _sweep_recent).
         self._sweeps = cfg.recent_follows is not None and cfg.table(cfg.recent_follows).has_lifecycle
         self._lsn = 0  # logged state changes so far
-        self._since_snapshot = 0  # pushes applied since the last snapshot
+        self._since_snapshot = 0  # log records (pushes, recent items, ...) since the last snapshot
         self._store: ShardStore | None = None
         self._writer: concurrent.futures.ThreadPoolExecutor | None = None
         self._writing: concurrent.futures.Future | None = None
@@ -298,9 +298,9 @@ class PSShard:
             if rec.version != self.version + 1:
                 raise RuntimeError(f"push log record {rec.lsn}: version {rec.version} does not follow {self.version}")
             self._apply_push(rec.producer, rec.seq, rec.updates, rec.recent, rec.now, rec.expire_at)
-            self._since_snapshot += 1
         else:
             raise RuntimeError(f"push log record {rec.lsn}: unknown kind {rec.kind!r}")
+        self._since_snapshot += 1
         self._lsn += 1
         self.recovery["replayed"] += 1
 
@@ -309,6 +309,19 @@ class PSShard:
         a crash after this replays it, and the caller's retry is then a duplicate."""
         if self._store is not None:
             self._store.append(rec)
+            self._since_snapshot += 1
+
+    def _logged(self) -> None:
+        """After a logged call has applied its records: start a snapshot once
+        ``snapshot_every_pushes`` records have been logged since the last one. Every kind
+        counts, not only pushes: with the trainers stopped, ``/events`` still logs users'
+        recent items, and the log (and a restart's replay) grew without bound."""
+        if self._store is None:
+            return
+        if self._writing is not None and self._writing.done():
+            self._collect_writer()
+        if self._since_snapshot >= self.cfg.snapshot_every_pushes:
+            self._snapshot_in_background()
 
     def _capture(self) -> ShardState:
         return ShardState(
@@ -617,12 +630,7 @@ class PSShard:
             self._note_recorded(rec[0])
         self._sweep_recent(now)
         self.push_times.append(now)
-        if self._store is not None:
-            self._since_snapshot += 1
-            if self._writing is not None and self._writing.done():
-                self._collect_writer()
-            if self._since_snapshot >= self.cfg.snapshot_every_pushes:
-                self._snapshot_in_background()
+        self._logged()
         return self.version, True
 
     def push_pull(
@@ -726,6 +734,7 @@ class PSShard:
         added = self.recent.record(users, items, offsets)
         self._note_recorded(users)
         self._sweep_recent(now)
+        self._logged()
         return added
 
     def _note_recorded(self, users: np.ndarray) -> None:
@@ -767,7 +776,9 @@ class PSShard:
             return 0
         self._log(LogRecord(lsn=self._lsn + 1, kind="forget", version=self.version, now=time.time(), forget=items))
         self._lsn += 1
-        return self.recent.forget_items(items)
+        dropped = self.recent.forget_items(items)
+        self._logged()
+        return dropped
 
     def expire(self, now: float | None = None) -> dict[str, int]:
         """Remove IDs whose table TTL has passed at ``now`` (unix seconds; default the current
@@ -778,6 +789,7 @@ class PSShard:
             self._lsn += 1
         counts = self._expire(now)
         self._sweep_recent(now)
+        self._logged()
         return counts
 
     def _expire(self, now: float) -> dict[str, int]:
@@ -837,7 +849,7 @@ class PSShard:
 
     def persistence(self) -> dict[str, Any]:
         """Durability status: ``state_dir`` (None when in memory only), log position ``lsn``,
-        pushes since the last snapshot, the last automatic snapshot's error (or None), and
+        log records since the last snapshot, the last automatic snapshot's error (or None), and
         what the last start recovered (``recovery``: snapshot LSN, records replayed,
         checkpoint restored from, seconds taken)."""
         if self._writing is not None and self._writing.done():
@@ -845,7 +857,7 @@ class PSShard:
         return {
             "state_dir": str(self._store.root) if self._store is not None else None,
             "lsn": self._lsn,
-            "pushes_since_snapshot": self._since_snapshot,
+            "records_since_snapshot": self._since_snapshot,
             "snapshot_in_flight": self._writing is not None,
             "snapshot_error": self.snapshot_error,
             "recovery": dict(self.recovery),

@@ -177,6 +177,23 @@ def test_snapshots_rotate_and_old_files_are_deleted(tmp_path):
     _assert_identical(_dump(b), _dump(a))
 
 
+def test_recent_items_alone_snapshot_too_so_the_log_and_the_replay_stay_bounded(tmp_path):
+    # /events records users' recent items on the shards whether or not a trainer pushes: with the
+    # trainers stopped for a day, only pushes counting toward a snapshot left the log growing.
+    cfg = _cfg(snapshot_every_pushes=4)
+    d = tmp_path / "s"
+    a = _shard(cfg, d)
+    for k in range(30):
+        a.record_recent(np.array([k % 5], np.uint64), np.array([100 + k], np.uint64), np.array([k], np.int64))
+    a.wait_for_snapshots()
+    assert a.persistence()["lsn"] == 30 and a.persistence()["records_since_snapshot"] < 4
+    assert len(_segments(d)) <= 2 and (d / "CURRENT").exists()
+    b = _shard(cfg, d)
+    assert b.persistence()["recovery"]["replayed"] < 4  # not the 30 records
+    assert b.persistence()["recovery"]["snapshot_lsn"] >= 27
+    _assert_identical(_dump(b), _dump(a))
+
+
 def test_a_snapshot_with_a_damaged_file_is_refused_naming_it_and_the_older_one_used(tmp_path):
     cfg, d, a = _rotated(tmp_path)
     table = d / "snap-000000000018" / "table-0.arrow"
