@@ -150,7 +150,8 @@ class ServingConfig(ConfigModel):
     @classmethod
     def _serve_route_prefix(cls, v: str) -> str:
         # Serve's own rules (ray.serve._private.utils.validate_route_prefix), which it applies
-        # only when `freshet up` deploys the app, after the PS and trainers have started.
+        # only when `freshet up` deploys the app, after the PS and trainers have started. Restated
+        # rather than imported: importing Serve would cost every CLI command seconds at config load.
         if not v.startswith("/"):
             raise ValueError(f"serving.route_prefix {v!r} must start with '/'")
         if v != "/" and v.endswith("/"):
