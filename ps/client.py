@@ -180,6 +180,8 @@ class PSClient:
 
         Raises:
             ray.exceptions.GetTimeoutError: not within ``timeout_s``.
+            ValueError: a shard rejected the push (e.g. a ``create`` mask of the wrong length,
+                which :meth:`push_async` does not check).
         """
         return self._get(refs)
 
@@ -302,6 +304,7 @@ class PSClient:
         Raises:
             KeyError: an unknown table (raised by the shards; only when ``ids`` is not empty).
             ValueError: an invalid ID.
+            ray.exceptions.GetTimeoutError: a shard does not answer within ``timeout_s``.
         """
         route = self._route(ids)
         out = np.zeros(len(route.keyed.keys), bool)
@@ -329,6 +332,7 @@ class PSClient:
 
         Raises:
             ValueError: an invalid ID.
+            ray.exceptions.GetTimeoutError: a shard does not answer within ``timeout_s``.
         """
         route = self._route(user_ids, "user_id")
         out: list[np.ndarray] = [np.empty(0, np.uint64) for _ in range(len(route.keyed.keys))]
@@ -339,7 +343,11 @@ class PSClient:
         return out
 
     def seen(self, user_ids: IdsLike) -> list[list[int]]:
-        """Each user's recent item keys as lists (see :meth:`recent_items`)."""
+        """Each user's recent item keys as lists of ints (see :meth:`recent_items`).
+
+        Raises:
+            ValueError, ray.exceptions.GetTimeoutError: as :meth:`recent_items`.
+        """
         return [a.tolist() for a in self.recent_items(user_ids)]
 
     def delta(self, tables: list[str], since: Sequence[int], reader: str | None = None,
@@ -351,6 +359,7 @@ class PSClient:
 
         Raises:
             KeyError: an unknown table (raised by the shards).
+            ray.exceptions.GetTimeoutError: a shard does not answer within ``timeout_s``.
         """
         cursors = list(cursors) if cursors is not None else [None] * len(self.shards)
         return self._get([sh.delta.remote(tables, int(v), reader, c) for sh, v, c in zip(self.shards, since, cursors)])
@@ -360,6 +369,7 @@ class PSClient:
 
         Raises:
             KeyError: an unknown table (raised by the shards).
+            ray.exceptions.GetTimeoutError: a shard does not answer within ``timeout_s``.
         """
         return self._get([sh.removed.remote(table, int(v), reader) for sh, v in zip(self.shards, since)])
 
@@ -368,6 +378,7 @@ class PSClient:
 
         Raises:
             KeyError: an unknown table (raised by the shards).
+            ray.exceptions.GetTimeoutError: a shard does not answer within ``timeout_s``.
         """
         return self._get([sh.live_keys.remote(table) for sh in self.shards])
 
@@ -458,6 +469,8 @@ class PSClient:
             # would leave them at different versions under one push id.
             if not np.isfinite(grads).all():
                 raise ValueError(f"push to {name!r}: grads contain NaN or inf")
+            if create is not None and create.shape != (len(k.keys),):
+                raise ValueError(f"push to {name!r}: create shape {create.shape} != ({len(k.keys)},)")
             for s, p in enumerate(route.positions):
                 if len(p):
                     parts[s][name] = TableUpdate(name, piece(k.keys, s, route), route.take(grads, s), piece(k.ids, s, route),
@@ -505,7 +518,11 @@ class PSClient:
         return int(sum(ray.get(refs, timeout=self.timeout_s if timeout_s is None else timeout_s)))
 
     def expire(self) -> list[dict[str, int]]:
-        """Run every shard's TTL expiry now (``PSShard.expire``); per shard, rows removed per table."""
+        """Run every shard's TTL expiry now (``PSShard.expire``); per shard, rows removed per table.
+
+        Raises:
+            ray.exceptions.GetTimeoutError: a shard does not answer within ``timeout_s``.
+        """
         return self._get([sh.expire.remote() for sh in self.shards])
 
     def forget_items(self, items: IdsLike) -> int:
@@ -513,17 +530,26 @@ class PSClient:
 
         Raises:
             ValueError: an invalid ID.
+            ray.exceptions.GetTimeoutError: a shard does not answer within ``timeout_s``.
         """
         keys = keyed(items, "item_id").keys
         return int(sum(self._get([sh.forget_items.remote(keys) for sh in self.shards])))
 
     # -- introspection -----------------------------------------------------------------
     def versions(self) -> list[int]:
-        """Applied-push count of each shard."""
+        """Applied-push count of each shard.
+
+        Raises:
+            ray.exceptions.GetTimeoutError: a shard does not answer within ``timeout_s``.
+        """
         return self._get([sh.get_version.remote() for sh in self.shards])
 
     def stats(self) -> list[dict[str, Any]]:
-        """Each shard's ``stats()``."""
+        """Each shard's ``stats()`` (see ``PSShard.stats``).
+
+        Raises:
+            ray.exceptions.GetTimeoutError: a shard does not answer within ``timeout_s``.
+        """
         return self._get([sh.stats.remote() for sh in self.shards])
 
     def snapshot(self, name: str | None = None) -> list[dict[str, Any]]:
@@ -535,6 +561,7 @@ class PSClient:
         Raises:
             ValueError: a shard without a ``state_dir`` and no ``name``, or an invalid ``name``
                 (raised by the shards).
+            ray.exceptions.GetTimeoutError: a shard does not answer within ``timeout_s``.
         """
         return self._get([sh.snapshot.remote(name) for sh in self.shards])
 
@@ -572,8 +599,10 @@ def start_shards(
     Raises:
         FileNotFoundError: ``restore_from`` has no checkpoint for some shard (named).
         TimeoutError: the shards do not answer within ``timeout_s`` seconds.
-        ValueError: a shard's saved state was written with another plan, shard or table
-            layout (raised in the shard's constructor).
+        ValueError: an actor named ``ps-shard-{i}`` already exists in ``namespace`` (Ray).
+        ray.exceptions.RayActorError: a shard's constructor failed (its error in the message),
+            e.g. saved state written with another plan, shard or table layout (see
+            :class:`ps.shard.PSShard`); Ray reports it as ``ActorDiedError``, not ``ValueError``.
     """
     plan = plan or ShardingPlan.uniform(cfg.num_buckets, cfg.num_shards)
     root = Path(state_dir).absolute() if state_dir is not None else None

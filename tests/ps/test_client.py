@@ -193,6 +193,19 @@ def test_non_finite_push_is_applied_by_no_shard(deployment):
     assert client.versions() == v0
 
 
+@pytest.mark.parametrize("extra", [-1, 1])
+def test_a_create_mask_of_the_wrong_length_is_applied_by_no_shard(deployment, extra):
+    # Unchecked, a shard that owned every ID refused it while the others applied the push (their
+    # versions apart under one push id), and a short mask split over shards raised IndexError.
+    _, _, client = deployment
+    ids = _mixed_ids(30, seed=10)
+    v0 = client.versions()
+    g = np.ones((len(ids), DIM), np.float32)
+    with pytest.raises(ValueError, match=r"push to 'item': create shape"):
+        client.push_many({"item": (ids, g, np.ones(len(ids) + extra, bool))}, PushId("create", 0))
+    assert client.versions() == v0
+
+
 def test_recent_items_are_routed_by_user(deployment):
     _, _, client = deployment
     users = [31, "31", "bob", 2**50, -7, "carol"]
