@@ -171,7 +171,11 @@ class RowCache:
         return changed
 
     def sync_if_older(self, max_age_s: float) -> bool:
-        """Sync when the last sync is older than ``max_age_s`` seconds; True if it synced."""
+        """Sync when the last sync is older than ``max_age_s`` seconds; True if it synced.
+
+        Raises:
+            ray.exceptions.GetTimeoutError: as :meth:`sync`.
+        """
         if time.monotonic() - self.synced_at >= max_age_s:
             self.sync()
             return True

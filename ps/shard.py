@@ -169,9 +169,12 @@ class PSShard:
     defaults to ``<parent of state_dir>/checkpoints``.
 
     Raises:
-        ValueError: ``shard_index`` is outside the plan, or the state found (or restored)
-            was written with another plan, shard or table layout.
+        ValueError: ``shard_index`` is outside the plan, ``state_dir`` is a URI, or the state
+            found (or restored) was written with another plan, shard or table layout, or is
+            damaged (``ps.persist``).
         FileNotFoundError: ``restore_from`` has no checkpoint of this shard.
+        RuntimeError: another process holds ``state_dir``'s lock for 30 s, snapshots exist
+            but none can be read, or the push log has a gap or a record out of order.
     """
 
     def __init__(
@@ -769,7 +772,7 @@ class PSShard:
             self.recent.forget_users(drop)
 
     def forget_items(self, items: np.ndarray) -> int:
-        """Drop the item keys ``items`` (``uint64``; removed from their tables) from every user's recent
+        """Drop the item keys ``items`` (``uint64 [n]``; removed from their tables) from every user's recent
         items on this shard; logged. Returns the entries dropped."""
         items = np.asarray(items, np.uint64)
         if not len(items):

@@ -252,11 +252,12 @@ class EmbeddingTable:
         return rows if self._n == self._top else rows[self.live[: self._top]]
 
     def live_slots(self) -> np.ndarray:
-        """Slots holding a row, ascending (``int64``)."""
+        """Slots holding a row, ascending (``int64 [rows]``)."""
         return np.flatnonzero(self.live[: self._top])
 
     def ids_at(self, slots: np.ndarray) -> np.ndarray:
-        """The IDs (as given) at ``slots``: ``int64``, or ``object`` once a str ID was stored."""
+        """The IDs (as given) at ``slots`` (``int64 [n]``): ``int64 [n]``, or ``object [n]`` once a
+        str ID was stored."""
         return self.ids[slots]
 
     def rows_at(self, slots: np.ndarray) -> torch.Tensor:
@@ -273,7 +274,7 @@ class EmbeddingTable:
         return self.keys[sel], self.ids[sel], rows, self.removed_since(since)
 
     def removed_since(self, since: int) -> np.ndarray:
-        """Keys (``uint64``) removed at or after version ``since``, as far as tombstones reach."""
+        """Keys (``uint64 [r]``) removed at or after version ``since``, as far as tombstones reach."""
         if not self._tomb_versions:
             return np.empty(0, np.uint64)
         v, k = np.concatenate(self._tomb_versions), np.concatenate(self._tomb_keys)
@@ -520,8 +521,8 @@ class EmbeddingTable:
         return gone
 
     def remove(self, keys: np.ndarray, version: int) -> np.ndarray:
-        """Drop the rows of ``keys`` (``uint64``; those present), with their optimizer state;
-        record tombstones at ``version``. Returns the keys removed (``uint64``)."""
+        """Drop the rows of ``keys`` (``uint64 [n]``; those present), with their optimizer state;
+        record tombstones at ``version``. Returns the keys removed (``uint64 [r]``)."""
         keys = _as_keys(keys)
         if not len(keys):
             return keys
@@ -546,7 +547,7 @@ class EmbeddingTable:
 
     def expire(self, now: float, version: int) -> np.ndarray:
         """Remove the IDs without a real interaction for ``cfg.ttl_s`` seconds before ``now``
-        (unix seconds); returns their keys (``uint64``)."""
+        (unix seconds); returns their keys (``uint64 [r]``)."""
         if self.cfg.ttl_s is None or not self._n:
             return np.empty(0, np.uint64)
         top = self._top

@@ -813,7 +813,15 @@ class FreshetAPI:
 
     @fastapi_app.post("/rank", response_model=RankResponse)
     async def rank(self, body: RankRequest):
-        """Top-``k`` items for the user; the popular fallback for a user without a trained row."""
+        """Top-``k`` items for the user; the popular fallback for a user without a trained row.
+
+        503 (``Retry-After: 1``) when the PS, or a mirror sync the request waited on, fails
+        with a Ray or timeout error.
+
+        Raises:
+            RequestValidationError: ``k`` above ``serving.max_k`` (answered 422).
+            Exception: any other error of the ranking batch or of that sync (answered 500).
+        """
         self._check_k(body.k)
         answered = asyncio.get_running_loop().create_future()
         # A request with no other /rank in flight on this replica skips Serve's batch queue,
@@ -843,7 +851,12 @@ class FreshetAPI:
     @fastapi_app.post("/score", response_model=ScoreResponse)
     async def score(self, body: ScoreRequest):
         """Scores of the given items for the user, in order (null for items the PS has no row for);
-        only those items are scored."""
+        only those items are scored. 503 (``Retry-After: 1``) when the PS does not answer.
+
+        Raises:
+            Exception: the error of the mirror sync this request waited on, when it is not a
+                Ray or timeout error (answered 500).
+        """
         keys = keyed([body.user_id], "user_id").keys
         try:
             (ctx,) = await self._shard_contexts(int(self.client.plan.shards_of_keys(keys)[0]), keys)

@@ -50,7 +50,12 @@ class Deployment:
         return self.ingest
 
     def start_serving(self, *, ready_timeout_s: float = 120.0) -> str:
-        """Deploy the Serve app on ``cfg.serving.host:port`` and wait for ``/healthz``; returns its URL."""
+        """Deploy the Serve app on ``cfg.serving.host:port`` and wait for ``/healthz`` (up to
+        ``ready_timeout_s`` seconds, twice: see :func:`serving.app.run_app`); returns its URL.
+
+        Raises:
+            TimeoutError, RuntimeError, ValueError: as :func:`serving.app.run_app`.
+        """
         from serving.app import run_app
 
         run_app(self.cfg, ready_timeout_s=ready_timeout_s)
@@ -59,7 +64,11 @@ class Deployment:
         return self.url
 
     def start_training(self) -> None:
-        """Start every trainer's background loop (those not started with ``autostart``)."""
+        """Start every trainer's background loop (those not started with ``autostart``).
+
+        Raises:
+            ray.exceptions.RayActorError: a trainer actor failed to start or died.
+        """
         ray.get([t.start.remote() for t in self.trainers])
 
 
@@ -217,11 +226,15 @@ def start(
 
     Raises:
         ValueError: with ``require_fit``, the deployment reserves more than the cluster has;
-            durable trainer state written for another ``trainer.num_workers``.
+            durable trainer state written for another ``trainer.num_workers`` or a trainer WAL
+            of another format; an actor of the deployment's names already in the namespace.
+        OSError: a trainer WAL cannot be read (``durable``).
         FileNotFoundError: ``restore_from`` lacks a shard's checkpoint.
         TimeoutError: the shards or the app did not come up in time.
-        ray.exceptions.RayActorError: an actor failed to start (e.g. the ingest log the
-            trainers consumed is gone: :class:`workers.ingest_log.LogMissingError`).
+        RuntimeError: Serve reports the app's deployment failed (:func:`serving.app.run_app`).
+        ray.exceptions.RayActorError: an actor failed to start (e.g. a shard's saved state
+            does not fit ``cfg``, or the ingest log the trainers consumed is gone:
+            :class:`workers.ingest_log.LogMissingError`).
     """
     cfg = with_absolute_paths(cfg)
     if require_fit:

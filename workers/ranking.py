@@ -65,11 +65,29 @@ def _score_pool() -> ThreadPoolExecutor:
 class CatalogueView(Protocol):
     """What ranking reads of an item catalogue (``ps.cache.RowCache``, the eval's ``ItemView``)."""
 
-    def ids(self) -> np.ndarray: ...
-    def keys(self) -> np.ndarray: ...
-    def valid(self) -> np.ndarray: ...
-    def matrix(self, table: str) -> np.ndarray: ...
-    def slots_of_keys(self, keys: np.ndarray) -> np.ndarray: ...
+    def ids(self) -> np.ndarray:
+        """Item IDs by slot (``int64`` or ``object`` ``[slots]``, invalid slots included)."""
+        ...
+
+    def keys(self) -> np.ndarray:
+        """Item keys by slot (``uint64 [slots]``, invalid slots included)."""
+        ...
+
+    def valid(self) -> np.ndarray:
+        """Mask of slots holding a live item (``bool [slots]``)."""
+        ...
+
+    def matrix(self, table: str) -> np.ndarray:
+        """Rows of ``table`` by slot (``float32 [slots, dim]``).
+
+        Raises:
+            KeyError: ``table`` is not in the view.
+        """
+        ...
+
+    def slots_of_keys(self, keys: np.ndarray) -> np.ndarray:
+        """Slot (``int64 [n]``) of each key (``uint64 [n]``), ``-1`` where not in the view."""
+        ...
 
 
 class Ranked(tuple):
@@ -105,6 +123,14 @@ class RankingSnapshot:
 
     ``lookup`` maps item keys to slots; by default the view's own (copied, so a mirror
     can go on syncing).
+
+    Attributes (``n`` slots, ``d`` floats a row): ``ids`` (``[n]``), ``valid`` (``bool [n]``),
+    ``items`` (``float32 [n, d]``), ``ctx`` (``float32 [n, d]`` or None), ``bias`` (``float32
+    [n]``, ``-inf`` at invalid slots), ``popularity`` (``float64 [n]``, interactions, ``-inf``
+    at invalid slots) and ``recent`` (``float64 [n]`` decayed interaction counts, or None).
+
+    Raises:
+        KeyError: a table named in ``model`` is not in ``view`` (from ``view.matrix``).
     """
 
     def __init__(self, view: CatalogueView, model: ModelConfig, *, copy_lookup: bool = True):
@@ -178,7 +204,11 @@ class RankingSnapshot:
 
     def query(self, row: np.ndarray, recent: Keyed | Sequence[ID] | np.ndarray | None) -> np.ndarray:
         """The user's query vector: ``row`` (``float32 [d]``) plus the mean context row of their
-        last ``model.context_items`` recent items that are in the catalogue (``float32 [d]``)."""
+        last ``model.context_items`` recent items that are in the catalogue (``float32 [d]``).
+
+        Raises:
+            ValueError: an invalid ID in ``recent``.
+        """
         row = np.asarray(row, np.float32)
         if self.ctx is None or recent is None:
             return row
@@ -193,7 +223,11 @@ class RankingSnapshot:
         """The query of a user the model has no row for yet: the mean context row of their last
         ``model.context_items`` recent items in the catalogue (``float32 [d]``), i.e.
         :meth:`query` with a zero row; None without a context table or without such items
-        (then the popular fallback serves them)."""
+        (then the popular fallback serves them).
+
+        Raises:
+            ValueError: an invalid ID in ``recent``.
+        """
         if self.ctx is None or recent is None:
             return None
         s = self.slots(_as_keys(recent)[-self.model.context_items :])
@@ -255,7 +289,11 @@ class RankingSnapshot:
                      threads: int = 1) -> list[Ranked]:
         """Top-``k`` for each of several users' queries (``float32 [b, d]``; ``k`` one for all or
         one per query), each excluding its own ``seen``: one :meth:`scores` for all (``threads``
-        as there), then a partial sort each."""
+        as there), then a partial sort each.
+
+        Raises:
+            ValueError: an invalid ID in ``seen``.
+        """
         scores = self.scores(queries, threads=threads)
         ks = [k] * len(scores) if isinstance(k, (int, np.integer)) else list(k)
         return [self.top(scores[j], int(ks[j]), self._exclude(seen[j])) for j in range(len(scores))]
@@ -272,7 +310,12 @@ class RankingSnapshot:
         return Ranked(self.ids[idx].tolist(), np.asarray(scores)[idx].astype(float).tolist(), fallback)
 
     def popular(self, seen: Keyed | Sequence[ID] | np.ndarray | None, k: int) -> Ranked:
-        """Most-interacted items not in ``seen`` (recently, when a recent table is configured)."""
+        """The ``k`` most-interacted items not in ``seen`` (recently, when a recent table is
+        configured); scores are interaction counts.
+
+        Raises:
+            ValueError: an invalid ID in ``seen``.
+        """
         excl = self._exclude(seen)
         prefix = self._popular_prefix
         if len(prefix) >= k + len(excl) or len(prefix) == len(self.popularity):
@@ -282,7 +325,11 @@ class RankingSnapshot:
 
     def rank(self, row: np.ndarray | None, seen: Any, k: int, history: Any = None) -> Ranked:
         """Top-``k`` for one user: ``row`` (``float32 [d]``; None: the popular fallback),
-        excluding ``seen``; ``history`` (default ``seen``) supplies the session context."""
+        excluding ``seen``; ``history`` (default ``seen``) supplies the session context.
+
+        Raises:
+            ValueError: an invalid ID in ``seen`` or ``history``.
+        """
         if row is None:
             return self.popular(seen, k)
         q = self.query(row, seen if history is None else history)
@@ -292,8 +339,13 @@ class RankingSnapshot:
         self, row: np.ndarray | None, items: Keyed | Sequence[ID] | np.ndarray, history: Any = None
     ) -> tuple[list[float | None], str | None]:
         """Scores of ``items`` in order (None for items not in the catalogue), touching only
-        those items' rows. Without a user row the scores are the items' popularity and the
-        fallback is ``"popular"``, matching :meth:`rank`."""
+        those items' rows, for the user's ``row`` (``float32 [d]``). Without a user row the
+        scores are the items' popularity (interactions) and the fallback is ``"popular"``,
+        matching :meth:`rank`.
+
+        Raises:
+            ValueError: an invalid ID in ``items`` or ``history``.
+        """
         s = self.slots(items)
         ok = s >= 0
         out = np.full(len(s), np.nan)
@@ -351,7 +403,11 @@ class Ranker:
         return (syncs > 0, c.model_version, c.rows_synced, c.full_resyncs, len(c))
 
     def snapshot(self) -> RankingSnapshot:
-        """The current snapshot, rebuilt if the view changed since it was built."""
+        """The current snapshot, rebuilt if the view changed since it was built.
+
+        Raises:
+            KeyError: a table named in the model config is not in the view.
+        """
         gen = self._generation()
         if self._snap is None or gen is None or gen != self._built_at:
             self._snap = RankingSnapshot(self.cache, self.model)

@@ -89,7 +89,8 @@ def resolve_device(setting: str) -> torch.device:
     """``auto`` → ``cuda`` when torch sees a GPU, else ``cpu``; otherwise the named device.
 
     Raises:
-        RuntimeError: a CUDA device is named but torch sees none.
+        RuntimeError: a CUDA device is named but torch sees none, or ``setting`` is not a
+            device string torch parses.
     """
     if setting == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -720,7 +721,12 @@ class Trainer:
         """Train one batch of events now (prepare, every pass, wait): for in-process drivers
         such as the evaluation's incremental strategy. ``raw`` is an event batch in the
         schema of :mod:`workers.events` from ``partition``; ``end`` is the stream offset one
-        past its last event."""
+        past its last event.
+
+        Raises:
+            ray.exceptions.GetTimeoutError: a shard does not answer within the client's
+                ``timeout_s`` (the batch is not committed).
+        """
         batch = self._prepare(partition, raw, end)
         self.read_pos[partition] = end
         refs = self._train(batch, self._pull(batch)) if batch.trained.any() else []
@@ -1155,7 +1161,10 @@ def start_trainers(
     local-state snapshots there, so a restarted trainer (Ray ``max_restarts``) resumes
     exactly once; ``autostart`` starts training in ``__init__`` (so a restarted trainer
     carries on). Returns the actor handles; a trainer's constructor errors (see
-    :class:`Trainer`) surface on the first call to it.
+    :class:`Trainer`) surface on the first call to it, as ``ray.exceptions.RayActorError``.
+
+    Raises:
+        ValueError: an actor named ``trainer-{i}`` already exists in ``cfg.namespace`` (Ray).
     """
     actor_cls = ray.remote(Trainer)
     handles = []

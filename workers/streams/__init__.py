@@ -70,6 +70,7 @@ def open_source(
         ValueError: ``ingest`` without a ``namespace``, or no ingest log in it; a
             ``quarantine_path`` that exists and is not a regular file.
         FileNotFoundError: a movielens/parquet ``cfg.path`` that does not exist.
+        ray.exceptions.GetTimeoutError: ``ingest``, and the log does not answer within 30 s.
         StreamDataError: (a ``ValueError``) a movielens/parquet stream with no events, or
             with more than ``cfg.max_quarantined_fraction`` of its rows quarantined.
     """

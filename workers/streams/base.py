@@ -55,7 +55,8 @@ class StreamSource(abc.ABC):
 
     @abc.abstractmethod
     def read(self, offset: int, max_events: int) -> pa.RecordBatch:
-        """Events with offsets ``[offset, offset + k)``, ``k <= max_events``, in offset order.
+        """Events with offsets ``[offset, offset + k)``, ``k <= max_events``, in offset order:
+        ``k`` rows in the schema of :mod:`workers.events`.
 
         ``k == 0`` means there is nothing (more) at ``offset``. ``ingest_ts`` is the
         time of this read (unix seconds).
@@ -90,6 +91,11 @@ class StreamSource(abc.ABC):
 
 
 def check_read_args(offset: int, max_events: int) -> None:
+    """Check the arguments of :meth:`StreamSource.read` (events).
+
+    Raises:
+        ValueError: a negative ``offset`` or ``max_events``.
+    """
     if offset < 0:
         raise ValueError(f"offset: must be >= 0, got {offset}")
     if max_events < 0:

@@ -41,13 +41,18 @@ class IngestSource(StreamSource):
         Raises:
             ValueError: a negative ``offset`` or ``max_events``.
             workers.ingest_log.TrimmedOffsetError: ``offset`` is below the first retained offset.
+            ray.exceptions.GetTimeoutError: the log does not answer within ``timeout_s``.
         """
         check_read_args(offset, max_events)
         return ray.get(self._log.read.remote(offset, max_events, self.partition), timeout=self._timeout)
 
     def clock(self, offset: int) -> int | None:
         """The log's global position at this partition's event ``offset`` (``IngestLog.clocks``):
-        comparable across partitions, where offsets are not. None if no durable event is there."""
+        comparable across partitions, where offsets are not. None if no durable event is there.
+
+        Raises:
+            ray.exceptions.GetTimeoutError: the log does not answer within ``timeout_s``.
+        """
         return ray.get(self._log.clocks.remote([(self.partition, offset)]), timeout=self._timeout)[0]
 
     def wait(self, positions: dict[int, int], timeout_s: float) -> None:

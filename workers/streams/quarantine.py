@@ -42,6 +42,8 @@ class Rejects:
         self.raw: list[str] = []
 
     def add(self, source: str, row: int, reason: str, raw: str) -> None:
+        """Collect one rejected row (columns as :data:`QUARANTINE_SCHEMA`); ``raw`` is cut to
+        4,096 characters."""
         self.source.append(source)
         self.row.append(int(row))
         self.reason.append(reason)
@@ -51,6 +53,7 @@ class Rejects:
         return len(self.row)
 
     def table(self) -> pa.Table:
+        """The rows collected, one per reject, as a table of :data:`QUARANTINE_SCHEMA`."""
         return pa.table([self.source, self.row, self.reason, self.raw], schema=QUARANTINE_SCHEMA)
 
 
