@@ -12,11 +12,13 @@ nothing, and order-insensitive: entries are kept sorted by offset.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 
 from ps.index import KeyIndex
 
-__all__ = ["RecentItems"]
+__all__ = ["RecentItems", "RowlessSweep"]
 
 _EMPTY_I = np.empty(0, np.int64)
 _EMPTY_K = np.empty(0, np.uint64)
@@ -380,6 +382,53 @@ class RecentItems:
         """Replace everything with the flat arrays :meth:`capture` gives."""
         self._reset()
         self.record(users, items, offsets)
+
+
+class RowlessSweep:
+    """Finds the users who hold per-user state (a shard's recent items, a trainer's histories)
+    without a row in the user table and with no event for a while: a user who never gets a row
+    (not admitted, turned away by a full table) is named by no removal, and one-off users would
+    otherwise keep that state forever.
+
+    A sweep runs at most every ``every_s`` seconds and names the users without a row that had
+    no event noted (:meth:`note`) since the previous one. Only the users noted since then and
+    those kept then without a row are looked at (every user at the first sweep of a process),
+    so a sweep costs what the recent traffic is, not what is held.
+    """
+
+    def __init__(self, every_s: float, now: float):
+        self.every_s = every_s
+        self.swept_at = now
+        self._noted: list[np.ndarray] = []  # user keys with an event since the last sweep
+        self._rowless: np.ndarray | None = None  # kept at the last sweep without a row (None: not swept yet)
+
+    def note(self, users: np.ndarray) -> None:
+        """Users (``uint64 [n]`` keys) with an event now."""
+        self._noted.append(users)
+        if len(self._noted) >= 256:  # a sweep interval can hold many calls: keep them compact
+            self._noted = [np.unique(np.concatenate(self._noted))]
+
+    def sweep(self, now: float, held: Callable[[], np.ndarray], rowless: Callable[[np.ndarray], np.ndarray],
+              keep: np.ndarray | None = None) -> np.ndarray | None:
+        """The users to drop (``uint64 [k]``), or None when the last sweep is under ``every_s``
+        seconds before ``now`` (in the clock given to the constructor).
+
+        ``held()``: every user holding state (``uint64``; asked at the first sweep only);
+        ``rowless(users)``: ``bool [n]``, which of ``users`` have no row; ``keep``: users kept
+        whatever (``uint64``; say, those of batches whose push may still give them a row).
+        """
+        if now - self.swept_at < self.every_s:
+            return None
+        self.swept_at = now
+        noted = np.unique(np.concatenate(self._noted)) if self._noted else np.empty(0, np.uint64)
+        self._noted = []
+        pool = held() if self._rowless is None else np.union1d(self._rowless, noted)
+        pool = pool[rowless(pool)] if len(pool) else pool
+        quiet = ~np.isin(pool, noted)
+        if keep is not None:
+            quiet &= ~np.isin(pool, keep)
+        self._rowless = pool[~quiet]
+        return pool[quiet]
 
 
 _MASK = (1 << _TIER_BITS) - 1

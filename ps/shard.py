@@ -52,7 +52,7 @@ from ps.persist import (
     write_snapshot_dir,
 )
 from ps.plan import ShardingPlan
-from ps.recent import RecentItems
+from ps.recent import RecentItems, RowlessSweep
 from ps.table import EmbeddingTable, PushOutcome
 
 __all__ = ["Delta", "PSShard", "PushId", "RankContext", "RankContexts", "TableDelta", "TableUpdate"]
@@ -211,11 +211,9 @@ class PSShard:
         self.push_times: collections.deque[float] = collections.deque(maxlen=4096)
         self.duplicates = 0
         self._last_expire = time.time()
-        self._recent_swept_at = self._last_expire
-        self._recent_recorded: list[np.ndarray] = []  # user keys recorded since the last sweep
-        self._rowless: np.ndarray | None = None  # kept at the last sweep without a row (None: not swept yet)
         # Only a user table with a lifecycle can turn users away for good (see _sweep_recent).
-        self._sweeps = cfg.recent_follows is not None and cfg.table(cfg.recent_follows).has_lifecycle
+        self._sweep = (RowlessSweep(cfg.recent_without_row_s, self._last_expire)
+                       if cfg.recent_follows is not None and cfg.table(cfg.recent_follows).has_lifecycle else None)
         self._lsn = 0  # logged state changes so far
         self._since_snapshot = 0  # log records (pushes, recent items, ...) since the last snapshot
         self._store: ShardStore | None = None
@@ -741,32 +739,21 @@ class PSShard:
         return added
 
     def _note_recorded(self, users: np.ndarray) -> None:
-        if not self._sweeps:
-            return
-        self._recent_recorded.append(users)
-        if len(self._recent_recorded) >= 256:  # a minute of calls can be many: keep them compact
-            self._recent_recorded = [np.unique(np.concatenate(self._recent_recorded))]
+        if self._sweep is not None:
+            self._sweep.note(users)
 
     def _sweep_recent(self, now: float) -> None:
         """Drop the recent items of users who have no row in ``recent_follows`` and had no event
         recorded since the previous sweep (``recent_without_row_s`` apart); logged.
 
         Removing a user's row drops their recent items, but a user who never gets one (not
-        admitted, or turned away by a full table) would keep them forever. Only the users
-        recorded since the last sweep and those kept then without a row are looked at (every
-        user with recent items at a process's first sweep), so a sweep costs what the recent
-        traffic is, not what the shard holds.
+        admitted, or turned away by a full table) would keep them forever (:class:`RowlessSweep`).
         """
-        if not self._sweeps or now - self._recent_swept_at < self.cfg.recent_without_row_s:
+        if self._sweep is None:
             return
-        self._recent_swept_at = now
-        recorded = np.unique(np.concatenate(self._recent_recorded)) if self._recent_recorded else np.empty(0, np.uint64)
-        self._recent_recorded = []
-        pool = self.recent.users() if self._rowless is None else np.union1d(self._rowless, recorded)
-        pool = pool[self.tables[self.cfg.recent_follows].lookup(pool) < 0] if len(pool) else pool
-        quiet = ~np.isin(pool, recorded)
-        drop, self._rowless = pool[quiet], pool[~quiet]
-        if len(drop):
+        table = self.tables[self.cfg.recent_follows]
+        drop = self._sweep.sweep(now, self.recent.users, lambda users: table.lookup(users) < 0)
+        if drop is not None and len(drop):
             self._log(LogRecord(lsn=self._lsn + 1, kind="forget_users", version=self.version, now=now, forget=drop))
             self._lsn += 1
             self.recent.forget_users(drop)

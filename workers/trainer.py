@@ -49,6 +49,7 @@ from ps.client import PSClient
 from ps.ids import ID_UNION, Keyed, ids_from_arrow, ids_to_arrow
 from ps.lazy import torch
 from ps.persist import TableUpdate, fsync_path, intact_batches
+from ps.recent import RowlessSweep
 from ps.shard import PushId
 from workers.config import StreamKind
 from workers.eval.protocol import WarmChunks
@@ -312,11 +313,11 @@ class Trainer:
         # Removed IDs kept by a sync because a batch not yet pushed brings them back: the next
         # sync removes them in full if that push gave them no row (their tombstones are consumed).
         self._held: dict[str, list[np.ndarray]] = collections.defaultdict(list)
-        # Users whose histories grew since the last sweep of rowless users (_sweep_rowless_users),
-        # and those kept then without a row (None: not swept yet, so every user is looked at).
-        self._history_users: list[np.ndarray] = []
-        self._rowless_users: np.ndarray | None = None
-        self._users_swept_at = time.monotonic()
+        # The histories can hold users the user table turns away for good, with no bound on their
+        # number, when admission refuses them and no max_rows caps Histories (_sweep_rowless_users).
+        self._rowless_sweep = (RowlessSweep(self.cfg.ps.recent_without_row_s, time.monotonic())
+                               if users.admission is not None and users.max_rows is None
+                               and self.cfg.model.context_table is not None else None)
         self._since_snapshot = 0
         # Where local state (catalogue, histories) stands per partition: past the committed
         # offsets while a batch read ahead is prepared. A snapshot must hold the state at the
@@ -807,17 +808,8 @@ class Trainer:
             self.catalogue.remove(fresh[~self.client.present(self.cfg.model.item_table, _keyed(fresh))])
 
     def _note_history_users(self, batch: Batch) -> None:
-        if not self._sweeps_users():
-            return
-        self._history_users.append(batch.user_keys[batch.positive])
-        if len(self._history_users) >= 256:  # a sweep interval holds many batches: keep them compact
-            self._history_users = [np.unique(np.concatenate(self._history_users))]
-
-    def _sweeps_users(self) -> bool:
-        """Whether the histories can hold users the user table turns away for good with no
-        bound on their number: admission refuses them, and no ``max_rows`` caps Histories."""
-        users = self.cfg.ps.table(self.cfg.model.user_table)
-        return users.admission is not None and users.max_rows is None and self.cfg.model.context_table is not None
+        if self._rowless_sweep is not None:
+            self._rowless_sweep.note(batch.user_keys[batch.positive])
 
     def _sweep_rowless_users(self, coming: np.ndarray) -> None:
         """Drop the histories of users without a row in the user table and without a positive
@@ -825,18 +817,13 @@ class Trainer:
         such users' recent items. Their rows never come (not admitted), so no tombstone ever
         names them, and one-off users would otherwise fill the histories without bound.
         ``coming``: users of batches not yet pushed, kept (their push may admit them)."""
-        now = time.monotonic()
-        if not self._sweeps_users() or now - self._users_swept_at < self.cfg.ps.recent_without_row_s:
+        if self._rowless_sweep is None:
             return
-        self._users_swept_at = now
-        recorded = np.unique(np.concatenate(self._history_users)) if self._history_users else np.empty(0, np.uint64)
-        self._history_users = []
-        pool = self.histories.users() if self._rowless_users is None else np.union1d(self._rowless_users, recorded)
         table = self.cfg.model.user_table
-        pool = pool[~self.client.present(table, _keyed(pool))] if len(pool) else pool
-        quiet = ~np.isin(pool, recorded) & ~np.isin(pool, coming)
-        self.histories.forget_users(pool[quiet])
-        self._rowless_users = pool[~quiet]
+        drop = self._rowless_sweep.sweep(time.monotonic(), self.histories.users,
+                                         lambda users: ~self.client.present(table, _keyed(users)), keep=coming)
+        if drop is not None:
+            self.histories.forget_users(drop)
 
     def _expire_idle(self) -> None:
         """Trainer 0, while it waits for events: run the shards' TTL expiry, which otherwise

@@ -349,7 +349,7 @@ def test_recent_items_are_never_swept_when_the_user_table_has_no_lifecycle(clock
         clock.now += 3600
         sh.expire()
     assert len(sh.recent) == 1
-    assert sh._recent_recorded == []  # nothing kept for a sweep that never runs
+    assert sh._sweep is None  # nothing kept for a sweep that never runs
 
 
 # --------------------------------------------------------------------------- tombstones
