@@ -443,7 +443,6 @@ class FreshetAPI:
         # The snapshot and what its mirror had synced when it was built, swapped together: the
         # mirror itself moves on during a sync while requests still rank on the old snapshot.
         self.served: tuple[RankingSnapshot, Coverage] | None = None
-        self.snapshot_version = 0
         self._sync_lock: asyncio.Lock | None = None  # made on the replica's event loop
         self._syncer: asyncio.Task | None = None
         self.sync_error: str | None = None
@@ -492,7 +491,6 @@ class FreshetAPI:
         """Sync the mirror and swap in a new snapshot (blocking; callers serialise it)."""
         self.mirror.sync()
         snap = self.ranker.snapshot()
-        self.snapshot_version = self.mirror.model_version
         self.served = (snap, self.mirror.coverage())
 
     @property

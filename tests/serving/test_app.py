@@ -376,7 +376,7 @@ def test_stats_never_shows_more_events_applied_than_accepted_while_events_flow()
 
     class Replica:
         cfg = load_config(None, {"stream": {"kind": "ingest"}, "trainer": {"num_workers": 1}})
-        client, mirror, snapshot, snapshot_version, sync_error, timeout_s = Client(), Mirror(), None, 0, None, 1.0
+        client, mirror, snapshot, sync_error, timeout_s = Client(), Mirror(), None, None, 1.0
         stats, _trainer_states, _lags, _arrivals, _trainer_names = (
             api.stats, api._trainer_states, api._lags, api._arrivals, api._trainer_names)
 
@@ -435,7 +435,6 @@ def test_stats_never_shows_the_mirror_ahead_of_the_ps_it_mirrors():
         cfg = load_config(None, {"trainer": {"num_workers": 1}})
         client, mirror, sync_error, timeout_s = Client(), Mirror(), None, 1.0
         served = (Snap(0), None)
-        snapshot_version = 0
         stats, _trainer_states, _lags, _arrivals, _trainer_names = (
             api.stats, api._trainer_states, api._lags, api._arrivals, api._trainer_names)
         snapshot = api.snapshot
@@ -455,8 +454,7 @@ def test_stats_never_shows_the_mirror_ahead_of_the_ps_it_mirrors():
             out = {"shard": int(name.rsplit("-", 1)[-1]), "tables": {}, "users_with_recent": 0,
                    "recent_entries": 0, "recent_bytes": 0, "push_rate": 0.0, "version": v // 2,
                    "duplicate_pushes": 0}
-            # ... and the background sync catches the mirror up at once, the version first.
-            self.snapshot_version = v
+            # ... and the background sync catches the mirror up at once.
             await asyncio.sleep(0)
             self.served = (Snap(v), None)
             return out
