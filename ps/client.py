@@ -180,8 +180,8 @@ class PSClient:
 
         Raises:
             ray.exceptions.GetTimeoutError: not within ``timeout_s``.
-            ValueError: a shard rejected the push (e.g. a ``create`` mask of the wrong length,
-                which :meth:`push_async` does not check).
+            ValueError: a shard rejected the push (what :meth:`push_async` checks before
+                sending, a shard checks again).
         """
         return self._get(refs)
 

@@ -147,7 +147,7 @@ class EmbeddingTable:
         self.admission = Admission(cfg.admission, self.seed) if cfg.admission is not None else None
         # What the ID lifecycle did, for operators (a memory budget set too small shows as
         # evictions, an admission bar too high as refusals); counts, not state: never persisted.
-        self.lifecycle = dict.fromkeys(LIFECYCLE_COUNTS, 0)
+        self.reset_lifecycle()
         # The initial rows a pull last computed for keys without a row (sorted keys, rows):
         # the push that follows creates most of those rows, and takes them from here
         # instead of hashing them again (rows are a pure function of table seed and key).
