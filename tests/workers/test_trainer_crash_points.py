@@ -38,16 +38,21 @@ def _rows(cfg, client) -> dict[str, list]:
     return {t: r.tolist() for t, (r, _) in got.items()}
 
 
-def test_start_after_a_stop_during_a_retry_backoff_recovers_the_failed_batch(tmp_path):
+def _retrying(tmp_path, **trainer):
+    """A small config whose trainer retries failed batches (``trainer`` overrides), the client of
+    a run of it without any failure, and the rows that run leaves (what a crash test must end with)."""
     cfg = load_config(overrides={
         "stream": {"num_events": 1000},
-        "trainer": {"batch_size": 100, "passes": 2, "device": "cpu", "retry_backoff_s": 60.0, "max_retries": 5},
+        "trainer": {"batch_size": 100, "passes": 2, "device": "cpu", **trainer},
         "ps": {"tables": {"user": {"dim": 8}, "item": {"dim": 8}}},
     })
     whole = LocalClient(cfg.ps)
-    ref = Trainer(0, cfg, client=whole, state_dir=tmp_path / "whole")
-    ref.run()
-    want = _rows(cfg, whole)
+    Trainer(0, cfg, client=whole, state_dir=tmp_path / "whole").run()
+    return cfg, whole, _rows(cfg, whole)
+
+
+def test_start_after_a_stop_during_a_retry_backoff_recovers_the_failed_batch(tmp_path):
+    cfg, whole, want = _retrying(tmp_path, retry_backoff_s=60.0, max_retries=5)
 
     client = LocalClient(cfg.ps)
     t = Trainer(0, cfg, client=client, state_dir=tmp_path / "cut")
@@ -170,14 +175,7 @@ def test_a_stop_while_recovery_keeps_failing_reports_the_committed_offsets(tmp_p
     # A failed batch's retry first rebuilds local state from offset 0 (or the last snapshot);
     # when that recovery fails too (here: re-sending the batch's first push), stats() and the
     # stop() a checkpoint save records its offsets from must still say what is committed.
-    cfg = load_config(overrides={
-        "stream": {"num_events": 1000},
-        "trainer": {"batch_size": 100, "passes": 2, "device": "cpu", "retry_backoff_s": 0.01, "max_retries": 1000},
-        "ps": {"tables": {"user": {"dim": 8}, "item": {"dim": 8}}},
-    })
-    whole = LocalClient(cfg.ps)
-    Trainer(0, cfg, client=whole, state_dir=tmp_path / "whole").run()
-    want = _rows(cfg, whole)
+    cfg, _, want = _retrying(tmp_path, retry_backoff_s=0.01, max_retries=1000)
 
     failing = threading.Event()
     failing.set()
