@@ -227,7 +227,9 @@ def start(
     Raises:
         ValueError: with ``require_fit``, the deployment reserves more than the cluster has;
             durable trainer state written for another ``trainer.num_workers`` or a trainer WAL
-            of another format; an actor of the deployment's names already in the namespace.
+            of another format; durable shard state the config's tables or sharding plan cannot
+            hold (:func:`check_shard_state`); an actor of the deployment's names already in the
+            namespace.
         OSError: a trainer WAL cannot be read (``durable``).
         FileNotFoundError: ``restore_from`` lacks a shard's checkpoint.
         TimeoutError: the shards or the app did not come up in time.
@@ -241,6 +243,8 @@ def start(
         check_fits(cfg, ray.cluster_resources(), trainers=trainers, serving=serving)
     if durable and trainers:
         check_trainer_state(cfg)
+    if durable and restore_from is None:  # a restore replaces the shards' state; it is checked against cfg as it loads
+        check_shard_state(cfg)
     dirs = state_dirs(cfg) if durable else {"ps": None, "trainers": None}
     dep = Deployment(cfg)
     try:

@@ -228,6 +228,12 @@ def test_up_refuses_shard_state_the_configs_tables_cannot_hold(tmp_path):
         check_shard_state(_cfg_like(cfg, item={"dim": 4, "max_rows": 20}))
     with pytest.raises(ValueError, match=r"table 'item': stored rows have dim 4, ps.tables.item.dim is 8"):
         check_shard_state(_cfg_like(cfg, user={"dim": 8}, item={"dim": 8}, item_ctx={"dim": 8}))
+    # A deployment started from Python (not `freshet up`) is refused the same way, before any actor starts
+    # (no Ray is connected here: reaching start_shards would fail otherwise).
+    from serving import deploy
+
+    with pytest.raises(ValueError, match=r"199 stored rows on a shard exceed ps.tables.item.max_rows=20"):
+        deploy.start(_cfg_like(cfg, item={"dim": 4, "max_rows": 20}), trainers=False)
 
 
 def test_checkpoints_and_snapshots_are_this_users_only_even_in_an_open_state_dir(tmp_path):
