@@ -50,6 +50,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import fcntl
 import hashlib
 import ipaddress
 import json
@@ -919,8 +920,33 @@ def _tail(path: Path, n: int = 2000) -> str:
     return ""
 
 
+def _hold_open(dirs: Iterable[Path]) -> list[int]:
+    """Open each of ``dirs`` (those that exist) and take a shared BSD lock (``flock``) on it;
+    returns the descriptors. A process that keeps them keeps the directories out of
+    systemd-tmpfiles' age-based cleanup: it skips, with all below it, a directory it cannot
+    lock exclusively (tmpfiles.d(5), "Age"). Many distributions age ``/tmp`` out after 10 days
+    (RHEL's ``q /tmp 1777 root root 10d``), which would take a months-long head's sockets,
+    token file and logs, and the port leases that keep its ports from other Freshet processes.
+    A shared lock leaves every other holder, and this module's own locks, unaffected."""
+    fds: list[int] = []
+    try:
+        for d in dict.fromkeys(Path(d) for d in dirs):
+            try:
+                fd = os.open(d, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            except FileNotFoundError:
+                continue
+            fds.append(fd)
+            fcntl.flock(fd, fcntl.LOCK_SH)  # waits out a cleanup run that holds it right now
+    except BaseException:
+        for fd in fds:
+            os.close(fd)
+        raise
+    return fds
+
+
 def _launch(temp_dir: Path, chosen: dict[str, int], env: dict[str, str], num_cpus: int | None,
-            include_dashboard: bool, extra_args: tuple[str, ...], log_path: Path) -> subprocess.Popen:
+            include_dashboard: bool, extra_args: tuple[str, ...], log_path: Path,
+            keep: Iterable[Path] = ()) -> subprocess.Popen:
     ray_bin = shutil.which("ray", path=os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")]))
     if ray_bin is None:
         raise RuntimeError("start_head: the `ray` command is not installed next to this Python or on PATH")
@@ -933,11 +959,18 @@ def _launch(temp_dir: Path, chosen: dict[str, int], env: dict[str, str], num_cpu
     if num_cpus is not None:
         args.append(f"--num-cpus={int(num_cpus)}")
     args += list(extra_args)
-    with open(log_path, "wb") as log:  # one attempt per file content: the ready line is this attempt's
-        # New session: the head's processes share its id (how stop_head finds them) and a
-        # Ctrl-C in the caller's terminal does not reach them.
-        return subprocess.Popen(args, env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                                start_new_session=True, close_fds=True)
+    # `ray start --block` lives as long as the head and keeps these locks for it (the same open
+    # files: the lock goes when its last holder exits).
+    held = _hold_open([temp_dir, *keep])
+    try:
+        with open(log_path, "wb") as log:  # one attempt per file content: the ready line is this attempt's
+            # New session: the head's processes share its id (how stop_head finds them) and a
+            # Ctrl-C in the caller's terminal does not reach them.
+            return subprocess.Popen(args, env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                                    start_new_session=True, close_fds=True, pass_fds=held)
+    finally:
+        for fd in held:
+            os.close(fd)
 
 
 def _wait_ready(proc: subprocess.Popen, info: HeadInfo, log_path: Path, deadline: float) -> str | None:
@@ -979,8 +1012,13 @@ def start_head(temp_dir, *, ports: Mapping[str, int] | None = None, auth: bool =
                include_dashboard: bool = False, worker_ports: int = 200,
                extra_args: tuple[str, ...] = (), env: Mapping[str, str] | None = None,
                system_config: Mapping[str, Any] | None = None, avoid: Iterable[int] = (),
-               timeout_s: float = 90.0, attempts: int = 3) -> HeadInfo:
+               keep: Iterable[str | os.PathLike] = (), timeout_s: float = 90.0, attempts: int = 3) -> HeadInfo:
     """Start a single-node Ray head on loopback (``ray start --head --block``) and wait until it is up.
+
+    For as long as the head runs, its ``ray start`` process holds a shared BSD lock on
+    ``temp_dir``, on the port leases' directory (:func:`serving.port_leases.default_dir`) and on
+    the directories in ``keep``, so systemd-tmpfiles' age-based cleanup of ``/tmp`` (after 10
+    days on many distributions) leaves them alone (:func:`_hold_open`).
 
     Args:
         temp_dir: Ray's temp dir for this head; created if missing; at most 40 characters
@@ -1007,6 +1045,8 @@ def start_head(temp_dir, *, ports: Mapping[str, int] | None = None, auth: bool =
             :meth:`serving.config.RayConfig.system_config`.
         avoid: ports the head must leave free though nothing listens there yet (the Serve
             app's, bound once the head is up).
+        keep: more directories the head's files live in, kept from that cleanup as above
+            (e.g. the directory ``temp_dir`` and HAProxy's ``run_dir`` share).
         timeout_s: seconds to wait, per attempt, for the head to be up with every port bound.
         attempts: tries with freshly chosen ports if a start fails (a port taken meanwhile by
             another program); 1 when every port is given.
@@ -1071,7 +1111,8 @@ def start_head(temp_dir, *, ports: Mapping[str, int] | None = None, auth: bool =
                                     avoid=avoid | leases.taken())
             _reserved.update(_port_set(chosen))
             leases.add(_port_set(chosen))
-        proc = _launch(temp, chosen, env, num_cpus, include_dashboard, extra_args, log_path)
+        proc = _launch(temp, chosen, env, num_cpus, include_dashboard, extra_args, log_path,
+                       keep=[port_leases.default_dir(), *(Path(k).absolute() for k in keep)])
         _children[proc.pid] = proc
         with _lock, port_leases.leasing() as leases:
             # Held while the head lives, past this process (`freshet up` exits; worker ports and

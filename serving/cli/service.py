@@ -552,7 +552,7 @@ def cmd_up(args: argparse.Namespace) -> int:
             head = start_head(ray_dir, ports=ports, auth=r.auth is RayAuth.TOKEN, num_cpus=r.num_cpus,
                               token_path=r.token_path, include_dashboard=r.include_dashboard,
                               worker_ports=r.worker_ports, env=serve_env, system_config=r.system_config(),
-                              avoid=(cfg.serving.port,), timeout_s=r.start_timeout_s)
+                              avoid=(cfg.serving.port,), keep=(ray_root,), timeout_s=r.start_timeout_s)
             _step(state, cfg, "head-up", head=head.model_dump(mode="json"), address=head.address)
         step = f"connecting to Ray at {state['address']}"
         if args.address is not None and (probe := _probe_gcs(args.address)) is not None:

@@ -4,11 +4,13 @@ Two heads start at once (one with auth, one without) and must not collide. On th
 driver with the token runs a task and a Serve app; then every listening socket of the head's
 processes (workers included) is either on loopback or, connected to through 127.0.0.1 only,
 refuses a client without the token. ``stop_head`` must leave none of a head's processes alive.
+A running head's directories outlast systemd-tmpfiles' age-based cleaning of ``/tmp``.
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import http.client
 import io
 import os
@@ -19,6 +21,7 @@ import subprocess
 import sys
 import tempfile
 import textwrap
+import time
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
@@ -26,6 +29,7 @@ from pathlib import Path
 
 import pytest
 
+from serving import port_leases
 from serving.ray_head import (
     HeadInfo,
     Listener,
@@ -104,6 +108,20 @@ def refuses_without_token(port: int, token: str) -> tuple[bool, str]:
     return True, f"{denied[0]}: UNAUTHENTICATED without the token, {with_token[denied[0]]} with it"
 
 
+def held_by_another(directory: str | os.PathLike) -> bool:
+    """Whether another process holds a BSD lock on ``directory``: systemd-tmpfiles tries an
+    exclusive one (without waiting) before it ages a directory's contents, and skips it, with
+    everything below it, when that fails (tmpfiles.d(5), "Age")."""
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)  # releases the lock if it was had
+    return False
+
+
 def _gone(pid: int) -> bool:
     try:
         state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
@@ -118,13 +136,14 @@ _SYSTEM_CONFIG = {"max_direct_call_object_size": 777_777}
 
 @pytest.fixture(scope="module")
 def heads():
-    """Two heads started concurrently: (token auth, 1 CPU) and (auth off, 1 CPU), plus its stderr."""
+    """Two heads started concurrently: (token auth, 1 CPU) and (auth off, 1 CPU), plus its stderr.
+    The first one's Ray temp dir is ``ray`` in a directory of its own, as ``freshet up``'s is."""
     dirs = [tempfile.mkdtemp(prefix="rh.", dir="/tmp") for _ in range(2)]
     err = io.StringIO()
     started: list[HeadInfo] = []
     try:
         with contextlib.redirect_stderr(err), ThreadPoolExecutor(2) as pool:
-            futs = [pool.submit(start_head, dirs[0], num_cpus=1, timeout_s=60, system_config=_SYSTEM_CONFIG),
+            futs = [pool.submit(start_head, f"{dirs[0]}/ray", num_cpus=1, timeout_s=60, system_config=_SYSTEM_CONFIG),
                     pool.submit(start_head, dirs[1], num_cpus=1, auth=False, timeout_s=60)]
             for f in futs:  # keep what did start, so it is stopped even if the other failed
                 with contextlib.suppress(Exception):
@@ -216,6 +235,35 @@ def test_driver_with_token_runs_task_and_serve(serve_on_auth_head):
     assert f"system_config {_SYSTEM_CONFIG['max_direct_call_object_size']}" in out, out
 
 
+def test_a_running_head_holds_its_directories_against_tmp_cleaning(heads):
+    # Distributions age /tmp out (RHEL: after 10 days): a head meant to run for months would lose
+    # its sockets, token file and logs, and its port leases, which keep other Freshet processes
+    # off its worker ports.
+    for info in heads[:2]:
+        assert held_by_another(info.temp_dir)
+    assert held_by_another(port_leases.default_dir())
+
+
+@pytest.mark.skipif(shutil.which("systemd-tmpfiles") is None, reason="needs systemd-tmpfiles")
+def test_tmp_cleaning_leaves_a_running_heads_files_and_takes_the_rest(heads, tmp_path):
+    a = heads[0]
+    temp = Path(a.temp_dir)
+    parent = temp.parent  # the head's own directory, standing in for /tmp
+    long_ago = time.time() - 30 * 86_400
+    (temp / "aged").write_text("x")
+    (parent / "loose").mkdir()
+    (parent / "loose" / "aged").write_text("x")
+    for p in (temp / "aged", Path(a.token_path), parent / "loose" / "aged", parent / "loose"):
+        os.utime(p, (long_ago, long_ago))
+    conf = tmp_path / "clean.conf"
+    conf.write_text(f"e {parent} - - - mM:10d\n")  # aged by modification time, as /tmp is after 10 days
+    run = subprocess.run(["systemd-tmpfiles", "--clean", str(conf)], capture_output=True, text=True, timeout=60,
+                         check=False)
+    assert run.returncode == 0, run.stderr
+    assert not (parent / "loose").exists(), "the cleaning did not run"
+    assert (temp / "aged").exists() and Path(a.token_path).exists()
+
+
 def test_head_without_auth_answers_without_token(heads):
     b = heads[1]
     assert _grpc_codes(b.ports["gcs"], None)["/ray.rpc.NodeInfoGcsService/GetClusterId"] == "OK"
@@ -232,6 +280,7 @@ def test_stop_head_leaves_no_process(heads):
     alive = [p for p in seen if not _gone(p)]
     assert not alive, f"still alive after stop_head: {alive}"
     assert not [s for s in listening_sockets(seen)], "a stopped head still listens"
+    assert not held_by_another(b.temp_dir), "a stopped head still holds its directory"
     assert heads[0].root_pid not in stopped and head_pids(heads[0]), "stopping one head touched the other"
 
 

@@ -37,7 +37,7 @@ from serving import ray_head
 from serving.ray_head import HeadInfo, client_env, head_pids, listening_sockets
 from tests.conftest import free_port, leased_to
 from tests.serving.cli.helpers import REPO, cli_env, freshet, freshet_popen
-from tests.serving.test_ray_head import RAY_DEFAULT_PORTS, refuses_without_token
+from tests.serving.test_ray_head import RAY_DEFAULT_PORTS, held_by_another, refuses_without_token
 
 TOKEN = "cli-test-token-93e1"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -193,6 +193,8 @@ def test_up_secure_by_default_ckpt_down_restore(tmp_path, plain_ray):
         # Serve's note that "new http_options ... will not be applied" read as if serving.port were ignored.
         assert "Connecting to existing Serve app" not in up.stdout + up.stderr
         _assert_secure(head)
+        # Held against /tmp's age-based cleaning while the head runs (Ray's dir and HAProxy's are in it).
+        assert held_by_another(root)
         # ray.max_inline_bytes reaches the head as Ray's system config (drivers and workers get it there).
         argv = Path(f"/proc/{head.root_pid}/cmdline").read_bytes().decode().split("\0")
         assert [json.loads(a.split("=", 1)[1]) for a in argv if a.startswith("--system-config=")] == [
