@@ -148,6 +148,29 @@ def test_capacity_is_honoured_and_memory_per_key_is_small():
     assert index.nbytes() / len(index) < 30  # the budget for the index at 1M rows
 
 
+def test_inserts_keep_the_index_at_most_three_quarters_full():
+    # The documented 1.33 entries a key at least: fuller, probe runs grow long, and in a full
+    # table a search for an absent key finds no bucket where it may stop.
+    rng = np.random.default_rng(5)
+    index = KeyIndex(0)
+    for size in [1] * 70 + [3, 7, 50, 200, 1000]:
+        index.insert(rng.integers(0, 2**64, size=size, dtype=np.uint64), np.arange(size))
+        assert index.nbytes() >= 13.125 * len(index) / 0.75, len(index)
+
+
+def test_removing_every_key_leaves_no_overflow_counts_behind():
+    # "No tombstones pile up under churn": a removed key takes back the overflow counts it
+    # left in the buckets it probed past, or else every later search for an absent key there
+    # reads on into the next buckets, for as long as the index lives.
+    keys = colliding_keys(40, top_bits=10, prefix=77, tag_bits=7)  # 40 keys, one home bucket
+    index = KeyIndex(3000)
+    index.insert(keys, np.arange(40))
+    assert index._overflow.any()  # the construction made keys probe past their home
+    index.remove(keys)
+    assert len(index) == 0
+    assert not index._overflow.any()
+
+
 def test_remove_then_reinsert_with_new_slots():
     index = KeyIndex()
     keys = np.arange(100, dtype=np.uint64) * np.uint64(0x10001)

@@ -149,16 +149,19 @@ def _fbgemm_rowwise_reference(w0: np.ndarray, grads: list[np.ndarray], lr: float
     return out
 
 
+# A large eps too: at 1e-6 eps is lost in rounding, so adding it inside the sqrt instead of
+# after it (sqrt(state + eps), not FBGEMM's sqrt(state) + eps) would go unnoticed.
+@pytest.mark.parametrize("eps", [1e-6, 0.5])
 @pytest.mark.parametrize("state_shape", [(N,), (N, 1)])
-def test_rowwise_adagrad_matches_fbgemm_formula(state_shape):
+def test_rowwise_adagrad_matches_fbgemm_formula(state_shape, eps):
     gen = torch.Generator().manual_seed(1)
     w0 = torch.randn(N, D, generator=gen)
     grads = [torch.randn(N, D, generator=gen) * (k + 1) for k in range(STEPS)]
-    ref = _fbgemm_rowwise_reference(w0.numpy(), [g.numpy().astype(np.float64) for g in grads], lr=0.1, eps=1e-6)
+    ref = _fbgemm_rowwise_reference(w0.numpy(), [g.numpy().astype(np.float64) for g in grads], lr=0.1, eps=eps)
 
     w, s = w0.clone(), torch.zeros(state_shape)
     for k, g in enumerate(grads):
-        w, s = optim.rowwise_adagrad(w, g, s, lr=0.1, eps=1e-6)
+        w, s = optim.rowwise_adagrad(w, g, s, lr=0.1, eps=eps)
         assert s.shape == state_shape
         np.testing.assert_allclose(w.numpy(), ref[k], atol=ATOL, rtol=0, err_msg=f"step {k}")
     expected_state = sum(g.pow(2).mean(dim=1) for g in grads)
@@ -167,7 +170,7 @@ def test_rowwise_adagrad_matches_fbgemm_formula(state_shape):
     # A single shared accumulator per row differs from element-wise Adagrad when dim > 1.
     we, se = w0.clone(), torch.zeros(N, D)
     for g in grads:
-        we, se = optim.adagrad(we, g, se, lr=0.1, eps=1e-6)
+        we, se = optim.adagrad(we, g, se, lr=0.1, eps=eps)
     assert (we - w).abs().max() > 1e-3
 
 

@@ -1,11 +1,11 @@
-"""RecentItems: users' recent items, bounded, idempotent by offset, in offset order."""
+"""RecentItems: users' recent items, bounded, idempotent by offset, in offset order; RowlessSweep."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from ps.recent import RecentItems
+from ps.recent import RecentItems, RowlessSweep
 
 
 def _u(*x) -> np.ndarray:
@@ -176,3 +176,26 @@ def test_a_tier_past_its_place_limit_is_refused_before_anything_changes():
     with pytest.raises(ValueError, match="users in one tier"):
         r.record(_u(1, 2), _u(10, 20), np.array([1, 2]))
     assert len(r) == 1 and r.items_of(7).tolist() == [70] and r.items_of(1).tolist() == []
+
+
+def test_rowless_sweep_drops_only_quiet_rowless_users_and_never_those_kept():
+    # keep: users of batches not pushed yet (a trainer's read-ahead), whose push may still
+    # admit them; dropping them would lose the session context of a user about to get a row.
+    sweep = RowlessSweep(60.0, now=0.0)
+    has_row = {1}
+
+    def rowless(users: np.ndarray) -> np.ndarray:
+        return np.array([int(u) not in has_row for u in users.tolist()], bool)
+
+    def held() -> np.ndarray:
+        return _u(1, 2, 3, 4, 5)
+
+    sweep.note(_u(2))
+    assert sweep.sweep(59.0, held, rowless) is None  # under every_s since the last sweep
+    # 1 has a row, 2 had an event, 3 is kept: only 4 and 5 (rowless, quiet) go.
+    assert sorted(sweep.sweep(60.0, held, rowless, keep=_u(3)).tolist()) == [4, 5]
+    # Later sweeps look at what they kept without a row and at recent traffic: 2 and 3, quiet
+    # since, go now (3 no longer kept); 6, just active, at the next.
+    sweep.note(_u(6))
+    assert sorted(sweep.sweep(120.0, held, rowless).tolist()) == [2, 3]
+    assert sorted(sweep.sweep(180.0, held, rowless).tolist()) == [6]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from ps.admission import Admission
 from ps.config import AdmissionConfig, OptimizerConfig, OptimizerKind, TableConfig
 from ps.ids import id_keys
 from ps.table import EmbeddingTable
@@ -79,6 +80,21 @@ def test_eviction_keeps_max_rows_and_drops_the_lowest_scores(policy):
     _push(t, [expected], 10)
     slot = t.lookup(id_keys([expected]))[0]
     assert t.state[slot].sum() == pytest.approx((np.ones(DIM) ** 2).mean())
+
+
+def test_lfu_counts_every_occurrence_of_an_id_in_one_push():
+    # A popular item shows up several times in one batch (several users, one push): each is a
+    # real interaction for LFU, not one per push.
+    t = _table(max_rows=2, eviction="lfu")
+    _push(t, ["a", "a", "a"], 1)  # 3 interactions in one push
+    _push(t, ["b"], 2)
+    _push(t, ["b"], 3)  # 2 interactions in two pushes
+    out = _push(t, ["c"], 4)
+    assert out.removed.tolist() == id_keys(["b"]).tolist()
+    assert _live(t) == {"a", "c"}
+    # Negatives in a push do not count: "c" is pushed 5 times as a negative, once as real.
+    _push(t, ["c"] * 6, 5, create=np.array([True] + [False] * 5))
+    assert t.score[t.lookup(id_keys(["c"]))[0]] == 2
 
 
 def test_eviction_never_takes_a_row_of_the_same_push_and_ties_go_to_the_lower_key():
@@ -177,6 +193,28 @@ def test_admission_halving_must_let_min_count_be_reached():
         AdmissionConfig(min_count=3, halve_every=2)
     with pytest.raises(ValueError, match="min_count=20 is above sketch_width / 4 = 16"):
         AdmissionConfig(min_count=20, sketch_width=64)
+
+
+def test_admission_halves_after_halve_every_pushes_counting_repeats():
+    # A push of an ID 3 times is 3 pushes toward halve_every, as it is toward min_count.
+    adm = Admission(AdmissionConfig(min_count=2, halve_every=8), seed=1)
+    adm.admit(id_keys(["a", "b"]), np.array([3, 3]))
+    assert adm.added == 6 and adm.count(id_keys(["a"]))[0] == 3
+    adm.admit(id_keys(["c"]), np.array([2]))  # 8 counted: every counter halves
+    assert adm.added == 0
+    assert adm.count(id_keys(["a", "b", "c"])).tolist() == [1, 1, 1]
+
+
+def test_admission_count_takes_the_least_collided_sketch_row():
+    # Count-min: each row over-counts where other keys share the cell; the minimum over the rows
+    # is exact for nearly every key (the most collided row would be for about half of them).
+    adm = Admission(AdmissionConfig(min_count=1, sketch_width=1024, sketch_depth=4, halve_every=1 << 40), seed=3)
+    keys = id_keys(list(range(200)))
+    true = np.arange(200) % 5 + 1
+    adm.admit(keys, true)
+    est = adm.count(keys)
+    assert (est >= true).all()
+    assert (est == true).mean() > 0.95
 
 
 def test_lifecycle_counts_what_admission_eviction_and_expiry_did():

@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import workers.model
-from workers.model import bpr_loss, mse_loss, score, top_k
+from workers.model import bpr_loss, dislike_loss, mse_loss, score, top_k
 
 
 def _sigmoid(x: float) -> float:
@@ -101,6 +101,34 @@ def test_bpr_loss_prefers_ranking_positives_first():
     good = bpr_loss(u, pos, torch.zeros(1), neg, torch.zeros(1, 1))
     bad = bpr_loss(u, neg[:, 0], torch.zeros(1), pos[:, None], torch.zeros(1, 1))
     assert float(good) < math.log(2) < float(bad)
+
+
+# --------------------------------------------------------------------------- dislikes
+
+
+def test_dislike_loss_value_and_gradient_by_hand():
+    # -w * log(1 - sigmoid(x)) = w * log(1 + e^x), x = u·item + bias: a negative label.
+    rng = np.random.default_rng(5)
+    u, it, b, w = rng.normal(size=(4, 3)), rng.normal(size=(4, 3)), rng.normal(size=4), rng.uniform(0.2, 2, size=4)
+    U, I, B = (torch.tensor(a, requires_grad=True) for a in (u, it, b))
+    loss = dislike_loss(U, I, B, torch.tensor(w))
+    loss.backward()
+    x = (u * it).sum(1) + b
+    assert float(loss.detach()) == pytest.approx((w * np.log1p(np.exp(x))).sum(), rel=1e-12)
+    sig = 1 / (1 + np.exp(-x))
+    np.testing.assert_allclose(U.grad.numpy(), (w * sig)[:, None] * it, rtol=1e-10)
+    np.testing.assert_allclose(B.grad.numpy(), w * sig, rtol=1e-10)
+    terms = dislike_loss(U, I, B, torch.tensor(w), reduction="none")
+    np.testing.assert_allclose(terms.detach().numpy(), w * np.log1p(np.exp(x)), rtol=1e-12)
+
+
+def test_a_step_on_a_dislike_pushes_the_items_score_down():
+    u, item, bias = torch.tensor([[1.0, 0.5]]), torch.tensor([[0.3, -0.2]], requires_grad=True), torch.zeros(1, requires_grad=True)
+    before = float(score(u, item.detach(), bias.detach()))
+    dislike_loss(u, item, bias, torch.ones(1)).backward()
+    with torch.no_grad():
+        after = float(score(u, item - 0.1 * item.grad, bias - 0.1 * bias.grad))
+    assert after < before
 
 
 # --------------------------------------------------------------------------- MSE

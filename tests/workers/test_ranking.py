@@ -101,6 +101,37 @@ def test_rank_many_ranks_a_user_without_a_row_by_their_session_context_as_rank_d
     assert off.rank_many(rowless[:1], np.array([False]), [["a", "b"]], 3)[0].fallback == "popular"
 
 
+class _ViewWithRemoved(ItemView):
+    """An ItemView whose slot ``removed`` holds a removed item: invalid, its key still found
+    by the lookup (the snapshot must not rely on the view's index forgetting it)."""
+
+    def __init__(self, ids, mats, removed: int):
+        super().__init__(ids, mats)
+        self._valid = np.ones(len(ids), bool)
+        self._valid[removed] = False
+
+    def valid(self) -> np.ndarray:
+        return self._valid
+
+
+def test_a_removed_item_is_never_ranked_scored_or_used_as_context_even_when_k_exceeds_the_catalogue():
+    # Its score is -inf, which still ranks above "nothing": with k past the live items, a
+    # ranking that only sorted scores would hand it back.
+    base, m = _view(), MODEL
+    tables = (m.item_table, m.item_bias_table, m.popularity_table, m.context_table, m.recent_table)
+    view = _ViewWithRemoved(ITEMS, {t: base.matrix(t) for t in tables}, removed=3)  # "c"
+    ranker = Ranker(view, MODEL)
+    u = np.ones((1, D), np.float32)
+    got = ranker.rank_many(u, np.array([True]), [[]], 10)[0]
+    assert sorted(map(str, got.item_ids)) == ["7", "9", "a", "b"]
+    assert np.isfinite(got.scores).all()
+    pop = ranker.rank_many(u, np.array([False]), [[]], 10)[0]
+    assert pop.fallback == "popular" and "c" not in pop.item_ids and len(pop.item_ids) == 4
+    scores, _ = ranker.score_items(u[0], ["c", "a"])
+    assert scores[0] is None and scores[1] is not None
+    np.testing.assert_array_equal(ranker.queries(u, [["c"]]), u)  # not a context item either
+
+
 def test_context_index_keeps_each_tail_in_order_and_pads():
     items, idx = context_index([["a", 7, "b", 7], [], ["b", 9]], 3)
     # Tails of width 3, oldest first; items numbered by first appearance across histories.
