@@ -289,7 +289,8 @@ def _seed_items(client, cfg, start: int, stop: int, seq: int, rng, chunk: int = 
         }
         if m.recent_table is not None:
             counts = rng.zipf(1.5, size=n).clip(1, 1000).astype(np.float32)
-            updates[m.recent_table] = (ids, np.stack([counts, np.zeros(n, np.float32)], 1))
+            width = cfg.ps.table(m.recent_table).dim  # (count, clock at 0 in one or two parts)
+            updates[m.recent_table] = (ids, np.concatenate([counts[:, None], np.zeros((n, width - 1), np.float32)], 1))
         if m.context_table is not None:
             updates[m.context_table] = (ids, rng.normal(size=(n, dim)).astype(np.float32))
         client.push_many(updates, PushId(_SEED_PRODUCER, seq))
@@ -315,6 +316,7 @@ def _expected_rank(client, cfg, user: str, n_items: int, k: int) -> tuple[list[i
     """Top ``k`` of ``user`` computed here with plain numpy from rows pulled from the PS:
     ``(item ids, every item's score, seen items)``."""
     from ps.ids import keyed
+    from ps.optim import row_clocks
 
     m = cfg.model
     ids = np.arange(n_items, dtype=np.int64)
@@ -331,7 +333,8 @@ def _expected_rank(client, cfg, user: str, n_items: int, k: int) -> tuple[list[i
     scores = items.astype(np.float64) @ q + bias
     if m.recent_table is not None and m.recent_weight:
         rc = pulled[m.recent_table][0].astype(np.float64)
-        scores += m.recent_weight * np.log1p(rc[:, 0] * np.exp2(rc[:, 1] - rc[:, 1].max()))
+        clocks = row_clocks(rc)
+        scores += m.recent_weight * np.log1p(rc[:, 0] * np.exp2(clocks - clocks.max()))
     seen = set(recent)
     order = [i for i in np.argsort(-scores, kind="stable").tolist() if i not in seen][:k]
     return order, scores, seen

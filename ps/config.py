@@ -242,10 +242,11 @@ def _default_tables() -> dict[str, TableConfig]:
         "item_pop": TableConfig(
             dim=1, init=InitKind.ZEROS, follows="item", optimizer=OptimizerConfig(kind=OptimizerKind.ACCUMULATE, lr=1.0)
         ),
-        # Recency-decayed interaction counts per item, (count, clock in half-lives): the
+        # Recency-decayed interaction counts per item, (count, clock in half-lives as a high
+        # and a low part, so it stays precise for years: ps.optim.CLOCK_STEP): the
         # recent-popularity prior in the score and the popular fallback.
         "item_recent": TableConfig(
-            dim=2, init=InitKind.ZEROS, follows="item", optimizer=OptimizerConfig(kind=OptimizerKind.DECAYED_COUNT)
+            dim=3, init=InitKind.ZEROS, follows="item", optimizer=OptimizerConfig(kind=OptimizerKind.DECAYED_COUNT)
         ),
         # Item context vectors: a user's query is their row plus the mean of their recent
         # items' context rows. Zero init: the context starts neutral. lr 0.2 as for users,
@@ -262,7 +263,7 @@ class PSConfig(ConfigModel):
     Raises:
         pydantic.ValidationError: (a ``ValueError``) an unknown key, a value out of range,
             ``num_buckets < num_shards``, a ``follows`` or ``recent_follows`` that names no
-            table, a table that follows a follower, a ``decayed_count`` table whose dim is not 2, or an
+            table, a table that follows a follower, a ``decayed_count`` table whose dim is not 2 or 3, or an
             optimizer setting that its kind does not use (``momentum`` outside ``sgd``, say).
     """
 
@@ -348,9 +349,9 @@ class PSConfig(ConfigModel):
         for name, t in self.tables.items():
             # Caught here, such a table would fail each push that reaches it only once the push
             # is logged, and a restart would replay that failure forever.
-            if self.optimizer_for(name).kind is OptimizerKind.DECAYED_COUNT and t.dim != 2:
+            if self.optimizer_for(name).kind is OptimizerKind.DECAYED_COUNT and t.dim not in (2, 3):
                 raise ValueError(f"tables.{name}.dim={t.dim}: optimizer decayed_count keeps (count, clock) rows, "
-                                 "so dim must be 2")
+                                 "so dim must be 3 (the clock in two parts) or 2 (in one, coarse after ~1e10 events)")
         if self.recent_follows is not None and self.recent_follows not in self.tables:
             # Unchecked, a typo meant users' recent items were never dropped with their rows.
             raise ValueError(f"recent_follows={self.recent_follows!r} is not a table ({sorted(self.tables)})")

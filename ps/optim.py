@@ -20,13 +20,16 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+import numpy as np
+
 from ps.config import OptimizerConfig, OptimizerKind
 from ps.lazy import torch
 
 if TYPE_CHECKING:
     from torch import Tensor
 
-__all__ = ["accumulate", "adagrad", "apply", "decayed_count", "reduce_pushed", "rowwise_adagrad", "sgd", "state_shape"]
+__all__ = ["CLOCK_STEP", "accumulate", "adagrad", "apply", "clock_columns", "decayed_count", "reduce_pushed",
+           "row_clocks", "rowwise_adagrad", "sgd", "state_shape"]
 
 
 def _check_rows(rows: Tensor, grads: Tensor) -> None:
@@ -115,21 +118,75 @@ def accumulate(rows: Tensor, grads: Tensor, *, lr: float = 1.0) -> Tensor:
     return rows.add(grads, alpha=lr)
 
 
+CLOCK_STEP = 4096.0
+"""Half-lives in one step of the high part of a 3-column ``decayed_count`` clock.
+
+A clock in one float32 grows coarse as it grows: the trainers' clock is the stream's
+position in half-lives (``model.recent_halflife_events``, 2,000 events by default), and
+float32 keeps 24 bits, so after 1e10 events (116 days at 1,000 events/s) it moves in steps
+of half a half-life, after 3.4e10 in steps of two. Split into a high part (a multiple of
+``CLOCK_STEP``, exact in float32 up to 2**36 half-lives) and a low part below ``CLOCK_STEP``
+(steps of at most 2**-12 half-lives), it keeps that precision at every age; below
+``CLOCK_STEP`` half-lives (8.2M events by default) the low part is the 2-column clock itself,
+bit for bit.
+"""
+
+
+def clock_columns(clock: np.ndarray | float, dim: int) -> np.ndarray:
+    """The clock columns of ``decayed_count`` rows of width ``dim`` (2 or 3) for ``clock``
+    (half-lives, ``float64 [n]`` or a scalar): ``float32 [n, 1]`` (the clock) for dim 2,
+    ``float32 [n, 2]`` (high part, low part; :data:`CLOCK_STEP`) for dim 3.
+
+    Raises:
+        ValueError: ``dim`` is neither 2 nor 3.
+    """
+    c = np.atleast_1d(np.asarray(clock, np.float64))
+    if dim == 2:
+        return c.astype(np.float32)[:, None]
+    if dim != 3:
+        raise ValueError(f"dim: a decayed_count table has dim 2 (count, clock) or 3 (count, clock high, low), got {dim}")
+    hi = np.floor(c / CLOCK_STEP) * CLOCK_STEP
+    return np.stack([hi, c - hi], axis=1).astype(np.float32)
+
+
+def row_clocks(rows: np.ndarray) -> np.ndarray:
+    """The clocks (half-lives, ``float64 [n]``) of ``decayed_count`` rows (``[n, 2]`` or
+    ``[n, 3]``): column 1, or columns 1 and 2 added (exact in float64)."""
+    r = np.asarray(rows)
+    clock = r[:, 1].astype(np.float64)
+    return clock + r[:, 2].astype(np.float64) if r.shape[1] == 3 else clock
+
+
 def decayed_count(rows: Tensor, grads: Tensor) -> Tensor:
     """Merge pushed ``(count, clock)`` rows into exponentially decayed counters.
 
-    Column 0 is a count (interactions), column 1 the clock it is valid at, in
-    half-lives: a count halves every clock unit. Both sides are decayed to the later
+    Column 0 is a count (interactions), the rest the clock it is valid at, in half-lives: a
+    count halves every clock unit. Dim 2 keeps the clock in column 1; dim 3 splits it into
+    a high part (column 1, a multiple of :data:`CLOCK_STEP`) and a low part (column 2), so
+    that it stays precise however far the stream goes. Both sides are decayed to the later
     clock and added; the clock becomes that later one. The merge is commutative and
-    associative (up to float rounding), so pushes from several trainers, in any order,
-    give the same counter. A zero row is an empty counter.
+    associative (up to float rounding), so pushes from several trainers, in any order, give
+    the same counter. A zero row is an empty counter.
+
+    Raises:
+        ValueError: rows of another width than 2 or 3, or ``grads`` not of their shape.
     """
     _check_rows(rows, grads)
-    if rows.shape[1] != 2:
-        raise ValueError(f"rows: a decayed_count table has dim 2 (count, clock), got dim {rows.shape[1]}")
-    clock = torch.maximum(rows[:, 1], grads[:, 1])
-    count = rows[:, 0] * torch.exp2(rows[:, 1] - clock) + grads[:, 0] * torch.exp2(grads[:, 1] - clock)
-    return torch.stack([count, clock], dim=1)
+    if rows.shape[1] == 2:
+        clock = torch.maximum(rows[:, 1], grads[:, 1])
+        count = rows[:, 0] * torch.exp2(rows[:, 1] - clock) + grads[:, 0] * torch.exp2(grads[:, 1] - clock)
+        return torch.stack([count, clock], dim=1)
+    if rows.shape[1] != 3:
+        raise ValueError(f"rows: a decayed_count table has dim 2 (count, clock) or 3 (count, clock high, low), "
+                         f"got dim {rows.shape[1]}")
+    later = (grads[:, 1] > rows[:, 1]) | ((grads[:, 1] == rows[:, 1]) & (grads[:, 2] >= rows[:, 2]))
+    hi = torch.where(later, grads[:, 1], rows[:, 1])
+    lo = torch.where(later, grads[:, 2], rows[:, 2])
+    # The high parts' difference is exact and is 0 between clocks less than CLOCK_STEP apart:
+    # then this is the 2-column arithmetic on the low parts, bit for bit.
+    count = (rows[:, 0] * torch.exp2((rows[:, 1] - hi) + (rows[:, 2] - lo))
+             + grads[:, 0] * torch.exp2((grads[:, 1] - hi) + (grads[:, 2] - lo)))
+    return torch.stack([count, hi, lo], dim=1)
 
 
 def reduce_pushed(kind: OptimizerKind, grads: Tensor, inverse: Tensor, n: int) -> Tensor:
@@ -140,6 +197,17 @@ def reduce_pushed(kind: OptimizerKind, grads: Tensor, inverse: Tensor, n: int) -
     """
     if OptimizerKind(kind) is not OptimizerKind.DECAYED_COUNT:
         return torch.zeros((n, grads.shape[1]), dtype=grads.dtype, device=grads.device).index_add_(0, inverse, grads)
+    if grads.shape[1] == 3:
+        # The latest clock of each ID, found on the exact float64 sum of the two parts.
+        whole = grads[:, 1].double() + grads[:, 2].double()
+        latest = torch.zeros(n, dtype=torch.float64, device=grads.device).scatter_reduce_(
+            0, inverse, whole, reduce="amax", include_self=False
+        )
+        hi = torch.floor(latest / CLOCK_STEP) * CLOCK_STEP
+        hi, lo = hi.to(grads.dtype), (latest - hi).to(grads.dtype)
+        age = (grads[:, 1] - hi[inverse]) + (grads[:, 2] - lo[inverse])
+        count = torch.zeros(n, dtype=grads.dtype, device=grads.device).index_add_(0, inverse, grads[:, 0] * torch.exp2(age))
+        return torch.stack([count, hi, lo], dim=1)
     clock = torch.zeros(n, dtype=grads.dtype, device=grads.device).scatter_reduce_(
         0, inverse, grads[:, 1], reduce="amax", include_self=False
     )

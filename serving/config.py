@@ -414,9 +414,9 @@ class FreshetConfig(ConfigModel):
             if t is None:
                 raise ValueError(f"model.recent_table={m.recent_table!r} is not in ps.tables {sorted(self.ps.tables)}")
             kind = self.ps.optimizer_for(m.recent_table).kind
-            if t.dim != 2 or kind != OptimizerKind.DECAYED_COUNT:
+            if t.dim not in (2, 3) or kind != OptimizerKind.DECAYED_COUNT:
                 raise ValueError(
-                    f"ps.tables.{m.recent_table} (model.recent_table) must have dim 2 and optimizer kind "
+                    f"ps.tables.{m.recent_table} (model.recent_table) must have dim 3 (or 2) and optimizer kind "
                     f"'decayed_count', got dim {t.dim} and kind {kind.value!r}"
                 )
         # Each role's rows take one kind of update: counts add up, gradients are descended. The

@@ -142,7 +142,7 @@ class ModelConfig(ConfigModel):
         "item row and, with BPR, the mean of its negatives'; dislikes get none (per unit squared norm)",
     )
     recent_table: str | None = Field(
-        "item_recent", description="decayed_count table of recent item popularity (dim 2); null disables the prior"
+        "item_recent", description="decayed_count table of recent item popularity (dim 3, or 2); null disables the prior"
     )
     # Measured on MovieLens (BENCHMARKS.md): 2,000 events beats 500-1,000 and 3,000-4,000.
     recent_halflife_events: float = Field(

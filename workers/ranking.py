@@ -23,6 +23,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from ps.ids import ID, Keyed, keyed
+from ps.optim import row_clocks
 from workers.config import ModelConfig
 from workers.model import top_k
 
@@ -179,9 +180,11 @@ class RankingSnapshot:
         valid = view.valid()
         if not valid.any():
             return np.zeros(len(m))
-        # Rows are (count, clock in half-lives); the newest clock any item was pushed at is "now".
-        now = float(m[valid, 1].max())
-        return m[:, 0].astype(np.float64) * np.exp2(m[:, 1].astype(np.float64) - now)
+        # Rows are (count, clock in half-lives: ps.optim.decayed_count); the newest clock any
+        # item was pushed at is "now".
+        clocks = row_clocks(m)
+        now = float(clocks[valid].max())
+        return m[:, 0].astype(np.float64) * np.exp2(clocks - now)
 
     def __len__(self) -> int:
         return int(self.valid.sum())

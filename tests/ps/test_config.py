@@ -76,7 +76,8 @@ def test_a_table_reference_to_no_table_is_a_load_time_error(ps, field):
         load_config(None, {"ps": ps})
 
 
-@pytest.mark.parametrize("ps, table", [({"tables": {"item_recent": {"dim": 3}}}, "item_recent"),
+@pytest.mark.parametrize("ps, table", [({"tables": {"item_recent": {"dim": 4}}}, "item_recent"),
+                                       ({"tables": {"item_recent": {"dim": 1}}}, "item_recent"),
                                        ({"tables": {"item": {"optimizer": {"kind": "decayed_count"}}}}, "item"),
                                        ({"optimizer": {"kind": "decayed_count"}}, "item")])
 def test_a_decayed_count_table_of_another_dim_is_a_load_time_error(ps, table):
@@ -85,7 +86,7 @@ def test_a_decayed_count_table_of_another_dim_is_a_load_time_error(ps, table):
     from ps.config import ConfigError
     from serving.config import load_config
 
-    with pytest.raises(ConfigError, match=rf"tables\.{table}\.dim=\d+: optimizer decayed_count .* dim must be 2"):
+    with pytest.raises(ConfigError, match=rf"tables\.{table}\.dim=\d+: optimizer decayed_count .* dim must be 3 .* or 2"):
         load_config(None, {"ps": ps})
 
 

@@ -336,8 +336,8 @@ def test_decayed_count_merges_at_the_later_clock():
     new_rows, state = optim.apply(OptimizerConfig(kind=OptimizerKind.DECAYED_COUNT), rows, pushed, torch.zeros(3, 0))
     torch.testing.assert_close(new_rows, out)
     assert state.shape == (3, 0)
-    with pytest.raises(ValueError, match="dim 2"):
-        optim.decayed_count(torch.zeros(2, 3), torch.zeros(2, 3))
+    with pytest.raises(ValueError, match=r"dim 2 \(count, clock\) or 3 .* got dim 4"):
+        optim.decayed_count(torch.zeros(2, 4), torch.zeros(2, 4))
 
 
 def test_decayed_count_is_order_independent_and_matches_the_reference():
@@ -370,6 +370,64 @@ def test_reduce_pushed_merges_duplicates_per_kind():
     for g in grads[inverse == 1]:
         row = optim.decayed_count(row, g[None])
     torch.testing.assert_close(optim.decayed_count(torch.zeros(1, 2), merged[1:]), row)
+
+
+def _split(counts: torch.Tensor, clocks: np.ndarray) -> torch.Tensor:
+    """3-column decayed_count rows (count, clock high, low) of ``clocks`` (half-lives, float64)."""
+    return torch.cat([counts[:, None], torch.from_numpy(optim.clock_columns(clocks, 3))], dim=1)
+
+
+def test_a_split_clock_merges_bit_for_bit_as_one_clock_below_clock_step():
+    # Below CLOCK_STEP half-lives (8.2M events at the default half-life) the high part is 0 and
+    # the 3-column rule is the 2-column one on the low part: every figure measured with 2
+    # columns (BENCHMARKS.md) holds for the 3-column default.
+    gen = torch.Generator().manual_seed(11)
+    n = 64
+    counts, pushed = torch.rand(n, generator=gen) * 9, torch.rand(n, generator=gen) * 9
+    c_rows = (torch.rand(n, generator=gen) * 4000).double().numpy()
+    c_push = (torch.rand(n, generator=gen) * 4000).double().numpy()
+    two = optim.decayed_count(torch.stack([counts, torch.from_numpy(c_rows).float()], 1),
+                              torch.stack([pushed, torch.from_numpy(c_push).float()], 1))
+    three = optim.decayed_count(_split(counts, c_rows), _split(pushed, c_push))
+    assert torch.equal(three[:, 0], two[:, 0]) and torch.equal(three[:, 2], two[:, 1]) and not three[:, 1].any()
+    inverse = torch.randint(0, 9, (n,), generator=gen)
+    two = optim.reduce_pushed(OptimizerKind.DECAYED_COUNT, torch.stack([pushed, torch.from_numpy(c_push).float()], 1), inverse, 9)
+    three = optim.reduce_pushed(OptimizerKind.DECAYED_COUNT, _split(pushed, c_push), inverse, 9)
+    assert torch.equal(three[:, 0], two[:, 0]) and torch.equal(three[:, 2], two[:, 1])
+
+
+@pytest.mark.parametrize("start", [2.0**25, 4095.9, 1e9 + 0.3])
+def test_a_split_clock_keeps_decaying_where_one_float32_clock_has_stopped(start):
+    # At 2**25 half-lives (6.7e10 events at 2,000 a half-life) one float32 clock moves in steps
+    # of 4 half-lives: a count a quarter half-life older merged as if it were current.
+    # Split, the clock keeps its precision, across a CLOCK_STEP boundary too (4095.9 -> 4096.15).
+    later = start + 0.25
+    exact = 1.0 * 2.0 ** (start - later) + 2.0  # 1 counted at start, 2 at later, seen at later
+    three = optim.decayed_count(_split(torch.tensor([1.0]), np.array([start])),
+                                _split(torch.tensor([2.0]), np.array([later])))
+    assert three[0, 0].item() == pytest.approx(exact, rel=1e-4)
+    assert optim.row_clocks(three.numpy())[0] == pytest.approx(later, abs=2.0**-11)
+    # Merged the other way round, and as duplicates of one push: the same counter.
+    swapped = optim.decayed_count(_split(torch.tensor([2.0]), np.array([later])),
+                                  _split(torch.tensor([1.0]), np.array([start])))
+    torch.testing.assert_close(swapped, three)
+    pushed = torch.cat([_split(torch.tensor([1.0]), np.array([start])), _split(torch.tensor([2.0]), np.array([later]))])
+    reduced = optim.reduce_pushed(OptimizerKind.DECAYED_COUNT, pushed, torch.tensor([0, 0]), 1)
+    assert reduced[0, 0].item() == pytest.approx(exact, rel=1e-4)
+    assert optim.row_clocks(reduced.numpy())[0] == pytest.approx(later, abs=2.0**-11)
+    if start == 2.0**25:  # what one float32 clock does there
+        two = optim.decayed_count(torch.tensor([[1.0, start]]), torch.tensor([[2.0, later]]))
+        assert two[0, 0].item() == 3.0
+
+
+def test_clock_columns_and_row_clocks_round_trip():
+    clocks = np.array([0.0, 0.5, 4095.75, 4096.0, 123_456.625, 5e6 + 0.125])
+    rows = np.concatenate([np.ones((len(clocks), 1), np.float32), optim.clock_columns(clocks, 3)], axis=1)
+    np.testing.assert_allclose(optim.row_clocks(rows), clocks, rtol=0, atol=2.0**-12)
+    assert (rows[:, 1] % optim.CLOCK_STEP == 0).all() and (rows[:, 2] < optim.CLOCK_STEP).all()
+    np.testing.assert_array_equal(optim.clock_columns(clocks, 2)[:, 0], clocks.astype(np.float32))
+    with pytest.raises(ValueError, match="dim 2 .* or 3"):
+        optim.clock_columns(clocks, 4)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

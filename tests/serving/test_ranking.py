@@ -36,6 +36,7 @@ import numpy as np
 import pytest
 import ray
 
+from ps.optim import row_clocks
 from tests.conftest import _ray_start, free_port, wait_for
 
 N_USERS, N_ITEMS, PER_USER = 40, 50, 6
@@ -141,8 +142,9 @@ def _expected(dep, cfg, user: str) -> tuple[list[str], dict[str, float]]:
     if recent:
         q = q + pulled[m.context_table][0][recent[-m.context_items:]].astype(np.float64).mean(0)
     rc = pulled[m.recent_table][0].astype(np.float64)
+    clocks = row_clocks(rc)
     scores = (pulled[m.item_table][0].astype(np.float64) @ q + pulled[m.item_bias_table][0][:, 0]
-              + m.recent_weight * np.log1p(rc[:, 0] * np.exp2(rc[:, 1] - rc[:, 1].max())))
+              + m.recent_weight * np.log1p(rc[:, 0] * np.exp2(clocks - clocks.max())))
     order = [i for i in np.argsort(-scores, kind="stable").tolist() if i not in set(recent)][:K]
     return [items[i] for i in order], {items[i]: float(scores[i]) for i in range(N_ITEMS)}
 

@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 import ray
 
+from ps.optim import row_clocks
 from tests.conftest import wait_for
 from workers.trainer import partitions_of
 
@@ -68,7 +69,7 @@ def _run(partitions: int, trainers: int) -> dict:
             "ingest": ray.get(dep.ingest.stats.remote(), timeout=60),
             "trainers": stats,
             "popularity": ps.pull("item_pop", ITEMS)[:, 0],
-            "recent_clock": ps.pull(cfg.model.recent_table, ITEMS)[:, 1] * cfg.model.recent_halflife_events,
+            "recent_clock": row_clocks(ps.pull(cfg.model.recent_table, ITEMS)) * cfg.model.recent_halflife_events,
             "recent": ps.seen(USERS),
         }
     finally:

@@ -132,6 +132,22 @@ def test_a_removed_item_is_never_ranked_scored_or_used_as_context_even_when_k_ex
     np.testing.assert_array_equal(ranker.queries(u, [["c"]]), u)  # not a context item either
 
 
+def test_the_prior_reads_a_split_clock_across_its_high_parts():
+    # The default recent table keeps its clock in two parts (ps.optim.CLOCK_STEP); far into a
+    # stream the high parts differ between items counted a few half-lives apart.
+    from ps.optim import clock_columns
+
+    clocks = np.array([3e7 + 1.0, 3e7 - 2.0, 0.0, 3e7 + 1.0, 3e7 - 4095.0])
+    counts = np.array([4.0, 16.0, 0.0, 1.0, 2.0], np.float32)
+    recent = np.concatenate([counts[:, None], clock_columns(clocks, 3)], axis=1)
+    assert len(set(recent[:, 1].tolist())) > 2  # more than one high part among the counted items
+    ranker = Ranker(_view(recent), MODEL)
+    np.testing.assert_allclose(ranker.recent_counts(), counts * np.exp2(clocks - clocks.max()), rtol=1e-6)
+    # b: 16 three half-lives back is 2, under a's 4.
+    pop = ranker.rank_many(np.zeros((1, D), np.float32), np.array([False]), [[]], 2)[0]
+    assert pop.item_ids == ["a", "b"] and pop.scores == pytest.approx([4.0, 2.0])
+
+
 def test_context_index_keeps_each_tail_in_order_and_pads():
     items, idx = context_index([["a", 7, "b", 7], [], ["b", 9]], 3)
     # Tails of width 3, oldest first; items numbered by first appearance across histories.

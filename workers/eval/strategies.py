@@ -38,6 +38,7 @@ import pyarrow as pa
 
 from ps.ids import ID, as_id_array, id_keys, ids_from_arrow, keyed
 from ps.lazy import torch
+from ps.optim import clock_columns
 from ps.table import EmbeddingTable
 from workers.config import LossKind, StrategyKind
 from workers.model import bpr_loss, context_index, mse_loss, signals, user_queries
@@ -281,13 +282,13 @@ class _Recent:
 
     def add(self, items: np.ndarray, end: int, confidence: np.ndarray) -> None:
         """Count ``items`` (``confidence`` each, as the trainer counts) at stream offset ``end``."""
-        clock = np.full(len(items), end / self.halflife, np.float32)
+        clock = np.repeat(clock_columns(end / self.halflife, self.table.dim), len(items), axis=0)
         k = keyed(items)
         counts = np.asarray(confidence, np.float32)
-        self.table.push(k.keys, torch.from_numpy(np.stack([counts, clock], axis=1)), ids=k.ids)
+        self.table.push(k.keys, torch.from_numpy(np.concatenate([counts[:, None], clock], axis=1)), ids=k.ids)
 
     def rows_for(self, ids: Sequence[ID] | np.ndarray) -> np.ndarray:
-        """``[len(ids), 2]`` (count, clock) rows; zeros for items never counted."""
+        """``[len(ids), dim]`` (count, clock) rows (``ps.optim.decayed_count``); zeros for items never counted."""
         return self.table.pull(keyed(ids).keys, initial=False)[0]
 
 
@@ -419,7 +420,7 @@ class _LocalMF:
         return vecs, found
 
     def view(self, recent: np.ndarray | None = None) -> ItemView:
-        """The served catalogue; ``recent`` adds ``(count, clock)`` rows for the recent-popularity prior."""
+        """The served catalogue; ``recent`` adds ``(count, clock)`` rows (``ps.optim.decayed_count``) for the recent-popularity prior."""
         m = self.model
         mats = {
             m.item_table: self.items.matrix(),

@@ -136,6 +136,7 @@ def test_a_restore_into_a_fresh_log_carries_the_recent_popularity_clock_on(tmp_p
     # the old stream's position: new events counted as 1,000 events older than the
     # checkpoint's, and the checkpoint's items never decayed.
     from ps.local import LocalClient
+    from ps.optim import row_clocks
     from workers.trainer import Trainer
 
     cfg, ckpt = _setup(tmp_path)
@@ -150,7 +151,7 @@ def test_a_restore_into_a_fresh_log_carries_the_recent_popularity_clock_on(tmp_p
     trainer = Trainer(0, synth, client=client, state_dir=state_dirs(cfg)["trainers"])
     assert trainer.stats()["clock_base"] == 70
     trainer.run()
-    clocks = client.shard.tables[synth.model.recent_table].pull(client.shard.live_keys(synth.model.recent_table)[1])[0][:, 1]
+    clocks = row_clocks(client.shard.tables[synth.model.recent_table].pull(client.shard.live_keys(synth.model.recent_table)[1])[0])
     assert clocks.max() * synth.model.recent_halflife_events == pytest.approx(70 + 256)
 
 
