@@ -76,6 +76,15 @@ def test_validate_id_default_field_name():
         validate_id(None)
 
 
+def test_keyed_names_the_callers_field_for_a_bad_id():
+    # The client and /rank hash request IDs with keyed(ids, "user_id"): the error must name
+    # that field, not the generic "id".
+    with pytest.raises(ValueError, match=r"^user_id: string ID must not be empty"):
+        keyed(["a", ""], "user_id")
+    with pytest.raises(ValueError, match=r"^item_id: must be an int or str ID, got float"):
+        keyed(["a", 1.5], "item_id")
+
+
 # --- keys --------------------------------------------------------------------------------
 
 
@@ -228,6 +237,18 @@ def test_arrow_round_trip_numpy_input_and_multiple_chunks():
 
 def test_arrow_round_trip_empty():
     assert ids_from_arrow(ids_to_arrow([])).tolist() == []
+
+
+@pytest.mark.parametrize(("ids", "reason"), [(["a", True], "bool"), (["a", ""], "empty"), ([1, "x" * 1025], "longer")])
+def test_arrow_union_refuses_an_id_it_could_not_give_back(ids, reason):
+    # union=True is what logs and checkpoints store. Unchecked, True would be written as the
+    # int 1 (read back as another ID) and "" or an over-long string would be stored although
+    # no request could ever name it again.
+    with pytest.raises(ValueError, match=reason):
+        ids_to_arrow(ids, union=True)
+    arr = ids_to_arrow(["a", 7], union=True)
+    assert arr.type == pa.dense_union([pa.field("int", pa.int64()), pa.field("str", pa.string())])
+    assert ids_from_arrow(arr).tolist() == ["a", 7]
 
 
 # --- as_id_array -------------------------------------------------------------------------

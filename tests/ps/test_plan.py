@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 from pydantic import ValidationError
@@ -110,3 +112,26 @@ def test_describe_lists_every_shard():
     text = ShardingPlan.uniform(10, 3).describe()
     lines = text.splitlines()
     assert lines == ["shard 0: 4 buckets (40.0%)", "shard 1: 3 buckets (30.0%)", "shard 2: 3 buckets (30.0%)"]
+
+
+def test_saved_plan_problem_refuses_any_other_assignment():
+    # Rows saved under another assignment sit on shards that no longer own their buckets, even
+    # when the shard and bucket counts match.
+    plan = ShardingPlan.uniform(8, 2)
+    assert plan.saved_plan_problem(json.loads(plan.model_dump_json())) is None
+    swapped = ShardingPlan(num_shards=2, assignment=(1, 1, 1, 1, 0, 0, 0, 0))
+    problem = plan.saved_plan_problem(json.loads(swapped.model_dump_json()))
+    assert problem is not None and "different sharding plan" in problem
+    more = plan.saved_plan_problem(ShardingPlan.uniform(16, 2).model_dump())
+    assert more is not None and "2 shards over 16 buckets" in more and "ps.num_buckets=8" in more
+    bad = plan.saved_plan_problem({"num_shards": 2, "assignment": [0, 0]})
+    assert bad is not None and bad.startswith("its sharding plan is not readable")
+
+
+def test_an_unreadable_saved_plan_says_why():
+    # A snapshot whose plan is invalid is refused with "its sharding plan is not readable (...)":
+    # it kept only pydantic's first line ("1 validation error for ShardingPlan"), not the reason.
+    bad = ShardingPlan.uniform(8, 2).saved_plan_problem({"num_shards": 2, "assignment": [0, 0]})
+    assert "own no bucket" in bad
+    typo = ShardingPlan.uniform(8, 2).saved_plan_problem({"num_shards": "two", "assignment": [0, 1]})
+    assert "num_shards: Input should be a valid integer" in typo

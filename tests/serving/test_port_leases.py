@@ -77,6 +77,10 @@ def test_a_lease_ends_at_its_expiry_and_a_reused_pid_does_not_keep_it(lease_dir)
         leases.add([26001], ttl_s=0.2)
         leases.add([26002])
         leases.add([26003], ttl_s=0)  # over at once (it once divided by zero)
+    with port_leases.leasing() as leases:
+        # Seen before the owner check below could hide it: the ttl_s=0 lease is over, not held.
+        taken = leases.taken()
+        assert 26002 in taken and 26003 not in taken
     data = json.loads((lease_dir / "leases.json").read_text())
     data["leases"][1]["start"] -= 1  # as if this pid had been another process's, now exited
     (lease_dir / "leases.json").write_text(json.dumps(data))

@@ -136,6 +136,50 @@ def test_wal_drops_a_torn_tail_and_rotates(tmp_path):
     assert [r.seq for r, _, _ in TrainerWAL(tmp_path).pending()] == [100]
 
 
+def test_wal_fsync_syncs_each_record_and_a_rotation_syncs_its_rename(tmp_path, monkeypatch):
+    # trainer.wal_fsync promises that a record survives a machine crash: each push and commit
+    # must fsync the WAL file itself (the flush done anyway reaches only the OS). Without it,
+    # nothing is synced per record. A rotation replaces the file by a rename, durable only
+    # once the directory is synced too.
+    import workers.wal as wal_mod
+    from ps.ids import keyed
+    from ps.persist import TableUpdate
+
+    synced: list[int] = []  # inode of each fsync'd descriptor
+    dirs: list = []
+    real_fsync, real_fsync_path = os.fsync, wal_mod.fsync_path
+
+    def fsync(fd):
+        synced.append(os.fstat(fd).st_ino)
+        real_fsync(fd)
+
+    def fsync_path(path):
+        dirs.append(str(path))
+        real_fsync_path(path)
+
+    monkeypatch.setattr(wal_mod.os, "fsync", fsync)
+    monkeypatch.setattr(wal_mod, "fsync_path", fsync_path)
+    k = keyed([1, 2])
+    upd = {"item": TableUpdate("item", k.keys, np.ones((2, 64), np.float32), k.ids, None)}
+    for durable in (False, True):
+        root = tmp_path / f"fsync-{durable}"
+        wal = TrainerWAL(root, fsync=durable, rotate_bytes=16384)
+        ino = (root / "wal.arrows").stat().st_ino
+        synced.clear()
+        dirs.clear()
+        wal.write(PushRecord(0, 0, 10, 0), upd)
+        after_write = synced.count(ino)
+        wal.commit({0: 10}, 10)
+        assert (after_write, synced.count(ino)) == ((1, 2) if durable else (0, 0)), durable
+        assert dirs == []  # no rotation yet
+        for seq in range(1, 20):
+            wal.write(PushRecord(seq, 10 * seq, 10 * seq + 10, 0), upd)
+            wal.commit({0: 10 * seq + 10}, 10 * seq + 10)
+        assert (root / "wal.arrows").stat().st_ino != ino  # rotated
+        assert str(root) in dirs
+        wal.close()
+
+
 def test_wal_keeps_a_read_ahead_batchs_pushes_pending_past_the_commit_of_the_batch_before(tmp_path):
     # With trainer.prefetch the next batch's pushes are written and sent before this batch's
     # commit: that commit must not settle them (a crash then would never re-send them, and the

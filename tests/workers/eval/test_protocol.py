@@ -135,6 +135,49 @@ def test_windowed_recall_and_recovery_have_known_answers():
         windowed_recall(offsets, ranks, window=0)
 
 
+def test_summary_metrics_count_ranks_below_k_only():
+    # Ranks are 0-based: recall@10 and NDCG@10 count ranks 0..9, never rank 10.
+    from workers.eval.protocol import EvalResult
+
+    res = EvalResult("s", {}, events=4, eval_offsets=np.array([0, 1, 2, 3]), eval_ranks=np.array([9, 10, -1, 0]),
+                     cold_ranks=np.array([0, 15, -1]), staleness_events=np.array([2.0, 2.0, 8.0, 0.0]),
+                     staleness_s=np.array([np.nan, 1.0, 3.0, 9.0]))
+    assert res.recall(10) == 0.5 and res.recall(11) == 0.75 and res.recall(20) == 0.75
+    assert res.ndcg(10) == pytest.approx((1 / np.log2(11) + 1.0) / 4)
+    # since= is inclusive: offsets 2 and 3 (a miss, a hit).
+    assert res.recall(10, since=2) == 0.5 and res.recall(10, since=4) is None
+    row = res.summary(warmup_offset=2)
+    assert row["recall@10_after_warmup"] == 0.5
+    assert row["cold_recall@10"] == pytest.approx(1 / 3) and row["cold_recall@20"] == pytest.approx(2 / 3)
+    assert row["staleness_events_mean"] == 3.0  # the mean, not the median (2.0)
+    assert row["staleness_s_median"] == 3.0  # NaN (before any learning) left out
+
+
+def test_windowed_recall_window_is_open_at_its_start():
+    # At x, the window holds offsets in (x - window, x]: at x = 9 with window 5, offsets 5..9
+    # (all misses), not offset 4 (a hit).
+    offsets = np.arange(10)
+    ranks = np.where(offsets < 5, 0, -1)
+    x, y = windowed_recall(offsets, ranks, window=5, points=11, end=10)
+    assert x.tolist() == list(range(11))
+    assert y[9] == 0.0 and y[8] == pytest.approx(1 / 5) and y[4] == 1.0
+
+
+def test_recovery_needs_a_window_of_at_least_min_events():
+    # Sparse hits after the dip fill 200-event windows with 20 events, all hits: too few to count
+    # as recovered (that would say 800 events). The first window of >= 100 events at the
+    # pre-shift level is [2900, 3100): 10 sparse and 100 dense hits.
+    pre = np.arange(0, 1000)
+    dip = np.arange(1000, 1600)
+    sparse = np.arange(1600, 3000, 10)
+    dense = np.arange(3000, 4000)
+    offsets = np.concatenate([pre, dip, sparse, dense])
+    ranks = np.concatenate([np.zeros(len(pre)), np.full(len(dip), -1), np.zeros(len(sparse)), np.zeros(len(dense))])
+    rec = recovery_events(offsets, ranks.astype(np.int64), 1000, window=200, pre_window=1000, min_events=100, step=50)
+    assert rec["pre_recall@10"] == 1.0 and rec["min_recall@10"] == 0.0
+    assert rec["events"] == 2100
+
+
 # --------------------------------------------------------------------------- progressive_ranks (freshet run)
 
 

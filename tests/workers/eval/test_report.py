@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from workers.eval.report import _targets
 
 
@@ -41,3 +43,33 @@ def test_the_targets_heading_only_when_a_target_applies(tmp_path):
     write_report([result("popularity"), result("incremental")], tmp_path / "two", meta, window=20)
     md = (tmp_path / "two" / "report.md").read_text()
     assert "## Targets\n\n- incremental / popularity recall@10 = 1.000" in md
+
+
+def test_retrain_cpu_at_the_same_staleness_is_extrapolated_over_every_chunks_history():
+    # Retraining after each of m chunks fits 1, 2, ..., m chunks of history: m(m + 1)/2 chunks
+    # in all. 100 events in chunks of 20 -> m = 5 -> 15 chunks = 300 events, x 20 epochs x
+    # 0.001 CPU-s per event-epoch = 6 CPU-s.
+    meta = {"events": 100, "chunk_size": 20}
+
+    def rows(inc_cpu: float) -> dict:
+        retrain = {**_row("retrain:every=2000", 0.05, {"epochs": 20}), "cpu_s_per_event_epoch": 0.001}
+        return {"incremental": {**_row("incremental", 0.06), "cpu_s": inc_cpu}, "retrain": retrain}
+
+    slow = _targets(rows(1.0), [], meta)["cpu_vs_retrain_at_same_staleness"]
+    assert slow["retrain_every_chunk_cpu_s_extrapolated"] == pytest.approx(6.0)
+    assert slow["ratio"] == pytest.approx(1.0 / 6.0)
+    assert slow["met"] is False  # 1 CPU-s is more than a tenth of 6
+    fast = _targets(rows(0.5), [], meta)["cpu_vs_retrain_at_same_staleness"]
+    assert fast["met"] is True
+
+
+def test_targets_are_met_at_exactly_their_thresholds():
+    # The report prints "target >= 1.4" and "recovery <= 2000 events": equality meets them.
+    rows = {r["strategy"]: r for r in (_row("popularity", 0.5, {"halflife_events": None}), _row("incremental", 0.7))}
+    assert 0.7 / 0.5 == 1.4
+    assert _targets(rows, [], {"events": 100, "chunk_size": 20})["incremental_over_popularity"]["met"] is True
+    for events, met in ((2000, True), (2001, False), (None, False)):
+        rows["incremental"]["recovery"] = {"events": events}
+        t = _targets(rows, [], {"events": 100, "chunk_size": 20, "drift_offset": 50})
+        assert t["incremental_recovery"] == {"events": events, "target": 2000, "met": met}
+        assert t["recovery_events"]["incremental"] == events

@@ -85,6 +85,28 @@ def test_parquet_string_ids_default_weight_and_file_order(tmp_path):
     assert rec["row"] == 1 and rec["reason"].startswith("user_id:") and "empty" in rec["reason"]
 
 
+def test_parquet_negative_timestamps_and_boolean_weights_are_quarantined_naming_the_field(tmp_path):
+    # POST /events refuses a timestamp below 0 and a weight that is not a number; a file row
+    # must be judged alike, and its quarantine reason must say which field is wrong.
+    t = pa.table({"user_id": [1, 2, 3], "item_id": [10, 11, 12], "timestamp": [0.0, -1.0, 5.0], "weight": [1.0, 1.0, 2.0]})
+    pq.write_table(t, tmp_path / "a.parquet")
+    pq.write_table(pa.table({"user_id": [4], "item_id": [13], "timestamp": [6.0], "weight": [True]}), tmp_path / "b.parquet")
+    q = tmp_path / "q.arrow"
+    src = ParquetSource(tmp_path, quarantine_path=q, max_quarantined_fraction=1.0)
+    assert rows(src.read(0, 10))["user_id"] == [1, 3]  # timestamp 0 is valid
+    got = {(Path(r["source"]).name, r["row"]): r["reason"] for r in read_quarantine(q).to_pylist()}
+    assert got == {("a.parquet", 1): "timestamp: must be >= 0 unix seconds, got -1.0",
+                   ("b.parquet", 0): "weight: must be a number, got bool True"}
+
+
+def test_parquet_min_weight_keeps_a_weight_equal_to_it(tmp_path):
+    # min_weight drops weights *below* it (stream.min_weight); in file order (no sort_by_time).
+    pq.write_table(pa.table({"user_id": [1, 2, 3], "item_id": [10, 11, 12], "timestamp": [3.0, 2.0, 1.0],
+                             "weight": [4.0, 3.5, 5.0]}), tmp_path / "a.parquet")
+    assert rows(ParquetSource(tmp_path, min_weight=4.0).read(0, 10))["weight"] == [4.0, 5.0]
+    assert rows(ParquetSource(tmp_path, min_weight=4.0, sort_by_time=True).read(0, 10))["weight"] == [5.0, 4.0]
+
+
 def test_parquet_wrong_types_and_missing_column(tmp_path):
     pq.write_table(pa.table({"user_id": [1.5], "item_id": [1], "timestamp": ["yesterday"]}), tmp_path / "a.parquet")
     pq.write_table(pa.table({"user_id": [1], "item_id": [2]}), tmp_path / "b.parquet")
