@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from ps.ids import ID, id_keys
 
@@ -91,8 +91,9 @@ class ShardingPlan(BaseModel):
         would leave rows on shards that no longer own their buckets."""
         try:
             other = ShardingPlan.model_validate(saved)
-        except ValueError as e:
-            return f"its sharding plan is not readable ({type(e).__name__}: {str(e).splitlines()[0]})"
+        except ValidationError as e:  # its first line is only a count of the errors: say what each is
+            why = "; ".join(f"{'.'.join(map(str, err['loc'])) or 'plan'}: {err['msg']}" for err in e.errors())
+            return f"its sharding plan is not readable ({why})"
         if other == self:
             return None
         return (f"saved with a different sharding plan ({other.num_shards} shards over {other.num_buckets} buckets) "
