@@ -205,15 +205,6 @@ class TrainerWAL:
         self._file = open(self.root / _FILE, "ab")
         self._kept_bytes = self._file.tell()
 
-    def reset(self, offsets: dict[int, int], events_applied: int, clock_base: int = 0,
-              num_workers: int | None = None) -> None:
-        """Start over from ``offsets`` with nothing pending (a checkpoint restore)."""
-        self._committed = _committed(offsets, events_applied, clock_base, num_workers)
-        self._pending = []
-        meta = self._commit_meta()
-        self._history = [(dict(self._committed.offsets), meta)]
-        self._start_file([self._encode("commit", None, [], None, meta)])
-
     def close(self) -> None:
         """Close the file."""
         if self._file is not None:
