@@ -927,16 +927,22 @@ def _hold_open(dirs: Iterable[Path]) -> list[int]:
     lock exclusively (tmpfiles.d(5), "Age"). Many distributions age ``/tmp`` out after 10 days
     (RHEL's ``q /tmp 1777 root root 10d``), which would take a months-long head's sockets,
     token file and logs, and the port leases that keep its ports from other Freshet processes.
-    A shared lock leaves every other holder, and this module's own locks, unaffected."""
+    A shared lock leaves every other holder, and this module's own locks, unaffected. A
+    directory that cannot be opened or locked (gone, or on a file system without ``flock``)
+    is left out: the lock only protects, and the head starts without it."""
     fds: list[int] = []
     try:
         for d in dict.fromkeys(Path(d) for d in dirs):
             try:
                 fd = os.open(d, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-            except FileNotFoundError:
+            except OSError:
+                continue
+            try:
+                fcntl.flock(fd, fcntl.LOCK_SH)  # waits out a cleanup run that holds it right now
+            except OSError:
+                os.close(fd)
                 continue
             fds.append(fd)
-            fcntl.flock(fd, fcntl.LOCK_SH)  # waits out a cleanup run that holds it right now
     except BaseException:
         for fd in fds:
             os.close(fd)

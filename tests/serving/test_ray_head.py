@@ -244,6 +244,20 @@ def test_a_running_head_holds_its_directories_against_tmp_cleaning(heads):
     assert held_by_another(port_leases.default_dir())
 
 
+def test_holding_skips_a_directory_it_cannot_open_and_lets_go_when_closed(tmp_path):
+    # The lock only protects: a directory gone (a port leases dir never made, say) must not
+    # keep a head from starting.
+    from serving.ray_head import _hold_open
+
+    fds = _hold_open([tmp_path / "gone", tmp_path, tmp_path])
+    try:
+        assert len(fds) == 1 and held_by_another(tmp_path)
+    finally:
+        for fd in fds:
+            os.close(fd)
+    assert not held_by_another(tmp_path)
+
+
 @pytest.mark.skipif(shutil.which("systemd-tmpfiles") is None, reason="needs systemd-tmpfiles")
 def test_tmp_cleaning_leaves_a_running_heads_files_and_takes_the_rest(heads, tmp_path):
     a = heads[0]
