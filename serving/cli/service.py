@@ -16,6 +16,7 @@ import argparse
 import contextlib
 import json
 import os
+import urllib.parse
 import stat
 import sys
 import tempfile
@@ -250,6 +251,31 @@ def local_state_warning(cfg: FreshetConfig, alive_nodes: int) -> str | None:
             "the state on that node's disk, where the rest of the deployment never sees it (events acknowledged "
             "there go untrained, a restart starts empty). Set ingest.dir to shared storage (s3://...) and "
             "ingest.state_dir to a shared mount (README, Multi-node)")
+
+
+_AGED_DIRS = ("/tmp", "/var/tmp")
+"""Directories many distributions age out (systemd-tmpfiles: RHEL removes what is untouched for
+10 days in /tmp and 30 in /var/tmp)."""
+
+
+def aged_state_warning(cfg: FreshetConfig) -> str | None:
+    """The warning ``up`` prints when ``cfg`` keeps its durable state, or a local ingest log,
+    under a directory the host may age out (:data:`_AGED_DIRS`); None elsewhere. Only a
+    warning: many hosts never clean these, and a short-lived deployment may live there."""
+    local = {"ingest.state_dir" if cfg.ingest.state_dir is not None else "ingest.dir": cfg.ingest.local_state_dir()}
+    if cfg.ingest.state_dir is not None:
+        if not cfg.ingest.dir_is_uri():
+            local["ingest.dir"] = Path(cfg.ingest.dir)
+        elif cfg.ingest.dir.lower().startswith("file:"):
+            local["ingest.dir"] = Path(urllib.parse.urlparse(cfg.ingest.dir).path)
+    aged = {field: str(path) for field, path in local.items()
+            if any(Path(os.path.realpath(path)).is_relative_to(d) for d in _AGED_DIRS)}
+    if not aged:
+        return None
+    where = " and ".join(f"{field} {path!r}" for field, path in aged.items())
+    return (f"{where} is under /tmp or /var/tmp, which many hosts age out (systemd-tmpfiles: after 10 days in "
+            "/tmp on RHEL): shard snapshots, trainer logs, checkpoints and the ingest log left untouched that "
+            "long would be deleted. Use a directory outside them for a deployment that is meant to last")
 
 
 def _service_gone(state: dict[str, Any]) -> str | None:
@@ -568,6 +594,8 @@ def cmd_up(args: argparse.Namespace) -> int:
             alive = sum(1 for n in ray.nodes() if n.get("Alive"))
             if (warning := local_state_warning(cfg, alive)) is not None:
                 print(f"freshet up: WARNING: {warning}", file=sys.stderr)
+        if (warning := aged_state_warning(cfg)) is not None:
+            print(f"freshet up: WARNING: {warning}", file=sys.stderr)
 
         step = f"checking that namespace {cfg.namespace} is free"
         taken = sorted(ray.util.list_named_actors())

@@ -144,3 +144,19 @@ def test_joining_several_nodes_with_a_local_ingest_dir_warns_naming_the_fields()
     assert local_state_warning(load_config(None, {"ingest": {"dir": "s3://b/f", "state_dir": "/mnt/f"}}), 5) is None
     # A file:// URI names each node's own disk as much as a plain path does.
     assert "is a local path" in local_state_warning(load_config(None, {"ingest": {"dir": "file:///data/f", "state_dir": "/data/s"}}), 2)
+
+
+def test_state_under_a_directory_the_host_ages_out_warns_naming_the_fields(tmp_path):
+    # systemd-tmpfiles removes what is untouched for 10 days in /tmp (RHEL): an idle deployment's
+    # snapshots and checkpoints there would go.
+    from serving.cli.service import aged_state_warning
+
+    assert aged_state_warning(load_config(None, {"ingest": {"dir": "/srv/freshet-data"}})) is None
+    warning = aged_state_warning(load_config(None, {"ingest": {"dir": "/tmp/f"}}))
+    assert warning.startswith("ingest.dir '/tmp/f' is under /tmp or /var/tmp") and "10 days" in warning
+    both = aged_state_warning(load_config(None, {"ingest": {"dir": "file:///var/tmp/log", "state_dir": "/tmp/s"}}))
+    assert "ingest.state_dir '/tmp/s' and ingest.dir '/var/tmp/log'" in both
+    assert aged_state_warning(load_config(None, {"ingest": {"dir": "s3://b/f", "state_dir": "/srv/f"}})) is None
+    # Through a link too: where the files end up is what is cleaned.
+    (tmp_path / "link").symlink_to("/tmp")
+    assert "ingest.dir" in aged_state_warning(load_config(None, {"ingest": {"dir": str(tmp_path / "link" / "x")}}))

@@ -195,6 +195,9 @@ def test_up_secure_by_default_ckpt_down_restore(tmp_path, plain_ray):
         _assert_secure(head)
         # Held against /tmp's age-based cleaning while the head runs (Ray's dir and HAProxy's are in it).
         assert held_by_another(root)
+        # The deployment's own state is not: `up` warns when it lives where hosts age files out.
+        aged = os.path.realpath(state).startswith(("/tmp/", "/var/tmp/"))
+        assert ("ingest.state_dir" in up.stderr and "is under /tmp or /var/tmp" in up.stderr) == aged, up.stderr
         # ray.max_inline_bytes reaches the head as Ray's system config (drivers and workers get it there).
         argv = Path(f"/proc/{head.root_pid}/cmdline").read_bytes().decode().split("\0")
         assert [json.loads(a.split("=", 1)[1]) for a in argv if a.startswith("--system-config=")] == [
