@@ -16,11 +16,11 @@ import argparse
 import contextlib
 import json
 import os
-import urllib.parse
 import stat
 import sys
 import tempfile
 import time
+import urllib.parse
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -28,8 +28,8 @@ from serving.cli._common import add_config_argument, load, ray_init
 from serving.config import FreshetConfig, RayAuth
 from workers.config import StreamKind
 
-__all__ = ["STATE_FILE", "add_parsers", "cmd_down", "cmd_status", "cmd_up", "connect", "local_state_warning", "read_state",
-           "state_path"]
+__all__ = ["STATE_FILE", "add_parsers", "aged_state_warning", "cmd_down", "cmd_status", "cmd_up", "connect",
+           "local_state_warning", "read_state", "state_path"]
 
 STATE_FILE = "freshet-up.json"
 """Name of the file, in the local state dir, where ``freshet up`` records what it started."""
