@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from ps.config import ConfigError
@@ -34,7 +35,8 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``freshet`` console script; returns the exit status.
 
     A ``ConfigError``, ``ValueError`` or ``FileNotFoundError`` from the command is printed
-    and returns 2.
+    and returns 2. Output to a reader that has gone (``freshet status | head``) ends the
+    command quietly with 1.
 
     Raises:
         SystemExit: bad command-line arguments, or ``--help`` (argparse exits).
@@ -45,4 +47,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, ValueError, FileNotFoundError) as e:
         print(f"freshet {args.command}: {e}", file=sys.stderr)
         return 2
+    except BrokenPipeError:
+        # Python's own recipe (signal module docs, "Note on SIGPIPE"): stdout goes to /dev/null
+        # so that the flush at exit does not raise the same error again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
 

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import yaml
 
-from tests.serving.cli.helpers import freshet
+from tests.serving.cli.helpers import REPO, cli_env, freshet
 
 
 def test_config_prints_yaml_and_rejects_bad_values(tmp_path):
@@ -35,3 +39,15 @@ def test_a_deprecated_key_is_a_plain_warning_naming_what_to_change(tmp_path):
     assert yaml.safe_load(out.stdout)["serving"]["cache_refresh_s"] == 0.05
     assert out.stderr.startswith("freshet: warning: config key serving.cache_refresh_ms is deprecated"), out.stderr
     assert "pydantic" not in out.stderr and "FutureWarning" not in out.stderr, out.stderr
+
+
+def test_output_to_a_reader_that_has_gone_ends_quietly():
+    # `freshet status | head` printed a BrokenPipeError traceback once head had read enough.
+    read, write = os.pipe()
+    os.close(read)  # the reader is gone before anything is written
+    try:
+        out = subprocess.run([sys.executable, "-m", "serving.cli", "config"], stdout=write, stderr=subprocess.PIPE,
+                             text=True, timeout=120, env=cli_env(), cwd=REPO, check=False)
+    finally:
+        os.close(write)
+    assert out.returncode == 1 and out.stderr == "", out.stderr
