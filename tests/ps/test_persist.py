@@ -672,3 +672,139 @@ def test_lifecycle_counts_start_again_with_the_shard_and_skip_its_log_replay(tmp
     b = _shard(cfg, tmp_path / "s")
     assert b.persistence()["recovery"]["replayed"] == 6
     assert set(b.stats()["tables"]["user"]["lifecycle"].values()) == {0}
+
+
+# --------------------------------------------------------------------------- log edge cases
+
+
+@pytest.mark.parametrize("snapshot_between", [False, True], ids=["log-only", "after-a-snapshot"])
+def test_forgotten_items_stay_forgotten_after_a_restart(tmp_path, snapshot_between):
+    # forget_items drops removed items from users' recent items (so /rank's exclude_seen and the
+    # trainers' contexts stop naming them); a restart that brought them back would undo it.
+    cfg = _cfg()
+    a = _shard(cfg, tmp_path / "s")
+    _apply(a, _pushes(4))
+    users = K(["r1", "r2"])  # users the pushes gave no recent items
+    a.record_recent(users[[0, 0, 1]], K(["gone", "kept", "gone"]), np.array([100, 101, 102]))
+    if snapshot_between:
+        a.snapshot()
+    assert a.forget_items(K(["gone"])) == 2
+    assert [x.tolist() for x in a.recent_items(users)] == [K(["kept"]).tolist(), []]
+    b = _shard(cfg, tmp_path / "s")
+    assert b.persistence()["recovery"]["replayed"] >= 1  # the forget came from the log
+    assert [x.tolist() for x in b.recent_items(users)] == [K(["kept"]).tolist(), []]
+    _assert_identical(_dump(b), _dump(a))
+
+
+def test_an_append_that_fails_part_way_does_not_hide_the_records_after_it(tmp_path, monkeypatch):
+    # A write error (a full disk) can leave part of a record in the segment. Records appended
+    # after it in that segment would sit behind a torn message that recovery stops at: those
+    # pushes were acknowledged, so they must go to a fresh segment.
+    cfg = _cfg()
+    d = tmp_path / "s"
+    pushes = _pushes(8)
+    a = _shard(cfg, d)
+    _apply(a, pushes[:3])
+    log = a._store._log
+
+    def torn(data: bytes) -> None:
+        log._file.write(data[: len(data) // 2])
+        log._file.flush()
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(log, "_write", torn)
+    pid, upd, hist = pushes[3]
+    with pytest.raises(OSError, match="No space left"):
+        push(a, pid, upd, _recent(hist))
+    monkeypatch.undo()
+    assert a.get_version() == 3  # not applied, not acknowledged: the producer re-sends it
+    _apply(a, pushes[3:])
+    ref = _shard(cfg)
+    _apply(ref, pushes)
+    _assert_identical(_dump(a), _dump(ref), times=False)
+    b = _shard(cfg, d)
+    assert b.get_version() == 8
+    _assert_identical(_dump(b), _dump(a))
+
+
+def test_a_missing_log_segment_stops_start_up_naming_the_gap(tmp_path):
+    # Replaying around a lost segment would start with acknowledged pushes silently missing.
+    cfg, d, a = _rotated(tmp_path)  # snapshots 15 and 18, segments log-15 and log-18
+    (d / "snap-000000000018" / "table-0.arrow").write_bytes(b"not arrow")  # falls back to snapshot 15...
+    (d / "log-000000000015.arrow").unlink()  # ...whose records 16-18 are gone
+    with pytest.raises(RuntimeError, match="push log gap, expected record 16 but found 19"):
+        _shard(cfg, d)
+
+
+def test_falling_back_to_the_previous_snapshot_replays_the_segment_it_started(tmp_path):
+    # Snapshots one record apart: the segment started at the older one holds exactly the one
+    # record between them, and recovery from the older snapshot must not skip it.
+    cfg = _cfg(snapshot_every_pushes=1)
+    d = tmp_path / "s"
+    a = _shard(cfg, d)
+    _apply(a, _pushes(6))
+    assert a.wait_for_snapshots() is None
+    assert sorted(p.name for p in d.glob("snap-*")) == ["snap-000000000005", "snap-000000000006"]
+    (d / "snap-000000000006" / "table-0.arrow").write_bytes(b"not arrow")
+    b = _shard(cfg, d)
+    assert b.persistence()["recovery"] == {**b.persistence()["recovery"], "snapshot_lsn": 5, "replayed": 1}
+    _assert_identical(_dump(b), _dump(a))
+
+
+def test_restoring_a_checkpoint_into_its_own_directory_leaves_none_of_the_later_log(tmp_path):
+    # `freshet ckpt restore` puts a shard back to a checkpoint in place: the segments its
+    # directory logged after the checkpoint must go, or the next start replays them onto it
+    # (or stops at the gap they leave).
+    cfg = _cfg(snapshot_every_pushes=3)
+    d = tmp_path / "ps" / "shard-0"
+    pushes = _pushes(14)
+    a = _shard(cfg, d)
+    _apply(a, pushes[:4])
+    a.snapshot("ck")
+    _apply(a, pushes[4:12])  # automatic snapshots and segments after the checkpoint
+    a.wait_for_snapshots()
+    assert any(start > 4 for start in (int(p.name[4:16]) for p in _segments(d)))
+    del a
+    at_ckpt = _shard(cfg)
+    _apply(at_ckpt, pushes[:4])
+    ck = tmp_path / "ps" / "checkpoints" / "ck"
+    b = _shard(cfg, d, restore_from=ck, restore_token="restore-1")
+    _assert_identical(_dump(b), _dump(at_ckpt), times=False)
+    assert [p.name for p in _segments(d)] == ["log-000000000004.arrow"]
+    _apply(b, pushes[12:])
+    _apply(at_ckpt, pushes[12:])
+    del b
+    # The restarted process (same token) recovers the checkpoint plus its own later pushes only.
+    c = _shard(cfg, d, restore_from=ck, restore_token="restore-1")
+    _assert_identical(_dump(c), _dump(at_ckpt), times=False)
+
+
+def test_snapshot_problem_names_each_reason_a_snapshot_cannot_load_before_anything_changes(tmp_path):
+    # `freshet up` and `freshet ckpt restore` check a snapshot's meta.json with this before they
+    # replace any state: a problem missed here is found only after the old state is gone.
+    from ps.persist import snapshot_meta
+    from ps.table import snapshot_problem
+
+    cfg = _cfg()
+    a = _shard(cfg, tmp_path / "s")
+    _apply(a, _pushes(3))
+    meta = snapshot_meta(a.snapshot()["path"])
+    rows = meta["tables"]["user"]["rows"]
+    assert rows > 2
+    assert snapshot_problem(meta, cfg, 0) is None
+    assert snapshot_problem(meta, cfg, 1) == "a snapshot of shard 0, where shard 1's belongs"
+    assert "plan" in snapshot_problem(meta, _cfg(num_buckets=16), 0)
+    unknown = {**meta, "tables": {**meta["tables"], "gone": meta["tables"]["user"]}}  # a table since dropped
+    assert snapshot_problem(unknown, cfg, 0).startswith("table 'gone' is not configured")
+    wider = _cfg(tables={"user": {"dim": DIM + 1, "optimizer": {"kind": "adagrad", "lr": 0.3}},
+                         "item": {"dim": DIM + 1, "optimizer": {"kind": "sgd", "lr": 0.2, "momentum": 0.9}}})
+    problem = snapshot_problem(meta, wider, 0)
+    assert problem.startswith("table '") and ": stored rows have dim 4, ps.tables." in problem and problem.endswith("dim is 5")
+    small = _cfg(tables={"user": {"dim": DIM, "optimizer": {"kind": "adagrad", "lr": 0.3}, "max_rows": 2}})
+    assert snapshot_problem(meta, small, 0).startswith(f"table 'user': {rows} stored rows on a shard exceed")
+    with pytest.raises(ValueError, match="incomplete metadata"):
+        snapshot_problem({k: v for k, v in meta.items() if k != "tables"}, cfg, 0)
+    # PSShard refuses the same, leaving the directory as it was.
+    with pytest.raises(ValueError, match="max_rows"):
+        _shard(small, tmp_path / "s")
+    _assert_identical(_dump(_shard(cfg, tmp_path / "s")), _dump(a))

@@ -523,3 +523,27 @@ def test_negatives_never_refresh_or_resurrect_an_expiring_row(clock):
     # ...and once gone, a negative sample does not bring it back.
     push(s, PushId("p", 3), {"item": ([1], np.ones((1, DIM), np.float32))}, create={"item": np.array([False])})
     assert s.stats()["rows"]["item"] == 0
+
+
+# --------------------------------------------------------------------------- pull_after
+
+
+def test_pull_after_answers_only_once_the_named_push_or_a_later_one_of_its_producer_is_applied():
+    # A push retried after a restart can arrive behind the pull sent after it: pull_after must
+    # not read rows that do not reflect the caller's own push yet (read-your-writes).
+    s = _shard()
+    want = {"user": K([1])}
+    assert s.pull_after(want, False, PushId("t", 0)) is None  # nothing from "t" yet
+    push(s, PushId("t", 0), {"user": ([1], np.ones((1, DIM), np.float32))})
+    assert s.pull_after(want, False, PushId("t", 1)) is None  # exactly one push short
+    assert s.pull_after(want, False, PushId("other", 0)) is None  # another producer's seq counts for nothing
+    before = _snapshot(s)
+    assert s.pull_after({"user": K([2])}, True, PushId("t", 1)) is None
+    _assert_same(before, _snapshot(s))  # a refused pull_after changes nothing
+    push(s, PushId("t", 1), {"user": ([1], np.ones((1, DIM), np.float32))})
+    for after in (PushId("t", 1), PushId("t", 0)):  # the push itself, or an earlier one of its producer
+        got = s.pull_after(want, False, after)
+        assert got is not None, after
+        rows, found = got["user"]
+        assert found.tolist() == [True]
+        np.testing.assert_array_equal(rows, _rows(s, "user", [1]))

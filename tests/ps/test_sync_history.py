@@ -172,3 +172,18 @@ def test_pushes_replayed_from_the_log_after_a_restart_stay_traced(clock, tmp_pat
     user = int(id_keys(np.asarray([7], np.int64))[0])
     assert ps.shards[0].rank_context("user", user, recent=False).pushed_by == ("t", 1)
     assert ps.shards[0].push(PushId("t", 1), {})[1] is False  # and still deduplicated
+
+
+def test_a_shard_one_version_behind_the_reader_answers_removed_with_full(clock):
+    # The smallest step back: a reader at version v asking a shard now at v - 1 names no state
+    # of it; an empty answer would leave the reader keeping rows the shard no longer has.
+    ps = _InProcess(_cfg(num_shards=1))
+    for _ in range(4):
+        ps.push([1, 2])
+    v = ps.shards[0].removed("item", 0, "t")[0]
+    _restart(ps)
+    for _ in range(v - 1):
+        ps.push([3])
+    assert ps.shards[0].version == v - 1
+    assert ps.shards[0].removed("item", v, "t")[2]
+    assert not ps.shards[0].removed("item", v - 1, "t")[2]  # caught up exactly: no resync needed
