@@ -276,6 +276,7 @@ def _bench_config(mode: str, dim: int, k: int, tmp: str, port: int):
 
 def _seed_items(client, cfg, start: int, stop: int, seq: int, rng, chunk: int = 25_000) -> int:
     """Create item rows ``start..stop-1`` in every item table with one push per chunk; returns the next seq."""
+    from ps.optim import decayed_rows
     from ps.shard import PushId
 
     m, dim = cfg.model, cfg.ps.tables[cfg.model.item_table].dim
@@ -289,8 +290,7 @@ def _seed_items(client, cfg, start: int, stop: int, seq: int, rng, chunk: int = 
         }
         if m.recent_table is not None:
             counts = rng.zipf(1.5, size=n).clip(1, 1000).astype(np.float32)
-            width = cfg.ps.table(m.recent_table).dim  # (count, clock at 0 in one or two parts)
-            updates[m.recent_table] = (ids, np.concatenate([counts[:, None], np.zeros((n, width - 1), np.float32)], 1))
+            updates[m.recent_table] = (ids, decayed_rows(counts, 0.0, cfg.ps.table(m.recent_table).dim))
         if m.context_table is not None:
             updates[m.context_table] = (ids, rng.normal(size=(n, dim)).astype(np.float32))
         client.push_many(updates, PushId(_SEED_PRODUCER, seq))

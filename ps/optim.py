@@ -28,8 +28,8 @@ from ps.lazy import torch
 if TYPE_CHECKING:
     from torch import Tensor
 
-__all__ = ["CLOCK_STEP", "accumulate", "adagrad", "apply", "clock_columns", "decayed_count", "reduce_pushed",
-           "row_clocks", "rowwise_adagrad", "sgd", "state_shape"]
+__all__ = ["CLOCK_STEP", "accumulate", "adagrad", "apply", "clock_columns", "decayed_count", "decayed_rows",
+           "reduce_pushed", "row_clocks", "rowwise_adagrad", "sgd", "state_shape"]
 
 
 def _check_rows(rows: Tensor, grads: Tensor) -> None:
@@ -147,6 +147,17 @@ def clock_columns(clock: np.ndarray | float, dim: int) -> np.ndarray:
         raise ValueError(f"dim: a decayed_count table has dim 2 (count, clock) or 3 (count, clock high, low), got {dim}")
     hi = np.floor(c / CLOCK_STEP) * CLOCK_STEP
     return np.stack([hi, c - hi], axis=1).astype(np.float32)
+
+
+def decayed_rows(counts: np.ndarray, clock: float, dim: int) -> np.ndarray:
+    """``decayed_count`` rows (``float32 [n, dim]``) of ``counts`` (interactions, ``[n]``), all
+    valid at ``clock`` (half-lives): what a push of newly counted items carries.
+
+    Raises:
+        ValueError: ``dim`` is neither 2 nor 3.
+    """
+    counts = np.asarray(counts, np.float32)
+    return np.concatenate([counts[:, None], np.repeat(clock_columns(clock, dim), len(counts), axis=0)], axis=1)
 
 
 def row_clocks(rows: np.ndarray) -> np.ndarray:

@@ -24,7 +24,7 @@ import pyarrow as pa
 from ps.ids import Keyed, ids_from_arrow
 from ps.index import unique_keys
 from ps.lazy import torch
-from ps.optim import clock_columns
+from ps.optim import decayed_rows
 from workers.config import LossKind, NegativeFeedback
 from workers.model import bpr_loss, dislike_loss, mse_loss, signals, user_queries
 from workers.negatives import Catalogue
@@ -485,8 +485,8 @@ class TrainStep:
             # ingest partitions the end is the log's global position: offsets count each
             # partition apart, and a partition behind another would have its counts decayed.
             end = (batch.end if batch.clock is None else batch.clock) + self.clock_base
-            clock = clock_columns(end / m.recent_halflife_events, self.cfg.ps.table(m.recent_table).dim)
-            out[m.recent_table] = (k, np.concatenate([counts[:, None], np.repeat(clock, len(keys), axis=0)], axis=1))
+            out[m.recent_table] = (k, decayed_rows(counts, end / m.recent_halflife_events,
+                                                   self.cfg.ps.table(m.recent_table).dim))
         return out
 
     def recent(self, batch: Batch) -> tuple[Keyed, Keyed, np.ndarray] | None:

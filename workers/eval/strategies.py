@@ -38,7 +38,7 @@ import pyarrow as pa
 
 from ps.ids import ID, as_id_array, id_keys, ids_from_arrow, keyed
 from ps.lazy import torch
-from ps.optim import clock_columns
+from ps.optim import decayed_rows
 from ps.table import EmbeddingTable
 from workers.config import LossKind, StrategyKind
 from workers.model import bpr_loss, context_index, mse_loss, signals, user_queries
@@ -282,10 +282,8 @@ class _Recent:
 
     def add(self, items: np.ndarray, end: int, confidence: np.ndarray) -> None:
         """Count ``items`` (``confidence`` each, as the trainer counts) at stream offset ``end``."""
-        clock = np.repeat(clock_columns(end / self.halflife, self.table.dim), len(items), axis=0)
         k = keyed(items)
-        counts = np.asarray(confidence, np.float32)
-        self.table.push(k.keys, torch.from_numpy(np.concatenate([counts[:, None], clock], axis=1)), ids=k.ids)
+        self.table.push(k.keys, torch.from_numpy(decayed_rows(confidence, end / self.halflife, self.table.dim)), ids=k.ids)
 
     def rows_for(self, ids: Sequence[ID] | np.ndarray) -> np.ndarray:
         """``[len(ids), dim]`` (count, clock) rows (``ps.optim.decayed_count``); zeros for items never counted."""
