@@ -210,12 +210,12 @@ def reduce_pushed(kind: OptimizerKind, grads: Tensor, inverse: Tensor, n: int) -
         return torch.zeros((n, grads.shape[1]), dtype=grads.dtype, device=grads.device).index_add_(0, inverse, grads)
     if grads.shape[1] == 3:
         # The latest clock of each ID, found on the exact float64 sum of the two parts.
-        whole = grads[:, 1].double() + grads[:, 2].double()
+        whole = torch.from_numpy(row_clocks(grads.cpu().numpy())).to(grads.device)
         latest = torch.zeros(n, dtype=torch.float64, device=grads.device).scatter_reduce_(
             0, inverse, whole, reduce="amax", include_self=False
         )
-        hi = torch.floor(latest / CLOCK_STEP) * CLOCK_STEP
-        hi, lo = hi.to(grads.dtype), (latest - hi).to(grads.dtype)
+        parts = torch.from_numpy(clock_columns(latest.cpu().numpy(), 3)).to(grads.device, grads.dtype)
+        hi, lo = parts[:, 0], parts[:, 1]
         age = (grads[:, 1] - hi[inverse]) + (grads[:, 2] - lo[inverse])
         count = torch.zeros(n, dtype=grads.dtype, device=grads.device).index_add_(0, inverse, grads[:, 0] * torch.exp2(age))
         return torch.stack([count, hi, lo], dim=1)
