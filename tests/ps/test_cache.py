@@ -2,7 +2,9 @@
 
 One deployment serves the module; each test owns a group of tables so row counts and
 rankings are exact: ``item``/``item_bias``/``item_pop`` for sync, ``r_*`` for the
-Ranker, ``p_*`` for its recent-popularity prior and ``t_*`` (with a TTL) for expiry.
+Ranker, ``p_*`` for its recent-popularity prior, ``t_*`` (with a TTL) for expiry, ``s_*``
+(with a TTL) for slot reuse and ``g_item`` for growth. The tests of a restarted shard and of
+reader names run on in-process shards (``tests.ps.test_lifecycle``), no Ray.
 """
 
 from __future__ import annotations
@@ -14,18 +16,22 @@ import numpy as np
 import pytest
 import ray
 
-from ps.cache import RowCache
+from ps.cache import Coverage, RowCache
 from ps.client import start_shards
 from ps.config import PSConfig
 from workers.config import ModelConfig
 from ps.ids import as_id_array
-from ps.shard import PushId
+from ps.shard import PSShard, PushId
+from tests.ps.test_lifecycle import _assert_mirror_exact, _InProcess
+from tests.ps.test_lifecycle import _cfg as _lc_cfg
+from tests.ps.test_lifecycle import _keys as _lc_keys
 from workers.model import top_k
 from workers.ranking import Ranker
 
 DIM = 8
 NUM_SHARDS = 2
 ITEM_TABLES = ["item", "item_bias", "item_pop"]
+LC_TABLES = ["item", "item_bias", "item_pop"]  # of tests.ps.test_lifecycle's in-process shards
 R_MODEL = ModelConfig(item_table="r_item", item_bias_table="r_bias", popularity_table="r_pop", recent_table=None, context_table=None)
 T_MODEL = ModelConfig(item_table="t_item", item_bias_table="t_bias", popularity_table="t_pop", recent_table=None, context_table=None)
 P_MODEL = ModelConfig(item_table="p_item", item_bias_table="p_bias", popularity_table="p_pop", recent_table="p_recent", recent_weight=2.0,
@@ -49,6 +55,9 @@ def _tables() -> dict:
         "p_bias": {**zeros, "follows": "p_item"},
         "p_pop": {**counter, "follows": "p_item"},
         "p_recent": {"dim": 2, "init": "zeros", "optimizer": {"kind": "decayed_count"}, "follows": "p_item"},
+        "s_item": {"dim": DIM, "ttl_s": TTL_S},
+        "s_bias": {**zeros, "follows": "s_item"},
+        "g_item": {"dim": DIM},
     }
 
 
@@ -359,3 +368,96 @@ def test_recent_popularity_decays_ranks_the_fallback_and_adds_to_scores(client):
     plain = Ranker(cache, P_MODEL.model_copy(update={"recent_weight": 0.0}))
     np.testing.assert_allclose(plain.score_items(u, ids)[0], want - prior, rtol=1e-5, atol=1e-5)
     assert plain.popular([], 1).item_ids == ["new"]
+
+
+# --------------------------------------------------------------------------- slots, growth, coverage
+
+
+def test_coverage_of_several_pushes_needs_every_one_and_a_synced_mirror():
+    # A row a restarted shard loaded names every push its snapshot held: the mirror covers it
+    # only when it covers each of them on every shard, and an empty tuple only once synced.
+    cov = Coverage(({"a": 3, "b": 0}, {"a": 3, "b": 1}), synced=True)
+    assert cov.covers((("a", 3), ("b", 0)))
+    assert not cov.covers((("a", 3), ("b", 1)))  # shard 0 has not applied b's push 1
+    assert not cov.covers((("a", 2), ("c", 0)))  # nothing of producer c
+    assert cov.covers(())
+    assert not Coverage(({"a": 3},), synced=False).covers(())
+
+
+def test_a_removed_ids_slot_is_reused_only_from_the_next_sync_and_starts_empty(client):
+    # x is removed and y added in one sync: y must not take x's slot in that sync (a ranking
+    # snapshot built before it may still read the slot as x's); the next new ID does, and reads
+    # zeros in a follower it has no row in, not x's old row.
+    push = _Pusher(client, "reuse")
+    tables = ["s_item", "s_bias"]
+    push({"s_item": (["x"], _grads(1)), "s_bias": (["x"], _grads(1, 1, seed=1))})
+    cache = RowCache(client, tables)
+    cache.sync()
+    sx = int(cache.slots_of(["x"])[0])
+    assert cache.matrix("s_bias")[sx, 0] != 0
+    removed = ray.get([h.expire.remote(time.time() + 2 * TTL_S) for h in client.shards])
+    assert sum(r["s_item"] for r in removed) == 1
+    push({"s_item": (["y"], _grads(1, seed=2))})
+    cache.sync()
+    assert cache.slots_of(["x"]).tolist() == [-1]
+    sy = int(cache.slots_of(["y"])[0])
+    assert sy != sx and cache.ids()[sx] == "x" and not cache.valid()[sx]
+    push({"s_item": (["z"], _grads(1, seed=3))})  # z: a leader row only
+    cache.sync()
+    assert cache.slots_of(["z"]).tolist() == [sx]
+    assert cache.ids()[sx] == "z" and cache.valid()[sx]
+    np.testing.assert_array_equal(cache.matrix("s_bias")[sx], 0)
+    assert len(cache.ids()) == 2 and len(cache) == 2
+    _assert_mirrors(cache, client, tables, ["y", "z"])
+
+
+def test_a_first_sync_of_more_rows_than_the_initial_capacity_mirrors_them_all(client):
+    push = _Pusher(client, "grow")
+    ids = list(range(5000, 8000))  # more than twice the 1024 slots a mirror starts with
+    push({"g_item": (ids, _grads(len(ids), seed=40))})
+    cache = RowCache(client, ["g_item"])
+    assert cache.sync() == len(ids)
+    assert len(cache) == len(ids)
+    _assert_mirrors(cache, client, ["g_item"], ids)
+    more = [f"g{j}" for j in range(3000)]
+    push({"g_item": (more, _grads(len(more), seed=41))})
+    assert cache.sync() == len(more)
+    _assert_mirrors(cache, client, ["g_item"], ids + more)
+
+
+# ----------------------------------------------------- in-process shards (tests.ps.test_lifecycle)
+
+
+def test_a_mirror_resyncs_only_the_shard_that_restarted(tmp_path):
+    # Shard 1 restarts empty and catches up past the mirror's version; shard 0 answers its
+    # usual delta. The mirror must drop shard 1's rows only: shard 0 sends none of its old ones.
+    ps = _InProcess(_lc_cfg(num_shards=2))
+    cache = RowCache(ps, LC_TABLES, reader="r")
+    ps.push(list(range(40)))
+    cache.sync()
+    on_1 = ps.plan.shards_of_keys(np.asarray(sorted(_lc_keys(range(40))), np.uint64)) == 1
+    assert 0 < on_1.sum() < 40  # both shards hold rows the mirror has
+    ps.shards[1] = PSShard(1, ps.plan, ps.cfg)
+    for _ in range(3):
+        ps.push([100, 101, 102, 103])
+    cache.sync()
+    assert cache.full_resyncs == 1
+    _assert_mirror_exact(cache, ps)
+
+
+def test_mirrors_without_a_reader_name_each_keep_their_own_tombstones():
+    # The default reader name is one per mirror: a fast mirror's syncs must not prune the
+    # tombstones a slower one still needs (which would cost it a full resync).
+    ps = _InProcess(_lc_cfg(item={"max_rows": 10}, num_shards=2))
+    fast, slow = RowCache(ps, LC_TABLES), RowCache(ps, LC_TABLES)
+    assert fast.reader != slow.reader
+    nxt = 0
+    for step in range(8):
+        ps.push(list(range(nxt, nxt + 5)))
+        nxt += 5
+        fast.sync()
+        if step == 1:
+            slow.sync()
+    slow.sync()
+    assert (fast.full_resyncs, slow.full_resyncs) == (0, 0)
+    _assert_mirror_exact(slow, ps)

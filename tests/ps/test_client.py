@@ -3,12 +3,15 @@ pushes, versions, users' recent items routing and reconnecting by namespace."""
 
 from __future__ import annotations
 
+import time
 import uuid
 
 import numpy as np
 import pytest
 import ray
+from ray.exceptions import GetTimeoutError
 
+from ps.cache import RowCache
 from ps.client import PSClient, start_shards
 from ps.config import PSConfig
 from ps.ids import as_id_array, keyed
@@ -298,6 +301,22 @@ def test_push_pull_brings_back_rows_after_the_push_in_caller_order(deployment):
     np.testing.assert_array_equal(rows, client.pull("user", want))
 
 
+def test_push_pull_reads_ids_without_a_row_as_initial_rows_unless_told_otherwise(deployment):
+    # What a trainer computes a first gradient from: an ID the push did not create reads as
+    # the row a push would create it with (the default), or as zeros with initial=False.
+    _, _, client = deployment
+    pushed, other = ["pp-a", "pp-b"], ["pp-untouched"]
+    init = client.pull("user", other, initial=True)
+    assert np.abs(init).max() > 0
+    for seq, initial in enumerate([True, False]):
+        refs, pending = client.push_pull_async({"user": (pushed, np.zeros((2, DIM), np.float32))}, PushId("pp-init", seq),
+                                               None, {"user": pushed + other}, initial=initial)
+        rows, found = pending.result()["user"]
+        client.wait(refs)
+        assert found.tolist() == [True, True, False]
+        np.testing.assert_array_equal(rows[2:], init if initial else 0)
+
+
 def test_a_bare_id_or_a_bad_push_id_is_refused_before_anything_is_sent(deployment):
     # A bare string was pulled as one ID per character; a tuple push id failed in every shard.
     cfg, _, client = deployment
@@ -307,8 +326,224 @@ def test_a_bare_id_or_a_bad_push_id_is_refused_before_anything_is_sent(deploymen
     with pytest.raises(ValueError, match="ids: expected a 1-D sequence"):
         client.pull("item", np.zeros((2, 2), np.int64))
     grads = np.zeros((1, client.dims["item"]), np.float32)
-    for bad in [("p", 1), PushId("p", "1"), PushId(7, 1), "p:1"]:
+    for bad in [("p", 1), PushId("p", "1"), PushId(7, 1), PushId("p", True), "p:1"]:
         with pytest.raises(ValueError, match=r"push_id: expected ps\.shard\.PushId\(producer: str, seq: int\)"):
             client.push_many({"item": (["i"], grads)}, bad)
     assert client.versions() == versions
     assert client.pull("item", ["abc"]).shape == (1, client.dims["item"])
+
+
+def test_a_client_needs_one_handle_per_shard_of_its_plan(deployment):
+    _, _, client = deployment
+    with pytest.raises(ValueError, match=f"2 shard handles for a plan of {NUM_SHARDS} shards"):
+        PSClient(client.shards[:2], client.plan, client.dims)
+
+
+def test_create_is_the_old_name_of_initial(deployment):
+    _, _, client = deployment
+    x = ["alias-x", 123456789]
+    want = client.pull("user", x, initial=True)
+    assert np.abs(want).max() > 0
+    np.testing.assert_array_equal(client.pull("user", x, create=True), want)
+    np.testing.assert_array_equal(client.pull("user", x, create=False), 0)
+
+
+def test_tables_of_one_pull_owned_by_different_shards_each_keep_their_rows(deployment):
+    # A table whose IDs one shard owns takes that shard's reply as it is: it must be the
+    # reply of that shard, whichever place it has among the shards asked.
+    _, _, client = deployment
+    ids = _mixed_ids(40, seed=14)
+    _create(client, "user", ids, "whole-u")
+    _create(client, "item", ids, "whole-i")
+    owner = client.shard_of(ids)
+    users = client.pull("user", ids)
+    for s in range(NUM_SHARDS):
+        only = [x for x, o in zip(ids, owner.tolist()) if o == s][::-1]
+        assert only
+        got = client.pull_many({"user": ids, "item": only})
+        np.testing.assert_array_equal(got["user"][0], users)
+        np.testing.assert_array_equal(got["item"][0], client.pull("item", only))
+        assert got["item"][1].all() and got["user"][1].all()
+
+
+def test_present_and_rank_context_ask_the_shard_that_owns_each_id(deployment):
+    _, _, client = deployment
+    ids = _mixed_ids(30, seed=11)
+    have = ids[::2]
+    assert set(client.shard_of(have).tolist()) == set(range(NUM_SHARDS))
+    _create(client, "user", have, "present")
+    req = _shuffled_with_dups(ids, seed=12)
+    found = client.pull_many({"user": req})["user"][1]
+    assert found.any() and not found.all()
+    np.testing.assert_array_equal(client.present("user", req), found)
+    assert client.present("user", []).shape == (0,)
+    rows = client.pull("user", have)
+    for x, row in zip(have, rows):
+        ctx = client.rank_context("user", x, recent=False)
+        assert ctx.row is not None, x
+        np.testing.assert_array_equal(ctx.row, row)
+    np.testing.assert_array_equal(client.rank_context("user", keyed([have[1]]), recent=False).row, rows[1])
+    assert client.rank_context("user", ids[1], recent=False).row is None
+
+
+def test_only_entries_marked_create_make_rows_yet_every_entry_trains_an_existing_row(deployment):
+    _, _, client = deployment
+    ids = _mixed_ids(30, seed=13)
+    assert set(client.shard_of(ids).tolist()) == set(range(NUM_SHARDS))
+    real = np.arange(len(ids)) % 2 == 0
+    g = np.ones((len(ids), DIM), np.float32)
+    client.push_many({"item": (ids, g, real.tolist())}, PushId("mask", 0))  # a list of bools is a mask too
+    before, found = client.pull_many({"item": ids})["item"]
+    assert found.tolist() == real.tolist()
+    client.push_many({"item": (ids, g, np.zeros(len(ids), bool))}, PushId("mask", 1))  # negatives only
+    after, found = client.pull_many({"item": ids})["item"]
+    assert found.tolist() == real.tolist()
+    assert (np.abs(after[real] - before[real]).max(axis=1) > 0).all()
+
+
+def test_forget_items_drops_them_from_the_recent_items_of_users_on_every_shard(deployment):
+    _, _, client = deployment
+    users = [f"forget-{j}" for j in range(12)]
+    assert set(client.shard_of(users).tolist()) == set(range(NUM_SHARDS))
+    client.record_recent(users, ["gone"] * len(users), np.arange(len(users)))
+    client.record_recent(users, ["kept"] * len(users), np.arange(len(users), 2 * len(users)))
+    assert client.forget_items(["gone"]) == len(users)
+    assert client.seen(users) == [K(["kept"]).tolist()] * len(users)
+
+
+# ------------------------------------------------------- a fresh pair of shards that can be stalled
+
+
+class _StallableShard(PSShard):
+    """A real shard that can be kept busy, as a long pause would: calls queue behind :meth:`stall`."""
+
+    def stall(self, seconds: float) -> None:
+        time.sleep(seconds)
+
+
+@pytest.fixture(scope="module")
+def pair(ray_cluster):
+    """Two fresh shards (``gone`` has a TTL), no reader but this module's: ``client``."""
+    cfg = _cfg(num_shards=2, tables={"user": {"dim": DIM}, "gone": {"dim": 2, "ttl_s": 3600.0}})
+    plan = ShardingPlan.uniform(cfg.num_buckets, 2)
+    actor = ray.remote(_StallableShard)
+    handles = [actor.options(num_cpus=0.1, max_restarts=1).remote(i, plan, cfg) for i in range(2)]
+    client = PSClient(handles, plan, {n: t.dim for n, t in cfg.tables.items()}, timeout_s=60)
+    assert client.ping()
+    yield client
+    for h in handles:
+        ray.kill(h)
+
+
+def _on_shard(client, s: int, n: int, prefix: str) -> list:
+    out = [x for x in (f"{prefix}{j}" for j in range(50 * n)) if int(client.shard_of([x])[0]) == s]
+    return out[:n]
+
+
+def test_a_mirrors_delta_names_it_so_shards_keep_the_tombstones_it_needs(pair):
+    # First test of the pair: no other reader holds tombstones yet. The client passes the
+    # mirror's name with each delta, so another reader moving past the removals prunes none
+    # the mirror has not seen (that would cost it a full resync of every shard).
+    client = pair
+    cache = RowCache(client, ["gone"], reader="named")
+    x = _on_shard(client, 0, 3, "tomb-") + _on_shard(client, 1, 3, "tomb-")
+    client.push("gone", x, np.zeros((len(x), 2), np.float32), PushId("tomb", 0))
+    cache.sync()
+    assert len(cache) == len(x)
+    ray.get([h.expire.remote(time.time() + 7200) for h in client.shards])
+    client.push_many({}, PushId("tomb", 1))
+    client.removed("gone", client.versions(), "other")  # another reader, already past them
+    cache.sync()
+    assert (cache.full_resyncs, len(cache)) == (0, 0)
+
+
+def test_removed_and_live_keys_answer_each_shard_for_the_version_given(pair):
+    client = pair
+    a, b = [f"rm-a{j}" for j in range(20)], [f"rm-b{j}" for j in range(20)]
+    ka, kb = keyed(a).keys, keyed(b).keys
+    client.push("gone", a, np.zeros((len(a), 2), np.float32), PushId("rm", 0))
+    va = client.versions()
+    live = client.live_keys("gone")
+    assert [v for v, _ in live] == va
+    for s, (_, keys) in enumerate(live):
+        assert sorted(keys.tolist()) == sorted(ka[client.plan.shards_of_keys(ka) == s].tolist())
+    ray.get([h.expire.remote(time.time() + 7200) for h in client.shards])
+    for s, (v, keys, full) in enumerate(client.removed("gone", va, "rm-reader")):
+        assert (v, full) == (va[s], False)
+        assert sorted(keys.tolist()) == sorted(ka[client.plan.shards_of_keys(ka) == s].tolist())
+    client.push("gone", b, np.zeros((len(b), 2), np.float32), PushId("rm", 1))
+    vb = client.versions()
+    ray.get([h.expire.remote(time.time() + 7200) for h in client.shards])
+    for s, (v, keys, full) in enumerate(client.removed("gone", vb, "rm-reader")):
+        assert (v, full) == (vb[s], False)
+        assert sorted(keys.tolist()) == sorted(kb[client.plan.shards_of_keys(kb) == s].tolist())
+    assert [len(keys) for _, keys in client.live_keys("gone")] == [0, 0]
+
+
+def test_done_is_true_only_once_every_push_has_answered(pair):
+    client = pair
+    assert client.done([])
+    blocker = client.shards[1].stall.remote(3.0)
+    refs = client.push_async({}, PushId("done", 0))
+    ray.get(refs[0], timeout=60)
+    assert client.done(refs[:1])
+    assert not client.done(refs)  # shard 1 is still busy
+    ray.get(blocker, timeout=60)
+    client.wait(refs)
+    assert client.done(refs)
+
+
+def test_blocking_calls_give_up_after_timeout_s(pair):
+    client = pair
+    stall_s = 8.0
+    quick = PSClient(client.shards, client.plan, client.dims, timeout_s=0.3)
+    patient = PSClient(client.shards, client.plan, client.dims, timeout_s=None)
+    on0, on1 = _on_shard(client, 0, 1, "to"), _on_shard(client, 1, 1, "to")
+    blocker = client.shards[1].stall.remote(stall_s)
+    t0 = time.monotonic()
+    assert quick.pull("user", on0).shape == (1, DIM)  # shard 0 answers
+    with pytest.raises(GetTimeoutError):
+        quick.pull("user", on1)
+    with pytest.raises(GetTimeoutError):
+        quick.versions()
+    with pytest.raises(GetTimeoutError):
+        RowCache(quick, ["user"]).sync()
+    # A call's own timeout_s wins over a client that would wait forever.
+    with pytest.raises(GetTimeoutError):
+        patient.rank_context("user", on1[0], timeout_s=0.3)
+    with pytest.raises(GetTimeoutError):
+        patient.record_recent(on1, ["i"], np.array([0]), timeout_s=0.3)
+    assert not quick.ping()
+    assert time.monotonic() - t0 < stall_s - 2
+    ray.get(blocker, timeout=60)  # the shard is idle again for the next test
+    assert quick.ping()
+
+
+def test_a_mirror_resyncs_a_restarted_shard_even_once_it_caught_up(pair):
+    # Last test of the pair: it restarts shard 1, empty. Its version counts up again past the
+    # mirror's, so only the Delta.cursor the client passes on tells the shard it restarted.
+    client = pair
+    ids = _on_shard(client, 1, 5, "rs-") + _on_shard(client, 0, 5, "rs-")
+    client.push("user", ids, np.ones((len(ids), DIM), np.float32), PushId("rs", 0))
+    cache = RowCache(client, ["user"], reader="rs")
+    cache.sync()
+    assert len(cache) >= len(ids)
+    ray.kill(client.shards[1], no_restart=False)
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            if ray.get(client.shards[1].get_version.remote(), timeout=10) == 0:
+                break
+        except (ray.exceptions.RayActorError, GetTimeoutError):
+            pass
+        assert time.monotonic() < deadline, "shard 1 did not come back"
+        time.sleep(0.2)
+    seq = 1
+    while client.versions()[1] < cache.versions[1]:
+        client.push_many({}, PushId("rs", seq))
+        seq += 1
+    cache.sync()
+    assert cache.full_resyncs == 1
+    live = {x for _, keys in client.live_keys("user") for x in keys.tolist()}
+    assert set(cache.keys()[cache.valid()].tolist()) == live
+    assert cache.slots_of(ids[:5]).tolist() == [-1] * 5 and (cache.slots_of(ids[5:]) >= 0).all()
