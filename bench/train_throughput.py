@@ -375,17 +375,18 @@ def torchrec_config(workload, stream_path: str | Path, config_path: str | None =
     ``workload.negatives`` negatives drawn uniformly (from the catalogue of items seen
     so far: Freshet never samples IDs it has no row for), no session context, no
     recent-popularity prior, dim ``workload.dim``, row-wise Adagrad with the peers'
-    lr, eps and L2. What stays Freshet's own: the dim-1 item bias and the popularity
-    counts (part of every Freshet model), and tables that hold rows only for IDs seen.
+    lr, eps and L2, and without Freshet's ``accumulator_decay`` in any table (their rule
+    keeps the whole sum). What stays Freshet's own: the dim-1 item bias and the popularity counts
+    (part of every Freshet model), and tables that hold rows only for IDs seen.
     """
     w = workload
-    opt = {"kind": "rowwise_adagrad", "eps": w.eps}
+    opt = {"kind": "rowwise_adagrad", "eps": w.eps, "accumulator_decay": 1.0}  # the peers' (FBGEMM's) rule
     return load_config(config_path, {
         "stream": {"kind": StreamKind.PARQUET.value, "path": str(stream_path), "num_events": w.events},
         "trainer": {"num_workers": 1, "batch_size": w.batch, "passes": 1},
         "model": {"num_negatives": w.negatives, "popularity_negative_fraction": 0.0, "context_table": None,
                   "recent_table": None, "l2": w.l2},
-        "ps": {"seed": w.seed, "tables": {
+        "ps": {"seed": w.seed, "optimizer": {"accumulator_decay": 1.0}, "tables": {
             "user": {"dim": w.dim, "init_scale": w.init_scale, "optimizer": {**opt, "lr": w.lr_user}},
             "item": {"dim": w.dim, "init_scale": w.init_scale, "optimizer": {**opt, "lr": w.lr_item}},
         }},

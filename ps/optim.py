@@ -71,39 +71,61 @@ def sgd(
     return rows.add(buf, alpha=-lr), buf
 
 
-def adagrad(rows: Tensor, grads: Tensor, state: Tensor, *, lr: float, eps: float) -> tuple[Tensor, Tensor]:
-    """One element-wise Adagrad step: ``state += grads**2``; ``rows - lr * grads / (sqrt(state) + eps)``.
+def _check_decay(decay: float) -> None:
+    if not 0.0 < decay <= 1.0:
+        raise ValueError(f"decay: must be in (0, 1], got {decay}")
+
+
+def adagrad(rows: Tensor, grads: Tensor, state: Tensor, *, lr: float, eps: float,
+            decay: float = 1.0) -> tuple[Tensor, Tensor]:
+    """One element-wise Adagrad step: ``state = decay * state + grads**2``;
+    ``rows - lr * grads / (sqrt(state) + eps)``.
 
     Adagrad: Duchi, Hazan & Singer (2011), "Adaptive Subgradient Methods for Online
     Learning and Stochastic Optimization", JMLR 12.
 
     ``state`` has ``rows``' shape and holds each element's sum of squared
     gradients (gradient units squared); ``eps`` is in gradient units; ``lr`` in
-    parameter units. Returns ``(new_rows, new_state)``; equals
+    parameter units. Returns ``(new_rows, new_state)``; with ``decay == 1`` equals
     ``torch.optim.Adagrad`` with no lr decay, weight decay or initial accumulator.
+    With ``decay < 1`` (dimensionless, in (0, 1]) the sum forgets old gradients:
+    this is RMSProp (Tieleman & Hinton 2012, "Lecture 6.5", COURSERA: Neural Networks
+    for Machine Learning) with its average scaled by ``1 / (1 - decay)``, so it equals
+    ``torch.optim.RMSprop(alpha=decay, lr=lr * sqrt(1 - decay), eps=eps * sqrt(1 - decay))``
+    and its first step is Adagrad's.
+
+    Raises:
+        ValueError: ``rows``/``grads``/``state`` shapes disagree, or ``decay`` outside (0, 1].
     """
     _check_rows(rows, grads)
     _check_state(state, tuple(rows.shape), "state")
-    new_state = state.addcmul(grads, grads)
+    _check_decay(decay)
+    new_state = (state if decay == 1.0 else state.mul(decay)).addcmul(grads, grads)
     std = new_state.sqrt().add(eps)
     return rows.addcdiv(grads, std, value=-lr), new_state
 
 
-def rowwise_adagrad(rows: Tensor, grads: Tensor, state: Tensor, *, lr: float, eps: float) -> tuple[Tensor, Tensor]:
+def rowwise_adagrad(rows: Tensor, grads: Tensor, state: Tensor, *, lr: float, eps: float,
+                    decay: float = 1.0) -> tuple[Tensor, Tensor]:
     """One row-wise Adagrad step (FBGEMM's): one accumulator per row instead of per element.
 
-    ``state += mean(grads**2, dim=1)``; ``rows - lr * grads / (sqrt(state) + eps)``.
+    ``state = decay * state + mean(grads**2, dim=1)``; ``rows - lr * grads / (sqrt(state) + eps)``.
     ``state`` has shape ``(n,)`` or ``(n, 1)`` (gradient units squared) and is
     returned in the same shape; ``eps`` is in gradient units, ``lr`` in parameter
-    units. With ``dim == 1`` this is element-wise Adagrad (equal up to float
-    rounding, ~1 ulp). Returns
-    ``(new_rows, new_state)``.
+    units; ``decay`` (dimensionless, in (0, 1]) as in :func:`adagrad`, 1 being FBGEMM's
+    rule. With ``dim == 1`` this is element-wise :func:`adagrad` (equal up to float
+    rounding, ~1 ulp). Returns ``(new_rows, new_state)``.
+
+    Raises:
+        ValueError: ``rows``/``grads``/``state`` shapes disagree, or ``decay`` outside (0, 1].
     """
     _check_rows(rows, grads)
     n = rows.shape[0]
     if tuple(state.shape) not in ((n,), (n, 1)):
         raise ValueError(f"state: expected shape ({n},) or ({n}, 1), got {tuple(state.shape)}")
-    new_state = state.reshape(n).add(grads.mul(grads).mean(dim=1))
+    _check_decay(decay)
+    kept = state.reshape(n)
+    new_state = (kept if decay == 1.0 else kept.mul(decay)).add(grads.mul(grads).mean(dim=1))
     std = new_state.sqrt().add(eps)
     new_rows = rows.addcdiv(grads, std.unsqueeze(1), value=-lr)
     return new_rows, new_state.reshape(state.shape)
@@ -262,9 +284,9 @@ def apply(cfg: OptimizerConfig, rows: Tensor, grads: Tensor, state: Tensor) -> t
         new_rows, buf = sgd(rows, grads, state, lr=cfg.lr, momentum=cfg.momentum)
         return new_rows, state if buf is None else buf
     if kind is OptimizerKind.ADAGRAD:
-        return adagrad(rows, grads, state, lr=cfg.lr, eps=cfg.eps)
+        return adagrad(rows, grads, state, lr=cfg.lr, eps=cfg.eps, decay=cfg.accumulator_decay)
     if kind is OptimizerKind.ROWWISE_ADAGRAD:
-        return rowwise_adagrad(rows, grads, state, lr=cfg.lr, eps=cfg.eps)
+        return rowwise_adagrad(rows, grads, state, lr=cfg.lr, eps=cfg.eps, decay=cfg.accumulator_decay)
     if kind is OptimizerKind.ACCUMULATE:
         return accumulate(rows, grads, lr=cfg.lr), state
     if kind is OptimizerKind.DECAYED_COUNT:

@@ -409,7 +409,10 @@ class EmbeddingTable:
             # index_add_ with an alpha took 2-3x as long here (20k rows of a 1M-row table,
             # 1 or 2 threads); add_ with the same alpha gives the same bits.
             n = len(u)
-            state = self.state.index_select(0, u).reshape(n).add_(grads.mul(grads).mean(dim=1))
+            state = self.state.index_select(0, u).reshape(n)
+            if self.opt.accumulator_decay != 1.0:
+                state.mul_(self.opt.accumulator_decay)
+            state.add_(grads.mul(grads).mean(dim=1))
             self.state.index_copy_(0, u, state.reshape(n, 1))
             std = state.sqrt_().add_(self.opt.eps)
             rows = self.rows.index_select(0, u).add_(grads / std.unsqueeze(1), alpha=-self.opt.lr)

@@ -96,6 +96,8 @@ def test_a_decayed_count_table_of_another_dim_is_a_load_time_error(ps, table):
     ({"optimizer": {"kind": "sgd", "eps": 1e-6}}, "optimizer.eps=1e-06"),
     ({"tables": {"item_pop": {"optimizer": {"eps": 0.001}}}}, "tables.item_pop.optimizer.eps=0.001"),
     ({"tables": {"item_recent": {"optimizer": {"lr": 0.5}}}}, "tables.item_recent.optimizer.lr=0.5"),
+    ({"tables": {"item_pop": {"optimizer": {"accumulator_decay": 0.99}}}}, "tables.item_pop.optimizer.accumulator_decay=0.99"),
+    ({"optimizer": {"kind": "sgd", "accumulator_decay": 0.9}}, "optimizer.accumulator_decay=0.9"),
 ])
 def test_an_optimizer_setting_its_kind_does_not_use_is_a_load_time_error(ps, dotted):
     # Accepted, such a setting was silently ignored (ps.optim uses momentum for sgd only, eps
@@ -106,8 +108,16 @@ def test_an_optimizer_setting_its_kind_does_not_use_is_a_load_time_error(ps, dot
 
 def test_optimizer_settings_their_kind_uses_still_load():
     cfg = load_config(None, {"ps": {"optimizer": {"kind": "sgd", "lr": 0.1, "momentum": 0.9},
-                                    "tables": {"user": {"optimizer": {"kind": "adagrad", "eps": 1e-6}}}}})
+                                    "tables": {"user": {"optimizer": {"kind": "adagrad", "eps": 1e-6,
+                                                                      "accumulator_decay": 0.99}}}}})
     assert cfg.ps.optimizer.momentum == 0.9 and cfg.ps.optimizer_for("user").eps == 1e-6
+    assert cfg.ps.optimizer_for("user").accumulator_decay == 0.99
+
+
+@pytest.mark.parametrize("decay", [0, -0.1, 1.5])
+def test_an_accumulator_decay_outside_0_1_is_a_load_time_error(decay):
+    with pytest.raises(ConfigError, match=r"accumulator_decay"):
+        load_config(None, {"ps": {"tables": {"item": {"optimizer": {"accumulator_decay": decay}}}}})
 
 
 @pytest.mark.parametrize("table, dotted, why", [

@@ -80,8 +80,10 @@ def test_in_place_rowwise_adagrad_equals_optim():
     rows0 = t.initial_rows(keys)
     t.push(keys, g1)
     t.push(keys[::2], g2[::2])
-    want, state = optim.rowwise_adagrad(torch.from_numpy(rows0), torch.from_numpy(g1), torch.zeros(20), lr=0.1, eps=1e-8)
-    want2, _ = optim.rowwise_adagrad(want[::2], torch.from_numpy(g2[::2]), state[::2], lr=0.1, eps=1e-8)
+    decay = t.opt.accumulator_decay  # the default's (0.999): the second push decays the sums
+    want, state = optim.rowwise_adagrad(torch.from_numpy(rows0), torch.from_numpy(g1), torch.zeros(20), lr=0.1, eps=1e-8,
+                                        decay=decay)
+    want2, _ = optim.rowwise_adagrad(want[::2], torch.from_numpy(g2[::2]), state[::2], lr=0.1, eps=1e-8, decay=decay)
     want[::2] = want2
     torch.testing.assert_close(torch.from_numpy(t.pull(keys)[0]), want, rtol=1e-6, atol=1e-8)
 
@@ -100,10 +102,36 @@ def test_in_place_rowwise_adagrad_is_the_scatter_add_form_bit_for_bit(dim):
     slots = torch.from_numpy(rng.permutation(3000)[:1777].astype(np.int64))
     g = torch.from_numpy(rng.normal(size=(1777, dim)).astype(np.float32))
     t.apply_slots(slots.numpy(), g)
-    s = state.index_select(0, slots).add_(g.square().mean(1))
+    s = state.index_select(0, slots).mul_(0.999).add_(g.square().mean(1))  # the default accumulator_decay
     state.index_copy_(0, slots, s)
     rows.index_add_(0, slots, g / s.sqrt().add_(1e-7).unsqueeze(1), alpha=-0.0537)
     assert torch.equal(t.rows, rows) and torch.equal(t.state.reshape(-1), state)
+
+
+def test_in_place_rowwise_adagrad_with_decay_is_ps_optim_bit_for_bit():
+    """With ``accumulator_decay`` the table's in-place form gives ``ps.optim``'s sums to the
+    bit and its rows to rounding (``addcdiv`` rounds otherwise, as the test above says), and a
+    row's sum decays only when the row is pushed."""
+    from ps.config import OptimizerConfig, TableConfig
+
+    rng = np.random.default_rng(7)
+    opt = OptimizerConfig(kind="rowwise_adagrad", lr=0.0537, eps=1e-7, accumulator_decay=0.93)
+    t = EmbeddingTable("item", TableConfig(dim=16), opt, 3)
+    keys = id_keys(np.arange(500))
+    t.push(keys, rng.normal(size=(500, 16)).astype(np.float32))
+    rows, state = t.rows.clone(), t.state.clone()
+    slots = torch.from_numpy(rng.permutation(500)[:300].astype(np.int64))
+    g = torch.from_numpy(rng.normal(size=(300, 16)).astype(np.float32))
+    t.apply_slots(slots.numpy(), g)
+    want_rows, want_state = optim.rowwise_adagrad(rows[slots], g, state[slots], lr=0.0537, eps=1e-7, decay=0.93)
+    assert torch.equal(t.state[slots], want_state)
+    torch.testing.assert_close(t.rows[slots], want_rows, atol=1e-7, rtol=1e-6)
+    std = want_state.reshape(-1).sqrt().add(1e-7).unsqueeze(1)
+    assert torch.equal(t.rows[slots], rows[slots].add(g / std, alpha=-0.0537))
+    untouched = torch.ones(len(t.state), dtype=torch.bool)
+    untouched[slots] = False
+    assert torch.equal(t.state[untouched], state[untouched]) and torch.equal(t.rows[untouched], rows[untouched])
+    assert not torch.equal(want_state, optim.rowwise_adagrad(rows[slots], g, state[slots], lr=0.0537, eps=1e-7)[1])
 
 
 def test_repeated_keys_in_a_push_still_add_up():

@@ -137,6 +137,85 @@ def test_rowwise_adagrad_dim1_matches_torch_adagrad(state_shape):
     _assert_trajectories_equal(_run_ours(step, torch.zeros(state_shape), d=1), ref)
 
 
+def _rmsprop_as_decayed_adagrad(ps, *, lr: float, eps: float, decay: float) -> torch.optim.RMSprop:
+    """torch's RMSprop with the settings that make it ``ps.optim``'s decayed Adagrad: its
+    average is the decayed sum times ``1 - decay``, so lr and eps scale by ``sqrt(1 - decay)``."""
+    scale = (1 - decay) ** 0.5
+    return torch.optim.RMSprop(ps, lr=lr * scale, alpha=decay, eps=eps * scale)
+
+
+@pytest.mark.parametrize("eps", [1e-8, 0.5])
+@pytest.mark.parametrize("decay", [0.9, 0.5])
+def test_adagrad_with_accumulator_decay_matches_torch_rmsprop(decay, eps):
+    ref = _run_torch(lambda ps: _rmsprop_as_decayed_adagrad(ps, lr=0.3, eps=eps, decay=decay))
+    ours = _run_ours(lambda w, g, s: optim.adagrad(w, g, s, lr=0.3, eps=eps, decay=decay), torch.zeros(N, D))
+    _assert_trajectories_equal(ours, ref)
+    # The decay must matter on this problem: plain Adagrad ends elsewhere.
+    plain = _run_ours(lambda w, g, s: optim.adagrad(w, g, s, lr=0.3, eps=eps), torch.zeros(N, D))
+    assert (plain[-1] - ours[-1]).abs().max() > 1e-2
+
+
+@pytest.mark.parametrize("state_shape", [(N,), (N, 1)])
+def test_rowwise_adagrad_with_decay_dim1_matches_torch_rmsprop(state_shape):
+    ref = _run_torch(lambda ps: _rmsprop_as_decayed_adagrad(ps, lr=0.3, eps=1e-8, decay=0.9), d=1)
+
+    def step(w, g, s):
+        new_w, new_s = optim.rowwise_adagrad(w, g, s, lr=0.3, eps=1e-8, decay=0.9)
+        assert new_s.shape == state_shape
+        return new_w, new_s
+
+    _assert_trajectories_equal(_run_ours(step, torch.zeros(state_shape), d=1), ref)
+
+
+def test_rowwise_adagrad_decay_scales_the_sum_before_the_push_is_added():
+    """Row by row in float64: the sum is ``decay * sum + mean(g**2)``, one factor per push
+    to the row (a row not pushed keeps its sum), and the first step is plain Adagrad's."""
+    gen = torch.Generator().manual_seed(4)
+    w = torch.randn(N, D, generator=gen)
+    s = torch.zeros(N)
+    ref_w, ref_s = w.double().clone(), torch.zeros(N, dtype=torch.float64)
+    for k in range(STEPS):
+        g = torch.randn(N, D, generator=gen) * (k + 1)
+        w, s = optim.rowwise_adagrad(w, g, s, lr=0.1, eps=1e-6, decay=0.8)
+        ref_s = 0.8 * ref_s + g.double().pow(2).mean(dim=1)
+        ref_w = ref_w - 0.1 * g.double() / (ref_s.sqrt() + 1e-6).unsqueeze(1)
+        torch.testing.assert_close(s, ref_s.float(), atol=0, rtol=1e-5)
+        torch.testing.assert_close(w, ref_w.float(), atol=ATOL, rtol=0)
+    # From a fresh row (sum 0) the first step is plain Adagrad's, to the bit.
+    w0, g0 = torch.randn(N, D, generator=gen), torch.randn(N, D, generator=gen)
+    a = optim.rowwise_adagrad(w0, g0, torch.zeros(N), lr=0.1, eps=1e-6, decay=0.8)
+    b = optim.rowwise_adagrad(w0, g0, torch.zeros(N), lr=0.1, eps=1e-6)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    # Bounded: the sum of a steady gradient stops near mean(g**2) / (1 - decay) instead of
+    # growing with every push, so the step does not shrink to nothing.
+    rows, state, g = torch.zeros(1, 4), torch.zeros(1), torch.ones(1, 4)
+    for _ in range(500):
+        rows, state = optim.rowwise_adagrad(rows, g, state, lr=1.0, eps=1e-8, decay=0.8)
+    assert state.item() == pytest.approx(1 / (1 - 0.8), rel=1e-4)
+    _, plain = optim.rowwise_adagrad(torch.zeros(1, 4), g, torch.full((1,), 499.0), lr=1.0, eps=1e-8)
+    assert plain.item() == 500.0
+
+
+@pytest.mark.parametrize("decay", [0.0, -0.5, 1.01, float("nan")])
+def test_decay_outside_its_range_is_refused(decay):
+    rows, grads = torch.ones(2, 3), torch.ones(2, 3)
+    with pytest.raises(ValueError, match="decay"):
+        optim.adagrad(rows, grads, torch.zeros(2, 3), lr=0.1, eps=1e-8, decay=decay)
+    with pytest.raises(ValueError, match="decay"):
+        optim.rowwise_adagrad(rows, grads, torch.zeros(2), lr=0.1, eps=1e-8, decay=decay)
+
+
+def test_apply_passes_the_configured_decay():
+    gen = torch.Generator().manual_seed(5)
+    rows, grads = torch.randn(4, 3, generator=gen), torch.randn(4, 3, generator=gen)
+    for kind, state, fn in [("adagrad", torch.ones(4, 3), optim.adagrad),
+                            ("rowwise_adagrad", torch.ones(4, 1), optim.rowwise_adagrad)]:
+        got = optim.apply(OptimizerConfig(kind=kind, lr=0.1, accumulator_decay=0.5), rows, grads, state)
+        want = fn(rows, grads, state, lr=0.1, eps=1e-8, decay=0.5)
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+        assert not torch.equal(got[1], fn(rows, grads, state, lr=0.1, eps=1e-8)[1])
+
+
 def _fbgemm_rowwise_reference(w0: np.ndarray, grads: list[np.ndarray], lr: float, eps: float) -> list[np.ndarray]:
     """FBGEMM's row-wise Adagrad written out row by row in float64."""
     w, s = w0.astype(np.float64).copy(), np.zeros(len(w0))
@@ -261,9 +340,9 @@ def test_apply_dispatches_to_the_configured_rule(kind, momentum):
         if momentum == 0.0:
             assert new_state is state
     elif kind is OptimizerKind.ADAGRAD:
-        exp_rows, exp_state = optim.adagrad(rows, grads, state, lr=0.25, eps=1e-4)
+        exp_rows, exp_state = optim.adagrad(rows, grads, state, lr=0.25, eps=1e-4, decay=cfg.accumulator_decay)
     elif kind is OptimizerKind.ROWWISE_ADAGRAD:
-        exp_rows, exp_state = optim.rowwise_adagrad(rows, grads, state, lr=0.25, eps=1e-4)
+        exp_rows, exp_state = optim.rowwise_adagrad(rows, grads, state, lr=0.25, eps=1e-4, decay=cfg.accumulator_decay)
     elif kind is OptimizerKind.ACCUMULATE:
         exp_rows, exp_state = optim.accumulate(rows, grads, lr=0.25), state
         assert new_state is state

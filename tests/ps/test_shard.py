@@ -210,7 +210,7 @@ def test_push_applies_configured_optimizer(opt):
 
 
 def test_default_rowwise_adagrad_by_hand():
-    s = _shard()  # defaults: rowwise_adagrad, lr 0.05, eps 1e-8
+    s = _shard()  # defaults: rowwise_adagrad, lr 0.05, eps 1e-8, accumulator_decay 0.999
     r0 = pull(s, {"item": [1]})["item"][0][0].astype(np.float64)
     g1 = np.arange(1, DIM + 1, dtype=np.float64)
     g2 = -0.5 * np.ones(DIM)
@@ -218,7 +218,7 @@ def test_default_rowwise_adagrad_by_hand():
     push(s, PushId("p", 1), {"item": ([1], g2[None].astype(np.float32))})
     acc1 = (g1**2).mean()
     r1 = r0 - 0.05 * g1 / (np.sqrt(acc1) + 1e-8)
-    acc2 = acc1 + (g2**2).mean()
+    acc2 = 0.999 * acc1 + (g2**2).mean()
     r2 = r1 - 0.05 * g2 / (np.sqrt(acc2) + 1e-8)
     np.testing.assert_allclose(_rows(s, "item", [1])[0], r2, rtol=1e-5)
 
