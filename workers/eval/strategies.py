@@ -768,6 +768,7 @@ class IncrementalStrategy(Strategy):
             "passes": c.trainer.passes,
             "dim": c.ps.table(c.model.item_table).dim,
             "lr": c.ps.optimizer.lr,
+            "accumulator_decay": c.ps.optimizer_for(c.model.item_table).accumulator_decay,
             "recent_weight": c.model.recent_weight if c.model.recent_table else 0.0,
             "recent_halflife_events": c.model.recent_halflife_events,
             "driver_cpu_s": round(self.driver_cpu_s, 3),

@@ -28,7 +28,8 @@ def test_strategy_specs_are_validated():
 
 
 def test_every_strategy_runs_end_to_end_and_the_report_parses(movielens_ratings, tmp_path, ray_cluster):
-    cfg = load_config(None, {"ps": {"tables": {"user": {"dim": 16}, "item": {"dim": 16}}}})
+    cfg = load_config(None, {"ps": {"tables": {"user": {"dim": 16}, "item": {"dim": 16}},
+                                    "optimizer": {"accumulator_decay": 0.995}}})
     specs = ["incremental", "popularity", "frozen:epochs=3", "retrain:every=500,epochs=2", "finetune:every=500,epochs=2", "als"]
     report = run_eval(cfg, data=str(movielens_ratings), strategies=specs, report_dir=tmp_path, max_events=2000, progress=False)
     rows = report["strategies"]
@@ -44,6 +45,7 @@ def test_every_strategy_runs_end_to_end_and_the_report_parses(movielens_ratings,
     assert len({r["evaluated"] for r in rows.values()}) == 1
     assert rows["incremental"]["staleness_events_mean"] == 0.0
     assert rows["incremental"]["cpu_s"] > 0 and rows["incremental"]["settings"]["shard_cpu_s"] > 0
+    assert rows["incremental"]["settings"]["accumulator_decay"] == 0.995  # the report says which rule learnt
     assert rows["frozen:epochs=3"]["staleness_events_mean"] > 0
     assert rows["retrain:every=500,epochs=2"]["settings"]["fits"] == 4
     assert rows["incremental"]["recall@10"] > 0.5 * rows["popularity"]["recall@10"]
