@@ -164,7 +164,10 @@ def test_wal_fsync_syncs_each_record_and_a_rotation_syncs_its_rename(tmp_path, m
     for durable in (False, True):
         root = tmp_path / f"fsync-{durable}"
         wal = TrainerWAL(root, fsync=durable, rotate_bytes=16384)
-        ino = (root / "wal.arrows").stat().st_ino
+        # Held open so the first file's inode stays allocated: once freed, the file system may
+        # give the rotated file the same number, and "rotated" could not be told by it.
+        first = open(root / "wal.arrows", "rb")
+        ino = os.fstat(first.fileno()).st_ino
         synced.clear()
         dirs.clear()
         wal.write(PushRecord(0, 0, 10, 0), upd)
@@ -178,6 +181,7 @@ def test_wal_fsync_syncs_each_record_and_a_rotation_syncs_its_rename(tmp_path, m
         assert (root / "wal.arrows").stat().st_ino != ino  # rotated
         assert str(root) in dirs
         wal.close()
+        first.close()
 
 
 def test_wal_keeps_a_read_ahead_batchs_pushes_pending_past_the_commit_of_the_batch_before(tmp_path):
