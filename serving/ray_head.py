@@ -957,7 +957,12 @@ def _launch(temp_dir: Path, chosen: dict[str, int], env: dict[str, str], num_cpu
     if ray_bin is None:
         raise RuntimeError("start_head: the `ray` command is not installed next to this Python or on PATH")
     args = [ray_bin, "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--temp-dir={temp_dir}",
-            "--disable-usage-stats", f"--include-dashboard={'true' if include_dashboard else 'false'}"]
+            "--disable-usage-stats", f"--include-dashboard={'true' if include_dashboard else 'false'}",
+            # Ray's log monitor re-lists and polls every worker's log file 10 times a second to
+            # stream new lines to drivers started with log_to_driver; every Freshet driver turns
+            # that off, so it would only burn CPU (~1% of a core idle, growing with the files a
+            # long-lived head accumulates). The logs stay in files under temp_dir.
+            "--include-log-monitor=false"]
     if include_dashboard:
         args.append("--dashboard-host=127.0.0.1")
     args += [f"{PORT_FLAGS[k]}={v}" for k, v in chosen.items() if k in PORT_FLAGS]
@@ -1020,6 +1025,10 @@ def start_head(temp_dir, *, ports: Mapping[str, int] | None = None, auth: bool =
                system_config: Mapping[str, Any] | None = None, avoid: Iterable[int] = (),
                keep: Iterable[str | os.PathLike] = (), timeout_s: float = 90.0, attempts: int = 3) -> HeadInfo:
     """Start a single-node Ray head on loopback (``ray start --head --block``) and wait until it is up.
+
+    The head runs without Ray's log monitor (``--include-log-monitor=false``): workers' output
+    stays in the log files under ``temp_dir`` and is not streamed to drivers, which Freshet's
+    drivers never ask for (``log_to_driver=False``).
 
     For as long as the head runs, its ``ray start`` process holds a shared BSD lock on
     ``temp_dir``, on the port leases' directory (:func:`serving.port_leases.default_dir`) and on

@@ -87,10 +87,11 @@ def _wait_trained(trainer, timeout_s: float = 240.0) -> dict:
 def _assert_all_applied(stats: dict, info: dict | None = None) -> None:
     """Every event of the stream applied once, committed, with what to look at if not (a rare
     CI failure showed only "5900 == 6000": a batch's events or its commit missing)."""
-    keys = ("applied_offset", "events_applied", "events_read", "batches", "state", "retries", "recovered_pushes",
-            "dead_lettered", "quarantined", "end_offset")
+    keys = ("applied_offset", "events_applied", "events_read", "batches", "state", "done", "retries",
+            "recovered_pushes", "dead_lettered", "quarantined", "end_offset", "applied_offsets", "error")
     seen = {k: stats.get(k) for k in keys} | {k: v for k, v in (info or {}).items() if "pid" in k}
-    assert stats["applied_offset"] == stats["events_applied"] == EVENTS, seen
+    # A str, so pytest shows all of it (it cuts a dict's repr short after four keys).
+    assert stats["applied_offset"] == stats["events_applied"] == EVENTS, f"all applied? {seen}"
 
 
 def _wait_applied(trainer, offset: int) -> dict:

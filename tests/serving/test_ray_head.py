@@ -39,7 +39,7 @@ from serving.ray_head import (
     start_head,
     stop_head,
 )
-from tests.conftest import free_port, leased_to
+from tests.conftest import cmdline, free_port, leased_to
 
 grpc = pytest.importorskip("grpc")
 
@@ -205,6 +205,10 @@ def test_heads_start_concurrently_on_distinct_free_ports(heads):
     assert a.auth and Path(a.token_path).stat().st_mode & 0o077 == 0, "token file must be private"
     assert not b.auth and b.token_path is None
     assert "token authentication is OFF" in err
+    # No log monitor (it would poll every log file 10 times a second for drivers that never read it).
+    for info in (a, b):
+        scripts = {Path(arg).name for pid in head_pids(info) for arg in cmdline(pid)[1:3]}
+        assert "monitor.py" in scripts and "log_monitor.py" not in scripts, scripts
 
 
 def test_every_listener_is_loopback_or_refuses_without_token(heads, serve_on_auth_head):
