@@ -86,7 +86,8 @@ def _wait_trained(trainer, timeout_s: float = 240.0) -> dict:
 
 def _assert_all_applied(stats: dict, info: dict | None = None) -> None:
     """Every event of the stream applied once, committed, with what to look at if not (a rare
-    CI failure showed only "5900 == 6000": a batch's events or its commit missing)."""
+    failure showed "5900 == 6000": a stats() snapshot that read ``done`` after its counters,
+    fixed in ``Trainer.stats``; tests/workers/test_trainer_stats.py)."""
     keys = ("applied_offset", "events_applied", "events_read", "batches", "state", "done", "retries",
             "recovered_pushes", "dead_lettered", "quarantined", "end_offset", "applied_offsets", "error")
     seen = {k: stats.get(k) for k in keys} | {k: v for k, v in (info or {}).items() if "pid" in k}
