@@ -405,6 +405,11 @@ _SERVE_HT_BLOCKS = {  # (variable prefix, ports): one port per replica HTTP/gRPC
 # 97 bytes HAProxy allows a `log` socket path (measured: HAProxy 2.8 refuses its config with
 # "socket path ... too long (max 97)" beyond that, below the kernel's 107).
 _MAX_HAPROXY_DIR_LEN = 97 - 1 - 56 - len("/metrics.sock")
+# Seconds the Serve controller gives a new proxy to be ready (Serve's default: 5). 60 is
+# serve.start's own wait for its proxies (ray.serve._private.constants.HTTP_PROXY_TIMEOUT): a proxy
+# slower than that fails serve.start with Serve's "HTTP proxies not available" either way.
+_PROXY_READY_CHECK_S = 60
+
 _HAPROXY_WRAPPER = """#!/bin/sh
 # Written by freshet (serving.ray_head.high_throughput_env). Ray Serve's HAProxy config binds the
 # HAProxy stats page ({stats}) and Prometheus exporter ({metrics}) to every interface, and no Ray
@@ -433,6 +438,11 @@ def high_throughput_env(run_dir, *, loopback: bool = True, ports: Mapping[str, i
     * ``RAY_SERVE_ENABLE_HA_PROXY=1`` and ``RAY_SERVE_THROUGHPUT_OPTIMIZED=1``;
       ``RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S=2`` (Serve's 30 s default makes every
       replica stop and ``serve.shutdown()`` take at least 30 s).
+    * ``RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S`` = :data:`_PROXY_READY_CHECK_S` (60 s): the
+      controller's time for a new proxy to say it is ready, which in this mode includes starting
+      HAProxy. Serve's 5 s default is shorter than its own HAProxy start timeout (30 s), so on a
+      loaded host the controller killed a proxy still starting HAProxy and ``serve.start`` failed
+      with ``ActorDiedError`` (``HAProxyManager ... killed by ray.kill``).
     * Every extra listener on a free port (:data:`SERVE_HT_PORT_ENV`, and blocks of 64 HTTP and
       16 gRPC ports for the replicas' direct-ingress servers, which bind ``serving.host``) instead
       of Ray's fixed defaults, so it coexists with other Ray clusters on the host.
@@ -483,6 +493,7 @@ def high_throughput_env(run_dir, *, loopback: bool = True, ports: Mapping[str, i
         "RAY_SERVE_ENABLE_HA_PROXY": "1",
         "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
         "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "2",
+        "RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S": str(_PROXY_READY_CHECK_S),
         "RAY_SERVE_HAPROXY_CONFIG_FILE_LOC": str(hap / "haproxy.cfg"),
         "RAY_SERVE_HAPROXY_SOCKET_PATH": str(hap / "admin.sock"),
         "RAY_SERVE_HAPROXY_SERVER_STATE_BASE": str(hap),

@@ -457,6 +457,9 @@ def test_high_throughput_env_moves_every_listener_and_file(tmp_path):
         env = ray_head.high_throughput_env(run_dir, ports={"haproxy_stats": 25123})
         assert env["RAY_SERVE_ENABLE_HA_PROXY"] == env["RAY_SERVE_THROUGHPUT_OPTIMIZED"] == "1"
         assert env["RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S"] == "2"
+        # a proxy gets at least as long to be ready as Serve gives HAProxy to start inside it
+        from ray.serve._private.constants import RAY_SERVE_HAPROXY_STARTUP_TIMEOUT_S
+        assert float(env["RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S"]) >= RAY_SERVE_HAPROXY_STARTUP_TIMEOUT_S
         assert env["RAY_SERVE_HAPROXY_STATS_PORT"] == "25123"  # a given port is used as is
         ports = [int(env[v]) for v in ray_head.SERVE_HT_PORT_ENV.values()]
         assert len(set(ports)) == 4 and not set(ports) & {8404, 9101, 8500, 9500}

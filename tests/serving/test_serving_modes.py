@@ -15,7 +15,9 @@ Where the modes differ (``test_ingress_of_each_mode``): in default mode Serve's 
 beyond ``max_queued_requests`` with 503 and ``Retry-After``; in high-throughput mode HAProxy
 really serves the port and every extra listener it brings is on loopback, on a port of its own
 (not Ray's fixed defaults). For that mode Serve's variables are in the environment before Ray
-starts (Ray's workers inherit it); ``run_app`` hands the same ones to the Serve controller.
+starts (Ray's workers inherit it); ``run_app`` hands the same ones to the Serve controller. There
+HAProxy's first start is made to take 7 s, longer than the 5 s Serve's controller gives a proxy
+by default: the deployment must still come up.
 
 The config validation and ``_bind`` tests at the end need no Ray.
 """
@@ -67,6 +69,20 @@ def _config(mode: str, tmp: str):
     })
 
 
+# HAProxy's first start in the high-throughput deployment waits this long, as on a loaded host
+# (the CI run where Serve's controller, giving a proxy 5 s to be ready, killed it mid-start).
+SLOW_HAPROXY_START_S = 16
+
+
+def _slow_first_haproxy_start(wrapper: Path) -> None:
+    """Make the first run of the HAProxy wrapper (``high_throughput_env``'s) sleep
+    :data:`SLOW_HAPROXY_START_S` before HAProxy starts; later runs (Serve's reloads) do not."""
+    marker = wrapper.with_name("slow-once")
+    marker.touch()
+    shebang, rest = wrapper.read_text().split("\n", 1)
+    wrapper.write_text(f"{shebang}\nif rm {marker} 2>/dev/null; then sleep {SLOW_HAPROXY_START_S}; fi\n{rest}")
+
+
 @pytest.fixture(scope="module", params=list(MODES))
 def deployment(request):
     """``(mode, http client, config, Serve's details of the app's deployment, extra env)`` for each mode."""
@@ -83,6 +99,8 @@ def deployment(request):
     with pytest.MonkeyPatch.context() as mp, ht as env:  # HAProxy's dir and ports: until this Ray has stopped
         for k, v in env.items():  # before Ray starts: its processes inherit this environment
             mp.setenv(k, v)
+        if env:
+            _slow_first_haproxy_start(Path(env["RAY_SERVE_HAPROXY_BINARY_PATH"]))
         with _ray_start():
             dep = deploy.start(cfg, durable=False, autostart=True)
             try:
