@@ -439,10 +439,11 @@ def high_throughput_env(run_dir, *, loopback: bool = True, ports: Mapping[str, i
       ``RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S=2`` (Serve's 30 s default makes every
       replica stop and ``serve.shutdown()`` take at least 30 s).
     * ``RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S`` = :data:`_PROXY_READY_CHECK_S` (60 s): the
-      controller's time for a new proxy to say it is ready, which in this mode includes starting
-      HAProxy. Serve's 5 s default is shorter than its own HAProxy start timeout (30 s), so on a
-      loaded host the controller killed a proxy still starting HAProxy and ``serve.start`` failed
-      with ``ActorDiedError`` (``HAProxyManager ... killed by ray.kill``).
+      controller's time for each readiness check of a new proxy, which in this mode includes
+      starting HAProxy. With Serve's 5 s default, three missed checks (~15 s) are shorter than
+      Serve's own HAProxy start timeout (30 s): on a loaded host the controller killed a proxy
+      still starting HAProxy and ``serve.start`` failed with ``ActorDiedError``
+      (``HAProxyManager ... killed by ray.kill``).
     * Every extra listener on a free port (:data:`SERVE_HT_PORT_ENV`, and blocks of 64 HTTP and
       16 gRPC ports for the replicas' direct-ingress servers, which bind ``serving.host``) instead
       of Ray's fixed defaults, so it coexists with other Ray clusters on the host.
