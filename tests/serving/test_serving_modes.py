@@ -16,8 +16,8 @@ beyond ``max_queued_requests`` with 503 and ``Retry-After``; in high-throughput 
 really serves the port and every extra listener it brings is on loopback, on a port of its own
 (not Ray's fixed defaults). For that mode Serve's variables are in the environment before Ray
 starts (Ray's workers inherit it); ``run_app`` hands the same ones to the Serve controller. There
-HAProxy's first start is made to take 7 s, longer than the 5 s Serve's controller gives a proxy
-by default: the deployment must still come up.
+HAProxy's first start is made to take 16 s, longer than the three 5 s readiness checks Serve's
+controller gives a proxy by default: the deployment must still come up.
 
 The config validation and ``_bind`` tests at the end need no Ray.
 """
@@ -70,7 +70,7 @@ def _config(mode: str, tmp: str):
 
 
 # HAProxy's first start in the high-throughput deployment waits this long, as on a loaded host
-# (the CI run where Serve's controller, giving a proxy 5 s to be ready, killed it mid-start).
+# (the CI run where Serve's controller, after three 5 s readiness checks, killed it mid-start).
 SLOW_HAPROXY_START_S = 16
 
 
